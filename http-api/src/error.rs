@@ -1,0 +1,241 @@
+//! Every error the API can return, each with its stable code, HTTP status
+//! and hint, mapped in this one place. `docs/errors.md` documents every code;
+//! a test keeps the two in step. Codes are never reused or renumbered.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tandem_raft::state::CommandError;
+use utoipa::ToSchema;
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    /// Stable error code, `TND-` and four digits (see docs/errors.md).
+    pub code: String,
+    pub message: String,
+    /// What to do about it.
+    pub hint: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ApiError {
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("invalid request body: {0}")]
+    InvalidBody(String),
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("invalid query string: {0}")]
+    InvalidQuery(String),
+    #[error("no such route: {method} {path}")]
+    RouteNotFound { method: String, path: String },
+    #[error("method {method} not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("no node named {0}")]
+    NodeNotFound(String),
+    #[error("a node named {0} already exists")]
+    NodeExists(String),
+    #[error("address {address} is already used by node {name}")]
+    AddressInUse { address: String, name: String },
+    #[error("node {name} cannot be reached: {reason}")]
+    NodeUnreachable { name: String, reason: String },
+    #[error("node {name} at {url} already belongs to cluster {cluster_id}")]
+    NodeInOtherCluster { name: String, url: String, cluster_id: String },
+    #[error("node {name} has no attribute {key}")]
+    AttributeNotFound { name: String, key: String },
+    #[error("the cluster already has the maximum of {0} nodes")]
+    TooManyNodes(usize),
+    #[error("the agent at {url} is named {actual}, not {expected}")]
+    NameMismatch { url: String, expected: String, actual: String },
+    #[error("this node is not a member of any cluster")]
+    NotMember,
+    #[error("this node already belongs to cluster {0}")]
+    AlreadyMember(String),
+    #[error("the cluster has no leader right now")]
+    NoLeader,
+    #[error("the cluster did not confirm the request in time: {0}")]
+    QuorumUnavailable(String),
+    #[error("could not forward the request to the leader at {url}: {reason}")]
+    ForwardFailed { url: String, reason: String },
+    #[error("a membership change is already in progress")]
+    MembershipChangeInProgress,
+    #[error("this request is for node {expected} of cluster {cluster}, but this is node {actual}")]
+    WrongNode { expected: String, cluster: String, actual: String },
+    #[error("removing {0} would leave the cluster without enough voters to keep quorum")]
+    WouldLoseQuorum(String),
+    #[error("{url} refused the request with {code}: {message}")]
+    Refused { url: String, status: u16, code: String, message: String, hint: String },
+    #[error("storage failure: {0}")]
+    Storage(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// Every variant with its code, so docs and tests can enumerate them.
+    pub const CODES: &'static [&'static str] = &[
+        "TND-1001", "TND-1002", "TND-1003", "TND-1004", "TND-1005", "TND-1006", "TND-1010", "TND-1100", "TND-1101",
+        "TND-1102", "TND-1103", "TND-1104", "TND-1105", "TND-1106", "TND-1107", "TND-1200", "TND-1201", "TND-1202",
+        "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1900", "TND-1901",
+    ];
+
+    pub fn code(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            MalformedJson(_) => "TND-1001",
+            InvalidBody(_) => "TND-1002",
+            BodyTooLarge { .. } => "TND-1003",
+            InvalidQuery(_) => "TND-1004",
+            RouteNotFound { .. } => "TND-1005",
+            MethodNotAllowed { .. } => "TND-1006",
+            Invalid { .. } => "TND-1010",
+            NodeNotFound(_) => "TND-1100",
+            NodeExists(_) => "TND-1101",
+            AddressInUse { .. } => "TND-1102",
+            NodeUnreachable { .. } => "TND-1103",
+            NodeInOtherCluster { .. } => "TND-1104",
+            AttributeNotFound { .. } => "TND-1105",
+            TooManyNodes(_) => "TND-1106",
+            NameMismatch { .. } => "TND-1107",
+            NotMember => "TND-1200",
+            AlreadyMember(_) => "TND-1201",
+            NoLeader => "TND-1202",
+            QuorumUnavailable(_) => "TND-1203",
+            ForwardFailed { .. } => "TND-1204",
+            MembershipChangeInProgress => "TND-1205",
+            WrongNode { .. } => "TND-1206",
+            WouldLoseQuorum(_) => "TND-1207",
+            Refused { .. } => "TND-1208",
+            Storage(_) => "TND-1900",
+            Internal(_) => "TND-1901",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            MalformedJson(_) | InvalidBody(_) | InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RouteNotFound { .. } | NodeNotFound(_) | AttributeNotFound { .. } => StatusCode::NOT_FOUND,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Invalid { .. } | NameMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            NodeExists(_)
+            | AddressInUse { .. }
+            | NodeUnreachable { .. }
+            | NodeInOtherCluster { .. }
+            | TooManyNodes(_)
+            | AlreadyMember(_)
+            | WrongNode { .. }
+            | WouldLoseQuorum(_) => StatusCode::CONFLICT,
+            NotMember | NoLeader | QuorumUnavailable(_) | ForwardFailed { .. } | MembershipChangeInProgress => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Refused { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
+            Storage(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn hint(&self) -> String {
+        use ApiError::*;
+        match self {
+            MalformedJson(_) => "Send a valid JSON document; check quotes, commas and braces.".into(),
+            InvalidBody(_) => "Fix the named field; unknown fields are refused. See docs/api.md for the schema.".into(),
+            BodyTooLarge { .. } => "Requests are small JSON documents; send less.".into(),
+            InvalidQuery(_) => "The only query parameters are `stale=true|false` on reads and `force=true|false` on DELETE.".into(),
+            RouteNotFound { .. } => "See GET /openapi.json or docs/api.md for the routes.".into(),
+            MethodNotAllowed { .. } => "See GET /openapi.json or docs/api.md for the methods of this route.".into(),
+            Invalid { field, .. } => format!("Correct `{field}` and send the request again."),
+            NodeNotFound(_) => "List the nodes with `tandem node list` or GET /v1/nodes.".into(),
+            NodeExists(_) => "Pick another name, or remove the old node first (DELETE /v1/nodes/{name}).".into(),
+            AddressInUse { .. } => "Each node needs its own address:port; fix the agent's config.".into(),
+            NodeUnreachable { .. } => {
+                "Check that the agent runs and that its address and port are reachable from the leader. \
+                 To remove a dead node, use DELETE /v1/nodes/{name}?force=true (`tandem node remove --force`)."
+                    .into()
+            }
+            NodeInOtherCluster { .. } => {
+                "A node belongs to one cluster. Remove it from the other cluster first, or wipe its data_dir.".into()
+            }
+            AttributeNotFound { .. } => "GET /v1/nodes/{name} lists the node's attributes.".into(),
+            TooManyNodes(_) => "tandem manages up to 32 nodes per cluster; split into several clusters.".into(),
+            NameMismatch { .. } => "Use the name from the agent's config file (GET /v1/local on that agent).".into(),
+            NotMember => "Bootstrap a cluster with `tandem cluster init`, or join one with `tandem cluster join <url>`.".into(),
+            AlreadyMember(_) => "Nothing to do. To move the node to another cluster, remove it from this one first.".into(),
+            NoLeader | MembershipChangeInProgress => {
+                "Retry after the Retry-After delay; if it persists, check that a majority of voters is up (GET /v1/cluster?stale=true).".into()
+            }
+            QuorumUnavailable(_) => {
+                "A majority of voters must be reachable. Check GET /v1/cluster?stale=true on each node.".into()
+            }
+            ForwardFailed { .. } => "Retry; the leader may have just changed or be unreachable from this node.".into(),
+            WrongNode { .. } => "An address now belongs to another agent; fix the cluster's addresses.".into(),
+            WouldLoseQuorum(_) => "Add or repair nodes first, so that a majority of voters stays available.".into(),
+            Refused { hint, .. } => hint.clone(),
+            Storage(_) => "Check the node's data_dir (disk space, permissions) and its log.".into(),
+            Internal(_) => "Report this with the agent's log; the request may be retried.".into(),
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody { code: self.code().to_string(), message: self.to_string(), hint: self.hint() }
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::AlreadyBootstrapped { cluster_id } => ApiError::AlreadyMember(cluster_id),
+            CommandError::NotBootstrapped => ApiError::NotMember,
+            CommandError::NodeExists { name } => ApiError::NodeExists(name),
+            CommandError::AddressInUse { address, name } => ApiError::AddressInUse { address, name },
+            CommandError::NodeNotFound { name } => ApiError::NodeNotFound(name),
+            CommandError::AttributeNotFound { name, key } => ApiError::AttributeNotFound { name, key },
+            CommandError::TooManyNodes { max } => ApiError::TooManyNodes(max),
+            CommandError::Invalid { field, reason } => ApiError::Invalid { field, reason },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), "{self}");
+        } else {
+            tracing::debug!(code = self.code(), "{self}");
+        }
+        let mut resp = (status, axum::Json(self.body())).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_documented() {
+        let mut codes = ApiError::CODES.to_vec();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), ApiError::CODES.len());
+        let doc = include_str!("../../docs/errors.md");
+        for code in ApiError::CODES {
+            assert!(doc.contains(&format!("## {code}")), "{code} missing from docs/errors.md");
+        }
+    }
+
+    #[test]
+    fn service_unavailable_carries_retry_after() {
+        let r = ApiError::NoLeader.into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()), Some(&b"1"[..]));
+    }
+}

@@ -1,0 +1,533 @@
+//! tandem's REST layer: routes, request and response types, error mapping,
+//! leader forwarding and the OpenAPI document.
+//!
+//! Handlers parse, call the [`Backend`] (implemented by the daemon), and
+//! render. This crate must never hold cluster logic: it does not decide,
+//! it translates. Every error leaves through [`ApiError`], which alone maps
+//! errors to HTTP statuses.
+
+pub mod error;
+pub mod types;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{to_bytes, Body, Bytes};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tandem_raft::network::{HEADER_CLUSTER, HEADER_TARGET, PATH_APPEND, PATH_SNAPSHOT, PATH_VOTE};
+use tandem_raft::state::AdminState;
+use tandem_raft::{NodeId, Raft, TypeConfig};
+use utoipa::OpenApi;
+
+pub use error::{ApiError, ErrorBody};
+pub use types::*;
+
+/// Largest request body accepted (Raft snapshot chunks excepted).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest Raft RPC body: log batches and snapshot chunks.
+pub const MAX_RAFT_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Header set on a request forwarded to the leader, naming the forwarder.
+pub const HEADER_FORWARDED: &str = "x-tandem-forwarded-by";
+/// How long a forwarded request may take at the leader.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where a cluster-wide request is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This node is the leader.
+    Here,
+    /// Another node leads; its API base URL.
+    Leader(String),
+    /// A member, but no leader is known.
+    NoLeader,
+    /// Not a member of any cluster.
+    NotMember,
+}
+
+/// What the API needs from the node daemon.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// This agent's name (for logs and forwarding headers).
+    fn name(&self) -> String;
+    /// Where cluster-wide requests must go right now.
+    fn route(&self) -> Route;
+    fn local(&self) -> LocalView;
+    /// Member of a cluster that has a leader.
+    fn ready(&self) -> Result<(), ApiError>;
+
+    async fn cluster(&self, stale: bool) -> Result<ClusterView, ApiError>;
+    async fn nodes(&self, stale: bool) -> Result<Vec<NodeView>, ApiError>;
+    async fn node(&self, name: &str, stale: bool) -> Result<NodeView, ApiError>;
+    async fn add_node(&self, req: JoinRequest) -> Result<NodeView, ApiError>;
+    async fn remove_node(&self, name: &str, force: bool) -> Result<(), ApiError>;
+    async fn set_admin_state(&self, name: &str, state: AdminState) -> Result<NodeView, ApiError>;
+    async fn set_attribute(&self, name: &str, key: &str, value: String) -> Result<NodeView, ApiError>;
+    async fn delete_attribute(&self, name: &str, key: &str) -> Result<NodeView, ApiError>;
+
+    async fn init(&self, req: InitRequest) -> Result<LocalView, ApiError>;
+    async fn join_via(&self, req: JoinViaRequest) -> Result<LocalView, ApiError>;
+    async fn adopt(&self, req: AdoptRequest) -> Result<LocalView, ApiError>;
+    async fn release(&self, req: ReleaseRequest) -> Result<(), ApiError>;
+
+    /// The local Raft instance, if it is the node `target` of `cluster`.
+    fn raft_for(&self, target: NodeId, cluster: &str) -> Result<Raft, ApiError>;
+}
+
+pub type SharedBackend = Arc<dyn Backend>;
+
+/// JSON body extractor whose every rejection is an [`ApiError`]. It ignores
+/// the Content-Type (so `curl -d` works) and treats an empty body as `{}`.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::BodyTooLarge { limit: MAX_BODY_BYTES }
+            } else {
+                ApiError::InvalidBody(e.body_text())
+            }
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes = if bytes.iter().all(|b| b.is_ascii_whitespace()) { &b"{}"[..] } else { bytes };
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::InvalidBody(e.to_string()),
+        _ => ApiError::MalformedJson(e.to_string()),
+    })
+}
+
+/// Query extractor whose rejections are [`ApiError`]s.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let q = parts.uri.query().unwrap_or("");
+        serde_urlencoded_like(q).map(ApiQuery)
+    }
+}
+
+/// Parses `a=b&c=d` into `T` through a JSON object of strings and bools.
+fn serde_urlencoded_like<T: DeserializeOwned>(q: &str) -> Result<T, ApiError> {
+    let mut map = serde_json::Map::new();
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+        let value = match v {
+            "true" | "1" | "" => serde_json::Value::Bool(true),
+            "false" | "0" => serde_json::Value::Bool(false),
+            other => serde_json::Value::String(other.to_string()),
+        };
+        map.insert(k.to_string(), value);
+    }
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| ApiError::InvalidQuery(e.to_string()))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadParams {
+    /// Serve this node's copy without asking the leader.
+    #[serde(default)]
+    pub stale: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveParams {
+    /// Remove the node even though it cannot be told to leave.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+/// Builds the full router: public API, internal Raft RPCs, OpenAPI.
+pub fn router(backend: SharedBackend) -> Router {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap_or_default();
+    let forwarder = Forwarder { backend: backend.clone(), http };
+    let cluster_routes = Router::new()
+        .route("/v1/cluster", get(get_cluster))
+        .route("/v1/nodes", get(list_nodes).post(add_node))
+        .route("/v1/nodes/{name}", get(get_node).delete(remove_node))
+        .route("/v1/nodes/{name}/standby", post(set_standby))
+        .route("/v1/nodes/{name}/online", post(set_online))
+        .route("/v1/nodes/{name}/maintenance", post(set_maintenance))
+        .route("/v1/nodes/{name}/attributes/{key}", put(set_attribute).delete(delete_attribute))
+        .layer(middleware::from_fn_with_state(forwarder, route_to_leader))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
+    let local_routes = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_json))
+        .route("/v1/local", get(get_local))
+        .route("/v1/cluster/init", post(init_cluster))
+        .route("/v1/cluster/join", post(join_cluster))
+        .route("/internal/adopt", post(adopt))
+        .route("/internal/release", post(release))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
+    let raft_routes = Router::new()
+        .route(PATH_APPEND, post(raft_append))
+        .route(PATH_VOTE, post(raft_vote))
+        .route(PATH_SNAPSHOT, post(raft_snapshot))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_RAFT_BODY_BYTES));
+    Router::new()
+        .merge(cluster_routes)
+        .merge(local_routes)
+        .merge(raft_routes)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(request_span))
+        .with_state(backend)
+}
+
+/// One tracing span per API request; Raft RPCs are logged at trace level
+/// only, since they run many times a second.
+async fn request_span(req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    if path.starts_with("/internal/raft/") {
+        return next.run(req).await;
+    }
+    let span = tracing::info_span!("api", %method, %path);
+    async move {
+        let start = std::time::Instant::now();
+        let resp = next.run(req).await;
+        tracing::debug!(status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64, "request");
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::RouteNotFound { method: method.to_string(), path: uri.path().to_string() }
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_string() }
+}
+
+#[derive(Clone)]
+struct Forwarder {
+    backend: SharedBackend,
+    http: reqwest::Client,
+}
+
+fn wants_stale(req: &Request) -> bool {
+    req.method() == Method::GET
+        && req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "stale" || p == "stale=true" || p == "stale=1"))
+}
+
+/// Sends cluster-wide requests to the leader: writes always, reads unless
+/// `?stale=true`. A request already forwarded once is never forwarded again,
+/// so two nodes with different ideas of the leader cannot bounce it.
+async fn route_to_leader(State(fw): State<Forwarder>, req: Request, next: Next) -> Response {
+    if wants_stale(&req) {
+        return next.run(req).await;
+    }
+    match fw.backend.route() {
+        Route::Here => next.run(req).await,
+        Route::NotMember => ApiError::NotMember.into_response(),
+        Route::NoLeader => ApiError::NoLeader.into_response(),
+        Route::Leader(_) if req.headers().contains_key(HEADER_FORWARDED) => ApiError::NoLeader.into_response(),
+        Route::Leader(url) => forward(&fw, &url, req).await.unwrap_or_else(|e| e.into_response()),
+    }
+}
+
+async fn forward(fw: &Forwarder, leader: &str, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let bytes = to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| ApiError::BodyTooLarge { limit: MAX_BODY_BYTES })?;
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let url = format!("{leader}{path}");
+    let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
+        .map_err(|e| ApiError::Internal(format!("method: {e}")))?;
+    let fail = |reason: String| ApiError::ForwardFailed { url: leader.to_string(), reason };
+    let resp = fw
+        .http
+        .request(method, &url)
+        .header(HEADER_FORWARDED, fw.backend.name())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .timeout(FORWARD_TIMEOUT)
+        .body(bytes)
+        .send()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).map_err(|e| fail(e.to_string()))?;
+    let mut headers = HeaderMap::new();
+    for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+        if let Some(v) = resp.headers().get(name.as_str()).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
+            headers.insert(name, v);
+        }
+    }
+    let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
+    Ok((status, headers, Body::from(body)).into_response())
+}
+
+// ---- local routes ----
+
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The agent process is up", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok".into() })
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, description = "Member of a cluster that has a leader", body = Health),
+              (status = 503, description = "Not a member, or no leader", body = ErrorBody)))]
+async fn readyz(State(b): State<SharedBackend>) -> Result<Json<Health>, ApiError> {
+    b.ready()?;
+    Ok(Json(Health { status: "ready".into() }))
+}
+
+#[utoipa::path(get, path = "/v1/local", tag = "cluster",
+    responses((status = 200, description = "This agent, member or not", body = LocalView)))]
+async fn get_local(State(b): State<SharedBackend>, ApiQuery(_): ApiQuery<NoParams>) -> Json<LocalView> {
+    Json(b.local())
+}
+
+#[utoipa::path(post, path = "/v1/cluster/init", tag = "cluster", request_body = InitRequest,
+    responses((status = 200, description = "This agent bootstrapped a new one-node cluster", body = LocalView),
+              (status = 409, description = "Already a member (TND-1201)", body = ErrorBody)))]
+async fn init_cluster(State(b): State<SharedBackend>, ApiJson(req): ApiJson<InitRequest>) -> Result<Json<LocalView>, ApiError> {
+    b.init(req).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/cluster/join", tag = "cluster", request_body = JoinViaRequest,
+    responses((status = 200, description = "This agent joined the cluster at `via`", body = LocalView),
+              (status = 409, description = "Already a member, or refused by the cluster", body = ErrorBody)))]
+async fn join_cluster(State(b): State<SharedBackend>, ApiJson(req): ApiJson<JoinViaRequest>) -> Result<Json<LocalView>, ApiError> {
+    b.join_via(req).await.map(Json)
+}
+
+async fn adopt(State(b): State<SharedBackend>, ApiJson(req): ApiJson<AdoptRequest>) -> Result<Json<LocalView>, ApiError> {
+    b.adopt(req).await.map(Json)
+}
+
+async fn release(State(b): State<SharedBackend>, ApiJson(req): ApiJson<ReleaseRequest>) -> Result<StatusCode, ApiError> {
+    b.release(req).await.map(|_| StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "health",
+    responses((status = 200, description = "This document")))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+// ---- cluster routes ----
+
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
+    params(("stale" = Option<bool>, Query, description = "Serve the local copy instead of a linearizable read")),
+    responses((status = 200, description = "The cluster and its members", body = ClusterView),
+              (status = 503, description = "No leader or not a member", body = ErrorBody)))]
+async fn get_cluster(State(b): State<SharedBackend>, ApiQuery(p): ApiQuery<ReadParams>) -> Result<Json<ClusterView>, ApiError> {
+    b.cluster(p.stale).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/nodes", tag = "nodes",
+    params(("stale" = Option<bool>, Query, description = "Serve the local copy instead of a linearizable read")),
+    responses((status = 200, description = "All members", body = [NodeView])))]
+async fn list_nodes(State(b): State<SharedBackend>, ApiQuery(p): ApiQuery<ReadParams>) -> Result<Json<Vec<NodeView>>, ApiError> {
+    b.nodes(p.stale).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/nodes/{name}", tag = "nodes",
+    params(("name" = String, Path), ("stale" = Option<bool>, Query, description = "Serve the local copy")),
+    responses((status = 200, description = "One member", body = NodeView),
+              (status = 404, description = "No such node (TND-1100)", body = ErrorBody)))]
+async fn get_node(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(p): ApiQuery<ReadParams>,
+) -> Result<Json<NodeView>, ApiError> {
+    b.node(&name, p.stale).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/nodes", tag = "nodes", request_body = JoinRequest,
+    responses((status = 201, description = "The node joined as a learner; autopilot may promote it", body = NodeView),
+              (status = 409, description = "Name or address taken, or the agent is unreachable", body = ErrorBody),
+              (status = 422, description = "Invalid field (TND-1010)", body = ErrorBody)))]
+async fn add_node(State(b): State<SharedBackend>, ApiJson(req): ApiJson<JoinRequest>) -> Result<(StatusCode, Json<NodeView>), ApiError> {
+    b.add_node(req).await.map(|n| (StatusCode::CREATED, Json(n)))
+}
+
+#[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes",
+    params(("name" = String, Path), ("force" = Option<bool>, Query, description = "Remove even if the node cannot be told")),
+    responses((status = 204, description = "Removed"),
+              (status = 404, description = "No such node", body = ErrorBody),
+              (status = 409, description = "Unreachable without force, or quorum at risk", body = ErrorBody)))]
+async fn remove_node(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(p): ApiQuery<RemoveParams>,
+) -> Result<StatusCode, ApiError> {
+    b.remove_node(&name, p.force).await.map(|_| StatusCode::NO_CONTENT)
+}
+
+async fn admin(b: SharedBackend, name: String, state: AdminState) -> Result<Json<NodeView>, ApiError> {
+    b.set_admin_state(&name, state).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{name}/standby", tag = "nodes", params(("name" = String, Path)),
+    responses((status = 200, description = "The node runs nothing from now on", body = NodeView),
+              (status = 404, description = "No such node", body = ErrorBody)))]
+async fn set_standby(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+    admin(b, name, AdminState::Standby).await
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{name}/online", tag = "nodes", params(("name" = String, Path)),
+    responses((status = 200, description = "The node may run resources", body = NodeView),
+              (status = 404, description = "No such node", body = ErrorBody)))]
+async fn set_online(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+    admin(b, name, AdminState::Online).await
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{name}/maintenance", tag = "nodes", params(("name" = String, Path)),
+    responses((status = 200, description = "The node's resources are left alone and not monitored", body = NodeView),
+              (status = 404, description = "No such node", body = ErrorBody)))]
+async fn set_maintenance(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+    admin(b, name, AdminState::Maintenance).await
+}
+
+#[utoipa::path(put, path = "/v1/nodes/{name}/attributes/{key}", tag = "nodes", request_body = AttributeValue,
+    params(("name" = String, Path), ("key" = String, Path)),
+    responses((status = 200, description = "Attribute set", body = NodeView),
+              (status = 404, description = "No such node", body = ErrorBody),
+              (status = 422, description = "Invalid key or value", body = ErrorBody)))]
+async fn set_attribute(
+    State(b): State<SharedBackend>,
+    Path((name, key)): Path<(String, String)>,
+    ApiJson(req): ApiJson<AttributeValue>,
+) -> Result<Json<NodeView>, ApiError> {
+    b.set_attribute(&name, &key, req.value).await.map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/nodes/{name}/attributes/{key}", tag = "nodes",
+    params(("name" = String, Path), ("key" = String, Path)),
+    responses((status = 200, description = "Attribute deleted", body = NodeView),
+              (status = 404, description = "No such node or attribute", body = ErrorBody)))]
+async fn delete_attribute(
+    State(b): State<SharedBackend>,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<Json<NodeView>, ApiError> {
+    b.delete_attribute(&name, &key).await.map(Json)
+}
+
+// ---- internal Raft RPCs ----
+
+fn raft_target(b: &SharedBackend, headers: &HeaderMap) -> Result<Raft, ApiError> {
+    let target = headers
+        .get(HEADER_TARGET)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<NodeId>().ok())
+        .ok_or_else(|| ApiError::InvalidBody(format!("missing or bad {HEADER_TARGET} header")))?;
+    let cluster = headers
+        .get(HEADER_CLUSTER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::InvalidBody(format!("missing {HEADER_CLUSTER} header")))?;
+    b.raft_for(target, cluster)
+}
+
+async fn raft_append(
+    State(b): State<SharedBackend>,
+    headers: HeaderMap,
+    ApiJson(rpc): ApiJson<AppendEntriesRequest<TypeConfig>>,
+) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    let raft = raft_target(&b, &headers)?;
+    Ok(Json(raft.append_entries(rpc).await))
+}
+
+async fn raft_vote(
+    State(b): State<SharedBackend>,
+    headers: HeaderMap,
+    ApiJson(rpc): ApiJson<VoteRequest<NodeId>>,
+) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    let raft = raft_target(&b, &headers)?;
+    Ok(Json(raft.vote(rpc).await))
+}
+
+async fn raft_snapshot(
+    State(b): State<SharedBackend>,
+    headers: HeaderMap,
+    ApiJson(rpc): ApiJson<InstallSnapshotRequest<TypeConfig>>,
+) -> Result<Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>, ApiError> {
+    let raft = raft_target(&b, &headers)?;
+    Ok(Json(raft.install_snapshot(rpc).await))
+}
+
+/// The OpenAPI document, generated from the handlers and types above.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "tandem", description = "High-availability cluster manager REST API. Errors are `{code, message, hint}`; codes in docs/errors.md."),
+    paths(healthz, readyz, openapi_json, get_local, init_cluster, join_cluster, get_cluster, list_nodes, get_node,
+          add_node, remove_node, set_standby, set_online, set_maintenance, set_attribute, delete_attribute),
+    components(schemas(ErrorBody, Health, LocalView, InitRequest, JoinViaRequest, ClusterView, NodeView, PathView,
+                       Role, NodeState, AdminState, JoinRequest, AttributeValue))
+)]
+pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct T {
+        a: u32,
+    }
+
+    #[test]
+    fn json_errors_are_classified() {
+        assert!(matches!(parse_json::<T>(b"{\"a\": 1"), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(parse_json::<T>(b"not json"), Err(ApiError::MalformedJson(_))));
+        match parse_json::<T>(b"{\"a\": 1, \"b\": 2}") {
+            Err(ApiError::InvalidBody(m)) => assert!(m.contains("unknown field `b`"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse_json::<T>(b"{\"a\": \"x\"}"), Err(ApiError::InvalidBody(_))));
+        assert_eq!(parse_json::<T>(b"{\"a\": 7}"), Ok(T { a: 7 }));
+    }
+
+    #[test]
+    fn query_parsing_refuses_unknown_parameters() {
+        let p: ReadParams = serde_urlencoded_like("stale=true").unwrap();
+        assert!(p.stale);
+        let p: ReadParams = serde_urlencoded_like("").unwrap();
+        assert!(!p.stale);
+        assert!(matches!(serde_urlencoded_like::<ReadParams>("bogus=1"), Err(ApiError::InvalidQuery(_))));
+        assert!(matches!(serde_urlencoded_like::<ReadParams>("stale=maybe"), Err(ApiError::InvalidQuery(_))));
+    }
+
+    #[test]
+    fn openapi_lists_every_public_route() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for p in ["/v1/cluster", "/v1/nodes", "/v1/nodes/{name}", "/v1/nodes/{name}/standby", "/readyz", "/v1/cluster/join"] {
+            assert!(paths.contains_key(p), "{p} missing from openapi.json");
+        }
+    }
+}

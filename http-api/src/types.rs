@@ -1,0 +1,158 @@
+//! Request and response bodies of the REST API. Requests refuse unknown
+//! fields; responses only ever gain fields.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tandem_raft::state::AdminState;
+use tandem_raft::NodeId;
+use utoipa::ToSchema;
+
+/// A node's part in consensus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Votes in elections and commits.
+    Voter,
+    /// Receives the log, does not vote; promoted when a voter is lost.
+    Learner,
+    /// A voter that never runs resources.
+    Witness,
+}
+
+/// What a node is doing as seen from the answering node: its admin state
+/// when it is heard from, `offline` when it is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Online,
+    Offline,
+    Standby,
+    Maintenance,
+}
+
+/// One network path to a node, as seen from the answering node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PathView {
+    pub address: String,
+    /// Heard from on this path within the node timeout.
+    pub up: bool,
+    /// Milliseconds since the last heartbeat on this path; null if never.
+    pub last_seen_ms: Option<u64>,
+}
+
+/// A cluster member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub name: String,
+    pub role: Role,
+    pub state: NodeState,
+    pub admin_state: AdminState,
+    pub site: Option<String>,
+    /// One IP address per network path.
+    pub addresses: Vec<String>,
+    /// Port of the node's API (TCP) and heartbeats (UDP).
+    pub port: u16,
+    /// The agent's process id, from its last heartbeat.
+    pub pid: Option<u32>,
+    /// The agent's version, from its last heartbeat.
+    pub version: Option<String>,
+    pub leader: bool,
+    pub paths: Vec<PathView>,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// `GET /v1/cluster`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterView {
+    pub cluster_id: String,
+    /// Name of the leader, null while there is none.
+    pub leader: Option<String>,
+    pub term: u64,
+    /// Index of the last log entry applied on the answering node.
+    pub applied_index: Option<u64>,
+    pub members: Vec<NodeView>,
+}
+
+/// `POST /v1/nodes`: a node asking to join (normally sent by
+/// `tandem cluster join`, which fills it from the agent's config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub name: String,
+    /// One IP address per network path, preferred first.
+    pub addresses: Vec<String>,
+    pub port: u16,
+    #[serde(default)]
+    pub site: Option<String>,
+    #[serde(default)]
+    pub witness: bool,
+}
+
+/// `POST /v1/cluster/init`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InitRequest {
+    /// Name of the new cluster; generated when absent.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+}
+
+/// `POST /v1/cluster/join`: make this agent join the cluster at `via`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinViaRequest {
+    /// Base URL of any member's API, e.g. `http://10.0.0.1:7401`.
+    pub via: String,
+}
+
+/// `PUT /v1/nodes/{name}/attributes/{key}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeValue {
+    pub value: String,
+}
+
+/// `GET /v1/local`: the answering agent itself, member or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LocalView {
+    pub name: String,
+    pub node_id: Option<NodeId>,
+    pub cluster_id: Option<String>,
+    pub addresses: Vec<String>,
+    pub port: u16,
+    pub site: Option<String>,
+    pub witness: bool,
+    pub pid: u32,
+    pub version: String,
+    /// Name of the leader as this node knows it.
+    pub leader: Option<String>,
+    /// Base URL of the leader's API as this node knows it.
+    pub leader_url: Option<String>,
+    pub term: Option<u64>,
+    pub applied_index: Option<u64>,
+}
+
+/// Internal: the leader tells a joining agent who it now is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdoptRequest {
+    pub cluster_id: String,
+    pub node_id: NodeId,
+    pub name: String,
+}
+
+/// Internal: the leader tells a removed agent to forget its membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    pub cluster_id: String,
+    pub node_id: NodeId,
+}
+
+/// `GET /healthz` and `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}

@@ -1,0 +1,577 @@
+//! The replicated cluster state and its commands: a pure state machine.
+//!
+//! `ClusterState::apply` takes a command and returns the reply, changing the
+//! state only when the command is accepted. It does no I/O, reads no clock and
+//! draws no random number, so every replica that applies the same log reaches
+//! the same state. A rejected command must leave the state exactly as it was.
+//!
+//! Commands are stored in the Raft log inside [`VersionedCommand`], tagged with
+//! the encoding version, so that a newer binary can still read an older log.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub type NodeId = u64;
+
+/// Longest node name, attribute key or site name accepted.
+pub const MAX_NAME_LEN: usize = 63;
+/// Most network paths (addresses) a node may declare.
+pub const MAX_ADDRESSES: usize = 8;
+/// Most attributes one node may carry.
+pub const MAX_ATTRIBUTES: usize = 64;
+/// Longest attribute value.
+pub const MAX_ATTRIBUTE_VALUE_LEN: usize = 1024;
+/// Most nodes in one cluster (the product's stated limit).
+pub const MAX_NODES: usize = 32;
+
+/// What the operator allows a node to do. Liveness ("offline") is not part of
+/// the replicated state: it is observed, not decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Runs resources.
+    #[default]
+    Online,
+    /// Runs nothing; groups move away.
+    Standby,
+    /// Resources are left alone and not monitored.
+    Maintenance,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Online => "online",
+            AdminState::Standby => "standby",
+            AdminState::Maintenance => "maintenance",
+        }
+    }
+}
+
+/// A member node as the cluster records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub name: String,
+    /// One IP address per independent network path, preferred first.
+    pub addresses: Vec<String>,
+    /// Port of the node's API (TCP) and heartbeats (UDP) on every address.
+    pub port: u16,
+    #[serde(default)]
+    pub site: Option<String>,
+    /// A witness votes but never runs resources.
+    #[serde(default)]
+    pub witness: bool,
+    #[serde(default)]
+    pub admin_state: AdminState,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl NodeRecord {
+    /// Base URLs of the node's API, one per network path.
+    pub fn urls(&self) -> Vec<String> {
+        api_urls(&self.addresses, self.port)
+    }
+}
+
+/// Base URLs of an API listening on `port` at each of `addresses`.
+pub fn api_urls(addresses: &[String], port: u16) -> Vec<String> {
+    addresses.iter().map(|a| format!("http://{}", socket_addr(a, port))).collect()
+}
+
+/// `host:port`, bracketing IPv6 literals.
+pub fn socket_addr(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
+/// What a new node declares about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub name: String,
+    pub addresses: Vec<String>,
+    pub port: u16,
+    pub site: Option<String>,
+    pub witness: bool,
+}
+
+/// Every change to the cluster state. Adding a variant is backward compatible;
+/// changing one needs a new [`VersionedCommand`] version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// First entry of a new cluster: names it and records its first node.
+    Bootstrap { cluster_id: String, node_id: NodeId, node: NodeSpec },
+    /// Records a joining node under the next unused id.
+    AddNode { node: NodeSpec },
+    RemoveNode { name: String },
+    SetAdminState { name: String, state: AdminState },
+    SetAttribute { name: String, key: String, value: String },
+    DeleteAttribute { name: String, key: String },
+}
+
+/// The log's encoding of a command: `{"v": "1", "cmd": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "v", content = "cmd")]
+pub enum VersionedCommand {
+    #[serde(rename = "1")]
+    V1(Command),
+}
+
+impl VersionedCommand {
+    pub fn new(cmd: Command) -> Self {
+        VersionedCommand::V1(cmd)
+    }
+
+    /// The command in today's shape, upgrading older encodings.
+    pub fn into_current(self) -> Command {
+        match self {
+            VersionedCommand::V1(cmd) => cmd,
+        }
+    }
+}
+
+impl std::fmt::Display for VersionedCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+/// A successful command's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// The entry carried no command (a blank or membership entry).
+    None,
+    NodeAdded { id: NodeId },
+    Done,
+}
+
+/// Why a command was refused. Each variant maps to one API error code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandError {
+    #[error("the cluster is already bootstrapped as {cluster_id}")]
+    AlreadyBootstrapped { cluster_id: String },
+    #[error("the cluster is not bootstrapped")]
+    NotBootstrapped,
+    #[error("a node named {name} already exists")]
+    NodeExists { name: String },
+    #[error("address {address} is already used by node {name}")]
+    AddressInUse { address: String, name: String },
+    #[error("no node named {name}")]
+    NodeNotFound { name: String },
+    #[error("node {name} has no attribute {key}")]
+    AttributeNotFound { name: String, key: String },
+    #[error("the cluster already has {max} nodes")]
+    TooManyNodes { max: usize },
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+/// The reply stored by the state machine for every applied entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult(pub Result<Reply, CommandError>);
+
+/// The whole replicated cluster state. Fields added later must be
+/// `#[serde(default)]` so that older snapshots still load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+    /// Ids are never reused, so a removed node's old messages can't be taken
+    /// for a new node's.
+    #[serde(default)]
+    pub next_node_id: NodeId,
+    #[serde(default)]
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> CommandError {
+    CommandError::Invalid { field: field.to_string(), reason: reason.into() }
+}
+
+/// A node name, site or attribute key: 1-63 chars of `[a-z0-9._-]`, starting
+/// with a letter or digit (safe in URLs, file names and DNS labels).
+pub fn validate_name(field: &str, name: &str) -> Result<(), CommandError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(invalid(field, format!("must be 1 to {MAX_NAME_LEN} characters")));
+    }
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
+    let first_ok = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !first_ok || !name.chars().all(ok_char) {
+        return Err(invalid(
+            field,
+            format!("{name:?} must use a-z, 0-9, '.', '_', '-' and start with a letter or digit"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a node's self-description, field by field.
+pub fn validate_spec(spec: &NodeSpec) -> Result<(), CommandError> {
+    validate_name("name", &spec.name)?;
+    if spec.addresses.is_empty() {
+        return Err(invalid("addresses", "at least one address is required"));
+    }
+    if spec.addresses.len() > MAX_ADDRESSES {
+        return Err(invalid("addresses", format!("at most {MAX_ADDRESSES} addresses")));
+    }
+    for (i, a) in spec.addresses.iter().enumerate() {
+        let ip: std::net::IpAddr =
+            a.parse().map_err(|_| invalid(&format!("addresses[{i}]"), format!("{a:?} is not an IP address")))?;
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(invalid(&format!("addresses[{i}]"), format!("{a} cannot be a node address")));
+        }
+        if spec.addresses[..i].contains(a) {
+            return Err(invalid(&format!("addresses[{i}]"), format!("{a} is listed twice")));
+        }
+    }
+    if spec.port == 0 {
+        return Err(invalid("port", "must be 1-65535"));
+    }
+    if let Some(site) = &spec.site {
+        validate_name("site", site)?;
+    }
+    Ok(())
+}
+
+impl ClusterState {
+    pub fn node_by_name(&self, name: &str) -> Option<&NodeRecord> {
+        self.nodes.values().find(|n| n.name == name)
+    }
+
+    fn node_id_by_name(&self, name: &str) -> Result<NodeId, CommandError> {
+        self.node_by_name(name)
+            .map(|n| n.id)
+            .ok_or_else(|| CommandError::NodeNotFound { name: name.to_string() })
+    }
+
+    /// Refuses a spec that clashes with an existing node (name or endpoint).
+    pub fn check_new_node(&self, spec: &NodeSpec) -> Result<(), CommandError> {
+        validate_spec(spec)?;
+        if self.nodes.len() >= MAX_NODES {
+            return Err(CommandError::TooManyNodes { max: MAX_NODES });
+        }
+        if self.node_by_name(&spec.name).is_some() {
+            return Err(CommandError::NodeExists { name: spec.name.clone() });
+        }
+        for n in self.nodes.values() {
+            if n.port == spec.port {
+                if let Some(a) = spec.addresses.iter().find(|a| n.addresses.contains(a)) {
+                    return Err(CommandError::AddressInUse {
+                        address: socket_addr(a, spec.port),
+                        name: n.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn record(id: NodeId, spec: &NodeSpec) -> NodeRecord {
+        NodeRecord {
+            id,
+            name: spec.name.clone(),
+            addresses: spec.addresses.clone(),
+            port: spec.port,
+            site: spec.site.clone(),
+            witness: spec.witness,
+            admin_state: AdminState::Online,
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    /// Applies one command. On `Err` the state is unchanged.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Reply, CommandError> {
+        if let Command::Bootstrap { cluster_id, node_id, node } = cmd {
+            if let Some(existing) = &self.cluster_id {
+                return Err(CommandError::AlreadyBootstrapped { cluster_id: existing.clone() });
+            }
+            if cluster_id.is_empty() {
+                return Err(invalid("cluster_id", "must not be empty"));
+            }
+            validate_spec(node)?;
+            self.cluster_id = Some(cluster_id.clone());
+            self.nodes.insert(*node_id, Self::record(*node_id, node));
+            self.next_node_id = node_id + 1;
+            return Ok(Reply::NodeAdded { id: *node_id });
+        }
+        if self.cluster_id.is_none() {
+            return Err(CommandError::NotBootstrapped);
+        }
+        match cmd {
+            Command::Bootstrap { .. } => unreachable!("handled above"),
+            Command::AddNode { node } => {
+                self.check_new_node(node)?;
+                let id = self.next_node_id;
+                self.nodes.insert(id, Self::record(id, node));
+                self.next_node_id += 1;
+                Ok(Reply::NodeAdded { id })
+            }
+            Command::RemoveNode { name } => {
+                let id = self.node_id_by_name(name)?;
+                self.nodes.remove(&id);
+                Ok(Reply::Done)
+            }
+            Command::SetAdminState { name, state } => {
+                let id = self.node_id_by_name(name)?;
+                if let Some(n) = self.nodes.get_mut(&id) {
+                    n.admin_state = *state;
+                }
+                Ok(Reply::Done)
+            }
+            Command::SetAttribute { name, key, value } => {
+                let id = self.node_id_by_name(name)?;
+                validate_name("key", key)?;
+                if value.len() > MAX_ATTRIBUTE_VALUE_LEN {
+                    return Err(invalid("value", format!("at most {MAX_ATTRIBUTE_VALUE_LEN} bytes")));
+                }
+                let node = self.nodes.get_mut(&id).ok_or_else(|| CommandError::NodeNotFound { name: name.clone() })?;
+                if !node.attributes.contains_key(key) && node.attributes.len() >= MAX_ATTRIBUTES {
+                    return Err(invalid("key", format!("a node carries at most {MAX_ATTRIBUTES} attributes")));
+                }
+                node.attributes.insert(key.clone(), value.clone());
+                Ok(Reply::Done)
+            }
+            Command::DeleteAttribute { name, key } => {
+                let id = self.node_id_by_name(name)?;
+                let node = self.nodes.get_mut(&id).ok_or_else(|| CommandError::NodeNotFound { name: name.clone() })?;
+                node.attributes
+                    .remove(key)
+                    .map(|_| Reply::Done)
+                    .ok_or_else(|| CommandError::AttributeNotFound { name: name.clone(), key: key.clone() })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn spec(name: &str, addr: &str, port: u16) -> NodeSpec {
+        NodeSpec { name: name.into(), addresses: vec![addr.into()], port, site: None, witness: false }
+    }
+
+    fn booted() -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(&Command::Bootstrap { cluster_id: "c1".into(), node_id: 1, node: spec("node1", "127.0.0.1", 7401) })
+            .unwrap();
+        s
+    }
+
+    #[test]
+    fn bootstrap_then_add_assigns_increasing_ids() {
+        let mut s = booted();
+        assert_eq!(s.apply(&Command::AddNode { node: spec("node2", "127.0.0.1", 7402) }), Ok(Reply::NodeAdded { id: 2 }));
+        assert_eq!(s.apply(&Command::AddNode { node: spec("node3", "127.0.0.1", 7403) }), Ok(Reply::NodeAdded { id: 3 }));
+        assert_eq!(s.nodes.len(), 3);
+        assert_eq!(s.node_by_name("node3").map(|n| n.id), Some(3));
+    }
+
+    #[test]
+    fn ids_are_never_reused() {
+        let mut s = booted();
+        s.apply(&Command::AddNode { node: spec("node2", "127.0.0.1", 7402) }).unwrap();
+        s.apply(&Command::RemoveNode { name: "node2".into() }).unwrap();
+        assert_eq!(s.apply(&Command::AddNode { node: spec("node2", "127.0.0.1", 7402) }), Ok(Reply::NodeAdded { id: 3 }));
+    }
+
+    #[test]
+    fn commands_before_bootstrap_are_refused() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&Command::AddNode { node: spec("a", "127.0.0.1", 1) }), Err(CommandError::NotBootstrapped));
+        assert_eq!(s, ClusterState::default());
+    }
+
+    #[test]
+    fn second_bootstrap_is_refused() {
+        let mut s = booted();
+        let before = s.clone();
+        let r = s.apply(&Command::Bootstrap { cluster_id: "c2".into(), node_id: 9, node: spec("x", "127.0.0.2", 1) });
+        assert_eq!(r, Err(CommandError::AlreadyBootstrapped { cluster_id: "c1".into() }));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn duplicate_name_and_endpoint_are_refused() {
+        let mut s = booted();
+        assert_eq!(
+            s.apply(&Command::AddNode { node: spec("node1", "127.0.0.2", 7401) }),
+            Err(CommandError::NodeExists { name: "node1".into() })
+        );
+        assert_eq!(
+            s.apply(&Command::AddNode { node: spec("node9", "127.0.0.1", 7401) }),
+            Err(CommandError::AddressInUse { address: "127.0.0.1:7401".into(), name: "node1".into() })
+        );
+        // Same address, other port: a second agent on the same host is fine.
+        assert!(s.apply(&Command::AddNode { node: spec("node9", "127.0.0.1", 7409) }).is_ok());
+    }
+
+    #[test]
+    fn spec_validation_names_the_field() {
+        let bad = |f: fn(&mut NodeSpec), field: &str| {
+            let mut sp = spec("ok", "10.0.0.1", 7401);
+            f(&mut sp);
+            match validate_spec(&sp) {
+                Err(CommandError::Invalid { field: got, .. }) => assert_eq!(got, field),
+                other => panic!("expected invalid {field}, got {other:?}"),
+            }
+        };
+        bad(|s| s.name = "".into(), "name");
+        bad(|s| s.name = "Node1".into(), "name");
+        bad(|s| s.name = "-x".into(), "name");
+        bad(|s| s.name = "a".repeat(64), "name");
+        bad(|s| s.addresses.clear(), "addresses");
+        bad(|s| s.addresses = vec!["not-an-ip".into()], "addresses[0]");
+        bad(|s| s.addresses = vec!["10.0.0.1".into(), "10.0.0.1".into()], "addresses[1]");
+        bad(|s| s.addresses = vec!["0.0.0.0".into()], "addresses[0]");
+        bad(|s| s.port = 0, "port");
+        bad(|s| s.site = Some("Site A".into()), "site");
+    }
+
+    #[test]
+    fn attributes_set_and_delete() {
+        let mut s = booted();
+        let set = Command::SetAttribute { name: "node1".into(), key: "disk".into(), value: "ssd".into() };
+        assert_eq!(s.apply(&set), Ok(Reply::Done));
+        assert_eq!(s.nodes[&1].attributes["disk"], "ssd");
+        let del = Command::DeleteAttribute { name: "node1".into(), key: "disk".into() };
+        assert_eq!(s.apply(&del), Ok(Reply::Done));
+        assert_eq!(
+            s.apply(&del),
+            Err(CommandError::AttributeNotFound { name: "node1".into(), key: "disk".into() })
+        );
+    }
+
+    #[test]
+    fn node_limit_is_enforced() {
+        let mut s = booted();
+        for i in 2..=MAX_NODES {
+            s.apply(&Command::AddNode { node: spec(&format!("n{i}"), "127.0.0.1", i as u16 + 8000) }).unwrap();
+        }
+        assert_eq!(
+            s.apply(&Command::AddNode { node: spec("one-too-many", "127.0.0.1", 9999) }),
+            Err(CommandError::TooManyNodes { max: MAX_NODES })
+        );
+    }
+
+    /// The log's encoding is a contract: this literal is what version 1
+    /// wrote, and every later binary must still read it.
+    #[test]
+    fn version_1_log_encoding_still_decodes() {
+        let golden = r#"{"v":"1","cmd":{"set_admin_state":{"name":"node2","state":"standby"}}}"#;
+        let decoded: VersionedCommand = serde_json::from_str(golden).unwrap();
+        assert_eq!(
+            decoded.into_current(),
+            Command::SetAdminState { name: "node2".into(), state: AdminState::Standby }
+        );
+        let add = r#"{"v":"1","cmd":{"add_node":{"node":{"name":"n","addresses":["10.1.1.1"],"port":7401,"site":null,"witness":true}}}}"#;
+        let decoded: VersionedCommand = serde_json::from_str(add).unwrap();
+        assert!(matches!(decoded.into_current(), Command::AddNode { node } if node.witness));
+    }
+
+    #[test]
+    fn unknown_version_is_rejected_not_misread() {
+        let future = r#"{"v":"99","cmd":{"remove_node":{"name":"x"}}}"#;
+        assert!(serde_json::from_str::<VersionedCommand>(future).is_err());
+    }
+
+    #[test]
+    fn older_snapshot_without_new_fields_loads() {
+        let old = r#"{"cluster_id":"c","next_node_id":2,"nodes":{"1":{"id":1,"name":"a","addresses":["127.0.0.1"],"port":1}}}"#;
+        let s: ClusterState = serde_json::from_str(old).unwrap();
+        assert_eq!(s.nodes[&1].admin_state, AdminState::Online);
+        assert!(!s.nodes[&1].witness);
+    }
+
+    fn arb_name() -> BoxedStrategy<String> {
+        prop_oneof![
+            Just("node1".to_string()),
+            Just("node2".to_string()),
+            Just("node3".to_string()),
+            Just("Bad Name".to_string()),
+            Just(String::new()),
+        ]
+        .boxed()
+    }
+
+    fn arb_command() -> impl Strategy<Value = Command> {
+        let arb_spec = (arb_name(), prop_oneof![Just("127.0.0.1"), Just("10.0.0.1"), Just("nope")], 7400u16..7404, any::<bool>())
+            .prop_map(|(name, a, port, witness)| NodeSpec {
+                name,
+                addresses: vec![a.to_string()],
+                port,
+                site: None,
+                witness,
+            })
+            .boxed();
+        let arb_state = prop_oneof![Just(AdminState::Online), Just(AdminState::Standby), Just(AdminState::Maintenance)];
+        prop_oneof![
+            (arb_spec.clone(), 1u64..4).prop_map(|(node, id)| Command::Bootstrap { cluster_id: "c".into(), node_id: id, node }),
+            arb_spec.prop_map(|node| Command::AddNode { node }),
+            arb_name().prop_map(|name| Command::RemoveNode { name }),
+            (arb_name(), arb_state).prop_map(|(name, state)| Command::SetAdminState { name, state }),
+            (arb_name(), prop_oneof![Just("k"), Just("K!")], "[a-z]{0,3}")
+                .prop_map(|(name, key, value)| Command::SetAttribute { name, key: key.into(), value }),
+            (arb_name(), Just("k")).prop_map(|(name, key)| Command::DeleteAttribute { name, key: key.into() }),
+        ]
+    }
+
+    proptest! {
+        /// Rejected commands change nothing; accepted ones keep the
+        /// invariants: unique names, unique endpoints, ids below next_node_id,
+        /// and the same log always gives the same state.
+        #[test]
+        fn invariants_hold_for_any_log(cmds in proptest::collection::vec(arb_command(), 0..40)) {
+            let mut s = ClusterState::default();
+            let mut replica = ClusterState::default();
+            for cmd in &cmds {
+                let before = s.clone();
+                let r = s.apply(cmd);
+                prop_assert_eq!(replica.apply(cmd), r.clone());
+                if r.is_err() {
+                    prop_assert_eq!(&s, &before);
+                }
+                let mut names: Vec<_> = s.nodes.values().map(|n| n.name.clone()).collect();
+                names.sort();
+                names.dedup();
+                prop_assert_eq!(names.len(), s.nodes.len());
+                let mut endpoints: Vec<_> = s.nodes.values()
+                    .flat_map(|n| n.addresses.iter().map(move |a| socket_addr(a, n.port)))
+                    .collect();
+                let total = endpoints.len();
+                endpoints.sort();
+                endpoints.dedup();
+                prop_assert_eq!(endpoints.len(), total);
+                for (id, n) in &s.nodes {
+                    prop_assert_eq!(*id, n.id);
+                    prop_assert!(*id < s.next_node_id);
+                    let spec = NodeSpec {
+                        name: n.name.clone(), addresses: n.addresses.clone(), port: n.port,
+                        site: n.site.clone(), witness: n.witness,
+                    };
+                    prop_assert!(validate_spec(&spec).is_ok());
+                }
+            }
+            prop_assert_eq!(s, replica);
+        }
+
+        /// Every command survives the log encoding unchanged.
+        #[test]
+        fn log_encoding_round_trips(cmd in arb_command()) {
+            let v = VersionedCommand::new(cmd.clone());
+            let bytes = serde_json::to_vec(&v).unwrap();
+            let back: VersionedCommand = serde_json::from_slice(&bytes).unwrap();
+            prop_assert_eq!(back.into_current(), cmd);
+        }
+    }
+}

@@ -1,0 +1,878 @@
+//! The node agent: owns this node's Raft instance, its liveness view and the
+//! membership workflows (bootstrap, join, adopt, remove, autopilot), and
+//! serves the REST API through [`tandem_http_api::Backend`].
+//!
+//! This is the imperative shell: it talks to disks, sockets and clocks, and
+//! hands every decision to a pure module (`state` for commands, `autopilot`
+//! for voters). Membership changes are serialised by one lock, because
+//! openraft refuses overlapping ones and a half-done join must not race a
+//! removal.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{ChangeMembers, SnapshotPolicy};
+use tandem_http_api::{
+    AdoptRequest, ApiError, Backend, ClusterView, ErrorBody, InitRequest, JoinRequest, JoinViaRequest, LocalView,
+    NodeState, NodeView, PathView, ReleaseRequest, Role, Route,
+};
+use tandem_raft::network::Network;
+use tandem_raft::state::{api_urls, validate_name, AdminState, ClusterState, Command, NodeRecord, NodeSpec, Reply};
+use tandem_raft::store::{Db, Identity, StateHandle};
+use tandem_raft::{NodeId, Peer, Raft, RaftMetrics, VersionedCommand};
+
+use crate::autopilot::{self, Candidate};
+use crate::config::Config;
+use crate::liveness::{HeartbeatSockets, Liveness};
+
+/// Longest wait for a write or a linearizable read to be confirmed.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a peer agent's answer during join / remove.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a new leader after the old one handed over.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// Join retry backoff bounds for `join = [...]` in the config.
+const JOIN_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// This node's membership: present once bootstrapped or adopted.
+pub struct Member {
+    pub node_id: NodeId,
+    pub cluster_id: String,
+    pub raft: Raft,
+    pub state: StateHandle,
+}
+
+impl Member {
+    fn metrics(&self) -> RaftMetrics {
+        // Clone at once: holding the watch guard would block openraft.
+        self.raft.metrics().borrow().clone()
+    }
+}
+
+pub struct Agent {
+    cfg: Config,
+    db: Db,
+    liveness: Arc<Liveness>,
+    member: RwLock<Option<Arc<Member>>>,
+    http: reqwest::Client,
+    membership_lock: tokio::sync::Mutex<()>,
+}
+
+fn storage_err(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Storage(e.to_string())
+}
+
+fn fatal_err(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(format!("raft stopped: {e}"))
+}
+
+/// A cluster id nobody else will pick: 16 random hex digits.
+fn new_cluster_id() -> String {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u32(std::process::id());
+    format!("tandem-{:016x}", h.finish())
+}
+
+impl Agent {
+    pub fn new(cfg: Config, db: Db, liveness: Arc<Liveness>) -> Result<Agent, reqwest::Error> {
+        let http = reqwest::Client::builder().no_proxy().connect_timeout(Duration::from_secs(2)).build()?;
+        Ok(Agent { cfg, db, liveness, member: RwLock::new(None), http, membership_lock: tokio::sync::Mutex::new(()) })
+    }
+
+    pub fn member(&self) -> Option<Arc<Member>> {
+        self.member.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn require_member(&self) -> Result<Arc<Member>, ApiError> {
+        self.member().ok_or(ApiError::NotMember)
+    }
+
+    fn my_urls(&self) -> Vec<String> {
+        api_urls(&self.cfg.addresses, self.cfg.port)
+    }
+
+    /// Starts Raft for an identity found on disk or just assigned.
+    pub async fn start_member(&self, identity: &Identity) -> anyhow::Result<Arc<Member>> {
+        let r = &self.cfg.raft;
+        let config = openraft::Config {
+            cluster_name: identity.cluster_id.clone(),
+            heartbeat_interval: r.heartbeat_interval_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+            purge_batch_size: 256,
+            ..Default::default()
+        }
+        .validate()
+        .context("raft configuration")?;
+        let network = Network::new(identity.cluster_id.clone(), Duration::from_millis(500)).context("raft network client")?;
+        let (log, sm, state) = self.db.raft_storage().context("opening raft storage")?;
+        let raft = Raft::new(identity.node_id, Arc::new(config), network, log, sm).await.context("starting raft")?;
+        let m = Arc::new(Member { node_id: identity.node_id, cluster_id: identity.cluster_id.clone(), raft, state });
+        *self.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
+        tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "raft started");
+        Ok(m)
+    }
+
+    /// Stops Raft and forgets the membership (after leaving or on exit).
+    async fn stop_member(&self, wipe: bool) -> Result<(), ApiError> {
+        let m = self.member.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(m) = m {
+            if let Err(e) = m.raft.shutdown().await {
+                tracing::warn!("raft shutdown: {e}");
+            }
+        }
+        if wipe {
+            self.db.wipe().map_err(storage_err)?;
+        }
+        Ok(())
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.stop_member(false).await;
+    }
+
+    // ---- Raft wrappers: every openraft error becomes an ApiError here ----
+
+    async fn propose(&self, m: &Member, cmd: Command) -> Result<Reply, ApiError> {
+        match tokio::time::timeout(COMMIT_TIMEOUT, m.raft.client_write(VersionedCommand::new(cmd))).await {
+            Err(_) => Err(ApiError::QuorumUnavailable(format!(
+                "not committed within {}s; the write may still be applied",
+                COMMIT_TIMEOUT.as_secs()
+            ))),
+            Ok(Ok(resp)) => resp.data.0.map_err(ApiError::from),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::NoLeader),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(membership_err(e)),
+            Ok(Err(RaftError::Fatal(e))) => Err(fatal_err(e)),
+        }
+    }
+
+    async fn change_voters(&self, m: &Member, change: ChangeMembers<NodeId, Peer>, retain: bool) -> Result<(), ApiError> {
+        match tokio::time::timeout(COMMIT_TIMEOUT * 2, m.raft.change_membership(change, retain)).await {
+            Err(_) => Err(ApiError::QuorumUnavailable("membership change not committed in time".into())),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::NoLeader),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(membership_err(e)),
+            Ok(Err(RaftError::Fatal(e))) => Err(fatal_err(e)),
+        }
+    }
+
+    async fn add_learner(&self, m: &Member, id: NodeId, peer: Peer) -> Result<(), ApiError> {
+        match tokio::time::timeout(COMMIT_TIMEOUT, m.raft.add_learner(id, peer, false)).await {
+            Err(_) => Err(ApiError::QuorumUnavailable("learner not added in time".into())),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::NoLeader),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(membership_err(e)),
+            Ok(Err(RaftError::Fatal(e))) => Err(fatal_err(e)),
+        }
+    }
+
+    /// Read-index through the leader: after this, local state is at least as
+    /// new as anything committed before the call.
+    async fn linearize(&self, m: &Member) -> Result<(), ApiError> {
+        match tokio::time::timeout(COMMIT_TIMEOUT, m.raft.ensure_linearizable()).await {
+            Err(_) => Err(ApiError::QuorumUnavailable("read index not confirmed in time".into())),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => Err(ApiError::NoLeader),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
+                Err(ApiError::QuorumUnavailable(e.to_string()))
+            }
+            Ok(Err(RaftError::Fatal(e))) => Err(fatal_err(e)),
+        }
+    }
+
+    async fn read_member(&self, stale: bool) -> Result<Arc<Member>, ApiError> {
+        let m = self.require_member()?;
+        if !stale {
+            self.linearize(&m).await?;
+        }
+        Ok(m)
+    }
+
+    // ---- views ----
+
+    fn view(&self, m: &Member, rec: &NodeRecord, metrics: &RaftMetrics, now: Instant) -> NodeView {
+        let membership = metrics.membership_config.membership();
+        let voter = membership.voter_ids().any(|v| v == rec.id);
+        let role = match (voter, rec.witness) {
+            (true, true) => Role::Witness,
+            (true, false) => Role::Voter,
+            (false, _) => Role::Learner,
+        };
+        let me = rec.id == m.node_id;
+        let status = self.liveness.status(rec.id, &rec.addresses, now);
+        let alive = me || status.alive;
+        let state = match (alive, rec.admin_state) {
+            (false, _) => NodeState::Offline,
+            (true, AdminState::Online) => NodeState::Online,
+            (true, AdminState::Standby) => NodeState::Standby,
+            (true, AdminState::Maintenance) => NodeState::Maintenance,
+        };
+        let timeout = self.liveness.timeout();
+        let paths = status
+            .paths
+            .iter()
+            .map(|(address, since)| PathView {
+                address: address.clone(),
+                up: me || since.is_some_and(|s| s < timeout),
+                last_seen_ms: if me { Some(0) } else { since.map(|s| s.as_millis() as u64) },
+            })
+            .collect();
+        NodeView {
+            id: rec.id,
+            name: rec.name.clone(),
+            role,
+            state,
+            admin_state: rec.admin_state,
+            site: rec.site.clone(),
+            addresses: rec.addresses.clone(),
+            port: rec.port,
+            pid: if me { Some(std::process::id()) } else { status.pid },
+            version: if me { Some(VERSION.to_string()) } else { status.version },
+            leader: metrics.current_leader == Some(rec.id),
+            paths,
+            attributes: rec.attributes.clone(),
+        }
+    }
+
+    fn views(&self, m: &Member) -> (ClusterState, RaftMetrics, Vec<NodeView>) {
+        let state = m.state.state();
+        let metrics = m.metrics();
+        let now = Instant::now();
+        let views = state.nodes.values().map(|r| self.view(m, r, &metrics, now)).collect();
+        (state, metrics, views)
+    }
+
+    fn node_view(&self, m: &Member, name: &str) -> Result<NodeView, ApiError> {
+        let (_, _, views) = self.views(m);
+        views.into_iter().find(|v| v.name == name).ok_or_else(|| ApiError::NodeNotFound(name.to_string()))
+    }
+
+    fn leader_name(&self, m: &Member, metrics: &RaftMetrics) -> Option<String> {
+        let id = metrics.current_leader?;
+        m.state.read(|d| d.state.nodes.get(&id).map(|n| n.name.clone()))
+    }
+
+    // ---- peer agent calls ----
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
+        let resp = self.http.get(url).timeout(PEER_TIMEOUT).send().await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("HTTP {}", resp.status()));
+        }
+        resp.json().await.map_err(|e| e.to_string())
+    }
+
+    /// POSTs to the first of `urls` that answers; a JSON error answer is
+    /// returned as `Refused`, no answer at all as `Err(String)`.
+    async fn post_first<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        urls: &[String],
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<Result<T, ApiError>, String> {
+        let mut last = "no address".to_string();
+        for base in urls {
+            let url = format!("{base}{path}");
+            match self.http.post(&url).json(body).timeout(timeout).send().await {
+                Err(e) => last = format!("{url}: {e}"),
+                Ok(resp) => return Ok(decode(&url, resp).await),
+            }
+        }
+        Err(last)
+    }
+
+    // ---- workflows ----
+
+    async fn do_init(&self, req: InitRequest) -> Result<LocalView, ApiError> {
+        let _g = self.membership_lock.lock().await;
+        if let Some(m) = self.member() {
+            return Err(ApiError::AlreadyMember(m.cluster_id.clone()));
+        }
+        let cluster_id = match req.cluster_id {
+            Some(c) => {
+                validate_name("cluster_id", &c)?;
+                c
+            }
+            None => new_cluster_id(),
+        };
+        // Leftovers of an earlier attempt that never got an identity.
+        self.db.wipe().map_err(storage_err)?;
+        let identity = Identity { node_id: 1, cluster_id: cluster_id.clone() };
+        let m = self.start_member(&identity).await.map_err(|e| ApiError::Internal(format!("{e:#}")))?;
+        let members = BTreeMap::from([(1, Peer { urls: self.my_urls() })]);
+        match m.raft.initialize(members).await {
+            Ok(()) => {}
+            Err(RaftError::APIError(InitializeError::NotAllowed(e))) => return Err(ApiError::Internal(e.to_string())),
+            Err(RaftError::APIError(InitializeError::NotInMembers(e))) => return Err(ApiError::Internal(e.to_string())),
+            Err(RaftError::Fatal(e)) => return Err(fatal_err(e)),
+        }
+        m.raft
+            .wait(Some(LEADER_WAIT))
+            .current_leader(1, "bootstrap leader")
+            .await
+            .map_err(|e| ApiError::QuorumUnavailable(e.to_string()))?;
+        self.propose(&m, Command::Bootstrap { cluster_id, node_id: 1, node: self.cfg.spec() }).await?;
+        self.db.set_identity(&identity).map_err(storage_err)?;
+        tracing::info!(cluster_id = %identity.cluster_id, "cluster bootstrapped");
+        Ok(self.local_view())
+    }
+
+    async fn do_join_via(&self, req: JoinViaRequest) -> Result<LocalView, ApiError> {
+        if let Some(m) = self.member() {
+            return Err(ApiError::AlreadyMember(m.cluster_id.clone()));
+        }
+        let via = req.via.trim_end_matches('/').to_string();
+        if !(via.starts_with("http://") || via.starts_with("https://")) {
+            return Err(ApiError::Invalid { field: "via".into(), reason: format!("{via:?} is not an http:// URL") });
+        }
+        let spec = self.cfg.spec();
+        let body =
+            JoinRequest { name: spec.name, addresses: spec.addresses, port: spec.port, site: spec.site, witness: spec.witness };
+        // The leader calls back our /internal/adopt before answering.
+        let answer: Result<NodeView, ApiError> = self
+            .post_first(&[via.clone()], "/v1/nodes", &body, PEER_TIMEOUT * 4)
+            .await
+            .map_err(|reason| ApiError::NodeUnreachable { name: via.clone(), reason })?;
+        answer?;
+        if self.member().is_none() {
+            return Err(ApiError::Internal("the cluster accepted the join but never adopted this node".into()));
+        }
+        Ok(self.local_view())
+    }
+
+    async fn do_adopt(&self, req: AdoptRequest) -> Result<LocalView, ApiError> {
+        let _g = self.membership_lock.lock().await;
+        if let Some(m) = self.member() {
+            if m.cluster_id == req.cluster_id && m.node_id == req.node_id {
+                return Ok(self.local_view());
+            }
+            return Err(ApiError::AlreadyMember(m.cluster_id.clone()));
+        }
+        if req.name != self.cfg.name {
+            return Err(ApiError::NameMismatch { url: self.my_urls().join(","), expected: req.name, actual: self.cfg.name.clone() });
+        }
+        self.db.wipe().map_err(storage_err)?;
+        let identity = Identity { node_id: req.node_id, cluster_id: req.cluster_id };
+        self.db.set_identity(&identity).map_err(storage_err)?;
+        self.start_member(&identity).await.map_err(|e| ApiError::Internal(format!("{e:#}")))?;
+        tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "adopted into cluster");
+        Ok(self.local_view())
+    }
+
+    async fn do_release(&self, req: ReleaseRequest) -> Result<(), ApiError> {
+        let _g = self.membership_lock.lock().await;
+        match self.member() {
+            Some(m) if m.cluster_id == req.cluster_id && m.node_id == req.node_id => {
+                self.stop_member(true).await?;
+                tracing::info!(cluster_id = %req.cluster_id, "removed from the cluster; waiting to be initialised or joined");
+                Ok(())
+            }
+            Some(m) => Err(ApiError::WrongNode {
+                expected: req.node_id.to_string(),
+                cluster: req.cluster_id,
+                actual: format!("{} of {}", m.node_id, m.cluster_id),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    async fn do_add_node(&self, req: JoinRequest) -> Result<NodeView, ApiError> {
+        let _g = self.membership_lock.lock().await;
+        let m = self.require_member()?;
+        let spec = NodeSpec { name: req.name, addresses: req.addresses, port: req.port, site: req.site, witness: req.witness };
+        m.state.read(|d| d.state.check_new_node(&spec))?;
+        let urls = api_urls(&spec.addresses, spec.port);
+        let unreachable = |reason: String| ApiError::NodeUnreachable { name: spec.name.clone(), reason };
+        // The agent must run, be the one named, and belong to no cluster.
+        let mut local: Option<LocalView> = None;
+        let mut last = String::new();
+        for u in &urls {
+            match self.get_json::<LocalView>(&format!("{u}/v1/local")).await {
+                Ok(v) => {
+                    local = Some(v);
+                    break;
+                }
+                Err(e) => last = format!("{u}: {e}"),
+            }
+        }
+        let local = local.ok_or_else(|| unreachable(last))?;
+        if local.name != spec.name {
+            return Err(ApiError::NameMismatch { url: urls.join(","), expected: spec.name.clone(), actual: local.name });
+        }
+        if let Some(c) = local.cluster_id {
+            return Err(ApiError::NodeInOtherCluster { name: spec.name.clone(), url: urls.join(","), cluster_id: c });
+        }
+        let id = match self.propose(&m, Command::AddNode { node: spec.clone() }).await? {
+            Reply::NodeAdded { id } => id,
+            other => return Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
+        };
+        let adopt = AdoptRequest { cluster_id: m.cluster_id.clone(), node_id: id, name: spec.name.clone() };
+        let adopted: Result<(), ApiError> = match self.post_first::<_, LocalView>(&urls, "/internal/adopt", &adopt, PEER_TIMEOUT * 2).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(reason) => Err(unreachable(reason)),
+        };
+        let added = match adopted {
+            Ok(()) => self.add_learner(&m, id, Peer { urls }).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = added {
+            // Undo the record so that a refused join changes nothing.
+            if let Err(undo) = self.propose(&m, Command::RemoveNode { name: spec.name.clone() }).await {
+                tracing::error!(node = %spec.name, "join failed ({e}) and its record could not be removed: {undo}");
+            }
+            return Err(e);
+        }
+        tracing::info!(node = %spec.name, id, "node joined as learner");
+        self.node_view(&m, &spec.name)
+    }
+
+    async fn do_remove(&self, name: &str, force: bool) -> Result<(), ApiError> {
+        let guard = self.membership_lock.lock().await;
+        let m = self.require_member()?;
+        let state = m.state.state();
+        let rec = state.node_by_name(name).cloned().ok_or_else(|| ApiError::NodeNotFound(name.to_string()))?;
+        let metrics = m.metrics();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let in_membership = membership.nodes().any(|(id, _)| *id == rec.id);
+        let now = Instant::now();
+        let status = self.liveness.status(rec.id, &rec.addresses, now);
+        if rec.id != m.node_id && !status.alive && !force {
+            return Err(ApiError::NodeUnreachable {
+                name: name.to_string(),
+                reason: format!("no heartbeat for {:.1}s", status.down_for.as_secs_f64()),
+            });
+        }
+        if voters.contains(&rec.id) {
+            let remaining = self.voters_without(&m, &state, &metrics, &voters, rec.id, now);
+            let alive = remaining.iter().filter(|id| **id == m.node_id || self.is_alive(&state, **id, now)).count();
+            if remaining.is_empty() || alive * 2 <= remaining.len() {
+                return Err(ApiError::WouldLoseQuorum(name.to_string()));
+            }
+            if rec.id == m.node_id {
+                // The leader leaves: hand the vote to the others, then let the
+                // new leader finish the removal.
+                self.change_voters(&m, ChangeMembers::ReplaceAllVoters(remaining), true).await?;
+                drop(guard);
+                return self.forward_remove_to_new_leader(&m, name, force).await;
+            }
+            self.change_voters(&m, ChangeMembers::ReplaceAllVoters(remaining), false).await?;
+        } else if in_membership {
+            self.change_voters(&m, ChangeMembers::RemoveNodes(BTreeSet::from([rec.id])), false).await?;
+        }
+        self.propose(&m, Command::RemoveNode { name: name.to_string() }).await?;
+        self.liveness.forget(rec.id);
+        let release = ReleaseRequest { cluster_id: m.cluster_id.clone(), node_id: rec.id };
+        match self.post_first::<_, serde_json::Value>(&rec.urls(), "/internal/release", &release, PEER_TIMEOUT).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(node = name, "removed, but the agent answered: {e}"),
+            Err(e) => tracing::warn!(node = name, "removed, but the agent could not be told: {e}"),
+        }
+        tracing::info!(node = name, force, "node removed");
+        Ok(())
+    }
+
+    fn is_alive(&self, state: &ClusterState, id: NodeId, now: Instant) -> bool {
+        state.nodes.get(&id).is_some_and(|r| self.liveness.status(id, &r.addresses, now).alive)
+    }
+
+    /// The voter set once `gone` leaves, topped up from healthy learners.
+    fn voters_without(
+        &self,
+        m: &Member,
+        state: &ClusterState,
+        metrics: &RaftMetrics,
+        voters: &BTreeSet<NodeId>,
+        gone: NodeId,
+        now: Instant,
+    ) -> BTreeSet<NodeId> {
+        let mut candidates = self.candidates(m, state, metrics, now);
+        candidates.retain(|c| c.id != gone);
+        let rest: BTreeSet<NodeId> = voters.iter().copied().filter(|v| *v != gone).collect();
+        let leader = if gone == m.node_id {
+            match rest.iter().copied().find(|v| self.is_alive(state, *v, now)) {
+                Some(l) => l,
+                None => return BTreeSet::new(),
+            }
+        } else {
+            m.node_id
+        };
+        let input = autopilot::Input {
+            candidates,
+            voters: rest.clone(),
+            leader,
+            target: self.cfg.autopilot.voters,
+            dead_after: Duration::from_millis(self.cfg.autopilot.dead_voter_after_ms),
+        };
+        autopilot::plan_voters(&input).unwrap_or(rest)
+    }
+
+    async fn forward_remove_to_new_leader(&self, m: &Member, name: &str, force: bool) -> Result<(), ApiError> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        while Instant::now() < deadline {
+            let metrics = m.metrics();
+            if let Some(leader) = metrics.current_leader.filter(|l| *l != m.node_id) {
+                if let Some(peer) = metrics.membership_config.membership().get_node(&leader) {
+                    let url = format!("{}/v1/nodes/{name}?force={force}", peer.urls.first().cloned().unwrap_or_default());
+                    let resp = self.http.delete(&url).timeout(PEER_TIMEOUT * 4).send().await;
+                    return match resp {
+                        Ok(r) if r.status().is_success() => Ok(()),
+                        Ok(r) => decode::<serde_json::Value>(&url, r).await.map(|_| ()),
+                        Err(e) => Err(ApiError::ForwardFailed { url, reason: e.to_string() }),
+                    };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(ApiError::NoLeader)
+    }
+
+    fn candidates(&self, m: &Member, state: &ClusterState, metrics: &RaftMetrics, now: Instant) -> Vec<Candidate> {
+        let membership = metrics.membership_config.membership();
+        let last = metrics.last_log_index.unwrap_or(0);
+        let lag = self.cfg.autopilot.max_lag_entries;
+        state
+            .nodes
+            .values()
+            .filter(|r| membership.get_node(&r.id).is_some())
+            .map(|r| {
+                let me = r.id == m.node_id;
+                let st = self.liveness.status(r.id, &r.addresses, now);
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|rep| rep.get(&r.id).cloned().flatten())
+                    .map(|l| l.index);
+                Candidate {
+                    id: r.id,
+                    site: r.site.clone(),
+                    witness: r.witness,
+                    alive: me || st.alive,
+                    down_for: if me { Duration::ZERO } else { st.down_for },
+                    caught_up: me || matched.is_some_and(|i| i + lag >= last),
+                }
+            })
+            .collect()
+    }
+
+    /// One autopilot round on the leader: re-add members missing from Raft,
+    /// then move votes as [`autopilot::plan_voters`] says.
+    async fn autopilot_round(&self) -> Result<(), ApiError> {
+        let Some(m) = self.member() else { return Ok(()) };
+        let metrics = m.metrics();
+        if metrics.current_leader != Some(m.node_id) {
+            return Ok(());
+        }
+        let Ok(_g) = self.membership_lock.try_lock() else { return Ok(()) };
+        let state = m.state.state();
+        if state.cluster_id.is_none() {
+            return Ok(());
+        }
+        let membership = metrics.membership_config.membership().clone();
+        if let Some(missing) = state.nodes.values().find(|r| membership.get_node(&r.id).is_none()) {
+            tracing::info!(node = %missing.name, "re-adding a recorded node missing from raft membership");
+            return self.add_learner(&m, missing.id, Peer { urls: missing.urls() }).await;
+        }
+        let input = autopilot::Input {
+            candidates: self.candidates(&m, &state, &metrics, Instant::now()),
+            voters: membership.voter_ids().collect(),
+            leader: m.node_id,
+            target: self.cfg.autopilot.voters,
+            dead_after: Duration::from_millis(self.cfg.autopilot.dead_voter_after_ms),
+        };
+        if let Some(voters) = autopilot::plan_voters(&input) {
+            let names = |ids: &BTreeSet<NodeId>| {
+                ids.iter().filter_map(|i| state.nodes.get(i).map(|n| n.name.clone())).collect::<Vec<_>>().join(",")
+            };
+            tracing::info!(from = %names(&input.voters), to = %names(&voters), "autopilot: changing voters");
+            self.change_voters(&m, ChangeMembers::ReplaceAllVoters(voters), true).await?;
+        }
+        Ok(())
+    }
+
+    pub fn local_view(&self) -> LocalView {
+        let spec = self.cfg.spec();
+        let m = self.member();
+        let metrics = m.as_ref().map(|m| m.metrics());
+        let leader_id = metrics.as_ref().and_then(|x| x.current_leader);
+        let leader_url = match (&m, leader_id, &metrics) {
+            (Some(_), Some(l), Some(x)) => x.membership_config.membership().get_node(&l).and_then(|p| p.urls.first().cloned()),
+            _ => None,
+        };
+        LocalView {
+            name: spec.name,
+            node_id: m.as_ref().map(|m| m.node_id),
+            cluster_id: m.as_ref().map(|m| m.cluster_id.clone()),
+            addresses: spec.addresses,
+            port: spec.port,
+            site: spec.site,
+            witness: spec.witness,
+            pid: std::process::id(),
+            version: VERSION.to_string(),
+            leader: match (&m, &metrics) {
+                (Some(m), Some(x)) => self.leader_name(m, x),
+                _ => None,
+            },
+            leader_url,
+            term: metrics.as_ref().map(|x| x.current_term),
+            applied_index: metrics.as_ref().and_then(|x| x.last_applied.map(|l| l.index)),
+        }
+    }
+}
+
+fn membership_err(e: ChangeMembershipError<NodeId>) -> ApiError {
+    match e {
+        ChangeMembershipError::InProgress(_) => ApiError::MembershipChangeInProgress,
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+/// Turns a peer agent's answer into `T` or the error it reported.
+async fn decode<T: serde::de::DeserializeOwned>(url: &str, resp: reqwest::Response) -> Result<T, ApiError> {
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| ApiError::ForwardFailed { url: url.into(), reason: e.to_string() })?;
+    if status.is_success() {
+        let bytes = if bytes.is_empty() { &b"null"[..] } else { &bytes[..] };
+        return serde_json::from_slice(bytes).map_err(|e| ApiError::Internal(format!("{url}: bad answer: {e}")));
+    }
+    match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(b) => Err(ApiError::Refused { url: url.into(), status: status.as_u16(), code: b.code, message: b.message, hint: b.hint }),
+        Err(_) => Err(ApiError::ForwardFailed { url: url.into(), reason: format!("HTTP {status}") }),
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Agent {
+    fn name(&self) -> String {
+        self.cfg.name.clone()
+    }
+
+    fn route(&self) -> Route {
+        let Some(m) = self.member() else { return Route::NotMember };
+        let metrics = m.metrics();
+        match metrics.current_leader {
+            None => Route::NoLeader,
+            Some(l) if l == m.node_id => Route::Here,
+            Some(l) => match metrics.membership_config.membership().get_node(&l).and_then(|p| p.urls.first().cloned()) {
+                Some(url) => Route::Leader(url),
+                None => Route::NoLeader,
+            },
+        }
+    }
+
+    fn local(&self) -> LocalView {
+        self.local_view()
+    }
+
+    fn ready(&self) -> Result<(), ApiError> {
+        match self.route() {
+            Route::NotMember => Err(ApiError::NotMember),
+            Route::NoLeader => Err(ApiError::NoLeader),
+            Route::Here | Route::Leader(_) => Ok(()),
+        }
+    }
+
+    async fn cluster(&self, stale: bool) -> Result<ClusterView, ApiError> {
+        let m = self.read_member(stale).await?;
+        let (state, metrics, members) = self.views(&m);
+        Ok(ClusterView {
+            cluster_id: state.cluster_id.unwrap_or_else(|| m.cluster_id.clone()),
+            leader: self.leader_name(&m, &metrics),
+            term: metrics.current_term,
+            applied_index: metrics.last_applied.map(|l| l.index),
+            members,
+        })
+    }
+
+    async fn nodes(&self, stale: bool) -> Result<Vec<NodeView>, ApiError> {
+        let m = self.read_member(stale).await?;
+        Ok(self.views(&m).2)
+    }
+
+    async fn node(&self, name: &str, stale: bool) -> Result<NodeView, ApiError> {
+        let m = self.read_member(stale).await?;
+        self.node_view(&m, name)
+    }
+
+    async fn add_node(&self, req: JoinRequest) -> Result<NodeView, ApiError> {
+        self.do_add_node(req).await
+    }
+
+    async fn remove_node(&self, name: &str, force: bool) -> Result<(), ApiError> {
+        self.do_remove(name, force).await
+    }
+
+    async fn set_admin_state(&self, name: &str, state: AdminState) -> Result<NodeView, ApiError> {
+        let m = self.require_member()?;
+        self.propose(&m, Command::SetAdminState { name: name.into(), state }).await?;
+        self.node_view(&m, name)
+    }
+
+    async fn set_attribute(&self, name: &str, key: &str, value: String) -> Result<NodeView, ApiError> {
+        let m = self.require_member()?;
+        self.propose(&m, Command::SetAttribute { name: name.into(), key: key.into(), value }).await?;
+        self.node_view(&m, name)
+    }
+
+    async fn delete_attribute(&self, name: &str, key: &str) -> Result<NodeView, ApiError> {
+        let m = self.require_member()?;
+        self.propose(&m, Command::DeleteAttribute { name: name.into(), key: key.into() }).await?;
+        self.node_view(&m, name)
+    }
+
+    async fn init(&self, req: InitRequest) -> Result<LocalView, ApiError> {
+        self.do_init(req).await
+    }
+
+    async fn join_via(&self, req: JoinViaRequest) -> Result<LocalView, ApiError> {
+        self.do_join_via(req).await
+    }
+
+    async fn adopt(&self, req: AdoptRequest) -> Result<LocalView, ApiError> {
+        self.do_adopt(req).await
+    }
+
+    async fn release(&self, req: ReleaseRequest) -> Result<(), ApiError> {
+        self.do_release(req).await
+    }
+
+    fn raft_for(&self, target: NodeId, cluster: &str) -> Result<Raft, ApiError> {
+        let m = self.require_member()?;
+        if m.node_id != target || m.cluster_id != cluster {
+            return Err(ApiError::WrongNode {
+                expected: target.to_string(),
+                cluster: cluster.to_string(),
+                actual: format!("{} of {}", m.node_id, m.cluster_id),
+            });
+        }
+        Ok(m.raft.clone())
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let db = Db::open(&cfg.data_dir.join("raft"))?;
+    let mut listeners = Vec::new();
+    for a in &cfg.addresses {
+        let addr = tandem_raft::state::socket_addr(a, cfg.port);
+        let l = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding the API on {addr}"))?;
+        listeners.push(l);
+    }
+    let sockets = Arc::new(HeartbeatSockets::bind(&cfg.addresses, cfg.port).await?);
+    let liveness = Liveness::new(cfg.node_timeout());
+    let agent = Arc::new(Agent::new(cfg.clone(), db.clone(), liveness.clone())?);
+    if let Some(identity) = db.identity()? {
+        agent.start_member(&identity).await?;
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let router = tandem_http_api::router(agent.clone());
+    let mut servers = Vec::new();
+    for l in listeners {
+        let mut rx = stop_rx.clone();
+        let app = router.clone();
+        servers.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            axum::serve(l, app).with_graceful_shutdown(stop).await
+        }));
+    }
+    let ident_agent = agent.clone();
+    sockets.spawn_receivers(liveness, move || ident_agent.member().map(|m| (m.cluster_id.clone(), m.node_id)));
+    {
+        let agent = agent.clone();
+        let sockets = sockets.clone();
+        let every = cfg.heartbeat_interval();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Some(m) = agent.member() {
+                    let state = m.state.state();
+                    sockets.send_round(&state, &m.cluster_id, m.node_id).await;
+                }
+            }
+        });
+    }
+    {
+        let agent = agent.clone();
+        let every = Duration::from_millis(cfg.autopilot.interval_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = agent.autopilot_round().await {
+                    tracing::warn!(code = e.code(), "autopilot: {e}");
+                }
+            }
+        });
+    }
+    if !cfg.join.is_empty() && agent.member().is_none() {
+        let agent = agent.clone();
+        let urls = cfg.join.clone();
+        tokio::spawn(async move { auto_join(agent, urls).await });
+    }
+    tracing::info!(name = %cfg.name, urls = %agent.my_urls().join(","), pid = std::process::id(), version = VERSION, "agent up");
+
+    wait_for_signal().await;
+    tracing::info!("stopping");
+    let _ = stop_tx.send(true);
+    agent.shutdown().await;
+    for s in servers {
+        let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
+    }
+    Ok(())
+}
+
+/// Joins through the configured members until one accepts; gives up only
+/// when the agent becomes a member some other way.
+async fn auto_join(agent: Arc<Agent>, urls: Vec<String>) {
+    let mut backoff = JOIN_BACKOFF_MIN;
+    loop {
+        for via in &urls {
+            if agent.member().is_some() {
+                return;
+            }
+            match agent.do_join_via(JoinViaRequest { via: via.clone() }).await {
+                Ok(_) => {
+                    tracing::info!(via = %via, "joined the cluster");
+                    return;
+                }
+                Err(ApiError::AlreadyMember(_)) => return,
+                Err(e) => tracing::info!(via = %via, code = e.code(), "join attempt failed: {e}"),
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(JOIN_BACKOFF_MAX);
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

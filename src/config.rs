@@ -1,0 +1,287 @@
+//! The agent's TOML configuration: every key, its default, and the checks
+//! run at start. A bad file is refused whole, naming the offending key.
+//! Defaults are documented in docs/config.md; keep the two in step.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tandem_raft::state::{validate_name, validate_spec, CommandError, NodeSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: invalid `{key}`: {message}")]
+    Invalid { path: String, key: String, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Unique node name: 1-63 chars of a-z, 0-9, '.', '_', '-'.
+    pub name: String,
+    /// Where the node keeps its RocksDB (log, vote, state machine).
+    pub data_dir: PathBuf,
+    /// One IP address per independent network path, preferred first. The API
+    /// (TCP) and heartbeats (UDP) listen on every one of them.
+    #[serde(default = "default_addresses")]
+    pub addresses: Vec<String>,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub site: Option<String>,
+    /// A witness votes but never runs resources.
+    #[serde(default)]
+    pub witness: bool,
+    /// Members' API URLs to join through at first start (tried in order,
+    /// again and again, until one accepts). Empty: wait for
+    /// `tandem cluster init` or `tandem cluster join`.
+    #[serde(default)]
+    pub join: Vec<String>,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default)]
+    pub liveness: LivenessConfig,
+    #[serde(default)]
+    pub autopilot: AutopilotConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind the snapshot, for slow followers.
+    pub keep_entries_after_snapshot: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_after_entries: 1000,
+            keep_entries_after_snapshot: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LivenessConfig {
+    /// How often a heartbeat goes to every peer on every path.
+    pub heartbeat_interval_ms: u64,
+    /// A path silent this long is down; a node whose paths are all down is
+    /// offline.
+    pub node_timeout_ms: u64,
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        LivenessConfig { heartbeat_interval_ms: 200, node_timeout_ms: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutopilotConfig {
+    /// Target number of voters: 3 or 5 (1 for a lab cluster).
+    pub voters: usize,
+    /// A voter offline this long is replaced by a healthy learner.
+    pub dead_voter_after_ms: u64,
+    /// How often the leader reconsiders the voter set.
+    pub interval_ms: u64,
+    /// A learner more than this many entries behind is not promoted.
+    pub max_lag_entries: u64,
+}
+
+impl Default for AutopilotConfig {
+    fn default() -> Self {
+        AutopilotConfig { voters: 3, dead_voter_after_ms: 10_000, interval_ms: 1000, max_lag_entries: 100 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `tandem=debug,openraft=warn`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: "info,openraft=warn".into() }
+    }
+}
+
+fn default_addresses() -> Vec<String> {
+    vec!["127.0.0.1".into()]
+}
+
+fn default_port() -> u16 {
+    7401
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        Self::parse(&text, &p)
+    }
+
+    pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn spec(&self) -> NodeSpec {
+        NodeSpec {
+            name: self.name.clone(),
+            addresses: self.addresses.clone(),
+            port: self.port,
+            site: self.site.clone(),
+            witness: self.witness,
+        }
+    }
+
+    fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid { path: path.into(), key: key.into(), message };
+        validate_name("name", &self.name).map_err(|e| bad("name", reason(e)))?;
+        validate_spec(&self.spec()).map_err(|e| match e {
+            CommandError::Invalid { field, reason } => bad(&field, reason),
+            other => bad("name", other.to_string()),
+        })?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", "must not be empty".into()));
+        }
+        for (i, url) in self.join.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad(&format!("join[{i}]"), format!("{url:?} must be an http:// URL")));
+            }
+        }
+        let r = &self.raft;
+        if r.heartbeat_interval_ms < 10 {
+            return Err(bad("raft.heartbeat_interval_ms", "must be at least 10".into()));
+        }
+        if r.election_timeout_min_ms <= r.heartbeat_interval_ms * 2 {
+            return Err(bad(
+                "raft.election_timeout_min_ms",
+                "must exceed twice raft.heartbeat_interval_ms, or followers start elections under a live leader"
+                    .into(),
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return Err(bad("raft.election_timeout_max_ms", "must exceed raft.election_timeout_min_ms".into()));
+        }
+        if r.snapshot_after_entries == 0 {
+            return Err(bad("raft.snapshot_after_entries", "must be at least 1".into()));
+        }
+        let l = &self.liveness;
+        if l.heartbeat_interval_ms < 10 {
+            return Err(bad("liveness.heartbeat_interval_ms", "must be at least 10".into()));
+        }
+        if l.node_timeout_ms < l.heartbeat_interval_ms * 2 {
+            return Err(bad(
+                "liveness.node_timeout_ms",
+                "must be at least twice liveness.heartbeat_interval_ms, or one lost heartbeat marks a node offline"
+                    .into(),
+            ));
+        }
+        let a = &self.autopilot;
+        if ![1, 3, 5, 7].contains(&a.voters) {
+            return Err(bad("autopilot.voters", format!("{} is not 1, 3, 5 or 7 (an odd number keeps a majority)", a.voters)));
+        }
+        if a.dead_voter_after_ms < l.node_timeout_ms {
+            return Err(bad("autopilot.dead_voter_after_ms", "must be at least liveness.node_timeout_ms".into()));
+        }
+        if a.interval_ms < 50 {
+            return Err(bad("autopilot.interval_ms", "must be at least 50".into()));
+        }
+        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            return Err(bad("log.level", format!("{:?} is not a tracing filter", self.log.level)));
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.liveness.heartbeat_interval_ms)
+    }
+
+    pub fn node_timeout(&self) -> Duration {
+        Duration::from_millis(self.liveness.node_timeout_ms)
+    }
+}
+
+fn reason(e: CommandError) -> String {
+    match e {
+        CommandError::Invalid { reason, .. } => reason,
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(text: &str) -> String {
+        match Config::parse(text, "t.toml") {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            Err(ConfigError::Parse { message, .. }) => format!("parse: {message}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    const BASE: &str = "name = \"node1\"\ndata_dir = \"/tmp/x\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(BASE, "t.toml").unwrap();
+        assert_eq!(c.port, 7401);
+        assert_eq!(c.addresses, vec!["127.0.0.1"]);
+        assert_eq!(c.autopilot.voters, 3);
+        assert_eq!(c.liveness.node_timeout_ms, 1000);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert_eq!(key_of("name = \"Bad Name\"\ndata_dir = \"/x\""), "name");
+        assert_eq!(key_of(&format!("{BASE}addresses = [\"nope\"]")), "addresses[0]");
+        assert_eq!(key_of(&format!("{BASE}port = 0")), "port");
+        assert_eq!(key_of(&format!("{BASE}join = [\"10.0.0.1:7401\"]")), "join[0]");
+        assert_eq!(key_of(&format!("{BASE}[raft]\nelection_timeout_min_ms = 100")), "raft.election_timeout_min_ms");
+        assert_eq!(key_of(&format!("{BASE}[raft]\nelection_timeout_max_ms = 400")), "raft.election_timeout_max_ms");
+        assert_eq!(key_of(&format!("{BASE}[liveness]\nnode_timeout_ms = 250")), "liveness.node_timeout_ms");
+        assert_eq!(key_of(&format!("{BASE}[autopilot]\nvoters = 4")), "autopilot.voters");
+        assert_eq!(key_of(&format!("{BASE}[log]\nlevel = \"[[[\"")), "log.level");
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_named() {
+        let m = key_of(&format!("{BASE}prot = 7401"));
+        assert!(m.contains("prot"), "{m}");
+        let m = key_of(&format!("{BASE}[raft]\nheartbeat_interval = 5"));
+        assert!(m.contains("heartbeat_interval"), "{m}");
+        let m = key_of(&format!("{BASE}port = \"x\""));
+        assert!(m.contains("port"), "{m}");
+    }
+}

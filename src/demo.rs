@@ -1,0 +1,198 @@
+//! `tandem demo`: a local three-node cluster, each node its own agent process
+//! with its own data directory, on 127.0.0.1. It only uses what an operator
+//! would: config files, `tandem agent`, and the REST API.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use reqwest::Method;
+use serde_json::json;
+use tandem_http_api::ClusterView;
+use tokio::process::{Child, Command};
+
+use crate::cli::{parse, Client};
+
+pub const NODES: usize = 3;
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const FORM_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Node {
+    name: String,
+    url: String,
+    log: PathBuf,
+    child: Child,
+}
+
+pub async fn run(base_port: u16, dir: Option<PathBuf>, keep: bool) -> anyhow::Result<()> {
+    if base_port as usize + NODES > u16::MAX as usize {
+        bail!("--base-port {base_port} leaves no room for {NODES} nodes");
+    }
+    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("tandem-demo-{}", std::process::id())));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let exe = std::env::current_exe().context("locating the tandem binary")?;
+    let mut nodes = Vec::new();
+    let result = async {
+        for i in 1..=NODES {
+            nodes.push(start_node(&exe, &dir, i, base_port).await?);
+        }
+        form_cluster(&mut nodes).await
+    }
+    .await;
+    match result {
+        Ok(cluster) => {
+            print_banner(&cluster, &nodes, &dir);
+            supervise(&mut nodes).await;
+        }
+        Err(e) => {
+            eprintln!("demo failed: {e:#}");
+            for n in &nodes {
+                eprintln!("  {} log: {}", n.name, n.log.display());
+            }
+            stop_all(&mut nodes).await;
+            return Err(e);
+        }
+    }
+    stop_all(&mut nodes).await;
+    if keep {
+        println!("data and logs kept in {}", dir.display());
+    } else if let Err(e) = std::fs::remove_dir_all(&dir) {
+        eprintln!("could not remove {}: {e}", dir.display());
+    }
+    Ok(())
+}
+
+fn node_config(dir: &Path, i: usize, base_port: u16) -> String {
+    let port = base_port + i as u16 - 1;
+    let join = if i == 1 { String::new() } else { format!("join = [\"http://127.0.0.1:{base_port}\"]\n") };
+    format!(
+        "# tandem demo node {i}\nname = \"node{i}\"\ndata_dir = \"{}\"\naddresses = [\"127.0.0.1\"]\nport = {port}\n{join}",
+        dir.join(format!("node{i}")).display()
+    )
+}
+
+async fn start_node(exe: &Path, dir: &Path, i: usize, base_port: u16) -> anyhow::Result<Node> {
+    let name = format!("node{i}");
+    let cfg_path = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg_path, node_config(dir, i, base_port))?;
+    let log = dir.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log)?;
+    let child = Command::new(exe)
+        .arg("agent")
+        .arg("--config")
+        .arg(&cfg_path)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        // Own process group: the terminal's Ctrl-C reaches the demo only,
+        // which then stops the agents in order.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let url = format!("http://127.0.0.1:{}", base_port + i as u16 - 1);
+    let mut node = Node { name, url, log, child };
+    wait_healthy(&mut node).await?;
+    Ok(node)
+}
+
+async fn wait_healthy(node: &mut Node) -> anyhow::Result<()> {
+    let client = Client::new(&node.url)?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Some(status) = node.child.try_wait()? {
+            let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+            bail!("{} exited with {status}:\n{log}", node.name);
+        }
+        if client.call(Method::GET, "/healthz", None).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("{} did not answer /healthz within {}s", node.name, START_TIMEOUT.as_secs())
+}
+
+async fn form_cluster(nodes: &mut [Node]) -> anyhow::Result<ClusterView> {
+    let first = Client::new(&nodes[0].url)?;
+    first.call(Method::POST, "/v1/cluster/init", Some(json!({"cluster_id": "demo"}))).await?;
+    let deadline = Instant::now() + FORM_TIMEOUT;
+    loop {
+        if let Ok(v) = first.call(Method::GET, "/v1/cluster", None).await {
+            let c: ClusterView = parse(v)?;
+            let voters = c.members.iter().filter(|m| m.role == tandem_http_api::Role::Voter).count();
+            if voters == nodes.len() {
+                return Ok(c);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not reach {} voters within {}s", nodes.len(), FORM_TIMEOUT.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path) {
+    let u = |i: usize| &nodes[i].url;
+    println!("tandem demo: cluster {:?} is up with {} nodes, leader {}", c.cluster_id, nodes.len(), c.leader.as_deref().unwrap_or("?"));
+    println!();
+    for n in nodes {
+        println!("  {}  {}  (pid {}, log {})", n.name, n.url, n.child.id().unwrap_or(0), n.log.display());
+    }
+    println!("  data: {}", dir.display());
+    println!();
+    println!("Try:");
+    println!("  curl -s {}/v1/cluster", u(0));
+    println!("  curl -s '{}/v1/nodes?stale=true'", u(1));
+    println!("  curl -s -X POST {}/v1/nodes/node2/standby", u(2));
+    println!("  curl -s -X PUT -d '{{\"value\": \"ssd\"}}' {}/v1/nodes/node3/attributes/disk", u(0));
+    println!("  curl -s -X POST {}/v1/nodes/node2/online", u(0));
+    println!("  TANDEM_ENDPOINT={} target/release/tandem status", u(1));
+    println!("  target/release/tandem node show node1 --endpoint {}", u(2));
+    println!();
+    println!("Kill a node (kill -9 <pid>) and watch the others elect a new leader. Ctrl-C stops the cluster.");
+}
+
+/// Waits for Ctrl-C or SIGTERM, reporting agents that exit on their own.
+async fn supervise(nodes: &mut [Node]) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut reported = vec![false; nodes.len()];
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for (i, n) in nodes.iter_mut().enumerate() {
+                    if let Ok(Some(status)) = n.child.try_wait() {
+                        if !reported[i] {
+                            println!("{} exited ({status}); its log: {}", n.name, n.log.display());
+                            reported[i] = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("stopping the cluster...");
+}
+
+async fn stop_all(nodes: &mut [Node]) {
+    for n in nodes.iter() {
+        if let Some(pid) = n.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    for n in nodes.iter_mut() {
+        match tokio::time::timeout(STOP_TIMEOUT, n.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!("{} did not stop within {}s; killing it", n.name, STOP_TIMEOUT.as_secs());
+                let _ = n.child.kill().await;
+            }
+        }
+    }
+}

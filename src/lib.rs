@@ -1,0 +1,13 @@
+//! tandem: a high-availability cluster manager.
+//!
+//! This crate is the node daemon and the CLI. It owns the imperative shell
+//! (the agent's sockets, processes, timers) and the pure policies that the
+//! shell consults (`autopilot`). Consensus lives in `tandem-raft`, the REST
+//! layer in `tandem-http-api`.
+
+pub mod agent;
+pub mod autopilot;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod liveness;

@@ -1,0 +1,222 @@
+//! Node liveness over every network path, by UDP heartbeats.
+//!
+//! Every agent sends a small datagram to every peer on every address the peer
+//! declares, from its own socket on the matching path, each heartbeat
+//! interval. A path is up while datagrams arrive from it within the node
+//! timeout; a node is offline only when all its paths are silent. Liveness is
+//! observed, never replicated: each node keeps its own view, and the leader's
+//! view drives decisions. Heartbeats also carry the agent's pid and version.
+//! This module must never decide anything from what it observes.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tandem_raft::state::{socket_addr, ClusterState};
+use tandem_raft::NodeId;
+use tokio::net::UdpSocket;
+
+/// Largest heartbeat datagram accepted.
+const MAX_DATAGRAM: usize = 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub cluster_id: String,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub pid: u32,
+    pub version: String,
+}
+
+#[derive(Debug, Clone)]
+struct PeerSeen {
+    pid: u32,
+    version: String,
+    /// Last heartbeat per source address.
+    paths: HashMap<IpAddr, Instant>,
+}
+
+/// What this node has heard from its peers.
+pub struct Liveness {
+    started: Instant,
+    timeout: Duration,
+    seen: Mutex<HashMap<NodeId, PeerSeen>>,
+}
+
+/// One peer's liveness as seen from here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub alive: bool,
+    /// Silence so far (zero when alive); counted from this agent's start
+    /// when never heard.
+    pub down_for: Duration,
+    pub pid: Option<u32>,
+    pub version: Option<String>,
+    /// For each declared address: time since its last heartbeat.
+    pub paths: Vec<(String, Option<Duration>)>,
+}
+
+impl Liveness {
+    pub fn new(timeout: Duration) -> Arc<Liveness> {
+        Arc::new(Liveness { started: Instant::now(), timeout, seen: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn record(&self, hb: Heartbeat, from: IpAddr, now: Instant) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = seen.entry(hb.from).or_insert_with(|| PeerSeen { pid: hb.pid, version: hb.version.clone(), paths: HashMap::new() });
+        entry.pid = hb.pid;
+        entry.version = hb.version;
+        entry.paths.insert(from, now);
+    }
+
+    /// Forgets a peer (after it is removed).
+    pub fn forget(&self, id: NodeId) {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+
+    pub fn status(&self, id: NodeId, addresses: &[String], now: Instant) -> PeerStatus {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let peer = seen.get(&id);
+        let paths: Vec<(String, Option<Duration>)> = addresses
+            .iter()
+            .map(|a| {
+                let last = a.parse::<IpAddr>().ok().and_then(|ip| peer.and_then(|p| p.paths.get(&ip)));
+                (a.clone(), last.map(|t| now.saturating_duration_since(*t)))
+            })
+            .collect();
+        let newest = peer.and_then(|p| p.paths.values().max().copied());
+        let since = now.saturating_duration_since(newest.unwrap_or(self.started));
+        let alive = newest.is_some() && since < self.timeout;
+        PeerStatus {
+            alive,
+            down_for: if alive { Duration::ZERO } else { since },
+            pid: peer.map(|p| p.pid),
+            version: peer.map(|p| p.version.clone()),
+            paths,
+        }
+    }
+}
+
+/// The UDP side: one socket per local path.
+pub struct HeartbeatSockets {
+    sockets: Vec<Arc<UdpSocket>>,
+}
+
+impl HeartbeatSockets {
+    pub async fn bind(addresses: &[String], port: u16) -> std::io::Result<HeartbeatSockets> {
+        let mut sockets = Vec::new();
+        for a in addresses {
+            let addr: SocketAddr = socket_addr(a, port)
+                .parse()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{a}: {e}")))?;
+            let s = UdpSocket::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("heartbeat socket udp://{addr}: {e}")))?;
+            sockets.push(Arc::new(s));
+        }
+        Ok(HeartbeatSockets { sockets })
+    }
+
+    /// Receives heartbeats for `me` in `cluster` forever.
+    pub fn spawn_receivers(
+        &self,
+        liveness: Arc<Liveness>,
+        identity: impl Fn() -> Option<(String, NodeId)> + Send + Sync + Clone + 'static,
+    ) {
+        for s in &self.sockets {
+            let s = s.clone();
+            let liveness = liveness.clone();
+            let identity = identity.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; MAX_DATAGRAM];
+                loop {
+                    let Ok((n, from)) = s.recv_from(&mut buf).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let Ok(hb) = serde_json::from_slice::<Heartbeat>(&buf[..n]) else { continue };
+                    match identity() {
+                        Some((cluster, me)) if cluster == hb.cluster_id && me == hb.to => {
+                            liveness.record(hb, from.ip(), Instant::now())
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    }
+
+    /// Sends one round of heartbeats to every peer on every path.
+    pub async fn send_round(&self, state: &ClusterState, cluster_id: &str, me: NodeId) {
+        let version = env!("CARGO_PKG_VERSION").to_string();
+        let pid = std::process::id();
+        for node in state.nodes.values().filter(|n| n.id != me) {
+            let hb = Heartbeat { cluster_id: cluster_id.to_string(), from: me, to: node.id, pid, version: version.clone() };
+            let Ok(bytes) = serde_json::to_vec(&hb) else { continue };
+            for (i, a) in node.addresses.iter().enumerate() {
+                let Ok(dest) = socket_addr(a, node.port).parse::<SocketAddr>() else { continue };
+                // Path i goes out of our socket i, so each path is tested on
+                // its own wire; extra peer paths share our last socket.
+                let Some(sock) = self.sockets.get(i.min(self.sockets.len().saturating_sub(1))) else { continue };
+                // A send error on one path is that path being down: the
+                // receiver will notice the silence.
+                let _ = sock.send_to(&bytes, dest).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(from: NodeId) -> Heartbeat {
+        Heartbeat { cluster_id: "c".into(), from, to: 1, pid: 42, version: "0.1.0".into() }
+    }
+
+    #[test]
+    fn node_is_alive_while_any_path_is_heard() {
+        let l = Liveness::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let addrs = vec!["10.0.0.2".to_string(), "10.1.0.2".to_string()];
+        assert!(!l.status(2, &addrs, t0).alive, "never heard is offline");
+        l.record(hb(2), "10.0.0.2".parse().unwrap(), t0);
+        l.record(hb(2), "10.1.0.2".parse().unwrap(), t0 + Duration::from_millis(900));
+        let s = l.status(2, &addrs, t0 + Duration::from_millis(1500));
+        assert!(s.alive, "second path still fresh");
+        assert_eq!(s.paths[0].1, Some(Duration::from_millis(1500)));
+        assert_eq!(s.paths[1].1, Some(Duration::from_millis(600)));
+        assert_eq!(s.pid, Some(42));
+        let s = l.status(2, &addrs, t0 + Duration::from_millis(2000));
+        assert!(!s.alive, "all paths silent past the timeout");
+        assert_eq!(s.down_for, Duration::from_millis(1100));
+    }
+
+    #[tokio::test]
+    async fn heartbeats_cross_real_udp_sockets() {
+        use tandem_raft::state::{Command, NodeSpec};
+        let a = HeartbeatSockets::bind(&["127.0.0.1".into()], 0).await.unwrap();
+        let b = HeartbeatSockets::bind(&["127.0.0.1".into()], 0).await.unwrap();
+        let b_port = b.sockets[0].local_addr().unwrap().port();
+        let lb = Liveness::new(Duration::from_secs(5));
+        b.spawn_receivers(lb.clone(), || Some(("c".to_string(), 2)));
+        let mut state = ClusterState::default();
+        let spec = |name: &str, port| NodeSpec { name: name.into(), addresses: vec!["127.0.0.1".into()], port, site: None, witness: false };
+        state.apply(&Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node: spec("a", 1) }).unwrap();
+        state.apply(&Command::AddNode { node: spec("b", b_port) }).unwrap();
+        for _ in 0..50 {
+            a.send_round(&state, "c", 1).await;
+            if lb.status(1, &["127.0.0.1".into()], Instant::now()).alive {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("heartbeat never arrived");
+    }
+}

@@ -1,0 +1,220 @@
+//! The `tandem` binary: agent, demo and CLI in one. `anyhow` lives here only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use reqwest::Method;
+use serde_json::{json, Value};
+use tandem::cli::{self, parse, CliError, Client};
+use tandem::config::{Config, LogFormat};
+use tandem_http_api::{ClusterView, LocalView, NodeView};
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about = "High-availability cluster manager", propagate_version = true)]
+struct Cli {
+    /// API of the agent to talk to.
+    #[arg(long, global = true, env = "TANDEM_ENDPOINT", default_value = "http://127.0.0.1:7401")]
+    endpoint: String,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node agent.
+    Agent {
+        #[arg(long)]
+        config: PathBuf,
+        /// Log as JSON lines (overrides log.format).
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Start a local 3-node cluster on 127.0.0.1; Ctrl-C stops it.
+    Demo {
+        /// API port of node1; node2 and node3 take the next ones.
+        #[arg(long, default_value_t = 7401)]
+        base_port: u16,
+        /// Where to keep data and logs (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep data and logs after stopping.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Show the cluster: leader, term and every member.
+    Status {
+        /// Answer from the endpoint's local copy, without the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Inspect and administer nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Bootstrap or join a cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    List {
+        #[arg(long)]
+        stale: bool,
+    },
+    Show {
+        name: String,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// The node runs nothing.
+    Standby { name: String },
+    /// The node may run resources.
+    Online { name: String },
+    /// The node's resources are left alone and not monitored.
+    Maintenance { name: String },
+    /// Remove a node (it leaves gracefully; --force for a dead one).
+    Remove {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Set a node attribute (used by placement rules).
+    SetAttr { name: String, key: String, value: String },
+    /// Delete a node attribute.
+    UnsetAttr { name: String, key: String },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Make the endpoint's agent the first node of a new cluster.
+    Init {
+        #[arg(long)]
+        cluster_id: Option<String>,
+    },
+    /// Make the endpoint's agent join the cluster that `url` belongs to.
+    Join { url: String },
+}
+
+fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(cli::EXIT_SERVER);
+        }
+    };
+    match cli.cmd {
+        Cmd::Agent { config, log_json } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(cli::EXIT_CONFIG);
+                }
+            };
+            init_logging(&cfg.log.level, log_json || cfg.log.format == LogFormat::Json);
+            match rt.block_on(tandem::agent::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(cli::EXIT_CONFIG)
+                }
+            }
+        }
+        Cmd::Demo { base_port, dir, keep } => {
+            init_logging("warn", false);
+            match rt.block_on(tandem::demo::run(base_port, dir, keep)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(cli::EXIT_SERVER)
+                }
+            }
+        }
+        cmd => match rt.block_on(client_command(&cli.endpoint, cli.json, cmd)) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
+    }
+}
+
+fn q(stale: bool) -> &'static str {
+    if stale {
+        "?stale=true"
+    } else {
+        ""
+    }
+}
+
+async fn client_command(endpoint: &str, json_out: bool, cmd: Cmd) -> Result<String, CliError> {
+    let c = Client::new(endpoint)?;
+    let enc = |s: &str| s.replace('/', "%2F");
+    let (v, render): (Value, fn(Value) -> Result<String, CliError>) = match cmd {
+        Cmd::Status { stale } => (c.call(Method::GET, &format!("/v1/cluster{}", q(stale)), None).await?, |v| {
+            Ok(cli::cluster_text(&parse::<ClusterView>(v)?))
+        }),
+        Cmd::Node(NodeCmd::List { stale }) => (c.call(Method::GET, &format!("/v1/nodes{}", q(stale)), None).await?, |v| {
+            Ok(cli::nodes_table(&parse::<Vec<NodeView>>(v)?))
+        }),
+        Cmd::Node(NodeCmd::Show { name, stale }) => {
+            (c.call(Method::GET, &format!("/v1/nodes/{}{}", enc(&name), q(stale)), None).await?, node)
+        }
+        Cmd::Node(NodeCmd::Standby { name }) => (c.call(Method::POST, &format!("/v1/nodes/{}/standby", enc(&name)), None).await?, node),
+        Cmd::Node(NodeCmd::Online { name }) => (c.call(Method::POST, &format!("/v1/nodes/{}/online", enc(&name)), None).await?, node),
+        Cmd::Node(NodeCmd::Maintenance { name }) => {
+            (c.call(Method::POST, &format!("/v1/nodes/{}/maintenance", enc(&name)), None).await?, node)
+        }
+        Cmd::Node(NodeCmd::Remove { name, force }) => {
+            c.call(Method::DELETE, &format!("/v1/nodes/{}?force={force}", enc(&name)), None).await?;
+            return Ok(if json_out { "null\n".into() } else { format!("{name} removed\n") });
+        }
+        Cmd::Node(NodeCmd::SetAttr { name, key, value }) => (
+            c.call(Method::PUT, &format!("/v1/nodes/{}/attributes/{}", enc(&name), enc(&key)), Some(json!({ "value": value })))
+                .await?,
+            node,
+        ),
+        Cmd::Node(NodeCmd::UnsetAttr { name, key }) => {
+            (c.call(Method::DELETE, &format!("/v1/nodes/{}/attributes/{}", enc(&name), enc(&key)), None).await?, node)
+        }
+        Cmd::Cluster(ClusterCmd::Init { cluster_id }) => {
+            (c.call(Method::POST, "/v1/cluster/init", Some(json!({ "cluster_id": cluster_id }))).await?, local)
+        }
+        Cmd::Cluster(ClusterCmd::Join { url }) => (c.call(Method::POST, "/v1/cluster/join", Some(json!({ "via": url }))).await?, local),
+        Cmd::Agent { .. } | Cmd::Demo { .. } => unreachable!("handled in main"),
+    };
+    if json_out {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
+    }
+    render(v)
+}
+
+fn node(v: Value) -> Result<String, CliError> {
+    Ok(cli::node_text(&parse::<NodeView>(v)?))
+}
+
+fn local(v: Value) -> Result<String, CliError> {
+    Ok(cli::local_text(&parse::<LocalView>(v)?))
+}
