@@ -22,8 +22,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -74,7 +74,12 @@ pub trait Backend: Send + Sync + 'static {
     async fn add_node(&self, req: JoinRequest) -> Result<NodeView, ApiError>;
     async fn remove_node(&self, name: &str, force: bool) -> Result<(), ApiError>;
     async fn set_admin_state(&self, name: &str, state: AdminState) -> Result<NodeView, ApiError>;
-    async fn set_attribute(&self, name: &str, key: &str, value: String) -> Result<NodeView, ApiError>;
+    async fn set_attribute(
+        &self,
+        name: &str,
+        key: &str,
+        value: String,
+    ) -> Result<NodeView, ApiError>;
     async fn delete_attribute(&self, name: &str, key: &str) -> Result<NodeView, ApiError>;
 
     async fn init(&self, req: InitRequest) -> Result<LocalView, ApiError>;
@@ -98,7 +103,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::BodyTooLarge { limit: MAX_BODY_BYTES }
+                ApiError::BodyTooLarge {
+                    limit: MAX_BODY_BYTES,
+                }
             } else {
                 ApiError::InvalidBody(e.body_text())
             }
@@ -108,7 +115,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let bytes = if bytes.iter().all(|b| b.is_ascii_whitespace()) { &b"{}"[..] } else { bytes };
+    let bytes = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        &b"{}"[..]
+    } else {
+        bytes
+    };
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::InvalidBody(e.to_string()),
         _ => ApiError::MalformedJson(e.to_string()),
@@ -139,7 +150,8 @@ fn serde_urlencoded_like<T: DeserializeOwned>(q: &str) -> Result<T, ApiError> {
         };
         map.insert(k.to_string(), value);
     }
-    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| ApiError::InvalidQuery(e.to_string()))
+    serde_json::from_value(serde_json::Value::Object(map))
+        .map_err(|e| ApiError::InvalidQuery(e.to_string()))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,8 +176,14 @@ struct NoParams {}
 
 /// Builds the full router: public API, internal Raft RPCs, OpenAPI.
 pub fn router(backend: SharedBackend) -> Router {
-    let http = reqwest::Client::builder().no_proxy().build().unwrap_or_default();
-    let forwarder = Forwarder { backend: backend.clone(), http };
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap_or_default();
+    let forwarder = Forwarder {
+        backend: backend.clone(),
+        http,
+    };
     let cluster_routes = Router::new()
         .route("/v1/cluster", get(get_cluster))
         .route("/v1/nodes", get(list_nodes).post(add_node))
@@ -173,7 +191,10 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/nodes/{name}/standby", post(set_standby))
         .route("/v1/nodes/{name}/online", post(set_online))
         .route("/v1/nodes/{name}/maintenance", post(set_maintenance))
-        .route("/v1/nodes/{name}/attributes/{key}", put(set_attribute).delete(delete_attribute))
+        .route(
+            "/v1/nodes/{name}/attributes/{key}",
+            put(set_attribute).delete(delete_attribute),
+        )
         .layer(middleware::from_fn_with_state(forwarder, route_to_leader))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let local_routes = Router::new()
@@ -214,7 +235,11 @@ async fn request_span(req: Request, next: Next) -> Response {
     async move {
         let start = std::time::Instant::now();
         let resp = next.run(req).await;
-        tracing::debug!(status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64, "request");
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            elapsed_us = start.elapsed().as_micros() as u64,
+            "request"
+        );
         resp
     }
     .instrument(span)
@@ -222,11 +247,17 @@ async fn request_span(req: Request, next: Next) -> Response {
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::RouteNotFound { method: method.to_string(), path: uri.path().to_string() }
+    ApiError::RouteNotFound {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
 }
 
 async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_string() }
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
 }
 
 #[derive(Clone)]
@@ -237,10 +268,10 @@ struct Forwarder {
 
 fn wants_stale(req: &Request) -> bool {
     req.method() == Method::GET
-        && req
-            .uri()
-            .query()
-            .is_some_and(|q| q.split('&').any(|p| p == "stale" || p == "stale=true" || p == "stale=1"))
+        && req.uri().query().is_some_and(|q| {
+            q.split('&')
+                .any(|p| p == "stale" || p == "stale=true" || p == "stale=1")
+        })
 }
 
 /// Sends cluster-wide requests to the leader: writes always, reads unless
@@ -254,19 +285,34 @@ async fn route_to_leader(State(fw): State<Forwarder>, req: Request, next: Next) 
         Route::Here => next.run(req).await,
         Route::NotMember => ApiError::NotMember.into_response(),
         Route::NoLeader => ApiError::NoLeader.into_response(),
-        Route::Leader(_) if req.headers().contains_key(HEADER_FORWARDED) => ApiError::NoLeader.into_response(),
-        Route::Leader(url) => forward(&fw, &url, req).await.unwrap_or_else(|e| e.into_response()),
+        Route::Leader(_) if req.headers().contains_key(HEADER_FORWARDED) => {
+            ApiError::NoLeader.into_response()
+        }
+        Route::Leader(url) => forward(&fw, &url, req)
+            .await
+            .unwrap_or_else(|e| e.into_response()),
     }
 }
 
 async fn forward(fw: &Forwarder, leader: &str, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let bytes = to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| ApiError::BodyTooLarge { limit: MAX_BODY_BYTES })?;
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let bytes = to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::BodyTooLarge {
+            limit: MAX_BODY_BYTES,
+        })?;
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     let url = format!("{leader}{path}");
     let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
         .map_err(|e| ApiError::Internal(format!("method: {e}")))?;
-    let fail = |reason: String| ApiError::ForwardFailed { url: leader.to_string(), reason };
+    let fail = |reason: String| ApiError::ForwardFailed {
+        url: leader.to_string(),
+        reason,
+    };
     let resp = fw
         .http
         .request(method, &url)
@@ -280,7 +326,11 @@ async fn forward(fw: &Forwarder, leader: &str, req: Request) -> Result<Response,
     let status = StatusCode::from_u16(resp.status().as_u16()).map_err(|e| fail(e.to_string()))?;
     let mut headers = HeaderMap::new();
     for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
-        if let Some(v) = resp.headers().get(name.as_str()).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
+        if let Some(v) = resp
+            .headers()
+            .get(name.as_str())
+            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+        {
             headers.insert(name, v);
         }
     }
@@ -293,7 +343,9 @@ async fn forward(fw: &Forwarder, leader: &str, req: Request) -> Result<Response,
 #[utoipa::path(get, path = "/healthz", tag = "health",
     responses((status = 200, description = "The agent process is up", body = Health)))]
 async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok".into() })
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "health",
@@ -301,34 +353,51 @@ async fn healthz() -> Json<Health> {
               (status = 503, description = "Not a member, or no leader", body = ErrorBody)))]
 async fn readyz(State(b): State<SharedBackend>) -> Result<Json<Health>, ApiError> {
     b.ready()?;
-    Ok(Json(Health { status: "ready".into() }))
+    Ok(Json(Health {
+        status: "ready".into(),
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/local", tag = "cluster",
     responses((status = 200, description = "This agent, member or not", body = LocalView)))]
-async fn get_local(State(b): State<SharedBackend>, ApiQuery(_): ApiQuery<NoParams>) -> Json<LocalView> {
+async fn get_local(
+    State(b): State<SharedBackend>,
+    ApiQuery(_): ApiQuery<NoParams>,
+) -> Json<LocalView> {
     Json(b.local())
 }
 
 #[utoipa::path(post, path = "/v1/cluster/init", tag = "cluster", request_body = InitRequest,
     responses((status = 200, description = "This agent bootstrapped a new one-node cluster", body = LocalView),
               (status = 409, description = "Already a member (TND-1201)", body = ErrorBody)))]
-async fn init_cluster(State(b): State<SharedBackend>, ApiJson(req): ApiJson<InitRequest>) -> Result<Json<LocalView>, ApiError> {
+async fn init_cluster(
+    State(b): State<SharedBackend>,
+    ApiJson(req): ApiJson<InitRequest>,
+) -> Result<Json<LocalView>, ApiError> {
     b.init(req).await.map(Json)
 }
 
 #[utoipa::path(post, path = "/v1/cluster/join", tag = "cluster", request_body = JoinViaRequest,
     responses((status = 200, description = "This agent joined the cluster at `via`", body = LocalView),
               (status = 409, description = "Already a member, or refused by the cluster", body = ErrorBody)))]
-async fn join_cluster(State(b): State<SharedBackend>, ApiJson(req): ApiJson<JoinViaRequest>) -> Result<Json<LocalView>, ApiError> {
+async fn join_cluster(
+    State(b): State<SharedBackend>,
+    ApiJson(req): ApiJson<JoinViaRequest>,
+) -> Result<Json<LocalView>, ApiError> {
     b.join_via(req).await.map(Json)
 }
 
-async fn adopt(State(b): State<SharedBackend>, ApiJson(req): ApiJson<AdoptRequest>) -> Result<Json<LocalView>, ApiError> {
+async fn adopt(
+    State(b): State<SharedBackend>,
+    ApiJson(req): ApiJson<AdoptRequest>,
+) -> Result<Json<LocalView>, ApiError> {
     b.adopt(req).await.map(Json)
 }
 
-async fn release(State(b): State<SharedBackend>, ApiJson(req): ApiJson<ReleaseRequest>) -> Result<StatusCode, ApiError> {
+async fn release(
+    State(b): State<SharedBackend>,
+    ApiJson(req): ApiJson<ReleaseRequest>,
+) -> Result<StatusCode, ApiError> {
     b.release(req).await.map(|_| StatusCode::NO_CONTENT)
 }
 
@@ -344,14 +413,20 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     params(("stale" = Option<bool>, Query, description = "Serve the local copy instead of a linearizable read")),
     responses((status = 200, description = "The cluster and its members", body = ClusterView),
               (status = 503, description = "No leader or not a member", body = ErrorBody)))]
-async fn get_cluster(State(b): State<SharedBackend>, ApiQuery(p): ApiQuery<ReadParams>) -> Result<Json<ClusterView>, ApiError> {
+async fn get_cluster(
+    State(b): State<SharedBackend>,
+    ApiQuery(p): ApiQuery<ReadParams>,
+) -> Result<Json<ClusterView>, ApiError> {
     b.cluster(p.stale).await.map(Json)
 }
 
 #[utoipa::path(get, path = "/v1/nodes", tag = "nodes",
     params(("stale" = Option<bool>, Query, description = "Serve the local copy instead of a linearizable read")),
     responses((status = 200, description = "All members", body = [NodeView])))]
-async fn list_nodes(State(b): State<SharedBackend>, ApiQuery(p): ApiQuery<ReadParams>) -> Result<Json<Vec<NodeView>>, ApiError> {
+async fn list_nodes(
+    State(b): State<SharedBackend>,
+    ApiQuery(p): ApiQuery<ReadParams>,
+) -> Result<Json<Vec<NodeView>>, ApiError> {
     b.nodes(p.stale).await.map(Json)
 }
 
@@ -371,8 +446,13 @@ async fn get_node(
     responses((status = 201, description = "The node joined as a learner; autopilot may promote it", body = NodeView),
               (status = 409, description = "Name or address taken, or the agent is unreachable", body = ErrorBody),
               (status = 422, description = "Invalid field (TND-1010)", body = ErrorBody)))]
-async fn add_node(State(b): State<SharedBackend>, ApiJson(req): ApiJson<JoinRequest>) -> Result<(StatusCode, Json<NodeView>), ApiError> {
-    b.add_node(req).await.map(|n| (StatusCode::CREATED, Json(n)))
+async fn add_node(
+    State(b): State<SharedBackend>,
+    ApiJson(req): ApiJson<JoinRequest>,
+) -> Result<(StatusCode, Json<NodeView>), ApiError> {
+    b.add_node(req)
+        .await
+        .map(|n| (StatusCode::CREATED, Json(n)))
 }
 
 #[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes",
@@ -385,31 +465,46 @@ async fn remove_node(
     Path(name): Path<String>,
     ApiQuery(p): ApiQuery<RemoveParams>,
 ) -> Result<StatusCode, ApiError> {
-    b.remove_node(&name, p.force).await.map(|_| StatusCode::NO_CONTENT)
+    b.remove_node(&name, p.force)
+        .await
+        .map(|_| StatusCode::NO_CONTENT)
 }
 
-async fn admin(b: SharedBackend, name: String, state: AdminState) -> Result<Json<NodeView>, ApiError> {
+async fn admin(
+    b: SharedBackend,
+    name: String,
+    state: AdminState,
+) -> Result<Json<NodeView>, ApiError> {
     b.set_admin_state(&name, state).await.map(Json)
 }
 
 #[utoipa::path(post, path = "/v1/nodes/{name}/standby", tag = "nodes", params(("name" = String, Path)),
     responses((status = 200, description = "The node runs nothing from now on", body = NodeView),
               (status = 404, description = "No such node", body = ErrorBody)))]
-async fn set_standby(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+async fn set_standby(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
     admin(b, name, AdminState::Standby).await
 }
 
 #[utoipa::path(post, path = "/v1/nodes/{name}/online", tag = "nodes", params(("name" = String, Path)),
     responses((status = 200, description = "The node may run resources", body = NodeView),
               (status = 404, description = "No such node", body = ErrorBody)))]
-async fn set_online(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+async fn set_online(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
     admin(b, name, AdminState::Online).await
 }
 
 #[utoipa::path(post, path = "/v1/nodes/{name}/maintenance", tag = "nodes", params(("name" = String, Path)),
     responses((status = 200, description = "The node's resources are left alone and not monitored", body = NodeView),
               (status = 404, description = "No such node", body = ErrorBody)))]
-async fn set_maintenance(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
+async fn set_maintenance(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
     admin(b, name, AdminState::Maintenance).await
 }
 
@@ -474,7 +569,10 @@ async fn raft_snapshot(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
     ApiJson(rpc): ApiJson<InstallSnapshotRequest<TypeConfig>>,
-) -> Result<Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>, ApiError> {
+) -> Result<
+    Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>,
+    ApiError,
+> {
     let raft = raft_target(&b, &headers)?;
     Ok(Json(raft.install_snapshot(rpc).await))
 }
@@ -482,11 +580,43 @@ async fn raft_snapshot(
 /// The OpenAPI document, generated from the handlers and types above.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "tandem", description = "High-availability cluster manager REST API. Errors are `{code, message, hint}`; codes in docs/errors.md."),
-    paths(healthz, readyz, openapi_json, get_local, init_cluster, join_cluster, get_cluster, list_nodes, get_node,
-          add_node, remove_node, set_standby, set_online, set_maintenance, set_attribute, delete_attribute),
-    components(schemas(ErrorBody, Health, LocalView, InitRequest, JoinViaRequest, ClusterView, NodeView, PathView,
-                       Role, NodeState, AdminState, JoinRequest, AttributeValue))
+    info(
+        title = "tandem",
+        description = "High-availability cluster manager REST API. Errors are `{code, message, hint}`; codes in docs/errors.md."
+    ),
+    paths(
+        healthz,
+        readyz,
+        openapi_json,
+        get_local,
+        init_cluster,
+        join_cluster,
+        get_cluster,
+        list_nodes,
+        get_node,
+        add_node,
+        remove_node,
+        set_standby,
+        set_online,
+        set_maintenance,
+        set_attribute,
+        delete_attribute
+    ),
+    components(schemas(
+        ErrorBody,
+        Health,
+        LocalView,
+        InitRequest,
+        JoinViaRequest,
+        ClusterView,
+        NodeView,
+        PathView,
+        Role,
+        NodeState,
+        AdminState,
+        JoinRequest,
+        AttributeValue
+    ))
 )]
 pub struct ApiDoc;
 
@@ -502,13 +632,22 @@ mod tests {
 
     #[test]
     fn json_errors_are_classified() {
-        assert!(matches!(parse_json::<T>(b"{\"a\": 1"), Err(ApiError::MalformedJson(_))));
-        assert!(matches!(parse_json::<T>(b"not json"), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(
+            parse_json::<T>(b"{\"a\": 1"),
+            Err(ApiError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            parse_json::<T>(b"not json"),
+            Err(ApiError::MalformedJson(_))
+        ));
         match parse_json::<T>(b"{\"a\": 1, \"b\": 2}") {
             Err(ApiError::InvalidBody(m)) => assert!(m.contains("unknown field `b`"), "{m}"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse_json::<T>(b"{\"a\": \"x\"}"), Err(ApiError::InvalidBody(_))));
+        assert!(matches!(
+            parse_json::<T>(b"{\"a\": \"x\"}"),
+            Err(ApiError::InvalidBody(_))
+        ));
         assert_eq!(parse_json::<T>(b"{\"a\": 7}"), Ok(T { a: 7 }));
     }
 
@@ -518,15 +657,28 @@ mod tests {
         assert!(p.stale);
         let p: ReadParams = serde_urlencoded_like("").unwrap();
         assert!(!p.stale);
-        assert!(matches!(serde_urlencoded_like::<ReadParams>("bogus=1"), Err(ApiError::InvalidQuery(_))));
-        assert!(matches!(serde_urlencoded_like::<ReadParams>("stale=maybe"), Err(ApiError::InvalidQuery(_))));
+        assert!(matches!(
+            serde_urlencoded_like::<ReadParams>("bogus=1"),
+            Err(ApiError::InvalidQuery(_))
+        ));
+        assert!(matches!(
+            serde_urlencoded_like::<ReadParams>("stale=maybe"),
+            Err(ApiError::InvalidQuery(_))
+        ));
     }
 
     #[test]
     fn openapi_lists_every_public_route() {
         let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
         let paths = doc["paths"].as_object().unwrap();
-        for p in ["/v1/cluster", "/v1/nodes", "/v1/nodes/{name}", "/v1/nodes/{name}/standby", "/readyz", "/v1/cluster/join"] {
+        for p in [
+            "/v1/cluster",
+            "/v1/nodes",
+            "/v1/nodes/{name}",
+            "/v1/nodes/{name}/standby",
+            "/readyz",
+            "/v1/cluster/join",
+        ] {
             assert!(paths.contains_key(p), "{p} missing from openapi.json");
         }
     }

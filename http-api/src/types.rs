@@ -132,6 +132,10 @@ pub struct LocalView {
     pub leader_url: Option<String>,
     pub term: Option<u64>,
     pub applied_index: Option<u64>,
+    /// Last log index covered by this node's latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Log entries up to this index have been purged behind the snapshot.
+    pub purged_index: Option<u64>,
 }
 
 /// Internal: the leader tells a joining agent who it now is.

@@ -1,0 +1,413 @@
+//! Test harness: real `tandem agent` processes on loopback, each with its own
+//! config file and data directory, driven only through the REST API.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::{TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
+
+/// A port free for both TCP (API) and UDP (heartbeats) on 127.0.0.1.
+pub fn free_port() -> u16 {
+    for _ in 0..100 {
+        let Ok(t) = TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
+        let port = t.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+pub struct Node {
+    pub name: String,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Node {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.toml", self.name))
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.log", self.name))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Starts (or restarts) the agent and waits for /healthz.
+    pub async fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("agent")
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tandem agent");
+        self.child = Some(child);
+        let url = format!("{}/healthz", self.url());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "{} exited at start: {st}\n{}",
+                    self.name,
+                    std::fs::read_to_string(self.log_path()).unwrap_or_default()
+                );
+            }
+            if get(&url).await.0 == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not healthy within 30s",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the graceful stop an init system does.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- last log lines of {} ----", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        self.kill();
+    }
+}
+
+/// Knobs a test may change in every node's config.
+#[derive(Clone)]
+pub struct Opts {
+    pub voters: usize,
+    pub extra: String,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            voters: 3,
+            extra: String::new(),
+        }
+    }
+}
+
+pub struct Cluster {
+    // Nodes drop first: their processes stop (and logs print) before the
+    // directory goes away.
+    pub nodes: Vec<Node>,
+    pub opts: Opts,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Writes configs for `names` without starting anything.
+    pub fn configure(names: &[&str], opts: Opts) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            opts,
+            tmp,
+        };
+        for n in names {
+            c.add_config(n, "");
+        }
+        c
+    }
+
+    /// Adds one more node's config (started later with `start_node`).
+    pub fn add_config(&mut self, name: &str, node_extra: &str) -> usize {
+        let port = free_port();
+        let dir = self.tmp.path().to_path_buf();
+        let node = Node {
+            name: name.to_string(),
+            port,
+            dir: dir.clone(),
+            child: None,
+        };
+        let text = format!(
+            "name = \"{name}\"\ndata_dir = \"{}\"\naddresses = [\"127.0.0.1\"]\nport = {port}\n{node_extra}\n\
+             [liveness]\nheartbeat_interval_ms = 100\nnode_timeout_ms = 600\n\
+             [autopilot]\nvoters = {}\ndead_voter_after_ms = 2000\ninterval_ms = 250\n{}\n",
+            dir.join(name).display(),
+            self.opts.voters,
+            self.opts.extra
+        );
+        std::fs::write(node.config_path(), text).unwrap();
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Starts every node, bootstraps on the first, joins the rest, and waits
+    /// until `voters` of them vote.
+    pub async fn start(names: &[&str], opts: Opts) -> Cluster {
+        let mut c = Cluster::configure(names, opts);
+        for n in c.nodes.iter_mut() {
+            n.start().await;
+        }
+        let (st, body) = post(
+            &format!("{}/v1/cluster/init", c.nodes[0].url()),
+            json!({"cluster_id": "test"}),
+        )
+        .await;
+        assert_eq!(st, 200, "init: {body}");
+        for i in 1..c.nodes.len() {
+            c.join(i).await;
+        }
+        let want = expected_voters(names.len(), c.opts.voters);
+        c.wait_voters(want).await;
+        c
+    }
+
+    pub async fn join(&self, i: usize) {
+        let via = self.nodes[0].url();
+        let (st, body) = post(
+            &format!("{}/v1/cluster/join", self.nodes[i].url()),
+            json!({ "via": via }),
+        )
+        .await;
+        assert_eq!(st, 200, "join {}: {body}", self.nodes[i].name);
+    }
+
+    pub fn idx(&self, name: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        &self.nodes[self.idx(name)]
+    }
+
+    pub fn node_mut(&mut self, name: &str) -> &mut Node {
+        let i = self.idx(name);
+        &mut self.nodes[i]
+    }
+
+    /// URLs of the nodes whose process runs.
+    pub fn live_urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.url())
+            .collect()
+    }
+
+    /// The cluster as seen through any live node (linearizable read).
+    pub async fn cluster(&self) -> Value {
+        let urls = self.live_urls();
+        let mut last = Value::Null;
+        for _ in 0..100 {
+            for u in &urls {
+                let (st, v) = get(&format!("{u}/v1/cluster")).await;
+                if st == 200 {
+                    return v;
+                }
+                last = v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no node could answer /v1/cluster: {last}");
+    }
+
+    pub async fn leader(&self) -> String {
+        let urls = self.live_urls();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for u in &urls {
+                let (st, v) = get(&format!("{u}/v1/cluster")).await;
+                if let (200, Some(l)) = (st, v["leader"].as_str()) {
+                    return l.to_string();
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader within 30s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the live nodes agree on a leader other than `old`.
+    pub async fn new_leader(&self, old: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let l = self.leader().await;
+            if l != old {
+                return l;
+            }
+            assert!(Instant::now() < deadline, "{old} still leads after 30s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_voters(&self, want: usize) {
+        let urls = self.live_urls();
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{want} voters"),
+            || async {
+                for u in &urls {
+                    let (st, v) = get(&format!("{u}/v1/cluster")).await;
+                    if st == 200 {
+                        return voters(&v).len() == want;
+                    }
+                }
+                false
+            },
+        )
+        .await;
+    }
+}
+
+/// What autopilot should settle on for `n` healthy nodes.
+pub fn expected_voters(n: usize, target: usize) -> usize {
+    let v = n.min(target);
+    if v % 2 == 0 {
+        v - 1
+    } else {
+        v
+    }
+}
+
+pub fn voters(cluster: &Value) -> Vec<String> {
+    members_with(cluster, |m| m["role"] == "voter" || m["role"] == "witness")
+}
+
+pub fn members_with(cluster: &Value, f: impl Fn(&Value) -> bool) -> Vec<String> {
+    cluster["members"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .filter(|m| f(m))
+                .map(|m| m["name"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn member<'a>(cluster: &'a Value, name: &str) -> &'a Value {
+    cluster["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == name))
+        .unwrap_or_else(|| panic!("no member {name} in {cluster}"))
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// Sends a request; (0, Null) when nothing answered.
+pub async fn call(method: Method, url: &str, body: Option<Vec<u8>>) -> (u16, Value) {
+    let mut req = client().request(method, url);
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b);
+    }
+    match req.send().await {
+        Err(_) => (0, Value::Null),
+        Ok(r) => {
+            let st = r.status().as_u16();
+            let bytes = r.bytes().await.unwrap_or_default();
+            (st, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        }
+    }
+}
+
+pub async fn get(url: &str) -> (u16, Value) {
+    call(Method::GET, url, None).await
+}
+
+pub async fn post(url: &str, body: Value) -> (u16, Value) {
+    call(Method::POST, url, Some(serde_json::to_vec(&body).unwrap())).await
+}
+
+pub async fn put(url: &str, body: Value) -> (u16, Value) {
+    call(Method::PUT, url, Some(serde_json::to_vec(&body).unwrap())).await
+}
+
+pub async fn delete(url: &str) -> (u16, Value) {
+    call(Method::DELETE, url, None).await
+}
+
+/// Polls `f` every 100 ms until it holds; panics after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// The replicated part of a cluster view: what must not change when a
+/// request is refused (liveness fields like pid or last_seen may).
+pub fn replicated(cluster: &Value) -> Value {
+    let members: Vec<Value> = cluster["members"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| {
+            json!({"id": m["id"], "name": m["name"], "role": m["role"], "admin_state": m["admin_state"],
+                   "site": m["site"], "addresses": m["addresses"], "port": m["port"], "attributes": m["attributes"]})
+        })
+        .collect();
+    json!({"cluster_id": cluster["cluster_id"], "members": members})
+}
