@@ -14,18 +14,14 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use openraft::error::{
-    ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError,
-};
+use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, SnapshotPolicy};
 use tandem_http_api::{
-    AdoptRequest, ApiError, Backend, ClusterView, ErrorBody, InitRequest, JoinRequest,
-    JoinViaRequest, LocalView, NodeState, NodeView, PathView, ReleaseRequest, Role, Route,
+    AdoptRequest, ApiError, Backend, ClusterView, ErrorBody, InitRequest, JoinRequest, JoinViaRequest, LocalView,
+    NodeState, NodeView, PathView, ReleaseRequest, Role, Route,
 };
 use tandem_raft::network::Network;
-use tandem_raft::state::{
-    api_urls, validate_name, AdminState, ClusterState, Command, NodeRecord, NodeSpec, Reply,
-};
+use tandem_raft::state::{api_urls, validate_name, AdminState, ClusterState, Command, NodeRecord, NodeSpec, Reply};
 use tandem_raft::store::{Db, Identity, StateHandle};
 use tandem_raft::{NodeId, Peer, Raft, RaftMetrics, VersionedCommand};
 
@@ -80,37 +76,19 @@ fn fatal_err(e: impl std::fmt::Display) -> ApiError {
 /// A cluster id nobody else will pick: 16 random hex digits.
 fn new_cluster_id() -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
     h.write_u32(std::process::id());
     format!("tandem-{:016x}", h.finish())
 }
 
 impl Agent {
     pub fn new(cfg: Config, db: Db, liveness: Arc<Liveness>) -> Result<Agent, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(2))
-            .build()?;
-        Ok(Agent {
-            cfg,
-            db,
-            liveness,
-            member: RwLock::new(None),
-            http,
-            membership_lock: tokio::sync::Mutex::new(()),
-        })
+        let http = reqwest::Client::builder().no_proxy().connect_timeout(Duration::from_secs(2)).build()?;
+        Ok(Agent { cfg, db, liveness, member: RwLock::new(None), http, membership_lock: tokio::sync::Mutex::new(()) })
     }
 
     pub fn member(&self) -> Option<Arc<Member>> {
-        self.member
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.member.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn require_member(&self) -> Result<Arc<Member>, ApiError> {
@@ -138,18 +116,11 @@ impl Agent {
         }
         .validate()
         .context("raft configuration")?;
-        let network = Network::new(identity.cluster_id.clone(), Duration::from_millis(500))
-            .context("raft network client")?;
+        let network =
+            Network::new(identity.cluster_id.clone(), Duration::from_millis(500)).context("raft network client")?;
         let (log, sm, state) = self.db.raft_storage().context("opening raft storage")?;
-        let raft = Raft::new(identity.node_id, Arc::new(config), network, log, sm)
-            .await
-            .context("starting raft")?;
-        let m = Arc::new(Member {
-            node_id: identity.node_id,
-            cluster_id: identity.cluster_id.clone(),
-            raft,
-            state,
-        });
+        let raft = Raft::new(identity.node_id, Arc::new(config), network, log, sm).await.context("starting raft")?;
+        let m = Arc::new(Member { node_id: identity.node_id, cluster_id: identity.cluster_id.clone(), raft, state });
         *self.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
         tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "raft started");
         Ok(m)
@@ -157,11 +128,7 @@ impl Agent {
 
     /// Stops Raft and forgets the membership (after leaving or on exit).
     async fn stop_member(&self, wipe: bool) -> Result<(), ApiError> {
-        let m = self
-            .member
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let m = self.member.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(m) = m {
             if let Err(e) = m.raft.shutdown().await {
                 tracing::warn!("raft shutdown: {e}");
@@ -180,23 +147,14 @@ impl Agent {
     // ---- Raft wrappers: every openraft error becomes an ApiError here ----
 
     async fn propose(&self, m: &Member, cmd: Command) -> Result<Reply, ApiError> {
-        match tokio::time::timeout(
-            COMMIT_TIMEOUT,
-            m.raft.client_write(VersionedCommand::new(cmd)),
-        )
-        .await
-        {
+        match tokio::time::timeout(COMMIT_TIMEOUT, m.raft.client_write(VersionedCommand::new(cmd))).await {
             Err(_) => Err(ApiError::QuorumUnavailable(format!(
                 "not committed within {}s; the write may still be applied",
                 COMMIT_TIMEOUT.as_secs()
             ))),
             Ok(Ok(resp)) => resp.data.0.map_err(ApiError::from),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(ApiError::NoLeader)
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(membership_err(e))
-            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::NoLeader),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(membership_err(e)),
             Ok(Err(RaftError::Fatal(e))) => Err(fatal_err(e)),
         }
     }
@@ -207,35 +165,21 @@ impl Agent {
         change: ChangeMembers<NodeId, Peer>,
         retain: bool,
     ) -> Result<(), ApiError> {
-        match tokio::time::timeout(COMMIT_TIMEOUT * 2, m.raft.change_membership(change, retain))
-            .await
-        {
-            Err(_) => Err(ApiError::QuorumUnavailable(
-                "membership change not committed in time".into(),
-            )),
+        match tokio::time::timeout(COMMIT_TIMEOUT * 2, m.raft.change_membership(change, retain)).await {
+            Err(_) => Err(ApiError::QuorumUnavailable("membership change not committed in time".into())),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(ApiError::NoLeader)
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(membership_err(e))
-            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::NoLeader),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(membership_err(e)),
             Ok(Err(RaftError::Fatal(e))) => Err(fatal_err(e)),
         }
     }
 
     async fn add_learner(&self, m: &Member, id: NodeId, peer: Peer) -> Result<(), ApiError> {
         match tokio::time::timeout(COMMIT_TIMEOUT, m.raft.add_learner(id, peer, false)).await {
-            Err(_) => Err(ApiError::QuorumUnavailable(
-                "learner not added in time".into(),
-            )),
+            Err(_) => Err(ApiError::QuorumUnavailable("learner not added in time".into())),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(ApiError::NoLeader)
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
-                Err(membership_err(e))
-            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Err(ApiError::NoLeader),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => Err(membership_err(e)),
             Ok(Err(RaftError::Fatal(e))) => Err(fatal_err(e)),
         }
     }
@@ -244,13 +188,9 @@ impl Agent {
     /// new as anything committed before the call.
     async fn linearize(&self, m: &Member) -> Result<(), ApiError> {
         match tokio::time::timeout(COMMIT_TIMEOUT, m.raft.ensure_linearizable()).await {
-            Err(_) => Err(ApiError::QuorumUnavailable(
-                "read index not confirmed in time".into(),
-            )),
+            Err(_) => Err(ApiError::QuorumUnavailable("read index not confirmed in time".into())),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
-                Err(ApiError::NoLeader)
-            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => Err(ApiError::NoLeader),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)))) => {
                 Err(ApiError::QuorumUnavailable(e.to_string()))
             }
@@ -292,11 +232,7 @@ impl Agent {
             .map(|(address, since)| PathView {
                 address: address.clone(),
                 up: me || since.is_some_and(|s| s < timeout),
-                last_seen_ms: if me {
-                    Some(0)
-                } else {
-                    since.map(|s| s.as_millis() as u64)
-                },
+                last_seen_ms: if me { Some(0) } else { since.map(|s| s.as_millis() as u64) },
             })
             .collect();
         NodeView {
@@ -308,16 +244,8 @@ impl Agent {
             site: rec.site.clone(),
             addresses: rec.addresses.clone(),
             port: rec.port,
-            pid: if me {
-                Some(std::process::id())
-            } else {
-                status.pid
-            },
-            version: if me {
-                Some(VERSION.to_string())
-            } else {
-                status.version
-            },
+            pid: if me { Some(std::process::id()) } else { status.pid },
+            version: if me { Some(VERSION.to_string()) } else { status.version },
             leader: metrics.current_leader == Some(rec.id),
             paths,
             attributes: rec.attributes.clone(),
@@ -328,38 +256,24 @@ impl Agent {
         let state = m.state.state();
         let metrics = m.metrics();
         let now = Instant::now();
-        let views = state
-            .nodes
-            .values()
-            .map(|r| self.view(m, r, &metrics, now))
-            .collect();
+        let views = state.nodes.values().map(|r| self.view(m, r, &metrics, now)).collect();
         (state, metrics, views)
     }
 
     fn node_view(&self, m: &Member, name: &str) -> Result<NodeView, ApiError> {
         let (_, _, views) = self.views(m);
-        views
-            .into_iter()
-            .find(|v| v.name == name)
-            .ok_or_else(|| ApiError::NodeNotFound(name.to_string()))
+        views.into_iter().find(|v| v.name == name).ok_or_else(|| ApiError::NodeNotFound(name.to_string()))
     }
 
     fn leader_name(&self, m: &Member, metrics: &RaftMetrics) -> Option<String> {
         let id = metrics.current_leader?;
-        m.state
-            .read(|d| d.state.nodes.get(&id).map(|n| n.name.clone()))
+        m.state.read(|d| d.state.nodes.get(&id).map(|n| n.name.clone()))
     }
 
     // ---- peer agent calls ----
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
-        let resp = self
-            .http
-            .get(url)
-            .timeout(PEER_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
+        let resp = self.http.get(url).timeout(PEER_TIMEOUT).send().await.map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
             return Err(format!("HTTP {}", resp.status()));
         }
@@ -378,14 +292,7 @@ impl Agent {
         let mut last = "no address".to_string();
         for base in urls {
             let url = format!("{base}{path}");
-            match self
-                .http
-                .post(&url)
-                .json(body)
-                .timeout(timeout)
-                .send()
-                .await
-            {
+            match self.http.post(&url).json(body).timeout(timeout).send().await {
                 Err(e) => last = format!("{url}: {e}"),
                 Ok(resp) => return Ok(decode(&url, resp).await),
             }
@@ -409,25 +316,12 @@ impl Agent {
         };
         // Leftovers of an earlier attempt that never got an identity.
         self.db.wipe().map_err(storage_err)?;
-        let identity = Identity {
-            node_id: 1,
-            cluster_id: cluster_id.clone(),
-        };
-        let m = self
-            .start_member(&identity)
-            .await
-            .map_err(|e| ApiError::Internal(format!("{e:#}")))?;
-        let members = BTreeMap::from([(
-            1,
-            Peer {
-                urls: self.my_urls(),
-            },
-        )]);
+        let identity = Identity { node_id: 1, cluster_id: cluster_id.clone() };
+        let m = self.start_member(&identity).await.map_err(|e| ApiError::Internal(format!("{e:#}")))?;
+        let members = BTreeMap::from([(1, Peer { urls: self.my_urls() })]);
         match m.raft.initialize(members).await {
             Ok(()) => {}
-            Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
-                return Err(ApiError::Internal(e.to_string()))
-            }
+            Err(RaftError::APIError(InitializeError::NotAllowed(e))) => return Err(ApiError::Internal(e.to_string())),
             Err(RaftError::APIError(InitializeError::NotInMembers(e))) => {
                 return Err(ApiError::Internal(e.to_string()))
             }
@@ -438,15 +332,7 @@ impl Agent {
             .current_leader(1, "bootstrap leader")
             .await
             .map_err(|e| ApiError::QuorumUnavailable(e.to_string()))?;
-        self.propose(
-            &m,
-            Command::Bootstrap {
-                cluster_id,
-                node_id: 1,
-                node: self.cfg.spec(),
-            },
-        )
-        .await?;
+        self.propose(&m, Command::Bootstrap { cluster_id, node_id: 1, node: self.cfg.spec() }).await?;
         self.db.set_identity(&identity).map_err(storage_err)?;
         tracing::info!(cluster_id = %identity.cluster_id, "cluster bootstrapped");
         Ok(self.local_view())
@@ -457,11 +343,8 @@ impl Agent {
             return Err(ApiError::AlreadyMember(m.cluster_id.clone()));
         }
         let via = req.via.trim_end_matches('/').to_string();
-        if !(via.starts_with("http://") || via.starts_with("https://")) {
-            return Err(ApiError::Invalid {
-                field: "via".into(),
-                reason: format!("{via:?} is not an http:// URL"),
-            });
+        if !via.starts_with("http://") {
+            return Err(ApiError::Invalid { field: "via".into(), reason: format!("{via:?} is not an http:// URL") });
         }
         let spec = self.cfg.spec();
         let body = JoinRequest {
@@ -475,15 +358,10 @@ impl Agent {
         let answer: Result<NodeView, ApiError> = self
             .post_first(&[via.clone()], "/v1/nodes", &body, PEER_TIMEOUT * 4)
             .await
-            .map_err(|reason| ApiError::NodeUnreachable {
-                name: via.clone(),
-                reason,
-            })?;
+            .map_err(|reason| ApiError::NodeUnreachable { name: via.clone(), reason })?;
         answer?;
         if self.member().is_none() {
-            return Err(ApiError::Internal(
-                "the cluster accepted the join but never adopted this node".into(),
-            ));
+            return Err(ApiError::Internal("the cluster accepted the join but never adopted this node".into()));
         }
         Ok(self.local_view())
     }
@@ -504,14 +382,9 @@ impl Agent {
             });
         }
         self.db.wipe().map_err(storage_err)?;
-        let identity = Identity {
-            node_id: req.node_id,
-            cluster_id: req.cluster_id,
-        };
+        let identity = Identity { node_id: req.node_id, cluster_id: req.cluster_id };
         self.db.set_identity(&identity).map_err(storage_err)?;
-        self.start_member(&identity)
-            .await
-            .map_err(|e| ApiError::Internal(format!("{e:#}")))?;
+        self.start_member(&identity).await.map_err(|e| ApiError::Internal(format!("{e:#}")))?;
         tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "adopted into cluster");
         Ok(self.local_view())
     }
@@ -536,19 +409,11 @@ impl Agent {
     async fn do_add_node(&self, req: JoinRequest) -> Result<NodeView, ApiError> {
         let _g = self.membership_lock.lock().await;
         let m = self.require_member()?;
-        let spec = NodeSpec {
-            name: req.name,
-            addresses: req.addresses,
-            port: req.port,
-            site: req.site,
-            witness: req.witness,
-        };
+        let spec =
+            NodeSpec { name: req.name, addresses: req.addresses, port: req.port, site: req.site, witness: req.witness };
         m.state.read(|d| d.state.check_new_node(&spec))?;
         let urls = api_urls(&spec.addresses, spec.port);
-        let unreachable = |reason: String| ApiError::NodeUnreachable {
-            name: spec.name.clone(),
-            reason,
-        };
+        let unreachable = |reason: String| ApiError::NodeUnreachable { name: spec.name.clone(), reason };
         // The agent must run, be the one named, and belong to no cluster.
         let mut local: Option<LocalView> = None;
         let mut last = String::new();
@@ -570,47 +435,36 @@ impl Agent {
             });
         }
         if let Some(c) = local.cluster_id {
-            return Err(ApiError::NodeInOtherCluster {
-                name: spec.name.clone(),
-                url: urls.join(","),
-                cluster_id: c,
-            });
+            return Err(ApiError::NodeInOtherCluster { name: spec.name.clone(), url: urls.join(","), cluster_id: c });
         }
-        let id = match self
-            .propose(&m, Command::AddNode { node: spec.clone() })
-            .await?
-        {
+        let id = match self.propose(&m, Command::AddNode { node: spec.clone() }).await? {
             Reply::NodeAdded { id } => id,
             other => return Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
         };
-        let adopt = AdoptRequest {
-            cluster_id: m.cluster_id.clone(),
-            node_id: id,
-            name: spec.name.clone(),
-        };
-        let adopted: Result<(), ApiError> = match self
-            .post_first::<_, LocalView>(&urls, "/internal/adopt", &adopt, PEER_TIMEOUT * 2)
-            .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(reason) => Err(unreachable(reason)),
-        };
+        let adopt = AdoptRequest { cluster_id: m.cluster_id.clone(), node_id: id, name: spec.name.clone() };
+        let adopted: Result<(), ApiError> =
+            match self.post_first::<_, LocalView>(&urls, "/internal/adopt", &adopt, PEER_TIMEOUT * 2).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(reason) => Err(unreachable(reason)),
+            };
         let added = match adopted {
-            Ok(()) => self.add_learner(&m, id, Peer { urls }).await,
+            Ok(()) => {
+                let added = self.add_learner(&m, id, Peer { urls: urls.clone() }).await;
+                if added.is_err() {
+                    // The agent believes it joined: tell it otherwise.
+                    let release = ReleaseRequest { cluster_id: m.cluster_id.clone(), node_id: id };
+                    let _ = self
+                        .post_first::<_, serde_json::Value>(&urls, "/internal/release", &release, PEER_TIMEOUT)
+                        .await;
+                }
+                added
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = added {
             // Undo the record so that a refused join changes nothing.
-            if let Err(undo) = self
-                .propose(
-                    &m,
-                    Command::RemoveNode {
-                        name: spec.name.clone(),
-                    },
-                )
-                .await
-            {
+            if let Err(undo) = self.propose(&m, Command::RemoveNode { name: spec.name.clone() }).await {
                 tracing::error!(node = %spec.name, "join failed ({e}) and its record could not be removed: {undo}");
             }
             return Err(e);
@@ -623,10 +477,7 @@ impl Agent {
         let guard = self.membership_lock.lock().await;
         let m = self.require_member()?;
         let state = m.state.state();
-        let rec = state
-            .node_by_name(name)
-            .cloned()
-            .ok_or_else(|| ApiError::NodeNotFound(name.to_string()))?;
+        let rec = state.node_by_name(name).cloned().ok_or_else(|| ApiError::NodeNotFound(name.to_string()))?;
         let metrics = m.metrics();
         let membership = metrics.membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -641,52 +492,25 @@ impl Agent {
         }
         if voters.contains(&rec.id) {
             let remaining = self.voters_without(&m, &state, &metrics, &voters, rec.id, now);
-            let alive = remaining
-                .iter()
-                .filter(|id| **id == m.node_id || self.is_alive(&state, **id, now))
-                .count();
+            let alive = remaining.iter().filter(|id| **id == m.node_id || self.is_alive(&state, **id, now)).count();
             if remaining.is_empty() || alive * 2 <= remaining.len() {
                 return Err(ApiError::WouldLoseQuorum(name.to_string()));
             }
             if rec.id == m.node_id {
                 // The leader leaves: hand the vote to the others, then let the
                 // new leader finish the removal.
-                self.change_voters(&m, ChangeMembers::ReplaceAllVoters(remaining), true)
-                    .await?;
+                self.change_voters(&m, ChangeMembers::ReplaceAllVoters(remaining), true).await?;
                 drop(guard);
                 return self.forward_remove_to_new_leader(&m, name, force).await;
             }
-            self.change_voters(&m, ChangeMembers::ReplaceAllVoters(remaining), false)
-                .await?;
+            self.change_voters(&m, ChangeMembers::ReplaceAllVoters(remaining), false).await?;
         } else if in_membership {
-            self.change_voters(
-                &m,
-                ChangeMembers::RemoveNodes(BTreeSet::from([rec.id])),
-                false,
-            )
-            .await?;
+            self.change_voters(&m, ChangeMembers::RemoveNodes(BTreeSet::from([rec.id])), false).await?;
         }
-        self.propose(
-            &m,
-            Command::RemoveNode {
-                name: name.to_string(),
-            },
-        )
-        .await?;
+        self.propose(&m, Command::RemoveNode { name: name.to_string() }).await?;
         self.liveness.forget(rec.id);
-        let release = ReleaseRequest {
-            cluster_id: m.cluster_id.clone(),
-            node_id: rec.id,
-        };
-        match self
-            .post_first::<_, serde_json::Value>(
-                &rec.urls(),
-                "/internal/release",
-                &release,
-                PEER_TIMEOUT,
-            )
-            .await
-        {
+        let release = ReleaseRequest { cluster_id: m.cluster_id.clone(), node_id: rec.id };
+        match self.post_first::<_, serde_json::Value>(&rec.urls(), "/internal/release", &release, PEER_TIMEOUT).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(node = name, "removed, but the agent answered: {e}"),
             Err(e) => tracing::warn!(node = name, "removed, but the agent could not be told: {e}"),
@@ -696,10 +520,7 @@ impl Agent {
     }
 
     fn is_alive(&self, state: &ClusterState, id: NodeId, now: Instant) -> bool {
-        state
-            .nodes
-            .get(&id)
-            .is_some_and(|r| self.liveness.status(id, &r.addresses, now).alive)
+        state.nodes.get(&id).is_some_and(|r| self.liveness.status(id, &r.addresses, now).alive)
     }
 
     /// The voter set once `gone` leaves, topped up from healthy learners.
@@ -733,34 +554,19 @@ impl Agent {
         autopilot::plan_voters(&input).unwrap_or(rest)
     }
 
-    async fn forward_remove_to_new_leader(
-        &self,
-        m: &Member,
-        name: &str,
-        force: bool,
-    ) -> Result<(), ApiError> {
+    async fn forward_remove_to_new_leader(&self, m: &Member, name: &str, force: bool) -> Result<(), ApiError> {
         let deadline = Instant::now() + LEADER_WAIT;
         while Instant::now() < deadline {
             let metrics = m.metrics();
             if let Some(leader) = metrics.current_leader.filter(|l| *l != m.node_id) {
                 if let Some(peer) = metrics.membership_config.membership().get_node(&leader) {
-                    let url = format!(
-                        "{}/v1/nodes/{name}?force={force}",
-                        peer.urls.first().cloned().unwrap_or_default()
-                    );
-                    let resp = self
-                        .http
-                        .delete(&url)
-                        .timeout(PEER_TIMEOUT * 4)
-                        .send()
-                        .await;
+                    let url =
+                        format!("{}/v1/nodes/{name}?force={force}", peer.urls.first().cloned().unwrap_or_default());
+                    let resp = self.http.delete(&url).timeout(PEER_TIMEOUT * 4).send().await;
                     return match resp {
                         Ok(r) if r.status().is_success() => Ok(()),
                         Ok(r) => decode::<serde_json::Value>(&url, r).await.map(|_| ()),
-                        Err(e) => Err(ApiError::ForwardFailed {
-                            url,
-                            reason: e.to_string(),
-                        }),
+                        Err(e) => Err(ApiError::ForwardFailed { url, reason: e.to_string() }),
                     };
                 }
             }
@@ -769,13 +575,7 @@ impl Agent {
         Err(ApiError::NoLeader)
     }
 
-    fn candidates(
-        &self,
-        m: &Member,
-        state: &ClusterState,
-        metrics: &RaftMetrics,
-        now: Instant,
-    ) -> Vec<Candidate> {
+    fn candidates(&self, m: &Member, state: &ClusterState, metrics: &RaftMetrics, now: Instant) -> Vec<Candidate> {
         let membership = metrics.membership_config.membership();
         let last = metrics.last_log_index.unwrap_or(0);
         let lag = self.cfg.autopilot.max_lag_entries;
@@ -786,11 +586,8 @@ impl Agent {
             .map(|r| {
                 let me = r.id == m.node_id;
                 let st = self.liveness.status(r.id, &r.addresses, now);
-                let matched = metrics
-                    .replication
-                    .as_ref()
-                    .and_then(|rep| rep.get(&r.id).cloned().flatten())
-                    .map(|l| l.index);
+                let matched =
+                    metrics.replication.as_ref().and_then(|rep| rep.get(&r.id).cloned().flatten()).map(|l| l.index);
                 Candidate {
                     id: r.id,
                     site: r.site.clone(),
@@ -821,21 +618,9 @@ impl Agent {
             return Ok(());
         }
         let membership = metrics.membership_config.membership().clone();
-        if let Some(missing) = state
-            .nodes
-            .values()
-            .find(|r| membership.get_node(&r.id).is_none())
-        {
+        if let Some(missing) = state.nodes.values().find(|r| membership.get_node(&r.id).is_none()) {
             tracing::info!(node = %missing.name, "re-adding a recorded node missing from raft membership");
-            return self
-                .add_learner(
-                    &m,
-                    missing.id,
-                    Peer {
-                        urls: missing.urls(),
-                    },
-                )
-                .await;
+            return self.add_learner(&m, missing.id, Peer { urls: missing.urls() }).await;
         }
         let input = autopilot::Input {
             candidates: self.candidates(&m, &state, &metrics, Instant::now()),
@@ -846,14 +631,10 @@ impl Agent {
         };
         if let Some(voters) = autopilot::plan_voters(&input) {
             let names = |ids: &BTreeSet<NodeId>| {
-                ids.iter()
-                    .filter_map(|i| state.nodes.get(i).map(|n| n.name.clone()))
-                    .collect::<Vec<_>>()
-                    .join(",")
+                ids.iter().filter_map(|i| state.nodes.get(i).map(|n| n.name.clone())).collect::<Vec<_>>().join(",")
             };
             tracing::info!(from = %names(&input.voters), to = %names(&voters), "autopilot: changing voters");
-            self.change_voters(&m, ChangeMembers::ReplaceAllVoters(voters), true)
-                .await?;
+            self.change_voters(&m, ChangeMembers::ReplaceAllVoters(voters), true).await?;
         }
         Ok(())
     }
@@ -864,11 +645,9 @@ impl Agent {
         let metrics = m.as_ref().map(|m| m.metrics());
         let leader_id = metrics.as_ref().and_then(|x| x.current_leader);
         let leader_url = match (&m, leader_id, &metrics) {
-            (Some(_), Some(l), Some(x)) => x
-                .membership_config
-                .membership()
-                .get_node(&l)
-                .and_then(|p| p.urls.first().cloned()),
+            (Some(_), Some(l), Some(x)) => {
+                x.membership_config.membership().get_node(&l).and_then(|p| p.urls.first().cloned())
+            }
             _ => None,
         };
         LocalView {
@@ -887,9 +666,7 @@ impl Agent {
             },
             leader_url,
             term: metrics.as_ref().map(|x| x.current_term),
-            applied_index: metrics
-                .as_ref()
-                .and_then(|x| x.last_applied.map(|l| l.index)),
+            applied_index: metrics.as_ref().and_then(|x| x.last_applied.map(|l| l.index)),
             snapshot_index: metrics.as_ref().and_then(|x| x.snapshot.map(|l| l.index)),
             purged_index: metrics.as_ref().and_then(|x| x.purged.map(|l| l.index)),
         }
@@ -904,23 +681,12 @@ fn membership_err(e: ChangeMembershipError<NodeId>) -> ApiError {
 }
 
 /// Turns a peer agent's answer into `T` or the error it reported.
-async fn decode<T: serde::de::DeserializeOwned>(
-    url: &str,
-    resp: reqwest::Response,
-) -> Result<T, ApiError> {
+async fn decode<T: serde::de::DeserializeOwned>(url: &str, resp: reqwest::Response) -> Result<T, ApiError> {
     let status = resp.status();
-    let bytes = resp.bytes().await.map_err(|e| ApiError::ForwardFailed {
-        url: url.into(),
-        reason: e.to_string(),
-    })?;
+    let bytes = resp.bytes().await.map_err(|e| ApiError::ForwardFailed { url: url.into(), reason: e.to_string() })?;
     if status.is_success() {
-        let bytes = if bytes.is_empty() {
-            &b"null"[..]
-        } else {
-            &bytes[..]
-        };
-        return serde_json::from_slice(bytes)
-            .map_err(|e| ApiError::Internal(format!("{url}: bad answer: {e}")));
+        let bytes = if bytes.is_empty() { &b"null"[..] } else { &bytes[..] };
+        return serde_json::from_slice(bytes).map_err(|e| ApiError::Internal(format!("{url}: bad answer: {e}")));
     }
     match serde_json::from_slice::<ErrorBody>(&bytes) {
         Ok(b) => Err(ApiError::Refused {
@@ -930,10 +696,7 @@ async fn decode<T: serde::de::DeserializeOwned>(
             message: b.message,
             hint: b.hint,
         }),
-        Err(_) => Err(ApiError::ForwardFailed {
-            url: url.into(),
-            reason: format!("HTTP {status}"),
-        }),
+        Err(_) => Err(ApiError::ForwardFailed { url: url.into(), reason: format!("HTTP {status}") }),
     }
 }
 
@@ -951,14 +714,9 @@ impl Backend for Agent {
         match metrics.current_leader {
             None => Route::NoLeader,
             Some(l) if l == m.node_id => Route::Here,
-            Some(l) => match metrics
-                .membership_config
-                .membership()
-                .get_node(&l)
-                .and_then(|p| p.urls.first().cloned())
-            {
-                Some(url) => Route::Leader(url),
-                None => Route::NoLeader,
+            Some(l) => match metrics.membership_config.membership().get_node(&l) {
+                Some(peer) if !peer.urls.is_empty() => Route::Leader(peer.urls.clone()),
+                _ => Route::NoLeader,
             },
         }
     }
@@ -1007,46 +765,19 @@ impl Backend for Agent {
 
     async fn set_admin_state(&self, name: &str, state: AdminState) -> Result<NodeView, ApiError> {
         let m = self.require_member()?;
-        self.propose(
-            &m,
-            Command::SetAdminState {
-                name: name.into(),
-                state,
-            },
-        )
-        .await?;
+        self.propose(&m, Command::SetAdminState { name: name.into(), state }).await?;
         self.node_view(&m, name)
     }
 
-    async fn set_attribute(
-        &self,
-        name: &str,
-        key: &str,
-        value: String,
-    ) -> Result<NodeView, ApiError> {
+    async fn set_attribute(&self, name: &str, key: &str, value: String) -> Result<NodeView, ApiError> {
         let m = self.require_member()?;
-        self.propose(
-            &m,
-            Command::SetAttribute {
-                name: name.into(),
-                key: key.into(),
-                value,
-            },
-        )
-        .await?;
+        self.propose(&m, Command::SetAttribute { name: name.into(), key: key.into(), value }).await?;
         self.node_view(&m, name)
     }
 
     async fn delete_attribute(&self, name: &str, key: &str) -> Result<NodeView, ApiError> {
         let m = self.require_member()?;
-        self.propose(
-            &m,
-            Command::DeleteAttribute {
-                name: name.into(),
-                key: key.into(),
-            },
-        )
-        .await?;
+        self.propose(&m, Command::DeleteAttribute { name: name.into(), key: key.into() }).await?;
         self.node_view(&m, name)
     }
 
@@ -1066,6 +797,10 @@ impl Backend for Agent {
         self.do_release(req).await
     }
 
+    fn is_member(&self, id: NodeId) -> bool {
+        self.member().is_some_and(|m| m.metrics().membership_config.membership().get_node(&id).is_some())
+    }
+
     fn raft_for(&self, target: NodeId, cluster: &str) -> Result<Raft, ApiError> {
         let m = self.require_member()?;
         if m.node_id != target || m.cluster_id != cluster {
@@ -1081,15 +816,12 @@ impl Backend for Agent {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     let db = Db::open(&cfg.data_dir.join("raft"))?;
     let mut listeners = Vec::new();
     for a in &cfg.addresses {
         let addr = tandem_raft::state::socket_addr(a, cfg.port);
-        let l = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("binding the API on {addr}"))?;
+        let l = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding the API on {addr}"))?;
         listeners.push(l);
     }
     let sockets = Arc::new(HeartbeatSockets::bind(&cfg.addresses, cfg.port).await?);
@@ -1113,11 +845,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }));
     }
     let ident_agent = agent.clone();
-    sockets.spawn_receivers(liveness, move || {
-        ident_agent
-            .member()
-            .map(|m| (m.cluster_id.clone(), m.node_id))
-    });
+    sockets.spawn_receivers(liveness, move || ident_agent.member().map(|m| (m.cluster_id.clone(), m.node_id)));
     {
         let agent = agent.clone();
         let sockets = sockets.clone();
@@ -1188,10 +916,7 @@ async fn auto_join(agent: Arc<Agent>, urls: Vec<String>) {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -42,22 +42,14 @@ pub fn plan_voters(input: &Input) -> Option<BTreeSet<NodeId>> {
     let by_id: BTreeMap<NodeId, &Candidate> = input.candidates.iter().map(|c| (c.id, c)).collect();
     let dead = |c: &Candidate| !c.alive && c.down_for >= input.dead_after;
     let is_dead = |id: &NodeId| *id != input.leader && by_id.get(id).is_none_or(|c| dead(c));
-    let mut kept: BTreeSet<NodeId> = input
-        .voters
-        .iter()
-        .copied()
-        .filter(|id| !is_dead(id))
-        .collect();
+    let mut kept: BTreeSet<NodeId> = input.voters.iter().copied().filter(|id| !is_dead(id)).collect();
     let dead_voters: Vec<NodeId> = input.voters.iter().copied().filter(is_dead).collect();
     // Without a live majority of the current voters no change can commit.
     if kept.len() * 2 <= input.voters.len() {
         return None;
     }
-    let mut learners: Vec<&Candidate> = input
-        .candidates
-        .iter()
-        .filter(|c| !input.voters.contains(&c.id) && c.alive && c.caught_up)
-        .collect();
+    let mut learners: Vec<&Candidate> =
+        input.candidates.iter().filter(|c| !input.voters.contains(&c.id) && c.alive && c.caught_up).collect();
     // Witnesses first, then by id, so the choice is deterministic.
     learners.sort_by_key(|c| (!c.witness, c.id));
 
@@ -98,21 +90,12 @@ pub fn plan_voters(input: &Input) -> Option<BTreeSet<NodeId>> {
     // Demote: dead ones first, then non-witness voters from the fullest site.
     while kept.len() > want {
         let counts = site_counts(&kept);
-        let victim = kept
-            .iter()
-            .copied()
-            .filter(|id| *id != input.leader)
-            .max_by_key(|id| {
-                let c = by_id.get(id);
-                let is_dead = c.is_none_or(|c| dead(c));
-                let witness = c.is_some_and(|c| c.witness);
-                (
-                    is_dead,
-                    !witness,
-                    counts.get(&site_of(*id)).copied().unwrap_or(0),
-                    *id,
-                )
-            });
+        let victim = kept.iter().copied().filter(|id| *id != input.leader).max_by_key(|id| {
+            let c = by_id.get(id);
+            let is_dead = c.is_none_or(|c| dead(c));
+            let witness = c.is_some_and(|c| c.witness);
+            (is_dead, !witness, counts.get(&site_of(*id)).copied().unwrap_or(0), *id)
+        });
         match victim {
             Some(v) => kept.remove(&v),
             None => break,
@@ -128,10 +111,7 @@ pub fn plan_voters(input: &Input) -> Option<BTreeSet<NodeId>> {
         }) else {
             break;
         };
-        let have = counts
-            .get(&learners[learner_pos].site)
-            .copied()
-            .unwrap_or(0);
+        let have = counts.get(&learners[learner_pos].site).copied().unwrap_or(0);
         let victim = kept.iter().copied().find(|id| {
             *id != input.leader
                 && !by_id.get(id).is_some_and(|c| c.witness)
@@ -154,22 +134,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn node(id: NodeId) -> Candidate {
-        Candidate {
-            id,
-            site: None,
-            witness: false,
-            alive: true,
-            down_for: Duration::ZERO,
-            caught_up: true,
-        }
+        Candidate { id, site: None, witness: false, alive: true, down_for: Duration::ZERO, caught_up: true }
     }
 
     fn dead(id: NodeId, secs: u64) -> Candidate {
-        Candidate {
-            alive: false,
-            down_for: Duration::from_secs(secs),
-            ..node(id)
-        }
+        Candidate { alive: false, down_for: Duration::from_secs(secs), ..node(id) }
     }
 
     fn input(candidates: Vec<Candidate>, voters: &[NodeId]) -> Input {
@@ -255,44 +224,17 @@ mod tests {
 
     #[test]
     fn voters_spread_over_sites() {
-        let sited = |id, s: &str| Candidate {
-            site: Some(s.into()),
-            ..node(id)
-        };
-        let i = input(
-            vec![
-                sited(1, "a"),
-                sited(2, "a"),
-                sited(3, "a"),
-                sited(4, "b"),
-                sited(5, "c"),
-            ],
-            &[1, 2, 3],
-        );
+        let sited = |id, s: &str| Candidate { site: Some(s.into()), ..node(id) };
+        let i = input(vec![sited(1, "a"), sited(2, "a"), sited(3, "a"), sited(4, "b"), sited(5, "c")], &[1, 2, 3]);
         let got = plan_voters(&i).expect("a change");
-        assert!(
-            got.contains(&1) && got.contains(&4) && got.contains(&5),
-            "{got:?}"
-        );
+        assert!(got.contains(&1) && got.contains(&4) && got.contains(&5), "{got:?}");
     }
 
     fn arb_input() -> impl Strategy<Value = Input> {
-        (
-            1usize..=32,
-            prop_oneof![Just(1usize), Just(3), Just(5)],
-            any::<u64>(),
-        )
+        (1usize..=32, prop_oneof![Just(1usize), Just(3), Just(5)], any::<u64>())
             .prop_flat_map(|(n, target, seed)| {
-                let cands = proptest::collection::vec(
-                    (
-                        any::<bool>(),
-                        0u64..30,
-                        any::<bool>(),
-                        any::<bool>(),
-                        0u8..3,
-                    ),
-                    n,
-                );
+                let cands =
+                    proptest::collection::vec((any::<bool>(), 0u64..30, any::<bool>(), any::<bool>(), 0u8..3), n);
                 let voters = proptest::collection::btree_set(1..=n as u64, 1..=n.min(7));
                 (cands, voters, Just(target), Just(seed))
             })
@@ -309,22 +251,12 @@ mod tests {
                             site: Some(format!("s{site}")),
                             witness,
                             alive,
-                            down_for: if alive {
-                                Duration::ZERO
-                            } else {
-                                Duration::from_secs(down)
-                            },
+                            down_for: if alive { Duration::ZERO } else { Duration::from_secs(down) },
                             caught_up,
                         }
                     })
                     .collect();
-                Input {
-                    candidates,
-                    voters,
-                    leader,
-                    target,
-                    dead_after: Duration::from_secs(10),
-                }
+                Input { candidates, voters, leader, target, dead_after: Duration::from_secs(10) }
             })
     }
 

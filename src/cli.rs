@@ -26,12 +26,7 @@ pub enum CliError {
     #[error("cannot reach {endpoint}: {reason}\nhint: is the agent running? Set --endpoint or TANDEM_ENDPOINT.")]
     Unreachable { endpoint: String, reason: String },
     #[error("{code}: {message}\nhint: {hint}")]
-    Api {
-        status: u16,
-        code: String,
-        message: String,
-        hint: String,
-    },
+    Api { status: u16, code: String, message: String, hint: String },
     #[error("unexpected answer from {url}: {reason}")]
     BadAnswer { url: String, reason: String },
 }
@@ -59,73 +54,44 @@ impl Client {
             .no_proxy()
             .timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| CliError::Unreachable {
-                endpoint: endpoint.into(),
-                reason: e.to_string(),
-            })?;
-        Ok(Client {
-            endpoint: endpoint.trim_end_matches('/').to_string(),
-            http,
-        })
+            .map_err(|e| CliError::Unreachable { endpoint: endpoint.into(), reason: e.to_string() })?;
+        Ok(Client { endpoint: endpoint.trim_end_matches('/').to_string(), http })
     }
 
     /// Calls the API; returns the JSON answer (null for 204).
-    pub async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, CliError> {
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, CliError> {
         let url = format!("{}{}", self.endpoint, path);
         let mut req = self.http.request(method, &url);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|e| CliError::Unreachable {
-            endpoint: self.endpoint.clone(),
-            reason: e.to_string(),
-        })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| CliError::Unreachable { endpoint: self.endpoint.clone(), reason: e.to_string() })?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| CliError::BadAnswer {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
+        let bytes = resp.bytes().await.map_err(|e| CliError::BadAnswer { url: url.clone(), reason: e.to_string() })?;
         if (200..300).contains(&status) {
             if bytes.is_empty() {
                 return Ok(Value::Null);
             }
-            return serde_json::from_slice(&bytes).map_err(|e| CliError::BadAnswer {
-                url,
-                reason: e.to_string(),
-            });
+            return serde_json::from_slice(&bytes).map_err(|e| CliError::BadAnswer { url, reason: e.to_string() });
         }
         match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(b) => Err(CliError::Api {
-                status,
-                code: b.code,
-                message: b.message,
-                hint: b.hint,
-            }),
-            Err(_) => Err(CliError::BadAnswer {
-                url,
-                reason: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)),
-            }),
+            Ok(b) => Err(CliError::Api { status, code: b.code, message: b.message, hint: b.hint }),
+            Err(_) => {
+                Err(CliError::BadAnswer { url, reason: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)) })
+            }
         }
     }
 }
 
 pub fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, CliError> {
-    serde_json::from_value(v).map_err(|e| CliError::BadAnswer {
-        url: "response".into(),
-        reason: e.to_string(),
-    })
+    serde_json::from_value(v).map_err(|e| CliError::BadAnswer { url: "response".into(), reason: e.to_string() })
 }
 
 fn lower<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
+    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -138,11 +104,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     }
     let mut out = String::new();
     let line = |cells: Vec<&str>, out: &mut String| {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{:<w$}", c, w = widths[i]))
-            .collect();
+        let s: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{:<w$}", c, w = widths[i])).collect();
         let _ = writeln!(out, "{}", s.join("  ").trim_end());
     };
     line(header.to_vec(), &mut out);
@@ -156,11 +118,8 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
     let rows: Vec<Vec<String>> = nodes
         .iter()
         .map(|n| {
-            let paths: Vec<String> = n
-                .paths
-                .iter()
-                .map(|p| format!("{}{}", p.address, if p.up { "" } else { "(down)" }))
-                .collect();
+            let paths: Vec<String> =
+                n.paths.iter().map(|p| format!("{}{}", p.address, if p.up { "" } else { "(down)" })).collect();
             vec![
                 format!("{}{}", n.name, if n.leader { "*" } else { "" }),
                 n.id.to_string(),
@@ -173,19 +132,7 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
             ]
         })
         .collect();
-    table(
-        &[
-            "NAME",
-            "ID",
-            "ROLE",
-            "STATE",
-            "SITE",
-            "ADDRESSES",
-            "PID",
-            "VERSION",
-        ],
-        &rows,
-    )
+    table(&["NAME", "ID", "ROLE", "STATE", "SITE", "ADDRESSES", "PID", "VERSION"], &rows)
 }
 
 pub fn cluster_text(c: &ClusterView) -> String {
@@ -194,9 +141,7 @@ pub fn cluster_text(c: &ClusterView) -> String {
         c.cluster_id,
         c.leader.as_deref().unwrap_or("(none)"),
         c.term,
-        c.applied_index
-            .map(|i| i.to_string())
-            .unwrap_or_else(|| "-".into()),
+        c.applied_index.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
         nodes_table(&c.members)
     )
 }
@@ -211,26 +156,14 @@ pub fn node_text(n: &NodeView) -> String {
         vec!["leader".into(), n.leader.to_string()],
         vec!["site".into(), n.site.clone().unwrap_or_else(|| "-".into())],
         vec!["port".into(), n.port.to_string()],
-        vec![
-            "pid".into(),
-            n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-        ],
-        vec![
-            "version".into(),
-            n.version.clone().unwrap_or_else(|| "-".into()),
-        ],
+        vec!["pid".into(), n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())],
+        vec!["version".into(), n.version.clone().unwrap_or_else(|| "-".into())],
     ];
     for p in &n.paths {
-        let seen = p
-            .last_seen_ms
-            .map(|ms| format!("{ms} ms ago"))
-            .unwrap_or_else(|| "never".into());
+        let seen = p.last_seen_ms.map(|ms| format!("{ms} ms ago")).unwrap_or_else(|| "never".into());
         rows.push(vec![
             format!("path {}", p.address),
-            format!(
-                "{} (last heartbeat {seen})",
-                if p.up { "up" } else { "DOWN" }
-            ),
+            format!("{} (last heartbeat {seen})", if p.up { "up" } else { "DOWN" }),
         ]);
     }
     for (k, v) in &n.attributes {
@@ -241,11 +174,9 @@ pub fn node_text(n: &NodeView) -> String {
 
 pub fn local_text(l: &LocalView) -> String {
     match (&l.cluster_id, l.node_id) {
-        (Some(c), Some(id)) => format!(
-            "{} is node {id} of cluster {c}; leader {}\n",
-            l.name,
-            l.leader.as_deref().unwrap_or("(none yet)")
-        ),
+        (Some(c), Some(id)) => {
+            format!("{} is node {id} of cluster {c}; leader {}\n", l.name, l.leader.as_deref().unwrap_or("(none yet)"))
+        }
         _ => format!("{} is not a member of any cluster\n", l.name),
     }
 }
@@ -256,34 +187,16 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let t = table(
-            &["A", "LONGER"],
-            &[
-                vec!["xyz".into(), "1".into()],
-                vec!["p".into(), "22".into()],
-            ],
-        );
+        let t = table(&["A", "LONGER"], &[vec!["xyz".into(), "1".into()], vec!["p".into(), "22".into()]]);
         assert_eq!(t, "A    LONGER\nxyz  1\np    22\n");
     }
 
     #[test]
     fn exit_codes_follow_the_status() {
-        let api = |status| CliError::Api {
-            status,
-            code: "TND-1".into(),
-            message: String::new(),
-            hint: String::new(),
-        };
+        let api = |status| CliError::Api { status, code: "TND-1".into(), message: String::new(), hint: String::new() };
         assert_eq!(api(404).exit_code(), EXIT_REFUSED);
         assert_eq!(api(503).exit_code(), EXIT_UNAVAILABLE);
         assert_eq!(api(500).exit_code(), EXIT_SERVER);
-        assert_eq!(
-            CliError::Unreachable {
-                endpoint: "x".into(),
-                reason: "y".into()
-            }
-            .exit_code(),
-            EXIT_UNREACHABLE
-        );
+        assert_eq!(CliError::Unreachable { endpoint: "x".into(), reason: "y".into() }.exit_code(), EXIT_UNREACHABLE);
     }
 }

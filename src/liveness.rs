@@ -60,11 +60,7 @@ pub struct PeerStatus {
 
 impl Liveness {
     pub fn new(timeout: Duration) -> Arc<Liveness> {
-        Arc::new(Liveness {
-            started: Instant::now(),
-            timeout,
-            seen: Mutex::new(HashMap::new()),
-        })
+        Arc::new(Liveness { started: Instant::now(), timeout, seen: Mutex::new(HashMap::new()) })
     }
 
     pub fn timeout(&self) -> Duration {
@@ -85,10 +81,7 @@ impl Liveness {
 
     /// Forgets a peer (after it is removed).
     pub fn forget(&self, id: NodeId) {
-        self.seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
 
     pub fn status(&self, id: NodeId, addresses: &[String], now: Instant) -> PeerStatus {
@@ -97,10 +90,7 @@ impl Liveness {
         let paths: Vec<(String, Option<Duration>)> = addresses
             .iter()
             .map(|a| {
-                let last = a
-                    .parse::<IpAddr>()
-                    .ok()
-                    .and_then(|ip| peer.and_then(|p| p.paths.get(&ip)));
+                let last = a.parse::<IpAddr>().ok().and_then(|ip| peer.and_then(|p| p.paths.get(&ip)));
                 (a.clone(), last.map(|t| now.saturating_duration_since(*t)))
             })
             .collect();
@@ -126,12 +116,12 @@ impl HeartbeatSockets {
     pub async fn bind(addresses: &[String], port: u16) -> std::io::Result<HeartbeatSockets> {
         let mut sockets = Vec::new();
         for a in addresses {
-            let addr: SocketAddr = socket_addr(a, port).parse().map_err(|e| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{a}: {e}"))
-            })?;
-            let s = UdpSocket::bind(addr).await.map_err(|e| {
-                std::io::Error::new(e.kind(), format!("heartbeat socket udp://{addr}: {e}"))
-            })?;
+            let addr: SocketAddr = socket_addr(a, port)
+                .parse()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{a}: {e}")))?;
+            let s = UdpSocket::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("heartbeat socket udp://{addr}: {e}")))?;
             sockets.push(Arc::new(s));
         }
         Ok(HeartbeatSockets { sockets })
@@ -173,13 +163,8 @@ impl HeartbeatSockets {
         let version = env!("CARGO_PKG_VERSION").to_string();
         let pid = std::process::id();
         for node in state.nodes.values().filter(|n| n.id != me) {
-            let hb = Heartbeat {
-                cluster_id: cluster_id.to_string(),
-                from: me,
-                to: node.id,
-                pid,
-                version: version.clone(),
-            };
+            let hb =
+                Heartbeat { cluster_id: cluster_id.to_string(), from: me, to: node.id, pid, version: version.clone() };
             let Ok(bytes) = serde_json::to_vec(&hb) else {
                 continue;
             };
@@ -189,10 +174,7 @@ impl HeartbeatSockets {
                 };
                 // Path i goes out of our socket i, so each path is tested on
                 // its own wire; extra peer paths share our last socket.
-                let Some(sock) = self
-                    .sockets
-                    .get(i.min(self.sockets.len().saturating_sub(1)))
-                else {
+                let Some(sock) = self.sockets.get(i.min(self.sockets.len().saturating_sub(1))) else {
                     continue;
                 };
                 // A send error on one path is that path being down: the
@@ -208,13 +190,7 @@ mod tests {
     use super::*;
 
     fn hb(from: NodeId) -> Heartbeat {
-        Heartbeat {
-            cluster_id: "c".into(),
-            from,
-            to: 1,
-            pid: 42,
-            version: "0.1.0".into(),
-        }
+        Heartbeat { cluster_id: "c".into(), from, to: 1, pid: 42, version: "0.1.0".into() }
     }
 
     #[test]
@@ -224,11 +200,7 @@ mod tests {
         let addrs = vec!["10.0.0.2".to_string(), "10.1.0.2".to_string()];
         assert!(!l.status(2, &addrs, t0).alive, "never heard is offline");
         l.record(hb(2), "10.0.0.2".parse().unwrap(), t0);
-        l.record(
-            hb(2),
-            "10.1.0.2".parse().unwrap(),
-            t0 + Duration::from_millis(900),
-        );
+        l.record(hb(2), "10.1.0.2".parse().unwrap(), t0 + Duration::from_millis(900));
         let s = l.status(2, &addrs, t0 + Duration::from_millis(1500));
         assert!(s.alive, "second path still fresh");
         assert_eq!(s.paths[0].1, Some(Duration::from_millis(1500)));
@@ -242,12 +214,8 @@ mod tests {
     #[tokio::test]
     async fn heartbeats_cross_real_udp_sockets() {
         use tandem_raft::state::{Command, NodeSpec};
-        let a = HeartbeatSockets::bind(&["127.0.0.1".into()], 0)
-            .await
-            .unwrap();
-        let b = HeartbeatSockets::bind(&["127.0.0.1".into()], 0)
-            .await
-            .unwrap();
+        let a = HeartbeatSockets::bind(&["127.0.0.1".into()], 0).await.unwrap();
+        let b = HeartbeatSockets::bind(&["127.0.0.1".into()], 0).await.unwrap();
         let b_port = b.sockets[0].local_addr().unwrap().port();
         let lb = Liveness::new(Duration::from_secs(5));
         b.spawn_receivers(lb.clone(), || Some(("c".to_string(), 2)));
@@ -259,18 +227,8 @@ mod tests {
             site: None,
             witness: false,
         };
-        state
-            .apply(&Command::Bootstrap {
-                cluster_id: "c".into(),
-                node_id: 1,
-                node: spec("a", 1),
-            })
-            .unwrap();
-        state
-            .apply(&Command::AddNode {
-                node: spec("b", b_port),
-            })
-            .unwrap();
+        state.apply(&Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node: spec("a", 1) }).unwrap();
+        state.apply(&Command::AddNode { node: spec("b", b_port) }).unwrap();
         for _ in 0..50 {
             a.send_round(&state, "c", 1).await;
             if lb.status(1, &["127.0.0.1".into()], Instant::now()).alive {

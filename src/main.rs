@@ -11,20 +11,10 @@ use tandem::config::{Config, LogFormat};
 use tandem_http_api::{ClusterView, LocalView, NodeView};
 
 #[derive(Parser)]
-#[command(
-    name = "tandem",
-    version,
-    about = "High-availability cluster manager",
-    propagate_version = true
-)]
+#[command(name = "tandem", version, about = "High-availability cluster manager", propagate_version = true)]
 struct Cli {
     /// API of the agent to talk to.
-    #[arg(
-        long,
-        global = true,
-        env = "TANDEM_ENDPOINT",
-        default_value = "http://127.0.0.1:7401"
-    )]
+    #[arg(long, global = true, env = "TANDEM_ENDPOINT", default_value = "http://127.0.0.1:7401")]
     endpoint: String,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
@@ -93,11 +83,7 @@ enum NodeCmd {
         force: bool,
     },
     /// Set a node attribute (used by placement rules).
-    SetAttr {
-        name: String,
-        key: String,
-        value: String,
-    },
+    SetAttr { name: String, key: String, value: String },
     /// Delete a node attribute.
     UnsetAttr { name: String, key: String },
 }
@@ -116,9 +102,7 @@ enum ClusterCmd {
 fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -144,10 +128,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(cli::EXIT_CONFIG);
                 }
             };
-            init_logging(
-                &cfg.log.level,
-                log_json || cfg.log.format == LogFormat::Json,
-            );
+            init_logging(&cfg.log.level, log_json || cfg.log.format == LogFormat::Json);
             match rt.block_on(tandem::agent::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -157,11 +138,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Demo {
-            base_port,
-            dir,
-            keep,
-        } => {
+        Cmd::Demo { base_port, dir, keep } => {
             init_logging("warn", false);
             match rt.block_on(tandem::demo::run(base_port, dir, keep)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -196,64 +173,29 @@ async fn client_command(endpoint: &str, json_out: bool, cmd: Cmd) -> Result<Stri
     let c = Client::new(endpoint)?;
     let enc = |s: &str| s.replace('/', "%2F");
     let (v, render): (Value, fn(Value) -> Result<String, CliError>) = match cmd {
-        Cmd::Status { stale } => (
-            c.call(Method::GET, &format!("/v1/cluster{}", q(stale)), None)
-                .await?,
-            |v| Ok(cli::cluster_text(&parse::<ClusterView>(v)?)),
-        ),
-        Cmd::Node(NodeCmd::List { stale }) => (
-            c.call(Method::GET, &format!("/v1/nodes{}", q(stale)), None)
-                .await?,
-            |v| Ok(cli::nodes_table(&parse::<Vec<NodeView>>(v)?)),
-        ),
-        Cmd::Node(NodeCmd::Show { name, stale }) => (
-            c.call(
-                Method::GET,
-                &format!("/v1/nodes/{}{}", enc(&name), q(stale)),
-                None,
-            )
-            .await?,
-            node,
-        ),
-        Cmd::Node(NodeCmd::Standby { name }) => (
-            c.call(
-                Method::POST,
-                &format!("/v1/nodes/{}/standby", enc(&name)),
-                None,
-            )
-            .await?,
-            node,
-        ),
-        Cmd::Node(NodeCmd::Online { name }) => (
-            c.call(
-                Method::POST,
-                &format!("/v1/nodes/{}/online", enc(&name)),
-                None,
-            )
-            .await?,
-            node,
-        ),
-        Cmd::Node(NodeCmd::Maintenance { name }) => (
-            c.call(
-                Method::POST,
-                &format!("/v1/nodes/{}/maintenance", enc(&name)),
-                None,
-            )
-            .await?,
-            node,
-        ),
+        Cmd::Status { stale } => (c.call(Method::GET, &format!("/v1/cluster{}", q(stale)), None).await?, |v| {
+            Ok(cli::cluster_text(&parse::<ClusterView>(v)?))
+        }),
+        Cmd::Node(NodeCmd::List { stale }) => {
+            (c.call(Method::GET, &format!("/v1/nodes{}", q(stale)), None).await?, |v| {
+                Ok(cli::nodes_table(&parse::<Vec<NodeView>>(v)?))
+            })
+        }
+        Cmd::Node(NodeCmd::Show { name, stale }) => {
+            (c.call(Method::GET, &format!("/v1/nodes/{}{}", enc(&name), q(stale)), None).await?, node)
+        }
+        Cmd::Node(NodeCmd::Standby { name }) => {
+            (c.call(Method::POST, &format!("/v1/nodes/{}/standby", enc(&name)), None).await?, node)
+        }
+        Cmd::Node(NodeCmd::Online { name }) => {
+            (c.call(Method::POST, &format!("/v1/nodes/{}/online", enc(&name)), None).await?, node)
+        }
+        Cmd::Node(NodeCmd::Maintenance { name }) => {
+            (c.call(Method::POST, &format!("/v1/nodes/{}/maintenance", enc(&name)), None).await?, node)
+        }
         Cmd::Node(NodeCmd::Remove { name, force }) => {
-            c.call(
-                Method::DELETE,
-                &format!("/v1/nodes/{}?force={force}", enc(&name)),
-                None,
-            )
-            .await?;
-            return Ok(if json_out {
-                "null\n".into()
-            } else {
-                format!("{name} removed\n")
-            });
+            c.call(Method::DELETE, &format!("/v1/nodes/{}?force={force}", enc(&name)), None).await?;
+            return Ok(if json_out { "null\n".into() } else { format!("{name} removed\n") });
         }
         Cmd::Node(NodeCmd::SetAttr { name, key, value }) => (
             c.call(
@@ -264,40 +206,19 @@ async fn client_command(endpoint: &str, json_out: bool, cmd: Cmd) -> Result<Stri
             .await?,
             node,
         ),
-        Cmd::Node(NodeCmd::UnsetAttr { name, key }) => (
-            c.call(
-                Method::DELETE,
-                &format!("/v1/nodes/{}/attributes/{}", enc(&name), enc(&key)),
-                None,
-            )
-            .await?,
-            node,
-        ),
-        Cmd::Cluster(ClusterCmd::Init { cluster_id }) => (
-            c.call(
-                Method::POST,
-                "/v1/cluster/init",
-                Some(json!({ "cluster_id": cluster_id })),
-            )
-            .await?,
-            local,
-        ),
-        Cmd::Cluster(ClusterCmd::Join { url }) => (
-            c.call(
-                Method::POST,
-                "/v1/cluster/join",
-                Some(json!({ "via": url })),
-            )
-            .await?,
-            local,
-        ),
+        Cmd::Node(NodeCmd::UnsetAttr { name, key }) => {
+            (c.call(Method::DELETE, &format!("/v1/nodes/{}/attributes/{}", enc(&name), enc(&key)), None).await?, node)
+        }
+        Cmd::Cluster(ClusterCmd::Init { cluster_id }) => {
+            (c.call(Method::POST, "/v1/cluster/init", Some(json!({ "cluster_id": cluster_id }))).await?, local)
+        }
+        Cmd::Cluster(ClusterCmd::Join { url }) => {
+            (c.call(Method::POST, "/v1/cluster/join", Some(json!({ "via": url }))).await?, local)
+        }
         Cmd::Agent { .. } | Cmd::Demo { .. } => unreachable!("handled in main"),
     };
     if json_out {
-        return Ok(format!(
-            "{}\n",
-            serde_json::to_string_pretty(&v).unwrap_or_default()
-        ));
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
     }
     render(v)
 }

@@ -10,223 +10,64 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 /// Sends a raw body and checks status, code and that nothing changed.
-async fn refused(
-    c: &Cluster,
-    method: Method,
-    path: &str,
-    body: Option<&[u8]>,
-    status: u16,
-    code: &str,
-) {
+async fn refused(c: &Cluster, method: Method, path: &str, body: Option<&[u8]>, status: u16, code: &str) {
     let before = c.cluster().await;
     // Through a follower too: forwarding must keep the leader's answer.
     for n in &c.nodes {
-        let (st, v) = call(
-            method.clone(),
-            &format!("{}{path}", n.url()),
-            body.map(|b| b.to_vec()),
-        )
-        .await;
+        let (st, v) = call(method.clone(), &format!("{}{path}", n.url()), body.map(|b| b.to_vec())).await;
         assert_eq!(st, status, "{method} {path} via {}: {v}", n.name);
         assert_eq!(v["code"], code, "{method} {path}: {v}");
         assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
         assert!(v["hint"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     }
     let after = c.cluster().await;
-    assert_eq!(
-        replicated(&after),
-        replicated(&before),
-        "{method} {path} changed the state"
-    );
+    assert_eq!(replicated(&after), replicated(&before), "{method} {path} changed the state");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_their_code_and_change_nothing() {
     let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
-    let join = |extra: &str| {
-        format!("{{\"name\": \"n9\", \"addresses\": [\"127.0.0.1\"], \"port\": 1{extra}}}")
-    };
+    let join = |extra: &str| format!("{{\"name\": \"n9\", \"addresses\": [\"127.0.0.1\"], \"port\": 1{extra}}}");
 
-    refused(
-        &c,
-        Method::POST,
-        "/v1/nodes",
-        Some(b"{\"name\": "),
-        400,
-        "TND-1001",
-    )
-    .await;
-    refused(
-        &c,
-        Method::POST,
-        "/v1/nodes",
-        Some(b"not json at all"),
-        400,
-        "TND-1001",
-    )
-    .await;
-    refused(
-        &c,
-        Method::POST,
-        "/v1/nodes",
-        Some(join(", \"colour\": \"red\"").as_bytes()),
-        400,
-        "TND-1002",
-    )
-    .await;
-    refused(
-        &c,
-        Method::POST,
-        "/v1/nodes",
-        Some(b"{\"name\": 5}"),
-        400,
-        "TND-1002",
-    )
-    .await;
-    refused(
-        &c,
-        Method::PUT,
-        "/v1/nodes/n1/attributes/k",
-        Some(b"{\"value\": \"v\", \"extra\": 1}"),
-        400,
-        "TND-1002",
-    )
-    .await;
+    refused(&c, Method::POST, "/v1/nodes", Some(b"{\"name\": "), 400, "TND-1001").await;
+    refused(&c, Method::POST, "/v1/nodes", Some(b"not json at all"), 400, "TND-1001").await;
+    refused(&c, Method::POST, "/v1/nodes", Some(join(", \"colour\": \"red\"").as_bytes()), 400, "TND-1002").await;
+    refused(&c, Method::POST, "/v1/nodes", Some(b"{\"name\": 5}"), 400, "TND-1002").await;
+    refused(&c, Method::PUT, "/v1/nodes/n1/attributes/k", Some(b"{\"value\": \"v\", \"extra\": 1}"), 400, "TND-1002")
+        .await;
     let huge = format!("{{\"value\": \"{}\"}}", "x".repeat(200 * 1024));
-    refused(
-        &c,
-        Method::PUT,
-        "/v1/nodes/n1/attributes/k",
-        Some(huge.as_bytes()),
-        413,
-        "TND-1003",
-    )
-    .await;
-    refused(
-        &c,
-        Method::GET,
-        "/v1/cluster?colour=red",
-        None,
-        400,
-        "TND-1004",
-    )
-    .await;
+    refused(&c, Method::PUT, "/v1/nodes/n1/attributes/k", Some(huge.as_bytes()), 413, "TND-1003").await;
+    refused(&c, Method::GET, "/v1/cluster?colour=red", None, 400, "TND-1004").await;
     refused(&c, Method::GET, "/v1/nope", None, 404, "TND-1005").await;
     refused(&c, Method::PATCH, "/v1/nodes/n1", None, 405, "TND-1006").await;
 
     refused(&c, Method::GET, "/v1/nodes/ghost", None, 404, "TND-1100").await;
-    refused(
-        &c,
-        Method::POST,
-        "/v1/nodes/ghost/standby",
-        None,
-        404,
-        "TND-1100",
-    )
-    .await;
+    refused(&c, Method::POST, "/v1/nodes/ghost/standby", None, 404, "TND-1100").await;
     refused(&c, Method::DELETE, "/v1/nodes/ghost", None, 404, "TND-1100").await;
-    refused(
-        &c,
-        Method::PUT,
-        "/v1/nodes/ghost/attributes/k",
-        Some(b"{\"value\": \"v\"}"),
-        404,
-        "TND-1100",
-    )
-    .await;
-    refused(
-        &c,
-        Method::DELETE,
-        "/v1/nodes/n1/attributes/never-set",
-        None,
-        404,
-        "TND-1105",
-    )
-    .await;
-    refused(
-        &c,
-        Method::PUT,
-        "/v1/nodes/n1/attributes/Bad%20Key",
-        Some(b"{\"value\": \"v\"}"),
-        422,
-        "TND-1010",
-    )
-    .await;
+    refused(&c, Method::PUT, "/v1/nodes/ghost/attributes/k", Some(b"{\"value\": \"v\"}"), 404, "TND-1100").await;
+    refused(&c, Method::DELETE, "/v1/nodes/n1/attributes/never-set", None, 404, "TND-1105").await;
+    refused(&c, Method::PUT, "/v1/nodes/n1/attributes/Bad%20Key", Some(b"{\"value\": \"v\"}"), 422, "TND-1010").await;
 
     let bad_name = b"{\"name\": \"Not Valid\", \"addresses\": [\"127.0.0.1\"], \"port\": 7999}";
-    refused(
-        &c,
-        Method::POST,
-        "/v1/nodes",
-        Some(bad_name),
-        422,
-        "TND-1010",
-    )
-    .await;
+    refused(&c, Method::POST, "/v1/nodes", Some(bad_name), 422, "TND-1010").await;
     let bad_addr = b"{\"name\": \"n9\", \"addresses\": [\"999.1.1.1\"], \"port\": 7999}";
-    refused(
-        &c,
-        Method::POST,
-        "/v1/nodes",
-        Some(bad_addr),
-        422,
-        "TND-1010",
-    )
-    .await;
+    refused(&c, Method::POST, "/v1/nodes", Some(bad_addr), 422, "TND-1010").await;
     let dup = b"{\"name\": \"n2\", \"addresses\": [\"127.0.0.2\"], \"port\": 7999}";
     refused(&c, Method::POST, "/v1/nodes", Some(dup), 409, "TND-1101").await;
-    let taken = format!(
-        "{{\"name\": \"n9\", \"addresses\": [\"127.0.0.1\"], \"port\": {}}}",
-        c.nodes[1].port
-    );
-    refused(
-        &c,
-        Method::POST,
-        "/v1/nodes",
-        Some(taken.as_bytes()),
-        409,
-        "TND-1102",
-    )
-    .await;
+    let taken = format!("{{\"name\": \"n9\", \"addresses\": [\"127.0.0.1\"], \"port\": {}}}", c.nodes[1].port);
+    refused(&c, Method::POST, "/v1/nodes", Some(taken.as_bytes()), 409, "TND-1102").await;
     // Nobody listens there: the join is refused before anything is recorded.
     let port = free_port();
     let nobody = format!("{{\"name\": \"n9\", \"addresses\": [\"127.0.0.1\"], \"port\": {port}}}");
-    refused(
-        &c,
-        Method::POST,
-        "/v1/nodes",
-        Some(nobody.as_bytes()),
-        409,
-        "TND-1103",
-    )
-    .await;
+    refused(&c, Method::POST, "/v1/nodes", Some(nobody.as_bytes()), 409, "TND-1103").await;
     // An agent that is named differently is not adopted under a wrong name.
     let mut loner = Cluster::configure(&["loner"], Opts::default());
     loner.nodes[0].start().await;
-    let as_n9 = format!(
-        "{{\"name\": \"n9\", \"addresses\": [\"127.0.0.1\"], \"port\": {}}}",
-        loner.nodes[0].port
-    );
-    refused(
-        &c,
-        Method::POST,
-        "/v1/nodes",
-        Some(as_n9.as_bytes()),
-        422,
-        "TND-1107",
-    )
-    .await;
+    let as_n9 = format!("{{\"name\": \"n9\", \"addresses\": [\"127.0.0.1\"], \"port\": {}}}", loner.nodes[0].port);
+    refused(&c, Method::POST, "/v1/nodes", Some(as_n9.as_bytes()), 422, "TND-1107").await;
 
     // Already a member.
-    refused(
-        &c,
-        Method::POST,
-        "/v1/cluster/init",
-        Some(b"{}"),
-        409,
-        "TND-1201",
-    )
-    .await;
+    refused(&c, Method::POST, "/v1/cluster/init", Some(b"{}"), 409, "TND-1201").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -237,11 +78,7 @@ async fn lone_agent_is_not_ready_and_says_why() {
     assert_eq!(get(&format!("{u}/healthz")).await.0, 200);
     for path in ["/readyz", "/v1/cluster", "/v1/nodes"] {
         let (st, v) = get(&format!("{u}{path}")).await;
-        assert_eq!(
-            (st, v["code"].clone()),
-            (503, json!("TND-1200")),
-            "{path}: {v}"
-        );
+        assert_eq!((st, v["code"].clone()), (503, json!("TND-1200")), "{path}: {v}");
     }
     let (st, v) = get(&format!("{u}/v1/local")).await;
     assert_eq!(st, 200);
@@ -253,59 +90,36 @@ async fn lone_agent_is_not_ready_and_says_why() {
     assert_eq!((st, v["code"].clone()), (409, json!("TND-1103")), "{v}");
     let (st, v) = post(&format!("{u}/v1/cluster/join"), json!({ "via": "ftp://x" })).await;
     assert_eq!((st, v["code"].clone()), (422, json!("TND-1010")), "{v}");
-    assert_eq!(
-        get(&format!("{u}/v1/local")).await.1["cluster_id"],
-        Value::Null
-    );
+    assert_eq!(get(&format!("{u}/v1/local")).await.1["cluster_id"], Value::Null);
     // The OpenAPI document is served and describes the public routes.
     let (st, doc) = get(&format!("{u}/openapi.json")).await;
     assert_eq!(st, 200);
-    assert!(
-        doc["paths"]["/v1/nodes/{name}"]["delete"].is_object(),
-        "{doc}"
-    );
+    assert!(doc["paths"]["/v1/nodes/{name}"]["delete"].is_object(), "{doc}");
 }
 
 #[test]
 fn bad_config_is_refused_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        (
-            "name = \"n\"\ndata_dir = \"/tmp/x\"\n[raft]\nelection_timeout_min_ms = 50\n",
-            "raft.election_timeout_min_ms",
-        ),
+        ("name = \"n\"\ndata_dir = \"/tmp/x\"\n[raft]\nelection_timeout_min_ms = 50\n", "raft.election_timeout_min_ms"),
         ("name = \"n\"\ndata_dir = \"/tmp/x\"\nportt = 1\n", "portt"),
-        (
-            "name = \"n\"\ndata_dir = \"/tmp/x\"\naddresses = [\"x.y\"]\n",
-            "addresses[0]",
-        ),
+        ("name = \"n\"\ndata_dir = \"/tmp/x\"\naddresses = [\"x.y\"]\n", "addresses[0]"),
         ("name = \"n\"\n", "data_dir"),
     ];
     for (text, key) in cases {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(BIN)
-            .args(["agent", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap();
+        let out = Command::new(BIN).args(["agent", "--config"]).arg(&path).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(6), "{err}");
         assert!(err.contains(key), "stderr should name {key}: {err}");
     }
-    let out = Command::new(BIN)
-        .args(["agent", "--config", "/nonexistent/node.toml"])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["agent", "--config", "/nonexistent/node.toml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(6));
 }
 
 fn cli(endpoint: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("TANDEM_ENDPOINT", endpoint)
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(args).env("TANDEM_ENDPOINT", endpoint).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -331,10 +145,7 @@ async fn cli_drives_the_cluster_with_documented_exit_codes() {
 
     let (code, out, _) = cli(&u2, &["status"]);
     assert_eq!(code, 0);
-    assert!(
-        out.contains("cluster clitest") && out.contains("NAME") && out.contains("c3"),
-        "{out}"
-    );
+    assert!(out.contains("cluster clitest") && out.contains("NAME") && out.contains("c3"), "{out}");
     let (code, out, _) = cli(&u3, &["node", "list", "--json"]);
     assert_eq!(code, 0);
     let nodes: Value = serde_json::from_str(&out).unwrap();
@@ -344,18 +155,12 @@ async fn cli_drives_the_cluster_with_documented_exit_codes() {
     assert_eq!(code, 0, "{out}");
     let (code, out, _) = cli(&u1, &["node", "show", "c2", "--json"]);
     assert_eq!(code, 0);
-    assert_eq!(
-        serde_json::from_str::<Value>(&out).unwrap()["admin_state"],
-        "standby"
-    );
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["admin_state"], "standby");
     let (code, _, _) = cli(&u1, &["node", "set-attr", "c1", "disk", "ssd"]);
     assert_eq!(code, 0);
     let (code, out, _) = cli(&u2, &["node", "show", "c1"]);
     assert_eq!(code, 0);
-    assert!(
-        out.contains("attribute disk") && out.contains("ssd"),
-        "{out}"
-    );
+    assert!(out.contains("attribute disk") && out.contains("ssd"), "{out}");
 
     let (code, _, err) = cli(&u1, &["node", "show", "ghost"]);
     assert_eq!(code, 1, "refused → 1");

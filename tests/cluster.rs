@@ -14,11 +14,7 @@ use serde_json::{json, Value};
 async fn write_attr(urls: &[String], on: &str, key: &str, value: &str, tries: usize) -> bool {
     for t in 0..tries {
         let u = &urls[t % urls.len()];
-        let (st, _) = put(
-            &format!("{u}/v1/nodes/{on}/attributes/{key}"),
-            json!({ "value": value }),
-        )
-        .await;
+        let (st, _) = put(&format!("{u}/v1/nodes/{on}/attributes/{key}"), json!({ "value": value })).await;
         match st {
             200 => return true,
             0 | 503 => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -29,10 +25,7 @@ async fn write_attr(urls: &[String], on: &str, key: &str, value: &str, tries: us
 }
 
 fn attrs(cluster: &Value, name: &str) -> serde_json::Map<String, Value> {
-    member(cluster, name)["attributes"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default()
+    member(cluster, name)["attributes"].as_object().cloned().unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -53,26 +46,15 @@ async fn three_nodes_elect_replicate_and_forward() {
     // A write through a follower is forwarded; a linearizable read through
     // another follower sees it at once.
     let followers: Vec<&Node> = c.nodes.iter().filter(|n| n.name != leader).collect();
-    let (st, v) = put(
-        &format!("{}/v1/nodes/n1/attributes/rack", followers[0].url()),
-        json!({"value": "r7"}),
-    )
-    .await;
+    let (st, v) = put(&format!("{}/v1/nodes/n1/attributes/rack", followers[0].url()), json!({"value": "r7"})).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["attributes"]["rack"], "r7");
     let (st, v) = get(&format!("{}/v1/nodes/n1", followers[1].url())).await;
     assert_eq!(st, 200);
-    assert_eq!(
-        v["attributes"]["rack"], "r7",
-        "linearizable read through a follower must see an acknowledged write"
-    );
+    assert_eq!(v["attributes"]["rack"], "r7", "linearizable read through a follower must see an acknowledged write");
 
     // Admin state changes replicate to every node's local copy.
-    let (st, v) = post(
-        &format!("{}/v1/nodes/n2/standby", followers[1].url()),
-        json!({}),
-    )
-    .await;
+    let (st, v) = post(&format!("{}/v1/nodes/n2/standby", followers[1].url()), json!({})).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["state"], "standby");
     for n in &c.nodes {
@@ -82,17 +64,9 @@ async fn three_nodes_elect_replicate_and_forward() {
         })
         .await;
     }
-    let (st, v) = post(
-        &format!("{}/v1/nodes/n2/online", c.nodes[2].url()),
-        json!({}),
-    )
-    .await;
+    let (st, v) = post(&format!("{}/v1/nodes/n2/online", c.nodes[2].url()), json!({})).await;
     assert_eq!((st, v["state"].clone()), (200, json!("online")));
-    let (st, v) = post(
-        &format!("{}/v1/nodes/n3/maintenance", c.nodes[0].url()),
-        json!({}),
-    )
-    .await;
+    let (st, v) = post(&format!("{}/v1/nodes/n3/maintenance", c.nodes[0].url()), json!({})).await;
     assert_eq!((st, v["state"].clone()), (200, json!("maintenance")));
 
     // Every node is ready; health answers.
@@ -119,44 +93,29 @@ async fn leader_sigkill_keeps_every_acknowledged_write() {
             acked.push(key);
         }
     }
-    assert!(
-        acked.len() >= 50,
-        "the survivors should accept writes after the election: {}",
-        acked.len()
-    );
+    assert!(acked.len() >= 50, "the survivors should accept writes after the election: {}", acked.len());
     c.new_leader(&leader).await;
     let cluster = c.cluster().await;
     let have = attrs(&cluster, "n1");
     for k in &acked {
-        assert!(
-            have.contains_key(k),
-            "acknowledged write {k} lost after leader crash"
-        );
+        assert!(have.contains_key(k), "acknowledged write {k} lost after leader crash");
     }
     assert_eq!(member(&cluster, &leader)["state"], "offline");
 
     // The killed node restarts from its disk and catches up by itself.
     c.node_mut(&leader).start().await;
     let url = format!("{}/v1/nodes?stale=true", c.node(&leader).url());
-    wait_until(
-        Duration::from_secs(20),
-        "restarted node catches up",
-        || async {
-            let (st, v) = get(&url).await;
-            st == 200
-                && v.as_array().is_some_and(|ms| {
-                    ms.iter().any(|m| {
-                        m["name"] == "n1" && acked.iter().all(|k| m["attributes"].get(k).is_some())
-                    })
-                })
-        },
-    )
+    wait_until(Duration::from_secs(20), "restarted node catches up", || async {
+        let (st, v) = get(&url).await;
+        st == 200
+            && v.as_array().is_some_and(|ms| {
+                ms.iter().any(|m| m["name"] == "n1" && acked.iter().all(|k| m["attributes"].get(k).is_some()))
+            })
+    })
     .await;
     let url = format!("{}/v1/cluster", c.nodes[0].url());
     wait_until(Duration::from_secs(10), "restarted node online", || async {
-        get(&url).await.1["members"]
-            .as_array()
-            .is_some_and(|ms| ms.iter().all(|m| m["state"] == "online"))
+        get(&url).await.1["members"].as_array().is_some_and(|ms| ms.iter().all(|m| m["state"] == "online"))
     })
     .await;
 }
@@ -196,29 +155,31 @@ async fn join_leave_force_remove_and_rejoin() {
     let cluster = c.cluster().await;
     assert!(member_names(&cluster).iter().all(|n| *n != l));
     let (_, local) = get(&format!("{}/v1/local", c.node(&l).url())).await;
-    assert_eq!(
-        local["cluster_id"],
-        Value::Null,
-        "a removed node forgets its cluster"
-    );
+    assert_eq!(local["cluster_id"], Value::Null, "a removed node forgets its cluster");
     let old_id = member(&cluster, "n1")["id"].clone();
     c.join(c.idx(&l)).await;
     let cluster = c.cluster().await;
     let rejoined = member(&cluster, &l);
-    assert!(
-        rejoined["id"].as_u64() > Some(4),
-        "ids are never reused: {rejoined}"
-    );
+    assert!(rejoined["id"].as_u64() > Some(4), "ids are never reused: {rejoined}");
     assert_eq!(member(&cluster, "n1")["id"], old_id);
 
     // A dead node is refused without force, and the refusal changes nothing.
-    let victim = c
-        .nodes
-        .iter()
-        .map(|n| n.name.clone())
-        .find(|n| *n != l && *n != "n1")
-        .unwrap();
+    let victim = c.nodes.iter().map(|n| n.name.clone()).find(|n| *n != l && *n != "n1").unwrap();
     c.node_mut(&victim).kill();
+    // The same, spelled out: a vote request from a non-member is refused
+    // before it reaches Raft.
+    let n1 = member(&cluster, "n1")["id"].as_u64().unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/internal/raft/vote", c.node("n1").url()))
+        .header("x-tandem-target", n1.to_string())
+        .header("x-tandem-cluster", "test")
+        .json(&json!({"vote": {"leader_id": {"term": 9999, "node_id": 77}, "committed": false}, "last_log_id": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 409);
+    assert_eq!(resp.json::<Value>().await.unwrap()["code"], "TND-1209");
+    assert!(c.cluster().await["term"].as_u64() < Some(9999));
     let url = format!("{}/v1/cluster", c.nodes[0].url());
     wait_until(Duration::from_secs(10), "victim offline", || async {
         member(&get(&url).await.1, &victim)["state"] == "offline"
@@ -226,34 +187,27 @@ async fn join_leave_force_remove_and_rejoin() {
     .await;
     let before = replicated(&c.cluster().await);
     let (st, body) = delete(&format!("{}/v1/nodes/{victim}", c.nodes[0].url())).await;
-    assert_eq!(
-        (st, body["code"].clone()),
-        (409, json!("TND-1103")),
-        "{body}"
-    );
+    assert_eq!((st, body["code"].clone()), (409, json!("TND-1103")), "{body}");
     assert_eq!(replicated(&c.cluster().await), before);
-    let (st, body) = delete(&format!(
-        "{}/v1/nodes/{victim}?force=true",
-        c.nodes[0].url()
-    ))
-    .await;
+    let (st, body) = delete(&format!("{}/v1/nodes/{victim}?force=true", c.nodes[0].url())).await;
     assert_eq!(st, 204, "{body}");
     let cluster = c.cluster().await;
     assert!(!member_names(&cluster).contains(&victim));
-    assert_eq!(
-        voters(&cluster).len(),
-        3,
-        "a learner took the removed voter's vote"
-    );
+    assert_eq!(voters(&cluster).len(), 3, "a learner took the removed voter's vote");
+
+    // Back from the dead with its old identity, the removed node must not
+    // disturb the cluster: its vote requests are refused, so the term holds.
+    let term = cluster["term"].clone();
+    c.node_mut(&victim).start().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let cluster = c.cluster().await;
+    assert_eq!(cluster["term"], term, "a removed node forced an election");
+    assert!(!member_names(&cluster).contains(&victim));
+    c.node_mut(&victim).kill();
 
     // The leader itself can leave; another node takes over.
     let leader = c.leader().await;
-    let other = c
-        .nodes
-        .iter()
-        .find(|n| n.name != leader && n.child.is_some())
-        .unwrap()
-        .url();
+    let other = c.nodes.iter().find(|n| n.name != leader && n.child.is_some()).unwrap().url();
     let (st, body) = delete(&format!("{other}/v1/nodes/{leader}")).await;
     assert_eq!(st, 204, "{body}");
     c.node_mut(&leader).kill();
@@ -277,9 +231,7 @@ async fn autopilot_replaces_a_dead_voter_with_a_learner() {
     let urls = c.live_urls();
     wait_until(Duration::from_secs(30), "learner promoted", || async {
         let (st, v) = get(&format!("{}/v1/cluster", urls[0])).await;
-        st == 200
-            && member(&v, &learner)["role"] == "voter"
-            && member(&v, &victim)["role"] == "learner"
+        st == 200 && member(&v, &learner)["role"] == "voter" && member(&v, &victim)["role"] == "learner"
     })
     .await;
     let cluster = c.cluster().await;
@@ -298,14 +250,7 @@ async fn autopilot_replaces_a_dead_voter_with_a_learner() {
 async fn five_voters_and_ten_learners() {
     let names: Vec<String> = (1..=15).map(|i| format!("n{i:02}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut c = Cluster::start(
-        &refs,
-        Opts {
-            voters: 5,
-            ..Opts::default()
-        },
-    )
-    .await;
+    let mut c = Cluster::start(&refs, Opts { voters: 5, ..Opts::default() }).await;
     let cluster = c.cluster().await;
     assert_eq!(voters(&cluster).len(), 5);
     assert_eq!(members_with(&cluster, |m| m["role"] == "learner").len(), 10);
@@ -318,10 +263,7 @@ async fn five_voters_and_ten_learners() {
     let leader = c.leader().await;
     c.node_mut(&leader).kill();
     let new_leader = c.new_leader(&leader).await;
-    assert!(
-        voters(&cluster).contains(&new_leader),
-        "only a voter can lead"
-    );
+    assert!(voters(&cluster).contains(&new_leader), "only a voter can lead");
     let urls = c.live_urls();
     wait_until(Duration::from_secs(40), "5 live voters again", || async {
         let (st, v) = get(&format!("{}/v1/cluster", urls[0])).await;
@@ -384,55 +326,33 @@ async fn snapshot_is_built_purged_and_installed_on_a_new_node() {
     }
     let leader = c.leader().await;
     let url = format!("{}/v1/local", c.node(&leader).url());
-    wait_until(
-        Duration::from_secs(10),
-        "log purged behind a snapshot",
-        || async {
-            let (_, v) = get(&url).await;
-            v["snapshot_index"].as_u64().unwrap_or(0) >= 20
-                && v["purged_index"].as_u64().unwrap_or(0) > 0
-        },
-    )
+    wait_until(Duration::from_secs(10), "log purged behind a snapshot", || async {
+        let (_, v) = get(&url).await;
+        v["snapshot_index"].as_u64().unwrap_or(0) >= 20 && v["purged_index"].as_u64().unwrap_or(0) > 0
+    })
     .await;
     // A new node can only get the early entries from the snapshot.
     let i = c.add_config("n4", "");
     c.nodes[i].start().await;
     c.join(i).await;
     let url = format!("{}/v1/nodes?stale=true", c.nodes[i].url());
-    wait_until(
-        Duration::from_secs(20),
-        "new node has every entry",
-        || async {
-            let (st, v) = get(&url).await;
-            let Some(nodes) = v.as_array() else {
-                return false;
-            };
-            st == 200
-                && (0..80).all(|k| {
-                    nodes
-                        .iter()
-                        .any(|n| n["attributes"].get(format!("s{k}")).is_some())
-                })
-        },
-    )
+    wait_until(Duration::from_secs(20), "new node has every entry", || async {
+        let (st, v) = get(&url).await;
+        let Some(nodes) = v.as_array() else {
+            return false;
+        };
+        st == 200 && (0..80).all(|k| nodes.iter().any(|n| n["attributes"].get(format!("s{k}")).is_some()))
+    })
     .await;
     let (_, local) = get(&format!("{}/v1/local", c.nodes[i].url())).await;
-    assert!(
-        local["snapshot_index"].as_u64().unwrap_or(0) > 0,
-        "n4 installed a snapshot: {local}"
-    );
+    assert!(local["snapshot_index"].as_u64().unwrap_or(0) > 0, "n4 installed a snapshot: {local}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn any_node_answers_stale_reads_without_a_leader() {
     let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
     let leader = c.leader().await;
-    let others: Vec<String> = c
-        .nodes
-        .iter()
-        .map(|n| n.name.clone())
-        .filter(|n| *n != leader)
-        .collect();
+    let others: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).filter(|n| *n != leader).collect();
     c.node_mut(&others[0]).kill();
     c.node_mut(&leader).kill();
     // One node of three: no quorum. Linearizable reads and writes refuse
@@ -440,25 +360,16 @@ async fn any_node_answers_stale_reads_without_a_leader() {
     let u = c.node(&others[1]).url();
     wait_until(Duration::from_secs(20), "no-quorum refusal", || async {
         let (st, v) = get(&format!("{u}/v1/cluster")).await;
-        st == 503
-            && ["TND-1202", "TND-1203", "TND-1204"].contains(&v["code"].as_str().unwrap_or(""))
+        st == 503 && ["TND-1202", "TND-1203", "TND-1204"].contains(&v["code"].as_str().unwrap_or(""))
     })
     .await;
     let stale_url = format!("{u}/v1/cluster?stale=true");
-    wait_until(
-        Duration::from_secs(10),
-        "old leader offline in the stale view",
-        || async {
-            let (st, v) = get(&stale_url).await;
-            st == 200 && member(&v, &leader)["state"] == "offline"
-        },
-    )
+    wait_until(Duration::from_secs(10), "old leader offline in the stale view", || async {
+        let (st, v) = get(&stale_url).await;
+        st == 200 && member(&v, &leader)["state"] == "offline"
+    })
     .await;
-    let (st, v) = put(
-        &format!("{u}/v1/nodes/n1/attributes/x"),
-        json!({"value": "y"}),
-    )
-    .await;
+    let (st, v) = put(&format!("{u}/v1/nodes/n1/attributes/x"), json!({"value": "y"})).await;
     assert_eq!(st, 503, "{v}");
     let (st, _) = get(&format!("{u}/readyz")).await;
     assert!(st == 503 || st == 200);

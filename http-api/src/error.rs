@@ -44,21 +44,13 @@ pub enum ApiError {
     #[error("node {name} cannot be reached: {reason}")]
     NodeUnreachable { name: String, reason: String },
     #[error("node {name} at {url} already belongs to cluster {cluster_id}")]
-    NodeInOtherCluster {
-        name: String,
-        url: String,
-        cluster_id: String,
-    },
+    NodeInOtherCluster { name: String, url: String, cluster_id: String },
     #[error("node {name} has no attribute {key}")]
     AttributeNotFound { name: String, key: String },
     #[error("the cluster already has the maximum of {0} nodes")]
     TooManyNodes(usize),
     #[error("the agent at {url} is named {actual}, not {expected}")]
-    NameMismatch {
-        url: String,
-        expected: String,
-        actual: String,
-    },
+    NameMismatch { url: String, expected: String, actual: String },
     #[error("this node is not a member of any cluster")]
     NotMember,
     #[error("this node already belongs to cluster {0}")]
@@ -72,21 +64,13 @@ pub enum ApiError {
     #[error("a membership change is already in progress")]
     MembershipChangeInProgress,
     #[error("this request is for node {expected} of cluster {cluster}, but this is node {actual}")]
-    WrongNode {
-        expected: String,
-        cluster: String,
-        actual: String,
-    },
+    WrongNode { expected: String, cluster: String, actual: String },
     #[error("removing {0} would leave the cluster without enough voters to keep quorum")]
     WouldLoseQuorum(String),
     #[error("{url} refused the request with {code}: {message}")]
-    Refused {
-        url: String,
-        status: u16,
-        code: String,
-        message: String,
-        hint: String,
-    },
+    Refused { url: String, status: u16, code: String, message: String, hint: String },
+    #[error("vote request from node {0}, which is not a member of this cluster")]
+    UnknownPeer(u64),
     #[error("storage failure: {0}")]
     Storage(String),
     #[error("internal error: {0}")]
@@ -96,10 +80,9 @@ pub enum ApiError {
 impl ApiError {
     /// Every variant with its code, so docs and tests can enumerate them.
     pub const CODES: &'static [&'static str] = &[
-        "TND-1001", "TND-1002", "TND-1003", "TND-1004", "TND-1005", "TND-1006", "TND-1010",
-        "TND-1100", "TND-1101", "TND-1102", "TND-1103", "TND-1104", "TND-1105", "TND-1106",
-        "TND-1107", "TND-1200", "TND-1201", "TND-1202", "TND-1203", "TND-1204", "TND-1205",
-        "TND-1206", "TND-1207", "TND-1208", "TND-1900", "TND-1901",
+        "TND-1001", "TND-1002", "TND-1003", "TND-1004", "TND-1005", "TND-1006", "TND-1010", "TND-1100", "TND-1101",
+        "TND-1102", "TND-1103", "TND-1104", "TND-1105", "TND-1106", "TND-1107", "TND-1200", "TND-1201", "TND-1202",
+        "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209", "TND-1900", "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -129,6 +112,7 @@ impl ApiError {
             WrongNode { .. } => "TND-1206",
             WouldLoseQuorum(_) => "TND-1207",
             Refused { .. } => "TND-1208",
+            UnknownPeer(_) => "TND-1209",
             Storage(_) => "TND-1900",
             Internal(_) => "TND-1901",
         }
@@ -139,9 +123,7 @@ impl ApiError {
         match self {
             MalformedJson(_) | InvalidBody(_) | InvalidQuery(_) => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            RouteNotFound { .. } | NodeNotFound(_) | AttributeNotFound { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            RouteNotFound { .. } | NodeNotFound(_) | AttributeNotFound { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Invalid { .. } | NameMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             NodeExists(_)
@@ -151,15 +133,12 @@ impl ApiError {
             | TooManyNodes(_)
             | AlreadyMember(_)
             | WrongNode { .. }
+            | UnknownPeer(_)
             | WouldLoseQuorum(_) => StatusCode::CONFLICT,
-            NotMember
-            | NoLeader
-            | QuorumUnavailable(_)
-            | ForwardFailed { .. }
-            | MembershipChangeInProgress => StatusCode::SERVICE_UNAVAILABLE,
-            Refused { status, .. } => {
-                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
+            NotMember | NoLeader | QuorumUnavailable(_) | ForwardFailed { .. } | MembershipChangeInProgress => {
+                StatusCode::SERVICE_UNAVAILABLE
             }
+            Refused { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
             Storage(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -200,17 +179,18 @@ impl ApiError {
             WrongNode { .. } => "An address now belongs to another agent; fix the cluster's addresses.".into(),
             WouldLoseQuorum(_) => "Add or repair nodes first, so that a majority of voters stays available.".into(),
             Refused { hint, .. } => hint.clone(),
+            UnknownPeer(_) => {
+                "A removed node is still running with its old identity: stop it and wipe its data_dir, \
+                 or let it rejoin with `tandem cluster join`."
+                    .into()
+            }
             Storage(_) => "Check the node's data_dir (disk space, permissions) and its log.".into(),
             Internal(_) => "Report this with the agent's log; the request may be retried.".into(),
         }
     }
 
     pub fn body(&self) -> ErrorBody {
-        ErrorBody {
-            code: self.code().to_string(),
-            message: self.to_string(),
-            hint: self.hint(),
-        }
+        ErrorBody { code: self.code().to_string(), message: self.to_string(), hint: self.hint() }
     }
 }
 
@@ -220,13 +200,9 @@ impl From<CommandError> for ApiError {
             CommandError::AlreadyBootstrapped { cluster_id } => ApiError::AlreadyMember(cluster_id),
             CommandError::NotBootstrapped => ApiError::NotMember,
             CommandError::NodeExists { name } => ApiError::NodeExists(name),
-            CommandError::AddressInUse { address, name } => {
-                ApiError::AddressInUse { address, name }
-            }
+            CommandError::AddressInUse { address, name } => ApiError::AddressInUse { address, name },
             CommandError::NodeNotFound { name } => ApiError::NodeNotFound(name),
-            CommandError::AttributeNotFound { name, key } => {
-                ApiError::AttributeNotFound { name, key }
-            }
+            CommandError::AttributeNotFound { name, key } => ApiError::AttributeNotFound { name, key },
             CommandError::TooManyNodes { max } => ApiError::TooManyNodes(max),
             CommandError::Invalid { field, reason } => ApiError::Invalid { field, reason },
         }
@@ -243,8 +219,7 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (status, axum::Json(self.body())).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
@@ -262,10 +237,7 @@ mod tests {
         assert_eq!(codes.len(), ApiError::CODES.len());
         let doc = include_str!("../../docs/errors.md");
         for code in ApiError::CODES {
-            assert!(
-                doc.contains(&format!("## {code}")),
-                "{code} missing from docs/errors.md"
-            );
+            assert!(doc.contains(&format!("## {code}")), "{code} missing from docs/errors.md");
         }
     }
 
@@ -273,9 +245,6 @@ mod tests {
     fn service_unavailable_carries_retry_after() {
         let r = ApiError::NoLeader.into_response();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(
-            r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
-            Some(&b"1"[..])
-        );
+        assert_eq!(r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()), Some(&b"1"[..]));
     }
 }

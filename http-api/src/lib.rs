@@ -22,8 +22,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -42,15 +42,15 @@ pub const MAX_RAFT_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Header set on a request forwarded to the leader, naming the forwarder.
 pub const HEADER_FORWARDED: &str = "x-tandem-forwarded-by";
 /// How long a forwarded request may take at the leader.
-pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where a cluster-wide request is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// This node is the leader.
     Here,
-    /// Another node leads; its API base URL.
-    Leader(String),
+    /// Another node leads; the base URLs of its API, one per network path.
+    Leader(Vec<String>),
     /// A member, but no leader is known.
     NoLeader,
     /// Not a member of any cluster.
@@ -74,12 +74,7 @@ pub trait Backend: Send + Sync + 'static {
     async fn add_node(&self, req: JoinRequest) -> Result<NodeView, ApiError>;
     async fn remove_node(&self, name: &str, force: bool) -> Result<(), ApiError>;
     async fn set_admin_state(&self, name: &str, state: AdminState) -> Result<NodeView, ApiError>;
-    async fn set_attribute(
-        &self,
-        name: &str,
-        key: &str,
-        value: String,
-    ) -> Result<NodeView, ApiError>;
+    async fn set_attribute(&self, name: &str, key: &str, value: String) -> Result<NodeView, ApiError>;
     async fn delete_attribute(&self, name: &str, key: &str) -> Result<NodeView, ApiError>;
 
     async fn init(&self, req: InitRequest) -> Result<LocalView, ApiError>;
@@ -87,6 +82,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn adopt(&self, req: AdoptRequest) -> Result<LocalView, ApiError>;
     async fn release(&self, req: ReleaseRequest) -> Result<(), ApiError>;
 
+    /// Whether `id` is in this node's latest Raft membership.
+    fn is_member(&self, id: NodeId) -> bool;
     /// The local Raft instance, if it is the node `target` of `cluster`.
     fn raft_for(&self, target: NodeId, cluster: &str) -> Result<Raft, ApiError>;
 }
@@ -103,9 +100,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::BodyTooLarge {
-                    limit: MAX_BODY_BYTES,
-                }
+                ApiError::BodyTooLarge { limit: MAX_BODY_BYTES }
             } else {
                 ApiError::InvalidBody(e.body_text())
             }
@@ -115,11 +110,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let bytes = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        &b"{}"[..]
-    } else {
-        bytes
-    };
+    let bytes = if bytes.iter().all(|b| b.is_ascii_whitespace()) { &b"{}"[..] } else { bytes };
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::InvalidBody(e.to_string()),
         _ => ApiError::MalformedJson(e.to_string()),
@@ -150,8 +141,7 @@ fn serde_urlencoded_like<T: DeserializeOwned>(q: &str) -> Result<T, ApiError> {
         };
         map.insert(k.to_string(), value);
     }
-    serde_json::from_value(serde_json::Value::Object(map))
-        .map_err(|e| ApiError::InvalidQuery(e.to_string()))
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| ApiError::InvalidQuery(e.to_string()))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,14 +166,8 @@ struct NoParams {}
 
 /// Builds the full router: public API, internal Raft RPCs, OpenAPI.
 pub fn router(backend: SharedBackend) -> Router {
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap_or_default();
-    let forwarder = Forwarder {
-        backend: backend.clone(),
-        http,
-    };
+    let http = reqwest::Client::builder().no_proxy().build().unwrap_or_default();
+    let forwarder = Forwarder { backend: backend.clone(), http };
     let cluster_routes = Router::new()
         .route("/v1/cluster", get(get_cluster))
         .route("/v1/nodes", get(list_nodes).post(add_node))
@@ -191,10 +175,7 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/nodes/{name}/standby", post(set_standby))
         .route("/v1/nodes/{name}/online", post(set_online))
         .route("/v1/nodes/{name}/maintenance", post(set_maintenance))
-        .route(
-            "/v1/nodes/{name}/attributes/{key}",
-            put(set_attribute).delete(delete_attribute),
-        )
+        .route("/v1/nodes/{name}/attributes/{key}", put(set_attribute).delete(delete_attribute))
         .layer(middleware::from_fn_with_state(forwarder, route_to_leader))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let local_routes = Router::new()
@@ -235,11 +216,7 @@ async fn request_span(req: Request, next: Next) -> Response {
     async move {
         let start = std::time::Instant::now();
         let resp = next.run(req).await;
-        tracing::debug!(
-            status = resp.status().as_u16(),
-            elapsed_us = start.elapsed().as_micros() as u64,
-            "request"
-        );
+        tracing::debug!(status = resp.status().as_u16(), elapsed_us = start.elapsed().as_micros() as u64, "request");
         resp
     }
     .instrument(span)
@@ -247,17 +224,11 @@ async fn request_span(req: Request, next: Next) -> Response {
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::RouteNotFound {
-        method: method.to_string(),
-        path: uri.path().to_string(),
-    }
+    ApiError::RouteNotFound { method: method.to_string(), path: uri.path().to_string() }
 }
 
 async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::MethodNotAllowed {
-        method: method.to_string(),
-        path: uri.path().to_string(),
-    }
+    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_string() }
 }
 
 #[derive(Clone)]
@@ -266,12 +237,11 @@ struct Forwarder {
     http: reqwest::Client,
 }
 
+/// A GET whose query asks for the local copy. A query that does not parse is
+/// served locally too, so that the handler refuses it with TND-1004.
 fn wants_stale(req: &Request) -> bool {
     req.method() == Method::GET
-        && req.uri().query().is_some_and(|q| {
-            q.split('&')
-                .any(|p| p == "stale" || p == "stale=true" || p == "stale=1")
-        })
+        && serde_urlencoded_like::<ReadParams>(req.uri().query().unwrap_or("")).is_ok_and(|p| p.stale)
 }
 
 /// Sends cluster-wide requests to the leader: writes always, reads unless
@@ -285,57 +255,52 @@ async fn route_to_leader(State(fw): State<Forwarder>, req: Request, next: Next) 
         Route::Here => next.run(req).await,
         Route::NotMember => ApiError::NotMember.into_response(),
         Route::NoLeader => ApiError::NoLeader.into_response(),
-        Route::Leader(_) if req.headers().contains_key(HEADER_FORWARDED) => {
-            ApiError::NoLeader.into_response()
-        }
-        Route::Leader(url) => forward(&fw, &url, req)
-            .await
-            .unwrap_or_else(|e| e.into_response()),
+        Route::Leader(_) if req.headers().contains_key(HEADER_FORWARDED) => ApiError::NoLeader.into_response(),
+        Route::Leader(urls) => forward(&fw, &urls, req).await.unwrap_or_else(|e| e.into_response()),
     }
 }
 
-async fn forward(fw: &Forwarder, leader: &str, req: Request) -> Result<Response, ApiError> {
+/// Relays the request to the leader, trying its network paths in order
+/// until one connects (a connected path is never retried: the request may
+/// have been applied there).
+async fn forward(fw: &Forwarder, leader: &[String], req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let bytes = to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| ApiError::BodyTooLarge {
-            limit: MAX_BODY_BYTES,
-        })?;
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let url = format!("{leader}{path}");
+    let bytes = to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| ApiError::BodyTooLarge { limit: MAX_BODY_BYTES })?;
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
         .map_err(|e| ApiError::Internal(format!("method: {e}")))?;
-    let fail = |reason: String| ApiError::ForwardFailed {
-        url: leader.to_string(),
-        reason,
-    };
-    let resp = fw
-        .http
-        .request(method, &url)
-        .header(HEADER_FORWARDED, fw.backend.name())
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .timeout(FORWARD_TIMEOUT)
-        .body(bytes)
-        .send()
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let status = StatusCode::from_u16(resp.status().as_u16()).map_err(|e| fail(e.to_string()))?;
-    let mut headers = HeaderMap::new();
-    for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
-        if let Some(v) = resp
-            .headers()
-            .get(name.as_str())
-            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
-        {
-            headers.insert(name, v);
+    let mut last = ApiError::ForwardFailed { url: leader.join(","), reason: "the leader has no address".into() };
+    for base in leader {
+        let fail = |reason: String| ApiError::ForwardFailed { url: base.clone(), reason };
+        let sent = fw
+            .http
+            .request(method.clone(), format!("{base}{path}"))
+            .header(HEADER_FORWARDED, fw.backend.name())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .timeout(FORWARD_TIMEOUT)
+            .body(bytes.clone())
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(e) if e.is_connect() => {
+                last = fail(e.to_string());
+                continue;
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        let status = StatusCode::from_u16(resp.status().as_u16()).map_err(|e| fail(e.to_string()))?;
+        let mut headers = HeaderMap::new();
+        for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+            if let Some(v) = resp.headers().get(name.as_str()).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+            {
+                headers.insert(name, v);
+            }
         }
+        let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
+        return Ok((status, headers, Body::from(body)).into_response());
     }
-    let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
-    Ok((status, headers, Body::from(body)).into_response())
+    Err(last)
 }
 
 // ---- local routes ----
@@ -343,9 +308,7 @@ async fn forward(fw: &Forwarder, leader: &str, req: Request) -> Result<Response,
 #[utoipa::path(get, path = "/healthz", tag = "health",
     responses((status = 200, description = "The agent process is up", body = Health)))]
 async fn healthz() -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-    })
+    Json(Health { status: "ok".into() })
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "health",
@@ -353,17 +316,12 @@ async fn healthz() -> Json<Health> {
               (status = 503, description = "Not a member, or no leader", body = ErrorBody)))]
 async fn readyz(State(b): State<SharedBackend>) -> Result<Json<Health>, ApiError> {
     b.ready()?;
-    Ok(Json(Health {
-        status: "ready".into(),
-    }))
+    Ok(Json(Health { status: "ready".into() }))
 }
 
 #[utoipa::path(get, path = "/v1/local", tag = "cluster",
     responses((status = 200, description = "This agent, member or not", body = LocalView)))]
-async fn get_local(
-    State(b): State<SharedBackend>,
-    ApiQuery(_): ApiQuery<NoParams>,
-) -> Json<LocalView> {
+async fn get_local(State(b): State<SharedBackend>, ApiQuery(_): ApiQuery<NoParams>) -> Json<LocalView> {
     Json(b.local())
 }
 
@@ -450,9 +408,7 @@ async fn add_node(
     State(b): State<SharedBackend>,
     ApiJson(req): ApiJson<JoinRequest>,
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
-    b.add_node(req)
-        .await
-        .map(|n| (StatusCode::CREATED, Json(n)))
+    b.add_node(req).await.map(|n| (StatusCode::CREATED, Json(n)))
 }
 
 #[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "nodes",
@@ -465,46 +421,31 @@ async fn remove_node(
     Path(name): Path<String>,
     ApiQuery(p): ApiQuery<RemoveParams>,
 ) -> Result<StatusCode, ApiError> {
-    b.remove_node(&name, p.force)
-        .await
-        .map(|_| StatusCode::NO_CONTENT)
+    b.remove_node(&name, p.force).await.map(|_| StatusCode::NO_CONTENT)
 }
 
-async fn admin(
-    b: SharedBackend,
-    name: String,
-    state: AdminState,
-) -> Result<Json<NodeView>, ApiError> {
+async fn admin(b: SharedBackend, name: String, state: AdminState) -> Result<Json<NodeView>, ApiError> {
     b.set_admin_state(&name, state).await.map(Json)
 }
 
 #[utoipa::path(post, path = "/v1/nodes/{name}/standby", tag = "nodes", params(("name" = String, Path)),
     responses((status = 200, description = "The node runs nothing from now on", body = NodeView),
               (status = 404, description = "No such node", body = ErrorBody)))]
-async fn set_standby(
-    State(b): State<SharedBackend>,
-    Path(name): Path<String>,
-) -> Result<Json<NodeView>, ApiError> {
+async fn set_standby(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
     admin(b, name, AdminState::Standby).await
 }
 
 #[utoipa::path(post, path = "/v1/nodes/{name}/online", tag = "nodes", params(("name" = String, Path)),
     responses((status = 200, description = "The node may run resources", body = NodeView),
               (status = 404, description = "No such node", body = ErrorBody)))]
-async fn set_online(
-    State(b): State<SharedBackend>,
-    Path(name): Path<String>,
-) -> Result<Json<NodeView>, ApiError> {
+async fn set_online(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
     admin(b, name, AdminState::Online).await
 }
 
 #[utoipa::path(post, path = "/v1/nodes/{name}/maintenance", tag = "nodes", params(("name" = String, Path)),
     responses((status = 200, description = "The node's resources are left alone and not monitored", body = NodeView),
               (status = 404, description = "No such node", body = ErrorBody)))]
-async fn set_maintenance(
-    State(b): State<SharedBackend>,
-    Path(name): Path<String>,
-) -> Result<Json<NodeView>, ApiError> {
+async fn set_maintenance(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<NodeView>, ApiError> {
     admin(b, name, AdminState::Maintenance).await
 }
 
@@ -562,6 +503,13 @@ async fn raft_vote(
     ApiJson(rpc): ApiJson<VoteRequest<NodeId>>,
 ) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
+    // A removed node that comes back with its old identity must not disturb
+    // the cluster with elections: only members may ask for votes.
+    if let Some(candidate) = rpc.vote.leader_id().voted_for() {
+        if !b.is_member(candidate) {
+            return Err(ApiError::UnknownPeer(candidate));
+        }
+    }
     Ok(Json(raft.vote(rpc).await))
 }
 
@@ -569,10 +517,7 @@ async fn raft_snapshot(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
     ApiJson(rpc): ApiJson<InstallSnapshotRequest<TypeConfig>>,
-) -> Result<
-    Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>,
-    ApiError,
-> {
+) -> Result<Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
     Ok(Json(raft.install_snapshot(rpc).await))
 }
@@ -632,22 +577,13 @@ mod tests {
 
     #[test]
     fn json_errors_are_classified() {
-        assert!(matches!(
-            parse_json::<T>(b"{\"a\": 1"),
-            Err(ApiError::MalformedJson(_))
-        ));
-        assert!(matches!(
-            parse_json::<T>(b"not json"),
-            Err(ApiError::MalformedJson(_))
-        ));
+        assert!(matches!(parse_json::<T>(b"{\"a\": 1"), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(parse_json::<T>(b"not json"), Err(ApiError::MalformedJson(_))));
         match parse_json::<T>(b"{\"a\": 1, \"b\": 2}") {
             Err(ApiError::InvalidBody(m)) => assert!(m.contains("unknown field `b`"), "{m}"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            parse_json::<T>(b"{\"a\": \"x\"}"),
-            Err(ApiError::InvalidBody(_))
-        ));
+        assert!(matches!(parse_json::<T>(b"{\"a\": \"x\"}"), Err(ApiError::InvalidBody(_))));
         assert_eq!(parse_json::<T>(b"{\"a\": 7}"), Ok(T { a: 7 }));
     }
 
@@ -657,28 +593,17 @@ mod tests {
         assert!(p.stale);
         let p: ReadParams = serde_urlencoded_like("").unwrap();
         assert!(!p.stale);
-        assert!(matches!(
-            serde_urlencoded_like::<ReadParams>("bogus=1"),
-            Err(ApiError::InvalidQuery(_))
-        ));
-        assert!(matches!(
-            serde_urlencoded_like::<ReadParams>("stale=maybe"),
-            Err(ApiError::InvalidQuery(_))
-        ));
+        assert!(matches!(serde_urlencoded_like::<ReadParams>("bogus=1"), Err(ApiError::InvalidQuery(_))));
+        assert!(matches!(serde_urlencoded_like::<ReadParams>("stale=maybe"), Err(ApiError::InvalidQuery(_))));
     }
 
     #[test]
     fn openapi_lists_every_public_route() {
         let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
         let paths = doc["paths"].as_object().unwrap();
-        for p in [
-            "/v1/cluster",
-            "/v1/nodes",
-            "/v1/nodes/{name}",
-            "/v1/nodes/{name}/standby",
-            "/readyz",
-            "/v1/cluster/join",
-        ] {
+        for p in
+            ["/v1/cluster", "/v1/nodes", "/v1/nodes/{name}", "/v1/nodes/{name}/standby", "/readyz", "/v1/cluster/join"]
+        {
             assert!(paths.contains_key(p), "{p} missing from openapi.json");
         }
     }

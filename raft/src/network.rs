@@ -11,13 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -99,18 +97,14 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let body = serde_json::to_vec(req).map_err(|e| {
-            RPCError::Network(NetworkError::new(&TransportError(format!("encode: {e}"))))
-        })?;
+        let body = serde_json::to_vec(req)
+            .map_err(|e| RPCError::Network(NetworkError::new(&TransportError(format!("encode: {e}")))))?;
         let n = self.urls.len().max(1);
         let first = self.preferred.load(Ordering::Relaxed) % n;
         let mut last = Failure::Unreachable(format!("node {} has no address", self.target));
         for k in 0..self.urls.len() {
             let i = (first + k) % n;
-            match self
-                .attempt::<Resp, E>(&self.urls[i], path, body.clone(), ttl)
-                .await
-            {
+            match self.attempt::<Resp, E>(&self.urls[i], path, body.clone(), ttl).await {
                 Ok(r) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     return r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)));
@@ -159,20 +153,14 @@ impl PeerClient {
                 }
             })?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| Failure::Network(format!("{base}: {e}")))?;
+        let bytes = resp.bytes().await.map_err(|e| Failure::Network(format!("{base}: {e}")))?;
         if !status.is_success() {
             // Not a Raft answer: the process there is not (yet) the node we
             // want, e.g. not initialized or another node's id. Back off.
             let text = String::from_utf8_lossy(&bytes);
-            return Err(Failure::Unreachable(format!(
-                "{base}: HTTP {status}: {text}"
-            )));
+            return Err(Failure::Unreachable(format!("{base}: HTTP {status}: {text}")));
         }
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Failure::Network(format!("{base}: bad reply: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| Failure::Network(format!("{base}: bad reply: {e}")))
     }
 }
 
@@ -189,10 +177,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, Peer, RaftError<NodeId, InstallSnapshotError>>,
-    > {
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Peer, RaftError<NodeId, InstallSnapshotError>>> {
         self.call(PATH_SNAPSHOT, &rpc, option.hard_ttl()).await
     }
 

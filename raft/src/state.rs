@@ -79,10 +79,7 @@ impl NodeRecord {
 
 /// Base URLs of an API listening on `port` at each of `addresses`.
 pub fn api_urls(addresses: &[String], port: u16) -> Vec<String> {
-    addresses
-        .iter()
-        .map(|a| format!("http://{}", socket_addr(a, port)))
-        .collect()
+    addresses.iter().map(|a| format!("http://{}", socket_addr(a, port))).collect()
 }
 
 /// `host:port`, bracketing IPv6 literals.
@@ -217,26 +214,17 @@ pub struct ClusterState {
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> CommandError {
-    CommandError::Invalid {
-        field: field.to_string(),
-        reason: reason.into(),
-    }
+    CommandError::Invalid { field: field.to_string(), reason: reason.into() }
 }
 
 /// A node name, site or attribute key: 1-63 chars of `[a-z0-9._-]`, starting
 /// with a letter or digit (safe in URLs, file names and DNS labels).
 pub fn validate_name(field: &str, name: &str) -> Result<(), CommandError> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(invalid(
-            field,
-            format!("must be 1 to {MAX_NAME_LEN} characters"),
-        ));
+        return Err(invalid(field, format!("must be 1 to {MAX_NAME_LEN} characters")));
     }
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
-    let first_ok = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let first_ok = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if !first_ok || !name.chars().all(ok_char) {
         return Err(invalid(
             field,
@@ -253,29 +241,16 @@ pub fn validate_spec(spec: &NodeSpec) -> Result<(), CommandError> {
         return Err(invalid("addresses", "at least one address is required"));
     }
     if spec.addresses.len() > MAX_ADDRESSES {
-        return Err(invalid(
-            "addresses",
-            format!("at most {MAX_ADDRESSES} addresses"),
-        ));
+        return Err(invalid("addresses", format!("at most {MAX_ADDRESSES} addresses")));
     }
     for (i, a) in spec.addresses.iter().enumerate() {
-        let ip: std::net::IpAddr = a.parse().map_err(|_| {
-            invalid(
-                &format!("addresses[{i}]"),
-                format!("{a:?} is not an IP address"),
-            )
-        })?;
+        let ip: std::net::IpAddr =
+            a.parse().map_err(|_| invalid(&format!("addresses[{i}]"), format!("{a:?} is not an IP address")))?;
         if ip.is_unspecified() || ip.is_multicast() {
-            return Err(invalid(
-                &format!("addresses[{i}]"),
-                format!("{a} cannot be a node address"),
-            ));
+            return Err(invalid(&format!("addresses[{i}]"), format!("{a} cannot be a node address")));
         }
         if spec.addresses[..i].contains(a) {
-            return Err(invalid(
-                &format!("addresses[{i}]"),
-                format!("{a} is listed twice"),
-            ));
+            return Err(invalid(&format!("addresses[{i}]"), format!("{a} is listed twice")));
         }
     }
     if spec.port == 0 {
@@ -293,11 +268,7 @@ impl ClusterState {
     }
 
     fn node_id_by_name(&self, name: &str) -> Result<NodeId, CommandError> {
-        self.node_by_name(name)
-            .map(|n| n.id)
-            .ok_or_else(|| CommandError::NodeNotFound {
-                name: name.to_string(),
-            })
+        self.node_by_name(name).map(|n| n.id).ok_or_else(|| CommandError::NodeNotFound { name: name.to_string() })
     }
 
     /// Refuses a spec that clashes with an existing node (name or endpoint).
@@ -307,9 +278,7 @@ impl ClusterState {
             return Err(CommandError::TooManyNodes { max: MAX_NODES });
         }
         if self.node_by_name(&spec.name).is_some() {
-            return Err(CommandError::NodeExists {
-                name: spec.name.clone(),
-            });
+            return Err(CommandError::NodeExists { name: spec.name.clone() });
         }
         for n in self.nodes.values() {
             if n.port == spec.port {
@@ -339,16 +308,9 @@ impl ClusterState {
 
     /// Applies one command. On `Err` the state is unchanged.
     pub fn apply(&mut self, cmd: &Command) -> Result<Reply, CommandError> {
-        if let Command::Bootstrap {
-            cluster_id,
-            node_id,
-            node,
-        } = cmd
-        {
+        if let Command::Bootstrap { cluster_id, node_id, node } = cmd {
             if let Some(existing) = &self.cluster_id {
-                return Err(CommandError::AlreadyBootstrapped {
-                    cluster_id: existing.clone(),
-                });
+                return Err(CommandError::AlreadyBootstrapped { cluster_id: existing.clone() });
             }
             if cluster_id.is_empty() {
                 return Err(invalid("cluster_id", "must not be empty"));
@@ -387,37 +349,22 @@ impl ClusterState {
                 let id = self.node_id_by_name(name)?;
                 validate_name("key", key)?;
                 if value.len() > MAX_ATTRIBUTE_VALUE_LEN {
-                    return Err(invalid(
-                        "value",
-                        format!("at most {MAX_ATTRIBUTE_VALUE_LEN} bytes"),
-                    ));
+                    return Err(invalid("value", format!("at most {MAX_ATTRIBUTE_VALUE_LEN} bytes")));
                 }
-                let node = self
-                    .nodes
-                    .get_mut(&id)
-                    .ok_or_else(|| CommandError::NodeNotFound { name: name.clone() })?;
+                let node = self.nodes.get_mut(&id).ok_or_else(|| CommandError::NodeNotFound { name: name.clone() })?;
                 if !node.attributes.contains_key(key) && node.attributes.len() >= MAX_ATTRIBUTES {
-                    return Err(invalid(
-                        "key",
-                        format!("a node carries at most {MAX_ATTRIBUTES} attributes"),
-                    ));
+                    return Err(invalid("key", format!("a node carries at most {MAX_ATTRIBUTES} attributes")));
                 }
                 node.attributes.insert(key.clone(), value.clone());
                 Ok(Reply::Done)
             }
             Command::DeleteAttribute { name, key } => {
                 let id = self.node_id_by_name(name)?;
-                let node = self
-                    .nodes
-                    .get_mut(&id)
-                    .ok_or_else(|| CommandError::NodeNotFound { name: name.clone() })?;
+                let node = self.nodes.get_mut(&id).ok_or_else(|| CommandError::NodeNotFound { name: name.clone() })?;
                 node.attributes
                     .remove(key)
                     .map(|_| Reply::Done)
-                    .ok_or_else(|| CommandError::AttributeNotFound {
-                        name: name.clone(),
-                        key: key.clone(),
-                    })
+                    .ok_or_else(|| CommandError::AttributeNotFound { name: name.clone(), key: key.clone() })
             }
         }
     }
@@ -429,23 +376,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn spec(name: &str, addr: &str, port: u16) -> NodeSpec {
-        NodeSpec {
-            name: name.into(),
-            addresses: vec![addr.into()],
-            port,
-            site: None,
-            witness: false,
-        }
+        NodeSpec { name: name.into(), addresses: vec![addr.into()], port, site: None, witness: false }
     }
 
     fn booted() -> ClusterState {
         let mut s = ClusterState::default();
-        s.apply(&Command::Bootstrap {
-            cluster_id: "c1".into(),
-            node_id: 1,
-            node: spec("node1", "127.0.0.1", 7401),
-        })
-        .unwrap();
+        s.apply(&Command::Bootstrap { cluster_id: "c1".into(), node_id: 1, node: spec("node1", "127.0.0.1", 7401) })
+            .unwrap();
         s
     }
 
@@ -453,15 +390,11 @@ mod tests {
     fn bootstrap_then_add_assigns_increasing_ids() {
         let mut s = booted();
         assert_eq!(
-            s.apply(&Command::AddNode {
-                node: spec("node2", "127.0.0.1", 7402)
-            }),
+            s.apply(&Command::AddNode { node: spec("node2", "127.0.0.1", 7402) }),
             Ok(Reply::NodeAdded { id: 2 })
         );
         assert_eq!(
-            s.apply(&Command::AddNode {
-                node: spec("node3", "127.0.0.1", 7403)
-            }),
+            s.apply(&Command::AddNode { node: spec("node3", "127.0.0.1", 7403) }),
             Ok(Reply::NodeAdded { id: 3 })
         );
         assert_eq!(s.nodes.len(), 3);
@@ -471,18 +404,10 @@ mod tests {
     #[test]
     fn ids_are_never_reused() {
         let mut s = booted();
-        s.apply(&Command::AddNode {
-            node: spec("node2", "127.0.0.1", 7402),
-        })
-        .unwrap();
-        s.apply(&Command::RemoveNode {
-            name: "node2".into(),
-        })
-        .unwrap();
+        s.apply(&Command::AddNode { node: spec("node2", "127.0.0.1", 7402) }).unwrap();
+        s.apply(&Command::RemoveNode { name: "node2".into() }).unwrap();
         assert_eq!(
-            s.apply(&Command::AddNode {
-                node: spec("node2", "127.0.0.1", 7402)
-            }),
+            s.apply(&Command::AddNode { node: spec("node2", "127.0.0.1", 7402) }),
             Ok(Reply::NodeAdded { id: 3 })
         );
     }
@@ -490,12 +415,7 @@ mod tests {
     #[test]
     fn commands_before_bootstrap_are_refused() {
         let mut s = ClusterState::default();
-        assert_eq!(
-            s.apply(&Command::AddNode {
-                node: spec("a", "127.0.0.1", 1)
-            }),
-            Err(CommandError::NotBootstrapped)
-        );
+        assert_eq!(s.apply(&Command::AddNode { node: spec("a", "127.0.0.1", 1) }), Err(CommandError::NotBootstrapped));
         assert_eq!(s, ClusterState::default());
     }
 
@@ -503,17 +423,8 @@ mod tests {
     fn second_bootstrap_is_refused() {
         let mut s = booted();
         let before = s.clone();
-        let r = s.apply(&Command::Bootstrap {
-            cluster_id: "c2".into(),
-            node_id: 9,
-            node: spec("x", "127.0.0.2", 1),
-        });
-        assert_eq!(
-            r,
-            Err(CommandError::AlreadyBootstrapped {
-                cluster_id: "c1".into()
-            })
-        );
+        let r = s.apply(&Command::Bootstrap { cluster_id: "c2".into(), node_id: 9, node: spec("x", "127.0.0.2", 1) });
+        assert_eq!(r, Err(CommandError::AlreadyBootstrapped { cluster_id: "c1".into() }));
         assert_eq!(s, before);
     }
 
@@ -521,28 +432,15 @@ mod tests {
     fn duplicate_name_and_endpoint_are_refused() {
         let mut s = booted();
         assert_eq!(
-            s.apply(&Command::AddNode {
-                node: spec("node1", "127.0.0.2", 7401)
-            }),
-            Err(CommandError::NodeExists {
-                name: "node1".into()
-            })
+            s.apply(&Command::AddNode { node: spec("node1", "127.0.0.2", 7401) }),
+            Err(CommandError::NodeExists { name: "node1".into() })
         );
         assert_eq!(
-            s.apply(&Command::AddNode {
-                node: spec("node9", "127.0.0.1", 7401)
-            }),
-            Err(CommandError::AddressInUse {
-                address: "127.0.0.1:7401".into(),
-                name: "node1".into()
-            })
+            s.apply(&Command::AddNode { node: spec("node9", "127.0.0.1", 7401) }),
+            Err(CommandError::AddressInUse { address: "127.0.0.1:7401".into(), name: "node1".into() })
         );
         // Same address, other port: a second agent on the same host is fine.
-        assert!(s
-            .apply(&Command::AddNode {
-                node: spec("node9", "127.0.0.1", 7409)
-            })
-            .is_ok());
+        assert!(s.apply(&Command::AddNode { node: spec("node9", "127.0.0.1", 7409) }).is_ok());
     }
 
     #[test]
@@ -561,10 +459,7 @@ mod tests {
         bad(|s| s.name = "a".repeat(64), "name");
         bad(|s| s.addresses.clear(), "addresses");
         bad(|s| s.addresses = vec!["not-an-ip".into()], "addresses[0]");
-        bad(
-            |s| s.addresses = vec!["10.0.0.1".into(), "10.0.0.1".into()],
-            "addresses[1]",
-        );
+        bad(|s| s.addresses = vec!["10.0.0.1".into(), "10.0.0.1".into()], "addresses[1]");
         bad(|s| s.addresses = vec!["0.0.0.0".into()], "addresses[0]");
         bad(|s| s.port = 0, "port");
         bad(|s| s.site = Some("Site A".into()), "site");
@@ -573,40 +468,22 @@ mod tests {
     #[test]
     fn attributes_set_and_delete() {
         let mut s = booted();
-        let set = Command::SetAttribute {
-            name: "node1".into(),
-            key: "disk".into(),
-            value: "ssd".into(),
-        };
+        let set = Command::SetAttribute { name: "node1".into(), key: "disk".into(), value: "ssd".into() };
         assert_eq!(s.apply(&set), Ok(Reply::Done));
         assert_eq!(s.nodes[&1].attributes["disk"], "ssd");
-        let del = Command::DeleteAttribute {
-            name: "node1".into(),
-            key: "disk".into(),
-        };
+        let del = Command::DeleteAttribute { name: "node1".into(), key: "disk".into() };
         assert_eq!(s.apply(&del), Ok(Reply::Done));
-        assert_eq!(
-            s.apply(&del),
-            Err(CommandError::AttributeNotFound {
-                name: "node1".into(),
-                key: "disk".into()
-            })
-        );
+        assert_eq!(s.apply(&del), Err(CommandError::AttributeNotFound { name: "node1".into(), key: "disk".into() }));
     }
 
     #[test]
     fn node_limit_is_enforced() {
         let mut s = booted();
         for i in 2..=MAX_NODES {
-            s.apply(&Command::AddNode {
-                node: spec(&format!("n{i}"), "127.0.0.1", i as u16 + 8000),
-            })
-            .unwrap();
+            s.apply(&Command::AddNode { node: spec(&format!("n{i}"), "127.0.0.1", i as u16 + 8000) }).unwrap();
         }
         assert_eq!(
-            s.apply(&Command::AddNode {
-                node: spec("one-too-many", "127.0.0.1", 9999)
-            }),
+            s.apply(&Command::AddNode { node: spec("one-too-many", "127.0.0.1", 9999) }),
             Err(CommandError::TooManyNodes { max: MAX_NODES })
         );
     }
@@ -617,13 +494,7 @@ mod tests {
     fn version_1_log_encoding_still_decodes() {
         let golden = r#"{"v":"1","cmd":{"set_admin_state":{"name":"node2","state":"standby"}}}"#;
         let decoded: VersionedCommand = serde_json::from_str(golden).unwrap();
-        assert_eq!(
-            decoded.into_current(),
-            Command::SetAdminState {
-                name: "node2".into(),
-                state: AdminState::Standby
-            }
-        );
+        assert_eq!(decoded.into_current(), Command::SetAdminState { name: "node2".into(), state: AdminState::Standby });
         let add = r#"{"v":"1","cmd":{"add_node":{"node":{"name":"n","addresses":["10.1.1.1"],"port":7401,"site":null,"witness":true}}}}"#;
         let decoded: VersionedCommand = serde_json::from_str(add).unwrap();
         assert!(matches!(decoded.into_current(), Command::AddNode { node } if node.witness));
@@ -655,25 +526,17 @@ mod tests {
     }
 
     fn arb_command() -> impl Strategy<Value = Command> {
-        let arb_spec = (
-            arb_name(),
-            prop_oneof![Just("127.0.0.1"), Just("10.0.0.1"), Just("nope")],
-            7400u16..7404,
-            any::<bool>(),
-        )
-            .prop_map(|(name, a, port, witness)| NodeSpec {
-                name,
-                addresses: vec![a.to_string()],
-                port,
-                site: None,
-                witness,
-            })
-            .boxed();
-        let arb_state = prop_oneof![
-            Just(AdminState::Online),
-            Just(AdminState::Standby),
-            Just(AdminState::Maintenance)
-        ];
+        let arb_spec =
+            (arb_name(), prop_oneof![Just("127.0.0.1"), Just("10.0.0.1"), Just("nope")], 7400u16..7404, any::<bool>())
+                .prop_map(|(name, a, port, witness)| NodeSpec {
+                    name,
+                    addresses: vec![a.to_string()],
+                    port,
+                    site: None,
+                    witness,
+                })
+                .boxed();
+        let arb_state = prop_oneof![Just(AdminState::Online), Just(AdminState::Standby), Just(AdminState::Maintenance)];
         prop_oneof![
             (arb_spec.clone(), 1u64..4).prop_map(|(node, id)| Command::Bootstrap {
                 cluster_id: "c".into(),
@@ -682,19 +545,10 @@ mod tests {
             }),
             arb_spec.prop_map(|node| Command::AddNode { node }),
             arb_name().prop_map(|name| Command::RemoveNode { name }),
-            (arb_name(), arb_state)
-                .prop_map(|(name, state)| Command::SetAdminState { name, state }),
-            (arb_name(), prop_oneof![Just("k"), Just("K!")], "[a-z]{0,3}").prop_map(
-                |(name, key, value)| Command::SetAttribute {
-                    name,
-                    key: key.into(),
-                    value
-                }
-            ),
-            (arb_name(), Just("k")).prop_map(|(name, key)| Command::DeleteAttribute {
-                name,
-                key: key.into()
-            }),
+            (arb_name(), arb_state).prop_map(|(name, state)| Command::SetAdminState { name, state }),
+            (arb_name(), prop_oneof![Just("k"), Just("K!")], "[a-z]{0,3}")
+                .prop_map(|(name, key, value)| Command::SetAttribute { name, key: key.into(), value }),
+            (arb_name(), Just("k")).prop_map(|(name, key)| Command::DeleteAttribute { name, key: key.into() }),
         ]
     }
 

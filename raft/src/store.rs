@@ -16,12 +16,10 @@ use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, Entry, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
-    StorageIOError, StoredMembership, Vote,
+    AnyError, Entry, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
+    StoredMembership, Vote,
 };
-use rocksdb::{
-    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
-};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{ClusterState, CommandResult, Reply};
@@ -42,17 +40,11 @@ const KEY_SNAPSHOT: &[u8] = b"snapshot";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("RocksDB at {path}: {source}")]
-    Open {
-        path: String,
-        source: rocksdb::Error,
-    },
+    Open { path: String, source: rocksdb::Error },
     #[error("RocksDB: {0}")]
     Db(#[from] rocksdb::Error),
     #[error("corrupt {what} record: {source}")]
-    Corrupt {
-        what: &'static str,
-        source: serde_json::Error,
-    },
+    Corrupt { what: &'static str, source: serde_json::Error },
 }
 
 /// Who this node is in which cluster; written once when the node is
@@ -90,20 +82,15 @@ impl Db {
         opts.set_max_background_jobs(2);
         opts.set_write_buffer_size(4 << 20);
         opts.set_keep_log_file_num(3);
-        let cfs =
-            [CF_LOG, CF_META, CF_SM].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let cfs = [CF_LOG, CF_META, CF_SM].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs)
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         Ok(Db { db: Arc::new(db) })
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         // The three families are created at open: their absence is a bug.
-        self.db
-            .cf_handle(name)
-            .expect("column family created at open")
+        self.db.cf_handle(name).expect("column family created at open")
     }
 
     fn get_json<T: for<'a> Deserialize<'a>>(
@@ -114,9 +101,9 @@ impl Db {
     ) -> Result<Option<T>, StoreError> {
         match self.db.get_cf(self.cf(cf), key)? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| StoreError::Corrupt { what, source }),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::Corrupt { what, source })
+            }
         }
     }
 
@@ -125,12 +112,8 @@ impl Db {
     }
 
     pub fn set_identity(&self, id: &Identity) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(id).map_err(|source| StoreError::Corrupt {
-            what: "identity",
-            source,
-        })?;
-        self.db
-            .put_cf_opt(self.cf(CF_META), KEY_IDENTITY, bytes, &sync_opts())?;
+        let bytes = serde_json::to_vec(id).map_err(|source| StoreError::Corrupt { what: "identity", source })?;
+        self.db.put_cf_opt(self.cf(CF_META), KEY_IDENTITY, bytes, &sync_opts())?;
         Ok(())
     }
 
@@ -152,14 +135,9 @@ impl Db {
     /// The log store and state machine openraft drives, plus a read handle
     /// on the applied state for the API.
     pub fn raft_storage(&self) -> Result<(LogStore, StateMachineStore, StateHandle), StoreError> {
-        let data: StateMachineData = self
-            .get_json(CF_SM, KEY_STATE, "state machine")?
-            .unwrap_or_default();
+        let data: StateMachineData = self.get_json(CF_SM, KEY_STATE, "state machine")?.unwrap_or_default();
         let handle = StateHandle(Arc::new(RwLock::new(data)));
-        let sm = StateMachineStore {
-            db: self.clone(),
-            data: handle.clone(),
-        };
+        let sm = StateMachineStore { db: self.clone(), data: handle.clone() };
         Ok((LogStore { db: self.clone() }, sm, handle))
     }
 }
@@ -216,9 +194,7 @@ pub struct LogStore {
 
 impl LogStore {
     fn meta<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
-        self.db
-            .get_json(CF_META, key, "raft meta")
-            .map_err(|e| StorageIOError::read(io_err(e)).into())
+        self.db.get_json(CF_META, key, "raft meta").map_err(|e| StorageIOError::read(io_err(e)).into())
     }
 
     fn put_meta<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), StorageError> {
@@ -242,18 +218,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let cf = self.db.cf(CF_LOG);
         let mut out = Vec::new();
-        for item in self
-            .db
-            .db
-            .iterator_cf(cf, IteratorMode::From(&log_key(start), Direction::Forward))
-        {
+        for item in self.db.db.iterator_cf(cf, IteratorMode::From(&log_key(start), Direction::Forward)) {
             let (k, v) = item.map_err(|e| StorageIOError::read_logs(io_err(e)))?;
             let Some(idx) = key_index(&k) else { continue };
             if !range.contains(&idx) {
                 break;
             }
-            let entry: Entry<TypeConfig> = serde_json::from_slice(&v)
-                .map_err(|e| StorageIOError::read_log_at_index(idx, io_err(e)))?;
+            let entry: Entry<TypeConfig> =
+                serde_json::from_slice(&v).map_err(|e| StorageIOError::read_log_at_index(idx, io_err(e)))?;
             out.push(entry);
         }
         Ok(out)
@@ -275,10 +247,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 Some(entry.log_id)
             }
         };
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id: last.or(last_purged_log_id),
-        })
+        Ok(LogState { last_purged_log_id, last_log_id: last.or(last_purged_log_id) })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -301,11 +270,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -313,16 +278,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let cf = self.db.cf(CF_LOG);
         let mut batch = WriteBatch::default();
         for entry in entries {
-            let bytes =
-                serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+            let bytes = serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
             batch.put_cf(cf, log_key(entry.log_id.index), bytes);
         }
         let res = self.db.db.write_opt(batch, &sync_opts());
-        callback.log_io_completed(
-            res.as_ref()
-                .map(|_| ())
-                .map_err(|e| std::io::Error::other(e.to_string())),
-        );
+        callback.log_io_completed(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
         res.map_err(|e| StorageIOError::write_logs(io_err(e)).into())
     }
 
@@ -331,10 +291,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cf, log_key(log_id.index), log_key(u64::MAX));
         batch.delete_cf(cf, log_key(u64::MAX));
-        self.db
-            .db
-            .write_opt(batch, &sync_opts())
-            .map_err(|e| StorageIOError::write_logs(io_err(e)).into())
+        self.db.db.write_opt(batch, &sync_opts()).map_err(|e| StorageIOError::write_logs(io_err(e)).into())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -365,8 +322,7 @@ pub struct StateMachineStore {
 
 impl StateMachineStore {
     fn persist(&self, data: &StateMachineData) -> Result<(), StorageError> {
-        let bytes =
-            serde_json::to_vec(data).map_err(|e| StorageIOError::write_state_machine(io_err(e)))?;
+        let bytes = serde_json::to_vec(data).map_err(|e| StorageIOError::write_state_machine(io_err(e)))?;
         self.db
             .db
             .put_cf(self.db.cf(CF_SM), KEY_STATE, bytes)
@@ -375,8 +331,7 @@ impl StateMachineStore {
 
     fn save_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError> {
         let sig = Some(snap.meta.signature());
-        let bytes = serde_json::to_vec(snap)
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), io_err(e)))?;
+        let bytes = serde_json::to_vec(snap).map_err(|e| StorageIOError::write_snapshot(sig.clone(), io_err(e)))?;
         self.db
             .db
             .put_cf_opt(self.db.cf(CF_SM), KEY_SNAPSHOT, bytes, &sync_opts())
@@ -387,38 +342,23 @@ impl StateMachineStore {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let data = self.data.read(|d| d.clone());
-        let bytes =
-            serde_json::to_vec(&data).map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
+        let bytes = serde_json::to_vec(&data).map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
         let snapshot_id = match data.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.leader_id.node_id, l.index),
             None => "empty".to_string(),
         };
-        let meta = SnapshotMeta {
-            last_log_id: data.last_applied,
-            last_membership: data.last_membership,
-            snapshot_id,
-        };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: bytes.clone(),
-        };
+        let meta = SnapshotMeta { last_log_id: data.last_applied, last_membership: data.last_membership, snapshot_id };
+        let stored = StoredSnapshot { meta: meta.clone(), data: bytes.clone() };
         self.save_snapshot(&stored)?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(bytes)),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership<NodeId, Peer>), StorageError> {
-        Ok(self
-            .data
-            .read(|d| (d.last_applied, d.last_membership.clone())))
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership<NodeId, Peer>), StorageError> {
+        Ok(self.data.read(|d| (d.last_applied, d.last_membership.clone())))
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
@@ -465,10 +405,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
         data.last_applied = meta.last_log_id;
         data.last_membership = meta.last_membership.clone();
-        self.save_snapshot(&StoredSnapshot {
-            meta: meta.clone(),
-            data: bytes,
-        })?;
+        self.save_snapshot(&StoredSnapshot { meta: meta.clone(), data: bytes })?;
         self.persist(&data)?;
         self.data.replace(data);
         Ok(())
@@ -479,10 +416,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .db
             .get_json(CF_SM, KEY_SNAPSHOT, "snapshot")
             .map_err(|e| StorageIOError::read_snapshot(None, io_err(e)))?;
-        Ok(stored.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }
 
@@ -494,14 +428,10 @@ mod tests {
     struct Builder;
 
     impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
-        async fn build(
-            &self,
-        ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
             let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(io_err(e)))?;
             let db = Db::open(dir.path()).map_err(|e| StorageIOError::write(io_err(e)))?;
-            let (log, sm, _) = db
-                .raft_storage()
-                .map_err(|e| StorageIOError::write(io_err(e)))?;
+            let (log, sm, _) = db.raft_storage().map_err(|e| StorageIOError::write(io_err(e)))?;
             Ok((dir, log, sm))
         }
     }
@@ -518,20 +448,10 @@ mod tests {
         {
             let db = Db::open(dir.path()).unwrap();
             assert_eq!(db.identity().unwrap(), None);
-            db.set_identity(&Identity {
-                node_id: 7,
-                cluster_id: "c".into(),
-            })
-            .unwrap();
+            db.set_identity(&Identity { node_id: 7, cluster_id: "c".into() }).unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
-        assert_eq!(
-            db.identity().unwrap(),
-            Some(Identity {
-                node_id: 7,
-                cluster_id: "c".into()
-            })
-        );
+        assert_eq!(db.identity().unwrap(), Some(Identity { node_id: 7, cluster_id: "c".into() }));
         db.wipe().unwrap();
         assert_eq!(db.identity().unwrap(), None);
     }

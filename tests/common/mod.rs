@@ -54,11 +54,7 @@ impl Node {
 
     /// Starts (or restarts) the agent and waits for /healthz.
     pub async fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(BIN)
             .arg("agent")
             .arg("--config")
@@ -83,11 +79,7 @@ impl Node {
             if get(&url).await.0 == 200 {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} not healthy within 30s",
-                self.name
-            );
+            assert!(Instant::now() < deadline, "{} not healthy within 30s", self.name);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -102,10 +94,8 @@ impl Node {
     /// SIGTERM and wait: the graceful stop an init system does.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
             let _ = c.wait();
         }
     }
@@ -134,10 +124,7 @@ pub struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts {
-            voters: 3,
-            extra: String::new(),
-        }
+        Opts { voters: 3, extra: String::new() }
     }
 }
 
@@ -153,11 +140,7 @@ impl Cluster {
     /// Writes configs for `names` without starting anything.
     pub fn configure(names: &[&str], opts: Opts) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
-        let mut c = Cluster {
-            nodes: Vec::new(),
-            opts,
-            tmp,
-        };
+        let mut c = Cluster { nodes: Vec::new(), opts, tmp };
         for n in names {
             c.add_config(n, "");
         }
@@ -168,12 +151,7 @@ impl Cluster {
     pub fn add_config(&mut self, name: &str, node_extra: &str) -> usize {
         let port = free_port();
         let dir = self.tmp.path().to_path_buf();
-        let node = Node {
-            name: name.to_string(),
-            port,
-            dir: dir.clone(),
-            child: None,
-        };
+        let node = Node { name: name.to_string(), port, dir: dir.clone(), child: None };
         let text = format!(
             "name = \"{name}\"\ndata_dir = \"{}\"\naddresses = [\"127.0.0.1\"]\nport = {port}\n{node_extra}\n\
              [liveness]\nheartbeat_interval_ms = 100\nnode_timeout_ms = 600\n\
@@ -194,11 +172,7 @@ impl Cluster {
         for n in c.nodes.iter_mut() {
             n.start().await;
         }
-        let (st, body) = post(
-            &format!("{}/v1/cluster/init", c.nodes[0].url()),
-            json!({"cluster_id": "test"}),
-        )
-        .await;
+        let (st, body) = post(&format!("{}/v1/cluster/init", c.nodes[0].url()), json!({"cluster_id": "test"})).await;
         assert_eq!(st, 200, "init: {body}");
         for i in 1..c.nodes.len() {
             c.join(i).await;
@@ -210,19 +184,12 @@ impl Cluster {
 
     pub async fn join(&self, i: usize) {
         let via = self.nodes[0].url();
-        let (st, body) = post(
-            &format!("{}/v1/cluster/join", self.nodes[i].url()),
-            json!({ "via": via }),
-        )
-        .await;
+        let (st, body) = post(&format!("{}/v1/cluster/join", self.nodes[i].url()), json!({ "via": via })).await;
         assert_eq!(st, 200, "join {}: {body}", self.nodes[i].name);
     }
 
     pub fn idx(&self, name: &str) -> usize {
-        self.nodes
-            .iter()
-            .position(|n| n.name == name)
-            .unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes.iter().position(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
     }
 
     pub fn node(&self, name: &str) -> &Node {
@@ -236,11 +203,7 @@ impl Cluster {
 
     /// URLs of the nodes whose process runs.
     pub fn live_urls(&self) -> Vec<String> {
-        self.nodes
-            .iter()
-            .filter(|n| n.child.is_some())
-            .map(|n| n.url())
-            .collect()
+        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.url()).collect()
     }
 
     /// The cluster as seen through any live node (linearizable read).
@@ -290,19 +253,15 @@ impl Cluster {
 
     pub async fn wait_voters(&self, want: usize) {
         let urls = self.live_urls();
-        wait_until(
-            Duration::from_secs(60),
-            &format!("{want} voters"),
-            || async {
-                for u in &urls {
-                    let (st, v) = get(&format!("{u}/v1/cluster")).await;
-                    if st == 200 {
-                        return voters(&v).len() == want;
-                    }
+        wait_until(Duration::from_secs(60), &format!("{want} voters"), || async {
+            for u in &urls {
+                let (st, v) = get(&format!("{u}/v1/cluster")).await;
+                if st == 200 {
+                    return voters(&v).len() == want;
                 }
-                false
-            },
-        )
+            }
+            false
+        })
         .await;
     }
 }
@@ -324,12 +283,7 @@ pub fn voters(cluster: &Value) -> Vec<String> {
 pub fn members_with(cluster: &Value, f: impl Fn(&Value) -> bool) -> Vec<String> {
     cluster["members"]
         .as_array()
-        .map(|ms| {
-            ms.iter()
-                .filter(|m| f(m))
-                .map(|m| m["name"].as_str().unwrap_or("").to_string())
-                .collect()
-        })
+        .map(|ms| ms.iter().filter(|m| f(m)).map(|m| m["name"].as_str().unwrap_or("").to_string()).collect())
         .unwrap_or_default()
 }
 
@@ -341,11 +295,7 @@ pub fn member<'a>(cluster: &'a Value, name: &str) -> &'a Value {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(20)).build().unwrap()
 }
 
 /// Sends a request; (0, Null) when nothing answered.
