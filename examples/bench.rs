@@ -51,10 +51,12 @@ fn free_port() -> u16 {
 fn spawn(dir: &Path, name: &str, port: u16, join: Option<&str>) -> Agent {
     let cfg = dir.join(format!("{name}.toml"));
     let join = join.map(|u| format!("join = [\"{u}\"]\n")).unwrap_or_default();
+    // BENCH_CONFIG: extra TOML for every node, e.g. "[raft]\nheartbeat_interval_ms = 50".
+    let extra = std::env::var("BENCH_CONFIG").unwrap_or_default().replace("\\n", "\n");
     std::fs::write(
         &cfg,
         format!(
-            "name = \"{name}\"\ndata_dir = \"{}\"\nport = {port}\n{join}[log]\nlevel = \"warn\"\n",
+            "name = \"{name}\"\ndata_dir = \"{}\"\nport = {port}\n{join}[log]\nlevel = \"warn\"\n{extra}\n",
             dir.join(name).display()
         ),
     )
@@ -284,6 +286,47 @@ async fn main() {
         let role = if *name == leader_name { "leader" } else { "follower" };
         println!("| {name} | {role} | {:.2} | {:.1} |", 100.0 * used / window.as_secs_f64(), rss_mb(*pid));
     }
+
+    // ---- leader failover: SIGKILL the leader, time the first write a survivor acknowledges ----
+    let mut agents = agents;
+    let mut failovers = Vec::new();
+    for trial in 0..5 {
+        let c = cluster(&http, &agents[0].url()).await.or(cluster(&http, &agents[1].url()).await).unwrap();
+        let leader = c["leader"].as_str().unwrap().to_string();
+        let i = agents.iter().position(|a| a.name == leader).unwrap();
+        let survivor = agents[(i + 1) % agents.len()].url();
+        let _ = agents[i].child.kill();
+        let t0 = Instant::now();
+        loop {
+            let r = http
+                .put(format!("{survivor}/v1/nodes/node3/attributes/failover"))
+                .json(&json!({ "value": trial.to_string() }))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if r.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "no write accepted after leader kill");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        failovers.push(t0.elapsed());
+        let (name, port) = (agents[i].name.clone(), agents[i].port);
+        agents[i] = spawn(dir.path(), &name, port, None);
+        wait_healthy(&http, &agents[i]).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster(&http, &survivor).await.is_none_or(|c| count(&c, |m| m["state"] == "online") < 3) {
+            assert!(Instant::now() < deadline, "restarted leader did not come back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    failovers.sort();
+    let ms: Vec<String> = failovers.iter().map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0)).collect();
+    println!(
+        "\nLeader SIGKILL to first acknowledged write through a survivor (5 trials, ms): {} — median {:.0} ms",
+        ms.join(", "),
+        failovers[2].as_secs_f64() * 1000.0
+    );
     drop(agents);
 
     // ---- 32 agents forming a cluster ----

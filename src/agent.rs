@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tracing::Instrument;
 use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, SnapshotPolicy};
 use tandem_http_api::{
@@ -119,7 +120,12 @@ impl Agent {
         let network =
             Network::new(identity.cluster_id.clone(), Duration::from_millis(500)).context("raft network client")?;
         let (log, sm, state) = self.db.raft_storage().context("opening raft storage")?;
-        let raft = Raft::new(identity.node_id, Arc::new(config), network, log, sm).await.context("starting raft")?;
+        // A root span: Raft's tasks outlive the API request that may start them.
+        let span = tracing::info_span!(parent: None, "raft", node_id = identity.node_id);
+        let raft = Raft::new(identity.node_id, Arc::new(config), network, log, sm)
+            .instrument(span)
+            .await
+            .context("starting raft")?;
         let m = Arc::new(Member { node_id: identity.node_id, cluster_id: identity.cluster_id.clone(), raft, state });
         *self.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
         tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "raft started");
@@ -356,7 +362,7 @@ impl Agent {
         };
         // The leader calls back our /internal/adopt before answering.
         let answer: Result<NodeView, ApiError> = self
-            .post_first(&[via.clone()], "/v1/nodes", &body, PEER_TIMEOUT * 4)
+            .post_first(std::slice::from_ref(&via), "/v1/nodes", &body, PEER_TIMEOUT * 4)
             .await
             .map_err(|reason| ApiError::NodeUnreachable { name: via.clone(), reason })?;
         answer?;

@@ -67,8 +67,8 @@ impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
             heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1000,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
             snapshot_after_entries: 1000,
             keep_entries_after_snapshot: 500,
         }

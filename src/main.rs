@@ -169,10 +169,13 @@ fn q(stale: bool) -> &'static str {
     }
 }
 
+/// Turns an API answer into the text the CLI prints.
+type Render = fn(Value) -> Result<String, CliError>;
+
 async fn client_command(endpoint: &str, json_out: bool, cmd: Cmd) -> Result<String, CliError> {
     let c = Client::new(endpoint)?;
     let enc = |s: &str| s.replace('/', "%2F");
-    let (v, render): (Value, fn(Value) -> Result<String, CliError>) = match cmd {
+    let (v, render): (Value, Render) = match cmd {
         Cmd::Status { stale } => (c.call(Method::GET, &format!("/v1/cluster{}", q(stale)), None).await?, |v| {
             Ok(cli::cluster_text(&parse::<ClusterView>(v)?))
         }),

@@ -8,6 +8,9 @@
 //! rebuilt by re-applying the durable log from its last applied id.
 //! This module must never interpret commands: `state` does that.
 
+// openraft's StorageError is large and its traits dictate it.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
