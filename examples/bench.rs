@@ -38,14 +38,26 @@ fn tandem_bin() -> PathBuf {
     exe.parent().and_then(Path::parent).map(|d| d.join("tandem")).expect("target dir")
 }
 
+/// A free TCP+UDP port below the ephemeral range (see tests/common).
 fn free_port() -> u16 {
-    loop {
-        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
-            return p;
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..1000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20000 + (h.finish() % 12000) as u16;
+        // Never hand out the same port twice in one process.
+        static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+            std::sync::Mutex::new(std::collections::BTreeSet::new());
+        if !GIVEN.lock().unwrap().insert(port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
         }
     }
+    panic!("no free port");
 }
 
 fn spawn(dir: &Path, name: &str, port: u16, join: Option<&str>) -> Agent {

@@ -14,7 +14,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tracing::Instrument;
 use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, SnapshotPolicy};
 use tandem_http_api::{
@@ -25,6 +24,7 @@ use tandem_raft::network::Network;
 use tandem_raft::state::{api_urls, validate_name, AdminState, ClusterState, Command, NodeRecord, NodeSpec, Reply};
 use tandem_raft::store::{Db, Identity, StateHandle};
 use tandem_raft::{NodeId, Peer, Raft, RaftMetrics, VersionedCommand};
+use tracing::Instrument;
 
 use crate::autopilot::{self, Candidate};
 use crate::config::Config;
