@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tandem::testkit::free_port;
 
 struct Agent {
     name: String,
@@ -36,28 +37,6 @@ fn tandem_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/release/examples/bench -> target/release/tandem
     exe.parent().and_then(Path::parent).map(|d| d.join("tandem")).expect("target dir")
-}
-
-/// A free TCP+UDP port below the ephemeral range (see tests/common).
-fn free_port() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    for _ in 0..1000 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        let port = 20000 + (h.finish() % 12000) as u16;
-        // Never hand out the same port twice in one process.
-        static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-            std::sync::Mutex::new(std::collections::BTreeSet::new());
-        if !GIVEN.lock().unwrap().insert(port) {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-        {
-            return port;
-        }
-    }
-    panic!("no free port");
 }
 
 fn spawn(dir: &Path, name: &str, port: u16, join: Option<&str>) -> Agent {

@@ -101,28 +101,29 @@ pub fn plan_voters(input: &Input) -> Option<BTreeSet<NodeId>> {
             None => break,
         };
     }
-    // Spread: swap a voter from the fullest site for a learner from a site
-    // with at least two fewer voters. Bounded: each swap narrows the gap.
+    // Spread: swap a voter from the fullest site for a learner from the
+    // emptiest one while they differ by two or more. Each swap lowers the
+    // fullest count and raises the emptiest, so this converges; the bound is
+    // a backstop.
     for _ in 0..tandem_raft::state::MAX_NODES {
         let counts = site_counts(&kept);
-        let Some(learner_pos) = learners.iter().position(|l| {
-            let have = counts.get(&l.site).copied().unwrap_or(0);
-            counts.values().any(|&n| n >= have + 2)
-        }) else {
+        let count_of = |site: &Option<String>| counts.get(site).copied().unwrap_or(0);
+        let Some((pos, have)) =
+            learners.iter().enumerate().map(|(i, l)| (i, count_of(&l.site))).min_by_key(|(i, have)| (*have, *i))
+        else {
             break;
         };
-        let have = counts.get(&learners[learner_pos].site).copied().unwrap_or(0);
-        let victim = kept.iter().copied().find(|id| {
-            *id != input.leader
-                && !by_id.get(id).is_some_and(|c| c.witness)
-                && counts.get(&site_of(*id)).copied().unwrap_or(0) >= have + 2
-        });
+        let victim = kept
+            .iter()
+            .copied()
+            .filter(|id| *id != input.leader && !by_id.get(id).is_some_and(|c| c.witness))
+            .max_by_key(|id| (count_of(&site_of(*id)), std::cmp::Reverse(*id)));
         match victim {
-            Some(v) => {
+            Some(v) if count_of(&site_of(v)) >= have + 2 => {
                 kept.remove(&v);
-                kept.insert(learners.remove(learner_pos).id);
+                kept.insert(learners.remove(pos).id);
             }
-            None => break,
+            _ => break,
         }
     }
     (kept != input.voters).then_some(kept)

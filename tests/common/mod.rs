@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::net::{TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,27 +13,7 @@ use serde_json::{json, Value};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 
-/// A port free for both TCP (API) and UDP (heartbeats) on 127.0.0.1, taken
-/// below the kernel's ephemeral range (32768+) so that no outgoing
-/// connection of another agent can grab it before the agent binds it.
-pub fn free_port() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    for _ in 0..1000 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        let port = 20000 + (h.finish() % 12000) as u16;
-        // Never hand out the same port twice in one process.
-        static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-            std::sync::Mutex::new(std::collections::BTreeSet::new());
-        if !GIVEN.lock().unwrap().insert(port) {
-            continue;
-        }
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() && UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port");
-}
+pub use tandem::testkit::free_port;
 
 pub struct Node {
     pub name: String,
