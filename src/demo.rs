@@ -16,6 +16,15 @@ use tokio::process::{Child, Command};
 
 use crate::cli::{parse, Client};
 
+/// Prints a line; a closed stdout (`tandem demo | head`) must not stop the
+/// demo before it has stopped its agents.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub const NODES: usize = 3;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const FORM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -59,7 +68,7 @@ pub async fn run(base_port: u16, dir: Option<PathBuf>, keep: bool) -> anyhow::Re
     }
     stop_all(&mut nodes).await;
     if keep {
-        println!("data and logs kept in {}", dir.display());
+        say!("data and logs kept in {}", dir.display());
     } else if let Err(e) = std::fs::remove_dir_all(&dir) {
         eprintln!("could not remove {}: {e}", dir.display());
     }
@@ -137,28 +146,28 @@ async fn form_cluster(nodes: &mut [Node]) -> anyhow::Result<ClusterView> {
 
 fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path) {
     let u = |i: usize| &nodes[i].url;
-    println!(
+    say!(
         "tandem demo: cluster {:?} is up with {} nodes, leader {}",
         c.cluster_id,
         nodes.len(),
         c.leader.as_deref().unwrap_or("?")
     );
-    println!();
+    say!();
     for n in nodes {
-        println!("  {}  {}  (pid {}, log {})", n.name, n.url, n.child.id().unwrap_or(0), n.log.display());
+        say!("  {}  {}  (pid {}, log {})", n.name, n.url, n.child.id().unwrap_or(0), n.log.display());
     }
-    println!("  data: {}", dir.display());
-    println!();
-    println!("Try:");
-    println!("  curl -s {}/v1/cluster", u(0));
-    println!("  curl -s '{}/v1/nodes?stale=true'", u(1));
-    println!("  curl -s -X POST {}/v1/nodes/node2/standby", u(2));
-    println!("  curl -s -X PUT -d '{{\"value\": \"ssd\"}}' {}/v1/nodes/node3/attributes/disk", u(0));
-    println!("  curl -s -X POST {}/v1/nodes/node2/online", u(0));
-    println!("  TANDEM_ENDPOINT={} target/release/tandem status", u(1));
-    println!("  target/release/tandem node show node1 --endpoint {}", u(2));
-    println!();
-    println!("Kill a node (kill -9 <pid>) and watch the others elect a new leader. Ctrl-C stops the cluster.");
+    say!("  data: {}", dir.display());
+    say!();
+    say!("Try:");
+    say!("  curl -s {}/v1/cluster", u(0));
+    say!("  curl -s '{}/v1/nodes?stale=true'", u(1));
+    say!("  curl -s -X POST {}/v1/nodes/node2/standby", u(2));
+    say!("  curl -s -X PUT -d '{{\"value\": \"ssd\"}}' {}/v1/nodes/node3/attributes/disk", u(0));
+    say!("  curl -s -X POST {}/v1/nodes/node2/online", u(0));
+    say!("  TANDEM_ENDPOINT={} target/release/tandem status", u(1));
+    say!("  target/release/tandem node show node1 --endpoint {}", u(2));
+    say!();
+    say!("Kill a node (kill -9 <pid>) and watch the others elect a new leader. Ctrl-C stops the cluster.");
 }
 
 /// Waits for Ctrl-C or SIGTERM, reporting agents that exit on their own.
@@ -174,7 +183,7 @@ async fn supervise(nodes: &mut [Node]) {
                 for (i, n) in nodes.iter_mut().enumerate() {
                     if let Ok(Some(status)) = n.child.try_wait() {
                         if !reported[i] {
-                            println!("{} exited ({status}); its log: {}", n.name, n.log.display());
+                            say!("{} exited ({status}); its log: {}", n.name, n.log.display());
                             reported[i] = true;
                         }
                     }
@@ -182,7 +191,7 @@ async fn supervise(nodes: &mut [Node]) {
             }
         }
     }
-    println!("stopping the cluster...");
+    say!("stopping the cluster...");
 }
 
 async fn stop_all(nodes: &mut [Node]) {
