@@ -364,7 +364,7 @@ impl Agent {
         let answer: Result<NodeView, ApiError> = self
             .post_first(std::slice::from_ref(&via), "/v1/nodes", &body, PEER_TIMEOUT * 4)
             .await
-            .map_err(|reason| ApiError::NodeUnreachable { name: via.clone(), reason })?;
+            .map_err(|reason| ApiError::JoinTargetUnreachable { url: via.clone(), reason })?;
         answer?;
         if self.member().is_none() {
             return Err(ApiError::Internal("the cluster accepted the join but never adopted this node".into()));

@@ -87,7 +87,7 @@ async fn lone_agent_is_not_ready_and_says_why() {
     // Joining through nothing fails clearly and leaves it alone.
     let dead = format!("http://127.0.0.1:{}", free_port());
     let (st, v) = post(&format!("{u}/v1/cluster/join"), json!({ "via": dead })).await;
-    assert_eq!((st, v["code"].clone()), (409, json!("TND-1103")), "{v}");
+    assert_eq!((st, v["code"].clone()), (409, json!("TND-1108")), "{v}");
     let (st, v) = post(&format!("{u}/v1/cluster/join"), json!({ "via": "ftp://x" })).await;
     assert_eq!((st, v["code"].clone()), (422, json!("TND-1010")), "{v}");
     assert_eq!(get(&format!("{u}/v1/local")).await.1["cluster_id"], Value::Null);

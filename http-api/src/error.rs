@@ -51,6 +51,8 @@ pub enum ApiError {
     TooManyNodes(usize),
     #[error("the agent at {url} is named {actual}, not {expected}")]
     NameMismatch { url: String, expected: String, actual: String },
+    #[error("no cluster member answers at {url}: {reason}")]
+    JoinTargetUnreachable { url: String, reason: String },
     #[error("this node is not a member of any cluster")]
     NotMember,
     #[error("this node already belongs to cluster {0}")]
@@ -81,8 +83,9 @@ impl ApiError {
     /// Every variant with its code, so docs and tests can enumerate them.
     pub const CODES: &'static [&'static str] = &[
         "TND-1001", "TND-1002", "TND-1003", "TND-1004", "TND-1005", "TND-1006", "TND-1010", "TND-1100", "TND-1101",
-        "TND-1102", "TND-1103", "TND-1104", "TND-1105", "TND-1106", "TND-1107", "TND-1200", "TND-1201", "TND-1202",
-        "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209", "TND-1900", "TND-1901",
+        "TND-1102", "TND-1103", "TND-1104", "TND-1105", "TND-1106", "TND-1107", "TND-1108", "TND-1200", "TND-1201",
+        "TND-1202", "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209", "TND-1900",
+        "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -103,6 +106,7 @@ impl ApiError {
             AttributeNotFound { .. } => "TND-1105",
             TooManyNodes(_) => "TND-1106",
             NameMismatch { .. } => "TND-1107",
+            JoinTargetUnreachable { .. } => "TND-1108",
             NotMember => "TND-1200",
             AlreadyMember(_) => "TND-1201",
             NoLeader => "TND-1202",
@@ -129,6 +133,7 @@ impl ApiError {
             NodeExists(_)
             | AddressInUse { .. }
             | NodeUnreachable { .. }
+            | JoinTargetUnreachable { .. }
             | NodeInOtherCluster { .. }
             | TooManyNodes(_)
             | AlreadyMember(_)
@@ -167,6 +172,9 @@ impl ApiError {
             AttributeNotFound { .. } => "GET /v1/nodes/{name} lists the node's attributes.".into(),
             TooManyNodes(_) => "tandem manages up to 32 nodes per cluster; split into several clusters.".into(),
             NameMismatch { .. } => "Use the name from the agent's config file (GET /v1/local on that agent).".into(),
+            JoinTargetUnreachable { .. } => {
+                "Give the API URL of a running member (e.g. http://10.0.0.1:7401), reachable from this node.".into()
+            }
             NotMember => "Bootstrap a cluster with `tandem cluster init`, or join one with `tandem cluster join <url>`.".into(),
             AlreadyMember(_) => "Nothing to do. To move the node to another cluster, remove it from this one first.".into(),
             NoLeader | MembershipChangeInProgress => {
