@@ -213,6 +213,12 @@ impl From<CommandError> for ApiError {
             CommandError::AttributeNotFound { name, key } => ApiError::AttributeNotFound { name, key },
             CommandError::TooManyNodes { max } => ApiError::TooManyNodes(max),
             CommandError::Invalid { field, reason } => ApiError::Invalid { field, reason },
+            // Groups have no API yet (issue 3); their refusals surface as conflicts.
+            other @ (CommandError::GroupNotFound { .. }
+            | CommandError::GroupRunning { .. }
+            | CommandError::GroupInUse { .. }
+            | CommandError::StaleEpoch { .. }
+            | CommandError::TooManyGroups { .. }) => ApiError::Internal(other.to_string()),
         }
     }
 }

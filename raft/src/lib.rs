@@ -5,6 +5,7 @@
 //! transport ([`network`]). It must never decide policy (who votes, where a
 //! group runs): the daemon does that and proposes commands through Raft.
 
+pub mod group;
 pub mod network;
 pub mod state;
 pub mod store;

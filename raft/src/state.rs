@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::group::{validate_group, GroupRecord, GroupSpec, Phase, Placement, MAX_GROUPS};
+
 pub type NodeId = u64;
 
 /// Longest node name, attribute key or site name accepted.
@@ -132,6 +134,37 @@ pub enum Command {
         name: String,
         key: String,
     },
+    /// Creates or replaces a group's definition; placement is kept.
+    PutGroup {
+        name: String,
+        spec: GroupSpec,
+    },
+    /// Deletes a stopped group that no other group refers to.
+    DeleteGroup {
+        name: String,
+    },
+    SetGroupEnabled {
+        name: String,
+        enabled: bool,
+    },
+    /// A scheduler decision: applies only if the group is still at
+    /// `expected_epoch`, so a decision made on stale state is refused.
+    SetPlacement {
+        name: String,
+        expected_epoch: u64,
+        node: Option<NodeId>,
+        phase: Phase,
+        reason: String,
+    },
+    /// The group failed past its restart threshold on `node`.
+    MarkGroupFailed {
+        name: String,
+        node: NodeId,
+        epoch: u64,
+    },
+    ClearGroupFailures {
+        name: String,
+    },
 }
 
 /// The log's encoding of a command: `{"v": "1", "cmd": {...}}`.
@@ -193,6 +226,16 @@ pub enum CommandError {
     TooManyNodes { max: usize },
     #[error("invalid {field}: {reason}")]
     Invalid { field: String, reason: String },
+    #[error("no group named {name}")]
+    GroupNotFound { name: String },
+    #[error("group {name} is still placed on a node; stop it first")]
+    GroupRunning { name: String },
+    #[error("group {name} is referred to by group {by}")]
+    GroupInUse { name: String, by: String },
+    #[error("group {name} is at epoch {current}, not {expected}")]
+    StaleEpoch { name: String, expected: u64, current: u64 },
+    #[error("the cluster already has {max} groups")]
+    TooManyGroups { max: usize },
 }
 
 /// The reply stored by the state machine for every applied entry.
@@ -211,6 +254,8 @@ pub struct ClusterState {
     pub next_node_id: NodeId,
     #[serde(default)]
     pub nodes: BTreeMap<NodeId, NodeRecord>,
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupRecord>,
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> CommandError {
@@ -306,6 +351,38 @@ impl ClusterState {
         }
     }
 
+    fn group(&self, name: &str) -> Result<&GroupRecord, CommandError> {
+        self.groups.get(name).ok_or_else(|| CommandError::GroupNotFound { name: name.to_string() })
+    }
+
+    fn group_mut(&mut self, name: &str) -> Result<&mut GroupRecord, CommandError> {
+        self.groups.get_mut(name).ok_or_else(|| CommandError::GroupNotFound { name: name.to_string() })
+    }
+
+    fn put_group(&mut self, name: &str, spec: &GroupSpec) -> Result<Reply, CommandError> {
+        let node_names = self.nodes.values().map(|n| n.name.clone()).collect();
+        let others =
+            self.groups.iter().filter(|(n, _)| n.as_str() != name).map(|(n, g)| (n.clone(), g.spec.clone())).collect();
+        validate_group(name, spec, &node_names, &others)?;
+        match self.groups.get_mut(name) {
+            Some(g) => g.spec = spec.clone(),
+            None => {
+                if self.groups.len() >= MAX_GROUPS {
+                    return Err(CommandError::TooManyGroups { max: MAX_GROUPS });
+                }
+                let record = GroupRecord {
+                    name: name.to_string(),
+                    spec: spec.clone(),
+                    enabled: true,
+                    placement: Placement::default(),
+                    failed_on: Default::default(),
+                };
+                self.groups.insert(name.to_string(), record);
+            }
+        }
+        Ok(Reply::Done)
+    }
+
     /// Applies one command. On `Err` the state is unchanged.
     pub fn apply(&mut self, cmd: &Command) -> Result<Reply, CommandError> {
         if let Command::Bootstrap { cluster_id, node_id, node } = cmd {
@@ -356,6 +433,62 @@ impl ClusterState {
                     return Err(invalid("key", format!("a node carries at most {MAX_ATTRIBUTES} attributes")));
                 }
                 node.attributes.insert(key.clone(), value.clone());
+                Ok(Reply::Done)
+            }
+            Command::PutGroup { name, spec } => self.put_group(name, spec),
+            Command::DeleteGroup { name } => {
+                let g = self.group(name)?;
+                if g.placement.phase != Phase::Stopped {
+                    return Err(CommandError::GroupRunning { name: name.clone() });
+                }
+                if let Some(by) = self.groups.values().find(|o| {
+                    o.name != *name
+                        && (o.spec.colocate_with.as_deref() == Some(name) || o.spec.anti_affinity.contains(name))
+                }) {
+                    return Err(CommandError::GroupInUse { name: name.clone(), by: by.name.clone() });
+                }
+                self.groups.remove(name);
+                Ok(Reply::Done)
+            }
+            Command::SetGroupEnabled { name, enabled } => {
+                self.group_mut(name)?.enabled = *enabled;
+                Ok(Reply::Done)
+            }
+            Command::SetPlacement { name, expected_epoch, node, phase, reason } => {
+                if let Some(n) = node {
+                    if !self.nodes.contains_key(n) {
+                        return Err(invalid("node", format!("no node with id {n}")));
+                    }
+                }
+                if node.is_none() != (*phase == Phase::Stopped) {
+                    return Err(invalid("phase", "a group is stopped exactly when it has no node"));
+                }
+                let g = self.group_mut(name)?;
+                if g.placement.epoch != *expected_epoch {
+                    return Err(CommandError::StaleEpoch {
+                        name: name.clone(),
+                        expected: *expected_epoch,
+                        current: g.placement.epoch,
+                    });
+                }
+                g.placement =
+                    Placement { node: *node, phase: *phase, epoch: expected_epoch + 1, reason: reason.clone() };
+                Ok(Reply::Done)
+            }
+            Command::MarkGroupFailed { name, node, epoch } => {
+                let g = self.group_mut(name)?;
+                if g.placement.epoch != *epoch {
+                    return Err(CommandError::StaleEpoch {
+                        name: name.clone(),
+                        expected: *epoch,
+                        current: g.placement.epoch,
+                    });
+                }
+                g.failed_on.insert(*node);
+                Ok(Reply::Done)
+            }
+            Command::ClearGroupFailures { name } => {
+                self.group_mut(name)?.failed_on.clear();
                 Ok(Reply::Done)
             }
             Command::DeleteAttribute { name, key } => {
@@ -486,6 +619,89 @@ mod tests {
             s.apply(&Command::AddNode { node: spec("one-too-many", "127.0.0.1", 9999) }),
             Err(CommandError::TooManyNodes { max: MAX_NODES })
         );
+    }
+
+    fn group_spec(nodes: &[&str]) -> crate::group::GroupSpec {
+        let list: Vec<String> = nodes.iter().map(|n| format!("\"{n}\"")).collect();
+        serde_json::from_str(&format!(
+            r#"{{"resources": [{{"name": "web", "type": "process", "command": ["sleep", "9"]}}], "nodes": [{}]}}"#,
+            list.join(",")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn placement_is_compare_and_set_on_the_epoch() {
+        let mut s = booted();
+        s.apply(&Command::AddNode { node: spec("node2", "127.0.0.1", 7402) }).unwrap();
+        s.apply(&Command::PutGroup { name: "web".into(), spec: group_spec(&["node1", "node2"]) }).unwrap();
+        let place = |expected_epoch, node: Option<NodeId>, phase| Command::SetPlacement {
+            name: "web".into(),
+            expected_epoch,
+            node,
+            phase,
+            reason: "test".into(),
+        };
+        assert_eq!(s.apply(&place(0, Some(1), Phase::Started)), Ok(Reply::Done));
+        assert_eq!(s.groups["web"].placement.epoch, 1);
+        // A decision made against epoch 0 is stale now and changes nothing.
+        let before = s.clone();
+        assert_eq!(
+            s.apply(&place(0, Some(2), Phase::Started)),
+            Err(CommandError::StaleEpoch { name: "web".into(), expected: 0, current: 1 })
+        );
+        assert_eq!(s, before);
+        // A group is stopped exactly when it has no node.
+        assert!(matches!(s.apply(&place(1, None, Phase::Started)), Err(CommandError::Invalid { .. })));
+        assert!(matches!(s.apply(&place(1, Some(9), Phase::Started)), Err(CommandError::Invalid { .. })));
+        // Running groups cannot be deleted; stopped ones can.
+        assert_eq!(
+            s.apply(&Command::DeleteGroup { name: "web".into() }),
+            Err(CommandError::GroupRunning { name: "web".into() })
+        );
+        s.apply(&place(1, Some(1), Phase::Stopping)).unwrap();
+        s.apply(&place(2, None, Phase::Stopped)).unwrap();
+        assert_eq!(s.groups["web"].placement.epoch, 3);
+        assert_eq!(s.apply(&Command::DeleteGroup { name: "web".into() }), Ok(Reply::Done));
+    }
+
+    #[test]
+    fn replacing_a_group_keeps_its_placement_and_references_block_deletion() {
+        let mut s = booted();
+        s.apply(&Command::PutGroup { name: "db".into(), spec: group_spec(&["node1"]) }).unwrap();
+        s.apply(&Command::SetPlacement {
+            name: "db".into(),
+            expected_epoch: 0,
+            node: Some(1),
+            phase: Phase::Started,
+            reason: "t".into(),
+        })
+        .unwrap();
+        let mut new = group_spec(&["node1"]);
+        new.max_restarts = 7;
+        s.apply(&Command::PutGroup { name: "db".into(), spec: new }).unwrap();
+        assert_eq!(s.groups["db"].placement.node, Some(1));
+        assert_eq!(s.groups["db"].spec.max_restarts, 7);
+        let mut app = group_spec(&["node1"]);
+        app.colocate_with = Some("db".into());
+        s.apply(&Command::PutGroup { name: "app".into(), spec: app }).unwrap();
+        s.apply(&Command::SetPlacement {
+            name: "db".into(),
+            expected_epoch: 1,
+            node: None,
+            phase: Phase::Stopped,
+            reason: "t".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            s.apply(&Command::DeleteGroup { name: "db".into() }),
+            Err(CommandError::GroupInUse { name: "db".into(), by: "app".into() })
+        );
+        // An unknown node in the list is refused, naming the field.
+        assert!(matches!(
+            s.apply(&Command::PutGroup { name: "x".into(), spec: group_spec(&["ghost"]) }),
+            Err(CommandError::Invalid { field, .. }) if field == "nodes[0]"
+        ));
     }
 
     /// The log's encoding is a contract: this literal is what version 1

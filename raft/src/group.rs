@@ -1,0 +1,470 @@
+//! Resource groups as the replicated state records them: the operator's
+//! definition (`GroupSpec`), where the group is placed and with which epoch
+//! (`Placement`), and the checks a definition must pass before it is
+//! accepted. Pure: no I/O, no clock (times arrive as arguments).
+//!
+//! The epoch is the group's fencing token: it grows on every placement
+//! change, every start carries it, and a node that sees a newer epoch for a
+//! group it runs stops its stale copy.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{validate_name, CommandError, NodeId};
+
+/// Most resources in one group.
+pub const MAX_RESOURCES: usize = 32;
+/// Most groups in one cluster.
+pub const MAX_GROUPS: usize = 256;
+
+/// When a group returns to a more preferred node that came back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Failback {
+    /// As soon as the preferred node is eligible again.
+    Auto,
+    /// Only when the operator moves it.
+    Manual,
+    /// Automatically, but only inside this local-time window, `HH:MM-HH:MM`
+    /// (may wrap past midnight).
+    Window(String),
+}
+
+impl Default for Failback {
+    fn default() -> Self {
+        Failback::Manual
+    }
+}
+
+/// A parsed failback window, in minutes since local midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl Window {
+    pub fn parse(s: &str) -> Option<Window> {
+        let (a, b) = s.split_once('-')?;
+        let minutes = |t: &str| -> Option<u16> {
+            let (h, m) = t.trim().split_once(':')?;
+            if h.len() != 2 || m.len() != 2 {
+                return None;
+            }
+            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 60 + m)
+        };
+        let (start, end) = (minutes(a)?, minutes(b)?);
+        (start != end).then_some(Window { start, end })
+    }
+
+    /// Whether `minute` (since local midnight) falls inside the window.
+    pub fn contains(&self, minute: u16) -> bool {
+        if self.start < self.end {
+            (self.start..self.end).contains(&minute)
+        } else {
+            minute >= self.start || minute < self.end
+        }
+    }
+}
+
+/// One check of a resource's health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Monitor {
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+/// What a resource is and how its agent drives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ResourceKind {
+    /// A command supervised by the agent in its own process group.
+    Process {
+        command: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        #[serde(default)]
+        cwd: Option<String>,
+    },
+    /// A script with `start`, `stop` and `monitor` actions and OCF exit codes.
+    Exec { path: String },
+    /// An unmodified OCF resource agent, `provider:type` (e.g. `heartbeat:Dummy`).
+    Ocf {
+        agent: String,
+        #[serde(default)]
+        params: BTreeMap<String, String>,
+    },
+    /// A systemd unit.
+    Systemd { unit: String },
+    /// A virtual IP (`address/prefix`) on an interface, with backups on the
+    /// same node for local recovery.
+    Vip {
+        address: String,
+        interface: String,
+        #[serde(default)]
+        backup_interfaces: Vec<String>,
+    },
+}
+
+impl ResourceKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ResourceKind::Process { .. } => "process",
+            ResourceKind::Exec { .. } => "exec",
+            ResourceKind::Ocf { .. } => "ocf",
+            ResourceKind::Systemd { .. } => "systemd",
+            ResourceKind::Vip { .. } => "vip",
+        }
+    }
+}
+
+/// One resource of a group, started in list order and stopped in reverse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceSpec {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: ResourceKind,
+    #[serde(default = "default_start_timeout")]
+    pub start_timeout_ms: u64,
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_ms: u64,
+    /// The quick check, run often.
+    #[serde(default = "default_monitor")]
+    pub monitor: Monitor,
+    /// The deep check, run less often (for agents that have one).
+    #[serde(default)]
+    pub deep_monitor: Option<Monitor>,
+}
+
+fn default_start_timeout() -> u64 {
+    20_000
+}
+fn default_stop_timeout() -> u64 {
+    20_000
+}
+fn default_monitor() -> Monitor {
+    Monitor { interval_ms: 1_000, timeout_ms: 5_000 }
+}
+
+/// A resource group as the operator defines it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    pub resources: Vec<ResourceSpec>,
+    /// Failover domain in priority order: the group runs on the first
+    /// eligible node of this list.
+    pub nodes: Vec<String>,
+    #[serde(default)]
+    pub failback: Failback,
+    /// Groups this one must never share a node with.
+    #[serde(default)]
+    pub anti_affinity: Vec<String>,
+    /// A group this one must run on the same node as.
+    #[serde(default)]
+    pub colocate_with: Option<String>,
+    /// Capacity units the group uses on its node (see node capacity).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Local restarts allowed within `restart_window_ms` before failing over.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    #[serde(default = "default_restart_window")]
+    pub restart_window_ms: u64,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_max_restarts() -> u32 {
+    3
+}
+fn default_restart_window() -> u64 {
+    60_000
+}
+
+/// Where a group is, as decided by the scheduler and committed in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Not placed anywhere.
+    #[default]
+    Stopped,
+    /// Placed: the node starts (or runs) it.
+    Started,
+    /// The node must stop it before it may be placed elsewhere.
+    Stopping,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Placement {
+    pub node: Option<NodeId>,
+    pub phase: Phase,
+    /// Grows on every placement change; never reused.
+    pub epoch: u64,
+    /// Why the last change happened, for the operator.
+    pub reason: String,
+}
+
+/// A group in the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub name: String,
+    pub spec: GroupSpec,
+    /// False after `/stop`: the group is kept stopped.
+    pub enabled: bool,
+    pub placement: Placement,
+    /// Nodes on which the group failed past its restart threshold; it is not
+    /// placed there again until `/clear`.
+    #[serde(default)]
+    pub failed_on: BTreeSet<NodeId>,
+}
+
+fn invalid(field: String, reason: impl Into<String>) -> CommandError {
+    CommandError::Invalid { field, reason: reason.into() }
+}
+
+/// Checks a definition against itself and against the known nodes and
+/// groups (`others`: every other group's spec by name). Every refusal names
+/// the offending field.
+pub fn validate_group(
+    name: &str,
+    spec: &GroupSpec,
+    node_names: &BTreeSet<String>,
+    others: &BTreeMap<String, GroupSpec>,
+) -> Result<(), CommandError> {
+    validate_name("name", name)?;
+    if spec.resources.is_empty() {
+        return Err(invalid("resources".into(), "a group needs at least one resource"));
+    }
+    if spec.resources.len() > MAX_RESOURCES {
+        return Err(invalid("resources".into(), format!("at most {MAX_RESOURCES} resources")));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, r) in spec.resources.iter().enumerate() {
+        let at = |f: &str| format!("resources[{i}].{f}");
+        validate_name(&at("name"), &r.name)?;
+        if !seen.insert(r.name.as_str()) {
+            return Err(invalid(at("name"), format!("{} is used twice", r.name)));
+        }
+        match &r.kind {
+            ResourceKind::Process { command, .. } => {
+                if command.first().is_none_or(|c| c.is_empty()) {
+                    return Err(invalid(at("command"), "a process needs a command: [\"program\", \"arg\", ...]"));
+                }
+            }
+            ResourceKind::Exec { path } if !path.starts_with('/') => {
+                return Err(invalid(at("path"), "must be an absolute path"));
+            }
+            ResourceKind::Ocf { agent, params } => {
+                let ok = agent.split_once(':').is_some_and(|(p, t)| {
+                    let part =
+                        |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+                    part(p) && part(t)
+                });
+                if !ok {
+                    return Err(invalid(at("agent"), format!("{agent:?} is not provider:type, e.g. heartbeat:Dummy")));
+                }
+                if let Some(k) =
+                    params.keys().find(|k| k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+                {
+                    return Err(invalid(at(&format!("params.{k}")), "parameter names are letters, digits and '_'"));
+                }
+            }
+            ResourceKind::Systemd { unit } if unit.is_empty() || unit.contains('/') => {
+                return Err(invalid(at("unit"), "a unit name, e.g. nginx.service"));
+            }
+            ResourceKind::Vip { address, interface, backup_interfaces } => {
+                let ok = address.split_once('/').is_some_and(|(ip, len)| {
+                    ip.parse::<std::net::IpAddr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 128)
+                });
+                if !ok {
+                    return Err(invalid(
+                        at("address"),
+                        format!("{address:?} is not address/prefix, e.g. 10.0.0.100/24"),
+                    ));
+                }
+                for (j, ifname) in std::iter::once(interface).chain(backup_interfaces).enumerate() {
+                    if ifname.is_empty() || ifname.len() > 15 || ifname.contains('/') || ifname.contains(' ') {
+                        let f = if j == 0 { at("interface") } else { at(&format!("backup_interfaces[{}]", j - 1)) };
+                        return Err(invalid(f, format!("{ifname:?} is not an interface name")));
+                    }
+                }
+            }
+            _ => {}
+        }
+        if r.monitor.interval_ms < 100 || r.monitor.timeout_ms == 0 {
+            return Err(invalid(at("monitor"), "interval_ms at least 100, timeout_ms at least 1"));
+        }
+        if r.start_timeout_ms == 0 || r.stop_timeout_ms == 0 {
+            return Err(invalid(at("start_timeout_ms"), "timeouts must be at least 1 ms"));
+        }
+    }
+    if spec.nodes.is_empty() {
+        return Err(invalid("nodes".into(), "list the nodes the group may run on, preferred first"));
+    }
+    for (i, n) in spec.nodes.iter().enumerate() {
+        if !node_names.contains(n) {
+            return Err(invalid(format!("nodes[{i}]"), format!("no node named {n}")));
+        }
+        if spec.nodes[..i].contains(n) {
+            return Err(invalid(format!("nodes[{i}]"), format!("{n} is listed twice")));
+        }
+    }
+    if let Failback::Window(w) = &spec.failback {
+        if Window::parse(w).is_none() {
+            return Err(invalid("failback.window".into(), format!("{w:?} is not HH:MM-HH:MM")));
+        }
+    }
+    for (i, g) in spec.anti_affinity.iter().enumerate() {
+        if g == name {
+            return Err(invalid(format!("anti_affinity[{i}]"), "a group cannot avoid itself"));
+        }
+        if !others.contains_key(g) {
+            return Err(invalid(format!("anti_affinity[{i}]"), format!("no group named {g}")));
+        }
+    }
+    if let Some(c) = &spec.colocate_with {
+        if !others.contains_key(c) {
+            return Err(invalid("colocate_with".into(), format!("no group named {c}")));
+        }
+        // Follow the chain: it must end, and never come back to this group.
+        let mut at = c.clone();
+        for _ in 0..=others.len() {
+            if at == name {
+                return Err(invalid("colocate_with".into(), format!("colocation cycle through {c}")));
+            }
+            match others.get(&at).and_then(|g| g.colocate_with.clone()) {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+        if spec.anti_affinity.contains(c) {
+            return Err(invalid("colocate_with".into(), format!("{c} is also in anti_affinity")));
+        }
+    }
+    if spec.weight == 0 {
+        return Err(invalid("weight".into(), "at least 1"));
+    }
+    if spec.restart_window_ms == 0 {
+        return Err(invalid("restart_window_ms".into(), "at least 1"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> GroupSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn nodes() -> BTreeSet<String> {
+        ["node1", "node2", "node3"].iter().map(|s| s.to_string()).collect()
+    }
+
+    fn field_of(r: Result<(), CommandError>) -> String {
+        match r {
+            Err(CommandError::Invalid { field, .. }) => field,
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    const MINIMAL: &str = r#"{"resources": [{"name": "web", "type": "process", "command": ["python3", "-m", "http.server", "8080"]}],
+        "nodes": ["node1", "node2", "node3"], "failback": "manual"}"#;
+
+    #[test]
+    fn the_issue_example_parses_with_defaults() {
+        let s = spec(MINIMAL);
+        assert_eq!(s.failback, Failback::Manual);
+        assert_eq!(s.resources[0].kind.type_name(), "process");
+        assert_eq!(s.resources[0].monitor, Monitor { interval_ms: 1000, timeout_ms: 5000 });
+        assert_eq!(s.max_restarts, 3);
+        assert!(validate_group("web", &s, &nodes(), &BTreeMap::new()).is_ok());
+        let w = spec(
+            r#"{"resources": [{"name": "d", "type": "ocf", "agent": "heartbeat:Dummy"}],
+            "nodes": ["node1"], "failback": {"window": "22:00-02:00"}}"#,
+        );
+        assert_eq!(w.failback, Failback::Window("22:00-02:00".into()));
+        assert!(validate_group("d", &w, &nodes(), &BTreeMap::new()).is_ok());
+    }
+
+    #[test]
+    fn unknown_type_and_fields_are_refused_by_the_decoder() {
+        let bad = r#"{"resources": [{"name": "x", "type": "teleport"}], "nodes": ["node1"]}"#;
+        assert!(serde_json::from_str::<GroupSpec>(bad).is_err());
+        let extra = r#"{"resources": [], "nodes": [], "colour": 1}"#;
+        assert!(serde_json::from_str::<GroupSpec>(extra).is_err());
+    }
+
+    #[test]
+    fn bad_definitions_name_their_field() {
+        let v = |json: &str| field_of(validate_group("g", &spec(json), &nodes(), &BTreeMap::new()));
+        assert_eq!(
+            v(r#"{"resources": [{"name": "w", "type": "process", "command": []}], "nodes": ["node1"]}"#),
+            "resources[0].command"
+        );
+        assert_eq!(
+            v(r#"{"resources": [{"name": "w", "type": "process", "command": ["x"]}], "nodes": ["node9"]}"#),
+            "nodes[0]"
+        );
+        assert_eq!(
+            v(
+                r#"{"resources": [{"name": "w", "type": "process", "command": ["x"]}], "nodes": ["node1"], "failback": {"window": "25:00-01:00"}}"#
+            ),
+            "failback.window"
+        );
+        assert_eq!(
+            v(
+                r#"{"resources": [{"name": "v", "type": "vip", "address": "10.0.0.1", "interface": "eth0"}], "nodes": ["node1"]}"#
+            ),
+            "resources[0].address"
+        );
+        assert_eq!(
+            v(r#"{"resources": [{"name": "o", "type": "ocf", "agent": "Dummy"}], "nodes": ["node1"]}"#),
+            "resources[0].agent"
+        );
+        assert_eq!(v(r#"{"resources": [], "nodes": ["node1"]}"#), "resources");
+        assert_eq!(
+            v(
+                r#"{"resources": [{"name": "a", "type": "systemd", "unit": "x.service"}, {"name": "a", "type": "systemd", "unit": "y.service"}], "nodes": ["node1"]}"#
+            ),
+            "resources[1].name"
+        );
+        assert_eq!(
+            v(r#"{"resources": [{"name": "e", "type": "exec", "path": "rel/script"}], "nodes": ["node1"]}"#),
+            "resources[0].path"
+        );
+    }
+
+    #[test]
+    fn colocation_cycles_and_unknown_groups_are_refused() {
+        let base = |colo: &str| {
+            spec(&format!(
+                r#"{{"resources": [{{"name": "r", "type": "systemd", "unit": "u"}}], "nodes": ["node1"], "colocate_with": {colo}}}"#
+            ))
+        };
+        let mut others = BTreeMap::new();
+        others.insert("a".to_string(), base("\"b\""));
+        others.insert("b".to_string(), base("\"c\""));
+        // c -> a -> b -> c is a cycle.
+        assert_eq!(field_of(validate_group("c", &base("\"a\""), &nodes(), &others)), "colocate_with");
+        assert_eq!(field_of(validate_group("d", &base("\"zz\""), &nodes(), &others)), "colocate_with");
+        // d -> a -> b -> (c absent) ends: fine.
+        assert!(validate_group("d", &base("\"a\""), &nodes(), &others).is_ok());
+    }
+
+    #[test]
+    fn windows_parse_and_wrap_midnight() {
+        let w = Window::parse("22:00-02:00").unwrap();
+        assert!(w.contains(23 * 60) && w.contains(60) && !w.contains(12 * 60) && !w.contains(2 * 60));
+        let d = Window::parse("02:00-04:00").unwrap();
+        assert!(d.contains(150) && !d.contains(240) && !d.contains(119));
+        for bad in ["", "2:00-04:00", "02:00-02:00", "24:00-01:00", "02:60-03:00", "0200-0300"] {
+            assert!(Window::parse(bad).is_none(), "{bad}");
+        }
+    }
+}
