@@ -11,4 +11,5 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod liveness;
+pub mod scheduler;
 pub mod testkit;

@@ -1,0 +1,554 @@
+//! The scheduler: where each resource group should be. A pure function of
+//! the replicated groups, the nodes' admin state and liveness, and the local
+//! time of day; its decisions are `SetPlacement` commands, each checked
+//! against the group's epoch when the log applies it.
+//!
+//! Safety comes first: a group only ever starts on a node when it runs
+//! nowhere else — it is stopped, or its old node is dead *and* fenced. A
+//! group on a live node that must leave is first asked to stop there
+//! (`Stopping`), and is placed anew only once that node reports it stopped.
+//! This module never does I/O and never reads a clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tandem_raft::group::{Failback, GroupRecord, Phase, Window};
+use tandem_raft::state::AdminState;
+use tandem_raft::NodeId;
+
+/// One node as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub name: String,
+    pub admin: AdminState,
+    pub witness: bool,
+    /// Heard from within the node timeout.
+    pub alive: bool,
+    /// Dead and known not to run anything any more: its lease ran out (it
+    /// fenced itself) or its fence command was confirmed.
+    pub fenced: bool,
+    /// Capacity units; `None` is unlimited.
+    pub capacity: Option<u32>,
+}
+
+/// A placement change to commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub group: String,
+    pub expected_epoch: u64,
+    pub node: Option<NodeId>,
+    pub phase: Phase,
+    pub reason: String,
+}
+
+/// Groups in dependency order: a group after the one it colocates with,
+/// otherwise by name. Validation refuses cycles; a cycle that slipped in is
+/// still ordered (by name) rather than looping.
+fn order(groups: &BTreeMap<String, GroupRecord>) -> Vec<&GroupRecord> {
+    let mut out: Vec<&GroupRecord> = Vec::new();
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    for _ in 0..=groups.len() {
+        for g in groups.values() {
+            if done.contains(g.name.as_str()) {
+                continue;
+            }
+            let ready = match &g.spec.colocate_with {
+                Some(parent) => done.contains(parent.as_str()) || !groups.contains_key(parent),
+                None => true,
+            };
+            if ready {
+                done.insert(&g.name);
+                out.push(g);
+            }
+        }
+    }
+    out.extend(groups.values().filter(|g| !done.contains(g.name.as_str())));
+    out
+}
+
+/// What is (or will be) on each node while decisions are being made.
+struct Occupancy<'a> {
+    /// Groups that are started or stopping on the node.
+    on: BTreeMap<NodeId, BTreeSet<&'a str>>,
+    used: BTreeMap<NodeId, u32>,
+    /// Where each group is started (for colocation).
+    started_on: BTreeMap<&'a str, NodeId>,
+}
+
+impl<'a> Occupancy<'a> {
+    fn new(groups: &'a BTreeMap<String, GroupRecord>) -> Self {
+        let mut o = Occupancy { on: BTreeMap::new(), used: BTreeMap::new(), started_on: BTreeMap::new() };
+        for g in groups.values() {
+            if let Some(n) = g.placement.node {
+                o.add(g, n);
+                if g.placement.phase == Phase::Started {
+                    o.started_on.insert(&g.name, n);
+                }
+            }
+        }
+        o
+    }
+
+    fn add(&mut self, g: &'a GroupRecord, n: NodeId) {
+        self.on.entry(n).or_default().insert(&g.name);
+        *self.used.entry(n).or_default() += g.spec.weight;
+    }
+
+    fn remove(&mut self, g: &'a GroupRecord, n: NodeId) {
+        if let Some(set) = self.on.get_mut(&n) {
+            set.remove(g.name.as_str());
+        }
+        if let Some(u) = self.used.get_mut(&n) {
+            *u = u.saturating_sub(g.spec.weight);
+        }
+        self.started_on.remove(g.name.as_str());
+    }
+}
+
+pub struct Scheduler<'a> {
+    nodes: BTreeMap<&'a str, &'a NodeInfo>,
+    by_id: BTreeMap<NodeId, &'a NodeInfo>,
+    groups: &'a BTreeMap<String, GroupRecord>,
+    minute_of_day: u16,
+}
+
+impl<'a> Scheduler<'a> {
+    pub fn new(nodes: &'a [NodeInfo], groups: &'a BTreeMap<String, GroupRecord>, minute_of_day: u16) -> Self {
+        Scheduler {
+            nodes: nodes.iter().map(|n| (n.name.as_str(), n)).collect(),
+            by_id: nodes.iter().map(|n| (n.id, n)).collect(),
+            groups,
+            minute_of_day,
+        }
+    }
+
+    /// Why `g` may not run on `n` (given what else is there), or `None`.
+    fn unfit(&self, g: &GroupRecord, n: &NodeInfo, occ: &Occupancy, already_there: bool) -> Option<String> {
+        if !g.spec.nodes.iter().any(|x| *x == n.name) {
+            return Some(format!("{} is not in the group's nodes", n.name));
+        }
+        if !n.alive {
+            return Some(format!("{} is offline", n.name));
+        }
+        if n.witness {
+            return Some(format!("{} is a witness", n.name));
+        }
+        if n.admin != AdminState::Online {
+            return Some(format!("{} is {}", n.name, n.admin.as_str()));
+        }
+        if g.failed_on.contains(&n.id) {
+            return Some(format!("the group failed on {} (clear it to allow it again)", n.name));
+        }
+        let here = occ.on.get(&n.id);
+        let conflicts = |other: &str| {
+            other != g.name
+                && (g.spec.anti_affinity.iter().any(|a| a == other)
+                    || self.groups.get(other).is_some_and(|o| o.spec.anti_affinity.contains(&g.name)))
+        };
+        if let Some(other) = here.and_then(|set| set.iter().find(|o| conflicts(o))) {
+            return Some(format!("anti-affinity with {other} on {}", n.name));
+        }
+        if let Some(cap) = n.capacity {
+            let used = occ.used.get(&n.id).copied().unwrap_or(0);
+            let need = if already_there { used } else { used + g.spec.weight };
+            if need > cap {
+                return Some(format!("{} has no capacity left ({used} of {cap} used)", n.name));
+            }
+        }
+        if let Some(parent) = &g.spec.colocate_with {
+            if occ.started_on.get(parent.as_str()) != Some(&n.id) {
+                return Some(format!("it must run with {parent}, which is not started on {}", n.name));
+            }
+        }
+        None
+    }
+
+    /// The first node of the group's list it may start on now.
+    fn best(&self, g: &GroupRecord, occ: &Occupancy) -> Result<NodeId, String> {
+        let mut why = Vec::new();
+        for name in &g.spec.nodes {
+            match self.nodes.get(name.as_str()) {
+                None => why.push(format!("{name} is not a member")),
+                Some(n) => match self.unfit(g, n, occ, false) {
+                    None => return Ok(n.id),
+                    Some(reason) => why.push(reason),
+                },
+            }
+        }
+        Err(format!("no eligible node: {}", why.join("; ")))
+    }
+
+    fn failback_allowed(&self, g: &GroupRecord) -> bool {
+        match &g.spec.failback {
+            Failback::Auto => true,
+            Failback::Manual => false,
+            Failback::Window(w) => Window::parse(w).is_some_and(|w| w.contains(self.minute_of_day)),
+        }
+    }
+
+    fn rank(&self, g: &GroupRecord, id: NodeId) -> usize {
+        let name = self.by_id.get(&id).map(|n| n.name.as_str());
+        g.spec.nodes.iter().position(|x| Some(x.as_str()) == name).unwrap_or(usize::MAX)
+    }
+
+    /// Every placement change to make now, in dependency order.
+    pub fn decide(&self) -> Vec<Decision> {
+        let mut occ = Occupancy::new(self.groups);
+        let mut out = Vec::new();
+        for g in order(self.groups) {
+            let p = &g.placement;
+            let decide = |node: Option<NodeId>, phase: Phase, reason: String| Decision {
+                group: g.name.clone(),
+                expected_epoch: p.epoch,
+                node,
+                phase,
+                reason,
+            };
+            let node = p.node.and_then(|id| self.by_id.get(&id).copied());
+            match (p.phase, p.node) {
+                (Phase::Stopped, _) | (_, None) => {
+                    if !g.enabled {
+                        continue;
+                    }
+                    if let Ok(to) = self.best(g, &occ) {
+                        occ.add(g, to);
+                        occ.started_on.insert(&g.name, to);
+                        let name = self.by_id.get(&to).map(|n| n.name.as_str()).unwrap_or("?");
+                        out.push(decide(Some(to), Phase::Started, format!("placed on {name}")));
+                    }
+                }
+                (Phase::Stopping, Some(id)) => {
+                    // Waits for the node to report the group stopped, unless
+                    // the node is gone for good.
+                    if node.is_none_or(|n| !n.alive && n.fenced) {
+                        occ.remove(g, id);
+                        out.push(decide(None, Phase::Stopped, "its node was fenced while stopping it".into()));
+                    }
+                }
+                (Phase::Started, Some(id)) => {
+                    let Some(n) = node else {
+                        // The node was removed from the cluster: nothing runs there.
+                        occ.remove(g, id);
+                        out.push(self.restart_elsewhere(g, &mut occ, "its node was removed".into()));
+                        continue;
+                    };
+                    if !g.enabled {
+                        out.push(decide(Some(id), Phase::Stopping, "stopped by the operator".into()));
+                        continue;
+                    }
+                    if n.admin == AdminState::Maintenance {
+                        continue; // left alone, by definition of maintenance
+                    }
+                    if !n.alive {
+                        if n.fenced {
+                            occ.remove(g, id);
+                            out.push(self.restart_elsewhere(g, &mut occ, format!("{} failed and was fenced", n.name)));
+                        }
+                        // Not fenced yet: it may still run there. Wait.
+                        continue;
+                    }
+                    occ.remove(g, id);
+                    if let Some(reason) = self.unfit(g, n, &occ, false) {
+                        out.push(decide(Some(id), Phase::Stopping, format!("must leave: {reason}")));
+                        occ.add(g, id);
+                        continue;
+                    }
+                    occ.add(g, id);
+                    occ.started_on.insert(&g.name, id);
+                    if self.failback_allowed(g) {
+                        occ.remove(g, id);
+                        let best = self.best(g, &occ);
+                        occ.add(g, id);
+                        occ.started_on.insert(&g.name, id);
+                        if let Ok(to) = best {
+                            if self.rank(g, to) < self.rank(g, id) {
+                                let name = self.by_id.get(&to).map(|n| n.name.as_str()).unwrap_or("?");
+                                out.push(decide(Some(id), Phase::Stopping, format!("failback to {name}")));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The group's node is gone and fenced: start it on the best node at
+    /// once, or record it stopped.
+    fn restart_elsewhere(&self, g: &'a GroupRecord, occ: &mut Occupancy<'a>, why: String) -> Decision {
+        let (node, phase, reason) = match (g.enabled, self.best(g, occ)) {
+            (true, Ok(to)) => {
+                occ.add(g, to);
+                occ.started_on.insert(&g.name, to);
+                let name = self.by_id.get(&to).map(|n| n.name.as_str()).unwrap_or("?");
+                (Some(to), Phase::Started, format!("{why}; failed over to {name}"))
+            }
+            (true, Err(e)) => (None, Phase::Stopped, format!("{why}; {e}")),
+            (false, _) => (None, Phase::Stopped, why),
+        };
+        Decision { group: g.name.clone(), expected_epoch: g.placement.epoch, node, phase, reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tandem_raft::group::{GroupSpec, Placement};
+
+    fn node(id: NodeId) -> NodeInfo {
+        NodeInfo {
+            id,
+            name: format!("node{id}"),
+            admin: AdminState::Online,
+            witness: false,
+            alive: true,
+            fenced: false,
+            capacity: None,
+        }
+    }
+
+    fn group(name: &str, nodes: &[NodeId]) -> GroupRecord {
+        let list: Vec<String> = nodes.iter().map(|n| format!("\"node{n}\"")).collect();
+        let spec: GroupSpec = serde_json::from_str(&format!(
+            r#"{{"resources": [{{"name": "r", "type": "process", "command": ["sleep", "1"]}}], "nodes": [{}]}}"#,
+            list.join(",")
+        ))
+        .unwrap();
+        GroupRecord {
+            name: name.into(),
+            spec,
+            enabled: true,
+            placement: Placement::default(),
+            failed_on: Default::default(),
+        }
+    }
+
+    fn placed(mut g: GroupRecord, on: NodeId, epoch: u64) -> GroupRecord {
+        g.placement = Placement { node: Some(on), phase: Phase::Started, epoch, reason: String::new() };
+        g
+    }
+
+    fn groups(gs: Vec<GroupRecord>) -> BTreeMap<String, GroupRecord> {
+        gs.into_iter().map(|g| (g.name.clone(), g)).collect()
+    }
+
+    fn run(nodes: &[NodeInfo], gs: &BTreeMap<String, GroupRecord>) -> Vec<Decision> {
+        Scheduler::new(nodes, gs, 12 * 60).decide()
+    }
+
+    #[test]
+    fn a_new_group_starts_on_its_first_node() {
+        let nodes = [node(1), node(2)];
+        let d = run(&nodes, &groups(vec![group("web", &[2, 1])]));
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].node, d[0].phase, d[0].expected_epoch), (Some(2), Phase::Started, 0));
+    }
+
+    #[test]
+    fn a_dead_node_is_left_alone_until_fenced_then_its_group_fails_over() {
+        let mut nodes = [node(1), node(2)];
+        nodes[0].alive = false;
+        let gs = groups(vec![placed(group("web", &[1, 2]), 1, 4)]);
+        assert!(run(&nodes, &gs).is_empty(), "never start elsewhere while the old node may still run it");
+        nodes[0].fenced = true;
+        let d = run(&nodes, &gs);
+        assert_eq!((d[0].node, d[0].phase, d[0].expected_epoch), (Some(2), Phase::Started, 4));
+    }
+
+    #[test]
+    fn standby_makes_the_group_stop_first_then_start_elsewhere() {
+        let mut nodes = [node(1), node(2)];
+        nodes[0].admin = AdminState::Standby;
+        let gs = groups(vec![placed(group("web", &[1, 2]), 1, 1)]);
+        let d = run(&nodes, &gs);
+        assert_eq!((d[0].node, d[0].phase), (Some(1), Phase::Stopping));
+        // After node1 reports it stopped, the group is placed on node2.
+        let mut g = gs["web"].clone();
+        g.placement = Placement { node: None, phase: Phase::Stopped, epoch: 3, reason: String::new() };
+        let d = run(&nodes, &groups(vec![g]));
+        assert_eq!((d[0].node, d[0].phase), (Some(2), Phase::Started));
+    }
+
+    #[test]
+    fn maintenance_leaves_the_group_alone() {
+        let mut nodes = [node(1), node(2)];
+        nodes[0].admin = AdminState::Maintenance;
+        nodes[0].alive = false;
+        nodes[0].fenced = true;
+        assert!(run(&nodes, &groups(vec![placed(group("web", &[1, 2]), 1, 1)])).is_empty());
+    }
+
+    #[test]
+    fn failback_follows_the_policy() {
+        let nodes = [node(1), node(2)];
+        let mut g = placed(group("web", &[1, 2]), 2, 5);
+        assert!(run(&nodes, &groups(vec![g.clone()])).is_empty(), "manual: stays");
+        g.spec.failback = Failback::Auto;
+        let d = run(&nodes, &groups(vec![g.clone()]));
+        assert_eq!((d[0].node, d[0].phase), (Some(2), Phase::Stopping));
+        assert!(d[0].reason.contains("failback to node1"));
+        g.spec.failback = Failback::Window("02:00-04:00".into());
+        assert!(Scheduler::new(&nodes, &groups(vec![g.clone()]), 12 * 60).decide().is_empty(), "outside window");
+        assert_eq!(Scheduler::new(&nodes, &groups(vec![g]), 3 * 60).decide().len(), 1, "inside window");
+    }
+
+    #[test]
+    fn n_plus_one_capacity_keeps_two_failed_actives_from_stacking() {
+        // node1..node3 run one group each; node4 is the spare, capacity 1.
+        let mut nodes = [node(1), node(2), node(3), node(4)];
+        for n in nodes.iter_mut() {
+            n.capacity = Some(1);
+        }
+        nodes[0].alive = false;
+        nodes[0].fenced = true;
+        nodes[1].alive = false;
+        nodes[1].fenced = true;
+        let gs = groups(vec![
+            placed(group("a", &[1, 4]), 1, 1),
+            placed(group("b", &[2, 4]), 2, 1),
+            placed(group("c", &[3, 4]), 3, 1),
+        ]);
+        let d = run(&nodes, &gs);
+        let started: Vec<_> = d.iter().filter(|x| x.phase == Phase::Started).collect();
+        assert_eq!(started.len(), 1, "{d:?}");
+        assert_eq!(started[0].node, Some(4));
+        let stopped: Vec<_> = d.iter().filter(|x| x.phase == Phase::Stopped).collect();
+        assert_eq!(stopped.len(), 1);
+        assert!(stopped[0].reason.contains("no capacity"), "{}", stopped[0].reason);
+    }
+
+    #[test]
+    fn anti_affinity_and_colocation() {
+        let nodes = [node(1), node(2)];
+        let a = group("a", &[1, 2]);
+        let mut b = group("b", &[1, 2]);
+        b.spec.anti_affinity = vec!["a".into()];
+        let d = run(&nodes, &groups(vec![a.clone(), b]));
+        assert_eq!(d.iter().find(|x| x.group == "a").unwrap().node, Some(1));
+        assert_eq!(d.iter().find(|x| x.group == "b").unwrap().node, Some(2));
+        let mut c = group("c", &[2, 1]);
+        c.spec.colocate_with = Some("a".into());
+        let d = run(&nodes, &groups(vec![a, c]));
+        assert_eq!(d.iter().find(|x| x.group == "c").unwrap().node, Some(1), "follows a, whatever its own order");
+    }
+
+    #[test]
+    fn witness_and_failed_nodes_are_never_chosen() {
+        let mut nodes = [node(1), node(2), node(3)];
+        nodes[0].witness = true;
+        let mut g = group("web", &[1, 2, 3]);
+        g.failed_on.insert(2);
+        let d = run(&nodes, &groups(vec![g]));
+        assert_eq!(d[0].node, Some(3));
+    }
+
+    fn arb_world() -> impl Strategy<Value = (Vec<NodeInfo>, BTreeMap<String, GroupRecord>, u16)> {
+        let nodes = proptest::collection::vec(
+            (any::<bool>(), any::<bool>(), any::<bool>(), 0u8..3, proptest::option::of(0u32..3)),
+            1..6,
+        );
+        (
+            nodes,
+            proptest::collection::vec((any::<u64>(), 0u8..3, 0u64..5, any::<bool>(), any::<u8>()), 1..8),
+            0u16..1440,
+        )
+            .prop_map(|(ns, gs, minute)| {
+                let nodes: Vec<NodeInfo> = ns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (alive, fenced, witness, admin, cap))| NodeInfo {
+                        alive: *alive,
+                        fenced: !*alive && *fenced,
+                        witness: *witness,
+                        admin: [AdminState::Online, AdminState::Standby, AdminState::Maintenance][*admin as usize],
+                        capacity: *cap,
+                        ..node(i as u64 + 1)
+                    })
+                    .collect();
+                let n = nodes.len() as u64;
+                let mut recs = Vec::new();
+                for (i, (seed, phase, epoch, enabled, extra)) in gs.iter().enumerate() {
+                    let list: Vec<u64> = (0..n)
+                        .map(|k| (seed.wrapping_add(k * 7) % n) + 1)
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    let mut g = group(&format!("g{i}"), &list);
+                    g.enabled = *enabled;
+                    g.spec.weight = 1 + (*extra as u32 % 2);
+                    if extra % 3 == 0 && i > 0 {
+                        g.spec.anti_affinity = vec![format!("g{}", i - 1)];
+                    }
+                    if extra % 5 == 0 {
+                        g.spec.failback = Failback::Auto;
+                    }
+                    let on = (seed % n) + 1;
+                    g.placement = match phase {
+                        0 => Placement { node: None, phase: Phase::Stopped, epoch: *epoch, reason: String::new() },
+                        1 => Placement { node: Some(on), phase: Phase::Started, epoch: *epoch, reason: String::new() },
+                        _ => Placement { node: Some(on), phase: Phase::Stopping, epoch: *epoch, reason: String::new() },
+                    };
+                    recs.push(g);
+                }
+                (nodes, groups(recs), minute)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn decisions_never_run_a_group_twice_nor_break_the_rules((nodes, gs, minute) in arb_world()) {
+            let d = Scheduler::new(&nodes, &gs, minute).decide();
+            let by_id: BTreeMap<NodeId, &NodeInfo> = nodes.iter().map(|n| (n.id, n)).collect();
+            let mut seen = BTreeSet::new();
+            for x in &d {
+                prop_assert!(seen.insert(x.group.clone()), "one decision per group");
+                let g = &gs[&x.group];
+                prop_assert_eq!(x.expected_epoch, g.placement.epoch);
+                prop_assert_eq!(x.node.is_none(), x.phase == Phase::Stopped);
+                if x.phase == Phase::Started {
+                    // Only from "runs nowhere": stopped, or old node dead and fenced.
+                    let from_ok = match (g.placement.phase, g.placement.node) {
+                        (Phase::Stopped, _) | (_, None) => true,
+                        (_, Some(old)) => by_id.get(&old).is_none_or(|o| !o.alive && o.fenced),
+                    };
+                    prop_assert!(from_ok, "started {} while it may still run elsewhere", x.group);
+                    let n = by_id[&x.node.unwrap()];
+                    prop_assert!(n.alive && !n.witness && n.admin == AdminState::Online);
+                    prop_assert!(g.spec.nodes.contains(&n.name));
+                    prop_assert!(!g.failed_on.contains(&n.id));
+                    prop_assert!(g.enabled);
+                }
+                if x.phase == Phase::Stopping {
+                    prop_assert_eq!(x.node, g.placement.node, "a stop is asked of the node that runs it");
+                }
+            }
+            // After the decisions: anti-affinity and capacity hold for every
+            // newly started group.
+            let mut after = gs.clone();
+            for x in &d {
+                let g = after.get_mut(&x.group).unwrap();
+                g.placement.node = x.node;
+                g.placement.phase = x.phase;
+            }
+            for x in d.iter().filter(|x| x.phase == Phase::Started) {
+                let n = x.node.unwrap();
+                let here: Vec<&GroupRecord> = after.values().filter(|g| g.placement.node == Some(n)).collect();
+                let g = &after[&x.group];
+                for o in &here {
+                    prop_assert!(o.name == g.name || !(g.spec.anti_affinity.contains(&o.name) || o.spec.anti_affinity.contains(&g.name)),
+                        "{} placed with anti-affine {}", g.name, o.name);
+                }
+                if let Some(cap) = by_id[&n].capacity {
+                    let before: u32 = gs.values().filter(|o| o.placement.node == Some(n) && o.name != g.name).map(|o| o.spec.weight).sum();
+                    let used: u32 = here.iter().map(|o| o.spec.weight).sum();
+                    // New placements never push a node over capacity beyond
+                    // what it already carried.
+                    prop_assert!(used <= cap.max(before), "capacity {cap} exceeded on node{n}: {used}");
+                }
+            }
+            // Same input, same answer.
+            prop_assert_eq!(d, Scheduler::new(&nodes, &gs, minute).decide());
+        }
+    }
+}
