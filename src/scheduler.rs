@@ -166,7 +166,8 @@ impl<'a> Scheduler<'a> {
     /// The first node of the group's list it may start on now.
     fn best(&self, g: &GroupRecord, occ: &Occupancy) -> Result<NodeId, String> {
         let mut why = Vec::new();
-        for name in &g.spec.nodes {
+        let target = g.move_to.and_then(|id| self.by_id.get(&id)).map(|n| &n.name);
+        for name in target.into_iter().chain(&g.spec.nodes) {
             match self.nodes.get(name.as_str()) {
                 None => why.push(format!("{name} is not a member")),
                 Some(n) => match self.unfit(g, n, occ, false) {
@@ -255,6 +256,12 @@ impl<'a> Scheduler<'a> {
                     }
                     occ.add(g, id);
                     occ.started_on.insert(&g.name, id);
+                    if let Some(to) = g.move_to.filter(|to| *to != id).and_then(|to| self.by_id.get(&to)) {
+                        if self.unfit(g, to, &occ, false).is_none() {
+                            out.push(decide(Some(id), Phase::Stopping, format!("moving to {} on request", to.name)));
+                            continue;
+                        }
+                    }
                     if self.failback_allowed(g) {
                         occ.remove(g, id);
                         let best = self.best(g, &occ);
@@ -321,6 +328,7 @@ mod tests {
             enabled: true,
             placement: Placement::default(),
             failed_on: Default::default(),
+            move_to: None,
         }
     }
 
@@ -368,6 +376,18 @@ mod tests {
         g.placement = Placement { node: None, phase: Phase::Stopped, epoch: 3, reason: String::new() };
         let d = run(&nodes, &groups(vec![g]));
         assert_eq!((d[0].node, d[0].phase), (Some(2), Phase::Started));
+    }
+
+    #[test]
+    fn switchover_stops_then_starts_on_the_requested_node() {
+        let nodes = [node(1), node(2), node(3)];
+        let mut g = placed(group("web", &[1, 2, 3]), 1, 2);
+        g.move_to = Some(3);
+        let d = run(&nodes, &groups(vec![g.clone()]));
+        assert_eq!((d[0].node, d[0].phase), (Some(1), Phase::Stopping));
+        g.placement = Placement { node: None, phase: Phase::Stopped, epoch: 3, reason: String::new() };
+        let d = run(&nodes, &groups(vec![g]));
+        assert_eq!((d[0].node, d[0].phase), (Some(3), Phase::Started), "the target wins over the list order");
     }
 
     #[test]

@@ -220,6 +220,10 @@ pub struct GroupRecord {
     /// placed there again until `/clear`.
     #[serde(default)]
     pub failed_on: BTreeSet<NodeId>,
+    /// A switchover the operator asked for: stop where it runs, then start
+    /// on this node. Cleared once the group starts there.
+    #[serde(default)]
+    pub move_to: Option<NodeId>,
 }
 
 fn invalid(field: String, reason: impl Into<String>) -> CommandError {

@@ -165,6 +165,11 @@ pub enum Command {
     ClearGroupFailures {
         name: String,
     },
+    /// Switchover: the group stops where it runs, then starts on `to`.
+    MoveGroup {
+        name: String,
+        to: NodeId,
+    },
 }
 
 /// The log's encoding of a command: `{"v": "1", "cmd": {...}}`.
@@ -376,6 +381,7 @@ impl ClusterState {
                     enabled: true,
                     placement: Placement::default(),
                     failed_on: Default::default(),
+                    move_to: None,
                 };
                 self.groups.insert(name.to_string(), record);
             }
@@ -485,6 +491,15 @@ impl ClusterState {
                     });
                 }
                 g.failed_on.insert(*node);
+                Ok(Reply::Done)
+            }
+            Command::MoveGroup { name, to } => {
+                let node = self.nodes.get(to).ok_or_else(|| invalid("to", format!("no node with id {to}")))?;
+                let g = self.group(name)?;
+                if !g.spec.nodes.contains(&node.name) {
+                    return Err(invalid("to", format!("{} is not in the group's nodes", node.name)));
+                }
+                self.group_mut(name)?.move_to = Some(*to);
                 Ok(Reply::Done)
             }
             Command::ClearGroupFailures { name } => {
