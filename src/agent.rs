@@ -17,9 +17,10 @@ use anyhow::Context;
 use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{ChangeMembers, SnapshotPolicy};
 use tandem_http_api::{
-    AdoptRequest, ApiError, Backend, ClusterView, ErrorBody, InitRequest, JoinRequest, JoinViaRequest, LocalView,
-    NodeState, NodeView, PathView, ReleaseRequest, Role, Route,
+    AdoptRequest, ApiError, Backend, ClusterView, ErrorBody, GroupAction, GroupEvent, GroupReport, GroupView,
+    InitRequest, JoinRequest, JoinViaRequest, LocalView, NodeState, NodeView, PathView, ReleaseRequest, Role, Route,
 };
+use tandem_raft::group::{GroupRecord, GroupSpec, Phase};
 use tandem_raft::network::Network;
 use tandem_raft::state::{api_urls, validate_name, AdminState, ClusterState, Command, NodeRecord, NodeSpec, Reply};
 use tandem_raft::store::{Db, Identity, StateHandle};
@@ -28,7 +29,9 @@ use tracing::Instrument;
 
 use crate::autopilot::{self, Candidate};
 use crate::config::Config;
+use crate::executor::{Executor, Report};
 use crate::liveness::{HeartbeatSockets, Liveness};
+use crate::scheduler::{NodeInfo, Scheduler};
 
 /// Longest wait for a write or a linearizable read to be confirmed.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,6 +44,21 @@ const JOIN_BACKOFF_MIN: Duration = Duration::from_millis(500);
 const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// How often the executor and the leader's scheduler run.
+const GROUP_TICK: Duration = Duration::from_millis(200);
+
+/// Minutes since local midnight, for failback windows.
+fn local_minute_of_day() -> u16 {
+    // SAFETY: localtime_r only writes the struct we pass.
+    unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return 0;
+        }
+        (tm.tm_hour * 60 + tm.tm_min) as u16
+    }
+}
 
 /// This node's membership: present once bootstrapped or adopted.
 pub struct Member {
@@ -64,6 +82,10 @@ pub struct Agent {
     member: RwLock<Option<Arc<Member>>>,
     http: reqwest::Client,
     membership_lock: tokio::sync::Mutex<()>,
+    /// Runs the groups placed on this node; present while a member.
+    executor: tokio::sync::Mutex<Option<Executor>>,
+    /// Last moment this node saw a majority of voters.
+    last_quorum: std::sync::Mutex<Instant>,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> ApiError {
@@ -85,7 +107,16 @@ fn new_cluster_id() -> String {
 impl Agent {
     pub fn new(cfg: Config, db: Db, liveness: Arc<Liveness>) -> Result<Agent, reqwest::Error> {
         let http = reqwest::Client::builder().no_proxy().connect_timeout(Duration::from_secs(2)).build()?;
-        Ok(Agent { cfg, db, liveness, member: RwLock::new(None), http, membership_lock: tokio::sync::Mutex::new(()) })
+        Ok(Agent {
+            cfg,
+            db,
+            liveness,
+            member: RwLock::new(None),
+            http,
+            membership_lock: tokio::sync::Mutex::new(()),
+            executor: tokio::sync::Mutex::new(None),
+            last_quorum: std::sync::Mutex::new(Instant::now()),
+        })
     }
 
     pub fn member(&self) -> Option<Arc<Member>> {
@@ -127,6 +158,8 @@ impl Agent {
             .await
             .context("starting raft")?;
         let m = Arc::new(Member { node_id: identity.node_id, cluster_id: identity.cluster_id.clone(), raft, state });
+        *self.executor.lock().await =
+            Some(Executor::new(identity.node_id, self.cfg.name.clone(), self.cfg.data_dir.clone()));
         *self.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
         tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "raft started");
         Ok(m)
@@ -134,6 +167,9 @@ impl Agent {
 
     /// Stops Raft and forgets the membership (after leaving or on exit).
     async fn stop_member(&self, wipe: bool) -> Result<(), ApiError> {
+        if let Some(mut ex) = self.executor.lock().await.take() {
+            ex.stop_all().await;
+        }
         let m = self.member.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(m) = m {
             if let Err(e) = m.raft.shutdown().await {
@@ -645,6 +681,185 @@ impl Agent {
         Ok(())
     }
 
+    // ---- groups ----
+
+    fn group_view(state: &ClusterState, g: &GroupRecord) -> GroupView {
+        let name_of = |id: NodeId| state.nodes.get(&id).map(|n| n.name.clone()).unwrap_or_else(|| format!("#{id}"));
+        let p = &g.placement;
+        let st = match p.phase {
+            Phase::Started => "running",
+            Phase::Stopping if g.enabled => "moving",
+            Phase::Stopping => "stopping",
+            Phase::Stopped if g.enabled && !g.failed_on.is_empty() => "failed",
+            Phase::Stopped => "stopped",
+        };
+        GroupView {
+            name: g.name.clone(),
+            spec: g.spec.clone(),
+            node: p.node.map(name_of),
+            state: st.to_string(),
+            enabled: g.enabled,
+            epoch: p.epoch,
+            reason: p.reason.clone(),
+            failed_on: g.failed_on.iter().map(|id| name_of(*id)).collect(),
+            move_to: g.move_to.map(name_of),
+        }
+    }
+
+    fn read_group(m: &Member, name: &str) -> Result<GroupView, ApiError> {
+        let state = m.state.state();
+        let g = state.groups.get(name).ok_or_else(|| ApiError::GroupNotFound(name.to_string()))?;
+        Ok(Self::group_view(&state, g))
+    }
+
+    /// Whether this node sees a majority of voters (itself included).
+    fn in_quorum(&self, m: &Member, state: &ClusterState, now: Instant) -> bool {
+        let metrics = m.metrics();
+        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let alive = voters.iter().filter(|v| **v == m.node_id || self.is_alive(state, **v, now)).count();
+        alive * 2 > voters.len()
+    }
+
+    /// One executor round: run what is placed here, report what only this
+    /// node knows, and fence when out of quorum past the lease.
+    async fn executor_round(&self) {
+        let Some(m) = self.member() else { return };
+        let now = Instant::now();
+        let state = m.state.state();
+        let in_lease = {
+            let mut last = self.last_quorum.lock().unwrap_or_else(|e| e.into_inner());
+            if self.in_quorum(&m, &state, now) {
+                *last = now;
+            }
+            now.duration_since(*last) <= Duration::from_millis(self.cfg.fencing.lease_ms)
+        };
+        let reports = match self.executor.lock().await.as_mut() {
+            Some(ex) => ex.tick(&state, in_lease).await,
+            None => return,
+        };
+        for r in reports {
+            let (group, report) = match r {
+                Report::Stopped { group, epoch } => {
+                    (group, GroupReport { node: m.node_id, epoch, event: GroupEvent::Stopped })
+                }
+                Report::Failed { group, epoch } => {
+                    (group, GroupReport { node: m.node_id, epoch, event: GroupEvent::Failed })
+                }
+            };
+            let sent = match self.route() {
+                Route::Here => self.apply_report(&group, report).await,
+                Route::Leader(urls) => {
+                    match self
+                        .post_first::<_, serde_json::Value>(
+                            &urls,
+                            &format!("/internal/groups/{group}/report"),
+                            &report,
+                            PEER_TIMEOUT,
+                        )
+                        .await
+                    {
+                        Ok(r) => r.map(|_| ()),
+                        Err(e) => Err(ApiError::ForwardFailed { url: urls.join(","), reason: e }),
+                    }
+                }
+                Route::NoLeader | Route::NotMember => Err(ApiError::NoLeader),
+            };
+            if let Err(e) = sent {
+                tracing::debug!(group = %group, "report not delivered yet: {e}");
+            }
+        }
+    }
+
+    /// On the leader: records what a node reported about a group placed on it.
+    async fn apply_report(&self, name: &str, r: GroupReport) -> Result<(), ApiError> {
+        let m = self.require_member()?;
+        let state = m.state.state();
+        let g = state.groups.get(name).ok_or_else(|| ApiError::GroupNotFound(name.to_string()))?;
+        let p = &g.placement;
+        if p.node != Some(r.node) || p.epoch != r.epoch {
+            return Ok(()); // about an older placement: nothing to do
+        }
+        let node = state.nodes.get(&r.node).map(|n| n.name.clone()).unwrap_or_default();
+        match r.event {
+            GroupEvent::Stopped if p.phase == Phase::Stopping => {
+                let reason = format!("stopped on {node} ({})", p.reason);
+                let cmd = Command::SetPlacement {
+                    name: name.into(),
+                    expected_epoch: r.epoch,
+                    node: None,
+                    phase: Phase::Stopped,
+                    reason,
+                };
+                self.propose(&m, cmd).await.map(|_| ())
+            }
+            GroupEvent::Failed if p.phase == Phase::Started && !g.failed_on.contains(&r.node) => {
+                tracing::warn!(group = name, node = %node, "group failed past its restart threshold");
+                self.propose(&m, Command::MarkGroupFailed { name: name.into(), node: r.node, epoch: r.epoch })
+                    .await
+                    .map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// One scheduler round on the leader: commit every placement change.
+    async fn scheduler_round(&self) {
+        let Some(m) = self.member() else { return };
+        if m.metrics().current_leader != Some(m.node_id) {
+            return;
+        }
+        let state = m.state.state();
+        if state.groups.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let fenced_after = self.cfg.fenced_after();
+        let nodes: Vec<NodeInfo> = state
+            .nodes
+            .values()
+            .map(|r| {
+                let me = r.id == m.node_id;
+                let st = self.liveness.status(r.id, &r.addresses, now);
+                NodeInfo {
+                    id: r.id,
+                    name: r.name.clone(),
+                    admin: r.admin_state,
+                    witness: r.witness,
+                    alive: me || st.alive,
+                    fenced: !me && !st.alive && st.down_for >= fenced_after,
+                    capacity: r.attributes.get("capacity").and_then(|c| c.parse().ok()),
+                }
+            })
+            .collect();
+        for d in Scheduler::new(&nodes, &state.groups, local_minute_of_day()).decide() {
+            tracing::info!(group = %d.group, epoch = d.expected_epoch + 1, phase = ?d.phase, "placement: {}", d.reason);
+            let cmd = Command::SetPlacement {
+                name: d.group.clone(),
+                expected_epoch: d.expected_epoch,
+                node: d.node,
+                phase: d.phase,
+                reason: d.reason,
+            };
+            if let Err(e) = self.propose(&m, cmd).await {
+                tracing::debug!(group = %d.group, "placement not committed: {e}");
+            }
+        }
+    }
+
+    async fn wait_group_stopped(&self, m: &Member, name: &str) -> Result<(), ApiError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let phase = m.state.read(|d| d.state.groups.get(name).map(|g| g.placement.phase));
+            match phase {
+                None | Some(Phase::Stopped) => return Ok(()),
+                Some(_) if Instant::now() > deadline => {
+                    return Err(ApiError::QuorumUnavailable(format!("group {name} did not stop within 60 s")))
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
     pub fn local_view(&self) -> LocalView {
         let spec = self.cfg.spec();
         let m = self.member();
@@ -787,6 +1002,68 @@ impl Backend for Agent {
         self.node_view(&m, name)
     }
 
+    async fn groups(&self, stale: bool) -> Result<Vec<GroupView>, ApiError> {
+        let m = self.read_member(stale).await?;
+        let state = m.state.state();
+        Ok(state.groups.values().map(|g| Self::group_view(&state, g)).collect())
+    }
+
+    async fn group(&self, name: &str, stale: bool) -> Result<GroupView, ApiError> {
+        let m = self.read_member(stale).await?;
+        Self::read_group(&m, name)
+    }
+
+    async fn put_group(&self, name: &str, spec: GroupSpec) -> Result<(GroupView, bool), ApiError> {
+        let m = self.require_member()?;
+        for (i, r) in spec.resources.iter().enumerate() {
+            if !crate::executor::supported(&r.kind) {
+                return Err(ApiError::Invalid {
+                    field: format!("resources[{i}].type"),
+                    reason: format!(
+                        "{} resources are not supported by this version yet (process is)",
+                        r.kind.type_name()
+                    ),
+                });
+            }
+        }
+        let created = m.state.read(|d| !d.state.groups.contains_key(name));
+        self.propose(&m, Command::PutGroup { name: name.into(), spec }).await?;
+        Ok((Self::read_group(&m, name)?, created))
+    }
+
+    async fn delete_group(&self, name: &str) -> Result<(), ApiError> {
+        let m = self.require_member()?;
+        Self::read_group(&m, name)?;
+        self.propose(&m, Command::SetGroupEnabled { name: name.into(), enabled: false }).await?;
+        self.wait_group_stopped(&m, name).await?;
+        self.propose(&m, Command::DeleteGroup { name: name.into() }).await.map(|_| ())
+    }
+
+    async fn group_action(&self, name: &str, action: GroupAction) -> Result<GroupView, ApiError> {
+        let m = self.require_member()?;
+        let cmd = match action {
+            GroupAction::Start => Command::SetGroupEnabled { name: name.into(), enabled: true },
+            GroupAction::Stop => Command::SetGroupEnabled { name: name.into(), enabled: false },
+            GroupAction::Clear => Command::ClearGroupFailures { name: name.into() },
+        };
+        self.propose(&m, cmd).await?;
+        Self::read_group(&m, name)
+    }
+
+    async fn move_group(&self, name: &str, to: &str) -> Result<GroupView, ApiError> {
+        let m = self.require_member()?;
+        let id = m
+            .state
+            .read(|d| d.state.node_by_name(to).map(|n| n.id))
+            .ok_or_else(|| ApiError::NodeNotFound(to.into()))?;
+        self.propose(&m, Command::MoveGroup { name: name.into(), to: id }).await?;
+        Self::read_group(&m, name)
+    }
+
+    async fn group_report(&self, name: &str, report: GroupReport) -> Result<(), ApiError> {
+        self.apply_report(name, report).await
+    }
+
     async fn init(&self, req: InitRequest) -> Result<LocalView, ApiError> {
         self.do_init(req).await
     }
@@ -877,6 +1154,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 if let Err(e) = agent.autopilot_round().await {
                     tracing::warn!(code = e.code(), "autopilot: {e}");
                 }
+            }
+        });
+    }
+    {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(GROUP_TICK);
+            loop {
+                tick.tick().await;
+                agent.executor_round().await;
+            }
+        });
+    }
+    {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(GROUP_TICK);
+            loop {
+                tick.tick().await;
+                agent.scheduler_round().await;
             }
         });
     }

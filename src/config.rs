@@ -48,7 +48,26 @@ pub struct Config {
     #[serde(default)]
     pub autopilot: AutopilotConfig,
     #[serde(default)]
+    pub fencing: FencingConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FencingConfig {
+    /// A node that sees no majority of voters for this long kills every
+    /// resource it runs.
+    pub lease_ms: u64,
+    /// Extra wait on the leader, past node timeout + lease, before a dead
+    /// node's groups start elsewhere (clock drift, slow kills).
+    pub margin_ms: u64,
+}
+
+impl Default for FencingConfig {
+    fn default() -> Self {
+        FencingConfig { lease_ms: 1000, margin_ms: 500 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -220,6 +239,9 @@ impl Config {
         if a.interval_ms < 50 {
             return Err(bad("autopilot.interval_ms", "must be at least 50".into()));
         }
+        if self.fencing.lease_ms < 100 {
+            return Err(bad("fencing.lease_ms", "must be at least 100".into()));
+        }
         if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             return Err(bad("log.level", format!("{:?} is not a tracing filter", self.log.level)));
         }
@@ -232,6 +254,13 @@ impl Config {
 
     pub fn node_timeout(&self) -> Duration {
         Duration::from_millis(self.liveness.node_timeout_ms)
+    }
+
+    /// How long the leader waits after a node's last heartbeat before it
+    /// takes the node's groups as fenced: the node notices it is alone after
+    /// the node timeout, kills its resources after its lease, plus a margin.
+    pub fn fenced_after(&self) -> Duration {
+        Duration::from_millis(self.liveness.node_timeout_ms + self.fencing.lease_ms + self.fencing.margin_ms)
     }
 }
 

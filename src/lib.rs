@@ -10,6 +10,7 @@ pub mod autopilot;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod executor;
 pub mod liveness;
 pub mod scheduler;
 pub mod testkit;

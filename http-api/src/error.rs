@@ -71,6 +71,14 @@ pub enum ApiError {
     WouldLoseQuorum(String),
     #[error("{url} refused the request with {code}: {message}")]
     Refused { url: String, status: u16, code: String, message: String, hint: String },
+    #[error("no group named {0}")]
+    GroupNotFound(String),
+    #[error("group {name} is referred to by group {by}")]
+    GroupInUse { name: String, by: String },
+    #[error("group {0} changed while the request was being applied")]
+    GroupChanged(String),
+    #[error("the cluster already has the maximum of {0} groups")]
+    TooManyGroups(usize),
     #[error("vote request from node {0}, which is not a member of this cluster")]
     UnknownPeer(u64),
     #[error("storage failure: {0}")]
@@ -84,8 +92,8 @@ impl ApiError {
     pub const CODES: &'static [&'static str] = &[
         "TND-1001", "TND-1002", "TND-1003", "TND-1004", "TND-1005", "TND-1006", "TND-1010", "TND-1100", "TND-1101",
         "TND-1102", "TND-1103", "TND-1104", "TND-1105", "TND-1106", "TND-1107", "TND-1108", "TND-1200", "TND-1201",
-        "TND-1202", "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209", "TND-1900",
-        "TND-1901",
+        "TND-1202", "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209", "TND-1300",
+        "TND-1301", "TND-1302", "TND-1303", "TND-1900", "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -117,6 +125,10 @@ impl ApiError {
             WouldLoseQuorum(_) => "TND-1207",
             Refused { .. } => "TND-1208",
             UnknownPeer(_) => "TND-1209",
+            GroupNotFound(_) => "TND-1300",
+            GroupInUse { .. } => "TND-1301",
+            GroupChanged(_) => "TND-1302",
+            TooManyGroups(_) => "TND-1303",
             Storage(_) => "TND-1900",
             Internal(_) => "TND-1901",
         }
@@ -127,7 +139,9 @@ impl ApiError {
         match self {
             MalformedJson(_) | InvalidBody(_) | InvalidQuery(_) => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            RouteNotFound { .. } | NodeNotFound(_) | AttributeNotFound { .. } => StatusCode::NOT_FOUND,
+            RouteNotFound { .. } | NodeNotFound(_) | AttributeNotFound { .. } | GroupNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Invalid { .. } | NameMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             NodeExists(_)
@@ -139,6 +153,9 @@ impl ApiError {
             | AlreadyMember(_)
             | WrongNode { .. }
             | UnknownPeer(_)
+            | GroupInUse { .. }
+            | GroupChanged(_)
+            | TooManyGroups(_)
             | WouldLoseQuorum(_) => StatusCode::CONFLICT,
             NotMember | NoLeader | QuorumUnavailable(_) | ForwardFailed { .. } | MembershipChangeInProgress => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -187,6 +204,10 @@ impl ApiError {
             WrongNode { .. } => "An address now belongs to another agent; fix the cluster's addresses.".into(),
             WouldLoseQuorum(_) => "Add or repair nodes first, so that a majority of voters stays available.".into(),
             Refused { hint, .. } => hint.clone(),
+            GroupNotFound(_) => "List the groups with `tandem group list` or GET /v1/groups.".into(),
+            GroupInUse { .. } => "Remove the reference (colocate_with / anti_affinity) from the other group first.".into(),
+            GroupChanged(_) => "Someone else changed the group at the same time; read it again and retry.".into(),
+            TooManyGroups(_) => "Delete groups you no longer need.".into(),
             UnknownPeer(_) => {
                 "A removed node is still running with its old identity: stop it and wipe its data_dir, \
                  or let it rejoin with `tandem cluster join`."
@@ -213,12 +234,10 @@ impl From<CommandError> for ApiError {
             CommandError::AttributeNotFound { name, key } => ApiError::AttributeNotFound { name, key },
             CommandError::TooManyNodes { max } => ApiError::TooManyNodes(max),
             CommandError::Invalid { field, reason } => ApiError::Invalid { field, reason },
-            // Groups have no API yet (issue 3); their refusals surface as conflicts.
-            other @ (CommandError::GroupNotFound { .. }
-            | CommandError::GroupRunning { .. }
-            | CommandError::GroupInUse { .. }
-            | CommandError::StaleEpoch { .. }
-            | CommandError::TooManyGroups { .. }) => ApiError::Internal(other.to_string()),
+            CommandError::GroupNotFound { name } => ApiError::GroupNotFound(name),
+            CommandError::GroupInUse { name, by } => ApiError::GroupInUse { name, by },
+            CommandError::StaleEpoch { name, .. } | CommandError::GroupRunning { name } => ApiError::GroupChanged(name),
+            CommandError::TooManyGroups { max } => ApiError::TooManyGroups(max),
         }
     }
 }

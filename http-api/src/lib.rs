@@ -77,6 +77,15 @@ pub trait Backend: Send + Sync + 'static {
     async fn set_attribute(&self, name: &str, key: &str, value: String) -> Result<NodeView, ApiError>;
     async fn delete_attribute(&self, name: &str, key: &str) -> Result<NodeView, ApiError>;
 
+    async fn groups(&self, stale: bool) -> Result<Vec<GroupView>, ApiError>;
+    async fn group(&self, name: &str, stale: bool) -> Result<GroupView, ApiError>;
+    /// Creates or replaces; the bool says whether it was created.
+    async fn put_group(&self, name: &str, spec: tandem_raft::group::GroupSpec) -> Result<(GroupView, bool), ApiError>;
+    async fn delete_group(&self, name: &str) -> Result<(), ApiError>;
+    async fn group_action(&self, name: &str, action: GroupAction) -> Result<GroupView, ApiError>;
+    async fn move_group(&self, name: &str, to: &str) -> Result<GroupView, ApiError>;
+    async fn group_report(&self, name: &str, report: GroupReport) -> Result<(), ApiError>;
+
     async fn init(&self, req: InitRequest) -> Result<LocalView, ApiError>;
     async fn join_via(&self, req: JoinViaRequest) -> Result<LocalView, ApiError>;
     async fn adopt(&self, req: AdoptRequest) -> Result<LocalView, ApiError>;
@@ -176,6 +185,13 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/nodes/{name}/online", post(set_online))
         .route("/v1/nodes/{name}/maintenance", post(set_maintenance))
         .route("/v1/nodes/{name}/attributes/{key}", put(set_attribute).delete(delete_attribute))
+        .route("/v1/groups", get(list_groups))
+        .route("/v1/groups/{name}", get(get_group).put(put_group).delete(delete_group))
+        .route("/v1/groups/{name}/start", post(start_group))
+        .route("/v1/groups/{name}/stop", post(stop_group))
+        .route("/v1/groups/{name}/clear", post(clear_group))
+        .route("/v1/groups/{name}/move", post(move_group))
+        .route("/internal/groups/{name}/report", post(group_report))
         .layer(middleware::from_fn_with_state(forwarder, route_to_leader))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let local_routes = Router::new()
@@ -471,6 +487,99 @@ async fn delete_attribute(
     Path((name, key)): Path<(String, String)>,
 ) -> Result<Json<NodeView>, ApiError> {
     b.delete_attribute(&name, &key).await.map(Json)
+}
+
+// ---- groups ----
+
+#[utoipa::path(get, path = "/v1/groups", tag = "groups",
+    params(("stale" = Option<bool>, Query, description = "Serve the local copy")),
+    responses((status = 200, description = "All groups", body = [GroupView])))]
+async fn list_groups(
+    State(b): State<SharedBackend>,
+    ApiQuery(p): ApiQuery<ReadParams>,
+) -> Result<Json<Vec<GroupView>>, ApiError> {
+    b.groups(p.stale).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/groups/{name}", tag = "groups",
+    params(("name" = String, Path), ("stale" = Option<bool>, Query, description = "Serve the local copy")),
+    responses((status = 200, description = "One group", body = GroupView),
+              (status = 404, description = "No such group (TND-1300)", body = ErrorBody)))]
+async fn get_group(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(p): ApiQuery<ReadParams>,
+) -> Result<Json<GroupView>, ApiError> {
+    b.group(&name, p.stale).await.map(Json)
+}
+
+#[utoipa::path(put, path = "/v1/groups/{name}", tag = "groups", params(("name" = String, Path)),
+    request_body(content = Object, description = "The group definition (docs/api.md)"),
+    responses((status = 201, description = "Created", body = GroupView),
+              (status = 200, description = "Replaced", body = GroupView),
+              (status = 422, description = "Invalid definition; the code names the field (TND-1010)", body = ErrorBody)))]
+async fn put_group(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<serde_json::Value>,
+) -> Result<(StatusCode, Json<GroupView>), ApiError> {
+    // A definition that is valid JSON but not a valid group is refused with
+    // 422, naming the field (`resources[0].type`, `nodes`, ...).
+    let spec: tandem_raft::group::GroupSpec = serde_path_to_error::deserialize(body).map_err(|e| {
+        let field = e.path().to_string();
+        ApiError::Invalid {
+            field: if field == "." { "body".into() } else { field },
+            reason: e.into_inner().to_string(),
+        }
+    })?;
+    let (view, created) = b.put_group(&name, spec).await?;
+    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(view)))
+}
+
+#[utoipa::path(delete, path = "/v1/groups/{name}", tag = "groups", params(("name" = String, Path)),
+    responses((status = 204, description = "Stopped and deleted"),
+              (status = 404, description = "No such group", body = ErrorBody),
+              (status = 409, description = "Another group refers to it", body = ErrorBody)))]
+async fn delete_group(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    b.delete_group(&name).await.map(|_| StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/groups/{name}/start", tag = "groups", params(("name" = String, Path)),
+    responses((status = 200, description = "Enabled: the scheduler places it", body = GroupView)))]
+async fn start_group(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<GroupView>, ApiError> {
+    b.group_action(&name, GroupAction::Start).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/groups/{name}/stop", tag = "groups", params(("name" = String, Path)),
+    responses((status = 200, description = "Disabled: it stops and stays stopped", body = GroupView)))]
+async fn stop_group(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<GroupView>, ApiError> {
+    b.group_action(&name, GroupAction::Stop).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/groups/{name}/clear", tag = "groups", params(("name" = String, Path)),
+    responses((status = 200, description = "Failures forgotten: failed nodes are eligible again", body = GroupView)))]
+async fn clear_group(State(b): State<SharedBackend>, Path(name): Path<String>) -> Result<Json<GroupView>, ApiError> {
+    b.group_action(&name, GroupAction::Clear).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/groups/{name}/move", tag = "groups", params(("name" = String, Path)),
+    request_body = MoveRequest,
+    responses((status = 200, description = "Switchover requested: stops in order, then starts on `to`", body = GroupView),
+              (status = 422, description = "`to` is not in the group's nodes", body = ErrorBody)))]
+async fn move_group(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<MoveRequest>,
+) -> Result<Json<GroupView>, ApiError> {
+    b.move_group(&name, &req.to).await.map(Json)
+}
+
+async fn group_report(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<GroupReport>,
+) -> Result<StatusCode, ApiError> {
+    b.group_report(&name, req).await.map(|_| StatusCode::NO_CONTENT)
 }
 
 // ---- internal Raft RPCs ----

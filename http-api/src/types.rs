@@ -160,3 +160,57 @@ pub struct ReleaseRequest {
 pub struct Health {
     pub status: String,
 }
+
+/// A resource group: its definition and where it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GroupView {
+    pub name: String,
+    /// The definition as given to `PUT /v1/groups/{name}`.
+    #[schema(value_type = Object)]
+    pub spec: tandem_raft::group::GroupSpec,
+    /// Node the group is placed on, null when stopped.
+    pub node: Option<String>,
+    /// `running`, `stopping`, `moving`, `stopped` or `failed`.
+    pub state: String,
+    /// False after `/stop`.
+    pub enabled: bool,
+    /// The fencing token: grows on every placement change.
+    pub epoch: u64,
+    /// Why the last placement change happened.
+    pub reason: String,
+    /// Nodes where the group failed past its restart threshold (until `/clear`).
+    pub failed_on: Vec<String>,
+    /// Switchover target, until the group starts there.
+    pub move_to: Option<String>,
+}
+
+/// `POST /v1/groups/{name}/move`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    pub to: String,
+}
+
+/// Internal: a node tells the leader what happened to a group placed on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupEvent {
+    Stopped,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupReport {
+    pub node: NodeId,
+    pub epoch: u64,
+    pub event: GroupEvent,
+}
+
+/// What `POST /v1/groups/{name}/{action}` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupAction {
+    Start,
+    Stop,
+    Clear,
+}

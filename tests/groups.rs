@@ -1,0 +1,257 @@
+//! Resource groups on real clusters: placement, local restart, failover when
+//! a node dies, switchover, standby, stop/start, and refused definitions.
+//! Every resource start and stop appends a line (node, epoch, pid) to one
+//! log, from which the tests check that a group never ran on two nodes.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A process resource that logs its start and its (graceful) stop.
+fn logged(log: &Path) -> Value {
+    let log = log.display();
+    let script = format!(
+        "echo \"start $TANDEM_NODE $TANDEM_EPOCH $$\" >> {log}; \
+         trap 'echo \"stop $TANDEM_NODE $TANDEM_EPOCH $$\" >> {log}; exit 0' TERM; \
+         while :; do sleep 0.1; done"
+    );
+    json!({"name": "srv", "type": "process", "command": ["sh", "-c", script]})
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Event {
+    kind: String,
+    node: String,
+    epoch: u64,
+    pid: i32,
+}
+
+fn events(log: &Path) -> Vec<Event> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(Event {
+                kind: f.first()?.to_string(),
+                node: f.get(1)?.to_string(),
+                epoch: f.get(2)?.parse().ok()?,
+                pid: f.get(3)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
+/// Starts whose process still runs: never more than one.
+fn running(log: &Path) -> Vec<Event> {
+    events(log).into_iter().filter(|e| e.kind == "start" && alive(e.pid)).collect()
+}
+
+async fn group(c: &Cluster, name: &str) -> Value {
+    for _ in 0..100 {
+        for u in c.live_urls() {
+            let (st, v) = get(&format!("{u}/v1/groups/{name}")).await;
+            if st == 200 {
+                return v;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no node answered for group {name}");
+}
+
+async fn wait_running_on(c: &Cluster, name: &str, node: &str, log: &Path) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        last = group(c, name).await;
+        let runs = running(log);
+        assert!(runs.len() <= 1, "group runs on two nodes at once: {runs:?}");
+        if last["node"] == node && last["state"] == "running" && runs.iter().any(|e| e.node == node) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{name} never ran on {node}: {last}\n{:?}", events(log));
+}
+
+async fn put_group(c: &Cluster, name: &str, body: Value) -> (u16, Value) {
+    put(&format!("{}/v1/groups/{name}", c.nodes[1].url()), body).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_fails_over_when_its_node_dies() {
+    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let log = c.tmp.path().join("events");
+    let (st, v) = put_group(&c, "web", json!({"resources": [logged(&log)], "nodes": ["n1", "n2", "n3"]})).await;
+    assert_eq!(st, 201, "{v}");
+    let g = wait_running_on(&c, "web", "n1", &log).await;
+    let first = running(&log)[0].clone();
+    assert_eq!(first.epoch, g["epoch"].as_u64().unwrap());
+
+    // Power loss of n1: the agent and, with it, its resources.
+    c.node_mut("n1").kill();
+    let g = wait_running_on(&c, "web", "n2", &log).await;
+    assert!(!alive(first.pid), "the old copy must be gone");
+    assert!(g["epoch"].as_u64() > Some(first.epoch), "a new placement has a new epoch: {g}");
+    assert!(g["reason"].as_str().unwrap().contains("n1 failed"), "{g}");
+    let starts: Vec<Event> = events(&log).into_iter().filter(|e| e.kind == "start").collect();
+    assert_eq!(starts.iter().map(|e| e.node.as_str()).collect::<Vec<_>>(), ["n1", "n2"], "{starts:?}");
+
+    // n1 comes back: manual failback leaves the group where it is.
+    c.node_mut("n1").start().await;
+    let url = format!("{}/v1/nodes/n1", c.nodes[1].url());
+    wait_until(Duration::from_secs(20), "n1 online", || async { get(&url).await.1["state"] == "online" }).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let g = group(&c, "web").await;
+    assert_eq!(g["node"], "n2", "manual failback: stays on n2");
+    assert_eq!(running(&log).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crashed_resource_restarts_locally_then_fails_over_and_clear_forgets() {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let log = c.tmp.path().join("events");
+    let body =
+        json!({"resources": [logged(&log)], "nodes": ["n1", "n2"], "max_restarts": 1, "restart_window_ms": 600000});
+    assert_eq!(put_group(&c, "db", body).await.0, 201);
+    wait_running_on(&c, "db", "n1", &log).await;
+    let first = running(&log)[0].clone();
+
+    // First crash: restarted in place, same epoch.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until(Duration::from_secs(10), "local restart", || async {
+        running(&log).iter().any(|e| e.node == "n1" && e.pid != first.pid)
+    })
+    .await;
+    let second = running(&log)[0].clone();
+    assert_eq!((second.node.as_str(), second.epoch), ("n1", first.epoch), "restarted locally, same placement");
+
+    // Second crash: past the threshold, the group fails over.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(second.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let g = wait_running_on(&c, "db", "n2", &log).await;
+    assert_eq!(g["failed_on"], json!(["n1"]), "{g}");
+
+    // Crash it on n2 twice too: no node left, the group is failed.
+    for _ in 0..2 {
+        let pid = running(&log).iter().find(|e| e.node == "n2").map(|e| e.pid).unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        wait_until(Duration::from_secs(10), "restart or give up", || async {
+            !alive(pid) && running(&log).iter().all(|e| e.pid != pid)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let url = format!("{}/v1/groups/db", c.nodes[0].url());
+    wait_until(Duration::from_secs(15), "group failed", || async { get(&url).await.1["state"] == "failed" }).await;
+    assert!(running(&log).is_empty());
+
+    // Clear: failures forgotten, it runs again on its first node.
+    let (st, v) = post(&format!("{}/v1/groups/db/clear", c.nodes[2].url()), json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    wait_running_on(&c, "db", "n1", &log).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn switchover_standby_and_stop_always_stop_before_starting() {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let log = c.tmp.path().join("events");
+    assert_eq!(put_group(&c, "app", json!({"resources": [logged(&log)], "nodes": ["n1", "n2", "n3"]})).await.0, 201);
+    wait_running_on(&c, "app", "n1", &log).await;
+
+    let (st, v) = post(&format!("{}/v1/groups/app/move", c.nodes[2].url()), json!({"to": "n3"})).await;
+    assert_eq!(st, 200, "{v}");
+    wait_running_on(&c, "app", "n3", &log).await;
+
+    let (st, _) = post(&format!("{}/v1/nodes/n3/standby", c.nodes[0].url()), json!({})).await;
+    assert_eq!(st, 200);
+    wait_running_on(&c, "app", "n1", &log).await;
+
+    let (st, v) = post(&format!("{}/v1/groups/app/stop", c.nodes[0].url()), json!({})).await;
+    assert_eq!((st, v["enabled"].clone()), (200, json!(false)), "{v}");
+    let url = format!("{}/v1/groups/app", c.nodes[1].url());
+    wait_until(Duration::from_secs(20), "stopped", || async { get(&url).await.1["state"] == "stopped" }).await;
+    assert!(running(&log).is_empty());
+    let (st, _) = post(&format!("{}/v1/groups/app/start", c.nodes[0].url()), json!({})).await;
+    assert_eq!(st, 200);
+    wait_running_on(&c, "app", "n1", &log).await;
+
+    // Every start came after the previous copy's stop, on a newer epoch.
+    let ev = events(&log);
+    let mut last_epoch = 0;
+    let mut live: Option<Event> = None;
+    for e in &ev {
+        match e.kind.as_str() {
+            "start" => {
+                assert!(live.is_none(), "start while {live:?} still ran: {ev:?}");
+                assert!(e.epoch > last_epoch, "epochs grow: {ev:?}");
+                last_epoch = e.epoch;
+                live = Some(e.clone());
+            }
+            _ => {
+                assert_eq!(live.as_ref().map(|l| l.pid), Some(e.pid), "{ev:?}");
+                live = None;
+            }
+        }
+    }
+    let nodes: Vec<&str> = ev.iter().filter(|e| e.kind == "start").map(|e| e.node.as_str()).collect();
+    assert_eq!(nodes, ["n1", "n3", "n1", "n1"]);
+
+    // Delete stops it and removes it.
+    let (st, v) = delete(&format!("{}/v1/groups/app", c.nodes[2].url())).await;
+    assert_eq!(st, 204, "{v}");
+    assert!(running(&log).is_empty());
+    assert_eq!(get(&url).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_group_definitions_are_refused_whole() {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let ok = json!({"resources": [{"name": "s", "type": "process", "command": ["sleep", "100"]}], "nodes": ["n1"]});
+    let cases = [
+        (json!({"resources": [{"name": "s", "type": "teleport"}], "nodes": ["n1"]}), "resources[0]"),
+        (json!({"resources": [{"name": "s", "type": "process"}], "nodes": ["n1"]}), "resources[0]"),
+        (
+            json!({"resources": [{"name": "s", "type": "process", "command": []}], "nodes": ["n1"]}),
+            "resources[0].command",
+        ),
+        (json!({"resources": [{"name": "s", "type": "process", "command": ["x"]}], "nodes": ["ghost"]}), "nodes[0]"),
+        (
+            json!({"resources": [{"name": "s", "type": "process", "command": ["x"]}], "nodes": ["n1"], "failback": {"window": "2-4"}}),
+            "failback.window",
+        ),
+        (
+            json!({"resources": [{"name": "s", "type": "process", "command": ["x"]}], "nodes": ["n1"], "colocate_with": "nope"}),
+            "colocate_with",
+        ),
+        (
+            json!({"resources": [{"name": "s", "type": "process", "command": ["x"]}], "nodes": ["n1"], "colour": "red"}),
+            "colour",
+        ),
+        (
+            json!({"resources": [{"name": "e", "type": "exec", "path": "/bin/true"}], "nodes": ["n1"]}),
+            "resources[0].type",
+        ),
+    ];
+    let before = get(&format!("{}/v1/groups", c.nodes[0].url())).await.1;
+    for (body, field) in cases {
+        let (st, v) = put_group(&c, "bad", body.clone()).await;
+        assert_eq!((st, v["code"].clone()), (422, json!("TND-1010")), "{body}: {v}");
+        assert!(v["message"].as_str().unwrap().contains(field), "{body}: message should name {field}: {v}");
+    }
+    assert_eq!(get(&format!("{}/v1/groups", c.nodes[0].url())).await.1, before, "refusals changed nothing");
+    let (st, v) = put(&format!("{}/v1/groups/bad", c.nodes[0].url()), ok).await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = post(&format!("{}/v1/groups/bad/move", c.nodes[0].url()), json!({"to": "n2"})).await;
+    assert_eq!((st, v["code"].clone()), (422, json!("TND-1010")), "n2 is not in its nodes: {v}");
+    assert_eq!(get(&format!("{}/v1/groups/none", c.nodes[0].url())).await.1["code"], "TND-1300");
+}
