@@ -3,7 +3,7 @@
 //! action goes through the API, so the CLI works from any machine.
 //!
 //! Exit codes (documented in README.md and docs/api.md):
-//! 0 success; 1 the request was refused (4xx); 2 bad command line;
+//! 0 success; 1 the request was refused (4xx); 2 bad command line or input file;
 //! 3 the endpoint could not be reached; 4 the cluster is unavailable (503:
 //! no leader, no quorum), retry later; 5 the agent failed (5xx); 6 the agent's
 //! configuration is invalid or it could not start.
@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::Value;
-use tandem_http_api::{ClusterView, ErrorBody, LocalView, NodeView};
+use tandem_http_api::{ClusterView, ErrorBody, GroupView, LocalView, NodeView};
 
 pub const EXIT_REFUSED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_UNREACHABLE: u8 = 3;
 pub const EXIT_UNAVAILABLE: u8 = 4;
 pub const EXIT_SERVER: u8 = 5;
@@ -29,6 +30,8 @@ pub enum CliError {
     Api { status: u16, code: String, message: String, hint: String },
     #[error("unexpected answer from {url}: {reason}")]
     BadAnswer { url: String, reason: String },
+    #[error("cannot use the input: {0}")]
+    Input(String),
 }
 
 impl CliError {
@@ -39,6 +42,7 @@ impl CliError {
             CliError::Api { status, .. } if *status >= 500 => EXIT_SERVER,
             CliError::Api { .. } => EXIT_REFUSED,
             CliError::BadAnswer { .. } => EXIT_SERVER,
+            CliError::Input(_) => EXIT_USAGE,
         }
     }
 }
@@ -168,6 +172,46 @@ pub fn node_text(n: &NodeView) -> String {
     }
     for (k, v) in &n.attributes {
         rows.push(vec![format!("attribute {k}"), v.clone()]);
+    }
+    table(&["FIELD", "VALUE"], &rows)
+}
+
+pub fn groups_table(groups: &[GroupView]) -> String {
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            vec![
+                g.name.clone(),
+                g.state.clone(),
+                g.node.clone().unwrap_or_else(|| "-".into()),
+                g.epoch.to_string(),
+                g.spec.nodes.join(","),
+                g.reason.clone(),
+            ]
+        })
+        .collect();
+    table(&["GROUP", "STATE", "NODE", "EPOCH", "NODES", "LAST CHANGE"], &rows)
+}
+
+pub fn group_text(g: &GroupView) -> String {
+    let mut rows = vec![
+        vec!["name".into(), g.name.clone()],
+        vec!["state".into(), g.state.clone()],
+        vec!["node".into(), g.node.clone().unwrap_or_else(|| "-".into())],
+        vec!["enabled".into(), g.enabled.to_string()],
+        vec!["epoch".into(), g.epoch.to_string()],
+        vec!["last change".into(), g.reason.clone()],
+        vec!["nodes".into(), g.spec.nodes.join(", ")],
+        vec!["failback".into(), serde_json::to_string(&g.spec.failback).unwrap_or_default()],
+    ];
+    if !g.failed_on.is_empty() {
+        rows.push(vec!["failed on".into(), g.failed_on.join(", ")]);
+    }
+    if let Some(to) = &g.move_to {
+        rows.push(vec!["moving to".into(), to.clone()]);
+    }
+    for r in &g.spec.resources {
+        rows.push(vec![format!("resource {}", r.name), r.kind.type_name().to_string()]);
     }
     table(&["FIELD", "VALUE"], &rows)
 }

@@ -52,9 +52,14 @@ pub async fn run(base_port: u16, dir: Option<PathBuf>, keep: bool) -> anyhow::Re
         form_cluster(&mut nodes).await
     }
     .await;
+    let service_port = base_port.saturating_add(80);
+    let result = match result {
+        Ok(cluster) => create_example_group(&nodes, service_port).await.map(|_| cluster),
+        Err(e) => Err(e),
+    };
     match result {
         Ok(cluster) => {
-            print_banner(&cluster, &nodes, &dir);
+            print_banner(&cluster, &nodes, &dir, service_port);
             supervise(&mut nodes).await;
         }
         Err(e) => {
@@ -144,7 +149,33 @@ async fn form_cluster(nodes: &mut [Node]) -> anyhow::Result<ClusterView> {
     }
 }
 
-fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path) {
+/// The example service: a small HTTP server that says which node serves it.
+async fn create_example_group(nodes: &[Node], port: u16) -> anyhow::Result<()> {
+    let script = format!(
+        "echo \"hello from $TANDEM_NODE (group $TANDEM_GROUP, epoch $TANDEM_EPOCH)\" > index.html; \
+         exec python3 -m http.server {port} --bind 127.0.0.1"
+    );
+    let body = json!({
+        "resources": [{"name": "http", "type": "process", "command": ["sh", "-c", script]}],
+        "nodes": nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
+        "failback": "manual",
+    });
+    let client = Client::new(&nodes[0].url)?;
+    client.call(Method::PUT, "/v1/groups/web", Some(body)).await?;
+    let deadline = Instant::now() + FORM_TIMEOUT;
+    loop {
+        let v = client.call(Method::GET, "/v1/groups/web", None).await?;
+        if v["state"] == "running" {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the example group did not start: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path, service_port: u16) {
     let u = |i: usize| &nodes[i].url;
     say!(
         "tandem demo: cluster {:?} is up with {} nodes, leader {}",
@@ -167,7 +198,12 @@ fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path) {
     say!("  TANDEM_ENDPOINT={} target/release/tandem status", u(1));
     say!("  target/release/tandem node show node1 --endpoint {}", u(2));
     say!();
-    say!("Kill a node (kill -9 <pid>) and watch the others elect a new leader. Ctrl-C stops the cluster.");
+    say!();
+    say!("Example group `web` (a small HTTP service) runs on node1: curl -s http://127.0.0.1:{service_port}/");
+    say!("  target/release/tandem group list --endpoint {}", u(1));
+    say!("  curl -s -X POST -d '{{\"to\": \"node3\"}}' {}/v1/groups/web/move     # switchover", u(1));
+    say!("Kill the node that runs it (kill -9 <its pid>): within about 3 s it answers again from another node,");
+    say!("and the remaining nodes elect a new leader if it was the leader. Ctrl-C stops the cluster.");
 }
 
 /// Waits for Ctrl-C or SIGTERM, reporting agents that exit on their own.

@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tandem::cli::{self, parse, CliError, Client};
 use tandem::config::{Config, LogFormat};
-use tandem_http_api::{ClusterView, LocalView, NodeView};
+use tandem_http_api::{ClusterView, GroupView, LocalView, NodeView};
 
 #[derive(Parser)]
 #[command(name = "tandem", version, about = "High-availability cluster manager", propagate_version = true)]
@@ -57,6 +57,38 @@ enum Cmd {
     /// Bootstrap or join a cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Define, inspect and move resource groups.
+    #[command(subcommand)]
+    Group(GroupCmd),
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    List {
+        #[arg(long)]
+        stale: bool,
+    },
+    Show {
+        name: String,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Create or replace a group from a JSON file (`-` for stdin).
+    Create {
+        name: String,
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Switchover: stop it where it runs, then start it on `to`.
+    Move { name: String, to: String },
+    /// Enable it again after `stop`.
+    Start { name: String },
+    /// Stop it and keep it stopped.
+    Stop { name: String },
+    /// Forget its failures, so failed nodes are eligible again.
+    Clear { name: String },
+    /// Stop it and delete it.
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -218,6 +250,41 @@ async fn client_command(endpoint: &str, json_out: bool, cmd: Cmd) -> Result<Stri
         Cmd::Cluster(ClusterCmd::Join { url }) => {
             (c.call(Method::POST, "/v1/cluster/join", Some(json!({ "via": url }))).await?, local)
         }
+        Cmd::Group(GroupCmd::List { stale }) => {
+            (c.call(Method::GET, &format!("/v1/groups{}", q(stale)), None).await?, |v| {
+                Ok(cli::groups_table(&parse::<Vec<GroupView>>(v)?))
+            })
+        }
+        Cmd::Group(GroupCmd::Show { name, stale }) => {
+            (c.call(Method::GET, &format!("/v1/groups/{}{}", enc(&name), q(stale)), None).await?, group)
+        }
+        Cmd::Group(GroupCmd::Create { name, file }) => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&file)
+            }
+            .map_err(|e| CliError::Input(format!("{}: {e}", file.display())))?;
+            let body: Value =
+                serde_json::from_str(&text).map_err(|e| CliError::Input(format!("{}: {e}", file.display())))?;
+            (c.call(Method::PUT, &format!("/v1/groups/{}", enc(&name)), Some(body)).await?, group)
+        }
+        Cmd::Group(GroupCmd::Move { name, to }) => {
+            (c.call(Method::POST, &format!("/v1/groups/{}/move", enc(&name)), Some(json!({ "to": to }))).await?, group)
+        }
+        Cmd::Group(GroupCmd::Start { name }) => {
+            (c.call(Method::POST, &format!("/v1/groups/{}/start", enc(&name)), None).await?, group)
+        }
+        Cmd::Group(GroupCmd::Stop { name }) => {
+            (c.call(Method::POST, &format!("/v1/groups/{}/stop", enc(&name)), None).await?, group)
+        }
+        Cmd::Group(GroupCmd::Clear { name }) => {
+            (c.call(Method::POST, &format!("/v1/groups/{}/clear", enc(&name)), None).await?, group)
+        }
+        Cmd::Group(GroupCmd::Delete { name }) => {
+            c.call(Method::DELETE, &format!("/v1/groups/{}", enc(&name)), None).await?;
+            return Ok(if json_out { "null\n".into() } else { format!("{name} deleted\n") });
+        }
         Cmd::Agent { .. } | Cmd::Demo { .. } => unreachable!("handled in main"),
     };
     if json_out {
@@ -228,6 +295,10 @@ async fn client_command(endpoint: &str, json_out: bool, cmd: Cmd) -> Result<Stri
 
 fn node(v: Value) -> Result<String, CliError> {
     Ok(cli::node_text(&parse::<NodeView>(v)?))
+}
+
+fn group(v: Value) -> Result<String, CliError> {
+    Ok(cli::group_text(&parse::<GroupView>(v)?))
 }
 
 fn local(v: Value) -> Result<String, CliError> {

@@ -13,10 +13,11 @@ use common::*;
 fn free_base() -> u16 {
     for _ in 0..200 {
         let base = free_port();
-        let ok = (1..3u16).all(|i| {
-            std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
-                && std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
-        });
+        let ok = std::net::TcpListener::bind(("127.0.0.1", base + 80)).is_ok()
+            && (1..3u16).all(|i| {
+                std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                    && std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
+            });
         if ok {
             return base;
         }
@@ -73,6 +74,26 @@ async fn demo_forms_a_cluster_and_stops_cleanly_on_ctrl_c() {
     let pids: Vec<u32> =
         cluster["members"].as_array().unwrap().iter().map(|m| m["pid"].as_u64().unwrap() as u32).collect();
     assert!(pids.iter().all(|p| alive(*p)) && pids.iter().all(|p| *p != child.id()));
+
+    // The example group serves HTTP from node1.
+    let (st, g) = get(&format!("http://127.0.0.1:{}/v1/groups/web", base)).await;
+    assert_eq!(
+        (st, g["state"].clone(), g["node"].clone()),
+        (200, serde_json::json!("running"), serde_json::json!("node1")),
+        "{g}"
+    );
+    let url = format!("http://127.0.0.1:{}/", base + 80);
+    let mut body = String::new();
+    for _ in 0..100 {
+        if let Ok(r) = reqwest::get(&url).await {
+            body = r.text().await.unwrap_or_default();
+            if body.contains("hello from node1") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(body.contains("hello from node1"), "example service: {body:?}");
 
     // Ctrl-C reaches the demo only (the agents are in their own process
     // group); it must stop them and remove its data directory.

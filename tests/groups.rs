@@ -255,3 +255,42 @@ async fn bad_group_definitions_are_refused_whole() {
     assert_eq!((st, v["code"].clone()), (422, json!("TND-1010")), "n2 is not in its nodes: {v}");
     assert_eq!(get(&format!("{}/v1/groups/none", c.nodes[0].url())).await.1["code"], "TND-1300");
 }
+
+fn cli(endpoint: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(BIN).args(args).env("TANDEM_ENDPOINT", endpoint).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_manages_groups() {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let log = c.tmp.path().join("events");
+    let file = c.tmp.path().join("g.json");
+    std::fs::write(&file, json!({"resources": [logged(&log)], "nodes": ["n2", "n1"]}).to_string()).unwrap();
+    let u = c.nodes[0].url();
+    let (code, out, err) = cli(&u, &["group", "create", "cache", "-f", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cache"), "{out}");
+    wait_running_on(&c, "cache", "n2", &log).await;
+    let (code, out, _) = cli(&u, &["group", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("GROUP") && out.contains("cache") && out.contains("running") && out.contains("n2"), "{out}");
+    let (code, _, err) = cli(&u, &["group", "move", "cache", "n1"]);
+    assert_eq!(code, 0, "{err}");
+    wait_running_on(&c, "cache", "n1", &log).await;
+    let (code, out, _) = cli(&c.nodes[2].url(), &["group", "show", "cache", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["node"], "n1");
+    let (code, _, err) = cli(&u, &["group", "show", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("TND-1300"), "{err}");
+    let (code, _, err) = cli(&u, &["group", "create", "x", "-f", "/nonexistent.json"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = cli(&u, &["group", "delete", "cache"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(running(&log).is_empty());
+}
