@@ -11,7 +11,9 @@
 //! passed, so a group never runs on two nodes.
 //!
 //! Resource processes get SIGKILL when the agent dies (PR_SET_PDEATHSIG):
-//! a dead agent cannot watch them, so they must not outlive it.
+//! a dead agent cannot watch them, so they must not outlive it. Script
+//! agents (`exec`, `ocf`) run their start / monitor / stop actions as tasks
+//! polled by the tick, so a slow action never delays self-fencing.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
@@ -36,19 +38,57 @@ pub enum Report {
 
 /// Whether a resource type can run on this version of the agent.
 pub fn supported(kind: &ResourceKind) -> bool {
-    matches!(kind, ResourceKind::Process { .. })
+    matches!(kind, ResourceKind::Process { .. } | ResourceKind::Exec { .. } | ResourceKind::Ocf { .. })
 }
+
+/// Where OCF resource agents live (Debian's `resource-agents`).
+pub const OCF_ROOT: &str = "/usr/lib/ocf";
+/// OCF exit code: the resource is cleanly not running.
+const OCF_NOT_RUNNING: i32 = 7;
 
 struct Running {
     child: Child,
     pgid: i32,
 }
 
+/// The exit code of a script action, or why there is none.
+type ActionResult = Result<i32, String>;
+
+/// One resource's life on this node.
+enum Slot {
+    /// Not started (or stopped after a failure, to be started again).
+    Idle,
+    /// A supervised process.
+    Process(Running),
+    /// A script agent's action in flight.
+    Starting(tokio::task::JoinHandle<ActionResult>),
+    Up {
+        next_monitor: Instant,
+        next_deep: Option<Instant>,
+    },
+    Monitoring {
+        task: tokio::task::JoinHandle<ActionResult>,
+        deep: bool,
+        next_deep: Option<Instant>,
+    },
+    /// Stopping after a failed monitor, before it is started again.
+    Recovering(tokio::task::JoinHandle<ActionResult>),
+}
+
+impl Slot {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Slot::Process(p) => Some(p.pgid as u32),
+            _ => None,
+        }
+    }
+}
+
 struct LocalGroup {
     epoch: u64,
     spec: GroupSpec,
     /// One slot per resource, in start order.
-    procs: Vec<Option<Running>>,
+    slots: Vec<Slot>,
     restarts: VecDeque<Instant>,
 }
 
@@ -73,6 +113,8 @@ pub struct Executor {
 
 impl Executor {
     pub fn new(node_id: NodeId, node_name: String, dir: PathBuf) -> Executor {
+        // Nothing runs here yet: OCF agents must not find stale state.
+        let _ = std::fs::remove_dir_all(dir.join("ocf-run"));
         Executor { node_id, node_name, dir, groups: BTreeMap::new(), failed: BTreeSet::new(), fenced: false }
     }
 
@@ -80,13 +122,8 @@ impl Executor {
         self.groups
             .iter()
             .map(|(name, g)| {
-                let resources = g
-                    .spec
-                    .resources
-                    .iter()
-                    .zip(&g.procs)
-                    .map(|(r, p)| (r.name.clone(), p.as_ref().map(|p| p.pgid as u32)))
-                    .collect();
+                let resources =
+                    g.spec.resources.iter().zip(&g.slots).map(|(r, slot)| (r.name.clone(), slot.pid())).collect();
                 (name.clone(), LocalStatus { epoch: g.epoch, resources, restarts: g.restarts.len() })
             })
             .collect()
@@ -100,9 +137,23 @@ impl Executor {
                 "no quorum for longer than the lease: killing every local resource"
             );
         }
-        for (_, g) in std::mem::take(&mut self.groups) {
-            for p in g.procs.into_iter().flatten() {
-                let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGKILL);
+        let (dir, node) = (self.dir.clone(), self.node_name.clone());
+        for (name, g) in std::mem::take(&mut self.groups) {
+            for (r, slot) in g.spec.resources.iter().zip(g.slots).rev() {
+                match slot {
+                    Slot::Process(p) => {
+                        let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGKILL);
+                    }
+                    Slot::Idle => {}
+                    // A script agent's resource lives outside our processes:
+                    // its stop action is all we can do (a fence command is
+                    // what makes this safe; see docs/config.md).
+                    _ => {
+                        let r = r.clone();
+                        let (dir, node, name, epoch) = (dir.clone(), node.clone(), name.clone(), g.epoch);
+                        tokio::spawn(async move { run_action(&dir, &node, &name, epoch, &r, "stop", false).await });
+                    }
+                }
             }
         }
         self.fenced = true;
@@ -133,7 +184,7 @@ impl Executor {
             if !keep {
                 if let Some(g) = self.groups.remove(&name) {
                     tracing::info!(group = %name, epoch = g.epoch, "stopping");
-                    stop_group(g).await;
+                    stop_group(g, &self.dir, &self.node_name, &name).await;
                 }
             }
         }
@@ -163,15 +214,16 @@ impl Executor {
         reports
     }
 
-    /// Starts `g` if needed, and restarts crashed resources within the
-    /// group's threshold. Returns a failure report past it.
+    /// Starts `g` if needed (resources in order), monitors it, and restarts
+    /// failed resources within the group's threshold. Returns a failure
+    /// report past it.
     async fn run(&mut self, g: &GroupRecord) -> Option<Report> {
         let epoch = g.placement.epoch;
         if !self.groups.contains_key(&g.name) {
             tracing::info!(group = %g.name, epoch, "starting");
-            let procs = g.spec.resources.iter().map(|_| None).collect();
+            let slots = g.spec.resources.iter().map(|_| Slot::Idle).collect();
             self.groups
-                .insert(g.name.clone(), LocalGroup { epoch, spec: g.spec.clone(), procs, restarts: VecDeque::new() });
+                .insert(g.name.clone(), LocalGroup { epoch, spec: g.spec.clone(), slots, restarts: VecDeque::new() });
         }
         let (dir, node_name) = (self.dir.clone(), self.node_name.clone());
         let local = self.groups.get_mut(&g.name)?;
@@ -183,33 +235,17 @@ impl Executor {
         }
         let mut failed = false;
         for (i, r) in g.spec.resources.iter().enumerate() {
-            // Resources start in order: one waits for those before it.
-            let exited = match local.procs[i].as_mut() {
-                None => None,
-                Some(p) => match p.child.try_wait() {
-                    Ok(None) => continue,
-                    Ok(Some(status)) => Some(status.to_string()),
-                    Err(e) => Some(e.to_string()),
-                },
-            };
-            if let Some(why) = exited {
-                local.procs[i] = None;
-                tracing::warn!(group = %g.name, resource = %r.name, "resource exited: {why}");
-                if local.restarts.len() as u32 >= g.spec.max_restarts {
-                    failed = true;
-                    break;
-                }
-                local.restarts.push_back(now);
-            }
-            match spawn(&dir, &node_name, &g.name, epoch, r) {
-                Ok(p) => local.procs[i] = Some(p),
-                Err(e) => {
-                    tracing::warn!(group = %g.name, resource = %r.name, "start failed: {e}");
+            match step(&mut local.slots[i], r, &dir, &node_name, &g.name, epoch, now).await {
+                Step::Up => continue,
+                // Resources start in order: the next one waits for this one.
+                Step::Pending => break,
+                Step::Failed(why) => {
+                    tracing::warn!(group = %g.name, resource = %r.name, "resource failed: {why}");
                     if local.restarts.len() as u32 >= g.spec.max_restarts {
                         failed = true;
-                        break;
+                    } else {
+                        local.restarts.push_back(now);
                     }
-                    local.restarts.push_back(now);
                     break;
                 }
             }
@@ -219,7 +255,7 @@ impl Executor {
         }
         tracing::warn!(group = %g.name, epoch, "failed past its restart threshold: giving it up on this node");
         if let Some(local) = self.groups.remove(&g.name) {
-            stop_group(local).await;
+            stop_group(local, &dir, &node_name, &g.name).await;
         }
         self.failed.insert((g.name.clone(), epoch));
         Some(Report::Failed { group: g.name.clone(), epoch })
@@ -227,27 +263,221 @@ impl Executor {
 
     /// Stops everything (agent shutdown).
     pub async fn stop_all(&mut self) {
-        for (_, g) in std::mem::take(&mut self.groups) {
-            stop_group(g).await;
+        for (name, g) in std::mem::take(&mut self.groups) {
+            stop_group(g, &self.dir, &self.node_name, &name).await;
         }
     }
 }
 
-fn spawn(dir: &std::path::Path, node: &str, group: &str, epoch: u64, r: &ResourceSpec) -> std::io::Result<Running> {
-    let ResourceKind::Process { command, env, cwd } = &r.kind else {
-        return Err(std::io::Error::other(format!("resource type {} is not supported yet", r.kind.type_name())));
+enum Step {
+    Up,
+    Pending,
+    Failed(String),
+}
+
+/// Advances one resource's slot by at most one transition.
+async fn step(
+    slot: &mut Slot,
+    r: &ResourceSpec,
+    dir: &std::path::Path,
+    node: &str,
+    group: &str,
+    epoch: u64,
+    now: Instant,
+) -> Step {
+    let monitor_every = Duration::from_millis(r.monitor.interval_ms);
+    let up = |now: Instant| Slot::Up {
+        next_monitor: now + monitor_every,
+        next_deep: r.deep_monitor.as_ref().map(|d| now + Duration::from_millis(d.interval_ms)),
     };
+    let spawn_action = |verb: &'static str, deep: bool| {
+        let (r, dir, node, group) = (r.clone(), dir.to_path_buf(), node.to_string(), group.to_string());
+        tokio::spawn(async move { run_action(&dir, &node, &group, epoch, &r, verb, deep).await })
+    };
+    match std::mem::replace(slot, Slot::Idle) {
+        Slot::Idle => match &r.kind {
+            ResourceKind::Process { .. } => match spawn_process(dir, node, group, epoch, r) {
+                Ok(p) => {
+                    *slot = Slot::Process(p);
+                    Step::Up
+                }
+                Err(e) => Step::Failed(format!("start: {e}")),
+            },
+            _ => {
+                *slot = Slot::Starting(spawn_action("start", false));
+                Step::Pending
+            }
+        },
+        Slot::Process(mut p) => match p.child.try_wait() {
+            Ok(None) => {
+                *slot = Slot::Process(p);
+                Step::Up
+            }
+            Ok(Some(status)) => Step::Failed(format!("exited: {status}")),
+            Err(e) => Step::Failed(e.to_string()),
+        },
+        Slot::Starting(task) if !task.is_finished() => {
+            *slot = Slot::Starting(task);
+            Step::Pending
+        }
+        Slot::Starting(task) => match task.await.unwrap_or_else(|e| Err(e.to_string())) {
+            Ok(0) => {
+                tracing::info!(group, resource = %r.name, epoch, "resource started");
+                *slot = up(now);
+                Step::Up
+            }
+            other => {
+                // Clean up whatever half-started before trying again.
+                *slot = Slot::Recovering(spawn_action("stop", false));
+                Step::Failed(format!("start: {}", describe(other)))
+            }
+        },
+        Slot::Up { next_monitor, next_deep } => {
+            if next_deep.is_some_and(|t| now >= t) {
+                *slot = Slot::Monitoring { task: spawn_action("monitor", true), deep: true, next_deep };
+            } else if now >= next_monitor {
+                *slot = Slot::Monitoring { task: spawn_action("monitor", false), deep: false, next_deep };
+            } else {
+                *slot = Slot::Up { next_monitor, next_deep };
+            }
+            Step::Up
+        }
+        Slot::Monitoring { task, deep, next_deep } if !task.is_finished() => {
+            *slot = Slot::Monitoring { task, deep, next_deep };
+            Step::Up
+        }
+        Slot::Monitoring { task, deep, next_deep } => match task.await.unwrap_or_else(|e| Err(e.to_string())) {
+            Ok(0) => {
+                let next_deep = match (deep, &r.deep_monitor) {
+                    (true, Some(d)) => Some(now + Duration::from_millis(d.interval_ms)),
+                    _ => next_deep,
+                };
+                *slot = Slot::Up { next_monitor: now + monitor_every, next_deep };
+                Step::Up
+            }
+            other => {
+                *slot = Slot::Recovering(spawn_action("stop", false));
+                Step::Failed(format!("{} monitor: {}", if deep { "deep" } else { "quick" }, describe(other)))
+            }
+        },
+        Slot::Recovering(task) if !task.is_finished() => {
+            *slot = Slot::Recovering(task);
+            Step::Pending
+        }
+        Slot::Recovering(_) => Step::Pending,
+    }
+}
+
+fn describe(r: ActionResult) -> String {
+    match r {
+        Ok(OCF_NOT_RUNNING) => "not running (7)".into(),
+        Ok(code) => format!("exit code {code}"),
+        Err(e) => e,
+    }
+}
+
+/// The command for a script agent's action, with the OCF environment.
+fn action_command(
+    dir: &std::path::Path,
+    node: &str,
+    group: &str,
+    epoch: u64,
+    r: &ResourceSpec,
+    verb: &str,
+    deep: bool,
+) -> std::io::Result<Command> {
+    let mut cmd = match &r.kind {
+        ResourceKind::Exec { path } => {
+            let mut c = Command::new(path);
+            c.arg(verb);
+            c
+        }
+        ResourceKind::Ocf { agent, params } => {
+            let (provider, kind) = agent.split_once(':').unwrap_or(("heartbeat", agent));
+            let mut c = Command::new(format!("{OCF_ROOT}/resource.d/{provider}/{kind}"));
+            // Each agent keeps its agents' runtime state apart (several
+            // agents may share a host in tests; it is cleared at agent start,
+            // as /run is at boot).
+            let rsctmp = dir.join("ocf-run");
+            std::fs::create_dir_all(&rsctmp)?;
+            c.arg(verb)
+                .env("HA_RSCTMP", &rsctmp)
+                .env("OCF_ROOT", OCF_ROOT)
+                .env("OCF_FUNCTIONS_DIR", format!("{OCF_ROOT}/lib/heartbeat"))
+                .env("OCF_RESOURCE_INSTANCE", format!("{group}-{}", r.name))
+                .env("OCF_RESOURCE_TYPE", kind)
+                .env("OCF_RESOURCE_PROVIDER", provider);
+            for (k, v) in params {
+                c.env(format!("OCF_RESKEY_{k}"), v);
+            }
+            c
+        }
+        other => return Err(std::io::Error::other(format!("{} is not a script agent", other.type_name()))),
+    };
+    let timeout = action_timeout_ms(r, verb, deep);
+    if deep {
+        cmd.env("OCF_CHECK_LEVEL", "20");
+    }
+    cmd.env("OCF_RESKEY_CRM_meta_timeout", timeout.to_string());
+    prepare(&mut cmd, dir, node, group, epoch, r, None)?;
+    Ok(cmd)
+}
+
+fn action_timeout_ms(r: &ResourceSpec, verb: &str, deep: bool) -> u64 {
+    match verb {
+        "start" => r.start_timeout_ms,
+        "stop" => r.stop_timeout_ms,
+        _ => r.deep_monitor.as_ref().filter(|_| deep).unwrap_or(&r.monitor).timeout_ms,
+    }
+}
+
+/// Runs one action of a script agent to its end, within its timeout.
+async fn run_action(
+    dir: &std::path::Path,
+    node: &str,
+    group: &str,
+    epoch: u64,
+    r: &ResourceSpec,
+    verb: &str,
+    deep: bool,
+) -> ActionResult {
+    let timeout = Duration::from_millis(action_timeout_ms(r, verb, deep));
+    let mut child = action_command(dir, node, group, epoch, r, verb, deep)
+        .and_then(|mut c| c.spawn())
+        .map_err(|e| format!("{verb}: {e}"))?;
+    let pgid = child.id().map(|p| p as i32);
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => Ok(status.code().unwrap_or(-1)),
+        Ok(Err(e)) => Err(format!("{verb}: {e}")),
+        Err(_) => {
+            if let Some(pg) = pgid {
+                let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+            Err(format!("{verb} timed out after {timeout:?}"))
+        }
+    }
+}
+
+/// What every resource command gets: tandem's environment, its own process
+/// group, output to the resource's log, and death with the agent.
+fn prepare(
+    cmd: &mut Command,
+    dir: &std::path::Path,
+    node: &str,
+    group: &str,
+    epoch: u64,
+    r: &ResourceSpec,
+    cwd: Option<&str>,
+) -> std::io::Result<()> {
     let logs = dir.join("groups").join(group);
     std::fs::create_dir_all(&logs)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{}.log", r.name)))?;
-    let mut cmd = Command::new(&command[0]);
-    cmd.args(&command[1..])
-        .envs(env)
-        .env("TANDEM_GROUP", group)
+    cmd.env("TANDEM_GROUP", group)
         .env("TANDEM_RESOURCE", &r.name)
         .env("TANDEM_EPOCH", epoch.to_string())
         .env("TANDEM_NODE", node)
-        .current_dir(cwd.as_deref().map(PathBuf::from).unwrap_or_else(|| logs.clone()))
+        .current_dir(cwd.map(PathBuf::from).unwrap_or(logs))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -262,24 +492,56 @@ fn spawn(dir: &std::path::Path, node: &str, group: &str, epoch: u64, r: &Resourc
             Ok(())
         });
     }
+    Ok(())
+}
+
+fn spawn_process(
+    dir: &std::path::Path,
+    node: &str,
+    group: &str,
+    epoch: u64,
+    r: &ResourceSpec,
+) -> std::io::Result<Running> {
+    let ResourceKind::Process { command, env, cwd } = &r.kind else {
+        return Err(std::io::Error::other(format!("{} is not a process", r.kind.type_name())));
+    };
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..]).envs(env);
+    prepare(&mut cmd, dir, node, group, epoch, r, cwd.as_deref())?;
     let child = cmd.spawn()?;
     let pgid = child.id().map(|p| p as i32).ok_or_else(|| std::io::Error::other("child exited at once"))?;
     tracing::info!(group, resource = %r.name, pid = pgid, epoch, "resource started");
     Ok(Running { child, pgid })
 }
 
-/// Stops resources in reverse order: SIGTERM to the process group, SIGKILL
-/// after the stop timeout.
-async fn stop_group(g: LocalGroup) {
-    for (r, p) in g.spec.resources.iter().zip(g.procs).rev() {
-        let Some(mut p) = p else { continue };
-        let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGTERM);
-        let timeout = Duration::from_millis(r.stop_timeout_ms);
-        if tokio::time::timeout(timeout, p.child.wait()).await.is_err() {
-            tracing::warn!(resource = %r.name, "did not stop within {timeout:?}: killing it");
+/// Stops resources in reverse order: a process gets SIGTERM to its process
+/// group and SIGKILL after the stop timeout; a script agent runs `stop`.
+async fn stop_group(g: LocalGroup, dir: &std::path::Path, node: &str, group: &str) {
+    for (r, slot) in g.spec.resources.iter().zip(g.slots).rev() {
+        match slot {
+            Slot::Idle => {}
+            Slot::Process(mut p) => {
+                let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGTERM);
+                let timeout = Duration::from_millis(r.stop_timeout_ms);
+                if tokio::time::timeout(timeout, p.child.wait()).await.is_err() {
+                    tracing::warn!(resource = %r.name, "did not stop within {timeout:?}: killing it");
+                }
+                // Whatever is left of its process group goes too.
+                let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGKILL);
+                let _ = p.child.wait().await;
+            }
+            Slot::Starting(t) | Slot::Monitoring { task: t, .. } | Slot::Recovering(t) => {
+                let _ = t.await;
+                script_stop(dir, node, group, g.epoch, r).await;
+            }
+            Slot::Up { .. } => script_stop(dir, node, group, g.epoch, r).await,
         }
-        // Whatever is left of its process group goes too.
-        let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGKILL);
-        let _ = p.child.wait().await;
+    }
+}
+
+async fn script_stop(dir: &std::path::Path, node: &str, group: &str, epoch: u64, r: &ResourceSpec) {
+    match run_action(dir, node, group, epoch, r, "stop", false).await {
+        Ok(0) => {}
+        other => tracing::error!(group, resource = %r.name, "stop failed: {}", describe(other)),
     }
 }

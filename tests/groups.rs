@@ -238,7 +238,7 @@ async fn bad_group_definitions_are_refused_whole() {
             "colour",
         ),
         (
-            json!({"resources": [{"name": "e", "type": "exec", "path": "/bin/true"}], "nodes": ["n1"]}),
+            json!({"resources": [{"name": "u", "type": "systemd", "unit": "x.service"}], "nodes": ["n1"]}),
             "resources[0].type",
         ),
     ];
@@ -293,4 +293,96 @@ async fn cli_manages_groups() {
     let (code, _, err) = cli(&u, &["group", "delete", "cache"]);
     assert_eq!(code, 0, "{err}");
     assert!(running(&log).is_empty());
+}
+
+/// An `exec` script agent: start / stop / monitor with OCF exit codes,
+/// keeping its state in a file per node.
+fn exec_agent(dir: &Path, log: &Path) -> std::path::PathBuf {
+    let path = dir.join("agent.sh");
+    let d = dir.display();
+    let l = log.display();
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nS={d}/$TANDEM_NODE.state\ncase \"$1\" in\n\
+             start) touch $S; echo \"start $TANDEM_NODE $TANDEM_EPOCH $$\" >> {l}; exit 0;;\n\
+             stop) rm -f $S; echo \"stop $TANDEM_NODE $TANDEM_EPOCH $$\" >> {l}; exit 0;;\n\
+             monitor) [ -f $S ] && exit 0 || exit 7;;\n\
+             *) exit 3;;\nesac\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn starts(log: &Path) -> Vec<String> {
+    events(log).into_iter().filter(|e| e.kind == "start").map(|e| e.node).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_agent_is_monitored_restarted_and_moved() {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let log = c.tmp.path().join("events");
+    let agent = exec_agent(c.tmp.path(), &log);
+    let body = json!({"resources": [{"name": "svc", "type": "exec", "path": agent,
+                                     "monitor": {"interval_ms": 200, "timeout_ms": 2000}}],
+                      "nodes": ["n1", "n2"]});
+    assert_eq!(put_group(&c, "script", body).await.0, 201);
+    let state = |n: &str| c.tmp.path().join(format!("{n}.state"));
+    let url = format!("{}/v1/groups/script", c.nodes[2].url());
+    wait_until(Duration::from_secs(15), "running on n1", || async {
+        let g = get(&url).await.1;
+        g["node"] == "n1" && g["state"] == "running" && state("n1").exists()
+    })
+    .await;
+    // The resource vanishes behind the agent's back: monitor says 7, the
+    // agent stops and starts it again in place.
+    std::fs::remove_file(state("n1")).unwrap();
+    wait_until(Duration::from_secs(10), "restarted by its monitor", || async {
+        starts(&log).len() == 2 && state("n1").exists()
+    })
+    .await;
+    assert_eq!(starts(&log), ["n1", "n1"]);
+    let (st, _) = post(&format!("{}/v1/groups/script/move", c.nodes[0].url()), json!({"to": "n2"})).await;
+    assert_eq!(st, 200);
+    wait_until(Duration::from_secs(15), "moved to n2", || async {
+        get(&url).await.1["node"] == "n2" && state("n2").exists()
+    })
+    .await;
+    assert!(!state("n1").exists(), "stopped on n1 before n2 started");
+    let kinds: Vec<String> = events(&log).into_iter().map(|e| format!("{} {}", e.kind, e.node)).collect();
+    assert_eq!(kinds.last().map(String::as_str), Some("start n2"), "{kinds:?}");
+    assert_eq!(kinds[kinds.len() - 2], "stop n1", "{kinds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unmodified_ocf_agent_runs_and_moves() {
+    let dummy = Path::new("/usr/lib/ocf/resource.d/heartbeat/Dummy");
+    assert!(dummy.exists(), "OCF agents missing: apt-get install resource-agents (.ci/run does)");
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let body = json!({"resources": [{"name": "d", "type": "ocf", "agent": "heartbeat:Dummy",
+                                     "params": {"fake": "42"},
+                                     "monitor": {"interval_ms": 300, "timeout_ms": 5000},
+                                     "deep_monitor": {"interval_ms": 1000, "timeout_ms": 5000}}],
+                      "nodes": ["n2", "n3"]});
+    let (st, v) = put_group(&c, "ocf", body).await;
+    assert_eq!(st, 201, "{v}");
+    // Dummy keeps a state file per instance under HA_RSCTMP, which each
+    // agent keeps in its own data_dir.
+    let state = |n: &str| c.tmp.path().join(n).join("ocf-run").join("Dummy-ocf-d.state");
+    let url = format!("{}/v1/groups/ocf", c.nodes[0].url());
+    wait_until(Duration::from_secs(15), "Dummy started on n2", || async {
+        let g = get(&url).await.1;
+        g["node"] == "n2" && g["state"] == "running" && state("n2").exists()
+    })
+    .await;
+    let (st, _) = post(&format!("{}/v1/nodes/n2/standby", c.nodes[0].url()), json!({})).await;
+    assert_eq!(st, 200);
+    wait_until(Duration::from_secs(15), "Dummy moved to n3", || async {
+        get(&url).await.1["node"] == "n3" && state("n3").exists()
+    })
+    .await;
+    assert!(!state("n2").exists(), "Dummy stop ran on n2");
 }
