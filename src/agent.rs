@@ -432,7 +432,8 @@ impl Agent {
     }
 
     async fn do_release(&self, req: ReleaseRequest) -> Result<(), ApiError> {
-        let _g = self.membership_lock.lock().await;
+        // No membership lock: a leader that removes itself holds it while the
+        // new leader finishes the removal and releases it.
         match self.member() {
             Some(m) if m.cluster_id == req.cluster_id && m.node_id == req.node_id => {
                 self.stop_member(true).await?;
@@ -542,8 +543,11 @@ impl Agent {
                 // The leader leaves: hand the vote to the others, then let the
                 // new leader finish the removal.
                 self.change_voters(&m, ChangeMembers::ReplaceAllVoters(remaining), true).await?;
+                // Keep the lock until the new leader has it: this node's
+                // autopilot must not vote it back in meanwhile.
+                let result = self.forward_remove_to_new_leader(&m, name, force).await;
                 drop(guard);
-                return self.forward_remove_to_new_leader(&m, name, force).await;
+                return result;
             }
             self.change_voters(&m, ChangeMembers::ReplaceAllVoters(remaining), false).await?;
         } else if in_membership {
@@ -660,6 +664,9 @@ impl Agent {
             return Ok(());
         }
         let membership = metrics.membership_config.membership().clone();
+        if !membership.voter_ids().any(|v| v == m.node_id) {
+            return Ok(()); // this leader is leaving the voter set: hands off
+        }
         if let Some(missing) = state.nodes.values().find(|r| membership.get_node(&r.id).is_none()) {
             tracing::info!(node = %missing.name, "re-adding a recorded node missing from raft membership");
             return self.add_learner(&m, missing.id, Peer { urls: missing.urls() }).await;
@@ -733,8 +740,19 @@ impl Agent {
             }
             now.duration_since(*last) <= Duration::from_millis(self.cfg.fencing.lease_ms)
         };
+        let wanted = match self.executor.lock().await.as_ref() {
+            Some(ex) if in_lease => ex.wanted_starts(&state),
+            Some(_) => Vec::new(),
+            None => return,
+        };
+        let mut confirmed = BTreeSet::new();
+        for (name, epoch) in wanted {
+            if self.confirm_placement(&m, &name, epoch).await {
+                confirmed.insert((name, epoch));
+            }
+        }
         let reports = match self.executor.lock().await.as_mut() {
-            Some(ex) => ex.tick(&state, in_lease).await,
+            Some(ex) => ex.tick(&state, in_lease, &confirmed).await,
             None => return,
         };
         for r in reports {
@@ -768,6 +786,33 @@ impl Agent {
                 tracing::debug!(group = %group, "report not delivered yet: {e}");
             }
         }
+    }
+
+    /// Asks the leader (a linearizable read) whether `name` is still placed
+    /// here at `epoch`: a start acts on nothing older.
+    async fn confirm_placement(&self, m: &Member, name: &str, epoch: u64) -> bool {
+        let view = match self.route() {
+            Route::Here => match self.linearize(m).await {
+                Ok(()) => Self::read_group(m, name).ok(),
+                Err(_) => None,
+            },
+            Route::Leader(urls) => {
+                let mut found = None;
+                for u in &urls {
+                    if let Ok(v) = self.get_json::<GroupView>(&format!("{u}/v1/groups/{name}")).await {
+                        found = Some(v);
+                        break;
+                    }
+                }
+                found
+            }
+            Route::NoLeader | Route::NotMember => None,
+        };
+        let ok = view.is_some_and(|v| v.node.as_deref() == Some(self.cfg.name.as_str()) && v.epoch == epoch);
+        if !ok {
+            tracing::debug!(group = name, epoch, "start not confirmed by the leader");
+        }
+        ok
     }
 
     /// On the leader: records what a node reported about a group placed on it.

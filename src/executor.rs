@@ -159,9 +159,31 @@ impl Executor {
         self.fenced = true;
     }
 
+    /// Groups placed here (started, at their epoch) that do not run here
+    /// yet. A start must be confirmed against the leader first: this node's
+    /// copy of the state may be stale (it was cut off, it just came back).
+    pub fn wanted_starts(&self, state: &ClusterState) -> Vec<(String, u64)> {
+        let me = self.node_id;
+        state
+            .groups
+            .values()
+            .filter(|g| g.placement.node == Some(me) && g.placement.phase == Phase::Started)
+            .filter(|g| {
+                !self.groups.contains_key(&g.name) && !self.failed.contains(&(g.name.clone(), g.placement.epoch))
+            })
+            .map(|g| (g.name.clone(), g.placement.epoch))
+            .collect()
+    }
+
     /// One reconciliation round. `in_quorum` is false once this node has
-    /// been out of quorum for longer than its lease.
-    pub async fn tick(&mut self, state: &ClusterState, in_quorum: bool) -> Vec<Report> {
+    /// been out of quorum for longer than its lease. New starts happen only
+    /// for the (group, epoch) pairs in `confirmed`.
+    pub async fn tick(
+        &mut self,
+        state: &ClusterState,
+        in_quorum: bool,
+        confirmed: &BTreeSet<(String, u64)>,
+    ) -> Vec<Report> {
         if !in_quorum {
             self.fence();
             return Vec::new();
@@ -204,6 +226,9 @@ impl Executor {
                 Phase::Started => {
                     if maintenance {
                         continue; // left alone: no start, no monitoring
+                    }
+                    if !self.groups.contains_key(&g.name) && !confirmed.contains(&(g.name.clone(), epoch)) {
+                        continue; // not confirmed by the leader (yet)
                     }
                     if let Some(report) = self.run(g).await {
                         reports.push(report);

@@ -210,6 +210,8 @@ async fn join_leave_force_remove_and_rejoin() {
     let other = c.nodes.iter().find(|n| n.name != leader && n.child.is_some()).unwrap().url();
     let (st, body) = delete(&format!("{other}/v1/nodes/{leader}")).await;
     assert_eq!(st, 204, "{body}");
+    let (_, local) = get(&format!("{}/v1/local", c.node(&leader).url())).await;
+    assert_eq!(local["cluster_id"], Value::Null, "the old leader forgot its cluster: {local}");
     c.node_mut(&leader).kill();
     c.new_leader(&leader).await;
     let cluster = c.cluster().await;

@@ -11,52 +11,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-/// A process resource that logs its start and its (graceful) stop.
-fn logged(log: &Path) -> Value {
-    let log = log.display();
-    let script = format!(
-        "echo \"start $TANDEM_NODE $TANDEM_EPOCH $$\" >> {log}; \
-         trap 'echo \"stop $TANDEM_NODE $TANDEM_EPOCH $$\" >> {log}; exit 0' TERM; \
-         while :; do sleep 0.1; done"
-    );
-    json!({"name": "srv", "type": "process", "command": ["sh", "-c", script]})
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct Event {
-    kind: String,
-    node: String,
-    epoch: u64,
-    pid: i32,
-}
-
-fn events(log: &Path) -> Vec<Event> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some(Event {
-                kind: f.first()?.to_string(),
-                node: f.get(1)?.to_string(),
-                epoch: f.get(2)?.parse().ok()?,
-                pid: f.get(3)?.parse().ok()?,
-            })
-        })
-        .collect()
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-        .unwrap_or(false)
-}
-
-/// Starts whose process still runs: never more than one.
-fn running(log: &Path) -> Vec<Event> {
-    events(log).into_iter().filter(|e| e.kind == "start" && alive(e.pid)).collect()
-}
-
 async fn group(c: &Cluster, name: &str) -> Value {
     for _ in 0..100 {
         for u in c.live_urls() {

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,16 +15,22 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 
 pub use tandem::testkit::free_port;
 
+pub mod netns;
+
 pub struct Node {
     pub name: String,
     pub port: u16,
     pub dir: PathBuf,
     pub child: Option<Child>,
+    /// The node's address (127.0.0.1, or its address in its namespace).
+    pub addr: String,
+    /// The network namespace the agent runs in, as a separate host.
+    pub netns: Option<String>,
 }
 
 impl Node {
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.addr, self.port)
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -42,7 +48,15 @@ impl Node {
     /// Starts (or restarts) the agent and waits for /healthz.
     pub async fn start(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .arg("agent")
             .arg("--config")
             .arg(self.config_path())
@@ -136,11 +150,16 @@ impl Cluster {
 
     /// Adds one more node's config (started later with `start_node`).
     pub fn add_config(&mut self, name: &str, node_extra: &str) -> usize {
-        let port = free_port();
+        self.add_host(name, node_extra, "127.0.0.1", None)
+    }
+
+    /// Adds a node at `addr`, in network namespace `netns` when given.
+    pub fn add_host(&mut self, name: &str, node_extra: &str, addr: &str, netns: Option<String>) -> usize {
+        let port = if netns.is_some() { 7401 } else { free_port() };
         let dir = self.tmp.path().to_path_buf();
-        let node = Node { name: name.to_string(), port, dir: dir.clone(), child: None };
+        let node = Node { name: name.to_string(), port, dir: dir.clone(), child: None, addr: addr.to_string(), netns };
         let text = format!(
-            "name = \"{name}\"\ndata_dir = \"{}\"\naddresses = [\"127.0.0.1\"]\nport = {port}\n{node_extra}\n\
+            "name = \"{name}\"\ndata_dir = \"{}\"\naddresses = [\"{addr}\"]\nport = {port}\n{node_extra}\n\
              [liveness]\nheartbeat_interval_ms = 100\nnode_timeout_ms = 600\n\
              [autopilot]\nvoters = {}\ndead_voter_after_ms = 2000\ninterval_ms = 250\n{}\n",
             dir.join(name).display(),
@@ -155,18 +174,23 @@ impl Cluster {
     /// Starts every node, bootstraps on the first, joins the rest, and waits
     /// until `voters` of them vote.
     pub async fn start(names: &[&str], opts: Opts) -> Cluster {
-        let mut c = Cluster::configure(names, opts);
-        for n in c.nodes.iter_mut() {
+        let c = Cluster::configure(names, opts);
+        c.form().await
+    }
+
+    /// Starts the configured nodes and forms the cluster.
+    pub async fn form(mut self) -> Cluster {
+        for n in self.nodes.iter_mut() {
             n.start().await;
         }
-        let (st, body) = post(&format!("{}/v1/cluster/init", c.nodes[0].url()), json!({"cluster_id": "test"})).await;
+        let (st, body) = post(&format!("{}/v1/cluster/init", self.nodes[0].url()), json!({"cluster_id": "test"})).await;
         assert_eq!(st, 200, "init: {body}");
-        for i in 1..c.nodes.len() {
-            c.join(i).await;
+        for i in 1..self.nodes.len() {
+            self.join(i).await;
         }
-        let want = expected_voters(names.len(), c.opts.voters);
-        c.wait_voters(want).await;
-        c
+        let want = expected_voters(self.nodes.len(), self.opts.voters);
+        self.wait_voters(want).await;
+        self
     }
 
     pub async fn join(&self, i: usize) {
@@ -347,4 +371,52 @@ pub fn replicated(cluster: &Value) -> Value {
         })
         .collect();
     json!({"cluster_id": cluster["cluster_id"], "members": members})
+}
+
+// ---- resources that log their lives: start and stop lines (node, epoch, pid) ----
+
+/// A process resource that logs its start and its (graceful) stop.
+pub fn logged(log: &Path) -> Value {
+    let log = log.display();
+    let script = format!(
+        "echo \"start $TANDEM_NODE $TANDEM_EPOCH $$\" >> {log}; \
+         trap 'echo \"stop $TANDEM_NODE $TANDEM_EPOCH $$\" >> {log}; exit 0' TERM; \
+         while :; do sleep 0.1; done"
+    );
+    json!({"name": "srv", "type": "process", "command": ["sh", "-c", script]})
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: String,
+    pub node: String,
+    pub epoch: u64,
+    pub pid: i32,
+}
+
+pub fn events(log: &Path) -> Vec<Event> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(Event {
+                kind: f.first()?.to_string(),
+                node: f.get(1)?.to_string(),
+                epoch: f.get(2)?.parse().ok()?,
+                pid: f.get(3)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
+/// Starts whose process still runs: never more than one.
+pub fn running(log: &Path) -> Vec<Event> {
+    events(log).into_iter().filter(|e| e.kind == "start" && alive(e.pid)).collect()
 }

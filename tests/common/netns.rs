@@ -1,0 +1,75 @@
+//! Several hosts on one machine: one network namespace per node, joined by
+//! a bridge in the root namespace (which gets an address too, so the test
+//! itself can reach every host). Needs root; removed on drop.
+
+use std::process::Command;
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+pub fn in_ns(ns: &str, args: &[&str]) {
+    let mut full = vec!["netns", "exec", ns];
+    full.extend_from_slice(args);
+    let out = Command::new("ip").args(&full).output().expect("run ip netns exec");
+    assert!(out.status.success(), "{}: {}", full.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+pub struct Net {
+    /// Short unique tag for this test process: names stay under 15 chars.
+    tag: String,
+    /// First three octets of this net's /24.
+    pub prefix: String,
+    hosts: Vec<String>,
+}
+
+impl Net {
+    pub fn new() -> Net {
+        let pid = std::process::id();
+        let tag = format!("t{}", pid % 100_000);
+        let prefix = format!("10.{}.{}", 100 + (pid / 256) % 100, pid % 256);
+        let _ = Command::new("ip").args(["link", "del", &format!("{tag}br")]).output();
+        ip(&["link", "add", &format!("{tag}br"), "type", "bridge"]);
+        ip(&["addr", "add", &format!("{prefix}.254/24"), "dev", &format!("{tag}br")]);
+        ip(&["link", "set", &format!("{tag}br"), "up"]);
+        Net { tag, prefix, hosts: Vec::new() }
+    }
+
+    /// A host `i` (1..250): its namespace name and address.
+    pub fn host(&mut self, i: u8) -> (String, String) {
+        let ns = format!("{}h{i}", self.tag);
+        let (outer, inner) = (format!("{}v{i}", self.tag), format!("{}e{i}", self.tag));
+        let addr = format!("{}.{i}", self.prefix);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        ip(&["netns", "add", &ns]);
+        ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner]);
+        ip(&["link", "set", &inner, "netns", &ns]);
+        ip(&["link", "set", &outer, "master", &format!("{}br", self.tag)]);
+        ip(&["link", "set", &outer, "up"]);
+        in_ns(&ns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", &inner]);
+        in_ns(&ns, &["ip", "link", "set", &inner, "up"]);
+        in_ns(&ns, &["ip", "link", "set", "lo", "up"]);
+        self.hosts.push(ns.clone());
+        (ns, addr)
+    }
+
+    /// Cuts host `i` off the network, or reconnects it.
+    pub fn set_link(&self, i: u8, up: bool) {
+        ip(&["link", "set", &format!("{}v{i}", self.tag), if up { "up" } else { "down" }]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip").args(["link", "del", &format!("{}br", self.tag)]).output();
+    }
+}
