@@ -29,7 +29,7 @@ use tracing::Instrument;
 
 use crate::autopilot::{self, Candidate};
 use crate::config::Config;
-use crate::executor::{Executor, Report};
+use crate::executor::{Executor, Fence, Report};
 use crate::liveness::{HeartbeatSockets, Liveness};
 use crate::scheduler::{NodeInfo, Scheduler};
 
@@ -46,6 +46,8 @@ const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How often the executor and the leader's scheduler run.
 const GROUP_TICK: Duration = Duration::from_millis(200);
+/// How often the lease is checked (fencing acts within this of expiry).
+const LEASE_TICK: Duration = Duration::from_millis(50);
 
 /// Minutes since local midnight, for failback windows.
 fn local_minute_of_day() -> u16 {
@@ -86,6 +88,8 @@ pub struct Agent {
     executor: tokio::sync::Mutex<Option<Executor>>,
     /// Last moment this node saw a majority of voters.
     last_quorum: std::sync::Mutex<Instant>,
+    /// Resource processes the lease timer kills when the lease runs out.
+    fence: Arc<Fence>,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> ApiError {
@@ -116,6 +120,7 @@ impl Agent {
             membership_lock: tokio::sync::Mutex::new(()),
             executor: tokio::sync::Mutex::new(None),
             last_quorum: std::sync::Mutex::new(Instant::now()),
+            fence: Arc::new(Fence::default()),
         })
     }
 
@@ -159,7 +164,7 @@ impl Agent {
             .context("starting raft")?;
         let m = Arc::new(Member { node_id: identity.node_id, cluster_id: identity.cluster_id.clone(), raft, state });
         *self.executor.lock().await =
-            Some(Executor::new(identity.node_id, self.cfg.name.clone(), self.cfg.data_dir.clone()));
+            Some(Executor::new(identity.node_id, self.cfg.name.clone(), self.cfg.data_dir.clone(), self.fence.clone()));
         *self.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
         tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "raft started");
         Ok(m)
@@ -727,19 +732,35 @@ impl Agent {
         alive * 2 > voters.len()
     }
 
+    /// Whether this node has seen a majority of voters within its lease.
+    fn in_lease(&self) -> bool {
+        let last = *self.last_quorum.lock().unwrap_or_else(|e| e.into_inner());
+        last.elapsed() <= Duration::from_millis(self.cfg.fencing.lease_ms)
+    }
+
+    /// The lease timer, on its own task so that nothing the executor waits
+    /// for can delay it: refreshes the lease while a majority of voters is
+    /// heard, and kills every resource process once it has run out.
+    async fn lease_round(&self) {
+        let Some(m) = self.member() else { return };
+        let now = Instant::now();
+        let state = m.state.state();
+        if self.in_quorum(&m, &state, now) {
+            *self.last_quorum.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        } else if !self.in_lease() {
+            let killed = self.fence.kill_all();
+            if killed > 0 {
+                tracing::warn!(killed, "lease expired without quorum: killed every resource process");
+            }
+        }
+    }
+
     /// One executor round: run what is placed here, report what only this
     /// node knows, and fence when out of quorum past the lease.
     async fn executor_round(&self) {
         let Some(m) = self.member() else { return };
-        let now = Instant::now();
         let state = m.state.state();
-        let in_lease = {
-            let mut last = self.last_quorum.lock().unwrap_or_else(|e| e.into_inner());
-            if self.in_quorum(&m, &state, now) {
-                *last = now;
-            }
-            now.duration_since(*last) <= Duration::from_millis(self.cfg.fencing.lease_ms)
-        };
+        let in_lease = self.in_lease();
         let wanted = match self.executor.lock().await.as_ref() {
             Some(ex) if in_lease => ex.wanted_starts(&state),
             Some(_) => Vec::new(),
@@ -1079,6 +1100,21 @@ impl Backend for Agent {
     async fn delete_group(&self, name: &str) -> Result<(), ApiError> {
         let m = self.require_member()?;
         Self::read_group(&m, name)?;
+        // Refuse before stopping anything: a refused delete changes nothing.
+        let referrer = m.state.read(|d| {
+            d.state
+                .groups
+                .values()
+                .find(|o| {
+                    o.name != name
+                        && (o.spec.colocate_with.as_deref() == Some(name)
+                            || o.spec.anti_affinity.iter().any(|a| a == name))
+                })
+                .map(|o| o.name.clone())
+        });
+        if let Some(by) = referrer {
+            return Err(ApiError::GroupInUse { name: name.into(), by });
+        }
         self.propose(&m, Command::SetGroupEnabled { name: name.into(), enabled: false }).await?;
         self.wait_group_stopped(&m, name).await?;
         self.propose(&m, Command::DeleteGroup { name: name.into() }).await.map(|_| ())
@@ -1209,6 +1245,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 agent.executor_round().await;
+            }
+        });
+    }
+    {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LEASE_TICK);
+            loop {
+                tick.tick().await;
+                agent.lease_round().await;
             }
         });
     }

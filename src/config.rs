@@ -242,6 +242,14 @@ impl Config {
         if self.fencing.lease_ms < 100 {
             return Err(bad("fencing.lease_ms", "must be at least 100".into()));
         }
+        // The node and the leader time the same silence from heartbeats that
+        // may be one interval apart; the margin must cover that and a tick.
+        if self.fencing.margin_ms < l.heartbeat_interval_ms + 200 {
+            return Err(bad(
+                "fencing.margin_ms",
+                "must be at least liveness.heartbeat_interval_ms + 200, or a cut-off node may still run its groups when they start elsewhere".into(),
+            ));
+        }
         if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             return Err(bad("log.level", format!("{:?} is not a tracing filter", self.log.level)));
         }

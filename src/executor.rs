@@ -41,6 +41,33 @@ pub fn supported(kind: &ResourceKind) -> bool {
     matches!(kind, ResourceKind::Process { .. } | ResourceKind::Exec { .. } | ResourceKind::Ocf { .. })
 }
 
+/// The process groups of every running resource process on this node, so
+/// that the lease timer can kill them without waiting for the executor
+/// (which may be busy stopping or starting something).
+#[derive(Debug, Default)]
+pub struct Fence {
+    pgids: std::sync::Mutex<BTreeSet<i32>>,
+}
+
+impl Fence {
+    fn register(&self, pgid: i32) {
+        self.pgids.lock().unwrap_or_else(|e| e.into_inner()).insert(pgid);
+    }
+
+    fn unregister(&self, pgid: i32) {
+        self.pgids.lock().unwrap_or_else(|e| e.into_inner()).remove(&pgid);
+    }
+
+    /// SIGKILLs every registered process group; returns how many.
+    pub fn kill_all(&self) -> usize {
+        let all = std::mem::take(&mut *self.pgids.lock().unwrap_or_else(|e| e.into_inner()));
+        for pg in &all {
+            let _ = killpg(Pid::from_raw(*pg), Signal::SIGKILL);
+        }
+        all.len()
+    }
+}
+
 /// Where OCF resource agents live (Debian's `resource-agents`).
 pub const OCF_ROOT: &str = "/usr/lib/ocf";
 /// OCF exit code: the resource is cleanly not running.
@@ -109,13 +136,14 @@ pub struct Executor {
     /// leader records it.
     failed: BTreeSet<(String, u64)>,
     fenced: bool,
+    fence: std::sync::Arc<Fence>,
 }
 
 impl Executor {
-    pub fn new(node_id: NodeId, node_name: String, dir: PathBuf) -> Executor {
+    pub fn new(node_id: NodeId, node_name: String, dir: PathBuf, fence: std::sync::Arc<Fence>) -> Executor {
         // Nothing runs here yet: OCF agents must not find stale state.
         let _ = std::fs::remove_dir_all(dir.join("ocf-run"));
-        Executor { node_id, node_name, dir, groups: BTreeMap::new(), failed: BTreeSet::new(), fenced: false }
+        Executor { node_id, node_name, dir, groups: BTreeMap::new(), failed: BTreeSet::new(), fenced: false, fence }
     }
 
     pub fn status(&self) -> BTreeMap<String, LocalStatus> {
@@ -156,6 +184,7 @@ impl Executor {
                 }
             }
         }
+        self.fence.kill_all();
         self.fenced = true;
     }
 
@@ -206,7 +235,7 @@ impl Executor {
             if !keep {
                 if let Some(g) = self.groups.remove(&name) {
                     tracing::info!(group = %name, epoch = g.epoch, "stopping");
-                    stop_group(g, &self.dir, &self.node_name, &name).await;
+                    stop_group(g, &self.dir, &self.node_name, &name, &self.fence).await;
                 }
             }
         }
@@ -253,6 +282,18 @@ impl Executor {
         let (dir, node_name) = (self.dir.clone(), self.node_name.clone());
         let local = self.groups.get_mut(&g.name)?;
         local.epoch = epoch;
+        if local.spec != g.spec {
+            // A new definition: resources up to the first changed one keep
+            // running; from there on they stop (in reverse) and start anew,
+            // since later resources may depend on earlier ones.
+            let keep = local.spec.resources.iter().zip(&g.spec.resources).take_while(|(a, b)| a == b).count();
+            let old: Vec<ResourceSpec> = local.spec.resources[keep..].to_vec();
+            let slots: Vec<Slot> = local.slots.drain(keep..).collect();
+            tracing::info!(group = %g.name, kept = keep, restarted = old.len(), "definition changed");
+            stop_slots(&old, slots, &dir, &node_name, &g.name, epoch, &self.fence).await;
+            local.slots.extend(g.spec.resources[keep..].iter().map(|_| Slot::Idle));
+            local.spec = g.spec.clone();
+        }
         let now = Instant::now();
         let window = Duration::from_millis(g.spec.restart_window_ms);
         while local.restarts.front().is_some_and(|t| now.duration_since(*t) > window) {
@@ -260,7 +301,8 @@ impl Executor {
         }
         let mut failed = false;
         for (i, r) in g.spec.resources.iter().enumerate() {
-            match step(&mut local.slots[i], r, &dir, &node_name, &g.name, epoch, now).await {
+            let cx = Ctx { dir: &dir, node: &node_name, group: &g.name, epoch, fence: &self.fence };
+            match step(&mut local.slots[i], r, cx, now).await {
                 Step::Up => continue,
                 // Resources start in order: the next one waits for this one.
                 Step::Pending => break,
@@ -280,7 +322,7 @@ impl Executor {
         }
         tracing::warn!(group = %g.name, epoch, "failed past its restart threshold: giving it up on this node");
         if let Some(local) = self.groups.remove(&g.name) {
-            stop_group(local, &dir, &node_name, &g.name).await;
+            stop_group(local, &dir, &node_name, &g.name, &self.fence).await;
         }
         self.failed.insert((g.name.clone(), epoch));
         Some(Report::Failed { group: g.name.clone(), epoch })
@@ -289,7 +331,7 @@ impl Executor {
     /// Stops everything (agent shutdown).
     pub async fn stop_all(&mut self) {
         for (name, g) in std::mem::take(&mut self.groups) {
-            stop_group(g, &self.dir, &self.node_name, &name).await;
+            stop_group(g, &self.dir, &self.node_name, &name, &self.fence).await;
         }
     }
 }
@@ -300,16 +342,19 @@ enum Step {
     Failed(String),
 }
 
-/// Advances one resource's slot by at most one transition.
-async fn step(
-    slot: &mut Slot,
-    r: &ResourceSpec,
-    dir: &std::path::Path,
-    node: &str,
-    group: &str,
+/// Where and as what a group's resources run.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    dir: &'a std::path::Path,
+    node: &'a str,
+    group: &'a str,
     epoch: u64,
-    now: Instant,
-) -> Step {
+    fence: &'a Fence,
+}
+
+/// Advances one resource's slot by at most one transition.
+async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> Step {
+    let Ctx { dir, node, group, epoch, fence } = cx;
     let monitor_every = Duration::from_millis(r.monitor.interval_ms);
     let up = |now: Instant| Slot::Up {
         next_monitor: now + monitor_every,
@@ -323,6 +368,7 @@ async fn step(
         Slot::Idle => match &r.kind {
             ResourceKind::Process { .. } => match spawn_process(dir, node, group, epoch, r) {
                 Ok(p) => {
+                    fence.register(p.pgid);
                     *slot = Slot::Process(p);
                     Step::Up
                 }
@@ -338,8 +384,14 @@ async fn step(
                 *slot = Slot::Process(p);
                 Step::Up
             }
-            Ok(Some(status)) => Step::Failed(format!("exited: {status}")),
-            Err(e) => Step::Failed(e.to_string()),
+            Ok(Some(status)) => {
+                fence.unregister(p.pgid);
+                Step::Failed(format!("exited: {status}"))
+            }
+            Err(e) => {
+                fence.unregister(p.pgid);
+                Step::Failed(e.to_string())
+            }
         },
         Slot::Starting(task) if !task.is_finished() => {
             *slot = Slot::Starting(task);
@@ -541,8 +593,20 @@ fn spawn_process(
 
 /// Stops resources in reverse order: a process gets SIGTERM to its process
 /// group and SIGKILL after the stop timeout; a script agent runs `stop`.
-async fn stop_group(g: LocalGroup, dir: &std::path::Path, node: &str, group: &str) {
-    for (r, slot) in g.spec.resources.iter().zip(g.slots).rev() {
+async fn stop_group(g: LocalGroup, dir: &std::path::Path, node: &str, group: &str, fence: &Fence) {
+    stop_slots(&g.spec.resources, g.slots, dir, node, group, g.epoch, fence).await;
+}
+
+async fn stop_slots(
+    resources: &[ResourceSpec],
+    slots: Vec<Slot>,
+    dir: &std::path::Path,
+    node: &str,
+    group: &str,
+    epoch: u64,
+    fence: &Fence,
+) {
+    for (r, slot) in resources.iter().zip(slots).rev() {
         match slot {
             Slot::Idle => {}
             Slot::Process(mut p) => {
@@ -554,12 +618,13 @@ async fn stop_group(g: LocalGroup, dir: &std::path::Path, node: &str, group: &st
                 // Whatever is left of its process group goes too.
                 let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGKILL);
                 let _ = p.child.wait().await;
+                fence.unregister(p.pgid);
             }
             Slot::Starting(t) | Slot::Monitoring { task: t, .. } | Slot::Recovering(t) => {
                 let _ = t.await;
-                script_stop(dir, node, group, g.epoch, r).await;
+                script_stop(dir, node, group, epoch, r).await;
             }
-            Slot::Up { .. } => script_stop(dir, node, group, g.epoch, r).await,
+            Slot::Up { .. } => script_stop(dir, node, group, epoch, r).await,
         }
     }
 }

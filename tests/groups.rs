@@ -124,7 +124,8 @@ async fn switchover_standby_and_stop_always_stop_before_starting() {
 
     let (st, v) = post(&format!("{}/v1/groups/app/move", c.nodes[2].url()), json!({"to": "n3"})).await;
     assert_eq!(st, 200, "{v}");
-    wait_running_on(&c, "app", "n3", &log).await;
+    let g = wait_running_on(&c, "app", "n3", &log).await;
+    assert_eq!(g["move_to"], Value::Null, "the switchover is done: {g}");
 
     let (st, _) = post(&format!("{}/v1/nodes/n3/standby", c.nodes[0].url()), json!({})).await;
     assert_eq!(st, 200);
@@ -339,4 +340,34 @@ async fn unmodified_ocf_agent_runs_and_moves() {
     })
     .await;
     assert!(!state("n2").exists(), "Dummy stop ran on n2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replacing_a_definition_restarts_only_what_changed() {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let (la, lb) = (c.tmp.path().join("a"), c.tmp.path().join("b"));
+    let url = format!("{}/v1/groups/svc", c.nodes[0].url());
+    assert_eq!(put(&url, json!({"resources": [logged_as("a", &la)], "nodes": ["n1"]})).await.0, 201);
+    wait_until(Duration::from_secs(15), "a runs", || async { running(&la).len() == 1 }).await;
+    let a = running(&la)[0].pid;
+
+    // Adding b after a: a keeps running, b starts.
+    let (st, v) = put(&url, json!({"resources": [logged_as("a", &la), logged_as("b", &lb)], "nodes": ["n1"]})).await;
+    assert_eq!(st, 200, "{v}");
+    wait_until(Duration::from_secs(15), "b runs", || async { running(&lb).len() == 1 }).await;
+    assert_eq!(running(&la).iter().map(|e| e.pid).collect::<Vec<_>>(), [a], "unchanged a kept running");
+    let b = running(&lb)[0].pid;
+
+    // Changing a restarts a and, after it, b (which may depend on it).
+    let mut changed = logged_as("a", &la);
+    changed["stop_timeout_ms"] = json!(5000);
+    let (st, _) = put(&url, json!({"resources": [changed, logged_as("b", &lb)], "nodes": ["n1"]})).await;
+    assert_eq!(st, 200);
+    wait_until(Duration::from_secs(15), "both restarted", || async {
+        let (ra, rb) = (running(&la), running(&lb));
+        ra.len() == 1 && rb.len() == 1 && ra[0].pid != a && rb[0].pid != b
+    })
+    .await;
+    let order: Vec<String> = events(&lb).into_iter().map(|e| e.kind).collect();
+    assert_eq!(order, ["start", "stop", "start"]);
 }

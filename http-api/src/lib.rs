@@ -654,7 +654,15 @@ async fn raft_snapshot(
         set_online,
         set_maintenance,
         set_attribute,
-        delete_attribute
+        delete_attribute,
+        list_groups,
+        get_group,
+        put_group,
+        delete_group,
+        start_group,
+        stop_group,
+        clear_group,
+        move_group
     ),
     components(schemas(
         ErrorBody,
@@ -669,7 +677,9 @@ async fn raft_snapshot(
         NodeState,
         AdminState,
         JoinRequest,
-        AttributeValue
+        AttributeValue,
+        GroupView,
+        MoveRequest
     ))
 )]
 pub struct ApiDoc;
@@ -710,9 +720,18 @@ mod tests {
     fn openapi_lists_every_public_route() {
         let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
         let paths = doc["paths"].as_object().unwrap();
-        for p in
-            ["/v1/cluster", "/v1/nodes", "/v1/nodes/{name}", "/v1/nodes/{name}/standby", "/readyz", "/v1/cluster/join"]
-        {
+        for p in [
+            "/v1/cluster",
+            "/v1/nodes",
+            "/v1/nodes/{name}",
+            "/v1/nodes/{name}/standby",
+            "/readyz",
+            "/v1/cluster/join",
+            "/v1/groups",
+            "/v1/groups/{name}",
+            "/v1/groups/{name}/move",
+            "/v1/groups/{name}/stop",
+        ] {
             assert!(paths.contains_key(p), "{p} missing from openapi.json");
         }
     }

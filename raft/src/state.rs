@@ -479,6 +479,10 @@ impl ClusterState {
                 }
                 g.placement =
                     Placement { node: *node, phase: *phase, epoch: expected_epoch + 1, reason: reason.clone() };
+                // A switchover is done once the group starts where it was sent.
+                if *phase == Phase::Started && g.move_to.is_some() && g.move_to == *node {
+                    g.move_to = None;
+                }
                 Ok(Reply::Done)
             }
             Command::MarkGroupFailed { name, node, epoch } => {

@@ -377,13 +377,18 @@ pub fn replicated(cluster: &Value) -> Value {
 
 /// A process resource that logs its start and its (graceful) stop.
 pub fn logged(log: &Path) -> Value {
+    logged_as("srv", log)
+}
+
+/// The same, under another resource name.
+pub fn logged_as(name: &str, log: &Path) -> Value {
     let log = log.display();
     let script = format!(
         "echo \"start $TANDEM_NODE $TANDEM_EPOCH $$\" >> {log}; \
          trap 'echo \"stop $TANDEM_NODE $TANDEM_EPOCH $$\" >> {log}; exit 0' TERM; \
          while :; do sleep 0.1; done"
     );
-    json!({"name": "srv", "type": "process", "command": ["sh", "-c", script]})
+    json!({"name": name, "type": "process", "command": ["sh", "-c", script]})
 }
 
 #[derive(Debug, Clone, PartialEq)]
