@@ -38,7 +38,10 @@ pub enum Report {
 
 /// Whether a resource type can run on this version of the agent.
 pub fn supported(kind: &ResourceKind) -> bool {
-    matches!(kind, ResourceKind::Process { .. } | ResourceKind::Exec { .. } | ResourceKind::Ocf { .. })
+    matches!(
+        kind,
+        ResourceKind::Process { .. } | ResourceKind::Exec { .. } | ResourceKind::Ocf { .. } | ResourceKind::Vip { .. }
+    )
 }
 
 /// The process groups of every running resource process on this node, so
@@ -67,6 +70,9 @@ impl Fence {
         all.len()
     }
 }
+
+/// How often virtual IPs left behind by a crashed agent are looked for.
+const VIP_CHECK_EVERY: Duration = Duration::from_secs(3);
 
 /// Where OCF resource agents live (Debian's `resource-agents`).
 pub const OCF_ROOT: &str = "/usr/lib/ocf";
@@ -137,13 +143,24 @@ pub struct Executor {
     failed: BTreeSet<(String, u64)>,
     fenced: bool,
     fence: std::sync::Arc<Fence>,
+    /// When stale virtual IPs were last looked for.
+    vips_checked: Option<Instant>,
 }
 
 impl Executor {
     pub fn new(node_id: NodeId, node_name: String, dir: PathBuf, fence: std::sync::Arc<Fence>) -> Executor {
         // Nothing runs here yet: OCF agents must not find stale state.
         let _ = std::fs::remove_dir_all(dir.join("ocf-run"));
-        Executor { node_id, node_name, dir, groups: BTreeMap::new(), failed: BTreeSet::new(), fenced: false, fence }
+        Executor {
+            node_id,
+            node_name,
+            dir,
+            groups: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            fenced: false,
+            fence,
+            vips_checked: None,
+        }
     }
 
     pub fn status(&self) -> BTreeMap<String, LocalStatus> {
@@ -222,6 +239,22 @@ impl Executor {
             self.fenced = false;
         }
         let me = self.node_id;
+        if self.vips_checked.is_none_or(|t| t.elapsed() >= VIP_CHECK_EVERY) {
+            self.vips_checked = Some(Instant::now());
+            // An agent that died (SIGKILL, crash) leaves its addresses behind,
+            // and its state may be stale when it restarts: look again every
+            // few seconds, and remove those of groups placed elsewhere.
+            let elsewhere = |g: &&GroupRecord| g.placement.node.is_some_and(|n| n != me);
+            for g in state.groups.values().filter(elsewhere) {
+                for r in &g.spec.resources {
+                    if let ResourceKind::Vip { address, interface, backup_interfaces } = &r.kind {
+                        if let Ok(0) = vip::action("stop", address, interface, backup_interfaces).await {
+                            tracing::debug!(group = %g.name, address, "no stale address left");
+                        }
+                    }
+                }
+            }
+        }
         let maintenance = state.nodes.get(&me).is_some_and(|n| n.admin_state == AdminState::Maintenance);
         let mut reports = Vec::new();
 
@@ -519,6 +552,12 @@ async fn run_action(
     deep: bool,
 ) -> ActionResult {
     let timeout = Duration::from_millis(action_timeout_ms(r, verb, deep));
+    if let ResourceKind::Vip { address, interface, backup_interfaces } = &r.kind {
+        return match tokio::time::timeout(timeout, vip::action(verb, address, interface, backup_interfaces)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("{verb} timed out after {timeout:?}")),
+        };
+    }
     let mut child = action_command(dir, node, group, epoch, r, verb, deep)
         .and_then(|mut c| c.spawn())
         .map_err(|e| format!("{verb}: {e}"))?;
@@ -633,5 +672,88 @@ async fn script_stop(dir: &std::path::Path, node: &str, group: &str, epoch: u64,
     match run_action(dir, node, group, epoch, r, "stop", false).await {
         Ok(0) => {}
         other => tracing::error!(group, resource = %r.name, "stop failed: {}", describe(other)),
+    }
+}
+
+/// The built-in virtual IP: `ip addr add` on the first interface whose link
+/// is up (the primary, else a backup: local recovery before failover),
+/// gratuitous ARP so that clients and switches re-learn the MAC at once,
+/// `ip addr del` on stop. Monitor: the address is on an interface that is up.
+pub mod vip {
+    use super::ActionResult;
+    use tokio::process::Command;
+
+    async fn run(program: &str, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(program).args(args).output().await.map_err(|e| format!("{program}: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+
+    async fn link_up(iface: &str) -> bool {
+        run("ip", &["-o", "link", "show", "dev", iface])
+            .await
+            .is_ok_and(|o| o.contains("state UP") || o.contains(",UP"))
+    }
+
+    /// Interfaces (of `candidates`) that carry `address` now.
+    pub async fn holders(address: &str, candidates: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        for i in candidates {
+            if run("ip", &["-o", "addr", "show", "dev", i])
+                .await
+                .is_ok_and(|o| o.split_whitespace().any(|w| w == address))
+            {
+                out.push(i.to_string());
+            }
+        }
+        out
+    }
+
+    pub async fn action(verb: &str, address: &str, interface: &str, backups: &[String]) -> ActionResult {
+        let all: Vec<&str> = std::iter::once(interface).chain(backups.iter().map(String::as_str)).collect();
+        let ip = address.split('/').next().unwrap_or(address);
+        match verb {
+            "start" => {
+                let mut target = None;
+                for i in &all {
+                    if link_up(i).await {
+                        target = Some(*i);
+                        break;
+                    }
+                }
+                let Some(target) = target else { return Err(format!("no interface of {all:?} is up")) };
+                for held in holders(address, &all).await.into_iter().filter(|h| h != target) {
+                    let _ = run("ip", &["addr", "del", address, "dev", &held]).await;
+                }
+                if holders(address, &[target]).await.is_empty() {
+                    run("ip", &["addr", "add", address, "dev", target]).await?;
+                }
+                // Gratuitous ARP; a missing arping is reported, not fatal:
+                // clients then re-learn the MAC when their cache expires.
+                if let Err(e) = run("arping", &["-U", "-c", "2", "-w", "1", "-I", target, ip]).await {
+                    tracing::warn!(address, interface = target, "gratuitous ARP not sent: {e}");
+                }
+                Ok(0)
+            }
+            "stop" => {
+                for held in holders(address, &all).await {
+                    run("ip", &["addr", "del", address, "dev", &held]).await?;
+                }
+                Ok(0)
+            }
+            _ => {
+                let held = holders(address, &all).await;
+                match held.first() {
+                    None => Ok(super::OCF_NOT_RUNNING),
+                    Some(i) if link_up(i).await => Ok(0),
+                    // Its link is down: fail, so that the restart moves it to
+                    // a backup interface (or the group to another node).
+                    Some(_) => Ok(1),
+                }
+            }
+        }
     }
 }

@@ -78,3 +78,68 @@ async fn a_cut_off_node_fences_itself_before_its_group_runs_elsewhere() {
     let starts: Vec<String> = events(&log).into_iter().filter(|e| e.kind == "start").map(|e| e.node).collect();
     assert_eq!(starts, ["n1", "n2"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vip_service_moves_and_the_client_follows() {
+    use common::netns::in_ns_output;
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let mut net = Net::new();
+    let mut c = Cluster::configure(&[], Opts::default());
+    let mut hosts = Vec::new();
+    for i in 1..=3u8 {
+        let (ns, addr) = net.host(i);
+        hosts.push(ns.clone());
+        c.add_host(&format!("n{i}"), "", &addr, Some(ns));
+    }
+    let (client, _) = net.host(9);
+    let mut c = c.form().await;
+    let vip = format!("{}.100", net.prefix);
+    let server = "echo \"hello from $TANDEM_NODE\" > index.html; exec python3 -m http.server 8080 --bind 0.0.0.0";
+    let body = json!({
+        "resources": [
+            {"name": "ip", "type": "vip", "address": format!("{vip}/24"), "interface": "eth0",
+             "monitor": {"interval_ms": 500, "timeout_ms": 5000}},
+            {"name": "http", "type": "process", "command": ["sh", "-c", server]},
+        ],
+        "nodes": ["n1", "n2", "n3"],
+    });
+    let n2 = c.node("n2").url();
+    let (st, v) = put(&format!("{n2}/v1/groups/web"), body).await;
+    assert_eq!(st, 201, "{v}");
+    let ask = |client: String, vip: String| async move {
+        tokio::task::spawn_blocking(move || {
+            in_ns_output(&client, &["curl", "-s", "--max-time", "1", &format!("http://{vip}:8080/")])
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(20), "the client reaches n1 at the VIP", || async {
+        ask(client.clone(), vip.clone()).await.contains("hello from n1")
+    })
+    .await;
+
+    // Power loss of n1: its agent and services die, its link goes dark.
+    c.node_mut("n1").kill();
+    net.set_link(1, false);
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(30), "the client reaches n2 at the VIP", || async {
+        ask(client.clone(), vip.clone()).await.contains("hello from n2")
+    })
+    .await;
+    eprintln!("client outage after power loss: {:?} (a figure, not an assertion)", started.elapsed());
+
+    // n1 comes back: its agent removes the address it left behind.
+    net.set_link(1, true);
+    assert!(in_ns_output(&hosts[0], &["ip", "-o", "addr", "show", "dev", "eth0"]).unwrap().contains(&vip));
+    c.node_mut("n1").start().await;
+    wait_until(Duration::from_secs(20), "stale VIP removed from n1", || async {
+        !in_ns_output(&hosts[0], &["ip", "-o", "addr", "show", "dev", "eth0"]).unwrap_or_default().contains(&vip)
+    })
+    .await;
+    assert!(ask(client.clone(), vip.clone()).await.contains("hello from n2"));
+}

@@ -14,6 +14,14 @@ fn ip(args: &[&str]) {
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
+/// Runs a command in a namespace; its stdout, or None when it failed.
+pub fn in_ns_output(ns: &str, args: &[&str]) -> Option<String> {
+    let mut full = vec!["netns", "exec", ns];
+    full.extend_from_slice(args);
+    let out = Command::new("ip").args(&full).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 pub fn in_ns(ns: &str, args: &[&str]) {
     let mut full = vec!["netns", "exec", ns];
     full.extend_from_slice(args);
@@ -52,8 +60,10 @@ impl Net {
         ip(&["link", "set", &inner, "netns", &ns]);
         ip(&["link", "set", &outer, "master", &format!("{}br", self.tag)]);
         ip(&["link", "set", &outer, "up"]);
-        in_ns(&ns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", &inner]);
-        in_ns(&ns, &["ip", "link", "set", &inner, "up"]);
+        // Every host calls its NIC eth0, as real servers of one model do.
+        in_ns(&ns, &["ip", "link", "set", &inner, "name", "eth0"]);
+        in_ns(&ns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        in_ns(&ns, &["ip", "link", "set", "eth0", "up"]);
         in_ns(&ns, &["ip", "link", "set", "lo", "up"]);
         self.hosts.push(ns.clone());
         (ns, addr)
