@@ -66,7 +66,7 @@ pub struct FencingConfig {
 
 impl Default for FencingConfig {
     fn default() -> Self {
-        FencingConfig { lease_ms: 1000, margin_ms: 500 }
+        FencingConfig { lease_ms: 500, margin_ms: 300 }
     }
 }
 
@@ -106,7 +106,7 @@ pub struct LivenessConfig {
 
 impl Default for LivenessConfig {
     fn default() -> Self {
-        LivenessConfig { heartbeat_interval_ms: 200, node_timeout_ms: 1000 }
+        LivenessConfig { heartbeat_interval_ms: 100, node_timeout_ms: 500 }
     }
 }
 
@@ -299,7 +299,7 @@ mod tests {
         assert_eq!(c.port, 7401);
         assert_eq!(c.addresses, vec!["127.0.0.1"]);
         assert_eq!(c.autopilot.voters, 3);
-        assert_eq!(c.liveness.node_timeout_ms, 1000);
+        assert_eq!(c.liveness.node_timeout_ms, 500);
     }
 
     #[test]
@@ -310,7 +310,7 @@ mod tests {
         assert_eq!(key_of(&format!("{BASE}join = [\"10.0.0.1:7401\"]")), "join[0]");
         assert_eq!(key_of(&format!("{BASE}[raft]\nelection_timeout_min_ms = 100")), "raft.election_timeout_min_ms");
         assert_eq!(key_of(&format!("{BASE}[raft]\nelection_timeout_max_ms = 250")), "raft.election_timeout_max_ms");
-        assert_eq!(key_of(&format!("{BASE}[liveness]\nnode_timeout_ms = 250")), "liveness.node_timeout_ms");
+        assert_eq!(key_of(&format!("{BASE}[liveness]\nnode_timeout_ms = 150")), "liveness.node_timeout_ms");
         assert_eq!(key_of(&format!("{BASE}[autopilot]\nvoters = 4")), "autopilot.voters");
         assert_eq!(key_of(&format!("{BASE}[log]\nlevel = \"[[[\"")), "log.level");
     }

@@ -731,11 +731,17 @@ pub mod vip {
                 if holders(address, &[target]).await.is_empty() {
                     run("ip", &["addr", "add", address, "dev", target]).await?;
                 }
-                // Gratuitous ARP; a missing arping is reported, not fatal:
-                // clients then re-learn the MAC when their cache expires.
-                if let Err(e) = run("arping", &["-U", "-c", "2", "-w", "1", "-I", target, ip]).await {
-                    tracing::warn!(address, interface = target, "gratuitous ARP not sent: {e}");
-                }
+                // Gratuitous ARP, in the background: the address serves at once,
+                // the announcements (two, a second apart) follow. A missing
+                // arping is reported, not fatal: clients then re-learn the MAC
+                // when their ARP cache expires.
+                let (iface, ip) = (target.to_string(), ip.to_string());
+                let address = address.to_string();
+                tokio::spawn(async move {
+                    if let Err(e) = run("arping", &["-U", "-c", "2", "-w", "2", "-I", &iface, &ip]).await {
+                        tracing::warn!(address, interface = iface, "gratuitous ARP not sent: {e}");
+                    }
+                });
                 Ok(0)
             }
             "stop" => {

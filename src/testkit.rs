@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests and the benchmark, which both
-//! start real agents on loopback. Nothing in the agent uses this module.
+//! Helpers shared by the integration tests and the benchmarks, which start
+//! real agents on loopback or in network namespaces. Nothing in the agent
+//! uses this module.
 
 /// A port free for both TCP (API) and UDP (heartbeats) on 127.0.0.1, taken
 /// below the kernel's ephemeral range (32768+) so that no outgoing
@@ -23,4 +24,96 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port");
+}
+
+// ---- several hosts on one machine ----
+//
+// One network namespace per host, joined by a bridge in the root namespace
+// (which gets an address too, so the test itself reaches every host). Needs
+// root; removed on drop.
+
+use std::process::Command;
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Runs a command in a namespace; its stdout, or None when it failed.
+pub fn in_ns_output(ns: &str, args: &[&str]) -> Option<String> {
+    let mut full = vec!["netns", "exec", ns];
+    full.extend_from_slice(args);
+    let out = Command::new("ip").args(&full).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn in_ns(ns: &str, args: &[&str]) {
+    let mut full = vec!["netns", "exec", ns];
+    full.extend_from_slice(args);
+    let out = Command::new("ip").args(&full).output().expect("run ip netns exec");
+    assert!(out.status.success(), "{}: {}", full.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+pub struct Net {
+    /// Short unique tag for this test process: names stay under 15 chars.
+    tag: String,
+    /// First three octets of this net's /24.
+    pub prefix: String,
+    hosts: Vec<String>,
+}
+
+impl Net {
+    pub fn new() -> Net {
+        // Unique per process and per net in it (namespaces die a little
+        // after their owner drops them).
+        static NETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let pid = std::process::id();
+        let tag = format!("t{}{n}", pid % 100_000);
+        let prefix = format!("10.{}.{}", 100 + (pid / 256 + n * 11) % 100, pid % 256);
+        let _ = Command::new("ip").args(["link", "del", &format!("{tag}br")]).output();
+        ip(&["link", "add", &format!("{tag}br"), "type", "bridge"]);
+        ip(&["addr", "add", &format!("{prefix}.254/24"), "dev", &format!("{tag}br")]);
+        ip(&["link", "set", &format!("{tag}br"), "up"]);
+        Net { tag, prefix, hosts: Vec::new() }
+    }
+
+    /// A host `i` (1..250): its namespace name and address.
+    pub fn host(&mut self, i: u8) -> (String, String) {
+        let ns = format!("{}h{i}", self.tag);
+        let (outer, inner) = (format!("{}v{i}", self.tag), format!("{}e{i}", self.tag));
+        let addr = format!("{}.{i}", self.prefix);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        ip(&["netns", "add", &ns]);
+        ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner]);
+        ip(&["link", "set", &inner, "netns", &ns]);
+        ip(&["link", "set", &outer, "master", &format!("{}br", self.tag)]);
+        ip(&["link", "set", &outer, "up"]);
+        // Every host calls its NIC eth0, as real servers of one model do.
+        in_ns(&ns, &["ip", "link", "set", &inner, "name", "eth0"]);
+        in_ns(&ns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        in_ns(&ns, &["ip", "link", "set", "eth0", "up"]);
+        in_ns(&ns, &["ip", "link", "set", "lo", "up"]);
+        self.hosts.push(ns.clone());
+        (ns, addr)
+    }
+
+    /// Cuts host `i` off the network, or reconnects it.
+    pub fn set_link(&self, i: u8, up: bool) {
+        ip(&["link", "set", &format!("{}v{i}", self.tag), if up { "up" } else { "down" }]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip").args(["link", "del", &format!("{}br", self.tag)]).output();
+    }
 }

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::netns::{is_root, Net};
 use common::*;
 use serde_json::json;
+use tandem::testkit::{in_ns_output, is_root, Net};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cut_off_node_fences_itself_before_its_group_runs_elsewhere() {
@@ -81,7 +81,6 @@ async fn a_cut_off_node_fences_itself_before_its_group_runs_elsewhere() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vip_service_moves_and_the_client_follows() {
-    use common::netns::in_ns_output;
     if !is_root() {
         eprintln!("skipped: network namespaces need root (CI runs as root)");
         return;

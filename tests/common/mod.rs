@@ -15,8 +15,6 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 
 pub use tandem::testkit::free_port;
 
-pub mod netns;
-
 pub struct Node {
     pub name: String,
     pub port: u16,

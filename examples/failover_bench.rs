@@ -1,0 +1,347 @@
+//! Failover benchmark: a virtual IP with an HTTP service behind it, hosts in
+//! network namespaces, a client in its own namespace polling the VIP.
+//! "Power loss" of the node serving it (SIGKILL of the agent and its
+//! services, link down) to the first answer from another node, N runs, for
+//! tandem (3 nodes, default settings) and, side by side, keepalived (two
+//! instances doing VRRP, default advert_int 1 s). Needs root and Debian's
+//! keepalived, iproute2, curl and python3.
+//!
+//!     cargo build --release --bins --examples
+//!     sudo target/release/examples/failover_bench [runs]
+//!
+//! Also reports the idle CPU of agents that run 10 groups.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tandem::testkit::{in_ns, in_ns_output, is_root, Net};
+
+fn tandem_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(Path::parent).map(|d| d.join("tandem")).expect("target dir")
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(ns: &str, program: &str, args: &[&str], log: &Path) -> Proc {
+    let out = std::fs::File::create(log).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("spawn");
+    Proc(child)
+}
+
+/// What the client gets from the VIP, or "" when nothing answers.
+fn ask(client: &str, vip: &str) -> String {
+    in_ns_output(client, &["curl", "-s", "--max-time", "0.3", &format!("http://{vip}:8080/")]).unwrap_or_default()
+}
+
+/// Polls the VIP until it answers from someone other than `old`.
+fn wait_new_server(client: &str, vip: &str, old: &str, start: Instant) -> Duration {
+    loop {
+        let a = ask(client, vip);
+        if a.contains("hello from") && !a.contains(old) {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no failover within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn server_of(answer: &str) -> String {
+    answer.trim().rsplit(' ').next().unwrap_or("").to_string()
+}
+
+fn stats(name: &str, mut d: Vec<Duration>) -> String {
+    d.sort();
+    let ms = |x: Duration| x.as_secs_f64() * 1000.0;
+    let pct = |p: f64| ms(d[((d.len() as f64 - 1.0) * p).round() as usize]);
+    format!(
+        "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        d.len(),
+        ms(d[0]),
+        pct(0.5),
+        pct(0.99),
+        ms(d[d.len() - 1])
+    )
+}
+
+fn http_get(url: &str) -> Option<Value> {
+    let out = Command::new("curl").args(["-s", "--max-time", "2", url]).output().ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn http_send(method: &str, url: &str, body: &Value) -> Option<Value> {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "10", "-X", method, "-d", &body.to_string(), url])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn tandem_runs(runs: usize, dir: &Path) -> Vec<Duration> {
+    let mut net = Net::new();
+    let mut hosts = Vec::new();
+    for i in 1..=3u8 {
+        hosts.push(net.host(i));
+    }
+    let (client, _) = net.host(9);
+    let vip = format!("{}.100", net.prefix);
+    let cfg = |i: usize| {
+        let (_, addr) = &hosts[i];
+        let path = dir.join(format!("n{}.toml", i + 1));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"n{}\"\ndata_dir = \"{}\"\naddresses = [\"{addr}\"]\n",
+                i + 1,
+                dir.join(format!("n{}", i + 1)).display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let start_agent = |i: usize| {
+        let path = cfg(i);
+        spawn_in(
+            &hosts[i].0,
+            tandem_bin().to_str().unwrap(),
+            &["agent", "--config", path.to_str().unwrap()],
+            &dir.join(format!("n{}.log", i + 1)),
+        )
+    };
+    let url = |i: usize| format!("http://{}:7401", hosts[i].1);
+    let mut agents: Vec<Option<Proc>> = (0..3).map(|i| Some(start_agent(i))).collect();
+    for i in 0..3 {
+        wait("agent up", Duration::from_secs(20), || http_get(&format!("{}/v1/local", url(i))).is_some());
+    }
+    http_send("POST", &format!("{}/v1/cluster/init", url(0)), &json!({})).expect("init");
+    for i in 1..3 {
+        http_send("POST", &format!("{}/v1/cluster/join", url(i)), &json!({"via": url(0)})).expect("join");
+    }
+    let server = "echo \"hello from $TANDEM_NODE\" > index.html; exec python3 -m http.server 8080 --bind 0.0.0.0";
+    let group = json!({
+        "resources": [
+            {"name": "ip", "type": "vip", "address": format!("{vip}/24"), "interface": "eth0"},
+            {"name": "http", "type": "process", "command": ["sh", "-c", server]},
+        ],
+        "nodes": ["n1", "n2", "n3"],
+    });
+    wait("cluster formed", Duration::from_secs(30), || {
+        http_get(&format!("{}/v1/cluster", url(0))).is_some_and(|c| {
+            c["members"].as_array().is_some_and(|m| m.iter().filter(|x| x["state"] == "online").count() == 3)
+        })
+    });
+    http_send("PUT", &format!("{}/v1/groups/web", url(0)), &group).expect("group");
+    wait("service at the VIP", Duration::from_secs(30), || ask(&client, &vip).contains("hello from"));
+    let mut out = Vec::new();
+    for run in 0..runs {
+        let holder = server_of(&ask(&client, &vip));
+        let i: usize = holder.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+        let start = Instant::now();
+        agents[i] = None; // SIGKILL: the agent, and with it its services
+        net.set_link(i as u8 + 1, false);
+        let took = wait_new_server(&client, &vip, &holder, start);
+        eprintln!("tandem run {run}: {holder} lost, service back after {took:?}");
+        out.push(took);
+        net.set_link(i as u8 + 1, true);
+        agents[i] = Some(start_agent(i));
+        let other = url((i + 1) % 3);
+        wait("node back online", Duration::from_secs(30), || {
+            http_get(&format!("{other}/v1/nodes/{holder}")).is_some_and(|n| n["state"] == "online")
+        });
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    drop(agents);
+    out
+}
+
+fn keepalived_runs(runs: usize, dir: &Path) -> Vec<Duration> {
+    let mut net = Net::new();
+    let hosts: Vec<(String, String)> = (1..=2u8).map(|i| net.host(i)).collect();
+    let (client, _) = net.host(9);
+    let vip = format!("{}.200", net.prefix);
+    let conf = |i: usize| {
+        let path = dir.join(format!("k{}.conf", i + 1));
+        let prio = if i == 0 { 150 } else { 100 };
+        std::fs::write(
+            &path,
+            format!(
+                "global_defs {{\n  router_id k{n}\n  enable_script_security\n}}\nvrrp_instance VI_1 {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {prio}\n  advert_int 1\n  virtual_ipaddress {{\n    {vip}/24\n  }}\n}}\n",
+                n = i + 1
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let start_k = |i: usize| {
+        let path = conf(i);
+        let pid = dir.join(format!("k{}.pid", i + 1));
+        let vpid = dir.join(format!("k{}-vrrp.pid", i + 1));
+        spawn_in(
+            &hosts[i].0,
+            "keepalived",
+            &[
+                "-n",
+                "-l",
+                "-D",
+                "-f",
+                path.to_str().unwrap(),
+                "-p",
+                pid.to_str().unwrap(),
+                "-r",
+                vpid.to_str().unwrap(),
+            ],
+            &dir.join(format!("k{}.log", i + 1)),
+        )
+    };
+    let mut servers = Vec::new();
+    for (i, (ns, _)) in hosts.iter().enumerate() {
+        let d = dir.join(format!("www{}", i + 1));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("index.html"), format!("hello from k{}\n", i + 1)).unwrap();
+        servers.push(spawn_in(
+            ns,
+            "python3",
+            &["-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory", d.to_str().unwrap()],
+            &dir.join(format!("www{}.log", i + 1)),
+        ));
+    }
+    let mut ks: Vec<Option<Proc>> = (0..2).map(|i| Some(start_k(i))).collect();
+    wait("keepalived master", Duration::from_secs(30), || ask(&client, &vip).contains("hello from k1"));
+    let mut out = Vec::new();
+    for run in 0..runs {
+        let holder = server_of(&ask(&client, &vip));
+        let i: usize = holder.trim_start_matches('k').parse::<usize>().unwrap() - 1;
+        let start = Instant::now();
+        // Power loss: keepalived and the web server die, the link goes dark.
+        if let Some(k) = ks[i].take() {
+            let _ = Command::new("pkill").args(["-9", "-P", &k.0.id().to_string()]).status();
+            drop(k);
+        }
+        net.set_link(i as u8 + 1, false);
+        let took = wait_new_server(&client, &vip, &holder, start);
+        eprintln!("keepalived run {run}: {holder} lost, service back after {took:?}");
+        out.push(took);
+        // Back up: the dead host's address is gone after a real power loss.
+        in_ns(&hosts[i].0, &["ip", "addr", "flush", "dev", "eth0", "to", &format!("{vip}/32")]);
+        net.set_link(i as u8 + 1, true);
+        ks[i] = Some(start_k(i));
+        std::thread::sleep(Duration::from_secs(4));
+    }
+    drop(ks);
+    drop(servers);
+    out
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// Idle CPU of 3 agents on loopback that run 10 groups between them.
+fn idle_with_groups(dir: &Path) -> Vec<(String, f64)> {
+    let ports: Vec<u16> = (0..3).map(|_| tandem::testkit::free_port()).collect();
+    let agents: Vec<Proc> = (0..3)
+        .map(|i| {
+            let path = dir.join(format!("idle{i}.toml"));
+            std::fs::write(
+                &path,
+                format!(
+                    "name = \"i{i}\"\ndata_dir = \"{}\"\nport = {}\n",
+                    dir.join(format!("idle{i}")).display(),
+                    ports[i]
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.join(format!("idle{i}.log"))).unwrap();
+            Proc(
+                Command::new(tandem_bin())
+                    .args(["agent", "--config", path.to_str().unwrap()])
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let url = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
+    for i in 0..3 {
+        wait("agent up", Duration::from_secs(20), || http_get(&format!("{}/v1/local", url(i))).is_some());
+    }
+    http_send("POST", &format!("{}/v1/cluster/init", url(0)), &json!({})).expect("init");
+    for i in 1..3 {
+        http_send("POST", &format!("{}/v1/cluster/join", url(i)), &json!({"via": url(0)})).expect("join");
+    }
+    for g in 0..10 {
+        let nodes: Vec<String> = (0..3).map(|k| format!("i{}", (g + k) % 3)).collect();
+        let body =
+            json!({"resources": [{"name": "p", "type": "process", "command": ["sleep", "100000"]}], "nodes": nodes});
+        wait("group accepted", Duration::from_secs(20), || {
+            http_send("PUT", &format!("{}/v1/groups/g{g}", url(0)), &body).is_some_and(|v| v["name"] == format!("g{g}"))
+        });
+    }
+    wait("10 groups running", Duration::from_secs(30), || {
+        http_get(&format!("{}/v1/groups", url(0)))
+            .and_then(|v| v.as_array().map(|a| a.iter().filter(|g| g["state"] == "running").count()))
+            == Some(10)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let before: Vec<u64> = agents.iter().map(|a| cpu_ticks(a.0.id())).collect();
+    std::thread::sleep(Duration::from_secs(20));
+    agents
+        .iter()
+        .zip(before)
+        .enumerate()
+        .map(|(i, (a, b))| (format!("i{i}"), (cpu_ticks(a.0.id()) - b) as f64 / 100.0 / 20.0 * 100.0))
+        .collect()
+}
+
+fn main() {
+    if !is_root() {
+        eprintln!("failover_bench needs root (network namespaces)");
+        std::process::exit(2);
+    }
+    let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    let t = tandem_runs(runs, dir.path());
+    let k = keepalived_runs(runs, dir.path());
+    println!("Client outage after power loss of the serving node ({runs} runs each, ms):\n");
+    println!("| peer | runs | min | p50 | p99 | max |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("{}", stats("tandem (3 nodes, defaults)", t.clone()));
+    println!("{}", stats("keepalived 2.2.7 (advert_int 1)", k.clone()));
+    let med = |mut d: Vec<Duration>| {
+        d.sort();
+        d[d.len() / 2].as_secs_f64()
+    };
+    println!("\nratio of medians tandem / keepalived: {:.2}", med(t) / med(k));
+    println!("\nIdle CPU of agents running 10 groups (20 s):\n");
+    for (n, cpu) in idle_with_groups(dir.path()) {
+        println!("- {n}: {cpu:.2} % of one core");
+    }
+}
