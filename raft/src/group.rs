@@ -302,8 +302,11 @@ pub fn validate_group(
         if r.monitor.interval_ms < 100 || r.monitor.timeout_ms == 0 {
             return Err(invalid(at("monitor"), "interval_ms at least 100, timeout_ms at least 1"));
         }
-        if r.start_timeout_ms == 0 || r.stop_timeout_ms == 0 {
-            return Err(invalid(at("start_timeout_ms"), "timeouts must be at least 1 ms"));
+        if r.start_timeout_ms == 0 {
+            return Err(invalid(at("start_timeout_ms"), "at least 1 ms"));
+        }
+        if r.stop_timeout_ms == 0 {
+            return Err(invalid(at("stop_timeout_ms"), "at least 1 ms"));
         }
     }
     if spec.nodes.is_empty() {
