@@ -1001,10 +1001,18 @@ impl Backend for Agent {
         match metrics.current_leader {
             None => Route::NoLeader,
             Some(l) if l == m.node_id => Route::Here,
-            Some(l) => match metrics.membership_config.membership().get_node(&l) {
-                Some(peer) if !peer.urls.is_empty() => Route::Leader(peer.urls.clone()),
-                _ => Route::NoLeader,
-            },
+            Some(l) => {
+                // A leader this node no longer hears from is as good as none:
+                // forwarding to it would wait on a dead connection.
+                let heard = m
+                    .state
+                    .read(|d| d.state.nodes.get(&l).map(|r| r.addresses.clone()))
+                    .is_none_or(|addrs| self.liveness.status(l, &addrs, Instant::now()).alive);
+                match metrics.membership_config.membership().get_node(&l) {
+                    Some(peer) if heard && !peer.urls.is_empty() => Route::Leader(peer.urls.clone()),
+                    _ => Route::NoLeader,
+                }
+            }
         }
     }
 

@@ -43,6 +43,8 @@ pub const MAX_RAFT_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub const HEADER_FORWARDED: &str = "x-tandem-forwarded-by";
 /// How long a forwarded request may take at the leader.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long forwarding waits to connect to the leader before answering 503.
+pub const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Where a cluster-wide request is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,7 +177,9 @@ struct NoParams {}
 
 /// Builds the full router: public API, internal Raft RPCs, OpenAPI.
 pub fn router(backend: SharedBackend) -> Router {
-    let http = reqwest::Client::builder().no_proxy().build().unwrap_or_default();
+    // A leader that went away must fail fast (503, retry), not hang the client.
+    let http =
+        reqwest::Client::builder().no_proxy().connect_timeout(FORWARD_CONNECT_TIMEOUT).build().unwrap_or_default();
     let forwarder = Forwarder { backend: backend.clone(), http };
     let cluster_routes = Router::new()
         .route("/v1/cluster", get(get_cluster))

@@ -104,7 +104,13 @@ impl Drop for Node {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            // Raft's retry noise towards a dead peer drowns the rest.
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .filter(|l| !l.contains("openraft::replication") && !l.contains("heartbeat error"))
+                .take(40)
+                .collect();
             eprintln!("---- last log lines of {} ----", self.name);
             for l in tail.iter().rev() {
                 eprintln!("{l}");
