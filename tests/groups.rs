@@ -371,3 +371,66 @@ async fn replacing_a_definition_restarts_only_what_changed() {
     let order: Vec<String> = events(&lb).into_iter().map(|e| e.kind).collect();
     assert_eq!(order, ["start", "stop", "start"]);
 }
+
+/// A `sleep` group on the given nodes, with extra fields.
+fn sleeper(nodes: &[&str], extra: Value) -> Value {
+    let mut g =
+        json!({"resources": [{"name": "p", "type": "process", "command": ["sleep", "100000"]}], "nodes": nodes});
+    if let (Some(g), Some(e)) = (g.as_object_mut(), extra.as_object()) {
+        g.extend(e.clone());
+    }
+    g
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn n_plus_one_capacity_anti_affinity_and_auto_failback() {
+    let mut c = Cluster::start(&["n1", "n2", "n3", "n4"], Opts::default()).await;
+    let u = c.nodes[2].url();
+    for n in ["n1", "n2", "n3", "n4"] {
+        let (st, _) = put(&format!("{u}/v1/nodes/{n}/attributes/capacity"), json!({"value": "1"})).await;
+        assert_eq!(st, 200);
+    }
+    // N+1: three actives, one spare. `a` fails back automatically.
+    for (g, home, extra) in [("a", "n1", json!({"failback": "auto"})), ("b", "n2", json!({})), ("c", "n3", json!({}))] {
+        let (st, v) = put(&format!("{u}/v1/groups/{g}"), sleeper(&[home, "n4"], extra)).await;
+        assert_eq!(st, 201, "{v}");
+    }
+    let node_of = |g: &'static str| {
+        let url = format!("{u}/v1/groups/{g}");
+        async move { get(&url).await.1 }
+    };
+    for (g, home) in [("a", "n1"), ("b", "n2"), ("c", "n3")] {
+        wait_until(Duration::from_secs(15), "actives placed", || async { node_of(g).await["node"] == home }).await;
+    }
+    // n1 dies: the spare takes a. n2 dies too: b cannot stack on the full spare.
+    c.node_mut("n1").kill();
+    wait_until(Duration::from_secs(15), "a on the spare", || async { node_of("a").await["node"] == "n4" }).await;
+    // Let autopilot give n1's vote to n4 first, or losing n2 too loses quorum.
+    let cluster_url = format!("{u}/v1/cluster");
+    wait_until(Duration::from_secs(20), "n4 votes", || async {
+        member(&get(&cluster_url).await.1, "n4")["role"] == "voter"
+    })
+    .await;
+    c.node_mut("n2").kill();
+    wait_until(Duration::from_secs(15), "b stopped for capacity", || async {
+        let b = node_of("b").await;
+        b["node"].is_null() && b["reason"].as_str().is_some_and(|r| r.contains("capacity"))
+    })
+    .await;
+    assert_eq!(node_of("a").await["node"], "n4", "a is not pushed off the spare");
+    // n1 comes back: a fails back (auto), which frees the spare for b.
+    c.node_mut("n1").start().await;
+    wait_until(Duration::from_secs(20), "a back home", || async { node_of("a").await["node"] == "n1" }).await;
+    wait_until(Duration::from_secs(15), "b on the spare", || async { node_of("b").await["node"] == "n4" }).await;
+    assert_eq!(node_of("c").await["node"], "n3");
+
+    // Anti-affinity: d avoids c even though both prefer n3.
+    let (st, _) = put(&format!("{u}/v1/nodes/n1/attributes/capacity"), json!({"value": "5"})).await;
+    assert_eq!(st, 200);
+    let (st, v) = put(&format!("{u}/v1/groups/d"), sleeper(&["n3", "n1"], json!({"anti_affinity": ["c"]}))).await;
+    assert_eq!(st, 201, "{v}");
+    wait_until(Duration::from_secs(15), "d placed away from c", || async { node_of("d").await["state"] == "running" })
+        .await;
+    let d = node_of("d").await;
+    assert_eq!(d["node"], "n1", "d avoids c's node n3 although it prefers it: {d}");
+}
