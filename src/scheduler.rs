@@ -124,7 +124,7 @@ impl<'a> Scheduler<'a> {
 
     /// Why `g` may not run on `n` (given what else is there), or `None`.
     fn unfit(&self, g: &GroupRecord, n: &NodeInfo, occ: &Occupancy, already_there: bool) -> Option<String> {
-        if !g.spec.nodes.iter().any(|x| *x == n.name) {
+        if !g.spec.nodes.contains(&n.name) {
             return Some(format!("{} is not in the group's nodes", n.name));
         }
         if !n.alive {

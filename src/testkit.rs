@@ -67,6 +67,12 @@ pub struct Net {
     hosts: Vec<String>,
 }
 
+impl Default for Net {
+    fn default() -> Self {
+        Net::new()
+    }
+}
+
 impl Net {
     pub fn new() -> Net {
         // Unique per process and per net in it (namespaces die a little

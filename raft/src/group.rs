@@ -19,22 +19,17 @@ pub const MAX_RESOURCES: usize = 32;
 pub const MAX_GROUPS: usize = 256;
 
 /// When a group returns to a more preferred node that came back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum Failback {
     /// As soon as the preferred node is eligible again.
     Auto,
     /// Only when the operator moves it.
+    #[default]
     Manual,
     /// Automatically, but only inside this local-time window, `HH:MM-HH:MM`
     /// (may wrap past midnight).
     Window(String),
-}
-
-impl Default for Failback {
-    fn default() -> Self {
-        Failback::Manual
-    }
 }
 
 /// A parsed failback window, in minutes since local midnight.
@@ -254,10 +249,8 @@ pub fn validate_group(
             return Err(invalid(at("name"), format!("{} is used twice", r.name)));
         }
         match &r.kind {
-            ResourceKind::Process { command, .. } => {
-                if command.first().is_none_or(|c| c.is_empty()) {
-                    return Err(invalid(at("command"), "a process needs a command: [\"program\", \"arg\", ...]"));
-                }
+            ResourceKind::Process { command, .. } if command.first().is_none_or(|c| c.is_empty()) => {
+                return Err(invalid(at("command"), "a process needs a command: [\"program\", \"arg\", ...]"));
             }
             ResourceKind::Exec { path } if !path.starts_with('/') => {
                 return Err(invalid(at("path"), "must be an absolute path"));
