@@ -202,7 +202,7 @@ fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path, service_port: u16) 
     say!("Example group `web` (a small HTTP service) runs on node1: curl -s http://127.0.0.1:{service_port}/");
     say!("  target/release/tandem group list --endpoint {}", u(1));
     say!("  curl -s -X POST -d '{{\"to\": \"node3\"}}' {}/v1/groups/web/move     # switchover", u(1));
-    say!("Kill the node that runs it (kill -9 <its pid>): within about 3 s it answers again from another node,");
+    say!("Kill the node that runs it (kill -9 <its pid>): within about 2 s it answers again from another node,");
     say!("and the remaining nodes elect a new leader if it was the leader. Ctrl-C stops the cluster.");
 }
 
