@@ -174,6 +174,11 @@ impl Executor {
             .collect()
     }
 
+    /// Runs nothing here (nothing to watch).
+    pub fn is_idle(&self) -> bool {
+        self.groups.is_empty()
+    }
+
     /// Kills every local resource at once (self-fencing).
     pub fn fence(&mut self) {
         if !self.groups.is_empty() {

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tandem_raft::state::{socket_addr, ClusterState};
+use std::collections::BTreeMap;
+
+use tandem_raft::state::{socket_addr, NodeRecord};
 use tandem_raft::NodeId;
 use tokio::net::UdpSocket;
 
@@ -159,10 +161,10 @@ impl HeartbeatSockets {
     }
 
     /// Sends one round of heartbeats to every peer on every path.
-    pub async fn send_round(&self, state: &ClusterState, cluster_id: &str, me: NodeId) {
+    pub async fn send_round(&self, nodes: &BTreeMap<NodeId, NodeRecord>, cluster_id: &str, me: NodeId) {
         let version = env!("CARGO_PKG_VERSION").to_string();
         let pid = std::process::id();
-        for node in state.nodes.values().filter(|n| n.id != me) {
+        for node in nodes.values().filter(|n| n.id != me) {
             let hb =
                 Heartbeat { cluster_id: cluster_id.to_string(), from: me, to: node.id, pid, version: version.clone() };
             let Ok(bytes) = serde_json::to_vec(&hb) else {
@@ -213,7 +215,7 @@ mod tests {
 
     #[tokio::test]
     async fn heartbeats_cross_real_udp_sockets() {
-        use tandem_raft::state::{Command, NodeSpec};
+        use tandem_raft::state::{ClusterState, Command, NodeSpec};
         let a = HeartbeatSockets::bind(&["127.0.0.1".into()], 0).await.unwrap();
         let b = HeartbeatSockets::bind(&["127.0.0.1".into()], 0).await.unwrap();
         let b_port = b.sockets[0].local_addr().unwrap().port();
@@ -230,7 +232,7 @@ mod tests {
         state.apply(&Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node: spec("a", 1) }).unwrap();
         state.apply(&Command::AddNode { node: spec("b", b_port) }).unwrap();
         for _ in 0..50 {
-            a.send_round(&state, "c", 1).await;
+            a.send_round(&state.nodes, "c", 1).await;
             if lb.status(1, &["127.0.0.1".into()], Instant::now()).alive {
                 return;
             }
