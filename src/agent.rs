@@ -47,7 +47,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How often the executor and the leader's scheduler run.
 const GROUP_TICK: Duration = Duration::from_millis(200);
 /// How often the lease is checked (fencing acts within this of expiry).
-const LEASE_TICK: Duration = Duration::from_millis(50);
+const LEASE_TICK: Duration = Duration::from_millis(100);
 
 /// Minutes since local midnight, for failback windows.
 fn local_minute_of_day() -> u16 {
