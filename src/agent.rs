@@ -1226,64 +1226,40 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let ident_agent = agent.clone();
     sockets.spawn_receivers(liveness, move || ident_agent.member().map(|m| (m.cluster_id.clone(), m.node_id)));
-    {
-        let agent = agent.clone();
-        let sockets = sockets.clone();
-        let every = cfg.heartbeat_interval();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                if let Some(m) = agent.member() {
-                    let nodes = m.state.read(|d| d.state.nodes.clone());
-                    sockets.send_round(&nodes, &m.cluster_id, m.node_id).await;
-                }
+    let (a, socks) = (agent.clone(), sockets.clone());
+    every(cfg.heartbeat_interval(), move || {
+        let (agent, sockets) = (a.clone(), socks.clone());
+        async move {
+            if let Some(m) = agent.member() {
+                let nodes = m.state.read(|d| d.state.nodes.clone());
+                sockets.send_round(&nodes, &m.cluster_id, m.node_id).await;
             }
-        });
-    }
-    {
-        let agent = agent.clone();
-        let every = Duration::from_millis(cfg.autopilot.interval_ms);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                if let Err(e) = agent.autopilot_round().await {
-                    tracing::warn!(code = e.code(), "autopilot: {e}");
-                }
+        }
+    });
+    let a = agent.clone();
+    every(Duration::from_millis(cfg.autopilot.interval_ms), move || {
+        let agent = a.clone();
+        async move {
+            if let Err(e) = agent.autopilot_round().await {
+                tracing::warn!(code = e.code(), "autopilot: {e}");
             }
-        });
-    }
-    {
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(GROUP_TICK);
-            loop {
-                tick.tick().await;
-                agent.executor_round().await;
-            }
-        });
-    }
-    {
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LEASE_TICK);
-            loop {
-                tick.tick().await;
-                agent.lease_round().await;
-            }
-        });
-    }
-    {
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(GROUP_TICK);
-            loop {
-                tick.tick().await;
-                agent.scheduler_round().await;
-            }
-        });
-    }
+        }
+    });
+    let a = agent.clone();
+    every(GROUP_TICK, move || {
+        let agent = a.clone();
+        async move { agent.executor_round().await }
+    });
+    let a = agent.clone();
+    every(LEASE_TICK, move || {
+        let agent = a.clone();
+        async move { agent.lease_round().await }
+    });
+    let a = agent.clone();
+    every(GROUP_TICK, move || {
+        let agent = a.clone();
+        async move { agent.scheduler_round().await }
+    });
     if !cfg.join.is_empty() && agent.member().is_none() {
         let agent = agent.clone();
         let urls = cfg.join.clone();
@@ -1299,6 +1275,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
     }
     Ok(())
+}
+
+/// Runs `round` every `period`, forever, on its own task; a round that runs
+/// long delays the next one rather than overlapping it.
+fn every<F, Fut>(period: Duration, mut round: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            round().await;
+        }
+    });
 }
 
 /// Joins through the configured members until one accepts; gives up only
