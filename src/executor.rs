@@ -108,29 +108,12 @@ enum Slot {
     Recovering(tokio::task::JoinHandle<ActionResult>),
 }
 
-impl Slot {
-    fn pid(&self) -> Option<u32> {
-        match self {
-            Slot::Process(p) => Some(p.pgid as u32),
-            _ => None,
-        }
-    }
-}
-
 struct LocalGroup {
     epoch: u64,
     spec: GroupSpec,
     /// One slot per resource, in start order.
     slots: Vec<Slot>,
     restarts: VecDeque<Instant>,
-}
-
-/// A snapshot of one local group for the API.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalStatus {
-    pub epoch: u64,
-    pub resources: Vec<(String, Option<u32>)>,
-    pub restarts: usize,
 }
 
 pub struct Executor {
@@ -163,17 +146,6 @@ impl Executor {
         }
     }
 
-    pub fn status(&self) -> BTreeMap<String, LocalStatus> {
-        self.groups
-            .iter()
-            .map(|(name, g)| {
-                let resources =
-                    g.spec.resources.iter().zip(&g.slots).map(|(r, slot)| (r.name.clone(), slot.pid())).collect();
-                (name.clone(), LocalStatus { epoch: g.epoch, resources, restarts: g.restarts.len() })
-            })
-            .collect()
-    }
-
     /// Runs nothing here (nothing to watch).
     pub fn is_idle(&self) -> bool {
         self.groups.is_empty()
@@ -199,9 +171,8 @@ impl Executor {
                     // its stop action is all we can do (a fence command is
                     // what makes this safe; see docs/config.md).
                     _ => {
-                        let r = r.clone();
-                        let (dir, node, name, epoch) = (dir.clone(), node.clone(), name.clone(), g.epoch);
-                        tokio::spawn(async move { run_action(&dir, &node, &name, epoch, &r, "stop", false).await });
+                        let cx = Ctx { dir: &dir, node: &node, group: &name, epoch: g.epoch, fence: &self.fence };
+                        tokio::spawn(cx.action(r, "stop", false).run());
                     }
                 }
             }
@@ -328,7 +299,8 @@ impl Executor {
             let old: Vec<ResourceSpec> = local.spec.resources[keep..].to_vec();
             let slots: Vec<Slot> = local.slots.drain(keep..).collect();
             tracing::info!(group = %g.name, kept = keep, restarted = old.len(), "definition changed");
-            stop_slots(&old, slots, &dir, &node_name, &g.name, epoch, &self.fence).await;
+            let cx = Ctx { dir: &dir, node: &node_name, group: &g.name, epoch, fence: &self.fence };
+            stop_slots(&old, slots, cx).await;
             local.slots.extend(g.spec.resources[keep..].iter().map(|_| Slot::Idle));
             local.spec = g.spec.clone();
         }
@@ -390,6 +362,20 @@ struct Ctx<'a> {
     fence: &'a Fence,
 }
 
+impl Ctx<'_> {
+    fn action(&self, r: &ResourceSpec, verb: &'static str, deep: bool) -> Action {
+        Action {
+            dir: self.dir.to_path_buf(),
+            node: self.node.to_string(),
+            group: self.group.to_string(),
+            epoch: self.epoch,
+            r: r.clone(),
+            verb,
+            deep,
+        }
+    }
+}
+
 /// Advances one resource's slot by at most one transition.
 async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> Step {
     let Ctx { dir, node, group, epoch, fence } = cx;
@@ -398,10 +384,7 @@ async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> S
         next_monitor: now + monitor_every,
         next_deep: r.deep_monitor.as_ref().map(|d| now + Duration::from_millis(d.interval_ms)),
     };
-    let spawn_action = |verb: &'static str, deep: bool| {
-        let (r, dir, node, group) = (r.clone(), dir.to_path_buf(), node.to_string(), group.to_string());
-        tokio::spawn(async move { run_action(&dir, &node, &group, epoch, &r, verb, deep).await })
-    };
+    let spawn_action = |verb: &'static str, deep: bool| tokio::spawn(cx.action(r, verb, deep).run());
     match std::mem::replace(slot, Slot::Idle) {
         Slot::Idle => match &r.kind {
             ResourceKind::Process { .. } => match spawn_process(dir, node, group, epoch, r) {
@@ -491,91 +474,88 @@ fn describe(r: ActionResult) -> String {
     }
 }
 
-/// The command for a script agent's action, with the OCF environment.
-fn action_command(
-    dir: &std::path::Path,
-    node: &str,
-    group: &str,
+/// One action of a script agent or of the built-in vip, owned so that it
+/// can run as a task of its own.
+struct Action {
+    dir: PathBuf,
+    node: String,
+    group: String,
     epoch: u64,
-    r: &ResourceSpec,
-    verb: &str,
+    r: ResourceSpec,
+    verb: &'static str,
     deep: bool,
-) -> std::io::Result<Command> {
-    let mut cmd = match &r.kind {
-        ResourceKind::Exec { path } => {
-            let mut c = Command::new(path);
-            c.arg(verb);
-            c
-        }
-        ResourceKind::Ocf { agent, params } => {
-            let (provider, kind) = agent.split_once(':').unwrap_or(("heartbeat", agent));
-            let mut c = Command::new(format!("{OCF_ROOT}/resource.d/{provider}/{kind}"));
-            // Each agent keeps its agents' runtime state apart (several
-            // agents may share a host in tests; it is cleared at agent start,
-            // as /run is at boot).
-            let rsctmp = dir.join("ocf-run");
-            std::fs::create_dir_all(&rsctmp)?;
-            c.arg(verb)
-                .env("HA_RSCTMP", &rsctmp)
-                .env("OCF_ROOT", OCF_ROOT)
-                .env("OCF_FUNCTIONS_DIR", format!("{OCF_ROOT}/lib/heartbeat"))
-                .env("OCF_RESOURCE_INSTANCE", format!("{group}-{}", r.name))
-                .env("OCF_RESOURCE_TYPE", kind)
-                .env("OCF_RESOURCE_PROVIDER", provider);
-            for (k, v) in params {
-                c.env(format!("OCF_RESKEY_{k}"), v);
+}
+
+impl Action {
+    fn timeout(&self) -> Duration {
+        let r = &self.r;
+        Duration::from_millis(match self.verb {
+            "start" => r.start_timeout_ms,
+            "stop" => r.stop_timeout_ms,
+            _ => r.deep_monitor.as_ref().filter(|_| self.deep).unwrap_or(&r.monitor).timeout_ms,
+        })
+    }
+
+    /// The command, with the OCF environment.
+    fn command(&self) -> std::io::Result<Command> {
+        let (r, verb) = (&self.r, self.verb);
+        let mut cmd = match &r.kind {
+            ResourceKind::Exec { path } => {
+                let mut c = Command::new(path);
+                c.arg(verb);
+                c
             }
-            c
-        }
-        other => return Err(std::io::Error::other(format!("{} is not a script agent", other.type_name()))),
-    };
-    let timeout = action_timeout_ms(r, verb, deep);
-    if deep {
-        cmd.env("OCF_CHECK_LEVEL", "20");
-    }
-    cmd.env("OCF_RESKEY_CRM_meta_timeout", timeout.to_string());
-    prepare(&mut cmd, dir, node, group, epoch, r, None)?;
-    Ok(cmd)
-}
-
-fn action_timeout_ms(r: &ResourceSpec, verb: &str, deep: bool) -> u64 {
-    match verb {
-        "start" => r.start_timeout_ms,
-        "stop" => r.stop_timeout_ms,
-        _ => r.deep_monitor.as_ref().filter(|_| deep).unwrap_or(&r.monitor).timeout_ms,
-    }
-}
-
-/// Runs one action of a script agent to its end, within its timeout.
-async fn run_action(
-    dir: &std::path::Path,
-    node: &str,
-    group: &str,
-    epoch: u64,
-    r: &ResourceSpec,
-    verb: &str,
-    deep: bool,
-) -> ActionResult {
-    let timeout = Duration::from_millis(action_timeout_ms(r, verb, deep));
-    if let ResourceKind::Vip { address, interface, backup_interfaces } = &r.kind {
-        return match tokio::time::timeout(timeout, vip::action(verb, address, interface, backup_interfaces)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("{verb} timed out after {timeout:?}")),
+            ResourceKind::Ocf { agent, params } => {
+                let (provider, kind) = agent.split_once(':').unwrap_or(("heartbeat", agent));
+                let mut c = Command::new(format!("{OCF_ROOT}/resource.d/{provider}/{kind}"));
+                // Each agent keeps its agents' runtime state apart (several
+                // agents may share a host in tests; it is cleared at agent
+                // start, as /run is at boot).
+                let rsctmp = self.dir.join("ocf-run");
+                std::fs::create_dir_all(&rsctmp)?;
+                c.arg(verb)
+                    .env("HA_RSCTMP", &rsctmp)
+                    .env("OCF_ROOT", OCF_ROOT)
+                    .env("OCF_FUNCTIONS_DIR", format!("{OCF_ROOT}/lib/heartbeat"))
+                    .env("OCF_RESOURCE_INSTANCE", format!("{}-{}", self.group, r.name))
+                    .env("OCF_RESOURCE_TYPE", kind)
+                    .env("OCF_RESOURCE_PROVIDER", provider);
+                for (k, v) in params {
+                    c.env(format!("OCF_RESKEY_{k}"), v);
+                }
+                c
+            }
+            other => return Err(std::io::Error::other(format!("{} is not a script agent", other.type_name()))),
         };
+        if self.deep {
+            cmd.env("OCF_CHECK_LEVEL", "20");
+        }
+        cmd.env("OCF_RESKEY_CRM_meta_timeout", self.timeout().as_millis().to_string());
+        prepare(&mut cmd, &self.dir, &self.node, &self.group, self.epoch, r, None)?;
+        Ok(cmd)
     }
-    let mut child = action_command(dir, node, group, epoch, r, verb, deep)
-        .and_then(|mut c| c.spawn())
-        .map_err(|e| format!("{verb}: {e}"))?;
-    let pgid = child.id().map(|p| p as i32);
-    match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(Ok(status)) => Ok(status.code().unwrap_or(-1)),
-        Ok(Err(e)) => Err(format!("{verb}: {e}")),
-        Err(_) => {
-            if let Some(pg) = pgid {
-                let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
+
+    /// Runs the action to its end, within its timeout.
+    async fn run(self) -> ActionResult {
+        let (timeout, verb) = (self.timeout(), self.verb);
+        if let ResourceKind::Vip { address, interface, backup_interfaces } = &self.r.kind {
+            return match tokio::time::timeout(timeout, vip::action(verb, address, interface, backup_interfaces)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("{verb} timed out after {timeout:?}")),
+            };
+        }
+        let mut child = self.command().and_then(|mut c| c.spawn()).map_err(|e| format!("{verb}: {e}"))?;
+        let pgid = child.id().map(|p| p as i32);
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(status)) => Ok(status.code().unwrap_or(-1)),
+            Ok(Err(e)) => Err(format!("{verb}: {e}")),
+            Err(_) => {
+                if let Some(pg) = pgid {
+                    let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
+                }
+                let _ = child.wait().await;
+                Err(format!("{verb} timed out after {timeout:?}"))
             }
-            let _ = child.wait().await;
-            Err(format!("{verb} timed out after {timeout:?}"))
         }
     }
 }
@@ -638,18 +618,10 @@ fn spawn_process(
 /// Stops resources in reverse order: a process gets SIGTERM to its process
 /// group and SIGKILL after the stop timeout; a script agent runs `stop`.
 async fn stop_group(g: LocalGroup, dir: &std::path::Path, node: &str, group: &str, fence: &Fence) {
-    stop_slots(&g.spec.resources, g.slots, dir, node, group, g.epoch, fence).await;
+    stop_slots(&g.spec.resources, g.slots, Ctx { dir, node, group, epoch: g.epoch, fence }).await;
 }
 
-async fn stop_slots(
-    resources: &[ResourceSpec],
-    slots: Vec<Slot>,
-    dir: &std::path::Path,
-    node: &str,
-    group: &str,
-    epoch: u64,
-    fence: &Fence,
-) {
+async fn stop_slots(resources: &[ResourceSpec], slots: Vec<Slot>, cx: Ctx<'_>) {
     for (r, slot) in resources.iter().zip(slots).rev() {
         match slot {
             Slot::Idle => {}
@@ -662,21 +634,21 @@ async fn stop_slots(
                 // Whatever is left of its process group goes too.
                 let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGKILL);
                 let _ = p.child.wait().await;
-                fence.unregister(p.pgid);
+                cx.fence.unregister(p.pgid);
             }
             Slot::Starting(t) | Slot::Monitoring { task: t, .. } | Slot::Recovering(t) => {
                 let _ = t.await;
-                script_stop(dir, node, group, epoch, r).await;
+                script_stop(cx, r).await;
             }
-            Slot::Up { .. } => script_stop(dir, node, group, epoch, r).await,
+            Slot::Up { .. } => script_stop(cx, r).await,
         }
     }
 }
 
-async fn script_stop(dir: &std::path::Path, node: &str, group: &str, epoch: u64, r: &ResourceSpec) {
-    match run_action(dir, node, group, epoch, r, "stop", false).await {
+async fn script_stop(cx: Ctx<'_>, r: &ResourceSpec) {
+    match cx.action(r, "stop", false).run().await {
         Ok(0) => {}
-        other => tracing::error!(group, resource = %r.name, "stop failed: {}", describe(other)),
+        other => tracing::error!(group = cx.group, resource = %r.name, "stop failed: {}", describe(other)),
     }
 }
 

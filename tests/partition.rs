@@ -12,19 +12,27 @@ use common::*;
 use serde_json::json;
 use tandem::testkit::{in_ns_output, is_root, Net};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_cut_off_node_fences_itself_before_its_group_runs_elsewhere() {
+/// Three hosts n1..n3, each a namespace with its agent, formed into a
+/// cluster; `None` (and a note why) when not root.
+async fn three_hosts() -> Option<(Net, Cluster, Vec<String>)> {
     if !is_root() {
         eprintln!("skipped: network namespaces need root (CI runs as root)");
-        return;
+        return None;
     }
     let mut net = Net::new();
     let mut c = Cluster::configure(&[], Opts::default());
+    let mut hosts = Vec::new();
     for i in 1..=3u8 {
         let (ns, addr) = net.host(i);
+        hosts.push(ns.clone());
         c.add_host(&format!("n{i}"), "", &addr, Some(ns));
     }
-    let c = c.form().await;
+    Some((net, c.form().await, hosts))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cut_off_node_fences_itself_before_its_group_runs_elsewhere() {
+    let Some((net, c, _)) = three_hosts().await else { return };
     let log = c.tmp.path().join("events");
     let n2 = c.node("n2").url();
     let (st, v) =
@@ -90,20 +98,8 @@ async fn a_cut_off_node_fences_itself_before_its_group_runs_elsewhere() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vip_service_moves_and_the_client_follows() {
-    if !is_root() {
-        eprintln!("skipped: network namespaces need root (CI runs as root)");
-        return;
-    }
-    let mut net = Net::new();
-    let mut c = Cluster::configure(&[], Opts::default());
-    let mut hosts = Vec::new();
-    for i in 1..=3u8 {
-        let (ns, addr) = net.host(i);
-        hosts.push(ns.clone());
-        c.add_host(&format!("n{i}"), "", &addr, Some(ns));
-    }
+    let Some((mut net, mut c, hosts)) = three_hosts().await else { return };
     let (client, _) = net.host(9);
-    let mut c = c.form().await;
     let vip = format!("{}.100", net.prefix);
     let server = "echo \"hello from $TANDEM_NODE\" > index.html; exec python3 -m http.server 8080 --bind 0.0.0.0";
     let body = json!({
