@@ -18,7 +18,8 @@ use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteErro
 use openraft::{ChangeMembers, SnapshotPolicy};
 use tandem_http_api::{
     AdoptRequest, ApiError, Backend, ClusterView, ErrorBody, GroupAction, GroupEvent, GroupReport, GroupView,
-    InitRequest, JoinRequest, JoinViaRequest, LocalView, NodeState, NodeView, PathView, ReleaseRequest, Role, Route,
+    InitRequest, JoinRequest, JoinViaRequest, LocalGroupStatus, LocalView, NodeState, NodeView, PathView,
+    ReleaseRequest, ResourceView, Role, Route,
 };
 use tandem_raft::group::{GroupRecord, GroupSpec, Phase};
 use tandem_raft::network::Network;
@@ -32,6 +33,7 @@ use crate::config::Config;
 use crate::executor::{Executor, Fence, Report};
 use crate::liveness::{HeartbeatSockets, Liveness};
 use crate::scheduler::{NodeInfo, Scheduler};
+use crate::watchdog::{now_boot_ms, Lease, RunDir};
 
 /// Longest wait for a write or a linearizable read to be confirmed.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,6 +49,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How often the executor and the leader's scheduler run.
 const GROUP_TICK: Duration = Duration::from_millis(200);
 /// How often the lease is checked (fencing acts within this of expiry).
+/// How long a group's GET waits for the node running it to describe its
+/// resources (the answer goes without them past that).
+const STATUS_TIMEOUT: Duration = Duration::from_millis(300);
 const LEASE_TICK: Duration = Duration::from_millis(100);
 
 /// Minutes since local midnight, for failback windows.
@@ -86,10 +91,14 @@ pub struct Agent {
     membership_lock: tokio::sync::Mutex<()>,
     /// Runs the groups placed on this node; present while a member.
     executor: tokio::sync::Mutex<Option<Executor>>,
-    /// Last moment this node saw a majority of voters.
-    last_quorum: std::sync::Mutex<Instant>,
-    /// Resource processes the lease timer kills when the lease runs out.
+    /// The lease and the resource processes the lease timer kills when it
+    /// runs out.
     fence: Arc<Fence>,
+    /// The lease files and the records of what runs here.
+    run: RunDir,
+    /// Set when the lease ran out with something running: the executor
+    /// fences before anything else.
+    lapsed: std::sync::atomic::AtomicBool,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> ApiError {
@@ -111,6 +120,13 @@ fn new_cluster_id() -> String {
 impl Agent {
     pub fn new(cfg: Config, db: Db, liveness: Arc<Liveness>) -> Result<Agent, reqwest::Error> {
         let http = reqwest::Client::builder().no_proxy().connect_timeout(Duration::from_secs(2)).build()?;
+        // A restarted agent holds the lease its predecessor held (and adopts
+        // what it ran): never longer, never renewed but from a majority heard.
+        let run = RunDir::new(&cfg.data_dir, cfg.fencing.watchdog_device.clone());
+        let inherited = match run.read_lease() {
+            Lease::Until(d) => d,
+            Lease::Released | Lease::Missing => 0,
+        };
         Ok(Agent {
             cfg,
             db,
@@ -119,8 +135,9 @@ impl Agent {
             http,
             membership_lock: tokio::sync::Mutex::new(()),
             executor: tokio::sync::Mutex::new(None),
-            last_quorum: std::sync::Mutex::new(Instant::now()),
-            fence: Arc::new(Fence::default()),
+            fence: Arc::new(Fence::new(inherited)),
+            run,
+            lapsed: false.into(),
         })
     }
 
@@ -163,8 +180,13 @@ impl Agent {
             .await
             .context("starting raft")?;
         let m = Arc::new(Member { node_id: identity.node_id, cluster_id: identity.cluster_id.clone(), raft, state });
-        *self.executor.lock().await =
-            Some(Executor::new(identity.node_id, self.cfg.name.clone(), self.cfg.data_dir.clone(), self.fence.clone()));
+        *self.executor.lock().await = Some(Executor::new(
+            identity.node_id,
+            self.cfg.name.clone(),
+            self.cfg.data_dir.clone(),
+            self.fence.clone(),
+            self.run.clone(),
+        ));
         *self.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
         tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "raft started");
         Ok(m)
@@ -187,8 +209,12 @@ impl Agent {
         Ok(())
     }
 
+    /// Stops every resource, then gives the lease up: the watchdog exits.
     pub async fn shutdown(&self) {
         let _ = self.stop_member(false).await;
+        if let Err(e) = self.run.write_lease(Lease::Released) {
+            tracing::warn!("cannot release the lease: {e}");
+        }
     }
 
     // ---- Raft wrappers: every openraft error becomes an ApiError here ----
@@ -320,7 +346,11 @@ impl Agent {
     // ---- peer agent calls ----
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
-        let resp = self.http.get(url).timeout(PEER_TIMEOUT).send().await.map_err(|e| e.to_string())?;
+        self.get_json_within(url, PEER_TIMEOUT).await
+    }
+
+    async fn get_json_within<T: serde::de::DeserializeOwned>(&self, url: &str, timeout: Duration) -> Result<T, String> {
+        let resp = self.http.get(url).timeout(timeout).send().await.map_err(|e| e.to_string())?;
         if !resp.status().is_success() {
             return Err(format!("HTTP {}", resp.status()));
         }
@@ -715,7 +745,42 @@ impl Agent {
             reason: p.reason.clone(),
             failed_on: g.failed_on.iter().map(|id| name_of(*id)).collect(),
             move_to: g.move_to.map(name_of),
+            restarts: None,
+            resources: None,
         }
+    }
+
+    /// Adds what the node running the group says about its resources.
+    async fn with_resources(&self, mut v: GroupView) -> GroupView {
+        let Some(node) = v.node.clone() else { return v };
+        let status = if node == self.cfg.name {
+            self.local_group(&v.name).await.ok()
+        } else {
+            let url = self.member().and_then(|m| {
+                m.state.read(|d| {
+                    d.state
+                        .nodes
+                        .values()
+                        .find(|n| n.name == node)
+                        .and_then(|n| api_urls(&n.addresses, n.port).into_iter().next())
+                })
+            });
+            match url {
+                Some(u) => self
+                    .get_json_within::<LocalGroupStatus>(
+                        &format!("{u}/internal/groups/{}/local", v.name),
+                        STATUS_TIMEOUT,
+                    )
+                    .await
+                    .ok(),
+                None => None,
+            }
+        };
+        if let Some(s) = status.filter(|s| s.epoch == v.epoch) {
+            v.restarts = Some(s.restarts);
+            v.resources = Some(s.resources);
+        }
+        v
     }
 
     fn read_group(m: &Member, name: &str) -> Result<GroupView, ApiError> {
@@ -724,40 +789,54 @@ impl Agent {
         Ok(Self::group_view(&state, g))
     }
 
-    /// Whether this node sees a majority of voters (itself included).
-    fn in_quorum(&self, m: &Member, now: Instant) -> bool {
-        // Runs every 50 ms: read in place, copy nothing but the voter ids.
+    /// When this node last heard a majority of voters (itself included,
+    /// as now): the lease counts from there, not from when the others are
+    /// declared dead, so that it ends as early as the leader can count.
+    fn quorum_heard_at(&self, m: &Member, now: Instant) -> Option<Instant> {
+        // Runs every lease tick: read in place, copy nothing but the voter ids.
         let voters: Vec<NodeId> = m.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
-        let alive = m.state.read(|d| {
-            voters
-                .iter()
-                .filter(|v| {
-                    **v == m.node_id
-                        || d.state.nodes.get(v).is_some_and(|r| self.liveness.status(**v, &r.addresses, now).alive)
-                })
-                .count()
-        });
-        alive * 2 > voters.len()
+        let mut heard: Vec<Instant> = voters
+            .iter()
+            .filter_map(|v| if *v == m.node_id { Some(now) } else { self.liveness.last_heard(*v) })
+            .collect();
+        heard.sort_unstable_by(|a, b| b.cmp(a));
+        heard.get(voters.len() / 2).copied()
     }
 
-    /// Whether this node has seen a majority of voters within its lease.
+    /// Whether this node holds its lease now.
     fn in_lease(&self) -> bool {
-        let last = *self.last_quorum.lock().unwrap_or_else(|e| e.into_inner());
-        last.elapsed() <= Duration::from_millis(self.cfg.fencing.lease_ms)
+        self.fence.lease_valid()
     }
 
     /// The lease timer, on its own task so that nothing the executor waits
-    /// for can delay it: refreshes the lease while a majority of voters is
-    /// heard, and kills every resource process once it has run out.
+    /// for can delay it. While a majority of voters is heard it extends the
+    /// lease (and writes it down for the watchdog). A lease that ran out
+    /// with something running is lost: every resource process is killed at
+    /// once and the executor fences before it may start anything again.
     async fn lease_round(&self) {
         let Some(m) = self.member() else { return };
-        let now = Instant::now();
-        if self.in_quorum(&m, now) {
-            *self.last_quorum.lock().unwrap_or_else(|e| e.into_inner()) = now;
-        } else if !self.in_lease() {
-            let killed = self.fence.kill_all();
-            if killed > 0 {
-                tracing::warn!(killed, "lease expired without quorum: killed every resource process");
+        let (now, now_ms) = (Instant::now(), now_boot_ms());
+        let current = self.fence.deadline_ms();
+        if current <= now_ms {
+            let running = self.fence.has_processes() || self.run.has_records();
+            if running && !self.lapsed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let killed = self.fence.kill_all();
+                tracing::warn!(killed, "lease ran out (no majority heard, or this agent stalled): fencing");
+            }
+        }
+        let Some(heard) = self.quorum_heard_at(&m, now) else { return };
+        let heard_ms = now_ms.saturating_sub(now.saturating_duration_since(heard).as_millis() as u64);
+        // A lapsed lease is taken again only from heartbeats heard since.
+        if current <= now_ms && heard_ms < current {
+            return;
+        }
+        let deadline = heard_ms + self.cfg.fencing.lease_ms;
+        if deadline > current {
+            // Written before it is used: the watchdog never sees a lease
+            // shorter than the one the agent acts on.
+            match self.run.write_lease(Lease::Until(deadline)) {
+                Ok(()) => self.fence.set_deadline_ms(deadline),
+                Err(e) => tracing::error!("cannot write the lease: {e}"),
             }
         }
     }
@@ -769,6 +848,11 @@ impl Agent {
         let no_groups = m.state.read(|d| d.state.groups.is_empty());
         if no_groups && self.executor.lock().await.as_ref().is_none_or(|ex| ex.is_idle()) {
             return;
+        }
+        if self.lapsed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            if let Some(ex) = self.executor.lock().await.as_mut() {
+                ex.fence();
+            }
         }
         let state = m.state.state();
         let in_lease = self.in_lease();
@@ -1092,7 +1176,19 @@ impl Backend for Agent {
 
     async fn group(&self, name: &str, stale: bool) -> Result<GroupView, ApiError> {
         let m = self.read_member(stale).await?;
-        Self::read_group(&m, name)
+        let v = Self::read_group(&m, name)?;
+        Ok(self.with_resources(v).await)
+    }
+
+    async fn local_group(&self, name: &str) -> Result<LocalGroupStatus, ApiError> {
+        let ex = self.executor.lock().await;
+        let (epoch, restarts, resources) =
+            ex.as_ref().and_then(|e| e.status(name)).ok_or_else(|| ApiError::GroupNotFound(name.to_string()))?;
+        let resources = resources
+            .into_iter()
+            .map(|r| ResourceView { name: r.name, kind: r.kind, state: r.state, pid: r.pid, last_error: r.last_error })
+            .collect();
+        Ok(LocalGroupStatus { epoch, restarts, resources })
     }
 
     async fn put_group(&self, name: &str, spec: GroupSpec) -> Result<(GroupView, bool), ApiError> {

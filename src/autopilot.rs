@@ -57,7 +57,7 @@ pub fn plan_voters(input: &Input) -> Option<BTreeSet<NodeId>> {
     // takes their place, never to shrink the voter set.
     let pool = kept.len() + learners.len() + dead_voters.len();
     let mut want = input.target.min(pool).max(1);
-    if want % 2 == 0 {
+    if want.is_multiple_of(2) {
         want -= 1;
     }
 

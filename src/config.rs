@@ -59,14 +59,18 @@ pub struct FencingConfig {
     /// A node that sees no majority of voters for this long kills every
     /// resource it runs.
     pub lease_ms: u64,
-    /// Extra wait on the leader, past node timeout + lease, before a dead
-    /// node's groups start elsewhere (clock drift, slow kills).
+    /// Extra wait on the leader, past the lease, before a dead node's groups
+    /// start elsewhere (heartbeat spacing, slow kills).
     pub margin_ms: u64,
+    /// A Linux watchdog device (e.g. /dev/watchdog, or softdog's) that the
+    /// node's watchdog process feeds while the lease holds or nothing runs:
+    /// a node whose resources cannot be stopped in time resets.
+    pub watchdog_device: Option<PathBuf>,
 }
 
 impl Default for FencingConfig {
     fn default() -> Self {
-        FencingConfig { lease_ms: 500, margin_ms: 300 }
+        FencingConfig { lease_ms: 500, margin_ms: 300, watchdog_device: None }
     }
 }
 
@@ -265,10 +269,11 @@ impl Config {
     }
 
     /// How long the leader waits after a node's last heartbeat before it
-    /// takes the node's groups as fenced: the node notices it is alone after
-    /// the node timeout, kills its resources after its lease, plus a margin.
+    /// takes the node's groups as fenced: the node's lease counts from the
+    /// last majority it heard (at most one heartbeat interval after the
+    /// leader last heard it), plus a margin for the interval and the kill.
     pub fn fenced_after(&self) -> Duration {
-        Duration::from_millis(self.liveness.node_timeout_ms + self.fencing.lease_ms + self.fencing.margin_ms)
+        Duration::from_millis(self.fencing.lease_ms + self.fencing.margin_ms).max(self.node_timeout())
     }
 }
 

@@ -10,10 +10,12 @@
 //! places the groups elsewhere only after that lease (plus a margin) has
 //! passed, so a group never runs on two nodes.
 //!
-//! Resource processes get SIGKILL when the agent dies (PR_SET_PDEATHSIG):
-//! a dead agent cannot watch them, so they must not outlive it. Script
-//! agents (`exec`, `ocf`) run their start / monitor / stop actions as tasks
-//! polled by the tick, so a slow action never delays self-fencing.
+//! Resource processes outlive the agent: what runs here is recorded in
+//! `<data_dir>/run` (see `watchdog`), a restarted agent adopts it, and the
+//! watchdog process kills it if no agent renews the lease in time. Script
+//! agents (`exec`, `ocf`, `systemd`, the built-in `vip`) run their start /
+//! monitor / stop actions as tasks polled by the tick, so a slow action
+//! never delays self-fencing.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
@@ -26,6 +28,8 @@ use tandem_raft::group::{GroupRecord, GroupSpec, Phase, ResourceKind, ResourceSp
 use tandem_raft::state::{AdminState, ClusterState};
 use tandem_raft::NodeId;
 use tokio::process::{Child, Command};
+
+use crate::watchdog::{self, RunDir, RunRecord, RunSlot};
 
 /// What this node tells the leader.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,19 +44,50 @@ pub enum Report {
 pub fn supported(kind: &ResourceKind) -> bool {
     matches!(
         kind,
-        ResourceKind::Process { .. } | ResourceKind::Exec { .. } | ResourceKind::Ocf { .. } | ResourceKind::Vip { .. }
+        ResourceKind::Process { .. }
+            | ResourceKind::Exec { .. }
+            | ResourceKind::Ocf { .. }
+            | ResourceKind::Systemd { .. }
+            | ResourceKind::Vip { .. }
     )
 }
 
-/// The process groups of every running resource process on this node, so
-/// that the lease timer can kill them without waiting for the executor
-/// (which may be busy stopping or starting something).
+/// The lease deadline and the process groups of every running resource
+/// process on this node, so that the lease timer can kill them without
+/// waiting for the executor (which may be busy stopping or starting
+/// something), and so that nothing starts once the lease has run out.
 #[derive(Debug, Default)]
 pub struct Fence {
     pgids: std::sync::Mutex<BTreeSet<i32>>,
+    /// The lease's end, CLOCK_BOOTTIME milliseconds (0: not held).
+    deadline_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Fence {
+    /// A fence holding a lease until `deadline_ms` (inherited from an agent
+    /// that ran before this one).
+    pub fn new(deadline_ms: u64) -> Fence {
+        Fence { pgids: Default::default(), deadline_ms: deadline_ms.into() }
+    }
+
+    pub fn deadline_ms(&self) -> u64 {
+        self.deadline_ms.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn set_deadline_ms(&self, d: u64) {
+        self.deadline_ms.store(d, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this node holds its lease now.
+    pub fn lease_valid(&self) -> bool {
+        watchdog::now_boot_ms() < self.deadline_ms()
+    }
+
+    /// Whether any resource process is registered.
+    pub fn has_processes(&self) -> bool {
+        !self.pgids.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
     fn register(&self, pgid: i32) {
         self.pgids.lock().unwrap_or_else(|e| e.into_inner()).insert(pgid);
     }
@@ -79,9 +114,39 @@ pub const OCF_ROOT: &str = "/usr/lib/ocf";
 /// OCF exit code: the resource is cleanly not running.
 const OCF_NOT_RUNNING: i32 = 7;
 
+/// A supervised process: our child, or adopted from an agent that ran
+/// before this one (then only its pid and start time are known).
 struct Running {
-    child: Child,
-    pgid: i32,
+    child: Option<Child>,
+    /// Also its process group's id.
+    pid: i32,
+    start_time: u64,
+}
+
+impl Running {
+    /// None while it runs, else why it ended.
+    fn ended(&mut self) -> Option<String> {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => None,
+            Some(Ok(Some(status))) => Some(format!("exited: {status}")),
+            Some(Err(e)) => Some(e.to_string()),
+            None if watchdog::is_running(self.pid, self.start_time) => None,
+            None => Some("exited (adopted process; no exit status)".into()),
+        }
+    }
+
+    async fn wait(&mut self) {
+        match self.child.as_mut() {
+            Some(c) => {
+                let _ = c.wait().await;
+            }
+            None => {
+                while watchdog::is_running(self.pid, self.start_time) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
 }
 
 /// The exit code of a script action, or why there is none.
@@ -114,6 +179,94 @@ struct LocalGroup {
     /// One slot per resource, in start order.
     slots: Vec<Slot>,
     restarts: VecDeque<Instant>,
+    /// Per resource: why it last failed here.
+    errors: Vec<Option<String>>,
+    /// Local restarts since the group started here.
+    restarted: u32,
+}
+
+impl LocalGroup {
+    fn new(epoch: u64, spec: GroupSpec) -> LocalGroup {
+        let n = spec.resources.len();
+        LocalGroup {
+            epoch,
+            spec,
+            slots: (0..n).map(|_| Slot::Idle).collect(),
+            restarts: VecDeque::new(),
+            errors: vec![None; n],
+            restarted: 0,
+        }
+    }
+
+    /// What the watchdog and a restarted agent need to know.
+    fn record(&self, group: &str, node: &str) -> RunRecord {
+        let resources = self
+            .slots
+            .iter()
+            .map(|s| match s {
+                Slot::Idle => RunSlot::Idle,
+                Slot::Process(p) => RunSlot::Process { pid: p.pid, start_time: p.start_time },
+                _ => RunSlot::Script,
+            })
+            .collect();
+        RunRecord { group: group.into(), epoch: self.epoch, node: node.into(), spec: self.spec.clone(), resources }
+    }
+
+    /// Rebuilds a group from its record (the agent restarted): processes
+    /// still running are watched again, script resources monitored at once.
+    fn adopt(rec: RunRecord, fence: &Fence) -> LocalGroup {
+        let mut g = LocalGroup::new(rec.epoch, rec.spec);
+        let now = Instant::now();
+        for (slot, was) in g.slots.iter_mut().zip(rec.resources) {
+            *slot = match was {
+                RunSlot::Idle => Slot::Idle,
+                RunSlot::Process { pid, start_time } => {
+                    // Gone while no agent watched: the next tick sees it
+                    // ended and counts a failure.
+                    fence.register(pid);
+                    Slot::Process(Running { child: None, pid, start_time })
+                }
+                RunSlot::Script => Slot::Up { next_monitor: now, next_deep: None },
+            };
+        }
+        g
+    }
+
+    fn status(&self) -> Vec<ResourceStatus> {
+        self.spec
+            .resources
+            .iter()
+            .zip(&self.slots)
+            .zip(&self.errors)
+            .map(|((r, slot), err)| {
+                let (state, pid) = match slot {
+                    Slot::Idle => ("stopped", None),
+                    Slot::Process(p) => ("running", Some(p.pid as u32)),
+                    Slot::Starting(_) => ("starting", None),
+                    Slot::Up { .. } | Slot::Monitoring { .. } => ("running", None),
+                    Slot::Recovering(_) => ("recovering", None),
+                };
+                ResourceStatus {
+                    name: r.name.clone(),
+                    kind: r.kind.type_name().to_string(),
+                    state: state.to_string(),
+                    pid,
+                    last_error: err.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One resource as this node sees it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceStatus {
+    pub name: String,
+    pub kind: String,
+    /// `starting`, `running`, `recovering` (stopping to restart), `stopped`.
+    pub state: String,
+    pub pid: Option<u32>,
+    pub last_error: Option<String>,
 }
 
 pub struct Executor {
@@ -128,22 +281,78 @@ pub struct Executor {
     fence: std::sync::Arc<Fence>,
     /// When stale virtual IPs were last looked for.
     vips_checked: Option<Instant>,
+    run: RunDir,
+    /// The records as last written, to write only changes.
+    written: BTreeMap<String, RunRecord>,
 }
 
 impl Executor {
-    pub fn new(node_id: NodeId, node_name: String, dir: PathBuf, fence: std::sync::Arc<Fence>) -> Executor {
-        // Nothing runs here yet: OCF agents must not find stale state.
-        let _ = std::fs::remove_dir_all(dir.join("ocf-run"));
+    /// Adopts what the records say still runs here (an agent restart).
+    pub fn new(
+        node_id: NodeId,
+        node_name: String,
+        dir: PathBuf,
+        fence: std::sync::Arc<Fence>,
+        run: RunDir,
+    ) -> Executor {
+        let mut groups = BTreeMap::new();
+        let mut written = BTreeMap::new();
+        for rec in run.records() {
+            tracing::info!(group = %rec.group, epoch = rec.epoch, "adopting the group's resources from before the restart");
+            written.insert(rec.group.clone(), rec.clone());
+            groups.insert(rec.group.clone(), LocalGroup::adopt(rec, &fence));
+        }
+        if groups.is_empty() {
+            // Nothing runs here: OCF agents must not find stale state.
+            let _ = std::fs::remove_dir_all(dir.join("ocf-run"));
+        }
         Executor {
             node_id,
             node_name,
             dir,
-            groups: BTreeMap::new(),
+            groups,
             failed: BTreeSet::new(),
             fenced: false,
             fence,
             vips_checked: None,
+            run,
+            written,
         }
+    }
+
+    /// Writes the records that changed, removes those of groups no longer
+    /// here, and makes sure a watchdog guards them.
+    fn sync_records(&mut self) {
+        for (name, g) in &self.groups {
+            let rec = g.record(name, &self.node_name);
+            if self.written.get(name) != Some(&rec) {
+                if let Err(e) = self.run.write_record(&rec) {
+                    tracing::error!(group = %name, "cannot record what runs here: {e}");
+                    continue;
+                }
+                self.written.insert(name.clone(), rec);
+            }
+        }
+        let gone: Vec<String> = self.written.keys().filter(|n| !self.groups.contains_key(*n)).cloned().collect();
+        for name in gone {
+            self.run.remove_record(&name);
+            self.written.remove(&name);
+        }
+        if !self.written.is_empty() {
+            if let Err(e) = self.run.ensure_watchdog() {
+                tracing::error!("cannot start the watchdog: {e}");
+            }
+        }
+    }
+
+    /// Whether anything runs here (then a watchdog must guard it).
+    pub fn has_records(&self) -> bool {
+        !self.written.is_empty()
+    }
+
+    /// Resource status of a group running here.
+    pub fn status(&self, group: &str) -> Option<(u64, u32, Vec<ResourceStatus>)> {
+        self.groups.get(group).map(|g| (g.epoch, g.restarted, g.status()))
     }
 
     /// Runs nothing here (nothing to watch).
@@ -164,7 +373,7 @@ impl Executor {
             for (r, slot) in g.spec.resources.iter().zip(g.slots).rev() {
                 match slot {
                     Slot::Process(p) => {
-                        let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGKILL);
+                        let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
                     }
                     Slot::Idle => {}
                     // A script agent's resource lives outside our processes:
@@ -179,6 +388,7 @@ impl Executor {
         }
         self.fence.kill_all();
         self.fenced = true;
+        self.sync_records();
     }
 
     /// Groups placed here (started, at their epoch) that do not run here
@@ -271,9 +481,13 @@ impl Executor {
                     if let Some(report) = self.run(g).await {
                         reports.push(report);
                     }
+                    // At once: a process just started must be on record
+                    // before anything else can happen to this agent.
+                    self.sync_records();
                 }
             }
         }
+        self.sync_records();
         reports
     }
 
@@ -284,9 +498,7 @@ impl Executor {
         let epoch = g.placement.epoch;
         if !self.groups.contains_key(&g.name) {
             tracing::info!(group = %g.name, epoch, "starting");
-            let slots = g.spec.resources.iter().map(|_| Slot::Idle).collect();
-            self.groups
-                .insert(g.name.clone(), LocalGroup { epoch, spec: g.spec.clone(), slots, restarts: VecDeque::new() });
+            self.groups.insert(g.name.clone(), LocalGroup::new(epoch, g.spec.clone()));
         }
         let (dir, node_name) = (self.dir.clone(), self.node_name.clone());
         let local = self.groups.get_mut(&g.name)?;
@@ -302,6 +514,8 @@ impl Executor {
             let cx = Ctx { dir: &dir, node: &node_name, group: &g.name, epoch, fence: &self.fence };
             stop_slots(&old, slots, cx).await;
             local.slots.extend(g.spec.resources[keep..].iter().map(|_| Slot::Idle));
+            local.errors.truncate(keep);
+            local.errors.extend(g.spec.resources[keep..].iter().map(|_| None));
             local.spec = g.spec.clone();
         }
         let now = Instant::now();
@@ -318,10 +532,12 @@ impl Executor {
                 Step::Pending => break,
                 Step::Failed(why) => {
                     tracing::warn!(group = %g.name, resource = %r.name, "resource failed: {why}");
+                    local.errors[i] = Some(why);
                     if local.restarts.len() as u32 >= g.spec.max_restarts {
                         failed = true;
                     } else {
                         local.restarts.push_back(now);
+                        local.restarted += 1;
                     }
                     break;
                 }
@@ -343,6 +559,7 @@ impl Executor {
         for (name, g) in std::mem::take(&mut self.groups) {
             stop_group(g, &self.dir, &self.node_name, &name, &self.fence).await;
         }
+        self.sync_records();
     }
 }
 
@@ -386,10 +603,13 @@ async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> S
     };
     let spawn_action = |verb: &'static str, deep: bool| tokio::spawn(cx.action(r, verb, deep).run());
     match std::mem::replace(slot, Slot::Idle) {
+        // The lease may have run out while this round ran (a stall): start
+        // nothing then.
+        Slot::Idle if !fence.lease_valid() => Step::Pending,
         Slot::Idle => match &r.kind {
             ResourceKind::Process { .. } => match spawn_process(dir, node, group, epoch, r) {
                 Ok(p) => {
-                    fence.register(p.pgid);
+                    fence.register(p.pid);
                     *slot = Slot::Process(p);
                     Step::Up
                 }
@@ -400,18 +620,16 @@ async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> S
                 Step::Pending
             }
         },
-        Slot::Process(mut p) => match p.child.try_wait() {
-            Ok(None) => {
+        Slot::Process(mut p) => match p.ended() {
+            None => {
                 *slot = Slot::Process(p);
                 Step::Up
             }
-            Ok(Some(status)) => {
-                fence.unregister(p.pgid);
-                Step::Failed(format!("exited: {status}"))
-            }
-            Err(e) => {
-                fence.unregister(p.pgid);
-                Step::Failed(e.to_string())
+            Some(why) => {
+                // Whatever it left in its process group goes too.
+                let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
+                fence.unregister(p.pid);
+                Step::Failed(why)
             }
         },
         Slot::Starting(task) if !task.is_finished() => {
@@ -525,13 +743,21 @@ impl Action {
                 }
                 c
             }
+            ResourceKind::Systemd { unit } => {
+                let mut c = Command::new("systemctl");
+                match verb {
+                    "monitor" => c.args(["is-active", "--quiet", unit]),
+                    _ => c.args([verb, unit]),
+                };
+                c
+            }
             other => return Err(std::io::Error::other(format!("{} is not a script agent", other.type_name()))),
         };
         if self.deep {
             cmd.env("OCF_CHECK_LEVEL", "20");
         }
         cmd.env("OCF_RESKEY_CRM_meta_timeout", self.timeout().as_millis().to_string());
-        prepare(&mut cmd, &self.dir, &self.node, &self.group, self.epoch, r, None)?;
+        prepare(&mut cmd, &self.dir, &self.node, &self.group, self.epoch, r, None, true)?;
         Ok(cmd)
     }
 
@@ -546,7 +772,11 @@ impl Action {
         }
         let mut child = self.command().and_then(|mut c| c.spawn()).map_err(|e| format!("{verb}: {e}"))?;
         let pgid = child.id().map(|p| p as i32);
+        let systemd_monitor = matches!(self.r.kind, ResourceKind::Systemd { .. }) && verb == "monitor";
         match tokio::time::timeout(timeout, child.wait()).await {
+            // `systemctl is-active` answers 0 or "not active" (3, or 4 for
+            // an unknown unit): OCF's "not running".
+            Ok(Ok(status)) if systemd_monitor && status.code() != Some(0) => Ok(OCF_NOT_RUNNING),
             Ok(Ok(status)) => Ok(status.code().unwrap_or(-1)),
             Ok(Err(e)) => Err(format!("{verb}: {e}")),
             Err(_) => {
@@ -561,7 +791,10 @@ impl Action {
 }
 
 /// What every resource command gets: tandem's environment, its own process
-/// group, output to the resource's log, and death with the agent.
+/// group, output to the resource's log; and, for a script's action (not for
+/// a resource process, which must outlive an agent restart), death with the
+/// agent.
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     cmd: &mut Command,
     dir: &std::path::Path,
@@ -570,6 +803,7 @@ fn prepare(
     epoch: u64,
     r: &ResourceSpec,
     cwd: Option<&str>,
+    die_with_agent: bool,
 ) -> std::io::Result<()> {
     let logs = dir.join("groups").join(group);
     std::fs::create_dir_all(&logs)?;
@@ -584,6 +818,9 @@ fn prepare(
         .stderr(log)
         .process_group(0)
         .kill_on_drop(false);
+    if !die_with_agent {
+        return Ok(());
+    }
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -608,11 +845,13 @@ fn spawn_process(
     };
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]).envs(env);
-    prepare(&mut cmd, dir, node, group, epoch, r, cwd.as_deref())?;
+    prepare(&mut cmd, dir, node, group, epoch, r, cwd.as_deref(), false)?;
     let child = cmd.spawn()?;
-    let pgid = child.id().map(|p| p as i32).ok_or_else(|| std::io::Error::other("child exited at once"))?;
-    tracing::info!(group, resource = %r.name, pid = pgid, epoch, "resource started");
-    Ok(Running { child, pgid })
+    let pid = child.id().map(|p| p as i32).ok_or_else(|| std::io::Error::other("child exited at once"))?;
+    // Our unreaped child: its /proc entry stays until we wait for it.
+    let start_time = watchdog::proc_start_time(pid).unwrap_or(0);
+    tracing::info!(group, resource = %r.name, pid, epoch, "resource started");
+    Ok(Running { child: Some(child), pid, start_time })
 }
 
 /// Stops resources in reverse order: a process gets SIGTERM to its process
@@ -626,15 +865,15 @@ async fn stop_slots(resources: &[ResourceSpec], slots: Vec<Slot>, cx: Ctx<'_>) {
         match slot {
             Slot::Idle => {}
             Slot::Process(mut p) => {
-                let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGTERM);
+                let _ = killpg(Pid::from_raw(p.pid), Signal::SIGTERM);
                 let timeout = Duration::from_millis(r.stop_timeout_ms);
-                if tokio::time::timeout(timeout, p.child.wait()).await.is_err() {
+                if tokio::time::timeout(timeout, p.wait()).await.is_err() {
                     tracing::warn!(resource = %r.name, "did not stop within {timeout:?}: killing it");
                 }
                 // Whatever is left of its process group goes too.
-                let _ = killpg(Pid::from_raw(p.pgid), Signal::SIGKILL);
-                let _ = p.child.wait().await;
-                cx.fence.unregister(p.pgid);
+                let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
+                p.wait().await;
+                cx.fence.unregister(p.pid);
             }
             Slot::Starting(t) | Slot::Monitoring { task: t, .. } | Slot::Recovering(t) => {
                 let _ = t.await;
@@ -643,6 +882,18 @@ async fn stop_slots(resources: &[ResourceSpec], slots: Vec<Slot>, cx: Ctx<'_>) {
             Slot::Up { .. } => script_stop(cx, r).await,
         }
     }
+}
+
+/// A script resource's stop action, for the watchdog process.
+pub(crate) async fn stop_action(
+    dir: &std::path::Path,
+    node: &str,
+    group: &str,
+    epoch: u64,
+    r: &ResourceSpec,
+) -> ActionResult {
+    let fence = Fence::default();
+    Ctx { dir, node, group, epoch, fence: &fence }.action(r, "stop", false).run().await
 }
 
 async fn script_stop(cx: Ctx<'_>, r: &ResourceSpec) {

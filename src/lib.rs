@@ -14,3 +14,4 @@ pub mod executor;
 pub mod liveness;
 pub mod scheduler;
 pub mod testkit;
+pub mod watchdog;

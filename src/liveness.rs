@@ -81,6 +81,12 @@ impl Liveness {
         entry.paths.insert(from, now);
     }
 
+    /// When any path of `id` was last heard.
+    pub fn last_heard(&self, id: NodeId) -> Option<Instant> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(&id).and_then(|p| p.paths.values().max().copied())
+    }
+
     /// Forgets a peer (after it is removed).
     pub fn forget(&self, id: NodeId) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);

@@ -60,6 +60,16 @@ enum Cmd {
     /// Define, inspect and move resource groups.
     #[command(subcommand)]
     Group(GroupCmd),
+    /// The node's watchdog (started by the agent): stops this node's
+    /// resources when no agent renews the lease.
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// A Linux watchdog device to feed while the node is safe.
+        #[arg(long)]
+        device: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -144,6 +154,17 @@ fn init_logging(level: &str, json: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Watchdog { data_dir, device } = &cli.cmd {
+        // One thread: it only sleeps, reads two small files and, once, kills.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        return match rt.map(|rt| rt.block_on(tandem::watchdog::run(data_dir, device.clone()))) {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) | Err(e) => {
+                eprintln!("watchdog: error: {e}");
+                ExitCode::from(cli::EXIT_SERVER)
+            }
+        };
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -285,7 +306,7 @@ async fn client_command(endpoint: &str, json_out: bool, cmd: Cmd) -> Result<Stri
             c.call(Method::DELETE, &format!("/v1/groups/{}", enc(&name)), None).await?;
             return Ok(if json_out { "null\n".into() } else { format!("{name} deleted\n") });
         }
-        Cmd::Agent { .. } | Cmd::Demo { .. } => unreachable!("handled in main"),
+        Cmd::Agent { .. } | Cmd::Demo { .. } | Cmd::Watchdog { .. } => unreachable!("handled in main"),
     };
     if json_out {
         return Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));

@@ -26,6 +26,55 @@ pub fn free_port() -> u16 {
     panic!("no free port");
 }
 
+// ---- a node's processes, as one power switch ----
+//
+// A test agent starts as the leader of a new session; its watchdog and its
+// resources stay in that session (they only take their own process groups),
+// so killing the session is the node losing power.
+
+/// Makes a child the leader of a new session (call before spawning it).
+pub fn new_session(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The processes of session `sid` (/proc/<pid>/stat field 6).
+pub fn session_members(sid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().is_some_and(|s| {
+                let rest = s.rfind(')').map(|i| &s[i + 2..]).unwrap_or("");
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                f.first() != Some(&"Z") && f.get(3).and_then(|x| x.parse::<i32>().ok()) == Some(sid)
+            })
+        })
+        .collect()
+}
+
+/// SIGKILLs every process of session `sid` at once, until none is left.
+pub fn kill_session(sid: i32) {
+    for _ in 0..100 {
+        let members = session_members(sid);
+        if members.is_empty() {
+            return;
+        }
+        for pid in members {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 // ---- several hosts on one machine ----
 //
 // One network namespace per host, joined by a bridge in the root namespace

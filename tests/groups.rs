@@ -193,8 +193,8 @@ async fn bad_group_definitions_are_refused_whole() {
             "colour",
         ),
         (
-            json!({"resources": [{"name": "u", "type": "systemd", "unit": "x.service"}], "nodes": ["n1"]}),
-            "resources[0].type",
+            json!({"resources": [{"name": "u", "type": "systemd", "unit": "a/b.service"}], "nodes": ["n1"]}),
+            "resources[0].unit",
         ),
     ];
     let before = get(&format!("{}/v1/groups", c.nodes[0].url())).await.1;

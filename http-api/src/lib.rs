@@ -41,6 +41,11 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const MAX_RAFT_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Header set on a request forwarded to the leader, naming the forwarder.
 pub const HEADER_FORWARDED: &str = "x-tandem-forwarded-by";
+/// How often a forwarded request checks that its leader is still heard.
+const LEADER_CHECK: Duration = Duration::from_millis(100);
+/// How long a forwarded request may wait for a leader this node no longer
+/// routes to.
+const LEADER_GRACE: Duration = Duration::from_secs(2);
 /// How long a forwarded request may take at the leader.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long forwarding waits to connect to the leader before answering 503.
@@ -87,6 +92,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn group_action(&self, name: &str, action: GroupAction) -> Result<GroupView, ApiError>;
     async fn move_group(&self, name: &str, to: &str) -> Result<GroupView, ApiError>;
     async fn group_report(&self, name: &str, report: GroupReport) -> Result<(), ApiError>;
+    /// What this node runs of a group (404 when nothing).
+    async fn local_group(&self, name: &str) -> Result<LocalGroupStatus, ApiError>;
 
     async fn init(&self, req: InitRequest) -> Result<LocalView, ApiError>;
     async fn join_via(&self, req: JoinViaRequest) -> Result<LocalView, ApiError>;
@@ -207,6 +214,7 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/cluster/join", post(join_cluster))
         .route("/internal/adopt", post(adopt))
         .route("/internal/release", post(release))
+        .route("/internal/groups/{name}/local", get(local_group))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let raft_routes = Router::new()
         .route(PATH_APPEND, post(raft_append))
@@ -276,7 +284,32 @@ async fn route_to_leader(State(fw): State<Forwarder>, req: Request, next: Next) 
         Route::NotMember => ApiError::NotMember.into_response(),
         Route::NoLeader => ApiError::NoLeader.into_response(),
         Route::Leader(_) if req.headers().contains_key(HEADER_FORWARDED) => ApiError::NoLeader.into_response(),
-        Route::Leader(urls) => forward(&fw, &urls, req).await.unwrap_or_else(|e| e.into_response()),
+        Route::Leader(urls) => {
+            // A leader that stalls (a paused VM, SIGSTOP) accepts connections
+            // but never answers: give up as soon as this node stops hearing it.
+            tokio::select! {
+                r = forward(&fw, &urls, req) => r.unwrap_or_else(|e| e.into_response()),
+                () = leader_changes(&fw, &urls) => ApiError::ForwardFailed {
+                    url: urls.join(","),
+                    reason: "the leader went silent or changed; the request may or may not have been applied".into(),
+                }
+                .into_response(),
+            }
+        }
+    }
+}
+
+/// Returns once this node has not routed to `leader` for `LEADER_GRACE`
+/// (a leader handing over still answers within it; a stalled one never does).
+async fn leader_changes(fw: &Forwarder, leader: &[String]) {
+    let mut since: Option<std::time::Instant> = None;
+    loop {
+        tokio::time::sleep(LEADER_CHECK).await;
+        if matches!(fw.backend.route(), Route::Leader(u) if u == leader) {
+            since = None;
+        } else if since.get_or_insert_with(std::time::Instant::now).elapsed() >= LEADER_GRACE {
+            return;
+        }
     }
 }
 
@@ -584,6 +617,13 @@ async fn group_report(
     ApiJson(req): ApiJson<GroupReport>,
 ) -> Result<StatusCode, ApiError> {
     b.group_report(&name, req).await.map(|_| StatusCode::NO_CONTENT)
+}
+
+async fn local_group(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+) -> Result<Json<LocalGroupStatus>, ApiError> {
+    b.local_group(&name).await.map(Json)
 }
 
 // ---- internal Raft RPCs ----

@@ -182,6 +182,38 @@ pub struct GroupView {
     pub failed_on: Vec<String>,
     /// Switchover target, until the group starts there.
     pub move_to: Option<String>,
+    /// Local restarts since the group started on its node (GET of one
+    /// group only; null in lists or when its node does not answer).
+    #[serde(default)]
+    pub restarts: Option<u32>,
+    /// Each resource as the node running the group sees it (GET of one
+    /// group only; null in lists or when its node does not answer).
+    #[serde(default)]
+    pub resources: Option<Vec<ResourceView>>,
+}
+
+/// One resource of a group, as the node running it sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ResourceView {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `starting`, `running`, `recovering` (stopping before a local
+    /// restart) or `stopped` (not started yet, or waiting for the one
+    /// before it).
+    pub state: String,
+    /// The process id, for a `process` resource.
+    pub pid: Option<u32>,
+    /// Why it last failed on this node.
+    pub last_error: Option<String>,
+}
+
+/// Internal: what a node runs of a group (`GET /internal/groups/{name}/local`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LocalGroupStatus {
+    pub epoch: u64,
+    pub restarts: u32,
+    pub resources: Vec<ResourceView>,
 }
 
 /// `POST /v1/groups/{name}/move`.

@@ -24,6 +24,9 @@ pub struct Node {
     pub addr: String,
     /// The network namespace the agent runs in, as a separate host.
     pub netns: Option<String>,
+    /// Every session an agent of this node led: what it left running
+    /// (adopted resources, the watchdog) stays in the first one.
+    pub sessions: Vec<i32>,
 }
 
 impl Node {
@@ -54,6 +57,7 @@ impl Node {
             }
             None => Command::new(BIN),
         };
+        tandem::testkit::new_session(&mut cmd);
         let child = cmd
             .arg("agent")
             .arg("--config")
@@ -64,6 +68,7 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("spawn tandem agent");
+        self.sessions.push(child.id() as i32);
         self.child = Some(child);
         let url = format!("{}/healthz", self.url());
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -83,11 +88,30 @@ impl Node {
         }
     }
 
+    /// Power loss: the agent, its watchdog and its resources die at once.
     pub fn kill(&mut self) {
+        for sid in &self.sessions {
+            tandem::testkit::kill_session(*sid);
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILL of the agent alone (a crash): its watchdog and its
+    /// resources keep running.
+    pub fn kill_agent(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The node's watchdog process, if one runs.
+    pub fn watchdog_pid(&self) -> Option<i32> {
+        self.sessions.iter().flat_map(|sid| tandem::testkit::session_members(*sid)).find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"watchdog"))
+        })
     }
 
     /// SIGTERM and wait: the graceful stop an init system does.
@@ -161,7 +185,15 @@ impl Cluster {
     pub fn add_host(&mut self, name: &str, node_extra: &str, addr: &str, netns: Option<String>) -> usize {
         let port = if netns.is_some() { 7401 } else { free_port() };
         let dir = self.tmp.path().to_path_buf();
-        let node = Node { name: name.to_string(), port, dir: dir.clone(), child: None, addr: addr.to_string(), netns };
+        let node = Node {
+            name: name.to_string(),
+            port,
+            dir: dir.clone(),
+            child: None,
+            addr: addr.to_string(),
+            netns,
+            sessions: Vec::new(),
+        };
         let text = format!(
             "name = \"{name}\"\ndata_dir = \"{}\"\naddresses = [\"{addr}\"]\nport = {port}\n{node_extra}\n\
              [liveness]\nheartbeat_interval_ms = 100\nnode_timeout_ms = 600\n\
@@ -284,7 +316,7 @@ impl Cluster {
 /// What autopilot should settle on for `n` healthy nodes.
 pub fn expected_voters(n: usize, target: usize) -> usize {
     let v = n.min(target);
-    if v % 2 == 0 {
+    if v.is_multiple_of(2) {
         v - 1
     } else {
         v

@@ -1,0 +1,190 @@
+//! Agent restarts are not failures, and a dead agent still fences: a
+//! restarted agent adopts the resources still running; an agent that stays
+//! dead (or stalls) has its resources stopped by its watchdog before the
+//! leader places them elsewhere. Every resource start appends a line (node,
+//! epoch, pid) to one log; a sampler checks every 10 ms that no two copies
+//! ever run at once.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+/// The group as n2 or n3 sees it (n1 may be stopped: its socket accepts
+/// but never answers).
+async fn group(c: &Cluster, name: &str) -> Value {
+    for _ in 0..100 {
+        for u in [c.node("n2").url(), c.node("n3").url()] {
+            let (st, v) = get(&format!("{u}/v1/groups/{name}")).await;
+            if st == 200 {
+                return v;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no node answered for group {name}");
+}
+
+async fn wait_running_on(c: &Cluster, name: &str, node: &str, log: &Path) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        last = group(c, name).await;
+        if last["node"] == node && last["state"] == "running" && running(log).iter().any(|e| e.node == node) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{name} never ran on {node}: {last}\n{:?}", events(log));
+}
+
+/// Samples the event log every 10 ms until dropped; panics the test (at
+/// `check`) if two copies ever ran at once.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    task: Option<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Sampler {
+    fn start(log: PathBuf) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut bad = Vec::new();
+            while !s.load(Ordering::SeqCst) {
+                let runs = running(&log);
+                if runs.len() > 1 {
+                    bad.push(format!("{runs:?}"));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            bad
+        });
+        Sampler { stop, task: Some(task) }
+    }
+
+    async fn check(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let bad = self.task.take().unwrap().await.unwrap();
+        assert!(bad.is_empty(), "two copies ran at once: {bad:?}");
+    }
+}
+
+fn dummy(state_dir: &Path) -> Value {
+    // Debian's resource-agents Dummy: its state file tells whether it runs.
+    json!({"name": "marker", "type": "ocf", "agent": "heartbeat:Dummy",
+           "params": {"state": state_dir.join("marker.state").display().to_string()}})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarted_agent_adopts_its_running_resources() {
+    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let log = c.tmp.path().join("events");
+    let body = json!({"resources": [logged(&log), dummy(c.tmp.path())], "nodes": ["n1", "n2", "n3"]});
+    let (st, v) = put(&format!("{}/v1/groups/web", c.nodes[1].url()), body).await;
+    assert_eq!(st, 201, "{v}");
+    let g = wait_running_on(&c, "web", "n1", &log).await;
+    let epoch = g["epoch"].as_u64().unwrap();
+    let first = running(&log)[0].clone();
+    wait_until(Duration::from_secs(10), "the watchdog runs", || async { c.node("n1").watchdog_pid().is_some() }).await;
+    let watchdog = c.node("n1").watchdog_pid().unwrap();
+    let g = group(&c, "web").await;
+    assert_eq!(g["resources"][0]["pid"], json!(first.pid), "{g}");
+    assert_eq!(g["resources"][0]["state"], "running", "{g}");
+
+    // The agent crashes and comes straight back (as systemd's Restart= does).
+    let sampler = Sampler::start(log.clone());
+    c.node_mut("n1").kill_agent();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(alive(first.pid), "the resource outlives its agent");
+    c.node_mut("n1").start().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let g = group(&c, "web").await;
+    assert_eq!((g["node"].as_str(), g["epoch"].as_u64()), (Some("n1"), Some(epoch)), "not moved: {g}");
+    assert!(alive(first.pid), "not restarted");
+    let evs = events(&log);
+    assert_eq!(evs.len(), 1, "no stop, no second start: {evs:?}");
+    assert_eq!(g["resources"][0]["pid"], json!(first.pid), "adopted: {g}");
+    assert_eq!(g["resources"][1]["state"], "running", "the OCF resource is monitored again: {g}");
+    assert_eq!(c.node("n1").watchdog_pid(), Some(watchdog), "the same watchdog guards it");
+
+    // The adopted process is still watched: a crash restarts it in place.
+    kill(Pid::from_raw(first.pid), Signal::SIGKILL).unwrap();
+    wait_until(Duration::from_secs(10), "local restart of the adopted process", || async {
+        running(&log).iter().any(|e| e.node == "n1" && e.pid != first.pid)
+    })
+    .await;
+    let g = group(&c, "web").await;
+    assert_eq!(g["epoch"].as_u64(), Some(epoch), "restarted in place: {g}");
+    assert_eq!(g["restarts"], 1, "{g}");
+    assert!(g["resources"][0]["last_error"].as_str().is_some_and(|e| e.contains("exited")), "{g}");
+    sampler.check().await;
+
+    // A clean stop of the agent stops its resources and its watchdog.
+    let second = running(&log)[0].pid;
+    c.node_mut("n1").stop();
+    assert!(!alive(second), "stopped with its agent");
+    wait_until(Duration::from_secs(5), "the watchdog exits", || async { !alive(watchdog) }).await;
+    wait_running_on(&c, "web", "n2", &log).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_agent_is_fenced_by_its_watchdog_before_failover() {
+    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let log = c.tmp.path().join("events");
+    let marker = c.tmp.path().join("marker.state");
+    let body = json!({"resources": [logged(&log), dummy(c.tmp.path())], "nodes": ["n1", "n2", "n3"]});
+    assert_eq!(put(&format!("{}/v1/groups/web", c.nodes[1].url()), body).await.0, 201);
+    wait_running_on(&c, "web", "n1", &log).await;
+    let first = running(&log)[0].clone();
+    wait_until(Duration::from_secs(10), "the watchdog runs", || async { c.node("n1").watchdog_pid().is_some() }).await;
+    let watchdog = c.node("n1").watchdog_pid().unwrap();
+
+    // The agent dies and stays dead; its resources and watchdog live on.
+    let sampler = Sampler::start(log.clone());
+    c.node_mut("n1").kill_agent();
+    wait_until(Duration::from_secs(5), "the watchdog kills the process", || async { !alive(first.pid) }).await;
+    let g = wait_running_on(&c, "web", "n2", &log).await;
+    assert!(g["epoch"].as_u64().unwrap() > first.epoch);
+    // The OCF resource was stopped on n1 (its state file removed) and
+    // started again on n2 (the same path here: both "hosts" share a disk).
+    let wlog = std::fs::read_to_string(c.node("n1").dir.join("n1").join("watchdog.log")).unwrap_or_default();
+    assert!(wlog.contains("stopped web/marker"), "watchdog log:\n{wlog}");
+    assert!(marker.exists(), "started on n2");
+    wait_until(Duration::from_secs(5), "the watchdog exits once nothing is left", || async { !alive(watchdog) }).await;
+    sampler.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_agent_is_fenced_and_stays_fenced_when_it_wakes() {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let log = c.tmp.path().join("events");
+    let body = json!({"resources": [logged(&log)], "nodes": ["n1", "n2", "n3"]});
+    assert_eq!(put(&format!("{}/v1/groups/web", c.nodes[1].url()), body).await.0, 201);
+    wait_running_on(&c, "web", "n1", &log).await;
+    let first = running(&log)[0].clone();
+    wait_until(Duration::from_secs(10), "the watchdog runs", || async { c.node("n1").watchdog_pid().is_some() }).await;
+
+    // A long stall (SIGSTOP, as a VM pause or a swap storm): the watchdog
+    // fences, the group moves; when the agent wakes it must not bring its
+    // copy back, even with heartbeats waiting in its socket buffers.
+    let sampler = Sampler::start(log.clone());
+    let pid = Pid::from_raw(c.node("n1").pid().unwrap() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let g = wait_running_on(&c, "web", "n2", &log).await;
+    assert!(!alive(first.pid), "fenced while its agent slept");
+    kill(pid, Signal::SIGCONT).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now = group(&c, "web").await;
+    assert_eq!((now["node"].as_str(), now["epoch"].as_u64()), (Some("n2"), g["epoch"].as_u64()), "{now}");
+    let on_n1: Vec<Event> = events(&log).into_iter().filter(|e| e.kind == "start" && e.node == "n1").collect();
+    assert_eq!(on_n1.len(), 1, "no second start on n1 after waking: {on_n1:?}");
+    sampler.check().await;
+}
