@@ -1347,9 +1347,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         async move { agent.executor_round().await }
     });
     let a = agent.clone();
+    // Under systemd with WatchdogSec=, the lease timer's own loop proves the
+    // agent alive: a stalled lease timer gets the agent restarted.
+    let sd_watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let last_ping = Arc::new(std::sync::Mutex::new(Instant::now()));
     every(LEASE_TICK, move || {
-        let agent = a.clone();
-        async move { agent.lease_round().await }
+        let (agent, last_ping) = (a.clone(), last_ping.clone());
+        async move {
+            agent.lease_round().await;
+            if let Some(period) = sd_watchdog {
+                let mut last = last_ping.lock().unwrap_or_else(|e| e.into_inner());
+                if last.elapsed() >= period {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    *last = Instant::now();
+                }
+            }
+        }
     });
     let a = agent.clone();
     every(GROUP_TICK, move || {
@@ -1363,8 +1376,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     tracing::info!(name = %cfg.name, urls = %agent.my_urls().join(","), pid = std::process::id(), version = VERSION, "agent up");
 
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
     wait_for_signal().await;
     tracing::info!("stopping");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     agent.shutdown().await;
     for s in servers {

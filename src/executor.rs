@@ -808,7 +808,11 @@ fn prepare(
     let logs = dir.join("groups").join(group);
     std::fs::create_dir_all(&logs)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{}.log", r.name)))?;
-    cmd.env("TANDEM_GROUP", group)
+    // systemd's notification socket is the agent's, not its resources'.
+    cmd.env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env("TANDEM_GROUP", group)
         .env("TANDEM_RESOURCE", &r.name)
         .env("TANDEM_EPOCH", epoch.to_string())
         .env("TANDEM_NODE", node)

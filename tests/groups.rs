@@ -434,3 +434,107 @@ async fn n_plus_one_capacity_anti_affinity_and_auto_failback() {
     let d = node_of("d").await;
     assert_eq!(d["node"], "n1", "d avoids c's node n3 although it prefers it: {d}");
 }
+
+/// The agents' local time of day, in minutes (they read it the same way).
+fn local_minute() -> u32 {
+    let out = std::process::Command::new("date").arg("+%H %M").output().unwrap();
+    let s = String::from_utf8(out.stdout).unwrap();
+    let mut it = s.split_whitespace().map(|x| x.parse::<u32>().unwrap());
+    it.next().unwrap() * 60 + it.next().unwrap()
+}
+
+fn hhmm(minute: u32) -> String {
+    let m = minute % (24 * 60);
+    format!("{:02}:{:02}", m / 60, m % 60)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn windowed_failback_waits_for_its_window() {
+    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let u = c.nodes[1].url();
+    let now = local_minute();
+    // One window open now (for the next hour), one that opens in two hours.
+    let open = format!("{}-{}", hhmm(now + 24 * 60 - 1), hhmm(now + 60));
+    let closed = format!("{}-{}", hhmm(now + 120), hhmm(now + 180));
+    for (g, window) in [("open", &open), ("closed", &closed)] {
+        let (st, v) =
+            put(&format!("{u}/v1/groups/{g}"), sleeper(&["n1", "n2"], json!({"failback": {"window": window}}))).await;
+        assert_eq!(st, 201, "{v}");
+    }
+    let node_of = |g: &'static str| {
+        let url = format!("{u}/v1/groups/{g}");
+        async move { get(&url).await.1["node"].clone() }
+    };
+    for g in ["open", "closed"] {
+        wait_until(Duration::from_secs(15), "placed on n1", || async { node_of(g).await == "n1" }).await;
+    }
+    c.node_mut("n1").kill();
+    for g in ["open", "closed"] {
+        wait_until(Duration::from_secs(15), "failed over to n2", || async { node_of(g).await == "n2" }).await;
+    }
+    c.node_mut("n1").start().await;
+    wait_until(Duration::from_secs(20), "failback inside its window", || async { node_of("open").await == "n1" }).await;
+    // Give the other every chance to move too: it must wait for 2 hours from now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(node_of("closed").await, "n2", "no failback outside the window {closed}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn m_plus_n_two_spares_absorb_two_failures() {
+    // M+N: three actives (n1..n3) backed by two spares (n4, n5), one group
+    // per node at most. Five voters, so that two deaths keep the quorum.
+    let mut c = Cluster::start(&["n1", "n2", "n3", "n4", "n5"], Opts { voters: 5, ..Opts::default() }).await;
+    let u = c.nodes[2].url();
+    for n in ["n1", "n2", "n3", "n4", "n5"] {
+        let (st, _) = put(&format!("{u}/v1/nodes/{n}/attributes/capacity"), json!({"value": "1"})).await;
+        assert_eq!(st, 200);
+    }
+    for (g, home) in [("a", "n1"), ("b", "n2"), ("c", "n3")] {
+        let (st, v) = put(&format!("{u}/v1/groups/{g}"), sleeper(&[home, "n4", "n5"], json!({}))).await;
+        assert_eq!(st, 201, "{v}");
+    }
+    let node_of = |g: &'static str| {
+        let url = format!("{u}/v1/groups/{g}");
+        async move { get(&url).await.1["node"].clone() }
+    };
+    for (g, home) in [("a", "n1"), ("b", "n2"), ("c", "n3")] {
+        wait_until(Duration::from_secs(15), "actives placed", || async { node_of(g).await == home }).await;
+    }
+    c.node_mut("n1").kill();
+    wait_until(Duration::from_secs(15), "a on the first spare", || async { node_of("a").await == "n4" }).await;
+    c.node_mut("n2").kill();
+    wait_until(Duration::from_secs(15), "b on the second spare", || async { node_of("b").await == "n5" }).await;
+    assert_eq!(node_of("a").await, "n4", "a stays");
+    assert_eq!(node_of("c").await, "n3", "c never moved");
+    // Each node runs exactly one group: capacity held through both failures.
+    let all = get(&format!("{u}/v1/groups")).await.1;
+    let mut placed: Vec<&str> = all.as_array().unwrap().iter().filter_map(|g| g["node"].as_str()).collect();
+    placed.sort();
+    assert_eq!(placed, ["n3", "n4", "n5"], "{all}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_unit_resource() {
+    if !Path::new("/run/systemd/system").exists() {
+        eprintln!("skipped: systemd is not running on this machine (no /run/systemd/system)");
+        return;
+    }
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let unit = format!("tandem-test-{}.service", std::process::id());
+    let path = Path::new("/run/systemd/system").join(&unit);
+    std::fs::write(&path, "[Service]\nExecStart=/bin/sleep 3600\n").unwrap();
+    assert!(std::process::Command::new("systemctl").arg("daemon-reload").status().unwrap().success());
+    let body = json!({"resources": [{"name": "u", "type": "systemd", "unit": unit}], "nodes": ["n1", "n2"]});
+    assert_eq!(put_group(&c, "sd", body).await.0, 201);
+    let active =
+        || std::process::Command::new("systemctl").args(["is-active", "--quiet", &unit]).status().unwrap().success();
+    wait_until(Duration::from_secs(15), "unit started", || async { active() }).await;
+    // Stopped by hand: the monitor notices, the unit is started again.
+    assert!(std::process::Command::new("systemctl").args(["stop", &unit]).status().unwrap().success());
+    wait_until(Duration::from_secs(15), "unit restarted", || async { active() }).await;
+    let (st, _) = post(&format!("{}/v1/groups/sd/stop", c.nodes[0].url()), json!({})).await;
+    assert_eq!(st, 200);
+    wait_until(Duration::from_secs(15), "unit stopped", || async { !active() }).await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::process::Command::new("systemctl").arg("daemon-reload").status();
+}

@@ -188,3 +188,31 @@ async fn stalled_agent_is_fenced_and_stays_fenced_when_it_wakes() {
     assert_eq!(on_n1.len(), 1, "no second start on n1 after waking: {on_n1:?}");
     sampler.check().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_tells_systemd_it_is_ready_and_pings_its_watchdog() {
+    // systemd's side of Type=notify + WatchdogSec=: a datagram socket named
+    // by NOTIFY_SOCKET, and WATCHDOG_USEC for the ping period.
+    let mut c = Cluster::configure(&["n1"], Opts { voters: 1, ..Opts::default() });
+    let path = c.tmp.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.nodes[0].env =
+        vec![("NOTIFY_SOCKET".into(), path.display().to_string()), ("WATCHDOG_USEC".into(), "400000".into())];
+    c.nodes[0].start().await;
+    let mut buf = [0u8; 256];
+    let mut got = Vec::new();
+    while !(got.iter().any(|m: &String| m.contains("READY=1"))
+        && got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3)
+    {
+        let n = sock.recv(&mut buf).expect("a notification within 10 s");
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    c.nodes[0].stop();
+    loop {
+        let n = sock.recv(&mut buf).expect("STOPPING=1 on a clean stop");
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+}

@@ -27,6 +27,8 @@ pub struct Node {
     /// Every session an agent of this node led: what it left running
     /// (adopted resources, the watchdog) stays in the first one.
     pub sessions: Vec<i32>,
+    /// Extra environment for the agent.
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -63,6 +65,7 @@ impl Node {
             .arg("--config")
             .arg(self.config_path())
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -193,6 +196,7 @@ impl Cluster {
             addr: addr.to_string(),
             netns,
             sessions: Vec::new(),
+            env: Vec::new(),
         };
         let text = format!(
             "name = \"{name}\"\ndata_dir = \"{}\"\naddresses = [\"{addr}\"]\nport = {port}\n{node_extra}\n\
