@@ -924,10 +924,10 @@ pub mod vip {
         }
     }
 
+    /// Carrier, not just the administrative flag: a pulled cable leaves
+    /// the interface UP but without LOWER_UP.
     async fn link_up(iface: &str) -> bool {
-        run("ip", &["-o", "link", "show", "dev", iface])
-            .await
-            .is_ok_and(|o| o.contains("state UP") || o.contains(",UP"))
+        run("ip", &["-o", "link", "show", "dev", iface]).await.is_ok_and(|o| o.contains("LOWER_UP"))
     }
 
     /// Interfaces (of `candidates`) that carry `address` now.

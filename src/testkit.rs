@@ -113,7 +113,11 @@ pub struct Net {
     tag: String,
     /// First three octets of this net's /24.
     pub prefix: String,
+    /// First three octets of the second network's /24 (see `second_path`).
+    pub prefix2: String,
     hosts: Vec<String>,
+    /// Whether the second network's bridge exists.
+    second: bool,
 }
 
 impl Default for Net {
@@ -131,11 +135,12 @@ impl Net {
         let pid = std::process::id();
         let tag = format!("t{}{n}", pid % 100_000);
         let prefix = format!("10.{}.{}", 100 + (pid / 256 + n * 11) % 100, pid % 256);
+        let prefix2 = format!("172.{}.{}", 16 + (pid / 256 + n * 11) % 16, pid % 256);
         let _ = Command::new("ip").args(["link", "del", &format!("{tag}br")]).output();
         ip(&["link", "add", &format!("{tag}br"), "type", "bridge"]);
         ip(&["addr", "add", &format!("{prefix}.254/24"), "dev", &format!("{tag}br")]);
         ip(&["link", "set", &format!("{tag}br"), "up"]);
-        Net { tag, prefix, hosts: Vec::new() }
+        Net { tag, prefix, prefix2, hosts: Vec::new(), second: false }
     }
 
     /// A host `i` (1..250): its namespace name and address.
@@ -158,6 +163,35 @@ impl Net {
         (ns, addr)
     }
 
+    /// Gives host `i` a second NIC, eth1, on a second network (its own
+    /// bridge): a second heartbeat path. Returns its address there.
+    pub fn second_path(&mut self, i: u8) -> String {
+        let br = format!("{}b2", self.tag);
+        if !self.second {
+            let _ = Command::new("ip").args(["link", "del", &br]).output();
+            ip(&["link", "add", &br, "type", "bridge"]);
+            ip(&["addr", "add", &format!("{}.254/24", self.prefix2), "dev", &br]);
+            ip(&["link", "set", &br, "up"]);
+            self.second = true;
+        }
+        let ns = format!("{}h{i}", self.tag);
+        let (outer, inner) = (format!("{}w{i}", self.tag), format!("{}f{i}", self.tag));
+        let addr = format!("{}.{i}", self.prefix2);
+        ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner]);
+        ip(&["link", "set", &inner, "netns", &ns]);
+        ip(&["link", "set", &outer, "master", &br]);
+        ip(&["link", "set", &outer, "up"]);
+        in_ns(&ns, &["ip", "link", "set", &inner, "name", "eth1"]);
+        in_ns(&ns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth1"]);
+        in_ns(&ns, &["ip", "link", "set", "eth1", "up"]);
+        addr
+    }
+
+    /// Cuts host `i`'s second NIC off its network, or reconnects it.
+    pub fn set_second_link(&self, i: u8, up: bool) {
+        ip(&["link", "set", &format!("{}w{i}", self.tag), if up { "up" } else { "down" }]);
+    }
+
     /// Cuts host `i` off the network, or reconnects it.
     pub fn set_link(&self, i: u8, up: bool) {
         ip(&["link", "set", &format!("{}v{i}", self.tag), if up { "up" } else { "down" }]);
@@ -170,5 +204,8 @@ impl Drop for Net {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
         let _ = Command::new("ip").args(["link", "del", &format!("{}br", self.tag)]).output();
+        if self.second {
+            let _ = Command::new("ip").args(["link", "del", &format!("{}b2", self.tag)]).output();
+        }
     }
 }

@@ -147,3 +147,65 @@ async fn a_vip_service_moves_and_the_client_follows() {
     .await;
     assert!(ask(client.clone(), vip.clone()).await.contains("hello from n2"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_path_is_reported_and_the_vip_moves_to_its_backup_interface() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root (CI runs as root)");
+        return;
+    }
+    // Every host has two NICs on two networks: eth0 and eth1, two
+    // heartbeat paths.
+    let mut net = Net::new();
+    let mut c = Cluster::configure(&[], Opts::default());
+    let mut hosts = Vec::new();
+    for i in 1..=3u8 {
+        let (ns, addr) = net.host(i);
+        let second = net.second_path(i);
+        hosts.push(ns.clone());
+        c.add_host_paths(&format!("n{i}"), "", &[&addr, &second], Some(ns));
+    }
+    let c = c.form().await;
+    let vip = format!("{}.100", net.prefix);
+    let body = json!({
+        "resources": [{"name": "ip", "type": "vip", "address": format!("{vip}/24"), "interface": "eth0",
+                       "backup_interfaces": ["eth1"], "monitor": {"interval_ms": 200, "timeout_ms": 5000}}],
+        "nodes": ["n1", "n2", "n3"],
+    });
+    let n2 = c.node("n2").url();
+    let (st, v) = put(&format!("{n2}/v1/groups/web"), body).await;
+    assert_eq!(st, 201, "{v}");
+    let holds = |iface: &'static str| {
+        let ns = hosts[0].clone();
+        let vip = vip.clone();
+        move || in_ns_output(&ns, &["ip", "-o", "addr", "show", "dev", iface]).unwrap_or_default().contains(&vip)
+    };
+    let on_eth0 = holds("eth0");
+    let on_eth1 = holds("eth1");
+    wait_until(Duration::from_secs(20), "the VIP on n1's eth0", || async { on_eth0() }).await;
+    let epoch = get(&format!("{n2}/v1/groups/web")).await.1["epoch"].clone();
+
+    // n1's eth0 loses its carrier (cable pulled): eth1 still carries the
+    // heartbeats, so n1 stays a member; the VIP moves to eth1 on n1.
+    net.set_link(1, false);
+    wait_until(Duration::from_secs(10), "the VIP on n1's backup eth1", || async { on_eth1() && !on_eth0() }).await;
+    let n1 = format!("{n2}/v1/nodes/n1");
+    wait_until(Duration::from_secs(10), "n1's first path reported down", || async {
+        let v = get(&n1).await.1;
+        v["paths"][0]["up"] == false && v["paths"][1]["up"] == true
+    })
+    .await;
+    let v = get(&n1).await.1;
+    assert_eq!(v["state"], "online", "one path left is enough: {v}");
+    let g = get(&format!("{n2}/v1/groups/web")).await.1;
+    assert_eq!((g["node"].clone(), g["epoch"].clone()), (json!("n1"), epoch), "local recovery, no failover: {g}");
+
+    // Both paths gone: now n1 is dead to the others, and the group moves.
+    net.set_second_link(1, false);
+    wait_until(Duration::from_secs(15), "the group fails over", || async {
+        let g = get(&format!("{n2}/v1/groups/web")).await.1;
+        g["node"] != "n1" && g["state"] == "running"
+    })
+    .await;
+    wait_until(Duration::from_secs(5), "n1 fenced: the VIP left it", || async { !on_eth0() && !on_eth1() }).await;
+}

@@ -186,6 +186,13 @@ impl Cluster {
 
     /// Adds a node at `addr`, in network namespace `netns` when given.
     pub fn add_host(&mut self, name: &str, node_extra: &str, addr: &str, netns: Option<String>) -> usize {
+        self.add_host_paths(name, node_extra, &[addr], netns)
+    }
+
+    /// The same, with one address per network path (the first serves tests).
+    pub fn add_host_paths(&mut self, name: &str, node_extra: &str, addrs: &[&str], netns: Option<String>) -> usize {
+        let addr = addrs[0];
+        let addresses = addrs.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
         let port = if netns.is_some() { 7401 } else { free_port() };
         let dir = self.tmp.path().to_path_buf();
         let node = Node {
@@ -199,7 +206,7 @@ impl Cluster {
             env: Vec::new(),
         };
         let text = format!(
-            "name = \"{name}\"\ndata_dir = \"{}\"\naddresses = [\"{addr}\"]\nport = {port}\n{node_extra}\n\
+            "name = \"{name}\"\ndata_dir = \"{}\"\naddresses = [{addresses}]\nport = {port}\n{node_extra}\n\
              [liveness]\nheartbeat_interval_ms = 100\nnode_timeout_ms = 600\n\
              [autopilot]\nvoters = {}\ndead_voter_after_ms = 2000\ninterval_ms = 250\n{}\n",
             dir.join(name).display(),
