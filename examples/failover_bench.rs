@@ -26,15 +26,18 @@ fn tandem_bin() -> std::path::PathBuf {
 struct Proc(Child);
 
 impl Drop for Proc {
+    /// Power loss: the process and everything it started (its session).
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        tandem::testkit::kill_session(self.0.id() as i32);
         let _ = self.0.wait();
     }
 }
 
 fn spawn_in(ns: &str, program: &str, args: &[&str], log: &Path) -> Proc {
     let out = std::fs::File::create(log).unwrap();
-    let child = Command::new("ip")
+    let mut cmd = Command::new("ip");
+    tandem::testkit::new_session(&mut cmd);
+    let child = cmd
         .args(["netns", "exec", ns, program])
         .args(args)
         .stdin(Stdio::null())
@@ -161,7 +164,7 @@ fn tandem_runs(runs: usize, dir: &Path) -> Vec<Duration> {
         let holder = server_of(&ask(&client, &vip));
         let i: usize = holder.trim_start_matches('n').parse::<usize>().unwrap() - 1;
         let start = Instant::now();
-        agents[i] = None; // SIGKILL: the agent, and with it its services
+        agents[i] = None; // SIGKILL: the agent, its watchdog and its services
         net.set_link(i as u8 + 1, false);
         let took = wait_new_server(&client, &vip, &holder, start);
         eprintln!("tandem run {run}: {holder} lost, service back after {took:?}");

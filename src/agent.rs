@@ -47,7 +47,7 @@ const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How often the executor and the leader's scheduler run.
-const GROUP_TICK: Duration = Duration::from_millis(200);
+const GROUP_TICK: Duration = Duration::from_millis(100);
 /// How often the lease is checked (fencing acts within this of expiry).
 /// How long a group's GET waits for the node running it to describe its
 /// resources (the answer goes without them past that).
@@ -1342,7 +1342,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     });
     let a = agent.clone();
-    every(GROUP_TICK, move || {
+    every_or_on_change(agent.clone(), GROUP_TICK, move || {
         let agent = a.clone();
         async move { agent.executor_round().await }
     });
@@ -1365,7 +1365,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     });
     let a = agent.clone();
-    every(GROUP_TICK, move || {
+    every_or_on_change(agent.clone(), GROUP_TICK, move || {
         let agent = a.clone();
         async move { agent.scheduler_round().await }
     });
@@ -1401,6 +1401,38 @@ where
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            round().await;
+        }
+    });
+}
+
+/// Like `every`, but also runs `round` as soon as the replicated state
+/// changes (a placement committed, a group defined): reactions to the log
+/// do not wait for the next tick.
+fn every_or_on_change<F, Fut>(agent: Arc<Agent>, period: Duration, mut round: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        // The receiver of the current membership's state (it changes when
+        // the agent joins, leaves or rejoins).
+        let mut rx: Option<(usize, tokio::sync::watch::Receiver<u64>)> = None;
+        loop {
+            let m = agent.member();
+            let key = m.as_ref().map(|m| Arc::as_ptr(m) as usize);
+            if rx.as_ref().map(|r| r.0) != key {
+                rx = m.map(|m| (Arc::as_ptr(&m) as usize, m.state.subscribe()));
+            }
+            match rx.as_mut() {
+                Some((_, r)) => {
+                    if let Ok(Err(_)) = tokio::time::timeout(period, r.changed()).await {
+                        // The state is gone (membership ended): just tick.
+                        tokio::time::sleep(period).await;
+                    }
+                }
+                None => tokio::time::sleep(period).await,
+            }
             round().await;
         }
     });

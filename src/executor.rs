@@ -109,6 +109,10 @@ impl Fence {
 /// How often virtual IPs left behind by a crashed agent are looked for.
 const VIP_CHECK_EVERY: Duration = Duration::from_secs(3);
 
+/// How long a round waits for a start action in flight before it moves on:
+/// a quick one (a VIP) then lets the next resource start in the same round.
+const ACTION_WAIT: Duration = Duration::from_millis(50);
+
 /// Where OCF resource agents live (Debian's `resource-agents`).
 pub const OCF_ROOT: &str = "/usr/lib/ocf";
 /// OCF exit code: the resource is cleanly not running.
@@ -632,21 +636,24 @@ async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> S
                 Step::Failed(why)
             }
         },
-        Slot::Starting(task) if !task.is_finished() => {
-            *slot = Slot::Starting(task);
-            Step::Pending
-        }
-        Slot::Starting(task) => match task.await.unwrap_or_else(|e| Err(e.to_string())) {
-            Ok(0) => {
-                tracing::info!(group, resource = %r.name, epoch, "resource started");
-                *slot = up(now);
-                Step::Up
+        Slot::Starting(mut task) => match tokio::time::timeout(ACTION_WAIT, &mut task).await {
+            // Still running: look again next round.
+            Err(_) => {
+                *slot = Slot::Starting(task);
+                Step::Pending
             }
-            other => {
-                // Clean up whatever half-started before trying again.
-                *slot = Slot::Recovering(spawn_action("stop", false));
-                Step::Failed(format!("start: {}", describe(other)))
-            }
+            Ok(done) => match done.unwrap_or_else(|e| Err(e.to_string())) {
+                Ok(0) => {
+                    tracing::info!(group, resource = %r.name, epoch, "resource started");
+                    *slot = up(now);
+                    Step::Up
+                }
+                other => {
+                    // Clean up whatever half-started before trying again.
+                    *slot = Slot::Recovering(spawn_action("stop", false));
+                    Step::Failed(format!("start: {}", describe(other)))
+                }
+            },
         },
         Slot::Up { next_monitor, next_deep } => {
             if next_deep.is_some_and(|t| now >= t) {

@@ -109,11 +109,14 @@ pub struct RunDir {
     data_dir: PathBuf,
     /// The Linux watchdog device the watchdog process feeds, if any.
     device: Option<PathBuf>,
+    /// The watchdog this agent started last: while it runs (it may not hold
+    /// the lock yet), no other is started.
+    spawned: std::sync::Arc<std::sync::Mutex<Option<(i32, u64)>>>,
 }
 
 impl RunDir {
     pub fn new(data_dir: &Path, device: Option<PathBuf>) -> RunDir {
-        RunDir { path: data_dir.join("run"), data_dir: data_dir.to_path_buf(), device }
+        RunDir { path: data_dir.join("run"), data_dir: data_dir.to_path_buf(), device, spawned: Default::default() }
     }
 
     fn groups_dir(&self) -> PathBuf {
@@ -208,6 +211,10 @@ impl RunDir {
             None => return Ok(()), // one runs
             Some(lock) => drop(lock),
         }
+        let mut spawned = self.spawned.lock().unwrap_or_else(|e| e.into_inner());
+        if spawned.is_some_and(|(pid, start)| is_running(pid, start)) {
+            return Ok(()); // started, not locked yet
+        }
         let log = OpenOptions::new().create(true).append(true).open(self.data_dir.join("watchdog.log"))?;
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
         cmd.arg("watchdog").arg("--data-dir").arg(&self.data_dir);
@@ -225,6 +232,7 @@ impl RunDir {
             .kill_on_drop(false)
             .spawn()?;
         tracing::info!(pid = child.id(), "watchdog started");
+        *spawned = child.id().and_then(|p| Some((p as i32, proc_start_time(p as i32)?)));
         // Reap it when it exits (while this agent lives).
         tokio::spawn(async move {
             let _ = child.wait().await;

@@ -139,7 +139,7 @@ impl Db {
     /// on the applied state for the API.
     pub fn raft_storage(&self) -> Result<(LogStore, StateMachineStore, StateHandle), StoreError> {
         let data: StateMachineData = self.get_json(CF_SM, KEY_STATE, "state machine")?.unwrap_or_default();
-        let handle = StateHandle(Arc::new(RwLock::new(data)));
+        let handle = StateHandle { data: Arc::new(RwLock::new(data)), version: Default::default() };
         let sm = StateMachineStore { db: self.clone(), data: handle.clone() };
         Ok((LogStore { db: self.clone() }, sm, handle))
     }
@@ -156,9 +156,18 @@ pub struct StateMachineData {
 /// Shared read access to the applied state (for stale reads and for the
 /// daemon's loops). Writers are only the state machine store.
 #[derive(Debug, Clone, Default)]
-pub struct StateHandle(Arc<RwLock<StateMachineData>>);
+pub struct StateHandle {
+    data: Arc<RwLock<StateMachineData>>,
+    /// Counts publications, so that loops can wake on a change.
+    version: Arc<tokio::sync::watch::Sender<u64>>,
+}
 
 impl StateHandle {
+    /// A receiver that sees every new publication of the state.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
     /// A copy of the applied cluster state.
     pub fn state(&self) -> ClusterState {
         self.read(|d| d.state.clone())
@@ -167,13 +176,16 @@ impl StateHandle {
     pub fn read<T>(&self, f: impl FnOnce(&StateMachineData) -> T) -> T {
         // A poisoned lock means a panic while applying: the data is still the
         // last consistent one because apply mutates a copy first.
-        let guard = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let guard = self.data.read().unwrap_or_else(|e| e.into_inner());
         f(&guard)
     }
 
     fn replace(&self, data: StateMachineData) {
-        let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
-        *guard = data;
+        {
+            let mut guard = self.data.write().unwrap_or_else(|e| e.into_inner());
+            *guard = data;
+        }
+        self.version.send_modify(|v| *v += 1);
     }
 }
 
