@@ -50,7 +50,9 @@ fn spawn_in(ns: &str, program: &str, args: &[&str], log: &Path) -> Proc {
 
 /// What the client gets from the VIP, or "" when nothing answers.
 fn ask(client: &str, vip: &str) -> String {
-    in_ns_output(client, &["curl", "-s", "--max-time", "0.3", &format!("http://{vip}:8080/")]).unwrap_or_default()
+    // A request to a VIP nobody holds hangs until the timeout: the timeout
+    // is the measurement's resolution (an answer on this LAN takes < 5 ms).
+    in_ns_output(client, &["curl", "-s", "--max-time", "0.1", &format!("http://{vip}:8080/")]).unwrap_or_default()
 }
 
 /// Polls the VIP until it answers from someone other than `old`.
@@ -154,7 +156,9 @@ fn tandem_runs(runs: usize, dir: &Path) -> Vec<Duration> {
     });
     wait("cluster formed", Duration::from_secs(30), || {
         http_get(&format!("{}/v1/cluster", url(0))).is_some_and(|c| {
-            c["members"].as_array().is_some_and(|m| m.iter().filter(|x| x["state"] == "online").count() == 3)
+            c["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().filter(|x| x["state"] == "online" && x["role"] == "voter").count() == 3)
         })
     });
     http_send("PUT", &format!("{}/v1/groups/web", url(0)), &group).expect("group");
@@ -164,10 +168,14 @@ fn tandem_runs(runs: usize, dir: &Path) -> Vec<Duration> {
         let holder = server_of(&ask(&client, &vip));
         let i: usize = holder.trim_start_matches('n').parse::<usize>().unwrap() - 1;
         let start = Instant::now();
+        let killed_at = std::time::SystemTime::now();
         agents[i] = None; // SIGKILL: the agent, its watchdog and its services
         net.set_link(i as u8 + 1, false);
         let took = wait_new_server(&client, &vip, &holder, start);
-        eprintln!("tandem run {run}: {holder} lost, service back after {took:?}");
+        eprintln!(
+            "tandem run {run}: {holder} lost at {:?} (unix), service back after {took:?}",
+            killed_at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+        );
         out.push(took);
         net.set_link(i as u8 + 1, true);
         agents[i] = Some(start_agent(i));
@@ -330,9 +338,18 @@ fn main() {
         std::process::exit(2);
     }
     let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20);
-    let dir = tempfile::tempdir().unwrap();
-    let t = tandem_runs(runs, dir.path());
-    let k = keepalived_runs(runs, dir.path());
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().to_path_buf();
+    // FAILOVER_BENCH_KEEP=1 keeps the agents' logs for a look afterwards.
+    let _cleanup = if std::env::var_os("FAILOVER_BENCH_KEEP").is_some() {
+        eprintln!("logs and data kept in {}", tmp.keep().display());
+        None
+    } else {
+        Some(tmp)
+    };
+    let dir = path.as_path();
+    let t = tandem_runs(runs, dir);
+    let k = keepalived_runs(runs, dir);
     println!("Client outage after power loss of the serving node ({runs} runs each, ms):\n");
     println!("| peer | runs | min | p50 | p99 | max |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
@@ -344,7 +361,7 @@ fn main() {
     };
     println!("\nratio of medians tandem / keepalived: {:.2}", med(t) / med(k));
     println!("\nIdle CPU of agents running 10 groups (20 s):\n");
-    for (n, cpu) in idle_with_groups(dir.path()) {
+    for (n, cpu) in idle_with_groups(dir) {
         println!("- {n}: {cpu:.2} % of one core");
     }
 }

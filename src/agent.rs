@@ -48,6 +48,12 @@ const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How often the executor and the leader's scheduler run.
 const GROUP_TICK: Duration = Duration::from_millis(100);
+/// How long after a failed fence attempt the leader tries again.
+const FENCE_RETRY: Duration = Duration::from_secs(2);
+/// How often the leader's scheduler looks at liveness: a dead node's
+/// groups move at most this long after its fencing wait ends (changes to
+/// the state wake it at once).
+const SCHEDULER_TICK: Duration = Duration::from_millis(50);
 /// How often the lease is checked (fencing acts within this of expiry).
 /// How long a group's GET waits for the node running it to describe its
 /// resources (the answer goes without them past that).
@@ -99,6 +105,15 @@ pub struct Agent {
     /// Set when the lease ran out with something running: the executor
     /// fences before anything else.
     lapsed: std::sync::atomic::AtomicBool,
+    /// On the leader, with a fence command: one attempt per silent node.
+    fence_ops: std::sync::Mutex<BTreeMap<NodeId, FenceOp>>,
+}
+
+/// One run of the fence command against a silent node.
+struct FenceOp {
+    started: Instant,
+    /// None while it runs.
+    result: Arc<std::sync::Mutex<Option<Result<(), String>>>>,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> ApiError {
@@ -138,6 +153,7 @@ impl Agent {
             fence: Arc::new(Fence::new(inherited)),
             run,
             lapsed: false.into(),
+            fence_ops: Default::default(),
         })
     }
 
@@ -978,13 +994,16 @@ impl Agent {
             .map(|r| {
                 let me = r.id == m.node_id;
                 let st = self.liveness.status(r.id, &r.addresses, now);
+                // The fence command starts as soon as the node is offline,
+                // so that it runs while the lease runs out.
+                let confirmed = !me && self.fence_confirmed(r, st.alive, now);
                 NodeInfo {
                     id: r.id,
                     name: r.name.clone(),
                     admin: r.admin_state,
                     witness: r.witness,
                     alive: me || st.alive,
-                    fenced: !me && !st.alive && st.down_for >= fenced_after,
+                    fenced: confirmed && !st.alive && st.down_for >= fenced_after,
                     capacity: r.attributes.get("capacity").and_then(|c| c.parse().ok()),
                 }
             })
@@ -1002,6 +1021,55 @@ impl Agent {
                 tracing::debug!(group = %d.group, "placement not committed: {e}");
             }
         }
+    }
+
+    /// Whether the fence command (if any) has confirmed `node` off since it
+    /// went silent; starts it, or retries a failed one, as needed.
+    fn fence_confirmed(&self, node: &NodeRecord, alive: bool, now: Instant) -> bool {
+        let cmd = &self.cfg.fencing.fence_command;
+        if cmd.is_empty() {
+            return true;
+        }
+        let mut ops = self.fence_ops.lock().unwrap_or_else(|e| e.into_inner());
+        if alive {
+            ops.remove(&node.id); // back: a new silence needs a new fence
+            return false;
+        }
+        if let Some(op) = ops.get(&node.id) {
+            match &*op.result.lock().unwrap_or_else(|e| e.into_inner()) {
+                Some(Ok(())) => return true,
+                None => return false,
+                Some(Err(_)) if now.duration_since(op.started) < FENCE_RETRY => return false,
+                Some(Err(_)) => {} // retry below
+            }
+        }
+        let result = Arc::new(std::sync::Mutex::new(None));
+        ops.insert(node.id, FenceOp { started: now, result: result.clone() });
+        let (cmd, name, addresses) = (cmd.clone(), node.name.clone(), node.addresses.join(","));
+        let timeout = Duration::from_millis(self.cfg.fencing.fence_timeout_ms);
+        tokio::spawn(async move {
+            tracing::warn!(node = %name, "fencing: running {:?}", cmd);
+            let run = tokio::process::Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .arg(&name)
+                .env("TANDEM_FENCE_NODE", &name)
+                .env("TANDEM_FENCE_ADDRESSES", &addresses)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            let r = match tokio::time::timeout(timeout, run).await {
+                Ok(Ok(out)) if out.status.success() => Ok(()),
+                Ok(Ok(out)) => Err(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("timed out after {timeout:?}")),
+            };
+            match &r {
+                Ok(()) => tracing::warn!(node = %name, "fencing confirmed: the node is off"),
+                Err(e) => tracing::error!(node = %name, "fencing failed, its groups stay where they are: {e}"),
+            }
+            *result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        });
+        false
     }
 
     async fn wait_group_stopped(&self, m: &Member, name: &str) -> Result<(), ApiError> {
@@ -1365,7 +1433,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     });
     let a = agent.clone();
-    every_or_on_change(agent.clone(), GROUP_TICK, move || {
+    every_or_on_change(agent.clone(), SCHEDULER_TICK, move || {
         let agent = a.clone();
         async move { agent.scheduler_round().await }
     });

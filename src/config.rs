@@ -66,11 +66,25 @@ pub struct FencingConfig {
     /// node's watchdog process feeds while the lease holds or nothing runs:
     /// a node whose resources cannot be stopped in time resets.
     pub watchdog_device: Option<PathBuf>,
+    /// A program the leader runs to fence a silent node before its groups
+    /// start elsewhere: `[program, args...]`, called with the node's name
+    /// appended (and TANDEM_FENCE_NODE, TANDEM_FENCE_ADDRESSES set); exit
+    /// status 0 confirms the node is off. Empty: the lease alone decides.
+    /// Give every node the same one: any of them may lead.
+    pub fence_command: Vec<String>,
+    /// How long one fence attempt may take before it counts as failed.
+    pub fence_timeout_ms: u64,
 }
 
 impl Default for FencingConfig {
     fn default() -> Self {
-        FencingConfig { lease_ms: 500, margin_ms: 300, watchdog_device: None }
+        FencingConfig {
+            lease_ms: 500,
+            margin_ms: 300,
+            watchdog_device: None,
+            fence_command: Vec::new(),
+            fence_timeout_ms: 60_000,
+        }
     }
 }
 
@@ -90,8 +104,8 @@ impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
             heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
+            election_timeout_min_ms: 250,
+            election_timeout_max_ms: 450,
             snapshot_after_entries: 1000,
             keep_entries_after_snapshot: 500,
         }
@@ -253,6 +267,14 @@ impl Config {
                 "fencing.margin_ms",
                 "must be at least liveness.heartbeat_interval_ms + 200, or a cut-off node may still run its groups when they start elsewhere".into(),
             ));
+        }
+        if let Some(program) = self.fencing.fence_command.first() {
+            if !program.starts_with('/') {
+                return Err(bad("fencing.fence_command", format!("{program:?} must be an absolute path")));
+            }
+        }
+        if self.fencing.fence_timeout_ms < 100 {
+            return Err(bad("fencing.fence_timeout_ms", "must be at least 100".into()));
         }
         if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             return Err(bad("log.level", format!("{:?} is not a tracing filter", self.log.level)));

@@ -111,7 +111,7 @@ const VIP_CHECK_EVERY: Duration = Duration::from_secs(3);
 
 /// How long a round waits for a start action in flight before it moves on:
 /// a quick one (a VIP) then lets the next resource start in the same round.
-const ACTION_WAIT: Duration = Duration::from_millis(50);
+const ACTION_WAIT: Duration = Duration::from_millis(150);
 
 /// Where OCF resource agents live (Debian's `resource-agents`).
 pub const OCF_ROOT: &str = "/usr/lib/ocf";
@@ -530,10 +530,26 @@ impl Executor {
         let mut failed = false;
         for (i, r) in g.spec.resources.iter().enumerate() {
             let cx = Ctx { dir: &dir, node: &node_name, group: &g.name, epoch, fence: &self.fence };
-            match step(&mut local.slots[i], r, cx, now).await {
+            let mut outcome = step(&mut local.slots[i], r, cx, now).await;
+            if matches!(outcome, Step::Spawned) {
+                // On record before anything runs that the watchdog would
+                // have to undo.
+                let rec = local.record(&g.name, &node_name);
+                match self.run.write_record(&rec) {
+                    Ok(()) => {
+                        self.written.insert(g.name.clone(), rec);
+                    }
+                    Err(e) => tracing::error!(group = %g.name, "cannot record what runs here: {e}"),
+                }
+                if let Err(e) = self.run.ensure_watchdog() {
+                    tracing::error!("cannot start the watchdog: {e}");
+                }
+                outcome = step(&mut local.slots[i], r, cx, now).await;
+            }
+            match outcome {
                 Step::Up => continue,
                 // Resources start in order: the next one waits for this one.
-                Step::Pending => break,
+                Step::Pending | Step::Spawned => break,
                 Step::Failed(why) => {
                     tracing::warn!(group = %g.name, resource = %r.name, "resource failed: {why}");
                     local.errors[i] = Some(why);
@@ -569,6 +585,9 @@ impl Executor {
 
 enum Step {
     Up,
+    /// A script's start action was just spawned: record it, then step again
+    /// (a quick action finishes within the same round).
+    Spawned,
     Pending,
     Failed(String),
 }
@@ -621,7 +640,7 @@ async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> S
             },
             _ => {
                 *slot = Slot::Starting(spawn_action("start", false));
-                Step::Pending
+                Step::Spawned
             }
         },
         Slot::Process(mut p) => match p.ended() {
@@ -964,12 +983,15 @@ pub mod vip {
                     }
                 }
                 let Some(target) = target else { return Err(format!("no interface of {all:?} is up")) };
-                for held in holders(address, &all).await.into_iter().filter(|h| h != target) {
-                    let _ = run("ip", &["addr", "del", address, "dev", &held]).await;
+                // Each `ip` costs a few milliseconds on a failover's path:
+                // look at the backups only when there are some.
+                if all.len() > 1 {
+                    for held in holders(address, &all).await.into_iter().filter(|h| h != target) {
+                        let _ = run("ip", &["addr", "del", address, "dev", &held]).await;
+                    }
                 }
-                if holders(address, &[target]).await.is_empty() {
-                    run("ip", &["addr", "add", address, "dev", target]).await?;
-                }
+                // `replace` adds the address, or keeps it if already there.
+                run("ip", &["addr", "replace", address, "dev", target]).await?;
                 // Gratuitous ARP, in the background: the address serves at once,
                 // the announcements (two, a second apart) follow. A missing
                 // arping is reported, not fatal: clients then re-learn the MAC

@@ -538,3 +538,44 @@ async fn systemd_unit_resource() {
     let _ = std::fs::remove_file(&path);
     let _ = std::process::Command::new("systemctl").arg("daemon-reload").status();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fence_command_must_confirm_before_a_dead_nodes_group_moves() {
+    // A fence script that refuses until the test allows it (as a BMC that
+    // does not answer, then does).
+    let tmp = tempfile::tempdir().unwrap();
+    let (calls, allow) = (tmp.path().join("calls"), tmp.path().join("allow"));
+    let script = tmp.path().join("fence.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$1 $TANDEM_FENCE_NODE\" >> {}\n[ -e {} ] || {{ echo 'BMC unreachable' >&2; exit 1; }}\n",
+            calls.display(),
+            allow.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let extra = format!("[fencing]\nfence_command = [\"{}\"]\n", script.display());
+    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts { extra, ..Opts::default() }).await;
+    let log = c.tmp.path().join("events");
+    assert_eq!(put_group(&c, "web", json!({"resources": [logged(&log)], "nodes": ["n1", "n2", "n3"]})).await.0, 201);
+    wait_running_on(&c, "web", "n1", &log).await;
+
+    c.node_mut("n1").kill();
+    wait_until(Duration::from_secs(10), "a fence attempt", || async {
+        std::fs::read_to_string(&calls).is_ok_and(|s| s.contains("n1 n1"))
+    })
+    .await;
+    // Fencing fails: however long the lease has been over, the group stays.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let g = group(&c, "web").await;
+    assert_eq!(g["node"], "n1", "not moved without a confirmed fence: {g}");
+    assert!(running(&log).is_empty(), "n1's copy died with it, nothing else started");
+    let attempts = std::fs::read_to_string(&calls).unwrap().lines().count();
+    assert!(attempts >= 2, "failed attempts are retried: {attempts}");
+
+    std::fs::write(&allow, "").unwrap();
+    let g = wait_running_on(&c, "web", "n2", &log).await;
+    assert!(g["reason"].as_str().unwrap().contains("n1"), "{g}");
+}
