@@ -210,8 +210,23 @@ pub fn group_text(g: &GroupView) -> String {
     if let Some(to) = &g.move_to {
         rows.push(vec!["moving to".into(), to.clone()]);
     }
-    for r in &g.spec.resources {
-        rows.push(vec![format!("resource {}", r.name), r.kind.type_name().to_string()]);
+    if let Some(n) = g.restarts {
+        rows.push(vec!["restarts".into(), n.to_string()]);
+    }
+    for (i, r) in g.spec.resources.iter().enumerate() {
+        // What the node running it says, when it answered.
+        let live = g.resources.as_ref().and_then(|l| l.get(i));
+        let mut v = r.kind.type_name().to_string();
+        if let Some(l) = live {
+            v.push_str(&format!(", {}", l.state));
+            if let Some(pid) = l.pid {
+                v.push_str(&format!(", pid {pid}"));
+            }
+            if let Some(e) = &l.last_error {
+                v.push_str(&format!(", last error: {e}"));
+            }
+        }
+        rows.push(vec![format!("resource {}", r.name), v]);
     }
     table(&["FIELD", "VALUE"], &rows)
 }

@@ -335,6 +335,8 @@ mod tests {
         assert_eq!(key_of(&format!("{BASE}addresses = [\"nope\"]")), "addresses[0]");
         assert_eq!(key_of(&format!("{BASE}port = 0")), "port");
         assert_eq!(key_of(&format!("{BASE}join = [\"10.0.0.1:7401\"]")), "join[0]");
+        assert_eq!(key_of(&format!("{BASE}[fencing]\nfence_command = [\"fence.sh\"]")), "fencing.fence_command");
+        assert_eq!(key_of(&format!("{BASE}[fencing]\nfence_timeout_ms = 5")), "fencing.fence_timeout_ms");
         assert_eq!(key_of(&format!("{BASE}[raft]\nelection_timeout_min_ms = 100")), "raft.election_timeout_min_ms");
         assert_eq!(key_of(&format!("{BASE}[raft]\nelection_timeout_max_ms = 250")), "raft.election_timeout_max_ms");
         assert_eq!(key_of(&format!("{BASE}[liveness]\nnode_timeout_ms = 150")), "liveness.node_timeout_ms");

@@ -26,8 +26,11 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tandem_raft::group::{GroupSpec, ResourceKind};
 
-/// How often the watchdog looks at the lease.
-const POLL: Duration = Duration::from_millis(20);
+/// The watchdog wakes at the lease's deadline, and at least this often to
+/// see the lease extended (and to feed the device).
+const POLL_MAX: Duration = Duration::from_millis(200);
+/// How soon it looks again while the lease is not held.
+const POLL_MIN: Duration = Duration::from_millis(20);
 /// How many times the watchdog runs a failing stop action before it gives up
 /// (and lets the watchdog device, if any, reset the node).
 const STOP_ATTEMPTS: u32 = 3;
@@ -323,7 +326,8 @@ pub async fn run(data_dir: &Path, device: Option<PathBuf>) -> std::io::Result<()
     let mut unsafe_groups: Vec<String> = Vec::new();
     loop {
         let lease = run.read_lease();
-        let held = lease.valid_at(now_boot_ms());
+        let now = now_boot_ms();
+        let held = lease.valid_at(now);
         if !held && run.has_records() {
             unsafe_groups.extend(run.fence_all(&mut attempts).await);
         }
@@ -345,7 +349,12 @@ pub async fn run(data_dir: &Path, device: Option<PathBuf>) -> std::io::Result<()
                 break;
             }
         }
-        tokio::time::sleep(POLL).await;
+        // Sleep to the deadline (the agent extends it meanwhile, or not).
+        let wait = match lease {
+            Lease::Until(d) if held => Duration::from_millis(d - now).clamp(Duration::from_millis(1), POLL_MAX),
+            _ => POLL_MIN,
+        };
+        tokio::time::sleep(wait).await;
     }
     if let Some(d) = dev {
         d.disarm();
