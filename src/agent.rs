@@ -792,7 +792,8 @@ impl Agent {
                 None => None,
             }
         };
-        if let Some(s) = status.filter(|s| s.epoch == v.epoch) {
+        // A group being stopped there runs at its older epoch: still its own.
+        if let Some(s) = status.filter(|s| s.epoch <= v.epoch) {
             v.restarts = Some(s.restarts);
             v.resources = Some(s.resources);
         }

@@ -202,8 +202,9 @@ fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path, service_port: u16) 
     say!("Example group `web` (a small HTTP service) runs on node1: curl -s http://127.0.0.1:{service_port}/");
     say!("  target/release/tandem group list --endpoint {}", u(1));
     say!("  curl -s -X POST -d '{{\"to\": \"node3\"}}' {}/v1/groups/web/move     # switchover", u(1));
-    say!("Kill the node that runs it (kill -9 <its pid>): within about 2 s it answers again from another node,");
-    say!("and the remaining nodes elect a new leader if it was the leader. Ctrl-C stops the cluster.");
+    say!("Kill the node that runs it (kill -9 <its pid>): its watchdog stops the service when the lease ends,");
+    say!("and within about a second it answers again from another node (a new leader is elected if it led).");
+    say!("Ctrl-C stops the cluster.");
 }
 
 /// Waits for Ctrl-C or SIGTERM, reporting agents that exit on their own.

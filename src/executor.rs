@@ -112,6 +112,8 @@ const VIP_CHECK_EVERY: Duration = Duration::from_secs(3);
 /// How long a round waits for a start action in flight before it moves on:
 /// a quick one (a VIP) then lets the next resource start in the same round.
 const ACTION_WAIT: Duration = Duration::from_millis(150);
+/// How long after a failed stop it is tried again.
+const STOP_RETRY: Duration = Duration::from_secs(2);
 
 /// Where OCF resource agents live (Debian's `resource-agents`).
 pub const OCF_ROOT: &str = "/usr/lib/ocf";
@@ -187,6 +189,8 @@ struct LocalGroup {
     errors: Vec<Option<String>>,
     /// Local restarts since the group started here.
     restarted: u32,
+    /// Set after a failed stop: when to try the stop again.
+    stop_retry_at: Option<Instant>,
 }
 
 impl LocalGroup {
@@ -199,6 +203,7 @@ impl LocalGroup {
             restarts: VecDeque::new(),
             errors: vec![None; n],
             restarted: 0,
+            stop_retry_at: None,
         }
     }
 
@@ -247,6 +252,8 @@ impl LocalGroup {
                     Slot::Idle => ("stopped", None),
                     Slot::Process(p) => ("running", Some(p.pid as u32)),
                     Slot::Starting(_) => ("starting", None),
+                    // Left up by a failed stop: it may still run.
+                    Slot::Up { .. } if self.stop_retry_at.is_some() && err.is_some() => ("stop_failed", None),
                     Slot::Up { .. } | Slot::Monitoring { .. } => ("running", None),
                     Slot::Recovering(_) => ("recovering", None),
                 };
@@ -455,10 +462,13 @@ impl Executor {
                 .groups
                 .get(&name)
                 .is_some_and(|g| g.placement.node == Some(me) && g.placement.phase == Phase::Started);
-            if !keep {
+            let blocked = self.groups.get(&name).and_then(|g| g.stop_retry_at).is_some_and(|t| Instant::now() < t);
+            if !keep && !blocked {
                 if let Some(g) = self.groups.remove(&name) {
                     tracing::info!(group = %name, epoch = g.epoch, "stopping");
-                    stop_group(g, &self.dir, &self.node_name, &name, &self.fence).await;
+                    if let Some(left) = stop_group(g, &self.dir, &self.node_name, &name, &self.fence).await {
+                        self.groups.insert(name.clone(), left);
+                    }
                 }
             }
         }
@@ -469,6 +479,8 @@ impl Executor {
         for g in state.groups.values().filter(|g| g.placement.node == Some(me)) {
             let epoch = g.placement.epoch;
             match g.placement.phase {
+                // Not while a failed stop leaves it (maybe) running here.
+                Phase::Stopping | Phase::Stopped if self.groups.contains_key(&g.name) => {}
                 Phase::Stopping | Phase::Stopped => {
                     reports.push(Report::Stopped { group: g.name.clone(), epoch });
                 }
@@ -516,7 +528,8 @@ impl Executor {
             let slots: Vec<Slot> = local.slots.drain(keep..).collect();
             tracing::info!(group = %g.name, kept = keep, restarted = old.len(), "definition changed");
             let cx = Ctx { dir: &dir, node: &node_name, group: &g.name, epoch, fence: &self.fence };
-            stop_slots(&old, slots, cx).await;
+            // A failed stop here is logged; the new definition starts anyway.
+            let _ = stop_slots(&old, slots, cx).await;
             local.slots.extend(g.spec.resources[keep..].iter().map(|_| Slot::Idle));
             local.errors.truncate(keep);
             local.errors.extend(g.spec.resources[keep..].iter().map(|_| None));
@@ -568,7 +581,9 @@ impl Executor {
         }
         tracing::warn!(group = %g.name, epoch, "failed past its restart threshold: giving it up on this node");
         if let Some(local) = self.groups.remove(&g.name) {
-            stop_group(local, &dir, &node_name, &g.name, &self.fence).await;
+            if let Some(left) = stop_group(local, &dir, &node_name, &g.name, &self.fence).await {
+                self.groups.insert(g.name.clone(), left);
+            }
         }
         self.failed.insert((g.name.clone(), epoch));
         Some(Report::Failed { group: g.name.clone(), epoch })
@@ -577,7 +592,11 @@ impl Executor {
     /// Stops everything (agent shutdown).
     pub async fn stop_all(&mut self) {
         for (name, g) in std::mem::take(&mut self.groups) {
-            stop_group(g, &self.dir, &self.node_name, &name, &self.fence).await;
+            // What could not be stopped stays on record: the watchdog tries
+            // again once the lease is released.
+            if let Some(left) = stop_group(g, &self.dir, &self.node_name, &name, &self.fence).await {
+                self.groups.insert(name, left);
+            }
         }
         self.sync_records();
     }
@@ -886,14 +905,38 @@ fn spawn_process(
 
 /// Stops resources in reverse order: a process gets SIGTERM to its process
 /// group and SIGKILL after the stop timeout; a script agent runs `stop`.
-async fn stop_group(g: LocalGroup, dir: &std::path::Path, node: &str, group: &str, fence: &Fence) {
-    stop_slots(&g.spec.resources, g.slots, Ctx { dir, node, group, epoch: g.epoch, fence }).await;
+/// A group whose stop failed comes back: it may still run, so it stays here
+/// (blocked: not reported stopped) and its stop is tried again later.
+async fn stop_group(
+    mut g: LocalGroup,
+    dir: &std::path::Path,
+    node: &str,
+    group: &str,
+    fence: &Fence,
+) -> Option<LocalGroup> {
+    let slots = std::mem::take(&mut g.slots);
+    let (left, errors) = stop_slots(&g.spec.resources, slots, Ctx { dir, node, group, epoch: g.epoch, fence }).await;
+    g.slots = left;
+    if errors.is_empty() {
+        return None;
+    }
+    for (i, e) in errors {
+        g.errors[i] = Some(format!("stop failed: {e}"));
+    }
+    tracing::error!(group, "stop failed: the group stays here, blocked, and its stop is tried again in {STOP_RETRY:?}");
+    g.stop_retry_at = Some(Instant::now() + STOP_RETRY);
+    Some(g)
 }
 
-async fn stop_slots(resources: &[ResourceSpec], slots: Vec<Slot>, cx: Ctx<'_>) {
-    for (r, slot) in resources.iter().zip(slots).rev() {
-        match slot {
-            Slot::Idle => {}
+/// Stops `slots` (in reverse order); returns them as they are after it (a
+/// failed stop leaves its resource up) and the failures by index.
+async fn stop_slots(resources: &[ResourceSpec], slots: Vec<Slot>, cx: Ctx<'_>) -> (Vec<Slot>, Vec<(usize, String)>) {
+    let n = slots.len();
+    let mut left: Vec<Slot> = (0..n).map(|_| Slot::Idle).collect();
+    let mut errors = Vec::new();
+    for (i, (r, slot)) in resources.iter().zip(slots).enumerate().rev() {
+        let failed = match slot {
+            Slot::Idle => None,
             Slot::Process(mut p) => {
                 let _ = killpg(Pid::from_raw(p.pid), Signal::SIGTERM);
                 let timeout = Duration::from_millis(r.stop_timeout_ms);
@@ -904,14 +947,20 @@ async fn stop_slots(resources: &[ResourceSpec], slots: Vec<Slot>, cx: Ctx<'_>) {
                 let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
                 p.wait().await;
                 cx.fence.unregister(p.pid);
+                None
             }
             Slot::Starting(t) | Slot::Monitoring { task: t, .. } | Slot::Recovering(t) => {
                 let _ = t.await;
-                script_stop(cx, r).await;
+                script_stop(cx, r).await
             }
             Slot::Up { .. } => script_stop(cx, r).await,
+        };
+        if let Some(e) = failed {
+            left[i] = Slot::Up { next_monitor: Instant::now() + Duration::from_secs(3600), next_deep: None };
+            errors.push((i, e));
         }
     }
+    (left, errors)
 }
 
 /// A script resource's stop action, for the watchdog process.
@@ -926,10 +975,15 @@ pub(crate) async fn stop_action(
     Ctx { dir, node, group, epoch, fence: &fence }.action(r, "stop", false).run().await
 }
 
-async fn script_stop(cx: Ctx<'_>, r: &ResourceSpec) {
+/// Runs a script resource's stop; the failure, if any.
+async fn script_stop(cx: Ctx<'_>, r: &ResourceSpec) -> Option<String> {
     match cx.action(r, "stop", false).run().await {
-        Ok(0) => {}
-        other => tracing::error!(group = cx.group, resource = %r.name, "stop failed: {}", describe(other)),
+        Ok(0) => None,
+        other => {
+            let why = describe(other);
+            tracing::error!(group = cx.group, resource = %r.name, "stop failed: {why}");
+            Some(why)
+        }
     }
 }
 

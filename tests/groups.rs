@@ -579,3 +579,57 @@ async fn fence_command_must_confirm_before_a_dead_nodes_group_moves() {
     let g = wait_running_on(&c, "web", "n2", &log).await;
     assert!(g["reason"].as_str().unwrap().contains("n1"), "{g}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_stop_blocks_the_move_until_the_stop_succeeds() {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let dir = c.tmp.path().to_path_buf();
+    // An exec agent whose stop fails while `stuck` exists; its state file
+    // (per node) says whether it runs.
+    let script = dir.join("sticky.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nstate={d}/sticky.$TANDEM_NODE\ncase \"$1\" in\n\
+             start) touch $state ;;\n\
+             stop) [ -e {d}/stuck ] && {{ echo 'device busy' >&2; exit 1; }}; rm -f $state ;;\n\
+             monitor) [ -e $state ] || exit 7 ;;\nesac\nexit 0\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let body = json!({"resources": [{"name": "s", "type": "exec", "path": script.display().to_string(),
+                                     "monitor": {"interval_ms": 200, "timeout_ms": 5000}}],
+                      "nodes": ["n1", "n2"]});
+    assert_eq!(put_group(&c, "sticky", body).await.0, 201);
+    let u = c.nodes[0].url();
+    wait_until(Duration::from_secs(15), "running on n1", || async {
+        get(&format!("{u}/v1/groups/sticky")).await.1["state"] == "running" && dir.join("sticky.n1").exists()
+    })
+    .await;
+
+    std::fs::write(dir.join("stuck"), "").unwrap();
+    let (st, v) = post(&format!("{u}/v1/groups/sticky/move"), json!({"to": "n2"})).await;
+    assert_eq!(st, 200, "{v}");
+    wait_until(Duration::from_secs(10), "the failed stop shows", || async {
+        let g = get(&format!("{u}/v1/groups/sticky")).await.1;
+        g["resources"][0]["state"] == "stop_failed"
+            && g["resources"][0]["last_error"].as_str().is_some_and(|e| e.contains("stop failed"))
+    })
+    .await;
+    // Blocked: the old copy may still run, so nothing starts on n2.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let g = get(&format!("{u}/v1/groups/sticky")).await.1;
+    assert_eq!((g["node"].as_str(), g["state"].as_str()), (Some("n1"), Some("moving")), "{g}");
+    assert!(!dir.join("sticky.n2").exists(), "never started on n2 while n1 may run it");
+
+    // The operator frees the resource: the next retry stops it, then it moves.
+    std::fs::remove_file(dir.join("stuck")).unwrap();
+    wait_until(Duration::from_secs(15), "moved to n2", || async {
+        let g = get(&format!("{u}/v1/groups/sticky")).await.1;
+        g["node"] == "n2" && g["state"] == "running" && dir.join("sticky.n2").exists()
+    })
+    .await;
+    assert!(!dir.join("sticky.n1").exists(), "stopped on n1 first");
+}
