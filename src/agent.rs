@@ -107,6 +107,9 @@ pub struct Agent {
     lapsed: std::sync::atomic::AtomicBool,
     /// On the leader, with a fence command: one attempt per silent node.
     fence_ops: std::sync::Mutex<BTreeMap<NodeId, FenceOp>>,
+    /// Live nodes to fence all the same (a stop failed there), until they
+    /// go silent.
+    escalated: std::sync::Mutex<BTreeSet<NodeId>>,
 }
 
 /// One run of the fence command against a silent node.
@@ -154,6 +157,7 @@ impl Agent {
             run,
             lapsed: false.into(),
             fence_ops: Default::default(),
+            escalated: Default::default(),
         })
     }
 
@@ -896,6 +900,9 @@ impl Agent {
                 Report::Failed { group, epoch } => {
                     (group, GroupReport { node: m.node_id, epoch, event: GroupEvent::Failed })
                 }
+                Report::StopFailed { group, epoch } => {
+                    (group, GroupReport { node: m.node_id, epoch, event: GroupEvent::StopFailed })
+                }
             };
             let sent = match self.route() {
                 Route::Here => self.apply_report(&group, report).await,
@@ -970,6 +977,28 @@ impl Agent {
                 };
                 self.propose(&m, cmd).await.map(|_| ())
             }
+            GroupEvent::StopFailed if !self.cfg.fencing.fence_command.is_empty() => {
+                // It may still run there and cannot be stopped: power the
+                // node off. Once it is silent, fenced and confirmed, its
+                // groups move as from any dead node.
+                let first = self.escalated.lock().unwrap_or_else(|e| e.into_inner()).insert(r.node);
+                if first {
+                    tracing::error!(group = name, node = %node, "stop failed: escalating to fencing the node");
+                    if r.node == m.node_id {
+                        // The leader cannot wait for itself to go silent: it
+                        // fences itself; the next leader fences it again
+                        // (powering off is idempotent) before moving anything.
+                        if let Some(rec) = state.nodes.get(&r.node) {
+                            let _ = self.start_fence(rec);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            GroupEvent::StopFailed => {
+                tracing::error!(group = name, node = %node, "stop failed and no fence command is set: the group stays blocked there");
+                Ok(())
+            }
             GroupEvent::Failed if p.phase == Phase::Started && !g.failed_on.contains(&r.node) => {
                 tracing::warn!(group = name, node = %node, "group failed past its restart threshold");
                 self.propose(&m, Command::MarkGroupFailed { name: name.into(), node: r.node, epoch: r.epoch })
@@ -997,7 +1026,14 @@ impl Agent {
                 let st = self.liveness.status(r.id, &r.addresses, now);
                 // The fence command starts as soon as the node is offline,
                 // so that it runs while the lease runs out.
-                let confirmed = !me && self.fence_confirmed(r, st.alive, now);
+                let escalated = {
+                    let mut e = self.escalated.lock().unwrap_or_else(|e| e.into_inner());
+                    if !me && !st.alive {
+                        e.remove(&r.id); // it went silent: the escalation took effect
+                    }
+                    e.contains(&r.id)
+                };
+                let confirmed = !me && self.fence_confirmed(r, st.alive && !escalated, now);
                 NodeInfo {
                     id: r.id,
                     name: r.name.clone(),
@@ -1044,14 +1080,26 @@ impl Agent {
                 Some(Err(_)) => {} // retry below
             }
         }
+        ops.insert(node.id, FenceOp { started: now, result: self.start_fence(node) });
+        false
+    }
+
+    /// Runs the fence command against `node` in the background; the slot
+    /// receives its outcome.
+    fn start_fence(&self, node: &NodeRecord) -> Arc<std::sync::Mutex<Option<Result<(), String>>>> {
         let result = Arc::new(std::sync::Mutex::new(None));
-        ops.insert(node.id, FenceOp { started: now, result: result.clone() });
-        let (cmd, name, addresses) = (cmd.clone(), node.name.clone(), node.addresses.join(","));
+        let out = result.clone();
+        let Some((program, args)) = self.cfg.fencing.fence_command.split_first() else {
+            *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(Err("no fence command".into()));
+            return out;
+        };
+        let (program, args) = (program.clone(), args.to_vec());
+        let (name, addresses) = (node.name.clone(), node.addresses.join(","));
         let timeout = Duration::from_millis(self.cfg.fencing.fence_timeout_ms);
         tokio::spawn(async move {
-            tracing::warn!(node = %name, "fencing: running {:?}", cmd);
-            let run = tokio::process::Command::new(&cmd[0])
-                .args(&cmd[1..])
+            tracing::warn!(node = %name, "fencing: running {program} {args:?}");
+            let run = tokio::process::Command::new(&program)
+                .args(&args)
                 .arg(&name)
                 .env("TANDEM_FENCE_NODE", &name)
                 .env("TANDEM_FENCE_ADDRESSES", &addresses)
@@ -1070,7 +1118,7 @@ impl Agent {
             }
             *result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         });
-        false
+        out
     }
 
     async fn wait_group_stopped(&self, m: &Member, name: &str) -> Result<(), ApiError> {

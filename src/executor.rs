@@ -38,6 +38,8 @@ pub enum Report {
     Stopped { group: String, epoch: u64 },
     /// The group failed here past its restart threshold at `epoch`.
     Failed { group: String, epoch: u64 },
+    /// Stopping the group (placed here at `epoch`) failed: it may still run.
+    StopFailed { group: String, epoch: u64 },
 }
 
 /// Whether a resource type can run on this version of the agent.
@@ -467,6 +469,8 @@ impl Executor {
                 if let Some(g) = self.groups.remove(&name) {
                     tracing::info!(group = %name, epoch = g.epoch, "stopping");
                     if let Some(left) = stop_group(g, &self.dir, &self.node_name, &name, &self.fence).await {
+                        let epoch = state.groups.get(&name).map(|g| g.placement.epoch).unwrap_or(left.epoch);
+                        reports.push(Report::StopFailed { group: name.clone(), epoch });
                         self.groups.insert(name.clone(), left);
                     }
                 }

@@ -633,3 +633,54 @@ async fn a_failed_stop_blocks_the_move_until_the_stop_succeeds() {
     .await;
     assert!(!dir.join("sticky.n1").exists(), "stopped on n1 first");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_stop_escalates_to_fencing_when_a_fence_command_is_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().display().to_string();
+    // "Power off": kill every process of the node's session, as its BMC would.
+    let fence = tmp.path().join("fence.sh");
+    std::fs::write(&fence, format!("#!/bin/sh\necho \"$1\" >> {d}/calls\npkill -9 -s \"$(cat {d}/sid.$1)\"\nexit 0\n"))
+        .unwrap();
+    std::fs::set_permissions(&fence, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = tmp.path().join("sticky.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nstate={d}/sticky.$TANDEM_NODE\ncase \"$1\" in\n\
+             start) touch $state ;;\n\
+             stop) [ -e {d}/stuck.$TANDEM_NODE ] && {{ echo 'device busy' >&2; exit 1; }}; rm -f $state ;;\n\
+             monitor) [ -e $state ] || exit 7 ;;\nesac\nexit 0\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let extra = format!("[fencing]\nfence_command = [\"{}\"]\n", fence.display());
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts { extra, ..Opts::default() }).await;
+    // The group's home is a node that does not lead: the leader fences it.
+    let leader = c.leader().await;
+    let others: Vec<String> = ["n1", "n2", "n3"].iter().filter(|n| **n != leader).map(|n| n.to_string()).collect();
+    let (victim, target) = (others[0].clone(), others[1].clone());
+    std::fs::write(tmp.path().join(format!("sid.{victim}")), c.node(&victim).sessions[0].to_string()).unwrap();
+    std::fs::write(tmp.path().join(format!("stuck.{victim}")), "").unwrap();
+    let body = json!({"resources": [{"name": "s", "type": "exec", "path": script.display().to_string()}],
+                      "nodes": [victim, target]});
+    assert_eq!(put_group(&c, "sticky", body).await.0, 201);
+    let u = c.node(&leader).url();
+    wait_until(Duration::from_secs(15), "running on its home", || async {
+        get(&format!("{u}/v1/groups/sticky")).await.1["node"] == victim.as_str()
+            && tmp.path().join(format!("sticky.{victim}")).exists()
+    })
+    .await;
+    // Its home cannot stop it: the leader powers that node off, then the group moves.
+    let (st, v) = post(&format!("{u}/v1/groups/sticky/move"), json!({"to": target})).await;
+    assert_eq!(st, 200, "{v}");
+    wait_until(Duration::from_secs(20), "home fenced, the group on the target", || async {
+        let g = get(&format!("{u}/v1/groups/sticky")).await.1;
+        g["node"] == target.as_str() && g["state"] == "running" && tmp.path().join(format!("sticky.{target}")).exists()
+    })
+    .await;
+    let calls = std::fs::read_to_string(tmp.path().join("calls")).unwrap();
+    assert!(!calls.is_empty() && calls.lines().all(|l| l == victim), "only {victim} was fenced: {calls}");
+    assert!(c.node(&victim).watchdog_pid().is_none(), "{victim} is off");
+}

@@ -216,3 +216,69 @@ async fn agent_tells_systemd_it_is_ready_and_pings_its_watchdog() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watchdog_device_is_fed_only_while_the_node_is_safe() {
+    // A FIFO stands in for /dev/watchdog: this test reads what the
+    // watchdog process writes to it.
+    let c = Cluster::configure(&["n1", "n2", "n3"], Opts::default());
+    let dev = c.tmp.path().join("watchdog-device");
+    assert!(std::process::Command::new("mkfifo").arg(&dev).status().unwrap().success());
+    let fed: Arc<std::sync::Mutex<Vec<(std::time::Instant, u8)>>> = Default::default();
+    {
+        let (dev, fed) = (dev.clone(), fed.clone());
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut f = std::fs::File::open(&dev).unwrap();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = f.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let now = std::time::Instant::now();
+                fed.lock().unwrap().extend(buf[..n].iter().map(|b| (now, *b)));
+            }
+        });
+    }
+    let n1_config = c.node("n1").config_path();
+    let text = std::fs::read_to_string(&n1_config).unwrap();
+    std::fs::write(&n1_config, format!("{text}\n[fencing]\nwatchdog_device = \"{}\"\n", dev.display())).unwrap();
+    let c = c.form().await;
+    let d = c.tmp.path().display().to_string();
+    let script = c.tmp.path().join("sticky.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\nstart) touch {d}/sticky ;;\n\
+             stop) [ -e {d}/stuck ] && exit 1; rm -f {d}/sticky ;;\n\
+             monitor) [ -e {d}/sticky ] || exit 7 ;;\nesac\nexit 0\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let body =
+        json!({"resources": [{"name": "s", "type": "exec", "path": script.display().to_string()}], "nodes": ["n1"]});
+    assert_eq!(put(&format!("{}/v1/groups/g", c.nodes[1].url()), body).await.0, 201);
+    wait_until(Duration::from_secs(15), "the device is fed", || async {
+        fed.lock().unwrap().iter().filter(|(_, b)| *b == 0).count() >= 5
+    })
+    .await;
+
+    // The agent dies and the resource cannot be stopped: once the watchdog
+    // gives up, it stops feeding (the device would reset the node), and it
+    // never disarms it.
+    std::fs::write(c.tmp.path().join("stuck"), "").unwrap();
+    let mut c = c;
+    c.node_mut("n1").kill_agent();
+    wait_until(Duration::from_secs(10), "the watchdog gives up", || async {
+        std::fs::read_to_string(c.node("n1").dir.join("n1").join("watchdog.log"))
+            .is_ok_and(|l| l.contains("giving up stopping group g"))
+    })
+    .await;
+    let gave_up = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fed = fed.lock().unwrap();
+    assert!(fed.iter().all(|(t, _)| *t <= gave_up + Duration::from_millis(50)), "still fed after giving up");
+    assert!(!fed.iter().any(|(_, b)| *b == b'V'), "never disarmed while unsafe");
+    assert!(c.node("n1").watchdog_pid().is_some(), "it stays, holding the device");
+}

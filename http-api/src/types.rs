@@ -225,10 +225,13 @@ pub struct MoveRequest {
 
 /// Internal: a node tells the leader what happened to a group placed on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum GroupEvent {
     Stopped,
     Failed,
+    /// A stop failed: the group may still run there (escalated to fencing
+    /// when the cluster has a fence command).
+    StopFailed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
