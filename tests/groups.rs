@@ -12,16 +12,7 @@ use common::*;
 use serde_json::{json, Value};
 
 async fn group(c: &Cluster, name: &str) -> Value {
-    for _ in 0..100 {
-        for u in c.live_urls() {
-            let (st, v) = get(&format!("{u}/v1/groups/{name}")).await;
-            if st == 200 {
-                return v;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no node answered for group {name}");
+    group_at(&c.live_urls(), name).await
 }
 
 async fn wait_running_on(c: &Cluster, name: &str, node: &str, log: &Path) -> Value {

@@ -20,16 +20,7 @@ use serde_json::{json, Value};
 /// The group as n2 or n3 sees it (n1 may be stopped: its socket accepts
 /// but never answers).
 async fn group(c: &Cluster, name: &str) -> Value {
-    for _ in 0..100 {
-        for u in [c.node("n2").url(), c.node("n3").url()] {
-            let (st, v) = get(&format!("{u}/v1/groups/{name}")).await;
-            if st == 200 {
-                return v;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no node answered for group {name}");
+    group_at(&[c.node("n2").url(), c.node("n3").url()], name).await
 }
 
 async fn wait_running_on(c: &Cluster, name: &str, node: &str, log: &Path) -> Value {

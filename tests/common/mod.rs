@@ -472,3 +472,17 @@ pub fn alive(pid: i32) -> bool {
 pub fn running(log: &Path) -> Vec<Event> {
     events(log).into_iter().filter(|e| e.kind == "start" && alive(e.pid)).collect()
 }
+
+/// A group as the first of `urls` that answers sees it (retried for 10 s).
+pub async fn group_at(urls: &[String], name: &str) -> Value {
+    for _ in 0..100 {
+        for u in urls {
+            let (st, v) = get(&format!("{u}/v1/groups/{name}")).await;
+            if st == 200 {
+                return v;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no node answered for group {name}");
+}
