@@ -845,6 +845,9 @@ impl Agent {
                 tracing::warn!(killed, "lease ran out (no majority heard, or this agent stalled): fencing");
             }
         }
+        if self.lapsed.load(std::sync::atomic::Ordering::SeqCst) {
+            return; // not before the executor has fenced what it ran
+        }
         let Some(heard) = self.quorum_heard_at(&m, now) else { return };
         let heard_ms = now_ms.saturating_sub(now.saturating_duration_since(heard).as_millis() as u64);
         // A lapsed lease is taken again only from heartbeats heard since.
@@ -866,14 +869,17 @@ impl Agent {
     /// node knows, and fence when out of quorum past the lease.
     async fn executor_round(&self) {
         let Some(m) = self.member() else { return };
+        if self.lapsed.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut ex = self.executor.lock().await;
+            if let Some(ex) = ex.as_mut() {
+                ex.fence();
+            }
+            // Only now may the lease be taken again (see lease_round).
+            self.lapsed.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         let no_groups = m.state.read(|d| d.state.groups.is_empty());
         if no_groups && self.executor.lock().await.as_ref().is_none_or(|ex| ex.is_idle()) {
             return;
-        }
-        if self.lapsed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            if let Some(ex) = self.executor.lock().await.as_mut() {
-                ex.fence();
-            }
         }
         let state = m.state.state();
         let in_lease = self.in_lease();
