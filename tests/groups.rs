@@ -403,7 +403,7 @@ async fn n_plus_one_capacity_anti_affinity_and_auto_failback() {
     })
     .await;
     c.node_mut("n2").kill();
-    wait_until(Duration::from_secs(15), "b stopped for capacity", || async {
+    wait_until(Duration::from_secs(30), "b stopped for capacity", || async {
         let b = node_of("b").await;
         b["node"].is_null() && b["reason"].as_str().is_some_and(|r| r.contains("capacity"))
     })
