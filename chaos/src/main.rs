@@ -1,0 +1,469 @@
+//! tandem-chaos: a small data centre on one machine (one network namespace
+//! per node, real `tandem agent`s), a nemesis injecting faults from a
+//! seeded schedule, and a history checker (`checker`) that proves the
+//! group never ran on two nodes and measures each failover's downtime.
+//!
+//! Everything it creates (namespaces, bridge, processes, data) is removed
+//! when it exits, also on Ctrl-C or a panic. Needs root. It must never
+//! judge a run by timings: only the checker's properties are violations.
+
+mod checker;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use checker::{Copy, Sample, Violation};
+use clap::Parser;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use tandem::testkit::{is_root, kill_session, new_session, Net};
+
+#[derive(Parser)]
+#[command(name = "tandem-chaos", about = "Fault injection with a history checker for tandem")]
+struct Args {
+    /// Seed of the fault schedule (printed; the same seed gives the same schedule).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Fault rounds to run (ignored with --duration).
+    #[arg(long, default_value_t = 10)]
+    rounds: u32,
+    /// Run for this many seconds instead of a number of rounds.
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Nodes (hosts), 3 to 7.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=7))]
+    nodes: u8,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "chaos-report.json")]
+    report: PathBuf,
+    /// The tandem binary (default: next to this one).
+    #[arg(long)]
+    tandem: Option<PathBuf>,
+}
+
+/// Every fault kind the nemesis knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL of everything the host runs (power loss), then a restart.
+    PowerLoss,
+    /// SIGKILL of the agent alone, restarted at once (its resources stay).
+    AgentCrash,
+    /// SIGKILL of the agent alone, back only after its lease.
+    AgentDown,
+    /// SIGSTOP of the agent (a long stall), then SIGCONT.
+    Pause,
+    /// The host's link down (isolated from all), then up.
+    Isolate,
+}
+
+const FAULTS: [Fault; 5] = [Fault::PowerLoss, Fault::AgentCrash, Fault::AgentDown, Fault::Pause, Fault::Isolate];
+
+/// xorshift64*: enough for a reproducible schedule, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+struct Host {
+    name: String,
+    ns: String,
+    addr: String,
+    dir: PathBuf,
+    child: Option<Child>,
+    /// Every session an agent of this host led (what it left running stays
+    /// in the first one).
+    sessions: Vec<i32>,
+}
+
+impl Host {
+    fn url(&self) -> String {
+        format!("http://{}:7401", self.addr)
+    }
+
+    fn start(&mut self, tandem: &Path) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log"))?;
+        let mut cmd = Command::new("ip");
+        new_session(&mut cmd);
+        let child = cmd
+            .args(["netns", "exec", &self.ns])
+            .arg(tandem)
+            .args(["agent", "--config"])
+            .arg(self.dir.join("node.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning an agent")?;
+        self.sessions.push(child.id() as i32);
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn signal(&self, sig: Signal) {
+        if let Some(c) = &self.child {
+            let _ = kill(Pid::from_raw(c.id() as i32), sig);
+        }
+    }
+
+    fn kill_agent(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn power_off(&mut self) {
+        for sid in &self.sessions {
+            kill_session(*sid);
+        }
+        self.sessions.clear();
+        self.kill_agent();
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGCONT);
+        self.power_off();
+    }
+}
+
+async fn http(client: &reqwest::Client, method: reqwest::Method, url: &str, body: Option<Value>) -> Option<Value> {
+    let mut req = client.request(method, url).timeout(Duration::from_secs(2));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json().await.ok()
+}
+
+/// The sampler: every 10 ms, which copies (start lines of the event log
+/// whose process is still alive) run.
+fn sample(log: &Path, t0: Instant, known: &mut Vec<(Copy, Option<u64>)>) -> Sample {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    for line in text.lines().skip(known.len()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(node), Some(epoch), Some(pid)) =
+            (f.get(1), f.get(2).and_then(|e| e.parse().ok()), f.get(3).and_then(|p| p.parse().ok()))
+        else {
+            continue;
+        };
+        // The start time pins the pid to this process (pids are reused).
+        let start = tandem::watchdog::proc_start_time(pid);
+        known.push((Copy { node: node.to_string(), epoch, pid }, start));
+    }
+    let alive = known
+        .iter()
+        .filter(|(c, st)| st.is_some_and(|st| tandem::watchdog::is_running(c.pid, st)))
+        .map(|(c, _)| c.clone())
+        .collect();
+    Sample { t_ms: t0.elapsed().as_millis() as u64, alive }
+}
+
+struct Run {
+    hosts: Vec<Host>,
+    client: reqwest::Client,
+    tandem: PathBuf,
+}
+
+impl Run {
+    async fn any(&self, path: &str) -> Option<Value> {
+        for h in self.hosts.iter().filter(|h| h.child.is_some()) {
+            if let Some(v) = http(&self.client, reqwest::Method::GET, &format!("{}{path}", h.url()), None).await {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Every node online, three voters, the group running: the cluster
+    /// recovered from the last fault.
+    async fn healthy(&self) -> bool {
+        let (Some(c), Some(g)) = (self.any("/v1/cluster").await, self.any("/v1/groups/chaos").await) else {
+            return false;
+        };
+        let members = c["members"].as_array().cloned().unwrap_or_default();
+        members.len() == self.hosts.len()
+            && members.iter().all(|m| m["state"] == "online")
+            && members.iter().filter(|m| m["role"] == "voter").count() >= 3
+            && g["state"] == "running"
+    }
+
+    async fn wait_healthy(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.healthy().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(0) => std::process::ExitCode::SUCCESS,
+        Ok(_) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tandem-chaos: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<usize> {
+    if !is_root() {
+        bail!("needs root (network namespaces, one per node)");
+    }
+    let tandem = match args.tandem {
+        Some(t) => t,
+        None => std::env::current_exe()?.with_file_name("tandem"),
+    };
+    if !tandem.exists() {
+        bail!("no tandem binary at {} (build it, or pass --tandem)", tandem.display());
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    println!("tandem-chaos: seed {seed}, {} nodes", args.nodes);
+    let tmp = tempfile::tempdir()?;
+    let mut net = Net::new();
+    let mut hosts = Vec::new();
+    for i in 1..=args.nodes {
+        let (ns, addr) = net.host(i);
+        let dir = tmp.path().join(format!("n{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let cfg = format!(
+            "name = \"n{i}\"\ndata_dir = \"{}\"\naddresses = [\"{addr}\"]\nport = 7401\n",
+            dir.join("data").display()
+        );
+        std::fs::write(dir.join("node.toml"), cfg)?;
+        hosts.push(Host { name: format!("n{i}"), ns, addr, dir, child: None, sessions: Vec::new() });
+    }
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let mut run = Run { hosts, client, tandem };
+    for h in &mut run.hosts {
+        h.start(&run.tandem)?;
+    }
+    // Stop cleanly on Ctrl-C: the loop ends, Drop removes everything.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            flag.store(true, Ordering::SeqCst);
+        });
+    }
+    form(&run).await?;
+
+    let events = tmp.path().join("events");
+    let script = format!(
+        "echo \"start $TANDEM_NODE $TANDEM_EPOCH $$\" >> {e}; trap 'exit 0' TERM; while :; do sleep 0.05; done",
+        e = events.display()
+    );
+    let nodes: Vec<String> = run.hosts.iter().map(|h| h.name.clone()).collect();
+    let group =
+        json!({"resources": [{"name": "svc", "type": "process", "command": ["sh", "-c", script]}], "nodes": nodes});
+    let url = format!("{}/v1/groups/chaos", run.hosts[0].url());
+    if http(&run.client, reqwest::Method::PUT, &url, Some(group)).await.is_none() {
+        bail!("the group was not accepted");
+    }
+    if !run.wait_healthy(Duration::from_secs(60)).await {
+        bail!("the cluster did not become healthy");
+    }
+
+    // The sampler runs on its own thread for the whole run.
+    let t0 = Instant::now();
+    let samples: Arc<Mutex<Vec<Sample>>> = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (samples, stop, events) = (samples.clone(), stop.clone(), events.clone());
+        std::thread::spawn(move || {
+            let mut known = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let s = sample(&events, t0, &mut known);
+                samples.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            known.into_iter().map(|(c, _)| c).collect::<Vec<Copy>>()
+        })
+    };
+
+    let mut rng = Rng(seed.max(1));
+    let mut timeline = Vec::new();
+    let mut extra = Vec::new();
+    let mut round = 0u32;
+    let deadline = args.duration.map(|d| t0 + Duration::from_secs(d));
+    while !interrupted.load(Ordering::SeqCst) {
+        match deadline {
+            Some(d) if Instant::now() >= d => break,
+            None if round >= args.rounds => break,
+            _ => {}
+        }
+        // A fixed-seed short run covers every kind first, then draws.
+        let fault = if (round as usize) < FAULTS.len() {
+            FAULTS[round as usize]
+        } else {
+            FAULTS[rng.below(FAULTS.len() as u64) as usize]
+        };
+        // Two faults in three hit the node running the group: those make
+        // failovers; the others test that nothing moves needlessly.
+        let holder = run.any("/v1/groups/chaos").await.and_then(|g| g["node"].as_str().map(str::to_string));
+        let holder = holder.and_then(|n| run.hosts.iter().position(|h| h.name == n));
+        let i = match holder {
+            Some(h) if rng.below(3) < 2 => h,
+            _ => rng.below(run.hosts.len() as u64) as usize,
+        };
+        let hold = Duration::from_millis(1000 + rng.below(2000));
+        let t = t0.elapsed().as_millis() as u64;
+        let name = run.hosts[i].name.clone();
+        println!("[{t:>7} ms] round {round}: {fault:?} on {name} for {} ms", hold.as_millis());
+        timeline.push(json!({"t_ms": t, "round": round, "fault": format!("{fault:?}"), "node": name, "held_ms": hold.as_millis() as u64}));
+        inject(&mut run, i, fault, hold, &mut net).await?;
+        if !run.wait_healthy(Duration::from_secs(60)).await {
+            extra.push(Violation {
+                kind: "no recovery".into(),
+                t_ms: t0.elapsed().as_millis() as u64,
+                detail: format!("not healthy 60 s after healing {fault:?} on {name}"),
+            });
+        }
+        round += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let starts = sampler.join().unwrap_or_default();
+    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut verdict = checker::check(&samples, &starts);
+    verdict.violations.extend(extra);
+
+    let downtimes: Vec<u64> = verdict.outages.iter().map(|(_, d)| *d).collect();
+    let pct = |p| checker::percentile(&downtimes, p);
+    let failovers = starts.windows(2).filter(|w| w[0].node != w[1].node).count();
+    // Each outage belongs to the last fault injected before it began.
+    let mut by_fault: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for (start, len) in &verdict.outages {
+        let kind = timeline
+            .iter()
+            .rev()
+            .find(|f| f["t_ms"].as_u64().is_some_and(|t| t <= *start))
+            .and_then(|f| f["fault"].as_str())
+            .unwrap_or("none");
+        by_fault.entry(kind.to_string()).or_default().push(*len);
+    }
+    let per_fault: serde_json::Map<String, Value> = by_fault
+        .iter()
+        .map(|(k, v)| {
+            let p = |q| checker::percentile(v, q);
+            (k.clone(), json!({"count": v.len(), "p50": p(50), "p99": p(99), "max": v.iter().max()}))
+        })
+        .collect();
+    let report = json!({
+        "seed": seed,
+        "nodes": run.hosts.len(),
+        "rounds": round,
+        "faults": timeline,
+        "workloads": {"resources": {"starts": starts.len(), "samples": samples.len()}},
+        "failovers": failovers,
+        "downtime_ms": {"count": downtimes.len(), "p50": pct(50), "p99": pct(99), "max": downtimes.iter().max(), "all": downtimes, "by_fault": per_fault},
+        "violations": verdict.violations,
+    });
+    std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", args.report.display()))?;
+
+    println!("\nseed {seed}: {round} fault rounds, {} resource starts, {failovers} failovers", starts.len());
+    println!(
+        "outages (ms): {} — p50 {:?}, p99 {:?}, max {:?}",
+        downtimes.len(),
+        pct(50),
+        pct(99),
+        downtimes.iter().max()
+    );
+    for (kind, v) in &by_fault {
+        let p = |q| checker::percentile(v, q).unwrap_or(0);
+        println!("  after {kind}: {} outages, p50 {} ms, max {} ms", v.len(), p(50), v.iter().max().unwrap_or(&0));
+    }
+    for v in &verdict.violations {
+        println!("VIOLATION at {} ms: {}: {}", v.t_ms, v.kind, v.detail);
+    }
+    println!("report: {}", args.report.display());
+    println!("violations: {}", verdict.violations.len());
+    drop(run);
+    drop(net);
+    Ok(verdict.violations.len())
+}
+
+/// Bootstraps the cluster on n1 and joins the others through it.
+async fn form(run: &Run) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for h in &run.hosts {
+        while http(&run.client, reqwest::Method::GET, &format!("{}/v1/local", h.url()), None).await.is_none() {
+            if Instant::now() > deadline {
+                bail!("{} did not come up", h.name);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let first = run.hosts[0].url();
+    http(&run.client, reqwest::Method::POST, &format!("{first}/v1/cluster/init"), Some(json!({})))
+        .await
+        .context("cluster init")?;
+    for h in &run.hosts[1..] {
+        http(&run.client, reqwest::Method::POST, &format!("{}/v1/cluster/join", h.url()), Some(json!({"via": first})))
+            .await
+            .with_context(|| format!("{} joining", h.name))?;
+    }
+    Ok(())
+}
+
+async fn inject(run: &mut Run, i: usize, fault: Fault, hold: Duration, net: &mut Net) -> anyhow::Result<()> {
+    let host_no = i as u8 + 1;
+    match fault {
+        Fault::PowerLoss => {
+            run.hosts[i].power_off();
+            tokio::time::sleep(hold).await;
+            run.hosts[i].start(&run.tandem)?;
+        }
+        Fault::AgentCrash => {
+            run.hosts[i].kill_agent();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            run.hosts[i].start(&run.tandem)?;
+            tokio::time::sleep(hold).await;
+        }
+        Fault::AgentDown => {
+            run.hosts[i].kill_agent();
+            tokio::time::sleep(hold).await;
+            run.hosts[i].start(&run.tandem)?;
+        }
+        Fault::Pause => {
+            run.hosts[i].signal(Signal::SIGSTOP);
+            tokio::time::sleep(hold).await;
+            run.hosts[i].signal(Signal::SIGCONT);
+        }
+        Fault::Isolate => {
+            net.set_link(host_no, false);
+            tokio::time::sleep(hold).await;
+            net.set_link(host_no, true);
+        }
+    }
+    Ok(())
+}
