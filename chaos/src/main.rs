@@ -8,6 +8,7 @@
 //! judge a run by timings: only the checker's properties are violations.
 
 mod checker;
+mod register;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -266,12 +267,16 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     for h in &mut run.hosts {
         h.start(&run.tandem)?;
     }
-    // Stop cleanly on Ctrl-C: the loop ends, Drop removes everything.
+    // Stop cleanly on Ctrl-C or SIGTERM: the loop ends, Drop removes everything.
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
             flag.store(true, Ordering::SeqCst);
         });
     }
@@ -309,6 +314,72 @@ async fn run(args: Args) -> anyhow::Result<usize> {
             known.into_iter().map(|(c, _)| c).collect::<Vec<Copy>>()
         })
     };
+
+    // The control-plane workload: two clients write unique values to one
+    // register (an attribute of n1) and read it back, through any node.
+    let history: Arc<Mutex<Vec<register::Op>>> = Default::default();
+    let mut clients = Vec::new();
+    for client in 0..2u32 {
+        let (history, stop, client_http) = (history.clone(), stop.clone(), run.client.clone());
+        let urls: Vec<String> = run.hosts.iter().map(|h| h.url()).collect();
+        let mut rng = Rng(seed.wrapping_add(client as u64 + 1).max(1));
+        clients.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let url = &urls[rng.below(urls.len() as u64) as usize];
+                let invoke_ms = t0.elapsed().as_millis() as u64;
+                let op = if rng.below(2) == 0 {
+                    seq += 1;
+                    let v = format!("c{client}-{seq}");
+                    let target = format!("{url}/v1/nodes/n1/attributes/chaos-register");
+                    let r = client_http
+                        .put(&target)
+                        .json(&json!({"value": v}))
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                        .await;
+                    // Some(answer): it happened; Some(None): it may have;
+                    // None: it did not.
+                    let outcome = match r {
+                        Ok(resp) if resp.status().is_success() => Some(Some(t0.elapsed().as_millis() as u64)),
+                        Ok(resp) => {
+                            // Refused before anything was proposed: a 4xx,
+                            // or a node that is no member. (No leader, 503
+                            // TND-1202, can come from a leader that lost its
+                            // office after appending: unknown.)
+                            let status = resp.status();
+                            let code =
+                                resp.json::<Value>().await.ok().and_then(|b| b["code"].as_str().map(str::to_string));
+                            let not_applied = status.is_client_error() || code.as_deref() == Some("TND-1200");
+                            (!not_applied).then_some(None)
+                        }
+                        // Never sent.
+                        Err(e) if e.is_connect() => None,
+                        // Sent, no answer.
+                        Err(_) => Some(None),
+                    };
+                    outcome.map(|answer_ms| register::Op {
+                        client,
+                        kind: register::Kind::Write(v),
+                        invoke_ms,
+                        answer_ms,
+                    })
+                } else {
+                    let r = http(&client_http, reqwest::Method::GET, &format!("{url}/v1/nodes/n1"), None).await;
+                    r.map(|node| register::Op {
+                        client,
+                        kind: register::Kind::Read(node["attributes"]["chaos-register"].as_str().map(str::to_string)),
+                        invoke_ms,
+                        answer_ms: Some(t0.elapsed().as_millis() as u64),
+                    })
+                };
+                if let Some(op) = op {
+                    history.lock().unwrap_or_else(|e| e.into_inner()).push(op);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
 
     let mut rng = Rng(seed.max(1));
     let mut timeline = Vec::new();
@@ -351,10 +422,25 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         round += 1;
     }
     stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        let _ = c.await;
+    }
     let starts = sampler.join().unwrap_or_default();
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
     let mut verdict = checker::check(&samples, &starts);
     verdict.violations.extend(extra);
+    let mut ops = std::mem::take(&mut *history.lock().unwrap_or_else(|e| e.into_inner()));
+    ops.sort_by_key(|o| o.invoke_ms);
+    let register_outcome = register::check(&ops);
+    match &register_outcome {
+        register::Outcome::Violation(why) => verdict.violations.push(Violation {
+            kind: "register not linearizable".into(),
+            t_ms: 0,
+            detail: why.clone(),
+        }),
+        register::Outcome::Linearizable => {}
+    }
+    let unknown = ops.iter().filter(|o| o.answer_ms.is_none()).count();
 
     let downtimes: Vec<u64> = verdict.outages.iter().map(|(_, d)| *d).collect();
     let pct = |p| checker::percentile(&downtimes, p);
@@ -382,7 +468,10 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         "nodes": run.hosts.len(),
         "rounds": round,
         "faults": timeline,
-        "workloads": {"resources": {"starts": starts.len(), "samples": samples.len()}},
+        "workloads": {
+            "resources": {"starts": starts.len(), "samples": samples.len()},
+            "register": {"operations": ops.len(), "unknown": unknown, "outcome": format!("{register_outcome:?}")},
+        },
         "failovers": failovers,
         "downtime_ms": {"count": downtimes.len(), "p50": pct(50), "p99": pct(99), "max": downtimes.iter().max(), "all": downtimes, "by_fault": per_fault},
         "violations": verdict.violations,
@@ -391,6 +480,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         .with_context(|| format!("writing {}", args.report.display()))?;
 
     println!("\nseed {seed}: {round} fault rounds, {} resource starts, {failovers} failovers", starts.len());
+    println!("register: {} operations ({unknown} with unknown outcome): {register_outcome:?}", ops.len());
     println!(
         "outages (ms): {} — p50 {:?}, p99 {:?}, max {:?}",
         downtimes.len(),
