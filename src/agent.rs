@@ -48,6 +48,8 @@ const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How often the executor and the leader's scheduler run.
 const GROUP_TICK: Duration = Duration::from_millis(100);
+/// The least time between two rounds of a loop woken by state changes.
+const CHANGE_GAP: Duration = Duration::from_millis(10);
 /// How long after a failed fence attempt the leader tries again.
 const FENCE_RETRY: Duration = Duration::from_secs(2);
 /// How often the leader's scheduler looks at liveness: a dead node's
@@ -1557,6 +1559,9 @@ where
                 None => tokio::time::sleep(period).await,
             }
             round().await;
+            // A busy log (thousands of writes a second) must not turn the
+            // loop into a spin: at most one round per CHANGE_GAP.
+            tokio::time::sleep(CHANGE_GAP).await;
         }
     });
 }
