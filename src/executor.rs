@@ -358,11 +358,6 @@ impl Executor {
         }
     }
 
-    /// Whether anything runs here (then a watchdog must guard it).
-    pub fn has_records(&self) -> bool {
-        !self.written.is_empty()
-    }
-
     /// Resource status of a group running here.
     pub fn status(&self, group: &str) -> Option<(u64, u32, Vec<ResourceStatus>)> {
         self.groups.get(group).map(|g| (g.epoch, g.restarted, g.status()))
@@ -376,10 +371,7 @@ impl Executor {
     /// Kills every local resource at once (self-fencing).
     pub fn fence(&mut self) {
         if !self.groups.is_empty() {
-            tracing::warn!(
-                groups = self.groups.len(),
-                "no quorum for longer than the lease: killing every local resource"
-            );
+            tracing::warn!(groups = self.groups.len(), "the lease ran out: killing and stopping every local resource");
         }
         let (dir, node) = (self.dir.clone(), self.node_name.clone());
         for (name, g) in std::mem::take(&mut self.groups) {
@@ -420,16 +412,16 @@ impl Executor {
             .collect()
     }
 
-    /// One reconciliation round. `in_quorum` is false once this node has
-    /// been out of quorum for longer than its lease. New starts happen only
+    /// One reconciliation round. `in_lease` is false once this node has
+    /// lost its lease (no majority heard, or it stalled). New starts happen only
     /// for the (group, epoch) pairs in `confirmed`.
     pub async fn tick(
         &mut self,
         state: &ClusterState,
-        in_quorum: bool,
+        in_lease: bool,
         confirmed: &BTreeSet<(String, u64)>,
     ) -> Vec<Report> {
-        if !in_quorum {
+        if !in_lease {
             self.fence();
             return Vec::new();
         }

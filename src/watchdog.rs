@@ -24,7 +24,7 @@ use std::time::Duration;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use tandem_raft::group::{GroupSpec, ResourceKind};
+use tandem_raft::group::GroupSpec;
 
 /// The watchdog wakes at the lease's deadline, and at least this often to
 /// see the lease extended (and to feed the device).
@@ -361,12 +361,6 @@ pub async fn run(data_dir: &Path, device: Option<PathBuf>) -> std::io::Result<()
     }
     eprintln!("watchdog: nothing to guard, exiting");
     Ok(())
-}
-
-/// Whether a resource kind leaves something behind that a stop action must
-/// undo (as opposed to a process, which a kill ends).
-pub fn is_script(kind: &ResourceKind) -> bool {
-    !matches!(kind, ResourceKind::Process { .. })
 }
 
 #[cfg(test)]
