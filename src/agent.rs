@@ -112,6 +112,8 @@ pub struct Agent {
     /// Live nodes to fence all the same (a stop failed there), until they
     /// go silent.
     escalated: std::sync::Mutex<BTreeSet<NodeId>>,
+    /// The volume replicas on this node.
+    pub(crate) volumes: Arc<crate::volume::manager::VolumeManager>,
 }
 
 /// One run of the fence command against a silent node.
@@ -160,6 +162,7 @@ impl Agent {
             lapsed: false.into(),
             fence_ops: Default::default(),
             escalated: Default::default(),
+            volumes: Default::default(),
         })
     }
 

@@ -14,4 +14,5 @@ pub mod executor;
 pub mod liveness;
 pub mod scheduler;
 pub mod testkit;
+pub mod volume;
 pub mod watchdog;

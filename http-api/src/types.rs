@@ -249,3 +249,94 @@ pub enum GroupAction {
     Stop,
     Clear,
 }
+
+/// How a replica's connection to the primary stands, seen from the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ConnectionState {
+    /// In sync, writes flow.
+    Connected,
+    /// This side sends a resync.
+    SyncSource,
+    /// This side receives a resync.
+    SyncTarget,
+    /// An async peer that fell out of its buffer: tracked in the bitmap.
+    Ahead,
+    Disconnected,
+    /// Both sides changed since their common generation; waits for a policy
+    /// or the operator (`POST /v1/volumes/{name}/resolve`).
+    SplitBrain,
+}
+
+/// Progress of a running resync.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ResyncProgress {
+    /// Bytes still to send.
+    pub remaining_bytes: u64,
+    /// Bytes sent so far by this resync.
+    pub sent_bytes: u64,
+    /// Bytes the resync started with.
+    pub total_bytes: u64,
+    /// Recent rate, bytes per second.
+    pub rate_bytes_per_s: u64,
+    /// Seconds to completion at the recent rate; null before a rate is known.
+    pub eta_s: Option<f64>,
+}
+
+/// One replica of a volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaView {
+    pub node: String,
+    /// `primary` or `secondary`.
+    pub role: String,
+    /// `UpToDate`, `Inconsistent`, `Outdated` or `Diskless`.
+    pub disk: String,
+    pub connection: ConnectionState,
+    /// `sync` or `async` (null for the primary).
+    pub mode: Option<String>,
+    /// Bytes this replica lacks (its bits in the primary's bitmap).
+    pub out_of_sync_bytes: u64,
+    pub resync: Option<ResyncProgress>,
+    /// Async peers: bytes written locally and not yet acknowledged by it.
+    pub lag_bytes: Option<u64>,
+    /// Why it is disconnected or refused, when it is.
+    pub last_error: Option<String>,
+}
+
+/// What one node's data plane knows about a volume
+/// (`GET /internal/volumes/{name}/local`). From the primary it covers every
+/// replica; from a secondary only itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LocalVolumeStatus {
+    pub name: String,
+    /// `primary` or `secondary`.
+    pub role: String,
+    pub size_bytes: u64,
+    /// The export as an NBD URI, on the primary.
+    pub nbd: Option<String>,
+    pub replicas: Vec<ReplicaView>,
+    /// The current data generation (hex).
+    pub generation: String,
+    /// Last online verify on this primary, if any.
+    pub verify: Option<VerifyReport>,
+}
+
+/// Outcome of an online verify.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VerifyReport {
+    /// `running` or `done` or `failed`.
+    pub state: String,
+    pub checked_bytes: u64,
+    /// Blocks whose digests differed, per replica node.
+    pub found_blocks: BTreeMap<String, u64>,
+    /// Of those, blocks resynced so far.
+    pub repaired_blocks: BTreeMap<String, u64>,
+    pub error: Option<String>,
+}
+
+/// `POST /v1/volumes/{name}/resolve`: the replica whose changes are thrown
+/// away after a split brain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveRequest {
+    pub discard: String,
+}

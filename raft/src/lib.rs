@@ -9,6 +9,7 @@ pub mod group;
 pub mod network;
 pub mod state;
 pub mod store;
+pub mod volume;
 
 use std::fmt;
 use std::io::Cursor;

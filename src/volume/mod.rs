@@ -1,0 +1,58 @@
+//! The data plane: replicated block volumes exported over NBD.
+//!
+//! A volume is a fixed-size array of bytes kept on a backing file on each
+//! replica node. The primary exports it to applications over NBD ([`nbd`]) and
+//! ships every write, in order, to its secondaries over its own framed TCP
+//! protocol ([`wire`]). What a peer lacks is tracked in a persisted bitmap per
+//! peer; an activity log bounds what must be resynced after a primary crash;
+//! generation UUIDs ([`generation`]) decide on every connect which way data
+//! flows, or that the two sides split.
+//!
+//! This module must never decide placement: the scheduler picks the primary
+//! and the executor promotes and demotes through [`manager::VolumeManager`],
+//! which carries the group's epoch so a stale primary is refused by its peers.
+
+pub mod generation;
+pub mod manager;
+pub mod nbd;
+pub mod wire;
+
+use thiserror::Error;
+
+/// Errors of the data plane, each with a stable code for the API.
+#[derive(Debug, Error)]
+pub enum VolumeError {
+    #[error("no volume named {name} on this node")]
+    NotFound { name: String },
+    #[error("volume {name} is not primary on this node")]
+    NotPrimary { name: String },
+    #[error("volume {name} has no replica on node {node}")]
+    NoSuchReplica { name: String, node: String },
+    #[error("volume {name}: {node} is not in split brain")]
+    NotSplitBrain { name: String, node: String },
+    #[error("volume {name}: {reason}")]
+    Refused { name: String, reason: String },
+    #[error("volume {name}: an online verify is already running")]
+    VerifyRunning { name: String },
+    #[error("volume {name}: I/O error: {source}")]
+    Io {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VolumeError {
+    /// The stable error code (documented in docs/errors.md).
+    pub fn code(&self) -> &'static str {
+        match self {
+            VolumeError::NotFound { .. } => "TND-4301",
+            VolumeError::NotPrimary { .. } => "TND-4302",
+            VolumeError::NoSuchReplica { .. } => "TND-4303",
+            VolumeError::NotSplitBrain { .. } => "TND-4304",
+            VolumeError::Refused { .. } => "TND-4305",
+            VolumeError::VerifyRunning { .. } => "TND-4306",
+            VolumeError::Io { .. } => "TND-5301",
+        }
+    }
+}
