@@ -46,13 +46,13 @@ impl VolumeError {
     /// The stable error code (documented in docs/errors.md).
     pub fn code(&self) -> &'static str {
         match self {
-            VolumeError::NotFound { .. } => "TND-4301",
-            VolumeError::NotPrimary { .. } => "TND-4302",
-            VolumeError::NoSuchReplica { .. } => "TND-4303",
-            VolumeError::NotSplitBrain { .. } => "TND-4304",
-            VolumeError::Refused { .. } => "TND-4305",
-            VolumeError::VerifyRunning { .. } => "TND-4306",
-            VolumeError::Io { .. } => "TND-5301",
+            VolumeError::NotFound { .. } => "TND-1400",
+            VolumeError::NotPrimary { .. } => "TND-1401",
+            VolumeError::NoSuchReplica { .. } => "TND-1402",
+            VolumeError::NotSplitBrain { .. } => "TND-1403",
+            VolumeError::Refused { .. } => "TND-1404",
+            VolumeError::VerifyRunning { .. } => "TND-1405",
+            VolumeError::Io { .. } => "TND-1406",
         }
     }
 }
