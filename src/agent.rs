@@ -1322,7 +1322,8 @@ impl Backend for Agent {
     async fn put_group(&self, name: &str, spec: GroupSpec) -> Result<(GroupView, bool), ApiError> {
         let m = self.require_member()?;
         for (i, r) in spec.resources.iter().enumerate() {
-            if !crate::executor::supported(&r.kind) {
+            let volume = matches!(r.kind, tandem_raft::group::ResourceKind::Volume(_));
+            if !crate::executor::supported(&r.kind) && !volume {
                 return Err(ApiError::Invalid {
                     field: format!("resources[{i}].type"),
                     reason: format!(
@@ -1331,6 +1332,13 @@ impl Backend for Agent {
                     ),
                 });
             }
+        }
+        // What the log would refuse is refused first, each with its code;
+        // then a new volume must fit in this node's free space.
+        m.state.read(|d| d.state.check_put_group(name, &spec))?;
+        let new_volume = spec.volume().filter(|(r, _)| m.state.read(|d| d.state.volume_owner(&r.name).is_none()));
+        if let Some((r, v)) = new_volume {
+            check_free_space(&self.cfg.data_dir, &spec, r, v)?;
         }
         let created = m.state.read(|d| !d.state.groups.contains_key(name));
         self.propose(&m, Command::PutGroup { name: name.into(), spec }).await?;
@@ -1383,6 +1391,107 @@ impl Backend for Agent {
 
     async fn group_report(&self, name: &str, report: GroupReport) -> Result<(), ApiError> {
         self.apply_report(name, report).await
+    }
+
+    async fn volumes(&self, stale: bool) -> Result<Vec<tandem_http_api::VolumeView>, ApiError> {
+        let m = self.read_member(stale).await?;
+        let state = m.state.state();
+        let owners: Vec<_> = state.groups.values().filter_map(|g| g.spec.volume().map(|(r, v)| (g, r, v))).collect();
+        // Ask every primary at once: the list takes one status timeout at most.
+        let mut asks = tokio::task::JoinSet::new();
+        let mut live: Vec<Option<Result<tandem_http_api::LocalVolumeStatus, String>>> = vec![None; owners.len()];
+        for (i, (g, r, _)) in owners.iter().enumerate() {
+            match volume_source(&state, m.node_id, g, r) {
+                VolumeSource::Here(node, volume) => {
+                    live[i] = Some(self.volumes.status(&volume).map_err(|e| format!("primary {node}: {e}")))
+                }
+                VolumeSource::Remote(node, url) => {
+                    let http = self.http.clone();
+                    asks.spawn(async move { (i, fetch_volume_status(&http, &node, &url).await) });
+                }
+                VolumeSource::None(why) => live[i] = Some(Err(why)),
+            }
+        }
+        while let Some(done) = asks.join_next().await {
+            if let Ok((i, r)) = done {
+                live[i] = Some(r);
+            }
+        }
+        Ok(owners
+            .iter()
+            .zip(live)
+            .map(|((g, r, v), l)| {
+                volume_view(&state, g, r, v, l.unwrap_or_else(|| Err("status request failed".into())))
+            })
+            .collect())
+    }
+
+    async fn volume(&self, name: &str, stale: bool) -> Result<tandem_http_api::VolumeView, ApiError> {
+        let m = self.read_member(stale).await?;
+        let state = m.state.state();
+        let (g, r, v) = state
+            .volume_owner(name)
+            .and_then(|(g, _)| g.spec.volume().map(|(r, v)| (g, r, v)))
+            .ok_or_else(|| ApiError::VolumeNotFound(name.to_string()))?;
+        let live = match volume_source(&state, m.node_id, g, r) {
+            VolumeSource::Here(node, volume) => {
+                self.volumes.status(&volume).map_err(|e| format!("primary {node}: {e}"))
+            }
+            VolumeSource::Remote(node, url) => fetch_volume_status(&self.http, &node, &url).await,
+            VolumeSource::None(why) => Err(why),
+        };
+        Ok(volume_view(&state, g, r, v, live))
+    }
+
+    async fn verify_volume(&self, name: &str) -> Result<tandem_http_api::VerifyReport, ApiError> {
+        let m = self.require_member()?;
+        match self.primary_of(&m, name)? {
+            None => self.local_volume_verify(name).await,
+            Some(urls) => {
+                let path = format!("/internal/volumes/{name}/verify");
+                self.ask_primary(&urls, &path, &serde_json::json!({})).await
+            }
+        }
+    }
+
+    async fn resolve_volume(&self, name: &str, discard: &str) -> Result<tandem_http_api::VolumeView, ApiError> {
+        let m = self.require_member()?;
+        let replicas =
+            m.state.read(|d| d.state.volume_owner(name).map(|(g, _)| tandem_raft::group::replica_nodes(&g.spec)));
+        let replicas = replicas.ok_or_else(|| ApiError::VolumeNotFound(name.to_string()))?;
+        if !replicas.iter().any(|n| n == discard) {
+            return Err(ApiError::NoSuchReplica(format!(
+                "volume {name} has no replica on node {discard} (its replicas: {})",
+                replicas.join(", ")
+            )));
+        }
+        match self.primary_of(&m, name)? {
+            None => self.local_volume_resolve(name, discard).await?,
+            Some(urls) => {
+                let path = format!("/internal/volumes/{name}/resolve");
+                let body = tandem_http_api::ResolveRequest { discard: discard.to_string() };
+                self.ask_primary::<_, serde_json::Value>(&urls, &path, &body).await?;
+            }
+        }
+        self.volume(name, true).await
+    }
+
+    async fn local_volume(&self, name: &str) -> Result<tandem_http_api::LocalVolumeStatus, ApiError> {
+        self.volumes.status(name).map_err(volume_err)
+    }
+
+    async fn local_volume_verify(&self, name: &str) -> Result<tandem_http_api::VerifyReport, ApiError> {
+        self.volumes.verify(name).await.map_err(volume_err)
+    }
+
+    async fn local_volume_resolve(&self, name: &str, discard: &str) -> Result<(), ApiError> {
+        self.volumes.resolve(name, discard).await.map_err(volume_err)
+    }
+
+    async fn record_replica_disk(&self, name: &str, r: tandem_http_api::ReplicaDiskReport) -> Result<(), ApiError> {
+        let m = self.require_member()?;
+        let cmd = Command::SetReplicaDisk { volume: name.into(), node: r.node, disk: r.disk, epoch: r.epoch };
+        self.propose(&m, cmd).await.map(|_| ())
     }
 
     async fn init(&self, req: InitRequest) -> Result<LocalView, ApiError> {
@@ -1604,5 +1713,395 @@ async fn wait_for_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+// ---- volumes: helpers of the API's volume routes ----
+
+/// How long a verify or resolve may take on the primary before the request
+/// answers 503 (both return once started).
+const VOLUME_ACTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the live status of a volume comes from.
+enum VolumeSource {
+    /// This node (named) is its primary: the volume's name.
+    Here(String, String),
+    /// The primary's name and its `/internal/volumes/{name}/local`.
+    Remote(String, String),
+    /// No primary to ask, and why.
+    None(String),
+}
+
+impl Agent {
+    /// For a volume's primary (the data plane): records in the replicated
+    /// state that `node`'s replica of `volume` holds `disk`, proposing
+    /// `SetReplicaDisk` on the leader (here, or through
+    /// `POST /internal/volumes/{volume}/disk`). `epoch` is the group's
+    /// placement epoch the primary runs at; a stale one is refused with
+    /// TND-1411. Returns once committed: only then may the primary
+    /// acknowledge a write that replica missed.
+    pub(crate) async fn record_disk(
+        &self,
+        volume: &str,
+        node: &str,
+        disk: tandem_raft::volume::DiskState,
+        epoch: u64,
+    ) -> Result<(), ApiError> {
+        let report = tandem_http_api::ReplicaDiskReport { node: node.to_string(), disk, epoch };
+        match self.route() {
+            Route::Here => self.record_replica_disk(volume, report).await,
+            Route::Leader(urls) => {
+                let path = format!("/internal/volumes/{volume}/disk");
+                match self.post_first::<_, serde_json::Value>(&urls, &path, &report, PEER_TIMEOUT).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(ApiError::Refused { code, message, url, status, hint })) => {
+                        Err(ApiError::relayed(&code, message.clone()).unwrap_or(ApiError::Refused {
+                            url,
+                            status,
+                            code,
+                            message,
+                            hint,
+                        }))
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(reason) => Err(ApiError::ForwardFailed { url: urls.join(","), reason }),
+                }
+            }
+            Route::NoLeader => Err(ApiError::NoLeader),
+            Route::NotMember => Err(ApiError::NotMember),
+        }
+    }
+}
+
+/// Where the live status of `r`, the volume of `g`, comes from: the node
+/// its group runs on (`me` is this node).
+fn volume_source(
+    state: &ClusterState,
+    me: NodeId,
+    g: &GroupRecord,
+    r: &tandem_raft::group::ResourceSpec,
+) -> VolumeSource {
+    let node = match (g.placement.phase, g.placement.node.and_then(|id| state.nodes.get(&id))) {
+        (Phase::Started, Some(n)) => n,
+        _ => return VolumeSource::None(format!("group {} is not running: the volume has no primary", g.name)),
+    };
+    if node.id == me {
+        return VolumeSource::Here(node.name.clone(), r.name.clone());
+    }
+    match node.urls().into_iter().next() {
+        Some(u) => VolumeSource::Remote(node.name.clone(), format!("{u}/internal/volumes/{}/local", r.name)),
+        None => VolumeSource::None(format!("primary {} has no address", node.name)),
+    }
+}
+
+impl Agent {
+    /// The volume's primary: `None` for this node, else its API URLs.
+    fn primary_of(&self, m: &Member, name: &str) -> Result<Option<Vec<String>>, ApiError> {
+        let state = m.state.state();
+        let (g, _) = state.volume_owner(name).ok_or_else(|| ApiError::VolumeNotFound(name.to_string()))?;
+        match (g.placement.phase, g.placement.node.and_then(|id| state.nodes.get(&id))) {
+            (Phase::Started, Some(n)) if n.id == m.node_id => Ok(None),
+            (Phase::Started, Some(n)) => Ok(Some(n.urls())),
+            _ => {
+                Err(ApiError::NotPrimary(format!("volume {name} has no primary: its group {} is not running", g.name)))
+            }
+        }
+    }
+
+    /// POSTs a volume action to its primary; the primary's data-plane
+    /// errors come back under their own codes.
+    async fn ask_primary<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        urls: &[String],
+        path: &str,
+        body: &B,
+    ) -> Result<T, ApiError> {
+        match self.post_first::<B, T>(urls, path, body, VOLUME_ACTION_TIMEOUT).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(ApiError::Refused { code, message, url, status, hint })) => {
+                Err(ApiError::relayed(&code, message.clone()).unwrap_or(ApiError::Refused {
+                    url,
+                    status,
+                    code,
+                    message,
+                    hint,
+                }))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(reason) => Err(ApiError::ForwardFailed { url: urls.join(","), reason }),
+        }
+    }
+}
+
+/// The primary's live status of a volume, or why there is none.
+async fn fetch_volume_status(
+    http: &reqwest::Client,
+    node: &str,
+    url: &str,
+) -> Result<tandem_http_api::LocalVolumeStatus, String> {
+    let resp = http
+        .get(url)
+        .timeout(STATUS_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| format!("primary {node} did not answer: {e}"))?;
+    decode(url, resp).await.map_err(|e| match e {
+        ApiError::Refused { code, message, .. } => format!("primary {node}: {code}: {message}"),
+        other => format!("primary {node}: {other}"),
+    })
+}
+
+fn replication_mode_name(m: tandem_raft::volume::ReplicationMode) -> String {
+    match m {
+        tandem_raft::volume::ReplicationMode::Sync => "sync".into(),
+        tandem_raft::volume::ReplicationMode::Async => "async".into(),
+    }
+}
+
+/// A volume as the API shows it: its replicas from the replicated state,
+/// their live status from the primary (`live`), or, when that failed, the
+/// recorded disk states, `Disconnected` and why.
+fn volume_view(
+    state: &ClusterState,
+    g: &GroupRecord,
+    r: &tandem_raft::group::ResourceSpec,
+    spec: &tandem_raft::volume::VolumeSpec,
+    live: Result<tandem_http_api::LocalVolumeStatus, String>,
+) -> tandem_http_api::VolumeView {
+    use tandem_http_api::{ConnectionState, ReplicaView, VolumeView};
+    let name = r.name.clone();
+    let primary = match g.placement.phase {
+        Phase::Started => g.placement.node.and_then(|id| state.nodes.get(&id)).map(|n| n.name.clone()),
+        _ => None,
+    };
+    let recorded = g.replica_disks.get(&name).cloned().unwrap_or_default();
+    let recorded_disk =
+        |node: &str| recorded.get(node).copied().unwrap_or(tandem_raft::volume::DiskState::Diskless).to_string();
+    let replicas = tandem_raft::group::replica_nodes(&g.spec)
+        .into_iter()
+        .map(|node| {
+            let reported = live.as_ref().ok().and_then(|l| l.replicas.iter().find(|x| x.node == node));
+            if let Some(x) = reported {
+                return x.clone();
+            }
+            let is_primary = primary.as_deref() == Some(node.as_str());
+            let why = match &live {
+                Err(e) => e.clone(),
+                Ok(_) => format!("the primary does not report the replica on {node}"),
+            };
+            ReplicaView {
+                role: if is_primary { "primary" } else { "secondary" }.into(),
+                disk: recorded_disk(&node),
+                connection: ConnectionState::Disconnected,
+                mode: (!is_primary).then(|| replication_mode_name(spec.mode_for(&node))),
+                out_of_sync_bytes: 0,
+                resync: None,
+                lag_bytes: None,
+                last_error: Some(why),
+                node,
+            }
+        })
+        .collect();
+    let live = live.ok();
+    VolumeView {
+        group: g.name.clone(),
+        size_bytes: spec.size_bytes(),
+        mode: replication_mode_name(spec.mode),
+        primary,
+        nbd: live.as_ref().and_then(|l| l.nbd.clone()),
+        replicas,
+        generation: live.as_ref().map(|l| l.generation.clone()),
+        verify: live.and_then(|l| l.verify),
+        recorded_disks: recorded.iter().map(|(n, d)| (n.clone(), d.to_string())).collect(),
+        name,
+    }
+}
+
+/// Maps the data plane's errors to the API's, keeping their codes.
+fn volume_err(e: crate::volume::VolumeError) -> ApiError {
+    use crate::volume::VolumeError as V;
+    let message = e.to_string();
+    match e {
+        V::NotFound { .. } => ApiError::VolumeNotOnNode(message),
+        V::NotPrimary { .. } => ApiError::NotPrimary(message),
+        V::NoSuchReplica { .. } => ApiError::NoSuchReplica(message),
+        V::NotSplitBrain { .. } => ApiError::NotSplitBrain(message),
+        V::Refused { .. } => ApiError::VolumeRefused(message),
+        V::VerifyRunning { .. } => ApiError::VerifyRunning(message),
+        V::Io { .. } => ApiError::VolumeIo(message),
+    }
+}
+
+/// A byte count with one decimal in the largest binary unit: `67.9GiB`.
+fn human_bytes(n: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if n >= 1u64 << shift {
+            return format!("{:.1}{unit}", n as f64 / (1u64 << shift) as f64);
+        }
+    }
+    format!("{n}B")
+}
+
+/// Refuses a new volume larger than the free space of the file system that
+/// holds `data_dir` (where this agent keeps its replicas).
+fn check_free_space(
+    data_dir: &std::path::Path,
+    spec: &GroupSpec,
+    r: &tandem_raft::group::ResourceSpec,
+    v: &tandem_raft::volume::VolumeSpec,
+) -> Result<(), ApiError> {
+    let st = nix::sys::statvfs::statvfs(data_dir)
+        .map_err(|e| ApiError::Storage(format!("statvfs {}: {e}", data_dir.display())))?;
+    let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+    if v.size_bytes() <= free {
+        return Ok(());
+    }
+    let i = spec.resources.iter().position(|x| x.name == r.name).unwrap_or(0);
+    Err(ApiError::VolumeTooLarge {
+        field: format!("resources[{i}].size"),
+        name: r.name.clone(),
+        size: v.size.clone(),
+        path: data_dir.display().to_string(),
+        free: human_bytes(free),
+    })
+}
+
+#[cfg(test)]
+mod volume_api_tests {
+    use super::*;
+    use crate::volume::VolumeError;
+    use tandem_http_api::{ConnectionState, LocalVolumeStatus, ReplicaView};
+
+    #[test]
+    fn data_plane_errors_keep_their_code_and_are_never_500() {
+        let name = || "data".to_string();
+        for e in [
+            VolumeError::NotFound { name: name() },
+            VolumeError::NotPrimary { name: name() },
+            VolumeError::NoSuchReplica { name: name(), node: "n9".into() },
+            VolumeError::NotSplitBrain { name: name(), node: "n2".into() },
+            VolumeError::Refused { name: name(), reason: "r".into() },
+            VolumeError::VerifyRunning { name: name() },
+            VolumeError::Io { name: name(), source: std::io::Error::other("EIO") },
+        ] {
+            let code = e.code();
+            let msg = e.to_string();
+            let a = volume_err(e);
+            assert_eq!((a.code(), a.to_string()), (code, msg));
+            assert_ne!(a.status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR, "{code}");
+        }
+    }
+
+    /// Three nodes, group `db` with volume `data` on n1 and n2, running on n1.
+    fn state() -> ClusterState {
+        let node = |name: &str, port| NodeSpec {
+            name: name.into(),
+            addresses: vec!["127.0.0.1".into()],
+            port,
+            site: None,
+            witness: false,
+        };
+        let mut s = ClusterState::default();
+        s.apply(&Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node: node("n1", 1) }).unwrap();
+        s.apply(&Command::AddNode { node: node("n2", 2) }).unwrap();
+        s.apply(&Command::AddNode { node: node("n3", 3) }).unwrap();
+        let spec = serde_json::from_value(serde_json::json!({
+            "resources": [{"name": "data", "type": "volume", "size": "1GiB", "modes": {"n2": "async"}}],
+            "nodes": ["n1", "n2", "n3"]
+        }))
+        .unwrap();
+        s.apply(&Command::PutGroup { name: "db".into(), spec }).unwrap();
+        s.apply(&Command::SetPlacement {
+            name: "db".into(),
+            expected_epoch: 0,
+            node: Some(1),
+            phase: Phase::Started,
+            reason: "t".into(),
+        })
+        .unwrap();
+        s.apply(&Command::SetReplicaDisk {
+            volume: "data".into(),
+            node: "n2".into(),
+            disk: tandem_raft::volume::DiskState::Outdated,
+            epoch: 1,
+        })
+        .unwrap();
+        s
+    }
+
+    fn view(s: &ClusterState, live: Result<LocalVolumeStatus, String>) -> tandem_http_api::VolumeView {
+        let g = &s.groups["db"];
+        let (r, v) = g.spec.volume().unwrap();
+        volume_view(s, g, r, v, live)
+    }
+
+    #[test]
+    fn without_the_primary_the_view_shows_the_recorded_states() {
+        let s = state();
+        let v = view(&s, Err("primary n1 did not answer".into()));
+        assert_eq!((v.name.as_str(), v.group.as_str(), v.size_bytes), ("data", "db", 1 << 30));
+        assert_eq!((v.primary.as_deref(), v.mode.as_str(), v.generation.as_deref()), (Some("n1"), "sync", None));
+        let r: Vec<_> = v.replicas.iter().map(|r| (r.node.as_str(), r.role.as_str(), r.disk.as_str())).collect();
+        assert_eq!(r, [("n1", "primary", "UpToDate"), ("n2", "secondary", "Outdated")]);
+        assert!(v.replicas.iter().all(|r| r.connection == ConnectionState::Disconnected
+            && r.last_error.as_deref() == Some("primary n1 did not answer")));
+        assert_eq!((v.replicas[0].mode.as_deref(), v.replicas[1].mode.as_deref()), (None, Some("async")));
+        assert_eq!(v.recorded_disks["n2"], "Outdated");
+        // A stopped group has no primary.
+        let mut stopped = s.clone();
+        stopped.groups.get_mut("db").unwrap().placement = Default::default();
+        assert_eq!(view(&stopped, Err("x".into())).primary, None);
+    }
+
+    #[test]
+    fn the_primary_live_status_wins_where_it_reports() {
+        let s = state();
+        let live = LocalVolumeStatus {
+            name: "data".into(),
+            role: "primary".into(),
+            size_bytes: 1 << 30,
+            nbd: Some("nbd+unix:///data?socket=/run/x.sock".into()),
+            replicas: vec![ReplicaView {
+                node: "n1".into(),
+                role: "primary".into(),
+                disk: "UpToDate".into(),
+                connection: ConnectionState::Connected,
+                mode: None,
+                out_of_sync_bytes: 0,
+                resync: None,
+                lag_bytes: None,
+                last_error: None,
+            }],
+            generation: "00ff".into(),
+            verify: None,
+        };
+        let v = view(&s, Ok(live));
+        assert_eq!(v.replicas[0].connection, ConnectionState::Connected);
+        assert_eq!(v.generation.as_deref(), Some("00ff"));
+        assert!(v.nbd.is_some());
+        // A replica the primary leaves out still shows, with why.
+        assert_eq!(v.replicas[1].node, "n2");
+        assert_eq!(v.replicas[1].connection, ConnectionState::Disconnected);
+        assert!(v.replicas[1].last_error.as_deref().is_some_and(|e| e.contains("does not report")));
+    }
+
+    #[test]
+    fn free_space_is_checked_against_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec: GroupSpec = serde_json::from_value(serde_json::json!({
+            "resources": [{"name": "app", "type": "process", "command": ["x"]},
+                          {"name": "big", "type": "volume", "size": "16TiB"}],
+            "nodes": ["n1", "n2"]
+        }))
+        .unwrap();
+        let (r, v) = spec.volume().unwrap();
+        match check_free_space(dir.path(), &spec, r, v) {
+            Err(e @ ApiError::VolumeTooLarge { .. }) => {
+                assert_eq!((e.code(), e.status().as_u16()), ("TND-1410", 422));
+                assert!(e.to_string().contains("resources[1].size"), "{e}");
+            }
+            other => panic!("a 16TiB volume fits in a temp dir? {other:?}"),
+        }
+        assert_eq!(human_bytes(3 << 29), "1.5GiB");
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::Value;
-use tandem_http_api::{ClusterView, ErrorBody, GroupView, LocalView, NodeView};
+use tandem_http_api::{ClusterView, ErrorBody, GroupView, LocalView, NodeView, VerifyReport, VolumeView};
 
 pub const EXIT_REFUSED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
@@ -240,6 +240,179 @@ pub fn local_text(l: &LocalView) -> String {
     }
 }
 
+/// `tandem volume ...`: replicated volumes.
+#[derive(Debug, clap::Subcommand)]
+pub enum VolumeCmd {
+    /// Every volume: group, size, primary and each replica's state.
+    List {
+        #[arg(long)]
+        stale: bool,
+    },
+    /// One volume: its replicas with disk, connection, out-of-sync bytes,
+    /// resync progress and async lag.
+    Show {
+        name: String,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Start an online verify on the primary (compares block digests with
+    /// every secondary and resyncs what differs).
+    Verify { name: String },
+    /// After a split brain: throw away NODE's changes; it resyncs from the
+    /// other side.
+    Resolve {
+        name: String,
+        /// The replica whose changes are discarded.
+        #[arg(long)]
+        discard: String,
+    },
+}
+
+/// Turns an API answer into the text the CLI prints.
+type Render = fn(Value) -> Result<String, CliError>;
+
+/// Runs a `tandem volume` subcommand; returns what to print.
+pub async fn volume_command(c: &Client, json_out: bool, cmd: VolumeCmd) -> Result<String, CliError> {
+    let enc = |s: &str| s.replace('/', "%2F");
+    let stale = |s: bool| if s { "?stale=true" } else { "" };
+    let (v, render): (Value, Render) = match cmd {
+        VolumeCmd::List { stale: s } => (c.call(Method::GET, &format!("/v1/volumes{}", stale(s)), None).await?, |v| {
+            Ok(volumes_table(&parse::<Vec<VolumeView>>(v)?))
+        }),
+        VolumeCmd::Show { name, stale: s } => {
+            (c.call(Method::GET, &format!("/v1/volumes/{}{}", enc(&name), stale(s)), None).await?, |v| {
+                Ok(volume_text(&parse::<VolumeView>(v)?))
+            })
+        }
+        VolumeCmd::Verify { name } => {
+            (c.call(Method::POST, &format!("/v1/volumes/{}/verify", enc(&name)), None).await?, |v| {
+                Ok(verify_text(&parse::<VerifyReport>(v)?))
+            })
+        }
+        VolumeCmd::Resolve { name, discard } => (
+            c.call(
+                Method::POST,
+                &format!("/v1/volumes/{}/resolve", enc(&name)),
+                Some(serde_json::json!({ "discard": discard })),
+            )
+            .await?,
+            |v| Ok(volume_text(&parse::<VolumeView>(v)?)),
+        ),
+    };
+    if json_out {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
+    }
+    render(v)
+}
+
+/// Bytes for people: `0`, `512.0KiB`, `1.5GiB`.
+pub fn bytes_text(n: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if n >= 1u64 << shift {
+            return format!("{:.1}{unit}", n as f64 / (1u64 << shift) as f64);
+        }
+    }
+    format!("{n}B")
+}
+
+/// Seconds for people: `42s`, `3m20s`, `2h05m`.
+fn duration_text(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub fn volumes_table(vs: &[VolumeView]) -> String {
+    let rows: Vec<Vec<String>> = vs
+        .iter()
+        .map(|v| {
+            let replicas: Vec<String> = v
+                .replicas
+                .iter()
+                .map(|r| format!("{}:{}/{}", r.node, r.disk, lower(&r.connection).to_lowercase()))
+                .collect();
+            vec![
+                v.name.clone(),
+                v.group.clone(),
+                bytes_text(v.size_bytes),
+                v.mode.clone(),
+                v.primary.clone().unwrap_or_else(|| "-".into()),
+                replicas.join(" "),
+            ]
+        })
+        .collect();
+    table(&["VOLUME", "GROUP", "SIZE", "MODE", "PRIMARY", "REPLICAS"], &rows)
+}
+
+pub fn volume_text(v: &VolumeView) -> String {
+    let mut rows = vec![
+        vec!["name".into(), v.name.clone()],
+        vec!["group".into(), v.group.clone()],
+        vec!["size".into(), format!("{} ({} bytes)", bytes_text(v.size_bytes), v.size_bytes)],
+        vec!["mode".into(), v.mode.clone()],
+        vec!["primary".into(), v.primary.clone().unwrap_or_else(|| "- (group not running)".into())],
+        vec!["nbd".into(), v.nbd.clone().unwrap_or_else(|| "-".into())],
+        vec!["generation".into(), v.generation.clone().unwrap_or_else(|| "-".into())],
+    ];
+    let recorded: Vec<String> = v.recorded_disks.iter().map(|(n, d)| format!("{n}={d}")).collect();
+    rows.push(vec!["recorded disks".into(), recorded.join(", ")]);
+    if let Some(r) = &v.verify {
+        rows.push(vec!["last verify".into(), verify_summary(r)]);
+    }
+    let replicas: Vec<Vec<String>> = v
+        .replicas
+        .iter()
+        .map(|r| {
+            let resync = r.resync.as_ref().map(|p| {
+                let done = p.total_bytes.saturating_sub(p.remaining_bytes);
+                let pct = if p.total_bytes == 0 { 100.0 } else { done as f64 * 100.0 / p.total_bytes as f64 };
+                let eta = p.eta_s.map(duration_text).unwrap_or_else(|| "?".into());
+                format!("{pct:.1}% at {}/s, ETA {eta}", bytes_text(p.rate_bytes_per_s))
+            });
+            vec![
+                r.node.clone(),
+                r.role.clone(),
+                r.disk.clone(),
+                lower(&r.connection),
+                r.mode.clone().unwrap_or_else(|| "-".into()),
+                bytes_text(r.out_of_sync_bytes),
+                resync.unwrap_or_else(|| "-".into()),
+                r.lag_bytes.map(bytes_text).unwrap_or_else(|| "-".into()),
+                r.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    format!(
+        "{}\n{}",
+        table(&["FIELD", "VALUE"], &rows),
+        table(&["NODE", "ROLE", "DISK", "CONNECTION", "MODE", "OUT-OF-SYNC", "RESYNC", "LAG", "LAST ERROR"], &replicas)
+    )
+}
+
+fn verify_summary(r: &VerifyReport) -> String {
+    let per = |m: &std::collections::BTreeMap<String, u64>| {
+        m.iter().map(|(n, c)| format!("{n}={c}")).collect::<Vec<_>>().join(", ")
+    };
+    let mut s = format!("{}, {} checked", r.state, bytes_text(r.checked_bytes));
+    if !r.found_blocks.is_empty() {
+        s.push_str(&format!(", differing blocks {}", per(&r.found_blocks)));
+    }
+    if !r.repaired_blocks.is_empty() {
+        s.push_str(&format!(", repaired {}", per(&r.repaired_blocks)));
+    }
+    if let Some(e) = &r.error {
+        s.push_str(&format!(", error: {e}"));
+    }
+    s
+}
+
+pub fn verify_text(r: &VerifyReport) -> String {
+    format!("verify {}\n", verify_summary(r))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +421,59 @@ mod tests {
     fn table_aligns_columns() {
         let t = table(&["A", "LONGER"], &[vec!["xyz".into(), "1".into()], vec!["p".into(), "22".into()]]);
         assert_eq!(t, "A    LONGER\nxyz  1\np    22\n");
+    }
+
+    #[test]
+    fn volume_show_prints_every_replica_column() {
+        use tandem_http_api::{ConnectionState, ReplicaView, ResyncProgress};
+        let replica = |node: &str, role: &str, disk: &str, connection| ReplicaView {
+            node: node.into(),
+            role: role.into(),
+            disk: disk.into(),
+            connection,
+            mode: (role == "secondary").then(|| "sync".into()),
+            out_of_sync_bytes: 0,
+            resync: None,
+            lag_bytes: None,
+            last_error: None,
+        };
+        let mut target = replica("n2", "secondary", "Inconsistent", ConnectionState::SyncTarget);
+        target.out_of_sync_bytes = 3 << 29;
+        target.resync = Some(ResyncProgress {
+            remaining_bytes: 3 << 29,
+            sent_bytes: 1 << 29,
+            total_bytes: 1 << 31,
+            rate_bytes_per_s: 100 << 20,
+            eta_s: Some(15.4),
+        });
+        let v = VolumeView {
+            name: "data".into(),
+            group: "db".into(),
+            size_bytes: 2 << 30,
+            mode: "sync".into(),
+            primary: Some("n1".into()),
+            nbd: Some("nbd+unix:///data?socket=/x".into()),
+            replicas: vec![replica("n1", "primary", "UpToDate", ConnectionState::Connected), target],
+            generation: Some("ab12".into()),
+            verify: None,
+            recorded_disks: [("n1".to_string(), "UpToDate".to_string()), ("n2".to_string(), "Outdated".into())].into(),
+        };
+        let t = volume_text(&v);
+        for want in [
+            "NODE",
+            "OUT-OF-SYNC",
+            "SyncTarget",
+            "Inconsistent",
+            "1.5GiB",
+            "25.0% at 100.0MiB/s, ETA 15s",
+            "n2=Outdated",
+        ] {
+            assert!(t.contains(want), "{want} missing from:\n{t}");
+        }
+        let l = volumes_table(&[v]);
+        assert!(l.contains("n2:Inconsistent/synctarget") && l.contains("2.0GiB"), "{l}");
+        assert_eq!(duration_text(200.0), "3m20s");
+        assert_eq!(duration_text(7500.0), "2h05m");
     }
 
     #[test]

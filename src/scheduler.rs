@@ -8,11 +8,16 @@
 //! group on a live node that must leave is first asked to stop there
 //! (`Stopping`), and is placed anew only once that node reports it stopped.
 //! This module never does I/O and never reads a clock.
+//!
+//! A group with a volume runs only on a replica node whose disk the
+//! replicated state records `UpToDate`: a failover never lands on a copy
+//! that misses acknowledged writes. With no such node eligible it waits.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tandem_raft::group::{Failback, GroupRecord, Phase, Window};
+use tandem_raft::group::{replica_nodes, Failback, GroupRecord, Phase, Window};
 use tandem_raft::state::AdminState;
+use tandem_raft::volume::DiskState;
 use tandem_raft::NodeId;
 
 /// One node as the scheduler sees it.
@@ -29,6 +34,20 @@ pub struct NodeInfo {
     pub fenced: bool,
     /// Capacity units; `None` is unlimited.
     pub capacity: Option<u32>,
+}
+
+/// Why `g`'s volume keeps it off `n`: `n` holds no replica of it, or its
+/// replica is not recorded `UpToDate`.
+fn disk_unfit(g: &GroupRecord, n: &NodeInfo) -> Option<String> {
+    let (r, _) = g.spec.volume()?;
+    if !replica_nodes(&g.spec).contains(&n.name) {
+        return Some(format!("{} holds no replica of volume {}", n.name, r.name));
+    }
+    match g.disk(&r.name, &n.name) {
+        Some(DiskState::UpToDate) => None,
+        Some(d) => Some(format!("{}'s replica of volume {} is {d}", n.name, r.name)),
+        None => Some(format!("{} has no recorded replica of volume {}", n.name, r.name)),
+    }
 }
 
 /// A placement change to commit.
@@ -124,6 +143,11 @@ impl<'a> Scheduler<'a> {
 
     /// Why `g` may not run on `n` (given what else is there), or `None`.
     fn unfit(&self, g: &GroupRecord, n: &NodeInfo, occ: &Occupancy, already_there: bool) -> Option<String> {
+        self.unfit_node(g, n, occ, already_there).or_else(|| disk_unfit(g, n))
+    }
+
+    /// `unfit` but for the group's volume.
+    fn unfit_node(&self, g: &GroupRecord, n: &NodeInfo, occ: &Occupancy, already_there: bool) -> Option<String> {
         if !g.spec.nodes.contains(&n.name) {
             return Some(format!("{} is not in the group's nodes", n.name));
         }
@@ -176,7 +200,19 @@ impl<'a> Scheduler<'a> {
                 },
             }
         }
-        Err(format!("no eligible node: {}", why.join("; ")))
+        match g.spec.volume() {
+            // Name the volume when it is what keeps the group waiting.
+            Some((r, _)) if !self.up_to_date_replica_online(g, &r.name) => {
+                Err(format!("no up-to-date replica of volume {} is online: {}", r.name, why.join("; ")))
+            }
+            _ => Err(format!("no eligible node: {}", why.join("; "))),
+        }
+    }
+
+    fn up_to_date_replica_online(&self, g: &GroupRecord, volume: &str) -> bool {
+        replica_nodes(&g.spec).iter().any(|name| {
+            self.nodes.get(name.as_str()).is_some_and(|n| n.alive) && g.disk(volume, name) == Some(DiskState::UpToDate)
+        })
     }
 
     fn failback_allowed(&self, g: &GroupRecord) -> bool {
@@ -249,10 +285,22 @@ impl<'a> Scheduler<'a> {
                         continue;
                     }
                     occ.remove(g, id);
-                    if let Some(reason) = self.unfit(g, n, &occ, false) {
+                    if let Some(reason) = self.unfit_node(g, n, &occ, false) {
                         out.push(decide(Some(id), Phase::Stopping, format!("must leave: {reason}")));
                         occ.add(g, id);
                         continue;
+                    }
+                    // Its own replica is no longer up to date: hand over to
+                    // one that is, if any may take it; otherwise it stays
+                    // (stopping would serve nobody).
+                    if let Some(reason) = disk_unfit(g, n) {
+                        if let Ok(to) = self.best(g, &occ) {
+                            let name = self.by_id.get(&to).map(|n| n.name.as_str()).unwrap_or("?");
+                            let why = format!("must leave: {reason}; {name} holds an up-to-date replica");
+                            out.push(decide(Some(id), Phase::Stopping, why));
+                            occ.add(g, id);
+                            continue;
+                        }
                     }
                     occ.add(g, id);
                     occ.started_on.insert(&g.name, id);
@@ -329,6 +377,7 @@ mod tests {
             placement: Placement::default(),
             failed_on: Default::default(),
             move_to: None,
+            replica_disks: Default::default(),
         }
     }
 
@@ -463,6 +512,82 @@ mod tests {
         assert_eq!(d[0].node, Some(3));
     }
 
+    /// A group whose first resource is volume `data` with `replicas`
+    /// copies; `disks` are the recorded states (by node id).
+    fn vol_group(name: &str, nodes: &[NodeId], replicas: u8, disks: &[(NodeId, DiskState)]) -> GroupRecord {
+        let mut g = group(name, nodes);
+        let vol: tandem_raft::group::ResourceSpec = serde_json::from_value(serde_json::json!({
+            "name": "data", "type": "volume", "size": "1GiB", "replicas": replicas
+        }))
+        .unwrap();
+        g.spec.resources.insert(0, vol);
+        g.replica_disks.insert("data".into(), disks.iter().map(|(n, d)| (format!("node{n}"), *d)).collect());
+        g
+    }
+
+    #[test]
+    fn a_volume_group_is_never_placed_on_an_outdated_replica() {
+        let nodes = [node(1), node(2)];
+        let g = vol_group("db", &[1, 2], 2, &[(1, DiskState::Outdated), (2, DiskState::UpToDate)]);
+        let d = run(&nodes, &groups(vec![g]));
+        assert_eq!((d[0].node, d[0].phase), (Some(2), Phase::Started), "{d:?}");
+        for bad in [DiskState::Outdated, DiskState::Inconsistent, DiskState::Diskless] {
+            let g = vol_group("db", &[1, 2], 2, &[(1, bad), (2, bad)]);
+            assert!(run(&nodes, &groups(vec![g])).is_empty(), "{bad}: waits, placed nowhere");
+        }
+    }
+
+    #[test]
+    fn failover_picks_the_up_to_date_secondary() {
+        let mut nodes = [node(1), node(2), node(3)];
+        nodes[0].alive = false;
+        nodes[0].fenced = true;
+        let disks = [(1, DiskState::UpToDate), (2, DiskState::Outdated), (3, DiskState::UpToDate)];
+        let g = placed(vol_group("db", &[1, 2, 3], 3, &disks), 1, 7);
+        let d = run(&nodes, &groups(vec![g]));
+        assert_eq!((d[0].node, d[0].phase, d[0].expected_epoch), (Some(3), Phase::Started, 7), "{d:?}");
+        assert!(d[0].reason.contains("failed over to node3"), "{}", d[0].reason);
+    }
+
+    #[test]
+    fn with_every_surviving_replica_outdated_the_group_waits_naming_the_volume() {
+        let mut nodes = [node(1), node(2), node(3)];
+        nodes[0].alive = false;
+        nodes[0].fenced = true;
+        // node3 is up to date, but holds no replica (2 replicas: node1, node2).
+        let disks = [(1, DiskState::UpToDate), (2, DiskState::Outdated)];
+        let g = placed(vol_group("db", &[1, 2, 3], 2, &disks), 1, 2);
+        let d = run(&nodes, &groups(vec![g]));
+        assert_eq!((d[0].node, d[0].phase), (None, Phase::Stopped), "{d:?}");
+        assert!(d[0].reason.contains("no up-to-date replica of volume data is online"), "{}", d[0].reason);
+        assert!(d[0].reason.contains("node2's replica of volume data is Outdated"), "{}", d[0].reason);
+        assert!(d[0].reason.contains("node3 holds no replica of volume data"), "{}", d[0].reason);
+    }
+
+    #[test]
+    fn a_primary_whose_own_replica_degrades_hands_over_only_to_an_up_to_date_one() {
+        let nodes = [node(1), node(2)];
+        let g = placed(vol_group("db", &[1, 2], 2, &[(1, DiskState::Diskless), (2, DiskState::UpToDate)]), 1, 3);
+        let d = run(&nodes, &groups(vec![g]));
+        assert_eq!((d[0].node, d[0].phase), (Some(1), Phase::Stopping), "{d:?}");
+        assert!(d[0].reason.contains("node2 holds an up-to-date replica"), "{}", d[0].reason);
+        // Nowhere better to go: it stays where it is.
+        let g = placed(vol_group("db", &[1, 2], 2, &[(1, DiskState::Diskless), (2, DiskState::Outdated)]), 1, 3);
+        assert!(run(&nodes, &groups(vec![g])).is_empty());
+    }
+
+    #[test]
+    fn no_failback_nor_switchover_to_an_outdated_replica() {
+        let nodes = [node(1), node(2)];
+        let mut g = placed(vol_group("db", &[1, 2], 2, &[(1, DiskState::Outdated), (2, DiskState::UpToDate)]), 2, 4);
+        g.spec.failback = Failback::Auto;
+        g.move_to = Some(1);
+        assert!(run(&nodes, &groups(vec![g.clone()])).is_empty());
+        g.replica_disks.get_mut("data").unwrap().insert("node1".into(), DiskState::UpToDate);
+        let d = run(&nodes, &groups(vec![g]));
+        assert_eq!((d[0].node, d[0].phase), (Some(2), Phase::Stopping), "once resynced it may go back");
+    }
+
     fn arb_world() -> impl Strategy<Value = (Vec<NodeInfo>, BTreeMap<String, GroupRecord>, u16)> {
         let nodes = proptest::collection::vec(
             (any::<bool>(), any::<bool>(), any::<bool>(), 0u8..3, proptest::option::of(0u32..3)),
@@ -569,6 +694,41 @@ mod tests {
             }
             // Same input, same answer.
             prop_assert_eq!(d, Scheduler::new(&nodes, &gs, minute).decide());
+        }
+
+        /// Whatever the world, a group with a volume only ever starts on one
+        /// of its replica nodes whose disk is recorded up to date.
+        #[test]
+        fn volume_groups_start_only_on_up_to_date_replicas(
+            (nodes, gs, minute) in arb_world(),
+            vols in proptest::collection::vec((any::<bool>(), 1u8..4, proptest::collection::vec(0u8..4, 5)), 8),
+        ) {
+            let states = [DiskState::UpToDate, DiskState::Outdated, DiskState::Inconsistent, DiskState::Diskless];
+            let mut gs = gs;
+            for (g, (has, replicas, disks)) in gs.values_mut().zip(&vols) {
+                let replicas = (*replicas).min(g.spec.nodes.len() as u8);
+                if !*has || replicas == 0 {
+                    continue;
+                }
+                let vol: tandem_raft::group::ResourceSpec = serde_json::from_value(serde_json::json!({
+                    "name": format!("v-{}", g.name), "type": "volume", "size": "1GiB", "replicas": replicas
+                }))
+                .unwrap();
+                g.spec.resources.insert(0, vol);
+                let recorded = g.spec.nodes.iter().take(replicas as usize).zip(disks)
+                    .map(|(n, d)| (n.clone(), states[*d as usize])).collect();
+                g.replica_disks.insert(format!("v-{}", g.name), recorded);
+            }
+            let d = Scheduler::new(&nodes, &gs, minute).decide();
+            let by_id: BTreeMap<NodeId, &NodeInfo> = nodes.iter().map(|n| (n.id, n)).collect();
+            for x in d.iter().filter(|x| x.phase == Phase::Started) {
+                let g = &gs[&x.group];
+                if let Some((r, _)) = g.spec.volume() {
+                    let n = &by_id[&x.node.unwrap()].name;
+                    prop_assert!(replica_nodes(&g.spec).contains(n), "{} started on non-replica {n}", g.name);
+                    prop_assert_eq!(g.disk(&r.name, n), Some(DiskState::UpToDate), "{} on {}", g.name, n);
+                }
+            }
         }
     }
 }

@@ -185,3 +185,80 @@ async fn cli_drives_the_cluster_with_documented_exit_codes() {
     }
     assert_eq!(last.0, 4, "no quorum → 4: {}", last.1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volume_definitions_are_checked_and_volumes_listed() {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let u = c.nodes[0].url();
+    let group = |volume: Value| json!({"resources": [volume], "nodes": ["n1", "n2", "n3"]});
+    let vol = |extra: Value| {
+        let mut v = json!({"name": "data", "type": "volume", "size": "64MiB"});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v
+    };
+    // Each bad field is refused with its code, naming the field, through
+    // every node; the group never comes to exist.
+    let cases: Vec<(Value, u16, &str, &str)> = vec![
+        (json!({"size": "abc"}), 422, "TND-1010", "resources[0].size"),
+        (json!({"size": "0"}), 422, "TND-1010", "resources[0].size"),
+        (json!({"size": 0}), 422, "TND-1010", "resources[0].size"),
+        (json!({"size": "5"}), 422, "TND-1010", "resources[0].size"),
+        (json!({"size": "4097"}), 422, "TND-1010", "resources[0].size"),
+        (json!({"size": "1.5B"}), 422, "TND-1010", "resources[0].size"),
+        (json!({"size": "100TiB"}), 422, "TND-1010", "resources[0].size"),
+        // Within the 16TiB limit but more than the agents' disk holds.
+        (json!({"size": "16TiB"}), 422, "TND-1410", "resources[0].size"),
+        (json!({"replicas": 4}), 422, "TND-1010", "resources[0].replicas"),
+        (json!({"modes": {"n3": "async"}}), 422, "TND-1010", "resources[0].modes.n3"),
+        (json!({"granularity": "3KiB"}), 422, "TND-1010", "resources[0].granularity"),
+        (json!({"rate": "fast"}), 422, "TND-1010", "resources[0].rate"),
+        (json!({"mode": "semi"}), 422, "TND-1010", "resources[0]"),
+        (json!({"colour": "red"}), 422, "TND-1010", "resources[0]"),
+    ];
+    for (extra, status, code, field) in cases {
+        let body = serde_json::to_vec(&group(vol(extra.clone()))).unwrap();
+        refused(&c, Method::PUT, "/v1/groups/vol", Some(&body), status, code).await;
+        let (_, v) = call(Method::PUT, &format!("{u}/v1/groups/vol"), Some(body)).await;
+        let text = format!("{} {}", v["message"], v["hint"]);
+        assert!(text.contains(field), "{extra}: {field} not named in {v}");
+        assert_eq!(get(&format!("{u}/v1/groups/vol")).await.1["code"], "TND-1300", "{extra} created the group");
+    }
+    assert_eq!(get(&format!("{u}/v1/volumes")).await, (200, json!([])));
+
+    // A valid volume is listed with its replicas: the first two nodes.
+    let (st, v) = put(&format!("{u}/v1/groups/vol"), group(vol(json!({"modes": {"n2": "async"}})))).await;
+    assert_eq!(st, 201, "{v}");
+    for n in &c.nodes {
+        let (st, list) = get(&format!("{}/v1/volumes", n.url())).await;
+        assert_eq!(st, 200, "{list}");
+        let list = list.as_array().unwrap();
+        assert_eq!(list.len(), 1, "{list:?}");
+        let d = &list[0];
+        assert_eq!(
+            (d["name"].clone(), d["group"].clone(), d["size_bytes"].clone()),
+            (json!("data"), json!("vol"), json!(64 << 20))
+        );
+        let nodes: Vec<&str> = d["replicas"].as_array().unwrap().iter().map(|r| r["node"].as_str().unwrap()).collect();
+        assert_eq!(nodes, ["n1", "n2"], "{d}");
+        assert_eq!(d["recorded_disks"], json!({"n1": "UpToDate", "n2": "UpToDate"}), "a new volume starts clean");
+    }
+    let (st, one) = get(&format!("{u}/v1/volumes/data")).await;
+    assert_eq!((st, one["name"].clone()), (200, json!("data")), "{one}");
+
+    // The same name in another group, a resize, a replica move: refused.
+    let other = serde_json::to_vec(&group(vol(json!({})))).unwrap();
+    refused(&c, Method::PUT, "/v1/groups/other", Some(&other), 422, "TND-1010").await;
+    let before = get(&format!("{u}/v1/groups/vol")).await.1["spec"].clone();
+    let shrink = serde_json::to_vec(&group(vol(json!({"size": "32MiB"})))).unwrap();
+    refused(&c, Method::PUT, "/v1/groups/vol", Some(&shrink), 409, "TND-1408").await;
+    let more = serde_json::to_vec(&group(vol(json!({"replicas": 3})))).unwrap();
+    refused(&c, Method::PUT, "/v1/groups/vol", Some(&more), 409, "TND-1409").await;
+    assert_eq!(get(&format!("{u}/v1/groups/vol")).await.1["spec"], before, "a refused replace changed the group");
+
+    // Volume routes check what they can before asking the primary.
+    refused(&c, Method::GET, "/v1/volumes/ghost", None, 404, "TND-1407").await;
+    refused(&c, Method::POST, "/v1/volumes/ghost/verify", None, 404, "TND-1407").await;
+    refused(&c, Method::POST, "/v1/volumes/data/resolve", Some(b"{\"discard\": \"n3\"}"), 422, "TND-1402").await;
+    refused(&c, Method::POST, "/v1/volumes/data/resolve", Some(b"{\"discard\": \"n2\", \"x\": 1}"), 400, "TND-1002")
+        .await;
+}

@@ -79,6 +79,30 @@ pub enum ApiError {
     GroupChanged(String),
     #[error("the cluster already has the maximum of {0} groups")]
     TooManyGroups(usize),
+    #[error("{0}")]
+    VolumeNotOnNode(String),
+    #[error("{0}")]
+    NotPrimary(String),
+    #[error("{0}")]
+    NoSuchReplica(String),
+    #[error("{0}")]
+    NotSplitBrain(String),
+    #[error("{0}")]
+    VolumeRefused(String),
+    #[error("{0}")]
+    VerifyRunning(String),
+    #[error("{0}")]
+    VolumeIo(String),
+    #[error("no volume named {0}")]
+    VolumeNotFound(String),
+    #[error("{message}")]
+    VolumeResize { field: String, message: String },
+    #[error("{message}")]
+    VolumeChange { field: String, message: String },
+    #[error("invalid {field}: volume {name} needs {size} but {path} has only {free} free")]
+    VolumeTooLarge { field: String, name: String, size: String, path: String, free: String },
+    #[error("{0}")]
+    StalePrimary(String),
     #[error("vote request from node {0}, which is not a member of this cluster")]
     UnknownPeer(u64),
     #[error("storage failure: {0}")]
@@ -93,7 +117,8 @@ impl ApiError {
         "TND-1001", "TND-1002", "TND-1003", "TND-1004", "TND-1005", "TND-1006", "TND-1010", "TND-1100", "TND-1101",
         "TND-1102", "TND-1103", "TND-1104", "TND-1105", "TND-1106", "TND-1107", "TND-1108", "TND-1200", "TND-1201",
         "TND-1202", "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209", "TND-1300",
-        "TND-1301", "TND-1302", "TND-1303", "TND-1900", "TND-1901",
+        "TND-1301", "TND-1302", "TND-1303", "TND-1400", "TND-1401", "TND-1402", "TND-1403", "TND-1404", "TND-1405",
+        "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411", "TND-1900", "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -129,6 +154,18 @@ impl ApiError {
             GroupInUse { .. } => "TND-1301",
             GroupChanged(_) => "TND-1302",
             TooManyGroups(_) => "TND-1303",
+            VolumeNotOnNode(_) => "TND-1400",
+            NotPrimary(_) => "TND-1401",
+            NoSuchReplica(_) => "TND-1402",
+            NotSplitBrain(_) => "TND-1403",
+            VolumeRefused(_) => "TND-1404",
+            VerifyRunning(_) => "TND-1405",
+            VolumeIo(_) => "TND-1406",
+            VolumeNotFound(_) => "TND-1407",
+            VolumeResize { .. } => "TND-1408",
+            VolumeChange { .. } => "TND-1409",
+            VolumeTooLarge { .. } => "TND-1410",
+            StalePrimary(_) => "TND-1411",
             Storage(_) => "TND-1900",
             Internal(_) => "TND-1901",
         }
@@ -139,11 +176,16 @@ impl ApiError {
         match self {
             MalformedJson(_) | InvalidBody(_) | InvalidQuery(_) => StatusCode::BAD_REQUEST,
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            RouteNotFound { .. } | NodeNotFound(_) | AttributeNotFound { .. } | GroupNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            RouteNotFound { .. }
+            | NodeNotFound(_)
+            | AttributeNotFound { .. }
+            | GroupNotFound(_)
+            | VolumeNotOnNode(_)
+            | VolumeNotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Invalid { .. } | NameMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Invalid { .. } | NameMismatch { .. } | NoSuchReplica(_) | VolumeTooLarge { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             NodeExists(_)
             | AddressInUse { .. }
             | NodeUnreachable { .. }
@@ -156,10 +198,20 @@ impl ApiError {
             | GroupInUse { .. }
             | GroupChanged(_)
             | TooManyGroups(_)
-            | WouldLoseQuorum(_) => StatusCode::CONFLICT,
-            NotMember | NoLeader | QuorumUnavailable(_) | ForwardFailed { .. } | MembershipChangeInProgress => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            | WouldLoseQuorum(_)
+            | NotPrimary(_)
+            | NotSplitBrain(_)
+            | VolumeRefused(_)
+            | VerifyRunning(_)
+            | VolumeResize { .. }
+            | VolumeChange { .. }
+            | StalePrimary(_) => StatusCode::CONFLICT,
+            NotMember
+            | NoLeader
+            | QuorumUnavailable(_)
+            | ForwardFailed { .. }
+            | MembershipChangeInProgress
+            | VolumeIo(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refused { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
             Storage(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -208,6 +260,41 @@ impl ApiError {
             GroupInUse { .. } => "Remove the reference (colocate_with / anti_affinity) from the other group first.".into(),
             GroupChanged(_) => "Someone else changed the group at the same time; read it again and retry.".into(),
             TooManyGroups(_) => "Delete groups you no longer need.".into(),
+            VolumeNotOnNode(_) => {
+                "The volume's data plane is not set up on that node yet (the group is starting or moving); \
+                 retry in a moment, and see GET /v1/volumes/{name}."
+                    .into()
+            }
+            NotPrimary(_) => {
+                "Verify and resolve run on the volume's primary: start its group (`tandem group start`) \
+                 and retry; GET /v1/volumes/{name} shows the primary."
+                    .into()
+            }
+            NoSuchReplica(_) => "Name a replica node: GET /v1/volumes/{name} lists them.".into(),
+            NotSplitBrain(_) => {
+                "Nothing to resolve: only a replica shown as SplitBrain in GET /v1/volumes/{name} can be discarded."
+                    .into()
+            }
+            VolumeRefused(_) => "Act on the reason in the message, then retry (see docs/errors.md#tnd-1404).".into(),
+            VerifyRunning(_) => "Wait for the running verify to finish: GET /v1/volumes/{name} shows its progress.".into(),
+            VolumeIo(_) => {
+                "Check the disk under the node's data_dir (dmesg, free space, permissions); \
+                 the replica may be detached (Diskless) until it is repaired."
+                    .into()
+            }
+            VolumeNotFound(_) => "List the volumes with `tandem volume list` or GET /v1/volumes.".into(),
+            VolumeResize { field, .. } => format!(
+                "Keep `{field}` as it is. To change the size, create a new volume in a new group and copy the data."
+            ),
+            VolumeChange { field, .. } => format!(
+                "Keep `{field}` as it is, or define a new volume (another name) and copy the data."
+            ),
+            VolumeTooLarge { field, .. } => {
+                format!("Lower `{field}`, or free space on (or grow) the file system of the agents' data_dir.")
+            }
+            StalePrimary(_) => {
+                "Another node became the volume's primary; this one must stop using it (done automatically).".into()
+            }
             UnknownPeer(_) => {
                 "A removed node is still running with its old identity: stop it and wipe its data_dir, \
                  or let it rejoin with `tandem cluster join`."
@@ -218,6 +305,24 @@ impl ApiError {
         }
     }
 
+    /// A volume error (data plane, or a stale primary) that another node
+    /// answered with, rebuilt so that it reaches the client under its own
+    /// code and status rather than as TND-1208. `None` for any other code.
+    pub fn relayed(code: &str, message: String) -> Option<ApiError> {
+        use ApiError::*;
+        Some(match code {
+            "TND-1400" => VolumeNotOnNode(message),
+            "TND-1401" => NotPrimary(message),
+            "TND-1402" => NoSuchReplica(message),
+            "TND-1403" => NotSplitBrain(message),
+            "TND-1404" => VolumeRefused(message),
+            "TND-1405" => VerifyRunning(message),
+            "TND-1406" => VolumeIo(message),
+            "TND-1411" => StalePrimary(message),
+            _ => return None,
+        })
+    }
+
     pub fn body(&self) -> ErrorBody {
         ErrorBody { code: self.code().to_string(), message: self.to_string(), hint: self.hint() }
     }
@@ -225,6 +330,7 @@ impl ApiError {
 
 impl From<CommandError> for ApiError {
     fn from(e: CommandError) -> Self {
+        let message = e.to_string();
         match e {
             CommandError::AlreadyBootstrapped { cluster_id } => ApiError::AlreadyMember(cluster_id),
             CommandError::NotBootstrapped => ApiError::NotMember,
@@ -238,6 +344,11 @@ impl From<CommandError> for ApiError {
             CommandError::GroupInUse { name, by } => ApiError::GroupInUse { name, by },
             CommandError::StaleEpoch { name, .. } | CommandError::GroupRunning { name } => ApiError::GroupChanged(name),
             CommandError::TooManyGroups { max } => ApiError::TooManyGroups(max),
+            CommandError::VolumeNotFound { name } => ApiError::VolumeNotFound(name),
+            CommandError::NoSuchReplica { .. } => ApiError::NoSuchReplica(message),
+            CommandError::VolumeResize { field, .. } => ApiError::VolumeResize { field, message },
+            CommandError::VolumeChange { field, .. } => ApiError::VolumeChange { field, message },
+            CommandError::NotVolumePrimary { .. } => ApiError::StalePrimary(message),
         }
     }
 }
@@ -272,6 +383,31 @@ mod tests {
         for code in ApiError::CODES {
             assert!(doc.contains(&format!("## {code}")), "{code} missing from docs/errors.md");
         }
+    }
+
+    #[test]
+    fn relayed_volume_errors_keep_their_code() {
+        for code in ["TND-1400", "TND-1401", "TND-1402", "TND-1403", "TND-1404", "TND-1405", "TND-1406", "TND-1411"] {
+            let e = ApiError::relayed(code, "m".into()).unwrap();
+            assert_eq!((e.code(), e.to_string()), (code, "m".to_string()));
+            assert!(!e.status().is_server_error() || code == "TND-1406", "{code} is a client-side condition");
+        }
+        assert!(ApiError::relayed("TND-1100", "m".into()).is_none());
+    }
+
+    #[test]
+    fn volume_refusals_from_the_log_keep_their_field() {
+        let e = ApiError::from(CommandError::VolumeResize {
+            name: "data".into(),
+            field: "resources[0].size".into(),
+            from: 2 << 30,
+            to: 1 << 30,
+        });
+        assert_eq!((e.code(), e.status()), ("TND-1408", StatusCode::CONFLICT));
+        assert!(e.to_string().contains("cannot shrink from 2GiB to 1GiB"), "{e}");
+        assert!(e.hint().contains("resources[0].size"), "{}", e.hint());
+        let e = ApiError::from(CommandError::NoSuchReplica { volume: "data".into(), node: "n3".into() });
+        assert_eq!((e.code(), e.status()), ("TND-1402", StatusCode::UNPROCESSABLE_ENTITY));
     }
 
     #[test]

@@ -95,6 +95,22 @@ pub trait Backend: Send + Sync + 'static {
     /// What this node runs of a group (404 when nothing).
     async fn local_group(&self, name: &str) -> Result<LocalGroupStatus, ApiError>;
 
+    async fn volumes(&self, stale: bool) -> Result<Vec<VolumeView>, ApiError>;
+    async fn volume(&self, name: &str, stale: bool) -> Result<VolumeView, ApiError>;
+    /// Starts an online verify on the volume's primary (asked over
+    /// `/internal/volumes/{name}/verify`).
+    async fn verify_volume(&self, name: &str) -> Result<VerifyReport, ApiError>;
+    /// Discards `discard`'s changes after a split brain (on the primary,
+    /// over `/internal/volumes/{name}/resolve`).
+    async fn resolve_volume(&self, name: &str, discard: &str) -> Result<VolumeView, ApiError>;
+    /// What this node's data plane knows of a volume.
+    async fn local_volume(&self, name: &str) -> Result<LocalVolumeStatus, ApiError>;
+    async fn local_volume_verify(&self, name: &str) -> Result<VerifyReport, ApiError>;
+    async fn local_volume_resolve(&self, name: &str, discard: &str) -> Result<(), ApiError>;
+    /// On the leader: records a replica's disk state for the volume's
+    /// primary (`SetReplicaDisk`, refused unless `report.epoch` is current).
+    async fn record_replica_disk(&self, name: &str, report: ReplicaDiskReport) -> Result<(), ApiError>;
+
     async fn init(&self, req: InitRequest) -> Result<LocalView, ApiError>;
     async fn join_via(&self, req: JoinViaRequest) -> Result<LocalView, ApiError>;
     async fn adopt(&self, req: AdoptRequest) -> Result<LocalView, ApiError>;
@@ -203,6 +219,11 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/groups/{name}/clear", post(clear_group))
         .route("/v1/groups/{name}/move", post(move_group))
         .route("/internal/groups/{name}/report", post(group_report))
+        .route("/v1/volumes", get(list_volumes))
+        .route("/v1/volumes/{name}", get(get_volume))
+        .route("/v1/volumes/{name}/verify", post(verify_volume))
+        .route("/v1/volumes/{name}/resolve", post(resolve_volume))
+        .route("/internal/volumes/{name}/disk", post(record_replica_disk))
         .layer(middleware::from_fn_with_state(forwarder, route_to_leader))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let local_routes = Router::new()
@@ -215,6 +236,9 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/internal/adopt", post(adopt))
         .route("/internal/release", post(release))
         .route("/internal/groups/{name}/local", get(local_group))
+        .route("/internal/volumes/{name}/local", get(local_volume))
+        .route("/internal/volumes/{name}/verify", post(local_volume_verify))
+        .route("/internal/volumes/{name}/resolve", post(local_volume_resolve))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let raft_routes = Router::new()
         .route(PATH_APPEND, post(raft_append))
@@ -626,6 +650,92 @@ async fn local_group(
     b.local_group(&name).await.map(Json)
 }
 
+// ---- volumes ----
+
+#[utoipa::path(get, path = "/v1/volumes", tag = "volumes",
+    params(("stale" = Option<bool>, Query, description = "Serve the local copy")),
+    responses((status = 200, description = "Every volume, with its replicas", body = [VolumeView])))]
+async fn list_volumes(
+    State(b): State<SharedBackend>,
+    ApiQuery(p): ApiQuery<ReadParams>,
+) -> Result<Json<Vec<VolumeView>>, ApiError> {
+    b.volumes(p.stale).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}", tag = "volumes",
+    params(("name" = String, Path), ("stale" = Option<bool>, Query, description = "Serve the local copy")),
+    responses((status = 200, description = "One volume, with its replicas", body = VolumeView),
+              (status = 404, description = "No such volume (TND-1407)", body = ErrorBody)))]
+async fn get_volume(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(p): ApiQuery<ReadParams>,
+) -> Result<Json<VolumeView>, ApiError> {
+    b.volume(&name, p.stale).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/volumes/{name}/verify", tag = "volumes", params(("name" = String, Path)),
+    responses((status = 202, description = "Online verify started on the primary; the report so far", body = VerifyReport),
+              (status = 404, description = "No such volume (TND-1407)", body = ErrorBody),
+              (status = 409, description = "No primary (TND-1401), or a verify already runs (TND-1405)", body = ErrorBody)))]
+async fn verify_volume(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiJson(_): ApiJson<NoBody>,
+) -> Result<(StatusCode, Json<VerifyReport>), ApiError> {
+    b.verify_volume(&name).await.map(|r| (StatusCode::ACCEPTED, Json(r)))
+}
+
+#[utoipa::path(post, path = "/v1/volumes/{name}/resolve", tag = "volumes", params(("name" = String, Path)),
+    request_body = ResolveRequest,
+    responses((status = 200, description = "`discard`'s changes are thrown away; it resyncs from the other side", body = VolumeView),
+              (status = 404, description = "No such volume (TND-1407)", body = ErrorBody),
+              (status = 409, description = "Not in split brain (TND-1403), no primary (TND-1401) or refused (TND-1404)", body = ErrorBody),
+              (status = 422, description = "`discard` holds no replica (TND-1402)", body = ErrorBody)))]
+async fn resolve_volume(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<ResolveRequest>,
+) -> Result<Json<VolumeView>, ApiError> {
+    b.resolve_volume(&name, &req.discard).await.map(Json)
+}
+
+/// An empty body (`{}`, or nothing at all).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoBody {}
+
+async fn record_replica_disk(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<ReplicaDiskReport>,
+) -> Result<StatusCode, ApiError> {
+    b.record_replica_disk(&name, req).await.map(|_| StatusCode::NO_CONTENT)
+}
+
+async fn local_volume(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+) -> Result<Json<LocalVolumeStatus>, ApiError> {
+    b.local_volume(&name).await.map(Json)
+}
+
+async fn local_volume_verify(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiJson(_): ApiJson<NoBody>,
+) -> Result<Json<VerifyReport>, ApiError> {
+    b.local_volume_verify(&name).await.map(Json)
+}
+
+async fn local_volume_resolve(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<ResolveRequest>,
+) -> Result<StatusCode, ApiError> {
+    b.local_volume_resolve(&name, &req.discard).await.map(|_| StatusCode::NO_CONTENT)
+}
+
 // ---- internal Raft RPCs ----
 
 fn raft_target(b: &SharedBackend, headers: &HeaderMap) -> Result<Raft, ApiError> {
@@ -706,7 +816,11 @@ async fn raft_snapshot(
         start_group,
         stop_group,
         clear_group,
-        move_group
+        move_group,
+        list_volumes,
+        get_volume,
+        verify_volume,
+        resolve_volume
     ),
     components(schemas(
         ErrorBody,
@@ -723,7 +837,13 @@ async fn raft_snapshot(
         JoinRequest,
         AttributeValue,
         GroupView,
-        MoveRequest
+        MoveRequest,
+        VolumeView,
+        ReplicaView,
+        ConnectionState,
+        ResyncProgress,
+        VerifyReport,
+        ResolveRequest
     ))
 )]
 pub struct ApiDoc;
@@ -775,6 +895,10 @@ mod tests {
             "/v1/groups/{name}",
             "/v1/groups/{name}/move",
             "/v1/groups/{name}/stop",
+            "/v1/volumes",
+            "/v1/volumes/{name}",
+            "/v1/volumes/{name}/verify",
+            "/v1/volumes/{name}/resolve",
         ] {
             assert!(paths.contains_key(p), "{p} missing from openapi.json");
         }

@@ -340,3 +340,48 @@ pub struct VerifyReport {
 pub struct ResolveRequest {
     pub discard: String,
 }
+
+/// A replicated volume (`GET /v1/volumes/{name}`): its replicas and their
+/// recorded disk states from the replicated state, merged with the live
+/// status of its primary's data plane (when the primary answers).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeView {
+    /// The volume's name: its resource's name, unique in the cluster.
+    pub name: String,
+    /// The group the volume belongs to.
+    pub group: String,
+    pub size_bytes: u64,
+    /// How secondaries receive writes unless overridden per node: `sync`
+    /// or `async` (each replica shows its own `mode`).
+    pub mode: String,
+    /// The node where the group runs, which serves the volume; null while
+    /// the group is not running.
+    pub primary: Option<String>,
+    /// The export as an NBD URI, from the primary.
+    pub nbd: Option<String>,
+    /// One per replica node, in the group's `nodes` order. `disk` and
+    /// `connection` are live from the primary; when it does not answer,
+    /// `disk` is the recorded state and `connection` is `Disconnected` with
+    /// `last_error` saying why.
+    pub replicas: Vec<ReplicaView>,
+    /// The primary's current data generation (hex).
+    pub generation: Option<String>,
+    /// The last online verify on the primary.
+    pub verify: Option<VerifyReport>,
+    /// Each replica's disk state as the replicated state records it, by node:
+    /// the group only ever starts on a replica recorded `UpToDate`.
+    pub recorded_disks: BTreeMap<String, String>,
+}
+
+/// Internal: a volume's primary records what a replica's disk holds
+/// (`POST /internal/volumes/{name}/disk`, forwarded to the leader, which
+/// proposes `SetReplicaDisk`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaDiskReport {
+    /// The replica's node.
+    pub node: String,
+    pub disk: tandem_raft::volume::DiskState,
+    /// The group's placement epoch the primary holds.
+    pub epoch: u64,
+}

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{validate_name, CommandError, NodeId};
+use crate::volume::{DiskState, VolumeSpec};
 
 /// Most resources in one group.
 pub const MAX_RESOURCES: usize = 32;
@@ -102,6 +103,10 @@ pub enum ResourceKind {
         #[serde(default)]
         backup_interfaces: Vec<String>,
     },
+    /// A replicated block volume, named by the resource and exported over
+    /// NBD on the node where the group runs (its primary). At most one per
+    /// group.
+    Volume(VolumeSpec),
 }
 
 impl ResourceKind {
@@ -112,6 +117,7 @@ impl ResourceKind {
             ResourceKind::Ocf { .. } => "ocf",
             ResourceKind::Systemd { .. } => "systemd",
             ResourceKind::Vip { .. } => "vip",
+            ResourceKind::Volume(_) => "volume",
         }
     }
 }
@@ -170,6 +176,26 @@ pub struct GroupSpec {
     pub restart_window_ms: u64,
 }
 
+impl GroupSpec {
+    /// The group's volume: its resource and its definition.
+    pub fn volume(&self) -> Option<(&ResourceSpec, &VolumeSpec)> {
+        self.resources.iter().find_map(|r| match &r.kind {
+            ResourceKind::Volume(v) => Some((r, v)),
+            _ => None,
+        })
+    }
+}
+
+/// The nodes holding a replica of the group's volume: the first `replicas`
+/// names of its `nodes` list (empty when the group has no volume). The group
+/// only ever runs on one of them.
+pub fn replica_nodes(spec: &GroupSpec) -> Vec<String> {
+    match spec.volume() {
+        Some((_, v)) => spec.nodes.iter().take(v.replicas as usize).cloned().collect(),
+        None => Vec::new(),
+    }
+}
+
 fn default_weight() -> u32 {
     1
 }
@@ -219,6 +245,18 @@ pub struct GroupRecord {
     /// on this node. Cleared once the group starts there.
     #[serde(default)]
     pub move_to: Option<NodeId>,
+    /// Per volume of the group, per replica node (by name): what its disk
+    /// holds as the primary recorded it. Only an `UpToDate` replica may
+    /// become primary.
+    #[serde(default)]
+    pub replica_disks: BTreeMap<String, BTreeMap<String, DiskState>>,
+}
+
+impl GroupRecord {
+    /// The recorded disk of `node`'s replica of `volume`, if it holds one.
+    pub fn disk(&self, volume: &str, node: &str) -> Option<DiskState> {
+        self.replica_disks.get(volume).and_then(|d| d.get(node)).copied()
+    }
 }
 
 fn invalid(field: String, reason: impl Into<String>) -> CommandError {
@@ -290,6 +328,14 @@ pub fn validate_group(
                     }
                 }
             }
+            ResourceKind::Volume(_) => {
+                if let Some(first) = spec.resources[..i].iter().find(|o| matches!(o.kind, ResourceKind::Volume(_))) {
+                    return Err(invalid(
+                        at("type"),
+                        format!("a group holds at most one volume, and {} already is one", first.name),
+                    ));
+                }
+            }
             _ => {}
         }
         if r.monitor.interval_ms < 100 || r.monitor.timeout_ms == 0 {
@@ -311,6 +357,15 @@ pub fn validate_group(
         }
         if spec.nodes[..i].contains(n) {
             return Err(invalid(format!("nodes[{i}]"), format!("{n} is listed twice")));
+        }
+    }
+    // Checked once the node list is known good: the replicas are its head.
+    let first_volume = spec.resources.iter().position(|r| matches!(r.kind, ResourceKind::Volume(_)));
+    if let (Some(i), Some((r, v))) = (first_volume, spec.volume()) {
+        let at = |f: &str| format!("resources[{i}].{f}");
+        v.check(&spec.nodes).map_err(|(f, reason)| invalid(at(&f), reason))?;
+        if let Some((g, _)) = others.iter().find(|(_, o)| o.volume().is_some_and(|(other, _)| other.name == r.name)) {
+            return Err(invalid(at("name"), format!("volume {} is already defined in group {g}", r.name)));
         }
     }
     if let Failback::Window(w) = &spec.failback {
@@ -466,5 +521,100 @@ mod tests {
         for bad in ["", "2:00-04:00", "02:00-02:00", "24:00-01:00", "02:60-03:00", "0200-0300"] {
             assert!(Window::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    fn vol(fields: &str, nodes: &str) -> String {
+        format!(r#"{{"resources": [{{"name": "data", "type": "volume"{fields}}}], "nodes": [{nodes}]}}"#)
+    }
+
+    #[test]
+    fn a_volume_parses_with_its_defaults() {
+        let s = spec(&vol(r#", "size": "1GiB""#, r#""node1", "node2""#));
+        let (r, v) = s.volume().unwrap();
+        assert_eq!((r.name.as_str(), r.kind.type_name()), ("data", "volume"));
+        assert_eq!(v.size_bytes(), 1 << 30);
+        assert_eq!(v.mode, crate::volume::ReplicationMode::Sync);
+        assert_eq!(v.replicas, 2);
+        assert_eq!(v.split_brain, crate::volume::SplitBrainPolicy::Disconnect);
+        assert_eq!((v.rate_bytes(), v.granularity_bytes(), v.nbd_tcp), (None, 4096, false));
+        assert_eq!(replica_nodes(&s), vec!["node1".to_string(), "node2".to_string()]);
+        assert!(validate_group("g", &s, &nodes(), &BTreeMap::new()).is_ok());
+        // Every field, and a size given as a JSON number of bytes.
+        let full = spec(&vol(
+            r#", "size": 1073741824, "mode": "async", "modes": {"node2": "sync"}, "replicas": 3,
+               "split_brain": "discard-younger-primary", "rate": "100MiB/s", "granularity": "64KiB", "nbd_tcp": true"#,
+            r#""node3", "node2", "node1""#,
+        ));
+        assert!(validate_group("g", &full, &nodes(), &BTreeMap::new()).is_ok());
+        let (_, v) = full.volume().unwrap();
+        assert_eq!(v.size, "1073741824");
+        assert_eq!((v.size_bytes(), v.rate_bytes(), v.granularity_bytes()), (1 << 30, Some(100 << 20), 64 << 10));
+        assert_eq!(v.mode_for("node2"), crate::volume::ReplicationMode::Sync);
+        assert_eq!(v.mode_for("node1"), crate::volume::ReplicationMode::Async);
+        assert_eq!(replica_nodes(&full), vec!["node3", "node2", "node1"]);
+        assert!(replica_nodes(&spec(MINIMAL)).is_empty());
+        // The definition reads back as written.
+        let back: GroupSpec = serde_json::from_value(serde_json::to_value(&full).unwrap()).unwrap();
+        assert_eq!(back, full);
+    }
+
+    #[test]
+    fn a_volume_refuses_unknown_fields_and_bad_types() {
+        for bad in [
+            vol(r#", "size": "1GiB", "colour": "red""#, r#""node1""#),
+            vol(r#", "size": "1GiB", "mode": "semi""#, r#""node1""#),
+            vol(r#", "size": "1GiB", "split_brain": "coin-toss""#, r#""node1""#),
+            vol(r#", "size": "1GiB", "replicas": -1"#, r#""node1""#),
+            vol(r#", "size": true"#, r#""node1""#),
+            vol("", r#""node1""#),
+        ] {
+            assert!(serde_json::from_str::<GroupSpec>(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_volumes_name_their_field() {
+        let v = |fields: &str, nodes: &str| {
+            field_of(validate_group("g", &spec(&vol(fields, nodes)), &self::nodes(), &BTreeMap::new()))
+        };
+        let two = r#""node1", "node2""#;
+        for size in [
+            r#""abc""#,
+            r#""0""#,
+            "0",
+            r#""5""#,
+            r#""4097""#,
+            r#""100TiB""#,
+            r#""1.5B""#,
+            r#""-4096""#,
+            r#""1 GiG""#,
+            r#""""#,
+        ] {
+            assert_eq!(v(&format!(r#", "size": {size}"#), two), "resources[0].size", "{size}");
+        }
+        assert_eq!(v(r#", "size": "1GiB", "replicas": 0"#, two), "resources[0].replicas");
+        assert_eq!(v(r#", "size": "1GiB", "replicas": 4"#, r#""node1", "node2", "node3""#), "resources[0].replicas");
+        assert_eq!(v(r#", "size": "1GiB", "replicas": 3"#, two), "resources[0].replicas");
+        assert_eq!(v(r#", "size": "1GiB""#, r#""node1""#), "resources[0].replicas");
+        assert_eq!(
+            v(r#", "size": "1GiB", "modes": {"node3": "async"}"#, r#""node1", "node2", "node3""#),
+            "resources[0].modes.node3"
+        );
+        assert_eq!(v(r#", "size": "1GiB", "rate": "fast""#, two), "resources[0].rate");
+        assert_eq!(v(r#", "size": "1GiB", "rate": "1KiB/s""#, two), "resources[0].rate");
+        assert_eq!(v(r#", "size": "1GiB", "granularity": "3KiB""#, two), "resources[0].granularity");
+        assert_eq!(v(r#", "size": "1GiB", "granularity": "2MiB""#, two), "resources[0].granularity");
+        assert_eq!(v(r#", "size": "1GiB", "granularity": "2KiB""#, two), "resources[0].granularity");
+        // The node list is checked before the replicas taken from it.
+        assert_eq!(v(r#", "size": "1GiB""#, r#""node1", "node9""#), "nodes[1]");
+        // One volume per group.
+        let twice = r#"{"resources": [{"name": "a", "type": "volume", "size": "1GiB"}, {"name": "b", "type": "volume", "size": "1GiB"}], "nodes": ["node1", "node2"]}"#;
+        assert_eq!(field_of(validate_group("g", &spec(twice), &nodes(), &BTreeMap::new())), "resources[1].type");
+        // A volume name is unique across groups.
+        let others = BTreeMap::from([("first".to_string(), spec(&vol(r#", "size": "1GiB""#, two)))]);
+        assert_eq!(
+            field_of(validate_group("second", &spec(&vol(r#", "size": "2GiB""#, two)), &nodes(), &others)),
+            "resources[0].name"
+        );
     }
 }

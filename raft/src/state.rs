@@ -13,7 +13,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::group::{validate_group, GroupRecord, GroupSpec, Phase, Placement, MAX_GROUPS};
+use crate::group::{
+    replica_nodes, validate_group, GroupRecord, GroupSpec, Phase, Placement, ResourceKind, ResourceSpec, MAX_GROUPS,
+};
+use crate::volume::{format_bytes, DiskState};
 
 pub type NodeId = u64;
 
@@ -170,6 +173,15 @@ pub enum Command {
         name: String,
         to: NodeId,
     },
+    /// The primary of `volume` records what `node`'s replica holds (any
+    /// replica, itself included). Applies only while the owning group is
+    /// placed at `epoch`, so a stale primary cannot overwrite the records.
+    SetReplicaDisk {
+        volume: String,
+        node: String,
+        disk: DiskState,
+        epoch: u64,
+    },
 }
 
 /// The log's encoding of a command: `{"v": "1", "cmd": {...}}`.
@@ -241,6 +253,25 @@ pub enum CommandError {
     StaleEpoch { name: String, expected: u64, current: u64 },
     #[error("the cluster already has {max} groups")]
     TooManyGroups { max: usize },
+    #[error("no volume named {name}")]
+    VolumeNotFound { name: String },
+    #[error("volume {volume} has no replica on node {node}")]
+    NoSuchReplica { volume: String, node: String },
+    #[error("volume {name}: {}", resize_reason(*.from, *.to))]
+    VolumeResize { name: String, field: String, from: u64, to: u64 },
+    #[error("volume {name}: {reason}")]
+    VolumeChange { name: String, field: String, reason: String },
+    #[error("volume {volume}: {reason}")]
+    NotVolumePrimary { volume: String, reason: String },
+}
+
+fn resize_reason(from: u64, to: u64) -> String {
+    let (a, b) = (format_bytes(from), format_bytes(to));
+    if to < from {
+        format!("its size cannot shrink from {a} to {b}: the blocks past {b} hold data")
+    } else {
+        format!("its size cannot grow from {a} to {b}: resizing a volume is not supported yet")
+    }
 }
 
 /// The reply stored by the state machine for every applied entry.
@@ -364,17 +395,105 @@ impl ClusterState {
         self.groups.get_mut(name).ok_or_else(|| CommandError::GroupNotFound { name: name.to_string() })
     }
 
-    fn put_group(&mut self, name: &str, spec: &GroupSpec) -> Result<Reply, CommandError> {
+    /// The group that holds `volume`, and the volume's resource.
+    pub fn volume_owner(&self, volume: &str) -> Option<(&GroupRecord, &ResourceSpec)> {
+        self.groups.values().find_map(|g| match g.spec.volume() {
+            Some((r, _)) if r.name == volume => Some((g, r)),
+            _ => None,
+        })
+    }
+
+    /// What each replica of `volume` holds, by node name, as recorded (empty
+    /// for an unknown volume).
+    pub fn replica_disks(&self, volume: &str) -> BTreeMap<String, DiskState> {
+        self.volume_owner(volume).and_then(|(g, _)| g.replica_disks.get(volume).cloned()).unwrap_or_default()
+    }
+
+    /// Every check `PutGroup` makes, without applying it.
+    pub fn check_put_group(&self, name: &str, spec: &GroupSpec) -> Result<(), CommandError> {
         let node_names = self.nodes.values().map(|n| n.name.clone()).collect();
         let others =
             self.groups.iter().filter(|(n, _)| n.as_str() != name).map(|(n, g)| (n.clone(), g.spec.clone())).collect();
         validate_group(name, spec, &node_names, &others)?;
+        let Some(old) = self.groups.get(name) else {
+            if self.groups.len() >= MAX_GROUPS {
+                return Err(CommandError::TooManyGroups { max: MAX_GROUPS });
+            }
+            return Ok(());
+        };
+        let Some((old_r, old_v)) = old.spec.volume() else { return Ok(()) };
+        let idx = spec.resources.iter().position(|r| r.name == old_r.name && matches!(r.kind, ResourceKind::Volume(_)));
+        let new_v = idx.and_then(|i| match &spec.resources[i].kind {
+            ResourceKind::Volume(v) => Some((i, v)),
+            _ => None,
+        });
+        let Some((i, new_v)) = new_v else {
+            if old.placement.phase != Phase::Stopped {
+                return Err(CommandError::VolumeChange {
+                    name: old_r.name.clone(),
+                    field: "resources".into(),
+                    reason: format!("group {name} runs: stop it before removing the volume from it"),
+                });
+            }
+            return Ok(());
+        };
+        let at = |f: &str| format!("resources[{i}].{f}");
+        let (from, to) = (old_v.size_bytes(), new_v.size_bytes());
+        if from != to {
+            return Err(CommandError::VolumeResize { name: old_r.name.clone(), field: at("size"), from, to });
+        }
+        let (g_old, g_new) = (old_v.granularity_bytes(), new_v.granularity_bytes());
+        if g_old != g_new {
+            return Err(CommandError::VolumeChange {
+                name: old_r.name.clone(),
+                field: at("granularity"),
+                reason: format!(
+                    "its bitmap granularity cannot change from {} to {}",
+                    format_bytes(g_old),
+                    format_bytes(g_new)
+                ),
+            });
+        }
+        let set = |s: &GroupSpec| replica_nodes(s).into_iter().collect::<std::collections::BTreeSet<_>>();
+        let (r_old, r_new) = (set(&old.spec), set(spec));
+        if r_old != r_new {
+            let field = if old_v.replicas != new_v.replicas { at("replicas") } else { "nodes".into() };
+            let list = |s: &std::collections::BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+            return Err(CommandError::VolumeChange {
+                name: old_r.name.clone(),
+                field,
+                reason: format!(
+                    "its replicas cannot change from [{}] to [{}] (the first {} nodes): moving a replica is not supported yet",
+                    list(&r_old),
+                    list(&r_new),
+                    new_v.replicas
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn put_group(&mut self, name: &str, spec: &GroupSpec) -> Result<Reply, CommandError> {
+        self.check_put_group(name, spec)?;
+        // A new volume is all zeroes on every replica: each starts clean.
+        let fresh = |spec: &GroupSpec| -> BTreeMap<String, BTreeMap<String, DiskState>> {
+            match spec.volume() {
+                Some((r, _)) => BTreeMap::from([(
+                    r.name.clone(),
+                    replica_nodes(spec).into_iter().map(|n| (n, DiskState::UpToDate)).collect(),
+                )]),
+                None => BTreeMap::new(),
+            }
+        };
         match self.groups.get_mut(name) {
-            Some(g) => g.spec = spec.clone(),
-            None => {
-                if self.groups.len() >= MAX_GROUPS {
-                    return Err(CommandError::TooManyGroups { max: MAX_GROUPS });
+            Some(g) => {
+                let same = |s: &GroupSpec| s.volume().map(|(r, _)| r.name.clone());
+                if same(&g.spec) != same(spec) {
+                    g.replica_disks = fresh(spec);
                 }
+                g.spec = spec.clone();
+            }
+            None => {
                 let record = GroupRecord {
                     name: name.to_string(),
                     spec: spec.clone(),
@@ -382,6 +501,7 @@ impl ClusterState {
                     placement: Placement::default(),
                     failed_on: Default::default(),
                     move_to: None,
+                    replica_disks: fresh(spec),
                 };
                 self.groups.insert(name.to_string(), record);
             }
@@ -419,6 +539,15 @@ impl ClusterState {
             Command::RemoveNode { name } => {
                 let id = self.node_id_by_name(name)?;
                 self.nodes.remove(&id);
+                // A node that joins again under this name comes with an
+                // empty disk: its replicas hold nothing.
+                for g in self.groups.values_mut() {
+                    for disks in g.replica_disks.values_mut() {
+                        if let Some(d) = disks.get_mut(name) {
+                            *d = DiskState::Diskless;
+                        }
+                    }
+                }
                 Ok(Reply::Done)
             }
             Command::SetAdminState { name, state } => {
@@ -504,6 +633,28 @@ impl ClusterState {
                     return Err(invalid("to", format!("{} is not in the group's nodes", node.name)));
                 }
                 self.group_mut(name)?.move_to = Some(*to);
+                Ok(Reply::Done)
+            }
+            Command::SetReplicaDisk { volume, node, disk, epoch } => {
+                let (group, replicas) = self
+                    .volume_owner(volume)
+                    .map(|(g, _)| (g.name.clone(), replica_nodes(&g.spec)))
+                    .ok_or_else(|| CommandError::VolumeNotFound { name: volume.clone() })?;
+                if !replicas.contains(node) {
+                    return Err(CommandError::NoSuchReplica { volume: volume.clone(), node: node.clone() });
+                }
+                let g = self.group_mut(&group)?;
+                let refuse = |reason: String| CommandError::NotVolumePrimary { volume: volume.clone(), reason };
+                if g.placement.epoch != *epoch {
+                    return Err(refuse(format!(
+                        "a primary at epoch {epoch} is stale: group {group} is at epoch {}",
+                        g.placement.epoch
+                    )));
+                }
+                if g.placement.node.is_none() {
+                    return Err(refuse(format!("group {group} is stopped: it has no primary to record disk states")));
+                }
+                g.replica_disks.entry(volume.clone()).or_default().insert(node.clone(), *disk);
                 Ok(Reply::Done)
             }
             Command::ClearGroupFailures { name } => {
@@ -749,6 +900,213 @@ mod tests {
         assert!(!s.nodes[&1].witness);
     }
 
+    /// node1..node3 and group `db` with volume `data` (2 replicas by default).
+    fn with_volume(extra: &str) -> ClusterState {
+        let mut s = booted();
+        s.apply(&Command::AddNode { node: spec("node2", "127.0.0.1", 7402) }).unwrap();
+        s.apply(&Command::AddNode { node: spec("node3", "127.0.0.1", 7403) }).unwrap();
+        s.apply(&Command::PutGroup { name: "db".into(), spec: vol_spec(extra) }).unwrap();
+        s
+    }
+
+    /// `extra` adds fields to the volume (`size` replaces the default 1GiB).
+    fn vol_spec(extra: &str) -> GroupSpec {
+        let size = if extra.contains("\"size\"") { "" } else { r#", "size": "1GiB""# };
+        serde_json::from_str(&format!(
+            r#"{{"resources": [{{"name": "data", "type": "volume"{size}{extra}}},
+                {{"name": "app", "type": "process", "command": ["sleep", "9"]}}],
+                "nodes": ["node1", "node2", "node3"]}}"#
+        ))
+        .unwrap()
+    }
+
+    fn place(s: &mut ClusterState, node: Option<NodeId>) {
+        let epoch = s.groups["db"].placement.epoch;
+        let phase = if node.is_some() { Phase::Started } else { Phase::Stopped };
+        s.apply(&Command::SetPlacement { name: "db".into(), expected_epoch: epoch, node, phase, reason: "t".into() })
+            .unwrap();
+    }
+
+    /// Applies `cmd`, expects it refused with `want`, and the state unchanged.
+    fn refused(s: &mut ClusterState, cmd: Command, want: impl Fn(&CommandError) -> bool) {
+        let before = s.clone();
+        let r = s.apply(&cmd);
+        assert!(matches!(&r, Err(e) if want(e)), "{cmd:?} gave {r:?}");
+        assert_eq!(*s, before, "{cmd:?} changed the state");
+    }
+
+    #[test]
+    fn a_new_volume_starts_up_to_date_on_every_replica() {
+        let s = with_volume("");
+        let disks = s.replica_disks("data");
+        assert_eq!(
+            disks,
+            BTreeMap::from([("node1".into(), DiskState::UpToDate), ("node2".into(), DiskState::UpToDate)])
+        );
+        let (g, r) = s.volume_owner("data").unwrap();
+        assert_eq!((g.name.as_str(), r.name.as_str()), ("db", "data"));
+        assert!(s.volume_owner("app").is_none(), "a process is no volume");
+        assert!(s.replica_disks("ghost").is_empty());
+        let s3 = with_volume(r#", "replicas": 3"#);
+        assert_eq!(s3.replica_disks("data").len(), 3);
+    }
+
+    #[test]
+    fn set_replica_disk_is_fenced_by_the_group_epoch() {
+        let mut s = with_volume("");
+        let set =
+            |node: &str, disk, epoch| Command::SetReplicaDisk { volume: "data".into(), node: node.into(), disk, epoch };
+        // Stopped: nobody is primary, nobody records.
+        refused(&mut s, set("node2", DiskState::Outdated, 0), |e| matches!(e, CommandError::NotVolumePrimary { .. }));
+        place(&mut s, Some(1)); // epoch 1
+        assert_eq!(s.apply(&set("node2", DiskState::Outdated, 1)), Ok(Reply::Done));
+        assert_eq!(s.replica_disks("data")["node2"], DiskState::Outdated);
+        // The primary may mark itself too (a failing disk).
+        assert_eq!(s.apply(&set("node1", DiskState::Diskless, 1)), Ok(Reply::Done));
+        assert_eq!(s.groups["db"].disk("data", "node1"), Some(DiskState::Diskless));
+        // A stale primary (older epoch) is refused and changes nothing.
+        let stale = set("node2", DiskState::UpToDate, 0);
+        refused(
+            &mut s,
+            stale.clone(),
+            |e| matches!(e, CommandError::NotVolumePrimary { volume, reason } if volume == "data" && reason.contains("stale")),
+        );
+        // So is a future one, an unknown volume, and a node without a replica.
+        refused(&mut s, set("node2", DiskState::UpToDate, 2), |e| matches!(e, CommandError::NotVolumePrimary { .. }));
+        refused(
+            &mut s,
+            Command::SetReplicaDisk {
+                volume: "ghost".into(),
+                node: "node1".into(),
+                disk: DiskState::UpToDate,
+                epoch: 1,
+            },
+            |e| matches!(e, CommandError::VolumeNotFound { name } if name == "ghost"),
+        );
+        refused(
+            &mut s,
+            set("node3", DiskState::UpToDate, 1),
+            |e| matches!(e, CommandError::NoSuchReplica { volume, node } if volume == "data" && node == "node3"),
+        );
+        // Deleting the group drops the records.
+        place(&mut s, None);
+        s.apply(&Command::DeleteGroup { name: "db".into() }).unwrap();
+        assert!(s.replica_disks("data").is_empty() && s.volume_owner("data").is_none());
+    }
+
+    #[test]
+    fn a_volume_cannot_be_resized_nor_moved_by_replacing_its_group() {
+        let mut s = with_volume(r#", "granularity": "64KiB""#);
+        place(&mut s, Some(1));
+        let put = |extra: &str| Command::PutGroup { name: "db".into(), spec: vol_spec(extra) };
+        let resize = |field: &'static str| move |e: &CommandError| matches!(e, CommandError::VolumeResize { field: f, .. } if f == field);
+        let change = |field: &'static str| move |e: &CommandError| matches!(e, CommandError::VolumeChange { field: f, .. } if f == field);
+        refused(&mut s, put(r#", "granularity": "64KiB", "size": "512MiB""#), resize("resources[0].size"));
+        refused(&mut s, put(r#", "granularity": "64KiB", "size": "2GiB""#), resize("resources[0].size"));
+        refused(&mut s, put(""), change("resources[0].granularity"));
+        refused(&mut s, put(r#", "granularity": "64KiB", "replicas": 3"#), change("resources[0].replicas"));
+        let mut swapped = vol_spec(r#", "granularity": "64KiB""#);
+        swapped.nodes = vec!["node1".into(), "node3".into(), "node2".into()];
+        refused(&mut s, Command::PutGroup { name: "db".into(), spec: swapped }, change("nodes"));
+        // The messages say why.
+        let shrink = s.apply(&put(r#", "granularity": "64KiB", "size": "512MiB""#)).unwrap_err().to_string();
+        assert!(shrink.contains("cannot shrink from 1GiB to 512MiB"), "{shrink}");
+        let grow = s.apply(&put(r#", "granularity": "64KiB", "size": "2GiB""#)).unwrap_err().to_string();
+        assert!(grow.contains("not supported yet"), "{grow}");
+        // The same size written otherwise, another mode, the replicas in
+        // another order: all fine, and the records stay.
+        s.apply(&Command::SetReplicaDisk {
+            volume: "data".into(),
+            node: "node2".into(),
+            disk: DiskState::Outdated,
+            epoch: 1,
+        })
+        .unwrap();
+        let mut ok = vol_spec(r#", "granularity": 65536, "size": "1024MiB", "mode": "async", "rate": "10MiB/s""#);
+        ok.nodes = vec!["node2".into(), "node1".into(), "node3".into()];
+        assert_eq!(s.apply(&Command::PutGroup { name: "db".into(), spec: ok }), Ok(Reply::Done));
+        assert_eq!(s.replica_disks("data")["node2"], DiskState::Outdated);
+        // Removing the volume from a running group is refused; once stopped
+        // it is allowed and its records go.
+        let mut without = vol_spec("");
+        without.resources.remove(0);
+        refused(&mut s, Command::PutGroup { name: "db".into(), spec: without.clone() }, change("resources"));
+        place(&mut s, None);
+        assert_eq!(s.apply(&Command::PutGroup { name: "db".into(), spec: without }), Ok(Reply::Done));
+        assert!(s.groups["db"].replica_disks.is_empty());
+    }
+
+    #[test]
+    fn a_volume_name_is_unique_across_groups() {
+        let mut s = with_volume("");
+        refused(
+            &mut s,
+            Command::PutGroup { name: "other".into(), spec: vol_spec("") },
+            |e| matches!(e, CommandError::Invalid { field, reason } if field == "resources[0].name" && reason.contains("group db")),
+        );
+    }
+
+    #[test]
+    fn a_removed_node_holds_no_replica_any_more() {
+        let mut s = with_volume("");
+        s.apply(&Command::RemoveNode { name: "node2".into() }).unwrap();
+        assert_eq!(s.replica_disks("data")["node2"], DiskState::Diskless);
+        assert_eq!(s.replica_disks("data")["node1"], DiskState::UpToDate);
+    }
+
+    #[test]
+    fn set_replica_disk_log_encoding_is_stable() {
+        let golden =
+            r#"{"v":"1","cmd":{"set_replica_disk":{"volume":"data","node":"node2","disk":"Outdated","epoch":4}}}"#;
+        let cmd = Command::SetReplicaDisk {
+            volume: "data".into(),
+            node: "node2".into(),
+            disk: DiskState::Outdated,
+            epoch: 4,
+        };
+        assert_eq!(serde_json::to_string(&VersionedCommand::new(cmd.clone())).unwrap(), golden);
+        assert_eq!(serde_json::from_str::<VersionedCommand>(golden).unwrap().into_current(), cmd);
+    }
+
+    fn arb_volume_command() -> impl Strategy<Value = Command> {
+        let node = prop_oneof![Just("node1"), Just("node2"), Just("node3"), Just("node9")].prop_map(String::from);
+        let disk = prop_oneof![
+            Just(DiskState::UpToDate),
+            Just(DiskState::Outdated),
+            Just(DiskState::Inconsistent),
+            Just(DiskState::Diskless)
+        ];
+        let extra = prop_oneof![
+            Just(""),
+            Just(r#", "size": "2GiB""#),
+            Just(r#", "replicas": 3"#),
+            Just(r#", "granularity": "8KiB""#),
+            Just(r#", "mode": "async""#),
+            Just(r#", "size": "abc""#),
+        ];
+        prop_oneof![
+            (prop_oneof![Just("db"), Just("db2")], extra)
+                .prop_map(|(g, e)| Command::PutGroup { name: g.into(), spec: vol_spec(e) }),
+            (node.clone(), disk, 0u64..4).prop_map(|(node, disk, epoch)| Command::SetReplicaDisk {
+                volume: "data".into(),
+                node,
+                disk,
+                epoch
+            }),
+            (0u64..4, prop_oneof![Just(None), Just(Some(1u64)), Just(Some(2u64))]).prop_map(|(e, n)| {
+                Command::SetPlacement {
+                    name: "db".into(),
+                    expected_epoch: e,
+                    node: n,
+                    phase: if n.is_some() { Phase::Started } else { Phase::Stopped },
+                    reason: "p".into(),
+                }
+            }),
+            Just(Command::DeleteGroup { name: "db".into() }),
+            node.prop_map(|name| Command::RemoveNode { name }),
+        ]
+    }
+
     fn arb_name() -> BoxedStrategy<String> {
         prop_oneof![
             Just("node1".to_string()),
@@ -833,6 +1191,31 @@ mod tests {
             let bytes = serde_json::to_vec(&v).unwrap();
             let back: VersionedCommand = serde_json::from_slice(&bytes).unwrap();
             prop_assert_eq!(back.into_current(), cmd);
+        }
+
+        /// Volume commands in any order: a refusal changes nothing, and the
+        /// records always cover exactly the volume's replica nodes.
+        #[test]
+        fn volume_records_follow_their_group(cmds in proptest::collection::vec(arb_volume_command(), 0..30)) {
+            let mut s = with_volume("");
+            for cmd in &cmds {
+                let before = s.clone();
+                if s.apply(cmd).is_err() {
+                    prop_assert_eq!(&s, &before);
+                }
+                for g in s.groups.values() {
+                    match g.spec.volume() {
+                        Some((r, _)) => {
+                            let recorded: Vec<&String> = g.replica_disks[&r.name].keys().collect();
+                            let mut replicas = crate::group::replica_nodes(&g.spec);
+                            replicas.sort();
+                            prop_assert_eq!(recorded, replicas.iter().collect::<Vec<_>>());
+                            prop_assert_eq!(g.replica_disks.len(), 1);
+                        }
+                        None => prop_assert!(g.replica_disks.is_empty()),
+                    }
+                }
+            }
         }
     }
 }

@@ -12,9 +12,12 @@
 //! and the executor promotes and demotes through [`manager::VolumeManager`],
 //! which carries the group's epoch so a stale primary is refused by its peers.
 
+pub mod desired;
+pub mod engine;
 pub mod generation;
 pub mod manager;
 pub mod nbd;
+pub mod store;
 pub mod wire;
 
 use thiserror::Error;

@@ -1,0 +1,334 @@
+//! Data-plane benchmark, side by side in one run: fio's nbd engine against
+//! (a) the peers serving the same kind of raw file — `qemu-nbd` and
+//! `nbdkit file` —, (b) tandem's export with no replica, (c) with a
+//! synchronous secondary on loopback, (d) with an asynchronous one; then a
+//! resync of 64 MiB changed on a 4 GiB volume while its secondary was away.
+//!
+//!     cargo run --release --example volume_bench [-- SECONDS_PER_JOB]
+//!
+//! tandem's replicas run in this process (real files, real TCP on
+//! loopback, the real NBD server); the peers are their Debian programs.
+//! Needs qemu-utils, nbdkit, fio (apt-get install qemu-utils nbdkit fio).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem::testkit::free_port;
+use tandem::volume::engine::{ControlPlane, PeerConfig, VolumeConfig};
+use tandem::volume::generation::initial_generation;
+use tandem::volume::manager::{DesiredVolume, VolumeManager};
+use tandem_raft::volume::{DiskState, ReplicationMode, SplitBrainPolicy};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 1 << 30;
+
+struct NoControl;
+
+#[async_trait::async_trait]
+impl ControlPlane for NoControl {
+    async fn record_disk(&self, _: &str, _: &str, _: DiskState, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Job {
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    depth: u32,
+}
+
+const JOBS: [Job; 4] = [
+    Job { name: "seq write 1 MiB QD8", rw: "write", bs: "1M", depth: 8 },
+    Job { name: "rand write 4 KiB QD1", rw: "randwrite", bs: "4k", depth: 1 },
+    Job { name: "rand write 4 KiB QD32", rw: "randwrite", bs: "4k", depth: 32 },
+    Job { name: "rand read 4 KiB QD32", rw: "randread", bs: "4k", depth: 32 },
+];
+
+#[derive(Debug, Clone, Default)]
+struct Result_ {
+    iops: f64,
+    mib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn fio(uri: &str, job: Job, seconds: u64) -> Result_ {
+    let out = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={}", job.rw),
+            &format!("--bs={}", job.bs),
+            &format!("--iodepth={}", job.depth),
+            &format!("--size={SIZE}"),
+            &format!("--runtime={seconds}"),
+            "--time_based",
+            "--ramp_time=1",
+            "--output-format=json",
+        ])
+        .output()
+        .expect("fio (apt-get install fio)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find('{').unwrap_or(0);
+    let v: serde_json::Value = serde_json::from_str(&text[start..])
+        .unwrap_or_else(|e| panic!("fio output: {e}: {text} {}", String::from_utf8_lossy(&out.stderr)));
+    let side = if job.rw.contains("read") { "read" } else { "write" };
+    let j = &v["jobs"][0][side];
+    let pct = |p: &str| j["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    Result_ {
+        iops: j["iops"].as_f64().unwrap_or(0.0),
+        mib_s: j["bw_bytes"].as_f64().unwrap_or(0.0) / MIB as f64,
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+    }
+}
+
+fn wait_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn raw_file(path: &Path) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(SIZE).unwrap();
+}
+
+struct Peer {
+    child: Child,
+    uri: String,
+}
+
+fn qemu_nbd(dir: &Path) -> Peer {
+    let (img, sock) = (dir.join("qemu.img"), dir.join("qemu.sock"));
+    raw_file(&img);
+    let child = Command::new("qemu-nbd")
+        .args(["-f", "raw", "--cache=writeback", "--shared=8", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd (apt-get install qemu-utils)");
+    wait_socket(&sock);
+    Peer { child, uri: format!("nbd+unix:///?socket={}", sock.display()) }
+}
+
+fn nbdkit(dir: &Path) -> Peer {
+    let (img, sock) = (dir.join("nbdkit.img"), dir.join("nbdkit.sock"));
+    raw_file(&img);
+    let child = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(&sock)
+        .arg("file")
+        .arg(&img)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nbdkit (apt-get install nbdkit)");
+    wait_socket(&sock);
+    Peer { child, uri: format!("nbd+unix:///?socket={}", sock.display()) }
+}
+
+/// Replica managers on loopback: node 0 primary, the others secondaries.
+struct Tandem {
+    nodes: Vec<(String, PathBuf, SocketAddr, VolumeManager)>,
+}
+
+impl Tandem {
+    async fn new(dir: &Path, tag: &str, size: u64, peers: &[ReplicationMode], rate: Option<u64>) -> Tandem {
+        let mut nodes = Vec::new();
+        for i in 0..=peers.len() {
+            let name = format!("n{}", i + 1);
+            let d = dir.join(format!("{tag}-{name}"));
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let mgr = VolumeManager::default();
+            mgr.start(&d, &[addr], Arc::new(NoControl)).await.unwrap();
+            nodes.push((name, d, addr, mgr));
+        }
+        let t = Tandem { nodes };
+        for i in 0..t.nodes.len() {
+            let cfg = t.config(i, tag, size, peers, rate);
+            t.nodes[i].3.reconcile(vec![DesiredVolume { config: cfg, nbd_tcp: false }]).await;
+        }
+        t
+    }
+
+    fn config(&self, me: usize, tag: &str, size: u64, modes: &[ReplicationMode], rate: Option<u64>) -> VolumeConfig {
+        let peers = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != me)
+            .map(|(i, n)| PeerConfig { node: n.0.clone(), mode: modes[i.max(1) - 1], addrs: vec![n.2] })
+            .collect();
+        VolumeConfig {
+            name: "bench".into(),
+            volume_id: format!("bench/{tag}"),
+            node: self.nodes[me].0.clone(),
+            size,
+            granule: 4096,
+            peers,
+            split_brain: SplitBrainPolicy::Disconnect,
+            rate,
+            async_buffer: 64 * MIB,
+            initial: initial_generation(&format!("bench/{tag}")),
+        }
+    }
+
+    async fn primary(&self) -> String {
+        let sock = self.nodes[0].1.join("nbd.sock");
+        let uri = self.nodes[0].3.promote("bench", 1, false, &sock).await.unwrap();
+        let v = self.nodes[0].3.volume("bench").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for n in &self.nodes[1..] {
+            while !v.peer_in_sync(&n.0) {
+                assert!(Instant::now() < deadline, "{} never in sync", n.0);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        uri.split_whitespace().next().unwrap().to_string()
+    }
+
+    async fn stop(self) {
+        for n in &self.nodes {
+            n.3.shutdown().await;
+        }
+    }
+}
+
+fn row(name: &str, r: &Result_, base: Option<&Result_>) -> String {
+    let ratio = base.map(|b| format!("{:.2}", r.iops / b.iops.max(1e-9))).unwrap_or_else(|| "—".into());
+    format!("| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {ratio} |", r.iops, r.mib_s, r.p50_us, r.p99_us)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let seconds: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(8);
+    let tmp = tempfile::Builder::new().prefix("tandem-volbench").tempdir_in("/var/tmp").unwrap();
+    let dir = tmp.path().to_path_buf();
+    let mut results: BTreeMap<&'static str, Vec<(String, Result_)>> = BTreeMap::new();
+
+    let targets =
+        ["qemu-nbd", "nbdkit file", "tandem, no replica", "tandem, sync secondary", "tandem, async secondary"];
+    for target in targets {
+        let (uri, peer, tandem) = match target {
+            "qemu-nbd" => {
+                let p = qemu_nbd(&dir);
+                (p.uri.clone(), Some(p), None)
+            }
+            "nbdkit file" => {
+                let p = nbdkit(&dir);
+                (p.uri.clone(), Some(p), None)
+            }
+            _ => {
+                let modes: &[ReplicationMode] = match target {
+                    "tandem, no replica" => &[],
+                    "tandem, sync secondary" => &[ReplicationMode::Sync],
+                    _ => &[ReplicationMode::Async],
+                };
+                let tag = target.replace([',', ' '], "-");
+                let t = Tandem::new(&dir, &tag, SIZE, modes, None).await;
+                let uri = t.primary().await;
+                (uri, None, Some(t))
+            }
+        };
+        for job in JOBS {
+            let u = uri.clone();
+            let r = tokio::task::spawn_blocking(move || fio(&u, job, seconds)).await.unwrap();
+            eprintln!(
+                "{target:<24} {:<22} {:>9.0} IOPS {:>7.0} MiB/s p50 {:>6.0} µs p99 {:>6.0} µs",
+                job.name, r.iops, r.mib_s, r.p50_us, r.p99_us
+            );
+            results.entry(job.name).or_default().push((target.to_string(), r));
+        }
+        if let Some(mut p) = peer {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        if let Some(t) = tandem {
+            t.stop().await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+
+    println!("\n## Data plane (fio nbd engine, {seconds} s per job after 1 s ramp, 1 GiB file/volume, unix socket)\n");
+    for job in JOBS {
+        let rows = &results[job.name];
+        let peer_best =
+            rows[..2].iter().max_by(|a, b| a.1.iops.total_cmp(&b.1.iops)).map(|r| r.1.clone()).unwrap_or_default();
+        let ours = rows[2].1.clone();
+        println!("### {}\n", job.name);
+        println!("| target | IOPS | MiB/s | p50 µs | p99 µs | ratio |");
+        println!("|---|---|---|---|---|---|");
+        for (i, (name, r)) in rows.iter().enumerate() {
+            // Peers and (b) against the faster peer; (c), (d) against (b).
+            let base = if i <= 2 { Some(&peer_best) } else { Some(&ours) };
+            println!("{}", row(name, r, base));
+        }
+        println!();
+    }
+
+    // Resync: 64 MiB changed (random 4 KiB blocks, some twice) while the
+    // secondary was away, on a 4 GiB volume, at a configured rate.
+    let rate = 200 * MIB;
+    let t = Tandem::new(&dir, "resync", 4 << 30, &[ReplicationMode::Sync], Some(rate)).await;
+    let uri = t.primary().await;
+    t.nodes[1].3.shutdown().await;
+    let u = uri.clone();
+    let changed = tokio::task::spawn_blocking(move || {
+        let out = Command::new("fio")
+            .args([
+                "--name=dirty",
+                "--ioengine=nbd",
+                &format!("--uri={u}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=16",
+                "--size=4G",
+                "--io_size=64M",
+                "--randrepeat=1",
+                "--norandommap=0",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        64 * MIB
+    })
+    .await
+    .unwrap();
+    let v = t.nodes[0].3.volume("bench").await.unwrap();
+    let dirty = v.out_of_sync("n2");
+    let (name, d, addr) = (t.nodes[1].0.clone(), t.nodes[1].1.clone(), t.nodes[1].2);
+    let _ = name;
+    let started = Instant::now();
+    t.nodes[1].3.start(&d, &[addr], Arc::new(NoControl)).await.unwrap();
+    let cfg = t.config(1, "resync", 4 << 30, &[ReplicationMode::Sync], Some(rate));
+    t.nodes[1].3.reconcile(vec![DesiredVolume { config: cfg, nbd_tcp: false }]).await;
+    while !(v.peer_in_sync("n2") && v.out_of_sync("n2") == 0) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    let sent = v.resync_bytes_sent("n2");
+    println!("## Resync after a disconnection (4 GiB volume, rate {} MiB/s)\n", rate / MIB);
+    println!("| changed while away | bitmap (out of sync) | resync sent | sent / changed | time | achieved rate |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {} MiB | {:.1} MiB | {:.1} MiB | {:.2} | {:.2} s | {:.0} MiB/s |",
+        changed / MIB,
+        dirty as f64 / MIB as f64,
+        sent as f64 / MIB as f64,
+        sent as f64 / changed as f64,
+        took.as_secs_f64(),
+        sent as f64 / MIB as f64 / took.as_secs_f64()
+    );
+    t.stop().await;
+}

@@ -1,0 +1,421 @@
+//! The replication engine on its own: two or three replica managers on
+//! loopback (real files, real TCP), the primary exported over NBD and driven
+//! by real clients (qemu-io, qemu-img). The control plane is the small
+//! `ControlPlane` edge trait, recorded here so the tests can check what a
+//! primary told it and when.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem::testkit::free_port;
+use tandem::volume::engine::{ControlPlane, PeerConfig, VolumeConfig};
+use tandem::volume::generation::initial_generation;
+use tandem::volume::manager::{DesiredVolume, VolumeManager};
+use tandem_raft::volume::{DiskState, ReplicationMode, SplitBrainPolicy};
+
+const MIB: u64 = 1 << 20;
+
+/// Records every disk state a primary reports, in order.
+#[derive(Default)]
+struct Recorder {
+    log: Mutex<Vec<(String, DiskState, u64)>>,
+    /// While set, recording fails (the control plane is unreachable).
+    refuse: Mutex<bool>,
+}
+
+#[async_trait::async_trait]
+impl ControlPlane for Recorder {
+    async fn record_disk(&self, _volume: &str, node: &str, disk: DiskState, epoch: u64) -> Result<(), String> {
+        if *self.refuse.lock().unwrap() {
+            return Err("no quorum".into());
+        }
+        self.log.lock().unwrap().push((node.to_string(), disk, epoch));
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn last(&self, node: &str) -> Option<DiskState> {
+        self.log.lock().unwrap().iter().rev().find(|(n, _, _)| n == node).map(|(_, d, _)| *d)
+    }
+}
+
+struct Node {
+    name: String,
+    dir: PathBuf,
+    addr: SocketAddr,
+    mgr: VolumeManager,
+}
+
+struct Cluster {
+    _tmp: tempfile::TempDir,
+    nodes: Vec<Node>,
+    control: Arc<Recorder>,
+    size: u64,
+    policy: SplitBrainPolicy,
+    modes: BTreeMap<String, ReplicationMode>,
+    rate: Option<u64>,
+    async_buffer: u64,
+}
+
+impl Cluster {
+    async fn new(n: usize, size: u64) -> Cluster {
+        Self::with(n, size, SplitBrainPolicy::Disconnect, BTreeMap::new()).await
+    }
+
+    async fn with(n: usize, size: u64, policy: SplitBrainPolicy, modes: BTreeMap<String, ReplicationMode>) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let control = Arc::new(Recorder::default());
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let name = format!("n{}", i + 1);
+            let dir = tmp.path().join(&name);
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let mgr = VolumeManager::default();
+            mgr.start(&dir, &[addr], control.clone()).await.unwrap();
+            nodes.push(Node { name, dir, addr, mgr });
+        }
+        let c = Cluster { _tmp: tmp, nodes, control, size, policy, modes, rate: None, async_buffer: 64 * MIB };
+        c.reconcile().await;
+        c
+    }
+
+    fn desired(&self, me: usize) -> DesiredVolume {
+        let peers = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != me)
+            .map(|(_, n)| PeerConfig {
+                node: n.name.clone(),
+                mode: self.modes.get(&n.name).copied().unwrap_or(ReplicationMode::Sync),
+                addrs: vec![n.addr],
+            })
+            .collect();
+        DesiredVolume {
+            config: VolumeConfig {
+                name: "data".into(),
+                volume_id: "test/data".into(),
+                node: self.nodes[me].name.clone(),
+                size: self.size,
+                granule: 4096,
+                peers,
+                split_brain: self.policy,
+                rate: self.rate,
+                async_buffer: self.async_buffer,
+                initial: initial_generation("test/data"),
+            },
+            nbd_tcp: false,
+        }
+    }
+
+    async fn reconcile(&self) {
+        for i in 0..self.nodes.len() {
+            self.nodes[i].mgr.reconcile(vec![self.desired(i)]).await;
+        }
+    }
+
+    fn socket(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("nbd.sock")
+    }
+
+    async fn promote(&self, i: usize, epoch: u64) -> String {
+        self.nodes[i].mgr.promote("data", epoch, false, &self.socket(i)).await.unwrap()
+    }
+
+    fn backing(&self, i: usize) -> PathBuf {
+        self.nodes[i].dir.join("data.img")
+    }
+
+    async fn wait_in_sync(&self, primary: usize, peer: usize) {
+        let v = self.nodes[primary].mgr.volume("data").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(v.peer_in_sync(&self.nodes[peer].name) && v.out_of_sync(&self.nodes[peer].name) == 0) {
+            assert!(Instant::now() < deadline, "{} never got in sync: {:?}", self.nodes[peer].name, v.status(None));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn need(bin: &str, package: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {bin}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(ok, "{bin} is missing: apt-get install {package}");
+}
+
+/// Runs qemu-io commands against `uri`; returns stdout, panics on failure.
+async fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    need("qemu-io", "qemu-utils");
+    let mut c = tokio::process::Command::new("qemu-io");
+    c.args(["-f", "raw", uri]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && !stdout.contains("failed"),
+        "qemu-io {cmds:?}: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn compare(a: &Path, b: &Path) -> bool {
+    need("qemu-img", "qemu-utils");
+    Command::new("qemu-img").args(["compare", "-q", "-f", "raw", "-F", "raw"]).arg(a).arg(b).status().unwrap().success()
+}
+
+fn uri_of(s: &str) -> &str {
+    s.split_whitespace().next().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_replication_keeps_replicas_identical() {
+    let c = Cluster::new(3, 64 * MIB).await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    c.wait_in_sync(0, 2).await;
+    qemu_io(uri_of(&uri), &["write -P 0xab 0 1M", "write -P 0x5c 10M 4k", "write -z 2M 64k", "discard 3M 8k", "flush"])
+        .await;
+    qemu_io(uri_of(&uri), &["read -P 0xab 0 1M", "read -P 0x5c 10M 4k", "read -P 0 2M 64k"]).await;
+    // Synchronous: once qemu-io saw its writes acknowledged, both copies hold them.
+    assert!(compare(&c.backing(0), &c.backing(1)));
+    assert!(compare(&c.backing(0), &c.backing(2)));
+    // Nobody was ever recorded outdated.
+    assert!(
+        c.control.log.lock().unwrap().iter().all(|(_, d, _)| *d == DiskState::UpToDate),
+        "{:?}",
+        c.control.log.lock().unwrap()
+    );
+    let st = c.nodes[0].mgr.status("data").unwrap();
+    assert_eq!(st.role, "primary");
+    assert!(st.replicas.iter().all(|r| r.disk == "UpToDate" && r.out_of_sync_bytes == 0), "{st:?}");
+    // Secondaries export nothing.
+    assert!(c.nodes[1].mgr.status("data").unwrap().nbd.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_secondary_receives_only_what_it_missed() {
+    let c = Cluster::new(2, 256 * MIB).await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    qemu_io(uri_of(&uri), &["write -P 0x11 0 4M"]).await;
+    // The secondary goes away (its manager stops), writes continue.
+    c.nodes[1].mgr.shutdown().await;
+    qemu_io(uri_of(&uri), &["write -P 0x22 1M 512k", "write -P 0x33 100M 4k", "write -P 0x44 200M 12k"]).await;
+    let v = c.nodes[0].mgr.volume("data").await.unwrap();
+    let dirty = v.out_of_sync("n2");
+    assert_eq!(dirty, 512 * 1024 + 4096 + 12 * 1024, "bitmap counts exactly the blocks written while away");
+    // Acknowledged without n2: so n2 was recorded outdated first.
+    assert_eq!(c.control.last("n2"), Some(DiskState::Outdated));
+    // Back: it resyncs just those bytes.
+    c.nodes[1].mgr.start(&c.nodes[1].dir, &[c.nodes[1].addr], c.control.clone()).await.unwrap();
+    c.nodes[1].mgr.reconcile(vec![c.desired(1)]).await;
+    c.wait_in_sync(0, 1).await;
+    let sent = v.resync_bytes_sent("n2");
+    assert_eq!(sent, dirty, "resync sent {sent} bytes for {dirty} dirty");
+    assert_eq!(c.control.last("n2"), Some(DiskState::UpToDate));
+    qemu_io(uri_of(&uri), &["flush"]).await;
+    assert!(compare(&c.backing(0), &c.backing(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_while_an_unreachable_peer_cannot_be_recorded_outdated() {
+    let c = Cluster::new(2, 16 * MIB).await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    c.nodes[1].mgr.shutdown().await;
+    *c.control.refuse.lock().unwrap() = true;
+    let u = uri_of(&uri).to_string();
+    let write = tokio::spawn(async move { qemu_io(&u, &["write -P 0x77 0 4k"]).await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !write.is_finished(),
+        "a write was acknowledged while its sync peer was neither reached nor recorded outdated"
+    );
+    *c.control.refuse.lock().unwrap() = false;
+    tokio::time::timeout(Duration::from_secs(10), write).await.unwrap().unwrap();
+    assert_eq!(c.control.last("n2"), Some(DiskState::Outdated));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_epoch_primary_is_refused() {
+    let c = Cluster::new(2, 16 * MIB).await;
+    c.promote(0, 5).await;
+    c.wait_in_sync(0, 1).await;
+    c.nodes[0].mgr.demote("data").await.unwrap();
+    // n2 takes over under a newer epoch and is seen by n1.
+    c.promote(1, 6).await;
+    c.wait_in_sync(1, 0).await;
+    c.nodes[1].mgr.demote("data").await.unwrap();
+    // n1 now tries to lead under the old epoch: its own disk saw epoch 6.
+    let e = c.nodes[0].mgr.promote("data", 5, false, &c.socket(0)).await.unwrap_err();
+    assert!(e.to_string().contains("older than epoch 6"), "{e}");
+    // A primary n1 under epoch 7 is fine; then n2, which saw 7, refuses a stale 6.
+    c.promote(0, 7).await;
+    c.wait_in_sync(0, 1).await;
+    c.nodes[0].mgr.demote("data").await.unwrap();
+    let e = c.nodes[1].mgr.promote("data", 6, false, &c.socket(1)).await.unwrap_err();
+    assert!(e.to_string().contains("older than epoch 7"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_and_repairs_exactly_the_flipped_blocks() {
+    let c = Cluster::new(2, 32 * MIB).await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    qemu_io(uri_of(&uri), &["write -P 0x42 0 32M", "flush"]).await;
+    // Flip bytes in three blocks of the secondary's backing file (behind its back).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(c.backing(1)).unwrap();
+        for off in [4096u64 * 3 + 17, 4096 * 1000, 4096 * 1000 + 100, 31 * MIB + 5] {
+            f.write_all_at(&[0xff], off).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    assert!(!compare(&c.backing(0), &c.backing(1)));
+    let v = c.nodes[0].mgr.volume("data").await.unwrap();
+    let sent_before = v.resync_bytes_sent("n2");
+    c.nodes[0].mgr.verify("data").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let r = v.verify_report().unwrap();
+        if r.state != "running" {
+            break r;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(report.state, "done", "{report:?}");
+    assert_eq!(report.checked_bytes, 32 * MIB);
+    assert_eq!(report.found_blocks.get("n2"), Some(&3), "{report:?}");
+    assert_eq!(report.repaired_blocks.get("n2"), Some(&3), "{report:?}");
+    assert_eq!(v.resync_bytes_sent("n2") - sent_before, 3 * 4096, "only the differing blocks were sent");
+    assert!(compare(&c.backing(0), &c.backing(1)));
+}
+
+/// Two nodes both become primary while apart, each writes; then n2 steps
+/// down and n1 reconnects. Returns the cluster and what each wrote.
+async fn split(policy: SplitBrainPolicy, n1_writes: &[&str], n2_writes: &[&str], n1_first: bool) -> Cluster {
+    let c = Cluster::with(2, 32 * MIB, policy, BTreeMap::new()).await;
+    c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    c.nodes[0].mgr.demote("data").await.unwrap();
+    // Cut apart: n1's manager stops listening, n2's too.
+    c.nodes[0].mgr.shutdown().await;
+    c.nodes[1].mgr.shutdown().await;
+    // Each comes back alone (no listener reachable by the other) and leads.
+    let solo = |i: usize| {
+        let mut d = c.desired(i);
+        for p in &mut d.config.peers {
+            p.addrs = vec!["127.0.0.1:9".parse().unwrap()]; // nobody there
+        }
+        d
+    };
+    let order: Vec<usize> = if n1_first { vec![0, 1] } else { vec![1, 0] };
+    for i in order {
+        let n = &c.nodes[i];
+        n.mgr.start(&n.dir, &[], c.control.clone()).await.unwrap();
+        n.mgr.reconcile(vec![solo(i)]).await;
+        let uri = n.mgr.promote("data", 2, false, &c.socket(i)).await.unwrap();
+        let writes = if i == 0 { n1_writes } else { n2_writes };
+        if !writes.is_empty() {
+            qemu_io(uri_of(&uri), writes).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Heal: n2 steps down and listens again; n1 (primary) reconnects.
+    c.nodes[1].mgr.demote("data").await.unwrap();
+    c.nodes[1].mgr.shutdown().await;
+    c.nodes[1].mgr.start(&c.nodes[1].dir, &[c.nodes[1].addr], c.control.clone()).await.unwrap();
+    c.nodes[1].mgr.reconcile(vec![c.desired(1)]).await;
+    c.nodes[0].mgr.reconcile(vec![c.desired(0)]).await;
+    c
+}
+
+async fn conn_of(c: &Cluster, peer: &str) -> String {
+    let st = c.nodes[0].mgr.status("data").unwrap();
+    let r = st.replicas.iter().find(|r| r.node == peer).unwrap();
+    format!("{:?}", r.connection)
+}
+
+async fn settle_split(c: &Cluster) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let conn = conn_of(c, "n2").await;
+        let v = c.nodes[0].mgr.volume("data").await.unwrap();
+        if conn == "SplitBrain" || (v.peer_in_sync("n2") && v.out_of_sync("n2") == 0) {
+            return conn;
+        }
+        assert!(Instant::now() < deadline, "neither resynced nor split: {conn}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_policies() {
+    let w1 = ["write -P 0xa1 0 64k"];
+    let w2 = ["write -P 0xb2 1M 8k"];
+    // (policy, n1 promoted first?, n1 writes, n2 writes, expected: n2 discarded → in sync; else split)
+    let cases: Vec<(SplitBrainPolicy, bool, &[&str], &[&str], bool)> = vec![
+        (SplitBrainPolicy::Disconnect, true, &w1, &w2, false),
+        (SplitBrainPolicy::DiscardRemote, true, &w1, &w2, true),
+        (SplitBrainPolicy::DiscardLocal, true, &w1, &w2, false),
+        // n2 became primary later: it is the younger one.
+        (SplitBrainPolicy::DiscardYoungerPrimary, true, &w1, &w2, true),
+        (SplitBrainPolicy::DiscardYoungerPrimary, false, &w1, &w2, false),
+        (SplitBrainPolicy::DiscardOlderPrimary, false, &w1, &w2, true),
+        (SplitBrainPolicy::DiscardOlderPrimary, true, &w1, &w2, false),
+        (SplitBrainPolicy::DiscardZeroChanges, true, &w1, &[], true),
+        (SplitBrainPolicy::DiscardZeroChanges, true, &w1, &w2, false),
+        // n1 wrote 16 blocks, n2 two: n2 has fewer.
+        (SplitBrainPolicy::DiscardLeastChanges, true, &w1, &w2, true),
+        (SplitBrainPolicy::DiscardLeastChanges, true, &["write -P 0xa1 0 4k"], &["write -P 0xb2 1M 64k"], false),
+    ];
+    for (policy, n1_first, a, b, n2_discarded) in cases {
+        let c = split(policy, a, b, n1_first).await;
+        let conn = settle_split(&c).await;
+        let ok = conn != "SplitBrain";
+        assert_eq!(ok, n2_discarded, "{policy:?} n1_first={n1_first}: {conn}");
+        if ok {
+            // n2's changes are gone, n1's are there: identical copies.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(compare(&c.backing(0), &c.backing(1)), "{policy:?}");
+        } else {
+            // Resolve by hand: n2's changes are thrown away.
+            c.nodes[0].mgr.resolve("data", "n2").await.unwrap();
+            c.wait_in_sync(0, 1).await;
+            assert!(compare(&c.backing(0), &c.backing(1)), "{policy:?} after resolve");
+        }
+        for n in &c.nodes {
+            n.mgr.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_peer_falls_behind_without_stalling_and_catches_up() {
+    let mut modes = BTreeMap::new();
+    modes.insert("n2".to_string(), ReplicationMode::Async);
+    let mut c = Cluster::with(2, 64 * MIB, SplitBrainPolicy::Disconnect, modes).await;
+    c.async_buffer = MIB; // tiny: the peer goes Ahead at once
+    c.rate = Some(64 * MIB);
+    c.reconcile().await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    // An async peer is never a failover target.
+    assert_eq!(c.control.last("n2"), Some(DiskState::Outdated));
+    qemu_io(uri_of(&uri), &["write -P 0x61 0 32M", "flush"]).await;
+    c.wait_in_sync(0, 1).await;
+    assert!(compare(&c.backing(0), &c.backing(1)));
+}
