@@ -237,6 +237,7 @@ impl Agent {
     /// Stops every resource, then gives the lease up: the watchdog exits.
     pub async fn shutdown(&self) {
         let _ = self.stop_member(false).await;
+        self.volumes.shutdown().await;
         if let Err(e) = self.run.write_lease(Lease::Released) {
             tracing::warn!("cannot release the lease: {e}");
         }
@@ -1540,6 +1541,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let sockets = Arc::new(HeartbeatSockets::bind(&cfg.addresses, cfg.port).await?);
     let liveness = Liveness::new(cfg.node_timeout());
     let agent = Arc::new(Agent::new(cfg.clone(), db.clone(), liveness.clone())?);
+    // The data plane listens before anything can be promoted here.
+    agent.fence.set_volumes(agent.volumes.clone());
+    let replication: Vec<std::net::SocketAddr> = cfg
+        .addresses
+        .iter()
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        .map(|ip| std::net::SocketAddr::new(ip, crate::volume::desired::replication_port(cfg.port)))
+        .collect();
+    agent
+        .volumes
+        .start(&cfg.data_dir.join("volumes"), &replication, Arc::new(VolumeControl(Arc::downgrade(&agent))))
+        .await
+        .context("starting the volume replication listener (port + 1)")?;
     if let Some(identity) = db.identity()? {
         agent.start_member(&identity).await?;
     }
@@ -1600,6 +1614,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 }
             }
         }
+    });
+    let a = agent.clone();
+    every_or_on_change(agent.clone(), VOLUME_TICK, move || {
+        let agent = a.clone();
+        async move { agent.volume_round().await }
     });
     let a = agent.clone();
     every_or_on_change(agent.clone(), SCHEDULER_TICK, move || {
@@ -1740,7 +1759,7 @@ impl Agent {
     /// placement epoch the primary runs at; a stale one is refused with
     /// TND-1411. Returns once committed: only then may the primary
     /// acknowledge a write that replica missed.
-    pub(crate) async fn record_disk(
+    pub async fn record_disk(
         &self,
         volume: &str,
         node: &str,
@@ -1754,16 +1773,7 @@ impl Agent {
                 let path = format!("/internal/volumes/{volume}/disk");
                 match self.post_first::<_, serde_json::Value>(&urls, &path, &report, PEER_TIMEOUT).await {
                     Ok(Ok(_)) => Ok(()),
-                    Ok(Err(ApiError::Refused { code, message, url, status, hint })) => {
-                        Err(ApiError::relayed(&code, message.clone()).unwrap_or(ApiError::Refused {
-                            url,
-                            status,
-                            code,
-                            message,
-                            hint,
-                        }))
-                    }
-                    Ok(Err(e)) => Err(e),
+                    Ok(Err(e)) => Err(relay(e)),
                     Err(reason) => Err(ApiError::ForwardFailed { url: urls.join(","), reason }),
                 }
             }
@@ -1818,18 +1828,19 @@ impl Agent {
     ) -> Result<T, ApiError> {
         match self.post_first::<B, T>(urls, path, body, VOLUME_ACTION_TIMEOUT).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(ApiError::Refused { code, message, url, status, hint })) => {
-                Err(ApiError::relayed(&code, message.clone()).unwrap_or(ApiError::Refused {
-                    url,
-                    status,
-                    code,
-                    message,
-                    hint,
-                }))
-            }
-            Ok(Err(e)) => Err(e),
+            Ok(Err(e)) => Err(relay(e)),
             Err(reason) => Err(ApiError::ForwardFailed { url: urls.join(","), reason }),
         }
+    }
+}
+
+/// Another node's volume error under its own code (not TND-1208).
+fn relay(e: ApiError) -> ApiError {
+    match e {
+        ApiError::Refused { code, message, url, status, hint } => {
+            ApiError::relayed(&code, message.clone()).unwrap_or(ApiError::Refused { url, status, code, message, hint })
+        }
+        other => other,
     }
 }
 
@@ -2103,5 +2114,38 @@ mod volume_api_tests {
             other => panic!("a 16TiB volume fits in a temp dir? {other:?}"),
         }
         assert_eq!(human_bytes(3 << 29), "1.5GiB");
+    }
+}
+
+/// How often the volume replicas here are reconciled with the state even
+/// when nothing changed.
+const VOLUME_TICK: Duration = Duration::from_secs(1);
+
+/// The data plane's way to the replicated state: replica disk states are
+/// recorded through Raft under the group's epoch.
+struct VolumeControl(std::sync::Weak<Agent>);
+
+#[async_trait::async_trait]
+impl crate::volume::engine::ControlPlane for VolumeControl {
+    async fn record_disk(
+        &self,
+        volume: &str,
+        node: &str,
+        disk: tandem_raft::volume::DiskState,
+        epoch: u64,
+    ) -> Result<(), String> {
+        let agent = self.0.upgrade().ok_or("the agent is stopping")?;
+        agent.record_disk(volume, node, disk, epoch).await.map_err(|e| format!("{}: {e}", e.code()))
+    }
+}
+
+impl Agent {
+    /// Opens the replicas this node should hold, closes the others.
+    async fn volume_round(&self) {
+        let desired = match self.member() {
+            Some(m) => crate::volume::desired::desired_volumes(&m.state.state(), &self.cfg.name),
+            None => Vec::new(),
+        };
+        self.volumes.reconcile(desired).await;
     }
 }

@@ -38,7 +38,7 @@ struct Node {
 }
 
 pub async fn run(base_port: u16, dir: Option<PathBuf>, keep: bool) -> anyhow::Result<()> {
-    if base_port as usize + NODES > u16::MAX as usize {
+    if base_port as usize + 2 * NODES > u16::MAX as usize {
         bail!("--base-port {base_port} leaves no room for {NODES} nodes");
     }
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("tandem-demo-{}", std::process::id())));
@@ -54,12 +54,12 @@ pub async fn run(base_port: u16, dir: Option<PathBuf>, keep: bool) -> anyhow::Re
     .await;
     let service_port = base_port.saturating_add(80);
     let result = match result {
-        Ok(cluster) => create_example_group(&nodes, service_port).await.map(|_| cluster),
+        Ok(cluster) => create_example_group(&nodes, service_port).await.map(|uri| (cluster, uri)),
         Err(e) => Err(e),
     };
     match result {
-        Ok(cluster) => {
-            print_banner(&cluster, &nodes, &dir, service_port);
+        Ok((cluster, nbd)) => {
+            print_banner(&cluster, &nodes, &dir, service_port, &nbd);
             supervise(&mut nodes).await;
         }
         Err(e) => {
@@ -80,8 +80,13 @@ pub async fn run(base_port: u16, dir: Option<PathBuf>, keep: bool) -> anyhow::Re
     Ok(())
 }
 
+/// Node `i`'s API port; the next one is its volume replication port.
+fn port_of(base_port: u16, i: usize) -> u16 {
+    base_port + 2 * (i as u16 - 1)
+}
+
 fn node_config(dir: &Path, i: usize, base_port: u16) -> String {
-    let port = base_port + i as u16 - 1;
+    let port = port_of(base_port, i);
     let join = if i == 1 { String::new() } else { format!("join = [\"http://127.0.0.1:{base_port}\"]\n") };
     format!(
         "# tandem demo node {i}\nname = \"node{i}\"\ndata_dir = \"{}\"\naddresses = [\"127.0.0.1\"]\nport = {port}\n{join}",
@@ -108,7 +113,7 @@ async fn start_node(exe: &Path, dir: &Path, i: usize, base_port: u16) -> anyhow:
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {name}"))?;
-    let url = format!("http://127.0.0.1:{}", base_port + i as u16 - 1);
+    let url = format!("http://127.0.0.1:{}", port_of(base_port, i));
     let mut node = Node { name, url, log, child };
     wait_healthy(&mut node).await?;
     Ok(node)
@@ -149,14 +154,18 @@ async fn form_cluster(nodes: &mut [Node]) -> anyhow::Result<ClusterView> {
     }
 }
 
-/// The example service: a small HTTP server that says which node serves it.
-async fn create_example_group(nodes: &[Node], port: u16) -> anyhow::Result<()> {
+/// The example service: a replicated volume (exported over NBD where the
+/// group runs), then a small HTTP server that says which node serves it.
+async fn create_example_group(nodes: &[Node], port: u16) -> anyhow::Result<String> {
     let script = format!(
         "echo \"hello from $TANDEM_NODE (group $TANDEM_GROUP, epoch $TANDEM_EPOCH)\" > index.html; \
          exec python3 -m http.server {port} --bind 127.0.0.1"
     );
     let body = json!({
-        "resources": [{"name": "http", "type": "process", "command": ["sh", "-c", script]}],
+        "resources": [
+            {"name": "data", "type": "volume", "size": "256MiB", "mode": "sync", "replicas": NODES},
+            {"name": "http", "type": "process", "command": ["sh", "-c", script]},
+        ],
         "nodes": nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
         "failback": "manual",
     });
@@ -166,7 +175,10 @@ async fn create_example_group(nodes: &[Node], port: u16) -> anyhow::Result<()> {
     loop {
         let v = client.call(Method::GET, "/v1/groups/web", None).await?;
         if v["state"] == "running" {
-            return Ok(());
+            let vol = client.call(Method::GET, "/v1/volumes/data", None).await?;
+            if let Some(uri) = vol["nbd"].as_str() {
+                return Ok(uri.split_whitespace().next().unwrap_or(uri).to_string());
+            }
         }
         if Instant::now() > deadline {
             bail!("the example group did not start: {v}");
@@ -175,7 +187,7 @@ async fn create_example_group(nodes: &[Node], port: u16) -> anyhow::Result<()> {
     }
 }
 
-fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path, service_port: u16) {
+fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path, service_port: u16, nbd: &str) {
     let u = |i: usize| &nodes[i].url;
     say!(
         "tandem demo: cluster {:?} is up with {} nodes, leader {}",
@@ -202,6 +214,9 @@ fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path, service_port: u16) 
     say!("Example group `web` (a small HTTP service) runs on node1: curl -s http://127.0.0.1:{service_port}/");
     say!("  target/release/tandem group list --endpoint {}", u(1));
     say!("  curl -s -X POST -d '{{\"to\": \"node3\"}}' {}/v1/groups/web/move     # switchover", u(1));
+    say!("Its volume `data` (256 MiB, replicated synchronously to the other nodes) is exported over NBD:");
+    say!("  qemu-io -f raw '{nbd}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
+    say!("  curl -s {}/v1/volumes/data      # replicas, disk and connection states", u(0));
     say!("Kill the node that runs it (kill -9 <its pid>): its watchdog stops the service when the lease ends,");
     say!("and within about a second it answers again from another node (a new leader is elected if it led).");
     say!("Ctrl-C stops the cluster.");

@@ -51,6 +51,7 @@ pub fn supported(kind: &ResourceKind) -> bool {
             | ResourceKind::Ocf { .. }
             | ResourceKind::Systemd { .. }
             | ResourceKind::Vip { .. }
+            | ResourceKind::Volume(_)
     )
 }
 
@@ -63,13 +64,21 @@ pub struct Fence {
     pgids: std::sync::Mutex<BTreeSet<i32>>,
     /// The lease's end, CLOCK_BOOTTIME milliseconds (0: not held).
     deadline_ms: std::sync::atomic::AtomicU64,
+    /// The data plane: volume resources are promoted and demoted there, and
+    /// a fence stops every export at once.
+    volumes: std::sync::OnceLock<std::sync::Arc<crate::volume::manager::VolumeManager>>,
 }
 
 impl Fence {
     /// A fence holding a lease until `deadline_ms` (inherited from an agent
     /// that ran before this one).
     pub fn new(deadline_ms: u64) -> Fence {
-        Fence { pgids: Default::default(), deadline_ms: deadline_ms.into() }
+        Fence { pgids: Default::default(), deadline_ms: deadline_ms.into(), volumes: Default::default() }
+    }
+
+    /// Connects the data plane (once, at agent start).
+    pub fn set_volumes(&self, volumes: std::sync::Arc<crate::volume::manager::VolumeManager>) {
+        let _ = self.volumes.set(volumes);
     }
 
     pub fn deadline_ms(&self) -> u64 {
@@ -98,8 +107,12 @@ impl Fence {
         self.pgids.lock().unwrap_or_else(|e| e.into_inner()).remove(&pgid);
     }
 
-    /// SIGKILLs every registered process group; returns how many.
+    /// SIGKILLs every registered process group and stops serving every
+    /// volume this node is primary for; returns how many process groups.
     pub fn kill_all(&self) -> usize {
+        if let Some(v) = self.volumes.get() {
+            v.fence_all();
+        }
         let all = std::mem::take(&mut *self.pgids.lock().unwrap_or_else(|e| e.into_inner()));
         for pg in &all {
             let _ = killpg(Pid::from_raw(*pg), Signal::SIGKILL);
@@ -627,6 +640,7 @@ impl Ctx<'_> {
             r: r.clone(),
             verb,
             deep,
+            volumes: self.fence.volumes.get().cloned(),
         }
     }
 }
@@ -743,6 +757,9 @@ struct Action {
     r: ResourceSpec,
     verb: &'static str,
     deep: bool,
+    /// The data plane, for volume resources (none in the watchdog: a dead
+    /// agent's exports died with it).
+    volumes: Option<std::sync::Arc<crate::volume::manager::VolumeManager>>,
 }
 
 impl Action {
@@ -802,9 +819,40 @@ impl Action {
         Ok(cmd)
     }
 
+    /// A volume: start promotes this node's replica under the group's epoch
+    /// and exports it, stop demotes it, monitor checks it still serves.
+    async fn volume(&self, nbd_tcp: bool) -> ActionResult {
+        let name = &self.r.name;
+        let Some(volumes) = &self.volumes else {
+            // The watchdog, after the agent died: its exports died with it.
+            return Ok(0);
+        };
+        match self.verb {
+            "start" => {
+                let socket = self.dir.join("run").join("nbd").join(format!("{name}.sock"));
+                match volumes.promote(name, self.epoch, nbd_tcp, &socket).await {
+                    Ok(uri) => {
+                        tracing::info!(group = %self.group, volume = %name, epoch = self.epoch, %uri, "volume promoted and exported");
+                        Ok(0)
+                    }
+                    Err(e) => Err(format!("promote: {e}")),
+                }
+            }
+            "stop" => volumes.demote(name).await.map(|_| 0).map_err(|e| format!("demote: {e}")),
+            _ => Ok(if volumes.is_primary(name).await { 0 } else { OCF_NOT_RUNNING }),
+        }
+    }
+
     /// Runs the action to its end, within its timeout.
     async fn run(self) -> ActionResult {
         let (timeout, verb) = (self.timeout(), self.verb);
+        if let ResourceKind::Volume(v) = &self.r.kind {
+            let run = self.volume(v.nbd_tcp);
+            return match tokio::time::timeout(timeout, run).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("{verb} timed out after {timeout:?}")),
+            };
+        }
         if let ResourceKind::Vip { address, interface, backup_interfaces } = &self.r.kind {
             return match tokio::time::timeout(timeout, vip::action(verb, address, interface, backup_interfaces)).await {
                 Ok(r) => r,

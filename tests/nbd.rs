@@ -747,3 +747,21 @@ async fn a_stale_socket_file_is_replaced() {
     assert!(!socket.exists());
     f.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_one_connection_run_concurrently() {
+    let f = start("vol0", Opts { read_delay: Duration::from_millis(250), ..Opts::default() }).await;
+    let mut c = Raw::connect(&f.socket).await;
+    let began = std::time::Instant::now();
+    for i in 0..16u64 {
+        c.send(CMD_READ, 0, i, i * 4096, 4096, &[]).await;
+    }
+    for _ in 0..16 {
+        let (_, error, _) = c.reply(4096).await;
+        assert_eq!(error, 0);
+    }
+    // Served one after the other they would take 16 x 250 ms = 4 s.
+    let took = began.elapsed();
+    assert!(took < Duration::from_millis(2000), "16 delayed reads took {took:?}: requests were serialized");
+    f.server.shutdown().await;
+}

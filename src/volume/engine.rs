@@ -335,7 +335,7 @@ impl Volume {
     /// still waiting fail (they were never acknowledged).
     pub async fn demote(&self) -> io::Result<()> {
         let _order = self.order.lock().await;
-        if !self.is_primary() {
+        if !self.is_primary() && !self.replica().meta.primary {
             return Ok(());
         }
         self.role.send_replace(Role::Secondary);
@@ -350,6 +350,15 @@ impl Volume {
         self.replica().demoted()?;
         tracing::info!(volume = %self.cfg.name, "demoted to secondary");
         Ok(())
+    }
+
+    /// Stops serving at once, without waiting for anything (the lease ran
+    /// out): every request fails from now on; `demote` cleans up later.
+    pub fn fence(&self) {
+        if self.is_primary() {
+            tracing::warn!(volume = %self.cfg.name, "fenced: the export stops serving");
+            self.role.send_replace(Role::Secondary);
+        }
     }
 
     /// Closes the replica cleanly (the agent stops).
@@ -397,6 +406,7 @@ impl Volume {
     }
 
     pub fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        self.primary_epoch()?;
         self.check_range(offset, u64::from(len))?;
         let mut buf = vec![0u8; len as usize];
         self.data.read_exact_at(&mut buf, offset)?;

@@ -36,6 +36,13 @@ struct Held {
     uri: Option<String>,
 }
 
+impl std::fmt::Debug for VolumeManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.routes.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        f.debug_struct("VolumeManager").field("volumes", &names).finish()
+    }
+}
+
 /// Every volume replica on this node.
 #[derive(Default)]
 pub struct VolumeManager {
@@ -170,6 +177,14 @@ impl VolumeManager {
         }
         h.uri = None;
         h.volume.demote().await.map_err(|e| io(name, e))
+    }
+
+    /// The lease ran out: every primary here stops serving at once (its
+    /// exports fail every request until the executor demotes it).
+    pub fn fence_all(&self) {
+        for v in self.routes.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            v.fence();
+        }
     }
 
     /// Whether this node serves `name` as primary.

@@ -796,6 +796,7 @@ mod tests {
             crashed_extents: vec![1, 5, 9],
             mode: ReplicationMode::Async,
             split_brain: SplitBrainPolicy::DiscardZeroChanges,
+            discard_secondary: true,
         }
     }
 
@@ -1254,6 +1255,7 @@ mod tests {
                     changed_blocks,
                     crashed_extents,
                     mode: if is_async { ReplicationMode::Async } else { ReplicationMode::Sync },
+                    discard_secondary: is_async && split_brain == SplitBrainPolicy::Disconnect,
                     split_brain,
                 },
             )

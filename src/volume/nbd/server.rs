@@ -100,10 +100,7 @@ impl Server {
             );
         }
 
-        remove_stale_socket(socket)?;
-        let unix = UnixListener::bind(socket)?;
-        let bound = std::fs::symlink_metadata(socket)?;
-        let identity = (bound.dev(), bound.ino());
+        // TCP first: if it fails, no socket file is left behind.
         let tcp = match tcp {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
@@ -112,6 +109,10 @@ impl Server {
             Some(l) => Some(l.local_addr()?),
             None => None,
         };
+        remove_stale_socket(socket)?;
+        let unix = UnixListener::bind(socket)?;
+        let bound = std::fs::symlink_metadata(socket)?;
+        let identity = (bound.dev(), bound.ino());
 
         let shared = Arc::new(Shared { name: name.to_string(), export, info });
         let (shutdown, rx) = watch::channel(None);
@@ -120,20 +121,27 @@ impl Server {
         accept_loops.push(tokio::spawn({
             let (shared, rx) = (shared.clone(), rx.clone());
             async move {
-                accept_loop(shared, rx, || unix.accept()).await;
+                let mut conns = JoinSet::new();
+                let deadline = accept_until_shutdown(&shared, rx, &mut conns, || unix.accept()).await;
+                // Close the listener at once: new clients are refused rather
+                // than left waiting in the backlog during the drain.
                 drop(unix);
                 remove_if_ours(&socket_path, identity);
+                drain(conns, deadline).await;
             }
         }));
         if let Some(tcp) = tcp {
             accept_loops.push(tokio::spawn(async move {
-                accept_loop(shared, rx, || async {
+                let mut conns = JoinSet::new();
+                let deadline = accept_until_shutdown(&shared, rx, &mut conns, || async {
                     let (s, a) = tcp.accept().await?;
                     // Replies are batched by the writer; Nagle would only add latency.
                     s.set_nodelay(true)?;
                     Ok((s, a))
                 })
                 .await;
+                drop(tcp);
+                drain(conns, deadline).await;
             }));
         }
         tracing::info!(name, socket = %socket.display(), tcp = ?tcp_addr, "nbd: serving");
@@ -182,17 +190,22 @@ impl Drop for Server {
     }
 }
 
-/// Accepts until shutdown, then waits for this listener's connections.
-async fn accept_loop<C, F, Fut, A>(shared: Arc<Shared>, mut shutdown: ShutdownRx, accept: F)
+/// Accepts connections into `conns` until shutdown; returns the shutdown
+/// deadline.
+async fn accept_until_shutdown<C, F, Fut, A>(
+    shared: &Arc<Shared>,
+    mut shutdown: ShutdownRx,
+    conns: &mut JoinSet<()>,
+    accept: F,
+) -> Instant
 where
     C: Connection,
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<(C, A)>>,
 {
-    let mut conns = JoinSet::new();
-    let deadline = loop {
+    loop {
         tokio::select! {
-            d = shutdown_deadline(&mut shutdown) => break d,
+            d = shutdown_deadline(&mut shutdown) => return d,
             res = accept() => match res {
                 Ok((stream, _)) => {
                     conns.spawn(serve_connection(stream, shared.clone(), shutdown.clone()));
@@ -205,9 +218,13 @@ where
             // Reap finished connections so the set does not grow.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
-    };
-    // Each connection bounds itself by the same deadline; the extra second is
-    // a safety net for a connection stuck outside those bounds.
+    }
+}
+
+/// Waits for the connections of one listener to finish. Each bounds itself
+/// by the shutdown deadline; the extra second is a safety net for one stuck
+/// outside those bounds.
+async fn drain(mut conns: JoinSet<()>, deadline: Instant) {
     let hard = tokio::time::sleep_until(deadline + Duration::from_secs(1));
     tokio::pin!(hard);
     while !conns.is_empty() {
