@@ -1977,6 +1977,40 @@ fn check_free_space(
     })
 }
 
+
+/// How often the volume replicas here are reconciled with the state even
+/// when nothing changed.
+const VOLUME_TICK: Duration = Duration::from_secs(1);
+
+/// The data plane's way to the replicated state: replica disk states are
+/// recorded through Raft under the group's epoch.
+struct VolumeControl(std::sync::Weak<Agent>);
+
+#[async_trait::async_trait]
+impl crate::volume::engine::ControlPlane for VolumeControl {
+    async fn record_disk(
+        &self,
+        volume: &str,
+        node: &str,
+        disk: tandem_raft::volume::DiskState,
+        epoch: u64,
+    ) -> Result<(), String> {
+        let agent = self.0.upgrade().ok_or("the agent is stopping")?;
+        agent.record_disk(volume, node, disk, epoch).await.map_err(|e| format!("{}: {e}", e.code()))
+    }
+}
+
+impl Agent {
+    /// Opens the replicas this node should hold, closes the others.
+    async fn volume_round(&self) {
+        let desired = match self.member() {
+            Some(m) => crate::volume::desired::desired_volumes(&m.state.state(), &self.cfg.name),
+            None => Vec::new(),
+        };
+        self.volumes.reconcile(desired).await;
+    }
+}
+
 #[cfg(test)]
 mod volume_api_tests {
     use super::*;
@@ -2114,38 +2148,5 @@ mod volume_api_tests {
             other => panic!("a 16TiB volume fits in a temp dir? {other:?}"),
         }
         assert_eq!(human_bytes(3 << 29), "1.5GiB");
-    }
-}
-
-/// How often the volume replicas here are reconciled with the state even
-/// when nothing changed.
-const VOLUME_TICK: Duration = Duration::from_secs(1);
-
-/// The data plane's way to the replicated state: replica disk states are
-/// recorded through Raft under the group's epoch.
-struct VolumeControl(std::sync::Weak<Agent>);
-
-#[async_trait::async_trait]
-impl crate::volume::engine::ControlPlane for VolumeControl {
-    async fn record_disk(
-        &self,
-        volume: &str,
-        node: &str,
-        disk: tandem_raft::volume::DiskState,
-        epoch: u64,
-    ) -> Result<(), String> {
-        let agent = self.0.upgrade().ok_or("the agent is stopping")?;
-        agent.record_disk(volume, node, disk, epoch).await.map_err(|e| format!("{}: {e}", e.code()))
-    }
-}
-
-impl Agent {
-    /// Opens the replicas this node should hold, closes the others.
-    async fn volume_round(&self) {
-        let desired = match self.member() {
-            Some(m) => crate::volume::desired::desired_volumes(&m.state.state(), &self.cfg.name),
-            None => Vec::new(),
-        };
-        self.volumes.reconcile(desired).await;
     }
 }

@@ -765,3 +765,28 @@ async fn requests_on_one_connection_run_concurrently() {
     assert!(took < Duration::from_millis(2000), "16 delayed reads took {took:?}: requests were serialized");
     f.server.shutdown().await;
 }
+
+/// Not a check: a quick figure for the server's own overhead. Run with
+/// `cargo test --release --test nbd -- --ignored --nocapture qd32`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn qd32_random_write_figure() {
+    let f = start("vol0", Opts { size: 1 << 30, ..Opts::default() }).await;
+    let out = run(
+        "fio",
+        "fio",
+        &[
+            "--name=qd32",
+            "--ioengine=nbd",
+            &format!("--uri={}", f.server.uri()),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--runtime=5",
+            "--time_based",
+        ],
+    )
+    .await;
+    assert_ok("fio qd32", &out);
+    f.server.shutdown().await;
+}

@@ -33,7 +33,14 @@ impl ControlPlane for Recorder {
         if *self.refuse.lock().unwrap() {
             return Err("no quorum".into());
         }
-        self.log.lock().unwrap().push((node.to_string(), disk, epoch));
+        let mut log = self.log.lock().unwrap();
+        // As the replicated state does: only the newest epoch may record.
+        if let Some(newest) = log.iter().map(|(_, _, e)| *e).max() {
+            if epoch < newest {
+                return Err(format!("stale epoch {epoch} < {newest}"));
+            }
+        }
+        log.push((node.to_string(), disk, epoch));
         Ok(())
     }
 }
@@ -60,6 +67,8 @@ struct Cluster {
     modes: BTreeMap<String, ReplicationMode>,
     rate: Option<u64>,
     async_buffer: u64,
+    /// Replicas created empty (added after the volume): need a full sync.
+    empty: Vec<String>,
 }
 
 impl Cluster {
@@ -79,7 +88,17 @@ impl Cluster {
             mgr.start(&dir, &[addr], control.clone()).await.unwrap();
             nodes.push(Node { name, dir, addr, mgr });
         }
-        let c = Cluster { _tmp: tmp, nodes, control, size, policy, modes, rate: None, async_buffer: 64 * MIB };
+        let c = Cluster {
+            _tmp: tmp,
+            nodes,
+            control,
+            size,
+            policy,
+            modes,
+            rate: None,
+            async_buffer: 64 * MIB,
+            empty: Vec::new(),
+        };
         c.reconcile().await;
         c
     }
@@ -107,7 +126,7 @@ impl Cluster {
                 split_brain: self.policy,
                 rate: self.rate,
                 async_buffer: self.async_buffer,
-                initial: initial_generation("test/data"),
+                initial: if self.empty.contains(&self.nodes[me].name) { 0 } else { initial_generation("test/data") },
             },
             nbd_tcp: false,
         }
@@ -417,5 +436,57 @@ async fn an_async_peer_falls_behind_without_stalling_and_catches_up() {
     assert_eq!(c.control.last("n2"), Some(DiskState::Outdated));
     qemu_io(uri_of(&uri), &["write -P 0x61 0 32M", "flush"]).await;
     c.wait_in_sync(0, 1).await;
+    assert!(compare(&c.backing(0), &c.backing(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_primary_is_refused_by_its_peers_and_told_why() {
+    let c = Cluster::new(3, 16 * MIB).await;
+    let uri1 = c.promote(0, 5).await;
+    c.wait_in_sync(0, 1).await;
+    c.wait_in_sync(0, 2).await;
+    // n2 becomes primary under epoch 6 while n1 still believes it leads
+    // (cut off from the control plane): n3 follows the newer epoch.
+    c.nodes[1].mgr.reconcile(vec![c.desired(1)]).await;
+    c.promote(1, 6).await;
+    c.wait_in_sync(1, 2).await;
+    // n1's links are refused, with the reason...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = c.nodes[0].mgr.status("data").unwrap();
+        let n3 = st.replicas.iter().find(|r| r.node == "n3").unwrap();
+        if n3.last_error.as_deref().is_some_and(|e| e.contains("stale epoch 5 < 6")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n1 was never told it is stale: {st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and its writes are never acknowledged: its peers are neither
+    // reachable nor recordable as outdated under its old epoch.
+    let u = uri_of(&uri1).to_string();
+    let write = tokio::spawn(async move { qemu_io(&u, &["write -P 0x99 0 4k"]).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!write.is_finished(), "a stale primary acknowledged a write");
+    write.abort();
+    c.nodes[0].mgr.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_replica_gets_a_full_sync_of_allocated_space_only() {
+    let mut c = Cluster::new(2, 256 * MIB).await;
+    // n2's replica is replaced by an empty one (a new disk).
+    c.nodes[1].mgr.shutdown().await;
+    std::fs::remove_dir_all(&c.nodes[1].dir).unwrap();
+    c.empty = vec!["n2".to_string()];
+    let uri = c.promote(0, 1).await;
+    qemu_io(uri_of(&uri), &["write -P 0x31 0 1M", "write -P 0x32 200M 64k"]).await;
+    c.nodes[1].mgr.start(&c.nodes[1].dir, &[c.nodes[1].addr], c.control.clone()).await.unwrap();
+    c.nodes[1].mgr.reconcile(vec![c.desired(1)]).await;
+    c.wait_in_sync(0, 1).await;
+    let v = c.nodes[0].mgr.volume("data").await.unwrap();
+    let sent = v.resync_bytes_sent("n2");
+    // Holes read as zeros on both sides: only written extents travel.
+    assert!(sent >= MIB + 64 * 1024, "{sent}");
+    assert!(sent <= 8 * MIB, "a full sync of a sparse 256 MiB volume sent {sent} bytes");
     assert!(compare(&c.backing(0), &c.backing(1)));
 }
