@@ -1977,7 +1977,6 @@ fn check_free_space(
     })
 }
 
-
 /// How often the volume replicas here are reconciled with the state even
 /// when nothing changed.
 const VOLUME_TICK: Duration = Duration::from_secs(1);

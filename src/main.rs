@@ -60,6 +60,9 @@ enum Cmd {
     /// Define, inspect and move resource groups.
     #[command(subcommand)]
     Group(GroupCmd),
+    /// Inspect replicated volumes, verify them, resolve a split brain.
+    #[command(subcommand)]
+    Volume(cli::VolumeCmd),
     /// The node's watchdog (started by the agent): stops this node's
     /// resources when no agent renews the lease.
     #[command(hide = true)]
@@ -306,6 +309,7 @@ async fn client_command(endpoint: &str, json_out: bool, cmd: Cmd) -> Result<Stri
             c.call(Method::DELETE, &format!("/v1/groups/{}", enc(&name)), None).await?;
             return Ok(if json_out { "null\n".into() } else { format!("{name} deleted\n") });
         }
+        Cmd::Volume(v) => return cli::volume_command(&c, json_out, v).await,
         Cmd::Agent { .. } | Cmd::Demo { .. } | Cmd::Watchdog { .. } => unreachable!("handled in main"),
     };
     if json_out {

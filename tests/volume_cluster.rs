@@ -138,6 +138,15 @@ async fn a_power_loss_of_the_primary_keeps_every_acknowledged_write() {
     let bound = (max_acked / extent + 2) * extent + (256 << 10);
     assert!(last <= bound, "resync sent {last} bytes: more than the activity log's extents ({bound})");
     assert!(last < 64 << 20, "a full resync ({last} bytes) instead of the activity log's extents");
+
+    // The CLI shows the same picture.
+    let out = std::process::Command::new(BIN)
+        .args(["volume", "show", "data", "--endpoint", &c.nodes[2].url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("n1") && text.contains("n2") && text.contains("UpToDate"), "{text}");
 }
 
 fn strip_ansi(s: &str) -> String {
