@@ -1543,6 +1543,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let agent = Arc::new(Agent::new(cfg.clone(), db.clone(), liveness.clone())?);
     // The data plane listens before anything can be promoted here.
     agent.fence.set_volumes(agent.volumes.clone());
+    let fence = agent.fence.clone();
+    agent.volumes.set_lease(Arc::new(move || fence.lease_valid()));
     let replication: Vec<std::net::SocketAddr> = cfg
         .addresses
         .iter()

@@ -185,7 +185,13 @@ pub struct Volume {
     upstream_node: Mutex<Option<String>>,
     verify: Mutex<Option<VerifyReport>>,
     last_app_write: Mutex<Instant>,
+    /// Whether this node holds its lease: a primary serves nothing without
+    /// it (an agent waking from a stall must not answer queued requests).
+    lease: Lease,
 }
+
+/// Whether the node's lease holds right now.
+pub type Lease = Arc<dyn Fn() -> bool + Send + Sync>;
 
 fn io_err(msg: impl Into<String>) -> io::Error {
     io::Error::other(msg.into())
@@ -193,7 +199,12 @@ fn io_err(msg: impl Into<String>) -> io::Error {
 
 impl Volume {
     /// Opens (creating if needed) this node's replica, as a secondary.
-    pub fn open(dir: &std::path::Path, cfg: VolumeConfig, control: Arc<dyn ControlPlane>) -> io::Result<Arc<Volume>> {
+    pub fn open(
+        dir: &std::path::Path,
+        cfg: VolumeConfig,
+        control: Arc<dyn ControlPlane>,
+        lease: Lease,
+    ) -> io::Result<Arc<Volume>> {
         let peers: Vec<String> = cfg.peers.iter().map(|p| p.node.clone()).collect();
         let create =
             Create { volume_id: cfg.volume_id.clone(), size: cfg.size, granule: cfg.granule, initial: cfg.initial };
@@ -245,6 +256,7 @@ impl Volume {
             upstream_node: Mutex::new(None),
             verify: Mutex::new(None),
             last_app_write: Mutex::new(Instant::now()),
+            lease,
         }))
     }
 
@@ -402,7 +414,11 @@ impl Volume {
     }
 
     fn primary_epoch(&self) -> io::Result<u64> {
-        self.epoch().ok_or_else(|| io::Error::from_raw_os_error(libc::EROFS))
+        let epoch = self.epoch().ok_or_else(|| io::Error::from_raw_os_error(libc::EROFS))?;
+        if !(self.lease)() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(epoch)
     }
 
     pub fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
@@ -1086,9 +1102,14 @@ impl Volume {
                 r.meta.epoch_seen = hello.epoch;
                 let decision = decide_for(&hello, &reply);
                 let mut bitmap = None;
-                let needs_data = !matches!(decision, Decision::InSync)
-                    || hello.changed_blocks > 0
-                    || !r.meta.crashed_extents.is_empty();
+                // Inconsistent only while blocks are actually coming: a
+                // replica with nothing to receive stays promotable.
+                let needs_data = match decision {
+                    Decision::InSync | Decision::Incremental => {
+                        hello.changed_blocks > 0 || !r.meta.crashed_extents.is_empty()
+                    }
+                    _ => true,
+                };
                 match decision {
                     Decision::InSync
                     | Decision::Incremental

@@ -52,6 +52,7 @@ pub struct VolumeManager {
     routes: Arc<Mutex<BTreeMap<String, Arc<Volume>>>>,
     control: Mutex<Option<Arc<dyn ControlPlane>>>,
     listeners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    lease: Mutex<Option<super::engine::Lease>>,
 }
 
 fn not_found(name: &str) -> VolumeError {
@@ -130,7 +131,8 @@ impl VolumeManager {
             if held.contains_key(&name) {
                 continue;
             }
-            match Volume::open(&dir, d.config.clone(), control.clone()) {
+            let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| Arc::new(|| true));
+            match Volume::open(&dir, d.config.clone(), control.clone(), lease) {
                 Ok(volume) => {
                     tracing::info!(volume = %name, disk = %volume.disk(), "replica open");
                     self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), volume.clone());
@@ -177,6 +179,11 @@ impl VolumeManager {
         }
         h.uri = None;
         h.volume.demote().await.map_err(|e| io(name, e))
+    }
+
+    /// How a primary learns whether the node holds its lease (none: always).
+    pub fn set_lease(&self, lease: super::engine::Lease) {
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
     }
 
     /// The lease ran out: every primary here stops serving at once (its
