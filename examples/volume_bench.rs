@@ -59,6 +59,8 @@ struct Result_ {
 }
 
 fn fio(uri: &str, job: Job, seconds: u64) -> Result_ {
+    // Every job starts with no dirty pages left by the one before.
+    let _ = Command::new("sync").status();
     let out = Command::new("fio")
         .args([
             "--name=bench",
@@ -112,7 +114,7 @@ fn qemu_nbd(dir: &Path) -> Peer {
     let (img, sock) = (dir.join("qemu.img"), dir.join("qemu.sock"));
     raw_file(&img);
     let child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "--cache=writeback", "--shared=8", "-k"])
+        .args(["-f", "raw", "--cache=writeback", "--shared=8", "--persistent", "-k"])
         .arg(&sock)
         .arg(&img)
         .stderr(Stdio::null())
@@ -218,7 +220,13 @@ async fn main() {
 
     let targets =
         ["qemu-nbd", "nbdkit file", "tandem, no replica", "tandem, sync secondary", "tandem, async secondary"];
+    // VOLUME_BENCH_ONLY=sync,nbdkit runs only the targets naming one of these.
+    let only: Vec<String> =
+        std::env::var("VOLUME_BENCH_ONLY").map(|s| s.split(',').map(str::to_string).collect()).unwrap_or_default();
     for target in targets {
+        if !only.is_empty() && !only.iter().any(|o| target.contains(o.as_str())) {
+            continue;
+        }
         let (uri, peer, tandem) = match target {
             "qemu-nbd" => {
                 let p = qemu_nbd(&dir);
@@ -241,6 +249,9 @@ async fn main() {
             }
         };
         for job in JOBS {
+            if std::env::var("VOLUME_BENCH_JOB").is_ok_and(|j| !job.name.contains(j.as_str())) {
+                continue;
+            }
             let u = uri.clone();
             let r = tokio::task::spawn_blocking(move || fio(&u, job, seconds)).await.unwrap();
             eprintln!(
@@ -256,12 +267,14 @@ async fn main() {
         if let Some(t) = tandem {
             t.stop().await;
         }
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
     }
 
+    let resync_only = only.iter().any(|o| o == "resync");
+    if (!only.is_empty() && !resync_only) || std::env::var("VOLUME_BENCH_JOB").is_ok() {
+        return; // a partial run: no table, no resync
+    }
     println!("\n## Data plane (fio nbd engine, {seconds} s per job after 1 s ramp, 1 GiB file/volume, unix socket)\n");
-    for job in JOBS {
+    for job in JOBS.iter().filter(|_| !resync_only) {
         let rows = &results[job.name];
         let peer_best =
             rows[..2].iter().max_by(|a, b| a.1.iops.total_cmp(&b.1.iops)).map(|r| r.1.clone()).unwrap_or_default();
@@ -277,10 +290,21 @@ async fn main() {
         println!();
     }
 
-    // Resync: 64 MiB changed (random 4 KiB blocks, some twice) while the
-    // secondary was away, on a 4 GiB volume, at a configured rate.
-    let rate = 200 * MIB;
-    let t = Tandem::new(&dir, "resync", 4 << 30, &[ReplicationMode::Sync], Some(rate)).await;
+    println!(
+        "## Resync after a disconnection (4 GiB volume, 64 MiB of random 4 KiB writes while the secondary was away)\n"
+    );
+    println!("| configured rate | changed while away | bitmap (out of sync) | resync sent | sent / changed | resync time | achieved rate | restart to in sync |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for rate in [Some(50 * MIB), None] {
+        resync(&dir, rate).await;
+    }
+}
+
+/// 64 MiB changed (distinct random 4 KiB blocks) while the secondary was
+/// away, on a 4 GiB volume; then it comes back and is resynced.
+async fn resync(dir: &Path, rate: Option<u64>) {
+    let tag = format!("resync-{}", rate.unwrap_or(0) / MIB);
+    let t = Tandem::new(dir, &tag, 4 << 30, &[ReplicationMode::Sync], rate).await;
     let uri = t.primary().await;
     t.nodes[1].3.shutdown().await;
     let u = uri.clone();
@@ -307,28 +331,26 @@ async fn main() {
     .unwrap();
     let v = t.nodes[0].3.volume("bench").await.unwrap();
     let dirty = v.out_of_sync("n2");
-    let (name, d, addr) = (t.nodes[1].0.clone(), t.nodes[1].1.clone(), t.nodes[1].2);
-    let _ = name;
+    let (d, addr) = (t.nodes[1].1.clone(), t.nodes[1].2);
     let started = Instant::now();
     t.nodes[1].3.start(&d, &[addr], Arc::new(NoControl)).await.unwrap();
-    let cfg = t.config(1, "resync", 4 << 30, &[ReplicationMode::Sync], Some(rate));
+    let cfg = t.config(1, &tag, 4 << 30, &[ReplicationMode::Sync], rate);
     t.nodes[1].3.reconcile(vec![DesiredVolume { config: cfg, nbd_tcp: false }]).await;
     while !(v.peer_in_sync("n2") && v.out_of_sync("n2") == 0) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let took = started.elapsed();
-    let sent = v.resync_bytes_sent("n2");
-    println!("## Resync after a disconnection (4 GiB volume, rate {} MiB/s)\n", rate / MIB);
-    println!("| changed while away | bitmap (out of sync) | resync sent | sent / changed | time | achieved rate |");
-    println!("|---|---|---|---|---|---|");
+    let total = started.elapsed();
+    let (sent, took) = v.last_resync("n2").unwrap_or((v.resync_bytes_sent("n2"), total));
     println!(
-        "| {} MiB | {:.1} MiB | {:.1} MiB | {:.2} | {:.2} s | {:.0} MiB/s |",
+        "| {} | {} MiB | {:.1} MiB | {:.1} MiB | {:.2} | {:.2} s | {:.0} MiB/s | {:.2} s |",
+        rate.map(|r| format!("{} MiB/s", r / MIB)).unwrap_or_else(|| "unlimited".into()),
         changed / MIB,
         dirty as f64 / MIB as f64,
         sent as f64 / MIB as f64,
         sent as f64 / changed as f64,
         took.as_secs_f64(),
-        sent as f64 / MIB as f64 / took.as_secs_f64()
+        sent as f64 / MIB as f64 / took.as_secs_f64(),
+        total.as_secs_f64()
     );
     t.stop().await;
 }

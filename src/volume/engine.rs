@@ -137,6 +137,8 @@ struct LinkState {
     /// A forced loser after split brain (operator).
     discard_peer: bool,
     bytes_sent: u64,
+    /// The last completed resync: bytes sent and how long it took.
+    last_resync: Option<(u64, Duration)>,
 }
 
 impl Link {
@@ -235,6 +237,7 @@ impl Volume {
                         last_error: None,
                         discard_peer: false,
                         bytes_sent: 0,
+                        last_resync: None,
                     }),
                     wake: Notify::new(),
                     resolved: Notify::new(),
@@ -846,7 +849,11 @@ impl Volume {
                         if let Some(done) = f.done {
                             let _ = done.send(reply);
                         }
-                        link.wake.notify_one();
+                        // Window space for the resync; a live write's ack
+                        // changes nothing it waits for.
+                        if f.resync {
+                            link.wake.notify_one();
+                        }
                     }
                     if failed {
                         return Err("the peer failed a write".into());
@@ -1005,7 +1012,9 @@ impl Volume {
             st.conn = ConnectionState::Connected;
             st.peer_disk = DiskState::UpToDate;
             if let Some(p) = st.resync.take() {
-                tracing::info!(volume = %self.cfg.name, peer = %peer, sent = p.sent_bytes, "resync done");
+                let took = st.resync_started.map(|t| t.elapsed()).unwrap_or_default();
+                st.last_resync = Some((p.sent_bytes, took));
+                tracing::info!(volume = %self.cfg.name, peer = %peer, sent = p.sent_bytes, ms = took.as_millis() as u64, "resync done");
             }
         }
         if sync {
@@ -1536,6 +1545,11 @@ impl Volume {
         self.links.get(node).map(|l| l.st.lock().map(|s| s.bytes_sent).unwrap_or(0)).unwrap_or(0)
     }
 
+    /// The last completed resync to `node`: bytes sent, time taken.
+    pub fn last_resync(&self, node: &str) -> Option<(u64, Duration)> {
+        self.links.get(node).and_then(|l| l.st.lock().ok().and_then(|s| s.last_resync))
+    }
+
     /// Whether `node` is streaming and in sync.
     pub fn peer_in_sync(&self, node: &str) -> bool {
         self.links.get(node).is_some_and(|l| l.st.lock().map(|s| s.in_sync).unwrap_or(false))
@@ -1572,7 +1586,28 @@ fn kind_of(m: &Message) -> &'static str {
 }
 
 /// The connect decision both ends compute from the same two views.
+///
+/// One rule on top of the generations: a primary whose epoch is newer than
+/// any the secondary has seen was promoted by the control plane as an
+/// `UpToDate` replica, so it holds every acknowledged write; whatever the
+/// secondary has that it lacks was never acknowledged (it came from a
+/// primary of an older epoch, in flight when that one was deposed). Such a
+/// secondary is overwritten: the union of both bitmaps after a split, a full
+/// sync when the lineage is lost. Equal epochs (an operator's doing, or a
+/// disaster-recovery copy promoted by hand) go to the split-brain policy.
 fn decide_for(hello: &Hello, reply: &HelloReply) -> Decision {
+    let d = decide_by_generations(hello, reply);
+    if hello.epoch > reply.epoch_seen {
+        match d {
+            Decision::SplitBrain { .. } => return Decision::SplitBrain { loser: Some(Side::Secondary) },
+            Decision::Unrelated if hello.generation.current != 0 => return Decision::Full,
+            _ => {}
+        }
+    }
+    d
+}
+
+fn decide_by_generations(hello: &Hello, reply: &HelloReply) -> Decision {
     let forced_secondary_loses = hello.discard_secondary;
     let policy = hello.split_brain;
     let primary = SideView {

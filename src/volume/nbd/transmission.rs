@@ -380,3 +380,100 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::nbd::proto::Command;
+
+    /// Reads panic; everything else succeeds.
+    struct Panicky;
+
+    #[async_trait::async_trait]
+    impl Export for Panicky {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn block_sizes(&self) -> (u32, u32, u32) {
+            (512, 4096, 1 << 20)
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn multi_conn(&self) -> bool {
+            false
+        }
+        async fn read(&self, _: u64, _: u32) -> std::io::Result<Vec<u8>> {
+            panic!("export bug (expected by this test)")
+        }
+        async fn write(&self, _: u64, _: Vec<u8>, _: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        async fn trim(&self, _: u64, _: u32) -> std::io::Result<()> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _: u64, _: u32, _: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn header(command: Command, cookie: u64, len: u32) -> [u8; proto::REQUEST_HEADER_LEN] {
+        Request { flags: 0, command, cookie, offset: 0, len }.encode()
+    }
+
+    async fn reply(r: &mut (impl AsyncRead + Unpin)) -> (u32, u64) {
+        let mut h = [0u8; proto::SIMPLE_REPLY_LEN];
+        r.read_exact(&mut h).await.expect("reply");
+        assert_eq!(h[..4], proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        let error = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let mut cookie = [0u8; 8];
+        cookie.copy_from_slice(&h[8..]);
+        (error, u64::from_be_bytes(cookie))
+    }
+
+    #[tokio::test]
+    async fn a_panicking_export_gets_eio_and_the_connection_survives() {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(server);
+        let (_signal, shutdown) = watch::channel(None);
+        let info = ExportInfo::new(1 << 20, (512, 4096, 1 << 20), false, false).expect("valid sizes");
+        let serving = tokio::spawn(serve(r, w, Arc::new(Panicky), info, shutdown));
+        let (mut cr, mut cw) = tokio::io::split(client);
+
+        for cookie in [1, 2] {
+            cw.write_all(&header(Command::Read, cookie, 512)).await.expect("send");
+            assert_eq!(reply(&mut cr).await, (proto::EIO, cookie));
+        }
+        cw.write_all(&header(Command::Write, 3, 512)).await.expect("send");
+        cw.write_all(&[0u8; 512]).await.expect("payload");
+        assert_eq!(reply(&mut cr).await, (0, 3));
+        cw.write_all(&header(Command::Disc, 4, 0)).await.expect("send");
+        tokio::time::timeout(std::time::Duration::from_secs(5), serving)
+            .await
+            .expect("DISC ends the connection")
+            .expect("no panic escapes");
+    }
+
+    #[tokio::test]
+    async fn shutdown_refuses_new_requests_and_ends_idle_connections() {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(server);
+        let (signal, shutdown) = watch::channel(None);
+        let info = ExportInfo::new(1 << 20, (512, 4096, 1 << 20), false, false).expect("valid sizes");
+        let serving = tokio::spawn(serve(r, w, Arc::new(Panicky), info, shutdown));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        cw.write_all(&header(Command::Flush, 1, 0)).await.expect("send");
+        assert_eq!(reply(&mut cr).await, (0, 1));
+        signal.send_replace(Some(Instant::now() + std::time::Duration::from_secs(5)));
+        tokio::time::timeout(std::time::Duration::from_secs(2), serving)
+            .await
+            .expect("an idle connection closes at once")
+            .expect("no panic");
+        let mut rest = Vec::new();
+        cr.read_to_end(&mut rest).await.expect("EOF");
+        assert!(rest.is_empty());
+    }
+}
