@@ -9,20 +9,19 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Three consecutive ports, free for TCP and UDP.
+/// Six consecutive ports: each node's API (TCP and UDP) and, next to it,
+/// its volume replication port (TCP).
 fn free_base() -> u16 {
     for _ in 0..200 {
         let base = free_port();
         let ok = std::net::TcpListener::bind(("127.0.0.1", base + 80)).is_ok()
-            && (1..3u16).all(|i| {
-                std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
-                    && std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
-            });
+            && (1..6u16).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+            && [2u16, 4].iter().all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
         if ok {
             return base;
         }
     }
-    panic!("no three consecutive free ports");
+    panic!("no six consecutive free ports");
 }
 
 fn alive(pid: u32) -> bool {
@@ -63,12 +62,12 @@ async fn demo_forms_a_cluster_and_stops_cleanly_on_ctrl_c() {
     }
     let banner = lines.join().unwrap().join("\n");
     for i in 0..3 {
-        assert!(banner.contains(&format!("http://127.0.0.1:{}", base + i)), "{banner}");
+        assert!(banner.contains(&format!("http://127.0.0.1:{}", base + 2 * i)), "{banner}");
     }
     assert!(banner.contains("curl"), "{banner}");
 
     // The cluster is real: three voters, each its own process.
-    let (st, cluster) = get(&format!("http://127.0.0.1:{}/v1/cluster", base + 1)).await;
+    let (st, cluster) = get(&format!("http://127.0.0.1:{}/v1/cluster", base + 2)).await;
     assert_eq!(st, 200);
     assert_eq!(voters(&cluster).len(), 3);
     let pids: Vec<u32> =
@@ -94,6 +93,18 @@ async fn demo_forms_a_cluster_and_stops_cleanly_on_ctrl_c() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(body.contains("hello from node1"), "example service: {body:?}");
+
+    // Its volume is exported by node1, and the printed qemu-io command works.
+    let line = banner.lines().find(|l| l.trim_start().starts_with("qemu-io")).expect("a qemu-io line");
+    let uri = line.split('\'').nth(1).expect("a quoted NBD URI");
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", uri, "-c", "write -P 0xab 0 1M", "-c", "read -P 0xab 0 1M"])
+        .output()
+        .expect("qemu-io (apt-get install qemu-utils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("read 1048576/1048576") && !text.contains("fail"), "{text}");
+    let (st, v) = get(&format!("http://127.0.0.1:{}/v1/volumes/data", base + 4)).await;
+    assert_eq!((st, v["primary"].clone()), (200, serde_json::json!("node1")), "{v}");
 
     // Ctrl-C reaches the demo only (the agents are in their own process
     // group); it must stop them and remove its data directory.

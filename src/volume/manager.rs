@@ -131,7 +131,8 @@ impl VolumeManager {
             if held.contains_key(&name) {
                 continue;
             }
-            let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| Arc::new(|| true));
+            let lease =
+                self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| Arc::new(|| true));
             match Volume::open(&dir, d.config.clone(), control.clone(), lease) {
                 Ok(volume) => {
                     tracing::info!(volume = %name, disk = %volume.disk(), "replica open");
