@@ -503,9 +503,15 @@ impl Volume {
                 }
             }
         }
-        if fua {
-            let data = self.data.clone();
-            tokio::task::spawn_blocking(move || data.sync_data()).await.map_err(io::Error::other)??;
+        self.complete(waits, epoch, fua).await
+    }
+
+    /// Ends a client request: durable here if `sync_local`, then every sync
+    /// peer's answer — a peer that did not answer is recorded outdated
+    /// (what it lacks is in its bitmap) before the client hears "done".
+    async fn complete(&self, waits: Vec<(String, AckWait)>, epoch: u64, sync_local: bool) -> io::Result<()> {
+        if sync_local {
+            self.sync().await?;
         }
         for (node, rx) in waits {
             match rx.await {
@@ -564,16 +570,7 @@ impl Volume {
                 }
             }
         }
-        let data = self.data.clone();
-        tokio::task::spawn_blocking(move || data.sync_data()).await.map_err(io::Error::other)??;
-        for (node, rx) in waits {
-            match rx.await {
-                Ok(Ok(_)) => {}
-                // The peer is recorded outdated: what it lacks is in its bitmap.
-                _ => self.peer_missed(&node, epoch).await?,
-            }
-        }
-        Ok(())
+        self.complete(waits, epoch, true).await
     }
 
     // ---- links (primary side) ----
@@ -1576,7 +1573,10 @@ enum Op {
     Zeroes { fua: bool },
 }
 
-fn closed_receiver() -> oneshot::Receiver<Result<Reply, String>> {
+/// Where a request waits for one peer's answer.
+type AckWait = oneshot::Receiver<Result<Reply, String>>;
+
+fn closed_receiver() -> AckWait {
     let (_, rx) = oneshot::channel();
     rx
 }
