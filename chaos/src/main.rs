@@ -7,6 +7,7 @@
 //! when it exits, also on Ctrl-C or a panic. Needs root. It must never
 //! judge a run by timings: only the checker's properties are violations.
 
+mod blocks;
 mod checker;
 mod register;
 
@@ -202,10 +203,17 @@ impl Run {
             return false;
         };
         let members = c["members"].as_array().cloned().unwrap_or_default();
+        let in_sync = match self.any(&format!("/v1/volumes/{VOLUME}")).await {
+            Some(v) => v["replicas"].as_array().is_some_and(|r| {
+                !r.is_empty() && r.iter().all(|r| r["disk"] == "UpToDate" && r["connection"] == "Connected")
+            }),
+            None => false,
+        };
         members.len() == self.hosts.len()
             && members.iter().all(|m| m["state"] == "online")
             && members.iter().filter(|m| m["role"] == "voter").count() >= 3
             && g["state"] == "running"
+            && in_sync
     }
 
     async fn wait_healthy(&self, limit: Duration) -> bool {
@@ -288,8 +296,15 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         e = events.display()
     );
     let nodes: Vec<String> = run.hosts.iter().map(|h| h.name.clone()).collect();
-    let group =
-        json!({"resources": [{"name": "svc", "type": "process", "command": ["sh", "-c", script]}], "nodes": nodes});
+    // The group's data lives on a synchronously replicated volume (a replica
+    // on up to three nodes), the service after it.
+    let group = json!({
+        "resources": [
+            {"name": VOLUME, "type": "volume", "size": "16MiB", "mode": "sync", "replicas": nodes.len().min(3)},
+            {"name": "svc", "type": "process", "command": ["sh", "-c", script]},
+        ],
+        "nodes": nodes,
+    });
     let url = format!("{}/v1/groups/chaos", run.hosts[0].url());
     if http(&run.client, reqwest::Method::PUT, &url, Some(group)).await.is_none() {
         bail!("the group was not accepted");
@@ -381,6 +396,16 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         }));
     }
 
+    // The data-plane workload: one client writes and reads checksummed
+    // blocks through the primary's NBD export, following it.
+    let data_ops: Arc<Mutex<Vec<blocks::Op>>> = Default::default();
+    let data_client = {
+        let (ops, stop, http_client) = (data_ops.clone(), stop.clone(), run.client.clone());
+        let urls: Vec<String> = run.hosts.iter().map(|h| h.url()).collect();
+        let mut rng = Rng(seed.wrapping_add(101).max(1));
+        tokio::spawn(async move { data_workload(&http_client, &urls, &mut rng, t0, &stop, &ops).await })
+    };
+
     let mut rng = Rng(seed.max(1));
     let mut timeline = Vec::new();
     let mut extra = Vec::new();
@@ -425,6 +450,12 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     for c in clients {
         let _ = c.await;
     }
+    let _ = data_client.await;
+    // Healed: every block is read once more through the current primary.
+    if run.wait_healthy(Duration::from_secs(60)).await {
+        let urls: Vec<String> = run.hosts.iter().map(|h| h.url()).collect();
+        read_all(&run.client, &urls, t0, &data_ops).await;
+    }
     let starts = sampler.join().unwrap_or_default();
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
     let mut verdict = checker::check(&samples, &starts);
@@ -441,6 +472,13 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         register::Outcome::Linearizable => {}
     }
     let unknown = ops.iter().filter(|o| o.answer_ms.is_none()).count();
+    let data = std::mem::take(&mut *data_ops.lock().unwrap_or_else(|e| e.into_inner()));
+    for why in blocks::check(&data) {
+        verdict.violations.push(Violation { kind: "acknowledged write lost or reverted".into(), t_ms: 0, detail: why });
+    }
+    let data_writes = data.iter().filter(|o| matches!(o, blocks::Op::Write { .. })).count();
+    let data_acked = data.iter().filter(|o| matches!(o, blocks::Op::Write { answer_ms: Some(_), .. })).count();
+    let data_reads = data.len() - data_writes;
 
     let downtimes: Vec<u64> = verdict.outages.iter().map(|(_, d)| *d).collect();
     let pct = |p| checker::percentile(&downtimes, p);
@@ -471,6 +509,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         "workloads": {
             "resources": {"starts": starts.len(), "samples": samples.len()},
             "register": {"operations": ops.len(), "unknown": unknown, "outcome": format!("{register_outcome:?}")},
+            "data": {"writes": data_writes, "acknowledged": data_acked, "reads": data_reads},
         },
         "failovers": failovers,
         "downtime_ms": {"count": downtimes.len(), "p50": pct(50), "p99": pct(99), "max": downtimes.iter().max(), "all": downtimes, "by_fault": per_fault},
@@ -481,6 +520,9 @@ async fn run(args: Args) -> anyhow::Result<usize> {
 
     println!("\nseed {seed}: {round} fault rounds, {} resource starts, {failovers} failovers", starts.len());
     println!("register: {} operations ({unknown} with unknown outcome): {register_outcome:?}", ops.len());
+    println!(
+        "data: {data_writes} block writes ({data_acked} acknowledged), {data_reads} reads through the volume's NBD export"
+    );
     println!(
         "outages (ms): {} — p50 {:?}, p99 {:?}, max {:?}",
         downtimes.len(),
@@ -500,6 +542,128 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     drop(run);
     drop(net);
     Ok(verdict.violations.len())
+}
+
+/// The volume of the chaos group.
+const VOLUME: &str = "chaosvol";
+/// Blocks the data workload writes (the first 1 MiB of the volume).
+const DATA_BLOCKS: u64 = 256;
+
+/// The primary's NBD socket, from the volume's view on any node.
+async fn nbd_socket(client: &reqwest::Client, urls: &[String]) -> Option<PathBuf> {
+    for u in urls {
+        if let Some(v) = http(client, reqwest::Method::GET, &format!("{u}/v1/volumes/{VOLUME}"), None).await {
+            let uri = v["nbd"].as_str()?.split_whitespace().next()?.to_string();
+            let path = uri.split("socket=").nth(1)?;
+            return Some(PathBuf::from(percent_decode(path)));
+        }
+    }
+    None
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(x) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(x);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Writes (two in three) and reads random blocks until `stop`, reconnecting
+/// to whichever node is primary after any error.
+async fn data_workload(
+    http_client: &reqwest::Client,
+    urls: &[String],
+    rng: &mut Rng,
+    t0: Instant,
+    stop: &AtomicBool,
+    ops: &Mutex<Vec<blocks::Op>>,
+) {
+    let mut seq = 0u64;
+    let now = || t0.elapsed().as_millis() as u64;
+    while !stop.load(Ordering::SeqCst) {
+        let Some(socket) = nbd_socket(http_client, urls).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(mut c) = blocks::Client::connect(&socket, VOLUME).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        while !stop.load(Ordering::SeqCst) {
+            let block = rng.below(DATA_BLOCKS);
+            let invoke_ms = now();
+            let op = if rng.below(3) == 0 {
+                match c.read_block(block).await {
+                    Ok(b) => {
+                        blocks::Op::Read { block, got: blocks::decode_block(block, &b), invoke_ms, answer_ms: now() }
+                    }
+                    Err(_) => break,
+                }
+            } else {
+                seq += 1;
+                let r = c.write_block(block, seq).await;
+                let answer_ms = r.is_ok().then(now);
+                ops.lock().unwrap_or_else(|e| e.into_inner()).push(blocks::Op::Write {
+                    block,
+                    seq,
+                    invoke_ms,
+                    answer_ms,
+                });
+                if r.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
+            ops.lock().unwrap_or_else(|e| e.into_inner()).push(op);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads every block once through the current primary.
+async fn read_all(http_client: &reqwest::Client, urls: &[String], t0: Instant, ops: &Mutex<Vec<blocks::Op>>) {
+    let now = || t0.elapsed().as_millis() as u64;
+    for _ in 0..50 {
+        let Some(socket) = nbd_socket(http_client, urls).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let Ok(mut c) = blocks::Client::connect(&socket, VOLUME).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut read = Vec::new();
+        for block in 0..DATA_BLOCKS {
+            let invoke_ms = now();
+            match c.read_block(block).await {
+                Ok(b) => read.push(blocks::Op::Read {
+                    block,
+                    got: blocks::decode_block(block, &b),
+                    invoke_ms,
+                    answer_ms: now(),
+                }),
+                Err(_) => break,
+            }
+        }
+        if read.len() as u64 == DATA_BLOCKS {
+            ops.lock().unwrap_or_else(|e| e.into_inner()).extend(read);
+            c.close().await;
+            return;
+        }
+    }
 }
 
 /// Bootstraps the cluster on n1 and joins the others through it.

@@ -22,6 +22,9 @@ use super::nbd;
 use super::wire::{self, HelloReply, Message};
 use super::VolumeError;
 
+/// How long a promotion waits for its replica to be opened.
+const OPEN_WAIT: Duration = Duration::from_secs(5);
+
 /// A volume replica this node should hold, derived from the replicated state.
 #[derive(Debug, Clone)]
 pub struct DesiredVolume {
@@ -147,6 +150,12 @@ impl VolumeManager {
     /// Makes this node's replica primary under `epoch` and exports it.
     /// Returns the NBD URI.
     pub async fn promote(&self, name: &str, epoch: u64, nbd_tcp: bool, socket: &Path) -> Result<String, VolumeError> {
+        // The placement and the group's definition arrive in the same state
+        // change that makes the volume loop open the replica: give it time.
+        let deadline = std::time::Instant::now() + OPEN_WAIT;
+        while !self.held.lock().await.contains_key(name) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let mut held = self.held.lock().await;
         let h = held.get_mut(name).ok_or_else(|| not_found(name))?;
         h.volume
