@@ -490,3 +490,43 @@ async fn an_empty_replica_gets_a_full_sync_of_allocated_space_only() {
     assert!(sent <= 8 * MIB, "a full sync of a sparse 256 MiB volume sent {sent} bytes");
     assert!(compare(&c.backing(0), &c.backing(1)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_primary_disk_is_detached_and_served_through_the_peer() {
+    let c = Cluster::new(2, 16 * MIB).await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    qemu_io(uri_of(&uri), &["write -P 0x6b 0 1M", "flush"]).await;
+    // The primary's disk loses everything under it: reads fail there.
+    std::fs::OpenOptions::new().write(true).open(c.backing(0)).unwrap().set_len(0).unwrap();
+    // The client notices nothing: the data comes from n2.
+    qemu_io(uri_of(&uri), &["read -P 0x6b 0 1M"]).await;
+    let st = c.nodes[0].mgr.status("data").unwrap();
+    assert_eq!(st.replicas[0].disk, "Diskless", "{st:?}");
+    // The control plane was told (it then moves the group to an up-to-date replica).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.control.last("n1") != Some(DiskState::Diskless) {
+        assert!(Instant::now() < deadline, "{:?}", c.control.log.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Writes go on, to n2 only, and read back through it.
+    qemu_io(uri_of(&uri), &["write -P 0x7c 2M 64k", "read -P 0x7c 2M 64k", "read -P 0x6b 0 64k"]).await;
+    // n2 holds them.
+    let copy = c.nodes[0].dir.join("copy.img");
+    std::fs::copy(c.backing(1), &copy).unwrap();
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-r"])
+        .arg(&copy)
+        .args(["-c", "read -P 0x7c 2M 64k"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("read 65536/65536"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A Diskless replica is never promoted again by itself.
+    c.nodes[0].mgr.demote("data").await.unwrap();
+    let e = c.nodes[0].mgr.promote("data", 2, false, &c.socket(0)).await.unwrap_err();
+    assert!(e.to_string().contains("Diskless"), "{e}");
+}

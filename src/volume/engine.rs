@@ -91,6 +91,8 @@ fn now_ms() -> u64 {
 enum Reply {
     Ack,
     Digests(Vec<u64>),
+    /// Blocks read for a primary whose disk failed.
+    Data(bytes::Bytes),
 }
 
 struct Inflight {
@@ -187,6 +189,8 @@ pub struct Volume {
     upstream_node: Mutex<Option<String>>,
     verify: Mutex<Option<VerifyReport>>,
     last_app_write: Mutex<Instant>,
+    /// The local disk failed: reads and writes go through the peers only.
+    detached: std::sync::atomic::AtomicBool,
     /// Whether this node holds its lease: a primary serves nothing without
     /// it (an agent waking from a stall must not answer queued requests).
     lease: Lease,
@@ -259,6 +263,7 @@ impl Volume {
             upstream_node: Mutex::new(None),
             verify: Mutex::new(None),
             last_app_write: Mutex::new(Instant::now()),
+            detached: std::sync::atomic::AtomicBool::new(false),
             lease,
         }))
     }
@@ -424,12 +429,78 @@ impl Volume {
         Ok(epoch)
     }
 
-    pub fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-        self.primary_epoch()?;
+    /// A client read: from the local disk; if that fails (or was detached
+    /// before), from an in-sync peer, transparently.
+    pub async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let epoch = self.primary_epoch()?;
         self.check_range(offset, u64::from(len))?;
-        let mut buf = vec![0u8; len as usize];
-        self.data.read_exact_at(&mut buf, offset)?;
-        Ok(buf)
+        if !self.detached() {
+            let mut buf = vec![0u8; len as usize];
+            match self.data.read_exact_at(&mut buf, offset) {
+                Ok(()) => return Ok(buf),
+                Err(e) => self.detach(&format!("read at {offset}: {e}"), epoch),
+            }
+        }
+        self.read_from_peer(offset, len).await
+    }
+
+    fn detached(&self) -> bool {
+        self.detached.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The local disk failed: stop using it (the primary goes `Diskless`,
+    /// serving through its peers), raise an alert, and tell the control
+    /// plane, which then moves the group to an up-to-date replica.
+    fn detach(&self, why: &str, epoch: u64) {
+        if self.detached.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!(volume = %self.cfg.name, "ALERT disk failure, detaching the local disk ({why}): serving through the peers");
+        {
+            let mut r = self.replica();
+            r.meta.disk = DiskState::Diskless;
+            if let Err(e) = r.save_meta() {
+                tracing::warn!(volume = %self.cfg.name, "cannot record the detach on disk: {e}");
+            }
+        }
+        let (control, name, node) = (self.control.clone(), self.cfg.name.clone(), self.cfg.node.clone());
+        tokio::spawn(async move {
+            for _ in 0..50 {
+                match control.record_disk(&name, &node, DiskState::Diskless, epoch).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(volume = %name, "cannot record the local disk Diskless: {e}");
+                        tokio::time::sleep(RECORD_RETRY).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Reads through the first in-sync peer (in order with the writes).
+    async fn read_from_peer(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let rx = {
+            let _order = self.order.lock().await;
+            let mut found = None;
+            for link in self.links.values() {
+                let mut st = link.st.lock().unwrap_or_else(|p| p.into_inner());
+                if !st.in_sync {
+                    continue;
+                }
+                let (tx, rx) = oneshot::channel();
+                let msg = Message::ReadRequest { offset, len };
+                if link.send(&mut st, &msg, Inflight { range: None, bytes: 0, resync: false, done: Some(tx) }).is_some()
+                {
+                    found = Some(rx);
+                    break;
+                }
+            }
+            found.ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?
+        };
+        match rx.await {
+            Ok(Ok(Reply::Data(d))) if d.len() == len as usize => Ok(d.to_vec()),
+            _ => Err(io::Error::from_raw_os_error(libc::EIO)),
+        }
     }
 
     /// A client write: local, then every streaming peer; waits for every
@@ -455,23 +526,35 @@ impl Volume {
                 return Err(io::Error::from_raw_os_error(libc::EROFS));
             }
             *self.last_app_write.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-            {
-                let mut r = self.replica();
-                if !self.links.is_empty() {
-                    r.activate(offset, len)?;
+            if !self.links.is_empty() && !self.detached() {
+                let activated = self.replica().activate(offset, len);
+                if let Err(e) = activated {
+                    self.detach(&format!("activity log: {e}"), epoch);
                 }
             }
             let msg = match op {
                 Op::Write { data, fua } => {
-                    self.data.write_all_at(&data, offset)?;
+                    if !self.detached() {
+                        if let Err(e) = self.data.write_all_at(&data, offset) {
+                            self.detach(&format!("write at {offset}: {e}"), epoch);
+                        }
+                    }
                     Message::Write { offset, data: bytes::Bytes::from(data), fua }
                 }
                 Op::Trim => {
-                    punch_hole(&self.data, offset, len)?;
+                    if !self.detached() {
+                        if let Err(e) = punch_hole(&self.data, offset, len) {
+                            self.detach(&format!("trim at {offset}: {e}"), epoch);
+                        }
+                    }
                     Message::Trim { offset, len: len as u32 }
                 }
                 Op::Zeroes { fua } => {
-                    punch_hole(&self.data, offset, len)?;
+                    if !self.detached() {
+                        if let Err(e) = punch_hole(&self.data, offset, len) {
+                            self.detach(&format!("zeroes at {offset}: {e}"), epoch);
+                        }
+                    }
                     Message::Zeroes { offset, len: len as u32, fua }
                 }
             };
@@ -510,14 +593,21 @@ impl Volume {
     /// peer's answer — a peer that did not answer is recorded outdated
     /// (what it lacks is in its bitmap) before the client hears "done".
     async fn complete(&self, waits: Vec<(String, AckWait)>, epoch: u64, sync_local: bool) -> io::Result<()> {
-        if sync_local {
-            self.sync().await?;
+        if sync_local && !self.detached() {
+            if let Err(e) = self.sync().await {
+                self.detach(&format!("flush: {e}"), epoch);
+            }
         }
+        let mut copies = usize::from(!self.detached());
         for (node, rx) in waits {
             match rx.await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => copies += 1,
                 _ => self.peer_missed(&node, epoch).await?,
             }
+        }
+        // Without a disk, a write lives only on the peers: none took it.
+        if copies == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         Ok(())
     }
@@ -826,6 +916,7 @@ impl Volume {
                     let reply = match msg {
                         Message::Ack => Ok(Reply::Ack),
                         Message::Digests { digests, .. } => Ok(Reply::Digests(digests)),
+                        Message::ResyncData { data, .. } => Ok(Reply::Data(data)),
                         Message::Nack { errno, message } => Err(format!("peer error {errno}: {message}")),
                         Message::Goodbye { reason } => return Err::<(), String>(format!("peer closed: {reason}")),
                         other => return Err(format!("unexpected {} from the peer", kind_of(&other))),
@@ -1275,6 +1366,12 @@ impl Volume {
                     r.save_meta()?;
                 }
                 Ok(None)
+            }
+            Message::ReadRequest { offset, len } => {
+                self.check_range(offset, u64::from(len))?;
+                let mut buf = vec![0u8; len as usize];
+                self.data.read_exact_at(&mut buf, offset)?;
+                Ok(Some(Message::ResyncData { offset, data: bytes::Bytes::from(buf) }))
             }
             Message::DigestRequest { offset, len, granule } => {
                 self.check_range(offset, u64::from(len))?;

@@ -375,7 +375,7 @@ impl nbd::Export for VolumeExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
-        self.volume.read(offset, len)
+        self.volume.read(offset, len).await
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {

@@ -46,6 +46,7 @@
 //! | NewGeneration | 11 | current u64 |
 //! | BitmapChunk | 12 | first_bit u64, words u64…; LAST flag |
 //! | DigestRequest | 13 | offset u64, len u32, granule u32 |
+//! | ReadRequest | 16 | offset u64, len u32 (answered with a ResyncData) |
 //! | Digests | 14 | offset u64, granule u32, digests u64… |
 //! | Goodbye | 15 | reason (UTF-8, the whole payload) |
 //!
@@ -109,10 +110,11 @@ pub enum Kind {
     DigestRequest = 13,
     Digests = 14,
     Goodbye = 15,
+    ReadRequest = 16,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Hello,
         Kind::HelloReply,
         Kind::Write,
@@ -128,6 +130,7 @@ impl Kind {
         Kind::DigestRequest,
         Kind::Digests,
         Kind::Goodbye,
+        Kind::ReadRequest,
     ];
 
     /// The kind with this code, if any.
@@ -153,6 +156,7 @@ impl Kind {
             Kind::DigestRequest => "DigestRequest",
             Kind::Digests => "Digests",
             Kind::Goodbye => "Goodbye",
+            Kind::ReadRequest => "ReadRequest",
         }
     }
 
@@ -326,6 +330,12 @@ pub enum Message {
         granule: u32,
         digests: Vec<u64>,
     },
+    /// The primary's disk failed: the secondary sends `len` bytes at
+    /// `offset` back, as a `ResyncData`.
+    ReadRequest {
+        offset: u64,
+        len: u32,
+    },
     /// A clean close, with why.
     Goodbye {
         reason: String,
@@ -349,6 +359,7 @@ impl Message {
             Message::NewGeneration { .. } => Kind::NewGeneration,
             Message::BitmapChunk { .. } => Kind::BitmapChunk,
             Message::DigestRequest { .. } => Kind::DigestRequest,
+            Message::ReadRequest { .. } => Kind::ReadRequest,
             Message::Digests { .. } => Kind::Digests,
             Message::Goodbye { .. } => Kind::Goodbye,
         }
@@ -367,7 +378,7 @@ impl Message {
         Some(match self {
             Message::Hello(_) | Message::HelloReply(_) => return None,
             Message::Write { data, .. } | Message::ResyncData { data, .. } => 8 + data.len(),
-            Message::Trim { .. } | Message::Zeroes { .. } => 12,
+            Message::Trim { .. } | Message::Zeroes { .. } | Message::ReadRequest { .. } => 12,
             Message::Flush | Message::Ack => 0,
             Message::Nack { message, .. } => 4 + message.len(),
             Message::ResyncDone { .. } => 32,
@@ -420,6 +431,9 @@ impl fmt::Debug for Message {
                 .field("words", &Len(words.len(), "words"))
                 .field("last", last)
                 .finish(),
+            Message::ReadRequest { offset, len } => {
+                f.debug_struct("ReadRequest").field("offset", offset).field("len", len).finish()
+            }
             Message::DigestRequest { offset, len, granule } => f
                 .debug_struct("DigestRequest")
                 .field("offset", offset)
@@ -633,6 +647,7 @@ fn parse(header: &Header, payload: &[u8], data: impl FnOnce(Range<usize>) -> Byt
             Message::Digests { offset: p.u64("offset")?, granule: p.u32("granule")?, digests: p.rest_u64s("digests")? }
         }
         Kind::Goodbye => Message::Goodbye { reason: p.rest_str("reason")? },
+        Kind::ReadRequest => Message::ReadRequest { offset: p.u64("offset")?, len: p.u32("len")? },
     };
     p.finish()?;
     Ok(msg)
@@ -684,6 +699,11 @@ pub fn encode(seq: u64, msg: &Message, out: &mut Vec<u8>) -> Result<(), WireErro
         Message::BitmapChunk { first_bit, words, .. } => {
             out.extend_from_slice(&first_bit.to_be_bytes());
             words.iter().for_each(|w| out.extend_from_slice(&w.to_be_bytes()));
+            Ok(())
+        }
+        Message::ReadRequest { offset, len } => {
+            out.extend_from_slice(&offset.to_be_bytes());
+            out.extend_from_slice(&len.to_be_bytes());
             Ok(())
         }
         Message::DigestRequest { offset, len, granule } => {
@@ -1040,6 +1060,7 @@ mod tests {
             (BitmapChunk, 8),
             (DigestRequest, 16),
             (Digests, 12),
+            (ReadRequest, 12),
         ] {
             for len in 0..need {
                 let e = malformed(kind, 0, &vec![0; len]);
@@ -1324,6 +1345,7 @@ mod tests {
                 digests
             }),
             any::<String>().prop_map(|reason| Message::Goodbye { reason }),
+            any::<(u64, u32)>().prop_map(|(offset, len)| Message::ReadRequest { offset, len }),
         ]
     }
 
