@@ -203,3 +203,28 @@ async fn a_group_never_fails_over_to_a_replica_missing_acknowledged_writes() {
         assert!(read_ok(&uri, off, 0x5a).await, "acknowledged write at {off} lost");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_primary_disk_moves_the_group_to_an_up_to_date_replica() {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let (st, v) = put(&format!("{}/v1/groups/db", c.nodes[1].url()), volume_group("16MiB", 2)).await;
+    assert_eq!(st, 201, "{v}");
+    let uri = wait_exported(&c, "n1", 2).await;
+    let acked = write_blocks(&uri, 0, 4, |_| 0x3d).await;
+    assert_eq!(acked.len(), 4);
+    // n1's disk fails under it; the next read finds out (and is still served).
+    std::fs::OpenOptions::new().write(true).open(backing(&c, "n1")).unwrap().set_len(0).unwrap();
+    assert!(read_ok(&uri, 0, 0x3d).await, "the read was not served through the peer");
+    // The control plane learns n1 is Diskless and moves the group to n2.
+    let uri2 = wait_exported_primary(&c, "n2").await;
+    for off in acked {
+        assert!(read_ok(&uri2, off, 0x3d).await, "acknowledged write at {off} lost");
+    }
+    let log = strip_ansi(&std::fs::read_to_string(c.node("n1").log_path()).unwrap_or_default());
+    assert!(log.contains("ALERT disk failure"), "no alert in n1's log");
+    // Its disk answers again here (a truncated file, not a dead device): as
+    // a secondary it is resynced in full, and is up to date again.
+    wait_exported(&c, "n2", 2).await;
+    let log = strip_ansi(&std::fs::read_to_string(c.node("n2").log_path()).unwrap_or_default());
+    assert!(log.lines().any(|l| l.contains("peer connected") && l.contains("n1") && l.contains("Full")), "no full resync of n1");
+}
