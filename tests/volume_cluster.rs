@@ -226,5 +226,8 @@ async fn a_failed_primary_disk_moves_the_group_to_an_up_to_date_replica() {
     // a secondary it is resynced in full, and is up to date again.
     wait_exported(&c, "n2", 2).await;
     let log = strip_ansi(&std::fs::read_to_string(c.node("n2").log_path()).unwrap_or_default());
-    assert!(log.lines().any(|l| l.contains("peer connected") && l.contains("n1") && l.contains("Full")), "no full resync of n1");
+    assert!(
+        log.lines().any(|l| l.contains("peer connected") && l.contains("n1") && l.contains("Full")),
+        "no full resync of n1"
+    );
 }

@@ -61,9 +61,22 @@ enum Fault {
     Pause,
     /// The host's link down (isolated from all), then up.
     Isolate,
+    /// Power loss of this host and of the next one at the same time.
+    DoublePowerLoss,
+    /// Bytes flipped in blocks of a secondary's backing file, behind its
+    /// back; an online verify must find and repair exactly those blocks.
+    Corrupt,
 }
 
-const FAULTS: [Fault; 5] = [Fault::PowerLoss, Fault::AgentCrash, Fault::AgentDown, Fault::Pause, Fault::Isolate];
+const FAULTS: [Fault; 7] = [
+    Fault::PowerLoss,
+    Fault::AgentCrash,
+    Fault::AgentDown,
+    Fault::Pause,
+    Fault::Isolate,
+    Fault::DoublePowerLoss,
+    Fault::Corrupt,
+];
 
 /// xorshift64*: enough for a reproducible schedule, no dependency.
 struct Rng(u64);
@@ -436,7 +449,9 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         let name = run.hosts[i].name.clone();
         println!("[{t:>7} ms] round {round}: {fault:?} on {name} for {} ms", hold.as_millis());
         timeline.push(json!({"t_ms": t, "round": round, "fault": format!("{fault:?}"), "node": name, "held_ms": hold.as_millis() as u64}));
-        inject(&mut run, i, fault, hold, &mut net).await?;
+        if let Some(detail) = inject(&mut run, i, fault, hold, &mut net, &mut rng).await? {
+            extra.push(Violation { kind: "verify".into(), t_ms: t0.elapsed().as_millis() as u64, detail });
+        }
         if !run.wait_healthy(Duration::from_secs(60)).await {
             extra.push(Violation {
                 kind: "no recovery".into(),
@@ -689,9 +704,27 @@ async fn form(run: &Run) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn inject(run: &mut Run, i: usize, fault: Fault, hold: Duration, net: &mut Net) -> anyhow::Result<()> {
+/// Injects one fault and heals it; returns a violation the fault itself
+/// revealed (a verify that missed corruption).
+async fn inject(
+    run: &mut Run,
+    i: usize,
+    fault: Fault,
+    hold: Duration,
+    net: &mut Net,
+    rng: &mut Rng,
+) -> anyhow::Result<Option<String>> {
     let host_no = i as u8 + 1;
     match fault {
+        Fault::DoublePowerLoss => {
+            let j = (i + 1) % run.hosts.len();
+            run.hosts[i].power_off();
+            run.hosts[j].power_off();
+            tokio::time::sleep(hold).await;
+            run.hosts[i].start(&run.tandem)?;
+            run.hosts[j].start(&run.tandem)?;
+        }
+        Fault::Corrupt => return Ok(corrupt_and_verify(run, i, rng).await),
         Fault::PowerLoss => {
             run.hosts[i].power_off();
             tokio::time::sleep(hold).await;
@@ -719,5 +752,60 @@ async fn inject(run: &mut Run, i: usize, fault: Fault, hold: Duration, net: &mut
             net.set_link(host_no, true);
         }
     }
-    Ok(())
+    Ok(None)
+}
+
+/// Flips a byte in 1 to 4 blocks (past the data workload's region) of a
+/// secondary's backing file, runs an online verify, and checks it found and
+/// repaired exactly those blocks.
+async fn corrupt_and_verify(run: &Run, i: usize, rng: &mut Rng) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let v = run.any(&format!("/v1/volumes/{VOLUME}")).await?;
+    let primary = v["primary"].as_str()?.to_string();
+    let replicas: Vec<String> =
+        v["replicas"].as_array()?.iter().filter_map(|r| r["node"].as_str().map(str::to_string)).collect();
+    let secondaries: Vec<&String> = replicas.iter().filter(|n| **n != primary).collect();
+    let victim = secondaries.iter().find(|n| **n == &run.hosts[i].name).or(secondaries.first())?.to_string();
+    let host = run.hosts.iter().find(|h| h.name == victim)?;
+    let path = host.dir.join("data").join("volumes").join(format!("{VOLUME}.img"));
+    let blocks = 1 + rng.below(4);
+    let mut flipped = std::collections::BTreeSet::new();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).ok()?;
+    while (flipped.len() as u64) < blocks {
+        flipped.insert(DATA_BLOCKS + rng.below(4096 - DATA_BLOCKS));
+    }
+    for b in &flipped {
+        let off = b * blocks::BLOCK as u64 + rng.below(blocks::BLOCK as u64);
+        let mut byte = [0u8; 1];
+        let _ = f.read_exact_at(&mut byte, off);
+        byte[0] ^= 0x5a;
+        let _ = f.write_all_at(&byte, off);
+    }
+    let _ = f.sync_all();
+    println!("           flipped {} block(s) {:?} of {victim}'s backing file; verifying", flipped.len(), flipped);
+    let url = format!("{}/v1/volumes/{VOLUME}/verify", run.hosts.iter().find(|h| h.name == primary)?.url());
+    http(&run.client, reqwest::Method::POST, &url, Some(json!({}))).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(v) = run.any(&format!("/v1/volumes/{VOLUME}")).await else { continue };
+        let r = &v["verify"];
+        match r["state"].as_str() {
+            Some("done") => {
+                let found = r["found_blocks"][&victim].as_u64().unwrap_or(0);
+                let repaired = r["repaired_blocks"][&victim].as_u64().unwrap_or(0);
+                println!("           verify: found {found}, repaired {repaired} on {victim}");
+                if found != flipped.len() as u64 || repaired != found {
+                    return Some(format!(
+                        "verify found {found} and repaired {repaired} blocks on {victim}; {} were corrupted: {flipped:?}",
+                        flipped.len()
+                    ));
+                }
+                return None;
+            }
+            Some("failed") => return Some(format!("verify failed: {r}")),
+            _ => {}
+        }
+    }
+    Some("verify did not finish within 60 s".into())
 }

@@ -13,6 +13,10 @@
 //! - A secondary follows only a primary whose epoch is at least the highest
 //!   it has seen.
 //!
+//! Locks, always taken in this order and never the other way round: the
+//! write-order lock (async), a link's state, the replica. (An inversion
+//! between the last two hung an agent under tandem-chaos.)
+//!
 //! It never chooses a primary: [`Volume::promote`] and [`Volume::demote`] are
 //! called by the manager on the executor's decisions.
 
@@ -1565,16 +1569,22 @@ impl Volume {
     // ---- status ----
 
     pub fn status(&self, nbd: Option<String>) -> LocalVolumeStatus {
-        let r = self.replica();
+        // Lock order: a link's state, then the replica — never the other way
+        // round (a deadlock found by tandem-chaos): copy what is needed here.
+        let (disk, current, oos_by_peer) = {
+            let r = self.replica();
+            let oos: BTreeMap<String, u64> = r.bitmaps.iter().map(|(p, b)| (p.clone(), b.bytes())).collect();
+            (r.meta.disk, r.meta.current, oos)
+        };
         let primary = self.is_primary();
         let mut replicas = vec![ReplicaView {
             node: self.cfg.node.clone(),
             role: if primary { "primary" } else { "secondary" }.into(),
-            disk: r.meta.disk.to_string(),
+            disk: disk.to_string(),
             connection: if primary {
                 ConnectionState::Connected
             } else if self.upstream.lock().map(|u| u.is_some()).unwrap_or(false) {
-                if r.meta.disk == DiskState::Inconsistent {
+                if disk == DiskState::Inconsistent {
                     ConnectionState::SyncTarget
                 } else {
                     ConnectionState::Connected
@@ -1591,7 +1601,7 @@ impl Volume {
         if primary {
             for (node, link) in &self.links {
                 let st = link.st.lock().unwrap_or_else(|p| p.into_inner());
-                let oos = r.bitmaps.get(node).map(|b| b.bytes()).unwrap_or(0);
+                let oos = oos_by_peer.get(node).copied().unwrap_or(0);
                 let disk = if st.in_sync {
                     DiskState::UpToDate
                 } else if st.tx.is_some() {
@@ -1624,7 +1634,7 @@ impl Volume {
             size_bytes: self.cfg.size,
             nbd: if primary { nbd } else { None },
             replicas,
-            generation: format!("{:016x}", r.meta.current),
+            generation: format!("{current:016x}"),
             verify: self.verify_report(),
         }
     }
