@@ -651,7 +651,7 @@ async fn data_workload(
 /// Reads every block once through the current primary.
 async fn read_all(http_client: &reqwest::Client, urls: &[String], t0: Instant, ops: &Mutex<Vec<blocks::Op>>) {
     let now = || t0.elapsed().as_millis() as u64;
-    for _ in 0..50 {
+    for _ in 0..10 {
         let Some(socket) = nbd_socket(http_client, urls).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
