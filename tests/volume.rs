@@ -321,6 +321,18 @@ async fn verify_finds_and_repairs_exactly_the_flipped_blocks() {
     assert_eq!(report.repaired_blocks.get("n2"), Some(&3), "{report:?}");
     assert_eq!(v.resync_bytes_sent("n2") - sent_before, 3 * 4096, "only the differing blocks were sent");
     assert!(compare(&c.backing(0), &c.backing(1)));
+    // Repaired, the peer is plainly connected again (tandem-chaos seed 47
+    // found it stuck showing `Ahead`).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = c.nodes[0].mgr.status("data").unwrap();
+        let n2 = st.replicas.iter().find(|r| r.node == "n2").unwrap();
+        if format!("{:?}", n2.connection) == "Connected" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Two nodes both become primary while apart, each writes; then n2 steps

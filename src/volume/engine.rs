@@ -1013,9 +1013,11 @@ impl Volume {
                             }
                             Next::Done(rx)
                         } else {
-                            if st.ahead && st.resync_inflight == 0 {
+                            if st.in_sync && st.resync_inflight == 0 {
+                                // Caught up: an async peer streams again, a
+                                // repaired one is plainly connected.
                                 st.ahead = false;
-                                st.conn = if in_sync { ConnectionState::Connected } else { st.conn };
+                                st.conn = ConnectionState::Connected;
                             }
                             Next::Sent(0)
                         }
@@ -1056,7 +1058,7 @@ impl Volume {
                                 p.eta_s = (rate > 0).then(|| remaining as f64 / rate as f64);
                             }
                         } else {
-                            st.conn = ConnectionState::Ahead;
+                            st.conn = if st.ahead { ConnectionState::Ahead } else { ConnectionState::SyncSource };
                         }
                         Next::Sent(len)
                     }
