@@ -895,11 +895,13 @@ impl Agent {
             None => return,
         };
         let mut confirmed = BTreeSet::new();
-        for (name, epoch) in wanted {
-            if self.confirm_placement(&m, &name, epoch).await {
-                confirmed.insert((name, epoch));
+        for (name, epoch) in &wanted {
+            if let Some(claimed) = self.claim_start(&m, name, *epoch).await {
+                confirmed.insert((name.clone(), claimed));
             }
         }
+        // The claims moved the epochs: act on the state that holds them.
+        let state = if wanted.is_empty() { state } else { m.state.state() };
         let reports = match self.executor.lock().await.as_mut() {
             Some(ex) => ex.tick(&state, in_lease, &confirmed).await,
             None => return,
@@ -940,31 +942,41 @@ impl Agent {
         }
     }
 
-    /// Asks the leader (a linearizable read) whether `name` is still placed
-    /// here at `epoch`: a start acts on nothing older.
-    async fn confirm_placement(&self, m: &Member, name: &str, epoch: u64) -> bool {
-        let view = match self.route() {
-            Route::Here => match self.linearize(m).await {
-                Ok(()) => Self::read_group(m, name).ok(),
-                Err(_) => None,
-            },
-            Route::Leader(urls) => {
-                let mut found = None;
-                for u in &urls {
-                    if let Ok(v) = self.get_json::<GroupView>(&format!("{u}/v1/groups/{name}")).await {
-                        found = Some(v);
-                        break;
-                    }
-                }
-                found
-            }
-            Route::NoLeader | Route::NotMember => None,
+    /// Claims `name`, placed here at `epoch`, through the leader (a
+    /// committed `ClaimGroup`, see `apply_report`), and waits until this
+    /// node has applied it: a start acts on nothing older, and no placement
+    /// decided before the claim can apply after it. Returns the new epoch.
+    async fn claim_start(&self, m: &Member, name: &str, epoch: u64) -> Option<u64> {
+        let report = GroupReport { node: m.node_id, epoch, event: GroupEvent::Starting };
+        let claimed = match self.route() {
+            Route::Here => self.apply_report(name, report).await.is_ok(),
+            Route::Leader(urls) => matches!(
+                self.post_first::<_, serde_json::Value>(
+                    &urls,
+                    &format!("/internal/groups/{name}/report"),
+                    &report,
+                    PEER_TIMEOUT
+                )
+                .await,
+                Ok(Ok(_))
+            ),
+            Route::NoLeader | Route::NotMember => false,
         };
-        let ok = view.is_some_and(|v| v.node.as_deref() == Some(self.cfg.name.as_str()) && v.epoch == epoch);
-        if !ok {
+        if !claimed {
             tracing::debug!(group = name, epoch, "start not confirmed by the leader");
+            return None;
         }
-        ok
+        let want = epoch + 1;
+        let deadline = Instant::now() + CLAIM_APPLY_WAIT;
+        loop {
+            let applied = m.state.read(|d| d.state.groups.get(name).map(|g| (g.placement.node, g.placement.epoch)));
+            match applied {
+                Some((Some(n), e)) if n == m.node_id && e == want => return Some(want),
+                Some((_, e)) if e > want => return None, // moved on already
+                _ if Instant::now() >= deadline => return None,
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
     }
 
     /// On the leader: records what a node reported about a group placed on it.
@@ -972,6 +984,13 @@ impl Agent {
         let m = self.require_member()?;
         let state = m.state.state();
         let g = state.groups.get(name).ok_or_else(|| ApiError::GroupNotFound(name.to_string()))?;
+        if r.event == GroupEvent::Starting {
+            // Committed in log order: a placement change proposed before it
+            // wins and this claim is refused, or this claim wins and that
+            // change no longer matches the epoch.
+            let cmd = Command::ClaimGroup { name: name.into(), node: r.node, expected_epoch: r.epoch };
+            return self.propose(&m, cmd).await.map(|_| ());
+        }
         let p = &g.placement;
         if p.node != Some(r.node) || p.epoch != r.epoch {
             return Ok(()); // about an older placement: nothing to do
@@ -1978,6 +1997,9 @@ fn check_free_space(
         free: human_bytes(free),
     })
 }
+
+/// How long a claimed start waits for this node to apply its own claim.
+const CLAIM_APPLY_WAIT: Duration = Duration::from_secs(1);
 
 /// How often the volume replicas here are reconciled with the state even
 /// when nothing changed.

@@ -227,6 +227,9 @@ pub struct MoveRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum GroupEvent {
+    /// The node is about to start the group: it claims the placement (the
+    /// epoch grows; refused if the placement moved meanwhile).
+    Starting,
     Stopped,
     Failed,
     /// A stop failed: the group may still run there (escalated to fencing

@@ -168,6 +168,16 @@ pub enum Command {
     ClearGroupFailures {
         name: String,
     },
+    /// A node about to start a group placed on it claims it: applied only if
+    /// the group is still placed there, started, at `expected_epoch`; the
+    /// epoch then grows, so a placement decided earlier against the old
+    /// epoch (a leader that took the node for dead before it came back) can
+    /// no longer apply, and the start cannot race it.
+    ClaimGroup {
+        name: String,
+        node: NodeId,
+        expected_epoch: u64,
+    },
     /// Switchover: the group stops where it runs, then starts on `to`.
     MoveGroup {
         name: String,
@@ -626,6 +636,19 @@ impl ClusterState {
                 g.failed_on.insert(*node);
                 Ok(Reply::Done)
             }
+            Command::ClaimGroup { name, node, expected_epoch } => {
+                let g = self.group_mut(name)?;
+                let p = &mut g.placement;
+                if p.epoch != *expected_epoch || p.node != Some(*node) || p.phase != Phase::Started {
+                    return Err(CommandError::StaleEpoch {
+                        name: name.clone(),
+                        expected: *expected_epoch,
+                        current: p.epoch,
+                    });
+                }
+                p.epoch += 1;
+                Ok(Reply::Done)
+            }
             Command::MoveGroup { name, to } => {
                 let node = self.nodes.get(to).ok_or_else(|| invalid("to", format!("no node with id {to}")))?;
                 let g = self.group(name)?;
@@ -833,6 +856,36 @@ mod tests {
         s.apply(&place(2, None, Phase::Stopped)).unwrap();
         assert_eq!(s.groups["web"].placement.epoch, 3);
         assert_eq!(s.apply(&Command::DeleteGroup { name: "web".into() }), Ok(Reply::Done));
+    }
+
+    #[test]
+    fn a_claim_orders_a_start_against_placements_decided_before_it() {
+        let mut s = booted();
+        s.apply(&Command::PutGroup { name: "db".into(), spec: group_spec(&["node1"]) }).unwrap();
+        let place = |expected_epoch: u64, node: Option<NodeId>| Command::SetPlacement {
+            name: "db".into(),
+            expected_epoch,
+            node,
+            phase: if node.is_some() { Phase::Started } else { Phase::Stopped },
+            reason: "t".into(),
+        };
+        s.apply(&place(0, Some(1))).unwrap();
+        let claim = |node: NodeId, expected_epoch: u64| Command::ClaimGroup { name: "db".into(), node, expected_epoch };
+        // Another node, or an older epoch, cannot claim; the state is unchanged.
+        let before = s.clone();
+        assert!(s.apply(&claim(2, 1)).is_err());
+        assert!(s.apply(&claim(1, 0)).is_err());
+        assert_eq!(s, before);
+        // The claim grows the epoch: a placement decided at the old one
+        // (a leader that took node 1 for dead) no longer applies.
+        s.apply(&claim(1, 1)).unwrap();
+        assert_eq!(s.groups["db"].placement.epoch, 2);
+        let before = s.clone();
+        assert!(s.apply(&place(1, None)).is_err());
+        assert_eq!(s, before);
+        // And the other way round: once moved, the old claim is refused.
+        s.apply(&place(2, None)).unwrap();
+        assert!(s.apply(&claim(1, 2)).is_err());
     }
 
     #[test]

@@ -857,6 +857,7 @@ mod tests {
             Message::BitmapChunk { first_bit: 0, words: vec![u64::MAX, 0, 1], last: false },
             Message::BitmapChunk { first_bit: 1 << 20, words: vec![], last: true },
             Message::DigestRequest { offset: 0, len: 1 << 20, granule: 4096 },
+            Message::ReadRequest { offset: 1 << 20, len: 4096 },
             Message::Digests { offset: 0, granule: 4096, digests: vec![digest(b"a"), digest(b"b")] },
             Message::Goodbye { reason: "superseded by a newer primary".into() },
         ]
@@ -900,7 +901,7 @@ mod tests {
             assert_eq!(k.to_string(), k.name());
         }
         assert_eq!(Kind::from_u8(0), None);
-        assert_eq!(Kind::from_u8(16), None);
+        assert_eq!(Kind::from_u8(17), None);
         assert_eq!(Kind::from_u8(255), None);
     }
 
