@@ -337,7 +337,16 @@ impl Volume {
             r.meta.current = fresh_generation();
             r.meta.primary = true;
             r.meta.primary_since_ms = now_ms();
-            // Our own crash extents are in every peer's bitmap already.
+            // What this replica wrote last (as primary before a crash, or as
+            // a secondary of a primary that died mid-stream: writes another
+            // secondary may not have got) goes to every peer again, so the
+            // replicas cannot silently differ there.
+            for e in r.unreconciled_extents() {
+                for bm in r.bitmaps.values_mut() {
+                    bm.set_range(e * AL_EXTENT, AL_EXTENT);
+                }
+            }
+            r.persist_bitmaps()?;
             r.meta.crashed_extents.clear();
             r.save_meta()?;
         }
@@ -1196,20 +1205,21 @@ impl Volume {
                 primary_since_ms: r.meta.primary_since_ms,
                 generation: gens,
                 changed_blocks: changed,
-                crashed_extents: r.meta.crashed_extents.clone(),
+                crashed_extents: r.extents_to_report(&hello.node, hello.epoch),
                 epoch_seen: r.meta.epoch_seen,
             };
             if check.is_err() {
                 (reply, Decision::Unrelated, None, false)
             } else {
                 r.meta.epoch_seen = hello.epoch;
+                r.meta.upstream = Some((hello.node.clone(), hello.epoch));
                 let decision = decide_for(&hello, &reply);
                 let mut bitmap = None;
                 // Inconsistent only while blocks are actually coming: a
                 // replica with nothing to receive stays promotable.
                 let needs_data = match decision {
                     Decision::InSync | Decision::Incremental => {
-                        hello.changed_blocks > 0 || !r.meta.crashed_extents.is_empty()
+                        hello.changed_blocks > 0 || !reply.crashed_extents.is_empty()
                     }
                     _ => true,
                 };
@@ -1317,6 +1327,7 @@ impl Volume {
         match msg {
             Message::Write { offset, data, fua } => {
                 self.check_range(offset, data.len() as u64)?;
+                self.replica().activate(offset, data.len() as u64)?;
                 self.data.write_all_at(&data, offset)?;
                 if fua {
                     self.sync().await?;
@@ -1325,16 +1336,19 @@ impl Volume {
             }
             Message::ResyncData { offset, data } => {
                 self.check_range(offset, data.len() as u64)?;
+                self.replica().activate(offset, data.len() as u64)?;
                 self.data.write_all_at(&data, offset)?;
                 Ok(Some(Message::Ack))
             }
             Message::Trim { offset, len } => {
                 self.check_range(offset, u64::from(len))?;
+                self.replica().activate(offset, u64::from(len))?;
                 punch_hole(&self.data, offset, u64::from(len))?;
                 Ok(Some(Message::Ack))
             }
             Message::Zeroes { offset, len, fua } => {
                 self.check_range(offset, u64::from(len))?;
+                self.replica().activate(offset, u64::from(len))?;
                 punch_hole(&self.data, offset, u64::from(len))?;
                 if fua {
                     self.sync().await?;
@@ -1356,9 +1370,9 @@ impl Volume {
                         bm.clear(b);
                     }
                 }
-                r.meta.crashed_extents.clear();
                 r.meta.disk = DiskState::UpToDate;
                 r.persist_bitmaps()?;
+                r.reconciled()?;
                 r.save_meta()?;
                 tracing::info!(volume = %self.cfg.name, "up to date with {primary}");
                 Ok(Some(Message::Ack))

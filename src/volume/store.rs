@@ -49,6 +49,11 @@ pub struct Meta {
     /// Extents of the activity log found after a crash as primary: whoever
     /// becomes source resyncs them.
     pub crashed_extents: Vec<u64>,
+    /// The primary (node, epoch) this replica last followed: its writes in
+    /// the activity log are reconciled by that primary's bitmap; any other
+    /// primary must resync them.
+    #[serde(default)]
+    pub upstream: Option<(String, u64)>,
 }
 
 impl Meta {
@@ -341,6 +346,11 @@ impl ActivityLog {
     pub fn is_empty(&self) -> bool {
         self.hot.is_empty()
     }
+
+    /// The hot extents.
+    pub fn extents(&self) -> Vec<u64> {
+        self.hot.iter().copied().collect()
+    }
 }
 
 fn read_up_to(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -412,6 +422,7 @@ impl Replica {
                     primary_since_ms: 0,
                     epoch_seen: 0,
                     crashed_extents: Vec::new(),
+                    upstream: None,
                 };
                 let data = OpenOptions::new()
                     .read(true)
@@ -458,17 +469,24 @@ impl Replica {
         for p in peers {
             r.add_peer(p)?;
         }
-        if !r.meta.clean && r.meta.primary {
-            // Crashed as primary: any logged extent may differ on any peer.
-            for e in &logged {
-                for bm in r.bitmaps.values_mut() {
-                    bm.set_range(e * AL_EXTENT, AL_EXTENT);
+        if r.meta.clean && !r.meta.primary {
+            // A secondary stopped cleanly: its recent extents still await
+            // reconciliation with whoever leads next.
+            r.al.add(&logged);
+        }
+        if !r.meta.clean {
+            // A crash: any logged extent may differ on any other replica (a
+            // primary's writes in flight, or a secondary's from a primary
+            // that died mid-stream, or writes lost from its cache).
+            if r.meta.primary {
+                for e in &logged {
+                    for bm in r.bitmaps.values_mut() {
+                        bm.set_range(e * AL_EXTENT, AL_EXTENT);
+                    }
                 }
+                r.persist_bitmaps()?;
             }
-            let mut crashed: BTreeSet<u64> = r.meta.crashed_extents.iter().copied().collect();
-            crashed.extend(logged.iter().copied());
-            r.meta.crashed_extents = crashed.into_iter().collect();
-            r.persist_bitmaps()?;
+            r.remember_extents(&logged);
         }
         r.meta.clean = false;
         r.save_meta()?;
@@ -530,13 +548,52 @@ impl Replica {
         }
     }
 
-    /// A clean stop: bitmaps durable, activity log empty, meta says clean.
+    fn remember_extents(&mut self, extents: &[u64]) {
+        let mut all: BTreeSet<u64> = self.meta.crashed_extents.iter().copied().collect();
+        all.extend(extents.iter().copied());
+        self.meta.crashed_extents = all.into_iter().collect();
+    }
+
+    /// A clean stop: bitmaps durable, meta says clean; a primary's activity
+    /// log is emptied, a secondary's kept (it awaits reconciliation).
     pub fn close_clean(&mut self) -> io::Result<()> {
         self.data.sync_data()?;
         self.persist_bitmaps()?;
-        self.al.reset()?;
+        if self.meta.primary {
+            self.al.reset()?;
+        }
         self.meta.clean = true;
         self.save_meta()
+    }
+
+    /// Extents that may differ from any other replica without being in a
+    /// bitmap: those this replica wrote recently (its activity log) and
+    /// those it found after a crash. Whoever becomes primary resyncs them to
+    /// its peers; a secondary reports them to its next primary.
+    pub fn unreconciled_extents(&self) -> Vec<u64> {
+        let mut all: BTreeSet<u64> = self.meta.crashed_extents.iter().copied().collect();
+        all.extend(self.al.extents());
+        all.into_iter().collect()
+    }
+
+    /// What a secondary reports to the primary `(node, epoch)` connecting to
+    /// it: its crash leftovers always; its recent writes only when they came
+    /// from another primary (the same one already has them, or has the
+    /// missing ones in its bitmap).
+    pub fn extents_to_report(&self, node: &str, epoch: u64) -> Vec<u64> {
+        let same = self.meta.upstream.as_ref().is_some_and(|(n, e)| n == node && *e == epoch);
+        if same {
+            self.meta.crashed_extents.clone()
+        } else {
+            self.unreconciled_extents()
+        }
+    }
+
+    /// Everything written so far is known to match the primary (a resync
+    /// finished): the activity log starts empty again.
+    pub fn reconciled(&mut self) -> io::Result<()> {
+        self.meta.crashed_extents.clear();
+        self.al.reset()
     }
 
     /// Leaves the primary role cleanly (the replica stays open).
