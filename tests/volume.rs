@@ -398,7 +398,8 @@ async fn split_brain_policies() {
     let w1 = ["write -P 0xa1 0 64k"];
     let w2 = ["write -P 0xb2 1M 8k"];
     // (policy, n1 promoted first?, n1 writes, n2 writes, expected: n2 discarded → in sync; else split)
-    let cases: Vec<(SplitBrainPolicy, bool, &[&str], &[&str], bool)> = vec![
+    type Case<'a> = (SplitBrainPolicy, bool, &'a [&'a str], &'a [&'a str], bool);
+    let cases: Vec<Case> = vec![
         (SplitBrainPolicy::Disconnect, true, &w1, &w2, false),
         (SplitBrainPolicy::DiscardRemote, true, &w1, &w2, true),
         (SplitBrainPolicy::DiscardLocal, true, &w1, &w2, false),

@@ -205,7 +205,7 @@ impl Bitmap {
             bm.words[i] = u64::from_le_bytes(b);
         }
         // Bits past the end never count.
-        if bm.bits % 64 != 0 {
+        if !bm.bits.is_multiple_of(64) {
             if let Some(last) = bm.words.last_mut() {
                 *last &= (1u64 << (bm.bits % 64)) - 1;
             }
