@@ -208,6 +208,9 @@ impl Config {
             CommandError::Invalid { field, reason } => bad(&field, reason),
             other => bad("name", other.to_string()),
         })?;
+        if self.port == u16::MAX {
+            return Err(bad("port", "must be at most 65534: port + 1 is the volume replication port".into()));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty".into()));
         }
@@ -334,6 +337,7 @@ mod tests {
         assert_eq!(key_of("name = \"Bad Name\"\ndata_dir = \"/x\""), "name");
         assert_eq!(key_of(&format!("{BASE}addresses = [\"nope\"]")), "addresses[0]");
         assert_eq!(key_of(&format!("{BASE}port = 0")), "port");
+        assert_eq!(key_of(&format!("{BASE}port = 65535")), "port");
         assert_eq!(key_of(&format!("{BASE}join = [\"10.0.0.1:7401\"]")), "join[0]");
         assert_eq!(key_of(&format!("{BASE}[fencing]\nfence_command = [\"fence.sh\"]")), "fencing.fence_command");
         assert_eq!(key_of(&format!("{BASE}[fencing]\nfence_timeout_ms = 5")), "fencing.fence_timeout_ms");
