@@ -66,9 +66,12 @@ enum Fault {
     /// Bytes flipped in blocks of a secondary's backing file, behind its
     /// back; an online verify must find and repair exactly those blocks.
     Corrupt,
+    /// A network partition by nftables (links stay up): the host (and, with
+    /// five or more nodes, the next one too) cut off from the others.
+    Partition,
 }
 
-const FAULTS: [Fault; 7] = [
+const FAULTS: [Fault; 8] = [
     Fault::PowerLoss,
     Fault::AgentCrash,
     Fault::AgentDown,
@@ -76,6 +79,7 @@ const FAULTS: [Fault; 7] = [
     Fault::Isolate,
     Fault::DoublePowerLoss,
     Fault::Corrupt,
+    Fault::Partition,
 ];
 
 /// xorshift64*: enough for a reproducible schedule, no dependency.
@@ -725,6 +729,24 @@ async fn inject(
             run.hosts[j].start(&run.tandem)?;
         }
         Fault::Corrupt => return Ok(corrupt_and_verify(run, i, rng).await),
+        Fault::Partition => {
+            let n = run.hosts.len();
+            let minority: Vec<usize> = if n >= 5 { vec![i, (i + 1) % n] } else { vec![i] };
+            let majority: Vec<String> =
+                (0..n).filter(|j| !minority.contains(j)).map(|j| run.hosts[j].addr.clone()).collect();
+            let set = majority.join(", ");
+            let rules = format!(
+                "table inet chaos {{\n chain input {{ type filter hook input priority 0; policy accept; ip saddr {{ {set} }} drop; }}\n \
+                 chain output {{ type filter hook output priority 0; policy accept; ip daddr {{ {set} }} drop; }}\n}}\n"
+            );
+            for j in &minority {
+                nft(&run.hosts[*j].ns, Some(&rules), &["-f", "-"])?;
+            }
+            tokio::time::sleep(hold).await;
+            for j in &minority {
+                nft(&run.hosts[*j].ns, None, &["delete", "table", "inet", "chaos"])?;
+            }
+        }
         Fault::PowerLoss => {
             run.hosts[i].power_off();
             tokio::time::sleep(hold).await;
@@ -753,6 +775,26 @@ async fn inject(
         }
     }
     Ok(None)
+}
+
+/// Runs `nft` in a host's namespace (stdin: `input`).
+fn nft(ns: &str, input: Option<&str>, args: &[&str]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("nft (apt-get install nftables)")?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("nft {args:?} in {ns}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 /// Flips a byte in 1 to 4 blocks (past the data workload's region) of a
