@@ -190,7 +190,6 @@ pub struct Volume {
     /// The secondary side's current connection (an id and its stop switch):
     /// cancelled by a newer primary.
     upstream: Mutex<Option<(u64, watch::Sender<bool>)>>,
-    upstream_node: Mutex<Option<String>>,
     verify: Mutex<Option<VerifyReport>>,
     last_app_write: Mutex<Instant>,
     /// The local disk failed: reads and writes go through the peers only.
@@ -264,7 +263,6 @@ impl Volume {
             links,
             control,
             upstream: Mutex::new(None),
-            upstream_node: Mutex::new(None),
             verify: Mutex::new(None),
             last_app_write: Mutex::new(Instant::now()),
             detached: std::sync::atomic::AtomicBool::new(false),
@@ -1265,7 +1263,6 @@ impl Volume {
             }
             *up = Some((id, stop_tx));
         }
-        *self.upstream_node.lock().unwrap_or_else(|p| p.into_inner()) = Some(hello.node.clone());
         wire::write_frame(&mut wr, 0, &Message::HelloReply(reply)).await.map_err(|e| e.to_string())?;
         if let Some(words) = my_bitmap {
             let per = 64 * 1024;
@@ -1565,7 +1562,13 @@ impl Volume {
                 drop(r);
                 let pending =
                     self.links.get(node).map(|l| l.st.lock().map(|s| s.resync_inflight).unwrap_or(0)).unwrap_or(0);
-                let done = if pending == 0 { repaired } else { repaired.saturating_sub(1) };
+                // A block leaves the bitmap when it is sent: it counts as
+                // repaired once nothing of the resync is unacknowledged.
+                if pending > 0 {
+                    all = false;
+                    continue;
+                }
+                let done = repaired;
                 if done < bits.len() as u64 {
                     all = false;
                 }

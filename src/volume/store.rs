@@ -339,14 +339,6 @@ impl ActivityLog {
         self.persist()
     }
 
-    pub fn len(&self) -> usize {
-        self.hot.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.hot.is_empty()
-    }
-
     /// The hot extents.
     pub fn extents(&self) -> Vec<u64> {
         self.hot.iter().copied().collect()
