@@ -816,18 +816,20 @@ impl Agent {
         Ok(Self::group_view(&state, g))
     }
 
-    /// When this node last heard a majority of voters (itself included,
-    /// as now): the lease counts from there, not from when the others are
-    /// declared dead, so that it ends as early as the leader can count.
-    fn quorum_heard_at(&self, m: &Member, now: Instant) -> Option<Instant> {
+    /// When (CLOCK_BOOTTIME, ms) this node sent the heartbeat that a
+    /// majority of voters (itself included, as now) has since echoed back:
+    /// the lease counts from there. So it ends no later than the leader's
+    /// count from the last heartbeat it heard from us — also when only our
+    /// outgoing traffic is lost (we would still hear them, they not us).
+    fn quorum_acked_ms(&self, m: &Member, now_ms: u64) -> Option<u64> {
         // Runs every lease tick: read in place, copy nothing but the voter ids.
         let voters: Vec<NodeId> = m.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
-        let mut heard: Vec<Instant> = voters
+        let mut acked: Vec<u64> = voters
             .iter()
-            .filter_map(|v| if *v == m.node_id { Some(now) } else { self.liveness.last_heard(*v) })
+            .filter_map(|v| if *v == m.node_id { Some(now_ms) } else { self.liveness.acked_ms(*v) })
             .collect();
-        heard.sort_unstable_by(|a, b| b.cmp(a));
-        heard.get(voters.len() / 2).copied()
+        acked.sort_unstable_by(|a, b| b.cmp(a));
+        acked.get(voters.len() / 2).copied()
     }
 
     /// Whether this node holds its lease now.
@@ -842,7 +844,7 @@ impl Agent {
     /// once and the executor fences before it may start anything again.
     async fn lease_round(&self) {
         let Some(m) = self.member() else { return };
-        let (now, now_ms) = (Instant::now(), now_boot_ms());
+        let now_ms = now_boot_ms();
         let current = self.fence.deadline_ms();
         if current <= now_ms {
             let running = self.fence.has_processes() || self.run.has_records();
@@ -854,9 +856,9 @@ impl Agent {
         if self.lapsed.load(std::sync::atomic::Ordering::SeqCst) {
             return; // not before the executor has fenced what it ran
         }
-        let Some(heard) = self.quorum_heard_at(&m, now) else { return };
-        let heard_ms = now_ms.saturating_sub(now.saturating_duration_since(heard).as_millis() as u64);
-        // A lapsed lease is taken again only from heartbeats heard since.
+        let Some(heard_ms) = self.quorum_acked_ms(&m, now_ms) else { return };
+        // A lapsed lease is taken again only from heartbeats sent (and
+        // echoed) since.
         if current <= now_ms && heard_ms < current {
             return;
         }
@@ -1600,7 +1602,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         async move {
             if let Some(m) = agent.member() {
                 let nodes = m.state.read(|d| d.state.nodes.clone());
-                sockets.send_round(&nodes, &m.cluster_id, m.node_id).await;
+                sockets.send_round(&nodes, &m.cluster_id, m.node_id, &agent.liveness).await;
             }
         }
     });

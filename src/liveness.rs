@@ -30,12 +30,23 @@ pub struct Heartbeat {
     pub to: NodeId,
     pub pid: u32,
     pub version: String,
+    /// When the sender sent it (its CLOCK_BOOTTIME, ms): echoed back.
+    #[serde(default)]
+    pub sent_ms: u64,
+    /// The newest `sent_ms` the sender has received from the receiver: the
+    /// receiver learns that it was heard (the lease needs both directions).
+    #[serde(default)]
+    pub echo_ms: u64,
 }
 
 #[derive(Debug, Clone)]
 struct PeerSeen {
     pid: u32,
     version: String,
+    /// Its newest `sent_ms`, to echo back to it.
+    their_sent_ms: u64,
+    /// The newest of our `sent_ms` it echoed: it heard us then.
+    acked_ms: u64,
     /// Last heartbeat per source address.
     paths: HashMap<IpAddr, Instant>,
 }
@@ -74,11 +85,32 @@ impl Liveness {
         let entry = seen.entry(hb.from).or_insert_with(|| PeerSeen {
             pid: hb.pid,
             version: hb.version.clone(),
+            their_sent_ms: 0,
+            acked_ms: 0,
             paths: HashMap::new(),
         });
+        if entry.pid != hb.pid {
+            // A restarted agent: its clock values start over.
+            entry.their_sent_ms = 0;
+        }
         entry.pid = hb.pid;
         entry.version = hb.version;
+        entry.their_sent_ms = entry.their_sent_ms.max(hb.sent_ms);
+        entry.acked_ms = entry.acked_ms.max(hb.echo_ms);
         entry.paths.insert(from, now);
+    }
+
+    /// What to echo to `id`: the newest `sent_ms` heard from it.
+    pub fn echo_for(&self, id: NodeId) -> u64 {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(&id).map(|p| p.their_sent_ms).unwrap_or(0)
+    }
+
+    /// When (our CLOCK_BOOTTIME, ms) we sent the newest heartbeat `id` has
+    /// told us it heard; None if it never has.
+    pub fn acked_ms(&self, id: NodeId) -> Option<u64> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(&id).map(|p| p.acked_ms).filter(|ms| *ms > 0)
     }
 
     /// When any path of `id` was last heard.
@@ -167,12 +199,26 @@ impl HeartbeatSockets {
     }
 
     /// Sends one round of heartbeats to every peer on every path.
-    pub async fn send_round(&self, nodes: &BTreeMap<NodeId, NodeRecord>, cluster_id: &str, me: NodeId) {
+    pub async fn send_round(
+        &self,
+        nodes: &BTreeMap<NodeId, NodeRecord>,
+        cluster_id: &str,
+        me: NodeId,
+        liveness: &Liveness,
+    ) {
         let version = env!("CARGO_PKG_VERSION").to_string();
         let pid = std::process::id();
+        let sent_ms = crate::watchdog::now_boot_ms();
         for node in nodes.values().filter(|n| n.id != me) {
-            let hb =
-                Heartbeat { cluster_id: cluster_id.to_string(), from: me, to: node.id, pid, version: version.clone() };
+            let hb = Heartbeat {
+                cluster_id: cluster_id.to_string(),
+                from: me,
+                to: node.id,
+                pid,
+                version: version.clone(),
+                sent_ms,
+                echo_ms: liveness.echo_for(node.id),
+            };
             let Ok(bytes) = serde_json::to_vec(&hb) else {
                 continue;
             };
@@ -198,7 +244,7 @@ mod tests {
     use super::*;
 
     fn hb(from: NodeId) -> Heartbeat {
-        Heartbeat { cluster_id: "c".into(), from, to: 1, pid: 42, version: "0.1.0".into() }
+        Heartbeat { cluster_id: "c".into(), from, to: 1, pid: 42, version: "0.1.0".into(), sent_ms: 0, echo_ms: 0 }
     }
 
     #[test]
@@ -219,6 +265,22 @@ mod tests {
         assert_eq!(s.down_for, Duration::from_millis(1100));
     }
 
+    #[test]
+    fn a_peer_acknowledges_what_it_heard_and_a_restart_starts_over() {
+        let l = Liveness::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        let ip: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(l.acked_ms(2), None, "never echoed");
+        l.record(Heartbeat { sent_ms: 500, echo_ms: 1200, ..hb(2) }, ip, t0);
+        assert_eq!((l.echo_for(2), l.acked_ms(2)), (500, Some(1200)));
+        // A late, reordered datagram never moves either back.
+        l.record(Heartbeat { sent_ms: 400, echo_ms: 1100, ..hb(2) }, ip, t0);
+        assert_eq!((l.echo_for(2), l.acked_ms(2)), (500, Some(1200)));
+        // A new agent (another pid) sends from its own clock.
+        l.record(Heartbeat { pid: 43, sent_ms: 10, echo_ms: 1300, ..hb(2) }, ip, t0);
+        assert_eq!((l.echo_for(2), l.acked_ms(2)), (10, Some(1300)));
+    }
+
     #[tokio::test]
     async fn heartbeats_cross_real_udp_sockets() {
         use tandem_raft::state::{ClusterState, Command, NodeSpec};
@@ -237,8 +299,9 @@ mod tests {
         };
         state.apply(&Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node: spec("a", 1) }).unwrap();
         state.apply(&Command::AddNode { node: spec("b", b_port) }).unwrap();
+        let la = Liveness::new(Duration::from_secs(5));
         for _ in 0..50 {
-            a.send_round(&state.nodes, "c", 1).await;
+            a.send_round(&state.nodes, "c", 1, &la).await;
             if lb.status(1, &["127.0.0.1".into()], Instant::now()).alive {
                 return;
             }
