@@ -69,9 +69,12 @@ enum Fault {
     /// A network partition by nftables (links stay up): the host (and, with
     /// five or more nodes, the next one too) cut off from the others.
     Partition,
+    /// One-way loss: everything the host sends to the others is dropped; it
+    /// still hears them (they do not hear it).
+    OneWay,
 }
 
-const FAULTS: [Fault; 8] = [
+const FAULTS: [Fault; 9] = [
     Fault::PowerLoss,
     Fault::AgentCrash,
     Fault::AgentDown,
@@ -80,6 +83,7 @@ const FAULTS: [Fault; 8] = [
     Fault::DoublePowerLoss,
     Fault::Corrupt,
     Fault::Partition,
+    Fault::OneWay,
 ];
 
 /// xorshift64*: enough for a reproducible schedule, no dependency.
@@ -729,6 +733,17 @@ async fn inject(
             run.hosts[j].start(&run.tandem)?;
         }
         Fault::Corrupt => return Ok(corrupt_and_verify(run, i, rng).await),
+        Fault::OneWay => {
+            let others: Vec<String> =
+                (0..run.hosts.len()).filter(|j| *j != i).map(|j| run.hosts[j].addr.clone()).collect();
+            let rules = format!(
+                "table inet chaos {{\n chain output {{ type filter hook output priority 0; policy accept; ip daddr {{ {} }} drop; }}\n}}\n",
+                others.join(", ")
+            );
+            nft(&run.hosts[i].ns, Some(&rules), &["-f", "-"])?;
+            tokio::time::sleep(hold).await;
+            nft(&run.hosts[i].ns, None, &["delete", "table", "inet", "chaos"])?;
+        }
         Fault::Partition => {
             let n = run.hosts.len();
             let minority: Vec<usize> = if n >= 5 { vec![i, (i + 1) % n] } else { vec![i] };
