@@ -848,31 +848,23 @@ impl Volume {
                 let mut st = link.st.lock().unwrap_or_else(|p| p.into_inner());
                 st.discard_peer = false;
             }
-            Decision::SplitBrain { loser } => {
-                let why = match loser {
-                    Some(Side::Primary) => {
-                        "split brain: the policy discards this primary's changes; demote it, then resolve"
+            refused => {
+                let (why, split) = match refused {
+                    Decision::SplitBrain { loser: Some(Side::Primary) } => {
+                        ("split brain: the policy discards this primary's changes; demote it, then resolve", true)
                     }
-                    _ => "split brain: both sides changed since their common generation; resolve by hand",
+                    Decision::SplitBrain { .. } => {
+                        ("split brain: both sides changed since their common generation; resolve by hand", true)
+                    }
+                    Decision::Unrelated => ("split brain: the replicas share no generation; resolve by hand", true),
+                    _ => ("the peer holds newer data: this primary is stale", false),
                 };
-                tracing::error!(volume = %self.cfg.name, peer = %peer, "ALERT {why}");
+                if split {
+                    tracing::error!(volume = %self.cfg.name, peer = %peer, "ALERT {why}");
+                    link.st.lock().unwrap_or_else(|p| p.into_inner()).conn = ConnectionState::SplitBrain;
+                }
                 let _ = wire::write_frame(&mut wr, 0, &Message::Goodbye { reason: why.into() }).await;
                 let _ = wr.flush().await;
-                link.st.lock().unwrap_or_else(|p| p.into_inner()).conn = ConnectionState::SplitBrain;
-                return Err(why.into());
-            }
-            Decision::PrimaryStale => {
-                let why = "the peer holds newer data: this primary is stale";
-                let _ = wire::write_frame(&mut wr, 0, &Message::Goodbye { reason: why.into() }).await;
-                let _ = wr.flush().await;
-                return Err(why.into());
-            }
-            Decision::Unrelated => {
-                let why = "split brain: the replicas share no generation; resolve by hand";
-                tracing::error!(volume = %self.cfg.name, peer = %peer, "ALERT {why}");
-                let _ = wire::write_frame(&mut wr, 0, &Message::Goodbye { reason: why.into() }).await;
-                let _ = wr.flush().await;
-                link.st.lock().unwrap_or_else(|p| p.into_inner()).conn = ConnectionState::SplitBrain;
                 return Err(why.into());
             }
         }
@@ -1426,7 +1418,6 @@ impl Volume {
         st.discard_peer = true;
         st.conn = ConnectionState::Disconnected;
         drop(st);
-        link.resolved.notify_waiters();
         link.resolved.notify_one();
         Ok(())
     }

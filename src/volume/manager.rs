@@ -36,7 +36,8 @@ pub struct DesiredVolume {
 struct Held {
     volume: Arc<Volume>,
     export: Option<nbd::Server>,
-    uri: Option<String>,
+    /// The configuration last applied (peers' addresses included).
+    config: VolumeConfig,
 }
 
 impl std::fmt::Debug for VolumeManager {
@@ -51,8 +52,11 @@ impl std::fmt::Debug for VolumeManager {
 pub struct VolumeManager {
     dir: Mutex<Option<PathBuf>>,
     held: tokio::sync::Mutex<BTreeMap<String, Held>>,
-    /// Shared with the listener: where a Hello for a volume goes.
+    /// Shared with the listener: where a Hello for a volume goes. Also read
+    /// by `status`, which must not wait for a promotion in progress.
     routes: Arc<Mutex<BTreeMap<String, Arc<Volume>>>>,
+    /// The NBD URI of every volume exported here.
+    uris: Mutex<BTreeMap<String, String>>,
     control: Mutex<Option<Arc<dyn ControlPlane>>>,
     listeners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     lease: Mutex<Option<super::engine::Lease>>,
@@ -100,17 +104,18 @@ impl VolumeManager {
         let wanted: BTreeMap<String, DesiredVolume> = desired.into_iter().map(|d| (d.config.name.clone(), d)).collect();
         let stale: Vec<String> = held
             .iter()
-            .filter(|(name, h)| wanted.get(*name).is_none_or(|d| !same_config(h.volume.config(), &d.config, true)))
+            .filter(|(name, h)| wanted.get(*name).is_none_or(|d| !same_config(&h.config, &d.config, true)))
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
-            if let Some(h) = held.remove(&name) {
+            if let Some(mut h) = held.remove(&name) {
                 if let Some(d) = wanted.get(&name) {
-                    if same_config(h.volume.config(), &d.config, false) {
+                    if same_config(&h.config, &d.config, false) {
                         // Only the peers' addresses moved.
                         for p in &d.config.peers {
                             h.volume.set_peer_addrs(&p.node, p.addrs.clone());
                         }
+                        h.config = d.config.clone();
                         held.insert(name, h);
                         continue;
                     }
@@ -122,6 +127,7 @@ impl VolumeManager {
                     }
                 }
                 self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+                self.uris.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
                 if let Some(export) = h.export {
                     export.shutdown().await;
                 }
@@ -140,7 +146,7 @@ impl VolumeManager {
                 Ok(volume) => {
                     tracing::info!(volume = %name, disk = %volume.disk(), "replica open");
                     self.routes.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), volume.clone());
-                    held.insert(name, Held { volume, export: None, uri: None });
+                    held.insert(name, Held { volume, export: None, config: d.config });
                 }
                 Err(e) => tracing::error!(volume = %name, "cannot open replica: {e}"),
             }
@@ -174,20 +180,20 @@ impl VolumeManager {
                 tracing::info!(volume = %name, "NBD export also on nbd://{t}/{name}");
                 uri = format!("{uri} nbd://{t}/{name}");
             }
-            h.uri = Some(uri);
+            self.uris.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), uri);
             h.export = Some(server);
         }
-        Ok(h.uri.clone().unwrap_or_default())
+        Ok(self.uris.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned().unwrap_or_default())
     }
 
     /// Stops the export and demotes this node's replica.
     pub async fn demote(&self, name: &str) -> Result<(), VolumeError> {
         let mut held = self.held.lock().await;
         let Some(h) = held.get_mut(name) else { return Ok(()) };
+        self.uris.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
         if let Some(export) = h.export.take() {
             export.shutdown().await;
         }
-        h.uri = None;
         h.volume.demote().await.map_err(|e| io(name, e))
     }
 
@@ -216,12 +222,10 @@ impl VolumeManager {
 
     /// What this node knows about `name` (the whole picture on the primary).
     pub fn status(&self, name: &str) -> Result<LocalVolumeStatus, VolumeError> {
-        let held = self
-            .held
-            .try_lock()
-            .map_err(|_| VolumeError::Refused { name: name.to_string(), reason: "busy, retry".into() })?;
-        let h = held.get(name).ok_or_else(|| not_found(name))?;
-        Ok(h.volume.status(h.uri.clone()))
+        let volume = self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
+        let volume = volume.ok_or_else(|| not_found(name))?;
+        let uri = self.uris.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
+        Ok(volume.status(uri))
     }
 
     /// Starts an online verify on the primary; returns the report so far.
@@ -273,6 +277,7 @@ impl VolumeManager {
             }
         }
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.uris.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 
