@@ -316,7 +316,8 @@ impl Agent {
             (false, _) => Role::Learner,
         };
         let me = rec.id == m.node_id;
-        let status = self.liveness.status(rec.id, &rec.addresses, now);
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let status = self.liveness.quorum_status(rec.id, &rec.addresses, &voters, m.node_id, now);
         let alive = me || status.alive;
         let state = match (alive, rec.admin_state) {
             (false, _) => NodeState::Offline,
@@ -1051,12 +1052,15 @@ impl Agent {
         let state = m.state.state();
         let now = Instant::now();
         let fenced_after = self.cfg.fenced_after();
+        // A node is offline only when no majority of voters can have heard
+        // it: while one can, it may hold its lease and run its groups.
+        let voters: Vec<NodeId> = m.metrics().membership_config.membership().voter_ids().collect();
         let nodes: Vec<NodeInfo> = state
             .nodes
             .values()
             .map(|r| {
                 let me = r.id == m.node_id;
-                let st = self.liveness.status(r.id, &r.addresses, now);
+                let st = self.liveness.quorum_status(r.id, &r.addresses, &voters, m.node_id, now);
                 // The fence command starts as soon as the node is offline,
                 // so that it runs while the lease runs out.
                 let escalated = {

@@ -5,8 +5,13 @@
 //! interval. A path is up while datagrams arrive from it within the node
 //! timeout; a node is offline only when all its paths are silent. Liveness is
 //! observed, never replicated: each node keeps its own view, and the leader's
-//! view drives decisions. Heartbeats also carry the agent's pid and version.
-//! This module must never decide anything from what it observes.
+//! view drives decisions. Heartbeats also carry the agent's pid and version,
+//! and which peers the sender hears (how long ago): a node keeps its lease
+//! while a majority of voters hears it, so the leader counts it offline only
+//! when no such majority can have heard it — also when the leader itself
+//! cannot hear it but another voter can (two sites and a witness, the link
+//! between the sites cut). This module must never decide anything from what
+//! it observes.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -20,8 +25,9 @@ use tandem_raft::state::{socket_addr, NodeRecord};
 use tandem_raft::NodeId;
 use tokio::net::UdpSocket;
 
-/// Largest heartbeat datagram accepted.
-const MAX_DATAGRAM: usize = 1024;
+/// Largest heartbeat datagram accepted (32 nodes' reports fit well below a
+/// 1500-byte MTU).
+const MAX_DATAGRAM: usize = 1400;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -37,6 +43,9 @@ pub struct Heartbeat {
     /// receiver learns that it was heard (the lease needs both directions).
     #[serde(default)]
     pub echo_ms: u64,
+    /// The peers the sender heard within the node timeout: (node, ms since).
+    #[serde(default)]
+    pub heard: Vec<(NodeId, u32)>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +58,9 @@ struct PeerSeen {
     acked_ms: u64,
     /// Last heartbeat per source address.
     paths: HashMap<IpAddr, Instant>,
+    /// When (our clock, latest possible) it last heard each other node, as
+    /// it reported: the report's arrival minus the age it gave.
+    hears: HashMap<NodeId, Instant>,
 }
 
 /// What this node has heard from its peers.
@@ -88,6 +100,7 @@ impl Liveness {
             their_sent_ms: 0,
             acked_ms: 0,
             paths: HashMap::new(),
+            hears: HashMap::new(),
         });
         if entry.pid != hb.pid {
             // A restarted agent: its clock values start over.
@@ -98,6 +111,48 @@ impl Liveness {
         entry.their_sent_ms = entry.their_sent_ms.max(hb.sent_ms);
         entry.acked_ms = entry.acked_ms.max(hb.echo_ms);
         entry.paths.insert(from, now);
+        for (about, ago) in hb.heard {
+            let at = now.checked_sub(Duration::from_millis(ago.into())).unwrap_or(now);
+            let t = entry.hears.entry(about).or_insert(at);
+            *t = (*t).max(at);
+        }
+    }
+
+    /// What this node reports hearing: every peer heard within the timeout.
+    pub fn heard_report(&self, now: Instant) -> Vec<(NodeId, u32)> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(NodeId, u32)> = seen
+            .iter()
+            .filter_map(|(id, p)| {
+                let ago = now.saturating_duration_since(*p.paths.values().max()?);
+                (ago < self.timeout).then(|| (*id, ago.as_millis().min(u32::MAX as u128) as u32))
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The newest time by which enough voters had heard `id` for it to hold
+    /// its lease (a majority of `voters`, `id` itself counting when it is
+    /// one): this node's own hearing for itself (`me`), the others' reports
+    /// for them. None if no such majority ever heard it.
+    pub fn heard_by_quorum(&self, id: NodeId, voters: &[NodeId], me: NodeId, now: Instant) -> Option<Instant> {
+        let majority = voters.len() / 2 + 1;
+        let need = majority - usize::from(voters.contains(&id));
+        if need == 0 {
+            return Some(now);
+        }
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut times: Vec<Instant> = voters
+            .iter()
+            .filter(|v| **v != id)
+            .filter_map(|v| match *v == me {
+                true => seen.get(&id).and_then(|p| p.paths.values().max().copied()),
+                false => seen.get(v).and_then(|p| p.hears.get(&id).copied()),
+            })
+            .collect();
+        times.sort_unstable_by(|a, b| b.cmp(a));
+        times.get(need - 1).copied()
     }
 
     /// What to echo to `id`: the newest `sent_ms` heard from it.
@@ -122,6 +177,24 @@ impl Liveness {
     /// Forgets a peer (after it is removed).
     pub fn forget(&self, id: NodeId) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+
+    /// The leader's view of `id`: its paths as heard from here, but alive
+    /// (and silent since) by what a majority of voters heard.
+    pub fn quorum_status(
+        &self,
+        id: NodeId,
+        addresses: &[String],
+        voters: &[NodeId],
+        me: NodeId,
+        now: Instant,
+    ) -> PeerStatus {
+        let mut s = self.status(id, addresses, now);
+        let heard = self.heard_by_quorum(id, voters, me, now);
+        let since = now.saturating_duration_since(heard.unwrap_or(self.started));
+        s.alive = heard.is_some() && since < self.timeout;
+        s.down_for = if s.alive { Duration::ZERO } else { since };
+        s
     }
 
     pub fn status(&self, id: NodeId, addresses: &[String], now: Instant) -> PeerStatus {
@@ -209,6 +282,7 @@ impl HeartbeatSockets {
         let version = env!("CARGO_PKG_VERSION").to_string();
         let pid = std::process::id();
         let sent_ms = crate::watchdog::now_boot_ms();
+        let heard = liveness.heard_report(Instant::now());
         for node in nodes.values().filter(|n| n.id != me) {
             let hb = Heartbeat {
                 cluster_id: cluster_id.to_string(),
@@ -218,6 +292,7 @@ impl HeartbeatSockets {
                 version: version.clone(),
                 sent_ms,
                 echo_ms: liveness.echo_for(node.id),
+                heard: heard.clone(),
             };
             let Ok(bytes) = serde_json::to_vec(&hb) else {
                 continue;
@@ -244,7 +319,49 @@ mod tests {
     use super::*;
 
     fn hb(from: NodeId) -> Heartbeat {
-        Heartbeat { cluster_id: "c".into(), from, to: 1, pid: 42, version: "0.1.0".into(), sent_ms: 0, echo_ms: 0 }
+        Heartbeat {
+            cluster_id: "c".into(),
+            from,
+            to: 1,
+            pid: 42,
+            version: "0.1.0".into(),
+            sent_ms: 0,
+            echo_ms: 0,
+            heard: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_node_heard_by_another_voter_is_alive_for_the_leader() {
+        // Voters 1 (me, the leader), 2 and 3; 1 cannot hear 2, 3 can.
+        let l = Liveness::new(Duration::from_millis(500));
+        let t0 = Instant::now();
+        let voters = [1, 2, 3];
+        let addrs = vec!["10.0.0.2".to_string()];
+        let ip3: IpAddr = "10.0.0.3".parse().unwrap();
+        l.record(Heartbeat { heard: vec![(2, 50)], ..hb(3) }, ip3, t0 + Duration::from_millis(1000));
+        let s = l.quorum_status(2, &addrs, &voters, 1, t0 + Duration::from_millis(1100));
+        assert!(s.alive && !l.status(2, &addrs, t0 + Duration::from_millis(1100)).alive);
+        // The report's time is when 3 heard 2 (arrival minus its age): 950.
+        let s = l.quorum_status(2, &addrs, &voters, 1, t0 + Duration::from_millis(1500));
+        assert!(!s.alive);
+        assert_eq!(s.down_for, Duration::from_millis(550));
+        // Five voters: 2 needs two others; 3's report alone is not enough.
+        let five = [1, 2, 3, 4, 5];
+        assert!(!l.quorum_status(2, &addrs, &five, 1, t0 + Duration::from_millis(1100)).alive);
+        // A learner needs a majority of the voters, all of them others.
+        assert!(!l.quorum_status(2, &addrs, &[1, 3, 4], 1, t0 + Duration::from_millis(1100)).alive);
+        l.record(hb(2), "10.0.0.2".parse().unwrap(), t0 + Duration::from_millis(1050));
+        assert!(l.quorum_status(2, &addrs, &five, 1, t0 + Duration::from_millis(1100)).alive);
+        assert!(l.quorum_status(2, &addrs, &[1, 3, 4], 1, t0 + Duration::from_millis(1100)).alive);
+        // Reports only ever move forward (a late datagram is older news).
+        l.record(Heartbeat { heard: vec![(2, 400)], ..hb(3) }, ip3, t0 + Duration::from_millis(1001));
+        assert_eq!(
+            l.heard_by_quorum(2, &voters, 1, t0 + Duration::from_millis(1100)),
+            Some(t0 + Duration::from_millis(1050))
+        );
+        // What a node reports: peers heard within the timeout, with their age.
+        assert_eq!(l.heard_report(t0 + Duration::from_millis(1100)), vec![(2, 50), (3, 99)]);
     }
 
     #[test]

@@ -145,12 +145,86 @@ pub enum Op {
     Read { block: u64, got: Result<Option<u64>, String>, invoke_ms: u64, answer_ms: u64 },
 }
 
-/// Checks a history: every read returns a well-formed block whose sequence
-/// number is at least that of the last write to it acknowledged before the
-/// read began (no acknowledged write lost, no going back), and one that was
-/// actually written (invoked before the read answered). Sequence numbers
-/// grow per block. Returns the violations.
+/// What the history shows wrong with one read.
+#[derive(Debug, Clone, PartialEq)]
+enum Finding {
+    /// The read returned `got` (None: never written) although write `floor`
+    /// to `block` was acknowledged before the read began at `at_ms`.
+    Lost { block: u64, got: Option<u64>, floor: u64, at_ms: u64 },
+    /// A torn, foreign or never-written block.
+    Broken(String),
+}
+
+impl Finding {
+    fn describe(&self) -> String {
+        match self {
+            Finding::Lost { block, got: None, floor, at_ms } => {
+                format!("block {block} read empty at {at_ms} ms after write {floor} was acknowledged: lost")
+            }
+            Finding::Lost { block, got: Some(seq), floor, at_ms } => {
+                format!("block {block} read seq {seq} at {at_ms} ms after seq {floor} was acknowledged: went back")
+            }
+            Finding::Broken(why) => why.clone(),
+        }
+    }
+}
+
+/// Checks a history of a synchronously replicated volume: every read
+/// returns a well-formed block whose sequence number is at least that of
+/// the last write to it acknowledged before the read began (no acknowledged
+/// write lost, no going back), and one that was actually written (invoked
+/// before the read answered). Sequence numbers grow per block. Returns the
+/// violations.
 pub fn check(ops: &[Op]) -> Vec<String> {
+    findings(ops).iter().map(Finding::describe).collect()
+}
+
+/// What an asynchronously replicated volume lost: acknowledged writes no
+/// longer there after a failover are measured (RPO), not violations.
+#[derive(Debug, Default, PartialEq)]
+pub struct Rpo {
+    /// Torn, foreign or never-written blocks: violations still.
+    pub violations: Vec<String>,
+    /// Acknowledged writes later found gone.
+    pub lost_writes: usize,
+    /// For each lost write acknowledged before the fault that lost it: how
+    /// long before that fault (ms).
+    pub before_fault_ms: Vec<u64>,
+    /// Lost writes acknowledged after their fault began (by a primary
+    /// already cut off, before it learned it was deposed).
+    pub after_fault: usize,
+}
+
+/// Measures an asynchronous volume's history; `faults_ms` are the times
+/// faults began (sorted). A lost write belongs to the last fault that began
+/// before the read that showed it gone.
+pub fn rpo(ops: &[Op], faults_ms: &[u64]) -> Rpo {
+    let mut out = Rpo::default();
+    let mut lost = std::collections::BTreeSet::new();
+    for f in findings(ops) {
+        match f {
+            Finding::Broken(why) => out.violations.push(why),
+            Finding::Lost { block, got, at_ms, .. } => {
+                let fault = faults_ms.iter().rev().find(|t| **t <= at_ms).copied();
+                for op in ops {
+                    if let Op::Write { block: b, seq, answer_ms: Some(a), .. } = op {
+                        if *b == block && *a < at_ms && Some(*seq) > got && lost.insert((block, *seq)) {
+                            match fault {
+                                Some(t) if t >= *a => out.before_fault_ms.push(t - a),
+                                _ => out.after_fault += 1,
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.lost_writes = lost.len();
+    out.before_fault_ms.sort_unstable();
+    out
+}
+
+fn findings(ops: &[Op]) -> Vec<Finding> {
     let mut acked: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new(); // block → (answer_ms, seq)
     let mut invoked: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new(); // block → (invoke_ms, seq)
     for op in ops {
@@ -166,18 +240,18 @@ pub fn check(ops: &[Op]) -> Vec<String> {
         let Op::Read { block, got, invoke_ms, answer_ms } = op else { continue };
         let floor =
             acked.get(block).into_iter().flatten().filter(|(a, _)| a < invoke_ms).map(|(_, s)| *s).max().unwrap_or(0);
+        let lost = |got| Finding::Lost { block: *block, got, floor, at_ms: *invoke_ms };
         match got {
-            Err(e) => violations.push(format!("read at {invoke_ms} ms: {e}")),
-            Ok(None) if floor > 0 => violations
-                .push(format!("block {block} read empty at {invoke_ms} ms after write {floor} was acknowledged: lost")),
+            Err(e) => violations.push(Finding::Broken(format!("read at {invoke_ms} ms: {e}"))),
+            Ok(None) if floor > 0 => violations.push(lost(None)),
             Ok(None) => {}
-            Ok(Some(seq)) if *seq < floor => violations.push(format!(
-                "block {block} read seq {seq} at {invoke_ms} ms after seq {floor} was acknowledged: went back"
-            )),
+            Ok(Some(seq)) if *seq < floor => violations.push(lost(Some(*seq))),
             Ok(Some(seq)) => {
                 let known = invoked.get(block).into_iter().flatten().any(|(i, s)| s == seq && i <= answer_ms);
                 if !known {
-                    violations.push(format!("block {block} read seq {seq} at {invoke_ms} ms: never written"));
+                    violations.push(Finding::Broken(format!(
+                        "block {block} read seq {seq} at {invoke_ms} ms: never written"
+                    )));
                 }
             }
         }
@@ -226,5 +300,30 @@ mod tests {
         // A value nobody wrote (before the read ended) is a violation.
         let phantom = [w(1, 1, 0, Some(10)), r(1, Some(9), 30, 31)];
         assert_eq!(check(&phantom).len(), 1);
+    }
+
+    #[test]
+    fn async_losses_are_measured_against_the_fault_that_caused_them() {
+        // Writes 2 and 3 acknowledged at 20 and 40, a fault at 50, the read
+        // at 60 sees 1: two writes lost, 30 and 10 ms before the fault.
+        let ops = [
+            w(1, 1, 0, Some(10)),
+            w(1, 2, 15, Some(20)),
+            w(1, 3, 35, Some(40)),
+            r(1, Some(1), 60, 61),
+            r(1, Some(1), 70, 71),
+        ];
+        let m = rpo(&ops, &[5, 50]);
+        assert_eq!((m.lost_writes, m.before_fault_ms.clone(), m.after_fault), (2, vec![10, 30], 0));
+        assert!(m.violations.is_empty());
+        // Acknowledged after the fault began (a deposed primary): counted apart.
+        let late = [w(1, 1, 0, Some(10)), w(1, 2, 55, Some(56)), r(1, Some(1), 60, 61)];
+        let m = rpo(&late, &[50]);
+        assert_eq!((m.lost_writes, m.after_fault), (1, 1));
+        // Nothing lost, nothing measured; a torn block is still a violation.
+        let fine = [w(1, 1, 0, Some(10)), r(1, Some(1), 60, 61)];
+        assert_eq!(rpo(&fine, &[50]), Rpo::default());
+        let torn = [Op::Read { block: 1, got: Err("torn".into()), invoke_ms: 5, answer_ms: 6 }];
+        assert_eq!(rpo(&torn, &[]).violations.len(), 1);
     }
 }

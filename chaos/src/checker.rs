@@ -43,13 +43,22 @@ pub fn check(samples: &[Sample], starts: &[Copy]) -> Verdict {
     let mut v = Verdict::default();
     let mut down_since: Option<u64> = None;
     let mut seen_alive = false;
+    // One violation per stretch of the same copies alive together.
+    let mut overlap: Option<(usize, u64, &[Copy])> = None;
     for s in samples {
-        if s.alive.len() > 1 {
-            v.violations.push(Violation {
-                kind: "two copies alive".into(),
-                t_ms: s.t_ms,
-                detail: format!("{:?}", s.alive),
-            });
+        match overlap {
+            Some((i, since, copies)) if s.alive.len() > 1 && s.alive == copies => {
+                v.violations[i].detail = format!("{copies:?} for {} ms", s.t_ms - since);
+            }
+            _ if s.alive.len() > 1 => {
+                v.violations.push(Violation {
+                    kind: "two copies alive".into(),
+                    t_ms: s.t_ms,
+                    detail: format!("{:?}", s.alive),
+                });
+                overlap = Some((v.violations.len() - 1, s.t_ms, &s.alive));
+            }
+            _ => overlap = None,
         }
         match (s.alive.is_empty(), down_since) {
             (true, None) if seen_alive => down_since = Some(s.t_ms),
@@ -105,11 +114,15 @@ mod tests {
 
     #[test]
     fn two_live_copies_are_a_violation() {
-        let h = [s(0, vec![c("n1", 1, 5)]), s(10, vec![c("n1", 1, 5), c("n2", 2, 6)])];
+        let two = vec![c("n1", 1, 5), c("n2", 2, 6)];
+        let h = [s(0, vec![c("n1", 1, 5)]), s(10, two.clone()), s(20, two.clone()), s(30, two.clone())];
         let v = check(&h, &[]);
-        assert_eq!(v.violations.len(), 1);
+        assert_eq!(v.violations.len(), 1, "one stretch, one violation: {v:?}");
         assert_eq!(v.violations[0].t_ms, 10);
-        assert!(v.violations[0].detail.contains("n2"));
+        assert!(v.violations[0].detail.contains("n2") && v.violations[0].detail.ends_with("for 20 ms"));
+        // Apart again, then together again: a second one.
+        let h = [s(10, two.clone()), s(20, vec![c("n2", 2, 6)]), s(30, two.clone())];
+        assert_eq!(check(&h, &[]).violations.len(), 2);
     }
 
     #[test]

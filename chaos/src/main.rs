@@ -10,6 +10,7 @@
 mod blocks;
 mod checker;
 mod register;
+mod topology;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,7 +24,8 @@ use clap::Parser;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use tandem::testkit::{is_root, kill_session, new_session, Net};
+use tandem::testkit::{is_root, kill_session, new_session};
+use topology::{Site, Topology};
 
 #[derive(Parser)]
 #[command(name = "tandem-chaos", about = "Fault injection with a history checker for tandem")]
@@ -35,7 +37,8 @@ struct Args {
     #[arg(long, default_value_t = 10)]
     rounds: u32,
     /// Run for this many seconds instead of a number of rounds.
-    #[arg(long)]
+    /// (seconds, or with a unit: 90s, 30m, 1h).
+    #[arg(long, value_parser = parse_duration)]
     duration: Option<u64>,
     /// Nodes (hosts), 3 to 7.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(3..=7))]
@@ -46,6 +49,33 @@ struct Args {
     /// The tandem binary (default: next to this one).
     #[arg(long)]
     tandem: Option<PathBuf>,
+    /// Two sites and a witness: the last node is a witness reachable from
+    /// both sites, the others are split between site a and site b, and the
+    /// link between the sites is one more thing to cut.
+    #[arg(long)]
+    sites: bool,
+    /// Only these fault kinds (comma-separated, as the timeline names them:
+    /// PowerLoss,SiteCut,...). Default: all.
+    #[arg(long, value_delimiter = ',')]
+    faults: Vec<String>,
+    /// Keep the agents' logs also when nothing was violated.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Seconds from "3600", "90s", "30m" or "1h".
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (3600, 90s, 30m, 1h)"))?;
+    match unit {
+        "s" => Ok(n),
+        "m" => Ok(n * 60),
+        "h" => Ok(n * 3600),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (s, m or h)")),
+    }
 }
 
 /// Every fault kind the nemesis knows.
@@ -72,19 +102,38 @@ enum Fault {
     /// One-way loss: everything the host sends to the others is dropped; it
     /// still hears them (they do not hear it).
     OneWay,
+    /// One of the host's two networks (heartbeat paths) down, the other up:
+    /// nothing may move.
+    PathDown,
+    /// The host's links slowed to 1, 5 or 20 Mbit/s both ways (`tc tbf`).
+    SlowLink,
+    /// The host's data directory (a small tmpfs) filled to the last byte.
+    DiskFull,
+    /// The link between the two sites cut; both still reach the witness.
+    SiteCut,
 }
 
-const FAULTS: [Fault; 9] = [
-    Fault::PowerLoss,
-    Fault::AgentCrash,
-    Fault::AgentDown,
-    Fault::Pause,
-    Fault::Isolate,
-    Fault::DoublePowerLoss,
-    Fault::Corrupt,
-    Fault::Partition,
-    Fault::OneWay,
-];
+/// The fault kinds of a run, in the order a short run covers them.
+fn fault_kinds(sites: bool) -> Vec<Fault> {
+    let mut kinds = vec![
+        Fault::PowerLoss,
+        Fault::AgentCrash,
+        Fault::AgentDown,
+        Fault::Pause,
+        Fault::Isolate,
+        Fault::DoublePowerLoss,
+        Fault::Corrupt,
+        Fault::Partition,
+        Fault::OneWay,
+        Fault::PathDown,
+        Fault::SlowLink,
+        Fault::DiskFull,
+    ];
+    if sites {
+        kinds.insert(0, Fault::SiteCut);
+    }
+    kinds
+}
 
 /// xorshift64*: enough for a reproducible schedule, no dependency.
 struct Rng(u64);
@@ -105,7 +154,11 @@ impl Rng {
 struct Host {
     name: String,
     ns: String,
+    /// Its address on the first path (the client's way in).
     addr: String,
+    /// Its addresses on every path.
+    addrs: Vec<String>,
+    site: Site,
     dir: PathBuf,
     child: Option<Child>,
     /// Every session an agent of this host led (what it left running stays
@@ -205,6 +258,8 @@ struct Run {
     hosts: Vec<Host>,
     client: reqwest::Client,
     tandem: PathBuf,
+    /// Dropped after the hosts: the agents die before their network.
+    topo: Topology,
 }
 
 impl Run {
@@ -220,20 +275,28 @@ impl Run {
     /// Every node online, three voters, the group running: the cluster
     /// recovered from the last fault.
     async fn healthy(&self) -> bool {
-        let (Some(c), Some(g)) = (self.any("/v1/cluster").await, self.any("/v1/groups/chaos").await) else {
+        let (Some(c), Some(g), Some(g2)) = (
+            self.any("/v1/cluster").await,
+            self.any("/v1/groups/chaos").await,
+            self.any(&format!("/v1/groups/{ASYNC_GROUP}")).await,
+        ) else {
             return false;
         };
         let members = c["members"].as_array().cloned().unwrap_or_default();
-        let in_sync = match self.any(&format!("/v1/volumes/{VOLUME}")).await {
-            Some(v) => v["replicas"].as_array().is_some_and(|r| {
-                !r.is_empty() && r.iter().all(|r| r["disk"] == "UpToDate" && r["connection"] == "Connected")
-            }),
-            None => false,
-        };
+        let mut in_sync = true;
+        for volume in [VOLUME, ASYNC_VOLUME] {
+            in_sync &= match self.any(&format!("/v1/volumes/{volume}")).await {
+                Some(v) => v["replicas"].as_array().is_some_and(|r| {
+                    !r.is_empty() && r.iter().all(|r| r["disk"] == "UpToDate" && r["connection"] == "Connected")
+                }),
+                None => false,
+            };
+        }
         members.len() == self.hosts.len()
             && members.iter().all(|m| m["state"] == "online")
-            && members.iter().filter(|m| m["role"] == "voter").count() >= 3
+            && members.iter().filter(|m| m["role"] == "voter" || m["role"] == "witness").count() >= 3
             && g["state"] == "running"
+            && g2["state"] == "running"
             && in_sync
     }
 
@@ -276,23 +339,39 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
     });
-    println!("tandem-chaos: seed {seed}, {} nodes", args.nodes);
+    let layout = if args.sites { "two sites and a witness" } else { "one site" };
+    println!("tandem-chaos: seed {seed}, {} nodes, {layout}, {} heartbeat paths", args.nodes, topology::PATHS);
     let tmp = tempfile::tempdir()?;
-    let mut net = Net::new();
+    let mut topo = Topology::new(args.sites)?;
     let mut hosts = Vec::new();
     for i in 1..=args.nodes {
-        let (ns, addr) = net.host(i);
+        // With sites: the last node is the witness, the others half and half.
+        let site = match args.sites {
+            false => Site::A,
+            true if i == args.nodes => Site::Witness,
+            true if i <= args.nodes / 2 => Site::A,
+            true => Site::B,
+        };
+        let ns = topo.host(i, site)?;
         let dir = tmp.path().join(format!("n{i}"));
-        std::fs::create_dir_all(&dir)?;
+        // A data directory that can fill up (the DiskFull fault).
+        topo.small_fs(&dir.join("data"), DATA_DIR_MIB)?;
+        let addrs = topo.addrs(i);
+        let quoted: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
         let cfg = format!(
-            "name = \"n{i}\"\ndata_dir = \"{}\"\naddresses = [\"{addr}\"]\nport = 7401\n",
-            dir.join("data").display()
+            "name = \"n{i}\"\ndata_dir = \"{}\"\naddresses = [{}]\nport = 7401\nsite = \"{}\"\nwitness = {}\n",
+            dir.join("data").display(),
+            quoted.join(", "),
+            site.name(),
+            site == Site::Witness,
         );
         std::fs::write(dir.join("node.toml"), cfg)?;
-        hosts.push(Host { name: format!("n{i}"), ns, addr, dir, child: None, sessions: Vec::new() });
+        let addr = addrs[0].clone();
+        hosts.push(Host { name: format!("n{i}"), ns, addr, addrs, site, dir, child: None, sessions: Vec::new() });
     }
+    topo.route_sites()?;
     let client = reqwest::Client::builder().no_proxy().build()?;
-    let mut run = Run { hosts, client, tandem };
+    let mut run = Run { hosts, client, tandem, topo };
     for h in &mut run.hosts {
         h.start(&run.tandem)?;
     }
@@ -316,22 +395,40 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         "echo \"start $TANDEM_NODE $TANDEM_EPOCH $$\" >> {e}; trap 'exit 0' TERM; while :; do sleep 0.05; done",
         e = events.display()
     );
-    let nodes: Vec<String> = run.hosts.iter().map(|h| h.name.clone()).collect();
+    let nodes: Vec<String> = run.hosts.iter().filter(|h| h.site != Site::Witness).map(|h| h.name.clone()).collect();
     // The group's data lives on a synchronously replicated volume (a replica
-    // on up to three nodes), the service after it.
+    // on up to three nodes), the service after it. A second group holds an
+    // asynchronously replicated volume (its losses are measured).
+    let replicas = nodes.len().min(3);
+    let rpo_group = json!({
+        "resources": [{"name": ASYNC_VOLUME, "type": "volume", "size": "16MiB", "mode": "async", "replicas": replicas}],
+        "nodes": nodes,
+    });
+    let url = format!("{}/v1/groups/{ASYNC_GROUP}", run.hosts[0].url());
+    let resp = run.client.put(&url).json(&rpo_group).timeout(Duration::from_secs(10)).send().await?;
+    if !resp.status().is_success() {
+        bail!("the group was not accepted: {} {}", resp.status(), resp.text().await.unwrap_or_default());
+    }
     let group = json!({
         "resources": [
-            {"name": VOLUME, "type": "volume", "size": "16MiB", "mode": "sync", "replicas": nodes.len().min(3)},
+            {"name": VOLUME, "type": "volume", "size": "16MiB", "mode": "sync", "replicas": replicas},
             {"name": "svc", "type": "process", "command": ["sh", "-c", script]},
         ],
         "nodes": nodes,
     });
     let url = format!("{}/v1/groups/chaos", run.hosts[0].url());
-    if http(&run.client, reqwest::Method::PUT, &url, Some(group)).await.is_none() {
-        bail!("the group was not accepted");
+    let resp = run.client.put(&url).json(&group).timeout(Duration::from_secs(10)).send().await?;
+    if !resp.status().is_success() {
+        bail!("the group was not accepted: {} {}", resp.status(), resp.text().await.unwrap_or_default());
     }
     if !run.wait_healthy(Duration::from_secs(60)).await {
-        bail!("the cluster did not become healthy");
+        let kept = tmp.keep();
+        bail!(
+            "the cluster did not become healthy: {} / {} (agent logs: {}/n*/agent.log)",
+            run.any("/v1/cluster").await.unwrap_or_default(),
+            run.any(&format!("/v1/volumes/{VOLUME}")).await.unwrap_or_default(),
+            kept.display()
+        );
     }
 
     // The sampler runs on its own thread for the whole run.
@@ -417,17 +514,29 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         }));
     }
 
-    // The data-plane workload: one client writes and reads checksummed
-    // blocks through the primary's NBD export, following it.
+    // The data-plane workload: one client per volume writes and reads
+    // checksummed blocks through the primary's NBD export, following it.
     let data_ops: Arc<Mutex<Vec<blocks::Op>>> = Default::default();
-    let data_client = {
-        let (ops, stop, http_client) = (data_ops.clone(), stop.clone(), run.client.clone());
+    let async_ops: Arc<Mutex<Vec<blocks::Op>>> = Default::default();
+    let mut data_clients = Vec::new();
+    for (k, (volume, ops)) in [(VOLUME, &data_ops), (ASYNC_VOLUME, &async_ops)].into_iter().enumerate() {
+        let (ops, stop, http_client) = (ops.clone(), stop.clone(), run.client.clone());
         let urls: Vec<String> = run.hosts.iter().map(|h| h.url()).collect();
-        let mut rng = Rng(seed.wrapping_add(101).max(1));
-        tokio::spawn(async move { data_workload(&http_client, &urls, &mut rng, t0, &stop, &ops).await })
-    };
+        let mut rng = Rng(seed.wrapping_add(101 + k as u64).max(1));
+        data_clients.push(tokio::spawn(async move {
+            data_workload(&http_client, &urls, volume, &mut rng, t0, &stop, &ops).await
+        }));
+    }
 
     let mut rng = Rng(seed.max(1));
+    let mut kinds = fault_kinds(args.sites);
+    if !args.faults.is_empty() {
+        let known: Vec<String> = kinds.iter().map(|k| format!("{k:?}")).collect();
+        if let Some(bad) = args.faults.iter().find(|f| !known.contains(f)) {
+            bail!("--faults: no fault kind {bad:?} here; known: {}", known.join(","));
+        }
+        kinds.retain(|k| args.faults.contains(&format!("{k:?}")));
+    }
     let mut timeline = Vec::new();
     let mut extra = Vec::new();
     let mut round = 0u32;
@@ -439,14 +548,15 @@ async fn run(args: Args) -> anyhow::Result<usize> {
             _ => {}
         }
         // A fixed-seed short run covers every kind first, then draws.
-        let fault = if (round as usize) < FAULTS.len() {
-            FAULTS[round as usize]
+        let fault = if (round as usize) < kinds.len() {
+            kinds[round as usize]
         } else {
-            FAULTS[rng.below(FAULTS.len() as u64) as usize]
+            kinds[rng.below(kinds.len() as u64) as usize]
         };
         // Two faults in three hit the node running the group: those make
         // failovers; the others test that nothing moves needlessly.
-        let holder = run.any("/v1/groups/chaos").await.and_then(|g| g["node"].as_str().map(str::to_string));
+        let before = run.any("/v1/groups/chaos").await;
+        let holder = before.as_ref().and_then(|g| g["node"].as_str().map(str::to_string));
         let holder = holder.and_then(|n| run.hosts.iter().position(|h| h.name == n));
         let i = match holder {
             Some(h) if rng.below(3) < 2 => h,
@@ -457,10 +567,27 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         let name = run.hosts[i].name.clone();
         println!("[{t:>7} ms] round {round}: {fault:?} on {name} for {} ms", hold.as_millis());
         timeline.push(json!({"t_ms": t, "round": round, "fault": format!("{fault:?}"), "node": name, "held_ms": hold.as_millis() as u64}));
-        if let Some(detail) = inject(&mut run, i, fault, hold, &mut net, &mut rng).await? {
+        if let Some(detail) = inject(&mut run, i, fault, hold, &mut rng).await? {
             extra.push(Violation { kind: "verify".into(), t_ms: t0.elapsed().as_millis() as u64, detail });
         }
-        if !run.wait_healthy(Duration::from_secs(60)).await {
+        let healthy = run.wait_healthy(Duration::from_secs(60)).await;
+        // One path lost, another up: the node is still heard, nothing moves.
+        if fault == Fault::PathDown && healthy {
+            let after = run.any("/v1/groups/chaos").await;
+            let at = |g: &Option<Value>| g.as_ref().map(|g| (g["node"].clone(), g["epoch"].clone()));
+            if at(&before) != at(&after) {
+                extra.push(Violation {
+                    kind: "needless failover".into(),
+                    t_ms: t0.elapsed().as_millis() as u64,
+                    detail: format!(
+                        "the group moved when one path of {name} went down: {:?} → {:?}",
+                        at(&before),
+                        at(&after)
+                    ),
+                });
+            }
+        }
+        if !healthy {
             extra.push(Violation {
                 kind: "no recovery".into(),
                 t_ms: t0.elapsed().as_millis() as u64,
@@ -473,11 +600,14 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     for c in clients {
         let _ = c.await;
     }
-    let _ = data_client.await;
+    for c in data_clients {
+        let _ = c.await;
+    }
     // Healed: every block is read once more through the current primary.
     if run.wait_healthy(Duration::from_secs(60)).await {
         let urls: Vec<String> = run.hosts.iter().map(|h| h.url()).collect();
-        read_all(&run.client, &urls, t0, &data_ops).await;
+        read_all(&run.client, &urls, VOLUME, t0, &data_ops).await;
+        read_all(&run.client, &urls, ASYNC_VOLUME, t0, &async_ops).await;
     }
     let starts = sampler.join().unwrap_or_default();
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
@@ -502,6 +632,16 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     let data_writes = data.iter().filter(|o| matches!(o, blocks::Op::Write { .. })).count();
     let data_acked = data.iter().filter(|o| matches!(o, blocks::Op::Write { answer_ms: Some(_), .. })).count();
     let data_reads = data.len() - data_writes;
+    // The asynchronous volume: losses are measured (RPO), not violations.
+    let async_data = std::mem::take(&mut *async_ops.lock().unwrap_or_else(|e| e.into_inner()));
+    let fault_times: Vec<u64> = timeline.iter().filter_map(|f| f["t_ms"].as_u64()).collect();
+    let rpo = blocks::rpo(&async_data, &fault_times);
+    for why in &rpo.violations {
+        verdict.violations.push(Violation { kind: "async volume block broken".into(), t_ms: 0, detail: why.clone() });
+    }
+    let async_writes = async_data.iter().filter(|o| matches!(o, blocks::Op::Write { .. })).count();
+    let async_acked = async_data.iter().filter(|o| matches!(o, blocks::Op::Write { answer_ms: Some(_), .. })).count();
+    let rpo_pct = |p| checker::percentile(&rpo.before_fault_ms, p);
 
     let downtimes: Vec<u64> = verdict.outages.iter().map(|(_, d)| *d).collect();
     let pct = |p| checker::percentile(&downtimes, p);
@@ -533,6 +673,15 @@ async fn run(args: Args) -> anyhow::Result<usize> {
             "resources": {"starts": starts.len(), "samples": samples.len()},
             "register": {"operations": ops.len(), "unknown": unknown, "outcome": format!("{register_outcome:?}")},
             "data": {"writes": data_writes, "acknowledged": data_acked, "reads": data_reads},
+            "async_data": {
+                "writes": async_writes,
+                "acknowledged": async_acked,
+                "reads": async_data.len() - async_writes,
+                "lost_writes": rpo.lost_writes,
+                "lost_bytes": rpo.lost_writes * blocks::BLOCK,
+                "lost_acknowledged_after_fault": rpo.after_fault,
+                "rpo_ms": {"p50": rpo_pct(50), "p99": rpo_pct(99), "max": rpo.before_fault_ms.iter().max(), "all": rpo.before_fault_ms},
+            },
         },
         "failovers": failovers,
         "downtime_ms": {"count": downtimes.len(), "p50": pct(50), "p99": pct(99), "max": downtimes.iter().max(), "all": downtimes, "by_fault": per_fault},
@@ -545,6 +694,13 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     println!("register: {} operations ({unknown} with unknown outcome): {register_outcome:?}", ops.len());
     println!(
         "data: {data_writes} block writes ({data_acked} acknowledged), {data_reads} reads through the volume's NBD export"
+    );
+    println!(
+        "async data: {async_writes} block writes ({async_acked} acknowledged): {} lost ({} acknowledged after their fault began); RPO before the fault p50 {:?} ms, max {:?} ms",
+        rpo.lost_writes,
+        rpo.after_fault,
+        rpo_pct(50),
+        rpo.before_fault_ms.iter().max()
     );
     println!(
         "outages (ms): {} — p50 {:?}, p99 {:?}, max {:?}",
@@ -561,21 +717,31 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         println!("VIOLATION at {} ms: {}: {}", v.t_ms, v.kind, v.detail);
     }
     println!("report: {}", args.report.display());
+    if args.keep || !verdict.violations.is_empty() {
+        // The agents' logs stay for the post-mortem.
+        let kept = tmp.keep();
+        println!("agent logs: {}/n*/agent.log", kept.display());
+    }
     println!("violations: {}", verdict.violations.len());
     drop(run);
-    drop(net);
     Ok(verdict.violations.len())
 }
 
-/// The volume of the chaos group.
+/// The chaos group's synchronously replicated volume.
 const VOLUME: &str = "chaosvol";
+/// An asynchronously replicated volume (data loss measured, not forbidden)
+/// and the group that holds it.
+const ASYNC_VOLUME: &str = "chaosasync";
+const ASYNC_GROUP: &str = "rpo";
+/// Each host's data directory is a tmpfs this large (MiB).
+const DATA_DIR_MIB: u32 = 160;
 /// Blocks the data workload writes (the first 1 MiB of the volume).
 const DATA_BLOCKS: u64 = 256;
 
 /// The primary's NBD socket, from the volume's view on any node.
-async fn nbd_socket(client: &reqwest::Client, urls: &[String]) -> Option<PathBuf> {
+async fn nbd_socket(client: &reqwest::Client, urls: &[String], volume: &str) -> Option<PathBuf> {
     for u in urls {
-        if let Some(v) = http(client, reqwest::Method::GET, &format!("{u}/v1/volumes/{VOLUME}"), None).await {
+        if let Some(v) = http(client, reqwest::Method::GET, &format!("{u}/v1/volumes/{volume}"), None).await {
             let uri = v["nbd"].as_str()?.split_whitespace().next()?.to_string();
             let path = uri.split("socket=").nth(1)?;
             return Some(PathBuf::from(percent_decode(path)));
@@ -607,6 +773,7 @@ fn percent_decode(s: &str) -> String {
 async fn data_workload(
     http_client: &reqwest::Client,
     urls: &[String],
+    volume: &str,
     rng: &mut Rng,
     t0: Instant,
     stop: &AtomicBool,
@@ -615,11 +782,11 @@ async fn data_workload(
     let mut seq = 0u64;
     let now = || t0.elapsed().as_millis() as u64;
     while !stop.load(Ordering::SeqCst) {
-        let Some(socket) = nbd_socket(http_client, urls).await else {
+        let Some(socket) = nbd_socket(http_client, urls, volume).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let Ok(mut c) = blocks::Client::connect(&socket, VOLUME).await else {
+        let Ok(mut c) = blocks::Client::connect(&socket, volume).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
@@ -657,14 +824,20 @@ async fn data_workload(
 }
 
 /// Reads every block once through the current primary.
-async fn read_all(http_client: &reqwest::Client, urls: &[String], t0: Instant, ops: &Mutex<Vec<blocks::Op>>) {
+async fn read_all(
+    http_client: &reqwest::Client,
+    urls: &[String],
+    volume: &str,
+    t0: Instant,
+    ops: &Mutex<Vec<blocks::Op>>,
+) {
     let now = || t0.elapsed().as_millis() as u64;
     for _ in 0..10 {
-        let Some(socket) = nbd_socket(http_client, urls).await else {
+        let Some(socket) = nbd_socket(http_client, urls, volume).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let Ok(mut c) = blocks::Client::connect(&socket, VOLUME).await else {
+        let Ok(mut c) = blocks::Client::connect(&socket, volume).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -719,10 +892,12 @@ async fn inject(
     i: usize,
     fault: Fault,
     hold: Duration,
-    net: &mut Net,
     rng: &mut Rng,
 ) -> anyhow::Result<Option<String>> {
     let host_no = i as u8 + 1;
+    // Every address of the other hosts, on every path.
+    let others: Vec<String> =
+        (0..run.hosts.len()).filter(|j| *j != i).flat_map(|j| run.hosts[j].addrs.clone()).collect();
     match fault {
         Fault::DoublePowerLoss => {
             let j = (i + 1) % run.hosts.len();
@@ -734,8 +909,6 @@ async fn inject(
         }
         Fault::Corrupt => return Ok(corrupt_and_verify(run, i, rng).await),
         Fault::OneWay => {
-            let others: Vec<String> =
-                (0..run.hosts.len()).filter(|j| *j != i).map(|j| run.hosts[j].addr.clone()).collect();
             let rules = format!(
                 "table inet chaos {{\n chain output {{ type filter hook output priority 0; policy accept; ip daddr {{ {} }} drop; }}\n}}\n",
                 others.join(", ")
@@ -748,7 +921,7 @@ async fn inject(
             let n = run.hosts.len();
             let minority: Vec<usize> = if n >= 5 { vec![i, (i + 1) % n] } else { vec![i] };
             let majority: Vec<String> =
-                (0..n).filter(|j| !minority.contains(j)).map(|j| run.hosts[j].addr.clone()).collect();
+                (0..n).filter(|j| !minority.contains(j)).flat_map(|j| run.hosts[j].addrs.clone()).collect();
             let set = majority.join(", ");
             let rules = format!(
                 "table inet chaos {{\n chain input {{ type filter hook input priority 0; policy accept; ip saddr {{ {set} }} drop; }}\n \
@@ -784,12 +957,116 @@ async fn inject(
             run.hosts[i].signal(Signal::SIGCONT);
         }
         Fault::Isolate => {
-            net.set_link(host_no, false);
+            run.topo.set_link(host_no, None, false)?;
             tokio::time::sleep(hold).await;
-            net.set_link(host_no, true);
+            run.topo.set_link(host_no, None, true)?;
+        }
+        Fault::PathDown => {
+            let path = rng.below(topology::PATHS as u64) as usize;
+            println!("           path {path} (eth{path}) down");
+            run.topo.set_link(host_no, Some(path), false)?;
+            tokio::time::sleep(hold).await;
+            run.topo.set_link(host_no, Some(path), true)?;
+        }
+        Fault::SlowLink => {
+            let mbit = [1, 5, 20][rng.below(3) as usize];
+            println!("           {mbit} Mbit/s both ways");
+            run.topo.set_slow(host_no, Some(mbit))?;
+            tokio::time::sleep(hold).await;
+            run.topo.set_slow(host_no, None)?;
+        }
+        Fault::SiteCut => {
+            site_cut_setup(run, rng).await?;
+            let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
+            let c = run.any("/v1/cluster").await.unwrap_or_default();
+            let site_of =
+                |n: &Value| run.hosts.iter().find(|h| Some(h.name.as_str()) == n.as_str()).map(|h| h.site.name());
+            println!(
+                "           group on {} (site {:?}), leader {} (site {:?})",
+                g["node"],
+                site_of(&g["node"]),
+                c["leader"],
+                site_of(&c["leader"])
+            );
+            run.topo.set_site_link(false)?;
+            tokio::time::sleep(hold).await;
+            run.topo.set_site_link(true)?;
+        }
+        Fault::DiskFull => {
+            let fill = run.hosts[i].dir.join("data").join("chaos-fill");
+            let filled = fill_up(&fill);
+            println!("           {} MiB written to fill {}'s data directory", filled >> 20, run.hosts[i].name);
+            tokio::time::sleep(hold).await;
+            std::fs::remove_file(&fill).with_context(|| format!("removing {}", fill.display()))?;
         }
     }
     Ok(None)
+}
+
+/// Before a site cut: a leader in a site, not the witness (its agent is
+/// restarted if it leads), and, one time in two, the group in the other
+/// site: the case where the leader loses sight of the group's node while
+/// the witness still hears it.
+async fn site_cut_setup(run: &mut Run, rng: &mut Rng) -> anyhow::Result<()> {
+    let leader_of = |c: &Value| c["leader"].as_str().map(str::to_string);
+    let site_of = |run: &Run, n: &str| run.hosts.iter().find(|h| h.name == n).map(|h| h.site);
+    let Some(leader) = run.any("/v1/cluster").await.as_ref().and_then(leader_of) else { return Ok(()) };
+    let mut leader = Some(leader);
+    if let Some(w) = run.hosts.iter().position(|h| h.site == Site::Witness && leader.as_deref() == Some(&h.name)) {
+        run.hosts[w].kill_agent();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        leader = None;
+        while Instant::now() < deadline && leader.is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            leader = run.any("/v1/cluster").await.as_ref().and_then(leader_of);
+        }
+        run.hosts[w].start(&run.tandem)?;
+        if !run.wait_healthy(Duration::from_secs(30)).await {
+            return Ok(());
+        }
+    }
+    let Some(leader) = leader else { return Ok(()) };
+    let Some(home) = site_of(run, &leader) else { return Ok(()) };
+    if rng.below(2) == 0 {
+        let away = run.hosts.iter().find(|h| h.site != home && h.site != Site::Witness).map(|h| h.name.clone());
+        let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
+        if let Some(to) = away.filter(|n| g["node"].as_str() != Some(n)) {
+            let url = format!("{}/v1/groups/chaos/move", run.hosts[0].url());
+            let _ = http(&run.client, reqwest::Method::POST, &url, Some(json!({"to": to}))).await;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
+                if g["node"].as_str() == Some(&to) && run.healthy().await {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes zeros to `path` until the file system is full; returns the bytes
+/// written.
+fn fill_up(path: &Path) -> u64 {
+    use std::io::Write as _;
+    let Ok(mut f) = std::fs::File::create(path) else { return 0 };
+    let chunk = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n as u64,
+        }
+    }
+    // The last partial pages too.
+    while let Ok(n) = f.write(&chunk[..4096]) {
+        if n == 0 {
+            break;
+        }
+        written += n as u64;
+    }
+    written
 }
 
 /// Runs `nft` in a host's namespace (stdin: `input`).

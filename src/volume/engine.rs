@@ -378,7 +378,12 @@ impl Volume {
         }
         let data = self.data.clone();
         tokio::task::spawn_blocking(move || data.sync_data()).await.map_err(io::Error::other)??;
-        self.replica().demoted()?;
+        if let Err(e) = self.replica().demoted() {
+            // Still a secondary: the metadata on disk says primary, which
+            // only makes a restart resync the logged extents (as after a
+            // crash). Failing here would block the group's stop.
+            tracing::warn!(volume = %self.cfg.name, "demoted, but its metadata could not be saved: {e}");
+        }
         tracing::info!(volume = %self.cfg.name, "demoted to secondary");
         Ok(())
     }

@@ -244,11 +244,26 @@ pub struct ActivityLog {
     seq: u64,
 }
 
+/// Allocates the first `len` bytes of `file` now (thick provisioning, as a
+/// volume on a block device would be): its writes, bitmaps and activity log
+/// then never meet a full file system. Allocated but unwritten space still
+/// reads as a hole (SEEK_DATA), so sparse-aware resync is unchanged. A file
+/// system without fallocate keeps the file sparse.
+fn reserve(file: &File, len: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let len = i64::try_from(len).map_err(io::Error::other)?;
+    match fallocate(file, FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, len) {
+        Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => Ok(()),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
 impl ActivityLog {
     const SLOT_BYTES: u64 = 16 + AL_SLOTS as u64 * 8;
 
     fn open(path: &Path) -> io::Result<(ActivityLog, Vec<u64>)> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        reserve(&file, 2 * Self::SLOT_BYTES)?;
         let mut best: Option<(u64, Vec<u64>)> = None;
         for slot in 0..2u64 {
             let mut buf = vec![0u8; Self::SLOT_BYTES as usize];
@@ -448,6 +463,7 @@ impl Replica {
         if data.metadata()?.len() < meta.size {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "backing file shorter than the volume"));
         }
+        reserve(&data, meta.size)?;
         let (al, logged) = ActivityLog::open(&Self::path(dir, name, "al"))?;
         let mut r = Replica {
             dir: dir.to_path_buf(),
@@ -493,6 +509,7 @@ impl Replica {
         let path = Self::path(&self.dir, &self.name, &format!("bitmap.{peer}"));
         let bm = Bitmap::load(&path, self.meta.size, self.meta.granule)?;
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)?;
+        reserve(&file, bm.words.len() as u64 * 8)?;
         self.bitmaps.insert(peer.to_string(), bm);
         self.bitmap_files.insert(peer.to_string(), file);
         Ok(())
