@@ -107,6 +107,9 @@ pub struct Agent {
     /// Set when the lease ran out with something running: the executor
     /// fences before anything else.
     lapsed: std::sync::atomic::AtomicBool,
+    /// Whether this node stopped heartbeating because it is cut off from a
+    /// leader that a majority still hears (see `heartbeat_round`).
+    stepped_out: std::sync::atomic::AtomicBool,
     /// On the leader, with a fence command: one attempt per silent node.
     fence_ops: std::sync::Mutex<BTreeMap<NodeId, FenceOp>>,
     /// Live nodes to fence all the same (a stop failed there), until they
@@ -160,6 +163,7 @@ impl Agent {
             fence: Arc::new(Fence::new(inherited)),
             run,
             lapsed: false.into(),
+            stepped_out: false.into(),
             fence_ops: Default::default(),
             escalated: Default::default(),
             volumes: Default::default(),
@@ -831,6 +835,37 @@ impl Agent {
             .collect();
         acked.sort_unstable_by(|a, b| b.cmp(a));
         acked.get(voters.len() / 2).copied()
+    }
+
+    /// One round of heartbeats — unless this node cannot hear the leader
+    /// while a majority of voters can: then it is the one cut off (two sites
+    /// and a witness, the link between them cut, the leader in the other
+    /// site) and it steps out: it goes silent, so its lease lapses (its
+    /// resources are fenced) and the leader, hearing of it from no one,
+    /// moves its groups to a side that can work. Otherwise its groups would
+    /// stay where no write can be recorded. Heard again, it steps back in.
+    async fn heartbeat_round(&self, sockets: &HeartbeatSockets) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let Some(m) = self.member() else { return };
+        let nodes = m.state.read(|d| d.state.nodes.clone());
+        let metrics = m.metrics();
+        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let cut_off = metrics.current_leader.is_some_and(|l| {
+            let addrs = nodes.get(&l).map(|r| r.addresses.clone()).unwrap_or_default();
+            self.liveness.cut_off_from(l, &addrs, &voters, m.node_id, Instant::now())
+        });
+        if cut_off != self.stepped_out.swap(cut_off, SeqCst) {
+            match cut_off {
+                true => tracing::warn!(
+                    leader = ?metrics.current_leader,
+                    "cannot hear the leader, which a majority of voters hears: stepping out (heartbeats stop, the lease lapses, groups move)"
+                ),
+                false => tracing::info!("stepping back in: heartbeats resume"),
+            }
+        }
+        if !cut_off {
+            sockets.send_round(&nodes, &m.cluster_id, m.node_id, &self.liveness).await;
+        }
     }
 
     /// Whether this node holds its lease now.
@@ -1603,12 +1638,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (a, socks) = (agent.clone(), sockets.clone());
     every(cfg.heartbeat_interval(), move || {
         let (agent, sockets) = (a.clone(), socks.clone());
-        async move {
-            if let Some(m) = agent.member() {
-                let nodes = m.state.read(|d| d.state.nodes.clone());
-                sockets.send_round(&nodes, &m.cluster_id, m.node_id, &agent.liveness).await;
-            }
-        }
+        async move { agent.heartbeat_round(&sockets).await }
     });
     let a = agent.clone();
     every(Duration::from_millis(cfg.autopilot.interval_ms), move || {

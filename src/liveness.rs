@@ -179,6 +179,21 @@ impl Liveness {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
 
+    /// Whether this node (`me`) is cut off from `leader`: it has not heard
+    /// it within the timeout, while a majority of voters has.
+    pub fn cut_off_from(
+        &self,
+        leader: NodeId,
+        addresses: &[String],
+        voters: &[NodeId],
+        me: NodeId,
+        now: Instant,
+    ) -> bool {
+        leader != me
+            && !self.status(leader, addresses, now).alive
+            && self.quorum_status(leader, addresses, voters, me, now).alive
+    }
+
     /// The leader's view of `id`: its paths as heard from here, but alive
     /// (and silent since) by what a majority of voters heard.
     pub fn quorum_status(
@@ -362,6 +377,27 @@ mod tests {
         );
         // What a node reports: peers heard within the timeout, with their age.
         assert_eq!(l.heard_report(t0 + Duration::from_millis(1100)), vec![(2, 50), (3, 99)]);
+    }
+
+    #[test]
+    fn a_node_is_cut_off_when_others_hear_the_leader_and_it_does_not() {
+        // Me = 2; the leader is 1; the witness 3 reports hearing 1.
+        let l = Liveness::new(Duration::from_millis(500));
+        let t0 = Instant::now();
+        let (voters, addrs) = ([1, 2, 3], vec!["10.0.0.1".to_string()]);
+        let ip3: IpAddr = "10.0.0.3".parse().unwrap();
+        assert!(!l.cut_off_from(1, &addrs, &voters, 2, t0), "nobody hears the leader: it may be dead, stay");
+        l.record(Heartbeat { heard: vec![(1, 10)], ..hb(3) }, ip3, t0 + Duration::from_millis(1000));
+        assert!(l.cut_off_from(1, &addrs, &voters, 2, t0 + Duration::from_millis(1050)));
+        assert!(
+            !l.cut_off_from(2, &addrs, &voters, 2, t0 + Duration::from_millis(1050)),
+            "the leader is never cut off from itself"
+        );
+        // Heard directly again: back in.
+        l.record(hb(1), "10.0.0.1".parse().unwrap(), t0 + Duration::from_millis(1060));
+        assert!(!l.cut_off_from(1, &addrs, &voters, 2, t0 + Duration::from_millis(1100)));
+        // The reports grow old (the leader died): nobody is cut off.
+        assert!(!l.cut_off_from(1, &addrs, &voters, 2, t0 + Duration::from_millis(2000)));
     }
 
     #[test]

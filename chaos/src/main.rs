@@ -556,18 +556,29 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         // Two faults in three hit the node running the group: those make
         // failovers; the others test that nothing moves needlessly.
         let before = run.any("/v1/groups/chaos").await;
-        let holder = before.as_ref().and_then(|g| g["node"].as_str().map(str::to_string));
+        // One fault in four aims at the asynchronous volume's group instead
+        // (a failover there is what loses its writes).
+        let aimed = match rng.below(4) {
+            0 => run.any(&format!("/v1/groups/{ASYNC_GROUP}")).await,
+            _ => before.clone(),
+        };
+        let holder = aimed.as_ref().and_then(|g| g["node"].as_str().map(str::to_string));
         let holder = holder.and_then(|n| run.hosts.iter().position(|h| h.name == n));
         let i = match holder {
             Some(h) if rng.below(3) < 2 => h,
             _ => rng.below(run.hosts.len() as u64) as usize,
         };
-        let hold = Duration::from_millis(1000 + rng.below(2000));
+        // A cut between sites is held longer: long enough for the group to
+        // move across it.
+        let hold = match fault {
+            Fault::SiteCut => Duration::from_millis(3000 + rng.below(5000)),
+            _ => Duration::from_millis(1000 + rng.below(2000)),
+        };
         let t = t0.elapsed().as_millis() as u64;
         let name = run.hosts[i].name.clone();
         println!("[{t:>7} ms] round {round}: {fault:?} on {name} for {} ms", hold.as_millis());
         timeline.push(json!({"t_ms": t, "round": round, "fault": format!("{fault:?}"), "node": name, "held_ms": hold.as_millis() as u64}));
-        if let Some(detail) = inject(&mut run, i, fault, hold, &mut rng).await? {
+        if let Some(detail) = inject(&mut run, round, i, fault, hold, &mut rng).await? {
             extra.push(Violation { kind: "verify".into(), t_ms: t0.elapsed().as_millis() as u64, detail });
         }
         let healthy = run.wait_healthy(Duration::from_secs(60)).await;
@@ -600,8 +611,9 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     for c in clients {
         let _ = c.await;
     }
+    let mut switches = Vec::new();
     for c in data_clients {
-        let _ = c.await;
+        switches.push(c.await.unwrap_or(0));
     }
     // Healed: every block is read once more through the current primary.
     if run.wait_healthy(Duration::from_secs(60)).await {
@@ -672,11 +684,12 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         "workloads": {
             "resources": {"starts": starts.len(), "samples": samples.len()},
             "register": {"operations": ops.len(), "unknown": unknown, "outcome": format!("{register_outcome:?}")},
-            "data": {"writes": data_writes, "acknowledged": data_acked, "reads": data_reads},
+            "data": {"writes": data_writes, "acknowledged": data_acked, "reads": data_reads, "primary_changes": switches.first()},
             "async_data": {
                 "writes": async_writes,
                 "acknowledged": async_acked,
                 "reads": async_data.len() - async_writes,
+                "primary_changes": switches.get(1),
                 "lost_writes": rpo.lost_writes,
                 "lost_bytes": rpo.lost_writes * blocks::BLOCK,
                 "lost_acknowledged_after_fault": rpo.after_fault,
@@ -693,10 +706,12 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     println!("\nseed {seed}: {round} fault rounds, {} resource starts, {failovers} failovers", starts.len());
     println!("register: {} operations ({unknown} with unknown outcome): {register_outcome:?}", ops.len());
     println!(
-        "data: {data_writes} block writes ({data_acked} acknowledged), {data_reads} reads through the volume's NBD export"
+        "data: {data_writes} block writes ({data_acked} acknowledged), {data_reads} reads through the volume's NBD export, {} primary changes",
+        switches.first().unwrap_or(&0)
     );
     println!(
-        "async data: {async_writes} block writes ({async_acked} acknowledged): {} lost ({} acknowledged after their fault began); RPO before the fault p50 {:?} ms, max {:?} ms",
+        "async data: {async_writes} block writes ({async_acked} acknowledged, {} primary changes): {} lost ({} acknowledged after their fault began); RPO before the fault p50 {:?} ms, max {:?} ms",
+        switches.get(1).unwrap_or(&0),
         rpo.lost_writes,
         rpo.after_fault,
         rpo_pct(50),
@@ -778,9 +793,11 @@ async fn data_workload(
     t0: Instant,
     stop: &AtomicBool,
     ops: &Mutex<Vec<blocks::Op>>,
-) {
+) -> u64 {
     let mut seq = 0u64;
     let now = || t0.elapsed().as_millis() as u64;
+    // How often the primary changed under the client.
+    let (mut last, mut switches) = (None, 0u64);
     while !stop.load(Ordering::SeqCst) {
         let Some(socket) = nbd_socket(http_client, urls, volume).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -790,6 +807,10 @@ async fn data_workload(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        if last.as_ref().is_some_and(|l| *l != socket) {
+            switches += 1;
+        }
+        last = Some(socket);
         while !stop.load(Ordering::SeqCst) {
             let block = rng.below(DATA_BLOCKS);
             let invoke_ms = now();
@@ -821,6 +842,7 @@ async fn data_workload(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    switches
 }
 
 /// Reads every block once through the current primary.
@@ -889,6 +911,7 @@ async fn form(run: &Run) -> anyhow::Result<()> {
 /// revealed (a verify that missed corruption).
 async fn inject(
     run: &mut Run,
+    round: u32,
     i: usize,
     fault: Fault,
     hold: Duration,
@@ -976,7 +999,7 @@ async fn inject(
             run.topo.set_slow(host_no, None)?;
         }
         Fault::SiteCut => {
-            site_cut_setup(run, rng).await?;
+            site_cut_setup(run, rng, round == 0).await?;
             let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
             let c = run.any("/v1/cluster").await.unwrap_or_default();
             let site_of =
@@ -1004,10 +1027,10 @@ async fn inject(
 }
 
 /// Before a site cut: a leader in a site, not the witness (its agent is
-/// restarted if it leads), and, one time in two, the group in the other
-/// site: the case where the leader loses sight of the group's node while
-/// the witness still hears it.
-async fn site_cut_setup(run: &mut Run, rng: &mut Rng) -> anyhow::Result<()> {
+/// restarted if it leads), and, the first time and then one time in two,
+/// the group in the other site: the case where the leader loses sight of
+/// the group's node while the witness still hears it.
+async fn site_cut_setup(run: &mut Run, rng: &mut Rng, first: bool) -> anyhow::Result<()> {
     let leader_of = |c: &Value| c["leader"].as_str().map(str::to_string);
     let site_of = |run: &Run, n: &str| run.hosts.iter().find(|h| h.name == n).map(|h| h.site);
     let Some(leader) = run.any("/v1/cluster").await.as_ref().and_then(leader_of) else { return Ok(()) };
@@ -1027,7 +1050,7 @@ async fn site_cut_setup(run: &mut Run, rng: &mut Rng) -> anyhow::Result<()> {
     }
     let Some(leader) = leader else { return Ok(()) };
     let Some(home) = site_of(run, &leader) else { return Ok(()) };
-    if rng.below(2) == 0 {
+    if rng.below(2) == 0 || first {
         let away = run.hosts.iter().find(|h| h.site != home && h.site != Site::Witness).map(|h| h.name.clone());
         let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
         if let Some(to) = away.filter(|n| g["node"].as_str() != Some(n)) {
