@@ -110,6 +110,9 @@ pub struct Agent {
     /// Whether this node stopped heartbeating because it is cut off from a
     /// leader that a majority still hears (see `heartbeat_round`).
     stepped_out: std::sync::atomic::AtomicBool,
+    /// The last leader this node knew (0: none yet): a candidate knows
+    /// none, and must not step back in for that alone.
+    last_leader: std::sync::atomic::AtomicU64,
     /// On the leader, with a fence command: one attempt per silent node.
     fence_ops: std::sync::Mutex<BTreeMap<NodeId, FenceOp>>,
     /// Live nodes to fence all the same (a stop failed there), until they
@@ -164,6 +167,7 @@ impl Agent {
             run,
             lapsed: false.into(),
             stepped_out: false.into(),
+            last_leader: 0.into(),
             fence_ops: Default::default(),
             escalated: Default::default(),
             volumes: Default::default(),
@@ -850,14 +854,18 @@ impl Agent {
         let nodes = m.state.read(|d| d.state.nodes.clone());
         let metrics = m.metrics();
         let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
-        let cut_off = metrics.current_leader.is_some_and(|l| {
+        if let Some(l) = metrics.current_leader {
+            self.last_leader.store(l, SeqCst);
+        }
+        let leader = Some(self.last_leader.load(SeqCst)).filter(|l| *l != 0);
+        let cut_off = leader.is_some_and(|l| {
             let addrs = nodes.get(&l).map(|r| r.addresses.clone()).unwrap_or_default();
             self.liveness.cut_off_from(l, &addrs, &voters, m.node_id, Instant::now())
         });
         if cut_off != self.stepped_out.swap(cut_off, SeqCst) {
             match cut_off {
                 true => tracing::warn!(
-                    leader = ?metrics.current_leader,
+                    leader = ?leader,
                     "cannot hear the leader, which a majority of voters hears: stepping out (heartbeats stop, the lease lapses, groups move)"
                 ),
                 false => tracing::info!("stepping back in: heartbeats resume"),

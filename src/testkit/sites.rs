@@ -70,11 +70,14 @@ impl Topology {
     /// The networks (and, with `sites`, both sites' bridges and the link
     /// between them). Names and address ranges are unique per process.
     pub fn new(sites: bool) -> anyhow::Result<Topology> {
+        // Unique per process and per topology in it.
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 4;
         let pid = std::process::id();
-        let tag = format!("c{}", pid % 100_000);
+        let tag = format!("s{}{n}", pid % 100_000);
         let prefixes = [
-            format!("10.{}.{}", 200 + (pid / 256) % 50, pid % 256),
-            format!("172.{}.{}", 16 + (pid / 256) % 16, pid % 256),
+            format!("10.{}.{}", 200 + (pid / 256 + n * 13) % 50, pid % 256),
+            format!("172.{}.{}", 16 + (pid / 256 + n * 5) % 16, pid % 256),
         ];
         let t = Topology { tag, prefixes, sites, hosts: Vec::new(), mounts: Vec::new() };
         for p in 0..PATHS {

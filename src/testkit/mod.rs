@@ -2,6 +2,8 @@
 //! real agents on loopback or in network namespaces. Nothing in the agent
 //! uses this module.
 
+pub mod sites;
+
 /// A port free for both TCP (API) and UDP (heartbeats) on 127.0.0.1, with
 /// the next port free too (an agent's volume replication listens there),
 /// taken below the kernel's ephemeral range (32768+) so that no outgoing
