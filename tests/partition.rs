@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -46,20 +44,7 @@ async fn a_cut_off_node_fences_itself_before_its_group_runs_elsewhere() {
     let first = running(&log)[0].clone();
 
     // Sample every 20 ms, all along: never two live copies.
-    let stop = Arc::new(AtomicBool::new(false));
-    let overlaps = Arc::new(Mutex::new(Vec::new()));
-    let watcher = {
-        let (stop, overlaps, log) = (stop.clone(), overlaps.clone(), log.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let live = running(&log);
-                if live.len() > 1 {
-                    overlaps.lock().unwrap().push(live);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let watcher = OverlapWatcher::start(&log);
 
     net.set_link(1, false);
     let cut = std::time::Instant::now();
@@ -86,12 +71,11 @@ async fn a_cut_off_node_fences_itself_before_its_group_runs_elsewhere() {
     wait_until(Duration::from_secs(30), "n1 back online", || async { get(&n1).await.1["state"] == "online" }).await;
     eprintln!("n1 online again after {:?}", healed.elapsed());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    watcher.join().unwrap();
+    let overlaps = watcher.finish();
     let live = running(&log);
     assert_eq!(live.len(), 1, "{live:?}");
     assert_eq!(live[0].node, "n2");
-    assert!(overlaps.lock().unwrap().is_empty(), "two live copies seen: {:?}", overlaps.lock().unwrap());
+    assert!(overlaps.is_empty(), "two live copies seen: {overlaps:?}");
     let starts: Vec<String> = events(&log).into_iter().filter(|e| e.kind == "start").map(|e| e.node).collect();
     assert_eq!(starts, ["n1", "n2"]);
 }

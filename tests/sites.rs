@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -50,20 +48,7 @@ async fn a_cut_between_sites_moves_the_group_to_the_leaders_side_and_never_runs_
     let first = running(&log)[0].clone();
 
     // Sample every 20 ms, all along: never two live copies.
-    let stop = Arc::new(AtomicBool::new(false));
-    let overlaps = Arc::new(Mutex::new(Vec::new()));
-    let watcher = {
-        let (stop, overlaps, log) = (stop.clone(), overlaps.clone(), log.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let live = running(&log);
-                if live.len() > 1 {
-                    overlaps.lock().unwrap().push(live);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let watcher = OverlapWatcher::start(&log);
 
     topo.set_site_link(false).unwrap();
     let cut = Instant::now();
@@ -110,10 +95,9 @@ async fn a_cut_between_sites_moves_the_group_to_the_leaders_side_and_never_runs_
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    watcher.join().unwrap();
+    let overlaps = watcher.finish();
     let live = running(&log);
     assert_eq!(live.len(), 1, "{live:?}");
     assert_eq!(live[0].node, side);
-    assert!(overlaps.lock().unwrap().is_empty(), "two live copies seen: {:?}", overlaps.lock().unwrap());
+    assert!(overlaps.is_empty(), "two live copies seen: {overlaps:?}");
 }

@@ -644,6 +644,22 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_is_allocated_in_full_yet_reads_as_holes() {
+        use std::os::unix::fs::MetadataExt;
+        use std::os::unix::io::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::open(dir.path(), "v", &create(16 << 20), &["b".to_string()]).unwrap();
+        let md = std::fs::metadata(Replica::data_path(dir.path(), "v")).unwrap();
+        // Space is taken now: a full file system cannot fail a later write.
+        assert!(md.blocks() * 512 >= 16 << 20, "{} blocks", md.blocks());
+        // But nothing was written: SEEK_DATA finds no data (sparse resync).
+        let data = r.data();
+        // SAFETY: a valid fd, and lseek has no memory effects.
+        let found = unsafe { libc::lseek(data.as_raw_fd(), 0, libc::SEEK_DATA) };
+        assert_eq!(found, -1, "no data yet");
+    }
+
+    #[test]
     fn a_crash_as_primary_resyncs_exactly_the_logged_extents() {
         let dir = tempfile::tempdir().unwrap();
         let peers = vec!["b".to_string()];

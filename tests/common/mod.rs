@@ -473,6 +473,38 @@ pub fn running(log: &Path) -> Vec<Event> {
     events(log).into_iter().filter(|e| e.kind == "start" && alive(e.pid)).collect()
 }
 
+/// Samples `log` every 20 ms on its own thread until `finish`: every moment
+/// two copies were alive at once.
+pub struct OverlapWatcher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Vec<Event>>>,
+}
+
+impl OverlapWatcher {
+    pub fn start(log: &Path) -> OverlapWatcher {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, log) = (stop.clone(), log.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let mut overlaps = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let live = running(&log);
+                if live.len() > 1 {
+                    overlaps.push(live);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            overlaps
+        });
+        OverlapWatcher { stop, thread }
+    }
+
+    /// Stops sampling; the overlaps seen (empty: never two copies).
+    pub fn finish(self) -> Vec<Vec<Event>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
 /// A group as the first of `urls` that answers sees it (retried for 10 s).
 pub async fn group_at(urls: &[String], name: &str) -> Value {
     for _ in 0..100 {
