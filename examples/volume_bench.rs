@@ -181,6 +181,7 @@ impl Tandem {
             split_brain: SplitBrainPolicy::Disconnect,
             rate,
             async_buffer: 64 * MIB,
+            async_failover: false,
             initial: initial_generation(&format!("bench/{tag}")),
         }
     }

@@ -67,6 +67,7 @@ struct Cluster {
     modes: BTreeMap<String, ReplicationMode>,
     rate: Option<u64>,
     async_buffer: u64,
+    async_failover: bool,
     /// Replicas created empty (added after the volume): need a full sync.
     empty: Vec<String>,
 }
@@ -97,6 +98,7 @@ impl Cluster {
             modes,
             rate: None,
             async_buffer: 64 * MIB,
+            async_failover: false,
             empty: Vec::new(),
         };
         c.reconcile().await;
@@ -126,6 +128,7 @@ impl Cluster {
                 split_brain: self.policy,
                 rate: self.rate,
                 async_buffer: self.async_buffer,
+                async_failover: self.async_failover,
                 initial: if self.empty.contains(&self.nodes[me].name) { 0 } else { initial_generation("test/data") },
             },
             nbd_tcp: false,
@@ -450,6 +453,45 @@ async fn an_async_peer_falls_behind_without_stalling_and_catches_up() {
     qemu_io(uri_of(&uri), &["write -P 0x61 0 32M", "flush"]).await;
     c.wait_in_sync(0, 1).await;
     assert!(compare(&c.backing(0), &c.backing(1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_peer_that_may_fail_over_is_recorded_as_it_streams_or_not() {
+    let mut modes = BTreeMap::new();
+    modes.insert("n2".to_string(), ReplicationMode::Async);
+    let mut c = Cluster::with(2, 16 * MIB, SplitBrainPolicy::Disconnect, modes).await;
+    c.async_failover = true;
+    c.reconcile().await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    let recorded = |want: DiskState| {
+        let control = c.control.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while control.last("n2") != Some(want) {
+                assert!(Instant::now() < deadline, "n2 never recorded {want:?}: {:?}", control.log.lock().unwrap());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // Streaming: a failover target.
+    recorded(DiskState::UpToDate).await;
+    qemu_io(uri_of(&uri), &["write -P 0x41 0 1M", "flush"]).await;
+    // Gone: recorded outdated, and writes go on without waiting for it.
+    c.nodes[1].mgr.shutdown().await;
+    recorded(DiskState::Outdated).await;
+    let t = Instant::now();
+    qemu_io(uri_of(&uri), &["write -P 0x42 0 1M", "flush"]).await;
+    assert!(t.elapsed() < Duration::from_secs(2), "an async peer stalled the writer: {:?}", t.elapsed());
+    // Back and caught up: a failover target again.
+    c.nodes[1].mgr.start(&c.nodes[1].dir, &[c.nodes[1].addr], c.control.clone()).await.unwrap();
+    c.nodes[1].mgr.reconcile(vec![c.desired(1)]).await;
+    c.wait_in_sync(0, 1).await;
+    recorded(DiskState::UpToDate).await;
+    assert!(compare(&c.backing(0), &c.backing(1)));
+    for n in &c.nodes {
+        n.mgr.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

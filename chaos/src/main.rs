@@ -397,10 +397,11 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     let nodes: Vec<String> = run.hosts.iter().filter(|h| h.site != Site::Witness).map(|h| h.name.clone()).collect();
     // The group's data lives on a synchronously replicated volume (a replica
     // on up to three nodes), the service after it. A second group holds an
-    // asynchronously replicated volume (its losses are measured).
+    // asynchronously replicated volume whose secondaries may take over
+    // (`async_failover`): its losses are measured.
     let replicas = nodes.len().min(3);
     let rpo_group = json!({
-        "resources": [{"name": ASYNC_VOLUME, "type": "volume", "size": "16MiB", "mode": "async", "replicas": replicas}],
+        "resources": [{"name": ASYNC_VOLUME, "type": "volume", "size": "16MiB", "mode": "async", "replicas": replicas, "async_failover": true}],
         "nodes": nodes,
     });
     let url = format!("{}/v1/groups/{ASYNC_GROUP}", run.hosts[0].url());

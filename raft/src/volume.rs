@@ -194,6 +194,13 @@ pub struct VolumeSpec {
     /// socket).
     #[serde(default)]
     pub nbd_tcp: bool,
+    /// Whether an asynchronous secondary may be promoted when the primary
+    /// fails: it is recorded `UpToDate` while it streams in order, so a
+    /// failover can pick it — losing the writes it had not received yet.
+    /// Off: async secondaries are never failover targets (no data loss, but
+    /// the group waits for the primary's node).
+    #[serde(default)]
+    pub async_failover: bool,
 }
 
 fn default_replicas() -> u8 {

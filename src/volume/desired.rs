@@ -62,6 +62,7 @@ pub fn desired_volumes(state: &ClusterState, me: &str) -> Vec<DesiredVolume> {
                 split_brain: v.split_brain,
                 rate: v.rate_bytes(),
                 async_buffer: ASYNC_BUFFER,
+                async_failover: v.async_failover,
             },
             nbd_tcp: v.nbd_tcp,
         });

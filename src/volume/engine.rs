@@ -48,6 +48,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const RECONNECT: Duration = Duration::from_millis(300);
 /// Between attempts to record a peer's disk state in the control plane.
 const RECORD_RETRY: Duration = Duration::from_millis(200);
+/// How often an async peer that may fail over is checked against what the
+/// control plane records for it.
+const ASYNC_RECORD_TICK: Duration = Duration::from_millis(100);
 
 /// One peer of a volume, as configured.
 #[derive(Debug, Clone)]
@@ -74,6 +77,9 @@ pub struct VolumeConfig {
     pub rate: Option<u64>,
     /// Bytes an async peer may have unacknowledged before it goes `Ahead`.
     pub async_buffer: u64,
+    /// Async peers may be failover targets: recorded `UpToDate` while they
+    /// stream in order (see `record_async_peer`).
+    pub async_failover: bool,
     /// Whether this replica was created with the volume (clean start) or
     /// added later (needs a full sync).
     pub initial: GenId,
@@ -656,6 +662,41 @@ impl Volume {
         }
     }
 
+    /// With `async_failover`, for as long as this primary holds `epoch`:
+    /// records an async peer `UpToDate` while it streams in order (so a
+    /// failover may promote it, losing what it had not received) and
+    /// `Outdated` as soon as it does not (disconnected, resyncing, `Ahead`).
+    /// In the background, every tick: the writer never waits for it.
+    async fn record_async_peer(self: Arc<Self>, link: Arc<Link>, epoch: u64) {
+        let node = link.cfg.node.clone();
+        let mut failing = false;
+        // Whatever an earlier epoch recorded, this one records afresh.
+        link.st.lock().unwrap_or_else(|p| p.into_inner()).recorded = None;
+        while self.epoch() == Some(epoch) {
+            let (want, have) = {
+                let st = link.st.lock().unwrap_or_else(|p| p.into_inner());
+                let streaming = st.tx.is_some() && st.in_sync && !st.ahead && st.resync.is_none();
+                (if streaming { DiskState::UpToDate } else { DiskState::Outdated }, st.recorded)
+            };
+            if have != Some(want) {
+                let _record = link.record.lock().await;
+                match self.control.record_disk(&self.cfg.name, &node, want, epoch).await {
+                    Ok(()) => {
+                        link.st.lock().unwrap_or_else(|p| p.into_inner()).recorded = Some(want);
+                        tracing::info!(volume = %self.cfg.name, peer = %node, disk = ?want, "async peer recorded");
+                        failing = false;
+                    }
+                    Err(e) if !failing => {
+                        tracing::warn!(volume = %self.cfg.name, peer = %node, "cannot record async peer {want:?}: {e}");
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+            tokio::time::sleep(ASYNC_RECORD_TICK).await;
+        }
+    }
+
     /// A client FLUSH: durable here and on every streaming sync peer.
     pub async fn flush(&self) -> io::Result<()> {
         let epoch = self.primary_epoch()?;
@@ -684,9 +725,15 @@ impl Volume {
     async fn run_link(self: Arc<Self>, link: Arc<Link>, epoch: u64) {
         let mut role = self.role.subscribe();
         // Sync peers that cannot be reached must be recorded before writes
-        // are acknowledged; async peers are never failover targets.
+        // are acknowledged; async peers are failover targets only with
+        // `async_failover`, and then recorded as they stream or not.
         if link.cfg.mode == ReplicationMode::Async {
-            let _ = self.peer_missed(&link.cfg.node, epoch).await;
+            match self.cfg.async_failover {
+                true => drop(tokio::spawn(self.clone().record_async_peer(link.clone(), epoch))),
+                false => {
+                    let _ = self.peer_missed(&link.cfg.node, epoch).await;
+                }
+            }
         }
         while self.epoch() == Some(epoch) {
             let outcome = tokio::select! {

@@ -290,6 +290,7 @@ fn same_config(a: &VolumeConfig, b: &VolumeConfig, addrs: bool) -> bool {
         && a.split_brain == b.split_brain
         && a.rate == b.rate
         && a.async_buffer == b.async_buffer
+        && a.async_failover == b.async_failover
         && a.peers.len() == b.peers.len()
         && a.peers
             .iter()
