@@ -187,40 +187,48 @@ pub struct Rpo {
     pub violations: Vec<String>,
     /// Acknowledged writes later found gone.
     pub lost_writes: usize,
-    /// For each lost write acknowledged before the fault that lost it: how
-    /// long before that fault (ms).
+    /// For each lost write acknowledged while no fault was on: how long
+    /// before the next fault began (ms) — the data that fault lost.
     pub before_fault_ms: Vec<u64>,
-    /// Lost writes acknowledged after their fault began (by a primary
-    /// already cut off, before it learned it was deposed).
-    pub after_fault: usize,
+    /// For each lost write acknowledged while a fault was on (by a primary
+    /// already cut off, before its lease ran out): how long after the fault
+    /// began (ms).
+    pub during_fault_ms: Vec<u64>,
+    /// The lost writes: (block, seq, acknowledged at, seen gone at), ms.
+    pub lost: Vec<(u64, u64, u64, u64)>,
 }
 
-/// Measures an asynchronous volume's history; `faults_ms` are the times
-/// faults began (sorted). A lost write belongs to the last fault that began
-/// before the read that showed it gone.
-pub fn rpo(ops: &[Op], faults_ms: &[u64]) -> Rpo {
+/// Measures an asynchronous volume's history; `faults` are the faults'
+/// (start, end) in ms, sorted. A lost write acknowledged during a fault
+/// counts apart; otherwise the next fault lost it.
+pub fn rpo(ops: &[Op], faults: &[(u64, u64)]) -> Rpo {
     let mut out = Rpo::default();
-    let mut lost = std::collections::BTreeSet::new();
+    let mut lost = BTreeMap::new();
     for f in findings(ops) {
         match f {
             Finding::Broken(why) => out.violations.push(why),
             Finding::Lost { block, got, at_ms, .. } => {
-                let fault = faults_ms.iter().rev().find(|t| **t <= at_ms).copied();
                 for op in ops {
                     if let Op::Write { block: b, seq, answer_ms: Some(a), .. } = op {
-                        if *b == block && *a < at_ms && Some(*seq) > got && lost.insert((block, *seq)) {
-                            match fault {
-                                Some(t) if t >= *a => out.before_fault_ms.push(t - a),
-                                _ => out.after_fault += 1,
-                            }
+                        if *b == block && *a < at_ms && Some(*seq) > got {
+                            lost.entry((block, *seq)).or_insert((*a, at_ms));
                         }
                     }
                 }
             }
         }
     }
+    for (&(block, seq), &(acked, seen)) in &lost {
+        if let Some((s, _)) = faults.iter().find(|(s, e)| *s <= acked && acked <= *e) {
+            out.during_fault_ms.push(acked - s);
+        } else if let Some((s, _)) = faults.iter().find(|(s, _)| *s > acked) {
+            out.before_fault_ms.push(s - acked);
+        }
+        out.lost.push((block, seq, acked, seen));
+    }
     out.lost_writes = lost.len();
     out.before_fault_ms.sort_unstable();
+    out.during_fault_ms.sort_unstable();
     out
 }
 
@@ -313,16 +321,17 @@ mod tests {
             r(1, Some(1), 60, 61),
             r(1, Some(1), 70, 71),
         ];
-        let m = rpo(&ops, &[5, 50]);
-        assert_eq!((m.lost_writes, m.before_fault_ms.clone(), m.after_fault), (2, vec![10, 30], 0));
+        let m = rpo(&ops, &[(5, 8), (50, 55)]);
+        assert_eq!((m.lost_writes, m.before_fault_ms.clone(), m.during_fault_ms.len()), (2, vec![10, 30], 0));
+        assert_eq!(m.lost, vec![(1, 2, 20, 60), (1, 3, 40, 60)]);
         assert!(m.violations.is_empty());
-        // Acknowledged after the fault began (a deposed primary): counted apart.
-        let late = [w(1, 1, 0, Some(10)), w(1, 2, 55, Some(56)), r(1, Some(1), 60, 61)];
-        let m = rpo(&late, &[50]);
-        assert_eq!((m.lost_writes, m.after_fault), (1, 1));
+        // Acknowledged while the fault was on (a deposed primary): apart.
+        let late = [w(1, 1, 0, Some(10)), w(1, 2, 51, Some(52)), r(1, Some(1), 60, 61)];
+        let m = rpo(&late, &[(50, 55)]);
+        assert_eq!((m.lost_writes, m.during_fault_ms.clone()), (1, vec![2]));
         // Nothing lost, nothing measured; a torn block is still a violation.
         let fine = [w(1, 1, 0, Some(10)), r(1, Some(1), 60, 61)];
-        assert_eq!(rpo(&fine, &[50]), Rpo::default());
+        assert_eq!(rpo(&fine, &[(50, 55)]), Rpo::default());
         let torn = [Op::Read { block: 1, got: Err("torn".into()), invoke_ms: 5, answer_ms: 6 }];
         assert_eq!(rpo(&torn, &[]).violations.len(), 1);
     }

@@ -646,8 +646,11 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     let data_reads = data.len() - data_writes;
     // The asynchronous volume: losses are measured (RPO), not violations.
     let async_data = std::mem::take(&mut *async_ops.lock().unwrap_or_else(|e| e.into_inner()));
-    let fault_times: Vec<u64> = timeline.iter().filter_map(|f| f["t_ms"].as_u64()).collect();
-    let rpo = blocks::rpo(&async_data, &fault_times);
+    let fault_windows: Vec<(u64, u64)> = timeline
+        .iter()
+        .filter_map(|f| Some((f["t_ms"].as_u64()?, f["t_ms"].as_u64()? + f["held_ms"].as_u64()?)))
+        .collect();
+    let rpo = blocks::rpo(&async_data, &fault_windows);
     for why in &rpo.violations {
         verdict.violations.push(Violation { kind: "async volume block broken".into(), t_ms: 0, detail: why.clone() });
     }
@@ -692,8 +695,10 @@ async fn run(args: Args) -> anyhow::Result<usize> {
                 "primary_changes": switches.get(1),
                 "lost_writes": rpo.lost_writes,
                 "lost_bytes": rpo.lost_writes * blocks::BLOCK,
-                "lost_acknowledged_after_fault": rpo.after_fault,
+                "lost_acknowledged_during_fault": rpo.during_fault_ms.len(),
+                "during_fault_ms": {"p50": checker::percentile(&rpo.during_fault_ms, 50), "max": rpo.during_fault_ms.iter().max()},
                 "rpo_ms": {"p50": rpo_pct(50), "p99": rpo_pct(99), "max": rpo.before_fault_ms.iter().max(), "all": rpo.before_fault_ms},
+                "lost": rpo.lost.iter().take(200).map(|(b, s, a, seen)| json!({"block": b, "seq": s, "acknowledged_ms": a, "seen_gone_ms": seen})).collect::<Vec<_>>(),
             },
         },
         "failovers": failovers,
@@ -710,12 +715,13 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         switches.first().unwrap_or(&0)
     );
     println!(
-        "async data: {async_writes} block writes ({async_acked} acknowledged, {} primary changes): {} lost ({} acknowledged after their fault began); RPO before the fault p50 {:?} ms, max {:?} ms",
+        "async data: {async_writes} block writes ({async_acked} acknowledged, {} primary changes): {} lost — {} acknowledged before a fault (up to {:?} ms before it), {} during one (up to {:?} ms into it, by a primary already cut off)",
         switches.get(1).unwrap_or(&0),
         rpo.lost_writes,
-        rpo.after_fault,
-        rpo_pct(50),
-        rpo.before_fault_ms.iter().max()
+        rpo.before_fault_ms.len(),
+        rpo.before_fault_ms.iter().max(),
+        rpo.during_fault_ms.len(),
+        rpo.during_fault_ms.iter().max()
     );
     println!(
         "outages (ms): {} — p50 {:?}, p99 {:?}, max {:?}",
