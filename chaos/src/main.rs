@@ -271,8 +271,9 @@ impl Run {
         None
     }
 
-    /// Every node online, three voters, the group running: the cluster
-    /// recovered from the last fault.
+    /// Every node online on every path, three voters, both groups running,
+    /// every volume replica up to date and connected: the cluster recovered
+    /// from the last fault.
     async fn healthy(&self) -> bool {
         let (Some(c), Some(g), Some(g2)) = (
             self.any("/v1/cluster").await,
@@ -291,8 +292,13 @@ impl Run {
                 None => false,
             };
         }
+        // Every path of every node heard too: a fault on one path must not
+        // meet the other one still down.
+        let all_paths =
+            members.iter().all(|m| m["paths"].as_array().is_some_and(|p| p.iter().all(|p| p["up"] == true)));
         members.len() == self.hosts.len()
             && members.iter().all(|m| m["state"] == "online")
+            && all_paths
             && members.iter().filter(|m| m["role"] == "voter" || m["role"] == "witness").count() >= 3
             && g["state"] == "running"
             && g2["state"] == "running"
@@ -581,7 +587,12 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         if let Some(detail) = inject(&mut run, round, i, fault, hold, &mut rng).await? {
             extra.push(Violation { kind: "verify".into(), t_ms: t0.elapsed().as_millis() as u64, detail });
         }
+        let healing = Instant::now();
         let healthy = run.wait_healthy(Duration::from_secs(60)).await;
+        // How long the cluster took to be whole again after the heal.
+        if let Some(f) = timeline.last_mut() {
+            f["recovered_ms"] = json!(healing.elapsed().as_millis() as u64);
+        }
         // One path lost, another up: the node is still heard, nothing moves.
         if fault == Fault::PathDown && healthy {
             let after = run.any("/v1/groups/chaos").await;
