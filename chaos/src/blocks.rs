@@ -187,21 +187,20 @@ pub struct Rpo {
     pub violations: Vec<String>,
     /// Acknowledged writes later found gone.
     pub lost_writes: usize,
-    /// For each lost write acknowledged while no fault was on: how long
-    /// before the next fault began (ms) — the data that fault lost.
-    pub before_fault_ms: Vec<u64>,
-    /// For each lost write acknowledged while a fault was on (by a primary
-    /// already cut off, before its lease ran out): how long after the fault
-    /// began (ms).
-    pub during_fault_ms: Vec<u64>,
+    /// For each lost write: how long before its primary stopped serving the
+    /// client it was acknowledged (ms) — the RPO, in time.
+    pub rpo_ms: Vec<u64>,
+    /// Lost writes with no later break of the client's connection.
+    pub unattributed: usize,
     /// The lost writes: (block, seq, acknowledged at, seen gone at), ms.
     pub lost: Vec<(u64, u64, u64, u64)>,
 }
 
-/// Measures an asynchronous volume's history; `faults` are the faults'
-/// (start, end) in ms, sorted. A lost write acknowledged during a fault
-/// counts apart; otherwise the next fault lost it.
-pub fn rpo(ops: &[Op], faults: &[(u64, u64)]) -> Rpo {
+/// Measures an asynchronous volume's history; `breaks` are the times (ms,
+/// sorted) the client's requests to a primary began failing (it stopped
+/// serving: fenced, dead, cut off). A lost write was lost by the first
+/// break after its acknowledgement.
+pub fn rpo(ops: &[Op], breaks: &[u64]) -> Rpo {
     let mut out = Rpo::default();
     let mut lost = BTreeMap::new();
     for f in findings(ops) {
@@ -219,16 +218,14 @@ pub fn rpo(ops: &[Op], faults: &[(u64, u64)]) -> Rpo {
         }
     }
     for (&(block, seq), &(acked, seen)) in &lost {
-        if let Some((s, _)) = faults.iter().find(|(s, e)| *s <= acked && acked <= *e) {
-            out.during_fault_ms.push(acked - s);
-        } else if let Some((s, _)) = faults.iter().find(|(s, _)| *s > acked) {
-            out.before_fault_ms.push(s - acked);
+        match breaks.iter().find(|b| **b >= acked) {
+            Some(b) => out.rpo_ms.push(b - acked),
+            None => out.unattributed += 1,
         }
         out.lost.push((block, seq, acked, seen));
     }
     out.lost_writes = lost.len();
-    out.before_fault_ms.sort_unstable();
-    out.during_fault_ms.sort_unstable();
+    out.rpo_ms.sort_unstable();
     out
 }
 
@@ -321,17 +318,17 @@ mod tests {
             r(1, Some(1), 60, 61),
             r(1, Some(1), 70, 71),
         ];
-        let m = rpo(&ops, &[(5, 8), (50, 55)]);
-        assert_eq!((m.lost_writes, m.before_fault_ms.clone(), m.during_fault_ms.len()), (2, vec![10, 30], 0));
+        // The primary stopped serving at 5 (before any of them) and at 50.
+        let m = rpo(&ops, &[5, 50]);
+        assert_eq!((m.lost_writes, m.rpo_ms.clone(), m.unattributed), (2, vec![10, 30], 0));
         assert_eq!(m.lost, vec![(1, 2, 20, 60), (1, 3, 40, 60)]);
         assert!(m.violations.is_empty());
-        // Acknowledged while the fault was on (a deposed primary): apart.
-        let late = [w(1, 1, 0, Some(10)), w(1, 2, 51, Some(52)), r(1, Some(1), 60, 61)];
-        let m = rpo(&late, &[(50, 55)]);
-        assert_eq!((m.lost_writes, m.during_fault_ms.clone()), (1, vec![2]));
+        // No break after it: counted apart.
+        let m = rpo(&ops, &[5]);
+        assert_eq!((m.lost_writes, m.unattributed), (2, 2));
         // Nothing lost, nothing measured; a torn block is still a violation.
         let fine = [w(1, 1, 0, Some(10)), r(1, Some(1), 60, 61)];
-        assert_eq!(rpo(&fine, &[(50, 55)]), Rpo::default());
+        assert_eq!(rpo(&fine, &[50]), Rpo::default());
         let torn = [Op::Read { block: 1, got: Err("torn".into()), invoke_ms: 5, answer_ms: 6 }];
         assert_eq!(rpo(&torn, &[]).violations.len(), 1);
     }

@@ -622,9 +622,11 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     for c in clients {
         let _ = c.await;
     }
-    let mut switches = Vec::new();
+    let (mut switches, mut breaks) = (Vec::new(), Vec::new());
     for c in data_clients {
-        switches.push(c.await.unwrap_or(0));
+        let (s, b) = c.await.unwrap_or_default();
+        switches.push(s);
+        breaks.push(b);
     }
     // Healed: every block is read once more through the current primary.
     if run.wait_healthy(Duration::from_secs(60)).await {
@@ -657,17 +659,13 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     let data_reads = data.len() - data_writes;
     // The asynchronous volume: losses are measured (RPO), not violations.
     let async_data = std::mem::take(&mut *async_ops.lock().unwrap_or_else(|e| e.into_inner()));
-    let fault_windows: Vec<(u64, u64)> = timeline
-        .iter()
-        .filter_map(|f| Some((f["t_ms"].as_u64()?, f["t_ms"].as_u64()? + f["held_ms"].as_u64()?)))
-        .collect();
-    let rpo = blocks::rpo(&async_data, &fault_windows);
+    let rpo = blocks::rpo(&async_data, breaks.get(1).map(Vec::as_slice).unwrap_or_default());
     for why in &rpo.violations {
         verdict.violations.push(Violation { kind: "async volume block broken".into(), t_ms: 0, detail: why.clone() });
     }
     let async_writes = async_data.iter().filter(|o| matches!(o, blocks::Op::Write { .. })).count();
     let async_acked = async_data.iter().filter(|o| matches!(o, blocks::Op::Write { answer_ms: Some(_), .. })).count();
-    let rpo_pct = |p| checker::percentile(&rpo.before_fault_ms, p);
+    let rpo_pct = |p| checker::percentile(&rpo.rpo_ms, p);
 
     let downtimes: Vec<u64> = verdict.outages.iter().map(|(_, d)| *d).collect();
     let pct = |p| checker::percentile(&downtimes, p);
@@ -706,9 +704,8 @@ async fn run(args: Args) -> anyhow::Result<usize> {
                 "primary_changes": switches.get(1),
                 "lost_writes": rpo.lost_writes,
                 "lost_bytes": rpo.lost_writes * blocks::BLOCK,
-                "lost_acknowledged_during_fault": rpo.during_fault_ms.len(),
-                "during_fault_ms": {"p50": checker::percentile(&rpo.during_fault_ms, 50), "max": rpo.during_fault_ms.iter().max()},
-                "rpo_ms": {"p50": rpo_pct(50), "p99": rpo_pct(99), "max": rpo.before_fault_ms.iter().max(), "all": rpo.before_fault_ms},
+                "lost_unattributed": rpo.unattributed,
+                "rpo_ms": {"p50": rpo_pct(50), "p99": rpo_pct(99), "max": rpo.rpo_ms.iter().max(), "all": rpo.rpo_ms},
                 "lost": rpo.lost.iter().take(200).map(|(b, s, a, seen)| json!({"block": b, "seq": s, "acknowledged_ms": a, "seen_gone_ms": seen})).collect::<Vec<_>>(),
             },
         },
@@ -726,13 +723,12 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         switches.first().unwrap_or(&0)
     );
     println!(
-        "async data: {async_writes} block writes ({async_acked} acknowledged, {} primary changes): {} lost — {} acknowledged before a fault (up to {:?} ms before it), {} during one (up to {:?} ms into it, by a primary already cut off)",
+        "async data: {async_writes} block writes ({async_acked} acknowledged, {} primary changes): {} lost; RPO (acknowledged before the primary stopped serving) p50 {:?} ms, p99 {:?} ms, max {:?} ms",
         switches.get(1).unwrap_or(&0),
         rpo.lost_writes,
-        rpo.before_fault_ms.len(),
-        rpo.before_fault_ms.iter().max(),
-        rpo.during_fault_ms.len(),
-        rpo.during_fault_ms.iter().max()
+        rpo_pct(50),
+        rpo_pct(99),
+        rpo.rpo_ms.iter().max()
     );
     println!(
         "outages (ms): {} — p50 {:?}, p99 {:?}, max {:?}",
@@ -810,11 +806,12 @@ async fn data_workload(
     t0: Instant,
     stop: &AtomicBool,
     ops: &Mutex<Vec<blocks::Op>>,
-) -> u64 {
+) -> (u64, Vec<u64>) {
     let mut seq = 0u64;
     let now = || t0.elapsed().as_millis() as u64;
-    // How often the primary changed under the client.
-    let (mut last, mut switches) = (None, 0u64);
+    // How often the primary changed under the client, and when requests
+    // to one began failing (it stopped serving).
+    let (mut last, mut switches, mut breaks) = (None, 0u64, Vec::new());
     while !stop.load(Ordering::SeqCst) {
         let Some(socket) = nbd_socket(http_client, urls, volume).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -836,7 +833,10 @@ async fn data_workload(
                     Ok(b) => {
                         blocks::Op::Read { block, got: blocks::decode_block(block, &b), invoke_ms, answer_ms: now() }
                     }
-                    Err(_) => break,
+                    Err(_) => {
+                        breaks.push(invoke_ms);
+                        break;
+                    }
                 }
             } else {
                 seq += 1;
@@ -849,6 +849,7 @@ async fn data_workload(
                     answer_ms,
                 });
                 if r.is_err() {
+                    breaks.push(invoke_ms);
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -859,7 +860,7 @@ async fn data_workload(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    switches
+    (switches, breaks)
 }
 
 /// Reads every block once through the current primary.
