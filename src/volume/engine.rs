@@ -51,6 +51,8 @@ const RECORD_RETRY: Duration = Duration::from_millis(200);
 /// How often an async peer that may fail over is checked against what the
 /// control plane records for it.
 const ASYNC_RECORD_TICK: Duration = Duration::from_millis(100);
+/// An async peer with a write unacknowledged this long is recorded outdated.
+const ASYNC_ACK_LAG: Duration = Duration::from_secs(1);
 
 /// One peer of a volume, as configured.
 #[derive(Debug, Clone)]
@@ -134,6 +136,10 @@ struct LinkState {
     tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
     next_seq: u64,
     inflight: BTreeMap<u64, Inflight>,
+    /// When each frame in flight was sent: an async peer that leaves one
+    /// unacknowledged too long is no failover target (a cut link keeps its
+    /// TCP connection open for a long while).
+    sent_at: BTreeMap<u64, Instant>,
     inflight_bytes: u64,
     resync_inflight: u64,
     /// Async peer that fell out of its buffer: writes go to the bitmap.
@@ -172,6 +178,7 @@ impl Link {
             st.resync_inflight += inflight.bytes;
         }
         st.inflight.insert(seq, inflight);
+        st.sent_at.insert(seq, Instant::now());
         Some(seq)
     }
 }
@@ -239,6 +246,7 @@ impl Volume {
                         tx: None,
                         next_seq: 1,
                         inflight: BTreeMap::new(),
+                        sent_at: BTreeMap::new(),
                         inflight_bytes: 0,
                         resync_inflight: 0,
                         ahead: false,
@@ -421,6 +429,7 @@ impl Volume {
             st.conn = ConnectionState::Disconnected;
         }
         let inflight = std::mem::take(&mut st.inflight);
+        st.sent_at.clear();
         st.inflight_bytes = 0;
         st.resync_inflight = 0;
         let mut r = self.replica();
@@ -665,7 +674,8 @@ impl Volume {
     /// With `async_failover`, for as long as this primary holds `epoch`:
     /// records an async peer `UpToDate` while it streams in order (so a
     /// failover may promote it, losing what it had not received) and
-    /// `Outdated` as soon as it does not (disconnected, resyncing, `Ahead`).
+    /// `Outdated` as soon as it does not (disconnected, resyncing, `Ahead`,
+    /// or a write unacknowledged for `ASYNC_ACK_LAG`: a cut link).
     /// In the background, every tick: the writer never waits for it.
     async fn record_async_peer(self: Arc<Self>, link: Arc<Link>, epoch: u64) {
         let node = link.cfg.node.clone();
@@ -675,7 +685,8 @@ impl Volume {
         while self.epoch() == Some(epoch) {
             let (want, have) = {
                 let st = link.st.lock().unwrap_or_else(|p| p.into_inner());
-                let streaming = st.tx.is_some() && st.in_sync && !st.ahead && st.resync.is_none();
+                let lagging = st.sent_at.values().next().is_some_and(|t| t.elapsed() > ASYNC_ACK_LAG);
+                let streaming = st.tx.is_some() && st.in_sync && !st.ahead && st.resync.is_none() && !lagging;
                 (if streaming { DiskState::UpToDate } else { DiskState::Outdated }, st.recorded)
             };
             if have != Some(want) {
@@ -978,6 +989,7 @@ impl Volume {
                     };
                     let failed = reply.is_err();
                     let mut st = link.st.lock().unwrap_or_else(|p| p.into_inner());
+                    st.sent_at.remove(&seq);
                     if let Some(f) = st.inflight.remove(&seq) {
                         st.inflight_bytes -= f.bytes;
                         if f.resync {
