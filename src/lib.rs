@@ -8,10 +8,12 @@
 pub mod agent;
 pub mod autopilot;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod executor;
 pub mod liveness;
+pub mod rundir;
 pub mod scheduler;
 pub mod testkit;
 pub mod volume;

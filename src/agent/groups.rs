@@ -4,19 +4,6 @@
 
 use super::*;
 
-/// Minutes since local midnight, for failback windows.
-pub(super) fn local_minute_of_day() -> u16 {
-    // SAFETY: localtime_r only writes the struct we pass.
-    unsafe {
-        let t = libc::time(std::ptr::null_mut());
-        let mut tm: libc::tm = std::mem::zeroed();
-        if libc::localtime_r(&t, &mut tm).is_null() {
-            return 0;
-        }
-        (tm.tm_hour * 60 + tm.tm_min) as u16
-    }
-}
-
 /// How long a claimed start waits for this node to apply its own claim.
 pub(super) const CLAIM_APPLY_WAIT: Duration = Duration::from_secs(1);
 

@@ -40,11 +40,12 @@ use tandem_raft::{NodeId, Peer, Raft, RaftMetrics, VersionedCommand};
 use tracing::Instrument;
 
 use crate::autopilot::{self, Candidate};
+use crate::clock::{local_minute_of_day, now_boot_ms};
 use crate::config::Config;
 use crate::executor::{Executor, Fence, Report};
 use crate::liveness::{HeartbeatSockets, Liveness};
+use crate::rundir::{Lease, RunDir};
 use crate::scheduler::{NodeInfo, Scheduler};
-use crate::watchdog::{now_boot_ms, Lease, RunDir};
 
 /// Longest wait for a write or a linearizable read to be confirmed.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -259,7 +260,6 @@ pub use loops::run;
 
 // The modules' helpers, for one another (each keeps them `pub(super)`).
 use failover::*;
-use groups::*;
 use membership::*;
 use peers::*;
 use volumes::*;
