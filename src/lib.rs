@@ -15,6 +15,5 @@ pub mod executor;
 pub mod liveness;
 pub mod rundir;
 pub mod scheduler;
-pub mod testkit;
 pub mod volume;
 pub mod watchdog;

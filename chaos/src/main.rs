@@ -23,8 +23,8 @@ use clap::Parser;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use tandem::testkit::sites::{self as topology, Site, Topology};
-use tandem::testkit::{is_root, kill_session, new_session};
+use tandem_testkit::sites::{self as topology, Site, Topology};
+use tandem_testkit::{is_root, kill_session, new_session};
 
 #[derive(Parser)]
 #[command(name = "tandem-chaos", about = "Fault injection with a history checker for tandem")]
