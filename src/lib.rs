@@ -15,4 +15,5 @@ pub mod liveness;
 pub mod scheduler;
 pub mod testkit;
 pub mod volume;
+pub mod volume_views;
 pub mod watchdog;
