@@ -112,7 +112,7 @@ impl Fence {
     /// volume this node is primary for; returns how many process groups.
     pub fn kill_all(&self) -> usize {
         if let Some(v) = self.volumes.get() {
-            v.fence_all();
+            v.halt_all();
         }
         let all = std::mem::take(&mut *self.pgids.lock().unwrap_or_else(|e| e.into_inner()));
         for pg in &all {

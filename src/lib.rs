@@ -16,4 +16,5 @@ pub mod liveness;
 pub mod rundir;
 pub mod scheduler;
 pub mod volume;
+pub mod volume_views;
 pub mod watchdog;

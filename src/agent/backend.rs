@@ -203,7 +203,8 @@ impl Backend for Agent {
         for (i, (g, r, _)) in owners.iter().enumerate() {
             match volume_source(&state, m.node_id, g, r) {
                 VolumeSource::Here(node, volume) => {
-                    live[i] = Some(self.volumes.status(&volume).map_err(|e| format!("primary {node}: {e}")))
+                    live[i] =
+                        Some(self.volumes.status(&volume).map(Into::into).map_err(|e| format!("primary {node}: {e}")))
                 }
                 VolumeSource::Remote(node, url) => {
                     let http = self.http.clone();
@@ -235,7 +236,7 @@ impl Backend for Agent {
             .ok_or_else(|| ApiError::VolumeNotFound(name.to_string()))?;
         let live = match volume_source(&state, m.node_id, g, r) {
             VolumeSource::Here(node, volume) => {
-                self.volumes.status(&volume).map_err(|e| format!("primary {node}: {e}"))
+                self.volumes.status(&volume).map(Into::into).map_err(|e| format!("primary {node}: {e}"))
             }
             VolumeSource::Remote(node, url) => fetch_volume_status(&self.http, &node, &url).await,
             VolumeSource::None(why) => Err(why),
@@ -277,11 +278,11 @@ impl Backend for Agent {
     }
 
     async fn local_volume(&self, name: &str) -> Result<tandem_http_api::LocalVolumeStatus, ApiError> {
-        self.volumes.status(name).map_err(volume_err)
+        self.volumes.status(name).map(Into::into).map_err(volume_err)
     }
 
     async fn local_volume_verify(&self, name: &str) -> Result<tandem_http_api::VerifyReport, ApiError> {
-        self.volumes.verify(name).await.map_err(volume_err)
+        self.volumes.verify(name).await.map(Into::into).map_err(volume_err)
     }
 
     async fn local_volume_resolve(&self, name: &str, discard: &str) -> Result<(), ApiError> {
