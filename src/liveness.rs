@@ -296,7 +296,7 @@ impl HeartbeatSockets {
     ) {
         let version = env!("CARGO_PKG_VERSION").to_string();
         let pid = std::process::id();
-        let sent_ms = crate::watchdog::now_boot_ms();
+        let sent_ms = crate::clock::now_boot_ms();
         let heard = liveness.heard_report(Instant::now());
         for node in nodes.values().filter(|n| n.id != me) {
             let hb = Heartbeat {
