@@ -157,6 +157,16 @@ impl Failover {
         }
     }
 
+    /// This node is not (or no longer) the leader: forget every fence
+    /// attempt and escalation. A confirmation is only worth something for
+    /// the silence it was run in; a node may have come back and gone silent
+    /// again while another node led, and the next leadership must fence it
+    /// anew. Escalations come back with the node's next StopFailed report.
+    pub fn not_leader(&mut self) {
+        self.attempts.clear();
+        self.escalated.clear();
+    }
+
     /// One round over every node: which may have their groups moved, and
     /// which fence commands to start.
     pub fn round(&mut self, me: NodeId, nodes: &[Seen], now_ms: u64) -> Verdict {
@@ -258,6 +268,21 @@ mod tests {
         g.round(ME, &[silent(2, 10)], 0);
         g.fence_done(2, 1, true);
         assert!(!g.round(ME, &[silent(2, 799)], 0).may_move(2));
+    }
+
+    #[test]
+    fn a_confirmation_does_not_survive_a_change_of_leadership() {
+        let mut f = with_fence();
+        let v = f.round(ME, &[silent(2, 100)], 1_000);
+        let Effect::RunFenceCommand { attempt, .. } = v.effects[0];
+        f.fence_done(2, attempt, true);
+        assert!(f.round(ME, &[silent(2, 900)], 1_800).may_move(2));
+        f.not_leader();
+        // Leading again: the node is still silent, but that confirmation
+        // belonged to another leadership: fence it again first.
+        let v = f.round(ME, &[silent(2, 5_000)], 9_000);
+        assert!(!v.may_move(2));
+        assert!(matches!(v.effects[..], [Effect::RunFenceCommand { node: 2, .. }]));
     }
 
     #[test]

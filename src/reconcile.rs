@@ -138,16 +138,26 @@ impl Reconciler {
     /// the lease). The shell may make them before [`plan`](Self::plan) so
     /// that a confirmed start happens in the same round.
     pub fn claims(&self, input: &Input<'_>) -> Vec<(String, u64)> {
-        if !input.lease.held || input.lease.lapsed {
+        if !input.lease.held || input.lease.lapsed || input.maintenance {
             return Vec::new();
         }
         input
             .groups
             .values()
-            .filter(|g| placed_here(g, input.me) && g.placement.phase == Phase::Started)
-            .filter(|g| !input.local.contains_key(&g.name) && !self.has_failed(&g.name, g.placement.epoch))
+            .filter(|g| self.may_claim(g, input))
             .map(|g| (g.name.clone(), g.placement.epoch))
             .collect()
+    }
+
+    /// Whether `g` is to be claimed: placed here, started, not running here,
+    /// and neither failed here at its epoch nor recorded failed here (the
+    /// leader is about to move it: a claim would restart it in the gap).
+    fn may_claim(&self, g: &GroupRecord, input: &Input<'_>) -> bool {
+        placed_here(g, input.me)
+            && g.placement.phase == Phase::Started
+            && !input.local.contains_key(&g.name)
+            && !self.has_failed(&g.name, g.placement.epoch)
+            && !g.failed_on.contains(&input.me)
     }
 
     /// One round: the commands, stops first.
@@ -207,8 +217,13 @@ impl Reconciler {
                         out.push(Command::Run { group: name.clone(), epoch, start: true });
                     }
                 }
-                // Not confirmed by the leader (yet).
-                Phase::Started => out.push(Command::Claim { group: name.clone(), epoch }),
+                // Not confirmed by the leader (yet). In maintenance nothing
+                // starts, so nothing is claimed (a claim grows the epoch).
+                Phase::Started if self.may_claim(g, input) && !input.maintenance => {
+                    out.push(Command::Claim { group: name.clone(), epoch })
+                }
+                // Recorded failed here: the leader moves it elsewhere.
+                Phase::Started => {}
             }
         }
         out
@@ -370,7 +385,10 @@ mod tests {
         assert_eq!(r.plan(&input(&gs, &l, &confirmed)), [failed]);
         // Recorded: forgotten (the scheduler places it elsewhere).
         gs.get_mut("web").unwrap().failed_on.insert(ME);
-        r.plan(&input(&gs, &l, &confirmed));
+        // Still placed here until the scheduler moves it: not claimed (a
+        // claim would restart it here in the gap), not reported again.
+        assert_eq!(r.plan(&input(&gs, &l, &BTreeSet::new())), []);
+        assert!(r.claims(&input(&gs, &l, &BTreeSet::new())).is_empty());
         assert!(!r.has_failed("web", 5));
         // A new epoch is a new chance.
         r.failed("web", 5);
@@ -391,6 +409,11 @@ mod tests {
         let mut r = Reconciler::new();
         let i = Input { maintenance: true, ..input(&gs, &l, &confirmed) };
         assert_eq!(r.plan(&i), [Command::Report(Report::Stopped { group: "c".into(), epoch: 8 })]);
+        // Nothing claimed either: a claim grows the epoch, round after round.
+        let unconfirmed = BTreeSet::new();
+        let i = Input { maintenance: true, ..input(&gs, &l, &unconfirmed) };
+        assert!(r.claims(&i).is_empty());
+        assert!(!r.plan(&i).iter().any(|c| matches!(c, Command::Claim { .. })));
     }
 
     /// A world around node 1: groups placed anywhere at any phase, some

@@ -14,7 +14,11 @@ impl Agent {
     /// One scheduler round on the leader: commit every placement change.
     pub(super) async fn scheduler_round(&self) {
         let Some(m) = self.member() else { return };
-        if m.metrics().current_leader != Some(m.node_id) || m.state.read(|d| d.state.groups.is_empty()) {
+        if m.metrics().current_leader != Some(m.node_id) {
+            self.failover_core().not_leader();
+            return;
+        }
+        if m.state.read(|d| d.state.groups.is_empty()) {
             return;
         }
         let state = m.state.state();
