@@ -1,0 +1,368 @@
+//! One resource's life on this node (idle, a supervised process, a script
+//! action in flight, up and monitored, recovering) and the steps that move
+//! it: start, monitor, restart within the threshold, stop in reverse order.
+//! Group-level decisions are the reconciler's, never made here.
+
+use super::*;
+
+/// A supervised process: our child, or adopted from an agent that ran
+/// before this one (then only its pid and start time are known).
+pub(super) struct Running {
+    pub(super) child: Option<Child>,
+    /// Also its process group's id.
+    pub(super) pid: i32,
+    pub(super) start_time: u64,
+}
+
+impl Running {
+    /// None while it runs, else why it ended.
+    pub(super) fn ended(&mut self) -> Option<String> {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => None,
+            Some(Ok(Some(status))) => Some(format!("exited: {status}")),
+            Some(Err(e)) => Some(e.to_string()),
+            None if rundir::is_running(self.pid, self.start_time) => None,
+            None => Some("exited (adopted process; no exit status)".into()),
+        }
+    }
+
+    pub(super) async fn wait(&mut self) {
+        match self.child.as_mut() {
+            Some(c) => {
+                let _ = c.wait().await;
+            }
+            None => {
+                while rundir::is_running(self.pid, self.start_time) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The exit code of a script action, or why there is none.
+pub(super) type ActionResult = Result<i32, String>;
+
+/// One resource's life on this node.
+pub(super) enum Slot {
+    /// Not started (or stopped after a failure, to be started again).
+    Idle,
+    /// A supervised process.
+    Process(Running),
+    /// A script agent's action in flight.
+    Starting(tokio::task::JoinHandle<ActionResult>),
+    Up {
+        next_monitor: Instant,
+        next_deep: Option<Instant>,
+    },
+    Monitoring {
+        task: tokio::task::JoinHandle<ActionResult>,
+        deep: bool,
+        next_deep: Option<Instant>,
+    },
+    /// Stopping after a failed monitor, before it is started again.
+    Recovering(tokio::task::JoinHandle<ActionResult>),
+}
+
+pub(super) struct LocalGroup {
+    pub(super) epoch: u64,
+    pub(super) spec: GroupSpec,
+    /// One slot per resource, in start order.
+    pub(super) slots: Vec<Slot>,
+    pub(super) restarts: VecDeque<Instant>,
+    /// Per resource: why it last failed here.
+    pub(super) errors: Vec<Option<String>>,
+    /// Local restarts since the group started here.
+    pub(super) restarted: u32,
+    /// Set after a failed stop: when to try the stop again (CLOCK_BOOTTIME
+    /// ms).
+    pub(super) stop_retry_at: Option<u64>,
+}
+
+impl LocalGroup {
+    pub(super) fn new(epoch: u64, spec: GroupSpec) -> LocalGroup {
+        let n = spec.resources.len();
+        LocalGroup {
+            epoch,
+            spec,
+            slots: (0..n).map(|_| Slot::Idle).collect(),
+            restarts: VecDeque::new(),
+            errors: vec![None; n],
+            restarted: 0,
+            stop_retry_at: None,
+        }
+    }
+
+    /// What the watchdog and a restarted agent need to know.
+    pub(super) fn record(&self, group: &str, node: &str) -> RunRecord {
+        let resources = self
+            .slots
+            .iter()
+            .map(|s| match s {
+                Slot::Idle => RunSlot::Idle,
+                Slot::Process(p) => RunSlot::Process { pid: p.pid, start_time: p.start_time },
+                _ => RunSlot::Script,
+            })
+            .collect();
+        RunRecord { group: group.into(), epoch: self.epoch, node: node.into(), spec: self.spec.clone(), resources }
+    }
+
+    /// Rebuilds a group from its record (the agent restarted): processes
+    /// still running are watched again, script resources monitored at once.
+    pub(super) fn adopt(rec: RunRecord, guard: &LeaseGuard) -> LocalGroup {
+        let mut g = LocalGroup::new(rec.epoch, rec.spec);
+        let now = Instant::now();
+        for (slot, was) in g.slots.iter_mut().zip(rec.resources) {
+            *slot = match was {
+                RunSlot::Idle => Slot::Idle,
+                RunSlot::Process { pid, start_time } => {
+                    // Gone while no agent watched: the next tick sees it
+                    // ended and counts a failure.
+                    guard.register(pid);
+                    Slot::Process(Running { child: None, pid, start_time })
+                }
+                RunSlot::Script => Slot::Up { next_monitor: now, next_deep: None },
+            };
+        }
+        g
+    }
+
+    pub(super) fn status(&self) -> Vec<ResourceStatus> {
+        self.spec
+            .resources
+            .iter()
+            .zip(&self.slots)
+            .zip(&self.errors)
+            .map(|((r, slot), err)| {
+                let (state, pid) = match slot {
+                    Slot::Idle => ("stopped", None),
+                    Slot::Process(p) => ("running", Some(p.pid as u32)),
+                    Slot::Starting(_) => ("starting", None),
+                    // Left up by a failed stop: it may still run.
+                    Slot::Up { .. } if self.stop_retry_at.is_some() && err.is_some() => ("stop_failed", None),
+                    Slot::Up { .. } | Slot::Monitoring { .. } => ("running", None),
+                    Slot::Recovering(_) => ("recovering", None),
+                };
+                ResourceStatus {
+                    name: r.name.clone(),
+                    kind: r.kind.type_name().to_string(),
+                    state: state.to_string(),
+                    pid,
+                    last_error: err.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+pub(super) enum Step {
+    Up,
+    /// A script's start action was just spawned: record it, then step again
+    /// (a quick action finishes within the same round).
+    Spawned,
+    Pending,
+    Failed(String),
+}
+
+/// Where and as what a group's resources run.
+#[derive(Clone, Copy)]
+pub(super) struct Ctx<'a> {
+    pub(super) dir: &'a std::path::Path,
+    pub(super) node: &'a str,
+    pub(super) group: &'a str,
+    pub(super) epoch: u64,
+    pub(super) guard: &'a LeaseGuard,
+}
+
+impl Ctx<'_> {
+    pub(super) fn action(&self, r: &ResourceSpec, verb: &'static str, deep: bool) -> Action {
+        Action {
+            dir: self.dir.to_path_buf(),
+            node: self.node.to_string(),
+            group: self.group.to_string(),
+            epoch: self.epoch,
+            r: r.clone(),
+            verb,
+            deep,
+            volumes: self.guard.volumes.get().cloned(),
+        }
+    }
+}
+
+/// Advances one resource's slot by at most one transition.
+pub(super) async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> Step {
+    let Ctx { dir, node, group, epoch, guard } = cx;
+    let monitor_every = Duration::from_millis(r.monitor.interval_ms);
+    let up = |now: Instant| Slot::Up {
+        next_monitor: now + monitor_every,
+        next_deep: r.deep_monitor.as_ref().map(|d| now + Duration::from_millis(d.interval_ms)),
+    };
+    let spawn_action = |verb: &'static str, deep: bool| tokio::spawn(cx.action(r, verb, deep).run());
+    match std::mem::replace(slot, Slot::Idle) {
+        // The lease may have run out while this round ran (a stall): start
+        // nothing then.
+        Slot::Idle if !guard.lease_valid() => Step::Pending,
+        Slot::Idle => match &r.kind {
+            ResourceKind::Process { .. } => match spawn_process(dir, node, group, epoch, r) {
+                Ok(p) => {
+                    guard.register(p.pid);
+                    *slot = Slot::Process(p);
+                    Step::Up
+                }
+                Err(e) => Step::Failed(format!("start: {e}")),
+            },
+            _ => {
+                *slot = Slot::Starting(spawn_action("start", false));
+                Step::Spawned
+            }
+        },
+        Slot::Process(mut p) => match p.ended() {
+            None => {
+                *slot = Slot::Process(p);
+                Step::Up
+            }
+            Some(why) => {
+                // Whatever it left in its process group goes too.
+                let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
+                guard.unregister(p.pid);
+                Step::Failed(why)
+            }
+        },
+        Slot::Starting(mut task) => match tokio::time::timeout(ACTION_WAIT, &mut task).await {
+            // Still running: look again next round.
+            Err(_) => {
+                *slot = Slot::Starting(task);
+                Step::Pending
+            }
+            Ok(done) => match done.unwrap_or_else(|e| Err(e.to_string())) {
+                Ok(0) => {
+                    tracing::info!(group, resource = %r.name, epoch, "resource started");
+                    *slot = up(now);
+                    Step::Up
+                }
+                other => {
+                    // Clean up whatever half-started before trying again.
+                    *slot = Slot::Recovering(spawn_action("stop", false));
+                    Step::Failed(format!("start: {}", describe(other)))
+                }
+            },
+        },
+        Slot::Up { next_monitor, next_deep } => {
+            if next_deep.is_some_and(|t| now >= t) {
+                *slot = Slot::Monitoring { task: spawn_action("monitor", true), deep: true, next_deep };
+            } else if now >= next_monitor {
+                *slot = Slot::Monitoring { task: spawn_action("monitor", false), deep: false, next_deep };
+            } else {
+                *slot = Slot::Up { next_monitor, next_deep };
+            }
+            Step::Up
+        }
+        Slot::Monitoring { task, deep, next_deep } if !task.is_finished() => {
+            *slot = Slot::Monitoring { task, deep, next_deep };
+            Step::Up
+        }
+        Slot::Monitoring { task, deep, next_deep } => match task.await.unwrap_or_else(|e| Err(e.to_string())) {
+            Ok(0) => {
+                let next_deep = match (deep, &r.deep_monitor) {
+                    (true, Some(d)) => Some(now + Duration::from_millis(d.interval_ms)),
+                    _ => next_deep,
+                };
+                *slot = Slot::Up { next_monitor: now + monitor_every, next_deep };
+                Step::Up
+            }
+            other => {
+                *slot = Slot::Recovering(spawn_action("stop", false));
+                Step::Failed(format!("{} monitor: {}", if deep { "deep" } else { "quick" }, describe(other)))
+            }
+        },
+        Slot::Recovering(task) if !task.is_finished() => {
+            *slot = Slot::Recovering(task);
+            Step::Pending
+        }
+        Slot::Recovering(_) => Step::Pending,
+    }
+}
+
+pub(super) fn describe(r: ActionResult) -> String {
+    match r {
+        Ok(OCF_NOT_RUNNING) => "not running (7)".into(),
+        Ok(code) => format!("exit code {code}"),
+        Err(e) => e,
+    }
+}
+
+/// Stops resources in reverse order: a process gets SIGTERM to its process
+/// group and SIGKILL after the stop timeout; a script agent runs `stop`.
+/// A group whose stop failed comes back: it may still run, so it stays here
+/// (blocked: not reported stopped) and its stop is tried again later.
+pub(super) async fn stop_group(
+    mut g: LocalGroup,
+    dir: &std::path::Path,
+    node: &str,
+    group: &str,
+    guard: &LeaseGuard,
+) -> Option<LocalGroup> {
+    let slots = std::mem::take(&mut g.slots);
+    let (left, errors) = stop_slots(&g.spec.resources, slots, Ctx { dir, node, group, epoch: g.epoch, guard }).await;
+    g.slots = left;
+    if errors.is_empty() {
+        return None;
+    }
+    for (i, e) in errors {
+        g.errors[i] = Some(format!("stop failed: {e}"));
+    }
+    tracing::error!(group, "stop failed: the group stays here, blocked, and its stop is tried again in {STOP_RETRY:?}");
+    g.stop_retry_at = Some(now_boot_ms() + STOP_RETRY.as_millis() as u64);
+    Some(g)
+}
+
+/// Stops `slots` (in reverse order); returns them as they are after it (a
+/// failed stop leaves its resource up) and the failures by index.
+pub(super) async fn stop_slots(
+    resources: &[ResourceSpec],
+    slots: Vec<Slot>,
+    cx: Ctx<'_>,
+) -> (Vec<Slot>, Vec<(usize, String)>) {
+    let n = slots.len();
+    let mut left: Vec<Slot> = (0..n).map(|_| Slot::Idle).collect();
+    let mut errors = Vec::new();
+    for (i, (r, slot)) in resources.iter().zip(slots).enumerate().rev() {
+        let failed = match slot {
+            Slot::Idle => None,
+            Slot::Process(mut p) => {
+                let _ = killpg(Pid::from_raw(p.pid), Signal::SIGTERM);
+                let timeout = Duration::from_millis(r.stop_timeout_ms);
+                if tokio::time::timeout(timeout, p.wait()).await.is_err() {
+                    tracing::warn!(resource = %r.name, "did not stop within {timeout:?}: killing it");
+                }
+                // Whatever is left of its process group goes too.
+                let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
+                p.wait().await;
+                cx.guard.unregister(p.pid);
+                None
+            }
+            Slot::Starting(t) | Slot::Monitoring { task: t, .. } | Slot::Recovering(t) => {
+                let _ = t.await;
+                script_stop(cx, r).await
+            }
+            Slot::Up { .. } => script_stop(cx, r).await,
+        };
+        if let Some(e) = failed {
+            left[i] = Slot::Up { next_monitor: Instant::now() + Duration::from_secs(3600), next_deep: None };
+            errors.push((i, e));
+        }
+    }
+    (left, errors)
+}
+
+/// Runs a script resource's stop; the failure, if any.
+pub(super) async fn script_stop(cx: Ctx<'_>, r: &ResourceSpec) -> Option<String> {
+    match cx.action(r, "stop", false).run().await {
+        Ok(0) => None,
+        other => {
+            let why = describe(other);
+            tracing::error!(group = cx.group, resource = %r.name, "stop failed: {why}");
+            Some(why)
+        }
+    }
+}
