@@ -269,13 +269,13 @@ fn main() -> ExitCode {
 fn check_config(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(cfg) => {
-            let role = if cfg.witness { "witness" } else { "node" };
+            let witness = if cfg.witness { " (a witness)" } else { "" };
             println!(
-                "{}: valid ({role} {}, data_dir {}, {} address(es), port {})",
+                "{}: valid: node {}{witness}, data_dir {}, addresses {}, port {}",
                 path.display(),
                 cfg.name,
                 cfg.data_dir.display(),
-                cfg.addresses.len(),
+                cfg.addresses.join(" "),
                 cfg.port
             );
             ExitCode::SUCCESS
