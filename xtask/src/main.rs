@@ -241,6 +241,11 @@ mod tests {
         for (name, _) in deb::DEPENDS.iter().chain(deb::RECOMMENDS) {
             assert!(test.contains(name), "{name}");
         }
+        // README.md explains each, once, below the two commands.
+        let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+        for p in packages::PACKAGES {
+            assert!(readme.contains(&format!("`{}`", p.name)), "README.md does not explain {}", p.name);
+        }
         for job in [Job::Demo, Job::Test, Job::Deb] {
             let names: Vec<&str> = packages::needed(job).into_iter().map(|(n, _)| n).collect();
             for build in packages::needed(Job::Build) {
