@@ -107,10 +107,12 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum GroupCmd {
+    /// List the groups: where each runs and its state.
     List {
         #[arg(long)]
         stale: bool,
     },
+    /// Show a group: its resources, node and state.
     Show {
         name: String,
         #[arg(long)]
@@ -136,10 +138,12 @@ enum GroupCmd {
 
 #[derive(Subcommand)]
 enum NodeCmd {
+    /// List the nodes: role, state, addresses.
     List {
         #[arg(long)]
         stale: bool,
     },
+    /// Show a node: its paths, attributes and state.
     Show {
         name: String,
         #[arg(long)]

@@ -15,10 +15,8 @@ use crate::{cargo, output, root, run, target_dir, Fail};
 
 /// The package's dependencies besides the shared libraries (which
 /// dpkg-shlibdeps reads off the binary: RocksDB's librocksdb7.8, libc, ...).
-pub const DEPENDS: &[(&str, &str)] = &[
-    ("iproute2", "`ip`: `vip` resources add and move addresses"),
-    ("init-system-helpers", "deb-systemd-helper: the postinst enables the unit"),
-];
+/// (deb-systemd-helper, which the maintainer scripts use, is Essential.)
+pub const DEPENDS: &[(&str, &str)] = &[("iproute2", "`ip`: `vip` resources add and move addresses")];
 
 pub const RECOMMENDS: &[(&str, &str)] = &[
     ("resource-agents", "the OCF agents that `ocf` resources run"),
@@ -31,6 +29,12 @@ pub const SUGGESTS: &[(&str, &str)] = &[
     ("fence-agents", "fence_ipmilan and others, for fencing.fence_command"),
     ("libnbd-bin", "nbdcopy, nbdinfo, nbdfuse: more NBD clients"),
 ];
+
+const MAINTAINER: &str = "tandem developers <maintainers@tandem.invalid>";
+
+/// node.toml is 0640 on purpose: `fencing.fence_command` may carry a BMC's
+/// credentials.
+const LINTIAN_OVERRIDES: &str = "tandem: non-standard-file-perm 0640 != 0644 [etc/tandem/node.toml]\n";
 
 const UNIT_EXEC_BY_HAND: &str = "ExecStart=/usr/local/bin/tandem ";
 const UNIT_EXEC: &str = "ExecStart=/usr/bin/tandem ";
@@ -50,7 +54,7 @@ Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: tandem
 
 Files: *
-Copyright: the tandem developers
+Copyright: 2026 the tandem developers
 License: Apache-2.0
  On Debian systems, the full text of the Apache License 2.0 is in
  /usr/share/common-licenses/Apache-2.0.
@@ -105,11 +109,7 @@ pub fn build() -> Result<PathBuf, Fail> {
     for e in std::fs::read_dir(generated.join("man")).map_err(|e| io(&generated, e))? {
         let page = e.map_err(|e| io(&generated, e))?.path();
         let name = page.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let gz = Command::new("gzip").args(["-9", "-n", "-c"]).arg(&page).output().map_err(|e| io(&page, e))?;
-        if !gz.status.success() {
-            return Err(Fail(format!("gzip {}: {}", page.display(), gz.status)));
-        }
-        put(&tree, &format!("usr/share/man/man1/{name}.gz"), &gz.stdout, 0o644)?;
+        put(&tree, &format!("usr/share/man/man1/{name}.gz"), &gzip(&read(&page)?)?, 0o644)?;
         pages += 1;
     }
     for (file, dest) in [
@@ -126,6 +126,9 @@ pub fn build() -> Result<PathBuf, Fail> {
         put(&tree, &format!("usr/share/doc/tandem/{name}"), &read(&root().join(src))?, 0o644)?;
     }
     put(&tree, "usr/share/doc/tandem/copyright", COPYRIGHT.as_bytes(), 0o644)?;
+    put(&tree, "usr/share/doc/tandem/changelog.gz", &gzip(changelog(version)?.as_bytes())?, 0o644)?;
+    // A deliberate choice, explained above.
+    put(&tree, "usr/share/lintian/overrides/tandem", LINTIAN_OVERRIDES.as_bytes(), 0o644)?;
 
     // Control files.
     let files = walk(&tree)?;
@@ -156,7 +159,7 @@ pub fn build() -> Result<PathBuf, Fail> {
         "Package: tandem
 Version: {version}
 Architecture: {arch}
-Maintainer: tandem developers <maintainers@tandem.invalid>
+Maintainer: {MAINTAINER}
 Installed-Size: {installed_kib}
 Depends: {shlibs}, {depends}
 Recommends: {recommends}
@@ -184,6 +187,41 @@ Description: high-availability cluster manager: Raft control plane, replicated v
     output(c)?;
     eprintln!("xtask: built {} ({pages} man pages, {installed_kib} KiB installed)", deb.display());
     Ok(deb)
+}
+
+/// A native package's changelog: one entry for this version, dated by the
+/// last commit (so that the same commit gives the same package).
+fn changelog(version: &str) -> Result<String, Fail> {
+    let mut git = cmd("git", &["log", "-1", "--format=%ct"]);
+    git.current_dir(root());
+    let epoch = output(git).map(|s| s.trim().to_string()).unwrap_or_default();
+    let when = if epoch.is_empty() { "now".to_string() } else { format!("@{epoch}") };
+    let date = output(cmd("date", &["-u", "-R", "-d", &when]))?;
+    Ok(format!(
+        "tandem ({version}) unstable; urgency=medium\n\n  * Built from the tandem repository with `cargo xtask deb`.\n\n -- {MAINTAINER}  {}\n",
+        date.trim()
+    ))
+}
+
+/// gzip -9n: no name or time stamp inside, as Debian's tools compress.
+fn gzip(bytes: &[u8]) -> Result<Vec<u8>, Fail> {
+    use std::io::Write;
+    let mut child = cmd("gzip", &["-9", "-n", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Fail(format!("gzip: {e}")))?;
+    let mut stdin = child.stdin.take().ok_or_else(|| Fail("gzip: no stdin".into()))?;
+    // Written from a thread: gzip's output pipe must be read meanwhile.
+    let data = bytes.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().map_err(|e| Fail(format!("gzip: {e}")))?;
+    let wrote = writer.join().map_err(|_| Fail("gzip: writer panicked".into()))?;
+    wrote.map_err(|e| Fail(format!("gzip: {e}")))?;
+    if !out.status.success() {
+        return Err(Fail(format!("gzip: {}", out.status)));
+    }
+    Ok(out.stdout)
 }
 
 /// The ```toml block under "## Full example with every key at its default".
