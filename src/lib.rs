@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod autopilot;
 pub mod cli;
+pub mod clidocs;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -3,15 +3,29 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tandem::cli::{self, parse, CliError, Client};
 use tandem::config::{Config, LogFormat};
 use tandem_http_api::{ClusterView, GroupView, LocalView, NodeView};
 
+/// Shown by `tandem --help` and in tandem(1).
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 the request was refused (4xx); 2 bad command line; \
+3 the endpoint could not be reached; 4 the cluster is unavailable (no leader or no quorum: retry); \
+5 the agent failed (5xx); 6 the agent's configuration is invalid or it could not start.
+
+Configuration: /etc/tandem/node.toml (see /usr/share/doc/tandem/config.md); \
+`tandem check-config --config FILE` checks one.";
+
 #[derive(Parser)]
-#[command(name = "tandem", version, about = "High-availability cluster manager", propagate_version = true)]
+#[command(
+    name = "tandem",
+    version,
+    about = "High-availability cluster manager",
+    propagate_version = true,
+    after_long_help = EXIT_CODES
+)]
 struct Cli {
     /// API of the agent to talk to.
     #[arg(long, global = true, env = "TANDEM_ENDPOINT", default_value = "http://127.0.0.1:7401")]
@@ -27,6 +41,7 @@ struct Cli {
 enum Cmd {
     /// Run a node agent.
     Agent {
+        /// The node's configuration (TOML; see docs/config.md).
         #[arg(long)]
         config: PathBuf,
         /// Log as JSON lines (overrides log.format).
@@ -63,6 +78,13 @@ enum Cmd {
     /// Inspect replicated volumes, verify them, resolve a split brain.
     #[command(subcommand)]
     Volume(cli::VolumeCmd),
+    /// Check a node's configuration file as the agent does at start, and
+    /// exit (0: valid; 6: invalid, naming the offending key).
+    CheckConfig {
+        /// The node's configuration (TOML; see docs/config.md).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// The node's watchdog (started by the agent): stops this node's
     /// resources when no agent renews the lease.
     #[command(hide = true)]
@@ -73,14 +95,24 @@ enum Cmd {
         #[arg(long)]
         device: Option<PathBuf>,
     },
+    /// Write the man pages (`<out-dir>/man/`) and the bash, zsh and fish
+    /// completions (`<out-dir>/completions/`) of this CLI; the Debian
+    /// package is built with them (`cargo xtask deb`).
+    #[command(hide = true)]
+    Generate {
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum GroupCmd {
+    /// List the groups: where each runs and its state.
     List {
         #[arg(long)]
         stale: bool,
     },
+    /// Show a group: its resources, node and state.
     Show {
         name: String,
         #[arg(long)]
@@ -106,10 +138,12 @@ enum GroupCmd {
 
 #[derive(Subcommand)]
 enum NodeCmd {
+    /// List the nodes: role, state, addresses.
     List {
         #[arg(long)]
         stale: bool,
     },
+    /// Show a node: its paths, attributes and state.
     Show {
         name: String,
         #[arg(long)]
@@ -157,6 +191,24 @@ fn init_logging(level: &str, json: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.cmd {
+        Cmd::CheckConfig { config } => return check_config(config),
+        Cmd::Generate { out_dir } => {
+            return match tandem::clidocs::write_all(Cli::command(), out_dir) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: writing to {}: {e}", out_dir.display());
+                    ExitCode::from(cli::EXIT_SERVER)
+                }
+            };
+        }
+        _ => {}
+    }
     if let Cmd::Watchdog { data_dir, device } = &cli.cmd {
         // One thread: it only sleeps, reads two small files and, once, kills.
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
@@ -214,6 +266,28 @@ fn main() -> ExitCode {
                 ExitCode::from(e.exit_code())
             }
         },
+    }
+}
+
+/// The agent's own validation (`Config::load`), without starting anything.
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(cfg) => {
+            let witness = if cfg.witness { " (a witness)" } else { "" };
+            println!(
+                "{}: valid: node {}{witness}, data_dir {}, addresses {}, port {}",
+                path.display(),
+                cfg.name,
+                cfg.data_dir.display(),
+                cfg.addresses.join(" "),
+                cfg.port
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(cli::EXIT_CONFIG)
+        }
     }
 }
 
@@ -310,7 +384,13 @@ async fn client_command(endpoint: &str, json_out: bool, cmd: Cmd) -> Result<Stri
             return Ok(if json_out { "null\n".into() } else { format!("{name} deleted\n") });
         }
         Cmd::Volume(v) => return cli::volume_command(&c, json_out, v).await,
-        Cmd::Agent { .. } | Cmd::Demo { .. } | Cmd::Watchdog { .. } => unreachable!("handled in main"),
+        Cmd::Agent { .. }
+        | Cmd::Demo { .. }
+        | Cmd::Watchdog { .. }
+        | Cmd::CheckConfig { .. }
+        | Cmd::Generate { .. } => {
+            unreachable!("handled in main")
+        }
     };
     if json_out {
         return Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
@@ -328,4 +408,59 @@ fn group(v: Value) -> Result<String, CliError> {
 
 fn local(v: Value) -> Result<String, CliError> {
     Ok(cli::local_text(&parse::<LocalView>(v)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem::clidocs;
+
+    /// Every visible command has its page, and every completion script
+    /// knows every subcommand; hidden ones (`watchdog`, `generate`) get none.
+    #[test]
+    fn a_man_page_for_every_command_and_completions_know_every_subcommand() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = clidocs::write_all(Cli::command(), dir.path()).unwrap();
+        let paths = clidocs::visible_commands(&Cli::command());
+        for must in [&["tandem"][..], &["tandem", "group", "move"], &["tandem", "check-config"], &["tandem", "volume"]]
+        {
+            assert!(paths.iter().any(|p| p == must), "{must:?} not among {paths:?}");
+        }
+        let man = dir.path().join("man");
+        for p in &paths {
+            let page = man.join(clidocs::page_name(p));
+            let text = std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+            // roff escapes the dashes of the page's own name.
+            assert!(
+                text.contains(".TH ") && text.contains(&p.join("-").replace('-', "\\-")),
+                "{}:\n{text}",
+                page.display()
+            );
+        }
+        let pages: Vec<_> = files.iter().filter(|f| f.starts_with(&man)).collect();
+        assert_eq!(pages.len(), paths.len(), "one page per visible command, no more: {pages:?}");
+        for hidden in ["tandem-watchdog.1", "tandem-generate.1"] {
+            assert!(!man.join(hidden).exists(), "{hidden}");
+        }
+        let subcommands: Vec<&String> = paths.iter().filter_map(|p| p.last()).filter(|n| *n != "tandem").collect();
+        for (_, file) in clidocs::COMPLETIONS {
+            let script = std::fs::read_to_string(dir.path().join("completions").join(file)).unwrap();
+            for name in &subcommands {
+                assert!(names_word(&script, name), "{file} never names `{name}`");
+            }
+        }
+    }
+
+    /// Whether `word` stands in `text` on its own (not inside `set-attr-x`).
+    fn names_word(text: &str, word: &str) -> bool {
+        let part = |c: char| c.is_alphanumeric() || c == '-' || c == '_';
+        text.match_indices(word).any(|(i, _)| {
+            !text[..i].chars().next_back().is_some_and(part) && !text[i + word.len()..].chars().next().is_some_and(part)
+        })
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }
