@@ -12,6 +12,16 @@ pub fn now_boot_ms() -> u64 {
     }
 }
 
+/// This boot's id (`/proc/sys/kernel/random/boot_id`): a CLOCK_BOOTTIME
+/// value means something only within the boot that read it. Empty when
+/// the kernel does not say (then every boot looks the same, as before).
+pub fn boot_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+    })
+}
+
 /// Minutes since local midnight, for failback windows.
 pub fn local_minute_of_day() -> u16 {
     // SAFETY: localtime_r only writes the struct we pass.

@@ -88,11 +88,19 @@ pub struct RunDir {
     /// The watchdog this agent started last: while it runs (it may not hold
     /// the lock yet), no other is started.
     spawned: std::sync::Arc<std::sync::Mutex<Option<(i32, u64)>>>,
+    /// Whether this process has written which boot its leases belong to.
+    boot_written: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RunDir {
     pub fn new(data_dir: &Path, device: Option<PathBuf>) -> RunDir {
-        RunDir { path: data_dir.join("run"), data_dir: data_dir.to_path_buf(), device, spawned: Default::default() }
+        RunDir {
+            path: data_dir.join("run"),
+            data_dir: data_dir.to_path_buf(),
+            device,
+            spawned: Default::default(),
+            boot_written: Default::default(),
+        }
     }
 
     /// The agent's data directory (script resources' stop actions run from it).
@@ -108,6 +116,13 @@ impl RunDir {
         self.path.join("lease")
     }
 
+    /// Which boot the lease's CLOCK_BOOTTIME deadline belongs to (a
+    /// separate file, so that the lease file's format stays what a watchdog
+    /// of an older version reads).
+    fn boot_path(&self) -> PathBuf {
+        self.path.join("lease.boot")
+    }
+
     fn lock_path(&self) -> PathBuf {
         self.path.join("watchdog.lock")
     }
@@ -116,6 +131,12 @@ impl RunDir {
     /// the old or the new line, never a torn one).
     pub fn write_lease(&self, lease: Lease) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.path)?;
+        if !self.boot_written.load(std::sync::atomic::Ordering::SeqCst) {
+            // Before the first deadline of this boot is written: a reader
+            // never takes this boot's deadline for another boot's.
+            std::fs::write(self.boot_path(), format!("{}\n", crate::clock::boot_id()))?;
+            self.boot_written.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let line = match lease {
             Lease::Until(d) => format!("{d:>20}\n"),
             Lease::Released | Lease::Missing => format!("{:>20}\n", "released"),
@@ -124,15 +145,23 @@ impl RunDir {
         f.write_all(line.as_bytes())
     }
 
+    /// The lease as last written. A deadline written in an earlier boot is
+    /// expired: CLOCK_BOOTTIME started over at the reboot, so an old
+    /// deadline would read as a lease held for as long as the old boot ran.
     pub fn read_lease(&self) -> Lease {
         let mut s = String::new();
-        match File::open(self.lease_path()).and_then(|mut f| f.read_to_string(&mut s)) {
+        let lease = match File::open(self.lease_path()).and_then(|mut f| f.read_to_string(&mut s)) {
             Ok(_) => match s.trim() {
                 "released" => Lease::Released,
                 // An unreadable lease is an expired one.
                 t => Lease::Until(t.parse().unwrap_or(0)),
             },
             Err(_) => Lease::Missing,
+        };
+        match (lease, std::fs::read_to_string(self.boot_path())) {
+            (Lease::Until(_), Ok(boot)) if boot.trim() != crate::clock::boot_id() => Lease::Until(0),
+            // No boot file: written by a version before it; taken as is.
+            (lease, _) => lease,
         }
     }
 
@@ -243,6 +272,27 @@ mod tests {
         // A shorter deadline overwrites a longer line completely.
         run.write_lease(Lease::Until(7)).unwrap();
         assert_eq!(run.read_lease(), Lease::Until(7));
+    }
+
+    #[test]
+    fn a_lease_written_in_an_earlier_boot_is_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::new(dir.path(), None);
+        let far = now_boot_ms() + 3_600_000;
+        run.write_lease(Lease::Until(far)).unwrap();
+        assert!(run.read_lease().valid_at(now_boot_ms()), "this boot's lease holds");
+        // The node rebooted: CLOCK_BOOTTIME started over, the files stayed.
+        std::fs::write(dir.path().join("run/lease.boot"), "00000000-0000-0000-0000-000000000000\n").unwrap();
+        assert_eq!(run.read_lease(), Lease::Until(0));
+        assert!(!run.read_lease().valid_at(now_boot_ms()));
+        // A released lease is released whatever the boot.
+        run.write_lease(Lease::Released).unwrap();
+        assert_eq!(run.read_lease(), Lease::Released);
+        // A new agent of this boot writes the boot again before its first
+        // deadline.
+        let again = RunDir::new(dir.path(), None);
+        again.write_lease(Lease::Until(far)).unwrap();
+        assert!(again.read_lease().valid_at(now_boot_ms()));
     }
 
     #[test]
