@@ -105,12 +105,21 @@ pub struct Failover {
     /// Live nodes to fence all the same (a stop failed there), until they
     /// go silent.
     escalated: BTreeSet<NodeId>,
+    /// When each node last claimed a start through this leader: it held its
+    /// lease then, whatever the heartbeat reports (which may lag) say.
+    claimed_ms: BTreeMap<NodeId, u64>,
     next_attempt: u64,
 }
 
 impl Failover {
     pub fn new(policy: Policy) -> Failover {
-        Failover { policy, attempts: BTreeMap::new(), escalated: BTreeSet::new(), next_attempt: 1 }
+        Failover {
+            policy,
+            attempts: BTreeMap::new(),
+            escalated: BTreeSet::new(),
+            claimed_ms: BTreeMap::new(),
+            next_attempt: 1,
+        }
     }
 
     pub fn policy(&self) -> Policy {
@@ -165,6 +174,18 @@ impl Failover {
     pub fn not_leader(&mut self) {
         self.attempts.clear();
         self.escalated.clear();
+        self.claimed_ms.clear();
+    }
+
+    /// `node` claimed a start through this leader at `now_ms` (call it when
+    /// the claim arrives, before it is proposed): a node claims only while
+    /// it holds its lease, so it is not silent, whatever the reports about
+    /// it say, for the next `fenced_after`. Without this, a node back from
+    /// a partition that retook its lease and claimed its group could have it
+    /// moved away (and fenced) on reports from before it came back.
+    pub fn claimed(&mut self, node: NodeId, now_ms: u64) {
+        let t = self.claimed_ms.entry(node).or_insert(now_ms);
+        *t = (*t).max(now_ms);
     }
 
     /// One round over every node: which may have their groups moved, and
@@ -175,8 +196,11 @@ impl Failover {
         let present: BTreeSet<NodeId> = nodes.iter().map(|n| n.id).collect();
         self.attempts.retain(|id, _| present.contains(id));
         self.escalated.retain(|id| present.contains(id));
+        let fenced_after_ms = self.policy.fenced_after.as_millis() as u64;
+        self.claimed_ms.retain(|_, t| now_ms.saturating_sub(*t) < fenced_after_ms);
         for n in nodes {
             let is_me = n.id == me;
+            let n = &Seen { alive: n.alive || self.claimed_ms.contains_key(&n.id), ..*n };
             if !is_me && !n.alive {
                 self.escalated.remove(&n.id); // it went silent: the escalation took effect
             }
@@ -268,6 +292,24 @@ mod tests {
         g.round(ME, &[silent(2, 10)], 0);
         g.fence_done(2, 1, true);
         assert!(!g.round(ME, &[silent(2, 799)], 0).may_move(2));
+    }
+
+    #[test]
+    fn a_node_that_just_claimed_is_neither_moved_nor_fenced_whatever_the_reports() {
+        let mut f = with_fence();
+        f.claimed(2, 5_000);
+        // The reports still say 2 has been silent for long.
+        for now in [5_000, 5_400, 5_799] {
+            let v = f.round(ME, &[silent(2, 3_000)], now);
+            assert!(!v.may_move(2) && v.effects.is_empty(), "at {now}");
+        }
+        // fenced_after (800 ms) past the claim, the reports count again.
+        let v = f.round(ME, &[silent(2, 3_800)], 5_800);
+        assert!(matches!(v.effects[..], [Effect::RunFenceCommand { node: 2, .. }]));
+        let mut plain = Failover::new(Policy { fence_command: false, fenced_after: AFTER });
+        plain.claimed(2, 5_000);
+        assert!(!plain.round(ME, &[silent(2, 3_000)], 5_500).may_move(2));
+        assert!(plain.round(ME, &[silent(2, 3_000)], 5_800).may_move(2));
     }
 
     #[test]

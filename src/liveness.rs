@@ -137,6 +137,20 @@ impl Liveness {
     /// one): this node's own hearing for itself (`me`), the others' reports
     /// for them. None if no such majority ever heard it.
     pub fn heard_by_quorum(&self, id: NodeId, voters: &[NodeId], me: NodeId, now: Instant) -> Option<Instant> {
+        self.heard_by_quorum_within(id, voters, me, None, now)
+    }
+
+    /// As [`heard_by_quorum`](Self::heard_by_quorum); with `stale_after`,
+    /// a voter from which nothing arrived for that long (or ever) may have
+    /// heard `id` since, unknown to us: it counts as hearing it now.
+    fn heard_by_quorum_within(
+        &self,
+        id: NodeId,
+        voters: &[NodeId],
+        me: NodeId,
+        stale_after: Option<Duration>,
+        now: Instant,
+    ) -> Option<Instant> {
         let majority = voters.len() / 2 + 1;
         let need = majority - usize::from(voters.contains(&id));
         if need == 0 {
@@ -148,7 +162,16 @@ impl Liveness {
             .filter(|v| **v != id)
             .filter_map(|v| match *v == me {
                 true => seen.get(&id).and_then(|p| p.paths.values().max().copied()),
-                false => seen.get(v).and_then(|p| p.hears.get(&id).copied()),
+                false => {
+                    let reporter = seen.get(v);
+                    let last_report = reporter.and_then(|p| p.paths.values().max().copied());
+                    let stale =
+                        stale_after.is_some_and(|d| last_report.is_none_or(|t| now.saturating_duration_since(t) >= d));
+                    match stale {
+                        true => Some(now),
+                        false => reporter.and_then(|p| p.hears.get(&id).copied()),
+                    }
+                }
             })
             .collect();
         times.sort_unstable_by(|a, b| b.cmp(a));
@@ -206,6 +229,33 @@ impl Liveness {
     ) -> PeerStatus {
         let mut s = self.status(id, addresses, now);
         let heard = self.heard_by_quorum(id, voters, me, now);
+        let since = now.saturating_duration_since(heard.unwrap_or(self.started));
+        s.alive = heard.is_some() && since < self.timeout;
+        s.down_for = if s.alive { Duration::ZERO } else { since };
+        s
+    }
+
+    /// The view the leader's failover acts on: as
+    /// [`quorum_status`](Self::quorum_status), but a voter whose reports
+    /// stopped arriving `stale_after` ago (or never came) may have heard
+    /// `id` since, and so counts as hearing it now. A leader that heard
+    /// nobody for a while — its own inbound traffic lost, or back from an
+    /// isolation shorter than an election — then takes nobody for silent
+    /// (and fences nobody) until fresh reports say so; its stale view would
+    /// otherwise show every node silent while they all held their leases.
+    /// A dead voter costs nothing where a quorum remains: the others'
+    /// reports still make a majority.
+    pub fn failover_status(
+        &self,
+        id: NodeId,
+        addresses: &[String],
+        voters: &[NodeId],
+        me: NodeId,
+        stale_after: Duration,
+        now: Instant,
+    ) -> PeerStatus {
+        let mut s = self.status(id, addresses, now);
+        let heard = self.heard_by_quorum_within(id, voters, me, Some(stale_after), now);
         let since = now.saturating_duration_since(heard.unwrap_or(self.started));
         s.alive = heard.is_some() && since < self.timeout;
         s.down_for = if s.alive { Duration::ZERO } else { since };
@@ -398,6 +448,35 @@ mod tests {
         assert!(!l.cut_off_from(1, &addrs, &voters, 2, t0 + Duration::from_millis(1100)));
         // The reports grow old (the leader died): nobody is cut off.
         assert!(!l.cut_off_from(1, &addrs, &voters, 2, t0 + Duration::from_millis(2000)));
+    }
+
+    #[test]
+    fn the_failover_view_takes_nobody_for_silent_on_stale_reports() {
+        let l = Liveness::new(Duration::from_millis(500));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let stale = Duration::from_millis(200);
+        let (voters, addrs) = (vec![1, 2, 3], vec!["10.0.0.3".to_string()]);
+        // Node 2 reports hearing 3 until 100 ms; then 3 goes silent for good.
+        let report = |heard: Vec<(NodeId, u32)>| Heartbeat { heard, ..hb(2) };
+        l.record(report(vec![(3, 0)]), "10.0.0.2".parse().unwrap(), at(100));
+        l.record(report(vec![]), "10.0.0.2".parse().unwrap(), at(1_000));
+        let fresh = l.failover_status(3, &addrs, &voters, 1, stale, at(1_100));
+        assert!(!fresh.alive, "fresh reports: 3 is silent");
+        assert_eq!(fresh.down_for, Duration::from_millis(1_000));
+        assert_eq!(fresh, l.quorum_status(3, &addrs, &voters, 1, at(1_100)));
+        // This node then hears nothing (its inbound traffic is lost): node
+        // 2 may hear 3 again by now, unknown to us. Nobody is silent.
+        let deaf = l.failover_status(3, &addrs, &voters, 1, stale, at(1_300));
+        assert!(deaf.alive && deaf.down_for.is_zero());
+        assert!(!l.quorum_status(3, &addrs, &voters, 1, at(1_300)).alive, "the plain view still says silent");
+        // With five voters, one dead (stale) voter does not keep a silent
+        // node alive: the fresh reports of the others still make a majority.
+        let voters = vec![1, 2, 3, 4, 5];
+        l.record(report(vec![]), "10.0.0.2".parse().unwrap(), at(2_000));
+        l.record(Heartbeat { heard: vec![], ..hb(4) }, "10.0.0.4".parse().unwrap(), at(2_000));
+        let s = l.failover_status(3, &addrs, &voters, 1, stale, at(2_050));
+        assert!(!s.alive, "5 is stale and 3 counts itself: 2 of 5 may hear 3");
     }
 
     #[test]

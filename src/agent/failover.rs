@@ -24,13 +24,16 @@ impl Agent {
         let state = m.state.state();
         let now = Instant::now();
         // A node is offline only when no majority of voters can have heard
-        // it: while one can, it may hold its lease and run its groups.
+        // it: while one can, it may hold its lease and run its groups. A
+        // voter whose reports stopped coming (two heartbeats missed) may
+        // have heard it meanwhile: see `Liveness::failover_status`.
+        let stale_after = self.cfg.heartbeat_interval() * 2;
         let voters: Vec<NodeId> = m.metrics().membership_config.membership().voter_ids().collect();
         let seen: Vec<Seen> = state
             .nodes
             .values()
             .map(|r| {
-                let st = self.liveness.quorum_status(r.id, &r.addresses, &voters, m.node_id, now);
+                let st = self.liveness.failover_status(r.id, &r.addresses, &voters, m.node_id, stale_after, now);
                 Seen { id: r.id, alive: st.alive, down_for: st.down_for }
             })
             .collect();

@@ -161,6 +161,9 @@ impl Agent {
     /// and that change no longer matches the epoch.
     pub(super) async fn apply_claim(&self, name: &str, c: ClaimRequest) -> Result<(), ApiError> {
         let m = self.require_member()?;
+        // Before it is proposed: a scheduler round that sees the claim's
+        // epoch also sees that the node is alive (see `Failover::claimed`).
+        self.failover_core().claimed(c.node, now_boot_ms());
         let cmd = Command::ClaimGroup { name: name.into(), node: c.node, expected_epoch: c.epoch };
         self.propose(&m, cmd).await.map(|_| ())
     }
