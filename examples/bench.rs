@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tandem::testkit::free_port;
+use tandem_testkit::free_port;
 
 struct Agent {
     name: String,

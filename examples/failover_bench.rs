@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tandem::testkit::{in_ns, in_ns_output, is_root, Net};
+use tandem_testkit::{in_ns, in_ns_output, is_root, Net};
 
 fn tandem_bin() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -28,7 +28,7 @@ struct Proc(Child);
 impl Drop for Proc {
     /// Power loss: the process and everything it started (its session).
     fn drop(&mut self) {
-        tandem::testkit::kill_session(self.0.id() as i32);
+        tandem_testkit::kill_session(self.0.id() as i32);
         let _ = self.0.wait();
     }
 }
@@ -36,7 +36,7 @@ impl Drop for Proc {
 fn spawn_in(ns: &str, program: &str, args: &[&str], log: &Path) -> Proc {
     let out = std::fs::File::create(log).unwrap();
     let mut cmd = Command::new("ip");
-    tandem::testkit::new_session(&mut cmd);
+    tandem_testkit::new_session(&mut cmd);
     let child = cmd
         .args(["netns", "exec", ns, program])
         .args(args)
@@ -277,7 +277,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// Idle CPU of 3 agents on loopback that run 10 groups between them.
 /// Per agent: (name, CPU % of the agent, CPU % of its watchdog), over 20 s.
 fn idle_with_groups(dir: &Path) -> Vec<(String, f64, f64)> {
-    let ports: Vec<u16> = (0..3).map(|_| tandem::testkit::free_port()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| tandem_testkit::free_port()).collect();
     let agents: Vec<Proc> = (0..3)
         .map(|i| {
             let path = dir.join(format!("idle{i}.toml"));
@@ -292,7 +292,7 @@ fn idle_with_groups(dir: &Path) -> Vec<(String, f64, f64)> {
             .unwrap();
             let log = std::fs::File::create(dir.join(format!("idle{i}.log"))).unwrap();
             let mut cmd = Command::new(tandem_bin());
-            tandem::testkit::new_session(&mut cmd);
+            tandem_testkit::new_session(&mut cmd);
             Proc(
                 cmd.args(["agent", "--config", path.to_str().unwrap()])
                     .stdout(log.try_clone().unwrap())
@@ -326,7 +326,7 @@ fn idle_with_groups(dir: &Path) -> Vec<(String, f64, f64)> {
     std::thread::sleep(Duration::from_secs(3));
     // The agent and its watchdog process (the resources, `sleep`, cost nothing).
     let watchdog = |a: &Proc| {
-        tandem::testkit::session_members(a.0.id() as i32).into_iter().find(|p| {
+        tandem_testkit::session_members(a.0.id() as i32).into_iter().find(|p| {
             std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|x| x == b"watchdog"))
         })
     };

@@ -17,11 +17,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem::testkit::free_port;
 use tandem::volume::engine::{ControlPlane, PeerConfig, VolumeConfig};
 use tandem::volume::generation::initial_generation;
 use tandem::volume::manager::{DesiredVolume, VolumeManager};
 use tandem_raft::volume::{DiskState, ReplicationMode, SplitBrainPolicy};
+use tandem_testkit::free_port;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 1 << 30;

@@ -11,7 +11,7 @@
 //! passed, so a group never runs on two nodes.
 //!
 //! Resource processes outlive the agent: what runs here is recorded in
-//! `<data_dir>/run` (see `watchdog`), a restarted agent adopts it, and the
+//! `<data_dir>/run` (see `rundir`), a restarted agent adopts it, and the
 //! watchdog process kills it if no agent renews the lease in time. Script
 //! agents (`exec`, `ocf`, `systemd`, the built-in `vip`) run their start /
 //! monitor / stop actions as tasks polled by the tick, so a slow action
@@ -29,7 +29,8 @@ use tandem_raft::state::{AdminState, ClusterState};
 use tandem_raft::NodeId;
 use tokio::process::{Child, Command};
 
-use crate::watchdog::{self, RunDir, RunRecord, RunSlot};
+use crate::clock::now_boot_ms;
+use crate::rundir::{self, RunDir, RunRecord, RunSlot};
 
 /// What this node tells the leader.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +92,7 @@ impl Fence {
 
     /// Whether this node holds its lease now.
     pub fn lease_valid(&self) -> bool {
-        watchdog::now_boot_ms() < self.deadline_ms()
+        now_boot_ms() < self.deadline_ms()
     }
 
     /// Whether any resource process is registered.
@@ -111,7 +112,7 @@ impl Fence {
     /// volume this node is primary for; returns how many process groups.
     pub fn kill_all(&self) -> usize {
         if let Some(v) = self.volumes.get() {
-            v.fence_all();
+            v.halt_all();
         }
         let all = std::mem::take(&mut *self.pgids.lock().unwrap_or_else(|e| e.into_inner()));
         for pg in &all {
@@ -151,7 +152,7 @@ impl Running {
             Some(Ok(None)) => None,
             Some(Ok(Some(status))) => Some(format!("exited: {status}")),
             Some(Err(e)) => Some(e.to_string()),
-            None if watchdog::is_running(self.pid, self.start_time) => None,
+            None if rundir::is_running(self.pid, self.start_time) => None,
             None => Some("exited (adopted process; no exit status)".into()),
         }
     }
@@ -162,7 +163,7 @@ impl Running {
                 let _ = c.wait().await;
             }
             None => {
-                while watchdog::is_running(self.pid, self.start_time) {
+                while rundir::is_running(self.pid, self.start_time) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -942,7 +943,7 @@ fn spawn_process(
     let child = cmd.spawn()?;
     let pid = child.id().map(|p| p as i32).ok_or_else(|| std::io::Error::other("child exited at once"))?;
     // Our unreaped child: its /proc entry stays until we wait for it.
-    let start_time = watchdog::proc_start_time(pid).unwrap_or(0);
+    let start_time = rundir::proc_start_time(pid).unwrap_or(0);
     tracing::info!(group, resource = %r.name, pid, epoch, "resource started");
     Ok(Running { child: Some(child), pid, start_time })
 }

@@ -8,11 +8,16 @@
 pub mod agent;
 pub mod autopilot;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod executor;
+pub mod failover;
+pub mod lease;
 pub mod liveness;
+pub mod reconcile;
+pub mod rundir;
 pub mod scheduler;
-pub mod testkit;
 pub mod volume;
+pub mod volume_views;
 pub mod watchdog;

@@ -325,7 +325,7 @@ impl HeartbeatSockets {
         liveness: &Liveness,
     ) {
         let pid = std::process::id();
-        let sent_ms = crate::watchdog::now_boot_ms();
+        let sent_ms = crate::clock::now_boot_ms();
         let heard = liveness.heard_report(Instant::now());
         for node in nodes.values().filter(|n| n.id != me) {
             let hb = liveness.heartbeat_to(cluster_id, me, node.id, pid, sent_ms, &heard);

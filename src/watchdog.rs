@@ -1,30 +1,24 @@
-//! The node's local lease and the record of what runs here, shared by the
-//! agent and its watchdog process through files in `<data_dir>/run/`.
+//! The watchdog process (`tandem watchdog`): a small separate process
+//! started by the agent that outlives a dead or stalled agent. Once the
+//! lease deadline in `<data_dir>/run/` passes it kills the recorded
+//! processes and runs the recorded script resources' stop actions, because
+//! the leader places the groups elsewhere right after that lease (plus a
+//! margin). Where a Linux watchdog device is configured it is fed only while
+//! the lease holds or nothing runs, so a node whose resources cannot be
+//! stopped resets.
 //!
-//! The agent writes the deadline of its lease (CLOCK_BOOTTIME, so that it
-//! means the same in every process and across suspend) while it hears a
-//! majority, and one record per group it runs (resources, process ids).
-//! A restarted agent adopts what the records say still runs, under the lease
-//! it inherits. The watchdog (`tandem watchdog`, a separate small process
-//! started by the agent) outlives a dead or stalled agent: once the lease
-//! deadline passes it kills the recorded processes and runs the recorded
-//! script resources' stop actions, because the leader places the groups
-//! elsewhere right after that lease (plus a margin). Where a Linux watchdog
-//! device is configured it is fed only while the lease holds or nothing
-//! runs, so a node whose resources cannot be stopped resets.
-//!
-//! Neither side may ever extend a lease: only the agent writes a deadline,
-//! and only from a majority heard.
+//! It never extends a lease and never starts anything.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
-use tandem_raft::group::GroupSpec;
+
+use crate::clock::now_boot_ms;
+use crate::rundir::{is_running, Lease, RunDir, RunSlot};
 
 /// The watchdog wakes at the lease's deadline, and at least this often to
 /// see the lease extended (and to feed the device).
@@ -35,257 +29,48 @@ const POLL_MIN: Duration = Duration::from_millis(20);
 /// (and lets the watchdog device, if any, reset the node).
 const STOP_ATTEMPTS: u32 = 3;
 
-/// Milliseconds on CLOCK_BOOTTIME: one clock for every process of the node.
-pub fn now_boot_ms() -> u64 {
-    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
-        Ok(t) => t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000,
-        // CLOCK_BOOTTIME exists on every kernel this runs on; if it did not,
-        // 0 makes every lease look expired: the safe side.
-        Err(_) => 0,
-    }
-}
-
-/// A process's start time (clock ticks since boot, /proc/<pid>/stat field
-/// 22): with the pid, it names one process even after pids wrap. None if
-/// the process is gone or a zombie.
-pub fn proc_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields
-    // are counted after its closing parenthesis.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
-}
-
-/// Whether the process `pid` that started at `start_time` still runs.
-pub fn is_running(pid: i32, start_time: u64) -> bool {
-    proc_start_time(pid) == Some(start_time)
-}
-
-/// What the record says about one resource of a group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum RunSlot {
-    /// Not started.
-    Idle,
-    /// A supervised process, leader of its own process group.
-    Process { pid: i32, start_time: u64 },
-    /// A script agent or vip, started (or starting): its stop action undoes it.
-    Script,
-}
-
-/// One group running on this node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunRecord {
-    pub group: String,
-    pub epoch: u64,
-    pub node: String,
-    pub spec: GroupSpec,
-    /// One per resource of `spec`, in start order.
-    pub resources: Vec<RunSlot>,
-}
-
-/// The lease as the agent last wrote it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lease {
-    /// Held until this CLOCK_BOOTTIME millisecond.
-    Until(u64),
-    /// Given up by an agent that stopped everything and exited cleanly.
-    Released,
-    /// Never written.
-    Missing,
-}
-
-impl Lease {
-    pub fn valid_at(&self, now_ms: u64) -> bool {
-        matches!(self, Lease::Until(d) if now_ms < *d)
-    }
-}
-
-/// `<data_dir>/run`: the lease file, the group records, the watchdog's lock.
-#[derive(Debug, Clone)]
-pub struct RunDir {
-    path: PathBuf,
-    data_dir: PathBuf,
-    /// The Linux watchdog device the watchdog process feeds, if any.
-    device: Option<PathBuf>,
-    /// The watchdog this agent started last: while it runs (it may not hold
-    /// the lock yet), no other is started.
-    spawned: std::sync::Arc<std::sync::Mutex<Option<(i32, u64)>>>,
-}
-
-impl RunDir {
-    pub fn new(data_dir: &Path, device: Option<PathBuf>) -> RunDir {
-        RunDir { path: data_dir.join("run"), data_dir: data_dir.to_path_buf(), device, spawned: Default::default() }
-    }
-
-    fn groups_dir(&self) -> PathBuf {
-        self.path.join("groups")
-    }
-
-    fn lease_path(&self) -> PathBuf {
-        self.path.join("lease")
-    }
-
-    fn lock_path(&self) -> PathBuf {
-        self.path.join("watchdog.lock")
-    }
-
-    /// Writes the lease deadline in place (one small write: a reader sees
-    /// the old or the new line, never a torn one).
-    pub fn write_lease(&self, lease: Lease) -> std::io::Result<()> {
-        std::fs::create_dir_all(&self.path)?;
-        let line = match lease {
-            Lease::Until(d) => format!("{d:>20}\n"),
-            Lease::Released | Lease::Missing => format!("{:>20}\n", "released"),
-        };
-        let mut f = OpenOptions::new().create(true).write(true).truncate(false).open(self.lease_path())?;
-        f.write_all(line.as_bytes())
-    }
-
-    pub fn read_lease(&self) -> Lease {
-        let mut s = String::new();
-        match File::open(self.lease_path()).and_then(|mut f| f.read_to_string(&mut s)) {
-            Ok(_) => match s.trim() {
-                "released" => Lease::Released,
-                // An unreadable lease is an expired one.
-                t => Lease::Until(t.parse().unwrap_or(0)),
-            },
-            Err(_) => Lease::Missing,
+/// Kills and stops everything the records name (the lease is gone).
+/// Returns the groups whose stop failed.
+async fn stop_everything(run: &RunDir, attempts: &mut std::collections::BTreeMap<String, u32>) -> Vec<String> {
+    let records = run.records();
+    // Processes first, all at once: that is fast and needs nothing.
+    for rec in &records {
+        for slot in rec.resources.iter().rev() {
+            if let RunSlot::Process { pid, start_time } = slot {
+                if is_running(*pid, *start_time) {
+                    let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+                    eprintln!("watchdog: lease expired: killed process group {pid} of group {}", rec.group);
+                }
+            }
         }
     }
-
-    /// Writes a group's record atomically (write aside, rename).
-    pub fn write_record(&self, rec: &RunRecord) -> std::io::Result<()> {
-        let dir = self.groups_dir();
-        std::fs::create_dir_all(&dir)?;
-        let tmp = dir.join(format!(".{}.tmp", rec.group));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&tmp, dir.join(format!("{}.json", rec.group)))
-    }
-
-    pub fn remove_record(&self, group: &str) {
-        let _ = std::fs::remove_file(self.groups_dir().join(format!("{group}.json")));
-    }
-
-    /// Every record; one that cannot be read is logged and skipped.
-    pub fn records(&self) -> Vec<RunRecord> {
-        let Ok(entries) = std::fs::read_dir(self.groups_dir()) else { return Vec::new() };
-        let mut out = Vec::new();
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.extension().is_none_or(|x| x != "json") {
+    let mut failed = Vec::new();
+    for rec in records {
+        let mut ok = true;
+        for (r, slot) in rec.spec.resources.iter().zip(&rec.resources).rev() {
+            if *slot != RunSlot::Script {
                 continue;
             }
-            match std::fs::read(&p)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<RunRecord>(&b).map_err(|e| e.to_string()))
-            {
-                Ok(r) => out.push(r),
-                Err(e) => tracing::error!(path = %p.display(), "unreadable run record: {e}"),
-            }
-        }
-        out.sort_by(|a, b| a.group.cmp(&b.group));
-        out
-    }
-
-    pub fn has_records(&self) -> bool {
-        std::fs::read_dir(self.groups_dir())
-            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json"))))
-    }
-
-    /// Takes the watchdog's lock if nobody holds it.
-    fn try_lock(&self) -> std::io::Result<Option<File>> {
-        std::fs::create_dir_all(&self.path)?;
-        let f = OpenOptions::new().create(true).write(true).truncate(false).open(self.lock_path())?;
-        match f.try_lock() {
-            Ok(()) => Ok(Some(f)),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(e),
-        }
-    }
-
-    /// Starts a watchdog process unless one runs for this data directory.
-    pub fn ensure_watchdog(&self) -> std::io::Result<()> {
-        match self.try_lock()? {
-            None => return Ok(()), // one runs
-            Some(lock) => drop(lock),
-        }
-        let mut spawned = self.spawned.lock().unwrap_or_else(|e| e.into_inner());
-        if spawned.is_some_and(|(pid, start)| is_running(pid, start)) {
-            return Ok(()); // started, not locked yet
-        }
-        let log = OpenOptions::new().create(true).append(true).open(self.data_dir.join("watchdog.log"))?;
-        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
-        cmd.arg("watchdog").arg("--data-dir").arg(&self.data_dir);
-        if let Some(d) = &self.device {
-            cmd.arg("--device").arg(d);
-        }
-        // Its own process group, so that a terminal's Ctrl-C meant for the
-        // agent does not reach it; no parent-death signal: it must outlive
-        // the agent.
-        let mut child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(false)
-            .spawn()?;
-        tracing::info!(pid = child.id(), "watchdog started");
-        *spawned = child.id().and_then(|p| Some((p as i32, proc_start_time(p as i32)?)));
-        // Reap it when it exits (while this agent lives).
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-        });
-        Ok(())
-    }
-
-    /// Kills and stops everything the records name (the lease is gone).
-    /// Returns the groups whose stop failed.
-    async fn fence_all(&self, attempts: &mut std::collections::BTreeMap<String, u32>) -> Vec<String> {
-        let records = self.records();
-        // Processes first, all at once: that is fast and needs nothing.
-        for rec in &records {
-            for slot in rec.resources.iter().rev() {
-                if let RunSlot::Process { pid, start_time } = slot {
-                    if is_running(*pid, *start_time) {
-                        let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
-                        eprintln!("watchdog: lease expired: killed process group {pid} of group {}", rec.group);
-                    }
+            match crate::executor::stop_action(run.data_dir(), &rec.node, &rec.group, rec.epoch, r).await {
+                Ok(0) => eprintln!("watchdog: lease expired: stopped {}/{}", rec.group, r.name),
+                other => {
+                    ok = false;
+                    eprintln!("watchdog: stop of {}/{} failed: {other:?}", rec.group, r.name);
                 }
             }
         }
-        let mut failed = Vec::new();
-        for rec in records {
-            let mut ok = true;
-            for (r, slot) in rec.spec.resources.iter().zip(&rec.resources).rev() {
-                if *slot != RunSlot::Script {
-                    continue;
-                }
-                match crate::executor::stop_action(&self.data_dir, &rec.node, &rec.group, rec.epoch, r).await {
-                    Ok(0) => eprintln!("watchdog: lease expired: stopped {}/{}", rec.group, r.name),
-                    other => {
-                        ok = false;
-                        eprintln!("watchdog: stop of {}/{} failed: {other:?}", rec.group, r.name);
-                    }
-                }
+        let n = attempts.entry(rec.group.clone()).or_default();
+        *n += 1;
+        if ok || *n >= STOP_ATTEMPTS {
+            if !ok {
+                eprintln!("watchdog: giving up stopping group {} after {n} attempts", rec.group);
+                failed.push(rec.group.clone());
             }
-            let n = attempts.entry(rec.group.clone()).or_default();
-            *n += 1;
-            if ok || *n >= STOP_ATTEMPTS {
-                if !ok {
-                    eprintln!("watchdog: giving up stopping group {} after {n} attempts", rec.group);
-                    failed.push(rec.group.clone());
-                }
-                self.remove_record(&rec.group);
-                attempts.remove(&rec.group);
-            }
+            run.remove_record(&rec.group);
+            attempts.remove(&rec.group);
         }
-        failed
     }
+    failed
 }
 
 /// The Linux watchdog device, fed while the node is safe.
@@ -329,7 +114,7 @@ pub async fn run(data_dir: &Path, device: Option<PathBuf>) -> std::io::Result<()
         let now = now_boot_ms();
         let held = lease.valid_at(now);
         if !held && run.has_records() {
-            unsafe_groups.extend(run.fence_all(&mut attempts).await);
+            unsafe_groups.extend(stop_everything(&run, &mut attempts).await);
         }
         if unsafe_groups.is_empty() {
             if let Some(d) = dev.as_mut() {
@@ -361,74 +146,4 @@ pub async fn run(data_dir: &Path, device: Option<PathBuf>) -> std::io::Result<()
     }
     eprintln!("watchdog: nothing to guard, exiting");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lease_round_trips_and_expires() {
-        let dir = tempfile::tempdir().unwrap();
-        let run = RunDir::new(dir.path(), None);
-        assert_eq!(run.read_lease(), Lease::Missing);
-        let now = now_boot_ms();
-        run.write_lease(Lease::Until(now + 500)).unwrap();
-        assert_eq!(run.read_lease(), Lease::Until(now + 500));
-        assert!(run.read_lease().valid_at(now));
-        assert!(!run.read_lease().valid_at(now + 500));
-        run.write_lease(Lease::Released).unwrap();
-        assert_eq!(run.read_lease(), Lease::Released);
-        assert!(!Lease::Released.valid_at(0));
-        // A shorter deadline overwrites a longer line completely.
-        run.write_lease(Lease::Until(7)).unwrap();
-        assert_eq!(run.read_lease(), Lease::Until(7));
-    }
-
-    #[test]
-    fn start_time_names_a_live_process_only() {
-        let me = std::process::id() as i32;
-        let t = proc_start_time(me).expect("own start time");
-        assert!(is_running(me, t));
-        assert!(!is_running(me, t + 1));
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id() as i32;
-        child.wait().unwrap();
-        assert_eq!(proc_start_time(pid), None, "a reaped child is gone");
-    }
-
-    #[test]
-    fn records_round_trip_and_bad_files_are_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let run = RunDir::new(dir.path(), None);
-        let spec: GroupSpec = serde_json::from_value(serde_json::json!({
-            "resources": [{"name": "a", "type": "process", "command": ["sleep", "9"]}], "nodes": ["n1"]
-        }))
-        .unwrap();
-        let rec = RunRecord {
-            group: "g".into(),
-            epoch: 3,
-            node: "n1".into(),
-            spec,
-            resources: vec![RunSlot::Process { pid: 5, start_time: 6 }],
-        };
-        run.write_record(&rec).unwrap();
-        std::fs::write(run.groups_dir().join("junk.json"), b"{").unwrap();
-        assert_eq!(run.records(), vec![rec]);
-        assert!(run.has_records());
-        run.remove_record("g");
-        std::fs::remove_file(run.groups_dir().join("junk.json")).unwrap();
-        assert!(!run.has_records());
-    }
-
-    #[test]
-    fn one_lock_holder_at_a_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let run = RunDir::new(dir.path(), None);
-        let held = run.try_lock().unwrap();
-        assert!(held.is_some());
-        assert!(run.try_lock().unwrap().is_none());
-        drop(held);
-        assert!(run.try_lock().unwrap().is_some());
-    }
 }

@@ -346,6 +346,9 @@ async fn fio_randrw_verifies_over_tcp() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // fio would write its verify state into the working directory:
+            // tests write only into their temp dirs.
+            "--verify_state_save=0",
             "--runtime=3",
             "--time_based",
         ],

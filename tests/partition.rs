@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use tandem::testkit::{in_ns_output, is_root, Net};
+use tandem_testkit::{in_ns_output, is_root, Net};
 
 /// Three hosts n1..n3, each a namespace with its agent, formed into a
 /// cluster; `None` (and a note why) when not root.

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
-use tandem::testkit::is_root;
-use tandem::testkit::sites::{Site, Topology};
+use tandem_testkit::is_root;
+use tandem_testkit::sites::{Site, Topology};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cut_between_sites_moves_the_group_to_the_leaders_side_and_never_runs_it_twice() {

@@ -11,11 +11,12 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem::testkit::free_port;
 use tandem::volume::engine::{ControlPlane, PeerConfig, VolumeConfig};
 use tandem::volume::generation::initial_generation;
 use tandem::volume::manager::{DesiredVolume, VolumeManager};
+use tandem::volume::status::{ReplicaRole, VerifyState};
 use tandem_raft::volume::{DiskState, ReplicationMode, SplitBrainPolicy};
+use tandem_testkit::free_port;
 
 const MIB: u64 = 1 << 20;
 
@@ -219,8 +220,8 @@ async fn sync_replication_keeps_replicas_identical() {
         c.control.log.lock().unwrap()
     );
     let st = c.nodes[0].mgr.status("data").unwrap();
-    assert_eq!(st.role, "primary");
-    assert!(st.replicas.iter().all(|r| r.disk == "UpToDate" && r.out_of_sync_bytes == 0), "{st:?}");
+    assert_eq!(st.role, ReplicaRole::Primary);
+    assert!(st.replicas.iter().all(|r| r.disk == DiskState::UpToDate && r.out_of_sync_bytes == 0), "{st:?}");
     // Secondaries export nothing.
     assert!(c.nodes[1].mgr.status("data").unwrap().nbd.is_none());
 }
@@ -312,13 +313,13 @@ async fn verify_finds_and_repairs_exactly_the_flipped_blocks() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let report = loop {
         let r = v.verify_report().unwrap();
-        if r.state != "running" {
+        if r.state != VerifyState::Running {
             break r;
         }
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(report.state, "done", "{report:?}");
+    assert_eq!(report.state, VerifyState::Done, "{report:?}");
     assert_eq!(report.checked_bytes, 32 * MIB);
     assert_eq!(report.found_blocks.get("n2"), Some(&3), "{report:?}");
     assert_eq!(report.repaired_blocks.get("n2"), Some(&3), "{report:?}");
@@ -557,7 +558,7 @@ async fn a_failing_primary_disk_is_detached_and_served_through_the_peer() {
     // The client notices nothing: the data comes from n2.
     qemu_io(uri_of(&uri), &["read -P 0x6b 0 1M"]).await;
     let st = c.nodes[0].mgr.status("data").unwrap();
-    assert_eq!(st.replicas[0].disk, "Diskless", "{st:?}");
+    assert_eq!(st.replicas[0].disk, DiskState::Diskless, "{st:?}");
     // The control plane was told (it then moves the group to an up-to-date replica).
     let deadline = Instant::now() + Duration::from_secs(5);
     while c.control.last("n1") != Some(DiskState::Diskless) {

@@ -23,8 +23,8 @@ use clap::Parser;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use tandem::testkit::sites::{self as topology, Site, Topology};
-use tandem::testkit::{is_root, kill_session, new_session};
+use tandem_testkit::sites::{self as topology, Site, Topology};
+use tandem_testkit::{is_root, kill_session, new_session};
 
 #[derive(Parser)]
 #[command(name = "tandem-chaos", about = "Fault injection with a history checker for tandem")]
@@ -242,12 +242,12 @@ fn sample(log: &Path, t0: Instant, known: &mut Vec<(Copy, Option<u64>)>) -> Samp
             continue;
         };
         // The start time pins the pid to this process (pids are reused).
-        let start = tandem::watchdog::proc_start_time(pid);
+        let start = tandem::rundir::proc_start_time(pid);
         known.push((Copy { node: node.to_string(), epoch, pid }, start));
     }
     let alive = known
         .iter()
-        .filter(|(c, st)| st.is_some_and(|st| tandem::watchdog::is_running(c.pid, st)))
+        .filter(|(c, st)| st.is_some_and(|st| tandem::rundir::is_running(c.pid, st)))
         .map(|(c, _)| c.clone())
         .collect();
     Sample { t_ms: t0.elapsed().as_millis() as u64, alive }

@@ -91,7 +91,10 @@ pub trait Backend: Send + Sync + 'static {
     async fn delete_group(&self, name: &str) -> Result<(), ApiError>;
     async fn group_action(&self, name: &str, action: GroupAction) -> Result<GroupView, ApiError>;
     async fn move_group(&self, name: &str, to: &str) -> Result<GroupView, ApiError>;
+    /// On the leader: what a node reports about a group placed on it.
     async fn group_report(&self, name: &str, report: GroupReport) -> Result<(), ApiError>;
+    /// On the leader: a node's claim to start a group placed on it.
+    async fn claim_group(&self, name: &str, claim: ClaimRequest) -> Result<(), ApiError>;
     /// What this node runs of a group (404 when nothing).
     async fn local_group(&self, name: &str) -> Result<LocalGroupStatus, ApiError>;
 
@@ -219,6 +222,7 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/groups/{name}/clear", post(clear_group))
         .route("/v1/groups/{name}/move", post(move_group))
         .route("/internal/groups/{name}/report", post(group_report))
+        .route("/internal/groups/{name}/claim", post(claim_group))
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/volumes/{name}", get(get_volume))
         .route("/v1/volumes/{name}/verify", post(verify_volume))
@@ -641,6 +645,14 @@ async fn group_report(
     ApiJson(req): ApiJson<GroupReport>,
 ) -> Result<StatusCode, ApiError> {
     b.group_report(&name, req).await.map(|_| StatusCode::NO_CONTENT)
+}
+
+async fn claim_group(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<ClaimRequest>,
+) -> Result<StatusCode, ApiError> {
+    b.claim_group(&name, req).await.map(|_| StatusCode::NO_CONTENT)
 }
 
 async fn local_group(

@@ -227,9 +227,6 @@ pub struct MoveRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum GroupEvent {
-    /// The node is about to start the group: it claims the placement (the
-    /// epoch grows; refused if the placement moved meanwhile).
-    Starting,
     Stopped,
     Failed,
     /// A stop failed: the group may still run there (escalated to fencing
@@ -243,6 +240,16 @@ pub struct GroupReport {
     pub node: NodeId,
     pub epoch: u64,
     pub event: GroupEvent,
+}
+
+/// A node's claim to start a group placed on it at `epoch`
+/// (`POST /internal/groups/{name}/claim`): committed, the epoch grows;
+/// refused if the placement moved meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    pub node: NodeId,
+    pub epoch: u64,
 }
 
 /// What `POST /v1/groups/{name}/{action}` does.

@@ -11,8 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{validate_name, CommandError, NodeId};
+use crate::error::{validate_name, CommandError};
 use crate::volume::{DiskState, VolumeSpec};
+use crate::NodeId;
 
 /// Most resources in one group.
 pub const MAX_RESOURCES: usize = 32;

@@ -5,6 +5,7 @@
 //! transport ([`network`]). It must never decide policy (who votes, where a
 //! group runs): the daemon does that and proposes commands through Raft.
 
+pub mod error;
 pub mod group;
 pub mod network;
 pub mod state;
@@ -16,7 +17,11 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-pub use state::{Command, CommandError, CommandResult, NodeId, Reply, VersionedCommand};
+pub use error::CommandError;
+pub use state::{Command, CommandResult, Reply, VersionedCommand};
+
+/// A node's id in the cluster: assigned once, never reused.
+pub type NodeId = u64;
 
 /// How the Raft network reaches a node: the base URL of its API on every
 /// network path it has, in the operator's order of preference.

@@ -14,6 +14,8 @@
 
 pub mod check;
 pub mod clock;
+pub mod executor;
+pub mod leader;
 pub mod net;
 pub mod node;
 pub mod scenario;

@@ -10,17 +10,17 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem::autopilot::{self, Candidate};
 use tandem::config::{AutopilotConfig, FencingConfig, LivenessConfig};
+use tandem::failover::{Failover, Policy};
+use tandem::lease::{Effect as LeaseEffect, LeaseCore, Tick};
 use tandem::liveness::Liveness;
-use tandem::scheduler::{NodeInfo, Scheduler};
-use tandem_raft::group::Phase;
-use tandem_raft::state::{AdminState, ClusterState, Command};
+use tandem::reconcile::Reconciler;
+use tandem_raft::state::ClusterState;
 use tandem_raft::NodeId;
 
 use crate::clock::Clock;
 use crate::scenario::NodeSetup;
-use crate::world::{Entry, Ev, Event, Msg, Origin, World};
+use crate::world::{Entry, Ev, Event, Msg, World};
 use crate::Mutant;
 
 /// The agent's loop periods, as `src/agent.rs` has them.
@@ -29,12 +29,6 @@ const GROUP_TICK_US: u64 = 100_000;
 const SCHEDULER_TICK_US: u64 = 50_000;
 const CHANGE_GAP_US: u64 = 10_000;
 const RAFT_HEARTBEAT_US: u64 = 100_000;
-/// How long a claimed start waits for this node to apply its claim.
-const CLAIM_APPLY_WAIT_MS: u64 = 1_000;
-/// Longest wait for a peer's answer.
-const PEER_TIMEOUT_MS: u64 = 5_000;
-/// Minute of the day for failback windows (none are set).
-const MINUTE_OF_DAY: u16 = 12 * 60;
 
 /// The agent's periodic loops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,14 +113,13 @@ pub struct Agent {
     pub voters: Vec<NodeId>,
     /// Raft's `current_leader` as this node knows it.
     pub leader: Option<NodeId>,
-    pub last_leader: NodeId,
-    /// The lease's end, node ms (0: none).
-    pub lease_ms: u64,
-    pub lapsed: bool,
-    pub stepped_out: bool,
+    /// The lease core (`tandem::lease`).
+    pub lease: LeaseCore,
+    /// The reconciler (`tandem::reconcile`) and what runs here.
+    pub reconciler: Reconciler,
     pub groups: BTreeMap<String, LocalGroup>,
-    pub failed: BTreeSet<(String, u64)>,
-    pub fenced: bool,
+    /// The leader's failover input (`tandem::failover`).
+    pub failover: Failover,
     pub claims: BTreeMap<String, Claim>,
     pub next_req: u64,
     /// The leader's scheduler proposals not answered yet.
@@ -198,7 +191,7 @@ impl World {
         self.node(id).clock.local_ms(self.now)
     }
 
-    fn instant(&self, id: NodeId) -> std::time::Instant {
+    pub(crate) fn instant(&self, id: NodeId) -> std::time::Instant {
         self.node(id).clock.instant(self.base, self.now)
     }
 
@@ -239,13 +232,10 @@ impl World {
             applied: n.persisted_applied,
             voters,
             leader: None,
-            last_leader: 0,
-            lease_ms: n.lease_file_ms,
-            lapsed: false,
-            stepped_out: false,
+            lease: LeaseCore::new(fencing().lease_ms, n.lease_file_ms),
+            reconciler: Reconciler::new(),
             groups,
-            failed: BTreeSet::new(),
-            fenced: false,
+            failover: Failover::new(Policy { fence_command: false, fenced_after: self.fenced_after() }),
             claims: BTreeMap::new(),
             next_req: 0,
             sched_inflight: 0,
@@ -397,7 +387,7 @@ impl World {
         a.liveness.status(l, &addrs, self.instant(id)).alive.then_some(l)
     }
 
-    fn post_report(&mut self, id: NodeId, group: &str, epoch: u64, event: Event) -> Option<u64> {
+    pub(crate) fn post(&mut self, id: NodeId, group: &str, epoch: u64, event: Event) -> Option<u64> {
         let to = self.route(id)?;
         let a = self.agent_mut(id)?;
         a.next_req += 1;
@@ -406,60 +396,33 @@ impl World {
         Some(req)
     }
 
-    /// On the leader: records what a node reported (`Agent::apply_report`).
-    #[allow(clippy::too_many_arguments)]
-    fn apply_report(&mut self, id: NodeId, from: NodeId, pid: u32, req: u64, name: &str, epoch: u64, ev: Event) {
-        let origin = Origin::Report { via: id, to: from, pid, req };
-        let Some(a) = self.node(id).agent.as_ref() else { return };
-        let Some(g) = a.state.groups.get(name) else {
-            self.send(id, from, Msg::Reply { pid, req, ok: false });
-            return;
-        };
-        let cmd = match ev {
-            Event::Starting => Some(Command::ClaimGroup { name: name.into(), node: from, expected_epoch: epoch }),
-            _ if g.placement.node != Some(from) || g.placement.epoch != epoch => None,
-            Event::Stopped if g.placement.phase == Phase::Stopping => Some(Command::SetPlacement {
-                name: name.into(),
-                expected_epoch: epoch,
-                node: None,
-                phase: Phase::Stopped,
-                reason: format!("stopped on n{from} ({})", g.placement.reason),
-            }),
-            Event::Failed if g.placement.phase == Phase::Started && !g.failed_on.contains(&from) => {
-                Some(Command::MarkGroupFailed { name: name.into(), node: from, epoch })
-            }
-            _ => None,
-        };
-        match cmd {
-            Some(c) => self.propose(id, Entry::Cmd(c), origin),
-            None => self.send(id, from, Msg::Reply { pid, req, ok: true }),
-        }
-    }
-
     // ---- heartbeats ----
 
-    /// `Agent::heartbeat_round`: one round of heartbeats, unless this node
-    /// is cut off from a leader that a majority hears (it steps out).
+    /// `Agent::heartbeat_round`: the lease core says whether to send this
+    /// round's heartbeats, or to step out (cut off from a leader that a
+    /// majority hears).
     fn heartbeat_round(&mut self, id: NodeId) {
         let now = self.instant(id);
         let sent_ms = self.local_ms(id);
         let cluster = self.cluster_id.clone();
         let Some(a) = self.agent_mut(id) else { return };
-        if let Some(l) = a.leader {
-            a.last_leader = l;
-        }
-        let leader = Some(a.last_leader).filter(|l| *l != 0);
-        let cut_off = leader.is_some_and(|l| {
+        let cut_off = a.lease.leader_to_watch(a.leader).is_some_and(|l| {
             let addrs = a.state.nodes.get(&l).map(|r| r.addresses.clone()).unwrap_or_default();
             a.liveness.cut_off_from(l, &addrs, &a.voters, id, now)
         });
-        let changed = cut_off != a.stepped_out;
-        a.stepped_out = cut_off;
-        if changed {
-            let what = if cut_off { "steps out (cut off from the leader)" } else { "steps back in" };
-            self.log_line(format!("n{id} {what}"));
+        let leader = a.leader;
+        let mut send = false;
+        for e in a.lease.heartbeat_round(leader, cut_off) {
+            match e {
+                LeaseEffect::SendHeartbeats => send = true,
+                LeaseEffect::StepOut { leader } => {
+                    self.log_line(format!("n{id} steps out (cut off from the leader n{leader})"))
+                }
+                LeaseEffect::StepIn => self.log_line(format!("n{id} steps back in")),
+                LeaseEffect::PersistLease { .. } | LeaseEffect::KillEverything => {}
+            }
         }
-        if cut_off {
+        if !send {
             return;
         }
         let Some(a) = self.node(id).agent.as_ref() else { return };
@@ -478,53 +441,38 @@ impl World {
 
     // ---- the lease ----
 
-    /// `Agent::quorum_acked_ms`: when this node sent the heartbeat a
-    /// majority of voters has echoed (itself counting as now).
-    fn quorum_acked_ms(&self, id: NodeId, now_ms: u64) -> Option<u64> {
-        let a = self.node(id).agent.as_ref()?;
-        let mut acked: Vec<u64> =
-            a.voters.iter().filter_map(|v| if *v == id { Some(now_ms) } else { a.liveness.acked_ms(*v) }).collect();
-        acked.sort_unstable_by(|a, b| b.cmp(a));
-        acked.get(a.voters.len() / 2).copied()
-    }
-
-    /// `Agent::lease_round`: extends the lease from a majority's echoes;
-    /// a lease that ran out with something running kills it all.
+    /// `Agent::lease_round`: the lease core extends the lease from what a
+    /// majority echoed (the lease file first), or lapses it: kill it all.
     fn lease_round(&mut self, id: NodeId) {
         let now_ms = self.local_ms(id);
         let has_records = !self.node(id).records.is_empty();
         let Some(a) = self.agent_mut(id) else { return };
-        let current = a.lease_ms;
-        if current <= now_ms {
-            let running = !a.groups.is_empty() || has_records;
-            if running && !a.lapsed {
-                a.lapsed = true;
-                self.log_line(format!("n{id}: lease ran out: kills every resource"));
-                self.kill_local(id);
+        let voters: Vec<(NodeId, Option<u64>)> = a.voters.iter().map(|v| (*v, a.liveness.acked_ms(*v))).collect();
+        let running = !a.groups.is_empty() || has_records;
+        let was_held = a.lease.holds(now_ms);
+        for e in a.lease.tick(Tick { now_ms, me: id, voters: &voters, running }) {
+            match e {
+                LeaseEffect::KillEverything => {
+                    self.log_line(format!("n{id}: lease ran out: kills every resource"));
+                    self.kill_local(id);
+                }
+                LeaseEffect::PersistLease { deadline_ms } => {
+                    if !was_held {
+                        self.log_line(format!("n{id}: lease taken (until {deadline_ms} ms)"));
+                    }
+                    self.node_mut(id).lease_file_ms = deadline_ms;
+                    if let Some(a) = self.agent_mut(id) {
+                        a.lease.persisted(deadline_ms);
+                    }
+                    self.schedule_watchdog(id);
+                }
+                LeaseEffect::SendHeartbeats | LeaseEffect::StepOut { .. } | LeaseEffect::StepIn => {}
             }
-        }
-        if self.node(id).agent.as_ref().is_none_or(|a| a.lapsed) {
-            return;
-        }
-        let Some(heard_ms) = self.quorum_acked_ms(id, now_ms) else { return };
-        if current <= now_ms && heard_ms < current {
-            return;
-        }
-        let deadline = heard_ms + fencing().lease_ms;
-        if deadline > current {
-            if current <= now_ms {
-                self.log_line(format!("n{id}: lease taken (until {deadline} ms)"));
-            }
-            self.node_mut(id).lease_file_ms = deadline;
-            if let Some(a) = self.agent_mut(id) {
-                a.lease_ms = deadline;
-            }
-            self.schedule_watchdog(id);
         }
     }
 
     /// SIGKILL to every resource process the agent knows of (`Fence::kill_all`).
-    fn kill_local(&mut self, id: NodeId) {
+    pub(crate) fn kill_local(&mut self, id: NodeId) {
         if self.sc.mutant == Some(Mutant::KeepRunning) {
             return;
         }
@@ -543,7 +491,7 @@ impl World {
     }
 
     /// The process ends (stopped or killed).
-    fn end_proc(&mut self, id: NodeId, g: &str, proc: u64) {
+    pub(crate) fn end_proc(&mut self, id: NodeId, g: &str, proc: u64) {
         let n = self.node_mut(id);
         if n.procs.get(g).is_some_and(|p| p.id == proc) {
             n.procs.remove(g);
@@ -584,367 +532,10 @@ impl World {
         }
         self.node_mut(id).records.clear();
     }
-
-    // ---- the executor ----
-
-    /// `Agent::executor_round`: fences after a lapse, claims the groups
-    /// placed here, then reconciles.
-    fn executor_round(&mut self, id: NodeId) {
-        let Some(a) = self.node(id).agent.as_ref() else { return };
-        if a.lapsed {
-            self.fence(id);
-            if let Some(a) = self.agent_mut(id) {
-                a.lapsed = false;
-            }
-        }
-        let Some(a) = self.node(id).agent.as_ref() else { return };
-        if a.state.groups.is_empty() && a.groups.is_empty() {
-            return;
-        }
-        let now_ms = self.local_ms(id);
-        if now_ms < a.lease_ms {
-            let wanted: Vec<(String, u64)> = a
-                .state
-                .groups
-                .values()
-                .filter(|g| g.placement.node == Some(id) && g.placement.phase == Phase::Started)
-                .filter(|g| !a.groups.contains_key(&g.name) && !a.failed.contains(&(g.name.clone(), g.placement.epoch)))
-                .filter(|g| a.claims.get(&g.name).is_none_or(|c| c.epoch != g.placement.epoch))
-                .map(|g| (g.name.clone(), g.placement.epoch))
-                .collect();
-            for (name, epoch) in wanted {
-                if let Some(req) = self.post_report(id, &name, epoch, Event::Starting) {
-                    if let Some(a) = self.agent_mut(id) {
-                        a.claims.insert(name, Claim { epoch, req, sent_ms: now_ms, ok_ms: None });
-                    }
-                }
-            }
-        }
-        self.check_claims(id);
-        self.tick(id, &BTreeSet::new());
-    }
-
-    /// Claims confirmed (committed and applied here) start at once; stale
-    /// or timed-out ones are dropped.
-    fn check_claims(&mut self, id: NodeId) {
-        let now_ms = self.local_ms(id);
-        let Some(a) = self.agent_mut(id) else { return };
-        let mut confirmed = BTreeSet::new();
-        let mut drop = Vec::new();
-        for (name, c) in &a.claims {
-            let want = c.epoch + 1;
-            let applied = a.state.groups.get(name).map(|g| (g.placement.node, g.placement.epoch));
-            match (c.ok_ms, applied) {
-                (Some(_), Some((Some(n), e))) if n == id && e == want => {
-                    confirmed.insert((name.clone(), want));
-                    drop.push(name.clone());
-                }
-                (_, Some((_, e))) if e > want => drop.push(name.clone()),
-                (Some(ok), _) if now_ms >= ok + CLAIM_APPLY_WAIT_MS => drop.push(name.clone()),
-                (None, _) if now_ms >= c.sent_ms + PEER_TIMEOUT_MS => drop.push(name.clone()),
-                _ => {}
-            }
-        }
-        for name in drop {
-            a.claims.remove(&name);
-        }
-        if !confirmed.is_empty() && self.running(id) {
-            self.tick(id, &confirmed);
-        }
-    }
-
-    /// `Executor::fence`: kills everything local at once; the records go.
-    fn fence(&mut self, id: NodeId) {
-        self.kill_local(id);
-        let keep = self.sc.mutant == Some(Mutant::KeepRunning);
-        let n = self.node_mut(id);
-        if !keep {
-            n.records.clear();
-        }
-        if let Some(a) = n.agent.as_mut() {
-            a.groups.clear();
-            a.fenced = true;
-        }
-    }
-
-    /// `Executor::tick`: stop what must not run here, report, start what
-    /// is placed here (a new start only when `confirmed`), monitor.
-    fn tick(&mut self, id: NodeId, confirmed: &BTreeSet<(String, u64)>) {
-        let now_ms = self.local_ms(id);
-        let Some(a) = self.node(id).agent.as_ref() else { return };
-        if now_ms >= a.lease_ms {
-            self.fence(id);
-            return;
-        }
-        let no_claim = self.sc.mutant == Some(Mutant::NoClaim);
-        let Some(a) = self.agent_mut(id) else { return };
-        a.fenced = false;
-        let maintenance = a.state.nodes.get(&id).is_some_and(|n| n.admin_state == AdminState::Maintenance);
-        let stop: Vec<String> = a
-            .groups
-            .iter()
-            .filter(|(name, l)| {
-                let keep = a
-                    .state
-                    .groups
-                    .get(*name)
-                    .is_some_and(|g| g.placement.node == Some(id) && g.placement.phase == Phase::Started);
-                !keep && !matches!(l.slot, Slot::Stopping(_))
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in stop {
-            self.begin_stop(id, &name);
-        }
-        let Some(a) = self.agent_mut(id) else { return };
-        let state_groups = &a.state.groups;
-        a.failed.retain(|(name, epoch)| {
-            state_groups.get(name).is_some_and(|g| g.placement.epoch == *epoch && !g.failed_on.contains(&id))
-        });
-        let mut reports = Vec::new();
-        let mut run = Vec::new();
-        for g in a.state.groups.values().filter(|g| g.placement.node == Some(id)) {
-            let epoch = g.placement.epoch;
-            let local = a.groups.contains_key(&g.name);
-            match g.placement.phase {
-                Phase::Stopping | Phase::Stopped if local => {}
-                Phase::Stopping | Phase::Stopped => reports.push((g.name.clone(), epoch, Event::Stopped)),
-                Phase::Started if a.failed.contains(&(g.name.clone(), epoch)) => {
-                    reports.push((g.name.clone(), epoch, Event::Failed))
-                }
-                Phase::Started => {
-                    if maintenance {
-                        continue;
-                    }
-                    if !local && !confirmed.contains(&(g.name.clone(), epoch)) && !no_claim {
-                        continue;
-                    }
-                    run.push((g.name.clone(), epoch, g.spec.max_restarts, g.spec.restart_window_ms));
-                }
-            }
-        }
-        for (name, epoch, max, window) in run {
-            if let Some(r) = self.run_group(id, &name, epoch, max, window) {
-                reports.push(r);
-            }
-        }
-        for (name, epoch, ev) in reports {
-            self.post_report(id, &name, epoch, ev);
-        }
-    }
-
-    /// `Executor::run`: starts the group if needed, watches it, restarts
-    /// it within its threshold; past it, gives it up here.
-    fn run_group(&mut self, id: NodeId, name: &str, epoch: u64, max: u32, window: u64) -> Option<(String, u64, Event)> {
-        let now_ms = self.local_ms(id);
-        let (alive, lease_ok) = {
-            let n = self.node(id);
-            let a = n.agent.as_ref()?;
-            let proc = a.groups.get(name).and_then(|l| match l.slot {
-                Slot::Starting(p) | Slot::Up(p) => Some(p),
-                _ => None,
-            });
-            (proc.map(|p| n.procs.get(name).is_some_and(|x| x.id == p)), now_ms < a.lease_ms)
-        };
-        let a = self.agent_mut(id)?;
-        let local = a.groups.entry(name.to_string()).or_insert_with(|| LocalGroup {
-            epoch,
-            slot: Slot::Idle,
-            restarts: VecDeque::new(),
-        });
-        local.epoch = epoch;
-        while local.restarts.front().is_some_and(|t| now_ms.saturating_sub(*t) > window) {
-            local.restarts.pop_front();
-        }
-        let failed = match (&local.slot, alive) {
-            // The lease may have run out while this round ran: start nothing.
-            (Slot::Idle, _) if !lease_ok => return None,
-            (Slot::Idle, _) => None,
-            (Slot::Starting(_) | Slot::Up(_), Some(true)) | (Slot::Stopping(_), _) => return None,
-            // Its process ended (crashed, or gone while no agent watched).
-            _ if local.restarts.len() as u32 >= max => Some(true),
-            _ => {
-                local.restarts.push_back(now_ms);
-                local.slot = Slot::Idle;
-                Some(false)
-            }
-        };
-        match failed {
-            None => {
-                self.spawn(id, name, epoch);
-                None
-            }
-            Some(false) => {
-                self.log_line(format!("n{id}: {name} found ended: restarts it"));
-                None
-            }
-            Some(true) => {
-                self.log_line(format!("n{id}: {name} failed past its restart threshold"));
-                a_remove(self, id, name);
-                let a = self.agent_mut(id)?;
-                a.failed.insert((name.to_string(), epoch));
-                Some((name.to_string(), epoch, Event::Failed))
-            }
-        }
-    }
-
-    /// A start begins: the process exists from now on.
-    fn spawn(&mut self, id: NodeId, name: &str, epoch: u64) {
-        let proc = self.next_proc;
-        self.next_proc += 1;
-        self.log_line(format!("n{id}: starts {name} at epoch {epoch}"));
-        self.check_start(id, name);
-        let now = self.now;
-        let n = self.node_mut(id);
-        n.procs.insert(name.to_string(), Proc { id: proc, epoch, since: now });
-        n.records.insert(name.to_string(), epoch);
-        if let Some(l) = n.agent.as_mut().and_then(|a| a.groups.get_mut(name)) {
-            l.slot = Slot::Starting(proc);
-        }
-        self.schedule_watchdog(id);
-        let d = self.rng.u64(0..=300_000);
-        self.schedule(self.now + d, Ev::StartDone { node: id, proc });
-    }
-
-    pub fn on_start_done(&mut self, id: NodeId, proc: u64) {
-        let Some(a) = self.agent_mut(id) else { return };
-        for l in a.groups.values_mut() {
-            if l.slot == Slot::Starting(proc) {
-                l.slot = Slot::Up(proc);
-            }
-        }
-    }
-
-    /// The stop action begins; the group leaves once it is done.
-    fn begin_stop(&mut self, id: NodeId, name: &str) {
-        let n = &mut self.nodes[(id - 1) as usize];
-        let Some(l) = n.agent.as_mut().and_then(|a| a.groups.get_mut(name)) else { return };
-        match l.slot {
-            Slot::Starting(p) | Slot::Up(p) if n.procs.get(name).is_some_and(|x| x.id == p) => {
-                l.slot = Slot::Stopping(p);
-                self.log_line(format!("n{id}: stops {name}"));
-                let d = self.rng.u64(10_000..=300_000);
-                self.schedule(self.now + d, Ev::StopDone { node: id, proc: p });
-            }
-            _ => a_remove(self, id, name),
-        }
-    }
-
-    pub fn on_stop_done(&mut self, id: NodeId, proc: u64) {
-        let Some(name) = self.node(id).procs.iter().find(|(_, p)| p.id == proc).map(|(g, _)| g.clone()) else {
-            return;
-        };
-        self.end_proc(id, &name, proc);
-        let mine = self
-            .node(id)
-            .agent
-            .as_ref()
-            .and_then(|a| a.groups.get(&name))
-            .is_some_and(|l| l.slot == Slot::Stopping(proc));
-        if mine {
-            a_remove(self, id, &name);
-            if self.running(id) {
-                self.tick(id, &BTreeSet::new());
-            }
-        }
-    }
-
-    // ---- the leader ----
-
-    /// `Agent::scheduler_round`: on the leader, commits every placement
-    /// change the scheduler decides from this node's liveness view.
-    fn scheduler_round(&mut self, id: NodeId) {
-        let now = self.instant(id);
-        let Some(a) = self.node(id).agent.as_ref() else { return };
-        if a.leader != Some(id) || a.state.groups.is_empty() || a.sched_inflight > 0 {
-            return;
-        }
-        let f = fencing();
-        let liveness_cfg = LivenessConfig::default();
-        let fenced_after = match self.sc.mutant {
-            Some(Mutant::Margin0) => Duration::from_millis(f.lease_ms),
-            _ => Duration::from_millis(f.lease_ms + f.margin_ms),
-        }
-        .max(Duration::from_millis(liveness_cfg.node_timeout_ms));
-        let nodes: Vec<NodeInfo> = a
-            .state
-            .nodes
-            .values()
-            .map(|r| {
-                let me = r.id == id;
-                let st = a.liveness.quorum_status(r.id, &r.addresses, &a.voters, id, now);
-                NodeInfo {
-                    id: r.id,
-                    name: r.name.clone(),
-                    admin: r.admin_state,
-                    witness: r.witness,
-                    alive: me || st.alive,
-                    fenced: !me && !st.alive && st.down_for >= fenced_after,
-                    capacity: r.attributes.get("capacity").and_then(|c| c.parse().ok()),
-                }
-            })
-            .collect();
-        let decisions = Scheduler::new(&nodes, &a.state.groups, MINUTE_OF_DAY).decide();
-        let pid = a.pid;
-        for d in decisions {
-            if let Some(a) = self.agent_mut(id) {
-                a.sched_inflight += 1;
-            }
-            let cmd = Command::SetPlacement {
-                name: d.group,
-                expected_epoch: d.expected_epoch,
-                node: d.node,
-                phase: d.phase,
-                reason: d.reason,
-            };
-            self.propose(id, Entry::Cmd(cmd), Origin::Scheduler { node: id, pid });
-        }
-    }
-
-    /// `Agent::autopilot_round`: on the leader, moves votes as autopilot says.
-    fn autopilot_round(&mut self, id: NodeId) {
-        let now = self.instant(id);
-        let last = self.log.len();
-        let Some(a) = self.node(id).agent.as_ref() else { return };
-        if a.leader != Some(id) || !a.voters.contains(&id) {
-            return;
-        }
-        let cfg = AutopilotConfig::default();
-        let candidates: Vec<Candidate> = a
-            .state
-            .nodes
-            .values()
-            .map(|r| {
-                let me = r.id == id;
-                let st = a.liveness.status(r.id, &r.addresses, now);
-                // The leader's replication progress: what the node has.
-                let matched = self.node(r.id).agent.as_ref().map(|x| x.applied);
-                Candidate {
-                    id: r.id,
-                    site: r.site.clone(),
-                    witness: r.witness,
-                    alive: me || st.alive,
-                    down_for: if me { Duration::ZERO } else { st.down_for },
-                    caught_up: me || matched.is_some_and(|i| i as u64 + cfg.max_lag_entries >= last as u64),
-                }
-            })
-            .collect();
-        let input = autopilot::Input {
-            candidates,
-            voters: a.voters.iter().copied().collect(),
-            leader: id,
-            target: self.sc.target,
-            dead_after: Duration::from_millis(cfg.dead_voter_after_ms),
-        };
-        if let Some(voters) = autopilot::plan_voters(&input) {
-            self.log_line(format!("n{id}: autopilot: voters {:?} -> {voters:?}", input.voters));
-            self.propose(id, Entry::Voters(voters), Origin::Autopilot);
-        }
-    }
 }
 
 /// The group leaves the executor (and the records).
-fn a_remove(w: &mut World, id: NodeId, name: &str) {
+pub(crate) fn a_remove(w: &mut World, id: NodeId, name: &str) {
     let n = w.node_mut(id);
     if let Some(a) = n.agent.as_mut() {
         a.groups.remove(name);

@@ -47,9 +47,11 @@ pub enum Entry {
 /// A node's report about a group, as the agent posts it to the leader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    Starting,
+    /// A claim (`ClaimRequest`): start me at this epoch.
+    Claim,
     Stopped,
     Failed,
+    StopFailed,
 }
 
 #[derive(Debug, Clone)]
@@ -59,7 +61,7 @@ pub enum Msg {
     /// Raft's append/heartbeat from a node that believes it leads: its
     /// term, and how far the log is committed as it knows.
     Replicate { term: u64, leader: Option<NodeId>, commit: usize },
-    /// A report (or claim) posted to the leader.
+    /// A report or a claim posted to the leader.
     Report { from: NodeId, pid: u32, req: u64, group: String, epoch: u64, event: Event },
     /// The leader's answer to a report.
     Reply { pid: u32, req: u64, ok: bool },

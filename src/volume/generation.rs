@@ -92,9 +92,6 @@
 //! (the engine refuses to overwrite a serving primary and reports it);
 //! `DiscardRemote` → the secondary.
 
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use serde::{Deserialize, Serialize};
 use tandem_raft::volume::{DiskState, SplitBrainPolicy};
 use thiserror::Error;
@@ -135,23 +132,6 @@ pub fn initial_generation(volume_id: &str) -> GenId {
     }
 }
 
-/// A random, non-zero generation id for [`Generations::new_generation`].
-///
-/// Draws from the process's hash-seed randomness mixed with a counter: not
-/// cryptographic, but 64 bits that two replicas never pick alike in practice.
-pub fn fresh_generation() -> GenId {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        h.write_u128(t.as_nanos());
-    }
-    match h.finish() {
-        0 => 1,
-        g => g,
-    }
-}
-
 impl Generations {
     /// An empty replica: needs a full sync.
     pub const EMPTY: Generations = Generations { current: 0, bitmap: 0, history: [0, 0] };
@@ -185,9 +165,10 @@ impl Generations {
     /// (disconnected): the bitmap keeps counting from its root (or starts at
     /// the old current), the old current goes to the history.
     ///
-    /// `fresh` should come from [`fresh_generation`]; a value that is 0 or
-    /// already known here (current, bitmap, history) is bumped to the next
-    /// unused one, so `current` is never 0 nor in its own history afterwards.
+    /// `fresh` should come from the engine's `fresh_generation` (random); a
+    /// value that is 0 or already known here (current, bitmap, history) is
+    /// bumped to the next unused one, so `current` is never 0 nor in its own
+    /// history afterwards.
     /// Returns the generation now current.
     pub fn new_generation(&mut self, fresh: GenId) -> GenId {
         let mut fresh = fresh;
@@ -451,13 +432,6 @@ mod tests {
         assert_eq!(d(Generations::new_volume("abc"), Generations::new_volume("abc")), Decision::InSync);
         // A replica added later needs a full sync.
         assert_eq!(d(Generations::new_volume("abc"), Generations::EMPTY), Decision::Full);
-    }
-
-    #[test]
-    fn fresh_generations_differ_and_are_non_zero() {
-        let ids: BTreeSet<GenId> = (0..1000).map(|_| fresh_generation()).collect();
-        assert_eq!(ids.len(), 1000);
-        assert!(!ids.contains(&0));
     }
 
     /// Every row of the module doc's table.

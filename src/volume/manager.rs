@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tandem_http_api::types::{LocalVolumeStatus, VerifyReport};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::TcpListener;
 
 use super::engine::{ControlPlane, Volume, VolumeConfig};
 use super::nbd;
+use super::status::{VerifyOutcome, VolumeStatus};
 use super::wire::{self, HelloReply, Message};
 use super::VolumeError;
 
@@ -202,11 +202,11 @@ impl VolumeManager {
         *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
     }
 
-    /// The lease ran out: every primary here stops serving at once (its
-    /// exports fail every request until the executor demotes it).
-    pub fn fence_all(&self) {
+    /// The node's lease lapsed: every primary here halts, stops serving at
+    /// once (its exports fail every request until the executor demotes it).
+    pub fn halt_all(&self) {
         for v in self.routes.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            v.fence();
+            v.halt();
         }
     }
 
@@ -221,7 +221,7 @@ impl VolumeManager {
     }
 
     /// What this node knows about `name` (the whole picture on the primary).
-    pub fn status(&self, name: &str) -> Result<LocalVolumeStatus, VolumeError> {
+    pub fn status(&self, name: &str) -> Result<VolumeStatus, VolumeError> {
         let volume = self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
         let volume = volume.ok_or_else(|| not_found(name))?;
         let uri = self.uris.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
@@ -229,7 +229,7 @@ impl VolumeManager {
     }
 
     /// Starts an online verify on the primary; returns the report so far.
-    pub async fn verify(&self, name: &str) -> Result<VerifyReport, VolumeError> {
+    pub async fn verify(&self, name: &str) -> Result<VerifyOutcome, VolumeError> {
         let volume = self.primary(name).await?;
         volume.verify().await.map_err(|e| {
             if e == "running" {

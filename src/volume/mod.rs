@@ -6,17 +6,22 @@
 //! protocol ([`wire`]). What a peer lacks is tracked in a persisted bitmap per
 //! peer; an activity log bounds what must be resynced after a primary crash;
 //! generation UUIDs ([`generation`]) decide on every connect which way data
-//! flows, or that the two sides split.
+//! flows, or that the two sides split; both ends of a connection run the
+//! same [`handshake`] check. What it reports is in its own [`status`] types.
 //!
 //! This module must never decide placement: the scheduler picks the primary
 //! and the executor promotes and demotes through [`manager::VolumeManager`],
 //! which carries the group's epoch so a stale primary is refused by its peers.
+//! It never depends on the REST layer (`tandem_http_api`): the agent maps
+//! its status to the API's views (`crate::volume_views`).
 
 pub mod desired;
 pub mod engine;
 pub mod generation;
+pub mod handshake;
 pub mod manager;
 pub mod nbd;
+pub mod status;
 pub mod store;
 pub mod wire;
 

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 
-pub use tandem::testkit::free_port;
+pub use tandem_testkit::free_port;
 
 pub struct Node {
     pub name: String,
@@ -59,7 +59,7 @@ impl Node {
             }
             None => Command::new(BIN),
         };
-        tandem::testkit::new_session(&mut cmd);
+        tandem_testkit::new_session(&mut cmd);
         let child = cmd
             .arg("agent")
             .arg("--config")
@@ -94,7 +94,7 @@ impl Node {
     /// Power loss: the agent, its watchdog and its resources die at once.
     pub fn kill(&mut self) {
         for sid in &self.sessions {
-            tandem::testkit::kill_session(*sid);
+            tandem_testkit::kill_session(*sid);
         }
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
@@ -112,7 +112,7 @@ impl Node {
 
     /// The node's watchdog process, if one runs.
     pub fn watchdog_pid(&self) -> Option<i32> {
-        self.sessions.iter().flat_map(|sid| tandem::testkit::session_members(*sid)).find(|p| {
+        self.sessions.iter().flat_map(|sid| tandem_testkit::session_members(*sid)).find(|p| {
             std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"watchdog"))
         })
     }

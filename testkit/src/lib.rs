@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests and the benchmarks, which start
 //! real agents on loopback or in network namespaces. Nothing in the agent
-//! uses this module.
+//! uses this crate: it is a dev-dependency of `tandem` and a dependency of
+//! `tandem-chaos` only.
 
 pub mod sites;
 

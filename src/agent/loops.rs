@@ -1,0 +1,186 @@
+//! The agent's process: binding the sockets, starting Raft, the API
+//! servers and the periodic loops (heartbeats, lease, executor, scheduler,
+//! volumes, autopilot), and stopping on SIGTERM/SIGINT.
+
+use super::*;
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let db = Db::open(&cfg.data_dir.join("raft"))?;
+    let mut listeners = Vec::new();
+    for a in &cfg.addresses {
+        let addr = tandem_raft::state::socket_addr(a, cfg.port);
+        let l = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding the API on {addr}"))?;
+        listeners.push(l);
+    }
+    let sockets = Arc::new(HeartbeatSockets::bind(&cfg.addresses, cfg.port).await?);
+    let liveness = Liveness::new(cfg.node_timeout());
+    let agent = Arc::new(Agent::new(cfg.clone(), db.clone(), liveness.clone())?);
+    // The data plane listens before anything can be promoted here.
+    agent.fence.set_volumes(agent.volumes.clone());
+    let fence = agent.fence.clone();
+    agent.volumes.set_lease(Arc::new(move || fence.lease_valid()));
+    let replication: Vec<std::net::SocketAddr> = cfg
+        .addresses
+        .iter()
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        .map(|ip| std::net::SocketAddr::new(ip, crate::volume::desired::replication_port(cfg.port)))
+        .collect();
+    agent
+        .volumes
+        .start(&cfg.data_dir.join("volumes"), &replication, Arc::new(VolumeControl(Arc::downgrade(&agent))))
+        .await
+        .context("starting the volume replication listener (port + 1)")?;
+    if let Some(identity) = db.identity()? {
+        agent.start_member(&identity).await?;
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let router = tandem_http_api::router(agent.clone());
+    let mut servers = Vec::new();
+    for l in listeners {
+        let mut rx = stop_rx.clone();
+        let app = router.clone();
+        servers.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            axum::serve(l, app).with_graceful_shutdown(stop).await
+        }));
+    }
+    let ident_agent = agent.clone();
+    sockets.spawn_receivers(liveness, move || ident_agent.member().map(|m| (m.cluster_id.clone(), m.node_id)));
+    let (a, socks) = (agent.clone(), sockets.clone());
+    every(cfg.heartbeat_interval(), move || {
+        let (agent, sockets) = (a.clone(), socks.clone());
+        async move { agent.heartbeat_round(&sockets).await }
+    });
+    let a = agent.clone();
+    every(Duration::from_millis(cfg.autopilot.interval_ms), move || {
+        let agent = a.clone();
+        async move {
+            if let Err(e) = agent.autopilot_round().await {
+                tracing::warn!(code = e.code(), "autopilot: {e}");
+            }
+        }
+    });
+    let a = agent.clone();
+    every_or_on_change(agent.clone(), GROUP_TICK, move || {
+        let agent = a.clone();
+        async move { agent.executor_round().await }
+    });
+    let a = agent.clone();
+    // Under systemd with WatchdogSec=, the lease timer's own loop proves the
+    // agent alive: a stalled lease timer gets the agent restarted.
+    let sd_watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
+    let last_ping = Arc::new(std::sync::Mutex::new(Instant::now()));
+    every(LEASE_TICK, move || {
+        let (agent, last_ping) = (a.clone(), last_ping.clone());
+        async move {
+            agent.lease_round().await;
+            if let Some(period) = sd_watchdog {
+                let mut last = last_ping.lock().unwrap_or_else(|e| e.into_inner());
+                if last.elapsed() >= period {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    *last = Instant::now();
+                }
+            }
+        }
+    });
+    let a = agent.clone();
+    every_or_on_change(agent.clone(), VOLUME_TICK, move || {
+        let agent = a.clone();
+        async move { agent.volume_round().await }
+    });
+    let a = agent.clone();
+    every_or_on_change(agent.clone(), SCHEDULER_TICK, move || {
+        let agent = a.clone();
+        async move { agent.scheduler_round().await }
+    });
+    if !cfg.join.is_empty() && agent.member().is_none() {
+        let agent = agent.clone();
+        let urls = cfg.join.clone();
+        tokio::spawn(async move { auto_join(agent, urls).await });
+    }
+    tracing::info!(name = %cfg.name, urls = %agent.my_urls().join(","), pid = std::process::id(), version = VERSION, "agent up");
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    wait_for_signal().await;
+    tracing::info!("stopping");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    agent.shutdown().await;
+    for s in servers {
+        let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
+    }
+    Ok(())
+}
+
+/// Runs `round` every `period`, forever, on its own task; a round that runs
+/// long delays the next one rather than overlapping it.
+pub(super) fn every<F, Fut>(period: Duration, mut round: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            round().await;
+        }
+    });
+}
+
+/// Like `every`, but also runs `round` as soon as the replicated state
+/// changes (a placement committed, a group defined): reactions to the log
+/// do not wait for the next tick.
+pub(super) fn every_or_on_change<F, Fut>(agent: Arc<Agent>, period: Duration, mut round: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        // The receiver of the current membership's state (it changes when
+        // the agent joins, leaves or rejoins).
+        let mut rx: Option<(usize, tokio::sync::watch::Receiver<u64>)> = None;
+        loop {
+            let m = agent.member();
+            let key = m.as_ref().map(|m| Arc::as_ptr(m) as usize);
+            if rx.as_ref().map(|r| r.0) != key {
+                rx = m.map(|m| (Arc::as_ptr(&m) as usize, m.state.subscribe()));
+            }
+            match rx.as_mut() {
+                Some((_, r)) => {
+                    if let Ok(Err(_)) = tokio::time::timeout(period, r.changed()).await {
+                        // The state is gone (membership ended): just tick.
+                        tokio::time::sleep(period).await;
+                    }
+                }
+                None => tokio::time::sleep(period).await,
+            }
+            round().await;
+            // A busy log (thousands of writes a second) must not turn the
+            // loop into a spin: at most one round per CHANGE_GAP.
+            tokio::time::sleep(CHANGE_GAP).await;
+        }
+    });
+}
+
+pub(super) async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The node agent: owns this node's Raft instance, its liveness view, its
+//! lease, the groups it runs and the volumes it holds, and serves the REST
+//! API through [`tandem_http_api::Backend`].
+//!
+//! This is the imperative shell: it talks to disks, sockets, processes and
+//! clocks, and hands every decision to a pure module (`state` for commands,
+//! `scheduler` for placements, `autopilot` for voters, and the lease,
+//! reconciler and failover cores). It must never decide inline what a pure
+//! module can decide. One file per responsibility:
+//!
+//! - `raft_ops`: openraft calls and their errors; `peers`: calls to other
+//!   agents and to the leader;
+//! - `membership`: bootstrap, join, adopt, remove, autopilot;
+//! - `lease`: heartbeats, stepping out, the lease and its lapse;
+//! - `groups`: claims, the executor round, reports, group views;
+//! - `failover`: the leader's scheduler round and fencing (STONITH);
+//! - `views`, `volumes`, `backend` (the REST API), `loops` (the process).
+//!
+//! Membership changes are serialised by one lock, because openraft refuses
+//! overlapping ones and a half-done join must not race a removal.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{ChangeMembers, SnapshotPolicy};
+use tandem_http_api::{
+    AdoptRequest, ApiError, Backend, ClaimRequest, ClusterView, ErrorBody, GroupAction, GroupEvent, GroupReport,
+    GroupView, InitRequest, JoinRequest, JoinViaRequest, LocalGroupStatus, LocalView, NodeState, NodeView, PathView,
+    ReleaseRequest, ResourceView, Role, Route,
+};
+use tandem_raft::group::{GroupRecord, GroupSpec, Phase};
+use tandem_raft::network::Network;
+use tandem_raft::state::{api_urls, validate_name, AdminState, ClusterState, Command, NodeRecord, NodeSpec, Reply};
+use tandem_raft::store::{Db, Identity, StateHandle};
+use tandem_raft::{NodeId, Peer, Raft, RaftMetrics, VersionedCommand};
+use tracing::Instrument;
+
+use crate::autopilot::{self, Candidate};
+use crate::clock::{local_minute_of_day, now_boot_ms};
+use crate::config::Config;
+use crate::executor::{Executor, Fence, Report};
+use crate::liveness::{HeartbeatSockets, Liveness};
+use crate::rundir::{Lease, RunDir};
+use crate::scheduler::{NodeInfo, Scheduler};
+
+/// Longest wait for a write or a linearizable read to be confirmed.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a peer agent's answer during join / remove.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a new leader after the old one handed over.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// Join retry backoff bounds for `join = [...]` in the config.
+const JOIN_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// How often the executor runs (changes to the state wake it at once).
+const GROUP_TICK: Duration = Duration::from_millis(100);
+/// The least time between two rounds of a loop woken by state changes.
+const CHANGE_GAP: Duration = Duration::from_millis(10);
+/// How long after a failed fence command (STONITH) the leader tries again.
+const FENCE_RETRY: Duration = Duration::from_secs(2);
+/// How often the leader's scheduler looks at liveness: a dead node's
+/// groups move at most this long after its fencing wait ends (changes to
+/// the state wake it at once).
+const SCHEDULER_TICK: Duration = Duration::from_millis(50);
+/// How long a group's GET waits for the node running it to describe its
+/// resources (the answer goes without them past that).
+const STATUS_TIMEOUT: Duration = Duration::from_millis(300);
+/// How often the lease is checked: a lapse kills everything local within
+/// this of the lease's end.
+const LEASE_TICK: Duration = Duration::from_millis(100);
+
+/// This node's membership: present once bootstrapped or adopted.
+pub struct Member {
+    pub node_id: NodeId,
+    pub cluster_id: String,
+    pub raft: Raft,
+    pub state: StateHandle,
+}
+
+impl Member {
+    fn metrics(&self) -> RaftMetrics {
+        // Clone at once: holding the watch guard would block openraft.
+        self.raft.metrics().borrow().clone()
+    }
+}
+
+pub struct Agent {
+    cfg: Config,
+    db: Db,
+    liveness: Arc<Liveness>,
+    member: RwLock<Option<Arc<Member>>>,
+    http: reqwest::Client,
+    membership_lock: tokio::sync::Mutex<()>,
+    /// Runs the groups placed on this node; present while a member.
+    executor: tokio::sync::Mutex<Option<Executor>>,
+    /// The lease and the resource processes the lease timer kills when it
+    /// runs out.
+    fence: Arc<Fence>,
+    /// The lease files and the records of what runs here.
+    run: RunDir,
+    /// Set when the lease ran out with something running: the executor
+    /// fences before anything else.
+    lapsed: std::sync::atomic::AtomicBool,
+    /// Whether this node stopped heartbeating because it is cut off from a
+    /// leader that a majority still hears (see `heartbeat_round`).
+    stepped_out: std::sync::atomic::AtomicBool,
+    /// The last leader this node knew (0: none yet): a candidate knows
+    /// none, and must not step back in for that alone.
+    last_leader: std::sync::atomic::AtomicU64,
+    /// On the leader, with a fence command: one attempt per silent node.
+    fence_ops: std::sync::Mutex<BTreeMap<NodeId, FenceOp>>,
+    /// Live nodes to fence all the same (a stop failed there), until they
+    /// go silent.
+    escalated: std::sync::Mutex<BTreeSet<NodeId>>,
+    /// The volume replicas on this node.
+    pub(crate) volumes: Arc<crate::volume::manager::VolumeManager>,
+}
+
+fn storage_err(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Storage(e.to_string())
+}
+
+fn fatal_err(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(format!("raft stopped: {e}"))
+}
+
+/// A cluster id nobody else will pick: 16 random hex digits.
+fn new_cluster_id() -> String {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u32(std::process::id());
+    format!("tandem-{:016x}", h.finish())
+}
+
+impl Agent {
+    pub fn new(cfg: Config, db: Db, liveness: Arc<Liveness>) -> Result<Agent, reqwest::Error> {
+        let http = reqwest::Client::builder().no_proxy().connect_timeout(Duration::from_secs(2)).build()?;
+        // A restarted agent holds the lease its predecessor held (and adopts
+        // what it ran): never longer, never renewed but from a majority heard.
+        let run = RunDir::new(&cfg.data_dir, cfg.fencing.watchdog_device.clone());
+        let inherited = match run.read_lease() {
+            Lease::Until(d) => d,
+            Lease::Released | Lease::Missing => 0,
+        };
+        Ok(Agent {
+            cfg,
+            db,
+            liveness,
+            member: RwLock::new(None),
+            http,
+            membership_lock: tokio::sync::Mutex::new(()),
+            executor: tokio::sync::Mutex::new(None),
+            fence: Arc::new(Fence::new(inherited)),
+            run,
+            lapsed: false.into(),
+            stepped_out: false.into(),
+            last_leader: 0.into(),
+            fence_ops: Default::default(),
+            escalated: Default::default(),
+            volumes: Default::default(),
+        })
+    }
+
+    pub fn member(&self) -> Option<Arc<Member>> {
+        self.member.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn require_member(&self) -> Result<Arc<Member>, ApiError> {
+        self.member().ok_or(ApiError::NotMember)
+    }
+
+    fn my_urls(&self) -> Vec<String> {
+        api_urls(&self.cfg.addresses, self.cfg.port)
+    }
+
+    /// Starts Raft for an identity found on disk or just assigned.
+    pub async fn start_member(&self, identity: &Identity) -> anyhow::Result<Arc<Member>> {
+        let r = &self.cfg.raft;
+        let config = openraft::Config {
+            cluster_name: identity.cluster_id.clone(),
+            heartbeat_interval: r.heartbeat_interval_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+            // Purge happens once per snapshot anyway; no reason to lag behind it.
+            purge_batch_size: 1,
+            ..Default::default()
+        }
+        .validate()
+        .context("raft configuration")?;
+        let network =
+            Network::new(identity.cluster_id.clone(), Duration::from_millis(500)).context("raft network client")?;
+        let (log, sm, state) = self.db.raft_storage().context("opening raft storage")?;
+        // A root span: Raft's tasks outlive the API request that may start them.
+        let span = tracing::info_span!(parent: None, "raft", node_id = identity.node_id);
+        let raft = Raft::new(identity.node_id, Arc::new(config), network, log, sm)
+            .instrument(span)
+            .await
+            .context("starting raft")?;
+        let m = Arc::new(Member { node_id: identity.node_id, cluster_id: identity.cluster_id.clone(), raft, state });
+        *self.executor.lock().await = Some(Executor::new(
+            identity.node_id,
+            self.cfg.name.clone(),
+            self.cfg.data_dir.clone(),
+            self.fence.clone(),
+            self.run.clone(),
+        ));
+        *self.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
+        tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "raft started");
+        Ok(m)
+    }
+
+    /// Stops Raft and forgets the membership (after leaving or on exit).
+    async fn stop_member(&self, wipe: bool) -> Result<(), ApiError> {
+        if let Some(mut ex) = self.executor.lock().await.take() {
+            ex.stop_all().await;
+        }
+        let m = self.member.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(m) = m {
+            if let Err(e) = m.raft.shutdown().await {
+                tracing::warn!("raft shutdown: {e}");
+            }
+        }
+        if wipe {
+            self.db.wipe().map_err(storage_err)?;
+        }
+        Ok(())
+    }
+
+    /// Stops every resource, then gives the lease up: the watchdog exits.
+    pub async fn shutdown(&self) {
+        let _ = self.stop_member(false).await;
+        self.volumes.shutdown().await;
+        if let Err(e) = self.run.write_lease(Lease::Released) {
+            tracing::warn!("cannot release the lease: {e}");
+        }
+    }
+}
+
+mod backend;
+mod failover;
+mod groups;
+mod lease;
+mod loops;
+mod membership;
+mod peers;
+mod raft_ops;
+mod views;
+mod volumes;
+
+pub use loops::run;
+
+// The modules' helpers, for one another (each keeps them `pub(super)`).
+use failover::*;
+use membership::*;
+use peers::*;
+use volumes::*;

@@ -1,0 +1,88 @@
+//! Raft operations: every call into openraft (writes, membership changes,
+//! linearizable reads) with its timeout, and the one place where openraft's
+//! errors become API errors. Never decides anything.
+
+use super::*;
+
+/// An openraft error (or a timeout) as the API error a client sees.
+trait IntoApiError {
+    fn into_api_error(self) -> ApiError;
+}
+
+impl IntoApiError for RaftError<NodeId, ClientWriteError<NodeId, Peer>> {
+    fn into_api_error(self) -> ApiError {
+        match self {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ApiError::NoLeader,
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => membership_err(e),
+            RaftError::Fatal(e) => fatal_err(e),
+        }
+    }
+}
+
+impl IntoApiError for RaftError<NodeId, CheckIsLeaderError<NodeId, Peer>> {
+    fn into_api_error(self) -> ApiError {
+        match self {
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)) => ApiError::NoLeader,
+            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e)) => ApiError::QuorumUnavailable(e.to_string()),
+            RaftError::Fatal(e) => fatal_err(e),
+        }
+    }
+}
+
+/// Runs one openraft call within `limit`; past it, the cluster is taken to
+/// have no quorum for it (`late` says what did not happen in time).
+async fn within<T, E: IntoApiError>(
+    limit: Duration,
+    late: impl FnOnce() -> String,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(limit, call).await {
+        Err(_) => Err(ApiError::QuorumUnavailable(late())),
+        Ok(r) => r.map_err(IntoApiError::into_api_error),
+    }
+}
+
+impl Agent {
+    pub(super) async fn propose(&self, m: &Member, cmd: Command) -> Result<Reply, ApiError> {
+        let late = || format!("not committed within {}s; the write may still be applied", COMMIT_TIMEOUT.as_secs());
+        let resp = within(COMMIT_TIMEOUT, late, m.raft.client_write(VersionedCommand::new(cmd))).await?;
+        resp.data.0.map_err(ApiError::from)
+    }
+
+    pub(super) async fn change_voters(
+        &self,
+        m: &Member,
+        change: ChangeMembers<NodeId, Peer>,
+        retain: bool,
+    ) -> Result<(), ApiError> {
+        let late = || "membership change not committed in time".to_string();
+        within(COMMIT_TIMEOUT * 2, late, m.raft.change_membership(change, retain)).await.map(|_| ())
+    }
+
+    pub(super) async fn add_learner(&self, m: &Member, id: NodeId, peer: Peer) -> Result<(), ApiError> {
+        let late = || "learner not added in time".to_string();
+        within(COMMIT_TIMEOUT, late, m.raft.add_learner(id, peer, false)).await.map(|_| ())
+    }
+
+    /// Read-index through the leader: after this, local state is at least as
+    /// new as anything committed before the call.
+    pub(super) async fn linearize(&self, m: &Member) -> Result<(), ApiError> {
+        let late = || "read index not confirmed in time".to_string();
+        within(COMMIT_TIMEOUT, late, m.raft.ensure_linearizable()).await.map(|_| ())
+    }
+
+    pub(super) async fn read_member(&self, stale: bool) -> Result<Arc<Member>, ApiError> {
+        let m = self.require_member()?;
+        if !stale {
+            self.linearize(&m).await?;
+        }
+        Ok(m)
+    }
+}
+
+pub(super) fn membership_err(e: ChangeMembershipError<NodeId>) -> ApiError {
+    match e {
+        ChangeMembershipError::InProgress(_) => ApiError::MembershipChangeInProgress,
+        other => ApiError::Internal(other.to_string()),
+    }
+}

@@ -1,0 +1,415 @@
+//! The leader's failover input: which nodes' groups may move (the
+//! scheduler's `NodeInfo::fenced`), and when to run the fence command
+//! (STONITH) against a node.
+//!
+//! A silent node may still run its groups until its lease has lapsed: its
+//! groups move only once no majority of voters has heard it for
+//! `fenced_after` (the lease plus a margin). With a fence command
+//! configured, they also wait for the command to confirm the node is off;
+//! the command starts as soon as the node is silent, so that it runs while
+//! the lease runs out, and a failed one is retried after [`FENCE_RETRY`].
+//! A node where a stop failed is *escalated*: it is fenced even while
+//! alive, and its groups move once it is silent, as from any dead node.
+//!
+//! Pure: liveness, fence outcomes and the current time (ms, any monotonic
+//! clock) in; verdicts and effects out. It never does I/O, never reads a
+//! clock, never takes a lock, and never runs the fence command: it asks
+//! for it ([`Effect::RunFenceCommand`]) and hears back through
+//! [`Failover::fence_done`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use tandem_raft::NodeId;
+
+/// How long after a failed fence attempt started the next one may start.
+pub const FENCE_RETRY: Duration = Duration::from_secs(2);
+
+/// What the leader knows of one node this round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub id: NodeId,
+    /// A majority of voters has heard it within the node timeout (it may
+    /// hold its lease).
+    pub alive: bool,
+    /// How long no such majority has heard it (zero while alive).
+    pub down_for: Duration,
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Run the fence command against `node` (in the background) and call
+    /// [`Failover::fence_done`] with `attempt` and its outcome.
+    RunFenceCommand { node: NodeId, attempt: u64 },
+}
+
+/// The configuration the verdicts depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// A fence command is configured: groups move only after it confirmed.
+    pub fence_command: bool,
+    /// How long a node must be silent before its groups may move: its
+    /// lease plus a margin (at least the node timeout).
+    pub fenced_after: Duration,
+}
+
+/// The outcome of [`Failover::escalate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Escalation {
+    /// No fence command: the group stays blocked where its stop failed.
+    NoFenceCommand,
+    /// The node was already escalated.
+    Repeated,
+    /// Newly escalated: it is fenced from the next round on (this leader
+    /// itself at once: it cannot wait for itself to go silent; the next
+    /// leader fences it again before moving anything).
+    First(Vec<Effect>),
+}
+
+/// One round's verdicts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// The nodes whose groups may move (the scheduler's `fenced`).
+    pub may_move: BTreeSet<NodeId>,
+    pub effects: Vec<Effect>,
+}
+
+impl Verdict {
+    pub fn may_move(&self, node: NodeId) -> bool {
+        self.may_move.contains(&node)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Running,
+    Confirmed,
+    Failed,
+}
+
+/// One run of the fence command against a silent (or escalated) node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Attempt {
+    id: u64,
+    started_ms: u64,
+    outcome: Outcome,
+}
+
+/// The leader's fence attempts and escalations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failover {
+    policy: Policy,
+    /// The current attempt per node, for its current silence.
+    attempts: BTreeMap<NodeId, Attempt>,
+    /// Live nodes to fence all the same (a stop failed there), until they
+    /// go silent.
+    escalated: BTreeSet<NodeId>,
+    next_attempt: u64,
+}
+
+impl Failover {
+    pub fn new(policy: Policy) -> Failover {
+        Failover { policy, attempts: BTreeMap::new(), escalated: BTreeSet::new(), next_attempt: 1 }
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Whether `node` is escalated (to be fenced although alive).
+    pub fn is_escalated(&self, node: NodeId) -> bool {
+        self.escalated.contains(&node)
+    }
+
+    fn attempt(&mut self, node: NodeId, now_ms: u64) -> Effect {
+        let id = self.next_attempt;
+        self.next_attempt += 1;
+        self.attempts.insert(node, Attempt { id, started_ms: now_ms, outcome: Outcome::Running });
+        Effect::RunFenceCommand { node, attempt: id }
+    }
+
+    /// A stop failed on `node`: it may still run the group and cannot stop
+    /// it, so it is to be powered off (with a fence command configured).
+    pub fn escalate(&mut self, node: NodeId, me: NodeId) -> Escalation {
+        if !self.policy.fence_command {
+            return Escalation::NoFenceCommand;
+        }
+        if !self.escalated.insert(node) {
+            return Escalation::Repeated;
+        }
+        if node != me {
+            return Escalation::First(Vec::new());
+        }
+        // Not tracked as an attempt: nothing waits for this leader's own
+        // silence here.
+        let id = self.next_attempt;
+        self.next_attempt += 1;
+        Escalation::First(vec![Effect::RunFenceCommand { node, attempt: id }])
+    }
+
+    /// The fence command's outcome for `attempt` on `node`. An outcome of
+    /// an attempt that is no longer current (the node came back since, or
+    /// a later attempt started) changes nothing.
+    pub fn fence_done(&mut self, node: NodeId, attempt: u64, confirmed: bool) {
+        if let Some(a) = self.attempts.get_mut(&node).filter(|a| a.id == attempt && a.outcome == Outcome::Running) {
+            a.outcome = if confirmed { Outcome::Confirmed } else { Outcome::Failed };
+        }
+    }
+
+    /// One round over every node: which may have their groups moved, and
+    /// which fence commands to start.
+    pub fn round(&mut self, me: NodeId, nodes: &[Seen], now_ms: u64) -> Verdict {
+        let mut v = Verdict::default();
+        // Nodes no longer in the cluster are forgotten.
+        let present: BTreeSet<NodeId> = nodes.iter().map(|n| n.id).collect();
+        self.attempts.retain(|id, _| present.contains(id));
+        self.escalated.retain(|id| present.contains(id));
+        for n in nodes {
+            let is_me = n.id == me;
+            if !is_me && !n.alive {
+                self.escalated.remove(&n.id); // it went silent: the escalation took effect
+            }
+            // An escalated node is fenced while it is still heard.
+            let fence_alive = n.alive && !self.escalated.contains(&n.id);
+            let confirmed = !is_me && self.fence_confirmed(n.id, fence_alive, now_ms, &mut v.effects);
+            if confirmed && !n.alive && n.down_for >= self.policy.fenced_after {
+                v.may_move.insert(n.id);
+            }
+        }
+        v
+    }
+
+    /// Whether the fence command (if any) has confirmed `node` off since it
+    /// went silent; asks to start it, or to retry a failed one, as needed.
+    fn fence_confirmed(&mut self, node: NodeId, alive: bool, now_ms: u64, effects: &mut Vec<Effect>) -> bool {
+        if !self.policy.fence_command {
+            return true;
+        }
+        if alive {
+            self.attempts.remove(&node); // back: a new silence needs a new fence
+            return false;
+        }
+        if let Some(a) = self.attempts.get(&node) {
+            match a.outcome {
+                Outcome::Confirmed => return true,
+                Outcome::Running => return false,
+                Outcome::Failed if now_ms.saturating_sub(a.started_ms) < FENCE_RETRY.as_millis() as u64 => {
+                    return false
+                }
+                Outcome::Failed => {} // retry below
+            }
+        }
+        effects.push(self.attempt(node, now_ms));
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const ME: NodeId = 1;
+    const AFTER: Duration = Duration::from_millis(800);
+
+    fn with_fence() -> Failover {
+        Failover::new(Policy { fence_command: true, fenced_after: AFTER })
+    }
+
+    fn alive(id: NodeId) -> Seen {
+        Seen { id, alive: true, down_for: Duration::ZERO }
+    }
+
+    fn silent(id: NodeId, ms: u64) -> Seen {
+        Seen { id, alive: false, down_for: Duration::from_millis(ms) }
+    }
+
+    fn run(node: NodeId, attempt: u64) -> Effect {
+        Effect::RunFenceCommand { node, attempt }
+    }
+
+    #[test]
+    fn without_a_fence_command_a_node_silent_past_its_lease_may_move() {
+        let mut f = Failover::new(Policy { fence_command: false, fenced_after: AFTER });
+        let v = f.round(ME, &[alive(1), silent(2, 799), silent(3, 800), alive(4)], 0);
+        assert_eq!(v.may_move, BTreeSet::from([3]));
+        assert!(v.effects.is_empty());
+        // This leader never moves its own groups for its own silence.
+        assert!(!f.round(ME, &[silent(1, 5000)], 0).may_move(1));
+        assert_eq!(f.escalate(2, ME), Escalation::NoFenceCommand);
+    }
+
+    #[test]
+    fn with_a_fence_command_groups_move_after_the_confirmation_and_the_lease() {
+        let mut f = with_fence();
+        // Silent: the command starts at once, while the lease runs out.
+        let v = f.round(ME, &[alive(1), silent(2, 100)], 1000);
+        assert_eq!(v.effects, [run(2, 1)]);
+        assert!(v.may_move.is_empty());
+        // Running: no second start.
+        assert_eq!(f.round(ME, &[alive(1), silent(2, 900)], 1800), Verdict::default());
+        f.fence_done(2, 1, true);
+        // Confirmed and past the lease.
+        let v = f.round(ME, &[alive(1), silent(2, 900)], 1900);
+        assert!(v.may_move(2) && v.effects.is_empty());
+        // Confirmed but not yet past the lease: wait.
+        let mut g = with_fence();
+        g.round(ME, &[silent(2, 10)], 0);
+        g.fence_done(2, 1, true);
+        assert!(!g.round(ME, &[silent(2, 799)], 0).may_move(2));
+    }
+
+    #[test]
+    fn a_failed_fence_is_retried_after_fence_retry_and_a_return_needs_a_new_one() {
+        let mut f = with_fence();
+        assert_eq!(f.round(ME, &[silent(2, 100)], 1000).effects, [run(2, 1)]);
+        f.fence_done(2, 1, false);
+        assert!(f.round(ME, &[silent(2, 2000)], 2999).effects.is_empty());
+        let v = f.round(ME, &[silent(2, 2100)], 3000);
+        assert_eq!(v.effects, [run(2, 2)]);
+        assert!(!v.may_move(2), "never on a failed fence");
+        // A late outcome of the first attempt is not this one's.
+        f.fence_done(2, 1, true);
+        assert!(!f.round(ME, &[silent(2, 2200)], 3100).may_move(2));
+        f.fence_done(2, 2, true);
+        assert!(f.round(ME, &[silent(2, 2300)], 3200).may_move(2));
+        // Back, then silent again: a new silence, a new fence.
+        assert_eq!(f.round(ME, &[alive(2)], 3300), Verdict::default());
+        let v = f.round(ME, &[silent(2, 5000)], 3400);
+        assert_eq!(v.effects, [run(2, 3)]);
+        assert!(!v.may_move(2));
+    }
+
+    #[test]
+    fn an_escalated_node_is_fenced_while_alive_and_its_groups_move_once_silent() {
+        let mut f = with_fence();
+        assert_eq!(f.escalate(2, ME), Escalation::First(vec![]));
+        assert_eq!(f.escalate(2, ME), Escalation::Repeated);
+        let v = f.round(ME, &[alive(1), alive(2)], 0);
+        assert_eq!(v.effects, [run(2, 1)]);
+        assert!(!v.may_move(2), "alive: never");
+        f.fence_done(2, 1, true);
+        assert!(f.round(ME, &[alive(2)], 10).effects.is_empty(), "not fenced twice");
+        // Powered off: silent, the escalation took effect.
+        let v = f.round(ME, &[silent(2, 900)], 20);
+        assert!(v.may_move(2) && v.effects.is_empty());
+        assert!(!f.is_escalated(2));
+        // The leader's own failed stop: it fences itself at once.
+        assert_eq!(f.escalate(ME, ME), Escalation::First(vec![run(ME, 2)]));
+        assert!(f.round(ME, &[alive(1)], 30).effects.is_empty());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Time passes; each of nodes 1..=4: alive or not, and for how
+        /// long silent (also given with alive, which liveness never does:
+        /// the verdict must not depend on it).
+        Round {
+            dt: u16,
+            nodes: Vec<(bool, u16)>,
+        },
+        /// The outcome of node n's attempt (current, or the one before).
+        Done {
+            node: NodeId,
+            current: bool,
+            ok: bool,
+        },
+        Escalate(NodeId),
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u16..1500, proptest::collection::vec((any::<bool>(), 0u16..3000), 4))
+                .prop_map(|(dt, nodes)| Op::Round { dt, nodes }),
+            3 => (1u64..5, any::<bool>(), any::<bool>()).prop_map(|(node, current, ok)| Op::Done { node, current, ok }),
+            1 => (1u64..5).prop_map(Op::Escalate),
+        ]
+    }
+
+    proptest! {
+        /// A node a majority hears never may move; with a fence command, a
+        /// node may move only after a confirmed fence of its current
+        /// silence and `fenced_after` of silence; a fence command is never
+        /// asked twice for one silence unless the previous one failed and
+        /// FENCE_RETRY passed since it started.
+        #[test]
+        fn groups_move_only_off_fenced_silent_nodes(
+            fence_command in any::<bool>(),
+            ops in proptest::collection::vec(arb_op(), 1..80),
+        ) {
+            let mut f = Failover::new(Policy { fence_command, fenced_after: AFTER });
+            let mut now = 0u64;
+            // Per node, the model: attempts of its current silence as
+            // (id, started, outcome: None running, Some(ok)).
+            let mut silence: BTreeMap<NodeId, Vec<(u64, u64, Option<bool>)>> = BTreeMap::new();
+            let mut escalated: BTreeSet<NodeId> = BTreeSet::new();
+            for op in ops {
+                match op {
+                    Op::Round { dt, nodes } => {
+                        now += u64::from(dt);
+                        let seen: Vec<Seen> = nodes.iter().enumerate().map(|(i, (alive, ms))| Seen {
+                            id: i as u64 + 1,
+                            alive: *alive,
+                            down_for: Duration::from_millis(u64::from(*ms)),
+                        }).collect();
+                        let mut again = f.clone();
+                        let v = f.round(ME, &seen, now);
+                        prop_assert_eq!(&v, &again.round(ME, &seen, now), "same input, same answer");
+                        for s in &seen {
+                            if s.id != ME && !s.alive {
+                                escalated.remove(&s.id);
+                            }
+                            if s.alive && !escalated.contains(&s.id) {
+                                silence.remove(&s.id);
+                            }
+                        }
+                        for e in &v.effects {
+                            let Effect::RunFenceCommand { node, attempt } = *e;
+                            prop_assert!(fence_command && node != ME);
+                            let s = seen.iter().find(|s| s.id == node).unwrap();
+                            prop_assert!(!s.alive || escalated.contains(&node), "fencing a live node");
+                            let tries = silence.entry(node).or_default();
+                            if let Some((_, started, outcome)) = tries.last() {
+                                prop_assert_eq!(*outcome, Some(false), "asked twice for one silence");
+                                prop_assert!(now - started >= FENCE_RETRY.as_millis() as u64, "retried too soon");
+                            }
+                            tries.push((attempt, now, None));
+                        }
+                        for s in &seen {
+                            let may = v.may_move(s.id);
+                            if s.alive || s.id == ME {
+                                prop_assert!(!may, "node {} is heard (or is this leader)", s.id);
+                                continue;
+                            }
+                            let past = s.down_for >= AFTER;
+                            let fenced = silence.get(&s.id).and_then(|t| t.last()).is_some_and(|t| t.2 == Some(true));
+                            prop_assert_eq!(may, past && (!fence_command || fenced), "node {}", s.id);
+                        }
+                    }
+                    Op::Done { node, current, ok } => {
+                        let Some(tries) = silence.get_mut(&node) else { continue };
+                        let i = if current { tries.len() - 1 } else if tries.len() >= 2 { tries.len() - 2 } else { continue };
+                        f.fence_done(node, tries[i].0, ok);
+                        if current && tries[i].2.is_none() {
+                            tries[i].2 = Some(ok);
+                        }
+                    }
+                    Op::Escalate(node) => {
+                        let e = f.escalate(node, ME);
+                        if !fence_command {
+                            prop_assert_eq!(e, Escalation::NoFenceCommand);
+                        } else if !escalated.insert(node) {
+                            prop_assert_eq!(e, Escalation::Repeated);
+                        } else if node == ME {
+                            let own = matches!(&e, Escalation::First(x) if matches!(x[..], [Effect::RunFenceCommand { node: ME, .. }]));
+                            prop_assert!(own, "this leader fences itself at once: {:?}", e);
+                        } else {
+                            prop_assert_eq!(e, Escalation::First(Vec::new()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
