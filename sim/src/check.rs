@@ -185,3 +185,69 @@ impl World {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_raft::state::NodeSpec;
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        for i in 1..=3u64 {
+            let node = NodeSpec {
+                name: format!("n{i}"),
+                addresses: vec![format!("10.0.0.{i}")],
+                port: 7401,
+                site: None,
+                witness: i == 3,
+            };
+            let cmd = match i {
+                1 => Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node },
+                _ => Command::AddNode { node },
+            };
+            s.apply(&cmd).unwrap();
+        }
+        for (g, anti) in [("a", "[]"), ("b", r#"["a"]"#)] {
+            let spec = serde_json::from_str(&format!(
+                r#"{{"resources": [{{"name": "r", "type": "process", "command": ["x"]}}],
+                    "nodes": ["n1", "n2", "n3"], "anti_affinity": {anti}, "weight": 2}}"#
+            ))
+            .unwrap();
+            s.apply(&Command::PutGroup { name: g.into(), spec }).unwrap();
+        }
+        s
+    }
+
+    fn place(s: &mut ClusterState, g: &str, n: NodeId) {
+        let expected_epoch = s.groups[g].placement.epoch;
+        let cmd = Command::SetPlacement {
+            name: g.into(),
+            expected_epoch,
+            node: Some(n),
+            phase: Phase::Started,
+            reason: String::new(),
+        };
+        s.apply(&cmd).unwrap();
+    }
+
+    #[test]
+    fn every_rule_of_a_placement_is_checked() {
+        let mut s = state();
+        assert_eq!(placement_rule_broken(&s, "a", 1), None);
+        assert!(placement_rule_broken(&s, "a", 3).unwrap().contains("witness"));
+        assert!(placement_rule_broken(&s, "a", 9).unwrap().contains("not a member"));
+        place(&mut s, "a", 1);
+        assert!(placement_rule_broken(&s, "b", 1).unwrap().contains("anti-affinity with a"));
+        assert_eq!(placement_rule_broken(&s, "b", 2), None);
+        s.apply(&Command::SetAttribute { name: "n2".into(), key: "capacity".into(), value: "1".into() }).unwrap();
+        assert!(placement_rule_broken(&s, "b", 2).unwrap().contains("over capacity"));
+        s.apply(&Command::SetAttribute { name: "n2".into(), key: "capacity".into(), value: "2".into() }).unwrap();
+        s.apply(&Command::SetAdminState { name: "n2".into(), state: AdminState::Standby }).unwrap();
+        assert!(placement_rule_broken(&s, "b", 2).unwrap().contains("standby"));
+        s.apply(&Command::SetAdminState { name: "n2".into(), state: AdminState::Online }).unwrap();
+        let epoch = s.groups["b"].placement.epoch;
+        place(&mut s, "b", 2);
+        s.apply(&Command::MarkGroupFailed { name: "b".into(), node: 2, epoch: epoch + 1 }).unwrap();
+        assert!(placement_rule_broken(&s, "b", 2).unwrap().contains("failed on n2"));
+    }
+}

@@ -27,8 +27,9 @@ impl Clock {
 
     /// The node's clock at global time `g` (never before its boot).
     pub fn local_us(&self, g: u64) -> u64 {
-        let d = g.saturating_sub(self.origin_us) as i128;
-        (self.boot0_us as i128 + d + d * self.ppm as i128 / 1_000_000) as u64
+        // Well within i64: a scenario lasts minutes, the drift is < 1000 ppm.
+        let d = g.saturating_sub(self.origin_us) as i64;
+        (self.boot0_us as i64 + d + d * self.ppm / 1_000_000) as u64
     }
 
     pub fn local_ms(&self, g: u64) -> u64 {
@@ -37,8 +38,8 @@ impl Clock {
 
     /// The first global time at which the node's clock reads `l` or more.
     pub fn global_us(&self, l: u64) -> u64 {
-        let d = l.saturating_sub(self.boot0_us) as i128;
-        let mut g = self.origin_us + (d * 1_000_000 / (1_000_000 + self.ppm as i128)) as u64;
+        let d = l.saturating_sub(self.boot0_us) as i64;
+        let mut g = self.origin_us + (d * 1_000_000 / (1_000_000 + self.ppm)) as u64;
         while self.local_us(g) < l {
             g += 1;
         }

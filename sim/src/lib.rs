@@ -53,7 +53,7 @@ impl Mutant {
 }
 
 /// What a batch of scenarios looks like.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Params {
     /// Nodes per scenario; `None`: drawn from 3 to 7 by the seed.
     pub nodes: Option<usize>,
@@ -64,12 +64,6 @@ pub struct Params {
     pub without: Vec<String>,
     /// Keep a readable trace of the run.
     pub trace: bool,
-}
-
-impl Default for Params {
-    fn default() -> Self {
-        Params { nodes: None, sites: None, mutant: None, without: Vec::new(), trace: false }
-    }
 }
 
 /// One broken property, where and when.

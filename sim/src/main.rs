@@ -23,8 +23,11 @@ struct Args {
     #[arg(long, value_parser = clap::value_parser!(u64).range(3..=7))]
     nodes: Option<u64>,
     /// Two sites and a witness in every scenario (default: one in three).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_sites")]
     sites: bool,
+    /// No scenario with two sites and a witness.
+    #[arg(long)]
+    no_sites: bool,
     /// Wire a deliberate bug into the simulated nodes: margin0, no-claim,
     /// keep-running (the checker must catch it).
     #[arg(long, value_parser = parse_mutant)]
@@ -57,7 +60,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let params = Params {
         nodes: args.nodes.map(|n| n as usize),
-        sites: args.sites.then_some(true),
+        sites: match (args.sites, args.no_sites) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
         mutant: args.mutant,
         without: args.without.clone(),
         trace: args.trace && args.seed.is_some(),
@@ -106,6 +113,9 @@ fn replay_args(args: &Args) -> String {
     }
     if args.sites {
         s += " --sites";
+    }
+    if args.no_sites {
+        s += " --no-sites";
     }
     if let Some(m) = args.mutant {
         s += &format!(" --mutant {}", m.name());

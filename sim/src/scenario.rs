@@ -192,7 +192,7 @@ impl Scenario {
 
     /// One line: the topology and the faults.
     pub fn summary(&self) -> String {
-        let kinds: Vec<String> = self.faults.iter().map(|f| short(&f.kind)).collect();
+        let kinds: Vec<String> = self.faults.iter().map(|f| describe(&f.kind)).collect();
         format!(
             "{} nodes{}, voters {:?}, {} groups, faults: {}",
             self.nodes.len(),
@@ -240,7 +240,8 @@ pub const KINDS: [&str; 13] = [
     "resource-crash",
 ];
 
-fn short(k: &FaultKind) -> String {
+/// A fault, briefly.
+pub fn describe(k: &FaultKind) -> String {
     match k {
         FaultKind::Partition(m) => format!("partition{m:?}"),
         FaultKind::SiteCut => "site-cut".into(),
@@ -256,10 +257,6 @@ fn short(k: &FaultKind) -> String {
         FaultKind::Move(g, n) => format!("move({g}->n{n})"),
         FaultKind::ResourceCrash(g) => format!("resource-crash({g})"),
     }
-}
-
-pub fn describe(k: &FaultKind) -> String {
-    short(k)
 }
 
 fn faults(rng: &mut fastrand::Rng, nodes: &[NodeSetup], groups: &[(String, GroupSpec)], sites: bool) -> Vec<Fault> {

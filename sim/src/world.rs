@@ -11,7 +11,7 @@
 //! still believes it leads, and its proposals fail.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeSet, BinaryHeap};
 use std::time::Instant;
 
 use tandem::liveness::Heartbeat;
@@ -89,7 +89,7 @@ pub enum Origin {
 
 #[derive(Debug)]
 pub enum Ev {
-    Deliver { to: NodeId, msg: Msg },
+    Deliver { from: NodeId, to: NodeId, msg: Msg },
     Loop { node: NodeId, pid: u32, which: Loop, gen: u64 },
     Watchdog { node: NodeId, gen: u64 },
     StartDone { node: NodeId, proc: u64 },
@@ -100,28 +100,9 @@ pub enum Ev {
     Heal,
 }
 
-struct Queued {
-    at: u64,
-    seq: u64,
-    ev: Ev,
-}
-
-impl PartialEq for Queued {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Queued {}
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Queued {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
-    }
-}
+/// A queued event: its time, its order among events of that time, and
+/// where it waits in the slab (events are large; the heap moves only this).
+type Queued = Reverse<(u64, u64, usize)>;
 
 /// An operator command waiting to be committed (retried until it is).
 #[derive(Debug, Clone)]
@@ -141,7 +122,9 @@ pub struct World {
     pub now: u64,
     pub step: u64,
     seq: u64,
-    queue: BinaryHeap<Reverse<Queued>>,
+    queue: BinaryHeap<Queued>,
+    events: Vec<Option<Ev>>,
+    free: Vec<usize>,
     pub sc: Scenario,
     pub nodes: Vec<Node>,
     pub net: Net,
@@ -225,6 +208,8 @@ impl World {
             step: 0,
             seq: 0,
             queue: BinaryHeap::new(),
+            events: Vec::new(),
+            free: Vec::new(),
             voters: sc.voters.clone(),
             sc,
             nodes,
@@ -265,19 +250,24 @@ impl World {
         self.log_line(format!("scenario: {summary}"));
         let mut step_end = STEP_US;
         while step_end <= DURATION_US && self.violations.is_empty() {
-            while self.queue.peek().is_some_and(|q| q.0.at <= step_end) {
-                let Some(Reverse(q)) = self.queue.pop() else { break };
-                self.now = q.at;
-                self.handle(q.ev);
+            while self.queue.peek().is_some_and(|q| q.0 .0 <= step_end) {
+                let Some(Reverse((at, _, slot))) = self.queue.pop() else { break };
+                let Some(ev) = self.events[slot].take() else { continue };
+                self.free.push(slot);
+                self.now = at;
+                self.handle(ev);
                 if !self.violations.is_empty() {
                     break;
                 }
+            }
+            self.step += 1;
+            if !self.violations.is_empty() {
+                break; // the first violation ends the scenario
             }
             self.now = step_end;
             self.raft_step();
             self.operator_step();
             self.check_step();
-            self.step += 1;
             step_end += STEP_US;
         }
         Outcome {
@@ -294,7 +284,17 @@ impl World {
 
     pub fn schedule(&mut self, at: u64, ev: Ev) {
         self.seq += 1;
-        self.queue.push(Reverse(Queued { at: at.max(self.now), seq: self.seq, ev }));
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.events[i] = Some(ev);
+                i
+            }
+            None => {
+                self.events.push(Some(ev));
+                self.events.len() - 1
+            }
+        };
+        self.queue.push(Reverse((at.max(self.now), self.seq, slot)));
     }
 
     pub fn node(&self, id: NodeId) -> &Node {
@@ -342,15 +342,14 @@ impl World {
         let Some(d) = self.net.delay(&mut self.rng, tcp) else { return };
         if self.net.duplicate(&mut self.rng) {
             let d2 = self.net.delay(&mut self.rng, tcp).unwrap_or(d);
-            self.schedule(self.now + d2, Ev::Deliver { to, msg: msg.clone() });
+            self.schedule(self.now + d2, Ev::Deliver { from, to, msg: msg.clone() });
         }
-        let _ = from;
-        self.schedule(self.now + d, Ev::Deliver { to, msg });
+        self.schedule(self.now + d, Ev::Deliver { from, to, msg });
     }
 
     fn handle(&mut self, ev: Ev) {
         match ev {
-            Ev::Deliver { to, msg } => self.deliver(to, msg),
+            Ev::Deliver { from, to, msg } => self.deliver(from, to, msg),
             Ev::Loop { node, pid, which, gen } => self.on_loop(node, pid, which, gen),
             Ev::Watchdog { node, gen } => self.on_watchdog(node, gen),
             Ev::StartDone { node, proc } => self.on_start_done(node, proc),
@@ -362,26 +361,18 @@ impl World {
         }
     }
 
-    fn deliver(&mut self, to: NodeId, msg: Msg) {
+    fn deliver(&mut self, from: NodeId, to: NodeId, msg: Msg) {
         let n = self.node(to);
         if !n.powered || n.agent.is_none() {
             return; // nobody listens: refused, or lost
         }
         // The network may have been cut while the message was in flight.
-        let from = match &msg {
-            Msg::Heartbeat { hb, path } => {
-                if !self.net.link(hb.from, to, *path) {
-                    return;
-                }
-                None
-            }
-            Msg::Report { from, .. } => Some(*from),
-            _ => None,
+        let up = match &msg {
+            Msg::Heartbeat { path, .. } => self.net.link(from, to, *path),
+            _ => self.net.tcp(from, to),
         };
-        if let Some(f) = from {
-            if !self.net.tcp(f, to) {
-                return;
-            }
+        if !up {
+            return;
         }
         if n.stalled {
             // Queued in the socket buffers until the agent runs again.
@@ -780,9 +771,4 @@ pub fn cmd_line(c: &Command) -> String {
         Command::MarkGroupFailed { name, node, epoch } => format!("{name} failed on n{node} at epoch {epoch}"),
         other => format!("{other:?}"),
     }
-}
-
-/// The groups' placements, briefly (for the trace).
-pub fn placements(s: &ClusterState) -> BTreeMap<String, (Option<NodeId>, u64)> {
-    s.groups.iter().map(|(n, g)| (n.clone(), (g.placement.node, g.placement.epoch))).collect()
 }
