@@ -3,7 +3,9 @@
 //! of its start until its stop completes or it is killed); a node's applied
 //! epochs never go back; every committed placement respects the rules (no
 //! witness, no standby or maintenance node, a node of the group's list it
-//! has not failed on, anti-affinity, capacity). Liveness, once all faults
+//! has not failed on, anti-affinity, capacity); only a leader that reaches
+//! a majority runs the fence command; a node does not claim a group over
+//! and over without starting it. Liveness, once all faults
 //! healed: every enabled group runs again within the bound, or waits
 //! because the scheduler itself would place it nowhere.
 
@@ -15,6 +17,11 @@ use tandem_raft::state::{AdminState, ClusterState, Command};
 use tandem_raft::NodeId;
 
 use crate::fmt_us;
+
+/// Confirmed claims of one group on one node without a start in between
+/// beyond which the node is churning (a lease lapsing between a claim and
+/// its start happens, but not this often).
+const CLAIM_CHURN: u32 = 20;
 use crate::scenario::{HEAL_US, LIVENESS_BOUND_US};
 use crate::world::{Entry, World};
 
@@ -65,6 +72,25 @@ impl World {
             .collect();
         if !elsewhere.is_empty() {
             self.violation(format!("{group} starts on n{id} while it runs on {}", elsewhere.join(", ")));
+        }
+    }
+
+    /// `leader` runs the fence command against `node`: only a leader that
+    /// reaches a majority may power a node off (one cut off from the rest
+    /// would power the working side off).
+    pub fn check_fence(&mut self, leader: NodeId, node: NodeId) {
+        if self.leader != Some(leader) || !self.reaches_majority(leader) {
+            self.violation(format!("n{leader} runs the fence command against n{node} without leading a majority"));
+        }
+    }
+
+    /// A node keeps claiming a group it then does not start: every claim is
+    /// a Raft write and an epoch, for nothing.
+    pub fn check_claim_churn(&mut self, id: NodeId) {
+        let Some(a) = self.node(id).agent.as_ref() else { return };
+        if let Some((g, n)) = a.unstarted_claims.iter().find(|(_, n)| **n > CLAIM_CHURN) {
+            let what = format!("n{id} claimed {g} {n} times without starting it (each claim is a Raft write)");
+            self.violation(what);
         }
     }
 

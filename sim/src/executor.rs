@@ -53,6 +53,10 @@ impl World {
         for name in drop {
             a.claims.remove(&name);
         }
+        for (name, _) in &confirmed {
+            *a.unstarted_claims.entry(name.clone()).or_default() += 1;
+        }
+        self.check_claim_churn(id);
         if !confirmed.is_empty() && self.running(id) {
             self.reconcile(id, &confirmed);
         }
@@ -189,8 +193,11 @@ impl World {
         let n = self.node_mut(id);
         n.procs.insert(name.to_string(), Proc { id: proc, epoch, since: now });
         n.records.insert(name.to_string(), epoch);
-        if let Some(l) = n.agent.as_mut().and_then(|a| a.groups.get_mut(name)) {
-            l.slot = Slot::Starting(proc);
+        if let Some(a) = n.agent.as_mut() {
+            a.unstarted_claims.remove(name);
+            if let Some(l) = a.groups.get_mut(name) {
+                l.slot = Slot::Starting(proc);
+            }
         }
         self.schedule_watchdog(id);
         let d = self.rng.u64(0..=START_MAX_US);

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use tandem::autopilot::{self, Candidate};
 use tandem::config::{AutopilotConfig, FencingConfig, LivenessConfig};
-use tandem::failover::Seen;
+use tandem::failover::{Effect as FailoverEffect, Seen};
 use tandem::scheduler::{NodeInfo, Scheduler};
 use tandem_raft::group::Phase;
 use tandem_raft::state::Command;
 use tandem_raft::NodeId;
 
-use crate::world::{Entry, Event, Msg, Origin, World};
+use crate::world::{Entry, Ev, Event, Msg, Origin, World};
 use crate::Mutant;
 
 /// Minute of the day for failback windows (none are set).
@@ -99,7 +99,23 @@ impl World {
             .collect();
         let decisions = Scheduler::new(&nodes, &a.state.groups, MINUTE_OF_DAY).decide();
         let pid = a.pid;
+        let gone: Vec<String> = seen
+            .iter()
+            .filter(|(s, _)| verdict.may_move(s.id) && !decisions.is_empty())
+            .map(|(s, _)| format!("n{} (silent {} ms)", s.id, s.down_for.as_millis()))
+            .collect();
         a.sched_inflight += decisions.len();
+        if !gone.is_empty() {
+            self.log_line(format!("n{id} takes as gone: {}", gone.join(", ")));
+        }
+        for FailoverEffect::RunFenceCommand { node, attempt } in verdict.effects {
+            self.check_fence(id, node);
+            // A BMC's power-off: a few hundred ms to seconds; one in ten fails.
+            let ok = self.rng.u8(0..10) != 0;
+            let at = self.now + self.rng.u64(200_000..=2_000_000);
+            self.log_line(format!("n{id}: runs the fence command against n{node}"));
+            self.schedule(at, Ev::FenceDone { leader: id, pid, node, attempt, ok });
+        }
         for d in decisions {
             let cmd = Command::SetPlacement {
                 name: d.group,

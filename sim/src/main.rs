@@ -34,7 +34,8 @@ struct Args {
     mutant: Option<Mutant>,
     /// Leave these fault kinds out (comma-separated): partition, site-cut,
     /// one-way, path-down, crash, power-loss, stall, busy, standby,
-    /// maintenance, disable, move, resource-crash.
+    /// maintenance, disable, move, resource-crash; and fence (no fence
+    /// command configured).
     #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
     without: Vec<String>,
     /// Print the scenario's trace (with --seed).

@@ -106,6 +106,8 @@ pub struct Claim {
 /// The agent process: everything here is lost when it dies.
 pub struct Agent {
     pub pid: u32,
+    /// Global time it started.
+    pub started_us: u64,
     pub liveness: Arc<Liveness>,
     /// The applied replicated state, and how far into the log.
     pub state: ClusterState,
@@ -121,6 +123,8 @@ pub struct Agent {
     /// The leader's failover input (`tandem::failover`).
     pub failover: Failover,
     pub claims: BTreeMap<String, Claim>,
+    /// Per group: claims confirmed since it last started here.
+    pub unstarted_claims: BTreeMap<String, u32>,
     pub next_req: u64,
     /// The leader's scheduler proposals not answered yet.
     pub sched_inflight: usize,
@@ -142,6 +146,8 @@ pub struct Node {
     pub busy: bool,
     /// Faults in force on it: crash, power loss, stall, busy.
     pub faults: [u32; 4],
+    /// Powered off by the fence command (until the heal).
+    pub fenced_off: bool,
     // On disk: survives the agent and a power loss.
     pub lease_file_ms: u64,
     /// The run records: group -> epoch (what the watchdog guards).
@@ -169,6 +175,7 @@ impl Node {
             stalled: false,
             busy: false,
             faults: [0; 4],
+            fenced_off: false,
             lease_file_ms: 0,
             records: BTreeMap::new(),
             persisted_applied: applied,
@@ -227,6 +234,7 @@ impl World {
             .collect();
         let agent = Agent {
             pid,
+            started_us: self.now,
             liveness: Liveness::new_at(node_timeout, started),
             state,
             applied: n.persisted_applied,
@@ -235,8 +243,9 @@ impl World {
             lease: LeaseCore::new(fencing().lease_ms, n.lease_file_ms),
             reconciler: Reconciler::new(),
             groups,
-            failover: Failover::new(Policy { fence_command: false, fenced_after: self.fenced_after() }),
+            failover: Failover::new(Policy { fence_command: self.sc.fence_command, fenced_after: self.fenced_after() }),
             claims: BTreeMap::new(),
+            unstarted_claims: BTreeMap::new(),
             next_req: 0,
             sched_inflight: 0,
             timers: [(0, 0); 6],

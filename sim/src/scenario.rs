@@ -86,6 +86,9 @@ pub struct Scenario {
     pub quality: Quality,
     pub faults: Vec<Fault>,
     pub sites: bool,
+    /// A fence command is configured: the leader powers silent nodes off
+    /// and moves their groups only once that is confirmed.
+    pub fence_command: bool,
     pub mutant: Option<Mutant>,
 }
 
@@ -184,21 +187,23 @@ impl Scenario {
                 slow_max_us: 40_000,
             }
         };
+        let fence_command = rng.u8(0..3) == 0 && !params.without.iter().any(|w| w == "fence");
         let mut faults = faults(rng, &nodes, &groups, sites);
         // Drawn all the same, so that a seed keeps its other faults.
         faults.retain(|f| !params.without.iter().any(|w| w == kind_name(&f.kind)));
-        Scenario { nodes, groups, voters, target, quality, faults, sites, mutant: params.mutant }
+        Scenario { nodes, groups, voters, target, quality, faults, sites, fence_command, mutant: params.mutant }
     }
 
     /// One line: the topology and the faults.
     pub fn summary(&self) -> String {
         let kinds: Vec<String> = self.faults.iter().map(|f| describe(&f.kind)).collect();
         format!(
-            "{} nodes{}, voters {:?}, {} groups, faults: {}",
+            "{} nodes{}, voters {:?}, {} groups{}, faults: {}",
             self.nodes.len(),
             if self.sites { " (two sites + witness)" } else { "" },
             self.voters,
             self.groups.len(),
+            if self.fence_command { ", a fence command" } else { "" },
             kinds.join(" ")
         )
     }
@@ -223,8 +228,8 @@ pub fn kind_name(k: &FaultKind) -> &'static str {
     }
 }
 
-/// Every fault kind's name.
-pub const KINDS: [&str; 13] = [
+/// Every fault kind's name, and `fence`: no fence command configured.
+pub const KINDS: [&str; 14] = [
     "partition",
     "site-cut",
     "one-way",
@@ -238,6 +243,7 @@ pub const KINDS: [&str; 13] = [
     "disable",
     "move",
     "resource-crash",
+    "fence",
 ];
 
 /// A fault, briefly.

@@ -89,12 +89,45 @@ pub enum Origin {
 
 #[derive(Debug)]
 pub enum Ev {
-    Deliver { from: NodeId, to: NodeId, msg: Msg },
-    Loop { node: NodeId, pid: u32, which: Loop, gen: u64 },
-    Watchdog { node: NodeId, gen: u64 },
-    StartDone { node: NodeId, proc: u64 },
-    StopDone { node: NodeId, proc: u64 },
-    Commit { node: NodeId, term: u64, entry: Entry, origin: Origin, basis: usize },
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        msg: Msg,
+    },
+    Loop {
+        node: NodeId,
+        pid: u32,
+        which: Loop,
+        gen: u64,
+    },
+    Watchdog {
+        node: NodeId,
+        gen: u64,
+    },
+    StartDone {
+        node: NodeId,
+        proc: u64,
+    },
+    StopDone {
+        node: NodeId,
+        proc: u64,
+    },
+    Commit {
+        node: NodeId,
+        term: u64,
+        entry: Entry,
+        origin: Origin,
+        basis: usize,
+    },
+    /// The fence command run by leader `leader` (agent `pid`) against
+    /// `node` ends: confirmed (the node is off) or failed.
+    FenceDone {
+        leader: NodeId,
+        pid: u32,
+        node: NodeId,
+        attempt: u64,
+        ok: bool,
+    },
     FaultStart(usize),
     FaultEnd(usize),
     Heal,
@@ -218,7 +251,8 @@ impl World {
             log,
             committed,
             term: 1,
-            leader: Some(1),
+            // Elected once the agents have run a while (see raft_step).
+            leader: None,
             leader_lost_at: None,
             election_delay: 0,
             ops: Vec::new(),
@@ -232,9 +266,6 @@ impl World {
         for id in 1..=w.nodes.len() as NodeId {
             w.start_agent(id);
         }
-        let a = w.agent_mut(1).expect("node 1 runs");
-        a.leader = Some(1);
-        w.node_mut(1).known_term = 1;
         for i in 0..w.sc.faults.len() {
             let f = &w.sc.faults[i];
             let (at, end) = (f.at_us, f.end_us);
@@ -355,6 +386,7 @@ impl World {
             Ev::StartDone { node, proc } => self.on_start_done(node, proc),
             Ev::StopDone { node, proc } => self.on_stop_done(node, proc),
             Ev::Commit { node, term, entry, origin, basis } => self.on_commit(node, term, entry, origin, basis),
+            Ev::FenceDone { leader, pid, node, attempt, ok } => self.fence_done(leader, pid, node, attempt, ok),
             Ev::FaultStart(i) => self.fault(i, true),
             Ev::FaultEnd(i) => self.fault(i, false),
             Ev::Heal => self.heal(),
@@ -427,7 +459,13 @@ impl World {
         if self.now < lost + self.election_delay {
             return;
         }
-        let candidates: Vec<NodeId> = self.voters.iter().copied().filter(|v| self.reaches_majority(*v)).collect();
+        // openraft: a node stands only after a leader lease and an election
+        // timeout of its own since it started.
+        let settled = |w: &World, v: NodeId| {
+            w.node(v).agent.as_ref().is_some_and(|a| w.now >= a.started_us + ELECTION_MAX_US + ELECTION_MIN_US)
+        };
+        let candidates: Vec<NodeId> =
+            self.voters.iter().copied().filter(|v| self.reaches_majority(*v) && settled(self, *v)).collect();
         if candidates.is_empty() {
             return;
         }
@@ -563,17 +601,18 @@ impl World {
 
     // ---- the operator ----
 
+    /// The operator's commands go one at a time, in order, each retried
+    /// until it is committed.
     fn operator_step(&mut self) {
         let Some(l) = self.leader.filter(|l| self.running(*l)) else { return };
-        for i in 0..self.ops.len() {
-            let op = &self.ops[i];
-            if op.done || op.in_flight || op.next_try > self.now {
-                continue;
-            }
-            let cmd = op.cmd.clone();
-            self.ops[i].in_flight = true;
-            self.propose(l, Entry::Cmd(cmd), Origin::Operator(i));
+        let Some(i) = self.ops.iter().position(|o| !o.done) else { return };
+        let op = &self.ops[i];
+        if op.in_flight || op.next_try > self.now {
+            return;
         }
+        let cmd = op.cmd.clone();
+        self.ops[i].in_flight = true;
+        self.propose(l, Entry::Cmd(cmd), Origin::Operator(i));
     }
 
     fn operator(&mut self, cmd: Command) {
@@ -633,6 +672,7 @@ impl World {
         self.net.heal();
         for id in 1..=self.nodes.len() as NodeId {
             self.node_mut(id).faults = [0; 4];
+            self.node_mut(id).fenced_off = false;
             self.reconcile_node(id);
             let name = self.node(id).name.clone();
             if self.committed.node_by_name(&name).is_some_and(|r| r.admin_state != Default::default()) {
@@ -646,6 +686,19 @@ impl World {
         }
     }
 
+    /// The fence command's outcome: a confirmed one powered the node off
+    /// (until the heal); the leader that ran it hears of it.
+    fn fence_done(&mut self, leader: NodeId, pid: u32, node: NodeId, attempt: u64, ok: bool) {
+        self.log_line(format!("fence command against n{node}: {}", if ok { "confirmed off" } else { "failed" }));
+        if ok && !self.healed {
+            self.node_mut(node).fenced_off = true;
+            self.reconcile_node(node);
+        }
+        if let Some(a) = self.agent_mut(leader).filter(|a| a.pid == pid) {
+            a.failover.fence_done(node, attempt, ok);
+        }
+    }
+
     fn node_fault(&mut self, id: NodeId, kind: usize, on: bool) {
         let c = &mut self.node_mut(id).faults[kind];
         *c = if on { *c + 1 } else { c.saturating_sub(1) };
@@ -656,7 +709,7 @@ impl World {
     /// not, its agent dead or running, frozen or not, busy or not.
     fn reconcile_node(&mut self, id: NodeId) {
         let f = self.node(id).faults;
-        if f[POWER] > 0 {
+        if f[POWER] > 0 || self.node(id).fenced_off {
             self.power_off(id);
         } else {
             self.power_on(id);

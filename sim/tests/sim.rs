@@ -5,17 +5,23 @@
 use tandem_sim::scenario::KINDS;
 use tandem_sim::{run, Mutant, Params};
 
-/// The scenarios CI runs: every fault kind but power loss, one site. Power
-/// losses and two sites with a witness hit open bugs (see the ignored tests
-/// below and docs/reliability.md); drop these limits once they are fixed.
+/// The scenarios CI runs: one site, no power loss, no fence command, no
+/// maintenance. Each of those hits an open bug (see the ignored tests
+/// below and docs/reliability.md); drop these limits as they are fixed.
 fn ci() -> Params {
-    Params { sites: Some(false), without: vec!["power-loss".into()], ..Params::default() }
+    let without = ["power-loss", "fence", "maintenance"].map(String::from).to_vec();
+    Params { sites: Some(false), without, ..Params::default() }
 }
 
-/// Only faults of kind `kind`.
-fn only(kind: &str, sites: bool) -> Params {
-    let without = KINDS.iter().filter(|k| **k != kind).map(|k| k.to_string()).collect();
+/// Only faults of kinds `kinds` (and `fence` among them: a fence command).
+fn only(kinds: &[&str], sites: bool) -> Params {
+    let without = KINDS.iter().filter(|k| !kinds.contains(k)).map(|k| k.to_string()).collect();
     Params { sites: Some(sites), without, ..Params::default() }
+}
+
+fn clean(seed: u64, p: &Params) {
+    let out = run(seed, p);
+    assert!(out.violations.is_empty(), "seed {seed}: {:?}\n{}", out.violations, out.summary);
 }
 
 #[test]
@@ -53,60 +59,86 @@ fn caught(m: Mutant, seeds: &[u64]) {
     }
 }
 
-/// The leader takes a silent node as gone right at the end of its lease:
-/// a watchdog that wakes late on a busy host still runs the group there.
+/// The leader takes a silent node as gone right at the end of its lease.
+/// 452: a node cut off still runs its group (its lease counts from a
+/// heartbeat the leader had not heard yet); 465: the leader stalled for
+/// half a second moves groups from nodes that never lost their lease; 709:
+/// the same after the leader was cut off for 0.6 s.
 #[test]
 fn the_checker_catches_a_leader_without_margin() {
-    caught(Mutant::Margin0, &[1920, 318, 366]);
+    caught(Mutant::Margin0, &[452, 465, 709]);
 }
 
 /// A node starts the group its (stale) state places on it, unclaimed.
 #[test]
 fn the_checker_catches_a_start_without_a_claim() {
-    caught(Mutant::NoClaim, &[15, 86, 90]);
+    caught(Mutant::NoClaim, &[77, 133, 140]);
 }
 
 /// A lapsed lease kills nothing: the group runs on while it moves.
 #[test]
 fn the_checker_catches_a_lapsed_lease_that_kills_nothing() {
-    caught(Mutant::KeepRunning, &[0, 2, 5]);
+    caught(Mutant::KeepRunning, &[0, 1, 7]);
 }
 
-/// Open bug: after a power loss CLOCK_BOOTTIME starts over, but the lease
-/// file (and the peers' echoes of the old agent's heartbeats) hold times of
-/// the previous boot, far ahead: the rebooted agent takes them for a lease.
-/// It restarts the adopted group (its process died with the power) without
-/// a claim, on its stale state, while the group already moved.
+/// Open bug A: after a power loss CLOCK_BOOTTIME starts over, but the
+/// lease file (and the peers' echoes of the old agent's heartbeats) hold
+/// times of the previous boot, far ahead: the rebooted agent takes them for
+/// a lease. It restarts the adopted group (its process died with the
+/// power) without a claim, on its stale state, while the group already
+/// moved (and would keep it through any partition).
 #[test]
-#[ignore = "open bug: a lease from before a reboot is taken as held"]
+#[ignore = "open bug A: a lease from before a reboot is taken as held"]
 fn a_rebooted_node_holds_no_lease_from_its_previous_boot() {
-    let out = run(622, &only("power-loss", false));
-    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    clean(0, &only(&["power-loss"], false));
 }
 
-/// Open bug: two sites and a witness, the link between the sites cut. A
-/// node on the leader's far side steps out only once it has not heard the
-/// leader for the node timeout (0.5 s), and its lease runs 0.5 s past its
-/// last echoed heartbeat: about 1 s, while the leader, hearing of it only
-/// through the witness, moves its groups after 0.8 s.
+/// Open bug B: two sites and a witness, the link between the sites cut. A
+/// node on the far side from the leader steps out only once it has not
+/// heard the leader for the node timeout (0.5 s), and its lease runs 0.5 s
+/// past its last echoed heartbeat: about 1 s, while the leader, hearing of
+/// it only through the witness, moves its groups after 0.8 s.
 #[test]
-#[ignore = "open bug: stepping out is slower than the leader's wait"]
+#[ignore = "open bug B: stepping out is slower than the leader's wait"]
 fn a_site_cut_moves_no_group_before_its_node_lets_go() {
-    let out = run(64, &only("site-cut", true));
-    assert!(out.violations.is_empty(), "{:?}", out.violations);
-    // Five voters over two sites: the far side keeps its lease through
-    // the witness and one voter of its own, and never steps out.
-    let out = run(25, &only("site-cut", true));
-    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    clean(18, &only(&["site-cut"], true));
 }
 
-/// Open bug: the leader is cut off for longer than the lease wait but
+/// Open bug C: the leader is cut off for longer than the lease wait but
 /// shorter than an election. Back, it commits failovers from its stale
 /// liveness view (it heard nobody, so everybody looks silent) while the
 /// others held their leases all along.
 #[test]
-#[ignore = "open bug: a leader back from a short isolation acts on a stale view"]
+#[ignore = "open bug C: a leader back from a short isolation acts on a stale view"]
 fn a_leader_back_from_isolation_moves_nothing_that_ran() {
-    let out = run(562, &only("partition", false));
-    assert!(out.violations.is_empty(), "{:?}", out.violations);
+    clean(710, &only(&["partition"], false));
+}
+
+/// Open bug D: a node in maintenance claims a group placed on it that does
+/// not run there, then does not start it (maintenance), and claims it
+/// again: a Raft write every round, for ever.
+#[test]
+#[ignore = "open bug D: a node in maintenance claims without end"]
+fn a_node_in_maintenance_does_not_claim_what_it_will_not_start() {
+    clean(186, &only(&["maintenance", "crash"], false));
+}
+
+/// Open bug E: with a fence command, a leader cut off from the others
+/// still believes it leads, sees everybody silent, and powers the working
+/// majority off.
+#[test]
+#[ignore = "open bug E: a leader cut off from the majority fences it"]
+fn a_leader_cut_off_from_the_majority_fences_nobody() {
+    clean(7, &only(&["partition", "fence"], false));
+}
+
+/// Open bug F: a partition heals; a node whose lease lapsed takes it again
+/// from fresh echoes and claims its group (committed). The leader, whose
+/// reports of who hears that node are still from before the partition,
+/// takes it as silent past the lease wait and moves the group it just
+/// claimed, while it runs there.
+#[test]
+#[ignore = "open bug F: the leader moves a group its node has just claimed"]
+fn a_group_just_claimed_is_not_moved_as_from_a_silent_node() {
+    clean(1265, &ci());
 }
