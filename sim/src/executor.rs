@@ -142,9 +142,16 @@ impl World {
             return;
         }
         let alive = a.groups.get(name).and_then(|l| match l.slot {
-            Slot::Starting(p) | Slot::Up(p) => Some(n.procs.get(name).is_some_and(|x| x.id == p)),
+            Slot::Starting(p) | Slot::Up(p) | Slot::Stopping(p) => Some(n.procs.get(name).is_some_and(|x| x.id == p)),
             _ => None,
         });
+        if a.groups.get(name).is_some_and(|l| matches!(l.slot, Slot::Stopping(_))) {
+            // A stop that ended while the agent could not see it: done now.
+            if alive != Some(true) {
+                self.stop_ended(id, name);
+            }
+            return;
+        }
         let held = a.lease.holds(now_ms);
         let Some(a) = self.agent_mut(id) else { return };
         let local = a.groups.entry(name.to_string()).or_insert_with(|| LocalGroup {
@@ -161,7 +168,7 @@ impl World {
             // The lease may have run out while this round ran: start nothing.
             (Slot::Idle, _) if !held => return,
             (Slot::Idle, _) => None,
-            (Slot::Starting(_) | Slot::Up(_), Some(true)) | (Slot::Stopping(_), _) => return,
+            (Slot::Starting(_) | Slot::Up(_), Some(true)) => return,
             // Its process ended (it crashed, or went while no agent watched).
             _ if local.restarts.len() as u32 >= max => Some(true),
             _ => {
@@ -231,17 +238,17 @@ impl World {
     }
 
     pub fn on_stop_done(&mut self, id: NodeId, proc: u64) {
-        let Some(name) = self.node(id).procs.iter().find(|(_, p)| p.id == proc).map(|(g, _)| g.clone()) else {
-            return;
-        };
-        self.end_proc(id, &name, proc);
-        let mine = self
+        // The process ends (if it did not die meanwhile) ...
+        if let Some(name) = self.node(id).procs.iter().find(|(_, p)| p.id == proc).map(|(g, _)| g.clone()) {
+            self.end_proc(id, &name, proc);
+        }
+        // ... and the agent that stopped it, if still there, moves on.
+        let stopping = self
             .node(id)
             .agent
             .as_ref()
-            .and_then(|a| a.groups.get(&name))
-            .is_some_and(|l| l.slot == Slot::Stopping(proc));
-        if mine && self.running(id) {
+            .and_then(|a| a.groups.iter().find(|(_, l)| l.slot == Slot::Stopping(proc)).map(|(g, _)| g.clone()));
+        if let Some(name) = stopping.filter(|_| self.running(id)) {
             self.stop_ended(id, &name);
         }
     }
