@@ -109,8 +109,9 @@ impl World {
     }
 
     fn claim(&mut self, id: NodeId, group: &str, epoch: u64, now_ms: u64) {
-        let pending = self.node(id).agent.as_ref().and_then(|a| a.claims.get(group)).is_some_and(|c| c.epoch == epoch);
-        if pending {
+        // One claim of a group at a time: the agent waits for each claim's
+        // answer and apply before its round goes on.
+        if self.node(id).agent.as_ref().is_some_and(|a| a.claims.contains_key(group)) {
             return;
         }
         if let Some(req) = self.post(id, group, epoch, Event::Claim) {

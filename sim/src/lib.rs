@@ -15,6 +15,7 @@
 pub mod check;
 pub mod clock;
 pub mod executor;
+pub mod faults;
 pub mod leader;
 pub mod net;
 pub mod node;

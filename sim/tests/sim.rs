@@ -94,14 +94,18 @@ fn a_rebooted_node_holds_no_lease_from_its_previous_boot() {
 }
 
 /// Open bug B: two sites and a witness, the link between the sites cut. A
-/// node on the far side from the leader steps out only once it has not
-/// heard the leader for the node timeout (0.5 s), and its lease runs 0.5 s
-/// past its last echoed heartbeat: about 1 s, while the leader, hearing of
-/// it only through the witness, moves its groups after 0.8 s.
+/// learner on the far side from the leader keeps its lease through the
+/// echoes of a voter of its own site and the witness; the leader, which
+/// cannot see that voter's reports, counts it silent from the cut and moves
+/// its groups after 0.8 s. It steps out only once it has not heard the
+/// leader for the node timeout (0.5 s), and its lease runs 0.5 s past its
+/// last echoed heartbeat: about 1 s. With five voters the far side never
+/// steps out (seed 134).
 #[test]
-#[ignore = "open bug B: stepping out is slower than the leader's wait"]
+#[ignore = "open bug B: a far-side node keeps its lease past the leader's wait"]
 fn a_site_cut_moves_no_group_before_its_node_lets_go() {
     clean(18, &only(&["site-cut"], true));
+    clean(134, &only(&["site-cut"], true));
 }
 
 /// Open bug C: the leader is cut off for longer than the lease wait but
