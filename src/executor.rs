@@ -1,21 +1,23 @@
 //! The node-local executor: makes this node run exactly the groups the
 //! replicated state places on it, at their epoch.
 //!
-//! Each tick it compares the applied state with what runs here: it starts
+//! Each tick it asks the reconciler (`crate::reconcile`, pure) what to do
+//! with each group and carries it out at the resource level: it starts
 //! groups placed here (resources in order), stops those asked to stop or
 //! placed elsewhere (in reverse order), restarts a crashed resource up to the
 //! group's threshold, and reports to the leader what only this node can know
-//! ("stopped", "failed"). When this node cannot see a majority of voters for
-//! longer than its lease it kills everything it runs, at once: the leader
-//! places the groups elsewhere only after that lease (plus a margin) has
-//! passed, so a group never runs on two nodes.
+//! ("stopped", "failed"). When the lease lapses (no majority of voters heard
+//! for longer than the lease) it kills everything it runs, at once: the
+//! leader places the groups elsewhere only after that lease (plus a margin)
+//! has passed, so a group never runs on two nodes. It decides nothing at the
+//! group level itself.
 //!
 //! Resource processes outlive the agent: what runs here is recorded in
 //! `<data_dir>/run` (see `rundir`), a restarted agent adopts it, and the
 //! watchdog process kills it if no agent renews the lease in time. Script
 //! agents (`exec`, `ocf`, `systemd`, the built-in `vip`) run their start /
 //! monitor / stop actions as tasks polled by the tick, so a slow action
-//! never delays self-fencing.
+//! never delays the kill when the lease lapses.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
@@ -24,24 +26,14 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tandem_raft::group::{GroupRecord, GroupSpec, Phase, ResourceKind, ResourceSpec};
+use tandem_raft::group::{GroupRecord, GroupSpec, ResourceKind, ResourceSpec};
 use tandem_raft::state::{AdminState, ClusterState};
 use tandem_raft::NodeId;
 use tokio::process::{Child, Command};
 
 use crate::clock::now_boot_ms;
+use crate::reconcile::{self, LeaseView, Local, Reconciler, Report, STOP_RETRY};
 use crate::rundir::{self, RunDir, RunRecord, RunSlot};
-
-/// What this node tells the leader.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Report {
-    /// The group no longer runs here (it was asked to stop at `epoch`).
-    Stopped { group: String, epoch: u64 },
-    /// The group failed here past its restart threshold at `epoch`.
-    Failed { group: String, epoch: u64 },
-    /// Stopping the group (placed here at `epoch`) failed: it may still run.
-    StopFailed { group: String, epoch: u64 },
-}
 
 /// Whether a resource type can run on this version of the agent.
 pub fn supported(kind: &ResourceKind) -> bool {
@@ -56,25 +48,27 @@ pub fn supported(kind: &ResourceKind) -> bool {
     )
 }
 
-/// The lease deadline and the process groups of every running resource
-/// process on this node, so that the lease timer can kill them without
-/// waiting for the executor (which may be busy stopping or starting
-/// something), and so that nothing starts once the lease has run out.
+/// What the lease timer needs to act on a lapse without waiting for the
+/// executor (which may be busy stopping or starting something): the lease
+/// deadline as the lease core last persisted it (so that nothing starts
+/// once it has passed) and the process groups of every running resource
+/// process on this node.
 #[derive(Debug, Default)]
-pub struct Fence {
+pub struct LeaseGuard {
     pgids: std::sync::Mutex<BTreeSet<i32>>,
-    /// The lease's end, CLOCK_BOOTTIME milliseconds (0: not held).
+    /// The lease's end, CLOCK_BOOTTIME milliseconds (0: not held): a copy
+    /// of `crate::lease::LeaseCore::deadline_ms`.
     deadline_ms: std::sync::atomic::AtomicU64,
     /// The data plane: volume resources are promoted and demoted there, and
-    /// a fence stops every export at once.
+    /// a lapse halts every export at once.
     volumes: std::sync::OnceLock<std::sync::Arc<crate::volume::manager::VolumeManager>>,
 }
 
-impl Fence {
-    /// A fence holding a lease until `deadline_ms` (inherited from an agent
+impl LeaseGuard {
+    /// A guard of a lease held until `deadline_ms` (inherited from an agent
     /// that ran before this one).
-    pub fn new(deadline_ms: u64) -> Fence {
-        Fence { pgids: Default::default(), deadline_ms: deadline_ms.into(), volumes: Default::default() }
+    pub fn new(deadline_ms: u64) -> LeaseGuard {
+        LeaseGuard { pgids: Default::default(), deadline_ms: deadline_ms.into(), volumes: Default::default() }
     }
 
     /// Connects the data plane (once, at agent start).
@@ -108,9 +102,9 @@ impl Fence {
         self.pgids.lock().unwrap_or_else(|e| e.into_inner()).remove(&pgid);
     }
 
-    /// SIGKILLs every registered process group and stops serving every
-    /// volume this node is primary for; returns how many process groups.
-    pub fn kill_all(&self) -> usize {
+    /// SIGKILLs every registered process group and halts every volume this
+    /// node is primary for; returns how many process groups.
+    pub fn kill_everything(&self) -> usize {
         if let Some(v) = self.volumes.get() {
             v.halt_all();
         }
@@ -128,8 +122,6 @@ const VIP_CHECK_EVERY: Duration = Duration::from_secs(3);
 /// How long a round waits for a start action in flight before it moves on:
 /// a quick one (a VIP) then lets the next resource start in the same round.
 const ACTION_WAIT: Duration = Duration::from_millis(150);
-/// How long after a failed stop it is tried again.
-const STOP_RETRY: Duration = Duration::from_secs(2);
 
 /// Where OCF resource agents live (Debian's `resource-agents`).
 pub const OCF_ROOT: &str = "/usr/lib/ocf";
@@ -205,8 +197,9 @@ struct LocalGroup {
     errors: Vec<Option<String>>,
     /// Local restarts since the group started here.
     restarted: u32,
-    /// Set after a failed stop: when to try the stop again.
-    stop_retry_at: Option<Instant>,
+    /// Set after a failed stop: when to try the stop again (CLOCK_BOOTTIME
+    /// ms).
+    stop_retry_at: Option<u64>,
 }
 
 impl LocalGroup {
@@ -239,7 +232,7 @@ impl LocalGroup {
 
     /// Rebuilds a group from its record (the agent restarted): processes
     /// still running are watched again, script resources monitored at once.
-    fn adopt(rec: RunRecord, fence: &Fence) -> LocalGroup {
+    fn adopt(rec: RunRecord, guard: &LeaseGuard) -> LocalGroup {
         let mut g = LocalGroup::new(rec.epoch, rec.spec);
         let now = Instant::now();
         for (slot, was) in g.slots.iter_mut().zip(rec.resources) {
@@ -248,7 +241,7 @@ impl LocalGroup {
                 RunSlot::Process { pid, start_time } => {
                     // Gone while no agent watched: the next tick sees it
                     // ended and counts a failure.
-                    fence.register(pid);
+                    guard.register(pid);
                     Slot::Process(Running { child: None, pid, start_time })
                 }
                 RunSlot::Script => Slot::Up { next_monitor: now, next_deep: None },
@@ -301,11 +294,11 @@ pub struct Executor {
     node_name: String,
     dir: PathBuf,
     groups: BTreeMap<String, LocalGroup>,
-    /// (group, epoch) that failed here: not restarted, reported until the
-    /// leader records it.
-    failed: BTreeSet<(String, u64)>,
-    fenced: bool,
-    fence: std::sync::Arc<Fence>,
+    /// The group-level decisions (and the groups that failed here).
+    reconciler: Reconciler,
+    /// Everything was killed because the lease lapsed (for the log).
+    lapsed: bool,
+    guard: std::sync::Arc<LeaseGuard>,
     /// When stale virtual IPs were last looked for.
     vips_checked: Option<Instant>,
     run: RunDir,
@@ -319,7 +312,7 @@ impl Executor {
         node_id: NodeId,
         node_name: String,
         dir: PathBuf,
-        fence: std::sync::Arc<Fence>,
+        guard: std::sync::Arc<LeaseGuard>,
         run: RunDir,
     ) -> Executor {
         let mut groups = BTreeMap::new();
@@ -327,7 +320,7 @@ impl Executor {
         for rec in run.records() {
             tracing::info!(group = %rec.group, epoch = rec.epoch, "adopting the group's resources from before the restart");
             written.insert(rec.group.clone(), rec.clone());
-            groups.insert(rec.group.clone(), LocalGroup::adopt(rec, &fence));
+            groups.insert(rec.group.clone(), LocalGroup::adopt(rec, &guard));
         }
         if groups.is_empty() {
             // Nothing runs here: OCF agents must not find stale state.
@@ -338,9 +331,9 @@ impl Executor {
             node_name,
             dir,
             groups,
-            failed: BTreeSet::new(),
-            fenced: false,
-            fence,
+            reconciler: Reconciler::new(),
+            lapsed: false,
+            guard,
             vips_checked: None,
             run,
             written,
@@ -382,10 +375,11 @@ impl Executor {
         self.groups.is_empty()
     }
 
-    /// Kills every local resource at once (self-fencing).
-    pub fn fence(&mut self) {
+    /// Kills every local resource at once: the lease lapsed (or is not
+    /// held).
+    pub fn lapse(&mut self) {
         if !self.groups.is_empty() {
-            tracing::warn!(groups = self.groups.len(), "the lease ran out: killing and stopping every local resource");
+            tracing::warn!(groups = self.groups.len(), "the lease lapsed: killing and stopping every local resource");
         }
         let (dir, node) = (self.dir.clone(), self.node_name.clone());
         for (name, g) in std::mem::take(&mut self.groups) {
@@ -399,49 +393,72 @@ impl Executor {
                     // its stop action is all we can do (a fence command is
                     // what makes this safe; see docs/config.md).
                     _ => {
-                        let cx = Ctx { dir: &dir, node: &node, group: &name, epoch: g.epoch, fence: &self.fence };
+                        let cx = Ctx { dir: &dir, node: &node, group: &name, epoch: g.epoch, guard: &self.guard };
                         tokio::spawn(cx.action(r, "stop", false).run());
                     }
                 }
             }
         }
-        self.fence.kill_all();
-        self.fenced = true;
+        self.guard.kill_everything();
+        self.lapsed = true;
         self.sync_records();
     }
 
-    /// Groups placed here (started, at their epoch) that do not run here
-    /// yet. A start must be confirmed against the leader first: this node's
-    /// copy of the state may be stale (it was cut off, it just came back).
-    pub fn wanted_starts(&self, state: &ClusterState) -> Vec<(String, u64)> {
-        let me = self.node_id;
-        state
-            .groups
-            .values()
-            .filter(|g| g.placement.node == Some(me) && g.placement.phase == Phase::Started)
-            .filter(|g| {
-                !self.groups.contains_key(&g.name) && !self.failed.contains(&(g.name.clone(), g.placement.epoch))
-            })
-            .map(|g| (g.name.clone(), g.placement.epoch))
+    /// What runs here, as the reconciler sees it.
+    fn local(&self) -> BTreeMap<String, Local> {
+        self.groups
+            .iter()
+            .map(|(name, g)| (name.clone(), Local { epoch: g.epoch, stop_blocked_until_ms: g.stop_retry_at }))
             .collect()
     }
 
-    /// One reconciliation round. `in_lease` is false once this node has
-    /// lost its lease (no majority heard, or it stalled). New starts happen only
-    /// for the (group, epoch) pairs in `confirmed`.
+    /// Groups placed here (started, at their epoch) that do not run here
+    /// yet, to be claimed. A start must be confirmed against the leader
+    /// first: this node's copy of the state may be stale (it was cut off,
+    /// it just came back).
+    pub fn wanted_starts(&self, state: &ClusterState, lease: LeaseView) -> Vec<(String, u64)> {
+        let local = self.local();
+        let none = BTreeSet::new();
+        self.reconciler.claims(&self.input(state, &local, &none, lease, now_boot_ms()))
+    }
+
+    fn input<'a>(
+        &self,
+        state: &'a ClusterState,
+        local: &'a BTreeMap<String, Local>,
+        confirmed: &'a BTreeSet<(String, u64)>,
+        lease: LeaseView,
+        now_ms: u64,
+    ) -> reconcile::Input<'a> {
+        let me = self.node_id;
+        reconcile::Input {
+            me,
+            groups: &state.groups,
+            local,
+            confirmed,
+            lease,
+            maintenance: state.nodes.get(&me).is_some_and(|n| n.admin_state == AdminState::Maintenance),
+            now_ms,
+        }
+    }
+
+    /// One reconciliation round: carries out the reconciler's plan. New
+    /// starts happen only for the (group, epoch) pairs in `confirmed`.
     pub async fn tick(
         &mut self,
         state: &ClusterState,
-        in_lease: bool,
+        lease: LeaseView,
         confirmed: &BTreeSet<(String, u64)>,
     ) -> Vec<Report> {
-        if !in_lease {
-            self.fence();
+        let local = self.local();
+        let plan = self.reconciler.plan(&self.input(state, &local, confirmed, lease, now_boot_ms()));
+        if plan.contains(&reconcile::Command::KillEverything) {
+            self.lapse();
             return Vec::new();
         }
-        if self.fenced {
-            tracing::info!("quorum is back: resources may run here again");
-            self.fenced = false;
+        if self.lapsed {
+            tracing::info!("the lease is held again: resources may run here again");
+            self.lapsed = false;
         }
         let me = self.node_id;
         if self.vips_checked.is_none_or(|t| t.elapsed() >= VIP_CHECK_EVERY) {
@@ -460,50 +477,25 @@ impl Executor {
                 }
             }
         }
-        let maintenance = state.nodes.get(&me).is_some_and(|n| n.admin_state == AdminState::Maintenance);
         let mut reports = Vec::new();
-
-        // Stop what must not run here any more.
-        let local: Vec<String> = self.groups.keys().cloned().collect();
-        for name in local {
-            let keep = state
-                .groups
-                .get(&name)
-                .is_some_and(|g| g.placement.node == Some(me) && g.placement.phase == Phase::Started);
-            let blocked = self.groups.get(&name).and_then(|g| g.stop_retry_at).is_some_and(|t| Instant::now() < t);
-            if !keep && !blocked {
-                if let Some(g) = self.groups.remove(&name) {
-                    tracing::info!(group = %name, epoch = g.epoch, "stopping");
-                    if let Some(left) = stop_group(g, &self.dir, &self.node_name, &name, &self.fence).await {
-                        let epoch = state.groups.get(&name).map(|g| g.placement.epoch).unwrap_or(left.epoch);
-                        reports.push(Report::StopFailed { group: name.clone(), epoch });
-                        self.groups.insert(name.clone(), left);
+        for command in plan {
+            match command {
+                reconcile::Command::KillEverything => {} // handled above
+                reconcile::Command::Stop { group } => {
+                    let Some(g) = self.groups.remove(&group) else { continue };
+                    tracing::info!(group = %group, epoch = g.epoch, "stopping");
+                    match stop_group(g, &self.dir, &self.node_name, &group, &self.guard).await {
+                        None => reports.extend(self.reconciler.stopped(&group)),
+                        Some(left) => {
+                            reports.extend(self.reconciler.stop_failed(&group));
+                            self.groups.insert(group, left);
+                        }
                     }
                 }
-            }
-        }
-        self.failed.retain(|(name, epoch)| {
-            state.groups.get(name).is_some_and(|g| g.placement.epoch == *epoch && !g.failed_on.contains(&me))
-        });
-
-        for g in state.groups.values().filter(|g| g.placement.node == Some(me)) {
-            let epoch = g.placement.epoch;
-            match g.placement.phase {
-                // Not while a failed stop leaves it (maybe) running here.
-                Phase::Stopping | Phase::Stopped if self.groups.contains_key(&g.name) => {}
-                Phase::Stopping | Phase::Stopped => {
-                    reports.push(Report::Stopped { group: g.name.clone(), epoch });
-                }
-                Phase::Started if self.failed.contains(&(g.name.clone(), epoch)) => {
-                    reports.push(Report::Failed { group: g.name.clone(), epoch });
-                }
-                Phase::Started => {
-                    if maintenance {
-                        continue; // left alone: no start, no monitoring
-                    }
-                    if !self.groups.contains_key(&g.name) && !confirmed.contains(&(g.name.clone(), epoch)) {
-                        continue; // not confirmed by the leader (yet)
-                    }
+                // Made by the agent before the round (`Agent::executor_round`).
+                reconcile::Command::Claim { .. } => {}
+                reconcile::Command::Run { group, .. } => {
+                    let Some(g) = state.groups.get(&group) else { continue };
                     if let Some(report) = self.run(g).await {
                         reports.push(report);
                     }
@@ -511,6 +503,7 @@ impl Executor {
                     // before anything else can happen to this agent.
                     self.sync_records();
                 }
+                reconcile::Command::Report(r) => reports.push(r),
             }
         }
         self.sync_records();
@@ -537,7 +530,7 @@ impl Executor {
             let old: Vec<ResourceSpec> = local.spec.resources[keep..].to_vec();
             let slots: Vec<Slot> = local.slots.drain(keep..).collect();
             tracing::info!(group = %g.name, kept = keep, restarted = old.len(), "definition changed");
-            let cx = Ctx { dir: &dir, node: &node_name, group: &g.name, epoch, fence: &self.fence };
+            let cx = Ctx { dir: &dir, node: &node_name, group: &g.name, epoch, guard: &self.guard };
             // A failed stop here is logged; the new definition starts anyway.
             let _ = stop_slots(&old, slots, cx).await;
             local.slots.extend(g.spec.resources[keep..].iter().map(|_| Slot::Idle));
@@ -552,7 +545,7 @@ impl Executor {
         }
         let mut failed = false;
         for (i, r) in g.spec.resources.iter().enumerate() {
-            let cx = Ctx { dir: &dir, node: &node_name, group: &g.name, epoch, fence: &self.fence };
+            let cx = Ctx { dir: &dir, node: &node_name, group: &g.name, epoch, guard: &self.guard };
             let mut outcome = step(&mut local.slots[i], r, cx, now).await;
             if matches!(outcome, Step::Spawned) {
                 // On record before anything runs that the watchdog would
@@ -591,12 +584,11 @@ impl Executor {
         }
         tracing::warn!(group = %g.name, epoch, "failed past its restart threshold: giving it up on this node");
         if let Some(local) = self.groups.remove(&g.name) {
-            if let Some(left) = stop_group(local, &dir, &node_name, &g.name, &self.fence).await {
+            if let Some(left) = stop_group(local, &dir, &node_name, &g.name, &self.guard).await {
                 self.groups.insert(g.name.clone(), left);
             }
         }
-        self.failed.insert((g.name.clone(), epoch));
-        Some(Report::Failed { group: g.name.clone(), epoch })
+        Some(self.reconciler.failed(&g.name, epoch))
     }
 
     /// Stops everything (agent shutdown).
@@ -604,7 +596,7 @@ impl Executor {
         for (name, g) in std::mem::take(&mut self.groups) {
             // What could not be stopped stays on record: the watchdog tries
             // again once the lease is released.
-            if let Some(left) = stop_group(g, &self.dir, &self.node_name, &name, &self.fence).await {
+            if let Some(left) = stop_group(g, &self.dir, &self.node_name, &name, &self.guard).await {
                 self.groups.insert(name, left);
             }
         }
@@ -628,7 +620,7 @@ struct Ctx<'a> {
     node: &'a str,
     group: &'a str,
     epoch: u64,
-    fence: &'a Fence,
+    guard: &'a LeaseGuard,
 }
 
 impl Ctx<'_> {
@@ -641,14 +633,14 @@ impl Ctx<'_> {
             r: r.clone(),
             verb,
             deep,
-            volumes: self.fence.volumes.get().cloned(),
+            volumes: self.guard.volumes.get().cloned(),
         }
     }
 }
 
 /// Advances one resource's slot by at most one transition.
 async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> Step {
-    let Ctx { dir, node, group, epoch, fence } = cx;
+    let Ctx { dir, node, group, epoch, guard } = cx;
     let monitor_every = Duration::from_millis(r.monitor.interval_ms);
     let up = |now: Instant| Slot::Up {
         next_monitor: now + monitor_every,
@@ -658,11 +650,11 @@ async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> S
     match std::mem::replace(slot, Slot::Idle) {
         // The lease may have run out while this round ran (a stall): start
         // nothing then.
-        Slot::Idle if !fence.lease_valid() => Step::Pending,
+        Slot::Idle if !guard.lease_valid() => Step::Pending,
         Slot::Idle => match &r.kind {
             ResourceKind::Process { .. } => match spawn_process(dir, node, group, epoch, r) {
                 Ok(p) => {
-                    fence.register(p.pid);
+                    guard.register(p.pid);
                     *slot = Slot::Process(p);
                     Step::Up
                 }
@@ -681,7 +673,7 @@ async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> S
             Some(why) => {
                 // Whatever it left in its process group goes too.
                 let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
-                fence.unregister(p.pid);
+                guard.unregister(p.pid);
                 Step::Failed(why)
             }
         },
@@ -957,10 +949,10 @@ async fn stop_group(
     dir: &std::path::Path,
     node: &str,
     group: &str,
-    fence: &Fence,
+    guard: &LeaseGuard,
 ) -> Option<LocalGroup> {
     let slots = std::mem::take(&mut g.slots);
-    let (left, errors) = stop_slots(&g.spec.resources, slots, Ctx { dir, node, group, epoch: g.epoch, fence }).await;
+    let (left, errors) = stop_slots(&g.spec.resources, slots, Ctx { dir, node, group, epoch: g.epoch, guard }).await;
     g.slots = left;
     if errors.is_empty() {
         return None;
@@ -969,7 +961,7 @@ async fn stop_group(
         g.errors[i] = Some(format!("stop failed: {e}"));
     }
     tracing::error!(group, "stop failed: the group stays here, blocked, and its stop is tried again in {STOP_RETRY:?}");
-    g.stop_retry_at = Some(Instant::now() + STOP_RETRY);
+    g.stop_retry_at = Some(now_boot_ms() + STOP_RETRY.as_millis() as u64);
     Some(g)
 }
 
@@ -991,7 +983,7 @@ async fn stop_slots(resources: &[ResourceSpec], slots: Vec<Slot>, cx: Ctx<'_>) -
                 // Whatever is left of its process group goes too.
                 let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
                 p.wait().await;
-                cx.fence.unregister(p.pid);
+                cx.guard.unregister(p.pid);
                 None
             }
             Slot::Starting(t) | Slot::Monitoring { task: t, .. } | Slot::Recovering(t) => {
@@ -1016,8 +1008,8 @@ pub(crate) async fn stop_action(
     epoch: u64,
     r: &ResourceSpec,
 ) -> ActionResult {
-    let fence = Fence::default();
-    Ctx { dir, node, group, epoch, fence: &fence }.action(r, "stop", false).run().await
+    let guard = LeaseGuard::default();
+    Ctx { dir, node, group, epoch, guard: &guard }.action(r, "stop", false).run().await
 }
 
 /// Runs a script resource's stop; the failure, if any.

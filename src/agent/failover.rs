@@ -1,16 +1,14 @@
-//! The leader's failover input: which silent nodes may have their groups
-//! moved (offline by quorum, fenced when a fence command is set, past the
-//! lease and its margin), and the scheduler round that commits placements.
-//! Fencing here means STONITH: running the fence command against a node.
+//! The leader's failover input and the scheduler round that commits
+//! placements. Which silent nodes may have their groups moved, and when to
+//! run the fence command, is the failover core's decision
+//! (`crate::failover`: offline by quorum, fenced when a fence command is
+//! set, past the lease and its margin); this file feeds it liveness, runs
+//! the fence command it asks for and reports the outcome back. Fencing here
+//! means STONITH: running the fence command against a node.
 
 use super::*;
 
-/// One run of the fence command against a silent node.
-pub(super) struct FenceOp {
-    started: Instant,
-    /// None while it runs.
-    result: Arc<std::sync::Mutex<Option<Result<(), String>>>>,
-}
+use crate::failover::{Effect as FailoverEffect, Seen};
 
 impl Agent {
     /// One scheduler round on the leader: commit every placement change.
@@ -21,35 +19,33 @@ impl Agent {
         }
         let state = m.state.state();
         let now = Instant::now();
-        let fenced_after = self.cfg.fenced_after();
         // A node is offline only when no majority of voters can have heard
         // it: while one can, it may hold its lease and run its groups.
         let voters: Vec<NodeId> = m.metrics().membership_config.membership().voter_ids().collect();
-        let nodes: Vec<NodeInfo> = state
+        let seen: Vec<Seen> = state
             .nodes
             .values()
             .map(|r| {
-                let me = r.id == m.node_id;
                 let st = self.liveness.quorum_status(r.id, &r.addresses, &voters, m.node_id, now);
-                // The fence command starts as soon as the node is offline,
-                // so that it runs while the lease runs out.
-                let escalated = {
-                    let mut e = self.escalated.lock().unwrap_or_else(|e| e.into_inner());
-                    if !me && !st.alive {
-                        e.remove(&r.id); // it went silent: the escalation took effect
-                    }
-                    e.contains(&r.id)
-                };
-                let confirmed = !me && self.fence_confirmed(r, st.alive && !escalated, now);
-                NodeInfo {
-                    id: r.id,
-                    name: r.name.clone(),
-                    admin: r.admin_state,
-                    witness: r.witness,
-                    alive: me || st.alive,
-                    fenced: confirmed && !st.alive && st.down_for >= fenced_after,
-                    capacity: r.attributes.get("capacity").and_then(|c| c.parse().ok()),
-                }
+                Seen { id: r.id, alive: st.alive, down_for: st.down_for }
+            })
+            .collect();
+        let verdict = self.failover_core().round(m.node_id, &seen, now_boot_ms());
+        // The fence command starts as soon as the node is offline, so that
+        // it runs while the lease runs out.
+        self.run_fence_effects(&state, verdict.effects.clone());
+        let nodes: Vec<NodeInfo> = state
+            .nodes
+            .values()
+            .zip(&seen)
+            .map(|(r, st)| NodeInfo {
+                id: r.id,
+                name: r.name.clone(),
+                admin: r.admin_state,
+                witness: r.witness,
+                alive: r.id == m.node_id || st.alive,
+                fenced: verdict.may_move(r.id),
+                capacity: r.attributes.get("capacity").and_then(|c| c.parse().ok()),
             })
             .collect();
         for d in Scheduler::new(&nodes, &state.groups, local_minute_of_day()).decide() {
@@ -67,41 +63,29 @@ impl Agent {
         }
     }
 
-    /// Whether the fence command (if any) has confirmed `node` off since it
-    /// went silent; starts it, or retries a failed one, as needed.
-    pub(super) fn fence_confirmed(&self, node: &NodeRecord, alive: bool, now: Instant) -> bool {
-        let cmd = &self.cfg.fencing.fence_command;
-        if cmd.is_empty() {
-            return true;
-        }
-        let mut ops = self.fence_ops.lock().unwrap_or_else(|e| e.into_inner());
-        if alive {
-            ops.remove(&node.id); // back: a new silence needs a new fence
-            return false;
-        }
-        if let Some(op) = ops.get(&node.id) {
-            match &*op.result.lock().unwrap_or_else(|e| e.into_inner()) {
-                Some(Ok(())) => return true,
-                None => return false,
-                Some(Err(_)) if now.duration_since(op.started) < FENCE_RETRY => return false,
-                Some(Err(_)) => {} // retry below
+    /// Carries out the failover core's effects: each fence command runs in
+    /// the background and its outcome goes back to the core.
+    pub(super) fn run_fence_effects(&self, state: &ClusterState, effects: Vec<FailoverEffect>) {
+        for e in effects {
+            let FailoverEffect::RunFenceCommand { node, attempt } = e;
+            if let Some(rec) = state.nodes.get(&node) {
+                self.start_fence(rec, attempt);
             }
         }
-        ops.insert(node.id, FenceOp { started: now, result: self.start_fence(node) });
-        false
     }
 
-    /// Runs the fence command against `node` in the background; the slot
-    /// receives its outcome.
-    pub(super) fn start_fence(&self, node: &NodeRecord) -> Arc<std::sync::Mutex<Option<Result<(), String>>>> {
-        let result = Arc::new(std::sync::Mutex::new(None));
-        let out = result.clone();
+    /// Runs the fence command against `node` in the background; its
+    /// outcome is reported to the failover core under `attempt`.
+    fn start_fence(&self, node: &NodeRecord, attempt: u64) {
+        let core = self.failover.clone();
+        let (id, name, addresses) = (node.id, node.name.clone(), node.addresses.join(","));
+        let done =
+            move |confirmed: bool| core.lock().unwrap_or_else(|e| e.into_inner()).fence_done(id, attempt, confirmed);
         let Some((program, args)) = self.cfg.fencing.fence_command.split_first() else {
-            *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(Err("no fence command".into()));
-            return out;
+            done(false);
+            return;
         };
         let (program, args) = (program.clone(), args.to_vec());
-        let (name, addresses) = (node.name.clone(), node.addresses.join(","));
         let timeout = Duration::from_millis(self.cfg.fencing.fence_timeout_ms);
         tokio::spawn(async move {
             tracing::warn!(node = %name, "fencing: running {program} {args:?}");
@@ -123,8 +107,7 @@ impl Agent {
                 Ok(()) => tracing::warn!(node = %name, "fencing confirmed: the node is off"),
                 Err(e) => tracing::error!(node = %name, "fencing failed, its groups stay where they are: {e}"),
             }
-            *result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            done(r.is_ok());
         });
-        out
     }
 }

@@ -76,26 +76,26 @@ impl Agent {
     }
 
     /// One executor round: run what is placed here, report what only this
-    /// node knows, and fence when out of quorum past the lease.
+    /// node knows, and kill everything when the lease lapsed. What to do
+    /// with each group is the reconciler's decision (in the executor).
     pub(super) async fn executor_round(&self) {
         let Some(m) = self.member() else { return };
-        if self.lapsed.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.lease_core().lapsed() {
             let mut ex = self.executor.lock().await;
             if let Some(ex) = ex.as_mut() {
-                ex.fence();
+                ex.lapse();
             }
             // Only now may the lease be taken again (see lease_round).
-            self.lapsed.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.lease_core().everything_stopped();
         }
         let no_groups = m.state.read(|d| d.state.groups.is_empty());
         if no_groups && self.executor.lock().await.as_ref().is_none_or(|ex| ex.is_idle()) {
             return;
         }
         let state = m.state.state();
-        let in_lease = self.in_lease();
+        let lease = self.lease_view();
         let wanted = match self.executor.lock().await.as_ref() {
-            Some(ex) if in_lease => ex.wanted_starts(&state),
-            Some(_) => Vec::new(),
+            Some(ex) => ex.wanted_starts(&state, lease),
             None => return,
         };
         let mut confirmed = BTreeSet::new();
@@ -107,7 +107,7 @@ impl Agent {
         // The claims moved the epochs: act on the state that holds them.
         let state = if wanted.is_empty() { state } else { m.state.state() };
         let reports = match self.executor.lock().await.as_mut() {
-            Some(ex) => ex.tick(&state, in_lease, &confirmed).await,
+            Some(ex) => ex.tick(&state, lease, &confirmed).await,
             None => return,
         };
         for r in reports {
@@ -187,26 +187,24 @@ impl Agent {
                 };
                 self.propose(&m, cmd).await.map(|_| ())
             }
-            GroupEvent::StopFailed if !self.cfg.fencing.fence_command.is_empty() => {
+            GroupEvent::StopFailed => {
                 // It may still run there and cannot be stopped: power the
-                // node off. Once it is silent, fenced and confirmed, its
-                // groups move as from any dead node.
-                let first = self.escalated.lock().unwrap_or_else(|e| e.into_inner()).insert(r.node);
-                if first {
-                    tracing::error!(group = name, node = %node, "stop failed: escalating to fencing the node");
-                    if r.node == m.node_id {
-                        // The leader cannot wait for itself to go silent: it
-                        // fences itself; the next leader fences it again
-                        // (powering off is idempotent) before moving anything.
-                        if let Some(rec) = state.nodes.get(&r.node) {
-                            let _ = self.start_fence(rec);
-                        }
+                // node off (with a fence command). Once it is silent, fenced
+                // and confirmed, its groups move as from any dead node. The
+                // leader cannot wait for itself to go silent: it fences
+                // itself at once; the next leader fences it again (powering
+                // off is idempotent) before moving anything.
+                let escalation = self.failover_core().escalate(r.node, m.node_id);
+                match escalation {
+                    Escalation::NoFenceCommand => {
+                        tracing::error!(group = name, node = %node, "stop failed and no fence command is set: the group stays blocked there");
+                    }
+                    Escalation::Repeated => {}
+                    Escalation::First(effects) => {
+                        tracing::error!(group = name, node = %node, "stop failed: escalating to fencing the node");
+                        self.run_fence_effects(&state, effects);
                     }
                 }
-                Ok(())
-            }
-            GroupEvent::StopFailed => {
-                tracing::error!(group = name, node = %node, "stop failed and no fence command is set: the group stays blocked there");
                 Ok(())
             }
             GroupEvent::Failed if p.phase == Phase::Started && !g.failed_on.contains(&r.node) => {

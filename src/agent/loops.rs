@@ -18,9 +18,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let liveness = Liveness::new(cfg.node_timeout());
     let agent = Arc::new(Agent::new(cfg.clone(), db.clone(), liveness.clone())?);
     // The data plane listens before anything can be promoted here.
-    agent.fence.set_volumes(agent.volumes.clone());
-    let fence = agent.fence.clone();
-    agent.volumes.set_lease(Arc::new(move || fence.lease_valid()));
+    agent.guard.set_volumes(agent.volumes.clone());
+    let guard = agent.guard.clone();
+    agent.volumes.set_lease(Arc::new(move || guard.lease_valid()));
     let replication: Vec<std::net::SocketAddr> = cfg
         .addresses
         .iter()

@@ -42,8 +42,11 @@ use tracing::Instrument;
 use crate::autopilot::{self, Candidate};
 use crate::clock::{local_minute_of_day, now_boot_ms};
 use crate::config::Config;
-use crate::executor::{Executor, Fence, Report};
+use crate::executor::{Executor, LeaseGuard};
+use crate::failover::{Escalation, Failover, Policy};
+use crate::lease::LeaseCore;
 use crate::liveness::{HeartbeatSockets, Liveness};
+use crate::reconcile::{LeaseView, Report};
 use crate::rundir::{Lease, RunDir};
 use crate::scheduler::{NodeInfo, Scheduler};
 
@@ -62,8 +65,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const GROUP_TICK: Duration = Duration::from_millis(100);
 /// The least time between two rounds of a loop woken by state changes.
 const CHANGE_GAP: Duration = Duration::from_millis(10);
-/// How long after a failed fence command (STONITH) the leader tries again.
-const FENCE_RETRY: Duration = Duration::from_secs(2);
 /// How often the leader's scheduler looks at liveness: a dead node's
 /// groups move at most this long after its fencing wait ends (changes to
 /// the state wake it at once).
@@ -99,25 +100,16 @@ pub struct Agent {
     membership_lock: tokio::sync::Mutex<()>,
     /// Runs the groups placed on this node; present while a member.
     executor: tokio::sync::Mutex<Option<Executor>>,
-    /// The lease and the resource processes the lease timer kills when it
-    /// runs out.
-    fence: Arc<Fence>,
+    /// The lease, its lapse and stepping out: the decisions (pure).
+    lease: std::sync::Mutex<LeaseCore>,
+    /// The persisted lease deadline and the resource processes the lease
+    /// timer kills when the lease lapses.
+    guard: Arc<LeaseGuard>,
     /// The lease files and the records of what runs here.
     run: RunDir,
-    /// Set when the lease ran out with something running: the executor
-    /// fences before anything else.
-    lapsed: std::sync::atomic::AtomicBool,
-    /// Whether this node stopped heartbeating because it is cut off from a
-    /// leader that a majority still hears (see `heartbeat_round`).
-    stepped_out: std::sync::atomic::AtomicBool,
-    /// The last leader this node knew (0: none yet): a candidate knows
-    /// none, and must not step back in for that alone.
-    last_leader: std::sync::atomic::AtomicU64,
-    /// On the leader, with a fence command: one attempt per silent node.
-    fence_ops: std::sync::Mutex<BTreeMap<NodeId, FenceOp>>,
-    /// Live nodes to fence all the same (a stop failed there), until they
-    /// go silent.
-    escalated: std::sync::Mutex<BTreeSet<NodeId>>,
+    /// On the leader: which silent nodes' groups may move, the fence
+    /// command's attempts and the escalated nodes (pure).
+    failover: Arc<std::sync::Mutex<Failover>>,
     /// The volume replicas on this node.
     pub(crate) volumes: Arc<crate::volume::manager::VolumeManager>,
 }
@@ -148,7 +140,14 @@ impl Agent {
             Lease::Until(d) => d,
             Lease::Released | Lease::Missing => 0,
         };
+        let lease = LeaseCore::new(cfg.fencing.lease_ms, inherited);
+        let failover = Failover::new(Policy {
+            fence_command: !cfg.fencing.fence_command.is_empty(),
+            fenced_after: cfg.fenced_after(),
+        });
         Ok(Agent {
+            lease: std::sync::Mutex::new(lease),
+            failover: Arc::new(std::sync::Mutex::new(failover)),
             cfg,
             db,
             liveness,
@@ -156,15 +155,20 @@ impl Agent {
             http,
             membership_lock: tokio::sync::Mutex::new(()),
             executor: tokio::sync::Mutex::new(None),
-            fence: Arc::new(Fence::new(inherited)),
+            guard: Arc::new(LeaseGuard::new(inherited)),
             run,
-            lapsed: false.into(),
-            stepped_out: false.into(),
-            last_leader: 0.into(),
-            fence_ops: Default::default(),
-            escalated: Default::default(),
             volumes: Default::default(),
         })
+    }
+
+    /// The lease core (held only for a call, never across an await).
+    fn lease_core(&self) -> std::sync::MutexGuard<'_, LeaseCore> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The failover core (held only for a call, never across an await).
+    fn failover_core(&self) -> std::sync::MutexGuard<'_, Failover> {
+        self.failover.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn member(&self) -> Option<Arc<Member>> {
@@ -210,7 +214,7 @@ impl Agent {
             identity.node_id,
             self.cfg.name.clone(),
             self.cfg.data_dir.clone(),
-            self.fence.clone(),
+            self.guard.clone(),
             self.run.clone(),
         ));
         *self.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
@@ -259,7 +263,6 @@ mod volumes;
 pub use loops::run;
 
 // The modules' helpers, for one another (each keeps them `pub(super)`).
-use failover::*;
 use membership::*;
 use peers::*;
 use volumes::*;
