@@ -85,14 +85,21 @@ pub struct PeerStatus {
 
 impl Liveness {
     pub fn new(timeout: Duration) -> Arc<Liveness> {
-        Arc::new(Liveness { started: Instant::now(), timeout, seen: Mutex::new(HashMap::new()) })
+        Liveness::new_at(timeout, Instant::now())
+    }
+
+    /// A view that starts at `started` (a never-heard peer counts its
+    /// silence from there): the simulator's clock.
+    pub fn new_at(timeout: Duration, started: Instant) -> Arc<Liveness> {
+        Arc::new(Liveness { started, timeout, seen: Mutex::new(HashMap::new()) })
     }
 
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
-    fn record(&self, hb: Heartbeat, from: IpAddr, now: Instant) {
+    /// Takes in a heartbeat received from address `from` at `now`.
+    pub fn record(&self, hb: Heartbeat, from: IpAddr, now: Instant) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let entry = seen.entry(hb.from).or_insert_with(|| PeerSeen {
             pid: hb.pid,
@@ -176,6 +183,29 @@ impl Liveness {
             .collect();
         times.sort_unstable_by(|a, b| b.cmp(a));
         times.get(need - 1).copied()
+    }
+
+    /// The heartbeat `me` sends to `to` in a round sent at `sent_ms`
+    /// (CLOCK_BOOTTIME), with `heard`, the round's `heard_report`.
+    pub fn heartbeat_to(
+        &self,
+        cluster_id: &str,
+        me: NodeId,
+        to: NodeId,
+        pid: u32,
+        sent_ms: u64,
+        heard: &[(NodeId, u32)],
+    ) -> Heartbeat {
+        Heartbeat {
+            cluster_id: cluster_id.to_string(),
+            from: me,
+            to,
+            pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            sent_ms,
+            echo_ms: self.echo_for(to),
+            heard: heard.to_vec(),
+        }
     }
 
     /// What to echo to `id`: the newest `sent_ms` heard from it.
@@ -344,21 +374,11 @@ impl HeartbeatSockets {
         me: NodeId,
         liveness: &Liveness,
     ) {
-        let version = env!("CARGO_PKG_VERSION").to_string();
         let pid = std::process::id();
         let sent_ms = crate::clock::now_boot_ms();
         let heard = liveness.heard_report(Instant::now());
         for node in nodes.values().filter(|n| n.id != me) {
-            let hb = Heartbeat {
-                cluster_id: cluster_id.to_string(),
-                from: me,
-                to: node.id,
-                pid,
-                version: version.clone(),
-                sent_ms,
-                echo_ms: liveness.echo_for(node.id),
-                heard: heard.clone(),
-            };
+            let hb = liveness.heartbeat_to(cluster_id, me, node.id, pid, sent_ms, &heard);
             let Ok(bytes) = serde_json::to_vec(&hb) else {
                 continue;
             };

@@ -176,6 +176,13 @@ fn test() -> Result<(), Fail> {
     }
     run(c)?;
 
+    // The deterministic simulator's fixed batch (the real decision cores of
+    // every node over a simulated network and clocks; exits non-zero on a
+    // violation).
+    let mut c = cargo();
+    c.args(["run", "--locked", "-p", "tandem-sim", "--", "--seeds", "500"]);
+    run(c)?;
+
     // Two short fixed-seed chaos runs (every fault kind at least once; one
     // site, then two sites and a witness), with the debug agents just built.
     let mut c = cargo();
