@@ -108,6 +108,9 @@ pub struct Failover {
     /// When each node last claimed a start through this leader: it held its
     /// lease then, whatever the heartbeat reports (which may lag) say.
     claimed_ms: BTreeMap<NodeId, u64>,
+    /// Whether this leader holds its own lease (a majority echoes it): a
+    /// leader cut off from the others must power nobody off.
+    lease_held: bool,
     next_attempt: u64,
 }
 
@@ -118,6 +121,7 @@ impl Failover {
             attempts: BTreeMap::new(),
             escalated: BTreeSet::new(),
             claimed_ms: BTreeMap::new(),
+            lease_held: true,
             next_attempt: 1,
         }
     }
@@ -177,6 +181,12 @@ impl Failover {
         self.claimed_ms.clear();
     }
 
+    /// Whether this leader holds its own lease now: without it, no fence
+    /// command starts (the rounds go on; its placements cannot commit).
+    pub fn lease(&mut self, held: bool) {
+        self.lease_held = held;
+    }
+
     /// `node` claimed a start through this leader at `now_ms` (call it when
     /// the claim arrives, before it is proposed): a node claims only while
     /// it holds its lease, so it is not silent, whatever the reports about
@@ -228,13 +238,16 @@ impl Failover {
             match a.outcome {
                 Outcome::Confirmed => return true,
                 Outcome::Running => return false,
+                _ if !self.lease_held => return false,
                 Outcome::Failed if now_ms.saturating_sub(a.started_ms) < FENCE_RETRY.as_millis() as u64 => {
                     return false
                 }
                 Outcome::Failed => {} // retry below
             }
         }
-        effects.push(self.attempt(node, now_ms));
+        if self.lease_held {
+            effects.push(self.attempt(node, now_ms));
+        }
         false
     }
 }
@@ -310,6 +323,17 @@ mod tests {
         plain.claimed(2, 5_000);
         assert!(!plain.round(ME, &[silent(2, 3_000)], 5_500).may_move(2));
         assert!(plain.round(ME, &[silent(2, 3_000)], 5_800).may_move(2));
+    }
+
+    #[test]
+    fn a_leader_without_its_lease_fences_nobody() {
+        let mut f = with_fence();
+        f.lease(false);
+        let v = f.round(ME, &[silent(2, 5_000), silent(3, 5_000)], 9_000);
+        assert_eq!(v, Verdict::default(), "cut off: everybody looks silent, nobody is fenced");
+        f.lease(true);
+        let v = f.round(ME, &[silent(2, 5_000)], 9_100);
+        assert!(matches!(v.effects[..], [Effect::RunFenceCommand { node: 2, .. }]));
     }
 
     #[test]

@@ -77,8 +77,13 @@ pub struct LeaseCore {
 /// there. So it ends no later than the leader's count from the last
 /// heartbeat it heard from us, also when only our outgoing traffic is lost.
 pub fn quorum_acked_ms(me: NodeId, voters: &[(NodeId, Option<u64>)], now_ms: u64) -> Option<u64> {
-    let mut acked: Vec<u64> =
-        voters.iter().filter_map(|(v, acked)| if *v == me { Some(now_ms) } else { *acked }).collect();
+    // An echo of a send time later than now was not sent in this boot
+    // (CLOCK_BOOTTIME starts over at a reboot, a peer may still echo the
+    // previous boot's times): it proves nothing.
+    let mut acked: Vec<u64> = voters
+        .iter()
+        .filter_map(|(v, acked)| if *v == me { Some(now_ms) } else { acked.filter(|ms| *ms <= now_ms) })
+        .collect();
     acked.sort_unstable_by(|a, b| b.cmp(a));
     acked.get(voters.len() / 2).copied()
 }
@@ -211,6 +216,20 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn echoes_from_a_previous_boot_prove_nothing() {
+        // Rebooted: now is 20 s of the new boot; the peers still echo send
+        // times of the previous boot (weeks of uptime).
+        let old = 1_900_000_000;
+        assert_eq!(quorum_acked_ms(1, &[(1, None), (2, Some(old)), (3, Some(old))], 20_000), None);
+        assert_eq!(quorum_acked_ms(1, &[(1, None), (2, Some(old)), (3, Some(19_950))], 20_000), Some(19_950));
+        let mut core = LeaseCore::new(500, 0);
+        let voters = [(1, None), (2, Some(old)), (3, Some(old))];
+        let effects = core.tick(Tick { now_ms: 20_000, me: 1, voters: &voters, running: false });
+        assert!(!effects.iter().any(|e| matches!(e, Effect::PersistLease { .. })), "{effects:?}");
+        assert!(!core.holds(20_000));
     }
 
     #[test]

@@ -46,11 +46,29 @@ pub struct Heartbeat {
     /// The peers the sender heard within the node timeout: (node, ms since).
     #[serde(default)]
     pub heard: Vec<(NodeId, u32)>,
+    /// A number the sending agent drew at its start: with the pid, it tells
+    /// a new agent (whose clock values start over) from the old one, also
+    /// after a reboot that gave it the same pid.
+    #[serde(default)]
+    pub incarnation: u64,
+}
+
+/// This agent process's incarnation (see [`Heartbeat::incarnation`]).
+pub fn incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static N: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write(crate::clock::boot_id().as_bytes());
+        h.write_u32(std::process::id());
+        h.finish()
+    })
 }
 
 #[derive(Debug, Clone)]
 struct PeerSeen {
     pid: u32,
+    incarnation: u64,
     version: String,
     /// Its newest `sent_ms`, to echo back to it.
     their_sent_ms: u64,
@@ -61,6 +79,10 @@ struct PeerSeen {
     /// When (our clock, latest possible) it last heard each other node, as
     /// it reported: the report's arrival minus the age it gave.
     hears: HashMap<NodeId, Instant>,
+    /// When this agent (pid, incarnation) was first heard: a report of one
+    /// that started less than a node timeout ago says nothing of who it
+    /// has not heard (it has not been listening that long).
+    since: Instant,
 }
 
 /// What this node has heard from its peers.
@@ -68,6 +90,10 @@ pub struct Liveness {
     started: Instant,
     timeout: Duration,
     seen: Mutex<HashMap<NodeId, PeerSeen>>,
+    /// The newest `sent_ms` this agent put in a heartbeat: an echo of a
+    /// later one was never sent by this agent (a peer still echoing what
+    /// the agent of a previous boot sent) and proves nothing.
+    sent_ms: std::sync::atomic::AtomicU64,
 }
 
 /// One peer's liveness as seen from here.
@@ -91,7 +117,7 @@ impl Liveness {
     /// A view that starts at `started` (a never-heard peer counts its
     /// silence from there): the simulator's clock.
     pub fn new_at(timeout: Duration, started: Instant) -> Arc<Liveness> {
-        Arc::new(Liveness { started, timeout, seen: Mutex::new(HashMap::new()) })
+        Arc::new(Liveness { started, timeout, seen: Mutex::new(HashMap::new()), sent_ms: 0.into() })
     }
 
     pub fn timeout(&self) -> Duration {
@@ -103,20 +129,27 @@ impl Liveness {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let entry = seen.entry(hb.from).or_insert_with(|| PeerSeen {
             pid: hb.pid,
+            incarnation: hb.incarnation,
             version: hb.version.clone(),
             their_sent_ms: 0,
             acked_ms: 0,
             paths: HashMap::new(),
             hears: HashMap::new(),
+            since: now,
         });
-        if entry.pid != hb.pid {
-            // A restarted agent: its clock values start over.
+        if entry.pid != hb.pid || entry.incarnation != hb.incarnation {
+            // A restarted agent: its clock values start over (after a
+            // reboot, CLOCK_BOOTTIME itself does).
             entry.their_sent_ms = 0;
+            entry.since = now;
         }
         entry.pid = hb.pid;
+        entry.incarnation = hb.incarnation;
         entry.version = hb.version;
         entry.their_sent_ms = entry.their_sent_ms.max(hb.sent_ms);
-        entry.acked_ms = entry.acked_ms.max(hb.echo_ms);
+        if hb.echo_ms <= self.sent_ms.load(std::sync::atomic::Ordering::SeqCst) {
+            entry.acked_ms = entry.acked_ms.max(hb.echo_ms);
+        }
         entry.paths.insert(from, now);
         for (about, ago) in hb.heard {
             let at = now.checked_sub(Duration::from_millis(ago.into())).unwrap_or(now);
@@ -147,15 +180,31 @@ impl Liveness {
         self.heard_by_quorum_within(id, voters, me, None, now)
     }
 
+    /// Whether a voter whose last report came at `last_report` is taken as
+    /// unknown (it may have heard anyone since): `stale_after` is the bound
+    /// and whether a voter never heard counts as stale.
+    fn stale_reporter(&self, reporter: Option<&PeerSeen>, stale_after: Option<(Duration, bool)>, now: Instant) -> bool {
+        let Some((d, never_heard_is_stale)) = stale_after else { return false };
+        match reporter.and_then(|p| Some((p.paths.values().max().copied()?, p.since))) {
+            None => never_heard_is_stale,
+            // A new agent has not listened long enough for its reports to
+            // say whom it does not hear.
+            Some((last, since)) => {
+                now.saturating_duration_since(last) >= d || now.saturating_duration_since(since) < self.timeout
+            }
+        }
+    }
+
     /// As [`heard_by_quorum`](Self::heard_by_quorum); with `stale_after`,
-    /// a voter from which nothing arrived for that long (or ever) may have
-    /// heard `id` since, unknown to us: it counts as hearing it now.
+    /// a voter from which nothing arrived for that long (or ever, with the
+    /// flag) may have heard `id` since, unknown to us: it counts as hearing
+    /// it now.
     fn heard_by_quorum_within(
         &self,
         id: NodeId,
         voters: &[NodeId],
         me: NodeId,
-        stale_after: Option<Duration>,
+        stale_after: Option<(Duration, bool)>,
         now: Instant,
     ) -> Option<Instant> {
         let majority = voters.len() / 2 + 1;
@@ -171,10 +220,7 @@ impl Liveness {
                 true => seen.get(&id).and_then(|p| p.paths.values().max().copied()),
                 false => {
                     let reporter = seen.get(v);
-                    let last_report = reporter.and_then(|p| p.paths.values().max().copied());
-                    let stale =
-                        stale_after.is_some_and(|d| last_report.is_none_or(|t| now.saturating_duration_since(t) >= d));
-                    match stale {
+                    match self.stale_reporter(reporter, stale_after, now) {
                         true => Some(now),
                         false => reporter.and_then(|p| p.hears.get(&id).copied()),
                     }
@@ -196,6 +242,7 @@ impl Liveness {
         sent_ms: u64,
         heard: &[(NodeId, u32)],
     ) -> Heartbeat {
+        self.sent_ms.fetch_max(sent_ms, std::sync::atomic::Ordering::SeqCst);
         Heartbeat {
             cluster_id: cluster_id.to_string(),
             from: me,
@@ -205,6 +252,7 @@ impl Liveness {
             sent_ms,
             echo_ms: self.echo_for(to),
             heard: heard.to_vec(),
+            incarnation: incarnation(),
         }
     }
 
@@ -234,17 +282,27 @@ impl Liveness {
 
     /// Whether this node (`me`) is cut off from `leader`: it has not heard
     /// it within the timeout, while a majority of voters has.
+    /// A voter whose reports stopped coming (`stale_after`) may hear the
+    /// leader: with five voters and two sites, the voters across the cut
+    /// are only heard of through the witness, and without them no majority
+    /// would ever be seen hearing the leader — the far side would keep its
+    /// leases (through its own voters and the witness) while the leader's
+    /// side moved its groups.
     pub fn cut_off_from(
         &self,
         leader: NodeId,
         addresses: &[String],
         voters: &[NodeId],
         me: NodeId,
+        stale_after: Duration,
         now: Instant,
     ) -> bool {
-        leader != me
-            && !self.status(leader, addresses, now).alive
-            && self.quorum_status(leader, addresses, voters, me, now).alive
+        if leader == me || self.status(leader, addresses, now).alive {
+            return false;
+        }
+        // A voter never heard is not counted: at start nobody is heard yet.
+        let heard = self.heard_by_quorum_within(leader, voters, me, Some((stale_after, false)), now);
+        heard.is_some_and(|t| now.saturating_duration_since(t) < self.timeout)
     }
 
     /// The leader's view of `id`: its paths as heard from here, but alive
@@ -285,7 +343,9 @@ impl Liveness {
         now: Instant,
     ) -> PeerStatus {
         let mut s = self.status(id, addresses, now);
-        let heard = self.heard_by_quorum_within(id, voters, me, Some(stale_after), now);
+        // Never heard counts as stale too: a leader that just started has
+        // heard nobody yet, and must take nobody for silent.
+        let heard = self.heard_by_quorum_within(id, voters, me, Some((stale_after, true)), now);
         let since = now.saturating_duration_since(heard.unwrap_or(self.started));
         s.alive = heard.is_some() && since < self.timeout;
         s.down_for = if s.alive { Duration::ZERO } else { since };
@@ -403,6 +463,9 @@ impl HeartbeatSockets {
 mod tests {
     use super::*;
 
+    /// Reports older than this count as stale (the agent: two heartbeat intervals).
+    const STALE: Duration = Duration::from_secs(3600);
+
     fn hb(from: NodeId) -> Heartbeat {
         Heartbeat {
             cluster_id: "c".into(),
@@ -413,6 +476,7 @@ mod tests {
             sent_ms: 0,
             echo_ms: 0,
             heard: Vec::new(),
+            incarnation: 7,
         }
     }
 
@@ -456,18 +520,46 @@ mod tests {
         let t0 = Instant::now();
         let (voters, addrs) = ([1, 2, 3], vec!["10.0.0.1".to_string()]);
         let ip3: IpAddr = "10.0.0.3".parse().unwrap();
-        assert!(!l.cut_off_from(1, &addrs, &voters, 2, t0), "nobody hears the leader: it may be dead, stay");
+        assert!(!l.cut_off_from(1, &addrs, &voters, 2, STALE, t0), "nobody hears the leader: it may be dead, stay");
         l.record(Heartbeat { heard: vec![(1, 10)], ..hb(3) }, ip3, t0 + Duration::from_millis(1000));
-        assert!(l.cut_off_from(1, &addrs, &voters, 2, t0 + Duration::from_millis(1050)));
+        assert!(l.cut_off_from(1, &addrs, &voters, 2, STALE, t0 + Duration::from_millis(1050)));
         assert!(
-            !l.cut_off_from(2, &addrs, &voters, 2, t0 + Duration::from_millis(1050)),
+            !l.cut_off_from(2, &addrs, &voters, 2, STALE, t0 + Duration::from_millis(1050)),
             "the leader is never cut off from itself"
         );
         // Heard directly again: back in.
         l.record(hb(1), "10.0.0.1".parse().unwrap(), t0 + Duration::from_millis(1060));
-        assert!(!l.cut_off_from(1, &addrs, &voters, 2, t0 + Duration::from_millis(1100)));
+        assert!(!l.cut_off_from(1, &addrs, &voters, 2, STALE, t0 + Duration::from_millis(1100)));
         // The reports grow old (the leader died): nobody is cut off.
-        assert!(!l.cut_off_from(1, &addrs, &voters, 2, t0 + Duration::from_millis(2000)));
+        assert!(!l.cut_off_from(1, &addrs, &voters, 2, STALE, t0 + Duration::from_millis(2000)));
+    }
+
+    #[test]
+    fn across_a_site_cut_with_five_voters_the_far_side_knows_it_is_cut_off() {
+        // Voters 1 (leader) and 2 on site A, 3 and 4 (me) on site B, 5 the
+        // witness. The link between the sites is cut at 1 s: 4 hears 3 and
+        // the witness, which hears the leader; 2 is heard of no more.
+        let l = Liveness::new(Duration::from_millis(500));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let (voters, addrs) = ([1, 2, 3, 4, 5], vec!["10.0.0.1".to_string()]);
+        let from = |n: u8| -> IpAddr { format!("10.0.0.{n}").parse().unwrap() };
+        for n in [2, 3, 5] {
+            l.record(Heartbeat { heard: vec![(1, 0)], ..hb(n as NodeId) }, from(n), at(0));
+        }
+        l.record(Heartbeat { heard: vec![(1, 0)], ..hb(2) }, from(2), at(900));
+        l.record(hb(1), from(1), at(950));
+        l.record(Heartbeat { heard: vec![], ..hb(3) }, from(3), at(1_600));
+        l.record(Heartbeat { heard: vec![(1, 10)], ..hb(5) }, from(5), at(1_600));
+        let stale = Duration::from_millis(200);
+        // Only the witness is seen hearing the leader (with the leader, two
+        // of five): without counting 2, 4 would never step out, and keep
+        // its lease through 3 and the witness while the leader moves its
+        // groups.
+        assert!(!l.cut_off_from(1, &addrs, &voters, 4, STALE, at(1_650)));
+        assert!(l.cut_off_from(1, &addrs, &voters, 4, stale, at(1_650)), "2 may hear the leader");
+        // Before the cut, with 2 fresh, nobody is cut off.
+        assert!(!l.cut_off_from(1, &addrs, &voters, 4, stale, at(960)));
     }
 
     #[test]
@@ -493,10 +585,18 @@ mod tests {
         // With five voters, one dead (stale) voter does not keep a silent
         // node alive: the fresh reports of the others still make a majority.
         let voters = vec![1, 2, 3, 4, 5];
+        l.record(Heartbeat { heard: vec![], ..hb(4) }, "10.0.0.4".parse().unwrap(), at(1_000));
         l.record(report(vec![]), "10.0.0.2".parse().unwrap(), at(2_000));
         l.record(Heartbeat { heard: vec![], ..hb(4) }, "10.0.0.4".parse().unwrap(), at(2_000));
         let s = l.failover_status(3, &addrs, &voters, 1, stale, at(2_050));
         assert!(!s.alive, "5 is stale and 3 counts itself: 2 of 5 may hear 3");
+        // A voter that has only just (re)started says nothing of whom it
+        // does not hear: until it has listened for a node timeout, it may.
+        l.record(Heartbeat { pid: 99, heard: vec![], ..hb(4) }, "10.0.0.4".parse().unwrap(), at(2_040));
+        assert!(l.failover_status(3, &addrs, &voters, 1, stale, at(2_050)).alive);
+        l.record(Heartbeat { pid: 99, heard: vec![], ..hb(4) }, "10.0.0.4".parse().unwrap(), at(2_540));
+        l.record(report(vec![]), "10.0.0.2".parse().unwrap(), at(2_540));
+        assert!(!l.failover_status(3, &addrs, &voters, 1, stale, at(2_550)).alive);
     }
 
     #[test]
@@ -523,6 +623,11 @@ mod tests {
         let t0 = Instant::now();
         let ip: IpAddr = "10.0.0.2".parse().unwrap();
         assert_eq!(l.acked_ms(2), None, "never echoed");
+        // An echo of a send time this agent never sent (a previous boot's,
+        // still echoed by the peer) proves nothing.
+        l.record(Heartbeat { sent_ms: 500, echo_ms: 1200, ..hb(2) }, ip, t0);
+        assert_eq!(l.acked_ms(2), None);
+        let _ = l.heartbeat_to("c", 1, 2, 1, 1400, &[]);
         l.record(Heartbeat { sent_ms: 500, echo_ms: 1200, ..hb(2) }, ip, t0);
         assert_eq!((l.echo_for(2), l.acked_ms(2)), (500, Some(1200)));
         // A late, reordered datagram never moves either back.
@@ -531,6 +636,9 @@ mod tests {
         // A new agent (another pid) sends from its own clock.
         l.record(Heartbeat { pid: 43, sent_ms: 10, echo_ms: 1300, ..hb(2) }, ip, t0);
         assert_eq!((l.echo_for(2), l.acked_ms(2)), (10, Some(1300)));
+        // Rebooted, with the same pid: a new incarnation starts over too.
+        l.record(Heartbeat { pid: 43, incarnation: 8, sent_ms: 5, echo_ms: 1400, ..hb(2) }, ip, t0);
+        assert_eq!(l.echo_for(2), 5);
     }
 
     #[tokio::test]

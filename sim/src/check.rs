@@ -75,12 +75,21 @@ impl World {
         }
     }
 
-    /// `leader` runs the fence command against `node`: only a leader that
-    /// reaches a majority may power a node off (one cut off from the rest
-    /// would power the working side off).
+    /// `leader` runs the fence command against `node`: a node that holds
+    /// its lease may be serving and is never powered off (a leader cut off
+    /// from the rest would power the working side off), and only a leader
+    /// that holds its own lease (a majority echoes it) fences at all. A
+    /// leader that lost its majority a moment ago may still fence a node
+    /// that is really gone (crashed, frozen): that is safe.
     pub fn check_fence(&mut self, leader: NodeId, node: NodeId) {
-        if self.leader != Some(leader) || !self.reaches_majority(leader) {
-            self.violation(format!("n{leader} runs the fence command against n{node} without leading a majority"));
+        let holds = |w: &World, id: NodeId| {
+            let n = w.node(id);
+            n.powered && n.agent.as_ref().is_some_and(|a| a.lease.holds(w.local_ms(id)))
+        };
+        if !holds(self, leader) {
+            self.violation(format!("n{leader} runs the fence command against n{node} without holding its lease"));
+        } else if holds(self, node) {
+            self.violation(format!("n{leader} runs the fence command against n{node}, which holds its lease"));
         }
     }
 

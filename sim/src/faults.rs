@@ -201,6 +201,9 @@ impl World {
         let n = self.node_mut(id);
         n.powered = true;
         n.clock = Clock::new(now, boot, ppm);
+        // `RunDir::read_lease`: a deadline written in an earlier boot is
+        // expired (the lease file's boot id no longer matches).
+        n.lease_file_ms = 0;
         self.log_line(format!("n{id}: powered on, uptime {} when the agent starts", fmt_us(boot)));
     }
 

@@ -41,7 +41,14 @@ impl World {
             // Committed in log order: a placement change proposed before it
             // wins and this claim is refused, or this claim wins and that
             // change no longer matches the epoch.
-            Event::Claim => Some(Command::ClaimGroup { name: name.into(), node: from, expected_epoch: epoch }),
+            Event::Claim => {
+                // `Agent::apply_claim`: before it is proposed.
+                let now_ms = self.local_ms(id);
+                if let Some(a) = self.agent_mut(id) {
+                    a.failover.claimed(from, now_ms);
+                }
+                Some(Command::ClaimGroup { name: name.into(), node: from, expected_epoch: epoch })
+            }
             _ if g.placement.node != Some(from) || g.placement.epoch != epoch => None,
             Event::Stopped if g.placement.phase == Phase::Stopping => Some(Command::SetPlacement {
                 name: name.into(),
@@ -73,17 +80,20 @@ impl World {
             return;
         }
         // A node is offline only when no majority of voters can have heard
-        // it: while one can, it may hold its lease and run its groups.
+        // it: while one can, it may hold its lease and run its groups. A
+        // voter whose reports stopped coming may have heard it meanwhile.
+        let stale_after = crate::node::stale_after();
         let seen: Vec<(Seen, &tandem_raft::state::NodeRecord)> = a
             .state
             .nodes
             .values()
             .map(|r| {
-                let st = a.liveness.quorum_status(r.id, &r.addresses, &a.voters, id, now);
+                let st = a.liveness.failover_status(r.id, &r.addresses, &a.voters, id, stale_after, now);
                 (Seen { id: r.id, alive: st.alive, down_for: st.down_for }, r)
             })
             .collect();
         let just: Vec<Seen> = seen.iter().map(|(s, _)| *s).collect();
+        a.failover.lease(a.lease.holds(now_ms));
         let verdict = a.failover.round(id, &just, now_ms);
         let nodes: Vec<NodeInfo> = seen
             .iter()

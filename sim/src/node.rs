@@ -30,6 +30,12 @@ const SCHEDULER_TICK_US: u64 = 50_000;
 const CHANGE_GAP_US: u64 = 10_000;
 const RAFT_HEARTBEAT_US: u64 = 100_000;
 
+/// As the agent: a voter whose reports stopped coming for two heartbeat
+/// intervals may have heard anyone since (`Liveness::failover_status`).
+pub fn stale_after() -> Duration {
+    Duration::from_millis(LivenessConfig::default().heartbeat_interval_ms * 2)
+}
+
 /// The agent's periodic loops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Loop {
@@ -417,7 +423,7 @@ impl World {
         let Some(a) = self.agent_mut(id) else { return };
         let cut_off = a.lease.leader_to_watch(a.leader).is_some_and(|l| {
             let addrs = a.state.nodes.get(&l).map(|r| r.addresses.clone()).unwrap_or_default();
-            a.liveness.cut_off_from(l, &addrs, &a.voters, id, now)
+            a.liveness.cut_off_from(l, &addrs, &a.voters, id, stale_after(), now)
         });
         let leader = a.leader;
         let mut send = false;

@@ -1,16 +1,14 @@
 //! The simulator as CI runs it: a fixed batch stays clean, a seed replays
 //! exactly, each deliberate bug (mutant) is caught by the seeds recorded
-//! here, and the open bugs it found are kept as (ignored) regression cases.
+//! here, and the product bugs it found (A-F, fixed) stay as regressions.
 
 use tandem_sim::scenario::KINDS;
 use tandem_sim::{run, Mutant, Params};
 
-/// The scenarios CI runs: one site, no power loss, no fence command, no
-/// maintenance. Each of those hits an open bug (see the ignored tests
-/// below and docs/reliability.md); drop these limits as they are fixed.
+/// The scenarios CI runs: every fault kind, one site or two sites and a
+/// witness, a fence command in one seed of three.
 fn ci() -> Params {
-    let without = ["power-loss", "fence", "maintenance"].map(String::from).to_vec();
-    Params { sites: Some(false), without, ..Params::default() }
+    Params::default()
 }
 
 /// Only faults of kinds `kinds` (and `fence` among them: a fence command).
@@ -59,41 +57,42 @@ fn caught(m: Mutant, seeds: &[u64]) {
     }
 }
 
-/// The leader takes a silent node as gone right at the end of its lease.
-/// 452: a node cut off still runs its group (its lease counts from a
-/// heartbeat the leader had not heard yet); 465: the leader stalled for
-/// half a second moves groups from nodes that never lost their lease; 709:
-/// the same after the leader was cut off for 0.6 s.
+/// The leader takes a silent node as gone right at the end of its lease
+/// (no margin). 1576: a busy node cut off by a partition still runs its
+/// group when the leader, 0.5 s after the last heartbeat it heard, moves it
+/// (the node's lease counts from a later heartbeat, and its watchdog wakes
+/// late); 1471 and 3179 likewise.
 #[test]
 fn the_checker_catches_a_leader_without_margin() {
-    caught(Mutant::Margin0, &[452, 465, 709]);
+    caught(Mutant::Margin0, &[1471, 1576, 3179]);
 }
 
 /// A node starts the group its (stale) state places on it, unclaimed.
 #[test]
 fn the_checker_catches_a_start_without_a_claim() {
-    caught(Mutant::NoClaim, &[77, 133, 140]);
+    caught(Mutant::NoClaim, &[39, 199, 281]);
 }
 
 /// A lapsed lease kills nothing: the group runs on while it moves.
 #[test]
 fn the_checker_catches_a_lapsed_lease_that_kills_nothing() {
-    caught(Mutant::KeepRunning, &[0, 1, 7]);
+    caught(Mutant::KeepRunning, &[2, 8, 15]);
 }
 
-/// Open bug A: after a power loss CLOCK_BOOTTIME starts over, but the
+/// Bug A (fixed: a lease file holds its boot's id, an echo of a send time
+/// this agent never sent is ignored, heartbeats carry an incarnation): after a power loss CLOCK_BOOTTIME starts over, but the
 /// lease file (and the peers' echoes of the old agent's heartbeats) hold
 /// times of the previous boot, far ahead: the rebooted agent takes them for
 /// a lease. It restarts the adopted group (its process died with the
 /// power) without a claim, on its stale state, while the group already
 /// moved (and would keep it through any partition).
 #[test]
-#[ignore = "open bug A: a lease from before a reboot is taken as held"]
 fn a_rebooted_node_holds_no_lease_from_its_previous_boot() {
     clean(0, &only(&["power-loss"], false));
 }
 
-/// Open bug B: two sites and a witness, the link between the sites cut. A
+/// Bug B (fixed: a voter whose reports stopped may hear the leader, so the
+/// far side steps out; the leader counts a stale voter as maybe hearing): two sites and a witness, the link between the sites cut. A
 /// learner on the far side from the leader keeps its lease through the
 /// echoes of a voter of its own site and the witness; the leader, which
 /// cannot see that voter's reports, counts it silent from the cut and moves
@@ -102,47 +101,45 @@ fn a_rebooted_node_holds_no_lease_from_its_previous_boot() {
 /// last echoed heartbeat: about 1 s. With five voters the far side never
 /// steps out (seed 134).
 #[test]
-#[ignore = "open bug B: a far-side node keeps its lease past the leader's wait"]
 fn a_site_cut_moves_no_group_before_its_node_lets_go() {
     clean(18, &only(&["site-cut"], true));
     clean(134, &only(&["site-cut"], true));
 }
 
-/// Open bug C: the leader is cut off for longer than the lease wait but
+/// Bug C (fixed: the leader's failover view takes a voter whose reports
+/// stopped as maybe hearing anyone): the leader is cut off for longer than the lease wait but
 /// shorter than an election. Back, it commits failovers from its stale
 /// liveness view (it heard nobody, so everybody looks silent) while the
 /// others held their leases all along.
 #[test]
-#[ignore = "open bug C: a leader back from a short isolation acts on a stale view"]
 fn a_leader_back_from_isolation_moves_nothing_that_ran() {
     clean(710, &only(&["partition"], false));
 }
 
-/// Open bug D: a node in maintenance claims a group placed on it that does
+/// Bug D (fixed: no claim in maintenance): a node in maintenance claims a group placed on it that does
 /// not run there, then does not start it (maintenance), and claims it
 /// again: a Raft write every round, for ever.
 #[test]
-#[ignore = "open bug D: a node in maintenance claims without end"]
 fn a_node_in_maintenance_does_not_claim_what_it_will_not_start() {
     clean(186, &only(&["maintenance", "crash"], false));
 }
 
-/// Open bug E: with a fence command, a leader cut off from the others
+/// Bug E (fixed: stale reports count as hearing, and a leader without its
+/// own lease runs no fence command): with a fence command, a leader cut off from the others
 /// still believes it leads, sees everybody silent, and powers the working
 /// majority off.
 #[test]
-#[ignore = "open bug E: a leader cut off from the majority fences it"]
 fn a_leader_cut_off_from_the_majority_fences_nobody() {
     clean(7, &only(&["partition", "fence"], false));
 }
 
-/// Open bug F: a partition heals; a node whose lease lapsed takes it again
+/// Bug F (fixed: a claim that reaches the leader proves the node alive for
+/// the lease wait, `Failover::claimed`): a partition heals; a node whose lease lapsed takes it again
 /// from fresh echoes and claims its group (committed). The leader, whose
 /// reports of who hears that node are still from before the partition,
 /// takes it as silent past the lease wait and moves the group it just
 /// claimed, while it runs there.
 #[test]
-#[ignore = "open bug F: the leader moves a group its node has just claimed"]
 fn a_group_just_claimed_is_not_moved_as_from_a_silent_node() {
     clean(1265, &ci());
 }

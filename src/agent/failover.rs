@@ -37,7 +37,13 @@ impl Agent {
                 Seen { id: r.id, alive: st.alive, down_for: st.down_for }
             })
             .collect();
-        let verdict = self.failover_core().round(m.node_id, &seen, now_boot_ms());
+        let now_ms = now_boot_ms();
+        let lease_held = self.lease_core().holds(now_ms);
+        let verdict = {
+            let mut core = self.failover_core();
+            core.lease(lease_held);
+            core.round(m.node_id, &seen, now_ms)
+        };
         // The fence command starts as soon as the node is offline, so that
         // it runs while the lease runs out.
         self.run_fence_effects(&state, verdict.effects.clone());

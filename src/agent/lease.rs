@@ -32,7 +32,7 @@ impl Agent {
         let leader = self.lease_core().leader_to_watch(metrics.current_leader);
         let cut_off = leader.is_some_and(|l| {
             let addrs = nodes.get(&l).map(|r| r.addresses.clone()).unwrap_or_default();
-            self.liveness.cut_off_from(l, &addrs, &voters, m.node_id, Instant::now())
+            self.liveness.cut_off_from(l, &addrs, &voters, m.node_id, self.cfg.heartbeat_interval() * 2, Instant::now())
         });
         let effects = self.lease_core().heartbeat_round(metrics.current_leader, cut_off);
         for e in effects {
