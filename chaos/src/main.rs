@@ -11,6 +11,7 @@ mod blocks;
 mod checker;
 mod register;
 mod retry;
+mod slow;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -58,6 +59,11 @@ struct Args {
     /// PowerLoss,SiteCut,...). Default: all.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
+    /// Networks the agents declare as their heartbeat paths (1 or 2). With 1
+    /// every agent uses only the first network, as a cluster on a single
+    /// network does, and `PathDown` is left out (it would be `Isolate`).
+    #[arg(long, default_value_t = topology::PATHS as u8, value_parser = clap::value_parser!(u8).range(1..=topology::PATHS as i64))]
+    paths: u8,
     /// Keep the agents' logs also when nothing was violated.
     #[arg(long)]
     keep: bool,
@@ -105,7 +111,8 @@ enum Fault {
     /// One of the host's two networks (heartbeat paths) down, the other up:
     /// nothing may move.
     PathDown,
-    /// The host's links slowed to 1, 5 or 20 Mbit/s both ways (`tc tbf`).
+    /// The host's links slowed to 1, 5 or 20 Mbit/s both ways (`tc tbf`
+    /// over a three-band priority queue: see `slow`).
     SlowLink,
     /// The host's data directory (a small tmpfs) filled to the last byte.
     DiskFull,
@@ -462,7 +469,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
     });
     let layout = if args.sites { "two sites and a witness" } else { "one site" };
-    println!("tandem-chaos: seed {seed}, {} nodes, {layout}, {} heartbeat paths", args.nodes, topology::PATHS);
+    println!("tandem-chaos: seed {seed}, {} nodes, {layout}, {} heartbeat paths", args.nodes, args.paths);
     let tmp = tempfile::tempdir()?;
     let mut topo = Topology::new(args.sites)?;
     let mut hosts = Vec::new();
@@ -479,7 +486,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         // A data directory that can fill up (the DiskFull fault).
         topo.small_fs(&dir.join("data"), DATA_DIR_MIB)?;
         let addrs = topo.addrs(i);
-        let quoted: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        let quoted: Vec<String> = addrs.iter().take(args.paths.into()).map(|a| format!("\"{a}\"")).collect();
         let cfg = format!(
             "name = \"n{i}\"\ndata_dir = \"{}\"\naddresses = [{}]\nport = 7401\nsite = \"{}\"\nwitness = {}\n",
             dir.join("data").display(),
@@ -659,6 +666,12 @@ async fn run(args: Args) -> anyhow::Result<usize> {
             bail!("--faults: no fault kind {bad:?} here; known: {}", known.join(","));
         }
         kinds.retain(|k| args.faults.contains(&format!("{k:?}")));
+    }
+    if args.paths < 2 {
+        if kinds == [Fault::PathDown] {
+            bail!("--faults PathDown needs two paths (--paths 2)");
+        }
+        kinds.retain(|k| *k != Fault::PathDown);
     }
     let mut timeline = Vec::new();
     let mut extra = Vec::new();
@@ -1156,9 +1169,10 @@ async fn inject(
         Fault::SlowLink => {
             let mbit = [1, 5, 20][rng.below(3) as usize];
             println!("           {mbit} Mbit/s both ways");
-            run.topo.set_slow(host_no, Some(mbit))?;
+            let devs: Vec<String> = (0..topology::PATHS).map(|p| format!("eth{p}")).collect();
+            slow::set(&run.hosts[i].ns, &devs, Some(mbit))?;
             tokio::time::sleep(hold).await;
-            run.topo.set_slow(host_no, None)?;
+            slow::set(&run.hosts[i].ns, &devs, None)?;
         }
         Fault::SiteCut => {
             site_cut_setup(run, rng, round == 0).await?;
