@@ -272,6 +272,15 @@ enum Via {
     AnyNode,
 }
 
+/// Who took a retried request, after how many tries, and the last answer
+/// that was retried (when there was one).
+#[derive(Debug)]
+struct Taken {
+    node: String,
+    tries: u32,
+    last: String,
+}
+
 /// Why a retried request was not taken.
 #[derive(Debug)]
 enum NotTaken {
@@ -387,7 +396,7 @@ impl Run {
         via: Via,
         already_done: &[&str],
         deadline: Instant,
-    ) -> Result<String, NotTaken> {
+    ) -> Result<Taken, NotTaken> {
         let (mut tries, mut last, mut turn) = (0u32, String::from("no node answered"), 0usize);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -417,7 +426,7 @@ impl Run {
             let url = format!("{}{path}", host.url());
             let (outcome, _) = send(&self.client, reqwest::Method::POST, &url, body, left.min(REQUEST_TIMEOUT)).await;
             match retry::classify(&outcome, already_done) {
-                retry::Next::Accepted => return Ok(host.name.clone()),
+                retry::Next::Accepted => return Ok(Taken { node: host.name.clone(), tries, last }),
                 retry::Next::Retry { after, why } => {
                     last = format!("{}: {why}", host.name);
                     tokio::time::sleep(after.min(deadline.saturating_duration_since(Instant::now()))).await;
@@ -1233,9 +1242,15 @@ async fn site_cut_setup(run: &mut Run, rng: &mut Rng, first: bool) -> anyhow::Re
         if let Some(to) = away.filter(|n| g["node"].as_str() != Some(n)) {
             let deadline = Instant::now() + Duration::from_secs(20);
             let body = json!({"to": to});
-            if let Err(e) = run.post_until("/v1/groups/chaos/move", &body, Via::AnyNode, &[], deadline).await {
-                println!("           moving the group to {to}: {e}; the cut goes ahead with it where it is");
-                return Ok(());
+            match run.post_until("/v1/groups/chaos/move", &body, Via::AnyNode, &[], deadline).await {
+                Ok(t) if t.tries > 1 => {
+                    println!("           move to {to} accepted by {} at try {} (retried: {})", t.node, t.tries, t.last)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    println!("           moving the group to {to}: {e}; the cut goes ahead with it where it is");
+                    return Ok(());
+                }
             }
             let mut moved = false;
             while Instant::now() < deadline && !moved {
@@ -1354,7 +1369,11 @@ async fn corrupt_and_verify(run: &Run, i: usize, rng: &mut Rng) -> anyhow::Resul
         // that just moved or a node that did not answer is retried.
         let verify_path = format!("/v1/volumes/{VOLUME}/verify");
         let on = match run.post_until(&verify_path, &json!({}), Via::PrimaryOf(VOLUME), &["TND-1405"], deadline).await {
-            Ok(node) => node,
+            Ok(t) if t.tries > 1 => {
+                println!("           verify accepted by {} at try {} (retried: {})", t.node, t.tries, t.last);
+                t.node
+            }
+            Ok(t) => t.node,
             Err(e) => return Ok(Some(format!("verify {e}"))),
         };
         if on == victim {
