@@ -1,6 +1,8 @@
 //! `tandem demo`: a local three-node cluster, each node its own agent process
 //! with its own data directory, on 127.0.0.1. It only uses what an operator
-//! would: config files, `tandem agent`, and the REST API.
+//! would: config files, `tandem agent`, and the REST API. It must never exit
+//! leaving an agent it started running: Ctrl-C or SIGTERM at any moment,
+//! starting included, stops every agent started so far.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -41,43 +43,92 @@ pub async fn run(base_port: u16, dir: Option<PathBuf>, keep: bool) -> anyhow::Re
     if base_port as usize + 2 * NODES > u16::MAX as usize {
         bail!("--base-port {base_port} leaves no room for {NODES} nodes");
     }
+    // Caught from before the first agent starts: a Ctrl-C while the demo
+    // starts must stop what already runs, not kill the demo and orphan its
+    // agents (nor be ignored, when the demo inherited it ignored).
+    let mut stop = StopSignal::new().context("catching Ctrl-C and SIGTERM")?;
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("tandem-demo-{}", std::process::id())));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let exe = std::env::current_exe().context("locating the tandem binary")?;
-    let mut nodes = Vec::new();
-    let result = async {
-        for i in 1..=NODES {
-            nodes.push(start_node(&exe, &dir, i, base_port).await?);
-        }
-        form_cluster(&mut nodes).await
-    }
-    .await;
     let service_port = base_port.saturating_add(80);
-    let result = match result {
-        Ok(cluster) => create_example_group(&nodes, service_port).await.map(|uri| (cluster, uri)),
-        Err(e) => Err(e),
+    let mut nodes = Vec::new();
+    // Every agent is in `nodes` from the moment it is spawned, so dropping
+    // the start at a signal leaves each one to `stop_all`.
+    let started = tokio::select! {
+        r = start(&exe, &dir, base_port, service_port, &mut nodes) => Some(r),
+        _ = stop.recv() => None,
     };
-    match result {
-        Ok((cluster, nbd)) => {
+    match started {
+        Some(Ok((cluster, nbd))) => {
             print_banner(&cluster, &nodes, &dir, service_port, &nbd);
-            supervise(&mut nodes).await;
+            supervise(&mut nodes, &mut stop).await;
         }
-        Err(e) => {
+        Some(Err(e)) => {
             eprintln!("demo failed: {e:#}");
             for n in &nodes {
                 eprintln!("  {} log: {}", n.name, n.log.display());
             }
-            stop_all(&mut nodes).await;
+            stop_all(&mut nodes, &mut stop).await;
             return Err(e);
         }
+        None => say!("interrupted while starting: stopping the {} agent(s) started...", nodes.len()),
     }
-    stop_all(&mut nodes).await;
+    stop_all(&mut nodes, &mut stop).await;
     if keep {
         say!("data and logs kept in {}", dir.display());
     } else if let Err(e) = std::fs::remove_dir_all(&dir) {
         eprintln!("could not remove {}: {e}", dir.display());
     }
     Ok(())
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM, caught from the moment it is made: one
+/// that arrives while nobody waits is kept for the next `recv`.
+struct StopSignal {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    fn new() -> std::io::Result<StopSignal> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignal { interrupt: signal(SignalKind::interrupt())?, terminate: signal(SignalKind::terminate())? })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+/// Starts the agents one by one, forms the cluster and creates the example
+/// group; returns the cluster and the volume's NBD URI. Says each step.
+async fn start(
+    exe: &Path,
+    dir: &Path,
+    base_port: u16,
+    service_port: u16,
+    nodes: &mut Vec<Node>,
+) -> anyhow::Result<(ClusterView, String)> {
+    say!("tandem demo: starting {NODES} agents (data and logs in {})", dir.display());
+    for i in 1..=NODES {
+        nodes.push(spawn_node(exe, dir, i, base_port)?);
+        if let Some(node) = nodes.last_mut() {
+            wait_healthy(node).await?;
+            say!("  {} answers at {} (pid {})", node.name, node.url, node.child.id().unwrap_or(0));
+        }
+    }
+    let cluster = form_cluster(nodes).await?;
+    say!(
+        "cluster {:?} formed: {} voters, leader {}; starting the example group `web`...",
+        cluster.cluster_id,
+        nodes.len(),
+        cluster.leader.as_deref().unwrap_or("?")
+    );
+    let nbd = create_example_group(nodes, service_port).await?;
+    Ok((cluster, nbd))
 }
 
 /// Node `i`'s API port; the next one is its volume replication port.
@@ -94,7 +145,8 @@ fn node_config(dir: &Path, i: usize, base_port: u16) -> String {
     )
 }
 
-async fn start_node(exe: &Path, dir: &Path, i: usize, base_port: u16) -> anyhow::Result<Node> {
+/// Spawns node `i`'s agent (it is not up yet: see `wait_healthy`).
+fn spawn_node(exe: &Path, dir: &Path, i: usize, base_port: u16) -> anyhow::Result<Node> {
     let name = format!("node{i}");
     let cfg_path = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg_path, node_config(dir, i, base_port))?;
@@ -114,9 +166,7 @@ async fn start_node(exe: &Path, dir: &Path, i: usize, base_port: u16) -> anyhow:
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     let url = format!("http://127.0.0.1:{}", port_of(base_port, i));
-    let mut node = Node { name, url, log, child };
-    wait_healthy(&mut node).await?;
-    Ok(node)
+    Ok(Node { name, url, log, child })
 }
 
 async fn wait_healthy(node: &mut Node) -> anyhow::Result<()> {
@@ -223,14 +273,11 @@ fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path, service_port: u16, 
 }
 
 /// Waits for Ctrl-C or SIGTERM, reporting agents that exit on their own.
-async fn supervise(nodes: &mut [Node]) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).ok();
+async fn supervise(nodes: &mut [Node], stop: &mut StopSignal) {
     let mut reported = vec![false; nodes.len()];
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break,
+            _ = stop.recv() => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
                 for (i, n) in nodes.iter_mut().enumerate() {
                     if let Ok(Some(status)) = n.child.try_wait() {
@@ -246,19 +293,30 @@ async fn supervise(nodes: &mut [Node]) {
     say!("stopping the cluster...");
 }
 
-async fn stop_all(nodes: &mut [Node]) {
+/// SIGTERM to every agent (each stops its resources and its watchdog), then
+/// waits for them; one still running after the stop timeout, or at a
+/// second Ctrl-C, is killed.
+async fn stop_all(nodes: &mut [Node], stop: &mut StopSignal) {
     for n in nodes.iter() {
         if let Some(pid) = n.child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
     }
+    let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+    let mut hurry = false;
     for n in nodes.iter_mut() {
-        match tokio::time::timeout(STOP_TIMEOUT, n.child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                eprintln!("{} did not stop within {}s; killing it", n.name, STOP_TIMEOUT.as_secs());
-                let _ = n.child.kill().await;
+        if !hurry {
+            tokio::select! {
+                _ = n.child.wait() => continue,
+                _ = tokio::time::sleep_until(deadline) => {
+                    eprintln!("{} did not stop within {}s; killing it", n.name, STOP_TIMEOUT.as_secs());
+                }
+                _ = stop.recv() => {
+                    eprintln!("stopping again: killing the agents still running");
+                    hurry = true;
+                }
             }
         }
+        let _ = n.child.kill().await;
     }
 }

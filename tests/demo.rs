@@ -35,9 +35,11 @@ async fn demo_forms_a_cluster_and_stops_cleanly_on_ctrl_c() {
     let base = free_base();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
+    let mark = format!("{}-banner", std::process::id());
     let mut child = Command::new(BIN)
         .args(["demo", "--base-port", &base.to_string(), "--dir"])
         .arg(&data)
+        .env("TANDEM_TEST_DEMO_MARK", &mark)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -116,5 +118,144 @@ async fn demo_forms_a_cluster_and_stops_cleanly_on_ctrl_c() {
         assert!(Instant::now() < deadline, "agents still running after the demo stopped");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Nor their watchdogs and the example service.
+    let left = left_after(&mark, Duration::from_secs(5));
+    assert!(left.is_empty(), "left running after the demo exited: {left:?}");
     assert!(!data.exists(), "the demo removes its data unless --keep");
+}
+
+/// Processes carrying `mark` in their environment: everything the demo
+/// started (agents, their watchdogs and resources inherit it).
+fn marked(mark: &str) -> Vec<(u32, String)> {
+    let needle = format!("TANDEM_TEST_DEMO_MARK={mark}");
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        })
+        .filter(|pid| alive(*pid))
+        .map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            (pid, String::from_utf8_lossy(&cmd).replace('\0', " "))
+        })
+        .collect()
+}
+
+/// What is still running with `mark` once everything had `grace` to exit:
+/// a watchdog leaves on its own within its poll after its agent released
+/// the lease.
+fn left_after(mark: &str, grace: Duration) -> Vec<(u32, String)> {
+    let deadline = Instant::now() + grace;
+    loop {
+        let left = marked(mark);
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// When, during start-up, the signal is sent.
+enum When {
+    After(Duration),
+    /// Right after the first stdout line containing this text.
+    Line(&'static str),
+}
+
+#[test]
+fn ctrl_c_or_sigterm_while_the_demo_starts_stops_everything_started() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    // (when, which signal, SIGINT inherited ignored: a job started in the
+    // background by a non-interactive shell, as the tries were).
+    let points = [
+        (When::After(Duration::from_millis(300)), Signal::SIGINT, false),
+        (When::After(Duration::from_millis(500)), Signal::SIGINT, true),
+        (When::After(Duration::from_secs(1)), Signal::SIGINT, false),
+        (When::Line("node2 answers"), Signal::SIGTERM, false),
+        (When::Line("formed"), Signal::SIGINT, false),
+    ];
+    for (k, (when, sig, ignored)) in points.into_iter().enumerate() {
+        let what = match &when {
+            When::After(d) => format!("{sig} {} ms after launch", d.as_millis()),
+            When::Line(l) => format!("{sig} right after the line {l:?}"),
+        } + if ignored { " (SIGINT inherited ignored)" } else { "" };
+        let mark = format!("{}-{k}", std::process::id());
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("demo");
+        let mut cmd = Command::new(BIN);
+        if ignored {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: signal() is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    nix::sys::signal::signal(Signal::SIGINT, nix::sys::signal::SigHandler::SigIgn)
+                        .map(|_| ())
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let mut child = cmd
+            .args(["demo", "--base-port", &free_base().to_string(), "--dir"])
+            .arg(&data)
+            .env("TANDEM_TEST_DEMO_MARK", &mark)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let launched = Instant::now();
+        let mut out = Vec::new();
+        match when {
+            When::After(d) => std::thread::sleep(d.saturating_sub(launched.elapsed())),
+            When::Line(text) => loop {
+                let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|e| {
+                    let _ = child.kill();
+                    panic!("{what}: no line {text:?} within 60 s ({e}): {out:?}")
+                });
+                let hit = line.contains(text);
+                out.push(line);
+                if hit {
+                    break;
+                }
+            },
+        }
+        out.extend(rx.try_iter());
+        assert!(
+            !out.iter().any(|l| l.contains("Ctrl-C stops the cluster")),
+            "{what}: the demo had already started, this tests nothing: {out:?}"
+        );
+        kill(Pid::from_raw(child.id() as i32), sig).unwrap();
+        let sent = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if sent.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("{what}: the demo still runs 20 s later: {out:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = sent.elapsed();
+        reader.join().unwrap();
+        out.extend(rx.try_iter());
+        assert!(status.success(), "{what}: exit status {status}: {out:?}");
+        assert!(!out.iter().any(|l| l.contains("Ctrl-C stops the cluster")), "{what}: it went on starting: {out:?}");
+        assert!(out.iter().any(|l| l.contains("interrupted while starting")), "{what}: {out:?}");
+        // Everything it started is gone (the agents stopped their resources
+        // before they exited; their watchdogs follow within a poll).
+        let left = left_after(&mark, Duration::from_secs(5));
+        assert!(left.is_empty(), "{what}: left running after the demo exited: {left:?}");
+        assert!(!data.exists(), "{what}: the demo removes its data unless --keep");
+        println!("{what}: stopped in {} ms: {out:?}", took.as_millis());
+    }
 }

@@ -10,6 +10,8 @@
 mod blocks;
 mod checker;
 mod register;
+mod retry;
+mod slow;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,6 +59,11 @@ struct Args {
     /// PowerLoss,SiteCut,...). Default: all.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<String>,
+    /// Networks the agents declare as their heartbeat paths (1 or 2). With 1
+    /// every agent uses only the first network, as a cluster on a single
+    /// network does, and `PathDown` is left out (it would be `Isolate`).
+    #[arg(long, default_value_t = topology::PATHS as u8, value_parser = clap::value_parser!(u8).range(1..=topology::PATHS as i64))]
+    paths: u8,
     /// Keep the agents' logs also when nothing was violated.
     #[arg(long)]
     keep: bool,
@@ -104,12 +111,25 @@ enum Fault {
     /// One of the host's two networks (heartbeat paths) down, the other up:
     /// nothing may move.
     PathDown,
-    /// The host's links slowed to 1, 5 or 20 Mbit/s both ways (`tc tbf`).
+    /// The host's links slowed to 1, 5 or 20 Mbit/s both ways (`tc tbf`
+    /// over a three-band priority queue: see `slow`).
     SlowLink,
     /// The host's data directory (a small tmpfs) filled to the last byte.
     DiskFull,
     /// The link between the two sites cut; both still reach the witness.
     SiteCut,
+}
+
+impl Fault {
+    /// For the faults after which nothing may move (the node stays heard
+    /// and alive throughout): what happened to the node, for the report.
+    fn moves_nothing(self) -> Option<&'static str> {
+        match self {
+            Fault::PathDown => Some("lost one path"),
+            Fault::SlowLink => Some("had a slow link"),
+            _ => None,
+        }
+    }
 }
 
 /// The fault kinds of a run, in the order a short run covers them.
@@ -218,12 +238,72 @@ impl Drop for Host {
     }
 }
 
-async fn http(client: &reqwest::Client, method: reqwest::Method, url: &str, body: Option<Value>) -> Option<Value> {
-    let mut req = client.request(method, url).timeout(Duration::from_secs(2));
-    if let Some(b) = body {
-        req = req.json(&b);
+/// Sends one request; returns what came back (for `retry::classify`) and
+/// the body of a successful answer.
+async fn send(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: &Value,
+    timeout: Duration,
+) -> (retry::Outcome, Option<Value>) {
+    let resp = match client.request(method, url).timeout(timeout).json(body).send().await {
+        Ok(r) => r,
+        Err(e) => return (retry::Outcome::NoAnswer { reason: format!("{url}: {e}") }, None),
+    };
+    let status = resp.status().as_u16();
+    let retry_after =
+        resp.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body: Option<Value> = resp.json().await.ok();
+    let field = |k: &str| body.as_ref().and_then(|b| b[k].as_str()).map(str::to_string);
+    let (code, message) = match (200..300).contains(&status) {
+        true => (None, None),
+        false => (field("code"), field("message")),
+    };
+    (retry::Outcome::Answered { status, retry_after, code, message }, body)
+}
+
+/// Where a retried request goes: re-read before every try.
+#[derive(Clone, Copy)]
+enum Via {
+    /// The volume's current primary.
+    PrimaryOf(&'static str),
+    /// Any node that runs an agent, in turn.
+    AnyNode,
+}
+
+/// Who took a retried request, after how many tries, and the last answer
+/// that was retried (when there was one).
+#[derive(Debug)]
+struct Taken {
+    node: String,
+    tries: u32,
+    last: String,
+}
+
+/// Why a retried request was not taken.
+#[derive(Debug)]
+enum NotTaken {
+    Refused { node: String, status: u16, code: String, message: String },
+    Deadline { tries: u32, last: String },
+}
+
+impl std::fmt::Display for NotTaken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotTaken::Refused { node, status, code, message } => {
+                write!(f, "refused by {node}: {status} {code}: {message}")
+            }
+            NotTaken::Deadline { tries, last } => {
+                write!(f, "not accepted before the deadline ({tries} tries; last: {last})")
+            }
+        }
     }
-    let resp = req.send().await.ok()?;
+}
+
+/// A GET's JSON body; None for no answer or an error status.
+async fn get(client: &reqwest::Client, url: &str) -> Option<Value> {
+    let resp = client.get(url).timeout(Duration::from_secs(2)).send().await.ok()?;
     if !resp.status().is_success() {
         return None;
     }
@@ -264,7 +344,7 @@ struct Run {
 impl Run {
     async fn any(&self, path: &str) -> Option<Value> {
         for h in self.hosts.iter().filter(|h| h.child.is_some()) {
-            if let Some(v) = http(&self.client, reqwest::Method::GET, &format!("{}{path}", h.url()), None).await {
+            if let Some(v) = get(&self.client, &format!("{}{path}", h.url())).await {
                 return Some(v);
             }
         }
@@ -303,6 +383,59 @@ impl Run {
             && g["state"] == "running"
             && g2["state"] == "running"
             && in_sync
+    }
+
+    /// POSTs `body` to `path` like a careful client: retried (see
+    /// `retry::classify`) against the target `via` names, read again before
+    /// every try, until it is accepted or `deadline`. Returns the node that
+    /// took it.
+    async fn post_until(
+        &self,
+        path: &str,
+        body: &Value,
+        via: Via,
+        already_done: &[&str],
+        deadline: Instant,
+    ) -> Result<Taken, NotTaken> {
+        let (mut tries, mut last, mut turn) = (0u32, String::from("no node answered"), 0usize);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(NotTaken::Deadline { tries, last });
+            }
+            let node = match via {
+                Via::PrimaryOf(volume) => {
+                    let v = self.any(&format!("/v1/volumes/{volume}")).await;
+                    let p = v.as_ref().and_then(|v| v["primary"].as_str().map(str::to_string));
+                    if p.is_none() {
+                        last = format!("volume {volume} has no primary");
+                    }
+                    p
+                }
+                Via::AnyNode => {
+                    let up: Vec<&Host> = self.hosts.iter().filter(|h| h.child.is_some()).collect();
+                    turn += 1;
+                    up.get(turn % up.len().max(1)).map(|h| h.name.clone())
+                }
+            };
+            let Some(host) = node.and_then(|n| self.hosts.iter().find(|h| h.name == n)) else {
+                tokio::time::sleep(retry::NO_ANSWER_RETRY.min(left)).await;
+                continue;
+            };
+            tries += 1;
+            let url = format!("{}{path}", host.url());
+            let (outcome, _) = send(&self.client, reqwest::Method::POST, &url, body, left.min(REQUEST_TIMEOUT)).await;
+            match retry::classify(&outcome, already_done) {
+                retry::Next::Accepted => return Ok(Taken { node: host.name.clone(), tries, last }),
+                retry::Next::Retry { after, why } => {
+                    last = format!("{}: {why}", host.name);
+                    tokio::time::sleep(after.min(deadline.saturating_duration_since(Instant::now()))).await;
+                }
+                retry::Next::Refused { status, code, message } => {
+                    return Err(NotTaken::Refused { node: host.name.clone(), status, code, message })
+                }
+            }
+        }
     }
 
     async fn wait_healthy(&self, limit: Duration) -> bool {
@@ -345,7 +478,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
     });
     let layout = if args.sites { "two sites and a witness" } else { "one site" };
-    println!("tandem-chaos: seed {seed}, {} nodes, {layout}, {} heartbeat paths", args.nodes, topology::PATHS);
+    println!("tandem-chaos: seed {seed}, {} nodes, {layout}, {} heartbeat paths", args.nodes, args.paths);
     let tmp = tempfile::tempdir()?;
     let mut topo = Topology::new(args.sites)?;
     let mut hosts = Vec::new();
@@ -362,7 +495,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         // A data directory that can fill up (the DiskFull fault).
         topo.small_fs(&dir.join("data"), DATA_DIR_MIB)?;
         let addrs = topo.addrs(i);
-        let quoted: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        let quoted: Vec<String> = addrs.iter().take(args.paths.into()).map(|a| format!("\"{a}\"")).collect();
         let cfg = format!(
             "name = \"n{i}\"\ndata_dir = \"{}\"\naddresses = [{}]\nport = 7401\nsite = \"{}\"\nwitness = {}\n",
             dir.join("data").display(),
@@ -504,7 +637,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
                         answer_ms,
                     })
                 } else {
-                    let r = http(&client_http, reqwest::Method::GET, &format!("{url}/v1/nodes/n1"), None).await;
+                    let r = get(&client_http, &format!("{url}/v1/nodes/n1")).await;
                     r.map(|node| register::Op {
                         client,
                         kind: register::Kind::Read(node["attributes"]["chaos-register"].as_str().map(str::to_string)),
@@ -543,6 +676,12 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         }
         kinds.retain(|k| args.faults.contains(&format!("{k:?}")));
     }
+    if args.paths < 2 {
+        if kinds == [Fault::PathDown] {
+            bail!("--faults PathDown needs two paths (--paths 2)");
+        }
+        kinds.retain(|k| *k != Fault::PathDown);
+    }
     let mut timeline = Vec::new();
     let mut extra = Vec::new();
     let mut round = 0u32;
@@ -562,10 +701,11 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         // Two faults in three hit the node running the group: those make
         // failovers; the others test that nothing moves needlessly.
         let before = run.any("/v1/groups/chaos").await;
+        let before_async = run.any(&format!("/v1/groups/{ASYNC_GROUP}")).await;
         // One fault in four aims at the asynchronous volume's group instead
         // (a failover there is what loses its writes).
         let aimed = match rng.below(4) {
-            0 => run.any(&format!("/v1/groups/{ASYNC_GROUP}")).await,
+            0 => before_async.clone(),
             _ => before.clone(),
         };
         let holder = aimed.as_ref().and_then(|g| g["node"].as_str().map(str::to_string));
@@ -593,20 +733,23 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         if let Some(f) = timeline.last_mut() {
             f["recovered_ms"] = json!(healing.elapsed().as_millis() as u64);
         }
-        // One path lost, another up: the node is still heard, nothing moves.
-        if fault == Fault::PathDown && healthy {
-            let after = run.any("/v1/groups/chaos").await;
-            let at = |g: &Option<Value>| g.as_ref().map(|g| (g["node"].clone(), g["epoch"].clone()));
-            if at(&before) != at(&after) {
-                extra.push(Violation {
-                    kind: "needless failover".into(),
-                    t_ms: t0.elapsed().as_millis() as u64,
-                    detail: format!(
-                        "the group moved when one path of {name} went down: {:?} → {:?}",
-                        at(&before),
-                        at(&after)
-                    ),
-                });
+        // One path lost, another up, or a slow link: the node is still
+        // heard, nothing moves (neither group changes node or epoch).
+        if let (Some(what), true) = (fault.moves_nothing(), healthy) {
+            for (group, before) in [("chaos", &before), (ASYNC_GROUP, &before_async)] {
+                let after = run.any(&format!("/v1/groups/{group}")).await;
+                let at = |g: &Option<Value>| g.as_ref().map(|g| (g["node"].clone(), g["epoch"].clone()));
+                if at(before) != at(&after) {
+                    extra.push(Violation {
+                        kind: "needless failover".into(),
+                        t_ms: t0.elapsed().as_millis() as u64,
+                        detail: format!(
+                            "group {group} moved when {name} {what}: {} → {}",
+                            placed(before),
+                            placed(&after)
+                        ),
+                    });
+                }
             }
         }
         if !healthy {
@@ -717,29 +860,29 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         .with_context(|| format!("writing {}", args.report.display()))?;
 
     println!("\nseed {seed}: {round} fault rounds, {} resource starts, {failovers} failovers", starts.len());
-    println!("register: {} operations ({unknown} with unknown outcome): {register_outcome:?}", ops.len());
+    println!("register: {} operations ({unknown} with unknown outcome): {register_outcome}", ops.len());
     println!(
         "data: {data_writes} block writes ({data_acked} acknowledged), {data_reads} reads through the volume's NBD export, {} primary changes",
         switches.first().unwrap_or(&0)
     );
     println!(
-        "async data: {async_writes} block writes ({async_acked} acknowledged, {} primary changes): {} lost; RPO (acknowledged before the primary stopped serving) p50 {:?} ms, p99 {:?} ms, max {:?} ms",
+        "async data: {async_writes} block writes ({async_acked} acknowledged, {} primary changes): {} lost; RPO (acknowledged before the primary stopped serving) p50 {} ms, p99 {} ms, max {} ms",
         switches.get(1).unwrap_or(&0),
         rpo.lost_writes,
-        rpo_pct(50),
-        rpo_pct(99),
-        rpo.rpo_ms.iter().max()
+        ms(rpo_pct(50)),
+        ms(rpo_pct(99)),
+        ms(rpo.rpo_ms.iter().max().copied())
     );
     println!(
-        "outages (ms): {} — p50 {:?}, p99 {:?}, max {:?}",
+        "outages (ms): {} — p50 {}, p99 {}, max {}",
         downtimes.len(),
-        pct(50),
-        pct(99),
-        downtimes.iter().max()
+        ms(pct(50)),
+        ms(pct(99)),
+        ms(downtimes.iter().max().copied())
     );
     for (kind, v) in &by_fault {
-        let p = |q| checker::percentile(v, q).unwrap_or(0);
-        println!("  after {kind}: {} outages, p50 {} ms, max {} ms", v.len(), p(50), v.iter().max().unwrap_or(&0));
+        let p = |q| ms(checker::percentile(v, q));
+        println!("  after {kind}: {} outages, p50 {} ms, max {} ms", v.len(), p(50), ms(v.iter().max().copied()));
     }
     for v in &verdict.violations {
         println!("VIOLATION at {} ms: {}: {}", v.t_ms, v.kind, v.detail);
@@ -755,12 +898,28 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     Ok(verdict.violations.len())
 }
 
+/// A figure for the summary: the number, or `-` when there is none.
+fn ms(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// Where a group runs, for a person: "n2 at epoch 7" (or "nowhere").
+fn placed(g: &Option<Value>) -> String {
+    match g.as_ref().map(|g| (&g["node"], &g["epoch"])) {
+        Some((Value::String(node), epoch)) => format!("{node} at epoch {epoch}"),
+        Some((_, epoch)) if !epoch.is_null() => format!("nowhere at epoch {epoch}"),
+        _ => "unknown (no node answered)".into(),
+    }
+}
+
 /// The chaos group's synchronously replicated volume.
 const VOLUME: &str = "chaosvol";
 /// An asynchronously replicated volume (data loss measured, not forbidden)
 /// and the group that holds it.
 const ASYNC_VOLUME: &str = "chaosasync";
 const ASYNC_GROUP: &str = "rpo";
+/// How long the harness waits for one answer to a request it retries.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(12);
 /// Each host's data directory is a tmpfs this large (MiB).
 const DATA_DIR_MIB: u32 = 160;
 /// Blocks the data workload writes (the first 1 MiB of the volume).
@@ -769,7 +928,7 @@ const DATA_BLOCKS: u64 = 256;
 /// The primary's NBD socket, from the volume's view on any node.
 async fn nbd_socket(client: &reqwest::Client, urls: &[String], volume: &str) -> Option<PathBuf> {
     for u in urls {
-        if let Some(v) = http(client, reqwest::Method::GET, &format!("{u}/v1/volumes/{volume}"), None).await {
+        if let Some(v) = get(client, &format!("{u}/v1/volumes/{volume}")).await {
             let uri = v["nbd"].as_str()?.split_whitespace().next()?.to_string();
             let path = uri.split("socket=").nth(1)?;
             return Some(PathBuf::from(percent_decode(path)));
@@ -906,7 +1065,7 @@ async fn read_all(
 async fn form(run: &Run) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for h in &run.hosts {
-        while http(&run.client, reqwest::Method::GET, &format!("{}/v1/local", h.url()), None).await.is_none() {
+        while get(&run.client, &format!("{}/v1/local", h.url())).await.is_none() {
             if Instant::now() > deadline {
                 bail!("{} did not come up", h.name);
             }
@@ -914,13 +1073,20 @@ async fn form(run: &Run) -> anyhow::Result<()> {
         }
     }
     let first = run.hosts[0].url();
-    http(&run.client, reqwest::Method::POST, &format!("{first}/v1/cluster/init"), Some(json!({})))
-        .await
-        .context("cluster init")?;
+    // Once each, no retry: a fresh cluster on a quiet network takes them,
+    // and a second init or join would be refused for the first's sake.
+    let once = |what: String, (outcome, _): (retry::Outcome, Option<Value>)| match retry::classify(&outcome, &[]) {
+        retry::Next::Accepted => Ok(()),
+        retry::Next::Retry { why, .. } => Err(anyhow::anyhow!("{what}: {why}")),
+        retry::Next::Refused { status, code, message } => Err(anyhow::anyhow!("{what}: {status} {code}: {message}")),
+    };
+    let timeout = Duration::from_secs(10);
+    let url = format!("{first}/v1/cluster/init");
+    once("cluster init".into(), send(&run.client, reqwest::Method::POST, &url, &json!({}), timeout).await)?;
     for h in &run.hosts[1..] {
-        http(&run.client, reqwest::Method::POST, &format!("{}/v1/cluster/join", h.url()), Some(json!({"via": first})))
-            .await
-            .with_context(|| format!("{} joining", h.name))?;
+        let url = format!("{}/v1/cluster/join", h.url());
+        let joined = send(&run.client, reqwest::Method::POST, &url, &json!({"via": first}), timeout).await;
+        once(format!("{} joining", h.name), joined)?;
     }
     Ok(())
 }
@@ -948,7 +1114,7 @@ async fn inject(
             run.hosts[i].start(&run.tandem)?;
             run.hosts[j].start(&run.tandem)?;
         }
-        Fault::Corrupt => return Ok(corrupt_and_verify(run, i, rng).await),
+        Fault::Corrupt => return corrupt_and_verify(run, i, rng).await,
         Fault::OneWay => {
             let rules = format!(
                 "table inet chaos {{\n chain output {{ type filter hook output priority 0; policy accept; ip daddr {{ {} }} drop; }}\n}}\n",
@@ -1012,21 +1178,23 @@ async fn inject(
         Fault::SlowLink => {
             let mbit = [1, 5, 20][rng.below(3) as usize];
             println!("           {mbit} Mbit/s both ways");
-            run.topo.set_slow(host_no, Some(mbit))?;
+            let devs: Vec<String> = (0..topology::PATHS).map(|p| format!("eth{p}")).collect();
+            slow::set(&run.hosts[i].ns, &devs, Some(mbit))?;
             tokio::time::sleep(hold).await;
-            run.topo.set_slow(host_no, None)?;
+            slow::set(&run.hosts[i].ns, &devs, None)?;
         }
         Fault::SiteCut => {
             site_cut_setup(run, rng, round == 0).await?;
             let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
             let c = run.any("/v1/cluster").await.unwrap_or_default();
-            let site_of =
-                |n: &Value| run.hosts.iter().find(|h| Some(h.name.as_str()) == n.as_str()).map(|h| h.site.name());
+            let site_of = |n: &Value| {
+                run.hosts.iter().find(|h| Some(h.name.as_str()) == n.as_str()).map_or("-", |h| h.site.name())
+            };
             println!(
-                "           group on {} (site {:?}), leader {} (site {:?})",
-                g["node"],
+                "           group on {} (site {}), leader {} (site {})",
+                g["node"].as_str().unwrap_or("-"),
                 site_of(&g["node"]),
-                c["leader"],
+                c["leader"].as_str().unwrap_or("-"),
                 site_of(&c["leader"])
             );
             run.topo.set_site_link(false)?;
@@ -1072,15 +1240,28 @@ async fn site_cut_setup(run: &mut Run, rng: &mut Rng, first: bool) -> anyhow::Re
         let away = run.hosts.iter().find(|h| h.site != home && h.site != Site::Witness).map(|h| h.name.clone());
         let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
         if let Some(to) = away.filter(|n| g["node"].as_str() != Some(n)) {
-            let url = format!("{}/v1/groups/chaos/move", run.hosts[0].url());
-            let _ = http(&run.client, reqwest::Method::POST, &url, Some(json!({"to": to}))).await;
             let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
-                if g["node"].as_str() == Some(&to) && run.healthy().await {
-                    break;
+            let body = json!({"to": to});
+            match run.post_until("/v1/groups/chaos/move", &body, Via::AnyNode, &[], deadline).await {
+                Ok(t) if t.tries > 1 => {
+                    println!("           move to {to} accepted by {} at try {} (retried: {})", t.node, t.tries, t.last)
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok(_) => {}
+                Err(e) => {
+                    println!("           moving the group to {to}: {e}; the cut goes ahead with it where it is");
+                    return Ok(());
+                }
+            }
+            let mut moved = false;
+            while Instant::now() < deadline && !moved {
+                let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
+                moved = g["node"].as_str() == Some(&to) && run.healthy().await;
+                if !moved {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            if !moved {
+                println!("           the group was not running on {to}, healthy, 20 s after the move was accepted");
             }
         }
     }
@@ -1132,55 +1313,123 @@ fn nft(ns: &str, input: Option<&str>, args: &[&str]) -> anyhow::Result<()> {
 
 /// Flips a byte in 1 to 4 blocks (past the data workload's region) of a
 /// secondary's backing file, runs an online verify, and checks it found and
-/// repaired exactly those blocks.
-async fn corrupt_and_verify(run: &Run, i: usize, rng: &mut Rng) -> Option<String> {
+/// repaired exactly those blocks. Returns the violation, if any; an error
+/// only when the harness itself could not do its part (the file).
+async fn corrupt_and_verify(run: &Run, i: usize, rng: &mut Rng) -> anyhow::Result<Option<String>> {
     use std::os::unix::fs::FileExt;
-    let v = run.any(&format!("/v1/volumes/{VOLUME}")).await?;
-    let primary = v["primary"].as_str()?.to_string();
-    let replicas: Vec<String> =
-        v["replicas"].as_array()?.iter().filter_map(|r| r["node"].as_str().map(str::to_string)).collect();
+    let skip = |why: String| {
+        println!("           nothing corrupted: {why}");
+        Ok(None)
+    };
+    let Some(v) = run.any(&format!("/v1/volumes/{VOLUME}")).await else {
+        return skip(format!("no node answered GET /v1/volumes/{VOLUME}"));
+    };
+    let Some(primary) = v["primary"].as_str().map(str::to_string) else {
+        return skip(format!("{VOLUME} has no primary"));
+    };
+    let replicas: Vec<String> = v["replicas"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|r| r["node"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
     let secondaries: Vec<&String> = replicas.iter().filter(|n| **n != primary).collect();
-    let victim = secondaries.iter().find(|n| **n == &run.hosts[i].name).or(secondaries.first())?.to_string();
-    let host = run.hosts.iter().find(|h| h.name == victim)?;
+    let Some(victim) = secondaries.iter().find(|n| **n == &run.hosts[i].name).or(secondaries.first()) else {
+        return skip(format!("{VOLUME} has no secondary"));
+    };
+    let victim = victim.to_string();
+    let Some(host) = run.hosts.iter().find(|h| h.name == victim) else {
+        return skip(format!("no host named {victim}"));
+    };
     let path = host.dir.join("data").join("volumes").join(format!("{VOLUME}.img"));
     let blocks = 1 + rng.below(4);
     let mut flipped = std::collections::BTreeSet::new();
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).ok()?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {} to corrupt it", path.display()))?;
     while (flipped.len() as u64) < blocks {
         flipped.insert(DATA_BLOCKS + rng.below(4096 - DATA_BLOCKS));
     }
+    // Each flipped byte with its value before: a repair must bring it back.
+    let mut before = Vec::new();
     for b in &flipped {
         let off = b * blocks::BLOCK as u64 + rng.below(blocks::BLOCK as u64);
         let mut byte = [0u8; 1];
-        let _ = f.read_exact_at(&mut byte, off);
+        f.read_exact_at(&mut byte, off).with_context(|| format!("reading {} at {off}", path.display()))?;
+        before.push((off, byte[0]));
         byte[0] ^= 0x5a;
-        let _ = f.write_all_at(&byte, off);
+        f.write_all_at(&byte, off).with_context(|| format!("writing {} at {off}", path.display()))?;
     }
-    let _ = f.sync_all();
+    f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
     println!("           flipped {} block(s) {:?} of {victim}'s backing file; verifying", flipped.len(), flipped);
-    let url = format!("{}/v1/volumes/{VOLUME}/verify", run.hosts.iter().find(|h| h.name == primary)?.url());
-    http(&run.client, reqwest::Method::POST, &url, Some(json!({}))).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let Some(v) = run.any(&format!("/v1/volumes/{VOLUME}")).await else { continue };
-        let r = &v["verify"];
-        match r["state"].as_str() {
-            Some("done") => {
-                let found = r["found_blocks"][&victim].as_u64().unwrap_or(0);
-                let repaired = r["repaired_blocks"][&victim].as_u64().unwrap_or(0);
-                println!("           verify: found {found}, repaired {repaired} on {victim}");
-                if found != flipped.len() as u64 || repaired != found {
-                    return Some(format!(
-                        "verify found {found} and repaired {repaired} blocks on {victim}; {} were corrupted: {flipped:?}",
-                        flipped.len()
-                    ));
-                }
-                return None;
+    let mut restarted = false;
+    'start: loop {
+        // The verify runs on the primary; a 503 (an election), a primary
+        // that just moved or a node that did not answer is retried.
+        let verify_path = format!("/v1/volumes/{VOLUME}/verify");
+        let on = match run.post_until(&verify_path, &json!({}), Via::PrimaryOf(VOLUME), &["TND-1405"], deadline).await {
+            Ok(t) if t.tries > 1 => {
+                println!("           verify accepted by {} at try {} (retried: {})", t.node, t.tries, t.last);
+                t.node
             }
-            Some("failed") => return Some(format!("verify failed: {r}")),
-            _ => {}
+            Ok(t) => t.node,
+            Err(e) => return Ok(Some(format!("verify {e}"))),
+        };
+        if on == victim {
+            // Its flipped blocks are now the reference the others are
+            // compared with: nothing here can tell which copy was right.
+            println!("           {victim}, the corrupted replica, became the primary: not checked");
+            return Ok(None);
         }
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let Some(v) = run.any(&format!("/v1/volumes/{VOLUME}")).await else { continue };
+            match v["primary"].as_str() {
+                // Moving: the new primary has not started yet.
+                None => continue,
+                Some(p) if p != on => {
+                    // The report of the verify we started went with the old
+                    // primary; the new one repairs from its own copy.
+                    println!("           the primary moved from {on} to {p} during the verify: starting it again");
+                    restarted = true;
+                    continue 'start;
+                }
+                Some(_) => {}
+            }
+            let r = &v["verify"];
+            match r["state"].as_str() {
+                Some("done") => {
+                    let found = r["found_blocks"][&victim].as_u64().unwrap_or(0);
+                    let repaired = r["repaired_blocks"][&victim].as_u64().unwrap_or(0);
+                    println!("           verify on {on}: found {found}, repaired {repaired} on {victim}");
+                    // After a restart the first verify may have repaired
+                    // some blocks already: only the bytes can tell.
+                    if (!restarted && found != flipped.len() as u64) || repaired != found {
+                        return Ok(Some(format!(
+                            "verify found {found} and repaired {repaired} blocks on {victim}; {} were corrupted: {flipped:?}",
+                            flipped.len()
+                        )));
+                    }
+                    let mut wrong = Vec::new();
+                    for (off, was) in &before {
+                        let mut byte = [0u8; 1];
+                        f.read_exact_at(&mut byte, *off).with_context(|| format!("reading {}", path.display()))?;
+                        if byte[0] != *was {
+                            wrong.push(*off);
+                        }
+                    }
+                    if !wrong.is_empty() {
+                        return Ok(Some(format!(
+                            "verify reported done, but {victim}'s backing file still differs at byte offsets {wrong:?}"
+                        )));
+                    }
+                    return Ok(None);
+                }
+                Some("failed") => return Ok(Some(format!("verify failed: {r}"))),
+                _ => {}
+            }
+        }
+        return Ok(Some(format!("verify accepted by {on} did not finish within 60 s")));
     }
-    Some("verify did not finish within 60 s".into())
 }

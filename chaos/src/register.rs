@@ -38,6 +38,36 @@ pub enum Outcome {
     Violation(String),
 }
 
+/// A register value as a person reads it: quoted, or "(absent)".
+fn shown(v: &Option<String>) -> String {
+    match v {
+        Some(v) => format!("{v:?}"),
+        None => "(absent)".into(),
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Kind::Write(v) => write!(f, "client {} wrote {v:?} (invoked {} ms, ", self.client, self.invoke_ms)?,
+            Kind::Read(v) => write!(f, "client {} read {} (invoked {} ms, ", self.client, shown(v), self.invoke_ms)?,
+        }
+        match self.answer_ms {
+            Some(a) => write!(f, "answered {a} ms)"),
+            None => write!(f, "no answer)"),
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Linearizable => write!(f, "linearizable"),
+            Outcome::Violation(why) => write!(f, "not linearizable: {why}"),
+        }
+    }
+}
+
 struct Zone {
     value: Option<String>,
     /// Earliest answer, latest invocation in the cluster.
@@ -82,7 +112,8 @@ pub fn check(ops: &[Op]) -> Outcome {
             let answer = r.answer_ms.unwrap_or(u64::MAX);
             if answer < *w_invoke {
                 return Outcome::Violation(format!(
-                    "a read of {value:?} answered at {answer} ms, before its write was invoked at {w_invoke} ms: {r:?}"
+                    "a read of {} answered at {answer} ms, before its write was invoked at {w_invoke} ms: {r}",
+                    shown(value)
                 ));
             }
             z.first_answer = z.first_answer.min(answer);
@@ -91,15 +122,21 @@ pub fn check(ops: &[Op]) -> Outcome {
         zones.push(z);
     }
     if let Some((value, rs)) = reads.into_iter().next() {
-        return Outcome::Violation(format!("read {value:?}, a value never written: {:?}", rs.first()));
+        let first = rs.first().map(|r| format!(": {r}")).unwrap_or_default();
+        return Outcome::Violation(format!("read {}, a value never written{first}", shown(&value)));
     }
     let forward: Vec<&Zone> = zones.iter().filter(|z| z.forward()).collect();
     for (i, a) in forward.iter().enumerate() {
         for b in &forward[i + 1..] {
             if a.first_answer < b.last_invoke && b.first_answer < a.last_invoke {
                 return Outcome::Violation(format!(
-                    "values {:?} ({}..{} ms) and {:?} ({}..{} ms) were each read after the other was written",
-                    a.value, a.first_answer, a.last_invoke, b.value, b.first_answer, b.last_invoke
+                    "values {} ({}..{} ms) and {} ({}..{} ms) were each read after the other was written",
+                    shown(&a.value),
+                    a.first_answer,
+                    a.last_invoke,
+                    shown(&b.value),
+                    b.first_answer,
+                    b.last_invoke
                 ));
             }
         }
@@ -108,8 +145,13 @@ pub fn check(ops: &[Op]) -> Outcome {
         for b in zones.iter().filter(|z| !z.forward() && z.value != f.value) {
             if f.first_answer < b.last_invoke && b.first_answer < f.last_invoke {
                 return Outcome::Violation(format!(
-                    "value {:?} ran entirely ({}..{} ms) while {:?} had to stay visible ({}..{} ms)",
-                    b.value, b.last_invoke, b.first_answer, f.value, f.first_answer, f.last_invoke
+                    "value {} ran entirely ({}..{} ms) while {} had to stay visible ({}..{} ms)",
+                    shown(&b.value),
+                    b.last_invoke,
+                    b.first_answer,
+                    shown(&f.value),
+                    f.first_answer,
+                    f.last_invoke
                 ));
             }
         }
@@ -172,5 +214,17 @@ mod tests {
     #[test]
     fn a_value_never_written_is_a_violation() {
         assert!(matches!(check(&[r(0, Some("z"), 0, 1)]), Outcome::Violation(_)));
+    }
+
+    #[test]
+    fn outcomes_read_as_text_not_rust_debug() {
+        assert_eq!(check(&[]).to_string(), "linearizable");
+        assert_eq!(
+            check(&[r(0, Some("z"), 0, 1)]).to_string(),
+            "not linearizable: read \"z\", a value never written: client 0 read \"z\" (invoked 0 ms, answered 1 ms)"
+        );
+        let flip = [w(0, "a", 0, Some(1)), w(0, "b", 2, None), r(1, Some("b"), 5, 6), r(1, None, 7, 8)];
+        let why = check(&flip).to_string();
+        assert!(why.contains("(absent)") && !why.contains("Some(") && !why.contains("None"), "{why}");
     }
 }
