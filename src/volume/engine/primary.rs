@@ -17,7 +17,7 @@ use tandem_raft::volume::{DiskState, ReplicationMode};
 use tokio::sync::oneshot;
 
 use super::link::{Inflight, Reply};
-use super::{punch_hole, Volume, RECORD_RETRY};
+use super::{punch_hole, Role, Volume, RECORD_RETRY};
 use crate::volume::status::Connection;
 use crate::volume::wire::Message;
 
@@ -225,7 +225,20 @@ impl Volume {
             if self.epoch() != Some(epoch) {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
-            match self.control.record_disk(&self.cfg.name, node, DiskState::Outdated, epoch).await {
+            // A halt or a demotion ends the wait at once: the write fails
+            // (it is not acknowledged), and the group's stop is not held up
+            // by a record that can no longer matter (a lapsed lease often
+            // means the leader is out of reach: the call would run its
+            // whole timeout).
+            let mut role = self.role.subscribe();
+            let record = self.control.record_disk(&self.cfg.name, node, DiskState::Outdated, epoch);
+            let outcome = tokio::select! {
+                r = record => r,
+                _ = role.wait_for(|r| !matches!(r, Role::Primary { epoch: e } if *e == epoch)) => {
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+            };
+            match outcome {
                 Ok(()) => {
                     let mut st = link.st.lock().unwrap_or_else(|p| p.into_inner());
                     st.recorded = Some(DiskState::Outdated);
