@@ -396,10 +396,14 @@ async fn n_plus_one_capacity_anti_affinity_and_auto_failback() {
     // n1 dies: the spare takes a. n2 dies too: b cannot stack on the full spare.
     c.node_mut("n1").kill();
     wait_until(Duration::from_secs(15), "a on the spare", || async { node_of("a").await["node"] == "n4" }).await;
-    // Let autopilot give n1's vote to n4 first, or losing n2 too loses quorum.
-    let cluster_url = format!("{u}/v1/cluster");
-    wait_until(Duration::from_secs(20), "n4 votes", || async {
-        member(&get(&cluster_url).await.1, "n4")["role"] == "voter"
+    // Let autopilot give n1's vote to n4 first, or losing n2 too loses
+    // quorum: n4 a voter and n1 no longer one, in n3's own copy (during the
+    // joint change both are voters, and the old set's majority would need
+    // n2; n3 must hold the new set to win an election without it).
+    let local_cluster = format!("{u}/v1/cluster?stale=true");
+    wait_until(Duration::from_secs(20), "n4 votes instead of n1", || async {
+        let c = get(&local_cluster).await.1;
+        member(&c, "n4")["role"] == "voter" && member(&c, "n1")["role"] != "voter"
     })
     .await;
     c.node_mut("n2").kill();
