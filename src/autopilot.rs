@@ -27,6 +27,29 @@ pub struct Candidate {
     pub caught_up: bool,
 }
 
+impl Candidate {
+    /// A member as the leader (`me`) sees it: its liveness (`alive`,
+    /// silent `down_for`), and `matched`, the last log index the leader
+    /// knows it holds, against the leader's `last` and the lag allowed.
+    /// The leader itself is alive and caught up.
+    pub fn new(
+        node: &tandem_raft::state::NodeRecord,
+        me: bool,
+        (alive, down_for): (bool, Duration),
+        matched: Option<u64>,
+        (last, max_lag): (u64, u64),
+    ) -> Candidate {
+        Candidate {
+            id: node.id,
+            site: node.site.clone(),
+            witness: node.witness,
+            alive: me || alive,
+            down_for: if me { Duration::ZERO } else { down_for },
+            caught_up: me || matched.is_some_and(|i| i + max_lag >= last),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Input {
     /// Every node that is in both the cluster state and the Raft membership.

@@ -297,12 +297,10 @@ impl Liveness {
         stale_after: Duration,
         now: Instant,
     ) -> bool {
-        if leader == me || self.status(leader, addresses, now).alive {
-            return false;
-        }
         // A voter never heard is not counted: at start nobody is heard yet.
-        let heard = self.heard_by_quorum_within(leader, voters, me, Some((stale_after, false)), now);
-        heard.is_some_and(|t| now.saturating_duration_since(t) < self.timeout)
+        leader != me
+            && !self.status(leader, addresses, now).alive
+            && self.status_by_quorum(leader, addresses, voters, me, Some((stale_after, false)), now).alive
     }
 
     /// The leader's view of `id`: its paths as heard from here, but alive
@@ -315,12 +313,7 @@ impl Liveness {
         me: NodeId,
         now: Instant,
     ) -> PeerStatus {
-        let mut s = self.status(id, addresses, now);
-        let heard = self.heard_by_quorum(id, voters, me, now);
-        let since = now.saturating_duration_since(heard.unwrap_or(self.started));
-        s.alive = heard.is_some() && since < self.timeout;
-        s.down_for = if s.alive { Duration::ZERO } else { since };
-        s
+        self.status_by_quorum(id, addresses, voters, me, None, now)
     }
 
     /// The view the leader's failover acts on: as
@@ -342,10 +335,25 @@ impl Liveness {
         stale_after: Duration,
         now: Instant,
     ) -> PeerStatus {
-        let mut s = self.status(id, addresses, now);
         // Never heard counts as stale too: a leader that just started has
         // heard nobody yet, and must take nobody for silent.
-        let heard = self.heard_by_quorum_within(id, voters, me, Some((stale_after, true)), now);
+        self.status_by_quorum(id, addresses, voters, me, Some((stale_after, true)), now)
+    }
+
+    /// `id`'s paths as heard from here, alive (and silent since) by what a
+    /// majority of voters heard, stale reporters taken as
+    /// [`heard_by_quorum_within`](Self::heard_by_quorum_within) says.
+    fn status_by_quorum(
+        &self,
+        id: NodeId,
+        addresses: &[String],
+        voters: &[NodeId],
+        me: NodeId,
+        stale_after: Option<(Duration, bool)>,
+        now: Instant,
+    ) -> PeerStatus {
+        let mut s = self.status(id, addresses, now);
+        let heard = self.heard_by_quorum_within(id, voters, me, stale_after, now);
         let since = now.saturating_duration_since(heard.unwrap_or(self.started));
         s.alive = heard.is_some() && since < self.timeout;
         s.down_for = if s.alive { Duration::ZERO } else { since };

@@ -138,7 +138,7 @@ impl Reconciler {
     /// the lease). The shell may make them before [`plan`](Self::plan) so
     /// that a confirmed start happens in the same round.
     pub fn claims(&self, input: &Input<'_>) -> Vec<(String, u64)> {
-        if !input.lease.held || input.lease.lapsed || input.maintenance {
+        if !input.lease.held || input.lease.lapsed {
             return Vec::new();
         }
         input
@@ -151,9 +151,11 @@ impl Reconciler {
 
     /// Whether `g` is to be claimed: placed here, started, not running here,
     /// and neither failed here at its epoch nor recorded failed here (the
-    /// leader is about to move it: a claim would restart it in the gap).
+    /// leader is about to move it: a claim would restart it in the gap);
+    /// never in maintenance, where nothing starts (a claim grows the epoch).
     fn may_claim(&self, g: &GroupRecord, input: &Input<'_>) -> bool {
-        placed_here(g, input.me)
+        !input.maintenance
+            && placed_here(g, input.me)
             && g.placement.phase == Phase::Started
             && !input.local.contains_key(&g.name)
             && !self.has_failed(&g.name, g.placement.epoch)
@@ -217,12 +219,10 @@ impl Reconciler {
                         out.push(Command::Run { group: name.clone(), epoch, start: true });
                     }
                 }
-                // Not confirmed by the leader (yet). In maintenance nothing
-                // starts, so nothing is claimed (a claim grows the epoch).
-                Phase::Started if self.may_claim(g, input) && !input.maintenance => {
-                    out.push(Command::Claim { group: name.clone(), epoch })
-                }
-                // Recorded failed here: the leader moves it elsewhere.
+                // Not confirmed by the leader (yet).
+                Phase::Started if self.may_claim(g, input) => out.push(Command::Claim { group: name.clone(), epoch }),
+                // In maintenance, or recorded failed here (the leader moves
+                // it elsewhere).
                 Phase::Started => {}
             }
         }

@@ -156,14 +156,7 @@ impl World {
                 let st = a.liveness.status(r.id, &r.addresses, now);
                 // The leader's replication progress: what the node holds.
                 let matched = self.node(r.id).agent.as_ref().map(|x| x.applied as u64);
-                Candidate {
-                    id: r.id,
-                    site: r.site.clone(),
-                    witness: r.witness,
-                    alive: me || st.alive,
-                    down_for: if me { Duration::ZERO } else { st.down_for },
-                    caught_up: me || matched.is_some_and(|i| i + cfg.max_lag_entries >= last),
-                }
+                Candidate::new(r, me, (st.alive, st.down_for), matched, (last, cfg.max_lag_entries))
             })
             .collect();
         let input = autopilot::Input {

@@ -308,14 +308,7 @@ impl Agent {
                 let st = self.liveness.status(r.id, &r.addresses, now);
                 let matched =
                     metrics.replication.as_ref().and_then(|rep| rep.get(&r.id).cloned().flatten()).map(|l| l.index);
-                Candidate {
-                    id: r.id,
-                    site: r.site.clone(),
-                    witness: r.witness,
-                    alive: me || st.alive,
-                    down_for: if me { Duration::ZERO } else { st.down_for },
-                    caught_up: me || matched.is_some_and(|i| i + lag >= last),
-                }
+                Candidate::new(r, me, (st.alive, st.down_for), matched, (last, lag))
             })
             .collect()
     }
