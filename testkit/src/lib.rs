@@ -3,6 +3,7 @@
 //! uses this crate: it is a dev-dependency of `tandem` and a dependency of
 //! `tandem-chaos` only.
 
+pub mod postgres;
 pub mod sites;
 
 /// A port free for both TCP (API) and UDP (heartbeats) on 127.0.0.1, with
