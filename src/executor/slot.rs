@@ -225,7 +225,11 @@ pub(super) async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: In
                 // Whatever it left in its process group goes too.
                 let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
                 guard.unregister(p.pid);
-                Step::Failed(why)
+                let log = dir.join("groups").join(group).join(format!("{}.log", r.name));
+                match last_output(&log) {
+                    Some(line) => Step::Failed(format!("{why}; last output: {line}")),
+                    None => Step::Failed(why),
+                }
             }
         },
         Slot::Starting(mut task) => match tokio::time::timeout(ACTION_WAIT, &mut task).await {
@@ -281,6 +285,24 @@ pub(super) async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: In
         }
         Slot::Recovering(_) => Step::Pending,
     }
+}
+
+/// The last line a resource wrote to its log (at most 300 bytes of it):
+/// why a server that would not start said so.
+fn last_output(log: &std::path::Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    let mut end = line.len().min(300);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(line[..end].to_string())
 }
 
 pub(super) fn describe(r: ActionResult) -> String {
