@@ -311,6 +311,20 @@ async fn a_read_only_remount_fails_the_file_system_and_what_runs_on_it_restarts(
     let g = wait_all_running(&url, "g").await;
     let app_pid = g["resources"][2]["pid"].as_u64().unwrap();
 
+    // Full: shown on the resource, which keeps running (no reason to move).
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64", "status=none"])
+        .arg(format!("of={}", mnt.join("fill").display()))
+        .output()
+        .unwrap();
+    let (_, g) = get(&format!("{url}/v1/groups/g")).await;
+    let fs = &g["resources"][1];
+    assert_eq!(fs["state"], "running", "{g}");
+    assert!(fs["warning"].as_str().is_some_and(|w| w.starts_with("file system full")), "{g}");
+    std::fs::remove_file(mnt.join("fill")).unwrap();
+    let (_, g) = get(&format!("{url}/v1/groups/g")).await;
+    assert!(g["resources"][1]["warning"].is_null(), "{g}");
+
     // As ext4 does with errors=remount-ro after an I/O error.
     let out = std::process::Command::new("mount").args(["-o", "remount,ro"]).arg(&mnt).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

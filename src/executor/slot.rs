@@ -143,12 +143,19 @@ impl LocalGroup {
                     Slot::Up { .. } | Slot::Monitoring { .. } => ("running", None),
                     Slot::Recovering(_) => ("recovering", None),
                 };
+                // Worth knowing but no reason to move: the same data is
+                // just as full on any other node.
+                let warning = match (&r.kind, state) {
+                    (ResourceKind::Filesystem(f), "running") => super::filesystem::usage_warning(&f.mountpoint),
+                    _ => None,
+                };
                 ResourceStatus {
                     name: r.name.clone(),
                     kind: r.kind.type_name().to_string(),
                     state: state.to_string(),
                     pid,
                     last_error: err.clone(),
+                    warning,
                 }
             })
             .collect()
@@ -223,7 +230,7 @@ pub(super) async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: In
             }
             Some(why) => {
                 // Whatever it left in its process group goes too.
-                let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
+                crate::rundir::kill_tree(p.pid);
                 guard.unregister(p.pid);
                 let log = dir.join("groups").join(group).join(format!("{}.log", r.name));
                 match last_output(&log) {
@@ -358,7 +365,7 @@ pub(super) async fn stop_slots(
                     tracing::warn!(resource = %r.name, "did not stop within {timeout:?}: killing it");
                 }
                 // Whatever is left of its process group goes too.
-                let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
+                crate::rundir::kill_tree(p.pid);
                 p.wait().await;
                 cx.guard.unregister(p.pid);
                 None
