@@ -168,7 +168,7 @@ async fn haproxy_follows_the_group_and_never_sees_two_servers() {
     );
     let cfg_path = c.tmp.path().join("haproxy.cfg");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let mut lb = std::process::Command::new(haproxy)
+    let lb = std::process::Command::new(haproxy)
         .args(["-db", "-f"])
         .arg(&cfg_path)
         .stdout(std::process::Stdio::null())
@@ -182,7 +182,7 @@ async fn haproxy_follows_the_group_and_never_sees_two_servers() {
             let _ = self.0.wait();
         }
     }
-    let _lb_guard = Kill(std::mem::replace(&mut lb, std::process::Command::new("true").spawn().unwrap()));
+    let _lb = Kill(lb);
     let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
     let through_lb = || {
         let client = client.clone();
