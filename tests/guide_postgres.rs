@@ -343,6 +343,27 @@ fn the_postgresql_guide_survives_a_switchover_and_a_power_loss() {
                         "a sh block of the guide must start with where it runs (`# on srv1`, ...), not {other:?}"
                     ),
                 };
+                // A client stays connected through the switchover: the stop
+                // must not wait for it (PostgreSQL's own SIGTERM would).
+                let switchover = commands.contains("group move");
+                let idle = switchover.then(|| {
+                    let client = by_name("client");
+                    let child = Command::new("ip")
+                        .args(["netns", "exec", &client.ns, "psql"])
+                        .arg(format!(
+                            "host={vip} user=postgres keepalives_idle=1 keepalives_interval=1 keepalives_count=3"
+                        ))
+                        .args(["-c", "SELECT pg_sleep(600)"])
+                        .env("HOME", client.dir.join("home"))
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .unwrap();
+                    // Connected before the move starts.
+                    std::thread::sleep(Duration::from_secs(1));
+                    child
+                });
+                let started = Instant::now();
                 for m in on_machines {
                     let commands = rw.apply(commands, m);
                     eprintln!("--- {} ({}), {:?}:\n{commands}", m.name, m.ns, t0.elapsed());
@@ -350,6 +371,22 @@ fn the_postgresql_guide_survives_a_switchover_and_a_power_loss() {
                     if m.name == "client" {
                         client_out.push(out);
                     }
+                }
+                if let Some(mut idle) = idle {
+                    let took = started.elapsed();
+                    assert!(took < Duration::from_secs(20), "the switchover took {took:?}: it waited for a client");
+                    // The address left before PostgreSQL stopped: the client
+                    // learns its session is gone through its keepalives (the
+                    // new server answers them with a reset).
+                    let deadline = Instant::now() + Duration::from_secs(15);
+                    while idle.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    let ended = idle.try_wait().unwrap().is_some();
+                    let _ = idle.kill();
+                    let _ = idle.wait();
+                    assert!(ended, "the idle client's session outlived the switchover by 15 s despite keepalives");
+                    eprintln!("switchover with a client connected: {took:?}");
                 }
             }
             Step::Power { on: false, machine } => {
