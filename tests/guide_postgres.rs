@@ -415,11 +415,6 @@ fn the_postgresql_guide_survives_a_switchover_and_a_power_loss() {
         }
     }
 
-    if std::env::var_os("GUIDE_LOGS").is_some() {
-        for m in machines.iter().filter(|m| m.name == "srv1") {
-            eprintln!("{}", std::fs::read_to_string(m.dir.join("data/groups/postgres/db.log")).unwrap_or_default());
-        }
-    }
     // What the client saw: srv1, then srv2 after the switchover, then srv1
     // after srv2's power loss, with both rows.
     let answered: Vec<Vec<String>> = client_out.iter().map(|o| psql_values(o)).collect();
