@@ -446,8 +446,8 @@ fn unreachable_for(user: &nix::unistd::User, dir: &Path) -> Option<PathBuf> {
 /// password in `pwfile`), a `postmaster.pid` left by a killed postmaster is
 /// removed when none of its processes is left (on one machine, the dead
 /// node's pid may even still exist as a zombie), then the postmaster runs
-/// on 127.0.0.1:`port`, with tandem's SIGTERM turned into a fast shutdown
-/// (PostgreSQL's own SIGTERM waits for every client to leave).
+/// on 127.0.0.1:`port` (the resource's `stop_signal` SIGINT is PostgreSQL's
+/// fast shutdown; its SIGTERM would wait for every client to leave).
 fn postgres_script(mountpoint: &Path, pwfile: &Path, port: u16) -> String {
     let (m, pw) = (mountpoint.display(), pwfile.display());
     format!(
@@ -461,10 +461,8 @@ fn postgres_script(mountpoint: &Path, pwfile: &Path, port: u16) -> String {
          stale=yes; \
          for p in /proc/[0-9]*; do [ \"$(readlink \"$p/cwd\" 2>/dev/null)\" = \"$D\" ] && stale=no; done; \
          [ \"$stale\" = no ] || rm -f \"$D/postmaster.pid\"; \
-         {PG_BIN}/postgres -D \"$D\" -c listen_addresses=127.0.0.1 -p {port} \
-           -c unix_socket_directories={m} -c cluster_name=\"$TANDEM_NODE\" & \
-         pid=$!; trap 'kill -INT \"$pid\"' TERM; \
-         while kill -0 \"$pid\" 2>/dev/null; do wait \"$pid\" || true; done"
+         exec {PG_BIN}/postgres -D \"$D\" -c listen_addresses=127.0.0.1 -p {port} \
+           -c unix_socket_directories={m} -c cluster_name=\"$TANDEM_NODE\""
     )
 }
 
@@ -487,7 +485,7 @@ async fn create_postgres_group(nodes: &[Node], dir: &Path, port: u16) -> anyhow:
              "start_timeout_ms": 60000},
             {"name": "db", "type": "process", "user": "postgres",
              "command": ["/bin/sh", "-c", postgres_script(&mountpoint, &pwfile, port)],
-             "stop_timeout_ms": 30000},
+             "stop_signal": "SIGINT", "stop_timeout_ms": 30000},
         ],
         "nodes": nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
         "failback": "manual",

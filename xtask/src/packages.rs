@@ -87,7 +87,12 @@ pub const PACKAGES: &[Package] = &[
     },
     Package { name: "fio", why: "verifies the data written through the NBD export", jobs: &[Test] },
     Package { name: "nbdkit", why: "a reference NBD server the NBD tests compare tandem's export with", jobs: &[Test] },
-    Package { name: "nftables", why: "nft: the chaos runs' one-way packet loss", jobs: &[Test] },
+    Package { name: "nftables", why: "nft: the chaos runs' one-way packet loss, the tests' partitions", jobs: &[Test] },
+    Package {
+        name: "haproxy",
+        why: "a real load balancer in front of a group, checking the health endpoints in the tests",
+        jobs: &[Test],
+    },
     Package {
         name: "dpkg-dev",
         why: "dpkg-shlibdeps works out the .deb's library dependencies from the binary",
