@@ -426,6 +426,14 @@ async fn format_and_mount(f: &FilesystemSpec, device: &str) -> Result<(), String
         }
     }
     std::fs::create_dir_all(&f.mountpoint).map_err(|e| format!("creating {}: {e}", f.mountpoint))?;
+    // The bare directory under the mount is nobody's: a service that runs
+    // as its own user and starts while the file system is not mounted
+    // (a mistake, a race) finds it unwritable instead of creating a new,
+    // empty database on the root file system.
+    if mount_at(&f.mountpoint).is_none() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&f.mountpoint, std::fs::Permissions::from_mode(0o000));
+    }
     let mut opts: Vec<&str> = Vec::new();
     if !device.starts_with("/dev/") {
         opts.push("loop");
