@@ -838,7 +838,9 @@ impl Cluster {
     /// Starts node `i`'s agent and waits until it answers.
     fn start_agent(&self, i: usize) -> Proc {
         let a = self.spawn_agent(i);
-        wait_for("agent up", Duration::from_secs(30), || http("GET", &format!("{}/v1/local", self.url(i)), None).is_some());
+        wait_for("agent up", Duration::from_secs(30), || {
+            http("GET", &format!("{}/v1/local", self.url(i)), None).is_some()
+        });
         a.node_mount_ns();
         a
     }
@@ -1062,8 +1064,7 @@ fn fio(target: &FioTarget, job: FioJob, secs: u64) -> FioResult {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
     let start = text.find('{').unwrap_or(0);
-    let v: Value =
-        serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("fio output ({ok}): {e}: {text}"));
+    let v: Value = serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("fio output ({ok}): {e}: {text}"));
     let j = &v["jobs"][0]["write"];
     let pct = |x: &Value, p: &str| x["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1000.0;
     let sync = &v["jobs"][0]["sync"]["lat_ns"];
@@ -1361,9 +1362,7 @@ fn failover(c: &mut Cluster, client: &str, vip: &str, rounds: usize) -> (Series,
     let mut series: Series = Vec::new();
     let mut acked: Vec<u64> = Vec::new();
     let mut lost = 0;
-    for (round, load_kind) in
-        (0..rounds).map(|_| Load::Light).chain((0..rounds).map(|_| Load::Busy)).enumerate()
-    {
+    for (round, load_kind) in (0..rounds).map(|_| Load::Light).chain((0..rounds).map(|_| Load::Busy)).enumerate() {
         c.wait_running(group, Duration::from_secs(180));
         c.wait_in_sync(volume, Duration::from_secs(300));
         wait_sql(client, vip, Duration::from_secs(60));
@@ -1371,7 +1370,10 @@ fn failover(c: &mut Cluster, client: &str, vip: &str, rounds: usize) -> (Series,
         let i = Cluster::index_of(&node);
         let load = (load_kind == Load::Busy).then(|| {
             Proc::spawn(
-                &in_ns(client, &["pgbench", "-h", vip, "-U", "postgres", "-c", "8", "-j", "2", "-T", "600", "postgres"]),
+                &in_ns(
+                    client,
+                    &["pgbench", "-h", vip, "-U", "postgres", "-c", "8", "-j", "2", "-T", "600", "postgres"],
+                ),
                 &c.dir.join(format!("failover-pgbench-{round}.log")),
                 false,
             )
@@ -1503,11 +1505,15 @@ fn main() {
     drop(cluster);
 
     // ---- the tables ----
-    println!(
-        "\n### pgbench, scale {SCALE}, {CLIENTS} clients, {secs} s (TPS; latency per transaction from pgbench -l)\n"
-    );
-    println!("| target | TPS | p50 ms | p99 ms | transactions | CPU % of one core (of 200) | postgres | tandem | nbdfuse | pgbench | kernel threads | rest | disk flushes/s | disk MiB/s | load before |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
+    if !results.is_empty() {
+        println!(
+            "\n### pgbench, scale {SCALE}, {CLIENTS} clients, {secs} s (TPS; latency per transaction from pgbench -l)\n"
+        );
+        println!("| target | TPS | p50 ms | p99 ms | transactions | CPU % of one core (of 200) | postgres | tandem | nbdfuse | pgbench | kernel threads | rest | disk flushes/s | disk MiB/s | load before |");
+        println!(
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        );
+    }
     for (name, r) in &results {
         let u = &r.usage;
         let c = |k: &str| u.by_class.get(k).copied().unwrap_or(0.0);
@@ -1570,8 +1576,14 @@ fn main() {
         for (load, rounds) in series {
             let mut took: Vec<f64> = rounds.iter().map(|r| r.took.as_secs_f64() * 1000.0).collect();
             took.sort_by(f64::total_cmp);
-            println!("\n### Failover: power loss of the primary's node, {} ({} rounds, ms)\n", load.label(), took.len());
-            println!("| round | kill → first commit | kill → PostgreSQL starts | PostgreSQL start → ready | WAL replayed |");
+            println!(
+                "\n### Failover: power loss of the primary's node, {} ({} rounds, ms)\n",
+                load.label(),
+                took.len()
+            );
+            println!(
+                "| round | kill → first commit | kill → PostgreSQL starts | PostgreSQL start → ready | WAL replayed |"
+            );
             println!("| ---: | ---: | ---: | ---: | ---: |");
             let ms = |d: Option<Duration>| d.map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0)).unwrap_or("?".into());
             for (i, r) in rounds.iter().enumerate() {
