@@ -96,9 +96,44 @@ fn node_members(sid: i32, mount_ns: Option<&str>) -> Vec<i32> {
     pids.into_iter().collect()
 }
 
-/// Power loss of a node: SIGKILL to all its processes at once, until none
-/// is left.
+/// The FUSE connections (fusectl ids) of the FUSE mounts a process sees
+/// under our directory: the node's nbdfuse files.
+fn fuse_connections(pid: i32, root: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            let fstype = f.get(sep + 1)?;
+            let (major, minor) = f.get(2)?.split_once(':')?;
+            (fstype.starts_with("fuse") && major == "0" && Path::new(f.get(4)?).starts_with(root))
+                .then(|| minor.to_string())
+        })
+        .collect()
+}
+
+/// Cuts a node's FUSE connections (what fusectl's `abort` does): every
+/// request fails at once, as if the device were gone. Done before the
+/// kill: a killed nbdfuse that is the last process of its mount namespace
+/// tears down the ext4 mount on its way out, whose writeback then waits
+/// for nbdfuse itself — a kernel deadlock that hangs every later
+/// `mount -o loop` on the machine (it checks every loop device's file).
+fn abort_fuse(pids: &[i32]) {
+    let Some(root) = ROOT.lock().unwrap().as_ref().map(|r| r.0.clone()) else { return };
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(ctl).map(|mut d| d.next().is_none()).unwrap_or(true) {
+        let _ = Command::new("mount").args(["-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"]).output();
+    }
+    let conns: BTreeSet<String> = pids.iter().flat_map(|p| fuse_connections(*p, &root)).collect();
+    for c in conns {
+        let _ = std::fs::write(ctl.join(&c).join("abort"), "1");
+    }
+}
+
+/// Power loss of a node: its FUSE connections cut, then SIGKILL to all its
+/// processes at once, until none is left.
 fn power_off(sid: i32, mount_ns: Option<&str>) {
+    abort_fuse(&node_members(sid, mount_ns));
     for _ in 0..200 {
         let pids = node_members(sid, mount_ns);
         if pids.is_empty() {
