@@ -632,11 +632,14 @@ fn kill_users(dev: &str) {
     let (Ok(ma), Ok(mi)) = (ma.parse::<u64>(), mi.parse::<u64>()) else { return };
     let wanted = nix::sys::stat::makedev(ma, mi);
     let maps_dev = format!("{ma:02x}:{mi:02x}");
-    let me = std::process::id() as i32;
+    // Never tandem itself: the agent and its watchdog may both run this
+    // stop at a lapse, each holding the mount's root open for its syncfs,
+    // and each would kill the other (an agent vanished that way).
+    let tandem = std::fs::read_link("/proc/self/exe").ok();
     let Ok(procs) = std::fs::read_dir("/proc") else { return };
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        if pid == me {
+        if tandem.is_some() && std::fs::read_link(p.path().join("exe")).ok() == tandem {
             continue;
         }
         let base = p.path();
