@@ -79,6 +79,8 @@ pub enum Kind {
     /// The final balances are not the initial ones plus the effect of
     /// exactly the transfers present.
     BalancesMismatch,
+    /// A row one read of the table found, a later read did not.
+    Vanished,
 }
 
 impl Kind {
@@ -91,6 +93,7 @@ impl Kind {
             Kind::UnknownTransfer => "unknown transfer present",
             Kind::NotCommittedPresent => "uncommitted transfer present",
             Kind::BalancesMismatch => "final balances do not match the transfers",
+            Kind::Vanished => "committed transfer vanished",
         }
     }
 }
@@ -256,6 +259,23 @@ pub fn check(initial: &[i64], history: &[Op], last: &State) -> Vec<Violation> {
         });
     }
     out
+}
+
+/// Rows an earlier read of the table found that a later one does not:
+/// nothing deletes a transfer, so a row once read was committed,
+/// acknowledged or not, and must stay.
+pub fn vanished(earlier: &State, later: &State) -> Vec<Violation> {
+    let now: std::collections::BTreeSet<i64> = later.transfers.iter().map(|t| t.id).collect();
+    earlier
+        .transfers
+        .iter()
+        .filter(|t| !now.contains(&t.id))
+        .map(|t| Violation {
+            kind: Kind::Vanished,
+            t_ms: 0,
+            detail: format!("{t:?} was in the table at an earlier read and is gone"),
+        })
+        .collect()
 }
 
 /// The ms from `fault_ms` until the first COMMIT acknowledged at or after
@@ -446,6 +466,18 @@ mod tests {
         let (history, mut last) = good();
         last.transfers.push(t(1, 0, 1, 30));
         assert!(kinds(&check(&INITIAL, &history, &last)).contains(&Kind::UnknownTransfer));
+    }
+
+    #[test]
+    fn a_row_gone_since_an_earlier_read_is_caught() {
+        let (_, last) = good();
+        let mut later = last.clone();
+        later.transfers.push(t(7, 1, 0, 1));
+        assert_eq!(vanished(&last, &later), vec![]);
+        later.transfers.retain(|t| t.id != 4);
+        let v = vanished(&last, &later);
+        assert_eq!(kinds(&v), vec![Kind::Vanished]);
+        assert!(v[0].detail.contains("id: 4"), "{v:?}");
     }
 
     #[test]
