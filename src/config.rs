@@ -51,6 +51,24 @@ pub struct Config {
     pub fencing: FencingConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub filesystem: FilesystemConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesystemConfig {
+    /// How a `filesystem` resource makes its volume a block device: `nbd`
+    /// (`/dev/nbdN` through nbd-client: the kernel's nbd module), `loop` (the
+    /// export as a file through FUSE with nbdfuse, under a loop device), or
+    /// `auto` (nbd where the kernel has it, else loop).
+    pub device: String,
+}
+
+impl Default for FilesystemConfig {
+    fn default() -> Self {
+        FilesystemConfig { device: "auto".into() }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,6 +237,9 @@ impl Config {
             if !url.starts_with("http://") {
                 return Err(bad(&format!("join[{i}]"), format!("{url:?} must be an http:// URL")));
             }
+        }
+        if !["auto", "nbd", "loop"].contains(&self.filesystem.device.as_str()) {
+            return Err(bad("filesystem.device", format!("{:?} is not auto, nbd or loop", self.filesystem.device)));
         }
         let r = &self.raft;
         if r.heartbeat_interval_ms < 10 {

@@ -85,9 +85,21 @@ pub enum ResourceKind {
         env: BTreeMap<String, String>,
         #[serde(default)]
         cwd: Option<String>,
+        /// Runs as this user (default: the agent's, root).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        /// With this primary group (default: the user's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
     },
     /// A script with `start`, `stop` and `monitor` actions and OCF exit codes.
-    Exec { path: String },
+    Exec {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
+    },
     /// An unmodified OCF resource agent, `provider:type` (e.g. `heartbeat:Dummy`).
     Ocf {
         agent: String,
@@ -108,6 +120,86 @@ pub enum ResourceKind {
     /// NBD on the node where the group runs (its primary). At most one per
     /// group.
     Volume(VolumeSpec),
+    /// A file system on the group's volume, mounted where the group runs.
+    Filesystem(FilesystemSpec),
+}
+
+/// File system types a `filesystem` resource may hold.
+pub const FSTYPES: [&str; 5] = ["ext4", "ext3", "ext2", "xfs", "btrfs"];
+
+/// A file system on the group's volume (a `filesystem` resource).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesystemSpec {
+    /// The group's `volume` resource, listed before this one.
+    pub volume: String,
+    /// Where it is mounted: absolute, not `/`.
+    pub mountpoint: String,
+    /// One of `FSTYPES`.
+    pub fstype: String,
+    /// Mount options (`-o`), e.g. `noatime`.
+    #[serde(default)]
+    pub options: String,
+    /// Create the file system when the volume holds none (never over data).
+    #[serde(default)]
+    pub mkfs: bool,
+    /// `user` or `user:group` given the file system's root at every mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+impl FilesystemSpec {
+    /// Checks the fields that need nothing but the definition; the error is
+    /// (field, reason).
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let bad = |f: &str, r: String| Err((f.to_string(), r));
+        let mp = &self.mountpoint;
+        if !mp.starts_with('/') {
+            return bad("mountpoint", format!("{mp:?} is not an absolute path"));
+        }
+        let parts: Vec<&str> = mp.split('/').filter(|p| !p.is_empty()).collect();
+        if parts.is_empty() {
+            return bad("mountpoint", "cannot be / (the root file system)".into());
+        }
+        if parts.iter().any(|p| *p == "." || *p == "..")
+            || mp.len() > 1024
+            || mp.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',' || c == '\\')
+            || mp.ends_with('/')
+            || mp.contains("//")
+        {
+            return bad(
+                "mountpoint",
+                format!("{mp:?} is not a plain absolute path (no ., .., //, trailing /, spaces or commas)"),
+            );
+        }
+        const SYSTEM: [&str; 8] = ["proc", "sys", "dev", "run", "boot", "etc", "usr", "bin"];
+        if parts.len() == 1 && SYSTEM.contains(&parts[0]) {
+            return bad("mountpoint", format!("{mp} is a system directory"));
+        }
+        if !FSTYPES.contains(&self.fstype.as_str()) {
+            return bad("fstype", format!("{:?} is not one of {}", self.fstype, FSTYPES.join(", ")));
+        }
+        let opt_ok = |c: char| c.is_ascii_alphanumeric() || "_=,.:-/+".contains(c);
+        if self.options.len() > 512
+            || !self.options.chars().all(opt_ok)
+            || self.options.split(',').any(|o| o == "loop" || o.starts_with("loop="))
+        {
+            return bad(
+                "options",
+                format!("{:?} is not a list of mount options like noatime,data=ordered", self.options),
+            );
+        }
+        if let Some(o) = &self.owner {
+            let (u, g) = o.split_once(':').unwrap_or((o, "x"));
+            let name_ok = |n: &str| {
+                !n.is_empty() && n.len() <= 32 && n.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            };
+            if !name_ok(u) || !name_ok(g) {
+                return bad("owner", format!("{o:?} is not user or user:group"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ResourceKind {
@@ -119,6 +211,17 @@ impl ResourceKind {
             ResourceKind::Systemd { .. } => "systemd",
             ResourceKind::Vip { .. } => "vip",
             ResourceKind::Volume(_) => "volume",
+            ResourceKind::Filesystem(_) => "filesystem",
+        }
+    }
+
+    /// The user (and group) a command resource runs as, when not the agent's.
+    pub fn run_as(&self) -> Option<(&str, Option<&str>)> {
+        match self {
+            ResourceKind::Process { user: Some(u), group, .. } | ResourceKind::Exec { user: Some(u), group, .. } => {
+                Some((u.as_str(), group.as_deref()))
+            }
+            _ => None,
         }
     }
 }
@@ -260,6 +363,13 @@ impl GroupRecord {
     }
 }
 
+/// Whether one mountpoint is the other or under it (mounting one would hide
+/// or be hidden by the other).
+fn nested(a: &str, b: &str) -> bool {
+    let under = |x: &str, y: &str| x == y || x.strip_prefix(y).is_some_and(|rest| rest.starts_with('/'));
+    under(a, b) || under(b, a)
+}
+
 fn invalid(field: String, reason: impl Into<String>) -> CommandError {
     CommandError::Invalid { field, reason: reason.into() }
 }
@@ -291,7 +401,7 @@ pub fn validate_group(
             ResourceKind::Process { command, .. } if command.first().is_none_or(|c| c.is_empty()) => {
                 return Err(invalid(at("command"), "a process needs a command: [\"program\", \"arg\", ...]"));
             }
-            ResourceKind::Exec { path } if !path.starts_with('/') => {
+            ResourceKind::Exec { path, .. } if !path.starts_with('/') => {
                 return Err(invalid(at("path"), "must be an absolute path"));
             }
             ResourceKind::Ocf { agent, params } => {
@@ -337,7 +447,53 @@ pub fn validate_group(
                     ));
                 }
             }
+            ResourceKind::Filesystem(f) => {
+                f.check().map_err(|(field, reason)| invalid(at(&field), reason))?;
+                let vol = spec.resources[..i].iter().find(|o| o.name == f.volume);
+                match vol.map(|o| &o.kind) {
+                    Some(ResourceKind::Volume(_)) => {}
+                    Some(_) => return Err(invalid(at("volume"), format!("{} is not a volume resource", f.volume))),
+                    None if spec.resources.iter().any(|o| o.name == f.volume) => {
+                        return Err(invalid(
+                            at("volume"),
+                            format!("volume {} must be listed before the file system on it", f.volume),
+                        ))
+                    }
+                    None => return Err(invalid(at("volume"), format!("the group has no volume named {}", f.volume))),
+                }
+                if let Some(o) = spec.resources[..i]
+                    .iter()
+                    .find(|o| matches!(&o.kind, ResourceKind::Filesystem(g) if g.volume == f.volume))
+                {
+                    return Err(invalid(at("volume"), format!("{} already mounts volume {}", o.name, f.volume)));
+                }
+                let same_mount = |o: &ResourceSpec| matches!(&o.kind, ResourceKind::Filesystem(g) if nested(&g.mountpoint, &f.mountpoint));
+                if let Some(o) = spec.resources[..i].iter().find(|o| same_mount(o)) {
+                    return Err(invalid(
+                        at("mountpoint"),
+                        format!("{} overlaps {}'s mountpoint", f.mountpoint, o.name),
+                    ));
+                }
+                if let Some((g, _)) = others.iter().find(|(_, o)| o.resources.iter().any(same_mount)) {
+                    return Err(invalid(
+                        at("mountpoint"),
+                        format!("{} overlaps a mountpoint of group {g}", f.mountpoint),
+                    ));
+                }
+            }
             _ => {}
+        }
+        if let Some((u, g)) = r.kind.run_as() {
+            for (f, n) in [("user", Some(u)), ("group", g)] {
+                if let Some(n) = n {
+                    if n.is_empty()
+                        || n.len() > 32
+                        || !n.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+                    {
+                        return Err(invalid(at(f), format!("{n:?} is not a user or group name")));
+                    }
+                }
+            }
         }
         if r.monitor.interval_ms < 100 || r.monitor.timeout_ms == 0 {
             return Err(invalid(at("monitor"), "interval_ms at least 100, timeout_ms at least 1"));
@@ -446,6 +602,80 @@ mod tests {
         );
         assert_eq!(w.failback, Failback::Window("22:00-02:00".into()));
         assert!(validate_group("d", &w, &nodes(), &BTreeMap::new()).is_ok());
+    }
+
+    /// A group of volume + filesystem, the filesystem's fields replaced by
+    /// `fs` (a JSON object's inside) and `before` resources put first.
+    fn fs_group(before: &str, fs: &str) -> String {
+        format!(
+            r#"{{"resources": [{before}
+                {{"name": "data", "type": "volume", "size": "64MiB"}},
+                {{"name": "fs", "type": "filesystem", {fs}}}],
+               "nodes": ["node1", "node2"]}}"#
+        )
+    }
+
+    #[test]
+    fn filesystem_definitions_are_checked_field_by_field() {
+        let ok = r#""volume": "data", "mountpoint": "/srv/db", "fstype": "ext4", "options": "noatime", "mkfs": true, "owner": "postgres""#;
+        let s = spec(&fs_group("", ok));
+        assert!(validate_group("g", &s, &nodes(), &BTreeMap::new()).is_ok());
+        let v = |fs: &str| field_of(validate_group("g", &spec(&fs_group("", fs)), &nodes(), &BTreeMap::new()));
+        let with = |k: &str, val: &str| {
+            let mut m: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&format!("{{{ok}}}")).unwrap();
+            m.insert(k.into(), serde_json::from_str(val).unwrap());
+            let o = serde_json::Value::Object(m).to_string();
+            o[1..o.len() - 1].to_string()
+        };
+        for bad in
+            [r#""srv/db""#, r#""/""#, r#""//""#, r#""/srv/../etc""#, r#""/srv/db/""#, r#""/srv/d b""#, r#""/proc""#]
+        {
+            assert_eq!(v(&with("mountpoint", bad)), "resources[1].mountpoint", "{bad}");
+        }
+        assert_eq!(v(&with("fstype", r#""ntfs""#)), "resources[1].fstype");
+        assert_eq!(v(&with("options", r#""loop""#)), "resources[1].options");
+        assert_eq!(v(&with("options", r#""a;rm -rf /""#)), "resources[1].options");
+        assert_eq!(v(&with("owner", r#""a b""#)), "resources[1].owner");
+        assert_eq!(v(&with("volume", r#""nope""#)), "resources[1].volume");
+        // The volume must come first.
+        let after = r#"{"resources": [
+            {"name": "fs", "type": "filesystem", "volume": "data", "mountpoint": "/srv/db", "fstype": "ext4"},
+            {"name": "data", "type": "volume", "size": "64MiB"}], "nodes": ["node1"]}"#;
+        let e = validate_group("g", &spec(after), &nodes(), &BTreeMap::new()).unwrap_err();
+        assert!(e.to_string().contains("listed before"), "{e}");
+        // Not a volume.
+        let not_volume =
+            fs_group(r#"{"name": "web", "type": "exec", "path": "/bin/true"},"#, &with("volume", r#""web""#));
+        assert_eq!(
+            field_of(validate_group("g", &spec(&not_volume), &nodes(), &BTreeMap::new())),
+            "resources[2].volume"
+        );
+        // Mountpoints may not overlap another group's.
+        let mut others = BTreeMap::new();
+        others.insert(
+            "other".to_string(),
+            spec(&fs_group("", &with("mountpoint", r#""/srv""#)).replace("\"data\"", "\"data2\"")),
+        );
+        assert_eq!(field_of(validate_group("g", &s, &nodes(), &others)), "resources[1].mountpoint");
+        // Unknown fields are refused by the decoder.
+        assert!(serde_json::from_str::<GroupSpec>(&fs_group("", &format!("{ok}, \"colour\": 1"))).is_err());
+    }
+
+    #[test]
+    fn run_as_names_are_checked() {
+        let s = spec(
+            r#"{"resources": [{"name": "p", "type": "process", "command": ["sleep", "1"], "user": "postgres"}], "nodes": ["node1"]}"#,
+        );
+        assert_eq!(s.resources[0].kind.run_as(), Some(("postgres", None)));
+        assert!(validate_group("g", &s, &nodes(), &BTreeMap::new()).is_ok());
+        let bad = spec(
+            r#"{"resources": [{"name": "p", "type": "exec", "path": "/bin/x", "user": "a b"}], "nodes": ["node1"]}"#,
+        );
+        assert_eq!(field_of(validate_group("g", &bad, &nodes(), &BTreeMap::new())), "resources[0].user");
+        let bad = spec(
+            r#"{"resources": [{"name": "p", "type": "exec", "path": "/bin/x", "user": "u", "group": ""}], "nodes": ["node1"]}"#,
+        );
+        assert_eq!(field_of(validate_group("g", &bad, &nodes(), &BTreeMap::new())), "resources[0].group");
     }
 
     #[test]

@@ -129,6 +129,27 @@ impl Backend for Agent {
                 });
             }
         }
+        // Users are a node's: checked against this node's user database
+        // (every node should have the same; one that lacks it fails the
+        // start with the reason).
+        for (i, r) in spec.resources.iter().enumerate() {
+            let at = |f: &str| format!("resources[{i}].{f}");
+            if let Some((user, group)) = r.kind.run_as() {
+                crate::executor::run_as(user, group).map_err(|reason| ApiError::Invalid {
+                    field: at(if reason.contains("group") { "group" } else { "user" }),
+                    reason,
+                })?;
+            }
+            if let tandem_raft::group::ResourceKind::Filesystem(f) = &r.kind {
+                if let Some(owner) = &f.owner {
+                    let (u, g) = match owner.split_once(':') {
+                        Some((u, g)) => (u, Some(g)),
+                        None => (owner.as_str(), None),
+                    };
+                    crate::executor::run_as(u, g).map_err(|reason| ApiError::Invalid { field: at("owner"), reason })?;
+                }
+            }
+        }
         // What the log would refuse is refused first, each with its code;
         // then a new volume must fit in this node's free space.
         m.state.read(|d| d.state.check_put_group(name, &spec))?;

@@ -7,6 +7,17 @@ use super::*;
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let block = crate::executor::filesystem::BlockPath::choose(&cfg.filesystem.device)
+        .map_err(|e| anyhow::anyhow!("invalid `filesystem.device`: {e}"))?;
+    crate::executor::filesystem::set_block_path(block);
+    tracing::info!(
+        device = block.name(),
+        "filesystem resources attach their volume through {}",
+        match block {
+            crate::executor::filesystem::BlockPath::Nbd => "an NBD device (nbd-client)",
+            crate::executor::filesystem::BlockPath::Loop => "FUSE (nbdfuse) and a loop device",
+        }
+    );
     let db = Db::open(&cfg.data_dir.join("raft"))?;
     let mut listeners = Vec::new();
     for a in &cfg.addresses {

@@ -34,7 +34,7 @@ impl Action {
     pub(super) fn command(&self) -> std::io::Result<Command> {
         let (r, verb) = (&self.r, self.verb);
         let mut cmd = match &r.kind {
-            ResourceKind::Exec { path } => {
+            ResourceKind::Exec { path, .. } => {
                 let mut c = Command::new(path);
                 c.arg(verb);
                 c
@@ -111,6 +111,13 @@ impl Action {
                 Err(_) => Err(format!("{verb} timed out after {timeout:?}")),
             };
         }
+        if let ResourceKind::Filesystem(f) = &self.r.kind {
+            let run = filesystem::action(verb, self.deep, f, &self.dir, &self.group, &self.r.name);
+            return match tokio::time::timeout(timeout, run).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("{verb} timed out after {timeout:?}")),
+            };
+        }
         if let ResourceKind::Vip { address, interface, backup_interfaces } = &self.r.kind {
             return match tokio::time::timeout(timeout, vip::action(verb, address, interface, backup_interfaces)).await {
                 Ok(r) => r,
@@ -169,6 +176,10 @@ pub(super) fn prepare(
         .stderr(log)
         .process_group(0)
         .kill_on_drop(false);
+    if let Some((user, group)) = r.kind.run_as() {
+        let (uid, gid, home) = run_as(user, group).map_err(std::io::Error::other)?;
+        cmd.uid(uid).gid(gid).env("HOME", home).env("USER", user).env("LOGNAME", user);
+    }
     if !die_with_agent {
         return Ok(());
     }
@@ -184,6 +195,24 @@ pub(super) fn prepare(
     Ok(())
 }
 
+/// The uid, gid and home directory of `user` (with `group` as the primary
+/// group when given), as this node's user database says.
+pub fn run_as(user: &str, group: Option<&str>) -> Result<(u32, u32, PathBuf), String> {
+    let u = nix::unistd::User::from_name(user)
+        .map_err(|e| format!("looking up user {user}: {e}"))?
+        .ok_or_else(|| format!("no user {user} on this node"))?;
+    let gid = match group {
+        Some(g) => {
+            nix::unistd::Group::from_name(g)
+                .map_err(|e| format!("looking up group {g}: {e}"))?
+                .ok_or_else(|| format!("no group {g} on this node"))?
+                .gid
+        }
+        None => u.gid,
+    };
+    Ok((u.uid.as_raw(), gid.as_raw(), u.dir))
+}
+
 pub(super) fn spawn_process(
     dir: &std::path::Path,
     node: &str,
@@ -191,7 +220,7 @@ pub(super) fn spawn_process(
     epoch: u64,
     r: &ResourceSpec,
 ) -> std::io::Result<Running> {
-    let ResourceKind::Process { command, env, cwd } = &r.kind else {
+    let ResourceKind::Process { command, env, cwd, .. } = &r.kind else {
         return Err(std::io::Error::other(format!("{} is not a process", r.kind.type_name())));
     };
     let mut cmd = Command::new(&command[0]);

@@ -45,6 +45,7 @@ pub fn supported(kind: &ResourceKind) -> bool {
             | ResourceKind::Systemd { .. }
             | ResourceKind::Vip { .. }
             | ResourceKind::Volume(_)
+            | ResourceKind::Filesystem(_)
     )
 }
 
@@ -419,6 +420,14 @@ impl Executor {
                 Step::Failed(why) => {
                     tracing::warn!(group = %g.name, resource = %r.name, "resource failed: {why}");
                     local.errors[i] = Some(why);
+                    // What runs above it depends on it (a database on a
+                    // file system): it stops too, in reverse order, and
+                    // starts again after it.
+                    if i + 1 < local.slots.len() {
+                        let above: Vec<Slot> = local.slots.drain(i + 1..).collect();
+                        let (left, _) = stop_slots(&g.spec.resources[i + 1..], above, cx).await;
+                        local.slots.extend(left);
+                    }
                     if local.restarts.len() as u32 >= g.spec.max_restarts {
                         failed = true;
                     } else {
@@ -455,9 +464,11 @@ impl Executor {
 }
 
 mod action;
+pub mod filesystem;
 mod slot;
 pub mod vip;
 
+pub use action::run_as;
 pub(crate) use action::stop_action;
 use action::*;
 use slot::*;

@@ -27,7 +27,7 @@ pub use proto::{
     ClientFlags, ClientOption, Command, ExportInfo, ExportQuery, OptionError, OptionHeader, OptionOutcome,
     ProtocolError, Request,
 };
-pub use server::{Server, SHUTDOWN_GRACE};
+pub use server::{unix_uri, Server, SHUTDOWN_GRACE};
 
 /// What the server exports: one volume (or a file in tests). Implementations
 /// are called concurrently from many requests and connections.

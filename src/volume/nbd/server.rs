@@ -297,7 +297,8 @@ fn encode_uri_part(s: &str) -> String {
     out
 }
 
-fn unix_uri(name: &str, socket: &Path) -> String {
+/// The NBD URI of export `name` on a unix socket.
+pub fn unix_uri(name: &str, socket: &Path) -> String {
     format!("nbd+unix:///{}?socket={}", encode_uri_part(name), encode_uri_part(&socket.to_string_lossy()))
 }
 
