@@ -13,8 +13,17 @@ pub const PORT: u16 = 5432;
 /// The shell the PostgreSQL resource runs: the first start creates the
 /// data directory (initdb into a temporary directory, renamed once complete,
 /// so that a crash in the middle never leaves a half-made cluster that
-/// looks ready), then `exec`s the postmaster, whose process group the agent
-/// supervises. `trusted` is the network whose clients may connect without a
+/// looks ready; the line added to pg_hba.conf and the rename are synced,
+/// as initdb syncs its own files: a power loss right after the first start
+/// otherwise lost that line), then `exec`s the postmaster, whose process group the agent
+/// supervises. The lock files (`postmaster.pid`, and the socket's, both on
+/// the volume) left by a postmaster that died with its node are removed
+/// first when their PID is no live postgres here: PostgreSQL refuses to
+/// start while that PID is alive, and after a failover it names
+/// a process of another machine (here the dead node's zombie, or any
+/// process that has that PID now), which gave up the group after its
+/// restarts. A live postmaster on this data directory keeps its file (and
+/// the shared memory interlock stays in any case). `trusted` is the network whose clients may connect without a
 /// password (tests only).
 pub fn start_script(mountpoint: &str, trusted: &str) -> String {
     format!(
@@ -23,8 +32,13 @@ pub fn start_script(mountpoint: &str, trusted: &str) -> String {
            rm -rf $D.init; \
            {BIN}/initdb -D $D.init --auth=trust --username=postgres --no-instructions >/dev/null; \
            echo 'host all all {trusted} trust' >> $D.init/pg_hba.conf; \
+           sync $D.init/pg_hba.conf; \
            mv $D.init $D; \
+           sync {mountpoint}; \
          fi; \
+         for P in $D/postmaster.pid {mountpoint}/.s.PGSQL.{PORT}.lock; do \
+           if [ -f $P ] && ! grep -qa postgres /proc/$(head -n 1 $P)/cmdline 2>/dev/null; then rm -f $P; fi; \
+         done; \
          exec {BIN}/postgres -D $D -p {PORT} -c listen_addresses='*' -c unix_socket_directories={mountpoint}"
     )
 }
