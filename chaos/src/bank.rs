@@ -10,6 +10,7 @@
 //! per round the outage the clients saw (fault → first acknowledged
 //! COMMIT). Only the checker's findings are violations, never timings.
 
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +36,8 @@ pub const DATA_DIR_MIB: u32 = 512;
 const VIP_HOST: u8 = 100;
 /// How long the clients run before each fault (traffic to interrupt).
 const WARM_UP: Duration = Duration::from_secs(1);
+/// How soon after the cluster is healthy again a transfer must commit.
+const SERVED_WITHIN: Duration = Duration::from_secs(60);
 
 /// The fault kinds that mean something to a database on a volume: every
 /// kind but `Corrupt` (it flips blocks of the standard workload's volume)
@@ -112,6 +115,23 @@ pub async fn run(
         let before = run.any(&format!("/v1/groups/{GROUP}")).await;
         let (mut entry, found) = fault_round(&mut run, round, fault, &mut rng, t0).await?;
         violations.extend(found);
+        // The clients run on until one of them commits after the cluster
+        // is whole again: the round's outage as they see it is over.
+        let whole_ms = t0.elapsed().as_millis() as u64;
+        let served = Instant::now() + SERVED_WITHIN;
+        while check::first_commit_after(&shared.history(), whole_ms).is_none() && Instant::now() < served {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if check::first_commit_after(&shared.history(), whole_ms).is_none() {
+            violations.push(Violation {
+                kind: "bank unavailable".into(),
+                t_ms: t0.elapsed().as_millis() as u64,
+                detail: format!(
+                    "no transfer committed within {} s of the cluster being healthy after {fault:?}",
+                    SERVED_WITHIN.as_secs()
+                ),
+            });
+        }
         let after = run.any(&format!("/v1/groups/{GROUP}")).await;
         let node_of = |g: &Option<Value>| g.as_ref().and_then(|g| g["node"].as_str().map(str::to_string));
         let moved = node_of(&before) != node_of(&after);
@@ -126,7 +146,7 @@ pub async fn run(
             .filter(|o| matches!(o, bank::Op::Transfer { outcome: bank::Outcome::Ok, answer_ms, .. } if *answer_ms >= fault_ms))
             .count();
         println!(
-            "           bank: {commits} commits after the fault; first {} ms after it, longest gap {} ms; group {} → {}",
+            "           bank: {commits} commits after the fault; the first begun after it {} ms after it, longest gap {} ms; group {} → {}",
             ms(first_commit_ms),
             ms(longest_gap_ms),
             node_of(&before).as_deref().unwrap_or("-"),
@@ -247,6 +267,12 @@ pub async fn run(
     }
     println!("report: {}", args.report.display());
     if args.keep || !violations.is_empty() {
+        // The resources' own logs (PostgreSQL's among them) live in the
+        // data directories, tmpfs mounts that go with the run.
+        for h in &run.hosts {
+            let _ =
+                Command::new("cp").arg("-r").arg(h.dir.join("data").join("groups")).arg(h.dir.join("groups")).status();
+        }
         let kept = tmp.keep();
         println!("agent logs: {}/n*/agent.log", kept.display());
     }

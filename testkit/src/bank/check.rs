@@ -278,13 +278,15 @@ pub fn vanished(earlier: &State, later: &State) -> Vec<Violation> {
         .collect()
 }
 
-/// The ms from `fault_ms` until the first COMMIT acknowledged at or after
-/// it (the outage a client saw); None when none came.
+/// The ms from `fault_ms` until the first COMMIT acknowledged of a
+/// transfer begun at or after it (the outage a client saw: a transaction
+/// already under way when the fault came says nothing of the service
+/// after it); None when none came.
 pub fn first_commit_after(history: &[Op], fault_ms: u64) -> Option<u64> {
     history
         .iter()
         .filter_map(|op| match op {
-            Op::Transfer { outcome: Outcome::Ok, answer_ms, .. } if *answer_ms >= fault_ms => {
+            Op::Transfer { outcome: Outcome::Ok, invoke_ms, answer_ms, .. } if *invoke_ms >= fault_ms => {
                 Some(answer_ms - fault_ms)
             }
             _ => None,
@@ -481,13 +483,16 @@ mod tests {
     }
 
     #[test]
-    fn the_outage_runs_from_the_fault_to_the_first_commit() {
+    fn the_outage_runs_from_the_fault_to_the_first_commit_begun_after_it() {
         let (history, _) = good();
+        // Transfer 1 runs from 5 to 10 ms, transfer 6 from 55 to 60 ms.
         assert_eq!(first_commit_after(&history, 0), Some(10));
-        assert_eq!(first_commit_after(&history, 11), Some(49));
+        assert_eq!(first_commit_after(&history, 5), Some(5));
+        // Under way when the fault came: not counted.
+        assert_eq!(first_commit_after(&history, 6), Some(54));
         // Unknown, failed and declined transfers are no sign of service.
         assert_eq!(first_commit_after(&history, 15), Some(45));
-        assert_eq!(first_commit_after(&history, 61), None);
+        assert_eq!(first_commit_after(&history, 56), None);
     }
 
     #[test]
