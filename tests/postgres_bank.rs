@@ -44,23 +44,30 @@ where
     tokio::task::spawn_blocking(move || bank::block_on_in(Some(ns), f)).await.unwrap().unwrap()
 }
 
-/// On a failure, PostgreSQL's own log on every node (the agents' logs
-/// say only that it exited).
-struct PgLogs(std::path::PathBuf);
+/// Dropped before the cluster: on a failure prints PostgreSQL's own log
+/// on each node (the agents' logs say only that it exited), and in any
+/// case kills what runs in the hosts' namespaces (PostgreSQL's backends
+/// left the agents' sessions: killing an agent's session misses them).
+struct Hosts {
+    dir: std::path::PathBuf,
+    namespaces: Vec<String>,
+}
 
-impl Drop for PgLogs {
+impl Drop for Hosts {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for n in ["n1", "n2"] {
-            let log = std::fs::read_to_string(self.0.join(n).join("groups").join("pg").join("db.log"));
-            let log = log.unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            eprintln!("---- PostgreSQL on {n} ----");
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
+        if std::thread::panicking() {
+            for n in ["n1", "n2"] {
+                let log = std::fs::read_to_string(self.dir.join(n).join("groups").join("pg").join("db.log"));
+                let log = log.unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                eprintln!("---- PostgreSQL on {n} ----");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
             }
+        }
+        for ns in &self.namespaces {
+            tandem_testkit::kill_netns(ns);
         }
     }
 }
@@ -81,7 +88,8 @@ async fn the_bank_keeps_every_committed_transfer_across_power_loss_of_the_primar
         c.add_host(&format!("n{i}"), "", &addr, Some(ns));
     }
     let mut c = c.form().await;
-    let _pg_logs = PgLogs(c.tmp.path().to_path_buf());
+    let _hosts =
+        Hosts { dir: c.tmp.path().to_path_buf(), namespaces: c.nodes.iter().filter_map(|n| n.netns.clone()).collect() };
     let (client_ns, _) = net.host(9);
     // PostgreSQL runs as `postgres`: it must reach its mount point.
     {
@@ -123,6 +131,8 @@ async fn the_bank_keeps_every_committed_transfer_across_power_loss_of_the_primar
     // link goes dark (a dead host answers no ARP for the address it had).
     let kill_ms = shared.t0.elapsed().as_millis() as u64;
     c.node_mut("n1").kill();
+    // PostgreSQL's backends left the agent's session (setsid): they die too.
+    tandem_testkit::kill_netns(c.node("n1").netns.as_deref().unwrap());
     net.set_link(1, false);
     wait_until(Duration::from_secs(30), "a transfer committed after the power loss", || async {
         check::first_commit_after(&shared.history(), kill_ms).is_some()

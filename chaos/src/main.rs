@@ -27,7 +27,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 use tandem_testkit::sites::{self as topology, Site, Topology};
-use tandem_testkit::{is_root, kill_session, new_session};
+use tandem_testkit::{is_root, kill_netns, kill_session, new_session};
 
 #[derive(Parser)]
 #[command(name = "tandem-chaos", about = "Fault injection with a history checker for tandem")]
@@ -240,6 +240,9 @@ impl Host {
         for sid in &self.sessions {
             kill_session(*sid);
         }
+        // What left the agent's session (PostgreSQL's backends call
+        // setsid) dies with the host too.
+        kill_netns(&self.ns);
         self.sessions.clear();
         self.kill_agent();
     }
@@ -353,6 +356,12 @@ struct Run {
     /// ends a round, and the volumes that must be back in sync.
     groups: Vec<&'static str>,
     volumes: Vec<&'static str>,
+    /// The path that carries the first group's clients (its virtual IP's
+    /// interface), if it has any: that path lost on the group's node is an
+    /// outage the group must move for, not a fault that moves nothing.
+    client_path: Option<usize>,
+    /// The path the last `PathDown` took down.
+    path_down: Option<usize>,
     client: reqwest::Client,
     tandem: PathBuf,
     /// Dropped after the hosts: the agents die before their network.
@@ -533,7 +542,11 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         Workload::Standard => (vec!["chaos", ASYNC_GROUP], vec![VOLUME, ASYNC_VOLUME]),
         Workload::Postgres => (vec![bank::GROUP], vec![bank::VOLUME]),
     };
-    let mut run = Run { hosts, groups, volumes, client, tandem, topo };
+    let client_path = match args.workload {
+        Workload::Standard => None,
+        Workload::Postgres => Some(0),
+    };
+    let mut run = Run { hosts, groups, volumes, client_path, path_down: None, client, tandem, topo };
     for h in &mut run.hosts {
         h.start(&run.tandem)?;
     }
@@ -918,6 +931,7 @@ async fn fault_round(
     let name = run.hosts[i].name.clone();
     println!("[{t:>7} ms] round {round}: {fault:?} on {name} for {} ms", hold.as_millis());
     let mut entry = json!({"t_ms": t, "round": round, "fault": format!("{fault:?}"), "node": name, "held_ms": hold.as_millis() as u64});
+    run.path_down = None;
     if let Some(detail) = inject(run, round, i, fault, hold, rng).await? {
         found.push(Violation { kind: "verify".into(), t_ms: t0.elapsed().as_millis() as u64, detail });
     }
@@ -927,7 +941,16 @@ async fn fault_round(
     entry["recovered_ms"] = json!(healing.elapsed().as_millis() as u64);
     // One path lost, another up, or a slow link: the node is still
     // heard, nothing moves (no group changes node or epoch).
-    if let (Some(what), true) = (fault.moves_nothing(), healthy) {
+    // Unless the path lost is the one the group's clients come by, on the
+    // group's node: then it must move.
+    let clients_cut = fault == Fault::PathDown
+        && run.client_path.is_some()
+        && run.client_path == run.path_down
+        && holder_of_first(&before) == Some(name.as_str());
+    if clients_cut {
+        println!("           the path {name} lost carries its group's clients: the group may move");
+    }
+    if let (Some(what), true, false) = (fault.moves_nothing(), healthy, clients_cut) {
         for (group, before) in run.groups.iter().zip(&before) {
             let after = run.any(&format!("/v1/groups/{group}")).await;
             let at = |g: &Option<Value>| g.as_ref().map(|g| (g["node"].clone(), g["epoch"].clone()));
@@ -948,6 +971,11 @@ async fn fault_round(
         });
     }
     Ok((entry, found))
+}
+
+/// The node the first group ran on, from the views taken before a fault.
+fn holder_of_first(before: &[Option<Value>]) -> Option<&str> {
+    before.first()?.as_ref()?["node"].as_str()
 }
 
 /// A figure for the summary: the number, or `-` when there is none.
@@ -1223,6 +1251,7 @@ async fn inject(
         Fault::PathDown => {
             let path = rng.below(topology::PATHS as u64) as usize;
             println!("           path {path} (eth{path}) down");
+            run.path_down = Some(path);
             run.topo.set_link(host_no, Some(path), false)?;
             tokio::time::sleep(hold).await;
             run.topo.set_link(host_no, Some(path), true)?;

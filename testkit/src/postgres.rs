@@ -10,21 +10,30 @@ pub const BIN: &str = "/usr/lib/postgresql/15/bin";
 /// The port PostgreSQL listens on, on the group's virtual IP.
 pub const PORT: u16 = 5432;
 
-/// The shell the PostgreSQL resource runs: the first start creates the
-/// data directory (initdb into a temporary directory, renamed once complete,
-/// so that a crash in the middle never leaves a half-made cluster that
-/// looks ready; the line added to pg_hba.conf and the rename are synced,
-/// as initdb syncs its own files: a power loss right after the first start
-/// otherwise lost that line), then `exec`s the postmaster, whose process group the agent
-/// supervises. The lock files (`postmaster.pid`, and the socket's, both on
-/// the volume) left by a postmaster that died with its node are removed
-/// first when their PID is no live postgres here: PostgreSQL refuses to
-/// start while that PID is alive, and after a failover it names
-/// a process of another machine (here the dead node's zombie, or any
-/// process that has that PID now), which gave up the group after its
-/// restarts. A live postmaster on this data directory keeps its file (and
-/// the shared memory interlock stays in any case). `trusted` is the network whose clients may connect without a
-/// password (tests only).
+/// The shell the PostgreSQL resource runs.
+///
+/// The first start creates the data directory: initdb into a temporary
+/// directory, renamed once complete, so that a crash in the middle never
+/// leaves a half-made cluster that looks ready. The line added to
+/// pg_hba.conf and the rename are synced, as initdb syncs its own files (a
+/// power loss right after the first start lost that line).
+///
+/// Lock files (`postmaster.pid`, and the socket's, both on the volume)
+/// whose PID is no live postgres here are removed: after a failover they
+/// name the dead node's postmaster (here its zombie, elsewhere whatever
+/// process has that PID now), and PostgreSQL refused to start until the
+/// group was given up. A live postmaster keeps its files, and PostgreSQL's
+/// shared memory interlock stays in any case.
+///
+/// The postmaster runs in the shell's process group, which the agent
+/// supervises. The agent stops a process with SIGTERM, which PostgreSQL
+/// takes as a *smart* shutdown (it waits for every client to disconnect:
+/// with clients connected every stop ran into the 30 s stop timeout); the
+/// shell turns it into SIGINT, the fast shutdown (sessions end, a
+/// checkpoint, exit), and exits with the postmaster's status.
+///
+/// `trusted` is the network whose clients may connect without a password
+/// (tests only).
 pub fn start_script(mountpoint: &str, trusted: &str) -> String {
     format!(
         "set -e; D={mountpoint}/data; \
@@ -39,7 +48,11 @@ pub fn start_script(mountpoint: &str, trusted: &str) -> String {
          for P in $D/postmaster.pid {mountpoint}/.s.PGSQL.{PORT}.lock; do \
            if [ -f $P ] && ! grep -qa postgres /proc/$(head -n 1 $P)/cmdline 2>/dev/null; then rm -f $P; fi; \
          done; \
-         exec {BIN}/postgres -D $D -p {PORT} -c listen_addresses='*' -c unix_socket_directories={mountpoint}"
+         {BIN}/postgres -D $D -p {PORT} -c listen_addresses='*' -c unix_socket_directories={mountpoint} & P=$!; \
+         trap 'kill -INT $P 2>/dev/null' TERM INT; \
+         set +e; wait $P; S=$?; \
+         while kill -0 $P 2>/dev/null; do wait $P; S=$?; done; \
+         exit $S"
     )
 }
 
