@@ -33,6 +33,49 @@ pub fn proc_start_time(pid: i32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
+/// The descendants of `root` (children, their children...), from the
+/// parent ids in /proc.
+pub fn descendants(root: i32) -> Vec<i32> {
+    let mut children: std::collections::BTreeMap<i32, Vec<i32>> = Default::default();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { continue };
+            if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|x| x.parse::<i32>().ok()) {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    // Bounded: a pid cannot be its own ancestor, but /proc is read racily.
+    while let Some(p) = todo.pop() {
+        if out.len() > 100_000 {
+            break;
+        }
+        for c in children.remove(&p).unwrap_or_default() {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// SIGKILLs process group `pgid` and every descendant of its leader, also
+/// those that left the group (PostgreSQL's backends call setsid). They are
+/// collected first: once their parent dies they are re-parented and can no
+/// longer be told from anyone else's.
+pub fn kill_tree(pgid: i32) {
+    use nix::sys::signal::{kill, killpg, Signal};
+    use nix::unistd::Pid;
+    let tree = descendants(pgid);
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    for p in tree {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+}
+
 /// Whether the process `pid` that started at `start_time` still runs.
 pub fn is_running(pid: i32, start_time: u64) -> bool {
     proc_start_time(pid) == Some(start_time)
@@ -253,6 +296,47 @@ impl RunDir {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn kill_tree_reaches_children_that_left_the_process_group() {
+        use std::os::unix::process::CommandExt;
+        // A leader whose child leaves with setsid, as a PostgreSQL backend
+        // does: killing the process group alone would miss it.
+        let mut leader =
+            std::process::Command::new("sh").args(["-c", "setsid sleep 1000 & wait"]).process_group(0).spawn().unwrap();
+        let pgid = leader.id() as i32;
+        let mut escaped = Vec::new();
+        for _ in 0..200 {
+            escaped = descendants(pgid);
+            if !escaped.is_empty() && escaped.iter().all(|p| proc_start_time(*p).is_some()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(escaped.len(), 1, "{escaped:?}");
+        let sid = |p: i32| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap();
+            s[s.rfind(')').unwrap() + 2..].split_whitespace().nth(3).unwrap().parse::<i32>().unwrap()
+        };
+        // Wait until it ran setsid (its own session).
+        for _ in 0..200 {
+            if sid(escaped[0]) == escaped[0] {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(sid(escaped[0]), escaped[0], "the child left the session");
+        kill_tree(pgid);
+        let _ = leader.wait();
+        for _ in 0..200 {
+            if proc_start_time(escaped[0]).is_none() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the child that left the process group survived");
+    }
+
     use super::*;
     use crate::clock::now_boot_ms;
 

@@ -14,9 +14,6 @@ use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
-
 use crate::clock::now_boot_ms;
 use crate::rundir::{is_running, Lease, RunDir, RunSlot};
 
@@ -38,7 +35,7 @@ async fn stop_everything(run: &RunDir, attempts: &mut std::collections::BTreeMap
         for slot in rec.resources.iter().rev() {
             if let RunSlot::Process { pid, start_time } = slot {
                 if is_running(*pid, *start_time) {
-                    let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+                    crate::rundir::kill_tree(*pid);
                     eprintln!("watchdog: lease expired: killed process group {pid} of group {}", rec.group);
                 }
             }

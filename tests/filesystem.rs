@@ -274,3 +274,94 @@ async fn wait_error(url: &str, group: &str, resource: &str) -> String {
     }
     panic!("{resource} never failed: {last}");
 }
+
+/// Waits until the group runs somewhere with every resource running.
+async fn wait_all_running(url: &str, group: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        let (_, g) = get(&format!("{url}/v1/groups/{group}")).await;
+        if g["resources"].as_array().is_some_and(|rs| !rs.is_empty() && rs.iter().all(|r| r["state"] == "running")) {
+            return g;
+        }
+        last = g;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{group} never ran with every resource running: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_remount_fails_the_file_system_and_what_runs_on_it_restarts() {
+    if !can_run() {
+        return;
+    }
+    let c = Cluster::start(&["n1"], Opts { voters: 1, ..Opts::default() }).await;
+    let url = c.nodes[0].url();
+    let mnt = c.tmp.path().join("mnt");
+    let _cleanup = Unmounter(c.tmp.path().to_path_buf());
+    let def = json!({
+        "resources": [
+            {"name": "data", "type": "volume", "size": "16MiB", "mode": "sync", "replicas": 1},
+            {"name": "fs", "type": "filesystem", "volume": "data", "mountpoint": mnt, "fstype": "ext4", "mkfs": true},
+            {"name": "app", "type": "process", "command": ["sleep", "1000"], "cwd": mnt}
+        ],
+        "nodes": ["n1"],
+    });
+    let (st, v) = put(&format!("{url}/v1/groups/g"), def).await;
+    assert_eq!(st, 201, "{v}");
+    let g = wait_all_running(&url, "g").await;
+    let app_pid = g["resources"][2]["pid"].as_u64().unwrap();
+
+    // Full: shown on the resource, which keeps running (no reason to move).
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64", "status=none"])
+        .arg(format!("of={}", mnt.join("fill").display()))
+        .output()
+        .unwrap();
+    let (_, g) = get(&format!("{url}/v1/groups/g")).await;
+    let fs = &g["resources"][1];
+    assert_eq!(fs["state"], "running", "{g}");
+    assert!(fs["warning"].as_str().is_some_and(|w| w.starts_with("file system full")), "{g}");
+    std::fs::remove_file(mnt.join("fill")).unwrap();
+    let (_, g) = get(&format!("{url}/v1/groups/g")).await;
+    assert!(g["resources"][1]["warning"].is_null(), "{g}");
+
+    // As ext4 does with errors=remount-ro after an I/O error.
+    let out = std::process::Command::new("mount").args(["-o", "remount,ro"]).arg(&mnt).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = wait_error(&url, "g", "fs").await;
+    assert!(err.contains("read-only"), "{err}");
+    // Restarted locally: mounted read-write again, the app above it anew.
+    let g = wait_all_running(&url, "g").await;
+    assert_ne!(g["resources"][2]["pid"].as_u64().unwrap(), app_pid, "the app on the file system restarted with it");
+    let m = mounts_at(&mnt);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert!(m[0].split(' ').nth(5).is_some_and(|o| o.starts_with("rw")), "{m:?}");
+    std::fs::write(mnt.join("probe"), b"ok").expect("writable again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_lease_lapses_unmounts_and_its_export_answers_nothing() {
+    if !can_run() {
+        return;
+    }
+    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let mnt = c.tmp.path().join("mnt");
+    let _cleanup = Unmounter(c.tmp.path().to_path_buf());
+    let (st, v) = put(&format!("{}/v1/groups/fsg", c.nodes[0].url()), fs_group(&mnt)).await;
+    assert_eq!(st, 201, "{v}");
+    wait_running_on(&c, "fsg", "n1").await;
+    let socket = c.tmp.path().join("n1").join("run").join("nbd").join("data.sock");
+    assert!(socket.exists());
+
+    // n1 stays alive but hears no majority: its lease lapses.
+    c.node_mut("n2").kill();
+    c.node_mut("n3").kill();
+    wait_until(Duration::from_secs(10), "n1 unmounts the file system", || async { mounts_at(&mnt).is_empty() }).await;
+    let fuse = c.tmp.path().join("n1").join("run").join("fuse").join("fsg.fs");
+    assert!(mounts_at(&fuse).is_empty(), "the FUSE file is unmounted");
+    // Nothing can be written through the export any more.
+    let uri = format!("nbd+unix:///data?socket={}", socket.display());
+    let out = std::process::Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write 0 4k"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("wrote 4096/4096"), "a write went through without the lease: {text}");
+}

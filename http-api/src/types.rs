@@ -206,6 +206,10 @@ pub struct ResourceView {
     pub pid: Option<u32>,
     /// Why it last failed on this node.
     pub last_error: Option<String>,
+    /// A condition worth attention that is not a failure: a file system
+    /// 95 % full or more (`file system full: 0 of 1.0 GiB free`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// Internal: what a node runs of a group (`GET /internal/groups/{name}/local`).

@@ -110,7 +110,14 @@ impl Backend for Agent {
             ex.as_ref().and_then(|e| e.status(name)).ok_or_else(|| ApiError::GroupNotFound(name.to_string()))?;
         let resources = resources
             .into_iter()
-            .map(|r| ResourceView { name: r.name, kind: r.kind, state: r.state, pid: r.pid, last_error: r.last_error })
+            .map(|r| ResourceView {
+                name: r.name,
+                kind: r.kind,
+                state: r.state,
+                pid: r.pid,
+                last_error: r.last_error,
+                warning: r.warning,
+            })
             .collect();
         Ok(LocalGroupStatus { epoch, restarts, resources })
     }

@@ -436,6 +436,26 @@ async fn stop(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str) -> Re
     if let Some(m) = mount_at(&f.mountpoint).filter(|m| is_our_mount(m, dir, group, resource) || is_tandem_mount(m)) {
         // The resources above stopped already; what still uses the mount
         // (a shell, a straggler) would keep it busy.
+        kill_users(&m.dev);
+        // Written out now, whatever happens to the unmount: a copy of this
+        // mount in another mount namespace (made by `unshare` or `ip netns
+        // exec` while it was mounted) keeps the file system alive past our
+        // umount, which then writes nothing back.
+        let mp = f.mountpoint.clone();
+        let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::os::fd::AsRawFd;
+            let dir = std::fs::File::open(&mp)?;
+            // SAFETY: syncfs on a descriptor we own.
+            if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+        match tokio::time::timeout(Duration::from_secs(10), synced).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(mountpoint = %f.mountpoint, "syncfs: {e}"),
+            _ => tracing::warn!(mountpoint = %f.mountpoint, "syncfs did not finish within 10 s"),
+        }
         let mut unmounted = false;
         for attempt in 0..20 {
             kill_users(&m.dev);
@@ -509,10 +529,8 @@ async fn monitor(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str, de
             return Err(format!("the volume's FUSE file is gone ({e}): nbdfuse died"));
         }
     }
-    if let Ok(st) = nix::sys::statvfs::statvfs(f.mountpoint.as_str()) {
-        if st.blocks_available() == 0 {
-            tracing::warn!(mountpoint = %f.mountpoint, "the file system is full");
-        }
+    if let Some(w) = usage_warning(&f.mountpoint) {
+        tracing::warn!(mountpoint = %f.mountpoint, "{w}");
     }
     if deep && !wanted_ro {
         // Write and sync a small file: the whole path down to the replicas.
@@ -532,6 +550,30 @@ async fn monitor(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str, de
         }
     }
     Ok(0)
+}
+
+/// "file system full" / "N % full" at 95 % or more of the space an
+/// unprivileged writer may use; None below, or when it cannot be read.
+pub fn usage_warning(mountpoint: &str) -> Option<String> {
+    let st = nix::sys::statvfs::statvfs(mountpoint).ok()?;
+    let frag = st.fragment_size() as u64;
+    let (total, avail) = (st.blocks() as u64 * frag, st.blocks_available() as u64 * frag);
+    usage_text(total, avail)
+}
+
+fn usage_text(total: u64, avail: u64) -> Option<String> {
+    if total == 0 {
+        return None;
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let used_pct = 100 - (avail * 100 / total).min(100);
+    if avail == 0 {
+        Some(format!("file system full: 0 of {:.1} GiB free", gib(total)))
+    } else if used_pct >= 95 {
+        Some(format!("file system {used_pct} % full: {:.2} of {:.1} GiB free", gib(avail), gib(total)))
+    } else {
+        None
+    }
 }
 
 /// SIGKILLs every process with a file, directory, root or mapping on the
@@ -582,6 +624,14 @@ mod tests {
         assert_eq!(m[1].source, "/dev/loop3");
         assert_eq!(m[1].fstype, "ext4");
         assert!(m[1].read_only(), "ro in the superblock options counts");
+    }
+
+    #[test]
+    fn usage_warnings() {
+        assert_eq!(usage_text(0, 0), None);
+        assert_eq!(usage_text(1 << 30, 1 << 29), None);
+        assert_eq!(usage_text(1 << 30, 0).unwrap(), "file system full: 0 of 1.0 GiB free");
+        assert!(usage_text(100 << 20, 3 << 20).unwrap().starts_with("file system 97 % full"));
     }
 
     #[test]

@@ -111,7 +111,7 @@ impl LeaseGuard {
         }
         let all = std::mem::take(&mut *self.pgids.lock().unwrap_or_else(|e| e.into_inner()));
         for pg in &all {
-            let _ = killpg(Pid::from_raw(*pg), Signal::SIGKILL);
+            crate::rundir::kill_tree(*pg);
         }
         all.len()
     }
@@ -138,6 +138,9 @@ pub struct ResourceStatus {
     pub state: String,
     pub pid: Option<u32>,
     pub last_error: Option<String>,
+    /// A condition worth the operator's attention that is not a failure (a
+    /// full file system).
+    pub warning: Option<String>,
 }
 
 pub struct Executor {
@@ -237,7 +240,7 @@ impl Executor {
             for (r, slot) in g.spec.resources.iter().zip(g.slots).rev() {
                 match slot {
                     Slot::Process(p) => {
-                        let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
+                        crate::rundir::kill_tree(p.pid);
                     }
                     Slot::Idle => {}
                     // A script agent's resource lives outside our processes:

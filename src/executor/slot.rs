@@ -143,12 +143,19 @@ impl LocalGroup {
                     Slot::Up { .. } | Slot::Monitoring { .. } => ("running", None),
                     Slot::Recovering(_) => ("recovering", None),
                 };
+                // Worth knowing but no reason to move: the same data is
+                // just as full on any other node.
+                let warning = match (&r.kind, state) {
+                    (ResourceKind::Filesystem(f), "running") => super::filesystem::usage_warning(&f.mountpoint),
+                    _ => None,
+                };
                 ResourceStatus {
                     name: r.name.clone(),
                     kind: r.kind.type_name().to_string(),
                     state: state.to_string(),
                     pid,
                     last_error: err.clone(),
+                    warning,
                 }
             })
             .collect()
@@ -223,9 +230,13 @@ pub(super) async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: In
             }
             Some(why) => {
                 // Whatever it left in its process group goes too.
-                let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
+                crate::rundir::kill_tree(p.pid);
                 guard.unregister(p.pid);
-                Step::Failed(why)
+                let log = dir.join("groups").join(group).join(format!("{}.log", r.name));
+                match last_output(&log) {
+                    Some(line) => Step::Failed(format!("{why}; last output: {line}")),
+                    None => Step::Failed(why),
+                }
             }
         },
         Slot::Starting(mut task) => match tokio::time::timeout(ACTION_WAIT, &mut task).await {
@@ -283,6 +294,24 @@ pub(super) async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: In
     }
 }
 
+/// The last line a resource wrote to its log (at most 300 bytes of it):
+/// why a server that would not start said so.
+fn last_output(log: &std::path::Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let line = text.lines().rev().map(str::trim).find(|l| !l.is_empty())?;
+    let mut end = line.len().min(300);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(line[..end].to_string())
+}
+
 pub(super) fn describe(r: ActionResult) -> String {
     match r {
         Ok(OCF_NOT_RUNNING) => "not running (7)".into(),
@@ -336,7 +365,7 @@ pub(super) async fn stop_slots(
                     tracing::warn!(resource = %r.name, "did not stop within {timeout:?}: killing it");
                 }
                 // Whatever is left of its process group goes too.
-                let _ = killpg(Pid::from_raw(p.pid), Signal::SIGKILL);
+                crate::rundir::kill_tree(p.pid);
                 p.wait().await;
                 cx.guard.unregister(p.pid);
                 None

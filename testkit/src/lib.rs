@@ -68,13 +68,46 @@ pub fn session_members(sid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// SIGKILLs every process of session `sid` at once, until none is left.
+/// Every process whose parent chain leads to one of `roots` (processes that
+/// left the session with setsid, as PostgreSQL's backends do, are still
+/// children of the session's processes).
+fn descendants_of(roots: &[i32]) -> Vec<i32> {
+    let mut children: std::collections::BTreeMap<i32, Vec<i32>> = Default::default();
+    for pid in std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+    {
+        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
+            let rest = s.rfind(')').map(|i| s[i + 2..].to_string())?;
+            rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+        });
+        if let Some(ppid) = ppid {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut todo = roots.to_vec();
+    while let Some(p) = todo.pop() {
+        for c in children.remove(&p).unwrap_or_default() {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+/// SIGKILLs every process of session `sid`, and every descendant of them
+/// (found before anything dies), at once, until none is left: the host
+/// losing power.
 pub fn kill_session(sid: i32) {
     for _ in 0..100 {
-        let members = session_members(sid);
+        let mut members = session_members(sid);
         if members.is_empty() {
             return;
         }
+        members.extend(descendants_of(&members));
         for pid in members {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
