@@ -131,8 +131,6 @@ async fn the_bank_keeps_every_committed_transfer_across_power_loss_of_the_primar
     // link goes dark (a dead host answers no ARP for the address it had).
     let kill_ms = shared.t0.elapsed().as_millis() as u64;
     c.node_mut("n1").kill();
-    // PostgreSQL's backends left the agent's session (setsid): they die too.
-    tandem_testkit::kill_netns(c.node("n1").netns.as_deref().unwrap());
     net.set_link(1, false);
     wait_until(Duration::from_secs(30), "a transfer committed after the power loss", || async {
         check::first_commit_after(&shared.history(), kill_ms).is_some()

@@ -102,6 +102,7 @@ pub async fn run(
     let mut reported = std::collections::BTreeSet::new();
     let mut last_state: Option<State> = None;
     let mut round = 0u32;
+    let mut down_before = false;
     let deadline = args.duration.map(|d| t0 + Duration::from_secs(d));
     while !interrupted.load(Ordering::SeqCst) {
         match deadline {
@@ -122,7 +123,9 @@ pub async fn run(
         while check::first_commit_after(&shared.history(), whole_ms).is_none() && Instant::now() < served {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        if check::first_commit_after(&shared.history(), whole_ms).is_none() {
+        let unavailable = check::first_commit_after(&shared.history(), whole_ms).is_none();
+        if unavailable {
+            diagnose(&run, round);
             violations.push(Violation {
                 kind: "bank unavailable".into(),
                 t_ms: t0.elapsed().as_millis() as u64,
@@ -186,6 +189,13 @@ pub async fn run(
             }),
         }
         round += 1;
+        // Two rounds in a row without the bank coming back: the cluster
+        // gave the group up; more faults would only repeat that finding.
+        if unavailable && down_before {
+            println!("           the bank did not come back for two rounds: ending the run");
+            break;
+        }
+        down_before = unavailable;
     }
 
     let history = shared.history();
@@ -279,4 +289,36 @@ pub async fn run(
     println!("violations: {}", violations.len());
     drop(run);
     Ok(violations.len())
+}
+
+/// For the post-mortem of a bank that stopped serving: each host's tandem
+/// mounts (in its agent's mount namespace), loop devices, and every
+/// process in its network namespace with its state and where it waits,
+/// written next to its agent's log.
+fn diagnose(run: &Run, round: u32) {
+    let losetup = Command::new("losetup").arg("-a").output().map(|o| o.stdout).unwrap_or_default();
+    for h in &run.hosts {
+        let mut text = format!("after round {round}\n-- losetup -a\n{}", String::from_utf8_lossy(&losetup));
+        if let Some(c) = &h.child {
+            let pid = c.id().to_string();
+            let out =
+                Command::new("nsenter").args(["--target", &pid, "--mount", "cat", "/proc/self/mountinfo"]).output();
+            let mounts = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            text += "-- tandem mounts in the agent's mount namespace\n";
+            let top = h.dir.parent().map(|d| d.to_string_lossy().into_owned()).unwrap_or_default();
+            for l in mounts.lines().filter(|l| l.contains(&top) && !l.contains("tandem-chaos")) {
+                text += &format!("{l}\n");
+            }
+        }
+        text += "-- processes: pid state wchan cmdline\n";
+        for pid in tandem_testkit::netns_members(&h.ns) {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rfind(')').and_then(|i| stat[i + 2..].split_whitespace().next()).unwrap_or("?");
+            let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            text += &format!("{pid} {state} {wchan} {}\n", cmd.chars().take(160).collect::<String>());
+        }
+        let _ = std::fs::write(h.dir.join(format!("diagnosis-round{round}.txt")), text);
+    }
 }

@@ -12,6 +12,11 @@ pub const PORT: u16 = 5432;
 
 /// The shell the PostgreSQL resource runs.
 ///
+/// Nothing starts unless the volume's file system is mounted: the bare
+/// mount point directory would get a new, empty database (seen once, when
+/// a start found the mount of a stop still under way, which then unmounted
+/// it under the database).
+///
 /// The first start creates the data directory: initdb into a temporary
 /// directory, renamed once complete, so that a crash in the middle never
 /// leaves a half-made cluster that looks ready. The line added to
@@ -37,6 +42,7 @@ pub const PORT: u16 = 5432;
 pub fn start_script(mountpoint: &str, trusted: &str) -> String {
     format!(
         "set -e; D={mountpoint}/data; \
+         if ! mountpoint -q {mountpoint}; then echo '{mountpoint} is not mounted: not starting' >&2; exit 1; fi; \
          if [ ! -s $D/PG_VERSION ]; then \
            rm -rf $D.init; \
            {BIN}/initdb -D $D.init --auth=trust --username=postgres --no-instructions >/dev/null; \
