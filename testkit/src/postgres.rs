@@ -24,11 +24,14 @@ pub const PORT: u16 = 5432;
 /// power loss right after the first start lost that line).
 ///
 /// Lock files (`postmaster.pid`, and the socket's, both on the volume)
-/// whose PID is no live postgres here are removed: after a failover they
-/// name the dead node's postmaster (here its zombie, elsewhere whatever
-/// process has that PID now), and PostgreSQL refused to start until the
-/// group was given up. A live postmaster keeps its files, and PostgreSQL's
-/// shared memory interlock stays in any case.
+/// whose PID is no live postgres of this host (its network namespace, for
+/// nodes that share a machine) are removed: after a failover they name the
+/// old node's postmaster (elsewhere whatever process has that PID now;
+/// here its zombie, or the old node's postmaster still being killed, on a
+/// file system that can no longer reach any replica), and PostgreSQL
+/// refused to start until the group was given up. A live postmaster of
+/// this host keeps its files, and PostgreSQL's shared memory interlock
+/// stays in any case.
 ///
 /// The postmaster runs in the shell's process group, which the agent
 /// supervises. The agent stops a process with SIGTERM, which PostgreSQL
@@ -52,7 +55,10 @@ pub fn start_script(mountpoint: &str, trusted: &str) -> String {
            sync {mountpoint}; \
          fi; \
          for P in $D/postmaster.pid {mountpoint}/.s.PGSQL.{PORT}.lock; do \
-           if [ -f $P ] && ! grep -qa postgres /proc/$(head -n 1 $P)/cmdline 2>/dev/null; then rm -f $P; fi; \
+           [ -f $P ] || continue; Q=/proc/$(head -n 1 $P); \
+           if grep -qa postgres $Q/cmdline 2>/dev/null \
+              && [ \"$(readlink $Q/ns/net)\" = \"$(readlink /proc/self/ns/net)\" ]; then continue; fi; \
+           rm -f $P; \
          done; \
          {BIN}/postgres -D $D -p {PORT} -c listen_addresses='*' -c unix_socket_directories={mountpoint} & P=$!; \
          trap 'kill -INT $P 2>/dev/null' TERM INT; \
