@@ -59,6 +59,11 @@ enum Cmd {
         /// Keep data and logs after stopping.
         #[arg(long)]
         keep: bool,
+        /// What the demo cluster runs: `web`, a small HTTP service; or
+        /// `postgres`, PostgreSQL on a replicated volume (root, Debian's
+        /// postgresql, libnbd-bin and e2fsprogs).
+        #[arg(long, value_enum, default_value = "web")]
+        app: tandem::demo::App,
     },
     /// Show the cluster: leader, term and every member.
     Status {
@@ -246,9 +251,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Demo { base_port, dir, keep } => {
+        Cmd::Demo { base_port, dir, keep, app } => {
             init_logging("warn", false);
-            match rt.block_on(tandem::demo::run(base_port, dir, keep)) {
+            match rt.block_on(tandem::demo::run(base_port, dir, keep, app)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

@@ -259,3 +259,140 @@ fn ctrl_c_or_sigterm_while_the_demo_starts_stops_everything_started() {
         println!("{what}: stopped in {} ms: {out:?}", took.as_millis());
     }
 }
+
+/// Why `tandem demo --app postgres` cannot run here, if it cannot.
+fn postgres_demo_missing() -> Option<&'static str> {
+    if !tandem_testkit::is_root() {
+        return Some("needs root (mounts, loop devices)");
+    }
+    let needs = [
+        ("/dev/fuse", "no /dev/fuse"),
+        ("/usr/lib/postgresql/15/bin/postgres", "no PostgreSQL 15 (Debian postgresql)"),
+        ("/usr/bin/psql", "no psql (Debian postgresql-client-15)"),
+        ("/usr/bin/nbdfuse", "no nbdfuse (Debian libnbd-bin)"),
+        ("/usr/sbin/mkfs.ext4", "no mkfs.ext4 (Debian e2fsprogs)"),
+    ];
+    needs.iter().find(|(p, _)| !std::path::Path::new(p).exists()).map(|(_, why)| *why)
+}
+
+/// Processes whose command line names `path` (PostgreSQL's -D, nbdfuse's
+/// file, an agent's config), and loop devices backed by a file under it.
+fn left_under(path: &std::path::Path) -> Vec<String> {
+    let p = path.to_string_lossy().to_string();
+    let mut left = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default()).replace('\0', " ");
+        if cmd.contains(&p) && alive(pid) {
+            left.push(format!("process {pid}: {cmd}"));
+        }
+    }
+    for e in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let b = std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+        if b.starts_with(&p) {
+            left.push(format!("{}: {}", e.file_name().to_string_lossy(), b.trim()));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    left.extend(mounts.lines().filter(|l| l.contains(&p)).map(|l| format!("mounted: {l}")));
+    left
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_postgres_demo_prints_a_psql_command_that_works_and_stops_cleanly() {
+    if let Some(why) = postgres_demo_missing() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let base = loop {
+        let b = free_base();
+        if std::net::TcpListener::bind(("127.0.0.1", b + 81)).is_ok() {
+            break b;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // PostgreSQL runs as postgres: it must reach the demo's directory.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let data = dir.path().join("demo");
+    let mark = format!("{}-pg", std::process::id());
+    let mut child = Command::new(BIN)
+        .args(["demo", "--app", "postgres", "--base-port", &base.to_string(), "--dir"])
+        .arg(&data)
+        .env("TANDEM_TEST_DEMO_MARK", &mark)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let done = line.contains("Ctrl-C stops the cluster");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !lines.is_finished() {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT);
+            let out = child.wait_with_output().unwrap();
+            panic!("the demo printed no banner: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let banner = lines.join().unwrap();
+    eprintln!("{}", banner.join("\n"));
+
+    // The printed psql command, as printed, through a shell.
+    let psql = banner.iter().find(|l| l.contains("psql -h")).expect("a psql line in the banner");
+    let out = Command::new("sh").args(["-c", psql.trim()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{psql}: {}{}", text, String::from_utf8_lossy(&out.stderr));
+    assert!(text.lines().any(|l| l.trim() == "node1"), "{psql}: {text}");
+    // It mounted in its agent's own mount namespace, not in this one.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(data.to_string_lossy().as_ref()), "a demo mount leaked into the host's namespace");
+
+    // Ctrl-C: PostgreSQL stops, the file system is unmounted, nothing is
+    // left running or mounted.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "demo exit status {status}");
+    let left = left_after(&mark, Duration::from_secs(5));
+    assert!(left.is_empty(), "left running after the demo exited: {left:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !left_under(&data).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(left_under(&data).is_empty(), "left behind: {:?}", left_under(&data));
+    assert!(!data.exists(), "the demo removes its data unless --keep");
+}
+
+#[test]
+fn the_postgres_demo_names_what_is_missing_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    // No PATH: none of the programs it needs can be found.
+    let out = Command::new(BIN)
+        .args(["demo", "--app", "postgres", "--base-port", &free_base().to_string(), "--dir"])
+        .arg(&data)
+        .env("PATH", dir.path().join("empty"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    for want in ["--app postgres", "nbdfuse", "libnbd-bin", "mkfs.ext4", "e2fsprogs", "psql"] {
+        assert!(stderr.contains(want), "{want} not named: {stderr}");
+    }
+    if !tandem_testkit::is_root() {
+        assert!(stderr.contains("root"), "{stderr}");
+    }
+    assert!(!stdout.contains("answers at"), "it started agents: {stdout}");
+    assert!(!data.exists(), "it made its directory: nothing may start");
+}

@@ -358,7 +358,7 @@ async fn a_node_whose_lease_lapses_unmounts_and_its_export_answers_nothing() {
     c.node_mut("n3").kill();
     wait_until(Duration::from_secs(10), "n1 unmounts the file system", || async { mounts_at(&mnt).is_empty() }).await;
     let fuse = c.tmp.path().join("n1").join("run").join("fuse").join("fsg.fs");
-    assert!(mounts_at(&fuse).is_empty(), "the FUSE file is unmounted");
+    wait_until(Duration::from_secs(5), "the FUSE file is unmounted", || async { mounts_at(&fuse).is_empty() }).await;
     // Nothing can be written through the export any more.
     let uri = format!("nbd+unix:///data?socket={}", socket.display());
     let out = std::process::Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write 0 4k"]).output().unwrap();

@@ -679,3 +679,51 @@ async fn a_failed_stop_escalates_to_fencing_when_a_fence_command_is_set() {
     assert!(!calls.is_empty() && calls.lines().all(|l| l == victim), "only {victim} was fenced: {calls}");
     assert!(c.node(&victim).watchdog_pid().is_none(), "{victim} is off");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_runs_as_its_user_and_stops_with_its_stop_signal() {
+    let c = Cluster::start(&["n1"], Opts { voters: 1, ..Opts::default() }).await;
+    let root = tandem_testkit::is_root();
+    // Only root can run a process as another user; the signal works for all.
+    let mut res = json!({"name": "srv", "type": "process", "stop_signal": "SIGINT",
+        "command": ["python3", "-c",
+            "import os, signal, sys, time\n\
+             print('uid', os.getuid(), os.environ.get('HOME'), flush=True)\n\
+             def bye(sig, _):\n    print('got', signal.Signals(sig).name, flush=True); sys.exit(0)\n\
+             signal.signal(signal.SIGINT, bye)\n\
+             signal.signal(signal.SIGTERM, bye)\n\
+             time.sleep(1000)"]});
+    if root {
+        res["user"] = json!("nobody");
+    }
+    let (st, v) = put(&format!("{}/v1/groups/s", c.nodes[0].url()), json!({"resources": [res], "nodes": ["n1"]})).await;
+    assert_eq!(st, 201, "{v}");
+    let log = c.tmp.path().join("n1").join("groups").join("s").join("srv.log");
+    wait_until(Duration::from_secs(10), "the process says who it is", || async {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("uid "))
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    if root {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        let want = format!("uid {} {}", nobody.uid, nobody.dir.display());
+        assert!(text.contains(&want), "{text}");
+    }
+    let (st, _) = post(&format!("{}/v1/groups/s/stop", c.nodes[0].url()), json!({})).await;
+    assert_eq!(st, 200);
+    wait_until(Duration::from_secs(10), "the process got its stop signal", || async {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("got "))
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("got SIGINT"), "{text}");
+
+    // An unknown user is refused at definition, and nothing changes.
+    let bad = json!({"resources": [{"name": "p", "type": "process", "command": ["true"], "user": "no-such-user-x"}],
+        "nodes": ["n1"]});
+    let (st, v) = put(&format!("{}/v1/groups/u", c.nodes[0].url()), bad).await;
+    assert_eq!(st, 422, "{v}");
+    assert!(v.to_string().contains("resources[0].user"), "{v}");
+    let (st, _) = get(&format!("{}/v1/groups/u", c.nodes[0].url())).await;
+    assert_eq!(st, 404);
+}

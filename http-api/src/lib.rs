@@ -97,6 +97,13 @@ pub trait Backend: Send + Sync + 'static {
     async fn claim_group(&self, name: &str, claim: ClaimRequest) -> Result<(), ApiError>;
     /// What this node runs of a group (404 when nothing).
     async fn local_group(&self, name: &str) -> Result<LocalGroupStatus, ApiError>;
+    /// For load balancers: whether this node serves the group now (runs it,
+    /// every resource up, and holds its lease). Never forwarded.
+    async fn group_health(&self, name: &str) -> ServingView;
+    /// For load balancers: whether this node is the volume's primary
+    /// (`None`) or a connected, up-to-date replica at most `lag` bytes
+    /// behind (`Some(lag)`). Never forwarded.
+    async fn volume_health(&self, name: &str, replica_lag: Option<u64>) -> ServingView;
 
     async fn volumes(&self, stale: bool) -> Result<Vec<VolumeView>, ApiError>;
     async fn volume(&self, name: &str, stale: bool) -> Result<VolumeView, ApiError>;
@@ -240,6 +247,11 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/internal/adopt", post(adopt))
         .route("/internal/release", post(release))
         .route("/internal/groups/{name}/local", get(local_group))
+        // Asked of every node by a load balancer: answered by this node
+        // alone (HEAD comes with GET; HAProxy's httpchk sends OPTIONS).
+        .route("/v1/groups/{name}/health", get(group_health).options(group_health))
+        .route("/v1/volumes/{name}/primary", get(volume_primary).options(volume_primary))
+        .route("/v1/volumes/{name}/replica", get(volume_replica).options(volume_replica))
         .route("/internal/volumes/{name}/local", get(local_volume))
         .route("/internal/volumes/{name}/verify", post(local_volume_verify))
         .route("/internal/volumes/{name}/resolve", post(local_volume_resolve))
@@ -398,6 +410,60 @@ async fn healthz() -> Json<Health> {
 async fn readyz(State(b): State<SharedBackend>) -> Result<Json<Health>, ApiError> {
     b.ready()?;
     Ok(Json(Health { status: "ready".into() }))
+}
+
+/// The answer to a load balancer: 200 when serving, 503 otherwise, with why.
+fn serving(v: ServingView) -> (StatusCode, Json<ServingView>) {
+    let status = if v.serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(v))
+}
+
+#[utoipa::path(get, path = "/v1/groups/{name}/health", tag = "health", params(("name" = String, Path)),
+    responses((status = 200, description = "This node runs the group, every resource is up, and it holds its lease", body = ServingView),
+              (status = 503, description = "It does not (any other node, or this one cut off)", body = ServingView),
+              (status = 400, description = "A query parameter (TND-1004)", body = ErrorBody)))]
+async fn group_health(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(_): ApiQuery<NoParams>,
+) -> (StatusCode, Json<ServingView>) {
+    serving(b.group_health(&name).await)
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}/primary", tag = "health", params(("name" = String, Path)),
+    responses((status = 200, description = "This node is the volume's primary and holds its lease", body = ServingView),
+              (status = 503, description = "It is not", body = ServingView),
+              (status = 400, description = "A query parameter (TND-1004)", body = ErrorBody)))]
+async fn volume_primary(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(_): ApiQuery<NoParams>,
+) -> (StatusCode, Json<ServingView>) {
+    serving(b.volume_health(&name, None).await)
+}
+
+/// `?lag=16MiB`: how far behind a replica may be (default 0).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LagParams {
+    #[serde(default)]
+    lag: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}/replica", tag = "health", params(("name" = String, Path), ("lag" = Option<String>, Query, description = "How far behind it may be: a size like 16MiB (default 0)")),
+    responses((status = 200, description = "This node holds a connected, up-to-date secondary replica within `lag`", body = ServingView),
+              (status = 503, description = "It does not", body = ServingView),
+              (status = 400, description = "A bad `lag` or another query parameter (TND-1004)", body = ErrorBody)))]
+async fn volume_replica(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<LagParams>,
+) -> Result<(StatusCode, Json<ServingView>), ApiError> {
+    let lag = match q.lag.as_deref() {
+        None => 0,
+        Some(s) => tandem_raft::volume::parse_bytes(s).map_err(|e| ApiError::InvalidQuery(format!("lag: {e}")))?,
+    };
+    Ok(serving(b.volume_health(&name, Some(lag)).await))
 }
 
 #[utoipa::path(get, path = "/v1/local", tag = "cluster",
@@ -832,7 +898,10 @@ async fn raft_snapshot(
         list_volumes,
         get_volume,
         verify_volume,
-        resolve_volume
+        resolve_volume,
+        group_health,
+        volume_primary,
+        volume_replica
     ),
     components(schemas(
         ErrorBody,
@@ -855,7 +924,8 @@ async fn raft_snapshot(
         ConnectionState,
         ResyncProgress,
         VerifyReport,
-        ResolveRequest
+        ResolveRequest,
+        ServingView
     ))
 )]
 pub struct ApiDoc;
@@ -911,6 +981,9 @@ mod tests {
             "/v1/volumes/{name}",
             "/v1/volumes/{name}/verify",
             "/v1/volumes/{name}/resolve",
+            "/v1/groups/{name}/health",
+            "/v1/volumes/{name}/primary",
+            "/v1/volumes/{name}/replica",
         ] {
             assert!(paths.contains_key(p), "{p} missing from openapi.json");
         }

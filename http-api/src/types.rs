@@ -212,6 +212,18 @@ pub struct ResourceView {
     pub warning: Option<String>,
 }
 
+/// A load balancer's answer (`/v1/groups/{name}/health`,
+/// `/v1/volumes/{name}/primary`, `/v1/volumes/{name}/replica`): whether
+/// this node serves, and why (not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServingView {
+    pub serving: bool,
+    /// This node's name.
+    pub node: String,
+    /// `running here`, `not placed here`, `lease not held`, ...
+    pub reason: String,
+}
+
 /// Internal: what a node runs of a group (`GET /internal/groups/{name}/local`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LocalGroupStatus {

@@ -91,6 +91,10 @@ pub enum ResourceKind {
         /// With this primary group (default: the user's).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         group: Option<String>,
+        /// The signal a stop sends first (default SIGTERM; PostgreSQL's
+        /// fast shutdown is SIGINT): one of `STOP_SIGNALS`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stop_signal: Option<String>,
     },
     /// A script with `start`, `stop` and `monitor` actions and OCF exit codes.
     Exec {
@@ -123,6 +127,9 @@ pub enum ResourceKind {
     /// A file system on the group's volume, mounted where the group runs.
     Filesystem(FilesystemSpec),
 }
+
+/// Signals a process resource's stop may start with.
+pub const STOP_SIGNALS: [&str; 6] = ["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2"];
 
 /// File system types a `filesystem` resource may hold.
 pub const FSTYPES: [&str; 5] = ["ext4", "ext3", "ext2", "xfs", "btrfs"];
@@ -401,6 +408,9 @@ pub fn validate_group(
             ResourceKind::Process { command, .. } if command.first().is_none_or(|c| c.is_empty()) => {
                 return Err(invalid(at("command"), "a process needs a command: [\"program\", \"arg\", ...]"));
             }
+            ResourceKind::Process { stop_signal: Some(sig), .. } if !STOP_SIGNALS.contains(&sig.as_str()) => {
+                return Err(invalid(at("stop_signal"), format!("{sig:?} is not one of {}", STOP_SIGNALS.join(", "))));
+            }
             ResourceKind::Exec { path, .. } if !path.starts_with('/') => {
                 return Err(invalid(at("path"), "must be an absolute path"));
             }
@@ -667,6 +677,16 @@ mod tests {
             r#"{"resources": [{"name": "p", "type": "process", "command": ["sleep", "1"], "user": "postgres"}], "nodes": ["node1"]}"#,
         );
         assert_eq!(s.resources[0].kind.run_as(), Some(("postgres", None)));
+        let sig = |v: &str| {
+            spec(&format!(
+                r#"{{"resources": [{{"name": "p", "type": "process", "command": ["x"], "stop_signal": "{v}"}}], "nodes": ["node1"]}}"#
+            ))
+        };
+        assert!(validate_group("g", &sig("SIGINT"), &nodes(), &BTreeMap::new()).is_ok());
+        assert_eq!(
+            field_of(validate_group("g", &sig("SIGKILL"), &nodes(), &BTreeMap::new())),
+            "resources[0].stop_signal"
+        );
         assert!(validate_group("g", &s, &nodes(), &BTreeMap::new()).is_ok());
         let bad = spec(
             r#"{"resources": [{"name": "p", "type": "exec", "path": "/bin/x", "user": "a b"}], "nodes": ["node1"]}"#,

@@ -305,6 +305,14 @@ impl Backend for Agent {
         self.volume(name, true).await
     }
 
+    async fn group_health(&self, name: &str) -> tandem_http_api::ServingView {
+        self.do_group_health(name).await
+    }
+
+    async fn volume_health(&self, name: &str, replica_lag: Option<u64>) -> tandem_http_api::ServingView {
+        self.do_volume_health(name, replica_lag).await
+    }
+
     async fn local_volume(&self, name: &str) -> Result<tandem_http_api::LocalVolumeStatus, ApiError> {
         self.volumes.status(name).map(Into::into).map_err(volume_err)
     }

@@ -252,6 +252,7 @@ impl Agent {
 mod backend;
 mod failover;
 mod groups;
+mod health;
 mod lease;
 mod loops;
 mod membership;

@@ -168,6 +168,15 @@ fn is_tandem_mount(m: &Mount) -> bool {
     loop_backing(&m.source).is_some_and(|b| b.contains("/run/fuse/"))
 }
 
+/// Runs blocking file-system work (unmounts, /proc scans, anything that
+/// may wait on the FUSE file) on a blocking thread: it may wait on this
+/// agent's own NBD export, and must never hold one of the few async
+/// workers that serve it, the heartbeats and the lease (a frozen worker let
+/// a lease lapse during a switchover).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| format!("blocking task: {e}"))
+}
+
 /// Runs a command to its end; its stderr (or stdout) as the error.
 async fn run(program: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new(program)
@@ -215,8 +224,12 @@ async fn start(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str) -> R
         // A leftover of a node that died on this machine (or of this one):
         // it cannot reach any replica, but must not hide the new mount.
         tracing::warn!(mountpoint = %f.mountpoint, source = %m.source, "removing a stale tandem mount left behind");
-        kill_users(&m.dev);
-        let _ = umount2(f.mountpoint.as_str(), MntFlags::MNT_DETACH);
+        let (dev, mp) = (m.dev.clone(), f.mountpoint.clone());
+        blocking(move || {
+            kill_users(&dev);
+            let _ = umount2(mp.as_str(), MntFlags::MNT_DETACH);
+        })
+        .await?;
     }
     let socket = volume_socket(dir, &f.volume);
     if !socket.exists() {
@@ -225,7 +238,15 @@ async fn start(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str) -> R
     let uri = crate::volume::nbd::unix_uri(&f.volume, &socket);
     let device = match block_path() {
         BlockPath::Loop => attach_fuse(dir, group, resource, &uri).await?,
-        BlockPath::Nbd => attach_nbd(&socket, &f.volume).await?,
+        BlockPath::Nbd => {
+            let dev = attach_nbd(&socket, &f.volume).await?;
+            let record = nbd_device_file(dir, group, resource);
+            if let Some(parent) = record.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            std::fs::write(&record, &dev).map_err(|e| format!("recording {}: {e}", record.display()))?;
+            dev
+        }
     };
     let result = format_and_mount(f, &device).await;
     if result.is_err() {
@@ -237,9 +258,23 @@ async fn start(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str) -> R
 }
 
 /// Whether the mount at the mountpoint is this resource's own.
+/// Several nodes may share one mount table (tests, the demo): only a mount
+/// of this node's own device is ever this resource's.
 fn is_our_mount(m: &Mount, dir: &Path, group: &str, resource: &str) -> bool {
     let file = fuse_dir(dir, group, resource).join("nbd");
-    loop_backing(&m.source).is_some_and(|b| Path::new(&b) == file)
+    if loop_backing(&m.source).is_some_and(|b| Path::new(&b) == file) {
+        return true;
+    }
+    m.source.starts_with("/dev/nbd") && nbd_device_record(dir, group, resource).is_some_and(|d| d == m.source)
+}
+
+/// Where the NBD path records which `/dev/nbdN` it attached.
+fn nbd_device_file(dir: &Path, group: &str, resource: &str) -> PathBuf {
+    fuse_dir(dir, group, resource).with_extension("nbd-device")
+}
+
+fn nbd_device_record(dir: &Path, group: &str, resource: &str) -> Option<String> {
+    std::fs::read_to_string(nbd_device_file(dir, group, resource)).ok().map(|s| s.trim().to_string())
 }
 
 /// Loop path: `nbdfuse` exposes the export as `<fuse dir>/nbd`; that file is
@@ -247,8 +282,12 @@ fn is_our_mount(m: &Mount, dir: &Path, group: &str, resource: &str) -> bool {
 async fn attach_fuse(dir: &Path, group: &str, resource: &str, uri: &str) -> Result<String, String> {
     let fdir = fuse_dir(dir, group, resource);
     // A FUSE mount left by an earlier life of this resource goes first.
-    let _ = umount2(&fdir, MntFlags::MNT_DETACH);
-    std::fs::create_dir_all(&fdir).map_err(|e| format!("creating {}: {e}", fdir.display()))?;
+    let d = fdir.clone();
+    blocking(move || {
+        let _ = umount2(&d, MntFlags::MNT_DETACH);
+        std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))
+    })
+    .await??;
     let pidfile = fdir.with_extension("pid");
     let _ = std::fs::remove_file(&pidfile);
     let errlog = fdir.with_extension("log");
@@ -387,6 +426,14 @@ async fn format_and_mount(f: &FilesystemSpec, device: &str) -> Result<(), String
         }
     }
     std::fs::create_dir_all(&f.mountpoint).map_err(|e| format!("creating {}: {e}", f.mountpoint))?;
+    // The bare directory under the mount is nobody's: a service that runs
+    // as its own user and starts while the file system is not mounted
+    // (a mistake, a race) finds it unwritable instead of creating a new,
+    // empty database on the root file system.
+    if mount_at(&f.mountpoint).is_none() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&f.mountpoint, std::fs::Permissions::from_mode(0o000));
+    }
     let mut opts: Vec<&str> = Vec::new();
     if !device.starts_with("/dev/") {
         opts.push("loop");
@@ -399,13 +446,16 @@ async fn format_and_mount(f: &FilesystemSpec, device: &str) -> Result<(), String
     }
     args.extend([device, f.mountpoint.as_str()]);
     run("mount", &args).await?;
-    if let Some(owner) = &f.owner {
-        if let Err(e) = chown_root(&f.mountpoint, owner) {
-            // Mounted but not usable as defined: undo, or a half-started
-            // resource stays behind.
-            let _ = umount2(f.mountpoint.as_str(), MntFlags::MNT_DETACH);
-            return Err(e);
-        }
+    if let Some(owner) = f.owner.clone() {
+        let mp = f.mountpoint.clone();
+        blocking(move || {
+            chown_root(&mp, &owner).inspect_err(|_| {
+                // Mounted but not usable as defined: undo, or a
+                // half-started resource stays behind.
+                let _ = umount2(mp.as_str(), MntFlags::MNT_DETACH);
+            })
+        })
+        .await??;
     }
     tracing::info!(volume = %f.volume, mountpoint = %f.mountpoint, device, path = block_path().name(), "file system mounted");
     Ok(())
@@ -433,54 +483,16 @@ fn chown_root(mountpoint: &str, owner: &str) -> Result<(), String> {
 }
 
 async fn stop(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str) -> Result<(), String> {
-    if let Some(m) = mount_at(&f.mountpoint).filter(|m| is_our_mount(m, dir, group, resource) || is_tandem_mount(m)) {
-        // The resources above stopped already; what still uses the mount
-        // (a shell, a straggler) would keep it busy.
-        kill_users(&m.dev);
-        // Written out now, whatever happens to the unmount: a copy of this
-        // mount in another mount namespace (made by `unshare` or `ip netns
-        // exec` while it was mounted) keeps the file system alive past our
-        // umount, which then writes nothing back.
+    // Only this node's own mount: on a shared mount table the one there may
+    // be the node that runs the group now (a stale one of ours is cleaned
+    // by the next start anywhere).
+    if let Some(m) = mount_at(&f.mountpoint).filter(|m| is_our_mount(m, dir, group, resource)) {
         let mp = f.mountpoint.clone();
-        let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::os::fd::AsRawFd;
-            let dir = std::fs::File::open(&mp)?;
-            // SAFETY: syncfs on a descriptor we own.
-            if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-        match tokio::time::timeout(Duration::from_secs(10), synced).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(mountpoint = %f.mountpoint, "syncfs: {e}"),
-            _ => tracing::warn!(mountpoint = %f.mountpoint, "syncfs did not finish within 10 s"),
-        }
-        let mut unmounted = false;
-        for attempt in 0..20 {
-            kill_users(&m.dev);
-            match umount2(f.mountpoint.as_str(), MntFlags::empty()) {
-                Ok(()) => {
-                    unmounted = true;
-                    break;
-                }
-                Err(nix::errno::Errno::EINVAL) => {
-                    unmounted = true; // no longer a mount point
-                    break;
-                }
-                Err(e) if attempt == 19 => tracing::warn!(mountpoint = %f.mountpoint, "umount: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        if !unmounted {
-            // Busy past two seconds of killing its users: detach it from
-            // the tree so that nothing new can reach it.
-            umount2(f.mountpoint.as_str(), MntFlags::MNT_DETACH)
-                .map_err(|e| format!("umount {}: {e}", f.mountpoint))?;
-            tracing::warn!(mountpoint = %f.mountpoint, "unmounted lazily (still busy)");
-        }
+        let dev = m.dev.clone();
+        blocking(move || unmount(&mp, &dev)).await??;
         if m.source.starts_with("/dev/nbd") {
             let _ = run("nbd-client", &["-d", &m.source]).await;
+            let _ = std::fs::remove_file(nbd_device_file(dir, group, resource));
         } else if m.source.starts_with("/dev/loop") {
             // `mount -o loop` detaches it with the mount; make sure.
             let _ = run("losetup", &["-d", &m.source]).await;
@@ -490,11 +502,48 @@ async fn stop(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str) -> Re
     Ok(())
 }
 
+/// Kills what uses the file system `dev` mounted at `mp`, writes it out and
+/// unmounts it (lazily past two seconds of trying). Blocking.
+fn unmount(mp: &str, dev: &str) -> Result<(), String> {
+    // The resources above stopped already; what still uses the mount (a
+    // shell, a straggler) would keep it busy.
+    kill_users(dev);
+    // Written out now, whatever happens to the unmount: a copy of this
+    // mount in another mount namespace (made by `unshare` or `ip netns
+    // exec` while it was mounted) keeps the file system alive past our
+    // umount, which then writes nothing back.
+    match std::fs::File::open(mp) {
+        Ok(d) => {
+            use std::os::fd::AsRawFd;
+            // SAFETY: syncfs on a descriptor we own.
+            if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+                tracing::warn!(mountpoint = mp, "syncfs: {}", std::io::Error::last_os_error());
+            }
+        }
+        Err(e) => tracing::warn!(mountpoint = mp, "syncfs: {e}"),
+    }
+    for attempt in 0..20 {
+        kill_users(dev);
+        match umount2(mp, MntFlags::empty()) {
+            // EINVAL: no longer a mount point.
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => return Ok(()),
+            Err(e) if attempt == 19 => tracing::warn!(mountpoint = mp, "umount: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    // Busy past two seconds of killing its users: detach it from the tree
+    // so that nothing new can reach it.
+    umount2(mp, MntFlags::MNT_DETACH).map_err(|e| format!("umount {mp}: {e}"))?;
+    tracing::warn!(mountpoint = mp, "unmounted lazily (still busy)");
+    Ok(())
+}
+
 /// Unmounts this resource's FUSE file (nbdfuse then exits) and makes sure
 /// no nbdfuse of it is left.
 async fn unmount_fuse(dir: &Path, group: &str, resource: &str) {
     let fdir = fuse_dir(dir, group, resource);
-    let _ = umount2(&fdir, MntFlags::MNT_DETACH);
+    let d = fdir.clone();
+    let _ = blocking(move || umount2(&d, MntFlags::MNT_DETACH)).await;
     let pidfile = fdir.with_extension("pid");
     if let Some(pid) = std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
         let is_nbdfuse = std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -514,8 +563,7 @@ async fn unmount_fuse(dir: &Path, group: &str, resource: &str) {
 
 async fn monitor(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str, deep: bool) -> ActionResult {
     let Some(m) = mount_at(&f.mountpoint) else { return Ok(OCF_NOT_RUNNING) };
-    let nbd_mount = block_path() == BlockPath::Nbd && m.source.starts_with("/dev/nbd");
-    if !(is_our_mount(&m, dir, group, resource) || nbd_mount) {
+    if !is_our_mount(&m, dir, group, resource) {
         return Err(format!("{} is mounted from {}, not from volume {}", f.mountpoint, m.source, f.volume));
     }
     let wanted_ro = f.options.split(',').any(|o| o == "ro");
@@ -525,11 +573,12 @@ async fn monitor(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str, de
     if block_path() == BlockPath::Loop {
         // The FUSE file answers only while nbdfuse runs.
         let file = fuse_dir(dir, group, resource).join("nbd");
-        if let Err(e) = std::fs::metadata(&file) {
+        if let Err(e) = blocking(move || std::fs::metadata(&file)).await? {
             return Err(format!("the volume's FUSE file is gone ({e}): nbdfuse died"));
         }
     }
-    if let Some(w) = usage_warning(&f.mountpoint) {
+    let mp = f.mountpoint.clone();
+    if let Some(w) = blocking(move || usage_warning(&mp)).await? {
         tracing::warn!(mountpoint = %f.mountpoint, "{w}");
     }
     if deep && !wanted_ro {

@@ -152,6 +152,11 @@ pub struct Executor {
     reconciler: Reconciler,
     /// Everything was killed because the lease lapsed (for the log).
     lapsed: bool,
+    /// Stops the last lapse left running in the background (script agents,
+    /// file systems): nothing starts here before they ended, or a new start
+    /// could find a mount still being torn down and run on the bare mount
+    /// point.
+    lapse_stops: Vec<tokio::task::JoinHandle<ActionResult>>,
     guard: std::sync::Arc<LeaseGuard>,
     /// When stale virtual IPs were last looked for.
     vips_checked: Option<Instant>,
@@ -187,6 +192,7 @@ impl Executor {
             groups,
             reconciler: Reconciler::new(),
             lapsed: false,
+            lapse_stops: Vec::new(),
             guard,
             vips_checked: None,
             run,
@@ -248,7 +254,7 @@ impl Executor {
                     // what makes this safe; see docs/config.md).
                     _ => {
                         let cx = Ctx { dir: &dir, node: &node, group: &name, epoch: g.epoch, guard: &self.guard };
-                        tokio::spawn(cx.action(r, "stop", false).run());
+                        self.lapse_stops.push(tokio::spawn(cx.action(r, "stop", false).run()));
                     }
                 }
             }
@@ -350,6 +356,11 @@ impl Executor {
                 reconcile::Command::Claim { .. } => {}
                 reconcile::Command::Run { group, .. } => {
                     let Some(g) = state.groups.get(&group) else { continue };
+                    self.lapse_stops.retain(|h| !h.is_finished());
+                    if !self.lapse_stops.is_empty() && !self.groups.contains_key(&group) {
+                        tracing::info!(group = %group, "waiting for the stops of the last lapse before starting");
+                        continue;
+                    }
                     if let Some(report) = self.run(g).await {
                         reports.push(report);
                     }

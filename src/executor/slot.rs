@@ -359,7 +359,7 @@ pub(super) async fn stop_slots(
         let failed = match slot {
             Slot::Idle => None,
             Slot::Process(mut p) => {
-                let _ = killpg(Pid::from_raw(p.pid), Signal::SIGTERM);
+                let _ = killpg(Pid::from_raw(p.pid), stop_signal(r));
                 let timeout = Duration::from_millis(r.stop_timeout_ms);
                 if tokio::time::timeout(timeout, p.wait()).await.is_err() {
                     tracing::warn!(resource = %r.name, "did not stop within {timeout:?}: killing it");
@@ -382,6 +382,14 @@ pub(super) async fn stop_slots(
         }
     }
     (left, errors)
+}
+
+/// The signal a process resource's stop starts with.
+fn stop_signal(r: &ResourceSpec) -> Signal {
+    match &r.kind {
+        ResourceKind::Process { stop_signal: Some(s), .. } => s.parse().unwrap_or(Signal::SIGTERM),
+        _ => Signal::SIGTERM,
+    }
 }
 
 /// Runs a script resource's stop; the failure, if any.

@@ -126,6 +126,9 @@ fn json_string(json: &str, key: &str) -> Option<String> {
 
 fn demo(args: &[String]) -> Result<(), Fail> {
     packages::ensure(Job::Demo)?;
+    if wants_postgres(args) {
+        packages::ensure(Job::DemoPostgres)?;
+    }
     let mut c = cargo();
     c.args(["run", "--release", "--locked", "--bin", "tandem", "--", "demo"]).args(args);
     eprintln!("$ {}", show(&c));
@@ -134,6 +137,11 @@ fn demo(args: &[String]) -> Result<(), Fail> {
     use std::os::unix::process::CommandExt;
     let e = c.exec();
     Err(Fail(format!("cannot run cargo: {e}")))
+}
+
+/// Whether the demo's arguments ask for `--app postgres`.
+fn wants_postgres(args: &[String]) -> bool {
+    args.iter().any(|a| a == "--app=postgres") || args.windows(2).any(|w| w[0] == "--app" && w[1] == "postgres")
 }
 
 /// Whether the package test may install into this machine: only as root and
@@ -236,6 +244,18 @@ mod tests {
         let json = r#"{"packages":[],"target_directory":"/var/tmp/a \"b\"\\c","version":1}"#;
         assert_eq!(json_string(json, "target_directory").as_deref(), Some("/var/tmp/a \"b\"\\c"));
         assert_eq!(json_string(json, "workspace_root"), None);
+    }
+
+    #[test]
+    fn the_postgres_demo_gets_its_packages() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(wants_postgres(&args(&["--base-port", "7501", "--app", "postgres"])));
+        assert!(wants_postgres(&args(&["--app=postgres"])));
+        assert!(!wants_postgres(&args(&["--app", "web"])));
+        let names: Vec<&str> = packages::needed(Job::DemoPostgres).into_iter().map(|(n, _)| n).collect();
+        for want in ["postgresql", "libnbd-bin", "e2fsprogs"] {
+            assert!(names.contains(&want), "{want}");
+        }
     }
 
     #[test]

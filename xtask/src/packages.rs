@@ -14,6 +14,8 @@ pub enum Job {
     Build,
     /// `cargo xtask demo`: the local cluster and what it tells you to try.
     Demo,
+    /// `cargo xtask demo --app postgres`: PostgreSQL on a replicated volume.
+    DemoPostgres,
     /// `cargo xtask test`: the test suite, chaos runs and the package test.
     Test,
     /// `cargo xtask deb`: building the Debian package.
@@ -68,10 +70,29 @@ pub const PACKAGES: &[Package] = &[
     },
     Package { name: "iputils-arping", why: "gratuitous ARP after a `vip` moves", jobs: &[Test] },
     Package { name: "procps", why: "pkill, in the fencing test's fence command", jobs: &[Test] },
-    Package { name: "libnbd-bin", why: "nbdcopy and nbdinfo: NBD clients the NBD server tests drive", jobs: &[Test] },
+    Package {
+        name: "libnbd-bin",
+        why: "nbdfuse: a `filesystem` resource's block device where the kernel has no NBD driver; nbdcopy and nbdinfo: NBD clients the NBD server tests drive",
+        jobs: &[DemoPostgres, Test],
+    },
+    Package {
+        name: "e2fsprogs",
+        why: "mkfs.ext4 and blkid: a `filesystem` resource makes and recognises the file system on its volume",
+        jobs: &[DemoPostgres, Test],
+    },
+    Package {
+        name: "postgresql",
+        why: "PostgreSQL 15 and psql: the database of `tandem demo --app postgres`, of the PostgreSQL guide's test and of the bank tests",
+        jobs: &[DemoPostgres, Test],
+    },
     Package { name: "fio", why: "verifies the data written through the NBD export", jobs: &[Test] },
     Package { name: "nbdkit", why: "a reference NBD server the NBD tests compare tandem's export with", jobs: &[Test] },
-    Package { name: "nftables", why: "nft: the chaos runs' one-way packet loss", jobs: &[Test] },
+    Package { name: "nftables", why: "nft: the chaos runs' one-way packet loss, the tests' partitions", jobs: &[Test] },
+    Package {
+        name: "haproxy",
+        why: "a real load balancer in front of a group, checking the health endpoints in the tests",
+        jobs: &[Test],
+    },
     Package {
         name: "dpkg-dev",
         why: "dpkg-shlibdeps works out the .deb's library dependencies from the binary",
