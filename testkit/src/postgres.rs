@@ -33,12 +33,8 @@ pub const PORT: u16 = 5432;
 /// this host keeps its files, and PostgreSQL's shared memory interlock
 /// stays in any case.
 ///
-/// The postmaster runs in the shell's process group, which the agent
-/// supervises. The agent stops a process with SIGTERM, which PostgreSQL
-/// takes as a *smart* shutdown (it waits for every client to disconnect:
-/// with clients connected every stop ran into the 30 s stop timeout); the
-/// shell turns it into SIGINT, the fast shutdown (sessions end, a
-/// checkpoint, exit), and exits with the postmaster's status.
+/// Then it `exec`s the postmaster, whose process group the agent
+/// supervises.
 ///
 /// `trusted` is the network whose clients may connect without a password
 /// (tests only).
@@ -60,11 +56,7 @@ pub fn start_script(mountpoint: &str, trusted: &str) -> String {
               && [ \"$(readlink $Q/ns/net)\" = \"$(readlink /proc/self/ns/net)\" ]; then continue; fi; \
            rm -f $P; \
          done; \
-         {BIN}/postgres -D $D -p {PORT} -c listen_addresses='*' -c unix_socket_directories={mountpoint} & P=$!; \
-         trap 'kill -INT $P 2>/dev/null' TERM INT; \
-         set +e; wait $P; S=$?; \
-         while kill -0 $P 2>/dev/null; do wait $P; S=$?; done; \
-         exit $S"
+         exec {BIN}/postgres -D $D -p {PORT} -c listen_addresses='*' -c unix_socket_directories={mountpoint}"
     )
 }
 
@@ -88,7 +80,10 @@ pub fn group_definition(
              "start_timeout_ms": 60000},
             {"name": "db", "type": "process", "user": "postgres",
              "command": ["/bin/sh", "-c", start_script(mountpoint, "0.0.0.0/0")],
-             "stop_timeout_ms": 30000},
+             // SIGTERM is PostgreSQL's smart shutdown: it waits for every
+             // client to disconnect (with the bank's clients connected,
+             // every stop ran into the stop timeout). SIGINT is the fast one.
+             "stop_signal": "SIGINT", "stop_timeout_ms": 30000},
             {"name": "ip", "type": "vip", "address": vip_cidr, "interface": interface}
         ],
         "nodes": nodes,
