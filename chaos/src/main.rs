@@ -7,6 +7,7 @@
 //! when it exits, also on Ctrl-C or a panic. Needs root. It must never
 //! judge a run by timings: only the checker's properties are violations.
 
+mod bank;
 mod blocks;
 mod checker;
 mod register;
@@ -26,7 +27,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 use tandem_testkit::sites::{self as topology, Site, Topology};
-use tandem_testkit::{is_root, kill_session, new_session};
+use tandem_testkit::{is_root, kill_netns, kill_session, new_session};
 
 #[derive(Parser)]
 #[command(name = "tandem-chaos", about = "Fault injection with a history checker for tandem")]
@@ -67,6 +68,19 @@ struct Args {
     /// Keep the agents' logs also when nothing was violated.
     #[arg(long)]
     keep: bool,
+    /// What runs on the cluster while the faults come.
+    #[arg(long, value_enum, default_value_t = Workload::Standard)]
+    workload: Workload,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Workload {
+    /// A process on a sync volume (never two copies), an async volume's
+    /// losses, a register through the API, blocks through NBD.
+    Standard,
+    /// PostgreSQL on a sync volume behind a virtual IP, and bank clients
+    /// through that address (see `bank`).
+    Postgres,
 }
 
 /// Seconds from "3600", "90s", "30m" or "1h".
@@ -226,6 +240,9 @@ impl Host {
         for sid in &self.sessions {
             kill_session(*sid);
         }
+        // What left the agent's session (PostgreSQL's backends call
+        // setsid) dies with the host too.
+        kill_netns(&self.ns);
         self.sessions.clear();
         self.kill_agent();
     }
@@ -335,6 +352,16 @@ fn sample(log: &Path, t0: Instant, known: &mut Vec<(Copy, Option<u64>)>) -> Samp
 
 struct Run {
     hosts: Vec<Host>,
+    /// The groups the faults aim at (the first the most) and whose health
+    /// ends a round, and the volumes that must be back in sync.
+    groups: Vec<&'static str>,
+    volumes: Vec<&'static str>,
+    /// The path that carries the first group's clients (its virtual IP's
+    /// interface), if it has any: that path lost on the group's node is an
+    /// outage the group must move for, not a fault that moves nothing.
+    client_path: Option<usize>,
+    /// The path the last `PathDown` took down.
+    path_down: Option<usize>,
     client: reqwest::Client,
     tandem: PathBuf,
     /// Dropped after the hosts: the agents die before their network.
@@ -351,20 +378,20 @@ impl Run {
         None
     }
 
-    /// Every node online on every path, three voters, both groups running,
+    /// Every node online on every path, three voters, every group running,
     /// every volume replica up to date and connected: the cluster recovered
     /// from the last fault.
     async fn healthy(&self) -> bool {
-        let (Some(c), Some(g), Some(g2)) = (
-            self.any("/v1/cluster").await,
-            self.any("/v1/groups/chaos").await,
-            self.any(&format!("/v1/groups/{ASYNC_GROUP}")).await,
-        ) else {
-            return false;
-        };
+        let Some(c) = self.any("/v1/cluster").await else { return false };
+        for group in &self.groups {
+            match self.any(&format!("/v1/groups/{group}")).await {
+                Some(g) if g["state"] == "running" => {}
+                _ => return false,
+            }
+        }
         let members = c["members"].as_array().cloned().unwrap_or_default();
         let mut in_sync = true;
-        for volume in [VOLUME, ASYNC_VOLUME] {
+        for volume in &self.volumes {
             in_sync &= match self.any(&format!("/v1/volumes/{volume}")).await {
                 Some(v) => v["replicas"].as_array().is_some_and(|r| {
                     !r.is_empty() && r.iter().all(|r| r["disk"] == "UpToDate" && r["connection"] == "Connected")
@@ -380,8 +407,6 @@ impl Run {
             && members.iter().all(|m| m["state"] == "online")
             && all_paths
             && members.iter().filter(|m| m["role"] == "voter" || m["role"] == "witness").count() >= 3
-            && g["state"] == "running"
-            && g2["state"] == "running"
             && in_sync
     }
 
@@ -467,7 +492,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     if !is_root() {
         bail!("needs root (network namespaces, one per node)");
     }
-    let tandem = match args.tandem {
+    let tandem = match args.tandem.clone() {
         Some(t) => t,
         None => std::env::current_exe()?.with_file_name("tandem"),
     };
@@ -493,7 +518,11 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         let ns = topo.host(i, site)?;
         let dir = tmp.path().join(format!("n{i}"));
         // A data directory that can fill up (the DiskFull fault).
-        topo.small_fs(&dir.join("data"), DATA_DIR_MIB)?;
+        let mib = match args.workload {
+            Workload::Standard => DATA_DIR_MIB,
+            Workload::Postgres => bank::DATA_DIR_MIB,
+        };
+        topo.small_fs(&dir.join("data"), mib)?;
         let addrs = topo.addrs(i);
         let quoted: Vec<String> = addrs.iter().take(args.paths.into()).map(|a| format!("\"{a}\"")).collect();
         let cfg = format!(
@@ -509,7 +538,15 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     }
     topo.route_sites()?;
     let client = reqwest::Client::builder().no_proxy().build()?;
-    let mut run = Run { hosts, client, tandem, topo };
+    let (groups, volumes) = match args.workload {
+        Workload::Standard => (vec!["chaos", ASYNC_GROUP], vec![VOLUME, ASYNC_VOLUME]),
+        Workload::Postgres => (vec![bank::GROUP], vec![bank::VOLUME]),
+    };
+    let client_path = match args.workload {
+        Workload::Standard => None,
+        Workload::Postgres => Some(0),
+    };
+    let mut run = Run { hosts, groups, volumes, client_path, path_down: None, client, tandem, topo };
     for h in &mut run.hosts {
         h.start(&run.tandem)?;
     }
@@ -527,6 +564,9 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         });
     }
     form(&run).await?;
+    if args.workload == Workload::Postgres {
+        return bank::run(&args, run, tmp, seed, interrupted).await;
+    }
 
     let events = tmp.path().join("events");
     let script = format!(
@@ -668,20 +708,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     }
 
     let mut rng = Rng(seed.max(1));
-    let mut kinds = fault_kinds(args.sites);
-    if !args.faults.is_empty() {
-        let known: Vec<String> = kinds.iter().map(|k| format!("{k:?}")).collect();
-        if let Some(bad) = args.faults.iter().find(|f| !known.contains(f)) {
-            bail!("--faults: no fault kind {bad:?} here; known: {}", known.join(","));
-        }
-        kinds.retain(|k| args.faults.contains(&format!("{k:?}")));
-    }
-    if args.paths < 2 {
-        if kinds == [Fault::PathDown] {
-            bail!("--faults PathDown needs two paths (--paths 2)");
-        }
-        kinds.retain(|k| *k != Fault::PathDown);
-    }
+    let kinds = chosen_kinds(&args, fault_kinds(args.sites))?;
     let mut timeline = Vec::new();
     let mut extra = Vec::new();
     let mut round = 0u32;
@@ -692,73 +719,10 @@ async fn run(args: Args) -> anyhow::Result<usize> {
             None if round >= args.rounds => break,
             _ => {}
         }
-        // A fixed-seed short run covers every kind first, then draws.
-        let fault = if (round as usize) < kinds.len() {
-            kinds[round as usize]
-        } else {
-            kinds[rng.below(kinds.len() as u64) as usize]
-        };
-        // Two faults in three hit the node running the group: those make
-        // failovers; the others test that nothing moves needlessly.
-        let before = run.any("/v1/groups/chaos").await;
-        let before_async = run.any(&format!("/v1/groups/{ASYNC_GROUP}")).await;
-        // One fault in four aims at the asynchronous volume's group instead
-        // (a failover there is what loses its writes).
-        let aimed = match rng.below(4) {
-            0 => before_async.clone(),
-            _ => before.clone(),
-        };
-        let holder = aimed.as_ref().and_then(|g| g["node"].as_str().map(str::to_string));
-        let holder = holder.and_then(|n| run.hosts.iter().position(|h| h.name == n));
-        let i = match holder {
-            Some(h) if rng.below(3) < 2 => h,
-            _ => rng.below(run.hosts.len() as u64) as usize,
-        };
-        // A cut between sites is held longer: long enough for the group to
-        // move across it.
-        let hold = match fault {
-            Fault::SiteCut => Duration::from_millis(3000 + rng.below(5000)),
-            _ => Duration::from_millis(1000 + rng.below(2000)),
-        };
-        let t = t0.elapsed().as_millis() as u64;
-        let name = run.hosts[i].name.clone();
-        println!("[{t:>7} ms] round {round}: {fault:?} on {name} for {} ms", hold.as_millis());
-        timeline.push(json!({"t_ms": t, "round": round, "fault": format!("{fault:?}"), "node": name, "held_ms": hold.as_millis() as u64}));
-        if let Some(detail) = inject(&mut run, round, i, fault, hold, &mut rng).await? {
-            extra.push(Violation { kind: "verify".into(), t_ms: t0.elapsed().as_millis() as u64, detail });
-        }
-        let healing = Instant::now();
-        let healthy = run.wait_healthy(Duration::from_secs(60)).await;
-        // How long the cluster took to be whole again after the heal.
-        if let Some(f) = timeline.last_mut() {
-            f["recovered_ms"] = json!(healing.elapsed().as_millis() as u64);
-        }
-        // One path lost, another up, or a slow link: the node is still
-        // heard, nothing moves (neither group changes node or epoch).
-        if let (Some(what), true) = (fault.moves_nothing(), healthy) {
-            for (group, before) in [("chaos", &before), (ASYNC_GROUP, &before_async)] {
-                let after = run.any(&format!("/v1/groups/{group}")).await;
-                let at = |g: &Option<Value>| g.as_ref().map(|g| (g["node"].clone(), g["epoch"].clone()));
-                if at(before) != at(&after) {
-                    extra.push(Violation {
-                        kind: "needless failover".into(),
-                        t_ms: t0.elapsed().as_millis() as u64,
-                        detail: format!(
-                            "group {group} moved when {name} {what}: {} → {}",
-                            placed(before),
-                            placed(&after)
-                        ),
-                    });
-                }
-            }
-        }
-        if !healthy {
-            extra.push(Violation {
-                kind: "no recovery".into(),
-                t_ms: t0.elapsed().as_millis() as u64,
-                detail: format!("not healthy 60 s after healing {fault:?} on {name}"),
-            });
-        }
+        let fault = pick_fault(&kinds, round, &mut rng);
+        let (entry, found) = fault_round(&mut run, round, fault, &mut rng, t0).await?;
+        timeline.push(entry);
+        extra.extend(found);
         round += 1;
     }
     stop.store(true, Ordering::SeqCst);
@@ -896,6 +860,122 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     println!("violations: {}", verdict.violations.len());
     drop(run);
     Ok(verdict.violations.len())
+}
+
+/// The fault kinds of this run: `base` narrowed by --faults and --paths.
+fn chosen_kinds(args: &Args, base: Vec<Fault>) -> anyhow::Result<Vec<Fault>> {
+    let mut kinds = base;
+    if !args.faults.is_empty() {
+        let known: Vec<String> = kinds.iter().map(|k| format!("{k:?}")).collect();
+        if let Some(bad) = args.faults.iter().find(|f| !known.contains(f)) {
+            bail!("--faults: no fault kind {bad:?} here; known: {}", known.join(","));
+        }
+        kinds.retain(|k| args.faults.contains(&format!("{k:?}")));
+    }
+    if args.paths < 2 {
+        if kinds == [Fault::PathDown] {
+            bail!("--faults PathDown needs two paths (--paths 2)");
+        }
+        kinds.retain(|k| *k != Fault::PathDown);
+    }
+    Ok(kinds)
+}
+
+/// Round `round`'s fault: a fixed-seed short run covers every kind first,
+/// then draws.
+fn pick_fault(kinds: &[Fault], round: u32, rng: &mut Rng) -> Fault {
+    if (round as usize) < kinds.len() {
+        kinds[round as usize]
+    } else {
+        kinds[rng.below(kinds.len() as u64) as usize]
+    }
+}
+
+/// One fault round: aims `fault` (two in three at the node running a
+/// group), injects and heals it, waits until the cluster is healthy again
+/// and checks that a fault that must move nothing moved nothing. Returns
+/// the round's timeline entry and the violations it revealed.
+async fn fault_round(
+    run: &mut Run,
+    round: u32,
+    fault: Fault,
+    rng: &mut Rng,
+    t0: Instant,
+) -> anyhow::Result<(Value, Vec<Violation>)> {
+    let mut found = Vec::new();
+    // Two faults in three hit the node running the group: those make
+    // failovers; the others test that nothing moves needlessly.
+    let mut before = Vec::new();
+    for group in &run.groups {
+        before.push(run.any(&format!("/v1/groups/{group}")).await);
+    }
+    // With a second group (the asynchronous volume's), one fault in four
+    // aims at it instead (a failover there is what loses its writes).
+    let aimed = match before.len() > 1 && rng.below(4) == 0 {
+        true => before[1].clone(),
+        false => before.first().cloned().flatten(),
+    };
+    let holder = aimed.as_ref().and_then(|g| g["node"].as_str().map(str::to_string));
+    let holder = holder.and_then(|n| run.hosts.iter().position(|h| h.name == n));
+    let i = match holder {
+        Some(h) if rng.below(3) < 2 => h,
+        _ => rng.below(run.hosts.len() as u64) as usize,
+    };
+    // A cut between sites is held longer: long enough for the group to
+    // move across it.
+    let hold = match fault {
+        Fault::SiteCut => Duration::from_millis(3000 + rng.below(5000)),
+        _ => Duration::from_millis(1000 + rng.below(2000)),
+    };
+    let t = t0.elapsed().as_millis() as u64;
+    let name = run.hosts[i].name.clone();
+    println!("[{t:>7} ms] round {round}: {fault:?} on {name} for {} ms", hold.as_millis());
+    let mut entry = json!({"t_ms": t, "round": round, "fault": format!("{fault:?}"), "node": name, "held_ms": hold.as_millis() as u64});
+    run.path_down = None;
+    if let Some(detail) = inject(run, round, i, fault, hold, rng).await? {
+        found.push(Violation { kind: "verify".into(), t_ms: t0.elapsed().as_millis() as u64, detail });
+    }
+    let healing = Instant::now();
+    let healthy = run.wait_healthy(Duration::from_secs(60)).await;
+    // How long the cluster took to be whole again after the heal.
+    entry["recovered_ms"] = json!(healing.elapsed().as_millis() as u64);
+    // One path lost, another up, or a slow link: the node is still
+    // heard, nothing moves (no group changes node or epoch).
+    // Unless the path lost is the one the group's clients come by, on the
+    // group's node: then it must move.
+    let clients_cut = fault == Fault::PathDown
+        && run.client_path.is_some()
+        && run.client_path == run.path_down
+        && holder_of_first(&before) == Some(name.as_str());
+    if clients_cut {
+        println!("           the path {name} lost carries its group's clients: the group may move");
+    }
+    if let (Some(what), true, false) = (fault.moves_nothing(), healthy, clients_cut) {
+        for (group, before) in run.groups.iter().zip(&before) {
+            let after = run.any(&format!("/v1/groups/{group}")).await;
+            let at = |g: &Option<Value>| g.as_ref().map(|g| (g["node"].clone(), g["epoch"].clone()));
+            if at(before) != at(&after) {
+                found.push(Violation {
+                    kind: "needless failover".into(),
+                    t_ms: t0.elapsed().as_millis() as u64,
+                    detail: format!("group {group} moved when {name} {what}: {} → {}", placed(before), placed(&after)),
+                });
+            }
+        }
+    }
+    if !healthy {
+        found.push(Violation {
+            kind: "no recovery".into(),
+            t_ms: t0.elapsed().as_millis() as u64,
+            detail: format!("not healthy 60 s after healing {fault:?} on {name}"),
+        });
+    }
+    Ok((entry, found))
+}
+
+/// The node the first group ran on, from the views taken before a fault.
+fn holder_of_first(before: &[Option<Value>]) -> Option<&str> {
+    before.first()?.as_ref()?["node"].as_str()
 }
 
 /// A figure for the summary: the number, or `-` when there is none.
@@ -1171,6 +1251,7 @@ async fn inject(
         Fault::PathDown => {
             let path = rng.below(topology::PATHS as u64) as usize;
             println!("           path {path} (eth{path}) down");
+            run.path_down = Some(path);
             run.topo.set_link(host_no, Some(path), false)?;
             tokio::time::sleep(hold).await;
             run.topo.set_link(host_no, Some(path), true)?;
@@ -1185,7 +1266,7 @@ async fn inject(
         }
         Fault::SiteCut => {
             site_cut_setup(run, rng, round == 0).await?;
-            let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
+            let g = run.any(&format!("/v1/groups/{}", run.groups[0])).await.unwrap_or_default();
             let c = run.any("/v1/cluster").await.unwrap_or_default();
             let site_of = |n: &Value| {
                 run.hosts.iter().find(|h| Some(h.name.as_str()) == n.as_str()).map_or("-", |h| h.site.name())
@@ -1238,11 +1319,12 @@ async fn site_cut_setup(run: &mut Run, rng: &mut Rng, first: bool) -> anyhow::Re
     let Some(home) = site_of(run, &leader) else { return Ok(()) };
     if rng.below(2) == 0 || first {
         let away = run.hosts.iter().find(|h| h.site != home && h.site != Site::Witness).map(|h| h.name.clone());
-        let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
+        let group = run.groups[0];
+        let g = run.any(&format!("/v1/groups/{group}")).await.unwrap_or_default();
         if let Some(to) = away.filter(|n| g["node"].as_str() != Some(n)) {
             let deadline = Instant::now() + Duration::from_secs(20);
             let body = json!({"to": to});
-            match run.post_until("/v1/groups/chaos/move", &body, Via::AnyNode, &[], deadline).await {
+            match run.post_until(&format!("/v1/groups/{group}/move"), &body, Via::AnyNode, &[], deadline).await {
                 Ok(t) if t.tries > 1 => {
                     println!("           move to {to} accepted by {} at try {} (retried: {})", t.node, t.tries, t.last)
                 }
@@ -1254,7 +1336,7 @@ async fn site_cut_setup(run: &mut Run, rng: &mut Rng, first: bool) -> anyhow::Re
             }
             let mut moved = false;
             while Instant::now() < deadline && !moved {
-                let g = run.any("/v1/groups/chaos").await.unwrap_or_default();
+                let g = run.any(&format!("/v1/groups/{group}")).await.unwrap_or_default();
                 moved = g["node"].as_str() == Some(&to) && run.healthy().await;
                 if !moved {
                     tokio::time::sleep(Duration::from_millis(100)).await;

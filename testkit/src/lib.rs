@@ -3,6 +3,7 @@
 //! uses this crate: it is a dev-dependency of `tandem` and a dependency of
 //! `tandem-chaos` only.
 
+pub mod bank;
 pub mod postgres;
 pub mod sites;
 
@@ -107,6 +108,37 @@ pub fn kill_session(sid: i32) {
             return;
         }
         members.extend(descendants_of(&members));
+        for pid in members {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The processes in network namespace `ns` (a name under /var/run/netns):
+/// everything a host in that namespace runs, also what left the session
+/// of the agent that started it (PostgreSQL's backends call setsid).
+pub fn netns_members(ns: &str) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(format!("/var/run/netns/{ns}")) else { return Vec::new() };
+    let want = format!("net:[{}]", meta.ino());
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|l| l.to_string_lossy() == want.as_str())
+        })
+        .collect()
+}
+
+/// SIGKILLs every process in network namespace `ns` at once, until none
+/// is left: with `kill_session`, a host's power loss.
+pub fn kill_netns(ns: &str) {
+    for _ in 0..100 {
+        let members = netns_members(ns);
+        if members.is_empty() {
+            return;
+        }
         for pid in members {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
