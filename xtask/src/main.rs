@@ -3,7 +3,7 @@
 //! list, with why: `packages.rs`), then builds and runs:
 //!
 //! - `cargo xtask demo [ARGS]`: the local 3-node demo (`tandem demo ARGS`, release build);
-//! - `cargo xtask test`: what CI runs (`.ci/run`): fmt, clippy, the test suite, two chaos runs;
+//! - `cargo xtask test`: what CI runs (`.ci/run`): fmt, clippy, the test suite, three chaos runs;
 //! - `cargo xtask deb`: the Debian package (`deb.rs`), printing its path.
 //!
 //! std only, so that it builds before any system package is there. It never
@@ -24,7 +24,7 @@ pub struct Fail(pub String);
 
 const USAGE: &str = "usage: cargo xtask <command>
   demo [ARGS]   install what the demo needs, then run the local 3-node cluster (tandem demo ARGS)
-  test          install what the tests need, then run fmt, clippy, the test suite and two chaos runs (as CI does)
+  test          install what the tests need, then run fmt, clippy, the test suite and three chaos runs (as CI does)
   deb           build the Debian package (target/debian/tandem_<version>_<arch>.deb)";
 
 fn main() -> ExitCode {
@@ -191,7 +191,7 @@ fn test() -> Result<(), Fail> {
     c.args(["run", "--locked", "-p", "tandem-sim", "--", "--seeds", "500"]);
     run(c)?;
 
-    // Two short fixed-seed chaos runs (every fault kind at least once; one
+    // Short fixed-seed chaos runs (every fault kind at least once; one
     // site, then two sites and a witness), with the debug agents just built.
     let mut c = cargo();
     c.args(["build", "--locked", "-p", "tandem-chaos", "--bin", "tandem-chaos"]);
@@ -206,6 +206,10 @@ fn test() -> Result<(), Fail> {
     run(packages::as_root(&[&chaos, "--seed", "1", "--rounds", "13", "--report", &one_site])?)?;
     let sites = report("chaos-sites-report.json");
     run(packages::as_root(&[&chaos, "--seed", "1", "--rounds", "3", "--sites", "--report", &sites])?)?;
+    // PostgreSQL on a replicated volume with the bank workload (about 6 s
+    // a round).
+    let bank = report("chaos-postgres-report.json");
+    run(packages::as_root(&[&chaos, "--workload", "postgres", "--seed", "1", "--rounds", "6", "--report", &bank])?)?;
     Ok(())
 }
 
