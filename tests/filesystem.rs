@@ -107,6 +107,21 @@ fn acked(c: &Cluster, node: &str) -> Vec<String> {
         .collect()
 }
 
+/// Three nodes running the writer's group on n1 (`None` when this machine
+/// cannot run it): the cluster, the mountpoint, the cleanup, the group.
+async fn fs_cluster() -> Option<(Cluster, PathBuf, Unmounter, Value)> {
+    if !can_run() {
+        return None;
+    }
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let mnt = c.tmp.path().join("mnt");
+    let cleanup = Unmounter(c.tmp.path().to_path_buf());
+    let (st, v) = put(&format!("{}/v1/groups/fsg", c.nodes[0].url()), fs_group(&mnt)).await;
+    assert_eq!(st, 201, "{v}");
+    let g = wait_running_on(&c, "fsg", "n1").await;
+    Some((c, mnt, cleanup, g))
+}
+
 fn uid_of(pid: u64) -> u32 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
@@ -115,15 +130,7 @@ fn uid_of(pid: u64) -> u32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_system_on_a_volume_keeps_every_fsynced_write_across_a_power_loss() {
-    if !can_run() {
-        return;
-    }
-    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
-    let mnt = c.tmp.path().join("mnt");
-    let _cleanup = Unmounter(c.tmp.path().to_path_buf());
-    let (st, v) = put(&format!("{}/v1/groups/fsg", c.nodes[0].url()), fs_group(&mnt)).await;
-    assert_eq!(st, 201, "{v}");
-    let g = wait_running_on(&c, "fsg", "n1").await;
+    let Some((mut c, mnt, _cleanup, g)) = fs_cluster().await else { return };
 
     // Mounted once, ext4 on a loop device, and the writer runs as nobody.
     let m = mounts_at(&mnt);
@@ -341,15 +348,7 @@ async fn a_read_only_remount_fails_the_file_system_and_what_runs_on_it_restarts(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_whose_lease_lapses_unmounts_and_its_export_answers_nothing() {
-    if !can_run() {
-        return;
-    }
-    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
-    let mnt = c.tmp.path().join("mnt");
-    let _cleanup = Unmounter(c.tmp.path().to_path_buf());
-    let (st, v) = put(&format!("{}/v1/groups/fsg", c.nodes[0].url()), fs_group(&mnt)).await;
-    assert_eq!(st, 201, "{v}");
-    wait_running_on(&c, "fsg", "n1").await;
+    let Some((mut c, mnt, _cleanup, _)) = fs_cluster().await else { return };
     let socket = c.tmp.path().join("n1").join("run").join("nbd").join("data.sock");
     assert!(socket.exists());
 

@@ -149,10 +149,7 @@ impl Backend for Agent {
             }
             if let tandem_raft::group::ResourceKind::Filesystem(f) = &r.kind {
                 if let Some(owner) = &f.owner {
-                    let (u, g) = match owner.split_once(':') {
-                        Some((u, g)) => (u, Some(g)),
-                        None => (owner.as_str(), None),
-                    };
+                    let (u, g) = crate::executor::filesystem::split_owner(owner);
                     crate::executor::run_as(u, g).map_err(|reason| ApiError::Invalid { field: at("owner"), reason })?;
                 }
             }

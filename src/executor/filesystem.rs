@@ -480,23 +480,17 @@ async fn format_and_mount(f: &FilesystemSpec, device: &str) -> Result<(), String
 
 /// Gives the file system's root to `owner` (`user` or `user:group`).
 fn chown_root(mountpoint: &str, owner: &str) -> Result<(), String> {
-    let (u, g) = match owner.split_once(':') {
+    let (u, g) = split_owner(owner);
+    let (uid, gid, _) = super::run_as(u, g).map_err(|e| format!("owner: {e}"))?;
+    nix::unistd::chown(mountpoint, Some(uid.into()), Some(gid.into())).map_err(|e| format!("chown {mountpoint}: {e}"))
+}
+
+/// `user` or `user:group`.
+pub fn split_owner(owner: &str) -> (&str, Option<&str>) {
+    match owner.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (owner, None),
-    };
-    let user = nix::unistd::User::from_name(u)
-        .map_err(|e| format!("owner {u}: {e}"))?
-        .ok_or_else(|| format!("owner: no user {u} on this node"))?;
-    let gid = match g {
-        Some(g) => {
-            nix::unistd::Group::from_name(g)
-                .map_err(|e| format!("owner {g}: {e}"))?
-                .ok_or_else(|| format!("owner: no group {g} on this node"))?
-                .gid
-        }
-        None => user.gid,
-    };
-    nix::unistd::chown(mountpoint, Some(user.uid), Some(gid)).map_err(|e| format!("chown {mountpoint}: {e}"))
+    }
 }
 
 async fn stop(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str) -> Result<(), String> {
