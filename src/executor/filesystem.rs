@@ -4,8 +4,8 @@
 //!
 //! The block device is chosen once at agent start (`[filesystem] device`):
 //! an NBD device (`nbd-client`, where the kernel has `/dev/nbd*`), or the
-//! export as a file through FUSE (`nbdfuse`) under a loop device (`mount -o
-//! loop`, which detaches the loop device with the mount). Either way every
+//! export as a file through FUSE (`nbdfuse`) under a loop device (marked to
+//! detach itself with the mount). Either way every
 //! write and flush goes through the volume's NBD export, which answers
 //! nothing without the lease: a node that lost its lease cannot reach any
 //! replica through a mount it left behind.
@@ -230,6 +230,9 @@ async fn start(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str) -> R
             let _ = umount2(mp.as_str(), MntFlags::MNT_DETACH);
         })
         .await?;
+        if m.source.starts_with("/dev/loop") {
+            let _ = run("losetup", &["-d", &m.source]).await;
+        }
     }
     let socket = volume_socket(dir, &f.volume);
     if !socket.exists() {
@@ -278,7 +281,7 @@ fn nbd_device_record(dir: &Path, group: &str, resource: &str) -> Option<String> 
 }
 
 /// Loop path: `nbdfuse` exposes the export as `<fuse dir>/nbd`; that file is
-/// the "device" (`mount -o loop` puts the loop device under it).
+/// the "device" (`losetup` puts a loop device on it).
 async fn attach_fuse(dir: &Path, group: &str, resource: &str, uri: &str) -> Result<String, String> {
     let fdir = fuse_dir(dir, group, resource);
     // A FUSE mount left by an earlier life of this resource goes first.
@@ -434,18 +437,32 @@ async fn format_and_mount(f: &FilesystemSpec, device: &str) -> Result<(), String
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&f.mountpoint, std::fs::Permissions::from_mode(0o000));
     }
-    let mut opts: Vec<&str> = Vec::new();
-    if !device.starts_with("/dev/") {
-        opts.push("loop");
-    }
-    opts.extend(f.options.split(',').filter(|o| !o.is_empty()));
+    // The loop path attaches the FUSE file itself rather than `mount -o
+    // loop`: libmount's overlap check reads every loop device's backing
+    // file, and one left on a dead FUSE connection (a node killed on a
+    // shared machine) would hang it.
+    let loop_dev = match device.starts_with("/dev/") {
+        true => None,
+        false => Some(run("losetup", &["--find", "--show", device]).await?.trim().to_string()),
+    };
+    let block = loop_dev.as_deref().unwrap_or(device);
+    let opts: Vec<&str> = f.options.split(',').filter(|o| !o.is_empty()).collect();
     let opts = opts.join(",");
     let mut args = vec!["-t", f.fstype.as_str()];
     if !opts.is_empty() {
         args.extend(["-o", opts.as_str()]);
     }
-    args.extend([device, f.mountpoint.as_str()]);
-    run("mount", &args).await?;
+    args.extend([block, f.mountpoint.as_str()]);
+    let mounted = run("mount", &args).await;
+    if let Some(l) = &loop_dev {
+        // Detaching a loop device the mount holds only marks it to detach
+        // itself when the mount goes (autoclear), whatever ends the mount;
+        // after a failed mount it detaches it now.
+        if let Err(e) = run("losetup", &["-d", l]).await {
+            tracing::warn!(device = %l, "losetup -d: {e}");
+        }
+    }
+    mounted?;
     if let Some(owner) = f.owner.clone() {
         let mp = f.mountpoint.clone();
         blocking(move || {
@@ -494,7 +511,7 @@ async fn stop(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str) -> Re
             let _ = run("nbd-client", &["-d", &m.source]).await;
             let _ = std::fs::remove_file(nbd_device_file(dir, group, resource));
         } else if m.source.starts_with("/dev/loop") {
-            // `mount -o loop` detaches it with the mount; make sure.
+            // Marked to detach itself with the mount (autoclear); make sure.
             let _ = run("losetup", &["-d", &m.source]).await;
         }
     }
@@ -632,11 +649,14 @@ fn kill_users(dev: &str) {
     let (Ok(ma), Ok(mi)) = (ma.parse::<u64>(), mi.parse::<u64>()) else { return };
     let wanted = nix::sys::stat::makedev(ma, mi);
     let maps_dev = format!("{ma:02x}:{mi:02x}");
-    let me = std::process::id() as i32;
+    // Never tandem itself: the agent and its watchdog may both run this
+    // stop at a lapse, each holding the mount's root open for its syncfs,
+    // and each would kill the other (an agent vanished that way).
+    let tandem = std::fs::read_link("/proc/self/exe").ok();
     let Ok(procs) = std::fs::read_dir("/proc") else { return };
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        if pid == me {
+        if tandem.is_some() && std::fs::read_link(p.path().join("exe")).ok() == tandem {
             continue;
         }
         let base = p.path();

@@ -108,10 +108,42 @@ pub fn kill_session(sid: i32) {
             return;
         }
         members.extend(descendants_of(&members));
-        for pid in members {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        sigkill_all(&members);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// SIGKILLs `pids`, the FUSE servers among them (nbdfuse) first, once they
+/// are gone the rest. The last process of a mount namespace unmounts what
+/// is mounted in it as it exits: if that is nbdfuse, with an ext4 on its
+/// FUSE file holding unwritten data, it waits for itself forever (a zombie
+/// in `sync_filesystem`), and every later `mount -o loop` on the machine
+/// hangs on its loop device. A real power loss has no such ending.
+fn sigkill_all(pids: &[i32]) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let is_fuse_server =
+        |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "nbdfuse");
+    let (fuse, rest): (Vec<i32>, Vec<i32>) = pids.iter().partition(|p| is_fuse_server(**p));
+    for pid in &fuse {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    // Gone, or a zombie: its /dev/fuse is closed and its connection aborted.
+    let exited = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rfind(')')
+                .and_then(|i| s[i + 2..].split_whitespace().next().map(|st| st == "Z" || st == "X"))
+                .unwrap_or(true)
+        })
+    };
+    for _ in 0..100 {
+        if fuse.iter().all(|p| exited(*p)) {
+            break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    for pid in rest {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 
@@ -139,9 +171,7 @@ pub fn kill_netns(ns: &str) {
         if members.is_empty() {
             return;
         }
-        for pid in members {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
+        sigkill_all(&members);
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
