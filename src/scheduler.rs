@@ -345,8 +345,69 @@ impl<'a> Scheduler<'a> {
     }
 }
 
+/// When the leader first saw each failure (`failed_on`) of a group with a
+/// `failure_timeout_ms`, to tell which have expired. Held by the leader
+/// only, from when it leads (a new leader starts counting anew: a failure
+/// lasts at most one timeout longer, never less). Pure: `now_ms` comes in.
+#[derive(Debug, Default)]
+pub struct FailureClock {
+    first_seen: BTreeMap<(String, NodeId), u64>,
+}
+
+impl FailureClock {
+    /// The (group, node) failures whose timeout has passed at `now_ms`:
+    /// each may be expired (`ExpireGroupFailure`). Forgets failures gone.
+    pub fn expired(&mut self, groups: &BTreeMap<String, GroupRecord>, now_ms: u64) -> Vec<(String, NodeId)> {
+        let mut present = BTreeSet::new();
+        let mut out = Vec::new();
+        for g in groups.values().filter(|g| g.spec.failure_timeout_ms > 0) {
+            for node in &g.failed_on {
+                let key = (g.name.clone(), *node);
+                let seen = *self.first_seen.entry(key.clone()).or_insert(now_ms);
+                if now_ms.saturating_sub(seen) >= g.spec.failure_timeout_ms {
+                    out.push(key.clone());
+                }
+                present.insert(key);
+            }
+        }
+        self.first_seen.retain(|k, _| present.contains(k));
+        out
+    }
+
+    /// Not the leader any more: what it saw is forgotten.
+    pub fn reset(&mut self) {
+        self.first_seen.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn failures_expire_after_their_timeout_and_only_with_one() {
+        let mut groups = BTreeMap::new();
+        for (name, timeout) in [("a", 10_000u64), ("b", 0)] {
+            let mut g = group(name, &[1, 2]);
+            g.spec.failure_timeout_ms = timeout;
+            g.failed_on.insert(2);
+            groups.insert(name.to_string(), g);
+        }
+        let mut clock = FailureClock::default();
+        assert!(clock.expired(&groups, 1_000).is_empty(), "first seen now");
+        assert!(clock.expired(&groups, 10_999).is_empty());
+        assert_eq!(clock.expired(&groups, 11_000), vec![("a".to_string(), 2)]);
+        // Cleared, then failed again: counted from the new failure.
+        groups.get_mut("a").unwrap().failed_on.clear();
+        assert!(clock.expired(&groups, 12_000).is_empty());
+        groups.get_mut("a").unwrap().failed_on.insert(2);
+        assert!(clock.expired(&groups, 13_000).is_empty());
+        assert!(clock.expired(&groups, 22_999).is_empty());
+        assert_eq!(clock.expired(&groups, 23_000).len(), 1);
+        // A new leader counts anew.
+        clock.reset();
+        assert!(clock.expired(&groups, 24_000).is_empty());
+    }
+
     use super::*;
     use proptest::prelude::*;
     use tandem_raft::group::{GroupSpec, Placement};

@@ -727,3 +727,33 @@ async fn a_process_runs_as_its_user_and_stops_with_its_stop_signal() {
     let (st, _) = get(&format!("{}/v1/groups/u", c.nodes[0].url())).await;
     assert_eq!(st, 404);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_expires_after_the_groups_failure_timeout() {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    // Fails at once on n1, runs elsewhere.
+    let def = json!({
+        "resources": [{"name": "p", "type": "process",
+                       "command": ["sh", "-c", "[ \"$TANDEM_NODE\" != n1 ] && exec sleep 1000"]}],
+        "nodes": ["n1", "n2", "n3"], "max_restarts": 0, "failure_timeout_ms": 2000,
+    });
+    let (st, v) = put_group(&c, "f", def).await;
+    assert_eq!(st, 201, "{v}");
+    wait_until(Duration::from_secs(15), "it fails on n1 and runs on n2", || async {
+        let g = group(&c, "f").await;
+        g["node"] == "n2" && g["failed_on"] == json!(["n1"])
+    })
+    .await;
+    // The failure on n1 expires; the group stays where it runs (manual failback).
+    wait_until(Duration::from_secs(10), "the failure on n1 expires", || async {
+        group(&c, "f").await["failed_on"] == json!([])
+    })
+    .await;
+    assert_eq!(group(&c, "f").await["node"], "n2");
+    // Refused: a timeout under a second.
+    let bad = json!({"resources": [{"name": "p", "type": "process", "command": ["true"]}],
+                     "nodes": ["n1"], "failure_timeout_ms": 10});
+    let (st, v) = put_group(&c, "g", bad).await;
+    assert_eq!(st, 422, "{v}");
+    assert!(v.to_string().contains("failure_timeout_ms"), "{v}");
+}

@@ -285,6 +285,11 @@ pub struct GroupSpec {
     pub max_restarts: u32,
     #[serde(default = "default_restart_window")]
     pub restart_window_ms: u64,
+    /// A node the group failed on (past its restart threshold) may run it
+    /// again this long after the leader saw the failure; 0: only after
+    /// `/clear` (Pacemaker's `failure-timeout`).
+    #[serde(default)]
+    pub failure_timeout_ms: u64,
 }
 
 impl GroupSpec {
@@ -572,6 +577,9 @@ pub fn validate_group(
     }
     if spec.restart_window_ms == 0 {
         return Err(invalid("restart_window_ms".into(), "at least 1"));
+    }
+    if spec.failure_timeout_ms != 0 && spec.failure_timeout_ms < 1000 {
+        return Err(invalid("failure_timeout_ms".into(), "0 (never) or at least 1000"));
     }
     Ok(())
 }

@@ -167,6 +167,12 @@ pub enum Command {
     ClearGroupFailures {
         name: String,
     },
+    /// The failure of the group on `node` expired (`failure_timeout_ms`):
+    /// it may run there again. Nothing when it is not marked failed there.
+    ExpireGroupFailure {
+        name: String,
+        node: NodeId,
+    },
     /// A node about to start a group placed on it claims it: applied only if
     /// the group is still placed there, started, at `expected_epoch`; the
     /// epoch then grows, so a placement decided earlier against the old
@@ -609,6 +615,10 @@ impl ClusterState {
             }
             Command::ClearGroupFailures { name } => {
                 self.group_mut(name)?.failed_on.clear();
+                Ok(Reply::Done)
+            }
+            Command::ExpireGroupFailure { name, node } => {
+                self.group_mut(name)?.failed_on.remove(node);
                 Ok(Reply::Done)
             }
             Command::DeleteAttribute { name, key } => {

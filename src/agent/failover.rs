@@ -16,6 +16,7 @@ impl Agent {
         let Some(m) = self.member() else { return };
         if m.metrics().current_leader != Some(m.node_id) {
             self.failover_core().not_leader();
+            self.failure_clock.lock().unwrap_or_else(|e| e.into_inner()).reset();
             return;
         }
         if m.state.read(|d| d.state.groups.is_empty()) {
@@ -61,6 +62,14 @@ impl Agent {
                 capacity: r.attributes.get("capacity").and_then(|c| c.parse().ok()),
             })
             .collect();
+        let expired = self.failure_clock.lock().unwrap_or_else(|e| e.into_inner()).expired(&state.groups, now_ms);
+        for (group, node) in expired {
+            let name = state.nodes.get(&node).map_or_else(|| node.to_string(), |n| n.name.clone());
+            tracing::info!(group = %group, node = %name, "the group's failure there expired: it may run there again");
+            if let Err(e) = self.propose(&m, Command::ExpireGroupFailure { name: group.clone(), node }).await {
+                tracing::debug!(group = %group, "failure expiry not committed: {e}");
+            }
+        }
         for d in Scheduler::new(&nodes, &state.groups, local_minute_of_day()).decide() {
             tracing::info!(group = %d.group, epoch = d.expected_epoch + 1, phase = ?d.phase, "placement: {}", d.reason);
             let cmd = Command::SetPlacement {

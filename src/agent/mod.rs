@@ -110,6 +110,8 @@ pub struct Agent {
     /// On the leader: which silent nodes' groups may move, the fence
     /// command's attempts and the escalated nodes (pure).
     failover: Arc<std::sync::Mutex<Failover>>,
+    /// On the leader: since when each group failure was seen, to expire it.
+    failure_clock: std::sync::Mutex<crate::scheduler::FailureClock>,
     /// The volume replicas on this node.
     pub(crate) volumes: Arc<crate::volume::manager::VolumeManager>,
 }
@@ -148,6 +150,7 @@ impl Agent {
         Ok(Agent {
             lease: std::sync::Mutex::new(lease),
             failover: Arc::new(std::sync::Mutex::new(failover)),
+            failure_clock: Default::default(),
             cfg,
             db,
             liveness,

@@ -87,5 +87,8 @@ pub fn group_definition(
             {"name": "ip", "type": "vip", "address": vip_cidr, "interface": interface}
         ],
         "nodes": nodes,
+        // A fault that fails the group on a node (its VIP's interface
+        // down) must not keep it off that node for good.
+        "failure_timeout_ms": 10000,
     })
 }
