@@ -122,6 +122,19 @@ async fn fs_cluster() -> Option<(Cluster, PathBuf, Unmounter, Value)> {
     Some((c, mnt, cleanup, g))
 }
 
+/// A one-node cluster for a file system test (`None` when this machine
+/// cannot run it): the cluster, its URL, the mountpoint, the cleanup.
+async fn one_node() -> Option<(Cluster, String, PathBuf, Unmounter)> {
+    if !can_run() {
+        return None;
+    }
+    let c = Cluster::start(&["n1"], Opts { voters: 1, ..Opts::default() }).await;
+    let url = c.nodes[0].url();
+    let mnt = c.tmp.path().join("mnt");
+    let cleanup = Unmounter(c.tmp.path().to_path_buf());
+    Some((c, url, mnt, cleanup))
+}
+
 fn uid_of(pid: u64) -> u32 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
@@ -189,13 +202,7 @@ async fn a_file_system_on_a_volume_keeps_every_fsynced_write_across_a_power_loss
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_volume_holding_data_or_another_file_system_is_never_formatted() {
-    if !can_run() {
-        return;
-    }
-    let c = Cluster::start(&["n1"], Opts { voters: 1, ..Opts::default() }).await;
-    let url = c.nodes[0].url();
-    let mnt = c.tmp.path().join("mnt");
-    let _cleanup = Unmounter(c.tmp.path().to_path_buf());
+    let Some((c, url, mnt, _cleanup)) = one_node().await else { return };
     let volume_only = json!({
         "resources": [{"name": "raw", "type": "volume", "size": "16MiB", "mode": "sync", "replicas": 1}],
         "nodes": ["n1"],
@@ -298,13 +305,7 @@ async fn wait_all_running(url: &str, group: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_only_remount_fails_the_file_system_and_what_runs_on_it_restarts() {
-    if !can_run() {
-        return;
-    }
-    let c = Cluster::start(&["n1"], Opts { voters: 1, ..Opts::default() }).await;
-    let url = c.nodes[0].url();
-    let mnt = c.tmp.path().join("mnt");
-    let _cleanup = Unmounter(c.tmp.path().to_path_buf());
+    let Some((_c, url, mnt, _cleanup)) = one_node().await else { return };
     let def = json!({
         "resources": [
             {"name": "data", "type": "volume", "size": "16MiB", "mode": "sync", "replicas": 1},
