@@ -36,6 +36,11 @@ pub fn proc_start_time(pid: i32) -> Option<u64> {
 /// The descendants of `root` (children, their children...), from the
 /// parent ids in /proc.
 pub fn descendants(root: i32) -> Vec<i32> {
+    descendants_of(&[root])
+}
+
+/// The descendants of every one of `roots`, from one read of /proc.
+fn descendants_of(roots: &[i32]) -> Vec<i32> {
     let mut children: std::collections::BTreeMap<i32, Vec<i32>> = Default::default();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
@@ -48,7 +53,7 @@ pub fn descendants(root: i32) -> Vec<i32> {
         }
     }
     let mut out = Vec::new();
-    let mut todo = vec![root];
+    let mut todo = roots.to_vec();
     // Bounded: a pid cannot be its own ancestor, but /proc is read racily.
     while let Some(p) = todo.pop() {
         if out.len() > 100_000 {
@@ -67,10 +72,18 @@ pub fn descendants(root: i32) -> Vec<i32> {
 /// collected first: once their parent dies they are re-parented and can no
 /// longer be told from anyone else's.
 pub fn kill_tree(pgid: i32) {
+    kill_trees(&[pgid]);
+}
+
+/// `kill_tree` for several process groups at once (a lapse), with one
+/// read of /proc: the lease's kill must not wait on a scan per group.
+pub fn kill_trees(pgids: &[i32]) {
     use nix::sys::signal::{kill, killpg, Signal};
     use nix::unistd::Pid;
-    let tree = descendants(pgid);
-    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    let tree = descendants_of(pgids);
+    for pg in pgids {
+        let _ = killpg(Pid::from_raw(*pg), Signal::SIGKILL);
+    }
     for p in tree {
         let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
     }

@@ -110,9 +110,7 @@ impl LeaseGuard {
             v.halt_all();
         }
         let all = std::mem::take(&mut *self.pgids.lock().unwrap_or_else(|e| e.into_inner()));
-        for pg in &all {
-            crate::rundir::kill_tree(*pg);
-        }
+        crate::rundir::kill_trees(&all.iter().copied().collect::<Vec<_>>());
         all.len()
     }
 }
