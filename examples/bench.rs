@@ -17,6 +17,7 @@ use tandem_testkit::free_port;
 struct Agent {
     name: String,
     port: u16,
+    socket: PathBuf,
     child: Child,
 }
 
@@ -29,7 +30,7 @@ impl Drop for Agent {
 
 impl Agent {
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("https://127.0.0.1:{}", self.port)
     }
 }
 
@@ -39,15 +40,14 @@ fn tandem_bin() -> PathBuf {
     exe.parent().and_then(Path::parent).map(|d| d.join("tandem")).expect("target dir")
 }
 
-fn spawn(dir: &Path, name: &str, port: u16, join: Option<&str>) -> Agent {
+fn spawn(dir: &Path, name: &str, port: u16) -> Agent {
     let cfg = dir.join(format!("{name}.toml"));
-    let join = join.map(|u| format!("join = [\"{u}\"]\n")).unwrap_or_default();
     // BENCH_CONFIG: extra TOML for every node, e.g. "[raft]\nheartbeat_interval_ms = 50".
     let extra = std::env::var("BENCH_CONFIG").unwrap_or_default().replace("\\n", "\n");
     std::fs::write(
         &cfg,
         format!(
-            "name = \"{name}\"\ndata_dir = \"{}\"\nport = {port}\n{join}[log]\nlevel = \"warn\"\n{extra}\n",
+            "name = \"{name}\"\ndata_dir = \"{}\"\nport = {port}\n[log]\nlevel = \"warn\"\n{extra}\n",
             dir.join(name).display()
         ),
     )
@@ -61,17 +61,46 @@ fn spawn(dir: &Path, name: &str, port: u16, join: Option<&str>) -> Agent {
         .stderr(log)
         .spawn()
         .expect("spawn tandem (build it with cargo build --release first)");
-    Agent { name: name.into(), port, child }
+    Agent { name: name.into(), port, socket: dir.join(name).join("admin.sock"), child }
 }
 
+/// Before init: a client for the admin sockets only (nothing trusted yet).
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build().unwrap()
+    tandem_testkit::api::install_crypto();
+    reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
-async fn wait_healthy(http: &reqwest::Client, a: &Agent) {
+/// After init: HTTPS with the cluster CA and the admin token on every request.
+fn admin_client(creds: &tandem_testkit::api::Creds) -> reqwest::Client {
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", creds.token).parse().unwrap());
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(64)
+        .default_headers(auth)
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(creds.ca_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap()
+}
+
+/// `tandem cluster init` on `first`, `tandem cluster join` on the others.
+async fn init_and_join(first: &Agent, others: &[Agent]) -> reqwest::Client {
+    let creds = tandem_testkit::api::init(&first.socket, "bench").await.expect("init");
+    for a in std::iter::once(first).chain(others) {
+        tandem_testkit::api::register(&a.url(), &creds);
+    }
+    for a in others {
+        let (st, v) = tandem_testkit::api::join(&a.socket, &first.url(), &creds).await;
+        assert_eq!(st, 200, "join {}: {v}", a.name);
+    }
+    admin_client(&creds)
+}
+
+async fn wait_healthy(_: &reqwest::Client, a: &Agent) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if http.get(format!("{}/healthz", a.url())).send().await.is_ok_and(|r| r.status().is_success()) {
+        let local = tandem_testkit::api::local_call(&a.socket, reqwest::Method::GET, "/healthz", Value::Null).await;
+        if local.0 == 200 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -92,13 +121,6 @@ fn count(c: &Value, f: impl Fn(&Value) -> bool) -> usize {
 }
 
 async fn form(http: &reqwest::Client, agents: &[Agent], voters: usize) {
-    let r = http
-        .post(format!("{}/v1/cluster/init", agents[0].url()))
-        .json(&json!({"cluster_id": "bench"}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "init: {}", r.text().await.unwrap_or_default());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(c) = cluster(http, &agents[0].url()).await {
@@ -190,7 +212,7 @@ fn row(what: &str, s: &Stats) {
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let http = client();
+    let mut http = client();
     let secs = std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let dur = Duration::from_secs(secs);
 
@@ -198,21 +220,14 @@ async fn main() {
     let agents: Vec<Agent> = (1..=3)
         .map(|i| {
             let port = free_port();
-            spawn(dir.path(), &format!("node{i}"), port, None)
+            spawn(dir.path(), &format!("node{i}"), port)
         })
         .collect();
     for a in &agents {
         wait_healthy(&http, a).await;
     }
     let first = agents[0].url();
-    let joined: Vec<String> = agents[1..].iter().map(Agent::url).collect();
-    let init =
-        http.post(format!("{first}/v1/cluster/init")).json(&json!({"cluster_id": "bench"})).send().await.unwrap();
-    assert!(init.status().is_success());
-    for u in &joined {
-        let r = http.post(format!("{u}/v1/cluster/join")).json(&json!({ "via": first })).send().await.unwrap();
-        assert!(r.status().is_success(), "join: {}", r.text().await.unwrap_or_default());
-    }
+    http = init_and_join(&agents[0], &agents[1..]).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(c) = cluster(&http, &first).await {
@@ -303,7 +318,7 @@ async fn main() {
         }
         failovers.push(t0.elapsed());
         let (name, port) = (agents[i].name.clone(), agents[i].port);
-        agents[i] = spawn(dir.path(), &name, port, None);
+        agents[i] = spawn(dir.path(), &name, port);
         wait_healthy(&http, &agents[i]).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         while cluster(&http, &survivor).await.is_none_or(|c| count(&c, |m| m["state"] == "online") < 3) {
@@ -323,14 +338,16 @@ async fn main() {
     // ---- 32 agents forming a cluster ----
     let dir32 = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..32).map(|_| free_port()).collect();
-    let seed = format!("http://127.0.0.1:{}", ports[0]);
     let t0 = Instant::now();
-    let mut agents32 = vec![spawn(dir32.path(), "n01", ports[0], None)];
+    let mut agents32 = vec![spawn(dir32.path(), "n01", ports[0])];
     for (i, p) in ports.iter().enumerate().skip(1) {
-        agents32.push(spawn(dir32.path(), &format!("n{:02}", i + 1), *p, Some(&seed)));
+        agents32.push(spawn(dir32.path(), &format!("n{:02}", i + 1), *p));
     }
-    wait_healthy(&http, &agents32[0]).await;
+    for a in &agents32 {
+        wait_healthy(&http, a).await;
+    }
     let t_init = t0.elapsed();
+    let http = init_and_join(&agents32[0], &agents32[1..]).await;
     form(&http, &agents32, 3).await;
     let formed = t0.elapsed();
     println!("\n32 agents (one machine, 2 cores): spawn of 32 processes to 32 members online with 3 voters: {:.2} s (node 1 healthy and initialised after {:.2} s)", formed.as_secs_f64(), t_init.as_secs_f64());

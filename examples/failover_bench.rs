@@ -11,7 +11,7 @@
 //!
 //! Also reports the idle CPU of agents that run 10 groups.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -86,13 +86,38 @@ fn stats(name: &str, mut d: Vec<Duration>) -> String {
 }
 
 fn http_get(url: &str) -> Option<Value> {
-    let out = Command::new("curl").args(["-s", "--max-time", "2", url]).output().ok()?;
+    let out = Command::new("curl").args(["-s", "--max-time", "2", url]).args(auth()).output().ok()?;
     serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The formed cluster's CA and admin token, for curl.
+static CREDS: std::sync::Mutex<Option<tandem_testkit::api::CurlCreds>> = std::sync::Mutex::new(None);
+
+fn auth() -> Vec<String> {
+    CREDS.lock().unwrap().as_ref().map(|c| c.args()).unwrap_or_default()
+}
+
+/// Forms the cluster with the CLI (init and joins on the admin sockets).
+fn form(dir: &Path, data_dirs: &[PathBuf], urls: &[String]) {
+    let sockets: Vec<PathBuf> = data_dirs.iter().map(|d| d.join("admin.sock")).collect();
+    for s in &sockets {
+        wait("agent up", Duration::from_secs(20), || {
+            Command::new("curl")
+                .args(["-sf", "--max-time", "1", "--unix-socket"])
+                .arg(s)
+                .arg("http://localhost/healthz")
+                .status()
+                .is_ok_and(|st| st.success())
+        });
+    }
+    let creds = tandem_testkit::api::cli_form(&tandem_bin(), &sockets, urls, &dir.join("ca.pem")).expect("form");
+    *CREDS.lock().unwrap() = Some(creds);
 }
 
 fn http_send(method: &str, url: &str, body: &Value) -> Option<Value> {
     let out = Command::new("curl")
         .args(["-s", "--max-time", "10", "-X", method, "-d", &body.to_string(), url])
+        .args(auth())
         .output()
         .ok()?;
     serde_json::from_slice(&out.stdout).ok()
@@ -137,15 +162,10 @@ fn tandem_runs(runs: usize, dir: &Path) -> Vec<Duration> {
             &dir.join(format!("n{}.log", i + 1)),
         )
     };
-    let url = |i: usize| format!("http://{}:7401", hosts[i].1);
+    let url = |i: usize| format!("https://{}:7401", hosts[i].1);
     let mut agents: Vec<Option<Proc>> = (0..3).map(|i| Some(start_agent(i))).collect();
-    for i in 0..3 {
-        wait("agent up", Duration::from_secs(20), || http_get(&format!("{}/v1/local", url(i))).is_some());
-    }
-    http_send("POST", &format!("{}/v1/cluster/init", url(0)), &json!({})).expect("init");
-    for i in 1..3 {
-        http_send("POST", &format!("{}/v1/cluster/join", url(i)), &json!({"via": url(0)})).expect("join");
-    }
+    let data_dirs: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("n{}", i + 1))).collect();
+    form(dir, &data_dirs, &(0..3).map(url).collect::<Vec<_>>());
     let server = "echo \"hello from $TANDEM_NODE\" > index.html; exec python3 -m http.server 8080 --bind 0.0.0.0";
     let group = json!({
         "resources": [
@@ -302,14 +322,9 @@ fn idle_with_groups(dir: &Path) -> Vec<(String, f64, f64)> {
             )
         })
         .collect();
-    let url = |i: usize| format!("http://127.0.0.1:{}", ports[i]);
-    for i in 0..3 {
-        wait("agent up", Duration::from_secs(20), || http_get(&format!("{}/v1/local", url(i))).is_some());
-    }
-    http_send("POST", &format!("{}/v1/cluster/init", url(0)), &json!({})).expect("init");
-    for i in 1..3 {
-        http_send("POST", &format!("{}/v1/cluster/join", url(i)), &json!({"via": url(0)})).expect("join");
-    }
+    let url = |i: usize| format!("https://127.0.0.1:{}", ports[i]);
+    let data_dirs: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("idle{i}"))).collect();
+    form(dir, &data_dirs, &(0..3).map(url).collect::<Vec<_>>());
     for g in 0..10 {
         let nodes: Vec<String> = (0..3).map(|k| format!("i{}", (g + k) % 3)).collect();
         let body =

@@ -836,9 +836,13 @@ fn streaming(dir: &Path, client: &str, primary: (&str, &str), standby_ns: &str, 
 
 // ---- a tandem cluster in network namespaces ----
 
+/// The formed cluster's CA and admin token, for curl.
+static CREDS: std::sync::Mutex<Option<tandem_testkit::api::CurlCreds>> = std::sync::Mutex::new(None);
+
 fn http(method: &str, url: &str, body: Option<&Value>) -> Option<Value> {
     let mut cmd = Command::new("curl");
     cmd.args(["-s", "--max-time", "70", "-X", method, url]);
+    cmd.args(CREDS.lock().unwrap().as_ref().map(|c| c.args()).unwrap_or_default());
     if let Some(b) = body {
         cmd.args(["-d", &b.to_string()]);
     }
@@ -865,10 +869,20 @@ impl Cluster {
             let a = c.start_agent(i);
             c.agents.push(Some(a));
         }
-        http("POST", &format!("{}/v1/cluster/init", c.url(0)), Some(&json!({}))).expect("init");
-        for i in 1..c.hosts.len() {
-            http("POST", &format!("{}/v1/cluster/join", c.url(i)), Some(&json!({"via": c.url(0)}))).expect("join");
+        let sockets: Vec<PathBuf> = (0..c.hosts.len()).map(|i| c.data_dir(i).join("admin.sock")).collect();
+        for s in &sockets {
+            wait_for("agent up", Duration::from_secs(30), || {
+                Command::new("curl")
+                    .args(["-sf", "--max-time", "1", "--unix-socket"])
+                    .arg(s)
+                    .arg("http://localhost/healthz")
+                    .status()
+                    .is_ok_and(|st| st.success())
+            });
         }
+        let urls: Vec<String> = (0..c.hosts.len()).map(|i| c.url(i)).collect();
+        let creds = tandem_testkit::api::cli_form(&tandem_bin(), &sockets, &urls, &c.dir.join("ca.pem")).expect("form");
+        *CREDS.lock().unwrap() = Some(creds);
         wait_for("cluster formed", Duration::from_secs(60), || {
             http("GET", &format!("{}/v1/cluster", c.url(0)), None).is_some_and(|v| {
                 v["members"].as_array().is_some_and(|m| {
@@ -927,7 +941,7 @@ impl Cluster {
     }
 
     fn url(&self, i: usize) -> String {
-        format!("http://{}:7401", self.hosts[i].1)
+        format!("https://{}:7401", self.hosts[i].1)
     }
 
     /// A node that is up, to ask.

@@ -482,6 +482,7 @@ impl Run {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    tandem_testkit::api::install_crypto();
     let args = Args::parse();
     match run(args).await {
         Ok(0) => std::process::ExitCode::SUCCESS,

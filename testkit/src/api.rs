@@ -160,3 +160,58 @@ pub async fn join(socket: &Path, via: &str, creds: &Creds) -> (u16, Value) {
     )
     .await
 }
+
+/// What a synchronous script needs to reach a secured cluster with curl.
+#[derive(Debug, Clone)]
+pub struct CurlCreds {
+    pub ca_file: std::path::PathBuf,
+    pub token: String,
+}
+
+impl CurlCreds {
+    /// `--cacert … -H "Authorization: Bearer …"` for curl.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--cacert".into(),
+            self.ca_file.display().to_string(),
+            "-H".into(),
+            format!("Authorization: Bearer {}", self.token),
+        ]
+    }
+}
+
+/// Forms a cluster the way an operator does, with the `tandem` CLI:
+/// `cluster init` on the first admin socket, then for each other node a
+/// `cluster join-token` and a `cluster join` on its socket. Writes the CA to
+/// `ca_file`.
+pub fn cli_form(
+    tandem: &Path,
+    sockets: &[std::path::PathBuf],
+    urls: &[String],
+    ca_file: &Path,
+) -> Result<CurlCreds, String> {
+    let run = |args: &[&str], env: &[(&str, &str)]| -> Result<Value, String> {
+        let out = std::process::Command::new(tandem)
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .map_err(|e| format!("{}: {e}", tandem.display()))?;
+        if !out.status.success() {
+            return Err(format!("tandem {args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("tandem {args:?}: {e}"))
+    };
+    let s0 = sockets[0].display().to_string();
+    let init = run(&["--json", "cluster", "init", "--socket", &s0], &[])?;
+    let token = init["admin_token"].as_str().ok_or("init: no admin_token")?.to_string();
+    std::fs::write(ca_file, init["ca_pem"].as_str().ok_or("init: no ca_pem")?).map_err(|e| e.to_string())?;
+    let ca = ca_file.display().to_string();
+    let env = [("TANDEM_TOKEN", token.as_str()), ("TANDEM_CACERT", ca.as_str())];
+    for s in &sockets[1..] {
+        let t = run(&["--json", "--endpoint", &urls[0], "cluster", "join-token"], &env)?;
+        let (jt, hash) = (t["token"].as_str().unwrap_or(""), t["ca_hash"].as_str().unwrap_or(""));
+        let sock = s.display().to_string();
+        run(&["--json", "cluster", "join", &urls[0], "--token", jt, "--ca-hash", hash, "--socket", &sock], &[])?;
+    }
+    Ok(CurlCreds { ca_file: ca_file.to_path_buf(), token })
+}
