@@ -207,7 +207,7 @@ async fn volume_definitions_are_checked_and_volumes_listed() {
         (json!({"size": "1.5B"}), 422, "TND-1010", "resources[0].size"),
         (json!({"size": "100TiB"}), 422, "TND-1010", "resources[0].size"),
         // Within the 16TiB limit but more than the agents' disk holds.
-        (json!({"size": "16TiB"}), 422, "TND-1410", "resources[0].size"),
+        (json!({"size": "16TiB"}), 409, "TND-1410", "resources[0].size"),
         (json!({"replicas": 4}), 422, "TND-1010", "resources[0].replicas"),
         (json!({"modes": {"n3": "async"}}), 422, "TND-1010", "resources[0].modes.n3"),
         (json!({"granularity": "3KiB"}), 422, "TND-1010", "resources[0].granularity"),
@@ -261,7 +261,7 @@ async fn volume_definitions_are_checked_and_volumes_listed() {
     // Volume routes check what they can before asking the primary.
     refused(&c, Method::GET, "/v1/volumes/ghost", None, 404, "TND-1407").await;
     refused(&c, Method::POST, "/v1/volumes/ghost/verify", None, 404, "TND-1407").await;
-    refused(&c, Method::POST, "/v1/volumes/data/resolve", Some(b"{\"discard\": \"n3\"}"), 422, "TND-1402").await;
+    refused(&c, Method::POST, "/v1/volumes/data/resolve", Some(b"{\"discard\": \"n3\"}"), 409, "TND-1402").await;
     refused(&c, Method::POST, "/v1/volumes/data/resolve", Some(b"{\"discard\": \"n2\", \"x\": 1}"), 400, "TND-1002")
         .await;
 }
