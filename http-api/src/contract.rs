@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use tandem_raft::error::MAX_NAME_LEN;
 use tandem_raft::group::{FSTYPES, MAX_RESOURCES, STOP_SIGNALS};
 use tandem_raft::state::{MAX_ADDRESSES, MAX_ATTRIBUTE_VALUE_LEN};
-use tandem_raft::volume::{MAX_REPLICAS, MAX_VOLUME_BYTES, SplitBrainPolicy};
+use tandem_raft::volume::{SplitBrainPolicy, MAX_REPLICAS, MAX_VOLUME_BYTES};
 use utoipa::OpenApi;
 
 use crate::{ApiDoc, ApiError};
@@ -123,7 +123,11 @@ fn set_attribute() -> Vec<ApiError> {
 }
 
 fn delete_attribute() -> Vec<ApiError> {
-    vec![ApiError::NodeNotFound(s()), ApiError::AttributeNotFound { name: s(), key: s() }, ApiError::QuorumUnavailable(s())]
+    vec![
+        ApiError::NodeNotFound(s()),
+        ApiError::AttributeNotFound { name: s(), key: s() },
+        ApiError::QuorumUnavailable(s()),
+    ]
 }
 
 fn put_group() -> Vec<ApiError> {
@@ -533,6 +537,7 @@ pub fn group_schema() -> Value {
                     {"type": "string", "enum": ["auto", "manual"]},
                     {"type": "object", "additionalProperties": false, "required": ["window"],
                      "properties": {"window": {"type": "string", "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$",
+                        "not": {"pattern": "^(.....)-\\1$"},
                         "description": "HH:MM-HH:MM local time, may wrap past midnight; start and end differ."}}}
                 ], "default": "manual"},
                 "anti_affinity": {"type": "array", "items": name_schema(), "description": "Other existing groups this one never shares a node with."},
@@ -587,7 +592,11 @@ fn request_constraints() -> Vec<(&'static str, &'static str, Value)> {
         ("JoinRequest", "port", json!({"minimum": 1, "maximum": 65535})),
         ("JoinRequest", "site", nullable(name_schema())),
         ("InitRequest", "cluster_id", nullable(name_schema())),
-        ("JoinViaRequest", "via", json!({"pattern": "^http://", "description": "Base URL of any member's API, e.g. http://10.0.0.1:7401"})),
+        (
+            "JoinViaRequest",
+            "via",
+            json!({"pattern": "^http://", "description": "Base URL of any member's API, e.g. http://10.0.0.1:7401"}),
+        ),
         ("AttributeValue", "value", json!({"maxLength": MAX_ATTRIBUTE_VALUE_LEN})),
         ("MoveRequest", "to", name_schema()),
         ("ResolveRequest", "discard", name_schema()),
@@ -618,9 +627,7 @@ pub fn document() -> Value {
         if let Some(r) = responses.as_object_mut() {
             // Error statuses come from the table alone (a load balancer's
             // 503 is a ServingView, documented with its handler).
-            r.retain(|st, v| {
-                st.parse::<u16>().is_ok_and(|s| s < 400) || v.to_string().contains("ServingView")
-            });
+            r.retain(|st, v| st.parse::<u16>().is_ok_and(|s| s < 400) || v.to_string().contains("ServingView"));
             for (status, codes) in op.error_statuses() {
                 let description = codes.join(", ");
                 r.entry(status.to_string()).or_insert_with(|| {
@@ -638,6 +645,10 @@ pub fn document() -> Value {
                 // Names of nodes, groups and volumes, and attribute keys.
                 ("path", "name") | ("path", "key") => p["schema"] = name_schema(),
                 ("query", "lag") => p["schema"] = json!({"type": "string", "pattern": SIZE_PATTERN}),
+                // Flags: `?stale`, `?stale=true`, `?stale=1` ... (see `flag`).
+                ("query", "stale") | ("query", "force") => {
+                    p["schema"] = json!({"type": "string", "enum": ["true", "false", "1", "0", ""]})
+                }
                 _ => {}
             }
         }
