@@ -483,8 +483,16 @@ pub fn group_schema() -> Value {
             "modes": {"type": "object", "propertyNames": name_schema(), "additionalProperties": {"type": "string", "enum": ["sync", "async"]}},
             "replicas": {"type": "integer", "minimum": 1, "maximum": MAX_REPLICAS, "default": 2},
             "split_brain": {"type": "string", "enum": split_brain_names(), "default": "disconnect"},
-            "rate": {"type": ["string", "null"], "pattern": RATE_PATTERN, "description": "Bandwidth limit, at least 64KiB/s, e.g. \"100MiB/s\"; null: unlimited."},
-            "granularity": {"type": ["string", "null"], "enum": ["4KiB", "8KiB", "16KiB", "32KiB", "64KiB", "128KiB", "256KiB", "512KiB", "1MiB", null]},
+            "rate": {"oneOf": [
+                    {"type": "null"},
+                    {"type": "integer", "minimum": 65536, "maximum": u64::MAX},
+                    {"type": "string", "pattern": RATE_PATTERN}
+                ], "description": "Bandwidth limit, at least 64KiB/s: bytes per second, or e.g. \"100MiB/s\"; null: unlimited."},
+            "granularity": {"oneOf": [
+                    {"type": "null"},
+                    {"type": "integer", "enum": [4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576]},
+                    {"type": "string", "enum": ["4KiB", "8KiB", "16KiB", "32KiB", "64KiB", "128KiB", "256KiB", "512KiB", "1MiB"]}
+                ], "description": "Bytes per bit of the out-of-sync bitmap: a power of two from 4KiB to 1MiB (null: 4KiB)."},
             "nbd_tcp": {"type": "boolean", "default": false},
             "async_failover": {"type": "boolean", "default": false},
         }),
@@ -553,6 +561,21 @@ pub fn group_schema() -> Value {
     Value::Object(out)
 }
 
+/// The definition as a group view shows it (`GroupView.spec`): the request
+/// schema with defaults filled in, and sizes kept as written, as strings
+/// (`"size": 8192` reads back as `"8192"`). Named `View_*`.
+pub fn group_view_schema() -> Value {
+    let text = group_schema().to_string().replace("#/components/schemas/", "#/components/schemas/View_");
+    let mut v: Value = serde_json::from_str(&text).unwrap_or_default();
+    let props = &mut v["Resource_volume"]["properties"];
+    props["size"] = json!({"type": "string", "description": "As written: a size such as \"1GiB\", or bytes"});
+    props["rate"] = json!({"type": ["string", "null"], "description": "As written; null: unlimited"});
+    props["granularity"] = json!({"type": ["string", "null"], "description": "As written; null: 4KiB"});
+    let out: Map<String, Value> =
+        v.as_object().into_iter().flatten().map(|(k, x)| (format!("View_{k}"), x.clone())).collect();
+    Value::Object(out)
+}
+
 fn split_brain_names() -> Vec<Value> {
     SplitBrainPolicy::ALL.iter().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)).collect()
 }
@@ -607,16 +630,16 @@ fn request_constraints() -> Vec<(&'static str, &'static str, Value)> {
 pub fn document() -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
     let schemas = &mut doc["components"]["schemas"];
-    if let Value::Object(group) = group_schema() {
-        for (k, v) in group {
-            schemas[k] = v;
+    for part in [group_schema(), group_view_schema()] {
+        for (k, v) in part.as_object().into_iter().flatten() {
+            schemas[k] = v.clone();
         }
     }
     for (schema, prop, extra) in request_constraints() {
         let target = &mut schemas[schema]["properties"][prop];
         merge(target, extra);
     }
-    schemas["GroupView"]["properties"]["spec"] = json!({"$ref": "#/components/schemas/GroupSpec"});
+    schemas["GroupView"]["properties"]["spec"] = json!({"$ref": "#/components/schemas/View_GroupSpec"});
     doc["components"]["securitySchemes"] = json!({
         "bearerAuth": {"type": "http", "scheme": "bearer",
             "description": "An API token (`tandem token create`): viewer for reads, operator for actions, admin for definitions and membership."}
@@ -785,5 +808,16 @@ mod tests {
                 .unwrap();
         tandem_raft::group::validate_group("g", &spec, &nodes, &BTreeMap::new()).unwrap();
         assert!(serde_json::from_value::<tandem_raft::group::GroupSpec>(json!({})).is_err());
+        // Sizes as JSON numbers, as the schema allows them too.
+        let numbers: tandem_raft::group::GroupSpec = serde_json::from_value(json!({"nodes": ["n1"], "resources": [
+            {"name": "d", "type": "volume", "size": 8192, "replicas": 1, "rate": 65536, "granularity": 1048576}]}))
+        .unwrap();
+        tandem_raft::group::validate_group("g", &numbers, &nodes, &BTreeMap::new()).unwrap();
+        // ... which read back as strings: the view's schema says so.
+        let back = serde_json::to_value(&numbers).unwrap();
+        assert_eq!(back["resources"][0]["size"], "8192");
+        let view = group_view_schema();
+        assert_eq!(view["View_Resource_volume"]["properties"]["size"]["type"], "string");
+        assert!(!view.to_string().contains("\"#/components/schemas/Resource"));
     }
 }

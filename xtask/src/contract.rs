@@ -178,7 +178,8 @@ fn run_schemathesis(st: &Path, target: &Path, url: &str, o: &Options) -> Result<
     c.args(["run", &format!("{url}/openapi.json")]);
     c.args(["--checks", "all", "--phases", "examples,coverage,fuzzing,stateful"]);
     c.args(["--seed", &o.seed, "--max-examples", &o.max_examples, "--workers", "1"]);
-    c.args(["--request-timeout", "40", "--report", "junit,ndjson"]).arg("--report-dir").arg(&reports);
+    // A group's DELETE waits up to 60 s for it to stop.
+    c.args(["--request-timeout", "70", "--report", "junit,ndjson"]).arg("--report-dir").arg(&reports);
     if let Some(t) = &o.token {
         c.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
