@@ -991,6 +991,13 @@ mod tests {
         assert_eq!(parse_json::<T>(b"{\"a\": 7.0}"), Ok(T { a: 7 }));
         assert!(matches!(parse_json::<T>(b"{\"a\": 7.5}"), Err(ApiError::InvalidBody(_))));
         assert!(matches!(parse_json::<T>(b"{\"a\": -1.0}"), Err(ApiError::InvalidBody(_))));
+        // Exactly, where a float has no room for fractions left (serde_json's
+        // float_roundtrip).
+        #[derive(Debug, Deserialize, PartialEq)]
+        struct U {
+            a: u64,
+        }
+        assert_eq!(parse_json::<U>(b"{\"a\": 4138418994366886.0}"), Ok(U { a: 4138418994366886 }));
     }
 
     #[test]
