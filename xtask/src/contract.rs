@@ -174,6 +174,8 @@ fn run_schemathesis(st: &Path, target: &Path, url: &str, o: &Options) -> Result<
     let here = crate::root().join("xtask/contract");
     let reports = target.join("contract-report");
     let mut c = Command::new(st);
+    // schemathesis keeps a cache in its working directory: not the repository.
+    c.current_dir(target);
     c.arg("--config-file").arg(here.join("schemathesis.toml"));
     c.args(["run", &format!("{url}/openapi.json")]);
     c.args(["--checks", "all", "--phases", "examples,coverage,fuzzing,stateful"]);
