@@ -24,7 +24,7 @@ pub const EXIT_CONFIG: u8 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error("cannot reach {endpoint}: {reason}\nhint: is the agent running? Set --endpoint or TANDEM_ENDPOINT.")]
+    #[error("cannot reach {endpoint}: {reason}\nhint: is the agent running? Set --endpoint or TANDEM_ENDPOINT; for HTTPS, TANDEM_CACERT names the cluster CA (<data_dir>/tls/ca.pem).")]
     Unreachable { endpoint: String, reason: String },
     #[error("{code}: {message}\nhint: {hint}")]
     Api { status: u16, code: String, message: String, hint: String },
@@ -47,32 +47,85 @@ impl CliError {
     }
 }
 
+/// How the CLI reaches and authenticates to an agent.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// Bearer token (`TANDEM_TOKEN`).
+    pub token: Option<String>,
+    /// PEM file of the CA to trust for HTTPS (`TANDEM_CACERT`).
+    pub cacert: Option<std::path::PathBuf>,
+    /// The agent's admin socket instead of the endpoint (root on the node).
+    pub socket: Option<std::path::PathBuf>,
+}
+
+/// The per-user defaults file, `~/.config/tandem/cli.toml`:
+/// `endpoint`, `token`, `cacert` (flags and environment win).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub endpoint: Option<String>,
+    pub token: Option<String>,
+    pub cacert: Option<std::path::PathBuf>,
+}
+
+impl UserConfig {
+    pub fn load() -> Result<UserConfig, CliError> {
+        let Some(home) = std::env::var_os("HOME") else { return Ok(UserConfig::default()) };
+        let path = std::path::Path::new(&home).join(".config/tandem/cli.toml");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| CliError::Input(format!("{}: {e}", path.display()))),
+            Err(_) => Ok(UserConfig::default()),
+        }
+    }
+}
+
 pub struct Client {
     endpoint: String,
     http: reqwest::Client,
+    token: Option<String>,
 }
 
 impl Client {
     pub fn new(endpoint: &str) -> Result<Client, CliError> {
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| CliError::Unreachable { endpoint: endpoint.into(), reason: e.to_string() })?;
-        Ok(Client { endpoint: endpoint.trim_end_matches('/').to_string(), http })
+        Client::with_access(endpoint, &Access::default())
+    }
+
+    pub fn with_access(endpoint: &str, access: &Access) -> Result<Client, CliError> {
+        let unreachable = |reason: String| CliError::Unreachable { endpoint: endpoint.into(), reason };
+        let mut b = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30));
+        let endpoint = if let Some(sock) = &access.socket {
+            b = b.unix_socket(sock.clone());
+            "http://localhost".to_string()
+        } else {
+            endpoint.trim_end_matches('/').to_string()
+        };
+        if let Some(path) = &access.cacert {
+            let pem = std::fs::read(path).map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| CliError::Input(format!("{}: not a PEM certificate: {e}", path.display())))?;
+            b = b.tls_certs_only(certs);
+        }
+        let http = b.build().map_err(|e| unreachable(e.to_string()))?;
+        // The admin socket needs no token (and a token for another cluster
+        // would only be refused there).
+        let token = if access.socket.is_some() { None } else { access.token.clone() };
+        Ok(Client { endpoint, http, token })
     }
 
     /// Calls the API; returns the JSON answer (null for 204).
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, CliError> {
         let url = format!("{}{}", self.endpoint, path);
         let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }
         let resp = req
             .send()
             .await
-            .map_err(|e| CliError::Unreachable { endpoint: self.endpoint.clone(), reason: e.to_string() })?;
+            .map_err(|e| CliError::Unreachable { endpoint: self.endpoint.clone(), reason: error_chain(&e) })?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(|e| CliError::BadAnswer { url: url.clone(), reason: e.to_string() })?;
         if (200..300).contains(&status) {
@@ -90,11 +143,23 @@ impl Client {
     }
 }
 
+/// reqwest's error with its causes (a certificate problem hides in them).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
 pub fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, CliError> {
     serde_json::from_value(v).map_err(|e| CliError::BadAnswer { url: "response".into(), reason: e.to_string() })
 }
 
-fn lower<T: serde::Serialize>(v: &T) -> String {
+pub fn lower<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
@@ -411,6 +476,60 @@ fn verify_summary(r: &VerifyReport) -> String {
 
 pub fn verify_text(r: &VerifyReport) -> String {
     format!("verify {}\n", verify_summary(r))
+}
+
+/// Unix ms as UTC `YYYY-MM-DD HH:MM:SS`.
+pub fn utc(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+pub fn tokens_table(tokens: &[tandem_http_api::TokenView]) -> String {
+    let rows: Vec<Vec<String>> = tokens
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                lower(&t.role),
+                utc(t.created_ms),
+                t.expires_ms.map(utc).unwrap_or_else(|| "never".into()),
+                t.created_by.clone(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "ROLE", "CREATED (UTC)", "EXPIRES (UTC)", "BY"], &rows)
+}
+
+pub fn audit_table(entries: &[tandem_raft::access::AuditEntry]) -> String {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.id.to_string(),
+                utc(e.time_ms),
+                e.who.clone(),
+                e.from.clone(),
+                format!("{} {}", e.method, e.path),
+                match &e.code {
+                    Some(c) => format!("{} {c}", e.status),
+                    None => e.status.to_string(),
+                },
+                e.node.clone(),
+            ]
+        })
+        .collect();
+    table(&["ID", "TIME (UTC)", "WHO", "FROM", "REQUEST", "OUTCOME", "NODE"], &rows)
 }
 
 #[cfg(test)]

@@ -41,6 +41,16 @@ pub struct Config {
     /// `tandem cluster init` or `tandem cluster join`.
     #[serde(default)]
     pub join: Vec<String>,
+    /// The join token for `join` (from `tandem cluster join-token`).
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// The cluster CA's pin for `join`, `sha256:<hex>`.
+    #[serde(default)]
+    pub join_ca_hash: Option<String>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     #[serde(default)]
     pub raft: RaftConfig,
     #[serde(default)]
@@ -53,6 +63,38 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub filesystem: FilesystemConfig,
+}
+
+/// `[tls]`: TLS on every TCP connection (see docs/security.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// `false` turns TLS off on the API, Raft and replication — for
+    /// measuring what TLS costs, never for a real cluster. Every node of a
+    /// cluster must agree.
+    pub enabled: bool,
+    /// Lifetime of the node certificates this node signs (as a voter).
+    pub node_cert_days: u32,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig { enabled: true, node_cert_days: 365 }
+    }
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Audit entries the cluster keeps (the oldest go first).
+    pub retention: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { retention: 10_000 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -232,11 +274,37 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty".into()));
         }
+        let scheme = if self.tls.enabled { "https://" } else { "http://" };
         for (i, url) in self.join.iter().enumerate() {
-            // TLS between nodes comes with authentication in a later release.
-            if !url.starts_with("http://") {
-                return Err(bad(&format!("join[{i}]"), format!("{url:?} must be an http:// URL")));
+            if !url.starts_with(scheme) {
+                return Err(bad(&format!("join[{i}]"), format!("{url:?} must be an {scheme} URL")));
             }
+        }
+        if !self.join.is_empty() && self.tls.enabled {
+            if self.join_token.as_deref().is_none_or(|t| !t.starts_with(tandem_raft::access::TOKEN_PREFIX)) {
+                return Err(bad(
+                    "join_token",
+                    "`join` needs a join token (tnd_…, from `tandem cluster join-token`)".into(),
+                ));
+            }
+            if self.join_ca_hash.as_deref().is_none_or(|h| !valid_ca_hash(h)) {
+                return Err(bad("join_ca_hash", "`join` needs the CA pin, sha256:<64 hex digits>".into()));
+            }
+        }
+        if !(1..=3650).contains(&self.tls.node_cert_days) {
+            return Err(bad("tls.node_cert_days", "must be 1 to 3650".into()));
+        }
+        if !(tandem_raft::access::MIN_AUDIT_RETAIN..=tandem_raft::access::MAX_AUDIT_RETAIN)
+            .contains(&self.audit.retention)
+        {
+            return Err(bad(
+                "audit.retention",
+                format!(
+                    "must be {} to {}",
+                    tandem_raft::access::MIN_AUDIT_RETAIN,
+                    tandem_raft::access::MAX_AUDIT_RETAIN
+                ),
+            ));
         }
         if !["auto", "nbd", "loop"].contains(&self.filesystem.device.as_str()) {
             return Err(bad("filesystem.device", format!("{:?} is not auto, nbd or loop", self.filesystem.device)));
@@ -328,6 +396,11 @@ fn reason(e: CommandError) -> String {
         CommandError::Invalid { reason, .. } => reason,
         other => other.to_string(),
     }
+}
+
+/// `sha256:` and 64 hex digits.
+pub fn valid_ca_hash(h: &str) -> bool {
+    h.strip_prefix("sha256:").is_some_and(|x| x.len() == 64 && x.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]

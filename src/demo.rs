@@ -61,8 +61,20 @@ const PG_PASSWORD: &str = "tandem-demo";
 struct Node {
     name: String,
     url: String,
+    /// The agent's admin socket: init and join go there.
+    socket: PathBuf,
     log: PathBuf,
     child: Child,
+}
+
+/// The demo's credentials: `<dir>/admin.token` and `<dir>/ca.pem`.
+fn access(dir: &Path) -> crate::cli::Access {
+    let token = std::fs::read_to_string(dir.join("admin.token")).ok().map(|t| t.trim().to_string());
+    crate::cli::Access { token, cacert: Some(dir.join("ca.pem")), socket: None }
+}
+
+fn admin_client(dir: &Path, url: &str) -> anyhow::Result<Client> {
+    Ok(Client::with_access(url, &access(dir))?)
 }
 
 pub async fn run(base_port: u16, dir: Option<PathBuf>, keep: bool, app: App) -> anyhow::Result<()> {
@@ -158,7 +170,7 @@ async fn start(
             say!("  {} answers at {} (pid {})", node.name, node.url, node.child.id().unwrap_or(0));
         }
     }
-    let cluster = form_cluster(nodes).await?;
+    let cluster = form_cluster(nodes, dir).await?;
     say!(
         "cluster {:?} formed: {} voters, leader {}; starting the example group `{}`...",
         cluster.cluster_id,
@@ -167,7 +179,7 @@ async fn start(
         if app == App::Postgres { "postgres" } else { "web" }
     );
     let nbd = match app {
-        App::Web => create_example_group(nodes, service_port).await?,
+        App::Web => create_example_group(nodes, dir, service_port).await?,
         App::Postgres => create_postgres_group(nodes, dir, service_port).await?,
     };
     Ok((cluster, nbd))
@@ -180,9 +192,8 @@ fn port_of(base_port: u16, i: usize) -> u16 {
 
 fn node_config(dir: &Path, i: usize, base_port: u16) -> String {
     let port = port_of(base_port, i);
-    let join = if i == 1 { String::new() } else { format!("join = [\"http://127.0.0.1:{base_port}\"]\n") };
     format!(
-        "# tandem demo node {i}\nname = \"node{i}\"\ndata_dir = \"{}\"\naddresses = [\"127.0.0.1\"]\nport = {port}\n{join}",
+        "# tandem demo node {i}\nname = \"node{i}\"\ndata_dir = \"{}\"\naddresses = [\"127.0.0.1\"]\nport = {port}\n",
         dir.join(format!("node{i}")).display()
     )
 }
@@ -218,12 +229,14 @@ fn spawn_node(exe: &Path, dir: &Path, i: usize, base_port: u16, own_mounts: bool
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {name}"))?;
-    let url = format!("http://127.0.0.1:{}", port_of(base_port, i));
-    Ok(Node { name, url, log, child })
+    let url = format!("https://127.0.0.1:{}", port_of(base_port, i));
+    let socket = dir.join(&name).join("admin.sock");
+    Ok(Node { name, url, socket, log, child })
 }
 
 async fn wait_healthy(node: &mut Node) -> anyhow::Result<()> {
-    let client = Client::new(&node.url)?;
+    let local = crate::cli::Access { socket: Some(node.socket.clone()), ..Default::default() };
+    let client = Client::with_access(&node.url, &local)?;
     let deadline = Instant::now() + START_TIMEOUT;
     while Instant::now() < deadline {
         if let Some(status) = node.child.try_wait()? {
@@ -238,9 +251,23 @@ async fn wait_healthy(node: &mut Node) -> anyhow::Result<()> {
     bail!("{} did not answer /healthz within {}s", node.name, START_TIMEOUT.as_secs())
 }
 
-async fn form_cluster(nodes: &mut [Node]) -> anyhow::Result<ClusterView> {
-    let first = Client::new(&nodes[0].url)?;
-    first.call(Method::POST, "/v1/cluster/init", Some(json!({"cluster_id": "demo"}))).await?;
+/// `tandem cluster init` on node1 (its admin socket): keeps the CA and the
+/// admin token in `dir`; then `tandem cluster join` on the others.
+async fn form_cluster(nodes: &mut [Node], dir: &Path) -> anyhow::Result<ClusterView> {
+    let local = |n: &Node| {
+        Client::with_access(&n.url, &crate::cli::Access { socket: Some(n.socket.clone()), ..Default::default() })
+    };
+    let init: tandem_http_api::InitView =
+        parse(local(&nodes[0])?.call(Method::POST, "/v1/cluster/init", Some(json!({"cluster_id": "demo"}))).await?)?;
+    std::fs::write(dir.join("ca.pem"), &init.ca_pem)?;
+    crate::security::files::save_admin_token(dir, &init.admin_token)?;
+    let first = admin_client(dir, &nodes[0].url)?;
+    for n in &nodes[1..] {
+        let t: tandem_http_api::JoinTokenView =
+            parse(first.call(Method::POST, "/v1/cluster/join-token", Some(json!({"ttl_s": 600}))).await?)?;
+        let req = json!({"via": nodes[0].url, "token": t.token, "ca_hash": t.ca_hash});
+        local(n)?.call(Method::POST, "/v1/cluster/join", Some(req)).await?;
+    }
     let deadline = Instant::now() + FORM_TIMEOUT;
     loop {
         if let Ok(v) = first.call(Method::GET, "/v1/cluster", None).await {
@@ -259,7 +286,7 @@ async fn form_cluster(nodes: &mut [Node]) -> anyhow::Result<ClusterView> {
 
 /// The example service: a replicated volume (exported over NBD where the
 /// group runs), then a small HTTP server that says which node serves it.
-async fn create_example_group(nodes: &[Node], port: u16) -> anyhow::Result<String> {
+async fn create_example_group(nodes: &[Node], dir: &Path, port: u16) -> anyhow::Result<String> {
     let script = format!(
         "echo \"hello from $TANDEM_NODE (group $TANDEM_GROUP, epoch $TANDEM_EPOCH)\" > index.html; \
          exec python3 -m http.server {port} --bind 127.0.0.1"
@@ -272,7 +299,7 @@ async fn create_example_group(nodes: &[Node], port: u16) -> anyhow::Result<Strin
         "nodes": nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
         "failback": "manual",
     });
-    let client = Client::new(&nodes[0].url)?;
+    let client = admin_client(dir, &nodes[0].url)?;
     client.call(Method::PUT, "/v1/groups/web", Some(body)).await?;
     let deadline = Instant::now() + FORM_TIMEOUT;
     loop {
@@ -304,25 +331,38 @@ fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path, service_port: u16, 
     }
     say!("  data: {}", dir.display());
     say!();
+    credentials_hint(dir);
     say!("Try:");
-    say!("  curl -s {}/v1/cluster", u(0));
-    say!("  curl -s '{}/v1/nodes?stale=true'", u(1));
-    say!("  curl -s -X POST {}/v1/nodes/node2/standby", u(2));
-    say!("  curl -s -X PUT -d '{{\"value\": \"ssd\"}}' {}/v1/nodes/node3/attributes/disk", u(0));
-    say!("  curl -s -X POST {}/v1/nodes/node2/online", u(0));
+    say!("  curl -s --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\" {}/v1/cluster", u(0));
+    say!("  curl -s --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\" '{}/v1/nodes?stale=true'", u(1));
+    say!("  curl -s --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\" -X POST {}/v1/nodes/node2/standby", u(2));
+    say!("  curl -s --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\" -X PUT -d '{{\"value\": \"ssd\"}}' {}/v1/nodes/node3/attributes/disk", u(0));
+    say!(
+        "  curl -s --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\" -X POST {}/v1/nodes/node2/online",
+        u(0)
+    );
     say!("  TANDEM_ENDPOINT={} target/release/tandem status", u(1));
     say!("  target/release/tandem node show node1 --endpoint {}", u(2));
-    say!();
+    say!("  target/release/tandem audit --endpoint {}        # who did what", u(0));
     say!();
     say!("Example group `web` (a small HTTP service) runs on node1: curl -s http://127.0.0.1:{service_port}/");
     say!("  target/release/tandem group list --endpoint {}", u(1));
-    say!("  curl -s -X POST -d '{{\"to\": \"node3\"}}' {}/v1/groups/web/move     # switchover", u(1));
+    say!("  curl -s --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\" -X POST -d '{{\"to\": \"node3\"}}' {}/v1/groups/web/move     # switchover", u(1));
     say!("Its volume `data` (256 MiB, replicated synchronously to the other nodes) is exported over NBD:");
     say!("  qemu-io -f raw '{nbd}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
-    say!("  curl -s {}/v1/volumes/data      # replicas, disk and connection states", u(0));
+    say!("  curl -s --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\" {}/v1/volumes/data      # replicas, disk and connection states", u(0));
     say!("Kill the node that runs it (kill -9 <its pid>): its watchdog stops the service when the lease ends,");
     say!("and within about a second it answers again from another node (a new leader is elected if it led).");
     say!("Ctrl-C stops the cluster.");
+}
+
+/// How to use the demo's HTTPS API: its CA and admin token, as files.
+fn credentials_hint(dir: &Path) {
+    let (ca, token) = (dir.join("ca.pem"), dir.join("admin.token"));
+    say!("The API is HTTPS with a cluster CA and needs a token (both made by `cluster init`). In your shell:");
+    say!("  export TANDEM_TOKEN=$(cat {}) TANDEM_CACERT={}", token.display(), ca.display());
+    say!("(curl: --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\"; the CLI reads both variables.)");
+    say!();
 }
 
 /// Waits for Ctrl-C or SIGTERM, reporting agents that exit on their own.
@@ -490,7 +530,7 @@ async fn create_postgres_group(nodes: &[Node], dir: &Path, port: u16) -> anyhow:
         "nodes": nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
         "failback": "manual",
     });
-    let client = Client::new(&nodes[0].url)?;
+    let client = admin_client(dir, &nodes[0].url)?;
     client.call(Method::PUT, "/v1/groups/postgres", Some(body)).await?;
     let deadline = Instant::now() + FORM_TIMEOUT;
     loop {
@@ -533,6 +573,7 @@ fn print_postgres_banner(c: &ClusterView, nodes: &[Node], dir: &Path, port: u16)
     }
     say!("  data: {}", dir.display());
     say!();
+    credentials_hint(dir);
     say!("PostgreSQL 15 runs on node1, in group `postgres`: volume `pgdata` (256 MiB, replicated synchronously");
     say!("to the other nodes) -> ext4 mounted on {} -> PostgreSQL as user postgres.", dir.join("pg").display());
     say!("Each node mounts in its own mount namespace. Connect (SHOW cluster_name names the node that answers):");
@@ -541,7 +582,7 @@ fn print_postgres_banner(c: &ClusterView, nodes: &[Node], dir: &Path, port: u16)
     say!("  target/release/tandem volume show pgdata --endpoint {}", u(0));
     say!("Switch it over (it stops on node1, then starts on node3):");
     say!("  target/release/tandem group move postgres node3 --endpoint {}", u(0));
-    say!("  curl -s -X POST -d '{{\"to\": \"node3\"}}' {}/v1/groups/postgres/move     # the same with curl", u(1));
+    say!("  curl -s --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\" -X POST -d '{{\"to\": \"node3\"}}' {}/v1/groups/postgres/move     # the same with curl", u(1));
     say!("Fail it over: kill -9 the pid of the node running it. Its watchdog kills PostgreSQL when the lease");
     say!("ends; another node mounts the volume, PostgreSQL recovers from its WAL, and every committed row is there.");
     say!("Guide for real servers: docs/guides/postgresql.md");

@@ -19,6 +19,7 @@ pub mod liveness;
 pub mod reconcile;
 pub mod rundir;
 pub mod scheduler;
+pub mod security;
 pub mod volume;
 pub mod volume_views;
 pub mod watchdog;

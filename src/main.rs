@@ -27,9 +27,20 @@ Configuration: /etc/tandem/node.toml (see /usr/share/doc/tandem/config.md); \
     after_long_help = EXIT_CODES
 )]
 struct Cli {
-    /// API of the agent to talk to.
-    #[arg(long, global = true, env = "TANDEM_ENDPOINT", default_value = "http://127.0.0.1:7401")]
-    endpoint: String,
+    /// API of the agent to talk to [default: https://127.0.0.1:7401, or
+    /// `endpoint` in ~/.config/tandem/cli.toml].
+    #[arg(long, global = true, env = "TANDEM_ENDPOINT")]
+    endpoint: Option<String>,
+    /// API token (sent as `Authorization: Bearer`).
+    #[arg(long, global = true, env = "TANDEM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The cluster CA to trust for HTTPS (PEM; <data_dir>/tls/ca.pem on a node).
+    #[arg(long, global = true, env = "TANDEM_CACERT")]
+    cacert: Option<PathBuf>,
+    /// Talk to the agent's admin socket (<data_dir>/admin.sock; root on the
+    /// node) instead of the endpoint: no token needed.
+    #[arg(long, global = true, env = "TANDEM_SOCKET")]
+    socket: Option<PathBuf>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -83,6 +94,18 @@ enum Cmd {
     /// Inspect replicated volumes, verify them, resolve a split brain.
     #[command(subcommand)]
     Volume(cli::VolumeCmd),
+    /// API tokens: create (the secret is shown once), list, revoke.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The audit log: who did what, from where, with what outcome.
+    Audit {
+        /// Only entries after this id.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: u64,
+    },
     /// Check a node's configuration file as the agent does at start, and
     /// exit (0: valid; 6: invalid, naming the offending key).
     CheckConfig {
@@ -174,13 +197,55 @@ enum NodeCmd {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// Make the endpoint's agent the first node of a new cluster.
+    /// Make this node's agent the first node of a new cluster: its CA, its
+    /// certificate and the first admin token (printed once, and written to
+    /// <data_dir>/admin.token). Root on the node: talks to the admin socket.
     Init {
         #[arg(long)]
         cluster_id: Option<String>,
+        /// The agent's configuration, to find its admin socket.
+        #[arg(long, default_value = "/etc/tandem/node.toml")]
+        config: PathBuf,
     },
-    /// Make the endpoint's agent join the cluster that `url` belongs to.
-    Join { url: String },
+    /// Make this node's agent join the cluster that `url` belongs to. The
+    /// CA at `url` is checked against --ca-hash before anything is sent.
+    Join {
+        url: String,
+        /// A join token (`tandem cluster join-token` on a member).
+        #[arg(long, env = "TANDEM_JOIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The cluster CA's pin, sha256:<hex>.
+        #[arg(long)]
+        ca_hash: Option<String>,
+        /// The agent's configuration, to find its admin socket.
+        #[arg(long, default_value = "/etc/tandem/node.toml")]
+        config: PathBuf,
+    },
+    /// Print a short-lived join token, the CA pin, and the command to run
+    /// on the new node (admin).
+    JoinToken {
+        /// Seconds the token stays valid (at most 86400).
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token; its secret is printed once.
+    Create {
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Seconds until it expires (never, by default).
+        #[arg(long)]
+        expires_in: Option<u64>,
+    },
+    /// List the tokens (never their secrets).
+    List,
+    /// Revoke a token: refused from now on, on every node.
+    Revoke { name: String },
 }
 
 fn init_logging(level: &str, json: bool) {
@@ -195,6 +260,7 @@ fn init_logging(level: &str, json: bool) {
 }
 
 fn main() -> ExitCode {
+    tandem::security::install_crypto();
     let cli = Cli::parse();
     match &cli.cmd {
         Cmd::CheckConfig { config } => return check_config(config),
@@ -261,7 +327,12 @@ fn main() -> ExitCode {
                 }
             }
         }
-        cmd => match rt.block_on(client_command(&cli.endpoint, cli.json, cmd)) {
+        cmd => match rt.block_on(client_command(
+            cli.endpoint,
+            cli::Access { token: cli.token, cacert: cli.cacert, socket: cli.socket },
+            cli.json,
+            cmd,
+        )) {
             Ok(out) => {
                 print!("{out}");
                 ExitCode::SUCCESS
@@ -307,8 +378,28 @@ fn q(stale: bool) -> &'static str {
 /// Turns an API answer into the text the CLI prints.
 type Render = fn(Value) -> Result<String, CliError>;
 
-async fn client_command(endpoint: &str, json_out: bool, cmd: Cmd) -> Result<String, CliError> {
-    let c = Client::new(endpoint)?;
+/// `<data_dir>/admin.sock` of the agent configured by `config`.
+fn admin_socket(config: &std::path::Path) -> Result<PathBuf, CliError> {
+    let cfg = Config::load(config).map_err(|e| CliError::Input(format!("{e} (give --socket or --config)")))?;
+    Ok(cfg.data_dir.join("admin.sock"))
+}
+
+async fn client_command(
+    endpoint: Option<String>,
+    mut access: cli::Access,
+    json_out: bool,
+    cmd: Cmd,
+) -> Result<String, CliError> {
+    let user = cli::UserConfig::load()?;
+    let endpoint = endpoint.or(user.endpoint).unwrap_or_else(|| "https://127.0.0.1:7401".into());
+    access.token = access.token.or(user.token);
+    access.cacert = access.cacert.or(user.cacert);
+    if let Cmd::Cluster(ClusterCmd::Init { config, .. } | ClusterCmd::Join { config, .. }) = &cmd {
+        if access.socket.is_none() {
+            access.socket = Some(admin_socket(config)?);
+        }
+    }
+    let c = Client::with_access(&endpoint, &access)?;
     let enc = |s: &str| s.replace('/', "%2F");
     let (v, render): (Value, Render) = match cmd {
         Cmd::Status { stale } => (c.call(Method::GET, &format!("/v1/cluster{}", q(stale)), None).await?, |v| {
@@ -347,11 +438,77 @@ async fn client_command(endpoint: &str, json_out: bool, cmd: Cmd) -> Result<Stri
         Cmd::Node(NodeCmd::UnsetAttr { name, key }) => {
             (c.call(Method::DELETE, &format!("/v1/nodes/{}/attributes/{}", enc(&name), enc(&key)), None).await?, node)
         }
-        Cmd::Cluster(ClusterCmd::Init { cluster_id }) => {
-            (c.call(Method::POST, "/v1/cluster/init", Some(json!({ "cluster_id": cluster_id }))).await?, local)
+        Cmd::Cluster(ClusterCmd::Init { cluster_id, .. }) => {
+            (c.call(Method::POST, "/v1/cluster/init", Some(json!({ "cluster_id": cluster_id }))).await?, |v| {
+                let init: tandem_http_api::InitView = parse(v)?;
+                let node = &init.node;
+                Ok(format!(
+                    "cluster {} bootstrapped; this node is {} (id 1)\n\
+                     admin token (shown once; also in <data_dir>/admin.token, mode 0600):\n  {}\n\
+                     CA pin: {}\n\
+                     Use it:  export TANDEM_TOKEN=$(cat <data_dir>/admin.token) TANDEM_CACERT=<data_dir>/tls/ca.pem\n\
+                     Add a node: tandem cluster join-token   (on this node, with the token)\n",
+                    node.cluster_id.clone().unwrap_or_default(),
+                    node.name,
+                    init.admin_token,
+                    init.ca_hash
+                ))
+            })
         }
-        Cmd::Cluster(ClusterCmd::Join { url }) => {
-            (c.call(Method::POST, "/v1/cluster/join", Some(json!({ "via": url }))).await?, local)
+        Cmd::Cluster(ClusterCmd::Join { url, token, ca_hash, .. }) => (
+            c.call(Method::POST, "/v1/cluster/join", Some(json!({ "via": url, "token": token, "ca_hash": ca_hash })))
+                .await?,
+            local,
+        ),
+        Cmd::Cluster(ClusterCmd::JoinToken { ttl }) => {
+            let v = c.call(Method::POST, "/v1/cluster/join-token", Some(json!({ "ttl_s": ttl }))).await?;
+            if json_out {
+                return Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
+            }
+            let t: tandem_http_api::JoinTokenView = parse(v)?;
+            let cluster: ClusterView = parse(c.call(Method::GET, "/v1/cluster?stale=true", None).await?)?;
+            let leader = cluster
+                .leader
+                .as_ref()
+                .and_then(|l| cluster.members.iter().find(|m| &m.name == l))
+                .and_then(|m| {
+                    m.paths.first().map(|p| format!("https://{}", tandem_raft::state::socket_addr(&p.address, m.port)))
+                })
+                .unwrap_or(endpoint.clone());
+            return Ok(format!(
+                "join token {} (valid until unix ms {}). On the new node, as root:\n  tandem cluster join {leader} --token {} --ca-hash {}\n",
+                t.name, t.expires_ms, t.token, t.ca_hash
+            ));
+        }
+        Cmd::Token(TokenCmd::Create { name, role, expires_in }) => {
+            let v = c
+                .call(
+                    Method::POST,
+                    "/v1/tokens",
+                    Some(json!({ "name": name, "role": role, "expires_in_s": expires_in })),
+                )
+                .await?;
+            (v, |v| {
+                let t: tandem_http_api::TokenCreated = parse(v)?;
+                Ok(format!(
+                    "token {} ({}): {}\nIt is shown this once.\n",
+                    t.view.name,
+                    cli::lower(&t.view.role),
+                    t.token
+                ))
+            })
+        }
+        Cmd::Token(TokenCmd::List) => (c.call(Method::GET, "/v1/tokens", None).await?, |v| {
+            Ok(cli::tokens_table(&parse::<Vec<tandem_http_api::TokenView>>(v)?))
+        }),
+        Cmd::Token(TokenCmd::Revoke { name }) => {
+            c.call(Method::DELETE, &format!("/v1/tokens/{}", enc(&name)), None).await?;
+            return Ok(if json_out { "null\n".into() } else { format!("token {name} revoked\n") });
+        }
+        Cmd::Audit { since, limit } => {
+            (c.call(Method::GET, &format!("/v1/audit?since={since}&limit={limit}"), None).await?, |v| {
+                Ok(cli::audit_table(&parse::<Vec<tandem_raft::access::AuditEntry>>(v)?))
+            })
         }
         Cmd::Group(GroupCmd::List { stale }) => {
             (c.call(Method::GET, &format!("/v1/groups{}", q(stale)), None).await?, |v| {

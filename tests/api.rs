@@ -66,33 +66,48 @@ async fn bad_requests_get_their_code_and_change_nothing() {
     let as_n9 = format!("{{\"name\": \"n9\", \"addresses\": [\"127.0.0.1\"], \"port\": {}}}", loner.nodes[0].port);
     refused(&c, Method::POST, "/v1/nodes", Some(as_n9.as_bytes()), 422, "TND-1107").await;
 
-    // Already a member.
-    refused(&c, Method::POST, "/v1/cluster/init", Some(b"{}"), 409, "TND-1201").await;
+    // Bootstrapping is for root on the node, never over the network.
+    refused(&c, Method::POST, "/v1/cluster/init", Some(b"{}"), 403, "TND-1506").await;
+    refused(&c, Method::POST, "/v1/cluster/join", Some(b"{\"via\": \"https://127.0.0.1:1\"}"), 403, "TND-1506").await;
+    // On the admin socket: already a member.
+    let (st, v) =
+        tandem_testkit::api::local_call(&c.nodes[1].socket(), Method::POST, "/v1/cluster/init", json!({})).await;
+    assert_eq!((st, v["code"].clone()), (409, json!("TND-1201")), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lone_agent_is_not_ready_and_says_why() {
     let mut c = Cluster::configure(&["solo"], Opts::default());
     c.nodes[0].start().await;
-    let u = c.nodes[0].url();
-    assert_eq!(get(&format!("{u}/healthz")).await.0, 200);
+    // Not a member: its certificate is its own, trusted by nobody; ask it
+    // on its admin socket (the test is root on that "node").
+    let sock = c.nodes[0].socket();
+    let local = |method: Method, path: &'static str, body: Value| {
+        let sock = sock.clone();
+        async move { tandem_testkit::api::local_call(&sock, method, path, body).await }
+    };
+    assert_eq!(local(Method::GET, "/healthz", Value::Null).await.0, 200);
     for path in ["/readyz", "/v1/cluster", "/v1/nodes"] {
-        let (st, v) = get(&format!("{u}{path}")).await;
+        let (st, v) = local(Method::GET, path, Value::Null).await;
         assert_eq!((st, v["code"].clone()), (503, json!("TND-1200")), "{path}: {v}");
     }
-    let (st, v) = get(&format!("{u}/v1/local")).await;
+    let (st, v) = local(Method::GET, "/v1/local", Value::Null).await;
     assert_eq!(st, 200);
     assert_eq!(v["name"], "solo");
     assert_eq!(v["cluster_id"], Value::Null);
     // Joining through nothing fails clearly and leaves it alone.
-    let dead = format!("http://127.0.0.1:{}", free_port());
-    let (st, v) = post(&format!("{u}/v1/cluster/join"), json!({ "via": dead })).await;
+    let dead = format!("https://127.0.0.1:{}", free_port());
+    let hash = format!("sha256:{}", "0".repeat(64));
+    let req = json!({ "via": dead, "token": "tnd_x", "ca_hash": hash });
+    let (st, v) = local(Method::POST, "/v1/cluster/join", req).await;
     assert_eq!((st, v["code"].clone()), (409, json!("TND-1108")), "{v}");
-    let (st, v) = post(&format!("{u}/v1/cluster/join"), json!({ "via": "ftp://x" })).await;
+    let (st, v) = local(Method::POST, "/v1/cluster/join", json!({ "via": "ftp://x" })).await;
     assert_eq!((st, v["code"].clone()), (422, json!("TND-1010")), "{v}");
-    assert_eq!(get(&format!("{u}/v1/local")).await.1["cluster_id"], Value::Null);
+    let (st, v) = local(Method::POST, "/v1/cluster/join", json!({ "via": dead })).await;
+    assert_eq!((st, v["code"].clone()), (422, json!("TND-1010")), "a join needs a token: {v}");
+    assert_eq!(local(Method::GET, "/v1/local", Value::Null).await.1["cluster_id"], Value::Null);
     // The OpenAPI document is served and describes the public routes.
-    let (st, doc) = get(&format!("{u}/openapi.json")).await;
+    let (st, doc) = local(Method::GET, "/openapi.json", Value::Null).await;
     assert_eq!(st, 200);
     assert!(doc["paths"]["/v1/nodes/{name}"]["delete"].is_object(), "{doc}");
 }
@@ -119,7 +134,16 @@ fn bad_config_is_refused_naming_the_key() {
 }
 
 fn cli(endpoint: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).env("TANDEM_ENDPOINT", endpoint).output().unwrap();
+    cli_env(endpoint, args, &[])
+}
+
+fn cli_env(endpoint: &str, args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("TANDEM_ENDPOINT", endpoint)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -134,14 +158,39 @@ async fn cli_drives_the_cluster_with_documented_exit_codes() {
         n.start().await;
     }
     let (u1, u2, u3) = (c.nodes[0].url(), c.nodes[1].url(), c.nodes[2].url());
-    let (code, out, err) = cli(&u1, &["cluster", "init", "--cluster-id", "clitest"]);
+    let sock = |i: usize| c.nodes[i].socket().display().to_string();
+    let (code, out, err) = cli(&u1, &["cluster", "init", "--cluster-id", "clitest", "--socket", &sock(0)]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("cluster clitest"), "{out}");
-    for u in [&u2, &u3] {
-        let (code, _, err) = tokio::task::block_in_place(|| cli(u, &["cluster", "join", &u1]));
+    let data = c.nodes[0].dir.join("c1");
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
+    assert!(out.contains(&token), "init prints the admin token once: {out}");
+    let env = [("TANDEM_TOKEN", token.clone()), ("TANDEM_CACERT", data.join("tls/ca.pem").display().to_string())];
+    let creds = tandem_testkit::api::Creds {
+        token: token.clone(),
+        ca_pem: std::fs::read_to_string(data.join("tls/ca.pem")).unwrap(),
+        ca_hash: String::new(),
+    };
+    for n in &c.nodes {
+        tandem_testkit::api::register(&n.url(), &creds);
+    }
+    let cli = |u: &str, args: &[&str]| cli_env(u, args, &env);
+    for i in [1, 2] {
+        let (code, out, err) = cli(&u1, &["cluster", "join-token"]);
+        assert_eq!(code, 0, "{err}");
+        // The printed line: tandem cluster join <url> --token … --ca-hash …
+        let line = out.lines().find(|l| l.trim_start().starts_with("tandem cluster join")).expect(&out);
+        let mut args: Vec<String> = line.split_whitespace().skip(1).map(str::to_string).collect();
+        args.extend(["--socket".to_string(), sock(i)]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = tokio::task::block_in_place(|| cli(&u1, &args));
         assert_eq!(code, 0, "{err}");
     }
     c.wait_voters(3).await;
+    // Without a token the CLI is refused (1), and says how to get one.
+    let (code, _, err) = cli_env(&u2, &["status"], &env[1..]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("TND-1500") && err.contains("TANDEM_TOKEN"), "{err}");
 
     let (code, out, _) = cli(&u2, &["status"]);
     assert_eq!(code, 0);
@@ -165,7 +214,7 @@ async fn cli_drives_the_cluster_with_documented_exit_codes() {
     let (code, _, err) = cli(&u1, &["node", "show", "ghost"]);
     assert_eq!(code, 1, "refused → 1");
     assert!(err.contains("TND-1100") && err.contains("hint"), "{err}");
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("https://127.0.0.1:{}", free_port());
     let (code, _, err) = cli(&dead, &["status"]);
     assert_eq!(code, 3, "unreachable → 3: {err}");
     let (code, _, _) = cli(&u1, &["node", "frobnicate"]);
@@ -293,19 +342,28 @@ async fn every_answer_is_in_the_openapi_document() {
             ]);
         }
         for n in &c.nodes {
-            for (p, body) in &tries {
-                let (st, v) = call(method.clone(), &format!("{}{p}", n.url()), body.clone()).await;
+            // With the admin token, with none, and with a forged one.
+            for (token, (p, body)) in
+                tries.iter().map(|t| ("admin", t)).chain([("", &tries[0]), ("tnd_forged", &tries[0])])
+            {
+                let url = format!("{}{p}", n.url());
+                let (st, v) = if token == "admin" {
+                    call(method.clone(), &url, body.clone()).await
+                } else {
+                    call_as(token, method.clone(), &url, body.clone()).await
+                };
                 assert!(
                     documented.contains(&st.to_string()),
-                    "{method} {p} via {}: {st} {v} not in {documented:?}",
+                    "{method} {p} via {} (token {token:?}): {st} {v} not in {documented:?}",
                     n.name
                 );
                 seen.insert(st);
             }
         }
     }
-    // The tries reached the layers: bad queries, bodies, sizes, unknown names.
-    for st in [400, 404, 409, 413] {
+    // The tries reached the layers: bad queries, bodies, sizes, unknown
+    // names, no token, the admin socket's routes over TCP.
+    for st in [400, 401, 403, 404, 409, 413] {
         assert!(seen.contains(&st), "no {st} in {seen:?}");
     }
 }

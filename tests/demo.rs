@@ -64,12 +64,25 @@ async fn demo_forms_a_cluster_and_stops_cleanly_on_ctrl_c() {
     }
     let banner = lines.join().unwrap().join("\n");
     for i in 0..3 {
-        assert!(banner.contains(&format!("http://127.0.0.1:{}", base + 2 * i)), "{banner}");
+        assert!(banner.contains(&format!("https://127.0.0.1:{}", base + 2 * i)), "{banner}");
     }
-    assert!(banner.contains("curl"), "{banner}");
+    // The printed credentials and curl line work as printed, in a shell.
+    let export = banner.lines().map(str::trim).find(|l| l.starts_with("export TANDEM_TOKEN=")).expect("an export line");
+    let curl = banner.lines().map(str::trim).find(|l| l.starts_with("curl -s --cacert")).expect("a curl line");
+    let out = Command::new("sh").args(["-c", &format!("{export}; {curl}")]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("\"cluster_id\":\"demo\""), "{export}; {curl}: {text}");
+    let creds = tandem_testkit::api::Creds {
+        token: std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string(),
+        ca_pem: std::fs::read_to_string(data.join("ca.pem")).unwrap(),
+        ca_hash: String::new(),
+    };
+    for i in 0..3 {
+        tandem_testkit::api::register(&format!("https://127.0.0.1:{}", base + 2 * i), &creds);
+    }
 
     // The cluster is real: three voters, each its own process.
-    let (st, cluster) = get(&format!("http://127.0.0.1:{}/v1/cluster", base + 2)).await;
+    let (st, cluster) = get(&format!("https://127.0.0.1:{}/v1/cluster", base + 2)).await;
     assert_eq!(st, 200);
     assert_eq!(voters(&cluster).len(), 3);
     let pids: Vec<u32> =
@@ -77,7 +90,7 @@ async fn demo_forms_a_cluster_and_stops_cleanly_on_ctrl_c() {
     assert!(pids.iter().all(|p| alive(*p)) && pids.iter().all(|p| *p != child.id()));
 
     // The example group serves HTTP from node1.
-    let (st, g) = get(&format!("http://127.0.0.1:{}/v1/groups/web", base)).await;
+    let (st, g) = get(&format!("https://127.0.0.1:{}/v1/groups/web", base)).await;
     assert_eq!(
         (st, g["state"].clone(), g["node"].clone()),
         (200, serde_json::json!("running"), serde_json::json!("node1")),
@@ -105,7 +118,7 @@ async fn demo_forms_a_cluster_and_stops_cleanly_on_ctrl_c() {
         .expect("qemu-io (apt-get install qemu-utils)");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("read 1048576/1048576") && !text.contains("fail"), "{text}");
-    let (st, v) = get(&format!("http://127.0.0.1:{}/v1/volumes/data", base + 4)).await;
+    let (st, v) = get(&format!("https://127.0.0.1:{}/v1/volumes/data", base + 4)).await;
     assert_eq!((st, v["primary"].clone()), (200, serde_json::json!("node1")), "{v}");
 
     // Ctrl-C reaches the demo only (the agents are in their own process

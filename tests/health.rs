@@ -12,9 +12,11 @@ use common::*;
 use reqwest::Method;
 use serde_json::json;
 
+/// The status a load balancer sees: HTTPS with the cluster CA, no token
+/// (these endpoints are open).
 async fn status(method: Method, url: &str) -> u16 {
-    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(3)).build().unwrap();
-    match client.request(method, url).send().await {
+    let client = tandem_testkit::api::client();
+    match client.request(method, url).timeout(Duration::from_secs(3)).send().await {
         Ok(r) => r.status().as_u16(),
         Err(_) => 0,
     }
@@ -153,12 +155,16 @@ async fn haproxy_follows_the_group_and_never_sees_two_servers() {
     assert_eq!(st, 201, "{v}");
     wait_until(Duration::from_secs(20), "n1 serves web", || async { serving(&c, "web").await == ["n1"] }).await;
 
-    // HAProxy in the root namespace, checking every node's health endpoint.
+    // HAProxy in the root namespace, checking every node's health endpoint
+    // over HTTPS, verifying the node's certificate against the cluster CA.
     let port = tandem_testkit::free_port();
+    let ca = c.tmp.path().join("ca.pem").display().to_string();
     let servers: String = hosts
         .iter()
         .enumerate()
-        .map(|(i, (_, addr))| format!("    server n{} {addr}:8080 check port 7401\n", i + 1))
+        .map(|(i, (_, addr))| {
+            format!("    server n{} {addr}:8080 check port 7401 check-ssl verify required ca-file {ca}\n", i + 1)
+        })
         .collect();
     let cfg = format!(
         "global\n    maxconn 100\ndefaults\n    mode http\n    timeout connect 500ms\n    timeout client 5s\n    \

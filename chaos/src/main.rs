@@ -201,7 +201,12 @@ struct Host {
 
 impl Host {
     fn url(&self) -> String {
-        format!("http://{}:7401", self.addr)
+        format!("https://{}:7401", self.addr)
+    }
+
+    /// The agent's admin socket (init and join go there).
+    fn socket(&self) -> PathBuf {
+        self.dir.join("data").join("admin.sock")
     }
 
     fn start(&mut self, tandem: &Path) -> anyhow::Result<()> {
@@ -537,6 +542,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         hosts.push(Host { name: format!("n{i}"), ns, addr, addrs, site, dir, child: None, sessions: Vec::new() });
     }
     topo.route_sites()?;
+    // Replaced by an HTTPS client with the admin token once the cluster forms.
     let client = reqwest::Client::builder().no_proxy().build()?;
     let (groups, volumes) = match args.workload {
         Workload::Standard => (vec!["chaos", ASYNC_GROUP], vec![VOLUME, ASYNC_VOLUME]),
@@ -563,7 +569,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
             flag.store(true, Ordering::SeqCst);
         });
     }
-    form(&run).await?;
+    form(&mut run).await?;
     if args.workload == Workload::Postgres {
         return bank::run(&args, run, tmp, seed, interrupted).await;
     }
@@ -1141,11 +1147,14 @@ async fn read_all(
     }
 }
 
-/// Bootstraps the cluster on n1 and joins the others through it.
-async fn form(run: &Run) -> anyhow::Result<()> {
+/// Bootstraps the cluster on n1 and joins the others through it; from
+/// then on the run's client speaks HTTPS to the cluster CA with the admin
+/// token.
+async fn form(run: &mut Run) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for h in &run.hosts {
-        while get(&run.client, &format!("{}/v1/local", h.url())).await.is_none() {
+        while tandem_testkit::api::local_call(&h.socket(), reqwest::Method::GET, "/healthz", Value::Null).await.0 != 200
+        {
             if Instant::now() > deadline {
                 bail!("{} did not come up", h.name);
             }
@@ -1155,18 +1164,23 @@ async fn form(run: &Run) -> anyhow::Result<()> {
     let first = run.hosts[0].url();
     // Once each, no retry: a fresh cluster on a quiet network takes them,
     // and a second init or join would be refused for the first's sake.
-    let once = |what: String, (outcome, _): (retry::Outcome, Option<Value>)| match retry::classify(&outcome, &[]) {
-        retry::Next::Accepted => Ok(()),
-        retry::Next::Retry { why, .. } => Err(anyhow::anyhow!("{what}: {why}")),
-        retry::Next::Refused { status, code, message } => Err(anyhow::anyhow!("{what}: {status} {code}: {message}")),
-    };
-    let timeout = Duration::from_secs(10);
-    let url = format!("{first}/v1/cluster/init");
-    once("cluster init".into(), send(&run.client, reqwest::Method::POST, &url, &json!({}), timeout).await)?;
+    let creds = tandem_testkit::api::init(&run.hosts[0].socket(), "chaos").await.map_err(|e| anyhow::anyhow!(e))?;
+    tandem_testkit::api::install_crypto();
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", creds.token).parse()?);
+    run.client = reqwest::Client::builder()
+        .no_proxy()
+        .default_headers(auth)
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(creds.ca_pem.as_bytes())?)
+        .build()?;
+    for h in &run.hosts {
+        tandem_testkit::api::register(&h.url(), &creds);
+    }
     for h in &run.hosts[1..] {
-        let url = format!("{}/v1/cluster/join", h.url());
-        let joined = send(&run.client, reqwest::Method::POST, &url, &json!({"via": first}), timeout).await;
-        once(format!("{} joining", h.name), joined)?;
+        let (st, v) = tandem_testkit::api::join(&h.socket(), &first, &creds).await;
+        if st != 200 {
+            bail!("{} joining: {st} {v}", h.name);
+        }
     }
     Ok(())
 }

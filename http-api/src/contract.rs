@@ -28,8 +28,6 @@ pub struct Layers {
     pub query: bool,
     /// Parses a JSON body (400 TND-1001/1002, 413 TND-1003).
     pub body: bool,
-    /// Needs `Authorization: Bearer` (401 and 403).
-    pub secured: bool,
 }
 
 /// One documented operation: its route, its layers and the errors its
@@ -41,8 +39,10 @@ pub struct Operation {
     pub errors: fn() -> Vec<ApiError>,
 }
 
-const fn layers(forwarded: bool, query: bool, body: bool, secured: bool) -> Layers {
-    Layers { forwarded, query, body, secured }
+/// Whether a route needs a token is not listed here: [`crate::auth::access`]
+/// decides it ([`Operation::secured`]).
+const fn layers(forwarded: bool, query: bool, body: bool) -> Layers {
+    Layers { forwarded, query, body }
 }
 
 fn s() -> String {
@@ -75,7 +75,13 @@ fn read_volume() -> Vec<ApiError> {
 }
 
 fn init() -> Vec<ApiError> {
-    vec![ApiError::AlreadyMember(s()), ApiError::Invalid { field: s(), reason: s() }, ApiError::QuorumUnavailable(s())]
+    vec![
+        ApiError::AlreadyMember(s()),
+        ApiError::Invalid { field: s(), reason: s() },
+        ApiError::QuorumUnavailable(s()),
+        // Over TCP, even with an admin token: the admin socket only.
+        ApiError::LocalOnly(s()),
+    ]
 }
 
 fn join() -> Vec<ApiError> {
@@ -87,7 +93,26 @@ fn join() -> Vec<ApiError> {
         ApiError::NodeExists(s()),
         ApiError::NameMismatch { url: s(), expected: s(), actual: s() },
         ApiError::NoLeader,
+        ApiError::CaMismatch { url: s(), expected: s(), actual: s() },
+        ApiError::BadCertificate(s()),
+        ApiError::LocalOnly(s()),
     ]
+}
+
+fn create_token() -> Vec<ApiError> {
+    vec![ApiError::Invalid { field: s(), reason: s() }, ApiError::TokenExists(s()), ApiError::QuorumUnavailable(s())]
+}
+
+fn revoke_token() -> Vec<ApiError> {
+    vec![ApiError::TokenNotFound(s()), ApiError::QuorumUnavailable(s())]
+}
+
+fn join_token() -> Vec<ApiError> {
+    vec![ApiError::Invalid { field: s(), reason: s() }, ApiError::BadCertificate(s()), ApiError::QuorumUnavailable(s())]
+}
+
+fn cluster_ca() -> Vec<ApiError> {
+    vec![ApiError::NotMember, ApiError::BadCertificate(s())]
 }
 
 fn add_node() -> Vec<ApiError> {
@@ -193,127 +218,100 @@ fn resolve() -> Vec<ApiError> {
 /// Every operation of the document. A test checks this table against the
 /// document both ways.
 pub const OPERATIONS: &[Operation] = &[
-    Operation { method: "get", path: "/healthz", layers: layers(false, false, false, false), errors: none },
-    Operation { method: "get", path: "/readyz", layers: layers(false, false, false, false), errors: not_ready },
-    Operation { method: "get", path: "/openapi.json", layers: layers(false, false, false, false), errors: none },
-    Operation { method: "get", path: "/v1/local", layers: layers(false, true, false, true), errors: none },
-    Operation { method: "post", path: "/v1/cluster/init", layers: layers(false, false, true, true), errors: init },
-    Operation { method: "post", path: "/v1/cluster/join", layers: layers(false, false, true, true), errors: join },
-    Operation { method: "get", path: "/v1/cluster", layers: layers(true, true, false, true), errors: read },
-    Operation { method: "get", path: "/v1/nodes", layers: layers(true, true, false, true), errors: read },
-    Operation { method: "post", path: "/v1/nodes", layers: layers(true, false, true, true), errors: add_node },
-    Operation { method: "get", path: "/v1/nodes/{name}", layers: layers(true, true, false, true), errors: read_node },
-    Operation {
-        method: "delete",
-        path: "/v1/nodes/{name}",
-        layers: layers(true, true, false, true),
-        errors: remove_node,
-    },
+    Operation { method: "get", path: "/healthz", layers: layers(false, false, false), errors: none },
+    Operation { method: "get", path: "/readyz", layers: layers(false, false, false), errors: not_ready },
+    Operation { method: "get", path: "/openapi.json", layers: layers(false, false, false), errors: none },
+    Operation { method: "get", path: "/v1/local", layers: layers(false, true, false), errors: none },
+    Operation { method: "post", path: "/v1/cluster/init", layers: layers(false, false, true), errors: init },
+    Operation { method: "post", path: "/v1/cluster/join", layers: layers(false, false, true), errors: join },
+    Operation { method: "get", path: "/v1/cluster/ca", layers: layers(false, false, false), errors: cluster_ca },
+    Operation { method: "get", path: "/v1/tokens", layers: layers(true, true, false), errors: read },
+    Operation { method: "post", path: "/v1/tokens", layers: layers(true, false, true), errors: create_token },
+    Operation { method: "delete", path: "/v1/tokens/{name}", layers: layers(true, true, false), errors: revoke_token },
+    Operation { method: "post", path: "/v1/cluster/join-token", layers: layers(true, false, true), errors: join_token },
+    Operation { method: "get", path: "/v1/audit", layers: layers(true, true, false), errors: read },
+    Operation { method: "get", path: "/v1/cluster", layers: layers(true, true, false), errors: read },
+    Operation { method: "get", path: "/v1/nodes", layers: layers(true, true, false), errors: read },
+    Operation { method: "post", path: "/v1/nodes", layers: layers(true, false, true), errors: add_node },
+    Operation { method: "get", path: "/v1/nodes/{name}", layers: layers(true, true, false), errors: read_node },
+    Operation { method: "delete", path: "/v1/nodes/{name}", layers: layers(true, true, false), errors: remove_node },
     Operation {
         method: "post",
         path: "/v1/nodes/{name}/standby",
-        layers: layers(true, false, false, true),
+        layers: layers(true, false, false),
         errors: node_write,
     },
     Operation {
         method: "post",
         path: "/v1/nodes/{name}/online",
-        layers: layers(true, false, false, true),
+        layers: layers(true, false, false),
         errors: node_write,
     },
     Operation {
         method: "post",
         path: "/v1/nodes/{name}/maintenance",
-        layers: layers(true, false, false, true),
+        layers: layers(true, false, false),
         errors: node_write,
     },
     Operation {
         method: "put",
         path: "/v1/nodes/{name}/attributes/{key}",
-        layers: layers(true, false, true, true),
+        layers: layers(true, false, true),
         errors: set_attribute,
     },
     Operation {
         method: "delete",
         path: "/v1/nodes/{name}/attributes/{key}",
-        layers: layers(true, false, false, true),
+        layers: layers(true, false, false),
         errors: delete_attribute,
     },
-    Operation { method: "get", path: "/v1/groups", layers: layers(true, true, false, true), errors: read },
-    Operation { method: "get", path: "/v1/groups/{name}", layers: layers(true, true, false, true), errors: read_group },
-    Operation { method: "put", path: "/v1/groups/{name}", layers: layers(true, false, true, true), errors: put_group },
-    Operation {
-        method: "delete",
-        path: "/v1/groups/{name}",
-        layers: layers(true, false, false, true),
-        errors: delete_group,
-    },
+    Operation { method: "get", path: "/v1/groups", layers: layers(true, true, false), errors: read },
+    Operation { method: "get", path: "/v1/groups/{name}", layers: layers(true, true, false), errors: read_group },
+    Operation { method: "put", path: "/v1/groups/{name}", layers: layers(true, false, true), errors: put_group },
+    Operation { method: "delete", path: "/v1/groups/{name}", layers: layers(true, false, false), errors: delete_group },
     Operation {
         method: "post",
         path: "/v1/groups/{name}/start",
-        layers: layers(true, false, false, true),
+        layers: layers(true, false, false),
         errors: group_action,
     },
     Operation {
         method: "post",
         path: "/v1/groups/{name}/stop",
-        layers: layers(true, false, false, true),
+        layers: layers(true, false, false),
         errors: group_action,
     },
     Operation {
         method: "post",
         path: "/v1/groups/{name}/clear",
-        layers: layers(true, false, false, true),
+        layers: layers(true, false, false),
         errors: group_action,
     },
-    Operation {
-        method: "post",
-        path: "/v1/groups/{name}/move",
-        layers: layers(true, false, true, true),
-        errors: move_group,
-    },
-    Operation { method: "get", path: "/v1/volumes", layers: layers(true, true, false, true), errors: read },
-    Operation {
-        method: "get",
-        path: "/v1/volumes/{name}",
-        layers: layers(true, true, false, true),
-        errors: read_volume,
-    },
-    Operation {
-        method: "post",
-        path: "/v1/volumes/{name}/verify",
-        layers: layers(true, false, true, true),
-        errors: verify,
-    },
+    Operation { method: "post", path: "/v1/groups/{name}/move", layers: layers(true, false, true), errors: move_group },
+    Operation { method: "get", path: "/v1/volumes", layers: layers(true, true, false), errors: read },
+    Operation { method: "get", path: "/v1/volumes/{name}", layers: layers(true, true, false), errors: read_volume },
+    Operation { method: "post", path: "/v1/volumes/{name}/verify", layers: layers(true, false, true), errors: verify },
     Operation {
         method: "post",
         path: "/v1/volumes/{name}/resolve",
-        layers: layers(true, false, true, true),
+        layers: layers(true, false, true),
         errors: resolve,
     },
     // Load-balancer checks: open, answered by this node alone; their 503 is
     // a `ServingView`, documented by the handler.
-    Operation {
-        method: "get",
-        path: "/v1/groups/{name}/health",
-        layers: layers(false, true, false, false),
-        errors: none,
-    },
-    Operation {
-        method: "get",
-        path: "/v1/volumes/{name}/primary",
-        layers: layers(false, true, false, false),
-        errors: none,
-    },
-    Operation {
-        method: "get",
-        path: "/v1/volumes/{name}/replica",
-        layers: layers(false, true, false, false),
-        errors: none,
-    },
+    Operation { method: "get", path: "/v1/groups/{name}/health", layers: layers(false, true, false), errors: none },
+    Operation { method: "get", path: "/v1/volumes/{name}/primary", layers: layers(false, true, false), errors: none },
+    Operation { method: "get", path: "/v1/volumes/{name}/replica", layers: layers(false, true, false), errors: none },
 ];
 
 impl Operation {
+    /// Whether it needs a token: every route but those
+    /// [`crate::auth::access`] leaves open.
+    pub fn secured(&self) -> bool {
+        let method = axum::http::Method::from_bytes(self.method.to_uppercase().as_bytes()).unwrap_or_default();
+        crate::auth::access(&method, self.path) != crate::auth::Access::Open
+    }
+
     /// Every error this operation can answer with: its layers' and its own.
     pub fn all_errors(&self) -> Vec<ApiError> {
         let mut all = Vec::new();
@@ -331,6 +329,15 @@ impl Operation {
         if self.layers.body {
             all.extend([ApiError::MalformedJson(s()), ApiError::InvalidBody(s()), ApiError::BodyTooLarge { limit: 0 }]);
         }
+        if self.secured() {
+            // The auth middleware: no, a bad or an unknown token; a role
+            // that does not allow it; a certificate of a removed node.
+            all.extend([
+                ApiError::Unauthenticated(s()),
+                ApiError::TokenRejected(s()),
+                ApiError::Forbidden { who: s(), role: s(), action: s() },
+            ]);
+        }
         all.extend((self.errors)());
         all
     }
@@ -343,10 +350,6 @@ impl Operation {
             if !codes.contains(&e.code()) {
                 codes.push(e.code());
             }
-        }
-        if self.layers.secured {
-            by.entry(401).or_default().push("missing, malformed, expired or revoked token");
-            by.entry(403).or_default().push("the token's role does not allow this operation");
         }
         by.into_iter().map(|(st, mut c)| (st, std::mem::take(&mut c))).collect()
     }
@@ -622,6 +625,11 @@ fn request_constraints() -> Vec<(&'static str, &'static str, Value)> {
         ),
         ("AttributeValue", "value", json!({"maxLength": MAX_ATTRIBUTE_VALUE_LEN})),
         ("MoveRequest", "to", name_schema()),
+        ("TokenRequest", "name", name_schema()),
+        // Join tokens come from POST /v1/cluster/join-token.
+        ("TokenRequest", "role", json!({"type": "string", "enum": ["viewer", "operator", "admin"]})),
+        ("TokenRequest", "expires_in_s", json!({"minimum": 1, "maximum": 10 * 365 * 86_400u64})),
+        ("JoinTokenRequest", "ttl_s", json!({"minimum": 1, "maximum": 86_400})),
         ("ResolveRequest", "discard", name_schema()),
     ]
 }
@@ -659,7 +667,7 @@ pub fn document() -> Value {
                 });
             }
         }
-        if op.layers.secured {
+        if op.secured() {
             o.insert("security".into(), json!([{"bearerAuth": []}]));
         }
         for p in o.get_mut("parameters").and_then(Value::as_array_mut).into_iter().flatten() {
@@ -689,6 +697,10 @@ pub fn document() -> Value {
 fn merge(target: &mut Value, extra: Value) {
     match (target, extra) {
         (Value::Object(t), Value::Object(e)) => {
+            // A full type replaces a reference (an enum narrowed here).
+            if e.contains_key("type") {
+                t.remove("$ref");
+            }
             for (k, v) in e {
                 t.insert(k, v);
             }
@@ -724,7 +736,7 @@ mod tests {
             let documented: BTreeSet<u16> =
                 responses.keys().filter_map(|s| s.parse().ok()).filter(|s| *s >= 400).collect();
             let mut want: BTreeSet<u16> = op.error_statuses().into_iter().map(|(s, _)| s).collect();
-            if op.path.starts_with("/v1/") && op.path.contains("/{name}/") && !op.layers.secured {
+            if op.path.starts_with("/v1/") && op.path.contains("/{name}/") && !op.secured() {
                 want.insert(503); // A load balancer's "not serving".
             }
             assert_eq!(documented, want, "{} {}", op.method, op.path);
@@ -747,6 +759,7 @@ mod tests {
             "/healthz",
             "/readyz",
             "/openapi.json",
+            "/v1/cluster/ca",
             "/v1/groups/{name}/health",
             "/v1/volumes/{name}/primary",
             "/v1/volumes/{name}/replica",

@@ -105,6 +105,24 @@ pub enum ApiError {
     StalePrimary(String),
     #[error("vote request from node {0}, which is not a member of this cluster")]
     UnknownPeer(u64),
+    #[error("authentication required: {0}")]
+    Unauthenticated(String),
+    #[error("the token is not valid: {0}")]
+    TokenRejected(String),
+    #[error("{who} (role {role}) may not {action}")]
+    Forbidden { who: String, role: String, action: String },
+    #[error("a token named {0} already exists")]
+    TokenExists(String),
+    #[error("no token named {0}")]
+    TokenNotFound(String),
+    #[error("the cluster at {url} presents CA {actual}, not the pinned {expected}")]
+    CaMismatch { url: String, expected: String, actual: String },
+    #[error("{0} is only accepted on the agent's local admin socket")]
+    LocalOnly(String),
+    #[error("{0}")]
+    CaUnavailable(String),
+    #[error("certificate: {0}")]
+    BadCertificate(String),
     #[error("storage failure: {0}")]
     Storage(String),
     #[error("internal error: {0}")]
@@ -118,7 +136,8 @@ impl ApiError {
         "TND-1102", "TND-1103", "TND-1104", "TND-1105", "TND-1106", "TND-1107", "TND-1108", "TND-1200", "TND-1201",
         "TND-1202", "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209", "TND-1300",
         "TND-1301", "TND-1302", "TND-1303", "TND-1400", "TND-1401", "TND-1402", "TND-1403", "TND-1404", "TND-1405",
-        "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411", "TND-1900", "TND-1901",
+        "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411", "TND-1500", "TND-1501", "TND-1502",
+        "TND-1503", "TND-1504", "TND-1505", "TND-1506", "TND-1507", "TND-1508", "TND-1900", "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -166,6 +185,15 @@ impl ApiError {
             VolumeChange { .. } => "TND-1409",
             VolumeTooLarge { .. } => "TND-1410",
             StalePrimary(_) => "TND-1411",
+            Unauthenticated(_) => "TND-1500",
+            TokenRejected(_) => "TND-1501",
+            Forbidden { .. } => "TND-1502",
+            TokenExists(_) => "TND-1503",
+            TokenNotFound(_) => "TND-1504",
+            CaMismatch { .. } => "TND-1505",
+            LocalOnly(_) => "TND-1506",
+            CaUnavailable(_) => "TND-1507",
+            BadCertificate(_) => "TND-1508",
             Storage(_) => "TND-1900",
             Internal(_) => "TND-1901",
         }
@@ -183,6 +211,12 @@ impl ApiError {
             | VolumeNotOnNode(_)
             | VolumeNotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Unauthenticated(_) | TokenRejected(_) => StatusCode::UNAUTHORIZED,
+            Forbidden { .. } | LocalOnly(_) => StatusCode::FORBIDDEN,
+            TokenNotFound(_) => StatusCode::NOT_FOUND,
+            TokenExists(_) | CaMismatch { .. } => StatusCode::CONFLICT,
+            BadCertificate(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            CaUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             // A well-formed request that the cluster's state refuses (a node
             // holding no replica, too little free space) is a conflict, 409:
             // 422 is for what the OpenAPI schema or its stated rules refuse.
@@ -303,6 +337,31 @@ impl ApiError {
                  or let it rejoin with `tandem cluster join`."
                     .into()
             }
+            Unauthenticated(_) => {
+                "Send `Authorization: Bearer <token>` (the CLI reads TANDEM_TOKEN); `tandem cluster init` printed \
+                 the first admin token and wrote it to <data_dir>/admin.token."
+                    .into()
+            }
+            TokenRejected(_) => {
+                "The token is unknown, expired or revoked: ask an admin for a new one (`tandem token create`).".into()
+            }
+            Forbidden { .. } => {
+                "Use a token whose role allows this (viewer: reads; operator: day-to-day operations; admin: all).".into()
+            }
+            TokenExists(_) => "Pick another name, or revoke the old token first (`tandem token revoke`).".into(),
+            TokenNotFound(_) => "List the tokens with `tandem token list` or GET /v1/tokens.".into(),
+            CaMismatch { .. } => {
+                "Do not join: check --ca-hash against `tandem cluster join-token` on a member. A mismatch means the \
+                 URL reaches another cluster, or someone in between."
+                    .into()
+            }
+            LocalOnly(_) => {
+                "Run it on the node itself as root: `tandem cluster init` / `tandem cluster join` talk to the agent's \
+                 admin socket (<data_dir>/admin.sock)."
+                    .into()
+            }
+            CaUnavailable(_) => "Retry in a moment: the leader is fetching the cluster CA's key.".into(),
+            BadCertificate(_) => "Send a PEM certificate signing request made with the node's own key.".into(),
             Storage(_) => "Check the node's data_dir (disk space, permissions) and its log.".into(),
             Internal(_) => "Report this with the agent's log; the request may be retried.".into(),
         }
@@ -352,6 +411,8 @@ impl From<CommandError> for ApiError {
             CommandError::VolumeResize { field, .. } => ApiError::VolumeResize { field, message },
             CommandError::VolumeChange { field, .. } => ApiError::VolumeChange { field, message },
             CommandError::NotVolumePrimary { .. } => ApiError::StalePrimary(message),
+            CommandError::TokenExists { name } => ApiError::TokenExists(name),
+            CommandError::TokenNotFound { name } => ApiError::TokenNotFound(name),
         }
     }
 }
@@ -365,8 +426,13 @@ impl IntoResponse for ApiError {
             tracing::debug!(code = self.code(), "{self}");
         }
         let mut resp = (status, axum::Json(self.body())).into_response();
+        // For the audit log (the auth middleware reads it back).
+        resp.headers_mut().insert("x-tandem-error-code", HeaderValue::from_static(self.code()));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"tandem\""));
         }
         resp
     }

@@ -6,8 +6,10 @@
 //! it translates. Every error leaves through [`ApiError`], which alone maps
 //! errors to HTTP statuses.
 
+pub mod auth;
 pub mod contract;
 pub mod error;
+pub mod listen;
 pub mod types;
 
 use std::sync::Arc;
@@ -122,10 +124,35 @@ pub trait Backend: Send + Sync + 'static {
     /// primary (`SetReplicaDisk`, refused unless `report.epoch` is current).
     async fn record_replica_disk(&self, name: &str, report: ReplicaDiskReport) -> Result<(), ApiError>;
 
-    async fn init(&self, req: InitRequest) -> Result<LocalView, ApiError>;
+    async fn init(&self, req: InitRequest) -> Result<InitView, ApiError>;
     async fn join_via(&self, req: JoinViaRequest) -> Result<LocalView, ApiError>;
     async fn adopt(&self, req: AdoptRequest) -> Result<LocalView, ApiError>;
     async fn release(&self, req: ReleaseRequest) -> Result<(), ApiError>;
+
+    // ---- security ----
+
+    /// The token whose secret this is: its name and role. Unknown, expired
+    /// or revoked → `TokenRejected`.
+    fn authenticate(&self, secret: &str) -> Result<(String, tandem_raft::access::Role), ApiError>;
+    /// Whether node `id` named `name` is a current member (a removed node's
+    /// certificate stays valid cryptographically; this refuses it).
+    fn is_member_node(&self, id: NodeId, name: &str) -> bool;
+    /// Queues an audit entry for replication (bounded; never blocks).
+    fn record_audit(&self, entry: tandem_raft::access::AuditEntry);
+    /// The node-to-node HTTP client (mutual TLS), for forwarding.
+    fn peer_http(&self) -> reqwest::Client;
+    async fn create_token(&self, req: TokenRequest, by: String) -> Result<TokenCreated, ApiError>;
+    async fn tokens(&self) -> Result<Vec<TokenView>, ApiError>;
+    async fn revoke_token(&self, name: &str) -> Result<(), ApiError>;
+    async fn join_token(&self, req: JoinTokenRequest, by: String) -> Result<JoinTokenView, ApiError>;
+    async fn audit(&self, since: u64, limit: usize) -> Result<Vec<tandem_raft::access::AuditEntry>, ApiError>;
+    /// On the leader: audit entries that another node recorded.
+    async fn record_audit_batch(&self, entries: Vec<tandem_raft::access::AuditEntry>) -> Result<(), ApiError>;
+    fn cluster_ca(&self) -> Result<CaView, ApiError>;
+    /// On the leader: a new certificate for member `node` (named by its own certificate).
+    async fn renew_certificate(&self, node: &str, req: RenewRequest) -> Result<CertificateView, ApiError>;
+    /// The CA key, for a voter that lacks it.
+    async fn ca_key(&self, node: &str) -> Result<CaKeyView, ApiError>;
 
     /// Whether `id` is in this node's latest Raft membership.
     fn is_member(&self, id: NodeId) -> bool;
@@ -247,9 +274,7 @@ struct NoParams {}
 /// Builds the full router: public API, internal Raft RPCs, OpenAPI.
 pub fn router(backend: SharedBackend) -> Router {
     // A leader that went away must fail fast (503, retry), not hang the client.
-    let http =
-        reqwest::Client::builder().no_proxy().connect_timeout(FORWARD_CONNECT_TIMEOUT).build().unwrap_or_default();
-    let forwarder = Forwarder { backend: backend.clone(), http };
+    let forwarder = Forwarder { backend: backend.clone() };
     let cluster_routes = Router::new()
         .route("/v1/cluster", get(get_cluster))
         .route("/v1/nodes", get(list_nodes).post(add_node))
@@ -271,6 +296,12 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/volumes/{name}/verify", post(verify_volume))
         .route("/v1/volumes/{name}/resolve", post(resolve_volume))
         .route("/internal/volumes/{name}/disk", post(record_replica_disk))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
+        .route("/v1/cluster/join-token", post(join_token))
+        .route("/v1/audit", get(get_audit))
+        .route("/internal/audit", post(record_audit_batch))
+        .route("/internal/certificate", post(renew_certificate))
         .layer(middleware::from_fn_with_state(forwarder, route_to_leader))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let local_routes = Router::new()
@@ -280,6 +311,8 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/local", get(get_local))
         .route("/v1/cluster/init", post(init_cluster))
         .route("/v1/cluster/join", post(join_cluster))
+        .route("/v1/cluster/ca", get(get_cluster_ca))
+        .route("/internal/ca-key", post(get_ca_key))
         .route("/internal/adopt", post(adopt))
         .route("/internal/release", post(release))
         .route("/internal/groups/{name}/local", get(local_group))
@@ -301,6 +334,7 @@ pub fn router(backend: SharedBackend) -> Router {
         .merge(cluster_routes)
         .merge(local_routes)
         .merge(raft_routes)
+        .route_layer(middleware::from_fn_with_state(backend.clone(), auth::authorize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(request_span))
@@ -338,7 +372,6 @@ async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
 #[derive(Clone)]
 struct Forwarder {
     backend: SharedBackend,
-    http: reqwest::Client,
 }
 
 /// A GET whose query asks for the local copy. A query that does not parse is
@@ -363,14 +396,19 @@ async fn route_to_leader(State(fw): State<Forwarder>, req: Request, next: Next) 
         Route::Leader(urls) => {
             // A leader that stalls (a paused VM, SIGSTOP) accepts connections
             // but never answers: give up as soon as this node stops hearing it.
-            tokio::select! {
+            let mut resp = tokio::select! {
                 r = forward(&fw, &urls, req) => r.unwrap_or_else(|e| e.into_response()),
                 () = leader_changes(&fw, &urls) => ApiError::ForwardFailed {
                     url: urls.join(","),
                     reason: "the leader went silent or changed; the request may or may not have been applied".into(),
                 }
                 .into_response(),
+            };
+            // The leader audited it (or it never arrived: audited here).
+            if resp.status() != StatusCode::SERVICE_UNAVAILABLE {
+                resp.extensions_mut().insert(auth::Forwarded);
             }
+            resp
         }
     }
 }
@@ -394,6 +432,9 @@ async fn leader_changes(fw: &Forwarder, leader: &[String]) {
 /// have been applied there).
 async fn forward(fw: &Forwarder, leader: &[String], req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
+    let asker = parts.extensions.get::<auth::Asker>().cloned();
+    let authorization = parts.headers.get(header::AUTHORIZATION).cloned();
+    let http = fw.backend.peer_http();
     let bytes = to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| ApiError::BodyTooLarge { limit: MAX_BODY_BYTES })?;
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
@@ -401,9 +442,16 @@ async fn forward(fw: &Forwarder, leader: &[String], req: Request) -> Result<Resp
     let mut last = ApiError::ForwardFailed { url: leader.join(","), reason: "the leader has no address".into() };
     for base in leader {
         let fail = |reason: String| ApiError::ForwardFailed { url: base.clone(), reason };
-        let sent = fw
-            .http
-            .request(method.clone(), format!("{base}{path}"))
+        let mut rb = http.request(method.clone(), format!("{base}{path}"));
+        if let Some(a) = &authorization {
+            rb = rb.header(reqwest::header::AUTHORIZATION, a.as_bytes());
+        }
+        if let Some(a) = &asker {
+            for (k, v) in a.headers() {
+                rb = rb.header(k, v.as_bytes());
+            }
+        }
+        let sent = rb
             .header(HEADER_FORWARDED, fw.backend.name())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .timeout(FORWARD_TIMEOUT)
@@ -420,7 +468,7 @@ async fn forward(fw: &Forwarder, leader: &[String], req: Request) -> Result<Resp
         };
         let status = StatusCode::from_u16(resp.status().as_u16()).map_err(|e| fail(e.to_string()))?;
         let mut headers = HeaderMap::new();
-        for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+        for name in [header::CONTENT_TYPE, header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
             if let Some(v) = resp.headers().get(name.as_str()).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
             {
                 headers.insert(name, v);
@@ -509,12 +557,12 @@ async fn get_local(State(b): State<SharedBackend>, ApiQuery(_): ApiQuery<NoParam
 }
 
 #[utoipa::path(post, path = "/v1/cluster/init", tag = "cluster", request_body = InitRequest,
-    responses((status = 200, description = "This agent bootstrapped a new one-node cluster", body = LocalView),
+    responses((status = 200, description = "This agent bootstrapped a new one-node cluster: its CA, its certificate and the first admin token (shown once)", body = InitView),
               (status = 409, description = "Already a member (TND-1201)", body = ErrorBody)))]
 async fn init_cluster(
     State(b): State<SharedBackend>,
     ApiJson(req): ApiJson<InitRequest>,
-) -> Result<Json<LocalView>, ApiError> {
+) -> Result<Json<InitView>, ApiError> {
     b.init(req).await.map(Json)
 }
 
@@ -546,6 +594,136 @@ async fn release(
     responses((status = 200, description = "This document")))]
 async fn openapi_json() -> Json<serde_json::Value> {
     Json(contract::document())
+}
+
+// ---- security routes ----
+
+/// Who asked (set by the auth middleware); `local` when it did not run (tests).
+fn asker(req_ext: Option<axum::Extension<auth::Asker>>) -> String {
+    req_ext.map(|a| a.0.who).unwrap_or_else(|| "local".into())
+}
+
+#[utoipa::path(post, path = "/v1/tokens", tag = "security", request_body = TokenRequest,
+    responses((status = 201, description = "The token; its secret is shown this once", body = TokenCreated),
+              (status = 409, description = "A token of that name exists (TND-1503)", body = ErrorBody),
+              (status = 422, description = "Invalid name or expiry (TND-1010)", body = ErrorBody)))]
+async fn create_token(
+    State(b): State<SharedBackend>,
+    who: Option<axum::Extension<auth::Asker>>,
+    ApiJson(req): ApiJson<TokenRequest>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+    b.create_token(req, asker(who)).await.map(|t| (StatusCode::CREATED, Json(t)))
+}
+
+#[utoipa::path(get, path = "/v1/tokens", tag = "security",
+    responses((status = 200, description = "Every token, never its secret", body = [TokenView])))]
+async fn list_tokens(
+    State(b): State<SharedBackend>,
+    ApiQuery(_): ApiQuery<NoParams>,
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    b.tokens().await.map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/tokens/{name}", tag = "security",
+    params(("name" = String, Path, description = "Token name")),
+    responses((status = 204, description = "Revoked: refused from now on, on every node"),
+              (status = 404, description = "No such token (TND-1504)", body = ErrorBody)))]
+async fn revoke_token(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(_): ApiQuery<NoParams>,
+) -> Result<StatusCode, ApiError> {
+    b.revoke_token(&name).await.map(|()| StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/cluster/join-token", tag = "security", request_body = JoinTokenRequest,
+    responses((status = 201, description = "A short-lived join token and the CA pin", body = JoinTokenView),
+              (status = 422, description = "Invalid ttl_s (TND-1010)", body = ErrorBody)))]
+async fn join_token(
+    State(b): State<SharedBackend>,
+    who: Option<axum::Extension<auth::Asker>>,
+    ApiJson(req): ApiJson<JoinTokenRequest>,
+) -> Result<(StatusCode, Json<JoinTokenView>), ApiError> {
+    b.join_token(req, asker(who)).await.map(|t| (StatusCode::CREATED, Json(t)))
+}
+
+/// `GET /v1/audit` query.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditParams {
+    /// Only entries with a larger id.
+    #[serde(default)]
+    #[param(value_type = Option<u64>)]
+    pub since: Option<serde_json::Value>,
+    /// At most this many (default 1000, at most 10000).
+    #[serde(default)]
+    #[param(value_type = Option<u64>)]
+    pub limit: Option<serde_json::Value>,
+}
+
+/// A number from the query string (which reads `0`/`1` as booleans).
+fn number_param(field: &str, v: Option<&serde_json::Value>, default: u64, max: u64) -> Result<u64, ApiError> {
+    let text = match v {
+        None => return Ok(default),
+        Some(serde_json::Value::Bool(b)) => u64::from(*b).to_string(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    text.parse::<u64>()
+        .ok()
+        .filter(|n| *n <= max)
+        .ok_or_else(|| ApiError::InvalidQuery(format!("{field}={text:?} must be a number from 0 to {max}")))
+}
+
+#[utoipa::path(get, path = "/v1/audit", tag = "security", params(AuditParams),
+    responses((status = 200, description = "Audit entries, oldest first", body = [tandem_raft::access::AuditEntry])))]
+async fn get_audit(
+    State(b): State<SharedBackend>,
+    ApiQuery(q): ApiQuery<AuditParams>,
+) -> Result<Json<Vec<tandem_raft::access::AuditEntry>>, ApiError> {
+    let since = number_param("since", q.since.as_ref(), 0, u64::MAX)?;
+    let limit = number_param("limit", q.limit.as_ref(), 1000, 10_000)?;
+    b.audit(since, limit as usize).await.map(Json)
+}
+
+async fn record_audit_batch(
+    State(b): State<SharedBackend>,
+    ApiJson(entries): ApiJson<Vec<tandem_raft::access::AuditEntry>>,
+) -> Result<StatusCode, ApiError> {
+    b.record_audit_batch(entries).await.map(|()| StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/cluster/ca", tag = "security",
+    responses((status = 200, description = "The cluster CA's certificate and pin (public)", body = CaView),
+              (status = 503, description = "Not a member of a cluster (TND-1200)", body = ErrorBody)))]
+async fn get_cluster_ca(State(b): State<SharedBackend>) -> Result<Json<CaView>, ApiError> {
+    b.cluster_ca().map(Json)
+}
+
+fn node_asker(who: Option<axum::Extension<auth::Asker>>) -> Result<String, ApiError> {
+    let who = asker(who);
+    who.strip_prefix("node:").map(str::to_string).ok_or_else(|| ApiError::Forbidden {
+        who,
+        role: "-".into(),
+        action: "act as a node".into(),
+    })
+}
+
+async fn renew_certificate(
+    State(b): State<SharedBackend>,
+    who: Option<axum::Extension<auth::Asker>>,
+    ApiJson(req): ApiJson<RenewRequest>,
+) -> Result<Json<CertificateView>, ApiError> {
+    let node = node_asker(who)?;
+    b.renew_certificate(&node, req).await.map(Json)
+}
+
+async fn get_ca_key(
+    State(b): State<SharedBackend>,
+    who: Option<axum::Extension<auth::Asker>>,
+) -> Result<Json<CaKeyView>, ApiError> {
+    let node = node_asker(who)?;
+    b.ca_key(&node).await.map(Json)
 }
 
 // ---- cluster routes ----
@@ -914,6 +1092,12 @@ async fn raft_snapshot(
         get_local,
         init_cluster,
         join_cluster,
+        create_token,
+        list_tokens,
+        revoke_token,
+        join_token,
+        get_audit,
+        get_cluster_ca,
         get_cluster,
         list_nodes,
         get_node,
@@ -942,6 +1126,15 @@ async fn raft_snapshot(
     ),
     components(schemas(
         ErrorBody,
+        InitView,
+        TokenRequest,
+        TokenView,
+        TokenCreated,
+        JoinTokenRequest,
+        JoinTokenView,
+        CaView,
+        tandem_raft::access::AuditEntry,
+        tandem_raft::access::Role,
         Health,
         LocalView,
         InitRequest,

@@ -88,6 +88,10 @@ pub struct JoinRequest {
     pub site: Option<String>,
     #[serde(default)]
     pub witness: bool,
+    /// PEM certificate signing request for the node's own key: the leader
+    /// answers the join by adopting the node with a certificate for it.
+    #[serde(default)]
+    pub csr: Option<String>,
 }
 
 /// `POST /v1/cluster/init`.
@@ -103,8 +107,14 @@ pub struct InitRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JoinViaRequest {
-    /// Base URL of any member's API, e.g. `http://10.0.0.1:7401`.
+    /// Base URL of any member's API, e.g. `https://10.0.0.1:7401`.
     pub via: String,
+    /// A join token (`tandem cluster join-token` on a member).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The cluster CA's pin, `sha256:<hex>`: checked before anything is sent.
+    #[serde(default)]
+    pub ca_hash: Option<String>,
 }
 
 /// `PUT /v1/nodes/{name}/attributes/{key}`.
@@ -145,6 +155,13 @@ pub struct AdoptRequest {
     pub cluster_id: String,
     pub node_id: NodeId,
     pub name: String,
+    /// The node's certificate, signed by the cluster CA for the key of the
+    /// join's signing request (PEM).
+    #[serde(default)]
+    pub certificate: String,
+    /// The cluster CA's certificate (PEM).
+    #[serde(default)]
+    pub ca: String,
 }
 
 /// Internal: the leader tells a removed agent to forget its membership.
@@ -410,4 +427,94 @@ pub struct ReplicaDiskReport {
     pub disk: tandem_raft::volume::DiskState,
     /// The group's placement epoch the primary holds.
     pub epoch: u64,
+}
+
+// ---- security ----
+
+/// `POST /v1/cluster/init`'s answer: the node, and the first admin token
+/// (shown this once; also written to `<data_dir>/admin.token`, mode 0600).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InitView {
+    #[serde(flatten)]
+    pub node: LocalView,
+    pub admin_token: String,
+    /// The cluster CA's pin for `tandem cluster join --ca-hash`.
+    pub ca_hash: String,
+    /// The cluster CA's certificate (PEM), for `curl --cacert`.
+    pub ca_pem: String,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub name: String,
+    pub role: tandem_raft::access::Role,
+    /// Seconds until it expires; never when absent.
+    #[serde(default)]
+    pub expires_in_s: Option<u64>,
+}
+
+/// A token as listed: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    pub name: String,
+    pub role: tandem_raft::access::Role,
+    /// Unix time, ms.
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+    pub created_by: String,
+}
+
+/// `POST /v1/tokens`' answer: the secret, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    #[serde(flatten)]
+    pub view: TokenView,
+    pub token: String,
+}
+
+/// `POST /v1/cluster/join-token`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenRequest {
+    /// Seconds the token is valid (default 3600, at most 86400).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+/// A join token with the CA pin to give `tandem cluster join`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenView {
+    pub name: String,
+    pub token: String,
+    pub ca_hash: String,
+    pub expires_ms: u64,
+}
+
+/// `GET /v1/cluster/ca`: public; pin it with `ca_hash`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CaView {
+    pub ca_pem: String,
+    pub ca_hash: String,
+}
+
+/// Internal: a member renews its certificate (same key or a new one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub csr: String,
+}
+
+/// Internal: a certificate, PEM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CertificateView {
+    pub certificate: String,
+}
+
+/// Internal: the CA key, handed to a voter only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaKeyView {
+    pub cert_pem: String,
+    pub key_pem: String,
 }

@@ -51,6 +51,10 @@ pub enum CommandError {
     VolumeChange { name: String, field: String, reason: String },
     #[error("volume {volume}: {reason}")]
     NotVolumePrimary { volume: String, reason: String },
+    #[error("a token named {name} already exists")]
+    TokenExists { name: String },
+    #[error("no token named {name}")]
+    TokenNotFound { name: String },
 }
 
 fn resize_reason(from: u64, to: u64) -> String {

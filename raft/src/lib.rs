@@ -5,6 +5,7 @@
 //! transport ([`network`]). It must never decide policy (who votes, where a
 //! group runs): the daemon does that and proposes commands through Raft.
 
+pub mod access;
 pub mod error;
 pub mod group;
 pub mod network;

@@ -38,8 +38,13 @@ pub struct Network {
 }
 
 impl Network {
-    pub fn new(cluster_id: String, connect_timeout: Duration) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+    /// `builder` carries the TLS setup (mutual TLS with the cluster CA).
+    pub fn new(
+        cluster_id: String,
+        builder: reqwest::ClientBuilder,
+        connect_timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        let http = builder
             .connect_timeout(connect_timeout)
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::access::{AuditEntry, AuditLog, TokenRecord, Tokens};
 use crate::group::{
     replica_nodes, validate_group, GroupRecord, GroupSpec, Phase, Placement, ResourceKind, ResourceSpec, MAX_GROUPS,
 };
@@ -81,9 +82,26 @@ impl NodeRecord {
     }
 }
 
+static PLAINTEXT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Switches every API URL this process builds to `http://` (an agent run
+/// with `[tls] enabled = false`, for benchmarks only).
+pub fn set_plaintext(plain: bool) {
+    PLAINTEXT.store(plain, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `https`, or `http` after [`set_plaintext`].
+pub fn url_scheme() -> &'static str {
+    if PLAINTEXT.load(std::sync::atomic::Ordering::Relaxed) {
+        "http"
+    } else {
+        "https"
+    }
+}
+
 /// Base URLs of an API listening on `port` at each of `addresses`.
 pub fn api_urls(addresses: &[String], port: u16) -> Vec<String> {
-    addresses.iter().map(|a| format!("http://{}", socket_addr(a, port))).collect()
+    addresses.iter().map(|a| format!("{}://{}", url_scheme(), socket_addr(a, port))).collect()
 }
 
 /// `host:port`, bracketing IPv6 literals.
@@ -197,6 +215,22 @@ pub enum Command {
         disk: DiskState,
         epoch: u64,
     },
+    /// Adds an API token (only its hash); refused when the name is taken.
+    CreateToken {
+        token: TokenRecord,
+    },
+    RevokeToken {
+        name: String,
+    },
+    /// Drops tokens expired at `now_ms` (the proposer's clock).
+    ExpireTokens {
+        now_ms: u64,
+    },
+    /// Appends audit entries, keeping the newest `retain`.
+    RecordAudit {
+        entries: Vec<AuditEntry>,
+        retain: usize,
+    },
 }
 
 /// The log's encoding of a command: `{"v": "1", "cmd": {...}}`.
@@ -256,6 +290,10 @@ pub struct ClusterState {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     #[serde(default)]
     pub groups: BTreeMap<String, GroupRecord>,
+    #[serde(default)]
+    pub tokens: Tokens,
+    #[serde(default)]
+    pub audit: AuditLog,
 }
 
 /// Checks a node's self-description, field by field.
@@ -613,6 +651,13 @@ impl ClusterState {
                 g.replica_disks.entry(volume.clone()).or_default().insert(node.clone(), *disk);
                 Ok(Reply::Done)
             }
+            Command::CreateToken { token } => self.tokens.create(token).map(|()| Reply::Done),
+            Command::RevokeToken { name } => self.tokens.revoke(name).map(|()| Reply::Done),
+            Command::ExpireTokens { now_ms } => {
+                self.tokens.expire(*now_ms);
+                Ok(Reply::Done)
+            }
+            Command::RecordAudit { entries, retain } => self.audit.record(entries, *retain).map(|()| Reply::Done),
             Command::ClearGroupFailures { name } => {
                 self.group_mut(name)?.failed_on.clear();
                 Ok(Reply::Done)

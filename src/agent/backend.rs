@@ -328,7 +328,7 @@ impl Backend for Agent {
         self.propose(&m, cmd).await.map(|_| ())
     }
 
-    async fn init(&self, req: InitRequest) -> Result<LocalView, ApiError> {
+    async fn init(&self, req: InitRequest) -> Result<tandem_http_api::InitView, ApiError> {
         self.do_init(req).await
     }
 
@@ -342,6 +342,70 @@ impl Backend for Agent {
 
     async fn release(&self, req: ReleaseRequest) -> Result<(), ApiError> {
         self.do_release(req).await
+    }
+
+    fn authenticate(&self, secret: &str) -> Result<(String, tandem_raft::access::Role), ApiError> {
+        self.do_authenticate(secret)
+    }
+
+    fn is_member_node(&self, id: NodeId, name: &str) -> bool {
+        self.do_is_member_node(id, name)
+    }
+
+    fn record_audit(&self, entry: tandem_raft::access::AuditEntry) {
+        self.queue_audit(entry)
+    }
+
+    fn peer_http(&self) -> reqwest::Client {
+        self.http.clone()
+    }
+
+    async fn create_token(
+        &self,
+        req: tandem_http_api::TokenRequest,
+        by: String,
+    ) -> Result<tandem_http_api::TokenCreated, ApiError> {
+        self.do_create_token(req, by).await
+    }
+
+    async fn tokens(&self) -> Result<Vec<tandem_http_api::TokenView>, ApiError> {
+        self.do_tokens().await
+    }
+
+    async fn revoke_token(&self, name: &str) -> Result<(), ApiError> {
+        self.do_revoke_token(name).await
+    }
+
+    async fn join_token(
+        &self,
+        req: tandem_http_api::JoinTokenRequest,
+        by: String,
+    ) -> Result<tandem_http_api::JoinTokenView, ApiError> {
+        self.do_join_token(req, by).await
+    }
+
+    async fn audit(&self, since: u64, limit: usize) -> Result<Vec<tandem_raft::access::AuditEntry>, ApiError> {
+        self.do_audit(since, limit).await
+    }
+
+    async fn record_audit_batch(&self, entries: Vec<tandem_raft::access::AuditEntry>) -> Result<(), ApiError> {
+        self.do_record_audit_batch(entries).await
+    }
+
+    fn cluster_ca(&self) -> Result<tandem_http_api::CaView, ApiError> {
+        self.do_cluster_ca()
+    }
+
+    async fn renew_certificate(
+        &self,
+        node: &str,
+        req: tandem_http_api::RenewRequest,
+    ) -> Result<tandem_http_api::CertificateView, ApiError> {
+        self.do_renew(node, req).await
+    }
+
+    async fn ca_key(&self, node: &str) -> Result<tandem_http_api::CaKeyView, ApiError> {
+        self.do_ca_key(node).await
     }
 
     fn is_member(&self, id: NodeId) -> bool {

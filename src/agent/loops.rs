@@ -28,6 +28,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let sockets = Arc::new(HeartbeatSockets::bind(&cfg.addresses, cfg.port).await?);
     let liveness = Liveness::new(cfg.node_timeout());
     let agent = Arc::new(Agent::new(cfg.clone(), db.clone(), liveness.clone())?);
+    crate::volume::set_replication_tls(crate::security::tls::ReplicationTls::new(agent.tls.clone()));
     // The data plane listens before anything can be promoted here.
     agent.guard.set_volumes(agent.volumes.clone());
     let guard = agent.guard.clone();
@@ -44,22 +45,71 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("starting the volume replication listener (port + 1)")?;
     if let Some(identity) = db.identity()? {
+        if cfg.tls.enabled && agent.tls.ca_pem().is_none() {
+            anyhow::bail!(
+                "{} holds a cluster membership but no certificate (tls/node.pem, tls/ca.pem): it was made by a \
+                 tandem without TLS, or the files were removed. Remove the node from the cluster, wipe data_dir \
+                 and join again",
+                cfg.data_dir.display()
+            );
+        }
         agent.start_member(&identity).await?;
     }
+    let weak = Arc::downgrade(&agent);
+    agent
+        .tls
+        .set_membership_check(Arc::new(move |id, name| weak.upgrade().is_some_and(|a| a.do_is_member_node(id, name))));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let router = tandem_http_api::router(agent.clone());
     let mut servers = Vec::new();
     for l in listeners {
         let mut rx = stop_rx.clone();
-        let app = router.clone();
+        let app = router.clone().into_make_service_with_connect_info::<tandem_http_api::listen::PeerInfo>();
+        let local = l.local_addr()?;
+        let (tx, conns) = tokio::sync::mpsc::channel(64);
+        let acceptor = tokio::spawn(crate::security::tls::accept_api(l, agent.tls.clone(), tx));
         servers.push(tokio::spawn(async move {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            axum::serve(l, app).with_graceful_shutdown(stop).await
+            let r = axum::serve(tandem_http_api::listen::ApiListener::new(conns, local), app)
+                .with_graceful_shutdown(stop)
+                .await;
+            acceptor.abort();
+            r
         }));
     }
+    // The admin socket: root on this node, without a token (init, join,
+    // and a way in when every token is lost).
+    let sock_path = cfg.data_dir.join("admin.sock");
+    let _ = std::fs::remove_file(&sock_path);
+    let admin = tokio::net::UnixListener::bind(&sock_path)
+        .with_context(|| format!("binding the admin socket {}", sock_path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    {
+        let mut rx = stop_rx.clone();
+        let app = router.clone().into_make_service_with_connect_info::<tandem_http_api::listen::PeerInfo>();
+        servers.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            axum::serve(admin, app).with_graceful_shutdown(stop).await
+        }));
+    }
+    let a = agent.clone();
+    every(super::security::AUDIT_FLUSH, move || {
+        let agent = a.clone();
+        async move { agent.flush_audit().await }
+    });
+    let a = agent.clone();
+    every(super::security::CERT_CHECK, move || {
+        let agent = a.clone();
+        async move { agent.security_round().await }
+    });
     let ident_agent = agent.clone();
     sockets.spawn_receivers(liveness, move || ident_agent.member().map(|m| (m.cluster_id.clone(), m.node_id)));
     let (a, socks) = (agent.clone(), sockets.clone());

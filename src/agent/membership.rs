@@ -7,7 +7,7 @@ use super::*;
 impl Agent {
     // ---- workflows ----
 
-    pub(super) async fn do_init(&self, req: InitRequest) -> Result<LocalView, ApiError> {
+    pub(super) async fn do_init(&self, req: InitRequest) -> Result<tandem_http_api::InitView, ApiError> {
         let _g = self.membership_lock.lock().await;
         if let Some(m) = self.member() {
             return Err(ApiError::AlreadyMember(m.cluster_id.clone()));
@@ -21,6 +21,7 @@ impl Agent {
         };
         // Leftovers of an earlier attempt that never got an identity.
         self.db.wipe().map_err(storage_err)?;
+        let ca = self.init_tls(&cluster_id)?;
         let identity = Identity { node_id: 1, cluster_id: cluster_id.clone() };
         let m = self.start_member(&identity).await.map_err(|e| ApiError::Internal(format!("{e:#}")))?;
         let members = BTreeMap::from([(1, Peer { urls: self.my_urls() })]);
@@ -38,9 +39,11 @@ impl Agent {
             .await
             .map_err(|e| ApiError::QuorumUnavailable(e.to_string()))?;
         self.propose(&m, Command::Bootstrap { cluster_id, node_id: 1, node: self.cfg.spec() }).await?;
+        let mut view = self.first_admin_token(&m, &ca).await?;
         self.db.set_identity(&identity).map_err(storage_err)?;
         tracing::info!(cluster_id = %identity.cluster_id, "cluster bootstrapped");
-        Ok(self.local_view())
+        view.node = self.local_view();
+        Ok(view)
     }
 
     pub(super) async fn do_join_via(&self, req: JoinViaRequest) -> Result<LocalView, ApiError> {
@@ -48,9 +51,14 @@ impl Agent {
             return Err(ApiError::AlreadyMember(m.cluster_id.clone()));
         }
         let via = req.via.trim_end_matches('/').to_string();
-        if !via.starts_with("http://") {
-            return Err(ApiError::Invalid { field: "via".into(), reason: format!("{via:?} is not an http:// URL") });
+        let scheme = tandem_raft::state::url_scheme();
+        if !via.starts_with(&format!("{scheme}://")) {
+            return Err(ApiError::Invalid {
+                field: "via".into(),
+                reason: format!("{via:?} is not an {scheme}:// URL"),
+            });
         }
+        let (client, csr) = self.secure_join_body(&via, req.token.as_deref(), req.ca_hash.as_deref()).await?;
         let spec = self.cfg.spec();
         let body = JoinRequest {
             name: spec.name,
@@ -58,12 +66,16 @@ impl Agent {
             port: spec.port,
             site: spec.site,
             witness: spec.witness,
+            csr,
         };
         // The leader calls back our /internal/adopt before answering.
-        let answer: Result<NodeView, ApiError> = self
-            .post_first(std::slice::from_ref(&via), "/v1/nodes", &body, PEER_TIMEOUT * 4)
-            .await
-            .map_err(|reason| ApiError::JoinTargetUnreachable { url: via.clone(), reason })?;
+        let mut rb = client.post(format!("{via}/v1/nodes")).json(&body).timeout(PEER_TIMEOUT * 4);
+        if let Some(t) = &req.token {
+            rb = rb.bearer_auth(t);
+        }
+        let resp =
+            rb.send().await.map_err(|e| ApiError::JoinTargetUnreachable { url: via.clone(), reason: e.to_string() })?;
+        let answer: Result<NodeView, ApiError> = decode(&via, resp).await;
         answer?;
         if self.member().is_none() {
             return Err(ApiError::Internal("the cluster accepted the join but never adopted this node".into()));
@@ -86,6 +98,7 @@ impl Agent {
                 actual: self.cfg.name.clone(),
             });
         }
+        self.adopt_tls(&req)?;
         self.db.wipe().map_err(storage_err)?;
         let identity = Identity { node_id: req.node_id, cluster_id: req.cluster_id };
         self.db.set_identity(&identity).map_err(storage_err)?;
@@ -100,6 +113,7 @@ impl Agent {
         match self.member() {
             Some(m) if m.cluster_id == req.cluster_id && m.node_id == req.node_id => {
                 self.stop_member(true).await?;
+                self.release_tls();
                 tracing::info!(cluster_id = %req.cluster_id, "removed from the cluster; waiting to be initialised or joined");
                 Ok(())
             }
@@ -124,7 +138,7 @@ impl Agent {
         let mut local: Option<LocalView> = None;
         let mut last = String::new();
         for u in &urls {
-            match self.get_json::<LocalView>(&format!("{u}/v1/local")).await {
+            match self.get_unverified::<LocalView>(&format!("{u}/v1/local")).await {
                 Ok(v) => {
                     local = Some(v);
                     break;
@@ -143,13 +157,41 @@ impl Agent {
         if let Some(c) = local.cluster_id {
             return Err(ApiError::NodeInOtherCluster { name: spec.name.clone(), url: urls.join(","), cluster_id: c });
         }
+        if self.tls.enabled && req.csr.is_none() {
+            return Err(ApiError::Invalid {
+                field: "csr".into(),
+                reason: "a certificate signing request is required (`tandem cluster join` makes one)".into(),
+            });
+        }
+
         let id = match self.propose(&m, Command::AddNode { node: spec.clone() }).await? {
             Reply::NodeAdded { id } => id,
             other => return Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
         };
-        let adopt = AdoptRequest { cluster_id: m.cluster_id.clone(), node_id: id, name: spec.name.clone() };
+        let certificate = match req
+            .csr
+            .as_deref()
+            .filter(|_| self.tls.enabled)
+            .map(|csr| self.sign_for(&m, id, &spec, csr))
+        {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                if let Err(undo) = self.propose(&m, Command::RemoveNode { name: spec.name.clone() }).await {
+                    tracing::error!(node = %spec.name, "join refused ({e}) and its record could not be removed: {undo}");
+                }
+                return Err(e);
+            }
+            None => String::new(),
+        };
+        let adopt = AdoptRequest {
+            cluster_id: m.cluster_id.clone(),
+            node_id: id,
+            name: spec.name.clone(),
+            certificate,
+            ca: self.ca_pem_or_empty(),
+        };
         let adopted: Result<(), ApiError> =
-            match self.post_first::<_, LocalView>(&urls, "/internal/adopt", &adopt, PEER_TIMEOUT * 2).await {
+            match self.post_unverified::<_, LocalView>(&urls, "/internal/adopt", &adopt, PEER_TIMEOUT * 2).await {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => Err(e),
                 Err(reason) => Err(unreachable(reason)),
@@ -365,7 +407,12 @@ pub(super) async fn auto_join(agent: Arc<Agent>, urls: Vec<String>) {
             if agent.member().is_some() {
                 return;
             }
-            match agent.do_join_via(JoinViaRequest { via: via.clone() }).await {
+            let req = JoinViaRequest {
+                via: via.clone(),
+                token: agent.cfg.join_token.clone(),
+                ca_hash: agent.cfg.join_ca_hash.clone(),
+            };
+            match agent.do_join_via(req).await {
                 Ok(_) => {
                     tracing::info!(via = %via, "joined the cluster");
                     return;

@@ -96,7 +96,19 @@ pub struct Agent {
     db: Db,
     liveness: Arc<Liveness>,
     member: RwLock<Option<Arc<Member>>>,
+    /// Node-to-node calls: mutual TLS with the cluster CA.
     http: reqwest::Client,
+    /// The leader's calls to an agent that is not a member yet.
+    unverified_http: reqwest::Client,
+    /// The CA, this node's certificate, the TLS policy.
+    pub(crate) tls: Arc<crate::security::tls::Tls>,
+    /// What a non-member serves (self-signed, trusted by nobody).
+    bootstrap: crate::security::pki::NodeMaterial,
+    tls_files: crate::security::files::TlsFiles,
+    /// A join this agent started: the CA it pinned and the key it made.
+    pending_join: std::sync::Mutex<Option<PendingJoin>>,
+    /// Audit entries waiting to be replicated (bounded).
+    audit_queue: std::sync::Mutex<AuditQueue>,
     membership_lock: tokio::sync::Mutex<()>,
     /// Runs the groups placed on this node; present while a member.
     executor: tokio::sync::Mutex<Option<Executor>>,
@@ -132,9 +144,35 @@ fn new_cluster_id() -> String {
     format!("tandem-{:016x}", h.finish())
 }
 
+/// A join in progress, from this agent's side.
+#[derive(Clone)]
+pub(crate) struct PendingJoin {
+    pub ca_pem: String,
+    pub key_pem: String,
+}
+
+/// Most audit entries a node holds while it cannot replicate them.
+const AUDIT_QUEUE_MAX: usize = 10_000;
+
+#[derive(Default)]
+pub(crate) struct AuditQueue {
+    pub entries: std::collections::VecDeque<tandem_raft::access::AuditEntry>,
+    /// Entries dropped because the queue was full (reported in the log).
+    pub dropped: u64,
+}
+
 impl Agent {
-    pub fn new(cfg: Config, db: Db, liveness: Arc<Liveness>) -> Result<Agent, reqwest::Error> {
-        let http = reqwest::Client::builder().no_proxy().connect_timeout(Duration::from_secs(2)).build()?;
+    pub fn new(cfg: Config, db: Db, liveness: Arc<Liveness>) -> anyhow::Result<Agent> {
+        use crate::security::{files::TlsFiles, pki, tls};
+        tandem_raft::state::set_plaintext(!cfg.tls.enabled);
+        let bootstrap = pki::bootstrap_cert(&cfg.name, &cfg.addresses)?;
+        let tls = tls::Tls::new(cfg.tls.enabled, &bootstrap)?;
+        let tls_files = TlsFiles::new(&cfg.data_dir);
+        if let (Some(identity), Some(ca_pem), Some(node)) = (db.identity()?, tls_files.ca_pem()?, tls_files.node()?) {
+            tls.install(&identity.cluster_id, &ca_pem, &node)?;
+        }
+        let http = tls::http_client(&tls, tls.peer_client_config(), Duration::from_secs(2));
+        let unverified_http = tls::http_client(&tls, tls.unverified_client_config(), Duration::from_secs(2));
         // A restarted agent holds the lease its predecessor held (and adopts
         // what it ran): never longer, never renewed but from a majority heard.
         let run = RunDir::new(&cfg.data_dir, cfg.fencing.watchdog_device.clone());
@@ -156,6 +194,12 @@ impl Agent {
             liveness,
             member: RwLock::new(None),
             http,
+            unverified_http,
+            tls,
+            bootstrap,
+            tls_files,
+            pending_join: Default::default(),
+            audit_queue: Default::default(),
             membership_lock: tokio::sync::Mutex::new(()),
             executor: tokio::sync::Mutex::new(None),
             guard: Arc::new(LeaseGuard::new(inherited)),
@@ -203,8 +247,9 @@ impl Agent {
         }
         .validate()
         .context("raft configuration")?;
-        let network =
-            Network::new(identity.cluster_id.clone(), Duration::from_millis(500)).context("raft network client")?;
+        let builder = crate::security::tls::client_builder(&self.tls, self.tls.peer_client_config());
+        let network = Network::new(identity.cluster_id.clone(), builder, Duration::from_millis(500))
+            .context("raft network client")?;
         let (log, sm, state) = self.db.raft_storage().context("opening raft storage")?;
         // A root span: Raft's tasks outlive the API request that may start them.
         let span = tracing::info_span!(parent: None, "raft", node_id = identity.node_id);
@@ -261,6 +306,7 @@ mod loops;
 mod membership;
 mod peers;
 mod raft_ops;
+mod security;
 mod views;
 mod volumes;
 

@@ -4,10 +4,6 @@
 use super::*;
 
 impl Agent {
-    pub(super) async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
-        self.get_json_within(url, PEER_TIMEOUT).await
-    }
-
     pub(super) async fn get_json_within<T: serde::de::DeserializeOwned>(
         &self,
         url: &str,
@@ -18,6 +14,35 @@ impl Agent {
             return Err(format!("HTTP {}", resp.status()));
         }
         resp.json().await.map_err(|e| e.to_string())
+    }
+
+    /// GET from an agent that is not a member yet (see `Tls::unverified_client_config`).
+    pub(super) async fn get_unverified<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
+        let resp = self.unverified_http.get(url).timeout(PEER_TIMEOUT).send().await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("status {}", resp.status()));
+        }
+        resp.json().await.map_err(|e| e.to_string())
+    }
+
+    /// [`Self::post_first`] to an agent that is not a member yet: nothing
+    /// secret may be sent this way.
+    pub(super) async fn post_unverified<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        urls: &[String],
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<Result<T, ApiError>, String> {
+        let mut last = "no address".to_string();
+        for base in urls {
+            let url = format!("{base}{path}");
+            match self.unverified_http.post(&url).json(body).timeout(timeout).send().await {
+                Err(e) => last = format!("{url}: {e}"),
+                Ok(resp) => return Ok(decode(&url, resp).await),
+            }
+        }
+        Err(last)
     }
 
     /// POSTs to the first of `urls` that answers; a JSON error answer is

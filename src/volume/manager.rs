@@ -312,7 +312,18 @@ async fn accept_loop(listener: TcpListener, routes: Arc<Mutex<BTreeMap<String, A
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
         tokio::spawn(async move {
-            let (rd, wr) = stream.into_split();
+            let (stream, peer) = match super::replication_tls() {
+                None => (crate::security::tls::ReplicationStream::Plain(stream), None),
+                Some(t) => match t.accept(stream).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Not a member's certificate, or not TLS: refused at the handshake.
+                        tracing::warn!(%from, "replication: TLS handshake refused: {e}");
+                        return;
+                    }
+                },
+            };
+            let (rd, wr) = tokio::io::split(stream);
             let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
             let mut wr = BufWriter::with_capacity(256 << 10, wr);
             let hello = match tokio::time::timeout(Duration::from_secs(5), wire::read_frame(&mut rd)).await {
@@ -327,6 +338,12 @@ async fn accept_loop(listener: TcpListener, routes: Arc<Mutex<BTreeMap<String, A
                 }
                 Err(_) => return,
             };
+            if let Some(peer) = &peer {
+                if *peer != hello.node {
+                    tracing::warn!(%from, certificate = %peer, claimed = %hello.node, "replication: a node claims another's name; refused");
+                    return;
+                }
+            }
             let volume = routes.lock().unwrap_or_else(|p| p.into_inner()).get(&hello.volume).cloned();
             let Some(volume) = volume else {
                 let reply = HelloReply {

@@ -25,6 +25,18 @@ pub mod status;
 pub mod store;
 pub mod wire;
 
+/// The replication stream's TLS, set once at the agent's start. Unset
+/// (volume tests without an agent) means plain TCP.
+static REPLICATION_TLS: std::sync::OnceLock<crate::security::tls::ReplicationTls> = std::sync::OnceLock::new();
+
+pub fn set_replication_tls(t: crate::security::tls::ReplicationTls) {
+    let _ = REPLICATION_TLS.set(t);
+}
+
+pub(crate) fn replication_tls() -> Option<&'static crate::security::tls::ReplicationTls> {
+    REPLICATION_TLS.get()
+}
+
 use thiserror::Error;
 
 /// Errors of the data plane, each with a stable code for the API.

@@ -3,6 +3,7 @@
 //! uses this crate: it is a dev-dependency of `tandem` and a dependency of
 //! `tandem-chaos` only.
 
+pub mod api;
 pub mod bank;
 pub mod postgres;
 pub mod sites;

@@ -33,7 +33,12 @@ pub struct Node {
 
 impl Node {
     pub fn url(&self) -> String {
-        format!("http://{}:{}", self.addr, self.port)
+        format!("https://{}:{}", self.addr, self.port)
+    }
+
+    /// The agent's admin socket (root on the node: init, join, no token).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join(&self.name).join("admin.sock")
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -73,7 +78,7 @@ impl Node {
             .expect("spawn tandem agent");
         self.sessions.push(child.id() as i32);
         self.child = Some(child);
-        let url = format!("{}/healthz", self.url());
+        let sock = self.socket();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -83,7 +88,9 @@ impl Node {
                     std::fs::read_to_string(self.log_path()).unwrap_or_default()
                 );
             }
-            if get(&url).await.0 == 200 {
+            // The admin socket: it answers before the node has a
+            // certificate anyone trusts.
+            if tandem_testkit::api::local_call(&sock, Method::GET, "/healthz", Value::Null).await.0 == 200 {
                 return;
             }
             assert!(Instant::now() < deadline, "{} not healthy within 30s", self.name);
@@ -165,6 +172,8 @@ pub struct Cluster {
     // directory goes away.
     pub nodes: Vec<Node>,
     pub opts: Opts,
+    /// The admin token and CA, once formed.
+    pub creds: Option<tandem_testkit::api::Creds>,
     pub tmp: tempfile::TempDir,
 }
 
@@ -172,7 +181,7 @@ impl Cluster {
     /// Writes configs for `names` without starting anything.
     pub fn configure(names: &[&str], opts: Opts) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
-        let mut c = Cluster { nodes: Vec::new(), opts, tmp };
+        let mut c = Cluster { nodes: Vec::new(), opts, creds: None, tmp };
         for n in names {
             c.add_config(n, "");
         }
@@ -230,8 +239,7 @@ impl Cluster {
         for n in self.nodes.iter_mut() {
             n.start().await;
         }
-        let (st, body) = post(&format!("{}/v1/cluster/init", self.nodes[0].url()), json!({"cluster_id": "test"})).await;
-        assert_eq!(st, 200, "init: {body}");
+        self.init(0, "test").await;
         for i in 1..self.nodes.len() {
             self.join(i).await;
         }
@@ -240,10 +248,38 @@ impl Cluster {
         self
     }
 
+    /// `tandem cluster init` on node `i` (its admin socket); keeps the
+    /// admin token and the CA for every later call.
+    pub async fn init(&mut self, i: usize, cluster_id: &str) {
+        let creds = tandem_testkit::api::init(&self.nodes[i].socket(), cluster_id).await.expect("cluster init");
+        for n in &self.nodes {
+            tandem_testkit::api::register(&n.url(), &creds);
+        }
+        // The CLI the tests run (child processes) finds them as an
+        // operator's shell would.
+        let ca = self.tmp.path().join("ca.pem");
+        std::fs::write(&ca, &creds.ca_pem).unwrap();
+        std::env::set_var("TANDEM_TOKEN", &creds.token);
+        std::env::set_var("TANDEM_CACERT", &ca);
+        self.creds = Some(creds);
+    }
+
+    pub fn creds(&self) -> &tandem_testkit::api::Creds {
+        self.creds.as_ref().expect("the cluster is formed")
+    }
+
+    /// `tandem cluster join` on node `i`, through the first live node.
     pub async fn join(&self, i: usize) {
-        let via = self.nodes[0].url();
-        let (st, body) = post(&format!("{}/v1/cluster/join", self.nodes[i].url()), json!({ "via": via })).await;
+        let (st, body) = self.try_join(i).await;
         assert_eq!(st, 200, "join {}: {body}", self.nodes[i].name);
+    }
+
+    pub async fn try_join(&self, i: usize) -> (u16, Value) {
+        let via =
+            self.nodes.iter().find(|n| n.child.is_some() && n.socket() != self.nodes[i].socket()).map(|n| n.url());
+        let via = via.unwrap_or_else(|| self.nodes[0].url());
+        tandem_testkit::api::register(&self.nodes[i].url(), self.creds());
+        tandem_testkit::api::join(&self.nodes[i].socket(), &via, self.creds()).await
     }
 
     pub fn idx(&self, name: &str) -> usize {
@@ -352,24 +388,15 @@ pub fn member<'a>(cluster: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no member {name} in {cluster}"))
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(20)).build().unwrap()
+/// Sends a request with the node's cluster admin token; (0, Null) when
+/// nothing answered.
+pub async fn call(method: Method, url: &str, body: Option<Vec<u8>>) -> (u16, Value) {
+    tandem_testkit::api::call_with(None, method, url, body).await
 }
 
-/// Sends a request; (0, Null) when nothing answered.
-pub async fn call(method: Method, url: &str, body: Option<Vec<u8>>) -> (u16, Value) {
-    let mut req = client().request(method, url);
-    if let Some(b) = body {
-        req = req.header("content-type", "application/json").body(b);
-    }
-    match req.send().await {
-        Err(_) => (0, Value::Null),
-        Ok(r) => {
-            let st = r.status().as_u16();
-            let bytes = r.bytes().await.unwrap_or_default();
-            (st, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-        }
-    }
+/// The same with `token` (`""`: no token at all).
+pub async fn call_as(token: &str, method: Method, url: &str, body: Option<Vec<u8>>) -> (u16, Value) {
+    tandem_testkit::api::call_with(Some(token), method, url, body).await
 }
 
 pub async fn get(url: &str) -> (u16, Value) {

@@ -18,7 +18,8 @@ cannot state, or where a generated value would act on this machine:
   live under /var/tmp/tandem-contract, volumes are at most 64MiB, and no
   resource runs as another user (users are checked against the node's own
   user database). A joining node's addresses are 127.0.0.1 on a closed
-  port, and node1, the node the tester talks to, is never removed.
+  port; node1, the node the tester talks to, is never removed, nor is the
+  `admin` token the run uses revoked.
 
 Negative cases are left as generated: the server must refuse them.
 """
@@ -140,6 +141,10 @@ def map_case(context, case):
     if path == "/v1/nodes/{name}" and method == "DELETE" and params.get("name") == TALKED_TO:
         # Whatever the case: removing the node under test ends the run.
         params["name"] = "not-" + TALKED_TO
+        return case
+    if path == "/v1/tokens/{name}" and method == "DELETE" and params.get("name") == "admin":
+        # Nor may it revoke the token it runs with.
+        params["name"] = "not-admin"
         return case
     if not _positive(case):
         return case

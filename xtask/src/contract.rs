@@ -58,13 +58,10 @@ pub fn contract(args: &[String]) -> Result<(), Fail> {
         c.args(["build", "--locked", "--bin", "tandem"]);
         run(c)?;
         let demo = Demo::start(&target)?;
-        // Once the API serves HTTPS with tokens, the demo writes them here.
-        if o.token.is_none() {
-            o.token = std::fs::read_to_string(demo.dir.join("admin.token")).ok().map(|t| t.trim().to_string());
-        }
-        if o.cacert.is_none() && demo.dir.join("ca.pem").exists() {
-            o.cacert = Some(demo.dir.join("ca.pem").display().to_string());
-        }
+        // The demo serves HTTPS and writes its CA and admin token there.
+        let (token, ca) = demo.credentials()?;
+        o.token = o.token.or(Some(token));
+        o.cacert = o.cacert.or(Some(ca));
         let scheme = if o.cacert.is_some() { "https" } else { "http" };
         o.url = Some(format!("{scheme}://127.0.0.1:{}", Demo::PORT));
         cluster = Some(demo);
@@ -120,6 +117,25 @@ impl Demo {
             .map_err(|e| Fail(format!("cannot start tandem demo: {e}")))?;
         eprintln!("xtask: a throwaway 3-node cluster on ports {}-{} ({})", Demo::PORT, Demo::PORT + 2, dir.display());
         Ok(Demo { child, dir })
+    }
+
+    /// The demo's admin token and CA file, once it has formed the cluster.
+    fn credentials(&self) -> Result<(String, String), Fail> {
+        let (token, ca) = (self.dir.join("demo/admin.token"), self.dir.join("demo/ca.pem"));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline {
+            if let (Ok(t), true) = (std::fs::read_to_string(&token), ca.exists()) {
+                if !t.trim().is_empty() {
+                    return Ok((t.trim().to_string(), ca.display().to_string()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Err(Fail(format!(
+            "the demo wrote no {} within 90 s (see {})",
+            token.display(),
+            self.dir.join("demo.log").display()
+        )))
     }
 
     /// Ctrl-C, as a user would: the demo stops its agents cleanly.

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use tandem_raft::volume::{DiskState, ReplicationMode};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
+
+use crate::security::tls::ReplicationStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{
@@ -287,14 +289,17 @@ impl Volume {
         }
     }
 
-    async fn dial(&self, link: &Link) -> Result<TcpStream, String> {
+    async fn dial(&self, link: &Link) -> Result<ReplicationStream, String> {
         let mut last = String::from("no address");
         let addrs = link.addrs.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for addr in &addrs {
             match tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
-                    return Ok(s);
+                    return match crate::volume::replication_tls() {
+                        None => Ok(ReplicationStream::Plain(s)),
+                        Some(t) => t.connect(s, *addr).await.map_err(|e| format!("{addr}: TLS: {e}")),
+                    };
                 }
                 Ok(Err(e)) => last = format!("{addr}: {e}"),
                 Err(_) => last = format!("{addr}: connect timed out"),
@@ -306,7 +311,7 @@ impl Volume {
     /// One connection to a peer, from handshake to its end.
     async fn connect_once(self: Arc<Self>, link: &Arc<Link>, epoch: u64) -> Result<(), String> {
         let stream = self.dial(link).await?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = tokio::io::split(stream);
         let mut rd = BufReader::with_capacity(256 << 10, rd);
         let mut wr = BufWriter::with_capacity(256 << 10, wr);
         let peer = link.cfg.node.clone();
