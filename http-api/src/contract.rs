@@ -670,16 +670,32 @@ pub fn document() -> Value {
             o.insert("security".into(), json!([{"bearerAuth": []}]));
         }
         for p in o.get_mut("parameters").and_then(Value::as_array_mut).into_iter().flatten() {
+            // `AuditParams` derives IntoParams without a location: they are
+            // query parameters, both optional.
+            if op.path == "/v1/audit" {
+                p["in"] = json!("query");
+                p["required"] = json!(false);
+            }
             let (name, place) = (p["name"].as_str().unwrap_or_default(), p["in"].as_str().unwrap_or_default());
             match (place, name) {
                 // Names of nodes, groups and volumes, and attribute keys.
                 ("path", "name") | ("path", "key") => p["schema"] = name_schema(),
                 ("query", "lag") => p["schema"] = json!({"type": "string", "pattern": SIZE_PATTERN}),
+                // `GET /v1/audit` (`number_param`).
+                ("query", "since") => p["schema"] = json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}),
+                ("query", "limit") => p["schema"] = json!({"type": "integer", "minimum": 0, "maximum": 10_000}),
                 // Flags: `?stale`, `?stale=true`, `?stale=1` ... (see `flag`).
                 ("query", "stale") | ("query", "force") => {
                     p["schema"] = json!({"type": "string", "enum": ["true", "false", "1", "0", ""]})
                 }
                 _ => {}
+            }
+        }
+        // An empty body is `{}` (`ApiJson`): a body whose fields are all
+        // optional may be left out.
+        if matches!(op.path, "/v1/cluster/init" | "/v1/cluster/join-token") {
+            if let Some(b) = o.get_mut("requestBody").and_then(Value::as_object_mut) {
+                b.insert("required".into(), json!(false));
             }
         }
         if op.path == "/v1/groups/{name}" && op.method == "put" {
@@ -784,6 +800,9 @@ mod tests {
         }
         assert_eq!(doc["components"]["schemas"]["JoinRequest"]["properties"]["addresses"]["minItems"], 1);
         assert_eq!(doc["paths"]["/v1/groups/{name}"]["put"]["requestBody"]["required"], true);
+        assert_eq!(doc["paths"]["/v1/cluster/join-token"]["post"]["requestBody"]["required"], false);
+        let audit = doc["paths"]["/v1/audit"]["get"]["parameters"].as_array().unwrap();
+        assert!(audit.iter().any(|p| p["name"] == "limit" && p["schema"]["maximum"] == 10_000), "{audit:?}");
     }
 
     #[test]
