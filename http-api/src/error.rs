@@ -217,9 +217,10 @@ impl ApiError {
             TokenExists(_) | CaMismatch { .. } => StatusCode::CONFLICT,
             BadCertificate(_) => StatusCode::UNPROCESSABLE_ENTITY,
             CaUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Invalid { .. } | NameMismatch { .. } | NoSuchReplica(_) | VolumeTooLarge { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            // A well-formed request that the cluster's state refuses (a node
+            // holding no replica, too little free space) is a conflict, 409:
+            // 422 is for what the OpenAPI schema or its stated rules refuse.
+            Invalid { .. } | NameMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             NodeExists(_)
             | AddressInUse { .. }
             | NodeUnreachable { .. }
@@ -239,6 +240,8 @@ impl ApiError {
             | VerifyRunning(_)
             | VolumeResize { .. }
             | VolumeChange { .. }
+            | NoSuchReplica(_)
+            | VolumeTooLarge { .. }
             | StalePrimary(_) => StatusCode::CONFLICT,
             NotMember
             | NoLeader
@@ -473,7 +476,7 @@ mod tests {
         assert!(e.to_string().contains("cannot shrink from 2GiB to 1GiB"), "{e}");
         assert!(e.hint().contains("resources[0].size"), "{}", e.hint());
         let e = ApiError::from(CommandError::NoSuchReplica { volume: "data".into(), node: "n3".into() });
-        assert_eq!((e.code(), e.status()), ("TND-1402", StatusCode::UNPROCESSABLE_ENTITY));
+        assert_eq!((e.code(), e.status()), ("TND-1402", StatusCode::CONFLICT));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! errors to HTTP statuses.
 
 pub mod auth;
+pub mod contract;
 pub mod error;
 pub mod listen;
 pub mod types;
@@ -182,10 +183,39 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes = if bytes.iter().all(|b| b.is_ascii_whitespace()) { &b"{}"[..] } else { bytes };
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::InvalidBody(e.to_string()),
-        _ => ApiError::MalformedJson(e.to_string()),
+    serde_json::from_slice(bytes).or_else(|e| match e.classify() {
+        // JSON has one number type: `5.0` is the integer 5 to JSON Schema,
+        // so it is one here too (tried only when the plain parse fails).
+        serde_json::error::Category::Data => serde_json::from_slice::<serde_json::Value>(bytes)
+            .ok()
+            .and_then(|mut v| integral(&mut v).then(|| serde_json::from_value(v).ok()).flatten())
+            .ok_or_else(|| ApiError::InvalidBody(e.to_string())),
+        _ => Err(ApiError::MalformedJson(e.to_string())),
     })
+}
+
+/// Rewrites every whole-number float (`5.0`) in `v` as an integer; says
+/// whether it changed anything.
+fn integral(v: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            let whole = if f.fract() != 0.0 {
+                None
+            } else if (0.0..18_446_744_073_709_551_615.0).contains(&f) {
+                Some(Value::from(f as u64))
+            } else if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
+                Some(Value::from(f as i64))
+            } else {
+                None
+            };
+            whole.map(|w| *v = w).is_some()
+        }
+        Value::Array(a) => a.iter_mut().fold(false, |c, x| integral(x) | c),
+        Value::Object(o) => o.values_mut().fold(false, |c, x| integral(x) | c),
+        _ => false,
+    }
 }
 
 /// Query extractor whose rejections are [`ApiError`]s.
@@ -200,26 +230,32 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-/// Parses `a=b&c=d` into `T` through a JSON object of strings and bools.
+/// Parses `a=b&c=d` into `T` through a JSON object of strings (a key
+/// without `=` has the value ""); flags read them with [`flag`].
 fn serde_urlencoded_like<T: DeserializeOwned>(q: &str) -> Result<T, ApiError> {
     let mut map = serde_json::Map::new();
     for pair in q.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
-        let value = match v {
-            "true" | "1" | "" => serde_json::Value::Bool(true),
-            "false" | "0" => serde_json::Value::Bool(false),
-            other => serde_json::Value::String(other.to_string()),
-        };
-        map.insert(k.to_string(), value);
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        map.insert(k.to_string(), serde_json::Value::String(v.to_string()));
     }
     serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| ApiError::InvalidQuery(e.to_string()))
+}
+
+/// A query flag: `true`, `1` or nothing (`?stale`) set it; `false` or `0`
+/// clear it; anything else is refused.
+fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "true" | "1" | "" => Ok(true),
+        "false" | "0" => Ok(false),
+        other => Err(serde::de::Error::custom(format!("{other:?} is not true or false"))),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReadParams {
     /// Serve this node's copy without asking the leader.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     pub stale: bool,
 }
 
@@ -227,7 +263,7 @@ pub struct ReadParams {
 #[serde(deny_unknown_fields)]
 pub struct RemoveParams {
     /// Remove the node even though it cannot be told to leave.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     pub force: bool,
 }
 
@@ -556,8 +592,8 @@ async fn release(
 
 #[utoipa::path(get, path = "/openapi.json", tag = "health",
     responses((status = 200, description = "This document")))]
-async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+async fn openapi_json() -> Json<serde_json::Value> {
+    Json(contract::document())
 }
 
 // ---- security routes ----
@@ -830,8 +866,9 @@ async fn get_group(
 async fn put_group(
     State(b): State<SharedBackend>,
     Path(name): Path<String>,
-    ApiJson(body): ApiJson<serde_json::Value>,
+    ApiJson(mut body): ApiJson<serde_json::Value>,
 ) -> Result<(StatusCode, Json<GroupView>), ApiError> {
+    integral(&mut body);
     // A definition that is valid JSON but not a valid group is refused with
     // 422, naming the field (`resources[0].type`, `nodes`, ...).
     let spec: tandem_raft::group::GroupSpec = serde_path_to_error::deserialize(body).map_err(|e| {
@@ -1143,6 +1180,17 @@ mod tests {
         }
         assert!(matches!(parse_json::<T>(b"{\"a\": \"x\"}"), Err(ApiError::InvalidBody(_))));
         assert_eq!(parse_json::<T>(b"{\"a\": 7}"), Ok(T { a: 7 }));
+        // A whole number written as a float is that integer; a fraction is not.
+        assert_eq!(parse_json::<T>(b"{\"a\": 7.0}"), Ok(T { a: 7 }));
+        assert!(matches!(parse_json::<T>(b"{\"a\": 7.5}"), Err(ApiError::InvalidBody(_))));
+        assert!(matches!(parse_json::<T>(b"{\"a\": -1.0}"), Err(ApiError::InvalidBody(_))));
+        // Exactly, where a float has no room for fractions left (serde_json's
+        // float_roundtrip).
+        #[derive(Debug, Deserialize, PartialEq)]
+        struct U {
+            a: u64,
+        }
+        assert_eq!(parse_json::<U>(b"{\"a\": 4138418994366886.0}"), Ok(U { a: 4138418994366886 }));
     }
 
     #[test]
@@ -1153,6 +1201,11 @@ mod tests {
         assert!(!p.stale);
         assert!(matches!(serde_urlencoded_like::<ReadParams>("bogus=1"), Err(ApiError::InvalidQuery(_))));
         assert!(matches!(serde_urlencoded_like::<ReadParams>("stale=maybe"), Err(ApiError::InvalidQuery(_))));
+        assert!(serde_urlencoded_like::<ReadParams>("stale").unwrap().stale);
+        assert!(!serde_urlencoded_like::<ReadParams>("stale=0").unwrap().stale);
+        // A size that looks like a flag stays a size.
+        let q: LagParams = serde_urlencoded_like("lag=0").unwrap();
+        assert_eq!(q.lag.as_deref(), Some("0"));
     }
 
     #[test]

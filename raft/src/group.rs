@@ -438,8 +438,14 @@ pub fn validate_group(
                 return Err(invalid(at("unit"), "a unit name, e.g. nginx.service"));
             }
             ResourceKind::Vip { address, interface, backup_interfaces } => {
+                // The prefix is plain decimal, at most the address's bits.
                 let ok = address.split_once('/').is_some_and(|(ip, len)| {
-                    ip.parse::<std::net::IpAddr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 128)
+                    let max = match ip.parse::<std::net::IpAddr>() {
+                        Ok(std::net::IpAddr::V4(_)) => 32,
+                        Ok(std::net::IpAddr::V6(_)) => 128,
+                        Err(_) => return false,
+                    };
+                    len.parse::<u8>().is_ok_and(|l| l <= max && l.to_string() == len)
                 });
                 if !ok {
                     return Err(invalid(
@@ -448,7 +454,8 @@ pub fn validate_group(
                     ));
                 }
                 for (j, ifname) in std::iter::once(interface).chain(backup_interfaces).enumerate() {
-                    if ifname.is_empty() || ifname.len() > 15 || ifname.contains('/') || ifname.contains(' ') {
+                    let printable = |c: char| c.is_ascii_graphic() && c != '/';
+                    if ifname.is_empty() || ifname.len() > 15 || !ifname.chars().all(printable) {
                         let f = if j == 0 { at("interface") } else { at(&format!("backup_interfaces[{}]", j - 1)) };
                         return Err(invalid(f, format!("{ifname:?} is not an interface name")));
                     }

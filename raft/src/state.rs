@@ -541,8 +541,8 @@ impl ClusterState {
             Command::SetAttribute { name, key, value } => {
                 let id = self.node_id_by_name(name)?;
                 validate_name("key", key)?;
-                if value.len() > MAX_ATTRIBUTE_VALUE_LEN {
-                    return Err(invalid("value", format!("at most {MAX_ATTRIBUTE_VALUE_LEN} bytes")));
+                if value.chars().count() > MAX_ATTRIBUTE_VALUE_LEN {
+                    return Err(invalid("value", format!("at most {MAX_ATTRIBUTE_VALUE_LEN} characters")));
                 }
                 let node = self.nodes.get_mut(&id).ok_or_else(|| CommandError::NodeNotFound { name: name.clone() })?;
                 if !node.attributes.contains_key(key) && node.attributes.len() >= MAX_ATTRIBUTES {

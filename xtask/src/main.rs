@@ -3,13 +3,16 @@
 //! list, with why: `packages.rs`), then builds and runs:
 //!
 //! - `cargo xtask demo [ARGS]`: the local 3-node demo (`tandem demo ARGS`, release build);
-//! - `cargo xtask test`: what CI runs (`.ci/run`): fmt, clippy, the test suite, three chaos runs;
-//! - `cargo xtask deb`: the Debian package (`deb.rs`), printing its path.
+//! - `cargo xtask test`: what CI runs (`.ci/run`): fmt, clippy, the test suite, three chaos runs, the contract run;
+//! - `cargo xtask deb`: the Debian package (`deb.rs`), printing its path;
+//! - `cargo xtask contract`: the API checked against its OpenAPI document by a
+//!   property-based contract tester (`contract.rs`).
 //!
 //! std only, so that it builds before any system package is there. It never
 //! changes the system beyond `apt-get install` of the listed packages (and
 //! `cargo install cargo-nextest` when `test` lacks it).
 
+mod contract;
 mod deb;
 mod packages;
 
@@ -24,8 +27,9 @@ pub struct Fail(pub String);
 
 const USAGE: &str = "usage: cargo xtask <command>
   demo [ARGS]   install what the demo needs, then run the local 3-node cluster (tandem demo ARGS)
-  test          install what the tests need, then run fmt, clippy, the test suite and three chaos runs (as CI does)
-  deb           build the Debian package (target/debian/tandem_<version>_<arch>.deb)";
+  test          install what the tests need, then run fmt, clippy, the test suite, three chaos runs and the contract run (as CI does)
+  deb           build the Debian package (target/debian/tandem_<version>_<arch>.deb)
+";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,12 +37,13 @@ fn main() -> ExitCode {
         Some("demo") => demo(&args[1..]),
         Some("test") if args.len() == 1 => test(),
         Some("deb") if args.len() == 1 => deb::build().map(|p| println!("{}", p.display())),
+        Some("contract") => contract::contract(&args[1..]),
         Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
+            println!("{USAGE}{}", contract::USAGE);
             Ok(())
         }
         _ => {
-            eprintln!("{USAGE}");
+            eprintln!("{USAGE}{}", contract::USAGE);
             return ExitCode::from(2);
         }
     };
@@ -210,7 +215,8 @@ fn test() -> Result<(), Fail> {
     // a round).
     let bank = report("chaos-postgres-report.json");
     run(packages::as_root(&[&chaos, "--workload", "postgres", "--seed", "1", "--rounds", "6", "--report", &bank])?)?;
-    Ok(())
+    // The API against its OpenAPI document, fixed seed (about a minute).
+    contract::contract(&[])
 }
 
 /// rustfmt, clippy and cargo-nextest: installed with rustup and cargo when missing.
@@ -277,7 +283,7 @@ mod tests {
         for p in packages::PACKAGES {
             assert!(readme.contains(&format!("`{}`", p.name)), "README.md does not explain {}", p.name);
         }
-        for job in [Job::Demo, Job::Test, Job::Deb] {
+        for job in [Job::Demo, Job::Test, Job::Deb, Job::Contract] {
             let names: Vec<&str> = packages::needed(job).into_iter().map(|(n, _)| n).collect();
             for build in packages::needed(Job::Build) {
                 assert!(names.contains(&build.0), "{job:?} lacks {}", build.0);

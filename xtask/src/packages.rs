@@ -20,6 +20,8 @@ pub enum Job {
     Test,
     /// `cargo xtask deb`: building the Debian package.
     Deb,
+    /// `cargo xtask contract`: the API against its OpenAPI document.
+    Contract,
 }
 
 pub struct Package {
@@ -36,22 +38,27 @@ pub const PACKAGES: &[Package] = &[
         name: "librocksdb-dev",
         why:
             "RocksDB 7.8, the Raft log's store, linked from Debian's build (compiling it from source takes 15+ minutes)",
-        jobs: &[Build, Demo, Test, Deb],
+        jobs: &[Build, Demo, Test, Deb, Contract],
     },
     Package {
         name: "libclang-dev",
         why: "bindgen generates the RocksDB bindings from its headers with libclang at build time",
-        jobs: &[Build, Demo, Test, Deb],
+        jobs: &[Build, Demo, Test, Deb, Contract],
     },
     Package {
         name: "python3",
         why: "the demo's example service (python3 -m http.server); tests run it as a resource too",
-        jobs: &[Demo, Test],
+        jobs: &[Demo, Test, Contract],
     },
     Package {
         name: "curl",
         why: "the demo prints curl commands against the REST API; tests and the install guide use it",
-        jobs: &[Demo, Test],
+        jobs: &[Demo, Test, Contract],
+    },
+    Package {
+        name: "python3-venv",
+        why: "a venv for schemathesis, the contract tester that `cargo xtask contract` installs from PyPI",
+        jobs: &[Test, Contract],
     },
     Package {
         name: "qemu-utils",
