@@ -270,7 +270,9 @@ async fn replication(c: &Cluster, secs: u32) -> Vec<(String, f64, f64)> {
             ])
             .output()
             .expect("fio (apt-get install fio)");
-        let j: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        // fio's nbd engine says "connected" on stdout before the JSON.
+        let start = o.stdout.iter().position(|b| *b == b'{').unwrap_or(0);
+        let j: Value = serde_json::from_slice(&o.stdout[start..]).unwrap_or_else(|e| {
             panic!("fio: {e}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
         });
         let w = &j["jobs"][0]["write"];

@@ -177,6 +177,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 ApiError::InvalidBody(e.body_text())
             }
         })?;
+        // serde reads a JSON array as a struct of the same fields in order:
+        // every body here is an object, so an array is refused as such.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            return Err(ApiError::InvalidBody("the body must be a JSON object, not an array".into()));
+        }
         parse_json(&bytes).map(ApiJson)
     }
 }
@@ -688,9 +693,9 @@ async fn get_audit(
 
 async fn record_audit_batch(
     State(b): State<SharedBackend>,
-    ApiJson(entries): ApiJson<Vec<tandem_raft::access::AuditEntry>>,
+    ApiJson(batch): ApiJson<AuditBatch>,
 ) -> Result<StatusCode, ApiError> {
-    b.record_audit_batch(entries).await.map(|()| StatusCode::NO_CONTENT)
+    b.record_audit_batch(batch.entries).await.map(|()| StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/v1/cluster/ca", tag = "security",

@@ -35,6 +35,9 @@ pub struct PeerInfo {
     pub node: Option<PeerNode>,
     /// The local user on the admin socket (`SO_PEERCRED`).
     pub local_uid: Option<u32>,
+    /// Plain TCP (`[tls] enabled = false`, benchmarks only): nobody can
+    /// prove to be a node, so node-to-node routes take anyone.
+    pub plaintext: bool,
 }
 
 /// An accepted API connection: TLS, or plain TCP where TLS is switched off
@@ -124,6 +127,6 @@ impl Connected<IncomingStream<'_, UnixListener>> for PeerInfo {
     fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
         let uid = stream.io().peer_cred().ok().map(|c| c.uid());
         // A peer whose credentials cannot be read is nobody in particular.
-        PeerInfo { addr: None, node: None, local_uid: Some(uid.unwrap_or(u32::MAX)) }
+        PeerInfo { addr: None, node: None, local_uid: Some(uid.unwrap_or(u32::MAX)), plaintext: false }
     }
 }

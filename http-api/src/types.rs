@@ -518,3 +518,10 @@ pub struct CaKeyView {
     pub cert_pem: String,
     pub key_pem: String,
 }
+
+/// Internal: audit entries a node hands to the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditBatch {
+    pub entries: Vec<tandem_raft::access::AuditEntry>,
+}

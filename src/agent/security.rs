@@ -375,7 +375,8 @@ impl Agent {
             }
             return;
         }
-        let sent = self.on_leader("/internal/audit", &batch, self.do_record_audit_batch(batch.clone())).await;
+        let body = tandem_http_api::AuditBatch { entries: batch.clone() };
+        let sent = self.on_leader("/internal/audit", &body, self.do_record_audit_batch(batch.clone())).await;
         if let Err(e) = sent {
             tracing::debug!("audit entries not replicated yet: {e}");
             self.requeue(batch);

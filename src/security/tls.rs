@@ -421,7 +421,7 @@ pub async fn accept_api(listener: TcpListener, tls: Arc<Tls>, tx: mpsc::Sender<(
         };
         let _ = tcp.set_nodelay(true);
         if !tls.enabled {
-            let peer = PeerInfo { addr: Some(addr), ..PeerInfo::default() };
+            let peer = PeerInfo { addr: Some(addr), plaintext: true, ..PeerInfo::default() };
             if tx.send((ApiStream::Plain(tcp), peer)).await.is_err() {
                 return;
             }
@@ -438,7 +438,7 @@ pub async fn accept_api(listener: TcpListener, tls: Arc<Tls>, tx: mpsc::Sender<(
                 Ok(Ok(stream)) => {
                     let node = tls.peer_node(stream.get_ref().1.peer_certificates());
                     let _ = tx
-                        .send((ApiStream::Tls(Box::new(stream)), PeerInfo { addr: Some(addr), node, local_uid: None }))
+                        .send((ApiStream::Tls(Box::new(stream)), PeerInfo { addr: Some(addr), node, local_uid: None, plaintext: false }))
                         .await;
                 }
                 Ok(Err(e)) => tracing::debug!(%addr, "API TLS handshake failed: {e}"),
