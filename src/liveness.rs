@@ -25,9 +25,15 @@ use tandem_raft::state::{socket_addr, NodeRecord};
 use tandem_raft::NodeId;
 use tokio::net::UdpSocket;
 
+pub mod frame;
+pub mod freshness;
+
+use frame::{KeyRing, Refusal};
+use freshness::{Freshness, Verdict};
+
 /// Largest heartbeat datagram accepted (32 nodes' reports fit well below a
 /// 1500-byte MTU).
-const MAX_DATAGRAM: usize = 1400;
+pub const MAX_DATAGRAM: usize = 1400;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -51,6 +57,22 @@ pub struct Heartbeat {
     /// after a reboot that gave it the same pid.
     #[serde(default)]
     pub incarnation: u64,
+    /// The receiver's incarnation that `echo_ms` belongs to: an echo counts
+    /// only within the receiver's own incarnation.
+    #[serde(default)]
+    pub echo_incarnation: u64,
+    /// The sender's address this datagram left from: its path. Covered by
+    /// the tag, so a datagram cannot be made to count for another path.
+    #[serde(default)]
+    pub via: Option<IpAddr>,
+    /// The receiver's address it was sent to (replays are told apart per
+    /// path and destination).
+    #[serde(default)]
+    pub to_addr: Option<IpAddr>,
+    /// The sender seals heartbeats once the cluster has a key: the leader
+    /// gives a cluster without one a key only when every node does.
+    #[serde(default)]
+    pub authenticates: bool,
 }
 
 /// This agent process's incarnation (see [`Heartbeat::incarnation`]).
@@ -70,8 +92,7 @@ struct PeerSeen {
     pid: u32,
     incarnation: u64,
     version: String,
-    /// Its newest `sent_ms`, to echo back to it.
-    their_sent_ms: u64,
+    authenticates: bool,
     /// The newest of our `sent_ms` it echoed: it heard us then.
     acked_ms: u64,
     /// Last heartbeat per source address.
@@ -94,6 +115,115 @@ pub struct Liveness {
     /// later one was never sent by this agent (a peer still echoing what
     /// the agent of a previous boot sent) and proves nothing.
     sent_ms: std::sync::atomic::AtomicU64,
+    /// Replays, freshness, and the peers' nonces we echo.
+    freshness: Mutex<Freshness>,
+    drops: DropCounters,
+}
+
+/// Why a received datagram was dropped, counted per reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Its tag is wrong, or it is unsealed while this node holds a key.
+    Forged,
+    /// Not newer than the last datagram of its sender on its path.
+    Replayed,
+    /// It proves no recent exchange (see `freshness`).
+    Stale,
+    /// Not a frame, or not a heartbeat.
+    Malformed,
+    /// Sealed under a key this node does not hold (yet).
+    UnknownKey,
+    /// Authentic, but for another cluster or node.
+    Misdirected,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Forged => "forged",
+            DropReason::Replayed => "replayed",
+            DropReason::Stale => "stale",
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::Misdirected => "misdirected",
+        }
+    }
+}
+
+impl From<Refusal> for DropReason {
+    fn from(r: Refusal) -> DropReason {
+        match r {
+            Refusal::Malformed => DropReason::Malformed,
+            Refusal::UnknownKey => DropReason::UnknownKey,
+            Refusal::Forged => DropReason::Forged,
+        }
+    }
+}
+
+/// Datagrams dropped since this agent started, per reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeartbeatDrops {
+    pub forged: u64,
+    pub replayed: u64,
+    pub stale: u64,
+    pub malformed: u64,
+    pub unknown_key: u64,
+    pub misdirected: u64,
+}
+
+#[derive(Default)]
+struct DropCounters([std::sync::atomic::AtomicU64; 6]);
+
+impl DropCounters {
+    fn count(&self, r: DropReason) {
+        self.0[r as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn get(&self) -> HeartbeatDrops {
+        let g = |r: DropReason| self.0[r as usize].load(std::sync::atomic::Ordering::Relaxed);
+        HeartbeatDrops {
+            forged: g(DropReason::Forged),
+            replayed: g(DropReason::Replayed),
+            stale: g(DropReason::Stale),
+            malformed: g(DropReason::Malformed),
+            unknown_key: g(DropReason::UnknownKey),
+            misdirected: g(DropReason::Misdirected),
+        }
+    }
+}
+
+/// At most one log line per (reason, source address) per `period`, for at
+/// most `MAX_SOURCES` sources at once: a flood of dropped datagrams, even
+/// from spoofed addresses, cannot flood the log. Pure: `now` is passed in.
+pub struct LogLimiter {
+    period: Duration,
+    last: HashMap<(DropReason, IpAddr), Instant>,
+}
+
+impl LogLimiter {
+    const MAX_SOURCES: usize = 256;
+
+    pub fn new(period: Duration) -> LogLimiter {
+        LogLimiter { period, last: HashMap::new() }
+    }
+
+    /// Whether a drop for `reason` from `from` at `now` gets a log line.
+    pub fn allow(&mut self, reason: DropReason, from: IpAddr, now: Instant) -> bool {
+        if let Some(t) = self.last.get(&(reason, from)) {
+            if now.saturating_duration_since(*t) < self.period {
+                return false;
+            }
+        }
+        if self.last.len() >= Self::MAX_SOURCES {
+            let period = self.period;
+            self.last.retain(|_, t| now.saturating_duration_since(*t) < period);
+            if self.last.len() >= Self::MAX_SOURCES {
+                return false;
+            }
+        }
+        self.last.insert((reason, from), now);
+        true
+    }
 }
 
 /// One peer's liveness as seen from here.
@@ -111,27 +241,88 @@ pub struct PeerStatus {
 
 impl Liveness {
     pub fn new(timeout: Duration) -> Arc<Liveness> {
-        Liveness::new_at(timeout, Instant::now())
+        Liveness::new_at(timeout, Instant::now(), incarnation())
     }
 
     /// A view that starts at `started` (a never-heard peer counts its
-    /// silence from there): the simulator's clock.
-    pub fn new_at(timeout: Duration, started: Instant) -> Arc<Liveness> {
-        Arc::new(Liveness { started, timeout, seen: Mutex::new(HashMap::new()), sent_ms: 0.into() })
+    /// silence from there), for an agent of `incarnation`: the simulator's
+    /// clock and agents.
+    pub fn new_at(timeout: Duration, started: Instant, incarnation: u64) -> Arc<Liveness> {
+        Arc::new(Liveness {
+            started,
+            timeout,
+            seen: Mutex::new(HashMap::new()),
+            sent_ms: 0.into(),
+            // An echo older than the node timeout proves nothing: a
+            // datagram delayed (or held back and replayed) longer is stale.
+            freshness: Mutex::new(Freshness::new(incarnation, timeout)),
+            drops: DropCounters::default(),
+        })
+    }
+
+    fn freshness(&self) -> std::sync::MutexGuard<'_, Freshness> {
+        self.freshness.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes in an authenticated heartbeat that arrived from `observed` at
+    /// `now` (`now_ms` on CLOCK_BOOTTIME): it counts as hearing its sender
+    /// on its path (`via`, which the tag covers) only if fresh and no
+    /// replay (see [`freshness`]). Replays and stale ones are counted.
+    pub fn receive(&self, hb: Heartbeat, observed: IpAddr, now: Instant, now_ms: u64) -> Verdict {
+        let path = hb.via.unwrap_or(observed);
+        let max_sent = self.sent_ms.load(std::sync::atomic::Ordering::SeqCst);
+        let verdict = self.freshness().judge(&hb, path, now_ms, max_sent);
+        match verdict {
+            Verdict::Heard => self.hear(hb, path, now),
+            Verdict::Replayed => self.count_drop(DropReason::Replayed),
+            Verdict::Stale => self.count_drop(DropReason::Stale),
+            Verdict::Handshake => {}
+        }
+        verdict
+    }
+
+    /// Counts a dropped datagram.
+    pub fn count_drop(&self, reason: DropReason) {
+        self.drops.count(reason);
+    }
+
+    /// The datagrams dropped so far, per reason.
+    pub fn drops(&self) -> HeartbeatDrops {
+        self.drops.get()
+    }
+
+    /// Whether every one of `ids` is heard now, sending a version that
+    /// authenticates heartbeats once the cluster has a key.
+    pub fn all_authenticate(&self, ids: impl IntoIterator<Item = NodeId>, now: Instant) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        ids.into_iter().all(|id| {
+            seen.get(&id).is_some_and(|p| {
+                p.authenticates
+                    && p.paths.values().max().is_some_and(|t| now.saturating_duration_since(*t) < self.timeout)
+            })
+        })
     }
 
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
-    /// Takes in a heartbeat received from address `from` at `now`.
+    /// Takes in an unauthenticated heartbeat received from address `from`
+    /// at `now`, as heard: only in a cluster that has no heartbeat key yet
+    /// (bootstrapped by an older version, until the leader gives it one).
     pub fn record(&self, hb: Heartbeat, from: IpAddr, now: Instant) {
+        self.freshness().learn_unauthenticated(&hb);
+        self.hear(hb, from, now)
+    }
+
+    /// Counts `hb` as hearing its sender on path `from` at `now`.
+    fn hear(&self, hb: Heartbeat, from: IpAddr, now: Instant) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let entry = seen.entry(hb.from).or_insert_with(|| PeerSeen {
             pid: hb.pid,
             incarnation: hb.incarnation,
             version: hb.version.clone(),
-            their_sent_ms: 0,
+            authenticates: hb.authenticates,
             acked_ms: 0,
             paths: HashMap::new(),
             hears: HashMap::new(),
@@ -140,13 +331,12 @@ impl Liveness {
         if entry.pid != hb.pid || entry.incarnation != hb.incarnation {
             // A restarted agent: its clock values start over (after a
             // reboot, CLOCK_BOOTTIME itself does).
-            entry.their_sent_ms = 0;
             entry.since = now;
         }
         entry.pid = hb.pid;
         entry.incarnation = hb.incarnation;
         entry.version = hb.version;
-        entry.their_sent_ms = entry.their_sent_ms.max(hb.sent_ms);
+        entry.authenticates = hb.authenticates;
         if hb.echo_ms <= self.sent_ms.load(std::sync::atomic::Ordering::SeqCst) {
             entry.acked_ms = entry.acked_ms.max(hb.echo_ms);
         }
@@ -243,6 +433,7 @@ impl Liveness {
         heard: &[(NodeId, u32)],
     ) -> Heartbeat {
         self.sent_ms.fetch_max(sent_ms, std::sync::atomic::Ordering::SeqCst);
+        let (echo_incarnation, echo_ms) = self.freshness().echo_for(to);
         Heartbeat {
             cluster_id: cluster_id.to_string(),
             from: me,
@@ -250,16 +441,19 @@ impl Liveness {
             pid,
             version: env!("CARGO_PKG_VERSION").to_string(),
             sent_ms,
-            echo_ms: self.echo_for(to),
+            echo_ms,
             heard: heard.to_vec(),
-            incarnation: incarnation(),
+            incarnation: self.freshness().incarnation(),
+            echo_incarnation,
+            via: None,
+            to_addr: None,
+            authenticates: true,
         }
     }
 
-    /// What to echo to `id`: the newest `sent_ms` heard from it.
+    /// What to echo to `id`: the newest `sent_ms` learnt from it.
     pub fn echo_for(&self, id: NodeId) -> u64 {
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.get(&id).map(|p| p.their_sent_ms).unwrap_or(0)
+        self.freshness().echo_for(id).1
     }
 
     /// When (our CLOCK_BOOTTIME, ms) we sent the newest heartbeat `id` has
@@ -278,6 +472,7 @@ impl Liveness {
     /// Forgets a peer (after it is removed).
     pub fn forget(&self, id: NodeId) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.freshness().forget(id);
     }
 
     /// Whether this node (`me`) is cut off from `leader`: it has not heard
@@ -446,53 +641,63 @@ impl HeartbeatSockets {
         Ok(HeartbeatSockets { sockets })
     }
 
-    /// Receives heartbeats for `me` in `cluster` forever.
+    /// Receives heartbeats forever, for whom `identity` says this node is
+    /// now (None: not a member yet, everything is dropped unseen).
     pub fn spawn_receivers(
         &self,
         liveness: Arc<Liveness>,
-        identity: impl Fn() -> Option<(String, NodeId)> + Send + Sync + Clone + 'static,
+        identity: impl Fn() -> Option<Identity> + Send + Sync + Clone + 'static,
     ) {
+        let limiter = Arc::new(Mutex::new(LogLimiter::new(DROP_LOG_PERIOD)));
         for s in &self.sockets {
             let s = s.clone();
             let liveness = liveness.clone();
             let identity = identity.clone();
+            let limiter = limiter.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; MAX_DATAGRAM];
+                let mut buf = vec![0u8; MAX_DATAGRAM + 1];
                 loop {
                     let Ok((n, from)) = s.recv_from(&mut buf).await else {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     };
-                    let Ok(hb) = serde_json::from_slice::<Heartbeat>(&buf[..n]) else {
-                        continue;
+                    let Some(id) = identity() else { continue };
+                    let now = Instant::now();
+                    let dropped = match take_in(&liveness, &id, &buf[..n], from.ip(), now, crate::clock::now_boot_ms()) {
+                        Ok(()) => continue,
+                        Err(reason) => reason,
                     };
-                    match identity() {
-                        Some((cluster, me)) if cluster == hb.cluster_id && me == hb.to => {
-                            liveness.record(hb, from.ip(), Instant::now())
-                        }
-                        _ => {}
+                    if limiter.lock().unwrap_or_else(|e| e.into_inner()).allow(dropped, from.ip(), now) {
+                        // Never the datagram's bytes: a log line shows no key material.
+                        tracing::warn!(
+                            from = %from,
+                            reason = dropped.as_str(),
+                            "heartbeat dropped ({}); more from this address for this reason are counted, not logged, for {} s",
+                            dropped.as_str(),
+                            DROP_LOG_PERIOD.as_secs()
+                        );
                     }
                 }
             });
         }
     }
 
-    /// Sends one round of heartbeats to every peer on every path.
+    /// Sends one round of heartbeats to every peer on every path, sealed
+    /// with `key` (unsealed JSON without one: a cluster whose state has no
+    /// key yet).
     pub async fn send_round(
         &self,
         nodes: &BTreeMap<NodeId, NodeRecord>,
         cluster_id: &str,
         me: NodeId,
         liveness: &Liveness,
+        key: Option<&frame::Key>,
     ) {
         let pid = std::process::id();
         let sent_ms = crate::clock::now_boot_ms();
         let heard = liveness.heard_report(Instant::now());
         for node in nodes.values().filter(|n| n.id != me) {
             let hb = liveness.heartbeat_to(cluster_id, me, node.id, pid, sent_ms, &heard);
-            let Ok(bytes) = serde_json::to_vec(&hb) else {
-                continue;
-            };
             for (i, a) in node.addresses.iter().enumerate() {
                 let Ok(dest) = socket_addr(a, node.port).parse::<SocketAddr>() else {
                     continue;
@@ -502,11 +707,74 @@ impl HeartbeatSockets {
                 let Some(sock) = self.sockets.get(i.min(self.sockets.len().saturating_sub(1))) else {
                     continue;
                 };
+                let hb = Heartbeat { via: sock.local_addr().ok().map(|a| a.ip()), to_addr: Some(dest.ip()), ..hb.clone() };
+                let bytes = match key {
+                    Some(key) => frame::encode(key, &hb),
+                    None => match serde_json::to_vec(&hb) {
+                        Ok(b) => b,
+                        Err(_) => continue,
+                    },
+                };
                 // A send error on one path is that path being down: the
                 // receiver will notice the silence.
                 let _ = sock.send_to(&bytes, dest).await;
             }
         }
+    }
+}
+
+/// Who this node is, as heartbeats are received: its cluster, its id, and
+/// the cluster's heartbeat keys (None while the state has none).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub cluster_id: String,
+    pub me: NodeId,
+    pub keys: Option<KeyRing>,
+}
+
+/// How long a (reason, address) pair stays quiet in the log after a line.
+const DROP_LOG_PERIOD: Duration = Duration::from_secs(30);
+
+/// Takes in one datagram received from `from`: with a key, it must be a
+/// frame whose tag verifies (before any parsing), for this cluster and
+/// node, fresh and no replay; without one, a plain heartbeat (an older
+/// cluster). Returns why it was dropped (already counted).
+pub fn take_in(
+    liveness: &Liveness,
+    id: &Identity,
+    datagram: &[u8],
+    from: IpAddr,
+    now: Instant,
+    now_ms: u64,
+) -> Result<(), DropReason> {
+    let result = match &id.keys {
+        Some(ring) => match frame::looks_framed(datagram) {
+            true => frame::decode(ring, datagram).map_err(DropReason::from),
+            // Unsealed, where the cluster seals: nobody's word.
+            false => Err(DropReason::Forged),
+        },
+        None => match frame::looks_framed(datagram) {
+            true => Err(DropReason::UnknownKey),
+            false => serde_json::from_slice::<Heartbeat>(datagram).map_err(|_| DropReason::Malformed),
+        },
+    };
+    let dropped = |r: DropReason| {
+        liveness.count_drop(r);
+        r
+    };
+    let hb = match result {
+        Ok(hb) if hb.cluster_id == id.cluster_id && hb.to == id.me => hb,
+        Ok(_) => return Err(dropped(DropReason::Misdirected)),
+        Err(r) => return Err(dropped(r)),
+    };
+    if id.keys.is_none() {
+        liveness.record(hb, from, now);
+        return Ok(());
+    }
+    match liveness.receive(hb, from, now, now_ms) {
+        Verdict::Heard | Verdict::Handshake => Ok(()),
+        Verdict::Replayed => Err(DropReason::Replayed),
+        Verdict::Stale => Err(DropReason::Stale),
     }
 }
 
@@ -528,6 +796,10 @@ mod tests {
             echo_ms: 0,
             heard: Vec::new(),
             incarnation: 7,
+            echo_incarnation: 0,
+            via: None,
+            to_addr: None,
+            authenticates: true,
         }
     }
 
@@ -712,14 +984,21 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn heartbeats_cross_real_udp_sockets() {
+    /// Two agents' sockets and views, node 1 (`a`) and node 2 (`b`).
+    async fn two_agents(
+        keys: Option<KeyRing>,
+    ) -> (HeartbeatSockets, HeartbeatSockets, Arc<Liveness>, Arc<Liveness>, tandem_raft::state::ClusterState) {
         use tandem_raft::state::{ClusterState, Command, NodeSpec};
         let a = HeartbeatSockets::bind(&["127.0.0.1".into()], 0).await.unwrap();
         let b = HeartbeatSockets::bind(&["127.0.0.1".into()], 0).await.unwrap();
-        let b_port = b.sockets[0].local_addr().unwrap().port();
-        let lb = Liveness::new(Duration::from_secs(5));
-        b.spawn_receivers(lb.clone(), || Some(("c".to_string(), 2)));
+        let port = |h: &HeartbeatSockets| h.sockets[0].local_addr().unwrap().port();
+        let (la, lb) = (Liveness::new_at(Duration::from_secs(5), Instant::now(), 11), Liveness::new(Duration::from_secs(5)));
+        let ident = move |me| {
+            let keys = keys.clone();
+            move || Some(Identity { cluster_id: "c".to_string(), me, keys: keys.clone() })
+        };
+        a.spawn_receivers(la.clone(), ident(1));
+        b.spawn_receivers(lb.clone(), ident(2));
         let mut state = ClusterState::default();
         let spec = |name: &str, port| NodeSpec {
             name: name.into(),
@@ -728,16 +1007,147 @@ mod tests {
             site: None,
             witness: false,
         };
-        state.apply(&Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node: spec("a", 1) }).unwrap();
-        state.apply(&Command::AddNode { node: spec("b", b_port) }).unwrap();
-        let la = Liveness::new(Duration::from_secs(5));
+        state
+            .apply(&Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node: spec("a", port(&a)), heartbeat_key: None })
+            .unwrap();
+        state.apply(&Command::AddNode { node: spec("b", port(&b)) }).unwrap();
+        (a, b, la, lb, state)
+    }
+
+    #[tokio::test]
+    async fn heartbeats_cross_real_udp_sockets() {
+        // A cluster without a key: plain heartbeats, heard as they come.
+        let (a, _b, la, lb, state) = two_agents(None).await;
         for _ in 0..50 {
-            a.send_round(&state.nodes, "c", 1, &la).await;
+            a.send_round(&state.nodes, "c", 1, &la, None).await;
             if lb.status(1, &["127.0.0.1".into()], Instant::now()).alive {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("heartbeat never arrived");
+    }
+
+    #[tokio::test]
+    async fn sealed_heartbeats_cross_real_udp_sockets_once_both_sides_talk() {
+        let ring = KeyRing { current: frame::Key::new(1, [3; 32]), previous: None };
+        let (a, b, la, lb, state) = two_agents(Some(ring.clone())).await;
+        let addrs = ["127.0.0.1".to_string()];
+        // Only a talks: b learns a's nonce but cannot tell a fresh datagram
+        // from a replay, so a is not heard.
+        for _ in 0..5 {
+            a.send_round(&state.nodes, "c", 1, &la, Some(&ring.current)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!lb.status(1, &addrs, Instant::now()).alive);
+        assert_eq!(lb.echo_for(1) > 0, true, "b learnt a's nonce");
+        for i in 0..100 {
+            a.send_round(&state.nodes, "c", 1, &la, Some(&ring.current)).await;
+            b.send_round(&state.nodes, "c", 2, &lb, Some(&ring.current)).await;
+            let now = Instant::now();
+            if lb.status(1, &addrs, now).alive && la.status(2, &addrs, now).alive {
+                assert!(i <= 3, "heard only after {i} rounds");
+                assert_eq!(la.drops(), HeartbeatDrops::default());
+                assert_eq!(lb.drops(), HeartbeatDrops::default());
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("sealed heartbeats never heard");
+    }
+
+    #[test]
+    fn forged_replayed_stale_and_misdirected_datagrams_count_for_nothing() {
+        let t0 = Instant::now();
+        let ring = KeyRing { current: frame::Key::new(1, [3; 32]), previous: None };
+        let timeout = Duration::from_millis(500);
+        let (la, lb) = (Liveness::new_at(timeout, t0, 11), Liveness::new_at(timeout, t0, 22));
+        let id = |me| Identity { cluster_id: "c".into(), me, keys: Some(ring.clone()) };
+        let (ida, idb) = (id(1), id(2));
+        let (ip1, ip2): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let addrs1 = ["10.0.0.1".to_string()];
+        // Each side's datagram of a round at `ms` (its own clock).
+        let from_a = |ms| {
+            let hb = la.heartbeat_to("c", 1, 2, 100, ms, &[]);
+            frame::encode(&ring.current, &Heartbeat { via: Some(ip1), to_addr: Some(ip2), ..hb })
+        };
+        let from_b = |lb: &Liveness, ms| {
+            let hb = lb.heartbeat_to("c", 2, 1, 200, ms, &[]);
+            frame::encode(&ring.current, &Heartbeat { via: Some(ip2), to_addr: Some(ip1), ..hb })
+        };
+        let mut captured = Vec::new();
+        assert_eq!(take_in(&lb, &idb, &from_a(1_000), ip1, at(1_000), 1_000), Ok(()));
+        assert!(!lb.status(1, &addrs1, at(1_000)).alive, "a first word proves nothing");
+        assert_eq!(take_in(&la, &ida, &from_b(&lb, 1_010), ip2, at(1_011), 1_011), Ok(()));
+        for ms in [1_100, 1_200, 1_300] {
+            let d = from_a(ms);
+            assert_eq!(take_in(&lb, &idb, &d, ip1, at(ms), ms), Ok(()));
+            assert!(lb.status(1, &addrs1, at(ms)).alive);
+            assert_eq!(take_in(&la, &ida, &from_b(&lb, ms + 10), ip2, at(ms + 11), ms + 11), Ok(()));
+            captured.push(d);
+        }
+        let drops = lb.drops();
+        // a dies at 1 300. Its captured datagrams replayed: nothing.
+        for d in &captured {
+            assert_eq!(take_in(&lb, &idb, d, ip1, at(1_400), 1_400), Err(DropReason::Replayed));
+        }
+        // Forged ones: another key, a flipped bit, unsealed JSON.
+        let other = frame::Key::new(1, [4; 32]);
+        let hb = la.heartbeat_to("c", 1, 2, 100, 5_000, &[]);
+        assert_eq!(take_in(&lb, &idb, &frame::encode(&other, &hb), ip1, at(1_400), 1_400), Err(DropReason::Forged));
+        let mut flipped = frame::encode(&ring.current, &hb);
+        flipped[20] ^= 1;
+        assert_eq!(take_in(&lb, &idb, &flipped, ip1, at(1_400), 1_400), Err(DropReason::Forged));
+        let plain = serde_json::to_vec(&hb).unwrap();
+        assert_eq!(take_in(&lb, &idb, &plain, ip1, at(1_400), 1_400), Err(DropReason::Forged));
+        assert_eq!(take_in(&lb, &idb, b"TNHB\x01", ip1, at(1_400), 1_400), Err(DropReason::Malformed));
+        let later = frame::Key::new(2, [3; 32]);
+        assert_eq!(take_in(&lb, &idb, &frame::encode(&later, &hb), ip1, at(1_400), 1_400), Err(DropReason::UnknownKey));
+        // Authentic, but addressed to node 3.
+        let to3 = frame::encode(&ring.current, &Heartbeat { to: 3, ..hb });
+        assert_eq!(take_in(&lb, &idb, &to3, ip1, at(1_400), 1_400), Err(DropReason::Misdirected));
+        // a's last datagram held back and delivered late: its echo is stale.
+        let held = from_a(1_350);
+        assert_eq!(take_in(&lb, &idb, &held, ip1, at(2_500), 2_500), Ok(()), "taught a nonce only");
+        assert!(!lb.status(1, &addrs1, at(2_500)).alive, "a stays offline");
+        assert_eq!(
+            lb.drops(),
+            HeartbeatDrops {
+                forged: drops.forged + 3,
+                replayed: drops.replayed + 3,
+                malformed: drops.malformed + 1,
+                unknown_key: drops.unknown_key + 1,
+                misdirected: drops.misdirected + 1,
+                ..drops
+            }
+        );
+        // b restarts (a new incarnation): whatever was sent to the old one
+        // never counts, whenever it comes.
+        let lb2 = Liveness::new_at(timeout, at(3_000), 23);
+        for (i, d) in captured.iter().enumerate() {
+            let ms = 3_000 + i as u64;
+            assert!(take_in(&lb2, &idb, d, ip1, at(ms), ms).is_ok_and(|()| !lb2.status(1, &addrs1, at(ms)).alive));
+        }
+        let _ = from_b(&lb2, 3_100);
+        for d in &captured {
+            let _ = take_in(&lb2, &idb, d, ip1, at(3_200), 3_200);
+            assert!(!lb2.status(1, &addrs1, at(3_200)).alive);
+        }
+    }
+
+    #[test]
+    fn a_flood_of_drops_logs_one_line_per_reason_and_address_per_period() {
+        let t0 = Instant::now();
+        let mut l = LogLimiter::new(Duration::from_secs(30));
+        let ip = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(n));
+        assert!(l.allow(DropReason::Forged, ip(1), t0));
+        assert!(!l.allow(DropReason::Forged, ip(1), t0 + Duration::from_secs(29)));
+        assert!(l.allow(DropReason::Replayed, ip(1), t0), "another reason");
+        assert!(l.allow(DropReason::Forged, ip(1), t0 + Duration::from_secs(30)));
+        // Spoofed sources: at most MAX_SOURCES lines per period.
+        let lines = (0..10_000).filter(|n| l.allow(DropReason::Forged, ip(100 + n), t0)).count();
+        assert!(lines <= LogLimiter::MAX_SOURCES, "{lines}");
+        assert!(l.allow(DropReason::Forged, ip(5), t0 + Duration::from_secs(61)), "the period over, room again");
     }
 }

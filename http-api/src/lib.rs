@@ -1100,6 +1100,7 @@ async fn raft_snapshot(
         tandem_raft::access::Role,
         Health,
         LocalView,
+        HeartbeatsDropped,
         InitRequest,
         JoinViaRequest,
         ClusterView,

@@ -13,7 +13,8 @@ use std::time::Duration;
 use tandem::config::{AutopilotConfig, FencingConfig, LivenessConfig};
 use tandem::failover::{Failover, Policy};
 use tandem::lease::{Effect as LeaseEffect, LeaseCore, Tick};
-use tandem::liveness::Liveness;
+use tandem::liveness::frame::{self, KeyRing};
+use tandem::liveness::{take_in, Heartbeat, Identity, Liveness};
 use tandem::reconcile::Reconciler;
 use tandem_raft::state::ClusterState;
 use tandem_raft::NodeId;
@@ -241,7 +242,8 @@ impl World {
         let agent = Agent {
             pid,
             started_us: self.now,
-            liveness: Liveness::new_at(node_timeout, started),
+            // Pids are never reused here: one is as good as a drawn number.
+            liveness: Liveness::new_at(node_timeout, started, u64::from(pid)),
             state,
             applied: n.persisted_applied,
             voters,
@@ -335,15 +337,16 @@ impl World {
 
     pub fn receive(&mut self, id: NodeId, msg: Msg) {
         match msg {
-            Msg::Heartbeat { hb, path } => {
-                let cluster = self.cluster_id.clone();
-                if hb.cluster_id != cluster || hb.to != id {
-                    return;
-                }
-                let ip = self.node(hb.from).ips[path];
-                let now = self.instant(id);
+            Msg::Heartbeat { datagram, from, path } => {
+                // As the agent's receiver: verified with the keys of the state
+                // applied here, then judged fresh or not (`liveness::take_in`).
+                let ip = self.node(from).ips[path];
+                let (now, now_ms) = (self.instant(id), self.local_ms(id));
+                let cluster_id = self.cluster_id.clone();
                 if let Some(a) = self.agent_mut(id) {
-                    a.liveness.record(hb, ip, now);
+                    let keys = KeyRing::from_state(&a.state.heartbeat_keys);
+                    let me = Identity { cluster_id, me: id, keys };
+                    let _ = take_in(&a.liveness, &me, &datagram, ip, now, now_ms);
                 }
             }
             Msg::Replicate { term, leader, commit } => {
@@ -442,15 +445,23 @@ impl World {
         }
         let Some(a) = self.node(id).agent.as_ref() else { return };
         let heard = a.liveness.heard_report(now);
+        let key = KeyRing::from_state(&a.state.heartbeat_keys).map(|k| k.current);
         let mut out = Vec::new();
         for r in a.state.nodes.values().filter(|r| r.id != id) {
             let hb = a.liveness.heartbeat_to(&cluster, id, r.id, a.pid, sent_ms, &heard);
-            out.push((r.id, r.addresses.len(), hb));
-        }
-        for (to, paths, hb) in out {
-            for path in 0..paths.min(self.node(id).ips.len()) {
-                self.send(id, to, Msg::Heartbeat { hb: hb.clone(), path });
+            for path in 0..r.addresses.len().min(self.node(id).ips.len()) {
+                // As `HeartbeatSockets::send_round`: the path's addresses, sealed.
+                let to_addr = self.node(r.id).ips.get(path).copied();
+                let hb = Heartbeat { via: Some(self.node(id).ips[path]), to_addr, ..hb.clone() };
+                let datagram = match &key {
+                    Some(k) => frame::encode(k, &hb),
+                    None => serde_json::to_vec(&hb).unwrap_or_default(),
+                };
+                out.push((r.id, path, datagram));
             }
+        }
+        for (to, path, datagram) in out {
+            self.send(id, to, Msg::Heartbeat { datagram, from: id, path });
         }
     }
 
