@@ -61,6 +61,12 @@ pub struct Heartbeat {
     /// only within the receiver's own incarnation.
     #[serde(default)]
     pub echo_incarnation: u64,
+    /// The newest `sent_ms` of the receiver that the sender counted as
+    /// hearing it (`echo_ms` may be newer: learnt from a datagram that
+    /// proved nothing yet). The lease counts this one, so that an echo
+    /// always means the peer heard us.
+    #[serde(default)]
+    pub ack_ms: u64,
     /// The sender's address this datagram left from: its path. Covered by
     /// the tag, so a datagram cannot be made to count for another path.
     #[serde(default)]
@@ -273,7 +279,10 @@ impl Liveness {
         let max_sent = self.sent_ms.load(std::sync::atomic::Ordering::SeqCst);
         let verdict = self.freshness().judge(&hb, path, now_ms, max_sent);
         match verdict {
-            Verdict::Heard => self.hear(hb, path, now),
+            Verdict::Heard => {
+                let ack = hb.ack_ms;
+                self.hear(hb, path, ack, now)
+            }
             Verdict::Replayed => self.count_drop(DropReason::Replayed),
             Verdict::Stale => self.count_drop(DropReason::Stale),
             Verdict::Handshake => {}
@@ -312,11 +321,13 @@ impl Liveness {
     /// (bootstrapped by an older version, until the leader gives it one).
     pub fn record(&self, hb: Heartbeat, from: IpAddr, now: Instant) {
         self.freshness().learn_unauthenticated(&hb);
-        self.hear(hb, from, now)
+        let ack = hb.echo_ms;
+        self.hear(hb, from, ack, now)
     }
 
-    /// Counts `hb` as hearing its sender on path `from` at `now`.
-    fn hear(&self, hb: Heartbeat, from: IpAddr, now: Instant) {
+    /// Counts `hb` as hearing its sender on path `from` at `now`; it heard
+    /// our heartbeat sent at `ack_ms`.
+    fn hear(&self, hb: Heartbeat, from: IpAddr, ack_ms: u64, now: Instant) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let entry = seen.entry(hb.from).or_insert_with(|| PeerSeen {
             pid: hb.pid,
@@ -337,8 +348,8 @@ impl Liveness {
         entry.incarnation = hb.incarnation;
         entry.version = hb.version;
         entry.authenticates = hb.authenticates;
-        if hb.echo_ms <= self.sent_ms.load(std::sync::atomic::Ordering::SeqCst) {
-            entry.acked_ms = entry.acked_ms.max(hb.echo_ms);
+        if ack_ms <= self.sent_ms.load(std::sync::atomic::Ordering::SeqCst) {
+            entry.acked_ms = entry.acked_ms.max(ack_ms);
         }
         entry.paths.insert(from, now);
         for (about, ago) in hb.heard {
@@ -433,7 +444,7 @@ impl Liveness {
         heard: &[(NodeId, u32)],
     ) -> Heartbeat {
         self.sent_ms.fetch_max(sent_ms, std::sync::atomic::Ordering::SeqCst);
-        let (echo_incarnation, echo_ms) = self.freshness().echo_for(to);
+        let (echo_incarnation, echo_ms, ack_ms) = self.freshness().echo_for(to);
         Heartbeat {
             cluster_id: cluster_id.to_string(),
             from: me,
@@ -445,6 +456,7 @@ impl Liveness {
             heard: heard.to_vec(),
             incarnation: self.freshness().incarnation(),
             echo_incarnation,
+            ack_ms,
             via: None,
             to_addr: None,
             authenticates: true,
@@ -454,6 +466,15 @@ impl Liveness {
     /// What to echo to `id`: the newest `sent_ms` learnt from it.
     pub fn echo_for(&self, id: NodeId) -> u64 {
         self.freshness().echo_for(id).1
+    }
+
+    /// The heartbeat a stepped-out node sends `to` instead of
+    /// [`heartbeat_to`](Self::heartbeat_to)'s: it echoes nothing, so it is
+    /// never heard (the node stays silent, its lease lapses), but it
+    /// teaches its nonce, so that the node can hear the others again.
+    pub fn probe_to(&self, cluster_id: &str, me: NodeId, to: NodeId, pid: u32, sent_ms: u64) -> Heartbeat {
+        let hb = self.heartbeat_to(cluster_id, me, to, pid, sent_ms, &[]);
+        Heartbeat { echo_ms: 0, echo_incarnation: 0, ack_ms: 0, ..hb }
     }
 
     /// When (our CLOCK_BOOTTIME, ms) we sent the newest heartbeat `id` has
@@ -684,7 +705,7 @@ impl HeartbeatSockets {
 
     /// Sends one round of heartbeats to every peer on every path, sealed
     /// with `key` (unsealed JSON without one: a cluster whose state has no
-    /// key yet).
+    /// key yet); `probe`: a stepped-out node's probes instead.
     pub async fn send_round(
         &self,
         nodes: &BTreeMap<NodeId, NodeRecord>,
@@ -692,12 +713,16 @@ impl HeartbeatSockets {
         me: NodeId,
         liveness: &Liveness,
         key: Option<&frame::Key>,
+        probe: bool,
     ) {
         let pid = std::process::id();
         let sent_ms = crate::clock::now_boot_ms();
         let heard = liveness.heard_report(Instant::now());
         for node in nodes.values().filter(|n| n.id != me) {
-            let hb = liveness.heartbeat_to(cluster_id, me, node.id, pid, sent_ms, &heard);
+            let hb = match probe {
+                true => liveness.probe_to(cluster_id, me, node.id, pid, sent_ms),
+                false => liveness.heartbeat_to(cluster_id, me, node.id, pid, sent_ms, &heard),
+            };
             for (i, a) in node.addresses.iter().enumerate() {
                 let Ok(dest) = socket_addr(a, node.port).parse::<SocketAddr>() else {
                     continue;
@@ -797,6 +822,7 @@ mod tests {
             heard: Vec::new(),
             incarnation: 7,
             echo_incarnation: 0,
+            ack_ms: 0,
             via: None,
             to_addr: None,
             authenticates: true,
@@ -1019,7 +1045,7 @@ mod tests {
         // A cluster without a key: plain heartbeats, heard as they come.
         let (a, _b, la, lb, state) = two_agents(None).await;
         for _ in 0..50 {
-            a.send_round(&state.nodes, "c", 1, &la, None).await;
+            a.send_round(&state.nodes, "c", 1, &la, None, false).await;
             if lb.status(1, &["127.0.0.1".into()], Instant::now()).alive {
                 return;
             }
@@ -1036,14 +1062,14 @@ mod tests {
         // Only a talks: b learns a's nonce but cannot tell a fresh datagram
         // from a replay, so a is not heard.
         for _ in 0..5 {
-            a.send_round(&state.nodes, "c", 1, &la, Some(&ring.current)).await;
+            a.send_round(&state.nodes, "c", 1, &la, Some(&ring.current), false).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(!lb.status(1, &addrs, Instant::now()).alive);
         assert_eq!(lb.echo_for(1) > 0, true, "b learnt a's nonce");
         for i in 0..100 {
-            a.send_round(&state.nodes, "c", 1, &la, Some(&ring.current)).await;
-            b.send_round(&state.nodes, "c", 2, &lb, Some(&ring.current)).await;
+            a.send_round(&state.nodes, "c", 1, &la, Some(&ring.current), false).await;
+            b.send_round(&state.nodes, "c", 2, &lb, Some(&ring.current), false).await;
             let now = Instant::now();
             if lb.status(1, &addrs, now).alive && la.status(2, &addrs, now).alive {
                 assert!(i <= 3, "heard only after {i} rounds");

@@ -440,15 +440,19 @@ impl World {
                 LeaseEffect::PersistLease { .. } | LeaseEffect::KillEverything => {}
             }
         }
-        if !send {
-            return;
-        }
         let Some(a) = self.node(id).agent.as_ref() else { return };
         let heard = a.liveness.heard_report(now);
         let key = KeyRing::from_state(&a.state.heartbeat_keys).map(|k| k.current);
+        if !send && key.is_none() {
+            return;
+        }
         let mut out = Vec::new();
         for r in a.state.nodes.values().filter(|r| r.id != id) {
-            let hb = a.liveness.heartbeat_to(&cluster, id, r.id, a.pid, sent_ms, &heard);
+            // Stepped out: probes only (`Liveness::probe_to`), as the agent.
+            let hb = match send {
+                true => a.liveness.heartbeat_to(&cluster, id, r.id, a.pid, sent_ms, &heard),
+                false => a.liveness.probe_to(&cluster, id, r.id, a.pid, sent_ms),
+            };
             for path in 0..r.addresses.len().min(self.node(id).ips.len()) {
                 // As `HeartbeatSockets::send_round`: the path's addresses, sealed.
                 let to_addr = self.node(r.id).ips.get(path).copied();

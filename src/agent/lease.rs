@@ -38,6 +38,12 @@ impl Agent {
             self.liveness.cut_off_from(l, &addrs, &voters, m.node_id, self.cfg.heartbeat_interval() * 2, Instant::now())
         });
         let effects = self.lease_core().heartbeat_round(metrics.current_leader, cut_off);
+        let key = keys.as_ref().map(|k| &k.current);
+        if key.is_some() && !effects.contains(&crate::lease::Effect::SendHeartbeats) {
+            // Stepped out: probes only, which are never heard but let this
+            // node hear the others again (see `Liveness::probe_to`).
+            sockets.send_round(&nodes, &m.cluster_id, m.node_id, &self.liveness, key, true).await;
+        }
         for e in effects {
             match e {
                 crate::lease::Effect::StepOut { leader } => tracing::warn!(
@@ -46,8 +52,7 @@ impl Agent {
                 ),
                 crate::lease::Effect::StepIn => tracing::info!("stepping back in: heartbeats resume"),
                 crate::lease::Effect::SendHeartbeats => {
-                    let key = keys.as_ref().map(|k| &k.current);
-                    sockets.send_round(&nodes, &m.cluster_id, m.node_id, &self.liveness, key).await
+                    sockets.send_round(&nodes, &m.cluster_id, m.node_id, &self.liveness, key, false).await
                 }
                 _ => {}
             }

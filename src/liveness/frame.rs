@@ -162,6 +162,7 @@ mod tests {
             heard: vec![(3, 12)],
             incarnation: 7,
             echo_incarnation: 8,
+            ack_ms: 900,
             via: Some("10.0.0.2".parse().unwrap()),
             to_addr: Some("10.0.0.1".parse().unwrap()),
             authenticates: true,

@@ -51,6 +51,9 @@ struct Nonce {
     sent_ms: u64,
     /// Proven fresh: a heartbeat of this incarnation echoed ours in time.
     confirmed: bool,
+    /// The `sent_ms` of its newest heartbeat that counted as hearing it
+    /// (0: none yet): what we acknowledge back.
+    heard_ms: u64,
 }
 
 /// Replay and freshness state for every peer.
@@ -107,7 +110,10 @@ impl Freshness {
             _ => hb.sent_ms,
         };
         let confirmed = fresh || (same && known.is_some_and(|n| n.confirmed));
-        self.nonces.insert(hb.from, Nonce { pid: hb.pid, incarnation: hb.incarnation, sent_ms, confirmed });
+        let heard_before = known.filter(|_| same).map_or(0, |n| n.heard_ms);
+        let heard_ms = if fresh { heard_before.max(hb.sent_ms) } else { heard_before };
+        let nonce = Nonce { pid: hb.pid, incarnation: hb.incarnation, sent_ms, confirmed, heard_ms };
+        self.nonces.insert(hb.from, nonce);
         let l = self.last.entry(key).or_default();
         l.retain(|(a, _)| *a != agent);
         l.push((agent, hb.sent_ms));
@@ -124,7 +130,7 @@ impl Freshness {
     /// Takes the nonce of an unauthenticated heartbeat (a cluster without a
     /// key): newest wins within an incarnation, a new incarnation resets.
     pub fn learn_unauthenticated(&mut self, hb: &Heartbeat) {
-        let new = Nonce { pid: hb.pid, incarnation: hb.incarnation, sent_ms: 0, confirmed: false };
+        let new = Nonce { pid: hb.pid, incarnation: hb.incarnation, sent_ms: 0, confirmed: false, heard_ms: 0 };
         let n = self.nonces.entry(hb.from).or_insert(new);
         if (n.pid, n.incarnation) != (hb.pid, hb.incarnation) {
             *n = new;
@@ -132,9 +138,10 @@ impl Freshness {
         n.sent_ms = n.sent_ms.max(hb.sent_ms);
     }
 
-    /// What to echo to `id`: (its incarnation, its newest `sent_ms`).
-    pub fn echo_for(&self, id: NodeId) -> (u64, u64) {
-        self.nonces.get(&id).map(|n| (n.incarnation, n.sent_ms)).unwrap_or((0, 0))
+    /// What to echo to `id`: (its incarnation, its newest `sent_ms`, the
+    /// `sent_ms` of its newest heartbeat that counted as hearing it).
+    pub fn echo_for(&self, id: NodeId) -> (u64, u64, u64) {
+        self.nonces.get(&id).map(|n| (n.incarnation, n.sent_ms, n.heard_ms)).unwrap_or((0, 0, 0))
     }
 
     /// Forgets a removed peer.
@@ -165,6 +172,7 @@ mod tests {
             heard: vec![],
             incarnation,
             echo_incarnation: echo.0,
+            ack_ms: echo.1,
             via: None,
             to_addr: None,
             authenticates: true,
@@ -180,10 +188,10 @@ mod tests {
         let mut f = Freshness::new(ME, WINDOW);
         // The peer's first word echoes nothing: it teaches its nonce only.
         assert_eq!(f.judge(&hb(7, 100, (0, 0)), ip(2), 5_000, 4_900), Verdict::Handshake);
-        assert_eq!(f.echo_for(2), (7, 100));
+        assert_eq!(f.echo_for(2), (7, 100, 0), "nothing heard to acknowledge");
         // It echoes what we sent 100 ms ago: heard.
         assert_eq!(f.judge(&hb(7, 200, (ME, 4_900)), ip(2), 5_000, 4_900), Verdict::Heard);
-        assert_eq!(f.echo_for(2), (7, 200));
+        assert_eq!(f.echo_for(2), (7, 200, 200));
         // The same datagram again, or an older one: replays.
         assert_eq!(f.judge(&hb(7, 200, (ME, 4_900)), ip(2), 5_010, 4_900), Verdict::Replayed);
         assert_eq!(f.judge(&hb(7, 150, (ME, 4_900)), ip(2), 5_010, 4_900), Verdict::Replayed);
@@ -192,7 +200,7 @@ mod tests {
         // A later datagram whose echo is older than the window: not heard,
         // but its nonce is taught (one-way loss: it does not hear us).
         assert_eq!(f.judge(&hb(7, 300, (ME, 4_400)), ip(2), 5_000, 4_900), Verdict::Handshake);
-        assert_eq!(f.echo_for(2), (7, 300));
+        assert_eq!(f.echo_for(2), (7, 300, 200), "echoes 300, acknowledges 200 only");
         // An echo of a time we never sent, or of another incarnation of ours.
         assert_eq!(f.judge(&hb(7, 400, (ME, 5_500)), ip(2), 5_000, 4_900), Verdict::Handshake);
         assert_eq!(f.judge(&hb(7, 500, (ME + 1, 4_900)), ip(2), 5_000, 4_900), Verdict::Handshake);
@@ -205,13 +213,16 @@ mod tests {
         // The peer restarts: its first word has no echo; it is not heard and
         // does not replace the proven incarnation.
         assert_eq!(f.judge(&hb(8, 10, (0, 0)), ip(2), 5_100, 5_000), Verdict::Handshake);
-        assert_eq!(f.echo_for(2), (7, 200));
+        assert_eq!(f.echo_for(2).0, 7);
+        assert_eq!(f.echo_for(2).1, 200);
         // Having learnt our nonce, it is heard: incarnation 8 is proven.
         assert_eq!(f.judge(&hb(8, 110, (ME, 5_000)), ip(2), 5_150, 5_000), Verdict::Heard);
-        assert_eq!(f.echo_for(2), (8, 110));
+        assert_eq!(f.echo_for(2).0, 8);
+        assert_eq!(f.echo_for(2).1, 110);
         // A captured datagram of incarnation 7 replayed now: stale.
         assert_eq!(f.judge(&hb(7, 300, (ME, 4_950)), ip(2), 5_600, 5_500), Verdict::Stale);
-        assert_eq!(f.echo_for(2), (8, 110));
+        assert_eq!(f.echo_for(2).0, 8);
+        assert_eq!(f.echo_for(2).1, 110);
     }
 
     #[test]
