@@ -75,6 +75,10 @@ pub struct Heartbeat {
     /// path and destination).
     #[serde(default)]
     pub to_addr: Option<IpAddr>,
+    /// Sent by a stepped-out node: proves its incarnation fresh and teaches
+    /// its nonce, but never counts as hearing it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probe: bool,
     /// The sender seals heartbeats once the cluster has a key: the leader
     /// gives a cluster without one a key only when every node does.
     #[serde(default)]
@@ -459,6 +463,7 @@ impl Liveness {
             ack_ms,
             via: None,
             to_addr: None,
+            probe: false,
             authenticates: true,
         }
     }
@@ -469,12 +474,11 @@ impl Liveness {
     }
 
     /// The heartbeat a stepped-out node sends `to` instead of
-    /// [`heartbeat_to`](Self::heartbeat_to)'s: it echoes nothing, so it is
-    /// never heard (the node stays silent, its lease lapses), but it
+    /// [`heartbeat_to`](Self::heartbeat_to)'s: a probe is never heard (the
+    /// node stays silent: its lease lapses, its groups move), but it
     /// teaches its nonce, so that the node can hear the others again.
     pub fn probe_to(&self, cluster_id: &str, me: NodeId, to: NodeId, pid: u32, sent_ms: u64) -> Heartbeat {
-        let hb = self.heartbeat_to(cluster_id, me, to, pid, sent_ms, &[]);
-        Heartbeat { echo_ms: 0, echo_incarnation: 0, ack_ms: 0, ..hb }
+        Heartbeat { probe: true, ..self.heartbeat_to(cluster_id, me, to, pid, sent_ms, &[]) }
     }
 
     /// When (our CLOCK_BOOTTIME, ms) we sent the newest heartbeat `id` has
@@ -825,6 +829,7 @@ mod tests {
             ack_ms: 0,
             via: None,
             to_addr: None,
+            probe: false,
             authenticates: true,
         }
     }

@@ -165,6 +165,7 @@ mod tests {
             ack_ms: 900,
             via: Some("10.0.0.2".parse().unwrap()),
             to_addr: Some("10.0.0.1".parse().unwrap()),
+            probe: false,
             authenticates: true,
         }
     }

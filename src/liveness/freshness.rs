@@ -32,8 +32,9 @@ const INCARNATIONS_KEPT: usize = 4;
 pub enum Verdict {
     /// Fresh: it counts as hearing the sender on its path.
     Heard,
-    /// Not fresh, but no replay: it taught us the sender's nonce, or is a
-    /// new agent's first word (a peer's start). Counts as nothing.
+    /// Not fresh (or a probe), but no replay: it taught us the sender's
+    /// nonce, or is a new agent's first word (a peer's start). Counts as
+    /// nothing.
     Handshake,
     /// Its (incarnation, sent_ms) is not newer than the last one seen on
     /// its path: dropped.
@@ -110,8 +111,10 @@ impl Freshness {
             _ => hb.sent_ms,
         };
         let confirmed = fresh || (same && known.is_some_and(|n| n.confirmed));
+        // A stepped-out node's probe proves its agent but is not heard.
+        let heard = fresh && !hb.probe;
         let heard_before = known.filter(|_| same).map_or(0, |n| n.heard_ms);
-        let heard_ms = if fresh { heard_before.max(hb.sent_ms) } else { heard_before };
+        let heard_ms = if heard { heard_before.max(hb.sent_ms) } else { heard_before };
         let nonce = Nonce { pid: hb.pid, incarnation: hb.incarnation, sent_ms, confirmed, heard_ms };
         self.nonces.insert(hb.from, nonce);
         let l = self.last.entry(key).or_default();
@@ -120,7 +123,7 @@ impl Freshness {
         if l.len() > INCARNATIONS_KEPT {
             l.remove(0);
         }
-        if fresh {
+        if heard {
             Verdict::Heard
         } else {
             Verdict::Handshake
@@ -175,6 +178,7 @@ mod tests {
             ack_ms: echo.1,
             via: None,
             to_addr: None,
+            probe: false,
             authenticates: true,
         }
     }
@@ -223,6 +227,19 @@ mod tests {
         assert_eq!(f.judge(&hb(7, 300, (ME, 4_950)), ip(2), 5_600, 5_500), Verdict::Stale);
         assert_eq!(f.echo_for(2).0, 8);
         assert_eq!(f.echo_for(2).1, 110);
+    }
+
+    #[test]
+    fn a_probe_proves_a_new_agent_but_is_never_heard() {
+        let mut f = Freshness::new(ME, WINDOW);
+        assert_eq!(f.judge(&hb(7, 200, (ME, 4_900)), ip(2), 5_000, 4_900), Verdict::Heard);
+        // The peer restarted and stepped out at once: its probes echo us.
+        let probe = |sent, echo| Heartbeat { probe: true, ..hb(8, sent, (ME, echo)) };
+        assert_eq!(f.judge(&probe(10, 5_000), ip(2), 5_100, 5_000), Verdict::Handshake);
+        assert_eq!(f.echo_for(2), (8, 10, 0), "taught, proven, but nothing to acknowledge");
+        assert_eq!(f.judge(&hb(7, 300, (ME, 5_000)), ip(2), 5_600, 5_500), Verdict::Stale, "8 is proven");
+        assert_eq!(f.judge(&hb(8, 110, (ME, 5_500)), ip(2), 5_600, 5_500), Verdict::Heard);
+        assert_eq!(f.echo_for(2), (8, 110, 110));
     }
 
     #[test]
