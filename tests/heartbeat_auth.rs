@@ -133,7 +133,7 @@ async fn forged_and_replayed_heartbeats_of_a_dead_node_change_nothing() {
     let (st, v) = put(&format!("{u1}/v1/groups/g"), body).await;
     assert_eq!(st, 201, "{v}");
     wait_until(Duration::from_secs(20), "g runs on n3", || async {
-        let g = group_at(&[u1.clone()], "g").await;
+        let g = group_at(std::slice::from_ref(&u1), "g").await;
         g["node"] == "n3" && g["state"] == "running"
     })
     .await;
@@ -176,7 +176,7 @@ async fn forged_and_replayed_heartbeats_of_a_dead_node_change_nothing() {
         let n3 = member(&c, "n3");
         assert!(n3["paths"].as_array().unwrap().iter().all(|p| p["up"] == false), "{n3}");
     }
-    let g = group_at(&[u1.clone()], "g").await;
+    let g = group_at(std::slice::from_ref(&u1), "g").await;
     assert_eq!((&g["node"], &g["epoch"]), (&moved["node"], &moved["epoch"]), "the group stays put: {g}");
 
     // Every kind was counted where it arrived.

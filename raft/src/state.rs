@@ -784,7 +784,7 @@ mod tests {
             node: spec("node1", "127.0.0.1", 7401),
             heartbeat_key: Some(HeartbeatSecret::from_bytes(&[7; 32])),
         })
-            .unwrap();
+        .unwrap();
         s
     }
 

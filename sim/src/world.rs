@@ -198,7 +198,12 @@ impl World {
                 witness: s.witness,
             };
             log.push(Entry::Cmd(if s.id == 1 {
-                Command::Bootstrap { cluster_id: cluster_id.clone(), node_id: 1, node, heartbeat_key: Some(heartbeat_key(seed)) }
+                Command::Bootstrap {
+                    cluster_id: cluster_id.clone(),
+                    node_id: 1,
+                    node,
+                    heartbeat_key: Some(heartbeat_key(seed)),
+                }
             } else {
                 Command::AddNode { node }
             }));

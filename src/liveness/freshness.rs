@@ -24,6 +24,11 @@ use tandem_raft::NodeId;
 
 use super::Heartbeat;
 
+/// A sender, its path (`via`) and the destination address.
+type PathKey = (NodeId, IpAddr, Option<IpAddr>);
+/// A sending agent: (pid, incarnation).
+type Agent = (u32, u64);
+
 /// Incarnations of a peer whose replays are still recognised per path.
 const INCARNATIONS_KEPT: usize = 4;
 
@@ -66,7 +71,7 @@ pub struct Freshness {
     /// Newest sent_ms of each of the last few incarnations seen per
     /// (sender, path, destination), newest last: a replay of an incarnation
     /// just replaced is still recognised.
-    last: HashMap<(NodeId, IpAddr, Option<IpAddr>), Vec<((u32, u64), u64)>>,
+    last: HashMap<PathKey, Vec<(Agent, u64)>>,
 }
 
 impl Freshness {
