@@ -295,10 +295,12 @@ impl Liveness {
     /// `now` (`now_ms` on CLOCK_BOOTTIME): it counts as hearing its sender
     /// on its path (`via`, which the tag covers) only if fresh and no
     /// replay (see [`freshness`]). Replays and stale ones are counted.
-    pub fn receive(&self, hb: Heartbeat, observed: IpAddr, now: Instant, now_ms: u64) -> Verdict {
+    /// Also says whether to answer the sender at once
+    /// ([`Freshness::judge_and_reply`]).
+    pub fn receive(&self, hb: Heartbeat, observed: IpAddr, now: Instant, now_ms: u64) -> (Verdict, bool) {
         let path = hb.via.unwrap_or(observed);
         let max_sent = self.sent_ms.load(std::sync::atomic::Ordering::SeqCst);
-        let verdict = self.freshness().judge(&hb, path, now_ms, max_sent);
+        let (verdict, reply) = self.freshness().judge_and_reply(&hb, path, now_ms, max_sent);
         match verdict {
             Verdict::Heard => {
                 let ack = hb.ack_ms;
@@ -308,7 +310,16 @@ impl Liveness {
             Verdict::Stale => self.count_drop(DropReason::Stale),
             Verdict::Handshake => {}
         }
-        verdict
+        (verdict, reply)
+    }
+
+    /// Takes `now_ms` as the `sent_ms` of heartbeats about to be sent, if
+    /// it is later than every one sent so far: a receiver drops a `sent_ms`
+    /// it already saw on a path as a replay. None: one went out this very
+    /// millisecond.
+    pub fn claim_sent_ms(&self, now_ms: u64) -> Option<u64> {
+        let prev = self.sent_ms.fetch_max(now_ms, std::sync::atomic::Ordering::SeqCst);
+        (now_ms > prev).then_some(now_ms)
     }
 
     /// Counts a dropped datagram.
@@ -691,11 +702,13 @@ impl HeartbeatSockets {
         identity: impl Fn() -> Option<Identity> + Send + Sync + Clone + 'static,
     ) {
         let limiter = Arc::new(Mutex::new(LogLimiter::new(DROP_LOG_PERIOD)));
+        let answered = Arc::new(Mutex::new(AnswerLimiter::default()));
         for s in &self.sockets {
             let s = s.clone();
             let liveness = liveness.clone();
             let identity = identity.clone();
             let limiter = limiter.clone();
+            let answered = answered.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; MAX_DATAGRAM + 1];
                 loop {
@@ -705,9 +718,25 @@ impl HeartbeatSockets {
                     };
                     let Some(id) = identity() else { continue };
                     let now = Instant::now();
-                    let dropped = match take_in(&liveness, &id, &buf[..n], from.ip(), now, crate::clock::now_boot_ms())
-                    {
-                        Ok(()) => continue,
+                    let now_ms = crate::clock::now_boot_ms();
+                    let dropped = match take_in(&liveness, &id, &buf[..n], from.ip(), now, now_ms) {
+                        Ok(false) => continue,
+                        Ok(true) => {
+                            // Answered on the path it came by, to where it came
+                            // from, a few times per peer per round at most.
+                            let to = heartbeat_sender(&buf[..n]);
+                            let due =
+                                to.is_some_and(|to| answered.lock().unwrap_or_else(|e| e.into_inner()).allow(to, now));
+                            let via = s.local_addr().map(|a| a.ip());
+                            if let (true, Some(to), Ok(via)) = (due, to, via) {
+                                if let Some(d) =
+                                    answer(&liveness, &id, (to, via, from.ip()), std::process::id(), now, now_ms)
+                                {
+                                    let _ = s.send_to(&d, from).await;
+                                }
+                            }
+                            continue;
+                        }
                         Err(reason) => reason,
                     };
                     if limiter.lock().unwrap_or_else(|e| e.into_inner()).allow(dropped, from.ip(), now) {
@@ -738,7 +767,14 @@ impl HeartbeatSockets {
         probe: bool,
     ) {
         let pid = std::process::id();
-        let sent_ms = crate::clock::now_boot_ms();
+        // Later than any answer sent in this very millisecond (see
+        // `Liveness::claim_sent_ms`).
+        let sent_ms = loop {
+            if let Some(ms) = liveness.claim_sent_ms(crate::clock::now_boot_ms()) {
+                break ms;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
         let heard = liveness.heard_report(Instant::now());
         for node in nodes.values().filter(|n| n.id != me) {
             let hb = match probe {
@@ -778,6 +814,38 @@ pub struct Identity {
     pub cluster_id: String,
     pub me: NodeId,
     pub keys: Option<KeyRing>,
+    /// Stepped out (cut off from the leader): answers are probes.
+    pub stepped_out: bool,
+}
+
+/// How many immediate answers one peer may get per `WINDOW`: a handshake
+/// takes two; more only while a path loses one direction (each datagram
+/// that comes is answered, and the answer lost).
+#[derive(Default)]
+pub struct AnswerLimiter {
+    last: HashMap<NodeId, (Instant, u8)>,
+}
+
+impl AnswerLimiter {
+    const WINDOW: Duration = Duration::from_millis(100);
+    const PER_WINDOW: u8 = 3;
+
+    /// Whether `to` may be answered at `now` (counted if so).
+    pub fn allow(&mut self, to: NodeId, now: Instant) -> bool {
+        let e = self.last.entry(to).or_insert((now, 0));
+        if now.saturating_duration_since(e.0) >= Self::WINDOW {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        e.1 <= Self::PER_WINDOW
+    }
+}
+
+/// The sender of an authenticated frame that `take_in` accepted (its body
+/// is parsed again only to answer, which is rare).
+pub fn heartbeat_sender(frame: &[u8]) -> Option<NodeId> {
+    let body = frame.get(frame::HEADER_LEN..frame.len().checked_sub(frame::TAG_LEN)?)?;
+    serde_json::from_slice::<Heartbeat>(body).ok().map(|hb| hb.from)
 }
 
 /// How long a (reason, address) pair stays quiet in the log after a line.
@@ -786,7 +854,8 @@ const DROP_LOG_PERIOD: Duration = Duration::from_secs(30);
 /// Takes in one datagram received from `from`: with a key, it must be a
 /// frame whose tag verifies (before any parsing), for this cluster and
 /// node, fresh and no replay; without one, a plain heartbeat (an older
-/// cluster). Returns why it was dropped (already counted).
+/// cluster). Returns whether to answer its sender at once ([`answer`]), or
+/// why it was dropped (already counted).
 pub fn take_in(
     liveness: &Liveness,
     id: &Identity,
@@ -794,7 +863,7 @@ pub fn take_in(
     from: IpAddr,
     now: Instant,
     now_ms: u64,
-) -> Result<(), DropReason> {
+) -> Result<bool, DropReason> {
     let result = match &id.keys {
         Some(ring) => match frame::looks_framed(datagram) {
             true => frame::decode(ring, datagram).map_err(DropReason::from),
@@ -817,13 +886,35 @@ pub fn take_in(
     };
     if id.keys.is_none() {
         liveness.record(hb, from, now);
-        return Ok(());
+        return Ok(false);
     }
     match liveness.receive(hb, from, now, now_ms) {
-        Verdict::Heard | Verdict::Handshake => Ok(()),
-        Verdict::Replayed => Err(DropReason::Replayed),
-        Verdict::Stale => Err(DropReason::Stale),
+        (Verdict::Heard | Verdict::Handshake, reply) => Ok(reply),
+        (Verdict::Replayed, _) => Err(DropReason::Replayed),
+        (Verdict::Stale, _) => Err(DropReason::Stale),
     }
+}
+
+/// The heartbeat that answers `to` at once (see
+/// [`Freshness::judge_and_reply`]), sealed, sent from `via` to `to_addr`;
+/// a probe while stepped out. None if a heartbeat went out this very
+/// millisecond (the peer would take the answer for a replay) or there is
+/// no key.
+pub fn answer(
+    liveness: &Liveness,
+    id: &Identity,
+    (to, via, to_addr): (NodeId, IpAddr, IpAddr),
+    pid: u32,
+    now: Instant,
+    now_ms: u64,
+) -> Option<Vec<u8>> {
+    let key = &id.keys.as_ref()?.current;
+    let sent_ms = liveness.claim_sent_ms(now_ms)?;
+    let hb = match id.stepped_out {
+        true => liveness.probe_to(&id.cluster_id, id.me, to, pid, sent_ms),
+        false => liveness.heartbeat_to(&id.cluster_id, id.me, to, pid, sent_ms, &liveness.heard_report(now)),
+    };
+    Some(frame::encode(key, &Heartbeat { via: Some(via), to_addr: Some(to_addr), ..hb }))
 }
 
 /// One input of the heartbeat parser's fuzzing (`fuzz/fuzz_targets/
@@ -843,7 +934,7 @@ pub fn fuzz_datagram(data: &[u8]) {
     }
     let t0 = Instant::now();
     let live = Liveness::new_at(Duration::from_millis(500), t0, 99);
-    let id = Identity { cluster_id: "c".into(), me: 1, keys: Some(ring) };
+    let id = Identity { cluster_id: "c".into(), me: 1, keys: Some(ring), stepped_out: false };
     let from = IpAddr::from([127, 0, 0, 1]);
     for i in 0..3u64 {
         let _ = take_in(&live, &id, &sealed, from, t0 + Duration::from_millis(i), 1_000 + i);
@@ -1072,7 +1163,7 @@ mod tests {
             (Liveness::new_at(Duration::from_secs(5), Instant::now(), 11), Liveness::new(Duration::from_secs(5)));
         let ident = move |me| {
             let keys = keys.clone();
-            move || Some(Identity { cluster_id: "c".to_string(), me, keys: keys.clone() })
+            move || Some(Identity { cluster_id: "c".to_string(), me, keys: keys.clone(), stepped_out: false })
         };
         a.spawn_receivers(la.clone(), ident(1));
         b.spawn_receivers(lb.clone(), ident(2));
@@ -1111,29 +1202,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sealed_heartbeats_cross_real_udp_sockets_once_both_sides_talk() {
+    async fn sealed_heartbeats_cross_real_udp_sockets_and_one_round_suffices() {
         let ring = KeyRing { current: frame::Key::new(1, [3; 32]), previous: None };
-        let (a, b, la, lb, state) = two_agents(Some(ring.clone())).await;
+        let (a, _b, la, lb, state) = two_agents(Some(ring.clone())).await;
         let addrs = ["127.0.0.1".to_string()];
-        // Only a talks: b learns a's nonce but cannot tell a fresh datagram
-        // from a replay, so a is not heard.
-        for _ in 0..5 {
-            a.send_round(&state.nodes, "c", 1, &la, Some(&ring.current), false).await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(!lb.status(1, &addrs, Instant::now()).alive);
-        assert!(lb.echo_for(1) > 0, "b learnt a's nonce");
-        for i in 0..100 {
-            a.send_round(&state.nodes, "c", 1, &la, Some(&ring.current), false).await;
-            b.send_round(&state.nodes, "c", 2, &lb, Some(&ring.current), false).await;
+        // One round from a: its first word proves nothing, but b answers at
+        // once, a answers that, and within a few round trips each has heard
+        // the other and acknowledged its heartbeats.
+        a.send_round(&state.nodes, "c", 1, &la, Some(&ring.current), false).await;
+        for _ in 0..100 {
             let now = Instant::now();
-            if lb.status(1, &addrs, now).alive && la.status(2, &addrs, now).alive {
-                assert!(i <= 3, "heard only after {i} rounds");
+            if lb.status(1, &addrs, now).alive && la.status(2, &addrs, now).alive && la.acked_ms(2).is_some() {
                 assert_eq!(la.drops(), HeartbeatDrops::default());
                 assert_eq!(lb.drops(), HeartbeatDrops::default());
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         panic!("sealed heartbeats never heard");
     }
@@ -1144,7 +1228,7 @@ mod tests {
         let ring = KeyRing { current: frame::Key::new(1, [3; 32]), previous: None };
         let timeout = Duration::from_millis(500);
         let (la, lb) = (Liveness::new_at(timeout, t0, 11), Liveness::new_at(timeout, t0, 22));
-        let id = |me| Identity { cluster_id: "c".into(), me, keys: Some(ring.clone()) };
+        let id = |me| Identity { cluster_id: "c".into(), me, keys: Some(ring.clone()), stepped_out: false };
         let (ida, idb) = (id(1), id(2));
         let (ip1, ip2): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let at = |ms: u64| t0 + Duration::from_millis(ms);
@@ -1159,14 +1243,14 @@ mod tests {
             frame::encode(&ring.current, &Heartbeat { via: Some(ip2), to_addr: Some(ip1), ..hb })
         };
         let mut captured = Vec::new();
-        assert_eq!(take_in(&lb, &idb, &from_a(1_000), ip1, at(1_000), 1_000), Ok(()));
+        assert_eq!(take_in(&lb, &idb, &from_a(1_000), ip1, at(1_000), 1_000), Ok(true), "answer: learn my nonce");
         assert!(!lb.status(1, &addrs1, at(1_000)).alive, "a first word proves nothing");
-        assert_eq!(take_in(&la, &ida, &from_b(&lb, 1_010), ip2, at(1_011), 1_011), Ok(()));
+        assert_eq!(take_in(&la, &ida, &from_b(&lb, 1_010), ip2, at(1_011), 1_011), Ok(true), "heard first: answer");
         for ms in [1_100, 1_200, 1_300] {
             let d = from_a(ms);
-            assert_eq!(take_in(&lb, &idb, &d, ip1, at(ms), ms), Ok(()));
+            assert_eq!(take_in(&lb, &idb, &d, ip1, at(ms), ms), Ok(ms == 1_100));
             assert!(lb.status(1, &addrs1, at(ms)).alive);
-            assert_eq!(take_in(&la, &ida, &from_b(&lb, ms + 10), ip2, at(ms + 11), ms + 11), Ok(()));
+            assert_eq!(take_in(&la, &ida, &from_b(&lb, ms + 10), ip2, at(ms + 11), ms + 11), Ok(false));
             captured.push(d);
         }
         let drops = lb.drops();
@@ -1191,7 +1275,7 @@ mod tests {
         assert_eq!(take_in(&lb, &idb, &to3, ip1, at(1_400), 1_400), Err(DropReason::Misdirected));
         // a's last datagram held back and delivered late: its echo is stale.
         let held = from_a(1_350);
-        assert_eq!(take_in(&lb, &idb, &held, ip1, at(2_500), 2_500), Ok(()), "taught a nonce only");
+        assert_eq!(take_in(&lb, &idb, &held, ip1, at(2_500), 2_500), Ok(true), "taught a nonce only");
         assert!(!lb.status(1, &addrs1, at(2_500)).alive, "a stays offline");
         assert_eq!(
             lb.drops(),
@@ -1209,7 +1293,7 @@ mod tests {
         let lb2 = Liveness::new_at(timeout, at(3_000), 23);
         for (i, d) in captured.iter().enumerate() {
             let ms = 3_000 + i as u64;
-            assert!(take_in(&lb2, &idb, d, ip1, at(ms), ms).is_ok_and(|()| !lb2.status(1, &addrs1, at(ms)).alive));
+            assert!(take_in(&lb2, &idb, d, ip1, at(ms), ms).is_ok_and(|_| !lb2.status(1, &addrs1, at(ms)).alive));
         }
         let _ = from_b(&lb2, 3_100);
         for d in &captured {
@@ -1253,6 +1337,35 @@ mod tests {
             }
             fuzz_datagram(&d);
         }
+    }
+
+    #[test]
+    fn a_cluster_without_a_key_gets_one_only_once_every_node_seals() {
+        // Plain heartbeats (a cluster bootstrapped before keys) are heard
+        // as before; whether each sender seals once there is a key is noted.
+        let l = Liveness::new(Duration::from_millis(500));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let old = Heartbeat { authenticates: false, ..hb(2) };
+        l.record(old, "10.0.0.2".parse().unwrap(), at(0));
+        l.record(hb(3), "10.0.0.3".parse().unwrap(), at(0));
+        assert!(l.status(2, &["10.0.0.2".into()], at(10)).alive);
+        assert!(!l.all_authenticate([2, 3], at(10)), "2 runs an older version");
+        l.record(hb(2), "10.0.0.2".parse().unwrap(), at(100));
+        assert!(l.all_authenticate([2, 3], at(110)));
+        assert!(!l.all_authenticate([2, 3, 4], at(110)), "4 is not heard");
+        assert!(!l.all_authenticate([2, 3], at(700)), "nobody heard lately");
+    }
+
+    #[test]
+    fn a_peer_gets_a_few_immediate_answers_per_round_at_most() {
+        let t0 = Instant::now();
+        let mut l = AnswerLimiter::default();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert!(l.allow(2, at(0)) && l.allow(2, at(1)) && l.allow(2, at(2)));
+        assert!(!l.allow(2, at(3)) && !l.allow(2, at(99)));
+        assert!(l.allow(3, at(3)), "per peer");
+        assert!(l.allow(2, at(100)), "a new window");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tandem::config::{AutopilotConfig, FencingConfig, LivenessConfig};
 use tandem::failover::{Failover, Policy};
 use tandem::lease::{Effect as LeaseEffect, LeaseCore, Tick};
 use tandem::liveness::frame::{self, KeyRing};
-use tandem::liveness::{take_in, Heartbeat, Identity, Liveness};
+use tandem::liveness::{answer, heartbeat_sender, take_in, AnswerLimiter, Heartbeat, Identity, Liveness};
 use tandem::reconcile::Reconciler;
 use tandem_raft::state::ClusterState;
 use tandem_raft::NodeId;
@@ -140,6 +140,8 @@ pub struct Agent {
     /// While frozen: the messages waiting in its sockets, the loops due.
     pub inbox: Vec<Msg>,
     pub deferred: Vec<Loop>,
+    /// The immediate answers given to each peer lately.
+    pub answered: AnswerLimiter,
 }
 
 pub struct Node {
@@ -259,6 +261,7 @@ impl World {
             timers: [(0, 0); 6],
             inbox: Vec::new(),
             deferred: Vec::new(),
+            answered: AnswerLimiter::default(),
         };
         self.nodes[(id - 1) as usize].agent = Some(agent);
         for l in Loop::ALL {
@@ -343,10 +346,22 @@ impl World {
                 let ip = self.node(from).ips[path];
                 let (now, now_ms) = (self.instant(id), self.local_ms(id));
                 let cluster_id = self.cluster_id.clone();
-                if let Some(a) = self.agent_mut(id) {
-                    let keys = KeyRing::from_state(&a.state.heartbeat_keys);
-                    let me = Identity { cluster_id, me: id, keys };
-                    let _ = take_in(&a.liveness, &me, &datagram, ip, now, now_ms);
+                let Some(a) = self.agent_mut(id) else { return };
+                let keys = KeyRing::from_state(&a.state.heartbeat_keys);
+                let me = Identity { cluster_id, me: id, keys, stepped_out: a.lease.stepped_out() };
+                if take_in(&a.liveness, &me, &datagram, ip, now, now_ms) != Ok(true) {
+                    return;
+                }
+                // Answered at once on the path it came by, a few times per
+                // peer per round at most, as the agent's receiver does.
+                let Some(sender) = heartbeat_sender(&datagram) else { return };
+                if !a.answered.allow(sender, now) {
+                    return;
+                }
+                let via = self.node(id).ips[path];
+                let Some(a) = self.node(id).agent.as_ref() else { return };
+                if let Some(d) = answer(&a.liveness, &me, (sender, via, ip), a.pid, now, now_ms) {
+                    self.send(id, sender, Msg::Heartbeat { datagram: d, from: id, path });
                 }
             }
             Msg::Replicate { term, leader, commit } => {
@@ -441,6 +456,9 @@ impl World {
             }
         }
         let Some(a) = self.node(id).agent.as_ref() else { return };
+        // The agent waits a millisecond when an answer took this one; here
+        // the round goes out (a receiver may drop that one as a replay).
+        let _ = a.liveness.claim_sent_ms(sent_ms);
         let heard = a.liveness.heard_report(now);
         let key = KeyRing::from_state(&a.state.heartbeat_keys).map(|k| k.current);
         if !send && key.is_none() {

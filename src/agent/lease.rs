@@ -64,7 +64,8 @@ impl Agent {
     pub fn heartbeat_identity(&self) -> Option<Identity> {
         let m = self.member()?;
         let keys = m.state.read(|d| KeyRing::from_state(&d.state.heartbeat_keys));
-        Some(Identity { cluster_id: m.cluster_id.clone(), me: m.node_id, keys })
+        let stepped_out = self.lease_core().stepped_out();
+        Some(Identity { cluster_id: m.cluster_id.clone(), me: m.node_id, keys, stepped_out })
     }
 
     /// On the leader of a cluster whose state has no heartbeat key (it was

@@ -94,11 +94,20 @@ impl Freshness {
     /// `max_sent_ms` being the newest `sent_ms` we sent; records what it
     /// teaches.
     pub fn judge(&mut self, hb: &Heartbeat, path: IpAddr, now_ms: u64, max_sent_ms: u64) -> Verdict {
+        self.judge_and_reply(hb, path, now_ms, max_sent_ms).0
+    }
+
+    /// As [`judge`](Self::judge), and whether to answer the sender at once
+    /// rather than at the next round: it does not know our nonce yet (so
+    /// its next heartbeat could not count), or it was just heard for the
+    /// first time (so it gets our acknowledgement). A restarted agent gets
+    /// its lease back within a few round trips, not a few rounds.
+    pub fn judge_and_reply(&mut self, hb: &Heartbeat, path: IpAddr, now_ms: u64, max_sent_ms: u64) -> (Verdict, bool) {
         let key = (hb.from, path, hb.to_addr);
         let agent = (hb.pid, hb.incarnation);
         let seen = self.last.get(&key).and_then(|l| l.iter().find(|(a, _)| *a == agent));
         if seen.is_some_and(|(_, sent)| hb.sent_ms <= *sent) {
-            return Verdict::Replayed;
+            return (Verdict::Replayed, false);
         }
         let fresh = hb.echo_incarnation == self.incarnation
             && hb.echo_ms != 0
@@ -109,7 +118,7 @@ impl Freshness {
         if !fresh && !same && known.is_some_and(|n| n.confirmed) {
             // A new agent of the peer says its first word with no echo:
             // it learns ours from our next heartbeat. Anything else is old.
-            return if hb.echo_ms == 0 { Verdict::Handshake } else { Verdict::Stale };
+            return if hb.echo_ms == 0 { (Verdict::Handshake, true) } else { (Verdict::Stale, false) };
         }
         let sent_ms = match known {
             Some(n) if same => n.sent_ms.max(hb.sent_ms),
@@ -128,10 +137,9 @@ impl Freshness {
         if l.len() > INCARNATIONS_KEPT {
             l.remove(0);
         }
-        if heard {
-            Verdict::Heard
-        } else {
-            Verdict::Handshake
+        match heard {
+            true => (Verdict::Heard, heard_before == 0),
+            false => (Verdict::Handshake, !fresh),
         }
     }
 
