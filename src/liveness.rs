@@ -729,9 +729,14 @@ impl HeartbeatSockets {
                                 to.is_some_and(|to| answered.lock().unwrap_or_else(|e| e.into_inner()).allow(to, now));
                             let via = s.local_addr().map(|a| a.ip());
                             if let (true, Some(to), Ok(via)) = (due, to, via) {
-                                if let Some(d) =
-                                    answer(&liveness, &id, (to, via, from.ip()), std::process::id(), now, now_ms)
-                                {
+                                let sent_ms = loop {
+                                    if let Some(ms) = liveness.claim_sent_ms(crate::clock::now_boot_ms()) {
+                                        break ms;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                };
+                                let pid = std::process::id();
+                                if let Some(d) = answer(&liveness, &id, (to, via, from.ip()), pid, now, sent_ms) {
                                     let _ = s.send_to(&d, from).await;
                                 }
                             }
@@ -896,20 +901,19 @@ pub fn take_in(
 }
 
 /// The heartbeat that answers `to` at once (see
-/// [`Freshness::judge_and_reply`]), sealed, sent from `via` to `to_addr`;
-/// a probe while stepped out. None if a heartbeat went out this very
-/// millisecond (the peer would take the answer for a replay) or there is
-/// no key.
+/// [`Freshness::judge_and_reply`]), sealed, sent from `via` to `to_addr`
+/// at `sent_ms` (claimed with [`Liveness::claim_sent_ms`]: on loopback an
+/// answer often comes back within the millisecond the question left in);
+/// a probe while stepped out. None without a key.
 pub fn answer(
     liveness: &Liveness,
     id: &Identity,
     (to, via, to_addr): (NodeId, IpAddr, IpAddr),
     pid: u32,
     now: Instant,
-    now_ms: u64,
+    sent_ms: u64,
 ) -> Option<Vec<u8>> {
     let key = &id.keys.as_ref()?.current;
-    let sent_ms = liveness.claim_sent_ms(now_ms)?;
     let hb = match id.stepped_out {
         true => liveness.probe_to(&id.cluster_id, id.me, to, pid, sent_ms),
         false => liveness.heartbeat_to(&id.cluster_id, id.me, to, pid, sent_ms, &liveness.heard_report(now)),

@@ -360,7 +360,10 @@ impl World {
                 }
                 let via = self.node(id).ips[path];
                 let Some(a) = self.node(id).agent.as_ref() else { return };
-                if let Some(d) = answer(&a.liveness, &me, (sender, via, ip), a.pid, now, now_ms) {
+                // The agent waits for the next millisecond; here the answer
+                // is left out when one went out in this one.
+                let Some(sent_ms) = a.liveness.claim_sent_ms(now_ms) else { return };
+                if let Some(d) = answer(&a.liveness, &me, (sender, via, ip), a.pid, now, sent_ms) {
                     self.send(id, sender, Msg::Heartbeat { datagram: d, from: id, path });
                 }
             }
