@@ -16,7 +16,11 @@ const EXIT_CODES: &str = "Exit codes: 0 success; 1 the request was refused (4xx)
 5 the agent failed (5xx); 6 the agent's configuration is invalid or it could not start.
 
 Configuration: /etc/tandem/node.toml (see /usr/share/doc/tandem/config.md); \
-`tandem check-config --config FILE` checks one.";
+`tandem check-config --config FILE` checks one.
+
+Credentials: the API is HTTPS with the cluster's own CA and needs a token: --token or TANDEM_TOKEN, \
+--cacert or TANDEM_CACERT (<data_dir>/tls/ca.pem), or token, cacert and endpoint in \
+~/.config/tandem/cli.toml. Root on a node may use --socket <data_dir>/admin.sock instead.";
 
 #[derive(Parser)]
 #[command(

@@ -8,6 +8,8 @@
 //!
 //! What the test changes in the guide's text (the guide says the same in
 //! "How this guide is tested"): the addresses become the test's networks,
+//! the join token and CA pin the guide abbreviates (`tnd_…`, `sha256:…`)
+//! are those srv1's `tandem cluster join-token` printed,
 //! system paths become directories under the test's temporary directory,
 //! the volume is smaller, `systemctl` is played (no systemd here), and so
 //! is `apt-get install` (it checks the packages are installed: a test must
@@ -120,11 +122,9 @@ systemctl() {
         rm -f "$M/pid"
         (cd / && exec setsid sh -c 'echo $$ > "$0"; exec tandem agent --config "$1"' "$M/pid" /etc/tandem/node.toml \
             </dev/null >>"$M/agent.log" 2>&1) &
-        local addr port
-        addr=$(sed -n 's/^addresses = \["\([^"]*\)".*/\1/p' /etc/tandem/node.toml)
-        port=$(sed -n 's/^port = \([0-9]*\)$/\1/p' /etc/tandem/node.toml)
+        # Its admin socket answers before it has a certificate anyone trusts.
         for _ in $(seq 300); do
-            curl -sf -o /dev/null "http://$addr:$port/healthz" && return 0
+            curl -sf -o /dev/null --unix-socket /var/lib/tandem/admin.sock http://localhost/healthz && return 0
             sleep 0.1
         done
         echo "the agent did not answer within 30 s:" >&2
@@ -330,6 +330,9 @@ fn the_postgresql_guide_survives_a_switchover_and_a_power_loss() {
     let blocks = steps.iter().filter(|s| matches!(s, Step::Block { .. })).count();
     assert!(blocks >= 12, "docs/guides/postgresql.md: only {blocks} sh blocks");
     let mut client_out = Vec::new();
+    // The join token and CA pin srv1 printed, pasted where the guide
+    // abbreviates them.
+    let mut printed: Option<(String, String)> = None;
     for step in &steps {
         match step {
             Step::Block { on, commands } => {
@@ -365,9 +368,13 @@ fn the_postgresql_guide_survives_a_switchover_and_a_power_loss() {
                 });
                 let started = Instant::now();
                 for m in on_machines {
-                    let commands = rw.apply(commands, m);
+                    let commands = tandem_testkit::api::paste_join(&rw.apply(commands, m), printed.as_ref())
+                        .unwrap_or_else(|e| panic!("docs/guides/postgresql.md: {e}"));
                     eprintln!("--- {} ({}), {:?}:\n{commands}", m.name, m.ns, t0.elapsed());
                     let out = run_on(m, &rw.apply(PRELUDE, m), &commands, &test_bin);
+                    if let Some(p) = tandem_testkit::api::printed_join(&out) {
+                        printed = Some(p);
+                    }
                     if m.name == "client" {
                         client_out.push(out);
                     }

@@ -376,7 +376,7 @@ fn the_install_guide_brings_up_two_servers_and_a_witness() {
         let (ns, _) = net.host(i);
         net.second_path(i);
         let dir = tmp.path().join(name);
-        for sub in ["etc", "data"] {
+        for sub in ["etc", "data", "home"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         machines.push(Machine { name, ns, dir, notified: Default::default() });
@@ -390,6 +390,9 @@ fn the_install_guide_brings_up_two_servers_and_a_witness() {
 
     let blocks = guide_blocks();
     assert!(blocks.len() >= 8, "docs/install.md: {} sh blocks", blocks.len());
+    // The join token and CA pin srv1 printed, pasted where the guide
+    // abbreviates them.
+    let mut printed: Option<(String, String)> = None;
     for (where_, commands) in &blocks {
         let on: Vec<&Machine> = match where_.as_str() {
             "# on srv1" => machines.iter().filter(|m| m.name == "srv1").collect(),
@@ -409,14 +412,25 @@ fn the_install_guide_brings_up_two_servers_and_a_witness() {
             }
         };
         for m in on {
-            let script = format!("{PRELUDE}cd {}\n{}\n", pkg_dir.display(), ours(commands));
-            eprintln!("--- {} ({}):\n{}", m.name, m.ns, ours(commands));
+            let commands = tandem_testkit::api::paste_join(&ours(commands), printed.as_ref())
+                .unwrap_or_else(|e| panic!("docs/install.md: {e}"));
+            let script = format!("{PRELUDE}cd {}\n{commands}\n", pkg_dir.display());
+            eprintln!("--- {} ({}):\n{commands}", m.name, m.ns);
+            // `~` is the machine's own (the guide writes the CLI's file there).
             let out = Command::new("ip")
                 .args(["netns", "exec", &m.ns, "bash", "-c", &script])
                 .env("M", &m.dir)
+                .env("HOME", m.dir.join("home"))
+                .env_remove("TANDEM_TOKEN")
+                .env_remove("TANDEM_CACERT")
+                .env_remove("TANDEM_ENDPOINT")
                 .output()
                 .unwrap();
-            eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+            if let Some(p) = tandem_testkit::api::printed_join(&stdout) {
+                printed = Some(p);
+            }
             let log = std::fs::read_to_string(m.dir.join("agent.log")).unwrap_or_default();
             assert!(out.status.success(), "{where_} failed on {}: {}\nagent log:\n{log}", m.name, out.status);
         }
@@ -439,12 +453,18 @@ fn the_install_guide_brings_up_two_servers_and_a_witness() {
 
     // Two servers that vote and a witness, all online.
     let srv1 = &machines[0];
-    let endpoint = ours("http://10.0.0.11:7401");
+    let endpoint = ours("https://10.0.0.11:7401");
+    let token = std::fs::read_to_string(srv1.dir.join("data/admin.token")).expect("srv1's admin token");
+    let cacert = srv1.dir.join("data/tls/ca.pem");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = Value::Null;
     loop {
         let out = Command::new("ip")
             .args(["netns", "exec", &srv1.ns, "/usr/bin/tandem", "--endpoint", &endpoint, "node", "list", "--json"])
+            .arg("--token")
+            .arg(token.trim())
+            .arg("--cacert")
+            .arg(&cacert)
             .output()
             .unwrap();
         if out.status.success() {

@@ -215,3 +215,23 @@ pub fn cli_form(
     }
     Ok(CurlCreds { ca_file: ca_file.to_path_buf(), token })
 }
+
+/// The join token and CA pin of the `tandem cluster join <url> --token T
+/// --ca-hash H` line that `tandem cluster join-token` printed in `out`.
+pub fn printed_join(out: &str) -> Option<(String, String)> {
+    let after = |flag: &str| out.rsplit_once(flag).and_then(|(_, r)| r.split_whitespace().next()).map(str::to_string);
+    let (token, hash) = (after("--token ")?, after("--ca-hash ")?);
+    (token.starts_with("tnd_") && hash.starts_with("sha256:")).then_some((token, hash))
+}
+
+/// A guide's commands with the token and pin it abbreviates (`tnd_…`,
+/// `sha256:…`) replaced by those printed earlier, as an operator pastes
+/// them; an error when the guide uses them before any was printed.
+pub fn paste_join(commands: &str, printed: Option<&(String, String)>) -> Result<String, String> {
+    if !commands.contains("tnd_…") && !commands.contains("sha256:…") {
+        return Ok(commands.to_string());
+    }
+    let (token, hash) =
+        printed.ok_or("the guide pastes a join token before `tandem cluster join-token` printed one")?;
+    Ok(commands.replace("tnd_…", token).replace("sha256:…", hash))
+}

@@ -41,9 +41,12 @@ const UNIT_EXEC: &str = "ExecStart=/usr/bin/tandem ";
 
 const NODE_TOML_HEADER: &str = "\
 # tandem agent configuration: every key, at its default.
-# Set `name` and `addresses` (and `join` on every node but the first), check it:
+# Set `name` and `addresses`, check it:
 #   tandem check-config --config /etc/tandem/node.toml
-# then start the agent: systemctl start tandem
+# then start the agent (systemctl start tandem) and, as root on this node,
+# either `tandem cluster init` (the first node) or the
+# `tandem cluster join https://... --token ... --ca-hash ...` line that
+# `tandem cluster join-token` prints on a member.
 # Every key: /usr/share/doc/tandem/config.md. A cluster step by step:
 # /usr/share/doc/tandem/install.md.
 
