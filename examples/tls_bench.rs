@@ -147,9 +147,9 @@ async fn start_cluster(tls: bool) -> Cluster {
     let u = agents[0].url();
     wait_for("3 voters online", Duration::from_secs(60), || async {
         let (_, c) = call(Method::GET, &format!("{u}/v1/cluster"), Value::Null).await;
-        c["members"].as_array().is_some_and(|m| {
-            m.len() == 3 && m.iter().all(|x| x["role"] == "voter" && x["state"] == "online")
-        })
+        c["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3 && m.iter().all(|x| x["role"] == "voter" && x["state"] == "online"))
     })
     .await;
     Cluster { agents, _tmp: tmp }
@@ -166,7 +166,8 @@ async fn writes(c: &Cluster, n: usize) -> (f64, f64) {
     for i in 0..n {
         let t = Instant::now();
         let (st, v) =
-            call(Method::PUT, &format!("{u}/v1/nodes/node2/attributes/k{}", i % 50), json!({"value": i.to_string()})).await;
+            call(Method::PUT, &format!("{u}/v1/nodes/node2/attributes/k{}", i % 50), json!({"value": i.to_string()}))
+                .await;
         assert_eq!(st, 200, "{v}");
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
     }
@@ -242,7 +243,9 @@ async fn replication(c: &Cluster, secs: u32) -> Vec<(String, f64, f64)> {
     let uri = loop {
         let (_, v) = call(Method::GET, &format!("{u}/v1/volumes/data"), Value::Null).await;
         let synced = v["replicas"].as_array().is_some_and(|r| {
-            r.len() == 2 && r.iter().all(|x| x["disk"] == "UpToDate" && (x["role"] == "primary" || x["connection"] == "Connected"))
+            r.len() == 2
+                && r.iter()
+                    .all(|x| x["disk"] == "UpToDate" && (x["role"] == "primary" || x["connection"] == "Connected"))
         });
         let uri = v["nbd"].as_str().unwrap_or("").split_whitespace().next().unwrap_or("").to_string();
         if synced && !uri.is_empty() {
@@ -252,7 +255,9 @@ async fn replication(c: &Cluster, secs: u32) -> Vec<(String, f64, f64)> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let mut out = Vec::new();
-    for (name, rw, bs, qd) in [("seq write 1 MiB QD8", "write", "1M", 8), ("rand write 4 KiB QD32", "randwrite", "4k", 32)] {
+    for (name, rw, bs, qd) in
+        [("seq write 1 MiB QD8", "write", "1M", 8), ("rand write 4 KiB QD32", "randwrite", "4k", 32)]
+    {
         let _ = Command::new("sync").status();
         let o = Command::new("fio")
             .args([
@@ -276,7 +281,11 @@ async fn replication(c: &Cluster, secs: u32) -> Vec<(String, f64, f64)> {
             panic!("fio: {e}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
         });
         let w = &j["jobs"][0]["write"];
-        out.push((name.to_string(), w["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0, w["iops"].as_f64().unwrap_or(0.0)));
+        out.push((
+            name.to_string(),
+            w["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            w["iops"].as_f64().unwrap_or(0.0),
+        ));
     }
     out
 }

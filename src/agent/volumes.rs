@@ -390,7 +390,7 @@ mod volume_api_tests {
         let (r, v) = spec.volume().unwrap();
         match check_free_space(dir.path(), &spec, r, v) {
             Err(e @ ApiError::VolumeTooLarge { .. }) => {
-                assert_eq!((e.code(), e.status().as_u16()), ("TND-1410", 422));
+                assert_eq!((e.code(), e.status().as_u16()), ("TND-1410", 409));
                 assert!(e.to_string().contains("resources[1].size"), "{e}");
             }
             other => panic!("a 16TiB volume fits in a temp dir? {other:?}"),

@@ -438,7 +438,10 @@ pub async fn accept_api(listener: TcpListener, tls: Arc<Tls>, tx: mpsc::Sender<(
                 Ok(Ok(stream)) => {
                     let node = tls.peer_node(stream.get_ref().1.peer_certificates());
                     let _ = tx
-                        .send((ApiStream::Tls(Box::new(stream)), PeerInfo { addr: Some(addr), node, local_uid: None, plaintext: false }))
+                        .send((
+                            ApiStream::Tls(Box::new(stream)),
+                            PeerInfo { addr: Some(addr), node, local_uid: None, plaintext: false },
+                        ))
                         .await;
                 }
                 Ok(Err(e)) => tracing::debug!(%addr, "API TLS handshake failed: {e}"),
