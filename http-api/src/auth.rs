@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 
-use axum::body::{to_bytes, Body};
+use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method};
 use axum::middleware::Next;
@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use tandem_raft::access::{AuditEntry, Role};
 
 use crate::listen::PeerInfo;
-use crate::{ApiError, SharedBackend, MAX_BODY_BYTES};
+use crate::{read_body, ApiError, SharedBackend, MAX_BODY_BYTES};
 
 /// Set by a node forwarding a request to the leader: who the request is
 /// from and their address. Trusted only from a node certificate.
@@ -246,10 +246,9 @@ pub async fn authorize(State(b): State<SharedBackend>, req: Request, next: Next)
         return next.run(with_principal(req, &described, &from)).await;
     }
     let (parts, body) = req.into_parts();
-    let bytes = match to_bytes(body, MAX_BODY_BYTES).await {
+    let bytes = match read_body(body, MAX_BODY_BYTES).await {
         Ok(b) => b,
-        Err(_) => {
-            let e = ApiError::BodyTooLarge { limit: MAX_BODY_BYTES };
+        Err(e) => {
             let resp = e.clone().into_response();
             audit(&b, described, &from, &method, &path, "", &resp, Some(e.code()));
             return resp;

@@ -15,7 +15,7 @@ pub mod types;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{to_bytes, Body, Bytes};
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -162,6 +162,48 @@ pub trait Backend: Send + Sync + 'static {
 
 pub type SharedBackend = Arc<dyn Backend>;
 
+/// How much of an oversize body is read and thrown away before the 413 is
+/// sent. Closing a connection with unread bytes makes the kernel send a
+/// reset, and over TLS the client then loses the 413 it has not read yet;
+/// draining lets it finish writing and read the answer. Past this cap (or
+/// the time limit) the connection is simply closed.
+const DRAIN_CAP_BYTES: usize = 8 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// Reads a request body of at most `limit` bytes; a longer one is drained
+/// (bounded, see [`DRAIN_CAP_BYTES`]) and refused with 413 TND-1003.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut kept: Vec<u8> = Vec::new();
+    let mut seen = 0usize;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(|e| ApiError::InvalidBody(format!("reading the body: {e}")))?.into_data()
+            else {
+                continue;
+            };
+            seen = seen.saturating_add(data.len());
+            if seen > DRAIN_CAP_BYTES {
+                break;
+            }
+            if seen <= limit {
+                kept.extend_from_slice(&data);
+            }
+        }
+        Ok::<(), ApiError>(())
+    };
+    match tokio::time::timeout(DRAIN_TIME, read).await {
+        Ok(Err(e)) if seen <= limit => return Err(e),
+        Err(_) if seen <= limit => return Err(ApiError::InvalidBody("the body was not sent in time".into())),
+        _ => {}
+    }
+    if seen > limit {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    Ok(Bytes::from(kept))
+}
+
 /// JSON body extractor whose every rejection is an [`ApiError`]. It ignores
 /// the Content-Type (so `curl -d` works) and treats an empty body as `{}`.
 pub struct ApiJson<T>(pub T);
@@ -169,14 +211,8 @@ pub struct ApiJson<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::BodyTooLarge { limit: MAX_BODY_BYTES }
-            } else {
-                ApiError::InvalidBody(e.body_text())
-            }
-        })?;
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let bytes = read_body(req.into_body(), MAX_BODY_BYTES).await?;
         // serde reads a JSON array as a struct of the same fields in order:
         // every body here is an object, so an array is refused as such.
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
@@ -440,7 +476,7 @@ async fn forward(fw: &Forwarder, leader: &[String], req: Request) -> Result<Resp
     let asker = parts.extensions.get::<auth::Asker>().cloned();
     let authorization = parts.headers.get(header::AUTHORIZATION).cloned();
     let http = fw.backend.peer_http();
-    let bytes = to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| ApiError::BodyTooLarge { limit: MAX_BODY_BYTES })?;
+    let bytes = read_body(body, MAX_BODY_BYTES).await?;
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
         .map_err(|e| ApiError::Internal(format!("method: {e}")))?;
