@@ -1142,6 +1142,7 @@ async fn raft_snapshot(
         tandem_raft::access::Role,
         Health,
         LocalView,
+        HeartbeatsDropped,
         InitRequest,
         JoinViaRequest,
         ClusterView,
