@@ -98,10 +98,13 @@ impl Freshness {
     }
 
     /// As [`judge`](Self::judge), and whether to answer the sender at once
-    /// rather than at the next round: it does not know our nonce yet (so
-    /// its next heartbeat could not count), or it was just heard for the
-    /// first time (so it gets our acknowledgement). A restarted agent gets
-    /// its lease back within a few round trips, not a few rounds.
+    /// rather than at the next round: it does not know our nonce yet, so
+    /// its next heartbeat could not count. After a restart the handshake
+    /// then takes round trips, not rounds: a peer hears a restarted agent
+    /// about as soon as it did before heartbeats were authenticated. Never
+    /// for a heartbeat just heard: the acknowledgement it would carry
+    /// comes at the next round, as before, so that the agent's lease is
+    /// not back before the leader can have heard of it.
     pub fn judge_and_reply(&mut self, hb: &Heartbeat, path: IpAddr, now_ms: u64, max_sent_ms: u64) -> (Verdict, bool) {
         let key = (hb.from, path, hb.to_addr);
         let agent = (hb.pid, hb.incarnation);
@@ -138,7 +141,7 @@ impl Freshness {
             l.remove(0);
         }
         match heard {
-            true => (Verdict::Heard, heard_before == 0),
+            true => (Verdict::Heard, false),
             false => (Verdict::Handshake, !fresh),
         }
     }
