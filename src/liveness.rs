@@ -12,6 +12,25 @@
 //! cannot hear it but another voter can (two sites and a witness, the link
 //! between the sites cut). This module must never decide anything from what
 //! it observes.
+//!
+//! Heartbeats are authenticated. Once the replicated state holds a
+//! heartbeat key, every datagram is a frame sealed with HMAC-SHA256
+//! ([`frame`]); the receiver checks the tag before it parses anything, then
+//! cluster and target, then replays and freshness ([`freshness`]): a
+//! datagram counts as hearing its sender only if it echoes a heartbeat this
+//! agent sent within the node timeout, by this agent's own clock and
+//! incarnation. Forged, malformed, replayed and stale datagrams are dropped
+//! and counted ([`HeartbeatDrops`]), and logged at most once per reason and
+//! source address per 30 s. A node whose state has no key does not hold an
+//! authenticated view: a node that has not applied its membership yet
+//! drops everything (it has no identity); a cluster bootstrapped before
+//! heartbeats were authenticated keeps plain JSON heartbeats, sent and
+//! heard as before, until its leader — once every node is heard running a
+//! version that seals — proposes a key (`Command::RotateHeartbeatKey`); a
+//! node that has it refuses unsealed datagrams from then on. A stepped-out
+//! node sends probes: never heard, they let it hear the others again. A
+//! datagram whose sender does not know this agent's nonce yet is answered
+//! at once ([`answer`]), so that a restart costs round trips, not rounds.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -25,9 +44,15 @@ use tandem_raft::state::{socket_addr, NodeRecord};
 use tandem_raft::NodeId;
 use tokio::net::UdpSocket;
 
+pub mod frame;
+pub mod freshness;
+
+use frame::{KeyRing, Refusal};
+use freshness::{Freshness, Verdict};
+
 /// Largest heartbeat datagram accepted (32 nodes' reports fit well below a
 /// 1500-byte MTU).
-const MAX_DATAGRAM: usize = 1400;
+pub const MAX_DATAGRAM: usize = 1400;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -51,6 +76,32 @@ pub struct Heartbeat {
     /// after a reboot that gave it the same pid.
     #[serde(default)]
     pub incarnation: u64,
+    /// The receiver's incarnation that `echo_ms` belongs to: an echo counts
+    /// only within the receiver's own incarnation.
+    #[serde(default)]
+    pub echo_incarnation: u64,
+    /// The newest `sent_ms` of the receiver that the sender counted as
+    /// hearing it (`echo_ms` may be newer: learnt from a datagram that
+    /// proved nothing yet). The lease counts this one, so that an echo
+    /// always means the peer heard us.
+    #[serde(default)]
+    pub ack_ms: u64,
+    /// The sender's address this datagram left from: its path. Covered by
+    /// the tag, so a datagram cannot be made to count for another path.
+    #[serde(default)]
+    pub via: Option<IpAddr>,
+    /// The receiver's address it was sent to (replays are told apart per
+    /// path and destination).
+    #[serde(default)]
+    pub to_addr: Option<IpAddr>,
+    /// Sent by a stepped-out node: proves its incarnation fresh and teaches
+    /// its nonce, but never counts as hearing it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probe: bool,
+    /// The sender seals heartbeats once the cluster has a key: the leader
+    /// gives a cluster without one a key only when every node does.
+    #[serde(default)]
+    pub authenticates: bool,
 }
 
 /// This agent process's incarnation (see [`Heartbeat::incarnation`]).
@@ -70,8 +121,7 @@ struct PeerSeen {
     pid: u32,
     incarnation: u64,
     version: String,
-    /// Its newest `sent_ms`, to echo back to it.
-    their_sent_ms: u64,
+    authenticates: bool,
     /// The newest of our `sent_ms` it echoed: it heard us then.
     acked_ms: u64,
     /// Last heartbeat per source address.
@@ -94,6 +144,115 @@ pub struct Liveness {
     /// later one was never sent by this agent (a peer still echoing what
     /// the agent of a previous boot sent) and proves nothing.
     sent_ms: std::sync::atomic::AtomicU64,
+    /// Replays, freshness, and the peers' nonces we echo.
+    freshness: Mutex<Freshness>,
+    drops: DropCounters,
+}
+
+/// Why a received datagram was dropped, counted per reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Its tag is wrong, or it is unsealed while this node holds a key.
+    Forged,
+    /// Not newer than the last datagram of its sender on its path.
+    Replayed,
+    /// It proves no recent exchange (see `freshness`).
+    Stale,
+    /// Not a frame, or not a heartbeat.
+    Malformed,
+    /// Sealed under a key this node does not hold (yet).
+    UnknownKey,
+    /// Authentic, but for another cluster or node.
+    Misdirected,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Forged => "forged",
+            DropReason::Replayed => "replayed",
+            DropReason::Stale => "stale",
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::Misdirected => "misdirected",
+        }
+    }
+}
+
+impl From<Refusal> for DropReason {
+    fn from(r: Refusal) -> DropReason {
+        match r {
+            Refusal::Malformed => DropReason::Malformed,
+            Refusal::UnknownKey => DropReason::UnknownKey,
+            Refusal::Forged => DropReason::Forged,
+        }
+    }
+}
+
+/// Datagrams dropped since this agent started, per reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeartbeatDrops {
+    pub forged: u64,
+    pub replayed: u64,
+    pub stale: u64,
+    pub malformed: u64,
+    pub unknown_key: u64,
+    pub misdirected: u64,
+}
+
+#[derive(Default)]
+struct DropCounters([std::sync::atomic::AtomicU64; 6]);
+
+impl DropCounters {
+    fn count(&self, r: DropReason) {
+        self.0[r as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn get(&self) -> HeartbeatDrops {
+        let g = |r: DropReason| self.0[r as usize].load(std::sync::atomic::Ordering::Relaxed);
+        HeartbeatDrops {
+            forged: g(DropReason::Forged),
+            replayed: g(DropReason::Replayed),
+            stale: g(DropReason::Stale),
+            malformed: g(DropReason::Malformed),
+            unknown_key: g(DropReason::UnknownKey),
+            misdirected: g(DropReason::Misdirected),
+        }
+    }
+}
+
+/// At most one log line per (reason, source address) per `period`, for at
+/// most `MAX_SOURCES` sources at once: a flood of dropped datagrams, even
+/// from spoofed addresses, cannot flood the log. Pure: `now` is passed in.
+pub struct LogLimiter {
+    period: Duration,
+    last: HashMap<(DropReason, IpAddr), Instant>,
+}
+
+impl LogLimiter {
+    const MAX_SOURCES: usize = 256;
+
+    pub fn new(period: Duration) -> LogLimiter {
+        LogLimiter { period, last: HashMap::new() }
+    }
+
+    /// Whether a drop for `reason` from `from` at `now` gets a log line.
+    pub fn allow(&mut self, reason: DropReason, from: IpAddr, now: Instant) -> bool {
+        if let Some(t) = self.last.get(&(reason, from)) {
+            if now.saturating_duration_since(*t) < self.period {
+                return false;
+            }
+        }
+        if self.last.len() >= Self::MAX_SOURCES {
+            let period = self.period;
+            self.last.retain(|_, t| now.saturating_duration_since(*t) < period);
+            if self.last.len() >= Self::MAX_SOURCES {
+                return false;
+            }
+        }
+        self.last.insert((reason, from), now);
+        true
+    }
 }
 
 /// One peer's liveness as seen from here.
@@ -111,27 +270,104 @@ pub struct PeerStatus {
 
 impl Liveness {
     pub fn new(timeout: Duration) -> Arc<Liveness> {
-        Liveness::new_at(timeout, Instant::now())
+        Liveness::new_at(timeout, Instant::now(), incarnation())
     }
 
     /// A view that starts at `started` (a never-heard peer counts its
-    /// silence from there): the simulator's clock.
-    pub fn new_at(timeout: Duration, started: Instant) -> Arc<Liveness> {
-        Arc::new(Liveness { started, timeout, seen: Mutex::new(HashMap::new()), sent_ms: 0.into() })
+    /// silence from there), for an agent of `incarnation`: the simulator's
+    /// clock and agents.
+    pub fn new_at(timeout: Duration, started: Instant, incarnation: u64) -> Arc<Liveness> {
+        Arc::new(Liveness {
+            started,
+            timeout,
+            seen: Mutex::new(HashMap::new()),
+            sent_ms: 0.into(),
+            // An echo older than the node timeout proves nothing: a
+            // datagram delayed (or held back and replayed) longer is stale.
+            freshness: Mutex::new(Freshness::new(incarnation, timeout)),
+            drops: DropCounters::default(),
+        })
+    }
+
+    fn freshness(&self) -> std::sync::MutexGuard<'_, Freshness> {
+        self.freshness.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes in an authenticated heartbeat that arrived from `observed` at
+    /// `now` (`now_ms` on CLOCK_BOOTTIME): it counts as hearing its sender
+    /// on its path (`via`, which the tag covers) only if fresh and no
+    /// replay (see [`freshness`]). Replays and stale ones are counted.
+    /// Also says whether to answer the sender at once
+    /// ([`Freshness::judge_and_reply`]).
+    pub fn receive(&self, hb: Heartbeat, observed: IpAddr, now: Instant, now_ms: u64) -> (Verdict, bool) {
+        let path = hb.via.unwrap_or(observed);
+        let max_sent = self.sent_ms.load(std::sync::atomic::Ordering::SeqCst);
+        let (verdict, reply) = self.freshness().judge_and_reply(&hb, path, now_ms, max_sent);
+        match verdict {
+            Verdict::Heard => {
+                let ack = hb.ack_ms;
+                self.hear(hb, path, ack, now)
+            }
+            Verdict::Replayed => self.count_drop(DropReason::Replayed),
+            Verdict::Stale => self.count_drop(DropReason::Stale),
+            Verdict::Handshake => {}
+        }
+        (verdict, reply)
+    }
+
+    /// Takes `now_ms` as the `sent_ms` of heartbeats about to be sent, if
+    /// it is later than every one sent so far: a receiver drops a `sent_ms`
+    /// it already saw on a path as a replay. None: one went out this very
+    /// millisecond.
+    pub fn claim_sent_ms(&self, now_ms: u64) -> Option<u64> {
+        let prev = self.sent_ms.fetch_max(now_ms, std::sync::atomic::Ordering::SeqCst);
+        (now_ms > prev).then_some(now_ms)
+    }
+
+    /// Counts a dropped datagram.
+    pub fn count_drop(&self, reason: DropReason) {
+        self.drops.count(reason);
+    }
+
+    /// The datagrams dropped so far, per reason.
+    pub fn drops(&self) -> HeartbeatDrops {
+        self.drops.get()
+    }
+
+    /// Whether every one of `ids` is heard now, sending a version that
+    /// authenticates heartbeats once the cluster has a key.
+    pub fn all_authenticate(&self, ids: impl IntoIterator<Item = NodeId>, now: Instant) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        ids.into_iter().all(|id| {
+            seen.get(&id).is_some_and(|p| {
+                p.authenticates
+                    && p.paths.values().max().is_some_and(|t| now.saturating_duration_since(*t) < self.timeout)
+            })
+        })
     }
 
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
-    /// Takes in a heartbeat received from address `from` at `now`.
+    /// Takes in an unauthenticated heartbeat received from address `from`
+    /// at `now`, as heard: only in a cluster that has no heartbeat key yet
+    /// (bootstrapped by an older version, until the leader gives it one).
     pub fn record(&self, hb: Heartbeat, from: IpAddr, now: Instant) {
+        self.freshness().learn_unauthenticated(&hb);
+        let ack = hb.echo_ms;
+        self.hear(hb, from, ack, now)
+    }
+
+    /// Counts `hb` as hearing its sender on path `from` at `now`; it heard
+    /// our heartbeat sent at `ack_ms`.
+    fn hear(&self, hb: Heartbeat, from: IpAddr, ack_ms: u64, now: Instant) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let entry = seen.entry(hb.from).or_insert_with(|| PeerSeen {
             pid: hb.pid,
             incarnation: hb.incarnation,
             version: hb.version.clone(),
-            their_sent_ms: 0,
+            authenticates: hb.authenticates,
             acked_ms: 0,
             paths: HashMap::new(),
             hears: HashMap::new(),
@@ -140,15 +376,14 @@ impl Liveness {
         if entry.pid != hb.pid || entry.incarnation != hb.incarnation {
             // A restarted agent: its clock values start over (after a
             // reboot, CLOCK_BOOTTIME itself does).
-            entry.their_sent_ms = 0;
             entry.since = now;
         }
         entry.pid = hb.pid;
         entry.incarnation = hb.incarnation;
         entry.version = hb.version;
-        entry.their_sent_ms = entry.their_sent_ms.max(hb.sent_ms);
-        if hb.echo_ms <= self.sent_ms.load(std::sync::atomic::Ordering::SeqCst) {
-            entry.acked_ms = entry.acked_ms.max(hb.echo_ms);
+        entry.authenticates = hb.authenticates;
+        if ack_ms <= self.sent_ms.load(std::sync::atomic::Ordering::SeqCst) {
+            entry.acked_ms = entry.acked_ms.max(ack_ms);
         }
         entry.paths.insert(from, now);
         for (about, ago) in hb.heard {
@@ -243,6 +478,7 @@ impl Liveness {
         heard: &[(NodeId, u32)],
     ) -> Heartbeat {
         self.sent_ms.fetch_max(sent_ms, std::sync::atomic::Ordering::SeqCst);
+        let (echo_incarnation, echo_ms, ack_ms) = self.freshness().echo_for(to);
         Heartbeat {
             cluster_id: cluster_id.to_string(),
             from: me,
@@ -250,16 +486,29 @@ impl Liveness {
             pid,
             version: env!("CARGO_PKG_VERSION").to_string(),
             sent_ms,
-            echo_ms: self.echo_for(to),
+            echo_ms,
             heard: heard.to_vec(),
-            incarnation: incarnation(),
+            incarnation: self.freshness().incarnation(),
+            echo_incarnation,
+            ack_ms,
+            via: None,
+            to_addr: None,
+            probe: false,
+            authenticates: true,
         }
     }
 
-    /// What to echo to `id`: the newest `sent_ms` heard from it.
+    /// What to echo to `id`: the newest `sent_ms` learnt from it.
     pub fn echo_for(&self, id: NodeId) -> u64 {
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.get(&id).map(|p| p.their_sent_ms).unwrap_or(0)
+        self.freshness().echo_for(id).1
+    }
+
+    /// The heartbeat a stepped-out node sends `to` instead of
+    /// [`heartbeat_to`](Self::heartbeat_to)'s: a probe is never heard (the
+    /// node stays silent: its lease lapses, its groups move), but it
+    /// teaches its nonce, so that the node can hear the others again.
+    pub fn probe_to(&self, cluster_id: &str, me: NodeId, to: NodeId, pid: u32, sent_ms: u64) -> Heartbeat {
+        Heartbeat { probe: true, ..self.heartbeat_to(cluster_id, me, to, pid, sent_ms, &[]) }
     }
 
     /// When (our CLOCK_BOOTTIME, ms) we sent the newest heartbeat `id` has
@@ -278,6 +527,7 @@ impl Liveness {
     /// Forgets a peer (after it is removed).
     pub fn forget(&self, id: NodeId) {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.freshness().forget(id);
     }
 
     /// Whether this node (`me`) is cut off from `leader`: it has not heard
@@ -446,52 +696,97 @@ impl HeartbeatSockets {
         Ok(HeartbeatSockets { sockets })
     }
 
-    /// Receives heartbeats for `me` in `cluster` forever.
+    /// Receives heartbeats forever, for whom `identity` says this node is
+    /// now (None: not a member yet, everything is dropped unseen).
     pub fn spawn_receivers(
         &self,
         liveness: Arc<Liveness>,
-        identity: impl Fn() -> Option<(String, NodeId)> + Send + Sync + Clone + 'static,
+        identity: impl Fn() -> Option<Identity> + Send + Sync + Clone + 'static,
     ) {
+        let limiter = Arc::new(Mutex::new(LogLimiter::new(DROP_LOG_PERIOD)));
+        let answered = Arc::new(Mutex::new(AnswerLimiter::default()));
         for s in &self.sockets {
             let s = s.clone();
             let liveness = liveness.clone();
             let identity = identity.clone();
+            let limiter = limiter.clone();
+            let answered = answered.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; MAX_DATAGRAM];
+                let mut buf = vec![0u8; MAX_DATAGRAM + 1];
                 loop {
                     let Ok((n, from)) = s.recv_from(&mut buf).await else {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     };
-                    let Ok(hb) = serde_json::from_slice::<Heartbeat>(&buf[..n]) else {
-                        continue;
-                    };
-                    match identity() {
-                        Some((cluster, me)) if cluster == hb.cluster_id && me == hb.to => {
-                            liveness.record(hb, from.ip(), Instant::now())
+                    let Some(id) = identity() else { continue };
+                    let now = Instant::now();
+                    let now_ms = crate::clock::now_boot_ms();
+                    let dropped = match take_in(&liveness, &id, &buf[..n], from.ip(), now, now_ms) {
+                        Ok(false) => continue,
+                        Ok(true) => {
+                            // Answered on the path it came by, to where it came
+                            // from, a few times per peer per round at most.
+                            let to = heartbeat_sender(&buf[..n]);
+                            let due =
+                                to.is_some_and(|to| answered.lock().unwrap_or_else(|e| e.into_inner()).allow(to, now));
+                            let via = s.local_addr().map(|a| a.ip());
+                            if let (true, Some(to), Ok(via)) = (due, to, via) {
+                                let sent_ms = loop {
+                                    if let Some(ms) = liveness.claim_sent_ms(crate::clock::now_boot_ms()) {
+                                        break ms;
+                                    }
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                };
+                                let pid = std::process::id();
+                                if let Some(d) = answer(&liveness, &id, (to, via, from.ip()), pid, now, sent_ms) {
+                                    let _ = s.send_to(&d, from).await;
+                                }
+                            }
+                            continue;
                         }
-                        _ => {}
+                        Err(reason) => reason,
+                    };
+                    if limiter.lock().unwrap_or_else(|e| e.into_inner()).allow(dropped, from.ip(), now) {
+                        // Never the datagram's bytes: a log line shows no key material.
+                        tracing::warn!(
+                            from = %from,
+                            reason = dropped.as_str(),
+                            "heartbeat dropped ({}); more from this address for this reason are counted, not logged, for {} s",
+                            dropped.as_str(),
+                            DROP_LOG_PERIOD.as_secs()
+                        );
                     }
                 }
             });
         }
     }
 
-    /// Sends one round of heartbeats to every peer on every path.
+    /// Sends one round of heartbeats to every peer on every path, sealed
+    /// with `key` (unsealed JSON without one: a cluster whose state has no
+    /// key yet); `probe`: a stepped-out node's probes instead.
     pub async fn send_round(
         &self,
         nodes: &BTreeMap<NodeId, NodeRecord>,
         cluster_id: &str,
         me: NodeId,
         liveness: &Liveness,
+        key: Option<&frame::Key>,
+        probe: bool,
     ) {
         let pid = std::process::id();
-        let sent_ms = crate::clock::now_boot_ms();
+        // Later than any answer sent in this very millisecond (see
+        // `Liveness::claim_sent_ms`).
+        let sent_ms = loop {
+            if let Some(ms) = liveness.claim_sent_ms(crate::clock::now_boot_ms()) {
+                break ms;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
         let heard = liveness.heard_report(Instant::now());
         for node in nodes.values().filter(|n| n.id != me) {
-            let hb = liveness.heartbeat_to(cluster_id, me, node.id, pid, sent_ms, &heard);
-            let Ok(bytes) = serde_json::to_vec(&hb) else {
-                continue;
+            let hb = match probe {
+                true => liveness.probe_to(cluster_id, me, node.id, pid, sent_ms),
+                false => liveness.heartbeat_to(cluster_id, me, node.id, pid, sent_ms, &heard),
             };
             for (i, a) in node.addresses.iter().enumerate() {
                 let Ok(dest) = socket_addr(a, node.port).parse::<SocketAddr>() else {
@@ -502,12 +797,156 @@ impl HeartbeatSockets {
                 let Some(sock) = self.sockets.get(i.min(self.sockets.len().saturating_sub(1))) else {
                     continue;
                 };
+                let hb =
+                    Heartbeat { via: sock.local_addr().ok().map(|a| a.ip()), to_addr: Some(dest.ip()), ..hb.clone() };
+                let bytes = match key {
+                    Some(key) => frame::encode(key, &hb),
+                    None => match serde_json::to_vec(&hb) {
+                        Ok(b) => b,
+                        Err(_) => continue,
+                    },
+                };
                 // A send error on one path is that path being down: the
                 // receiver will notice the silence.
                 let _ = sock.send_to(&bytes, dest).await;
             }
         }
     }
+}
+
+/// Who this node is, as heartbeats are received: its cluster, its id, and
+/// the cluster's heartbeat keys (None while the state has none).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub cluster_id: String,
+    pub me: NodeId,
+    pub keys: Option<KeyRing>,
+    /// Stepped out (cut off from the leader): answers are probes.
+    pub stepped_out: bool,
+}
+
+/// How many immediate answers one peer may get per `WINDOW`: a handshake
+/// takes two; more only while a path loses one direction (each datagram
+/// that comes is answered, and the answer lost).
+#[derive(Default)]
+pub struct AnswerLimiter {
+    last: HashMap<NodeId, (Instant, u8)>,
+}
+
+impl AnswerLimiter {
+    const WINDOW: Duration = Duration::from_millis(100);
+    const PER_WINDOW: u8 = 3;
+
+    /// Whether `to` may be answered at `now` (counted if so).
+    pub fn allow(&mut self, to: NodeId, now: Instant) -> bool {
+        let e = self.last.entry(to).or_insert((now, 0));
+        if now.saturating_duration_since(e.0) >= Self::WINDOW {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        e.1 <= Self::PER_WINDOW
+    }
+}
+
+/// The sender of an authenticated frame that `take_in` accepted (its body
+/// is parsed again only to answer, which is rare).
+pub fn heartbeat_sender(frame: &[u8]) -> Option<NodeId> {
+    let body = frame.get(frame::HEADER_LEN..frame.len().checked_sub(frame::TAG_LEN)?)?;
+    serde_json::from_slice::<Heartbeat>(body).ok().map(|hb| hb.from)
+}
+
+/// How long a (reason, address) pair stays quiet in the log after a line.
+const DROP_LOG_PERIOD: Duration = Duration::from_secs(30);
+
+/// Takes in one datagram received from `from`: with a key, it must be a
+/// frame whose tag verifies (before any parsing), for this cluster and
+/// node, fresh and no replay; without one, a plain heartbeat (an older
+/// cluster). Returns whether to answer its sender at once ([`answer`]), or
+/// why it was dropped (already counted).
+pub fn take_in(
+    liveness: &Liveness,
+    id: &Identity,
+    datagram: &[u8],
+    from: IpAddr,
+    now: Instant,
+    now_ms: u64,
+) -> Result<bool, DropReason> {
+    let result = match &id.keys {
+        Some(ring) => match frame::looks_framed(datagram) {
+            true => frame::decode(ring, datagram).map_err(DropReason::from),
+            // Unsealed, where the cluster seals: nobody's word.
+            false => Err(DropReason::Forged),
+        },
+        None => match frame::looks_framed(datagram) {
+            true => Err(DropReason::UnknownKey),
+            false => serde_json::from_slice::<Heartbeat>(datagram).map_err(|_| DropReason::Malformed),
+        },
+    };
+    let dropped = |r: DropReason| {
+        liveness.count_drop(r);
+        r
+    };
+    let hb = match result {
+        Ok(hb) if hb.cluster_id == id.cluster_id && hb.to == id.me => hb,
+        Ok(_) => return Err(dropped(DropReason::Misdirected)),
+        Err(r) => return Err(dropped(r)),
+    };
+    if id.keys.is_none() {
+        liveness.record(hb, from, now);
+        return Ok(false);
+    }
+    match liveness.receive(hb, from, now, now_ms) {
+        (Verdict::Heard | Verdict::Handshake, reply) => Ok(reply),
+        (Verdict::Replayed, _) => Err(DropReason::Replayed),
+        (Verdict::Stale, _) => Err(DropReason::Stale),
+    }
+}
+
+/// The heartbeat that answers `to` at once (see
+/// [`Freshness::judge_and_reply`]), sealed, sent from `via` to `to_addr`
+/// at `sent_ms` (claimed with [`Liveness::claim_sent_ms`]: on loopback an
+/// answer often comes back within the millisecond the question left in);
+/// a probe while stepped out. None without a key.
+pub fn answer(
+    liveness: &Liveness,
+    id: &Identity,
+    (to, via, to_addr): (NodeId, IpAddr, IpAddr),
+    pid: u32,
+    now: Instant,
+    sent_ms: u64,
+) -> Option<Vec<u8>> {
+    let key = &id.keys.as_ref()?.current;
+    let hb = match id.stepped_out {
+        true => liveness.probe_to(&id.cluster_id, id.me, to, pid, sent_ms),
+        false => liveness.heartbeat_to(&id.cluster_id, id.me, to, pid, sent_ms, &liveness.heard_report(now)),
+    };
+    Some(frame::encode(key, &Heartbeat { via: Some(via), to_addr: Some(to_addr), ..hb }))
+}
+
+/// One input of the heartbeat parser's fuzzing (`fuzz/fuzz_targets/
+/// heartbeat_frame.rs`, and a long random-bytes property test on stable):
+/// `data` as a datagram received (only a frame sealed with one of the keys
+/// may open, and no input can forge a tag), and sealed as a body, which
+/// must open to exactly itself and then go through the receiver (replays,
+/// freshness, counters) three times. Panics on a broken property.
+#[doc(hidden)]
+pub fn fuzz_datagram(data: &[u8]) {
+    let ring = KeyRing { current: frame::Key::new(2, [0x5a; 32]), previous: Some(frame::Key::new(1, [0xa5; 32])) };
+    assert!(frame::open(&ring, data).is_err(), "an input forged a tag");
+    let _ = frame::decode(&ring, data);
+    let sealed = frame::seal(&ring.current, data);
+    if let Ok(body) = frame::open(&ring, &sealed) {
+        assert_eq!(body, data);
+    }
+    let t0 = Instant::now();
+    let live = Liveness::new_at(Duration::from_millis(500), t0, 99);
+    let id = Identity { cluster_id: "c".into(), me: 1, keys: Some(ring), stepped_out: false };
+    let from = IpAddr::from([127, 0, 0, 1]);
+    for i in 0..3u64 {
+        let _ = take_in(&live, &id, &sealed, from, t0 + Duration::from_millis(i), 1_000 + i);
+    }
+    let _ = take_in(&live, &id, data, from, t0, 1_000);
+    let _ = take_in(&live, &Identity { keys: None, ..id }, data, from, t0, 1_000);
 }
 
 #[cfg(test)]
@@ -528,6 +967,12 @@ mod tests {
             echo_ms: 0,
             heard: Vec::new(),
             incarnation: 7,
+            echo_incarnation: 0,
+            ack_ms: 0,
+            via: None,
+            to_addr: None,
+            probe: false,
+            authenticates: true,
         }
     }
 
@@ -712,14 +1157,22 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn heartbeats_cross_real_udp_sockets() {
+    /// Two agents' sockets and views, node 1 (`a`) and node 2 (`b`).
+    async fn two_agents(
+        keys: Option<KeyRing>,
+    ) -> (HeartbeatSockets, HeartbeatSockets, Arc<Liveness>, Arc<Liveness>, tandem_raft::state::ClusterState) {
         use tandem_raft::state::{ClusterState, Command, NodeSpec};
         let a = HeartbeatSockets::bind(&["127.0.0.1".into()], 0).await.unwrap();
         let b = HeartbeatSockets::bind(&["127.0.0.1".into()], 0).await.unwrap();
-        let b_port = b.sockets[0].local_addr().unwrap().port();
-        let lb = Liveness::new(Duration::from_secs(5));
-        b.spawn_receivers(lb.clone(), || Some(("c".to_string(), 2)));
+        let port = |h: &HeartbeatSockets| h.sockets[0].local_addr().unwrap().port();
+        let (la, lb) =
+            (Liveness::new_at(Duration::from_secs(5), Instant::now(), 11), Liveness::new(Duration::from_secs(5)));
+        let ident = move |me| {
+            let keys = keys.clone();
+            move || Some(Identity { cluster_id: "c".to_string(), me, keys: keys.clone(), stepped_out: false })
+        };
+        a.spawn_receivers(la.clone(), ident(1));
+        b.spawn_receivers(lb.clone(), ident(2));
         let mut state = ClusterState::default();
         let spec = |name: &str, port| NodeSpec {
             name: name.into(),
@@ -728,16 +1181,219 @@ mod tests {
             site: None,
             witness: false,
         };
-        state.apply(&Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node: spec("a", 1) }).unwrap();
-        state.apply(&Command::AddNode { node: spec("b", b_port) }).unwrap();
-        let la = Liveness::new(Duration::from_secs(5));
+        state
+            .apply(&Command::Bootstrap {
+                cluster_id: "c".into(),
+                node_id: 1,
+                node: spec("a", port(&a)),
+                heartbeat_key: None,
+            })
+            .unwrap();
+        state.apply(&Command::AddNode { node: spec("b", port(&b)) }).unwrap();
+        (a, b, la, lb, state)
+    }
+
+    #[tokio::test]
+    async fn heartbeats_cross_real_udp_sockets() {
+        // A cluster without a key: plain heartbeats, heard as they come.
+        let (a, _b, la, lb, state) = two_agents(None).await;
         for _ in 0..50 {
-            a.send_round(&state.nodes, "c", 1, &la).await;
+            a.send_round(&state.nodes, "c", 1, &la, None, false).await;
             if lb.status(1, &["127.0.0.1".into()], Instant::now()).alive {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("heartbeat never arrived");
+    }
+
+    #[tokio::test]
+    async fn sealed_heartbeats_cross_real_udp_sockets_within_two_rounds() {
+        let ring = KeyRing { current: frame::Key::new(1, [3; 32]), previous: None };
+        let (a, b, la, lb, state) = two_agents(Some(ring.clone())).await;
+        let addrs = ["127.0.0.1".to_string()];
+        // a's first word proves nothing, but b answers it at once: a hears
+        // b without b's round.
+        a.send_round(&state.nodes, "c", 1, &la, Some(&ring.current), false).await;
+        for _ in 0..500 {
+            if la.status(2, &addrs, Instant::now()).alive {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(la.status(2, &addrs, Instant::now()).alive, "b's answer is heard");
+        assert!(!lb.status(1, &addrs, Instant::now()).alive, "a's first word is not");
+        // Two more rounds each: both heard, both acknowledged.
+        for _ in 0..2 {
+            b.send_round(&state.nodes, "c", 2, &lb, Some(&ring.current), false).await;
+            a.send_round(&state.nodes, "c", 1, &la, Some(&ring.current), false).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let now = Instant::now();
+        assert!(lb.status(1, &addrs, now).alive && la.status(2, &addrs, now).alive);
+        assert!(la.acked_ms(2).is_some() && lb.acked_ms(1).is_some());
+        assert_eq!(la.drops(), HeartbeatDrops::default());
+        assert_eq!(lb.drops(), HeartbeatDrops::default());
+    }
+
+    #[test]
+    fn forged_replayed_stale_and_misdirected_datagrams_count_for_nothing() {
+        let t0 = Instant::now();
+        let ring = KeyRing { current: frame::Key::new(1, [3; 32]), previous: None };
+        let timeout = Duration::from_millis(500);
+        let (la, lb) = (Liveness::new_at(timeout, t0, 11), Liveness::new_at(timeout, t0, 22));
+        let id = |me| Identity { cluster_id: "c".into(), me, keys: Some(ring.clone()), stepped_out: false };
+        let (ida, idb) = (id(1), id(2));
+        let (ip1, ip2): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let addrs1 = ["10.0.0.1".to_string()];
+        // Each side's datagram of a round at `ms` (its own clock).
+        let from_a = |ms| {
+            let hb = la.heartbeat_to("c", 1, 2, 100, ms, &[]);
+            frame::encode(&ring.current, &Heartbeat { via: Some(ip1), to_addr: Some(ip2), ..hb })
+        };
+        let from_b = |lb: &Liveness, ms| {
+            let hb = lb.heartbeat_to("c", 2, 1, 200, ms, &[]);
+            frame::encode(&ring.current, &Heartbeat { via: Some(ip2), to_addr: Some(ip1), ..hb })
+        };
+        let mut captured = Vec::new();
+        assert_eq!(take_in(&lb, &idb, &from_a(1_000), ip1, at(1_000), 1_000), Ok(true), "answer: learn my nonce");
+        assert!(!lb.status(1, &addrs1, at(1_000)).alive, "a first word proves nothing");
+        assert_eq!(take_in(&la, &ida, &from_b(&lb, 1_010), ip2, at(1_011), 1_011), Ok(false), "heard: no answer");
+        for ms in [1_100, 1_200, 1_300] {
+            let d = from_a(ms);
+            assert_eq!(take_in(&lb, &idb, &d, ip1, at(ms), ms), Ok(false));
+            assert!(lb.status(1, &addrs1, at(ms)).alive);
+            assert_eq!(take_in(&la, &ida, &from_b(&lb, ms + 10), ip2, at(ms + 11), ms + 11), Ok(false));
+            captured.push(d);
+        }
+        let drops = lb.drops();
+        // a dies at 1 300. Its captured datagrams replayed: nothing.
+        for d in &captured {
+            assert_eq!(take_in(&lb, &idb, d, ip1, at(1_400), 1_400), Err(DropReason::Replayed));
+        }
+        // Forged ones: another key, a flipped bit, unsealed JSON.
+        let other = frame::Key::new(1, [4; 32]);
+        let hb = la.heartbeat_to("c", 1, 2, 100, 5_000, &[]);
+        assert_eq!(take_in(&lb, &idb, &frame::encode(&other, &hb), ip1, at(1_400), 1_400), Err(DropReason::Forged));
+        let mut flipped = frame::encode(&ring.current, &hb);
+        flipped[20] ^= 1;
+        assert_eq!(take_in(&lb, &idb, &flipped, ip1, at(1_400), 1_400), Err(DropReason::Forged));
+        let plain = serde_json::to_vec(&hb).unwrap();
+        assert_eq!(take_in(&lb, &idb, &plain, ip1, at(1_400), 1_400), Err(DropReason::Forged));
+        assert_eq!(take_in(&lb, &idb, b"TNHB\x01", ip1, at(1_400), 1_400), Err(DropReason::Malformed));
+        let later = frame::Key::new(2, [3; 32]);
+        assert_eq!(take_in(&lb, &idb, &frame::encode(&later, &hb), ip1, at(1_400), 1_400), Err(DropReason::UnknownKey));
+        // Authentic, but addressed to node 3.
+        let to3 = frame::encode(&ring.current, &Heartbeat { to: 3, ..hb });
+        assert_eq!(take_in(&lb, &idb, &to3, ip1, at(1_400), 1_400), Err(DropReason::Misdirected));
+        // a's last datagram held back and delivered late: its echo is stale.
+        let held = from_a(1_350);
+        assert_eq!(take_in(&lb, &idb, &held, ip1, at(2_500), 2_500), Ok(true), "taught a nonce only");
+        assert!(!lb.status(1, &addrs1, at(2_500)).alive, "a stays offline");
+        assert_eq!(
+            lb.drops(),
+            HeartbeatDrops {
+                forged: drops.forged + 3,
+                replayed: drops.replayed + 3,
+                malformed: drops.malformed + 1,
+                unknown_key: drops.unknown_key + 1,
+                misdirected: drops.misdirected + 1,
+                ..drops
+            }
+        );
+        // b restarts (a new incarnation): whatever was sent to the old one
+        // never counts, whenever it comes.
+        let lb2 = Liveness::new_at(timeout, at(3_000), 23);
+        for (i, d) in captured.iter().enumerate() {
+            let ms = 3_000 + i as u64;
+            assert!(take_in(&lb2, &idb, d, ip1, at(ms), ms).is_ok_and(|_| !lb2.status(1, &addrs1, at(ms)).alive));
+        }
+        let _ = from_b(&lb2, 3_100);
+        for d in &captured {
+            let _ = take_in(&lb2, &idb, d, ip1, at(3_200), 3_200);
+            assert!(!lb2.status(1, &addrs1, at(3_200)).alive);
+        }
+    }
+
+    /// The fuzz target's function on random and mutated datagrams. Cases:
+    /// `HEARTBEAT_FUZZ_CASES` (default 2000; the long run in
+    /// docs/reliability.md sets millions).
+    #[test]
+    fn the_datagram_parser_survives_random_bytes() {
+        let cases: u64 = std::env::var("HEARTBEAT_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000);
+        // Seeds worth mutating: real frames (sealed under another key) and bodies.
+        let key = frame::Key::new(2, [0x11; 32]);
+        let l = Liveness::new(Duration::from_secs(1));
+        let hb = Heartbeat { via: Some([10, 0, 0, 2].into()), ..l.heartbeat_to("c", 2, 1, 7, 1_000, &[(3, 5)]) };
+        let seeds = [frame::encode(&key, &hb), serde_json::to_vec(&hb).unwrap(), Vec::new()];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..cases {
+            let mut d = seeds[(i % 3) as usize].clone();
+            match next() % 4 {
+                0 => d = (0..next() % 1500).map(|_| next() as u8).collect(),
+                1 => {
+                    for _ in 0..1 + next() % 8 {
+                        if !d.is_empty() {
+                            let at = (next() % d.len() as u64) as usize;
+                            d[at] = next() as u8;
+                        }
+                    }
+                }
+                2 => d.truncate((next() % (d.len() as u64 + 1)) as usize),
+                _ => d.extend((0..next() % 64).map(|_| next() as u8)),
+            }
+            fuzz_datagram(&d);
+        }
+    }
+
+    #[test]
+    fn a_cluster_without_a_key_gets_one_only_once_every_node_seals() {
+        // Plain heartbeats (a cluster bootstrapped before keys) are heard
+        // as before; whether each sender seals once there is a key is noted.
+        let l = Liveness::new(Duration::from_millis(500));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let old = Heartbeat { authenticates: false, ..hb(2) };
+        l.record(old, "10.0.0.2".parse().unwrap(), at(0));
+        l.record(hb(3), "10.0.0.3".parse().unwrap(), at(0));
+        assert!(l.status(2, &["10.0.0.2".into()], at(10)).alive);
+        assert!(!l.all_authenticate([2, 3], at(10)), "2 runs an older version");
+        l.record(hb(2), "10.0.0.2".parse().unwrap(), at(100));
+        assert!(l.all_authenticate([2, 3], at(110)));
+        assert!(!l.all_authenticate([2, 3, 4], at(110)), "4 is not heard");
+        assert!(!l.all_authenticate([2, 3], at(700)), "nobody heard lately");
+    }
+
+    #[test]
+    fn a_peer_gets_a_few_immediate_answers_per_round_at_most() {
+        let t0 = Instant::now();
+        let mut l = AnswerLimiter::default();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert!(l.allow(2, at(0)) && l.allow(2, at(1)) && l.allow(2, at(2)));
+        assert!(!l.allow(2, at(3)) && !l.allow(2, at(99)));
+        assert!(l.allow(3, at(3)), "per peer");
+        assert!(l.allow(2, at(100)), "a new window");
+    }
+
+    #[test]
+    fn a_flood_of_drops_logs_one_line_per_reason_and_address_per_period() {
+        let t0 = Instant::now();
+        let mut l = LogLimiter::new(Duration::from_secs(30));
+        let ip = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(n));
+        assert!(l.allow(DropReason::Forged, ip(1), t0));
+        assert!(!l.allow(DropReason::Forged, ip(1), t0 + Duration::from_secs(29)));
+        assert!(l.allow(DropReason::Replayed, ip(1), t0), "another reason");
+        assert!(l.allow(DropReason::Forged, ip(1), t0 + Duration::from_secs(30)));
+        // Spoofed sources: at most MAX_SOURCES lines per period.
+        let lines = (0..10_000).filter(|n| l.allow(DropReason::Forged, ip(100 + n), t0)).count();
+        assert!(lines <= LogLimiter::MAX_SOURCES, "{lines}");
+        assert!(l.allow(DropReason::Forged, ip(5), t0 + Duration::from_secs(61)), "the period over, room again");
     }
 }

@@ -1178,6 +1178,7 @@ async fn raft_snapshot(
         tandem_raft::access::Role,
         Health,
         LocalView,
+        HeartbeatsDropped,
         InitRequest,
         JoinViaRequest,
         ClusterView,

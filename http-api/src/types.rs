@@ -146,6 +146,28 @@ pub struct LocalView {
     pub snapshot_index: Option<u64>,
     /// Log entries up to this index have been purged behind the snapshot.
     pub purged_index: Option<u64>,
+    /// Heartbeat datagrams this agent dropped since it started, per reason.
+    #[serde(default)]
+    pub heartbeats_dropped: HeartbeatsDropped,
+}
+
+/// Heartbeat datagrams dropped, per reason; none of them counted as
+/// hearing a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatsDropped {
+    /// Wrong tag, or unsealed while the cluster has a key.
+    pub forged: u64,
+    /// Not newer than the last datagram of the same sender on its path.
+    pub replayed: u64,
+    /// Echoing no recent heartbeat of this agent, from an older agent of
+    /// the sender.
+    pub stale: u64,
+    /// Not a heartbeat frame.
+    pub malformed: u64,
+    /// Sealed under a key this node does not hold (yet).
+    pub unknown_key: u64,
+    /// Authentic, but for another cluster or node.
+    pub misdirected: u64,
 }
 
 /// Internal: the leader tells a joining agent who it now is.

@@ -133,6 +133,17 @@ pub enum Command {
         cluster_id: String,
         node_id: NodeId,
         node: NodeSpec,
+        /// The first heartbeat key, drawn by the proposer (the state
+        /// machine draws nothing). None in logs written before heartbeats
+        /// were authenticated.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        heartbeat_key: Option<HeartbeatSecret>,
+    },
+    /// A new heartbeat key, drawn by the proposer; the current one is kept
+    /// as the previous, still accepted, so heartbeats sealed by a node that
+    /// has not applied this yet are not dropped.
+    RotateHeartbeatKey {
+        key: HeartbeatSecret,
     },
     /// Records a joining node under the next unused id.
     AddNode {
@@ -276,12 +287,79 @@ pub enum Reply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandResult(pub Result<Reply, CommandError>);
 
+/// A heartbeat key: 32 random bytes as 64 hex digits. Its `Debug` hides
+/// it, so that no log line of a command or of the state can show it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HeartbeatSecret(String);
+
+impl HeartbeatSecret {
+    /// Bytes of a key.
+    pub const LEN: usize = 32;
+
+    /// A key from its bytes (drawn at random by the proposer).
+    pub fn from_bytes(bytes: &[u8; Self::LEN]) -> HeartbeatSecret {
+        HeartbeatSecret(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// The key's bytes; None if it is not 64 hex digits.
+    pub fn bytes(&self) -> Option<[u8; Self::LEN]> {
+        let s = self.0.as_bytes();
+        if s.len() != 2 * Self::LEN {
+            return None;
+        }
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut out = [0u8; Self::LEN];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = digit(s[2 * i])? << 4 | digit(s[2 * i + 1])?;
+        }
+        Some(out)
+    }
+
+    fn validate(&self) -> Result<(), CommandError> {
+        // The error never quotes the value: it is a secret.
+        match self.bytes() {
+            Some(_) => Ok(()),
+            None => Err(invalid("heartbeat_key", "must be 64 hex digits")),
+        }
+    }
+}
+
+impl std::fmt::Debug for HeartbeatSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeartbeatSecret(<hidden>)")
+    }
+}
+
+/// The cluster's heartbeat keys: the current one, numbered `generation`
+/// (1 from the bootstrap on, one more at each rotation), and the one
+/// before it (`generation - 1`), still accepted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatKeys {
+    #[serde(default)]
+    pub generation: u32,
+    #[serde(default)]
+    pub current: Option<HeartbeatSecret>,
+    #[serde(default)]
+    pub previous: Option<HeartbeatSecret>,
+}
+
+impl HeartbeatKeys {
+    /// A cluster bootstrapped before heartbeats were authenticated has none.
+    pub fn is_empty(&self) -> bool {
+        self.current.is_none()
+    }
+}
+
 /// The whole replicated cluster state. Fields added later must be
 /// `#[serde(default)]` so that older snapshots still load.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     #[serde(default)]
     pub cluster_id: Option<String>,
+    /// The secret that authenticates heartbeats. Never shown by any view.
+    #[serde(default, skip_serializing_if = "HeartbeatKeys::is_empty")]
+    pub heartbeat_keys: HeartbeatKeys,
     /// Ids are never reused, so a removed node's old messages can't be taken
     /// for a new node's.
     #[serde(default)]
@@ -492,7 +570,7 @@ impl ClusterState {
 
     /// Applies one command. On `Err` the state is unchanged.
     pub fn apply(&mut self, cmd: &Command) -> Result<Reply, CommandError> {
-        if let Command::Bootstrap { cluster_id, node_id, node } = cmd {
+        if let Command::Bootstrap { cluster_id, node_id, node, heartbeat_key } = cmd {
             if let Some(existing) = &self.cluster_id {
                 return Err(CommandError::AlreadyBootstrapped { cluster_id: existing.clone() });
             }
@@ -500,6 +578,10 @@ impl ClusterState {
                 return Err(invalid("cluster_id", "must not be empty"));
             }
             validate_spec(node)?;
+            if let Some(key) = heartbeat_key {
+                key.validate()?;
+                self.heartbeat_keys = HeartbeatKeys { generation: 1, current: Some(key.clone()), previous: None };
+            }
             self.cluster_id = Some(cluster_id.clone());
             self.nodes.insert(*node_id, Self::record(*node_id, node));
             self.next_node_id = node_id + 1;
@@ -510,6 +592,13 @@ impl ClusterState {
         }
         match cmd {
             Command::Bootstrap { .. } => unreachable!("handled above"),
+            Command::RotateHeartbeatKey { key } => {
+                key.validate()?;
+                let k = &mut self.heartbeat_keys;
+                k.previous = k.current.replace(key.clone());
+                k.generation = k.generation.wrapping_add(1).max(1);
+                Ok(Reply::Done)
+            }
             Command::AddNode { node } => {
                 self.check_new_node(node)?;
                 let id = self.next_node_id;
@@ -689,8 +778,13 @@ mod tests {
 
     fn booted() -> ClusterState {
         let mut s = ClusterState::default();
-        s.apply(&Command::Bootstrap { cluster_id: "c1".into(), node_id: 1, node: spec("node1", "127.0.0.1", 7401) })
-            .unwrap();
+        s.apply(&Command::Bootstrap {
+            cluster_id: "c1".into(),
+            node_id: 1,
+            node: spec("node1", "127.0.0.1", 7401),
+            heartbeat_key: Some(HeartbeatSecret::from_bytes(&[7; 32])),
+        })
+        .unwrap();
         s
     }
 
@@ -728,10 +822,53 @@ mod tests {
     }
 
     #[test]
+    fn heartbeat_keys_rotate_keeping_the_previous_and_never_show() {
+        let mut s = booted();
+        let k1 = HeartbeatSecret::from_bytes(&[7; 32]);
+        assert_eq!(s.heartbeat_keys, HeartbeatKeys { generation: 1, current: Some(k1.clone()), previous: None });
+        assert_eq!(k1.bytes(), Some([7; 32]));
+        let k2 = HeartbeatSecret::from_bytes(&[0xa5; 32]);
+        assert_eq!(s.apply(&Command::RotateHeartbeatKey { key: k2.clone() }), Ok(Reply::Done));
+        assert_eq!(s.heartbeat_keys, HeartbeatKeys { generation: 2, current: Some(k2.clone()), previous: Some(k1) });
+        // A malformed key is refused, and the error does not quote it.
+        let before = s.clone();
+        let bad = HeartbeatSecret("zz".repeat(32));
+        let e = s.apply(&Command::RotateHeartbeatKey { key: bad }).unwrap_err();
+        assert!(!e.to_string().contains("zz"), "{e}");
+        assert_eq!(s, before);
+        // Neither the state's nor a command's Debug (what log lines show) has it.
+        let hex = "a5".repeat(32);
+        let cmd = VersionedCommand::new(Command::RotateHeartbeatKey { key: k2 });
+        assert!(!format!("{s:?}").contains(&hex) && !cmd.to_string().contains(&hex));
+        // The state round-trips through its snapshot encoding with the keys;
+        // a state from before (no keys) loads, and encodes without them.
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterState>(&json).unwrap(), s);
+        let old = ClusterState { heartbeat_keys: HeartbeatKeys::default(), ..s.clone() };
+        assert!(!serde_json::to_string(&old).unwrap().contains("heartbeat_keys"));
+    }
+
+    #[test]
+    fn a_bootstrap_from_an_older_log_has_no_heartbeat_key_until_a_rotation() {
+        let old = r#"{"v":"1","cmd":{"bootstrap":{"cluster_id":"c","node_id":1,"node":{"name":"a","addresses":["127.0.0.1"],"port":7401,"site":null,"witness":false}}}}"#;
+        let Ok(cmd) = serde_json::from_str::<VersionedCommand>(old) else { panic!("an old bootstrap entry loads") };
+        let mut s = ClusterState::default();
+        s.apply(&cmd.into_current()).unwrap();
+        assert!(s.heartbeat_keys.is_empty());
+        s.apply(&Command::RotateHeartbeatKey { key: HeartbeatSecret::from_bytes(&[1; 32]) }).unwrap();
+        assert_eq!((s.heartbeat_keys.generation, s.heartbeat_keys.previous.is_none()), (1, true));
+    }
+
+    #[test]
     fn second_bootstrap_is_refused() {
         let mut s = booted();
         let before = s.clone();
-        let r = s.apply(&Command::Bootstrap { cluster_id: "c2".into(), node_id: 9, node: spec("x", "127.0.0.2", 1) });
+        let r = s.apply(&Command::Bootstrap {
+            cluster_id: "c2".into(),
+            node_id: 9,
+            node: spec("x", "127.0.0.2", 1),
+            heartbeat_key: None,
+        });
         assert_eq!(r, Err(CommandError::AlreadyBootstrapped { cluster_id: "c1".into() }));
         assert_eq!(s, before);
     }
@@ -1166,10 +1303,17 @@ mod tests {
                 .boxed();
         let arb_state = prop_oneof![Just(AdminState::Online), Just(AdminState::Standby), Just(AdminState::Maintenance)];
         prop_oneof![
-            (arb_spec.clone(), 1u64..4).prop_map(|(node, id)| Command::Bootstrap {
+            (arb_spec.clone(), 1u64..4, any::<bool>()).prop_map(|(node, id, keyed)| Command::Bootstrap {
                 cluster_id: "c".into(),
                 node_id: id,
-                node
+                node,
+                heartbeat_key: keyed.then(|| HeartbeatSecret::from_bytes(&[id as u8; 32])),
+            }),
+            (any::<u8>(), any::<bool>()).prop_map(|(b, good)| Command::RotateHeartbeatKey {
+                key: match good {
+                    true => HeartbeatSecret::from_bytes(&[b; 32]),
+                    false => HeartbeatSecret(format!("{b:02x}")),
+                },
             }),
             arb_spec.prop_map(|node| Command::AddNode { node }),
             arb_name().prop_map(|name| Command::RemoveNode { name }),

@@ -237,7 +237,7 @@ mod tests {
                 witness: i == 3,
             };
             let cmd = match i {
-                1 => Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node },
+                1 => Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node, heartbeat_key: None },
                 _ => Command::AddNode { node },
             };
             s.apply(&cmd).unwrap();

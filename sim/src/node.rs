@@ -13,7 +13,8 @@ use std::time::Duration;
 use tandem::config::{AutopilotConfig, FencingConfig, LivenessConfig};
 use tandem::failover::{Failover, Policy};
 use tandem::lease::{Effect as LeaseEffect, LeaseCore, Tick};
-use tandem::liveness::Liveness;
+use tandem::liveness::frame::{self, KeyRing};
+use tandem::liveness::{answer, heartbeat_sender, take_in, AnswerLimiter, Heartbeat, Identity, Liveness};
 use tandem::reconcile::Reconciler;
 use tandem_raft::state::ClusterState;
 use tandem_raft::NodeId;
@@ -139,6 +140,8 @@ pub struct Agent {
     /// While frozen: the messages waiting in its sockets, the loops due.
     pub inbox: Vec<Msg>,
     pub deferred: Vec<Loop>,
+    /// The immediate answers given to each peer lately.
+    pub answered: AnswerLimiter,
 }
 
 pub struct Node {
@@ -241,7 +244,8 @@ impl World {
         let agent = Agent {
             pid,
             started_us: self.now,
-            liveness: Liveness::new_at(node_timeout, started),
+            // Pids are never reused here: one is as good as a drawn number.
+            liveness: Liveness::new_at(node_timeout, started, u64::from(pid)),
             state,
             applied: n.persisted_applied,
             voters,
@@ -257,6 +261,7 @@ impl World {
             timers: [(0, 0); 6],
             inbox: Vec::new(),
             deferred: Vec::new(),
+            answered: AnswerLimiter::default(),
         };
         self.nodes[(id - 1) as usize].agent = Some(agent);
         for l in Loop::ALL {
@@ -335,15 +340,36 @@ impl World {
 
     pub fn receive(&mut self, id: NodeId, msg: Msg) {
         match msg {
-            Msg::Heartbeat { hb, path } => {
-                let cluster = self.cluster_id.clone();
-                if hb.cluster_id != cluster || hb.to != id {
+            Msg::Heartbeat { datagram, from, path } => {
+                // As the agent's receiver: verified with the keys of the state
+                // applied here, then judged fresh or not (`liveness::take_in`).
+                let ip = self.node(from).ips[path];
+                let (now, now_ms) = (self.instant(id), self.local_ms(id));
+                let cluster_id = self.cluster_id.clone();
+                let Some(a) = self.agent_mut(id) else { return };
+                let keys = KeyRing::from_state(&a.state.heartbeat_keys);
+                let me = Identity { cluster_id, me: id, keys, stepped_out: a.lease.stepped_out() };
+                if take_in(&a.liveness, &me, &datagram, ip, now, now_ms) != Ok(true) {
                     return;
                 }
-                let ip = self.node(hb.from).ips[path];
-                let now = self.instant(id);
-                if let Some(a) = self.agent_mut(id) {
-                    a.liveness.record(hb, ip, now);
+                // Answered at once on the path it came by, a few times per
+                // peer per round at most, as the agent's receiver does.
+                let Some(sender) = heartbeat_sender(&datagram) else { return };
+                if !a.answered.allow(sender, now) {
+                    return;
+                }
+                let via = self.node(id).ips[path];
+                let Some(a) = self.node(id).agent.as_ref() else { return };
+                // The agent waits for the next millisecond when one went out
+                // in this one; here the answer leaves now, stamped with the
+                // next (its lease counts 1 ms too long: the unsafe side, so
+                // nothing is hidden).
+                let Some(sent_ms) = a.liveness.claim_sent_ms(now_ms).or_else(|| a.liveness.claim_sent_ms(now_ms + 1))
+                else {
+                    return;
+                };
+                if let Some(d) = answer(&a.liveness, &me, (sender, via, ip), a.pid, now, sent_ms) {
+                    self.send(id, sender, Msg::Heartbeat { datagram: d, from: id, path });
                 }
             }
             Msg::Replicate { term, leader, commit } => {
@@ -437,20 +463,35 @@ impl World {
                 LeaseEffect::PersistLease { .. } | LeaseEffect::KillEverything => {}
             }
         }
-        if !send {
+        let Some(a) = self.node(id).agent.as_ref() else { return };
+        // The agent waits a millisecond when an answer took this one; here
+        // the round goes out (a receiver may drop that one as a replay).
+        let _ = a.liveness.claim_sent_ms(sent_ms);
+        let heard = a.liveness.heard_report(now);
+        let key = KeyRing::from_state(&a.state.heartbeat_keys).map(|k| k.current);
+        if !send && key.is_none() {
             return;
         }
-        let Some(a) = self.node(id).agent.as_ref() else { return };
-        let heard = a.liveness.heard_report(now);
         let mut out = Vec::new();
         for r in a.state.nodes.values().filter(|r| r.id != id) {
-            let hb = a.liveness.heartbeat_to(&cluster, id, r.id, a.pid, sent_ms, &heard);
-            out.push((r.id, r.addresses.len(), hb));
-        }
-        for (to, paths, hb) in out {
-            for path in 0..paths.min(self.node(id).ips.len()) {
-                self.send(id, to, Msg::Heartbeat { hb: hb.clone(), path });
+            // Stepped out: probes only (`Liveness::probe_to`), as the agent.
+            let hb = match send {
+                true => a.liveness.heartbeat_to(&cluster, id, r.id, a.pid, sent_ms, &heard),
+                false => a.liveness.probe_to(&cluster, id, r.id, a.pid, sent_ms),
+            };
+            for path in 0..r.addresses.len().min(self.node(id).ips.len()) {
+                // As `HeartbeatSockets::send_round`: the path's addresses, sealed.
+                let to_addr = self.node(r.id).ips.get(path).copied();
+                let hb = Heartbeat { via: Some(self.node(id).ips[path]), to_addr, ..hb.clone() };
+                let datagram = match &key {
+                    Some(k) => frame::encode(k, &hb),
+                    None => serde_json::to_vec(&hb).unwrap_or_default(),
+                };
+                out.push((r.id, path, datagram));
             }
+        }
+        for (to, path, datagram) in out {
+            self.send(id, to, Msg::Heartbeat { datagram, from: id, path });
         }
     }
 

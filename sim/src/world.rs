@@ -14,7 +14,6 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 use std::time::Instant;
 
-use tandem::liveness::Heartbeat;
 use tandem_raft::state::{ClusterState, Command, NodeSpec};
 use tandem_raft::NodeId;
 
@@ -50,8 +49,8 @@ pub enum Event {
 
 #[derive(Debug, Clone)]
 pub enum Msg {
-    /// A UDP heartbeat on one path.
-    Heartbeat { hb: Heartbeat, path: usize },
+    /// A UDP heartbeat datagram (sealed as the agent seals it) on one path.
+    Heartbeat { datagram: Vec<u8>, from: NodeId, path: usize },
     /// Raft's append/heartbeat from a node that believes it leads: its
     /// term, and how far the log is committed as it knows.
     Replicate { term: u64, leader: Option<NodeId>, commit: usize },
@@ -199,7 +198,12 @@ impl World {
                 witness: s.witness,
             };
             log.push(Entry::Cmd(if s.id == 1 {
-                Command::Bootstrap { cluster_id: cluster_id.clone(), node_id: 1, node }
+                Command::Bootstrap {
+                    cluster_id: cluster_id.clone(),
+                    node_id: 1,
+                    node,
+                    heartbeat_key: Some(heartbeat_key(seed)),
+                }
             } else {
                 Command::AddNode { node }
             }));
@@ -606,4 +610,14 @@ pub fn cmd_line(c: &Command) -> String {
         Command::MarkGroupFailed { name, node, epoch } => format!("{name} failed on n{node} at epoch {epoch}"),
         other => format!("{other:?}"),
     }
+}
+
+/// The cluster's heartbeat key, from the seed (the agent draws it at random
+/// when it bootstraps; here it must replay).
+fn heartbeat_key(seed: u64) -> tandem_raft::state::HeartbeatSecret {
+    let mut bytes = [0u8; tandem_raft::state::HeartbeatSecret::LEN];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = seed.rotate_left(i as u32 * 8) as u8 ^ i as u8;
+    }
+    tandem_raft::state::HeartbeatSecret::from_bytes(&bytes)
 }

@@ -5,6 +5,9 @@
 //! feeds it and carries out its effects.
 
 use super::*;
+use crate::liveness::frame::KeyRing;
+use crate::liveness::Identity;
+use tandem_raft::state::HeartbeatSecret;
 
 impl Agent {
     /// Every voter with the send time (our clock) of the newest heartbeat
@@ -26,7 +29,7 @@ impl Agent {
     /// The lease core decides; this sends.
     pub(super) async fn heartbeat_round(&self, sockets: &HeartbeatSockets) {
         let Some(m) = self.member() else { return };
-        let nodes = m.state.read(|d| d.state.nodes.clone());
+        let (nodes, keys) = m.state.read(|d| (d.state.nodes.clone(), KeyRing::from_state(&d.state.heartbeat_keys)));
         let metrics = m.metrics();
         let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
         let leader = self.lease_core().leader_to_watch(metrics.current_leader);
@@ -35,6 +38,12 @@ impl Agent {
             self.liveness.cut_off_from(l, &addrs, &voters, m.node_id, self.cfg.heartbeat_interval() * 2, Instant::now())
         });
         let effects = self.lease_core().heartbeat_round(metrics.current_leader, cut_off);
+        let key = keys.as_ref().map(|k| &k.current);
+        if key.is_some() && !effects.contains(&crate::lease::Effect::SendHeartbeats) {
+            // Stepped out: probes only, which are never heard but let this
+            // node hear the others again (see `Liveness::probe_to`).
+            sockets.send_round(&nodes, &m.cluster_id, m.node_id, &self.liveness, key, true).await;
+        }
         for e in effects {
             match e {
                 crate::lease::Effect::StepOut { leader } => tracing::warn!(
@@ -43,11 +52,38 @@ impl Agent {
                 ),
                 crate::lease::Effect::StepIn => tracing::info!("stepping back in: heartbeats resume"),
                 crate::lease::Effect::SendHeartbeats => {
-                    sockets.send_round(&nodes, &m.cluster_id, m.node_id, &self.liveness).await
+                    sockets.send_round(&nodes, &m.cluster_id, m.node_id, &self.liveness, key, false).await
                 }
                 _ => {}
             }
         }
+    }
+
+    /// Who this node is to the heartbeat receivers: None until it is a
+    /// member; the keys are those of the state it has applied.
+    pub fn heartbeat_identity(&self) -> Option<Identity> {
+        let m = self.member()?;
+        let keys = m.state.read(|d| KeyRing::from_state(&d.state.heartbeat_keys));
+        let stepped_out = self.lease_core().stepped_out();
+        Some(Identity { cluster_id: m.cluster_id.clone(), me: m.node_id, keys, stepped_out })
+    }
+
+    /// On the leader of a cluster whose state has no heartbeat key (it was
+    /// bootstrapped by an older version): proposes one once every other
+    /// node is heard running a version that seals heartbeats — before
+    /// that, a node of the older version would stop hearing and being
+    /// heard. Returns whether it proposed.
+    pub(super) async fn give_heartbeat_key(&self, m: &Member, state: &ClusterState) -> Result<bool, ApiError> {
+        if !state.heartbeat_keys.is_empty() {
+            return Ok(false);
+        }
+        let others = state.nodes.keys().copied().filter(|id| *id != m.node_id);
+        if !self.liveness.all_authenticate(others, Instant::now()) {
+            return Ok(false);
+        }
+        tracing::info!("the cluster has no heartbeat key: giving it one (heartbeats are sealed from now on)");
+        self.propose(m, Command::RotateHeartbeatKey { key: new_heartbeat_key()? }).await?;
+        Ok(true)
     }
 
     /// The lease as the reconciler sees it now.
@@ -97,4 +133,12 @@ impl Agent {
             }
         }
     }
+}
+
+/// A new heartbeat key, 32 bytes from the OS's random source. Drawn by the
+/// proposer: the state machine that applies it draws nothing.
+pub(super) fn new_heartbeat_key() -> Result<HeartbeatSecret, ApiError> {
+    let mut bytes = [0u8; HeartbeatSecret::LEN];
+    getrandom::fill(&mut bytes).map_err(|e| ApiError::Internal(format!("cannot draw a heartbeat key: {e}")))?;
+    Ok(HeartbeatSecret::from_bytes(&bytes))
 }

@@ -111,7 +111,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         async move { agent.security_round().await }
     });
     let ident_agent = agent.clone();
-    sockets.spawn_receivers(liveness, move || ident_agent.member().map(|m| (m.cluster_id.clone(), m.node_id)));
+    sockets.spawn_receivers(liveness, move || ident_agent.heartbeat_identity());
     let (a, socks) = (agent.clone(), sockets.clone());
     every(cfg.heartbeat_interval(), move || {
         let (agent, sockets) = (a.clone(), socks.clone());

@@ -38,7 +38,8 @@ impl Agent {
             .current_leader(1, "bootstrap leader")
             .await
             .map_err(|e| ApiError::QuorumUnavailable(e.to_string()))?;
-        self.propose(&m, Command::Bootstrap { cluster_id, node_id: 1, node: self.cfg.spec() }).await?;
+        let heartbeat_key = Some(super::lease::new_heartbeat_key()?);
+        self.propose(&m, Command::Bootstrap { cluster_id, node_id: 1, node: self.cfg.spec(), heartbeat_key }).await?;
         let mut view = self.first_admin_token(&m, &ca).await?;
         self.db.set_identity(&identity).map_err(storage_err)?;
         tracing::info!(cluster_id = %identity.cluster_id, "cluster bootstrapped");
@@ -379,6 +380,9 @@ impl Agent {
         if let Some(missing) = state.nodes.values().find(|r| membership.get_node(&r.id).is_none()) {
             tracing::info!(node = %missing.name, "re-adding a recorded node missing from raft membership");
             return self.add_learner(&m, missing.id, Peer { urls: missing.urls() }).await;
+        }
+        if self.give_heartbeat_key(&m, &state).await? {
+            return Ok(());
         }
         let input = autopilot::Input {
             candidates: self.candidates(&m, &state, &metrics, Instant::now()),

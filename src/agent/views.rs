@@ -2,6 +2,7 @@
 //! replicated state, Raft's metrics and this node's liveness. Reads only.
 
 use super::*;
+use tandem_http_api::types::HeartbeatsDropped;
 
 impl Agent {
     // ---- views ----
@@ -99,6 +100,17 @@ impl Agent {
             applied_index: metrics.as_ref().and_then(|x| x.last_applied.map(|l| l.index)),
             snapshot_index: metrics.as_ref().and_then(|x| x.snapshot.map(|l| l.index)),
             purged_index: metrics.as_ref().and_then(|x| x.purged.map(|l| l.index)),
+            heartbeats_dropped: {
+                let d = self.liveness.drops();
+                HeartbeatsDropped {
+                    forged: d.forged,
+                    replayed: d.replayed,
+                    stale: d.stale,
+                    malformed: d.malformed,
+                    unknown_key: d.unknown_key,
+                    misdirected: d.misdirected,
+                }
+            },
         }
     }
 }

@@ -294,7 +294,8 @@ mod volume_api_tests {
             witness: false,
         };
         let mut s = ClusterState::default();
-        s.apply(&Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node: node("n1", 1) }).unwrap();
+        s.apply(&Command::Bootstrap { cluster_id: "c".into(), node_id: 1, node: node("n1", 1), heartbeat_key: None })
+            .unwrap();
         s.apply(&Command::AddNode { node: node("n2", 2) }).unwrap();
         s.apply(&Command::AddNode { node: node("n3", 3) }).unwrap();
         let spec = serde_json::from_value(serde_json::json!({
