@@ -206,13 +206,15 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 
 /// JSON body extractor whose every rejection is an [`ApiError`]. It ignores
 /// the Content-Type (so `curl -d` works) and treats an empty body as `{}`.
-pub struct ApiJson<T>(pub T);
+/// `LIMIT` is the largest body taken (Raft RPCs carry log batches and
+/// snapshots, far larger than any request a person sends).
+pub struct ApiJson<T, const LIMIT: usize = MAX_BODY_BYTES>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S> for ApiJson<T, LIMIT> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
-        let bytes = read_body(req.into_body(), MAX_BODY_BYTES).await?;
+        let bytes = read_body(req.into_body(), LIMIT).await?;
         // serde reads a JSON array as a struct of the same fields in order:
         // every body here is an object, so an array is refused as such.
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
@@ -1088,7 +1090,7 @@ fn raft_target(b: &SharedBackend, headers: &HeaderMap) -> Result<Raft, ApiError>
 async fn raft_append(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
-    ApiJson(rpc): ApiJson<AppendEntriesRequest<TypeConfig>>,
+    ApiJson(rpc): ApiJson<AppendEntriesRequest<TypeConfig>, MAX_RAFT_BODY_BYTES>,
 ) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
     Ok(Json(raft.append_entries(rpc).await))
@@ -1097,7 +1099,7 @@ async fn raft_append(
 async fn raft_vote(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
-    ApiJson(rpc): ApiJson<VoteRequest<NodeId>>,
+    ApiJson(rpc): ApiJson<VoteRequest<NodeId>, MAX_RAFT_BODY_BYTES>,
 ) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
     // A removed node that comes back with its old identity must not disturb
@@ -1113,7 +1115,7 @@ async fn raft_vote(
 async fn raft_snapshot(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
-    ApiJson(rpc): ApiJson<InstallSnapshotRequest<TypeConfig>>,
+    ApiJson(rpc): ApiJson<InstallSnapshotRequest<TypeConfig>, MAX_RAFT_BODY_BYTES>,
 ) -> Result<Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
     Ok(Json(raft.install_snapshot(rpc).await))
@@ -1205,6 +1207,44 @@ pub struct ApiDoc;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn read_body_keeps_a_body_within_the_limit_and_refuses_a_longer_one() {
+        assert_eq!(read_body(Body::from(vec![7u8; 100]), 100).await.unwrap(), Bytes::from(vec![7u8; 100]));
+        assert_eq!(read_body(Body::empty(), 100).await.unwrap(), Bytes::new());
+        assert_eq!(read_body(Body::from(vec![7u8; 101]), 100).await, Err(ApiError::BodyTooLarge { limit: 100 }));
+        // Past the drain cap it stops reading and still refuses.
+        let huge = Body::from(vec![0u8; DRAIN_CAP_BYTES + 1]);
+        assert_eq!(read_body(huge, 100).await, Err(ApiError::BodyTooLarge { limit: 100 }));
+    }
+
+    #[tokio::test]
+    async fn an_oversize_body_is_read_to_its_end_before_the_refusal() {
+        // The whole stream is consumed: the sender is never cut off mid-write.
+        let chunks: Vec<Result<Bytes, std::io::Error>> = (0..64).map(|_| Ok(Bytes::from(vec![1u8; 4096]))).collect();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let tail = signalling_stream(chunks, tx);
+        assert!(read_body(Body::from_stream(tail), 1024).await.is_err());
+        assert!(rx.await.is_ok(), "the body was not read to its end");
+    }
+
+    /// A stream of `chunks` that signals when its end has been reached.
+    fn signalling_stream(
+        chunks: Vec<Result<Bytes, std::io::Error>>,
+        done: tokio::sync::oneshot::Sender<()>,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+        let mut it = chunks.into_iter();
+        let mut done = Some(done);
+        futures_util::stream::poll_fn(move |_| {
+            let next = it.next();
+            if next.is_none() {
+                if let Some(d) = done.take() {
+                    let _ = d.send(());
+                }
+            }
+            std::task::Poll::Ready(next)
+        })
+    }
 
     #[derive(Debug, Deserialize, PartialEq)]
     #[serde(deny_unknown_fields)]
