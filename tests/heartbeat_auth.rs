@@ -218,3 +218,42 @@ async fn forged_and_replayed_heartbeats_of_a_dead_node_change_nothing() {
         assert!(!log.contains(&key), "the key is in {}'s log", n.name);
     }
 }
+
+/// A removed node knew the heartbeat key: removing it rotates the key on
+/// every remaining node, and the old key stops counting some seconds later.
+#[tokio::test(flavor = "multi_thread")]
+async fn removing_a_node_rotates_the_heartbeat_key_and_retires_the_old_one() {
+    let c = Cluster::start(&["n1", "n2", "n3", "n4"], Opts::default()).await;
+    let leader = c.leader().await;
+    let gone = c.nodes.iter().map(|n| n.name.clone()).find(|n| *n != leader).unwrap();
+    let stay: Vec<String> = c.nodes.iter().map(|n| n.url()).filter(|u| *u != c.node(&gone).url()).collect();
+    let (_, before) = get(&format!("{}/v1/local", c.node(&leader).url())).await;
+    let generation = before["heartbeat_key_generation"].as_u64().expect("the cluster seals its heartbeats");
+    let (st, v) = delete(&format!("{}/v1/nodes/{gone}", c.node(&leader).url())).await;
+    assert_eq!(st, 204, "{v}");
+    for url in &stay {
+        wait_until(Duration::from_secs(10), "a new heartbeat key on every remaining node", || async {
+            let (_, l) = get(&format!("{url}/v1/local")).await;
+            l["heartbeat_key_generation"].as_u64() == Some(generation + 1)
+        })
+        .await;
+    }
+    for url in &stay {
+        wait_until(Duration::from_secs(40), "the previous key retired", || async {
+            let (_, l) = get(&format!("{url}/v1/local")).await;
+            l["heartbeat_key_generation"].as_u64() == Some(generation + 1)
+                && l["heartbeat_previous_key_accepted"] == false
+        })
+        .await;
+    }
+    // The cluster still hears itself under the new key: a write commits and
+    // every remaining node is online.
+    let (st, v) =
+        put(&format!("{}/v1/nodes/{leader}/attributes/after", c.node(&leader).url()), json!({"value": "rotation"}))
+            .await;
+    assert_eq!(st, 200, "{v}");
+    let (_, nodes) = get(&format!("{}/v1/nodes", c.node(&leader).url())).await;
+    let states: Vec<&str> = nodes.as_array().unwrap().iter().filter_map(|n| n["state"].as_str()).collect();
+    assert_eq!(states.len(), 3, "{nodes}");
+    assert!(states.iter().all(|s| *s == "online"), "{nodes}");
+}

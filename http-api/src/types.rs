@@ -149,6 +149,13 @@ pub struct LocalView {
     /// Heartbeat datagrams this agent dropped since it started, per reason.
     #[serde(default)]
     pub heartbeats_dropped: HeartbeatsDropped,
+    /// The heartbeat key generation this node seals with (none: the
+    /// cluster's heartbeats are not sealed yet), and whether the key
+    /// before it is still accepted (for some seconds after a rotation).
+    #[serde(default)]
+    pub heartbeat_key_generation: Option<u32>,
+    #[serde(default)]
+    pub heartbeat_previous_key_accepted: bool,
 }
 
 /// Heartbeat datagrams dropped, per reason; none of them counted as

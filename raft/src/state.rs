@@ -145,6 +145,12 @@ pub enum Command {
     RotateHeartbeatKey {
         key: HeartbeatSecret,
     },
+    /// Stops accepting the key before `generation` (proposed by the leader
+    /// some seconds after a rotation, once every node has had time to apply
+    /// it). A no-op if another rotation came since.
+    RetireHeartbeatKey {
+        generation: u32,
+    },
     /// Records a joining node under the next unused id.
     AddNode {
         node: NodeSpec,
@@ -599,6 +605,12 @@ impl ClusterState {
                 k.generation = k.generation.wrapping_add(1).max(1);
                 Ok(Reply::Done)
             }
+            Command::RetireHeartbeatKey { generation } => {
+                if self.heartbeat_keys.generation == *generation {
+                    self.heartbeat_keys.previous = None;
+                }
+                Ok(Reply::Done)
+            }
             Command::AddNode { node } => {
                 self.check_new_node(node)?;
                 let id = self.next_node_id;
@@ -846,6 +858,19 @@ mod tests {
         assert_eq!(serde_json::from_str::<ClusterState>(&json).unwrap(), s);
         let old = ClusterState { heartbeat_keys: HeartbeatKeys::default(), ..s.clone() };
         assert!(!serde_json::to_string(&old).unwrap().contains("heartbeat_keys"));
+    }
+
+    #[test]
+    fn retiring_drops_the_previous_key_of_that_generation_only() {
+        let mut s = booted();
+        let k2 = HeartbeatSecret::from_bytes(&[2; 32]);
+        s.apply(&Command::RotateHeartbeatKey { key: k2.clone() }).unwrap();
+        // Asked for an older generation (another rotation came since): nothing changes.
+        let before = s.clone();
+        assert_eq!(s.apply(&Command::RetireHeartbeatKey { generation: 1 }), Ok(Reply::Done));
+        assert_eq!(s, before);
+        assert_eq!(s.apply(&Command::RetireHeartbeatKey { generation: 2 }), Ok(Reply::Done));
+        assert_eq!(s.heartbeat_keys, HeartbeatKeys { generation: 2, current: Some(k2), previous: None });
     }
 
     #[test]
@@ -1315,6 +1340,7 @@ mod tests {
                     false => HeartbeatSecret(format!("{b:02x}")),
                 },
             }),
+            (0u32..4).prop_map(|generation| Command::RetireHeartbeatKey { generation }),
             arb_spec.prop_map(|node| Command::AddNode { node }),
             arb_name().prop_map(|name| Command::RemoveNode { name }),
             (arb_name(), arb_state).prop_map(|(name, state)| Command::SetAdminState { name, state }),

@@ -9,6 +9,11 @@ use crate::liveness::frame::KeyRing;
 use crate::liveness::Identity;
 use tandem_raft::state::HeartbeatSecret;
 
+/// How long the previous heartbeat key still counts after a rotation:
+/// far longer than any node takes to apply the rotation, short enough
+/// that a removed node's copy stops counting soon.
+const RETIRE_PREVIOUS_KEY_AFTER: Duration = Duration::from_secs(10);
+
 impl Agent {
     /// Every voter with the send time (our clock) of the newest heartbeat
     /// of ours it echoed back (this node's own entry is left to the core,
@@ -84,6 +89,44 @@ impl Agent {
         tracing::info!("the cluster has no heartbeat key: giving it one (heartbeats are sealed from now on)");
         self.propose(m, Command::RotateHeartbeatKey { key: new_heartbeat_key()? }).await?;
         Ok(true)
+    }
+
+    /// On the leader, after a rotation: once the previous key has been
+    /// accepted for [`RETIRE_PREVIOUS_KEY_AFTER`] (as this node saw it; a
+    /// new leader starts counting again), proposes to stop accepting it,
+    /// so that a removed node's copy of the key stops counting. Returns
+    /// whether it proposed.
+    pub(super) async fn retire_heartbeat_key(&self, m: &Member, state: &ClusterState) -> Result<bool, ApiError> {
+        let keys = &state.heartbeat_keys;
+        let now = Instant::now();
+        let due = {
+            let mut seen = self.previous_heartbeat_key.lock().unwrap_or_else(|e| e.into_inner());
+            if keys.previous.is_none() {
+                *seen = None;
+                return Ok(false);
+            }
+            match *seen {
+                Some((generation, since)) if generation == keys.generation => {
+                    now.saturating_duration_since(since) >= RETIRE_PREVIOUS_KEY_AFTER
+                }
+                _ => {
+                    *seen = Some((keys.generation, now));
+                    false
+                }
+            }
+        };
+        if !due {
+            return Ok(false);
+        }
+        tracing::info!(generation = keys.generation, "heartbeats sealed with the previous key no longer count");
+        self.propose(m, Command::RetireHeartbeatKey { generation: keys.generation }).await?;
+        Ok(true)
+    }
+
+    /// A new heartbeat key (after a node is removed: it knew the old one).
+    pub(super) async fn rotate_heartbeat_key(&self, m: &Member) -> Result<(), ApiError> {
+        self.propose(m, Command::RotateHeartbeatKey { key: new_heartbeat_key()? }).await?;
+        Ok(())
     }
 
     /// The lease as the reconciler sees it now.

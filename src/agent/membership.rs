@@ -261,6 +261,13 @@ impl Agent {
         }
         self.propose(&m, Command::RemoveNode { name: name.to_string() }).await?;
         self.liveness.forget(rec.id);
+        // The removed node knows the heartbeat key: a new one (the old one
+        // is retired a few seconds later by the leader's autopilot round).
+        if !state.heartbeat_keys.is_empty() {
+            if let Err(e) = self.rotate_heartbeat_key(&m).await {
+                tracing::warn!("heartbeat key not rotated after removing {name}: {e}");
+            }
+        }
         let release = ReleaseRequest { cluster_id: m.cluster_id.clone(), node_id: rec.id };
         match self.post_first::<_, serde_json::Value>(&rec.urls(), "/internal/release", &release, PEER_TIMEOUT).await {
             Ok(Ok(_)) => {}
@@ -381,7 +388,7 @@ impl Agent {
             tracing::info!(node = %missing.name, "re-adding a recorded node missing from raft membership");
             return self.add_learner(&m, missing.id, Peer { urls: missing.urls() }).await;
         }
-        if self.give_heartbeat_key(&m, &state).await? {
+        if self.give_heartbeat_key(&m, &state).await? || self.retire_heartbeat_key(&m, &state).await? {
             return Ok(());
         }
         let input = autopilot::Input {

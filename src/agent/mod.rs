@@ -110,6 +110,9 @@ pub struct Agent {
     /// Audit entries waiting to be replicated (bounded).
     audit_queue: std::sync::Mutex<AuditQueue>,
     membership_lock: tokio::sync::Mutex<()>,
+    /// On the leader: the heartbeat key generation whose previous key is
+    /// still accepted, and since when this node has seen it so.
+    previous_heartbeat_key: std::sync::Mutex<Option<(u32, Instant)>>,
     /// Runs the groups placed on this node; present while a member.
     executor: tokio::sync::Mutex<Option<Executor>>,
     /// The lease, its lapse and stepping out: the decisions (pure).
@@ -201,6 +204,7 @@ impl Agent {
             pending_join: Default::default(),
             audit_queue: Default::default(),
             membership_lock: tokio::sync::Mutex::new(()),
+            previous_heartbeat_key: Default::default(),
             executor: tokio::sync::Mutex::new(None),
             guard: Arc::new(LeaseGuard::new(inherited)),
             run,

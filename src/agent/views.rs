@@ -100,6 +100,12 @@ impl Agent {
             applied_index: metrics.as_ref().and_then(|x| x.last_applied.map(|l| l.index)),
             snapshot_index: metrics.as_ref().and_then(|x| x.snapshot.map(|l| l.index)),
             purged_index: metrics.as_ref().and_then(|x| x.purged.map(|l| l.index)),
+            heartbeat_key_generation: m.as_ref().and_then(|m| {
+                m.state.read(|d| (!d.state.heartbeat_keys.is_empty()).then_some(d.state.heartbeat_keys.generation))
+            }),
+            heartbeat_previous_key_accepted: m
+                .as_ref()
+                .is_some_and(|m| m.state.read(|d| d.state.heartbeat_keys.previous.is_some())),
             heartbeats_dropped: {
                 let d = self.liveness.drops();
                 HeartbeatsDropped {
