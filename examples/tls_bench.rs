@@ -160,7 +160,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// `n` writes (one Raft entry each) through the leader, one client: p50, p99 ms.
-async fn writes(c: &Cluster, n: usize) -> (f64, f64) {
+async fn writes(c: &Cluster, n: usize) -> Vec<f64> {
     let u = c.agents[0].url();
     let mut lat = Vec::with_capacity(n);
     for i in 0..n {
@@ -171,8 +171,22 @@ async fn writes(c: &Cluster, n: usize) -> (f64, f64) {
         assert_eq!(st, 200, "{v}");
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    lat.sort_by(f64::total_cmp);
-    (pct(&lat, 0.5), pct(&lat, 0.99))
+    lat
+}
+
+/// What one mode measured, pooled over its passes.
+#[derive(Default)]
+struct Mode {
+    writes: Vec<f64>,
+    failovers: Vec<f64>,
+    seq_mib_s: Vec<f64>,
+    rand_iops: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    pct(&v, 0.5)
 }
 
 async fn group_node(u: &str, g: &str) -> (String, String) {
@@ -296,42 +310,64 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let secs: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
     let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
-    let mut rows = Vec::new();
-    for tls in [true, false] {
-        eprintln!("TLS {}: forming the cluster...", if tls { "on" } else { "off" });
-        let mut c = start_cluster(tls).await;
-        let _ = writes(&c, 200).await; // warm-up
-        let w = writes(&c, 2000).await;
-        eprintln!("  writes p50 {:.2} ms p99 {:.2} ms", w.0, w.1);
-        let repl = replication(&c, secs).await;
-        eprintln!("  replication {repl:?}");
-        let mut f = failovers(&mut c, rounds).await;
-        f.sort_by(f64::total_cmp);
-        eprintln!("  failovers {f:?}");
-        rows.push((tls, w, repl, f));
+    // Passes alternate the modes (on, off, then off, on, ...) so that a
+    // change in the machine's load falls on both.
+    let passes: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(2).max(1);
+    let mut modes = [Mode::default(), Mode::default()]; // [on, off]
+    for pass in 0..passes {
+        let order = if pass % 2 == 0 { [true, false] } else { [false, true] };
+        for tls in order {
+            let name = if tls { "on" } else { "off" };
+            eprintln!("pass {pass}, TLS {name}: forming the cluster...");
+            let mut c = start_cluster(tls).await;
+            let _ = writes(&c, 200).await; // warm-up
+            let mut w = writes(&c, 2000).await;
+            w.sort_by(f64::total_cmp);
+            eprintln!("  writes p50 {:.2} ms p99 {:.2} ms", pct(&w, 0.5), pct(&w, 0.99));
+            let repl = replication(&c, secs).await;
+            eprintln!("  replication {repl:?}");
+            let f = failovers(&mut c, rounds).await;
+            eprintln!("  failovers {f:?}");
+            let m = &mut modes[usize::from(!tls)];
+            m.writes.extend(w);
+            m.failovers.extend(f);
+            m.seq_mib_s.push(repl[0].1);
+            m.rand_iops.push(repl[1].2);
+        }
     }
+    for m in &mut modes {
+        m.writes.sort_by(f64::total_cmp);
+        m.failovers.sort_by(f64::total_cmp);
+    }
+    println!(
+        "{passes} passes per mode, alternating; writes and failovers pooled, replication the median of the passes"
+    );
+    println!();
     println!("| TLS | write p50 ms | write p99 ms | failover p50 ms | failover max ms | seq write 1 MiB QD8 MiB/s | rand write 4 KiB QD32 IOPS |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (tls, w, repl, f) in &rows {
+    for (name, m) in [("on", &modes[0]), ("off", &modes[1])] {
         println!(
-            "| {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
-            if *tls { "on" } else { "off" },
-            w.0,
-            w.1,
-            pct(f, 0.5),
-            f.last().copied().unwrap_or(0.0),
-            repl[0].1,
-            repl[1].2
+            "| {name} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            pct(&m.writes, 0.5),
+            pct(&m.writes, 0.99),
+            pct(&m.failovers, 0.5),
+            m.failovers.last().copied().unwrap_or(0.0),
+            median(&m.seq_mib_s),
+            median(&m.rand_iops)
         );
     }
-    let (on, off) = (&rows[0], &rows[1]);
+    let [on, off] = &modes;
     println!();
     println!(
         "TLS on / off: write p50 {:+.0} %, p99 {:+.0} %; failover p50 {:+.0} %; 1 MiB QD8 {:.2}x; 4 KiB QD32 {:.2}x",
-        (on.1 .0 / off.1 .0 - 1.0) * 100.0,
-        (on.1 .1 / off.1 .1 - 1.0) * 100.0,
-        (pct(&on.3, 0.5) / pct(&off.3, 0.5) - 1.0) * 100.0,
-        on.2[0].1 / off.2[0].1,
-        on.2[1].2 / off.2[1].2
+        (pct(&on.writes, 0.5) / pct(&off.writes, 0.5) - 1.0) * 100.0,
+        (pct(&on.writes, 0.99) / pct(&off.writes, 0.99) - 1.0) * 100.0,
+        (pct(&on.failovers, 0.5) / pct(&off.failovers, 0.5) - 1.0) * 100.0,
+        median(&on.seq_mib_s) / median(&off.seq_mib_s),
+        median(&on.rand_iops) / median(&off.rand_iops)
+    );
+    println!(
+        "per pass: 1 MiB QD8 on {:?} off {:?}; 4 KiB QD32 on {:?} off {:?}",
+        on.seq_mib_s, off.seq_mib_s, on.rand_iops, off.rand_iops
     );
 }
