@@ -272,28 +272,41 @@ async fn replication(c: &Cluster, secs: u32) -> Vec<(String, f64, f64)> {
     for (name, rw, bs, qd) in
         [("seq write 1 MiB QD8", "write", "1M", 8), ("rand write 4 KiB QD32", "randwrite", "4k", 32)]
     {
-        let _ = Command::new("sync").status();
-        let o = Command::new("fio")
-            .args([
-                "--name=j",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                &format!("--rw={rw}"),
-                &format!("--bs={bs}"),
-                &format!("--iodepth={qd}"),
-                "--size=1G",
-                "--time_based",
-                &format!("--runtime={secs}"),
-                "--ramp_time=1",
-                "--output-format=json",
-            ])
-            .output()
-            .expect("fio (apt-get install fio)");
-        // fio's nbd engine says "connected" on stdout before the JSON.
-        let start = o.stdout.iter().position(|b| *b == b'{').unwrap_or(0);
-        let j: Value = serde_json::from_slice(&o.stdout[start..]).unwrap_or_else(|e| {
-            panic!("fio: {e}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-        });
+        // A job that fails (fio's nbd engine could not connect, a write
+        // error) is retried, never counted as 0 MiB/s.
+        let mut attempt = 0;
+        let j = loop {
+            attempt += 1;
+            let _ = Command::new("sync").status();
+            let o = Command::new("fio")
+                .args([
+                    "--name=j",
+                    "--ioengine=nbd",
+                    &format!("--uri={uri}"),
+                    &format!("--rw={rw}"),
+                    &format!("--bs={bs}"),
+                    &format!("--iodepth={qd}"),
+                    "--size=1G",
+                    "--time_based",
+                    &format!("--runtime={secs}"),
+                    "--ramp_time=1",
+                    "--output-format=json",
+                ])
+                .output()
+                .expect("fio (apt-get install fio)");
+            // fio's nbd engine says "connected" on stdout before the JSON.
+            let start = o.stdout.iter().position(|b| *b == b'{').unwrap_or(0);
+            let j: Value = serde_json::from_slice(&o.stdout[start..]).unwrap_or_else(|e| {
+                panic!("fio: {e}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+            });
+            let failed = !o.status.success() || j["jobs"][0]["error"].as_i64() != Some(0);
+            if !failed {
+                break j;
+            }
+            assert!(attempt < 3, "fio failed 3 times: {}", String::from_utf8_lossy(&o.stderr));
+            eprintln!("  fio {name} failed (retrying): {}", String::from_utf8_lossy(&o.stderr).trim());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
         let w = &j["jobs"][0]["write"];
         out.push((
             name.to_string(),

@@ -75,7 +75,12 @@ fn dummy(state_dir: &Path) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restarted_agent_adopts_its_running_resources() {
-    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    // What is tested is the adoption, not how fast an agent restarts: a
+    // lease of 2 s leaves a restart on a loaded test machine (RocksDB,
+    // TLS, the heartbeat handshake) the time it needs before the group
+    // would move.
+    let opts = Opts { extra: "[fencing]\nlease_ms = 2000\n".into(), ..Opts::default() };
+    let mut c = Cluster::start(&["n1", "n2", "n3"], opts).await;
     let log = c.tmp.path().join("events");
     let body = json!({"resources": [logged(&log), dummy(c.tmp.path())], "nodes": ["n1", "n2", "n3"]});
     let (st, v) = put(&format!("{}/v1/groups/web", c.nodes[1].url()), body).await;
