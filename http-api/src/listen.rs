@@ -33,6 +33,9 @@ pub struct PeerInfo {
     pub addr: Option<SocketAddr>,
     /// The node of the client certificate, verified at the handshake.
     pub node: Option<PeerNode>,
+    /// `sha256:<hex>` of the key of a verified client certificate that
+    /// names no member (a person's or a tool's: the auth layer looks it up).
+    pub cert_spki: Option<String>,
     /// The local user on the admin socket (`SO_PEERCRED`).
     pub local_uid: Option<u32>,
     /// Plain TCP (`[tls] enabled = false`, benchmarks only): nobody can
@@ -127,6 +130,6 @@ impl Connected<IncomingStream<'_, UnixListener>> for PeerInfo {
     fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
         let uid = stream.io().peer_cred().ok().map(|c| c.uid());
         // A peer whose credentials cannot be read is nobody in particular.
-        PeerInfo { addr: None, node: None, local_uid: Some(uid.unwrap_or(u32::MAX)), plaintext: false }
+        PeerInfo { addr: None, local_uid: Some(uid.unwrap_or(u32::MAX)), ..PeerInfo::default() }
     }
 }

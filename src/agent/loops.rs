@@ -59,6 +59,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     agent
         .tls
         .set_membership_check(Arc::new(move |id, name| weak.upgrade().is_some_and(|a| a.do_is_member_node(id, name))));
+    let weak = Arc::downgrade(&agent);
+    agent.tls.set_key_lookup(Arc::new(move |spki, cn| weak.upgrade().and_then(|a| a.do_member_by_key(spki, cn))));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let router = tandem_http_api::router(agent.clone());
