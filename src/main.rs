@@ -600,9 +600,9 @@ async fn client_command(
                 )
             });
         }
-        Cmd::Cert(CertCmd::Register { name, role, cert }) => {
+        Cmd::Cert(CertCmd::Register { name, role, file }) => {
             let pem =
-                std::fs::read_to_string(&cert).map_err(|e| cli::CliError::Input(format!("{}: {e}", cert.display())))?;
+                std::fs::read_to_string(&file).map_err(|e| cli::CliError::Input(format!("{}: {e}", file.display())))?;
             let body = json!({ "name": name, "role": role, "certificate": pem });
             (c.call(Method::POST, "/v1/certificates", Some(body)).await?, |v| {
                 let c: tandem_http_api::ClientCertCreated = parse(v)?;
