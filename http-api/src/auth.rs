@@ -178,13 +178,22 @@ fn principal(b: &SharedBackend, peer: &PeerInfo, req: &Request, need: Access) ->
         return Ok(Principal::Token { name, role });
     }
     if let Some(node) = &peer.node {
+        // Operator's CA: a connection made before this agent had the log
+        // was vouched for by the CA alone (id 0); the key pin decides now.
+        let node = if node.id == crate::listen::PROVISIONAL_NODE {
+            peer.cert_spki.as_deref().and_then(|s| b.member_by_key(s, &node.name)).ok_or_else(|| {
+                ApiError::CertificateRejected(format!("the certificate of {} names no current member", node.name))
+            })?
+        } else {
+            node.clone()
+        };
         if !b.is_member_node(node.id, &node.name) {
-            return Err(ApiError::TokenRejected(format!(
+            return Err(ApiError::CertificateRejected(format!(
                 "the certificate of node {} (id {}) belongs to no current member",
                 node.name, node.id
             )));
         }
-        return Ok(Principal::Node { name: node.name.clone() });
+        return Ok(Principal::Node { name: node.name });
     }
     if let Some(spki) = &peer.cert_spki {
         let (name, role) = b.authenticate_cert(spki)?;

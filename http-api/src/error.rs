@@ -374,7 +374,11 @@ impl ApiError {
                     .into()
             }
             CaUnavailable(_) => "Retry in a moment: the leader is fetching the cluster CA's key.".into(),
-            BadCertificate(_) => "Send a PEM certificate signing request made with the node's own key.".into(),
+            BadCertificate(_) => {
+                "Send a PEM certificate signing request made with the node's own key; with an operator's CA \
+                 ([tls] ca_file), a certificate that CA signed, valid now, whose common name is the node's name."
+                    .into()
+            }
             CertificateExists(_) => {
                 "Pick another name, or revoke the old certificate first (`tandem cert revoke`).".into()
             }

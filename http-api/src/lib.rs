@@ -137,6 +137,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether node `id` named `name` is a current member (a removed node's
     /// certificate stays valid cryptographically; this refuses it).
     fn is_member_node(&self, id: NodeId, name: &str) -> bool;
+    /// Operator's CA: the member whose certificate key pin is `spki`
+    /// (`cn`: the certificate's common name, for an agent without the log yet).
+    fn member_by_key(&self, spki: &str, cn: &str) -> Option<listen::PeerNode>;
     /// Queues an audit entry for replication (bounded; never blocks).
     fn record_audit(&self, entry: tandem_raft::access::AuditEntry);
     /// The node-to-node HTTP client (mutual TLS), for forwarding.

@@ -376,6 +376,10 @@ impl Backend for Agent {
         self.do_revoke_token(name).await
     }
 
+    fn member_by_key(&self, spki: &str, cn: &str) -> Option<tandem_http_api::listen::PeerNode> {
+        self.do_member_by_key(spki, cn)
+    }
+
     fn authenticate_cert(&self, spki: &str) -> Result<(String, tandem_raft::access::Role), ApiError> {
         self.do_authenticate_cert(spki)
     }

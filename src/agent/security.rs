@@ -103,7 +103,7 @@ impl Agent {
         let m = self.member()?;
         m.state.read(|d| {
             if d.state.nodes.is_empty() {
-                return Some(PeerNode { id: 0, name: cn.to_string() });
+                return Some(PeerNode { id: tandem_http_api::listen::PROVISIONAL_NODE, name: cn.to_string() });
             }
             let id = d.state.node_certs.iter().find(|(_, s)| *s == spki).map(|(id, _)| *id)?;
             d.state.nodes.get(&id).map(|n| PeerNode { id, name: n.name.clone() })

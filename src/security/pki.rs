@@ -30,6 +30,8 @@ pub enum PkiError {
     BadRequest(String),
     #[error("not a valid private key: {0}")]
     BadKey(String),
+    #[error("{0}")]
+    Untrusted(String),
 }
 
 impl PkiError {
@@ -262,7 +264,7 @@ pub fn check_signed_by(ca_pem: &str, cert_pem: &str) -> Result<(), PkiError> {
             return Ok(());
         }
     }
-    Err(PkiError::BadCertificate("not signed by the configured CA".into()))
+    Err(PkiError::Untrusted("the certificate is not signed by the configured CA".into()))
 }
 
 /// Whether `key_pem` (PKCS#8, PKCS#1 or SEC1) is the key of `cert_pem`.

@@ -251,11 +251,8 @@ impl Tls {
         (ours.as_deref() == Some(id.cluster_id.as_str())).then_some(PeerNode { id: id.node_id, name: id.name })
     }
 
-    /// The key pin of a verified client certificate that names no member.
-    pub fn client_spki(&self, certs: Option<&[CertificateDer<'_>]>, node: Option<&PeerNode>) -> Option<String> {
-        if node.is_some() {
-            return None;
-        }
+    /// The key pin of a verified client certificate.
+    pub fn client_spki(&self, certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
         pki::spki_hash(certs?.first()?).ok()
     }
 
@@ -480,7 +477,7 @@ pub async fn accept_api(listener: TcpListener, tls: Arc<Tls>, tx: mpsc::Sender<(
                 Ok(Ok(stream)) => {
                     let certs = stream.get_ref().1.peer_certificates();
                     let node = tls.peer_node(certs);
-                    let cert_spki = tls.client_spki(certs, node.as_ref());
+                    let cert_spki = tls.client_spki(certs);
                     let peer = PeerInfo { addr: Some(addr), node, cert_spki, ..PeerInfo::default() };
                     let _ = tx.send((ApiStream::Tls(Box::new(stream)), peer)).await;
                 }
