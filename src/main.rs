@@ -43,11 +43,11 @@ struct Cli {
     cacert: Option<PathBuf>,
     /// A client certificate (PEM, from `tandem cert create`) to present
     /// instead of a token; needs --key.
-    #[arg(long, global = true, env = "TANDEM_CERT", requires = "key")]
-    cert: Option<PathBuf>,
+    #[arg(long = "cert", global = true, env = "TANDEM_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
     /// The client certificate's key (PEM).
-    #[arg(long, global = true, env = "TANDEM_KEY", requires = "cert")]
-    key: Option<PathBuf>,
+    #[arg(long = "key", global = true, env = "TANDEM_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Talk to the agent's admin socket (<data_dir>/admin.sock; root on the
     /// node) instead of the endpoint: no token needed.
     #[arg(long, global = true, env = "TANDEM_SOCKET")]
@@ -391,7 +391,12 @@ fn main() -> ExitCode {
         }
         cmd => match rt.block_on(client_command(
             cli.endpoint,
-            cli::Access { token: cli.token, cacert: cli.cacert, socket: cli.socket, cert: cli.cert.zip(cli.key) },
+            cli::Access {
+                token: cli.token,
+                cacert: cli.cacert,
+                socket: cli.socket,
+                cert: cli.client_cert.zip(cli.client_key),
+            },
             cli.json,
             cmd,
         )) {
