@@ -202,7 +202,19 @@ impl Agent {
         if actual != pin {
             return Err(ApiError::CaMismatch { url: via.to_string(), expected: pin.to_string(), actual });
         }
-        let external = self.external_files();
+        // The operator may have renewed the files since the agent started.
+        let external = if self.tls.external {
+            let now = now_utc().unix_timestamp();
+            let files = self
+                .cfg
+                .tls
+                .read_external(&self.cfg.name, now)
+                .map_err(|(key, e)| ApiError::BadCertificate(format!("{key}: {e}")))?;
+            *self.external_tls.lock().unwrap_or_else(|p| p.into_inner()) = files.clone();
+            files
+        } else {
+            None
+        };
         if let Some(files) = &external {
             let ours = pki::ca_hash(&files.ca_pem).map_err(pki_err)?;
             if ours != actual {
