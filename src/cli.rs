@@ -56,6 +56,9 @@ pub struct Access {
     pub cacert: Option<std::path::PathBuf>,
     /// The agent's admin socket instead of the endpoint (root on the node).
     pub socket: Option<std::path::PathBuf>,
+    /// A client certificate and its key, PEM (`TANDEM_CERT`, `TANDEM_KEY`):
+    /// presented instead of a token (`tandem cert create`).
+    pub cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// The per-user defaults file, `~/.config/tandem/cli.toml`:
@@ -104,6 +107,16 @@ impl Client {
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| CliError::Input(format!("{}: not a PEM certificate: {e}", path.display())))?;
             b = b.tls_certs_only(certs);
+        }
+        if let Some((cert, key)) = &access.cert {
+            let read =
+                |p: &std::path::Path| std::fs::read(p).map_err(|e| CliError::Input(format!("{}: {e}", p.display())));
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend(read(key)?);
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| CliError::Input(format!("{} and {}: {e}", cert.display(), key.display())))?;
+            b = b.identity(id);
         }
         let http = b.build().map_err(|e| unreachable(e.to_string()))?;
         // The admin socket needs no token (and a token for another cluster
@@ -509,6 +522,23 @@ pub fn tokens_table(tokens: &[tandem_http_api::TokenView]) -> String {
         })
         .collect();
     table(&["NAME", "ROLE", "CREATED (UTC)", "EXPIRES (UTC)", "BY"], &rows)
+}
+
+pub fn certs_table(certs: &[tandem_http_api::ClientCertView]) -> String {
+    let rows: Vec<Vec<String>> = certs
+        .iter()
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                lower(&c.role),
+                utc(c.not_after_ms),
+                c.serial.clone(),
+                c.spki.clone(),
+                c.created_by.clone(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "ROLE", "EXPIRES (UTC)", "SERIAL", "KEY", "BY"], &rows)
 }
 
 pub fn audit_table(entries: &[tandem_raft::access::AuditEntry]) -> String {

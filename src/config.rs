@@ -75,11 +75,71 @@ pub struct TlsConfig {
     pub enabled: bool,
     /// Lifetime of the node certificates this node signs (as a voter).
     pub node_cert_days: u32,
+    /// Bring your own CA: the operator's CA certificate(s), PEM. With
+    /// `cert_file` and `key_file` (all three or none), the cluster makes,
+    /// holds and signs nothing: the operator issues and renews every
+    /// certificate, and the agent re-reads these files when they change.
+    pub ca_file: Option<PathBuf>,
+    /// This node's certificate, PEM, signed by a CA of `ca_file`; its common
+    /// name is the node's `name`, its IP SANs the node's `addresses`.
+    pub cert_file: Option<PathBuf>,
+    /// This node's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        TlsConfig { enabled: true, node_cert_days: 365 }
+        TlsConfig { enabled: true, node_cert_days: 365, ca_file: None, cert_file: None, key_file: None }
+    }
+}
+
+/// An operator's CA, node certificate and key, as read from `[tls]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ExternalTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TlsConfig {
+    /// Whether the CA is the operator's (`ca_file` set).
+    pub fn external(&self) -> bool {
+        self.ca_file.is_some()
+    }
+
+    /// Reads and checks the operator's files. Errors name the key at fault.
+    pub fn read_external(&self, name: &str, now: i64) -> Result<Option<ExternalTls>, (&'static str, String)> {
+        let (ca, cert, key) = match (&self.ca_file, &self.cert_file, &self.key_file) {
+            (None, None, None) => return Ok(None),
+            (Some(a), Some(b), Some(c)) => (a, b, c),
+            (None, _, _) => {
+                return Err(("tls.ca_file", "cert_file and key_file need ca_file (all three or none)".into()))
+            }
+            (_, None, _) => {
+                return Err(("tls.cert_file", "ca_file needs cert_file and key_file (all three or none)".into()))
+            }
+            (_, _, None) => {
+                return Err(("tls.key_file", "ca_file needs cert_file and key_file (all three or none)".into()))
+            }
+        };
+        if !self.enabled {
+            return Err(("tls.ca_file", "is set while tls.enabled = false".into()));
+        }
+        let read = |key: &'static str, p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| (key, format!("cannot read {}: {e}", p.display())))
+        };
+        let files = ExternalTls {
+            ca_pem: read("tls.ca_file", ca)?,
+            cert_pem: read("tls.cert_file", cert)?,
+            key_pem: read("tls.key_file", key)?,
+        };
+        use crate::security::pki::{check_external, ExternalFault};
+        check_external(&files.ca_pem, &files.cert_pem, &files.key_pem, name, now).map_err(|f| match f {
+            ExternalFault::Ca(m) => ("tls.ca_file", format!("{}: {m}", ca.display())),
+            ExternalFault::Cert(m) => ("tls.cert_file", format!("{}: {m}", cert.display())),
+            ExternalFault::Key(m) => ("tls.key_file", format!("{}: {m}", key.display())),
+        })?;
+        Ok(Some(files))
     }
 }
 
@@ -294,6 +354,8 @@ impl Config {
         if !(1..=3650).contains(&self.tls.node_cert_days) {
             return Err(bad("tls.node_cert_days", "must be 1 to 3650".into()));
         }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.tls.read_external(&self.name, now).map_err(|(key, message)| bad(key, message))?;
         if !(tandem_raft::access::MIN_AUDIT_RETAIN..=tandem_raft::access::MAX_AUDIT_RETAIN)
             .contains(&self.audit.retention)
         {

@@ -70,7 +70,7 @@ struct Node {
 /// The demo's credentials: `<dir>/admin.token` and `<dir>/ca.pem`.
 fn access(dir: &Path) -> crate::cli::Access {
     let token = std::fs::read_to_string(dir.join("admin.token")).ok().map(|t| t.trim().to_string());
-    crate::cli::Access { token, cacert: Some(dir.join("ca.pem")), socket: None }
+    crate::cli::Access { token, cacert: Some(dir.join("ca.pem")), ..Default::default() }
 }
 
 fn admin_client(dir: &Path, url: &str) -> anyhow::Result<Client> {

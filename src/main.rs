@@ -41,6 +41,13 @@ struct Cli {
     /// The cluster CA to trust for HTTPS (PEM; <data_dir>/tls/ca.pem on a node).
     #[arg(long, global = true, env = "TANDEM_CACERT")]
     cacert: Option<PathBuf>,
+    /// A client certificate (PEM, from `tandem cert create`) to present
+    /// instead of a token; needs --key.
+    #[arg(long = "cert", global = true, env = "TANDEM_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long = "key", global = true, env = "TANDEM_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Talk to the agent's admin socket (<data_dir>/admin.sock; root on the
     /// node) instead of the endpoint: no token needed.
     #[arg(long, global = true, env = "TANDEM_SOCKET")]
@@ -101,6 +108,10 @@ enum Cmd {
     /// API tokens: create (the secret is shown once), list, revoke.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Client certificates for people and tools, each mapped to a role:
+    /// create (the key is made here), register, list, revoke.
+    #[command(subcommand)]
+    Cert(CertCmd),
     /// The audit log: who did what, from where, with what outcome.
     Audit {
         /// Only entries after this id.
@@ -252,6 +263,53 @@ enum TokenCmd {
     Revoke { name: String },
 }
 
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Make a key here and have the cluster's CA sign a client certificate
+    /// for it: writes <out>.pem and <out>.key (mode 0600). The key never
+    /// leaves this machine. Clusters with the operator's CA: `register`.
+    Create {
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Days the certificate is valid (default 365, at most 3650).
+        #[arg(long)]
+        days: Option<u32>,
+        /// Path prefix of the files written: <out>.pem and <out>.key.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Record a client certificate the operator's CA issued (clusters with
+    /// [tls] ca_file) under a name and a role.
+    Register {
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// The certificate, PEM.
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
+    /// List the recorded client certificates.
+    List,
+    /// Revoke a client certificate: refused from now on, on every node.
+    Revoke { name: String },
+}
+
+/// Writes `text` to a new file of mode `mode` (refuses to overwrite).
+fn write_new(path: &std::path::Path, text: &str, mode: u32) -> Result<(), cli::CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| cli::CliError::Input(format!("{}: {e}", path.display())))?;
+    f.write_all(text.as_bytes()).map_err(|e| cli::CliError::Input(format!("{}: {e}", path.display())))
+}
+
 fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -333,7 +391,12 @@ fn main() -> ExitCode {
         }
         cmd => match rt.block_on(client_command(
             cli.endpoint,
-            cli::Access { token: cli.token, cacert: cli.cacert, socket: cli.socket },
+            cli::Access {
+                token: cli.token,
+                cacert: cli.cacert,
+                socket: cli.socket,
+                cert: cli.client_cert.zip(cli.client_key),
+            },
             cli.json,
             cmd,
         )) {
@@ -508,6 +571,60 @@ async fn client_command(
         Cmd::Token(TokenCmd::Revoke { name }) => {
             c.call(Method::DELETE, &format!("/v1/tokens/{}", enc(&name)), None).await?;
             return Ok(if json_out { "null\n".into() } else { format!("token {name} revoked\n") });
+        }
+        Cmd::Cert(CertCmd::Create { name, role, days, out }) => {
+            let with = |ext: &str| {
+                let mut p = out.clone().into_os_string();
+                p.push(ext);
+                std::path::PathBuf::from(p)
+            };
+            let (cert_path, key_path) = (with(".pem"), with(".key"));
+            for p in [&cert_path, &key_path] {
+                if p.exists() {
+                    return Err(cli::CliError::Input(format!("{} exists; pick another --out", p.display())));
+                }
+            }
+            let (key_pem, csr) = tandem::security::pki::new_request(&name)
+                .map_err(|e| cli::CliError::Input(format!("cannot make a key: {e}")))?;
+            let body = json!({ "name": name, "role": role, "csr": csr, "days": days });
+            let v = c.call(Method::POST, "/v1/certificates", Some(body)).await?;
+            let created: tandem_http_api::ClientCertCreated = parse(v.clone())?;
+            write_new(&key_path, &key_pem, 0o600)?;
+            write_new(&cert_path, &created.certificate, 0o644)?;
+            return Ok(if json_out {
+                format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
+            } else {
+                format!(
+                    "client certificate {} ({}): {} and {} (key, mode 0600)\nUse it: curl --cert {} --key {} --cacert <ca.pem> ...\n",
+                    created.view.name,
+                    cli::lower(&created.view.role),
+                    cert_path.display(),
+                    key_path.display(),
+                    cert_path.display(),
+                    key_path.display()
+                )
+            });
+        }
+        Cmd::Cert(CertCmd::Register { name, role, file }) => {
+            let pem =
+                std::fs::read_to_string(&file).map_err(|e| cli::CliError::Input(format!("{}: {e}", file.display())))?;
+            let body = json!({ "name": name, "role": role, "certificate": pem });
+            (c.call(Method::POST, "/v1/certificates", Some(body)).await?, |v| {
+                let c: tandem_http_api::ClientCertCreated = parse(v)?;
+                Ok(format!(
+                    "client certificate {} ({}) recorded: key {}\n",
+                    c.view.name,
+                    cli::lower(&c.view.role),
+                    c.view.spki
+                ))
+            })
+        }
+        Cmd::Cert(CertCmd::List) => (c.call(Method::GET, "/v1/certificates", None).await?, |v| {
+            Ok(cli::certs_table(&parse::<Vec<tandem_http_api::ClientCertView>>(v)?))
+        }),
+        Cmd::Cert(CertCmd::Revoke { name }) => {
+            c.call(Method::DELETE, &format!("/v1/certificates/{}", enc(&name)), None).await?;
+            return Ok(if json_out { "null\n".into() } else { format!("client certificate {name} revoked\n") });
         }
         Cmd::Audit { since, limit } => {
             (c.call(Method::GET, &format!("/v1/audit?since={since}&limit={limit}"), None).await?, |v| {

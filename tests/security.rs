@@ -50,6 +50,9 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/v1/tokens", "admin"),
     ("DELETE", "/v1/tokens/{name}", "admin"),
     ("POST", "/v1/cluster/join-token", "admin"),
+    ("GET", "/v1/certificates", "admin"),
+    ("POST", "/v1/certificates", "admin"),
+    ("DELETE", "/v1/certificates/{name}", "admin"),
     ("GET", "/v1/audit", "admin"),
     ("POST", "/v1/cluster/init", "local"),
     ("POST", "/v1/cluster/join", "local"),
@@ -66,6 +69,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/internal/release", "node"),
     ("POST", "/internal/audit", "node"),
     ("POST", "/internal/certificate", "node"),
+    ("POST", "/internal/node-certificate", "node"),
     ("POST", "/internal/ca-key", "node"),
 ];
 

@@ -54,9 +54,21 @@ pub enum Access {
 /// Who sent a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    Token { name: String, role: Role },
-    Node { name: String },
-    Local { uid: u32 },
+    Token {
+        name: String,
+        role: Role,
+    },
+    /// A recorded client certificate (a person's or a tool's).
+    Certificate {
+        name: String,
+        role: Role,
+    },
+    Node {
+        name: String,
+    },
+    Local {
+        uid: u32,
+    },
     Anonymous,
 }
 
@@ -65,6 +77,7 @@ impl Principal {
     pub fn describe(&self) -> String {
         match self {
             Principal::Token { name, .. } => format!("token:{name}"),
+            Principal::Certificate { name, .. } => format!("cert:{name}"),
             Principal::Node { name } => format!("node:{name}"),
             Principal::Local { uid } => format!("local:uid={uid}"),
             Principal::Anonymous => "anonymous".into(),
@@ -73,7 +86,7 @@ impl Principal {
 
     fn role_name(&self) -> &'static str {
         match self {
-            Principal::Token { role, .. } => role.as_str(),
+            Principal::Token { role, .. } | Principal::Certificate { role, .. } => role.as_str(),
             Principal::Node { .. } => "node",
             Principal::Local { .. } => "local",
             Principal::Anonymous => "none",
@@ -91,7 +104,7 @@ impl Principal {
             (Principal::Node { .. }, Access::Local) => false,
             (_, Access::OpenUntilMember) => false,
             (Principal::Node { .. }, _) => true,
-            (Principal::Token { role, .. }, need) => match need {
+            (Principal::Token { role, .. } | Principal::Certificate { role, .. }, need) => match need {
                 Access::Read => matches!(role, Role::Viewer | Role::Operator | Role::Admin),
                 Access::Operate => matches!(role, Role::Operator | Role::Admin),
                 Access::Admin => *role == Role::Admin,
@@ -116,7 +129,7 @@ pub fn access(method: &Method, route: &str) -> Access {
         ("GET" | "HEAD", "/v1/local") => OpenUntilMember,
         (_, "/v1/cluster/init" | "/v1/cluster/join") => Local,
         (_, r) if r.starts_with("/internal/") => Node,
-        ("GET", "/v1/tokens" | "/v1/audit") => Admin,
+        ("GET", "/v1/tokens" | "/v1/audit" | "/v1/certificates") => Admin,
         ("GET" | "HEAD", _) => Read,
         ("POST", "/v1/nodes") => Join,
         (
@@ -165,13 +178,26 @@ fn principal(b: &SharedBackend, peer: &PeerInfo, req: &Request, need: Access) ->
         return Ok(Principal::Token { name, role });
     }
     if let Some(node) = &peer.node {
+        // Operator's CA: a connection made before this agent had the log
+        // was vouched for by the CA alone (id 0); the key pin decides now.
+        let node = if node.id == crate::listen::PROVISIONAL_NODE {
+            peer.cert_spki.as_deref().and_then(|s| b.member_by_key(s, &node.name)).ok_or_else(|| {
+                ApiError::CertificateRejected(format!("the certificate of {} names no current member", node.name))
+            })?
+        } else {
+            node.clone()
+        };
         if !b.is_member_node(node.id, &node.name) {
-            return Err(ApiError::TokenRejected(format!(
+            return Err(ApiError::CertificateRejected(format!(
                 "the certificate of node {} (id {}) belongs to no current member",
                 node.name, node.id
             )));
         }
-        return Ok(Principal::Node { name: node.name.clone() });
+        return Ok(Principal::Node { name: node.name });
+    }
+    if let Some(spki) = &peer.cert_spki {
+        let (name, role) = b.authenticate_cert(spki)?;
+        return Ok(Principal::Certificate { name, role });
     }
     if let Some(uid) = peer.local_uid {
         return Ok(Principal::Local { uid });
@@ -339,12 +365,15 @@ mod tests {
     fn each_role_gets_exactly_its_access() {
         use Access::*;
         let all = [Open, Local, Read, Operate, Admin, Join, Node];
-        let table: [(Principal, &[Access]); 7] = [
+        let table: [(Principal, &[Access]); 10] = [
             (Principal::Anonymous, &[Open]),
             (tok(Role::Viewer), &[Open, Read]),
             (tok(Role::Operator), &[Open, Read, Operate]),
             (tok(Role::Admin), &[Open, Read, Operate, Admin, Join]),
             (tok(Role::Join), &[Open, Join]),
+            (Principal::Certificate { name: "c".into(), role: Role::Viewer }, &[Open, Read]),
+            (Principal::Certificate { name: "c".into(), role: Role::Operator }, &[Open, Read, Operate]),
+            (Principal::Certificate { name: "c".into(), role: Role::Admin }, &[Open, Read, Operate, Admin, Join]),
             (Principal::Node { name: "n".into() }, &[Open, Read, Operate, Admin, Join, Node]),
             (Principal::Local { uid: 0 }, &all),
         ];
@@ -366,6 +395,10 @@ mod tests {
         assert_eq!(access(&g, "/v1/groups"), Access::Read);
         assert_eq!(access(&g, "/v1/tokens"), Access::Admin);
         assert_eq!(access(&g, "/v1/audit"), Access::Admin);
+        assert_eq!(access(&g, "/v1/certificates"), Access::Admin);
+        assert_eq!(access(&p, "/v1/certificates"), Access::Admin);
+        assert_eq!(access(&Method::DELETE, "/v1/certificates/{name}"), Access::Admin);
+        assert_eq!(access(&p, "/internal/node-certificate"), Access::Node);
         assert_eq!(access(&p, "/v1/groups/{name}/move"), Access::Operate);
         assert_eq!(access(&Method::PUT, "/v1/groups/{name}"), Access::Admin);
         assert_eq!(access(&Method::DELETE, "/v1/nodes/{name}"), Access::Admin);

@@ -107,6 +107,21 @@ fn revoke_token() -> Vec<ApiError> {
     vec![ApiError::TokenNotFound(s()), ApiError::QuorumUnavailable(s())]
 }
 
+fn create_certificate() -> Vec<ApiError> {
+    vec![
+        ApiError::Invalid { field: s(), reason: s() },
+        ApiError::BadCertificate(s()),
+        ApiError::CertificateExists(s()),
+        ApiError::CaExternal(s()),
+        ApiError::CaUnavailable(s()),
+        ApiError::QuorumUnavailable(s()),
+    ]
+}
+
+fn revoke_certificate() -> Vec<ApiError> {
+    vec![ApiError::CertificateNotFound(s()), ApiError::QuorumUnavailable(s())]
+}
+
 fn join_token() -> Vec<ApiError> {
     vec![ApiError::Invalid { field: s(), reason: s() }, ApiError::BadCertificate(s()), ApiError::QuorumUnavailable(s())]
 }
@@ -228,6 +243,19 @@ pub const OPERATIONS: &[Operation] = &[
     Operation { method: "get", path: "/v1/tokens", layers: layers(true, true, false), errors: read },
     Operation { method: "post", path: "/v1/tokens", layers: layers(true, false, true), errors: create_token },
     Operation { method: "delete", path: "/v1/tokens/{name}", layers: layers(true, true, false), errors: revoke_token },
+    Operation { method: "get", path: "/v1/certificates", layers: layers(true, true, false), errors: read },
+    Operation {
+        method: "post",
+        path: "/v1/certificates",
+        layers: layers(true, false, true),
+        errors: create_certificate,
+    },
+    Operation {
+        method: "delete",
+        path: "/v1/certificates/{name}",
+        layers: layers(true, true, false),
+        errors: revoke_certificate,
+    },
     Operation { method: "post", path: "/v1/cluster/join-token", layers: layers(true, false, true), errors: join_token },
     Operation { method: "get", path: "/v1/audit", layers: layers(true, true, false), errors: read },
     Operation { method: "get", path: "/v1/cluster", layers: layers(true, true, false), errors: read },
@@ -628,6 +656,9 @@ fn request_constraints() -> Vec<(&'static str, &'static str, Value)> {
         // Join tokens come from POST /v1/cluster/join-token.
         ("TokenRequest", "role", json!({"type": "string", "enum": ["viewer", "operator", "admin"]})),
         ("TokenRequest", "expires_in_s", json!({"minimum": 1, "maximum": 10 * 365 * 86_400u64})),
+        ("CertificateRequest", "name", name_schema()),
+        ("CertificateRequest", "role", json!({"type": "string", "enum": ["viewer", "operator", "admin"]})),
+        ("CertificateRequest", "days", json!({"minimum": 1, "maximum": 3650})),
         ("JoinTokenRequest", "ttl_s", json!({"minimum": 1, "maximum": 86_400})),
         ("ResolveRequest", "discard", name_schema()),
     ]

@@ -123,6 +123,14 @@ pub enum ApiError {
     CaUnavailable(String),
     #[error("certificate: {0}")]
     BadCertificate(String),
+    #[error("a client certificate named {0} already exists")]
+    CertificateExists(String),
+    #[error("no client certificate named {0}")]
+    CertificateNotFound(String),
+    #[error("the client certificate is not valid: {0}")]
+    CertificateRejected(String),
+    #[error("{0}")]
+    CaExternal(String),
     #[error("storage failure: {0}")]
     Storage(String),
     #[error("internal error: {0}")]
@@ -137,7 +145,8 @@ impl ApiError {
         "TND-1202", "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209", "TND-1300",
         "TND-1301", "TND-1302", "TND-1303", "TND-1400", "TND-1401", "TND-1402", "TND-1403", "TND-1404", "TND-1405",
         "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411", "TND-1500", "TND-1501", "TND-1502",
-        "TND-1503", "TND-1504", "TND-1505", "TND-1506", "TND-1507", "TND-1508", "TND-1900", "TND-1901",
+        "TND-1503", "TND-1504", "TND-1505", "TND-1506", "TND-1507", "TND-1508", "TND-1509", "TND-1510", "TND-1511",
+        "TND-1512", "TND-1900", "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -194,6 +203,10 @@ impl ApiError {
             LocalOnly(_) => "TND-1506",
             CaUnavailable(_) => "TND-1507",
             BadCertificate(_) => "TND-1508",
+            CertificateExists(_) => "TND-1509",
+            CertificateNotFound(_) => "TND-1510",
+            CertificateRejected(_) => "TND-1511",
+            CaExternal(_) => "TND-1512",
             Storage(_) => "TND-1900",
             Internal(_) => "TND-1901",
         }
@@ -211,10 +224,10 @@ impl ApiError {
             | VolumeNotOnNode(_)
             | VolumeNotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Unauthenticated(_) | TokenRejected(_) => StatusCode::UNAUTHORIZED,
+            Unauthenticated(_) | TokenRejected(_) | CertificateRejected(_) => StatusCode::UNAUTHORIZED,
             Forbidden { .. } | LocalOnly(_) => StatusCode::FORBIDDEN,
-            TokenNotFound(_) => StatusCode::NOT_FOUND,
-            TokenExists(_) | CaMismatch { .. } => StatusCode::CONFLICT,
+            TokenNotFound(_) | CertificateNotFound(_) => StatusCode::NOT_FOUND,
+            TokenExists(_) | CaMismatch { .. } | CertificateExists(_) | CaExternal(_) => StatusCode::CONFLICT,
             BadCertificate(_) => StatusCode::UNPROCESSABLE_ENTITY,
             CaUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             // A well-formed request that the cluster's state refuses (a node
@@ -361,7 +374,25 @@ impl ApiError {
                     .into()
             }
             CaUnavailable(_) => "Retry in a moment: the leader is fetching the cluster CA's key.".into(),
-            BadCertificate(_) => "Send a PEM certificate signing request made with the node's own key.".into(),
+            BadCertificate(_) => {
+                "Send a PEM certificate signing request made with the node's own key; with an operator's CA \
+                 ([tls] ca_file), a certificate that CA signed, valid now, whose common name is the node's name."
+                    .into()
+            }
+            CertificateExists(_) => {
+                "Pick another name, or revoke the old certificate first (`tandem cert revoke`).".into()
+            }
+            CertificateNotFound(_) => "List the client certificates with `tandem cert list` or GET /v1/certificates.".into(),
+            CertificateRejected(_) => {
+                "The certificate is not recorded (never, or revoked) or expired: ask an admin for a new one \
+                 (`tandem cert create`), or use a token."
+                    .into()
+            }
+            CaExternal(_) => {
+                "This cluster's certificates come from the operator's CA ([tls] ca_file): issue them with that \
+                 CA, and give every node the same [tls] ca_file, cert_file and key_file keys (or none of them)."
+                    .into()
+            }
             Storage(_) => "Check the node's data_dir (disk space, permissions) and its log.".into(),
             Internal(_) => "Report this with the agent's log; the request may be retried.".into(),
         }
@@ -413,6 +444,8 @@ impl From<CommandError> for ApiError {
             CommandError::NotVolumePrimary { .. } => ApiError::StalePrimary(message),
             CommandError::TokenExists { name } => ApiError::TokenExists(name),
             CommandError::TokenNotFound { name } => ApiError::TokenNotFound(name),
+            CommandError::CertificateExists { name } => ApiError::CertificateExists(name),
+            CommandError::CertificateNotFound { name } => ApiError::CertificateNotFound(name),
         }
     }
 }

@@ -137,6 +137,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether node `id` named `name` is a current member (a removed node's
     /// certificate stays valid cryptographically; this refuses it).
     fn is_member_node(&self, id: NodeId, name: &str) -> bool;
+    /// Operator's CA: the member whose certificate key pin is `spki`
+    /// (`cn`: the certificate's common name, for an agent without the log yet).
+    fn member_by_key(&self, spki: &str, cn: &str) -> Option<listen::PeerNode>;
     /// Queues an audit entry for replication (bounded; never blocks).
     fn record_audit(&self, entry: tandem_raft::access::AuditEntry);
     /// The node-to-node HTTP client (mutual TLS), for forwarding.
@@ -149,6 +152,14 @@ pub trait Backend: Send + Sync + 'static {
     /// On the leader: audit entries that another node recorded.
     async fn record_audit_batch(&self, entries: Vec<tandem_raft::access::AuditEntry>) -> Result<(), ApiError>;
     fn cluster_ca(&self) -> Result<CaView, ApiError>;
+    /// The recorded client certificate with this key pin: its name and
+    /// role. Unknown, revoked or expired → `CertificateRejected`.
+    fn authenticate_cert(&self, spki: &str) -> Result<(String, tandem_raft::access::Role), ApiError>;
+    async fn create_certificate(&self, req: CertificateRequest, by: String) -> Result<ClientCertCreated, ApiError>;
+    async fn certificates(&self) -> Result<Vec<ClientCertView>, ApiError>;
+    async fn revoke_certificate(&self, name: &str) -> Result<(), ApiError>;
+    /// On the leader: member `node` (named by its current certificate) pins its new one.
+    async fn pin_node_certificate(&self, node: &str, req: NodeCertRequest) -> Result<(), ApiError>;
     /// On the leader: a new certificate for member `node` (named by its own certificate).
     async fn renew_certificate(&self, node: &str, req: RenewRequest) -> Result<CertificateView, ApiError>;
     /// The CA key, for a voter that lacks it.
@@ -342,6 +353,9 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/v1/cluster/join-token", post(join_token))
+        .route("/v1/certificates", get(list_certificates).post(create_certificate))
+        .route("/v1/certificates/{name}", axum::routing::delete(revoke_certificate))
+        .route("/internal/node-certificate", post(pin_node_certificate))
         .route("/v1/audit", get(get_audit))
         .route("/internal/audit", post(record_audit_batch))
         .route("/internal/certificate", post(renew_certificate))
@@ -679,6 +693,39 @@ async fn revoke_token(
     b.revoke_token(&name).await.map(|()| StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/certificates", tag = "security", request_body = CertificateRequest,
+    responses((status = 201, description = "Recorded; with `csr`, the certificate the cluster CA signed", body = ClientCertCreated),
+              (status = 409, description = "A client certificate of that name exists (TND-1509), or the request does not fit the cluster's CA (TND-1512)", body = ErrorBody),
+              (status = 422, description = "Invalid name, role, days, signing request or certificate (TND-1010, TND-1508)", body = ErrorBody)))]
+async fn create_certificate(
+    State(b): State<SharedBackend>,
+    who: Option<axum::Extension<auth::Asker>>,
+    ApiJson(req): ApiJson<CertificateRequest>,
+) -> Result<(StatusCode, Json<ClientCertCreated>), ApiError> {
+    b.create_certificate(req, asker(who)).await.map(|c| (StatusCode::CREATED, Json(c)))
+}
+
+#[utoipa::path(get, path = "/v1/certificates", tag = "security",
+    responses((status = 200, description = "Every recorded client certificate", body = [ClientCertView])))]
+async fn list_certificates(
+    State(b): State<SharedBackend>,
+    ApiQuery(_): ApiQuery<NoParams>,
+) -> Result<Json<Vec<ClientCertView>>, ApiError> {
+    b.certificates().await.map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/certificates/{name}", tag = "security",
+    params(("name" = String, Path, description = "Client certificate name")),
+    responses((status = 204, description = "Revoked: refused from now on, on every node"),
+              (status = 404, description = "No such client certificate (TND-1510)", body = ErrorBody)))]
+async fn revoke_certificate(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(_): ApiQuery<NoParams>,
+) -> Result<StatusCode, ApiError> {
+    b.revoke_certificate(&name).await.map(|()| StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(post, path = "/v1/cluster/join-token", tag = "security", request_body = JoinTokenRequest,
     responses((status = 201, description = "A short-lived join token and the CA pin", body = JoinTokenView),
               (status = 422, description = "Invalid ttl_s (TND-1010)", body = ErrorBody)))]
@@ -759,6 +806,15 @@ async fn renew_certificate(
 ) -> Result<Json<CertificateView>, ApiError> {
     let node = node_asker(who)?;
     b.renew_certificate(&node, req).await.map(Json)
+}
+
+async fn pin_node_certificate(
+    State(b): State<SharedBackend>,
+    who: Option<axum::Extension<auth::Asker>>,
+    ApiJson(req): ApiJson<NodeCertRequest>,
+) -> Result<StatusCode, ApiError> {
+    let node = node_asker(who)?;
+    b.pin_node_certificate(&node, req).await.map(|()| StatusCode::NO_CONTENT)
 }
 
 async fn get_ca_key(
@@ -1138,6 +1194,9 @@ async fn raft_snapshot(
         create_token,
         list_tokens,
         revoke_token,
+        create_certificate,
+        list_certificates,
+        revoke_certificate,
         join_token,
         get_audit,
         get_cluster_ca,
@@ -1175,6 +1234,9 @@ async fn raft_snapshot(
         TokenCreated,
         JoinTokenRequest,
         JoinTokenView,
+        CertificateRequest,
+        ClientCertView,
+        ClientCertCreated,
         CaView,
         tandem_raft::access::AuditEntry,
         tandem_raft::access::Role,

@@ -26,6 +26,10 @@ pub struct PeerNode {
     pub name: String,
 }
 
+/// The id of a node vouched for by an operator's CA alone, before this
+/// agent holds the log that pins members' keys (ids start at 1).
+pub const PROVISIONAL_NODE: NodeId = 0;
+
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Default)]
 pub struct PeerInfo {
@@ -33,6 +37,10 @@ pub struct PeerInfo {
     pub addr: Option<SocketAddr>,
     /// The node of the client certificate, verified at the handshake.
     pub node: Option<PeerNode>,
+    /// `sha256:<hex>` of the key of the verified client certificate: a
+    /// person's or a tool's when it names no member (the auth layer looks
+    /// it up), or a node's (with an operator's CA, the pin names the member).
+    pub cert_spki: Option<String>,
     /// The local user on the admin socket (`SO_PEERCRED`).
     pub local_uid: Option<u32>,
     /// Plain TCP (`[tls] enabled = false`, benchmarks only): nobody can
@@ -127,6 +135,6 @@ impl Connected<IncomingStream<'_, UnixListener>> for PeerInfo {
     fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
         let uid = stream.io().peer_cred().ok().map(|c| c.uid());
         // A peer whose credentials cannot be read is nobody in particular.
-        PeerInfo { addr: None, node: None, local_uid: Some(uid.unwrap_or(u32::MAX)), plaintext: false }
+        PeerInfo { addr: None, local_uid: Some(uid.unwrap_or(u32::MAX)), ..PeerInfo::default() }
     }
 }

@@ -92,6 +92,11 @@ pub struct JoinRequest {
     /// answers the join by adopting the node with a certificate for it.
     #[serde(default)]
     pub csr: Option<String>,
+    /// Instead of `csr`, in a cluster whose CA is the operator's
+    /// (`[tls] ca_file`): the node's own PEM certificate, which the leader
+    /// checks against that CA and pins by its key.
+    #[serde(default)]
+    pub certificate: Option<String>,
 }
 
 /// `POST /v1/cluster/init`.
@@ -538,6 +543,59 @@ pub struct RenewRequest {
 /// Internal: a certificate, PEM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CertificateView {
+    pub certificate: String,
+}
+
+/// `POST /v1/certificates`: a client certificate for a person or a tool.
+/// With the cluster's own CA, send `csr` (the key stays with the client)
+/// and get the certificate back; with an operator's CA (`[tls] ca_file`),
+/// send the `certificate` that CA issued, to be recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRequest {
+    pub name: String,
+    pub role: tandem_raft::access::Role,
+    /// PEM certificate signing request (the cluster's own CA).
+    #[serde(default)]
+    pub csr: Option<String>,
+    /// PEM certificate issued by the operator's CA (`[tls] ca_file`).
+    #[serde(default)]
+    pub certificate: Option<String>,
+    /// Days the signed certificate is valid: default 365, at most 3650
+    /// (with `csr` only).
+    #[serde(default)]
+    pub days: Option<u32>,
+}
+
+/// A recorded client certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClientCertView {
+    pub name: String,
+    pub role: tandem_raft::access::Role,
+    /// `sha256:<hex>` of the certificate's SubjectPublicKeyInfo.
+    pub spki: String,
+    /// Serial number, hex.
+    pub serial: String,
+    /// Unix time, ms: when the certificate expires.
+    pub not_after_ms: u64,
+    /// Unix time, ms.
+    pub created_ms: u64,
+    pub created_by: String,
+}
+
+/// `POST /v1/certificates`' answer: the record and the certificate, PEM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClientCertCreated {
+    #[serde(flatten)]
+    pub view: ClientCertView,
+    pub certificate: String,
+}
+
+/// Internal: a member of an operator-CA cluster whose certificate file
+/// changed to a new key pins the new certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeCertRequest {
     pub certificate: String,
 }
 

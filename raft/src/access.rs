@@ -16,6 +16,8 @@ use crate::error::{invalid, validate_name, CommandError};
 
 /// Most tokens a cluster keeps (join tokens included).
 pub const MAX_TOKENS: usize = 256;
+/// Most client certificates a cluster records.
+pub const MAX_CLIENT_CERTS: usize = 256;
 /// Most audit entries one command records.
 pub const MAX_AUDIT_BATCH: usize = 512;
 /// Bounds of the audit log's retention (entries).
@@ -80,6 +82,89 @@ impl TokenRecord {
 pub fn token_hash(secret: &str) -> String {
     let digest = Sha256::digest(secret.as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `s` is a certificate's key pin as tandem writes it:
+/// `sha256:` and 64 lowercase hex digits.
+pub fn valid_spki(s: &str) -> bool {
+    s.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+/// A client certificate for a person or a tool, recorded by its key pin
+/// (SHA-256 of the certificate's SubjectPublicKeyInfo). A certificate the
+/// CA signed is worth nothing to the API until recorded here, and nothing
+/// again once revoked (the record goes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientCertRecord {
+    pub name: String,
+    /// Never `join`.
+    pub role: Role,
+    /// `sha256:<hex>` of the certificate's SubjectPublicKeyInfo.
+    pub spki: String,
+    /// The certificate's serial number, hex.
+    pub serial: String,
+    /// Unix time, ms: the certificate's notAfter.
+    pub not_after_ms: u64,
+    /// Unix time, ms.
+    pub created_ms: u64,
+    /// Who recorded it (a token or certificate name, or `local`).
+    #[serde(default)]
+    pub created_by: String,
+}
+
+impl ClientCertRecord {
+    pub fn expired(&self, now_ms: u64) -> bool {
+        now_ms >= self.not_after_ms
+    }
+}
+
+/// The client certificate table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientCerts {
+    #[serde(default)]
+    pub by_name: BTreeMap<String, ClientCertRecord>,
+}
+
+impl ClientCerts {
+    pub fn register(&mut self, cert: &ClientCertRecord) -> Result<(), CommandError> {
+        validate_name("name", &cert.name)?;
+        if self.by_name.contains_key(&cert.name) {
+            return Err(CommandError::CertificateExists { name: cert.name.clone() });
+        }
+        if self.by_name.len() >= MAX_CLIENT_CERTS {
+            return Err(invalid(
+                "name",
+                format!("the cluster already has {MAX_CLIENT_CERTS} client certificates; revoke some"),
+            ));
+        }
+        if cert.role == Role::Join {
+            return Err(invalid("role", "a client certificate is viewer, operator or admin"));
+        }
+        if !valid_spki(&cert.spki) {
+            return Err(invalid("spki", "must be sha256:<64 lowercase hex digits>"));
+        }
+        if self.by_name.values().any(|c| c.spki == cert.spki) {
+            return Err(invalid("certificate", "another client certificate has the same key"));
+        }
+        if cert.not_after_ms <= cert.created_ms {
+            return Err(invalid("certificate", "already expired"));
+        }
+        self.by_name.insert(cert.name.clone(), cert.clone());
+        Ok(())
+    }
+
+    pub fn revoke(&mut self, name: &str) -> Result<(), CommandError> {
+        self.by_name
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| CommandError::CertificateNotFound { name: name.to_string() })
+    }
+
+    /// The recorded certificate with this key pin, expired or not.
+    pub fn by_spki(&self, spki: &str) -> Option<&ClientCertRecord> {
+        self.by_name.values().find(|c| c.spki == spki)
+    }
 }
 
 /// One audited request.
@@ -221,6 +306,60 @@ mod tests {
             expires_ms: Some(5000),
             created_by: "local".into(),
         }
+    }
+
+    fn cert(name: &str, spki_digit: char) -> ClientCertRecord {
+        ClientCertRecord {
+            name: name.into(),
+            role: Role::Viewer,
+            spki: format!("sha256:{}", spki_digit.to_string().repeat(64)),
+            serial: "01".into(),
+            not_after_ms: 5000,
+            created_ms: 1000,
+            created_by: "token:admin".into(),
+        }
+    }
+
+    #[test]
+    fn a_client_certificate_is_found_by_its_key_until_revoked() {
+        let mut c = ClientCerts::default();
+        c.register(&cert("alice", 'a')).unwrap();
+        let spki = format!("sha256:{}", "a".repeat(64));
+        let r = c.by_spki(&spki).unwrap();
+        assert_eq!((r.name.as_str(), r.role), ("alice", Role::Viewer));
+        assert!(!r.expired(4999) && r.expired(5000));
+        assert!(c.by_spki(&format!("sha256:{}", "b".repeat(64))).is_none());
+        c.revoke("alice").unwrap();
+        assert!(c.by_spki(&spki).is_none(), "revoked: the key maps to nobody");
+    }
+
+    #[test]
+    fn refused_certificate_changes_leave_the_table_unchanged() {
+        let mut c = ClientCerts::default();
+        c.register(&cert("alice", 'a')).unwrap();
+        let before = c.clone();
+        assert!(matches!(c.register(&cert("alice", 'b')), Err(CommandError::CertificateExists { .. })));
+        assert!(c.register(&cert("bob", 'a')).is_err(), "same key twice");
+        let mut bad = cert("bob", 'b');
+        bad.role = Role::Join;
+        assert!(c.register(&bad).is_err(), "join is no client role");
+        bad = cert("bob", 'b');
+        bad.spki = "sha256:XYZ".into();
+        assert!(c.register(&bad).is_err());
+        bad = cert("bob", 'b');
+        bad.not_after_ms = 1000;
+        assert!(c.register(&bad).is_err(), "expired at registration");
+        assert!(c.register(&cert("Bad Name", 'c')).is_err());
+        assert!(matches!(c.revoke("nobody"), Err(CommandError::CertificateNotFound { .. })));
+        assert_eq!(c, before);
+    }
+
+    #[test]
+    fn key_pins_are_strict() {
+        assert!(valid_spki(&format!("sha256:{}", "0f".repeat(32))));
+        assert!(!valid_spki(&format!("sha256:{}", "0F".repeat(32))));
+        assert!(!valid_spki(&format!("sha1:{}", "0f".repeat(32))));
+        assert!(!valid_spki("sha256:00"));
     }
 
     fn entry(path: &str) -> AuditEntry {

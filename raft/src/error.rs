@@ -55,6 +55,10 @@ pub enum CommandError {
     TokenExists { name: String },
     #[error("no token named {name}")]
     TokenNotFound { name: String },
+    #[error("a client certificate named {name} already exists")]
+    CertificateExists { name: String },
+    #[error("no client certificate named {name}")]
+    CertificateNotFound { name: String },
 }
 
 fn resize_reason(from: u64, to: u64) -> String {

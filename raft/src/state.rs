@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::access::{AuditEntry, AuditLog, TokenRecord, Tokens};
+use crate::access::{AuditEntry, AuditLog, ClientCertRecord, ClientCerts, TokenRecord, Tokens};
 use crate::group::{
     replica_nodes, validate_group, GroupRecord, GroupSpec, Phase, Placement, ResourceKind, ResourceSpec, MAX_GROUPS,
 };
@@ -243,6 +243,20 @@ pub enum Command {
     ExpireTokens {
         now_ms: u64,
     },
+    /// Records a client certificate (its key pin) with a role.
+    RegisterClientCert {
+        cert: ClientCertRecord,
+    },
+    RevokeClientCert {
+        name: String,
+    },
+    /// Pins member `node_id`'s certificate key (operator-issued
+    /// certificates: the pin, not a name, says which member a certificate
+    /// is, so a removed node's certificate names nobody).
+    SetNodeCertificate {
+        node_id: NodeId,
+        spki: String,
+    },
     /// Appends audit entries, keeping the newest `retain`.
     RecordAudit {
         entries: Vec<AuditEntry>,
@@ -376,6 +390,12 @@ pub struct ClusterState {
     pub groups: BTreeMap<String, GroupRecord>,
     #[serde(default)]
     pub tokens: Tokens,
+    #[serde(default)]
+    pub client_certs: ClientCerts,
+    /// Key pins of members' operator-issued certificates, by node id
+    /// (empty with the cluster's own CA: its certificates carry the id).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_certs: BTreeMap<NodeId, String>,
     #[serde(default)]
     pub audit: AuditLog,
 }
@@ -621,6 +641,7 @@ impl ClusterState {
             Command::RemoveNode { name } => {
                 let id = self.node_id_by_name(name)?;
                 self.nodes.remove(&id);
+                self.node_certs.remove(&id);
                 // A node that joins again under this name comes with an
                 // empty disk: its replicas hold nothing.
                 for g in self.groups.values_mut() {
@@ -753,6 +774,21 @@ impl ClusterState {
                 Ok(Reply::Done)
             }
             Command::CreateToken { token } => self.tokens.create(token).map(|()| Reply::Done),
+            Command::RegisterClientCert { cert } => self.client_certs.register(cert).map(|()| Reply::Done),
+            Command::RevokeClientCert { name } => self.client_certs.revoke(name).map(|()| Reply::Done),
+            Command::SetNodeCertificate { node_id, spki } => {
+                if !crate::access::valid_spki(spki) {
+                    return Err(invalid("spki", "must be sha256:<64 lowercase hex digits>"));
+                }
+                if !self.nodes.contains_key(node_id) {
+                    return Err(CommandError::NodeNotFound { name: format!("id {node_id}") });
+                }
+                if self.node_certs.iter().any(|(id, s)| s == spki && id != node_id) {
+                    return Err(invalid("certificate", "another member's certificate has the same key"));
+                }
+                self.node_certs.insert(*node_id, spki.clone());
+                Ok(Reply::Done)
+            }
             Command::RevokeToken { name } => self.tokens.revoke(name).map(|()| Reply::Done),
             Command::ExpireTokens { now_ms } => {
                 self.tokens.expire(*now_ms);
@@ -824,6 +860,30 @@ mod tests {
             s.apply(&Command::AddNode { node: spec("node2", "127.0.0.1", 7402) }),
             Ok(Reply::NodeAdded { id: 3 })
         );
+    }
+
+    #[test]
+    fn a_removed_node_loses_its_certificate_pin_and_a_new_node_of_its_name_gets_none() {
+        let mut s = ClusterState::default();
+        s.apply(&Command::Bootstrap {
+            cluster_id: "c".into(),
+            node_id: 1,
+            node: spec("node1", "127.0.0.1", 7401),
+            heartbeat_key: None,
+        })
+        .unwrap();
+        s.apply(&Command::AddNode { node: spec("node2", "127.0.0.2", 7401) }).unwrap();
+        let pin = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        s.apply(&Command::SetNodeCertificate { node_id: 2, spki: pin('a') }).unwrap();
+        let before = s.clone();
+        assert!(s.apply(&Command::SetNodeCertificate { node_id: 1, spki: pin('a') }).is_err(), "same key, two nodes");
+        assert!(s.apply(&Command::SetNodeCertificate { node_id: 9, spki: pin('b') }).is_err(), "no such node");
+        assert!(s.apply(&Command::SetNodeCertificate { node_id: 1, spki: "sha256:1".into() }).is_err());
+        assert_eq!(s, before);
+        s.apply(&Command::RemoveNode { name: "node2".into() }).unwrap();
+        assert!(s.node_certs.is_empty());
+        s.apply(&Command::AddNode { node: spec("node2", "127.0.0.2", 7401) }).unwrap();
+        assert!(!s.node_certs.values().any(|p| *p == pin('a')), "the old key names nobody");
     }
 
     #[test]

@@ -376,6 +376,34 @@ impl Backend for Agent {
         self.do_revoke_token(name).await
     }
 
+    fn member_by_key(&self, spki: &str, cn: &str) -> Option<tandem_http_api::listen::PeerNode> {
+        self.do_member_by_key(spki, cn)
+    }
+
+    fn authenticate_cert(&self, spki: &str) -> Result<(String, tandem_raft::access::Role), ApiError> {
+        self.do_authenticate_cert(spki)
+    }
+
+    async fn create_certificate(
+        &self,
+        req: tandem_http_api::CertificateRequest,
+        by: String,
+    ) -> Result<tandem_http_api::ClientCertCreated, ApiError> {
+        self.do_create_certificate(req, by).await
+    }
+
+    async fn certificates(&self) -> Result<Vec<tandem_http_api::ClientCertView>, ApiError> {
+        self.do_certificates().await
+    }
+
+    async fn revoke_certificate(&self, name: &str) -> Result<(), ApiError> {
+        self.do_revoke_certificate(name).await
+    }
+
+    async fn pin_node_certificate(&self, node: &str, req: tandem_http_api::NodeCertRequest) -> Result<(), ApiError> {
+        self.do_pin_node_certificate(node, req).await
+    }
+
     async fn join_token(
         &self,
         req: tandem_http_api::JoinTokenRequest,

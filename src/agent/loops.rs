@@ -48,8 +48,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         if cfg.tls.enabled && agent.tls.ca_pem().is_none() {
             anyhow::bail!(
                 "{} holds a cluster membership but no certificate (tls/node.pem, tls/ca.pem): it was made by a \
-                 tandem without TLS, or the files were removed. Remove the node from the cluster, wipe data_dir \
-                 and join again",
+                 tandem without TLS, the files were removed, or it joined with an operator's CA and [tls] ca_file, \
+                 cert_file and key_file are no longer set. Remove the node from the cluster, wipe data_dir and join \
+                 again",
                 cfg.data_dir.display()
             );
         }
@@ -59,6 +60,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     agent
         .tls
         .set_membership_check(Arc::new(move |id, name| weak.upgrade().is_some_and(|a| a.do_is_member_node(id, name))));
+    let weak = Arc::downgrade(&agent);
+    agent.tls.set_key_lookup(Arc::new(move |spki, cn| weak.upgrade().and_then(|a| a.do_member_by_key(spki, cn))));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let router = tandem_http_api::router(agent.clone());

@@ -40,6 +40,7 @@ impl Agent {
             .map_err(|e| ApiError::QuorumUnavailable(e.to_string()))?;
         let heartbeat_key = Some(super::lease::new_heartbeat_key()?);
         self.propose(&m, Command::Bootstrap { cluster_id, node_id: 1, node: self.cfg.spec(), heartbeat_key }).await?;
+        self.pin_first_node(&m).await?;
         let mut view = self.first_admin_token(&m, &ca).await?;
         self.db.set_identity(&identity).map_err(storage_err)?;
         tracing::info!(cluster_id = %identity.cluster_id, "cluster bootstrapped");
@@ -59,7 +60,8 @@ impl Agent {
                 reason: format!("{via:?} is not an {scheme}:// URL"),
             });
         }
-        let (client, csr) = self.secure_join_body(&via, req.token.as_deref(), req.ca_hash.as_deref()).await?;
+        let (client, csr, certificate) =
+            self.secure_join_body(&via, req.token.as_deref(), req.ca_hash.as_deref()).await?;
         let spec = self.cfg.spec();
         let body = JoinRequest {
             name: spec.name,
@@ -68,6 +70,7 @@ impl Agent {
             site: spec.site,
             witness: spec.witness,
             csr,
+            certificate,
         };
         // The leader calls back our /internal/adopt before answering.
         let mut rb = client.post(format!("{via}/v1/nodes")).json(&body).timeout(PEER_TIMEOUT * 4);
@@ -158,7 +161,31 @@ impl Agent {
         if let Some(c) = local.cluster_id {
             return Err(ApiError::NodeInOtherCluster { name: spec.name.clone(), url: urls.join(","), cluster_id: c });
         }
-        if self.tls.enabled && req.csr.is_none() {
+        // Both sides must agree on who signs: mixing the cluster's own CA
+        // and an operator's is refused.
+        let external_cert =
+            match (self.tls.external, &req.certificate) {
+                (true, None) => return Err(ApiError::CaExternal(
+                    "this cluster's certificates come from the operator's CA: the joining node needs [tls] ca_file, \
+                     cert_file and key_file"
+                        .into(),
+                )),
+                (true, Some(cert)) => Some((cert.clone(), self.check_member_cert(cert, &spec.name)?)),
+                (false, Some(_)) => {
+                    return Err(ApiError::CaExternal(
+                        "this cluster makes its own certificates: the joining node has [tls] ca_file set (mixing is \
+                     refused)"
+                            .into(),
+                    ))
+                }
+                (false, None) => None,
+            };
+        if let Some((_, info)) = &external_cert {
+            if m.state.read(|d| d.state.node_certs.values().any(|s| *s == info.spki)) {
+                return Err(ApiError::BadCertificate("another member's certificate has the same key".into()));
+            }
+        }
+        if self.tls.enabled && !self.tls.external && req.csr.is_none() {
             return Err(ApiError::Invalid {
                 field: "csr".into(),
                 reason: "a certificate signing request is required (`tandem cluster join` makes one)".into(),
@@ -169,12 +196,15 @@ impl Agent {
             Reply::NodeAdded { id } => id,
             other => return Err(ApiError::Internal(format!("unexpected reply {other:?}"))),
         };
-        let certificate = match req
-            .csr
-            .as_deref()
-            .filter(|_| self.tls.enabled)
-            .map(|csr| self.sign_for(&m, id, &spec, csr))
-        {
+        let signed = match &external_cert {
+            Some((cert, info)) => Some(
+                self.propose(&m, Command::SetNodeCertificate { node_id: id, spki: info.spki.clone() })
+                    .await
+                    .map(|_| cert.clone()),
+            ),
+            None => req.csr.as_deref().filter(|_| self.tls.enabled).map(|csr| self.sign_for(&m, id, &spec, csr)),
+        };
+        let certificate = match signed {
             Some(Ok(c)) => c,
             Some(Err(e)) => {
                 if let Err(undo) = self.propose(&m, Command::RemoveNode { name: spec.name.clone() }).await {

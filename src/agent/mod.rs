@@ -107,6 +107,8 @@ pub struct Agent {
     tls_files: crate::security::files::TlsFiles,
     /// A join this agent started: the CA it pinned and the key it made.
     pending_join: std::sync::Mutex<Option<PendingJoin>>,
+    /// The operator's files (`[tls] ca_file` …) as last taken into use.
+    external_tls: std::sync::Mutex<Option<crate::config::ExternalTls>>,
     /// Audit entries waiting to be replicated (bounded).
     audit_queue: std::sync::Mutex<AuditQueue>,
     membership_lock: tokio::sync::Mutex<()>,
@@ -147,6 +149,11 @@ fn new_cluster_id() -> String {
     format!("tandem-{:016x}", h.finish())
 }
 
+/// What a joining agent sends: the client pinned to the cluster's CA, and
+/// a signing request (the cluster's own CA) or its certificate (an
+/// operator's CA).
+pub(crate) type JoinBody = (reqwest::Client, Option<String>, Option<String>);
+
 /// A join in progress, from this agent's side.
 #[derive(Clone)]
 pub(crate) struct PendingJoin {
@@ -169,10 +176,27 @@ impl Agent {
         use crate::security::{files::TlsFiles, pki, tls};
         tandem_raft::state::set_plaintext(!cfg.tls.enabled);
         let bootstrap = pki::bootstrap_cert(&cfg.name, &cfg.addresses)?;
-        let tls = tls::Tls::new(cfg.tls.enabled, &bootstrap)?;
+        let tls = tls::Tls::new(cfg.tls.enabled, cfg.tls.external(), &bootstrap)?;
         let tls_files = TlsFiles::new(&cfg.data_dir);
-        if let (Some(identity), Some(ca_pem), Some(node)) = (db.identity()?, tls_files.ca_pem()?, tls_files.node()?) {
-            tls.install(&identity.cluster_id, &ca_pem, &node)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let external = cfg.tls.read_external(&cfg.name, now).map_err(|(key, m)| anyhow::anyhow!("{key}: {m}"))?;
+        match (&external, db.identity()?) {
+            (Some(_), Some(_)) if tls_files.node()?.is_some() => anyhow::bail!(
+                "this node joined its cluster with the cluster's own CA ({}), but [tls] ca_file is set: mixing \
+                 the cluster's CA and an operator's is refused. Remove ca_file, cert_file and key_file, or remove \
+                 the node from the cluster, wipe data_dir and join again",
+                cfg.data_dir.join("tls").display()
+            ),
+            (Some(files), Some(identity)) => {
+                let node = pki::NodeMaterial { cert_pem: files.cert_pem.clone(), key_pem: files.key_pem.clone() };
+                tls.install(&identity.cluster_id, &files.ca_pem, &node)?;
+            }
+            (None, Some(identity)) => {
+                if let (Some(ca_pem), Some(node)) = (tls_files.ca_pem()?, tls_files.node()?) {
+                    tls.install(&identity.cluster_id, &ca_pem, &node)?;
+                }
+            }
+            (_, None) => {}
         }
         let http = tls::http_client(&tls, tls.peer_client_config(), Duration::from_secs(2));
         let unverified_http = tls::http_client(&tls, tls.unverified_client_config(), Duration::from_secs(2));
@@ -202,6 +226,7 @@ impl Agent {
             bootstrap,
             tls_files,
             pending_join: Default::default(),
+            external_tls: std::sync::Mutex::new(external),
             audit_queue: Default::default(),
             membership_lock: tokio::sync::Mutex::new(()),
             previous_heartbeat_key: Default::default(),

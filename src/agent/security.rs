@@ -2,6 +2,10 @@
 //! (pin the CA, send a signing request, check the adoption), certificate
 //! renewal and the CA key on voters; API tokens; the audit log's queue.
 //!
+//! With an operator's CA (`[tls] ca_file`) the agent makes, holds and signs
+//! no certificate: it re-reads the operator's files each security round and
+//! pins each member's certificate by its key in the replicated state.
+//!
 //! Decisions about tokens and the audit log are the state machine's
 //! (`tandem_raft::access`); this module reads clocks and files and proposes.
 //! It must never log a token's secret or a key.
@@ -10,11 +14,12 @@ use super::*;
 use crate::security::files::save_admin_token;
 use crate::security::pki::{self, CaMaterial, NodeCertSpec};
 use crate::security::{new_secret, now_ms};
+use tandem_http_api::listen::PeerNode;
 use tandem_http_api::{
-    CaKeyView, CaView, CertificateView, InitView, JoinTokenRequest, JoinTokenView, RenewRequest, TokenCreated,
-    TokenRequest, TokenView,
+    CaKeyView, CaView, CertificateRequest, CertificateView, ClientCertCreated, ClientCertView, InitView,
+    JoinTokenRequest, JoinTokenView, NodeCertRequest, RenewRequest, TokenCreated, TokenRequest, TokenView,
 };
-use tandem_raft::access::{token_hash, AuditEntry, Role, TokenRecord, MAX_AUDIT_BATCH};
+use tandem_raft::access::{token_hash, AuditEntry, ClientCertRecord, Role, TokenRecord, MAX_AUDIT_BATCH};
 
 /// Default and longest lifetime of a join token.
 const JOIN_TOKEN_TTL_S: u64 = 3600;
@@ -42,9 +47,77 @@ fn view(t: &TokenRecord) -> TokenView {
     }
 }
 
+fn cert_view(c: &ClientCertRecord) -> ClientCertView {
+    ClientCertView {
+        name: c.name.clone(),
+        role: c.role,
+        spki: c.spki.clone(),
+        serial: c.serial.clone(),
+        not_after_ms: c.not_after_ms,
+        created_ms: c.created_ms,
+        created_by: c.created_by.clone(),
+    }
+}
+
+/// Default and longest lifetime of a client certificate the cluster signs.
+const CLIENT_CERT_DAYS: u32 = 365;
+const CLIENT_CERT_MAX_DAYS: u32 = 3650;
+
+fn external_only(what: &str) -> ApiError {
+    ApiError::CaExternal(format!(
+        "this cluster's certificates come from the operator's CA ([tls] ca_file): it signs no {what}"
+    ))
+}
+
+fn own_ca_only(what: &str) -> ApiError {
+    ApiError::CaExternal(format!(
+        "this cluster makes its own certificates (no [tls] ca_file): {what} is for clusters with an operator's CA"
+    ))
+}
+
 impl Agent {
-    /// At init: a new CA, this node's certificate, both taken into use.
-    pub(super) fn init_tls(&self, cluster_id: &str) -> Result<CaMaterial, ApiError> {
+    /// The operator's files as last taken into use.
+    fn external_files(&self) -> Option<crate::config::ExternalTls> {
+        self.external_tls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// An operator-issued certificate presented for `name` (a node joining,
+    /// or renewed): signed by our CA, valid now, naming `name`.
+    pub(super) fn check_member_cert(&self, cert_pem: &str, name: &str) -> Result<pki::CertInfo, ApiError> {
+        let ca = self.external_files().ok_or_else(|| own_ca_only("a node's own certificate"))?;
+        pki::check_signed_by(&ca.ca_pem, cert_pem).map_err(pki_err)?;
+        let info = pki::cert_info(cert_pem).map_err(pki_err)?;
+        pki::check_valid(&info, now_utc().unix_timestamp()).map_err(ApiError::BadCertificate)?;
+        if info.common_name.as_deref() != Some(name) {
+            return Err(ApiError::BadCertificate(format!(
+                "its common name is {:?}, not the node's name {name:?}",
+                info.common_name.unwrap_or_default()
+            )));
+        }
+        Ok(info)
+    }
+
+    /// The member a key pin names (operator's CA). An agent just adopted
+    /// has no state yet: the CA vouches for the leader until the log arrives.
+    pub(super) fn do_member_by_key(&self, spki: &str, cn: &str) -> Option<PeerNode> {
+        let m = self.member()?;
+        m.state.read(|d| {
+            if d.state.nodes.is_empty() {
+                return Some(PeerNode { id: tandem_http_api::listen::PROVISIONAL_NODE, name: cn.to_string() });
+            }
+            let id = d.state.node_certs.iter().find(|(_, s)| *s == spki).map(|(id, _)| *id)?;
+            d.state.nodes.get(&id).map(|n| PeerNode { id, name: n.name.clone() })
+        })
+    }
+
+    /// At init: a new CA, this node's certificate, both taken into use
+    /// (with an operator's CA: its files). Returns the CA certificate.
+    pub(super) fn init_tls(&self, cluster_id: &str) -> Result<String, ApiError> {
+        if let Some(files) = self.external_files() {
+            let node = pki::NodeMaterial { cert_pem: files.cert_pem.clone(), key_pem: files.key_pem.clone() };
+            self.tls.install(cluster_id, &files.ca_pem, &node).map_err(|e| ApiError::Internal(e.to_string()))?;
+            return Ok(files.ca_pem);
+        }
         let ca = pki::new_ca(cluster_id, now_utc()).map_err(pki_err)?;
         let spec = NodeCertSpec {
             cluster_id,
@@ -57,11 +130,19 @@ impl Agent {
         self.tls_files.save_ca_key(&ca).map_err(storage_err)?;
         self.tls_files.save_node(&node).map_err(storage_err)?;
         self.tls.install(cluster_id, &ca.cert_pem, &node).map_err(|e| ApiError::Internal(e.to_string()))?;
-        Ok(ca)
+        Ok(ca.cert_pem)
+    }
+
+    /// At init, after the bootstrap entry, with an operator's CA: pins this
+    /// node's certificate.
+    pub(super) async fn pin_first_node(&self, m: &Member) -> Result<(), ApiError> {
+        let Some(files) = self.external_files() else { return Ok(()) };
+        let spki = pki::cert_info(&files.cert_pem).map_err(pki_err)?.spki;
+        self.propose(m, Command::SetNodeCertificate { node_id: m.node_id, spki }).await.map(|_| ())
     }
 
     /// At init, after the bootstrap entry: the first admin token.
-    pub(super) async fn first_admin_token(&self, m: &Member, ca: &CaMaterial) -> Result<InitView, ApiError> {
+    pub(super) async fn first_admin_token(&self, m: &Member, ca_pem: &str) -> Result<InitView, ApiError> {
         let secret = new_secret();
         let token = TokenRecord {
             name: "admin".into(),
@@ -77,21 +158,23 @@ impl Agent {
         Ok(InitView {
             node: self.local_view(),
             admin_token: secret,
-            ca_hash: pki::ca_hash(&ca.cert_pem).map_err(pki_err)?,
-            ca_pem: ca.cert_pem.clone(),
+            ca_hash: pki::ca_hash(ca_pem).map_err(pki_err)?,
+            ca_pem: ca_pem.to_string(),
         })
     }
 
     /// Joining: fetches the CA at `via`, checks it against the pin, and
-    /// only then sends the token and a signing request for a fresh key.
+    /// only then sends the token and a signing request for a fresh key
+    /// (with an operator's CA: this node's certificate, its key staying
+    /// here). Returns the client, the signing request and the certificate.
     pub(super) async fn secure_join_body(
         &self,
         via: &str,
         token: Option<&str>,
         ca_hash: Option<&str>,
-    ) -> Result<(reqwest::Client, Option<String>), ApiError> {
+    ) -> Result<JoinBody, ApiError> {
         if !self.tls.enabled {
-            return Ok((self.http.clone(), token.map(str::to_string)));
+            return Ok((self.http.clone(), None, None));
         }
         token.ok_or_else(|| ApiError::Invalid {
             field: "token".into(),
@@ -119,15 +202,42 @@ impl Agent {
         if actual != pin {
             return Err(ApiError::CaMismatch { url: via.to_string(), expected: pin.to_string(), actual });
         }
+        // The operator may have renewed the files since the agent started.
+        let external = if self.tls.external {
+            let now = now_utc().unix_timestamp();
+            let files = self
+                .cfg
+                .tls
+                .read_external(&self.cfg.name, now)
+                .map_err(|(key, e)| ApiError::BadCertificate(format!("{key}: {e}")))?;
+            *self.external_tls.lock().unwrap_or_else(|p| p.into_inner()) = files.clone();
+            files
+        } else {
+            None
+        };
+        if let Some(files) = &external {
+            let ours = pki::ca_hash(&files.ca_pem).map_err(pki_err)?;
+            if ours != actual {
+                return Err(ApiError::CaExternal(format!(
+                    "the cluster at {via} uses CA {actual}, not this node's [tls] ca_file ({ours}): a node joins \
+                     only a cluster of its own operator's CA"
+                )));
+            }
+        }
         let cfg = crate::security::tls::Tls::pinned_client_config(&ca.ca_pem)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         let client = crate::security::tls::client_builder(&self.tls, cfg)
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Some(files) = external {
+            *self.pending_join.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(PendingJoin { ca_pem: ca.ca_pem, key_pem: files.key_pem });
+            return Ok((client, None, Some(files.cert_pem)));
+        }
         let (key_pem, csr) = pki::new_request(&self.cfg.name).map_err(pki_err)?;
         *self.pending_join.lock().unwrap_or_else(|p| p.into_inner()) = Some(PendingJoin { ca_pem: ca.ca_pem, key_pem });
-        Ok((client, Some(csr)))
+        Ok((client, Some(csr), None))
     }
 
     /// Adopted: the certificate must chain to the pinned CA and carry the
@@ -144,6 +254,16 @@ impl Agent {
             })?;
         if req.ca.trim() != pending.ca_pem.trim() {
             return Err(ApiError::BadCertificate("the adoption names another CA than the one pinned".into()));
+        }
+        if let Some(files) = self.external_files() {
+            // The operator's files stay where they are; nothing is written.
+            if req.certificate.trim() != files.cert_pem.trim() {
+                return Err(ApiError::BadCertificate("the adoption pins another certificate than this node's".into()));
+            }
+            let node = pki::NodeMaterial { cert_pem: files.cert_pem, key_pem: files.key_pem };
+            self.tls.install(&req.cluster_id, &files.ca_pem, &node).map_err(|e| ApiError::Internal(e.to_string()))?;
+            *self.pending_join.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Ok(());
         }
         let id = pki::check_issued_for(&pending.ca_pem, &req.certificate, &pending.key_pem).map_err(pki_err)?;
         if id.cluster_id != req.cluster_id || id.node_id != req.node_id || id.name != self.cfg.name {
@@ -171,6 +291,9 @@ impl Agent {
     }
 
     fn ca(&self) -> Result<CaMaterial, ApiError> {
+        if self.tls.external {
+            return Err(external_only("certificate"));
+        }
         self.tls_files
             .ca_key()
             .map_err(storage_err)?
@@ -409,6 +532,11 @@ impl Agent {
         if !self.tls.enabled {
             return;
         }
+        if self.tls.external {
+            self.reload_external(&m).await;
+            self.expire_tokens(&m).await;
+            return;
+        }
         let metrics = m.metrics();
         let voter = metrics.membership_config.membership().voter_ids().any(|v| v == m.node_id);
         let has_key = matches!(self.tls_files.ca_key(), Ok(Some(_)));
@@ -440,12 +568,174 @@ impl Agent {
                 self.renew_own().await;
             }
         }
-        if metrics.current_leader == Some(m.node_id) {
+        self.expire_tokens(&m).await;
+    }
+
+    /// On the leader: drops expired tokens.
+    async fn expire_tokens(&self, m: &Member) {
+        if m.metrics().current_leader == Some(m.node_id) {
             let now = now_ms();
             if m.state.read(|d| d.state.tokens.by_name.values().any(|t| t.expired(now))) {
-                let _ = self.propose(&m, Command::ExpireTokens { now_ms: now }).await;
+                let _ = self.propose(m, Command::ExpireTokens { now_ms: now }).await;
             }
         }
+    }
+
+    /// Operator's CA: takes changed files into use (the operator renewed
+    /// them). A new key is pinned in the replicated state first, while the
+    /// old certificate still speaks for this node; files that do not pass
+    /// the start-up checks are refused and the old ones kept.
+    async fn reload_external(&self, m: &Member) {
+        let now = now_utc().unix_timestamp();
+        let files = match self.cfg.tls.read_external(&self.cfg.name, now) {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err((key, e)) => {
+                tracing::warn!("{key}: {e} (the certificate in use is kept)");
+                return;
+            }
+        };
+        if self.external_files().as_ref() == Some(&files) {
+            return;
+        }
+        let Ok(info) = pki::cert_info(&files.cert_pem) else { return };
+        let pinned = m.state.read(|d| d.state.node_certs.get(&m.node_id).cloned());
+        if pinned.as_deref() != Some(info.spki.as_str()) {
+            let req = NodeCertRequest { certificate: files.cert_pem.clone() };
+            let done = if self.route() == Route::Here {
+                self.do_pin_node_certificate(&self.cfg.name, req).await
+            } else {
+                self.on_leader_post::<_, serde_json::Value>("/internal/node-certificate", &req).await.map(|_| ())
+            };
+            if let Err(e) = done {
+                tracing::warn!("the renewed certificate's key is not pinned yet (retried): {e}");
+                return;
+            }
+        }
+        let node = pki::NodeMaterial { cert_pem: files.cert_pem.clone(), key_pem: files.key_pem.clone() };
+        match self.tls.install(&m.cluster_id, &files.ca_pem, &node) {
+            Ok(()) => {
+                tracing::info!(serial = %info.serial, "the operator's certificate files changed: now in use");
+                *self.external_tls.lock().unwrap_or_else(|p| p.into_inner()) = Some(files);
+            }
+            Err(e) => tracing::warn!("cannot use the renewed certificate files: {e}"),
+        }
+    }
+
+    /// On the leader, operator's CA: member `node` pins its new certificate.
+    pub(super) async fn do_pin_node_certificate(&self, node: &str, req: NodeCertRequest) -> Result<(), ApiError> {
+        let m = self.require_member()?;
+        let id = m
+            .state
+            .read(|d| d.state.node_by_name(node).map(|r| r.id))
+            .ok_or_else(|| ApiError::NodeNotFound(node.to_string()))?;
+        let info = self.check_member_cert(&req.certificate, node)?;
+        self.propose(&m, Command::SetNodeCertificate { node_id: id, spki: info.spki }).await?;
+        tracing::info!(node, "new certificate key pinned");
+        Ok(())
+    }
+
+    // ---- client certificates ----
+
+    pub(super) fn do_authenticate_cert(&self, spki: &str) -> Result<(String, Role), ApiError> {
+        let m = self.member().ok_or_else(|| ApiError::CertificateRejected("this node belongs to no cluster".into()))?;
+        match m.state.read(|d| d.state.client_certs.by_spki(spki).cloned()) {
+            None => Err(ApiError::CertificateRejected("not recorded, or revoked".into())),
+            Some(c) if c.expired(now_ms()) => {
+                Err(ApiError::CertificateRejected(format!("client certificate {} expired", c.name)))
+            }
+            Some(c) => Ok((c.name, c.role)),
+        }
+    }
+
+    pub(super) async fn do_create_certificate(
+        &self,
+        req: CertificateRequest,
+        by: String,
+    ) -> Result<ClientCertCreated, ApiError> {
+        let m = self.require_member()?;
+        validate_name("name", &req.name)?;
+        if req.role == Role::Join {
+            return Err(ApiError::Invalid {
+                field: "role".into(),
+                reason: "a client certificate is viewer, operator or admin".into(),
+            });
+        }
+        if m.state.read(|d| d.state.client_certs.by_name.contains_key(&req.name)) {
+            return Err(ApiError::CertificateExists(req.name));
+        }
+        let certificate = match (self.tls.external, req.csr, req.certificate) {
+            (_, Some(_), Some(_)) => {
+                return Err(ApiError::Invalid {
+                    field: "csr".into(),
+                    reason: "send csr or certificate, not both".into(),
+                })
+            }
+            (false, Some(csr), None) => {
+                let days = req.days.unwrap_or(CLIENT_CERT_DAYS);
+                if !(1..=CLIENT_CERT_MAX_DAYS).contains(&days) {
+                    return Err(ApiError::Invalid {
+                        field: "days".into(),
+                        reason: format!("must be 1 to {CLIENT_CERT_MAX_DAYS}"),
+                    });
+                }
+                let ca = self.ca()?;
+                pki::sign_client_request(&ca, &csr, &m.cluster_id, &req.name, days.into(), now_utc())
+                    .map_err(pki_err)?
+            }
+            (false, None, Some(_)) => return Err(own_ca_only("recording a certificate issued elsewhere")),
+            (true, Some(_), None) => return Err(external_only("client certificate; send its `certificate`")),
+            (true, None, Some(cert)) => {
+                if req.days.is_some() {
+                    return Err(ApiError::Invalid {
+                        field: "days".into(),
+                        reason: "the operator's CA decided the certificate's lifetime".into(),
+                    });
+                }
+                let ca = self.external_files().ok_or_else(|| ApiError::Internal("no operator CA loaded".into()))?;
+                pki::check_signed_by(&ca.ca_pem, &cert).map_err(pki_err)?;
+                cert
+            }
+            (_, None, None) => {
+                return Err(ApiError::Invalid {
+                    field: if self.tls.external { "certificate" } else { "csr" }.into(),
+                    reason: if self.tls.external {
+                        "the PEM certificate the operator's CA issued is required".into()
+                    } else {
+                        "a PEM certificate signing request is required (`tandem cert create` makes one)".into()
+                    },
+                })
+            }
+        };
+        let info = pki::cert_info(&certificate).map_err(pki_err)?;
+        pki::check_valid(&info, now_utc().unix_timestamp()).map_err(ApiError::BadCertificate)?;
+        if m.state.read(|d| d.state.node_certs.values().any(|s| *s == info.spki)) {
+            return Err(ApiError::BadCertificate("that key is a node's".into()));
+        }
+        let record = ClientCertRecord {
+            name: req.name,
+            role: req.role,
+            spki: info.spki,
+            serial: info.serial,
+            not_after_ms: u64::try_from(info.not_after).unwrap_or(0).saturating_mul(1000),
+            created_ms: now_ms(),
+            created_by: by,
+        };
+        self.propose(&m, Command::RegisterClientCert { cert: record.clone() }).await?;
+        tracing::info!(cert = %record.name, role = record.role.as_str(), by = %record.created_by, "client certificate recorded");
+        Ok(ClientCertCreated { view: cert_view(&record), certificate })
+    }
+
+    pub(super) async fn do_certificates(&self) -> Result<Vec<ClientCertView>, ApiError> {
+        let m = self.read_member(false).await?;
+        Ok(m.state.read(|d| d.state.client_certs.by_name.values().map(cert_view).collect()))
+    }
+
+    pub(super) async fn do_revoke_certificate(&self, name: &str) -> Result<(), ApiError> {
+        let m = self.require_member()?;
+        self.propose(&m, Command::RevokeClientCert { name: name.to_string() }).await?;
+        tracing::info!(cert = name, "client certificate revoked");
+        Ok(())
     }
 
     async fn renew_own(&self) {

@@ -30,6 +30,8 @@ pub enum PkiError {
     BadRequest(String),
     #[error("not a valid private key: {0}")]
     BadKey(String),
+    #[error("{0}")]
+    Untrusted(String),
 }
 
 impl PkiError {
@@ -221,12 +223,192 @@ pub fn check_issued_for(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<N
     node_identity(&cert[0]).ok_or_else(|| PkiError::BadCertificate("not a tandem node certificate".into()))
 }
 
+/// What the agent and the API need to know of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub common_name: Option<String>,
+    /// `sha256:<hex>` of the SubjectPublicKeyInfo.
+    pub spki: String,
+    /// Serial number, hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// Reads the first certificate of a PEM bundle.
+pub fn cert_info(cert_pem: &str) -> Result<CertInfo, PkiError> {
+    let der = pem_certs(cert_pem)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der[0]).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let info = CertInfo {
+        common_name: cert.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).map(str::to_string),
+        spki: spki_hash(&der[0])?,
+        serial: cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect(),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    };
+    Ok(info)
+}
+
+/// Whether the first certificate of `cert_pem` is signed by one of the
+/// certificates of `ca_pem` (directly: intermediates are not followed).
+pub fn check_signed_by(ca_pem: &str, cert_pem: &str) -> Result<(), PkiError> {
+    let cas = pem_certs(ca_pem)?;
+    let leaf = pem_certs(cert_pem)?;
+    let (_, leaf) =
+        x509_parser::parse_x509_certificate(&leaf[0]).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    for ca in &cas {
+        let Ok((_, ca)) = x509_parser::parse_x509_certificate(ca) else { continue };
+        if leaf.verify_signature(Some(ca.public_key())).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(PkiError::Untrusted("the certificate is not signed by the configured CA".into()))
+}
+
+/// Whether `key_pem` (PKCS#8, PKCS#1 or SEC1) is the key of `cert_pem`.
+pub fn check_key_matches(cert_pem: &str, key_pem: &str) -> Result<(), PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| PkiError::BadKey(e.to_string()))?;
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let signer = provider.key_provider.load_private_key(key).map_err(|e| PkiError::BadKey(e.to_string()))?;
+    let public = signer.public_key().ok_or_else(|| PkiError::BadKey("cannot read its public key".into()))?;
+    let der = pem_certs(cert_pem)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der[0]).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    if cert.tbs_certificate.subject_pki.raw != public.as_ref() {
+        return Err(PkiError::BadKey("it is not the key of the certificate".into()));
+    }
+    Ok(())
+}
+
+/// Which file of an operator's certificate set is at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExternalFault {
+    Ca(String),
+    Cert(String),
+    Key(String),
+}
+
+/// Checks an operator's CA, node certificate and key (`[tls] ca_file`,
+/// `cert_file`, `key_file`): each parses, the key is the certificate's,
+/// the CA signed it, it is valid at `now` (Unix seconds) and names `name`.
+pub fn check_external(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+    name: &str,
+    now: i64,
+) -> Result<CertInfo, ExternalFault> {
+    pem_certs(ca_pem).map_err(|e| ExternalFault::Ca(e.to_string()))?;
+    let info = cert_info(cert_pem).map_err(|e| ExternalFault::Cert(e.to_string()))?;
+    check_key_matches(cert_pem, key_pem).map_err(|e| match e {
+        PkiError::BadKey(m) => ExternalFault::Key(m),
+        other => ExternalFault::Cert(other.to_string()),
+    })?;
+    check_signed_by(ca_pem, cert_pem).map_err(|e| ExternalFault::Cert(e.to_string()))?;
+    check_valid(&info, now).map_err(ExternalFault::Cert)?;
+    if info.common_name.as_deref() != Some(name) {
+        return Err(ExternalFault::Cert(format!(
+            "its common name is {:?}, not the node's name {name:?}",
+            info.common_name.unwrap_or_default()
+        )));
+    }
+    Ok(info)
+}
+
+/// Whether a certificate is valid at `now` (Unix seconds).
+pub fn check_valid(info: &CertInfo, now: i64) -> Result<(), String> {
+    if now >= info.not_after {
+        return Err("the certificate has expired".into());
+    }
+    if now < info.not_before {
+        return Err("the certificate is not valid yet".into());
+    }
+    Ok(())
+}
+
+/// Signs a client certificate (a person's or a tool's) from its request:
+/// the name is the signer's, in the common name and a URI SAN
+/// `tandem://<cluster_id>/client/<name>` (never a node's URI).
+pub fn sign_client_request(
+    ca: &CaMaterial,
+    csr_pem: &str,
+    cluster_id: &str,
+    name: &str,
+    days: i64,
+    now: OffsetDateTime,
+) -> Result<String, PkiError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| PkiError::BadRequest(e.to_string()))?;
+    let key = KeyPair::from_pem(&ca.key_pem).map_err(|e| PkiError::BadKey(e.to_string()))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, key).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name.to_string());
+    params.subject_alt_names =
+        vec![SanType::URI(format!("tandem://{cluster_id}/client/{name}").try_into().map_err(gen)?)];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = now - TimeDuration::hours(1);
+    params.not_after = now + TimeDuration::days(days);
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    Ok(params.signed_by(&csr.public_key, &issuer).map_err(gen)?.pem())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn spec<'a>(addresses: &'a [String]) -> NodeCertSpec<'a> {
         NodeCertSpec { cluster_id: "c1", node_id: 7, name: "node7", addresses, days: 30 }
+    }
+
+    #[test]
+    fn a_client_certificate_carries_the_requests_key_and_names_no_node() {
+        let now = OffsetDateTime::now_utc();
+        let ca = new_ca("c1", now).unwrap();
+        let (key, csr) = new_request("ignored").unwrap();
+        let cert = sign_client_request(&ca, &csr, "c1", "alice", 30, now).unwrap();
+        check_signed_by(&ca.cert_pem, &cert).unwrap();
+        check_key_matches(&cert, &key).unwrap();
+        let info = cert_info(&cert).unwrap();
+        assert_eq!(info.common_name.as_deref(), Some("alice"));
+        assert!(node_identity(&pem_certs(&cert).unwrap()[0]).is_none(), "a client is never a node");
+        let other = new_ca("c2", now).unwrap();
+        assert!(check_signed_by(&other.cert_pem, &cert).is_err());
+    }
+
+    #[test]
+    fn an_operators_files_are_checked_each_for_its_own_fault() {
+        let now = OffsetDateTime::now_utc();
+        let ca = new_ca("c1", now).unwrap();
+        let addrs = vec!["10.0.0.7".to_string()];
+        let node = issue_node(&ca, &spec(&addrs), now).unwrap();
+        let t = now.unix_timestamp();
+        assert!(check_external(&ca.cert_pem, &node.cert_pem, &node.key_pem, "node7", t).is_ok());
+        assert!(matches!(check_external("junk", &node.cert_pem, &node.key_pem, "node7", t), Err(ExternalFault::Ca(_))));
+        assert!(matches!(check_external(&ca.cert_pem, "junk", &node.key_pem, "node7", t), Err(ExternalFault::Cert(_))));
+        let other = issue_node(&ca, &spec(&addrs), now).unwrap();
+        assert!(matches!(
+            check_external(&ca.cert_pem, &node.cert_pem, &other.key_pem, "node7", t),
+            Err(ExternalFault::Key(_))
+        ));
+        let ca2 = new_ca("c2", now).unwrap();
+        assert!(matches!(
+            check_external(&ca2.cert_pem, &node.cert_pem, &node.key_pem, "node7", t),
+            Err(ExternalFault::Cert(_))
+        ));
+        assert!(matches!(
+            check_external(&ca.cert_pem, &node.cert_pem, &node.key_pem, "node7", t + 31 * 86_400),
+            Err(ExternalFault::Cert(_))
+        ));
+        assert!(matches!(
+            check_external(&ca.cert_pem, &node.cert_pem, &node.key_pem, "node8", t),
+            Err(ExternalFault::Cert(_))
+        ));
     }
 
     #[test]

@@ -12,6 +12,13 @@
 //!
 //! This module must never decide who may call which route (that is
 //! `tandem_http_api::auth`), and never log key material.
+//!
+//! With an operator's CA (`[tls] ca_file`) a certificate carries no node id:
+//! the member is found by the certificate's key pin, recorded in the
+//! replicated state at join ([`Tls::set_key_lookup`]), so a removed node's
+//! certificate names nobody even when a new node takes its name. A verified
+//! client certificate that names no member reaches the API with its key pin
+//! (a person's or a tool's; the auth layer maps it to a role or refuses it).
 
 use std::io;
 use std::net::SocketAddr;
@@ -61,6 +68,8 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 type MembershipCheck = Arc<dyn Fn(NodeId, &str) -> bool + Send + Sync>;
+/// Operator's CA: (key pin, common name) → the member, if any.
+type KeyLookup = Arc<dyn Fn(&str, &str) -> Option<PeerNode> + Send + Sync>;
 
 struct Current {
     cluster_id: Option<String>,
@@ -74,9 +83,12 @@ struct Current {
 pub struct Tls {
     /// False only when `[tls] enabled = false` (benchmarks): plain TCP.
     pub enabled: bool,
+    /// The CA is the operator's (`[tls] ca_file`): members are known by key pin.
+    pub external: bool,
     provider: Arc<CryptoProvider>,
     cur: RwLock<Current>,
     members: RwLock<Option<MembershipCheck>>,
+    by_key: RwLock<Option<KeyLookup>>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -107,14 +119,16 @@ fn lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 impl Tls {
     /// An agent that belongs to no cluster yet: it serves `bootstrap`.
-    pub fn new(enabled: bool, bootstrap: &NodeMaterial) -> Result<Arc<Tls>, TlsError> {
+    pub fn new(enabled: bool, external: bool, bootstrap: &NodeMaterial) -> Result<Arc<Tls>, TlsError> {
         let provider = provider();
         let key = certified(&provider, bootstrap)?;
         Ok(Arc::new(Tls {
             enabled,
+            external,
             provider,
             cur: RwLock::new(Current { cluster_id: None, ca_pem: None, roots: None, key, member: false }),
             members: RwLock::new(None),
+            by_key: RwLock::new(None),
         }))
     }
 
@@ -144,6 +158,11 @@ impl Tls {
     /// Who counts as a member for client certificates.
     pub fn set_membership_check(&self, f: MembershipCheck) {
         *self.members.write().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// Who a key pin names (operator's CA).
+    pub fn set_key_lookup(&self, f: KeyLookup) {
+        *self.by_key.write().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
     pub fn ca_pem(&self) -> Option<String> {
@@ -219,12 +238,28 @@ impl Tls {
 
     /// The member named by a verified peer certificate chain.
     pub fn peer_node(&self, certs: Option<&[CertificateDer<'_>]>) -> Option<PeerNode> {
-        let id = pki::node_identity(certs?.first()?)?;
+        let leaf = certs?.first()?;
+        if self.external {
+            let spki = pki::spki_hash(leaf).ok()?;
+            let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+            let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+            let lookup = lock(&self.by_key).clone()?;
+            return lookup(&spki, &cn);
+        }
+        let id = pki::node_identity(leaf)?;
         let ours = lock(&self.cur).cluster_id.clone();
         (ours.as_deref() == Some(id.cluster_id.as_str())).then_some(PeerNode { id: id.node_id, name: id.name })
     }
 
+    /// The key pin of a verified client certificate.
+    pub fn client_spki(&self, certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+        pki::spki_hash(certs?.first()?).ok()
+    }
+
     fn is_member(&self, end_entity: &CertificateDer<'_>) -> bool {
+        if self.external {
+            return self.peer_node(Some(std::slice::from_ref(end_entity))).is_some();
+        }
         let Some(id) = pki::node_identity(end_entity) else { return false };
         if lock(&self.cur).cluster_id.as_deref() != Some(id.cluster_id.as_str()) {
             return false;
@@ -284,7 +319,11 @@ impl ClientCertVerifier for MemberVerifier {
             .build()
             .map_err(|e| rustls::Error::General(e.to_string()))?;
         webpki.verify_client_cert(end_entity, intermediates, now)?;
-        if !self.tls.is_member(end_entity) {
+        // On the API, a certificate of the CA that is no node's (a person's,
+        // a tool's) passes: the auth layer maps its key pin to a role or
+        // refuses the request. A node certificate must name a member.
+        let client = !self.mandatory && (self.tls.external || pki::node_identity(end_entity).is_none());
+        if !client && !self.tls.is_member(end_entity) {
             return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure));
         }
         Ok(ClientCertVerified::assertion())
@@ -436,13 +475,11 @@ pub async fn accept_api(listener: TcpListener, tls: Arc<Tls>, tx: mpsc::Sender<(
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let node = tls.peer_node(stream.get_ref().1.peer_certificates());
-                    let _ = tx
-                        .send((
-                            ApiStream::Tls(Box::new(stream)),
-                            PeerInfo { addr: Some(addr), node, local_uid: None, plaintext: false },
-                        ))
-                        .await;
+                    let certs = stream.get_ref().1.peer_certificates();
+                    let node = tls.peer_node(certs);
+                    let cert_spki = tls.client_spki(certs);
+                    let peer = PeerInfo { addr: Some(addr), node, cert_spki, ..PeerInfo::default() };
+                    let _ = tx.send((ApiStream::Tls(Box::new(stream)), peer)).await;
                 }
                 Ok(Err(e)) => tracing::debug!(%addr, "API TLS handshake failed: {e}"),
                 Err(_) => tracing::debug!(%addr, "API TLS handshake timed out"),

@@ -92,6 +92,11 @@ pub const PACKAGES: &[Package] = &[
         why: "PostgreSQL 15 and psql: the database of `tandem demo --app postgres`, of the PostgreSQL guide's test and of the bank tests",
         jobs: &[DemoPostgres, Test],
     },
+    Package {
+        name: "openssl",
+        why: "the openssl command line: the tests make an operator's CA and certificates with it, as a company PKI would",
+        jobs: &[Test],
+    },
     Package { name: "fio", why: "verifies the data written through the NBD export", jobs: &[Test] },
     Package { name: "nbdkit", why: "a reference NBD server the NBD tests compare tandem's export with", jobs: &[Test] },
     Package { name: "nftables", why: "nft: the chaos runs' one-way packet loss, the tests' partitions", jobs: &[Test] },
