@@ -210,7 +210,7 @@ async fn forged_and_replayed_heartbeats_of_a_dead_node_change_nothing() {
             let (st, v) = get(&format!("{u}{path}")).await;
             assert_eq!(st, 200, "{path}: {v}");
             let text = v.to_string();
-            assert!(!text.contains(&key) && !text.contains("heartbeat_key"), "{path}: {text}");
+            assert!(!text.contains(&key) && !text.contains("heartbeat_keys"), "{path}: {text}");
         }
     }
     for n in &c.nodes {
