@@ -20,13 +20,19 @@ cannot state, or where a generated value would act on this machine:
   user database). A joining node's addresses are 127.0.0.1 on a closed
   port; node1, the node the tester talks to, is never removed, nor is the
   `admin` token the run uses revoked.
+- a client certificate request carries a real signing request (made once
+  with `openssl`) and no operator-issued `certificate` (the demo's CA is
+  the cluster's own): no schema can say what a valid CSR is.
 
 Negative cases are left as generated: the server must refuse them.
 """
 
+import functools
 import json
 import os
 import ssl
+import subprocess
+import tempfile
 import urllib.request
 
 import schemathesis
@@ -53,6 +59,16 @@ def members():
     # Asked each time: the tester itself removes nodes.
     got = _get("/v1/nodes") or []
     return sorted(n["name"] for n in got if isinstance(n, dict)) or [TALKED_TO]
+
+
+@functools.lru_cache(maxsize=1)
+def csr():
+    with tempfile.TemporaryDirectory() as d:
+        out = subprocess.run(
+            ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", os.path.join(d, "key.pem"), "-subj", "/CN=contract"],
+            check=True, capture_output=True, text=True)
+        return out.stdout
 
 
 def _positive(case):
@@ -159,6 +175,9 @@ def map_case(context, case):
         v = _get(f"/v1/volumes/{params.get('name', '')}?stale=true")
         if isinstance(v, dict) and v.get("replicas"):
             body["discard"] = v["replicas"][-1]["node"]
+    elif path == "/v1/certificates" and method == "POST" and body is not None:
+        body["csr"] = csr()
+        body.pop("certificate", None)
     elif path == "/v1/nodes" and method == "POST" and body is not None:
         body["addresses"] = ["127.0.0.1"]
         body["port"] = 9

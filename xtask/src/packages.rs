@@ -94,8 +94,8 @@ pub const PACKAGES: &[Package] = &[
     },
     Package {
         name: "openssl",
-        why: "the openssl command line: the tests make an operator's CA and certificates with it, as a company PKI would",
-        jobs: &[Test],
+        why: "the openssl command line: the tests make an operator's CA and certificates with it, as a company PKI would; the contract run makes the signing requests it sends",
+        jobs: &[Test, Contract],
     },
     Package { name: "fio", why: "verifies the data written through the NBD export", jobs: &[Test] },
     Package { name: "nbdkit", why: "a reference NBD server the NBD tests compare tandem's export with", jobs: &[Test] },
