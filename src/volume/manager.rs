@@ -220,6 +220,11 @@ impl VolumeManager {
         self.held.lock().await.get(name).map(|h| h.volume.clone())
     }
 
+    /// The volumes held here.
+    pub fn names(&self) -> Vec<String> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
     /// What this node knows about `name` (the whole picture on the primary).
     pub fn status(&self, name: &str) -> Result<VolumeStatus, VolumeError> {
         let volume = self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
