@@ -327,6 +327,10 @@ pub fn render(s: &Snapshot, c: &Counters) -> String {
         "Local restarts of the group since it started on this node",
         totals(s.groups.iter().filter_map(|g| g.restarts.map(|n| (group(g), n as u64)))),
     );
+    for g in &s.groups {
+        // A group that never failed over shows 0, so that `increase()` sees its first one.
+        let _ = c.failovers.get_or_create(&group(g));
+    }
     reg.register("tandem_group_failovers", "Failovers of the group applied on this node", c.failovers.clone());
     reg.register(
         "tandem_group_last_outage_seconds",
