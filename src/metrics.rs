@@ -96,6 +96,17 @@ impl Counters {
         self.api_requests.get_or_create(&l).inc();
     }
 
+    /// The request and byte counters of `volume`'s NBD `op`.
+    pub fn nbd_counters(&self, volume: &str, op: &str) -> (Counter, Counter) {
+        let l = labels(&[("volume", volume), ("op", op)]);
+        (self.nbd_requests.get_or_create(&l).clone(), self.nbd_bytes.get_or_create(&l).clone())
+    }
+
+    /// `volume`'s write latency histogram `at` (`local` or `replicated`).
+    pub fn write_histogram(&self, volume: &str, at: &str) -> Histogram {
+        self.volume_write_seconds.get_or_create(&labels(&[("volume", volume), ("at", at)])).clone()
+    }
+
     /// Counts a failover of `group`; `outage_s` when the failed node was
     /// ever heard.
     pub fn count_failover(&self, group: &str, outage_s: Option<f64>) {
