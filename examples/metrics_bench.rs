@@ -11,6 +11,8 @@
 //! 3. The same agents scraped over HTTPS (token, cluster CA) as Prometheus
 //!    would: size and time of a scrape with 10 groups, then with 100.
 //!
+//! Run:
+//!
 //!     cargo build --release --bins --examples
 //!     target/release/examples/metrics_bench [idle seconds (60)] [tandem binary]
 

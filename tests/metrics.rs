@@ -198,6 +198,14 @@ async fn prometheus_scrapes_the_cluster_and_sees_one_leader_and_a_failover() {
             assert!(text.contains(series), "{}: no {series} in\n{text}", n.name);
         }
         assert!(!text.contains("route=\"/v1/groups/web\""), "{text}");
+        let value = |name: &str| -> f64 {
+            let prefix = format!("{name}{{{label}}} ");
+            text.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok()).unwrap_or(-1.0)
+        };
+        let (committed, applied) = (value("tandem_raft_commit_index"), value("tandem_raft_applied_index"));
+        assert!(committed > 0.0 && applied > 0.0 && committed >= applied - 1.0, "{committed} {applied}\n{text}");
+        assert!(value("tandem_lease_left_seconds") > 0.0, "{text}");
+        assert!(value("tandem_raft_log_append_seconds_count") > 0.0, "{text}");
         all.push_str(&text);
     }
     // Requests are counted by their route template, not their path (the

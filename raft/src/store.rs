@@ -318,7 +318,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+        let committed = self.meta::<Option<LogId>>(KEY_COMMITTED)?.flatten();
+        // At start: the metrics show it before the next commit.
+        self.db.stats.committed.store(committed.map_or(0, |c| c.index + 1), std::sync::atomic::Ordering::Relaxed);
+        Ok(committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
