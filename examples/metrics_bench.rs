@@ -169,6 +169,14 @@ async fn call(method: reqwest::Method, url: &str, body: Option<Value>) -> (u16, 
     tandem_testkit::api::call_with(None, method, url, body.map(|b| serde_json::to_vec(&b).unwrap())).await
 }
 
+async fn metrics_text(url: &str, token: &str) -> Option<String> {
+    let resp = tandem_testkit::api::client().get(format!("{url}/metrics")).bearer_auth(token).send().await.ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    resp.text().await.ok()
+}
+
 /// Scrapes `url`'s /metrics `n` times: (bytes, p50, p99), or None without /metrics.
 async fn scrapes(url: &str, token: &str, n: usize) -> Option<(usize, Duration, Duration)> {
     let client = tandem_testkit::api::client();
@@ -256,6 +264,23 @@ async fn real_agents(dir: &Path, idle: u64) {
         println!("- i{i}: {pct:.2} % of one core");
     }
     println!("- all three: {total:.2} %\n");
+    // What the idle agents answered meanwhile (a binary with /metrics only).
+    for (i, u) in urls.iter().enumerate() {
+        let Some(text) = metrics_text(u, &creds.token).await else { continue };
+        let mut rows: Vec<(f64, String)> = text
+            .lines()
+            .filter(|l| l.starts_with("tandem_api_requests_total{"))
+            .filter_map(|l| {
+                let (series, v) = l.rsplit_once(' ')?;
+                let route = series.split("route=\"").nth(1)?.split('"').next()?;
+                Some((v.parse().ok()?, route.to_string()))
+            })
+            .collect();
+        rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let top: Vec<String> = rows.iter().take(3).map(|(n, r)| format!("{r} {n}")).collect();
+        println!("- i{i} answered since its start: {}", top.join(", "));
+    }
+    println!();
 
     println!("## 3. Scrapes over HTTPS (token, cluster CA), 100 per node\n");
     for groups in [10, 100] {
