@@ -16,6 +16,7 @@ pub mod executor;
 pub mod failover;
 pub mod lease;
 pub mod liveness;
+pub mod metrics;
 pub mod reconcile;
 pub mod rundir;
 pub mod scheduler;

@@ -124,6 +124,11 @@ struct PeerSeen {
     authenticates: bool,
     /// The newest of our `sent_ms` it echoed: it heard us then.
     acked_ms: u64,
+    /// From our heartbeat at `acked_ms` to its first heartbeat that
+    /// acknowledged it (for the metrics; its sending period included).
+    round_trip_ms: Option<u64>,
+    /// The acknowledgement `round_trip_ms` was measured on.
+    round_trip_ack: u64,
     /// Last heartbeat per source address.
     paths: HashMap<IpAddr, Instant>,
     /// When (our clock, latest possible) it last heard each other node, as
@@ -305,8 +310,9 @@ impl Liveness {
         let (verdict, reply) = self.freshness().judge_and_reply(&hb, path, now_ms, max_sent);
         match verdict {
             Verdict::Heard => {
-                let ack = hb.ack_ms;
-                self.hear(hb, path, ack, now)
+                let (ack, from) = (hb.ack_ms, hb.from);
+                self.hear(hb, path, ack, now);
+                self.note_round_trip(from, ack, now_ms);
             }
             Verdict::Replayed => self.count_drop(DropReason::Replayed),
             Verdict::Stale => self.count_drop(DropReason::Stale),
@@ -369,6 +375,8 @@ impl Liveness {
             version: hb.version.clone(),
             authenticates: hb.authenticates,
             acked_ms: 0,
+            round_trip_ms: None,
+            round_trip_ack: 0,
             paths: HashMap::new(),
             hears: HashMap::new(),
             since: now,
@@ -391,6 +399,24 @@ impl Liveness {
             let t = entry.hears.entry(about).or_insert(at);
             *t = (*t).max(at);
         }
+    }
+
+    /// Notes the round trip of our heartbeat sent at `ack_ms` (CLOCK_BOOTTIME)
+    /// if `from`'s heartbeat arriving at `now_ms` is the first to acknowledge it.
+    fn note_round_trip(&self, from: NodeId, ack_ms: u64, now_ms: u64) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = seen.get_mut(&from) {
+            if ack_ms > 0 && ack_ms == p.acked_ms && p.round_trip_ack != ack_ms {
+                p.round_trip_ack = ack_ms;
+                p.round_trip_ms = Some(now_ms.saturating_sub(ack_ms));
+            }
+        }
+    }
+
+    /// The last measured heartbeat round trip to `id`.
+    pub fn round_trip(&self, id: NodeId) -> Option<Duration> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(&id).and_then(|p| p.round_trip_ms).map(Duration::from_millis)
     }
 
     /// What this node reports hearing: every peer heard within the timeout.

@@ -213,8 +213,11 @@ async fn every_curl_in_the_readme_and_the_api_reference_works() {
         let (body, status) = trimmed.rsplit_once('\n').unwrap_or(("", trimmed));
         let status: u16 = status.trim().parse().unwrap_or(0);
         eprintln!("{at}: {status} {}", body.chars().take(160).collect::<String>().replace('\n', " "));
-        let json_ok =
-            body.trim().is_empty() && status == 204 || serde_json::from_str::<serde_json::Value>(body).is_ok();
+        // `GET /metrics` answers in Prometheus's text format, not JSON.
+        let metrics_ok = ex.text.contains("/metrics") && body.starts_with("# HELP ");
+        let json_ok = body.trim().is_empty() && status == 204
+            || serde_json::from_str::<serde_json::Value>(body).is_ok()
+            || metrics_ok;
         let problem = if !out.status.success() {
             Some(format!("curl exited {} ({stderr})", out.status))
         } else if status == 0 || status == 401 || status == 403 || status >= 500 {

@@ -24,6 +24,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/v1/volumes/{name}/primary", "open"),
     ("GET", "/v1/volumes/{name}/replica", "open"),
     ("GET", "/v1/local", "viewer"),
+    ("GET", "/metrics", "viewer"),
     ("GET", "/v1/cluster", "viewer"),
     ("GET", "/v1/nodes", "viewer"),
     ("GET", "/v1/nodes/{name}", "viewer"),

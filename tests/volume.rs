@@ -619,3 +619,31 @@ async fn secondaries_are_reconciled_after_their_primary_dies_mid_write() {
     // Exactly the extent written last (4 MiB), not the volume.
     assert_eq!(v.resync_bytes_sent("n3"), 4 * MIB);
 }
+
+/// The value of `series` in a `GET /metrics` text (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_counts_nbd_requests_bytes_and_write_latency_for_the_metrics() {
+    let c = Cluster::new(2, 64 * MIB).await;
+    let counters = tandem::metrics::Counters::default();
+    c.nodes[0].mgr.set_counters(counters.clone());
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    qemu_io(uri_of(&uri), &["write -P 0xab 0 1M", "read -P 0xab 0 64k", "discard 3M 8k", "flush"]).await;
+    let snapshot = tandem::metrics::Snapshot { node: "n1".into(), ..Default::default() };
+    let text = tandem::metrics::render(&snapshot, &counters);
+    let s = |name: &str, labels: &str| metric(&text, &format!("{name}{{node=\"n1\",volume=\"data\",{labels}}}"));
+    assert_eq!(s("tandem_nbd_bytes_total", "op=\"write\""), (1 << 20) as f64, "{text}");
+    assert_eq!(s("tandem_nbd_bytes_total", "op=\"read\""), 65536.0, "{text}");
+    assert_eq!(s("tandem_nbd_bytes_total", "op=\"trim\""), 8192.0, "{text}");
+    assert!(s("tandem_nbd_requests_total", "op=\"flush\"") >= 1.0, "{text}");
+    let writes = s("tandem_nbd_requests_total", "op=\"write\"");
+    assert!(writes >= 1.0, "{text}");
+    // Every write is timed on the local disk and until the sync peer answered.
+    assert_eq!(s("tandem_volume_write_seconds_count", "at=\"local\""), writes, "{text}");
+    assert_eq!(s("tandem_volume_write_seconds_count", "at=\"replicated\""), writes, "{text}");
+    assert!(s("tandem_volume_write_seconds_sum", "at=\"replicated\"") > 0.0, "{text}");
+}

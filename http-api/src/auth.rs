@@ -122,6 +122,9 @@ pub fn access(method: &Method, route: &str) -> Access {
     let m = method.as_str();
     match (m, route) {
         (_, "/healthz" | "/readyz" | "/openapi.json" | "/v1/cluster/ca") => Open,
+        // Prometheus scrapes with a viewer token (`authorization` in its
+        // scrape_config): the series name groups, nodes and addresses.
+        ("GET" | "HEAD", "/metrics") => Read,
         // Load balancers ask every node; the answer says only whether it serves.
         (_, "/v1/groups/{name}/health" | "/v1/volumes/{name}/primary" | "/v1/volumes/{name}/replica") => Open,
         // The joining agent checks the adoption itself against the CA it pinned.
@@ -218,8 +221,17 @@ fn is_mutating(m: &Method) -> bool {
 #[derive(Clone, Copy)]
 pub struct Forwarded;
 
-/// Authenticates, authorizes and audits every routed request.
+/// Authenticates, authorizes and audits every routed request, and counts
+/// it by route template and status for `GET /metrics`.
 pub async fn authorize(State(b): State<SharedBackend>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let method = req.method().clone();
+    let resp = authorize_and_run(b.clone(), req, next).await;
+    b.count_request(method.as_str(), &route, resp.status().as_u16());
+    resp
+}
+
+async fn authorize_and_run(b: SharedBackend, req: Request, next: Next) -> Response {
     let peer = req.extensions().get::<ConnectInfo<PeerInfo>>().map(|c| c.0.clone()).unwrap_or_default();
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_default();
     let method = req.method().clone();
@@ -393,6 +405,8 @@ mod tests {
         assert_eq!(access(&g, "/healthz"), Access::Open);
         assert_eq!(access(&g, "/v1/groups/{name}/health"), Access::Open);
         assert_eq!(access(&g, "/v1/groups"), Access::Read);
+        assert_eq!(access(&g, "/metrics"), Access::Read);
+        assert_eq!(access(&Method::HEAD, "/metrics"), Access::Read);
         assert_eq!(access(&g, "/v1/tokens"), Access::Admin);
         assert_eq!(access(&g, "/v1/audit"), Access::Admin);
         assert_eq!(access(&g, "/v1/certificates"), Access::Admin);

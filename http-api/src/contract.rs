@@ -236,6 +236,7 @@ pub const OPERATIONS: &[Operation] = &[
     Operation { method: "get", path: "/healthz", layers: layers(false, false, false), errors: none },
     Operation { method: "get", path: "/readyz", layers: layers(false, false, false), errors: not_ready },
     Operation { method: "get", path: "/openapi.json", layers: layers(false, false, false), errors: none },
+    Operation { method: "get", path: "/metrics", layers: layers(false, true, false), errors: none },
     Operation { method: "get", path: "/v1/local", layers: layers(false, true, false), errors: none },
     Operation { method: "post", path: "/v1/cluster/init", layers: layers(false, false, true), errors: init },
     Operation { method: "post", path: "/v1/cluster/join", layers: layers(false, false, true), errors: join },

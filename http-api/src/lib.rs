@@ -165,6 +165,13 @@ pub trait Backend: Send + Sync + 'static {
     /// The CA key, for a voter that lacks it.
     async fn ca_key(&self, node: &str) -> Result<CaKeyView, ApiError>;
 
+    // ---- metrics ----
+
+    /// `GET /metrics`: this node's series in Prometheus's text format.
+    async fn metrics(&self) -> String;
+    /// Counts an answered request by method, route template and status.
+    fn count_request(&self, method: &str, route: &str, status: u16);
+
     /// Whether `id` is in this node's latest Raft membership.
     fn is_member(&self, id: NodeId) -> bool;
     /// The local Raft instance, if it is the node `target` of `cluster`.
@@ -365,6 +372,7 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(get_metrics))
         .route("/v1/local", get(get_local))
         .route("/v1/cluster/init", post(init_cluster))
         .route("/v1/cluster/join", post(join_cluster))
@@ -651,6 +659,15 @@ async fn release(
     responses((status = 200, description = "This document")))]
 async fn openapi_json() -> Json<serde_json::Value> {
     Json(contract::document())
+}
+
+/// The media type of Prometheus's text exposition format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "This node's metrics in Prometheus's text exposition format (docs/api.md lists the series); every series has the label `node`", content_type = "text/plain", body = String)))]
+async fn get_metrics(State(b): State<SharedBackend>, ApiQuery(_): ApiQuery<NoParams>) -> Response {
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], b.metrics().await).into_response()
 }
 
 // ---- security routes ----
@@ -1188,6 +1205,7 @@ async fn raft_snapshot(
         healthz,
         readyz,
         openapi_json,
+        get_metrics,
         get_local,
         init_cluster,
         join_cluster,

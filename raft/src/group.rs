@@ -369,6 +369,18 @@ pub struct GroupRecord {
 }
 
 impl GroupRecord {
+    /// How the API and the metrics name where the group is: `running`,
+    /// `moving`, `stopping`, `failed` or `stopped`.
+    pub fn state_name(&self) -> &'static str {
+        match self.placement.phase {
+            Phase::Started => "running",
+            Phase::Stopping if self.enabled => "moving",
+            Phase::Stopping => "stopping",
+            Phase::Stopped if self.enabled && !self.failed_on.is_empty() => "failed",
+            Phase::Stopped => "stopped",
+        }
+    }
+
     /// The recorded disk of `node`'s replica of `volume`, if it holds one.
     pub fn disk(&self, volume: &str, node: &str) -> Option<DiskState> {
         self.replica_disks.get(volume).and_then(|d| d.get(node)).copied()

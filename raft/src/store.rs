@@ -62,6 +62,34 @@ pub struct Identity {
 #[derive(Clone)]
 pub struct Db {
     db: Arc<DB>,
+    stats: LogStats,
+}
+
+/// What the log store measures, for `GET /metrics` (clones share it).
+#[derive(Debug, Clone)]
+pub struct LogStats {
+    /// Seconds each fsynced write of log entries took.
+    pub append_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// The last committed index openraft saved, plus one (0: none).
+    committed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for LogStats {
+    fn default() -> LogStats {
+        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        LogStats {
+            // 0.5 ms to about 8 s.
+            append_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
+            committed: Default::default(),
+        }
+    }
+}
+
+impl LogStats {
+    /// The last index openraft saved as committed.
+    pub fn committed_index(&self) -> Option<u64> {
+        self.committed.load(std::sync::atomic::Ordering::Relaxed).checked_sub(1)
+    }
 }
 
 impl Debug for Db {
@@ -88,7 +116,12 @@ impl Db {
         let cfs = [CF_LOG, CF_META, CF_SM].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
-        Ok(Db { db: Arc::new(db) })
+        Ok(Db { db: Arc::new(db), stats: LogStats::default() })
+    }
+
+    /// What the log store measured.
+    pub fn stats(&self) -> &LogStats {
+        &self.stats
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -278,11 +311,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.put_meta(KEY_COMMITTED, &committed)
+        self.put_meta(KEY_COMMITTED, &committed)?;
+        let next = committed.map_or(0, |c| c.index + 1);
+        self.db.stats.committed.store(next, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+        let committed = self.meta::<Option<LogId>>(KEY_COMMITTED)?.flatten();
+        // At start: the metrics show it before the next commit.
+        self.db.stats.committed.store(committed.map_or(0, |c| c.index + 1), std::sync::atomic::Ordering::Relaxed);
+        Ok(committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
@@ -296,7 +335,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
             batch.put_cf(cf, log_key(entry.log_id.index), bytes);
         }
+        let started = std::time::Instant::now();
         let res = self.db.db.write_opt(batch, &sync_opts());
+        self.db.stats.append_seconds.observe(started.elapsed().as_secs_f64());
         callback.log_io_completed(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
         res.map_err(|e| StorageIOError::write_logs(io_err(e)).into())
     }

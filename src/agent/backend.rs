@@ -436,6 +436,14 @@ impl Backend for Agent {
         self.do_ca_key(node).await
     }
 
+    async fn metrics(&self) -> String {
+        self.render_metrics().await
+    }
+
+    fn count_request(&self, method: &str, route: &str, status: u16) {
+        self.counters.count_request(method, route, status);
+    }
+
     fn is_member(&self, id: NodeId) -> bool {
         self.member().is_some_and(|m| m.metrics().membership_config.membership().get_node(&id).is_some())
     }

@@ -13,13 +13,7 @@ impl Agent {
     pub(super) fn group_view(state: &ClusterState, g: &GroupRecord) -> GroupView {
         let name_of = |id: NodeId| state.nodes.get(&id).map(|n| n.name.clone()).unwrap_or_else(|| format!("#{id}"));
         let p = &g.placement;
-        let st = match p.phase {
-            Phase::Started => "running",
-            Phase::Stopping if g.enabled => "moving",
-            Phase::Stopping => "stopping",
-            Phase::Stopped if g.enabled && !g.failed_on.is_empty() => "failed",
-            Phase::Stopped => "stopped",
-        };
+        let st = g.state_name();
         GroupView {
             name: g.name.clone(),
             spec: g.spec.clone(),

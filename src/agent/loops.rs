@@ -33,6 +33,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     agent.guard.set_volumes(agent.volumes.clone());
     let guard = agent.guard.clone();
     agent.volumes.set_lease(Arc::new(move || guard.lease_valid()));
+    agent.volumes.set_counters(agent.counters.clone());
     let replication: Vec<std::net::SocketAddr> = cfg
         .addresses
         .iter()

@@ -131,6 +131,8 @@ pub struct Agent {
     failure_clock: std::sync::Mutex<crate::scheduler::FailureClock>,
     /// The volume replicas on this node.
     pub(crate) volumes: Arc<crate::volume::manager::VolumeManager>,
+    /// What `GET /metrics` counts as it happens (the rest is sampled).
+    pub(crate) counters: crate::metrics::Counters,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> ApiError {
@@ -212,7 +214,10 @@ impl Agent {
             fence_command: !cfg.fencing.fence_command.is_empty(),
             fenced_after: cfg.fenced_after(),
         });
+        let counters =
+            crate::metrics::Counters { log_append_seconds: db.stats().append_seconds.clone(), ..Default::default() };
         Ok(Agent {
+            counters,
             lease: std::sync::Mutex::new(lease),
             failover: Arc::new(std::sync::Mutex::new(failover)),
             failure_clock: Default::default(),
@@ -295,6 +300,7 @@ impl Agent {
             self.run.clone(),
         ));
         *self.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
+        self.watch_for_metrics(&m);
         tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "raft started");
         Ok(m)
     }
@@ -333,6 +339,7 @@ mod health;
 mod lease;
 mod loops;
 mod membership;
+mod metrics;
 mod peers;
 mod raft_ops;
 mod security;

@@ -228,6 +228,11 @@ impl Executor {
         self.groups.get(group).map(|g| (g.epoch, g.restarted, g.status()))
     }
 
+    /// Every group running here: name, epoch, restarts, resource status.
+    pub fn statuses(&self) -> Vec<(String, u64, u32, Vec<ResourceStatus>)> {
+        self.groups.iter().map(|(n, g)| (n.clone(), g.epoch, g.restarted, g.status())).collect()
+    }
+
     /// Runs nothing here (nothing to watch).
     pub fn is_idle(&self) -> bool {
         self.groups.is_empty()

@@ -60,6 +60,8 @@ pub struct VolumeManager {
     control: Mutex<Option<Arc<dyn ControlPlane>>>,
     listeners: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     lease: Mutex<Option<super::engine::Lease>>,
+    /// Where the exports count their requests (`GET /metrics`).
+    counters: Mutex<Option<crate::metrics::Counters>>,
 }
 
 fn not_found(name: &str) -> VolumeError {
@@ -169,7 +171,12 @@ impl VolumeManager {
             .await
             .map_err(|e| VolumeError::Refused { name: name.to_string(), reason: e.to_string() })?;
         if h.export.is_none() {
-            let export: Arc<dyn nbd::Export> = Arc::new(VolumeExport { volume: h.volume.clone() });
+            let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let metrics = counters.map(|c| {
+                let _ = h.volume.local_write_seconds.set(c.write_histogram(name, "local"));
+                ExportMetrics::new(&c, name)
+            });
+            let export: Arc<dyn nbd::Export> = Arc::new(VolumeExport { volume: h.volume.clone(), metrics });
             if let Some(dir) = socket.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| io(name, e))?;
             }
@@ -218,6 +225,16 @@ impl VolumeManager {
     /// The engine of `name`, for tests and benchmarks.
     pub async fn volume(&self, name: &str) -> Option<Arc<Volume>> {
         self.held.lock().await.get(name).map(|h| h.volume.clone())
+    }
+
+    /// Makes the exports count their requests and latencies into `c`.
+    pub fn set_counters(&self, c: crate::metrics::Counters) {
+        *self.counters.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+    }
+
+    /// The volumes held here.
+    pub fn names(&self) -> Vec<String> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
 
     /// What this node knows about `name` (the whole picture on the primary).
@@ -376,6 +393,48 @@ async fn accept_loop(listener: TcpListener, routes: Arc<Mutex<BTreeMap<String, A
 /// The primary's volume as the NBD server sees it.
 struct VolumeExport {
     volume: Arc<Volume>,
+    metrics: Option<ExportMetrics>,
+}
+
+/// One operation's counters: requests and bytes.
+struct OpCounters {
+    requests: prometheus_client::metrics::counter::Counter,
+    bytes: prometheus_client::metrics::counter::Counter,
+}
+
+impl OpCounters {
+    fn count(&self, bytes: u64) {
+        self.requests.inc();
+        self.bytes.inc_by(bytes);
+    }
+}
+
+/// An export's handles into the agent's counters, looked up once.
+struct ExportMetrics {
+    read: OpCounters,
+    write: OpCounters,
+    flush: OpCounters,
+    trim: OpCounters,
+    zero: OpCounters,
+    /// A client write from its arrival to its answer (sync peers included).
+    replicated: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl ExportMetrics {
+    fn new(c: &crate::metrics::Counters, volume: &str) -> ExportMetrics {
+        let op = |op: &str| {
+            let (requests, bytes) = c.nbd_counters(volume, op);
+            OpCounters { requests, bytes }
+        };
+        ExportMetrics {
+            read: op("read"),
+            write: op("write"),
+            flush: op("flush"),
+            trim: op("trim"),
+            zero: op("zero"),
+            replicated: c.write_histogram(volume, "replicated"),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -398,22 +457,39 @@ impl nbd::Export for VolumeExport {
     }
 
     async fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        if let Some(m) = &self.metrics {
+            m.read.count(u64::from(len));
+        }
         self.volume.read(offset, len).await
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
-        self.volume.write(offset, data, fua).await
+        let Some(m) = &self.metrics else { return self.volume.write(offset, data, fua).await };
+        m.write.count(data.len() as u64);
+        let started = std::time::Instant::now();
+        let r = self.volume.write(offset, data, fua).await;
+        m.replicated.observe(started.elapsed().as_secs_f64());
+        r
     }
 
     async fn flush(&self) -> std::io::Result<()> {
+        if let Some(m) = &self.metrics {
+            m.flush.count(0);
+        }
         self.volume.flush().await
     }
 
     async fn trim(&self, offset: u64, len: u32) -> std::io::Result<()> {
+        if let Some(m) = &self.metrics {
+            m.trim.count(u64::from(len));
+        }
         self.volume.trim(offset, len, false, false).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> std::io::Result<()> {
+        if let Some(m) = &self.metrics {
+            m.zero.count(u64::from(len));
+        }
         self.volume.trim(offset, len, true, fua).await
     }
 }

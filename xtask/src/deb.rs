@@ -124,8 +124,14 @@ pub fn build() -> Result<PathBuf, Fail> {
     }
 
     // The docs the unit, the config's header and the postinst point to.
-    for (src, name) in [("README.md", "README.md"), ("docs/config.md", "config.md"), ("docs/install.md", "install.md")]
-    {
+    for (src, name) in [
+        ("README.md", "README.md"),
+        ("docs/config.md", "config.md"),
+        ("docs/install.md", "install.md"),
+        // Prometheus's alerting rules for GET /metrics (docs/api.md#metrics).
+        ("dist/prometheus/tandem-rules.yml", "prometheus/tandem-rules.yml"),
+        ("dist/prometheus/tandem-rules.test.yml", "prometheus/tandem-rules.test.yml"),
+    ] {
         put(&tree, &format!("usr/share/doc/tandem/{name}"), &read(&root().join(src))?, 0o644)?;
     }
     put(&tree, "usr/share/doc/tandem/copyright", COPYRIGHT.as_bytes(), 0o644)?;

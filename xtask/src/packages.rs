@@ -106,6 +106,11 @@ pub const PACKAGES: &[Package] = &[
         jobs: &[Test],
     },
     Package {
+        name: "prometheus",
+        why: "a real Prometheus scraping a test cluster's /metrics, and promtool checking the metrics and the shipped alert rules (dist/prometheus)",
+        jobs: &[Test],
+    },
+    Package {
         name: "dpkg-dev",
         why: "dpkg-shlibdeps works out the .deb's library dependencies from the binary",
         jobs: &[Deb, Test],

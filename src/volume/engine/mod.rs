@@ -161,6 +161,9 @@ pub struct Volume {
     /// Whether this node holds its lease: a primary serves nothing without
     /// it (an agent waking from a stall must not answer queued requests).
     lease: Lease,
+    /// Seconds each client write took on the local disk (for `GET
+    /// /metrics`; set when the agent exports the volume).
+    pub(crate) local_write_seconds: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// Whether the node's lease holds right now.
@@ -200,6 +203,7 @@ impl Volume {
             last_app_write: Mutex::new(Instant::now()),
             detached: AtomicBool::new(false),
             lease,
+            local_write_seconds: Default::default(),
         }))
     }
 

@@ -136,8 +136,12 @@ impl Volume {
             let msg = match op {
                 Op::Write { data, fua } => {
                     if !self.detached() {
+                        let started = Instant::now();
                         if let Err(e) = self.data.write_all_at(&data, offset) {
                             self.detach(&format!("write at {offset}: {e}"), epoch);
+                        }
+                        if let Some(h) = self.local_write_seconds.get() {
+                            h.observe(started.elapsed().as_secs_f64());
                         }
                     }
                     Message::Write { offset, data: bytes::Bytes::from(data), fua }
