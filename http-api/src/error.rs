@@ -125,6 +125,8 @@ pub enum ApiError {
     BadCertificate(String),
     #[error("a client certificate named {0} already exists")]
     CertificateExists(String),
+    #[error("the client certificate {0} already has this key")]
+    CertificateKeyInUse(String),
     #[error("no client certificate named {0}")]
     CertificateNotFound(String),
     #[error("the client certificate is not valid: {0}")]
@@ -204,6 +206,7 @@ impl ApiError {
             CaUnavailable(_) => "TND-1507",
             BadCertificate(_) => "TND-1508",
             CertificateExists(_) => "TND-1509",
+            CertificateKeyInUse(_) => "TND-1513",
             CertificateNotFound(_) => "TND-1510",
             CertificateRejected(_) => "TND-1511",
             CaExternal(_) => "TND-1512",
@@ -227,7 +230,9 @@ impl ApiError {
             Unauthenticated(_) | TokenRejected(_) | CertificateRejected(_) => StatusCode::UNAUTHORIZED,
             Forbidden { .. } | LocalOnly(_) => StatusCode::FORBIDDEN,
             TokenNotFound(_) | CertificateNotFound(_) => StatusCode::NOT_FOUND,
-            TokenExists(_) | CaMismatch { .. } | CertificateExists(_) | CaExternal(_) => StatusCode::CONFLICT,
+            TokenExists(_) | CaMismatch { .. } | CertificateExists(_) | CertificateKeyInUse(_) | CaExternal(_) => {
+                StatusCode::CONFLICT
+            }
             BadCertificate(_) => StatusCode::UNPROCESSABLE_ENTITY,
             CaUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             // A well-formed request that the cluster's state refuses (a node
@@ -383,6 +388,9 @@ impl ApiError {
                 "Pick another name, or revoke the old certificate first (`tandem cert revoke`).".into()
             }
             CertificateNotFound(_) => "List the client certificates with `tandem cert list` or GET /v1/certificates.".into(),
+            CertificateKeyInUse(_) => {
+                "Each client certificate needs its own key: make a new one (`tandem cert create` does), or revoke the other certificate first.".into()
+            }
             CertificateRejected(_) => {
                 "The certificate is not recorded (never, or revoked) or expired: ask an admin for a new one \
                  (`tandem cert create`), or use a token."
@@ -446,6 +454,7 @@ impl From<CommandError> for ApiError {
             CommandError::TokenNotFound { name } => ApiError::TokenNotFound(name),
             CommandError::CertificateExists { name } => ApiError::CertificateExists(name),
             CommandError::CertificateNotFound { name } => ApiError::CertificateNotFound(name),
+            CommandError::CertificateKeyInUse { name } => ApiError::CertificateKeyInUse(name),
         }
     }
 }

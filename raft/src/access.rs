@@ -144,8 +144,8 @@ impl ClientCerts {
         if !valid_spki(&cert.spki) {
             return Err(invalid("spki", "must be sha256:<64 lowercase hex digits>"));
         }
-        if self.by_name.values().any(|c| c.spki == cert.spki) {
-            return Err(invalid("certificate", "another client certificate has the same key"));
+        if let Some(other) = self.by_name.values().find(|c| c.spki == cert.spki) {
+            return Err(CommandError::CertificateKeyInUse { name: other.name.clone() });
         }
         if cert.not_after_ms <= cert.created_ms {
             return Err(invalid("certificate", "already expired"));
@@ -339,7 +339,11 @@ mod tests {
         c.register(&cert("alice", 'a')).unwrap();
         let before = c.clone();
         assert!(matches!(c.register(&cert("alice", 'b')), Err(CommandError::CertificateExists { .. })));
-        assert!(c.register(&cert("bob", 'a')).is_err(), "same key twice");
+        assert_eq!(
+            c.register(&cert("bob", 'a')),
+            Err(CommandError::CertificateKeyInUse { name: "alice".into() }),
+            "same key twice"
+        );
         let mut bad = cert("bob", 'b');
         bad.role = Role::Join;
         assert!(c.register(&bad).is_err(), "join is no client role");

@@ -59,6 +59,8 @@ pub enum CommandError {
     CertificateExists { name: String },
     #[error("no client certificate named {name}")]
     CertificateNotFound { name: String },
+    #[error("the client certificate {name} already has this key")]
+    CertificateKeyInUse { name: String },
 }
 
 fn resize_reason(from: u64, to: u64) -> String {
