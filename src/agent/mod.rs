@@ -109,6 +109,10 @@ pub struct Agent {
     pending_join: std::sync::Mutex<Option<PendingJoin>>,
     /// Audit entries waiting to be replicated (bounded).
     audit_queue: std::sync::Mutex<AuditQueue>,
+    /// Events this node observed, waiting to be replicated (bounded).
+    event_sink: events::EventSink,
+    /// What this node last saw of leadership and liveness (events on change).
+    observed: std::sync::Mutex<events::Observed>,
     membership_lock: tokio::sync::Mutex<()>,
     /// Runs the groups placed on this node; present while a member.
     executor: tokio::sync::Mutex<Option<Executor>>,
@@ -185,7 +189,9 @@ impl Agent {
             fence_command: !cfg.fencing.fence_command.is_empty(),
             fenced_after: cfg.fenced_after(),
         });
+        let event_sink = events::EventSink::new(cfg.name.clone());
         Ok(Agent {
+            event_sink,
             lease: std::sync::Mutex::new(lease),
             failover: Arc::new(std::sync::Mutex::new(failover)),
             failure_clock: Default::default(),
@@ -200,6 +206,7 @@ impl Agent {
             tls_files,
             pending_join: Default::default(),
             audit_queue: Default::default(),
+            observed: Default::default(),
             membership_lock: tokio::sync::Mutex::new(()),
             executor: tokio::sync::Mutex::new(None),
             guard: Arc::new(LeaseGuard::new(inherited)),
@@ -298,6 +305,7 @@ impl Agent {
 }
 
 mod backend;
+mod events;
 mod failover;
 mod groups;
 mod health;

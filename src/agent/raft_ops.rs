@@ -45,7 +45,8 @@ async fn within<T, E: IntoApiError>(
 impl Agent {
     pub(super) async fn propose(&self, m: &Member, cmd: Command) -> Result<Reply, ApiError> {
         let late = || format!("not committed within {}s; the write may still be applied", COMMIT_TIMEOUT.as_secs());
-        let resp = within(COMMIT_TIMEOUT, late, m.raft.client_write(VersionedCommand::new(cmd))).await?;
+        let resp =
+            within(COMMIT_TIMEOUT, late, m.raft.client_write(VersionedCommand::stamped(cmd, self.stamp()))).await?;
         resp.data.0.map_err(ApiError::from)
     }
 
