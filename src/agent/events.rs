@@ -86,6 +86,8 @@ pub(crate) struct Observed {
     pub paths: BTreeMap<(String, String), bool>,
     /// When liveness was last looked at for events.
     pub last_look: Option<Instant>,
+    /// `up` was read from the log since this node became leader.
+    pub leading: bool,
 }
 
 /// How often the leader looks at liveness for node and path events.
@@ -225,7 +227,7 @@ impl Agent {
         });
         // A new leader starts from what the log last said of each node, so
         // that a node's going offline is one event, whoever leads.
-        let fresh = self.observed.lock().unwrap_or_else(|p| p.into_inner()).up.is_empty();
+        let fresh = !std::mem::replace(&mut self.observed.lock().unwrap_or_else(|p| p.into_inner()).leading, true);
         if fresh {
             let recorded: BTreeMap<String, bool> = m.state.read(|d| {
                 let mut last = BTreeMap::new();
@@ -259,9 +261,13 @@ impl Agent {
         let mut events = Vec::new();
         {
             let mut o = self.observed.lock().unwrap_or_else(|p| p.into_inner());
-            let was = o.up.insert(name.to_string(), up);
-            // Unknown so far (added since): up is no news.
-            if was.is_some_and(|w| w != up) || (was.is_none() && !up) {
+            // A node not heard yet since it joined is waited for, not news.
+            let was = o.up.get(name).copied();
+            if was.is_some() || up {
+                o.up.insert(name.to_string(), up);
+            }
+            // Unknown so far (it joined since): its first word is no news.
+            if was.is_some_and(|w| w != up) {
                 events.push(if up {
                     Event::new(0, "node.online", Severity::Info, format!("node {name} is reachable again"))
                 } else {
@@ -300,5 +306,6 @@ impl Agent {
         let mut o = self.observed.lock().unwrap_or_else(|p| p.into_inner());
         o.up.clear();
         o.paths.clear();
+        o.leading = false;
     }
 }
