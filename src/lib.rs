@@ -21,5 +21,6 @@ pub mod rundir;
 pub mod scheduler;
 pub mod security;
 pub mod volume;
+pub mod volume_events;
 pub mod volume_views;
 pub mod watchdog;

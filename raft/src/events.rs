@@ -291,6 +291,42 @@ impl EventLog {
         self.events.front().map_or(self.last_id + 1, |e| e.id)
     }
 
+    /// When the service of `group` went away before the start that now
+    /// runs, read from the group's newest placement event: moved off a node
+    /// that went offline (from that node's last heartbeat, the offline
+    /// event's `silent_ms` before it), moved otherwise (from the move), or
+    /// started after a stop that was not the operator's (from the stop
+    /// order). None for a first start or a start the operator asked for.
+    pub fn outage_start(&self, group: &str) -> Option<(u64, String)> {
+        let of = |e: &&Event, kinds: &[&str]| e.group.as_deref() == Some(group) && kinds.contains(&e.kind.as_str());
+        let mut older = self.events.iter().rev();
+        let placed = older.by_ref().find(|e| of(e, &["group.moved", "group.starting"]))?;
+        if placed.kind == "group.moved" {
+            let from = placed.details["from"].as_str().unwrap_or("?").to_string();
+            let offline = self
+                .events
+                .iter()
+                .rev()
+                .filter(|e| e.id < placed.id)
+                .find(|e| e.kind == "node.offline" && e.node.as_deref() == Some(from.as_str()));
+            return Some(match offline {
+                Some(o) => {
+                    let silent = o.details["silent_ms"].as_u64().unwrap_or(0);
+                    (o.time_ms.saturating_sub(silent), format!("{from} went silent"))
+                }
+                None => (placed.time_ms, format!("moved from {from}")),
+            });
+        }
+        let stop = older
+            .take_while(|e| !of(e, &["group.running", "group.starting", "group.moved"]))
+            .find(|e| of(e, &["group.stopping"]))?;
+        let reason = stop.details["reason"].as_str().unwrap_or("");
+        if reason.starts_with("stopped by the operator") {
+            return None;
+        }
+        Some((stop.time_ms, format!("stopped on {}: {reason}", stop.node.as_deref().unwrap_or("?"))))
+    }
+
     /// Events after `since` that match `filter`, at most `limit`. When ids
     /// after `since` have already been dropped, the page says so (`reset`).
     pub fn since(&self, since: u64, filter: &EventFilter, limit: usize) -> EventPage {
@@ -397,6 +433,35 @@ mod tests {
         assert!(last.message.len() < 1100);
         assert_eq!(last.details, serde_json::json!({"dropped": "details too large"}));
         assert!(validate_retain(5).is_err() && validate_retain(10).is_ok());
+    }
+
+    #[test]
+    fn the_outage_of_a_start_is_read_from_how_the_group_came_there() {
+        let g =
+            |kind: &str, t: u64, d: serde_json::Value| Event::new(t, kind, Severity::Info, "").group("db").details(d);
+        let mut log = EventLog::default();
+        log.push(g("group.starting", 100, serde_json::json!({"reason": "placed on n1"})));
+        assert_eq!(log.outage_start("db"), None, "a first start");
+        log.push(g("group.running", 200, serde_json::Value::Null));
+        log.push(
+            Event::new(1_000, "node.offline", Severity::Critical, "")
+                .node("n1")
+                .details(serde_json::json!({"silent_ms": 600})),
+        );
+        log.push(g("group.moved", 1_500, serde_json::json!({"from": "n1", "to": "n2"})));
+        assert_eq!(log.outage_start("db"), Some((400, "n1 went silent".into())));
+        assert_eq!(log.outage_start("web"), None);
+        // A switchover: from the stop order; the operator's own stop is no outage.
+        log.push(g("group.running", 2_000, serde_json::Value::Null));
+        log.push(g("group.stopping", 3_000, serde_json::json!({"reason": "moving to n1 on request"})).node("n2"));
+        log.push(g("group.stopped", 3_100, serde_json::Value::Null));
+        log.push(g("group.starting", 3_200, serde_json::Value::Null));
+        assert_eq!(log.outage_start("db").map(|o| o.0), Some(3_000));
+        log.push(g("group.running", 3_400, serde_json::Value::Null));
+        log.push(g("group.stopping", 4_000, serde_json::json!({"reason": "stopped by the operator"})));
+        log.push(g("group.stopped", 4_100, serde_json::Value::Null));
+        log.push(g("group.starting", 9_000, serde_json::Value::Null));
+        assert_eq!(log.outage_start("db"), None);
     }
 
     proptest! {

@@ -27,11 +27,13 @@ pub(crate) struct EventSink {
     node: String,
     queue: Arc<std::sync::Mutex<EventQueue>>,
     wake: Arc<tokio::sync::Notify>,
+    /// One flush at a time, so batches are recorded in the order queued.
+    flushing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl EventSink {
     pub(crate) fn new(node: String) -> EventSink {
-        EventSink { node, queue: Default::default(), wake: Default::default() }
+        EventSink { node, queue: Default::default(), wake: Default::default(), flushing: Default::default() }
     }
 
     /// Queues an event, stamped now unless it has a time (bounded; never blocks).
@@ -99,6 +101,33 @@ impl Agent {
         self.event_sink.emit(e);
     }
 
+    /// The hook the executor tells what happens to the resources here; a
+    /// group that runs gets the outage it ended, read from the event log.
+    pub(super) fn executor_events(&self, state: StateHandle) -> crate::executor::EventHook {
+        let sink = self.event_sink.clone();
+        Arc::new(move |e: Event| {
+            let e = match (e.kind.as_str(), e.group.clone()) {
+                ("group.running", Some(g)) => {
+                    let now = crate::security::now_ms();
+                    match state.read(|d| d.state.events.outage_start(&g)) {
+                        Some((from, why)) => {
+                            let ms = now.saturating_sub(from);
+                            let mut d = e.details.clone();
+                            d["outage_ms"] = serde_json::json!(ms);
+                            d["outage_from"] = serde_json::json!(why);
+                            let message =
+                                format!("{} after an outage of {:.1}s ({why})", e.message, ms as f64 / 1000.0);
+                            Event { time_ms: now, details: d, message, ..e }
+                        }
+                        None => e,
+                    }
+                }
+                _ => e,
+            };
+            sink.emit(e);
+        })
+    }
+
     /// The proposer's stamp for a command: its clock, its event retention,
     /// and who asked when a client did.
     pub(super) fn stamp(&self) -> tandem_raft::Stamp {
@@ -121,6 +150,10 @@ impl Agent {
     /// front of the queue, in order (at-least-once: a batch whose answer
     /// was lost may be recorded twice, never reordered).
     pub(super) async fn flush_events(&self) {
+        if self.event_sink.is_empty() {
+            return;
+        }
+        let _one = self.event_sink.flushing.lock().await;
         let batch = self.event_sink.take(MAX_EVENT_BATCH);
         if batch.is_empty() {
             return;
@@ -277,6 +310,7 @@ impl Agent {
                         Severity::Critical,
                         format!("node {name} is offline: no heartbeat for {:.1}s", down_for_ms as f64 / 1000.0),
                     )
+                    .details(serde_json::json!({"silent_ms": down_for_ms}))
                 });
             }
             // Paths matter while the node is up: a dead node's are all down.

@@ -25,6 +25,9 @@ impl Agent {
         let now = Instant::now();
         // Node and path events come from the leader's view, groups or not.
         self.observe_liveness(&m, now);
+        // Recorded before the placements they cause (a node offline before
+        // its groups move): nothing is written when nothing was queued.
+        self.flush_events().await;
         if m.state.read(|d| d.state.groups.is_empty()) {
             return;
         }

@@ -113,6 +113,8 @@ pub struct Agent {
     event_sink: events::EventSink,
     /// What this node last saw of leadership and liveness (events on change).
     observed: std::sync::Mutex<events::Observed>,
+    /// What this node last saw of the volumes it is the primary of.
+    volume_seen: std::sync::Mutex<BTreeMap<String, crate::volume_events::Seen>>,
     membership_lock: tokio::sync::Mutex<()>,
     /// Runs the groups placed on this node; present while a member.
     executor: tokio::sync::Mutex<Option<Executor>>,
@@ -207,6 +209,7 @@ impl Agent {
             pending_join: Default::default(),
             audit_queue: Default::default(),
             observed: Default::default(),
+            volume_seen: Default::default(),
             membership_lock: tokio::sync::Mutex::new(()),
             executor: tokio::sync::Mutex::new(None),
             guard: Arc::new(LeaseGuard::new(inherited)),
@@ -265,13 +268,15 @@ impl Agent {
             .await
             .context("starting raft")?;
         let m = Arc::new(Member { node_id: identity.node_id, cluster_id: identity.cluster_id.clone(), raft, state });
-        *self.executor.lock().await = Some(Executor::new(
+        let mut executor = Executor::new(
             identity.node_id,
             self.cfg.name.clone(),
             self.cfg.data_dir.clone(),
             self.guard.clone(),
             self.run.clone(),
-        ));
+        );
+        executor.set_events(self.executor_events(m.state.clone()));
+        *self.executor.lock().await = Some(executor);
         *self.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
         tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "raft started");
         Ok(m)
