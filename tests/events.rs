@@ -189,6 +189,27 @@ async fn the_stream_follows_a_power_loss_and_a_leader_change_exactly_once_in_ord
     assert_eq!(got, vec!["node.offline"], "{page}");
     let (st, e) = get(&format!("{u}/v1/events?severity=loud")).await;
     assert_eq!((st, e["code"].as_str()), (400, Some("TND-1004")), "{e}");
+
+    // Quorum lost: two of three nodes down for longer than the lease; the
+    // survivor records it once it hears a majority again, dated when its
+    // lease ran out.
+    c.node_mut(&a).kill();
+    c.node_mut(&leader).kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.node_mut(&a).start().await;
+    let u = c.node(&b).url();
+    let mut lost = Value::Null;
+    for _ in 0..200 {
+        let (_, page) = get(&format!("{u}/v1/events?kind=quorum.")).await;
+        if let Some(e) = page["events"].as_array().and_then(|e| e.first()) {
+            lost = e.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lost["kind"], "quorum.lost", "{lost}");
+    assert_eq!(lost["node"], b.as_str(), "{lost}");
+    assert!(lost["details"]["seconds"].as_f64().is_some_and(|s| s > 1.0), "{lost}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

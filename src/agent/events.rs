@@ -80,9 +80,13 @@ impl EventSink {
 /// What this node last saw, to report changes only.
 #[derive(Default)]
 pub(crate) struct Observed {
-    /// The leader this node last knew, and since when it has had none.
+    /// The leader this node sees now (None: none) and the last one it saw.
     pub leader: Option<NodeId>,
-    pub leaderless_since_ms: Option<u64>,
+    pub last_leader: Option<NodeId>,
+    /// Whether it held its lease at the last look (None: not yet since
+    /// start), and since when it has not.
+    pub quorum: Option<bool>,
+    pub quorum_lost_ms: Option<u64>,
     /// Nodes seen up, by name, and their paths (liveness, on the leader).
     pub up: BTreeMap<String, bool>,
     pub paths: BTreeMap<(String, String), bool>,
@@ -194,49 +198,66 @@ impl Agent {
         Ok(self.require_member()?.state.subscribe())
     }
 
-    /// Leadership and quorum as this node sees them, each change once:
-    /// "leader elected" by the new leader itself; "quorum lost" is only
-    /// known once it is back, so it is recorded then, with its start.
+    /// Leadership and quorum as this node sees them, each change once.
+    /// "Leader elected" is said by the new leader itself. Quorum is this
+    /// node's lease: held while a majority of voters echoes its heartbeats.
+    /// A loss can only be recorded once a majority is back, so it is said
+    /// then, dated when the lease ran out, by each node that lost it (a
+    /// node that never held it since its start lost nothing).
     pub(super) fn observe_leadership(&self, m: &Member) {
-        let metrics = m.metrics();
+        let (leader, term) = {
+            let metrics = m.raft.metrics();
+            let g = metrics.borrow();
+            (g.current_leader, g.current_term)
+        };
+        let holds = self.lease_core().holds(now_boot_ms());
         let now = crate::security::now_ms();
-        let mut o = self.observed.lock().unwrap_or_else(|p| p.into_inner());
-        let leader = metrics.current_leader;
-        if leader == o.leader {
-            if leader.is_none() && o.leaderless_since_ms.is_none() {
-                o.leaderless_since_ms = Some(now);
+        let (elected, regained, previous) = {
+            let mut o = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+            let regained = match (o.quorum, holds) {
+                (Some(false), true) => o.quorum_lost_ms.take(),
+                (Some(true), false) => {
+                    o.quorum_lost_ms = Some(now);
+                    None
+                }
+                _ => None,
+            };
+            if holds || o.quorum.is_some() {
+                o.quorum = Some(holds);
             }
-            return;
-        }
-        let lost = o.leaderless_since_ms.take();
-        let had = o.leader.replace(leader.unwrap_or(0));
-        if leader.is_none() {
-            o.leader = None;
-            o.leaderless_since_ms = Some(now);
-            return;
-        }
-        drop(o);
-        if leader != Some(m.node_id) {
-            return;
-        }
-        let term = metrics.current_term;
-        if let Some(since) = lost.filter(|_| had.is_some()) {
+            let changed = leader != o.leader;
+            o.leader = leader;
+            let previous =
+                if changed && leader.is_some() { std::mem::replace(&mut o.last_leader, leader) } else { None };
+            (changed && leader == Some(m.node_id), regained, previous)
+        };
+        if let Some(since) = regained {
             let secs = now.saturating_sub(since) as f64 / 1000.0;
             self.emit(
                 Event::new(
                     since,
                     "quorum.lost",
                     Severity::Critical,
-                    format!("the cluster had no leader for {secs:.1}s (seen by {})", self.cfg.name),
+                    format!("{} heard no majority of voters for {secs:.1}s", self.cfg.name),
                 )
                 .details(serde_json::json!({"seconds": secs, "regained_ms": now})),
             );
-            self.emit(Event::new(now, "quorum.regained", Severity::Info, format!("quorum regained after {secs:.1}s")));
+            self.emit(
+                Event::new(now, "quorum.regained", Severity::Info, format!("{} hears a majority again", self.cfg.name))
+                    .details(serde_json::json!({"seconds": secs})),
+            );
         }
-        self.emit(
-            Event::new(now, "leader.elected", Severity::Info, format!("{} is the leader (term {term})", self.cfg.name))
-                .details(serde_json::json!({"term": term, "previous": had})),
-        );
+        if elected {
+            self.emit(
+                Event::new(
+                    now,
+                    "leader.elected",
+                    Severity::Info,
+                    format!("{} is the leader (term {term})", self.cfg.name),
+                )
+                .details(serde_json::json!({"term": term, "previous": previous})),
+            );
+        }
     }
 
     /// On the leader, at most every LIVENESS_EVERY: reports each node that
