@@ -359,14 +359,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn ev(i: u64, kind: &str, sev: Severity) -> Event {
-        Event::new(1_000 + i, kind, sev, format!("e{i}")).group(if i % 2 == 0 { "db" } else { "web" })
+        Event::new(1_000 + i, kind, sev, format!("e{i}")).group(if i.is_multiple_of(2) { "db" } else { "web" })
     }
 
     fn log_of(n: u64, retain: usize) -> EventLog {
         let mut log = EventLog::default();
         log.set_retain(retain);
         for i in 0..n {
-            log.push(ev(i, if i % 3 == 0 { "node.offline" } else { "group.moved" }, Severity::Warning));
+            log.push(ev(i, if i.is_multiple_of(3) { "node.offline" } else { "group.moved" }, Severity::Warning));
         }
         log
     }
