@@ -144,8 +144,7 @@ async fn main() {
     let target = format!("node{}", followers[1] + 1);
     let certs = reqwest::Certificate::from_pem_bundle(creds.ca_pem.as_bytes()).unwrap();
     let http = reqwest::Client::builder().no_proxy().tls_certs_only(certs).build().unwrap();
-    let (_, page) =
-        call_with(None, Method::GET, &format!("{}/v1/events?limit=1&since=1000000000", reader.url()), None).await;
+    let (_, page) = call_with(None, Method::GET, &format!("{}/v1/events?limit=10000", reader.url()), None).await;
     let last = page["next"].as_u64().unwrap_or(0);
     let mut resp = http
         .get(format!("{}/v1/events/stream", reader.url()))

@@ -331,9 +331,13 @@ impl EventLog {
     /// after `since` have already been dropped, the page says so (`reset`).
     pub fn since(&self, since: u64, filter: &EventFilter, limit: usize) -> EventPage {
         let first = self.first_id();
-        let reset = (since + 1 < first).then_some(first);
+        // An id this log never gave (ahead of it: another cluster's, or a
+        // log rebuilt under the reader) is reset too, never waited on.
+        let ahead = since > self.last_id;
+        let since = if ahead { 0 } else { since };
+        let reset = (ahead || since + 1 < first).then_some(first);
         let mut events = Vec::new();
-        let mut next = since.max(first.saturating_sub(1)).min(self.last_id);
+        let mut next = since.max(first.saturating_sub(1));
         // Ids are consecutive: the first wanted is at a known offset.
         let skip = (since + 1).saturating_sub(first) as usize;
         for e in self.events.iter().skip(skip) {
@@ -344,10 +348,6 @@ impl EventLog {
             if filter.matches(e) {
                 events.push(e.clone());
             }
-        }
-        if since > self.last_id {
-            // A reader ahead of the log (a log that was reset under it).
-            next = since;
         }
         EventPage { reset, events, next }
     }
@@ -399,6 +399,10 @@ mod tests {
         assert!(p.events.is_empty() && p.reset.is_none() && p.next == 30);
         // An empty log loses nothing for a reader at 0.
         assert_eq!(EventLog::default().since(0, &all, 10).reset, None);
+        // An id the log never gave (ahead of it) is a reset, then everything.
+        let p = log.since(99, &all, 2);
+        assert_eq!((p.reset, p.events.iter().map(|e| e.id).collect::<Vec<_>>()), (Some(21), vec![21, 22]));
+        assert_eq!(EventLog::default().since(5, &all, 10).reset, Some(1));
     }
 
     #[test]
@@ -499,16 +503,18 @@ mod tests {
                     prop_assert_eq!(first, log.first_id());
                 }
                 if p.events.is_empty() {
-                    prop_assert_eq!(p.next, at.max(log.first_id() - 1).min(log.last_id).max(if at > log.last_id { at } else { 0 }));
+                    let from = if at > log.last_id { 0 } else { at };
+                    prop_assert_eq!(p.next, from.max(log.first_id() - 1));
                     break;
                 }
                 seen.extend(p.events.iter().map(|e| e.id));
-                prop_assert!(p.next > at);
+                prop_assert!(p.next > at || at > log.last_id, "a reader moves on (or was ahead of the log)");
                 at = p.next;
             }
-            let want: Vec<u64> = log.events.iter().map(|e| e.id).filter(|id| *id > from).collect();
+            let ahead = from > log.last_id;
+            let want: Vec<u64> = log.events.iter().map(|e| e.id).filter(|id| ahead || *id > from).collect();
             prop_assert_eq!(seen, want);
-            prop_assert_eq!(resets > 0, from + 1 < log.first_id());
+            prop_assert_eq!(resets > 0, ahead || from + 1 < log.first_id());
             prop_assert!(resets <= 1, "a reset is said once, then paging continues from the kept events");
         }
     }
