@@ -127,6 +127,31 @@ fn cpu_s(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// What a full event log adds to every apply: the state machine store
+/// clones the state and writes it whole (JSON) once per applied batch.
+/// Times one clone + encode of a state holding `n` typical events.
+fn encode_cost(n: usize) -> (usize, f64) {
+    use tandem_raft::events::{Event, Severity};
+    let mut s = tandem_raft::state::ClusterState::default();
+    s.events.set_retain(n.max(10));
+    for i in 0..n {
+        s.events.push(
+            Event::new(1_796_552_467_412 + i as u64, "group.moved", Severity::Warning, "group web moved from node1 to node2: node1 failed and was fenced; failed over to node2")
+                .group("web")
+                .node("node2")
+                .details(serde_json::json!({"from": "node1", "to": "node2", "epoch": i, "reason": "node1 failed and was fenced"})),
+        );
+    }
+    let rounds = 20;
+    let t = Instant::now();
+    let mut bytes = 0;
+    for _ in 0..rounds {
+        let copy = s.clone();
+        bytes = serde_json::to_vec(&copy).unwrap().len();
+    }
+    (bytes, t.elapsed().as_secs_f64() * 1000.0 / rounds as f64)
+}
+
 #[tokio::main]
 async fn main() {
     tandem_testkit::api::install_crypto();
@@ -209,4 +234,11 @@ async fn main() {
         (1..=3).map(|i| format!("node{i}{}", if format!("node{i}") == leader { " (leader)" } else { "" })).collect();
     let cpu: Vec<String> = names.iter().zip(&idle).map(|(n, c)| format!("{n} {c:.2} %")).collect();
     println!("Idle CPU over {} s, one stream open: {}", window.as_secs(), cpu.join(", "));
+    println!();
+    println!("| events kept | state JSON bytes | clone + encode ms (once per applied batch) |");
+    println!("|---:|---:|---:|");
+    for n in [0, 1_000, 10_000, 100_000] {
+        let (bytes, ms) = encode_cost(n);
+        println!("| {n} | {bytes} | {ms:.2} |");
+    }
 }

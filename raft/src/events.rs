@@ -23,7 +23,7 @@ pub const MIN_EVENT_RETAIN: usize = 10;
 pub const MAX_EVENT_RETAIN: usize = 1_000_000;
 /// What a cluster keeps when nothing said otherwise (a log from before
 /// retention was carried in commands).
-pub const DEFAULT_EVENT_RETAIN: usize = 10_000;
+pub const DEFAULT_EVENT_RETAIN: usize = 1_000;
 /// Longest text kept in an event's message or names.
 const MAX_EVENT_TEXT: usize = 1024;
 /// Largest `details` (encoded JSON) kept; bigger ones are dropped.
