@@ -236,6 +236,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// A Raft RPC's body: up to [`MAX_RAFT_BODY_BYTES`] (a snapshot, a batch of
+/// entries), never the API's small-request limit.
+pub struct RaftJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for RaftJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let bytes = read_body(req.into_body(), MAX_RAFT_BODY_BYTES).await?;
+        serde_json::from_slice(&bytes).map(RaftJson).map_err(|e| ApiError::InvalidBody(e.to_string()))
+    }
+}
+
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes = if bytes.iter().all(|b| b.is_ascii_whitespace()) { &b"{}"[..] } else { bytes };
     serde_json::from_slice(bytes).or_else(|e| match e.classify() {
@@ -1237,7 +1250,7 @@ fn raft_target(b: &SharedBackend, headers: &HeaderMap) -> Result<Raft, ApiError>
 async fn raft_append(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
-    ApiJson(rpc): ApiJson<AppendEntriesRequest<TypeConfig>>,
+    RaftJson(rpc): RaftJson<AppendEntriesRequest<TypeConfig>>,
 ) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
     Ok(Json(raft.append_entries(rpc).await))
@@ -1246,7 +1259,7 @@ async fn raft_append(
 async fn raft_vote(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
-    ApiJson(rpc): ApiJson<VoteRequest<NodeId>>,
+    RaftJson(rpc): RaftJson<VoteRequest<NodeId>>,
 ) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
     // A removed node that comes back with its old identity must not disturb
@@ -1262,7 +1275,7 @@ async fn raft_vote(
 async fn raft_snapshot(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
-    ApiJson(rpc): ApiJson<InstallSnapshotRequest<TypeConfig>>,
+    RaftJson(rpc): RaftJson<InstallSnapshotRequest<TypeConfig>>,
 ) -> Result<Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
     Ok(Json(raft.install_snapshot(rpc).await))

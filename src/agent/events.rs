@@ -11,6 +11,9 @@ use tandem_raft::events::{Event, EventFilter, EventPage, Severity, MAX_EVENT_BAT
 
 /// Most events a node holds while it cannot send them (no leader).
 const EVENT_QUEUE_MAX: usize = 10_000;
+/// JSON a batch sent to the leader carries at most (the API refuses
+/// bodies over 64 KiB; one event is at most about 10 KiB).
+const BATCH_BYTES: usize = 48 * 1024;
 /// Longest a queued event waits when the wake-up was missed.
 pub(super) const EVENT_FLUSH: Duration = Duration::from_millis(250);
 
@@ -55,10 +58,20 @@ impl EventSink {
         self.wake.notify_one();
     }
 
+    /// The oldest queued events, at most `n` and about BATCH_BYTES of JSON
+    /// (the API takes small bodies; at least one event goes).
     fn take(&self, n: usize) -> Vec<Event> {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let n = q.events.len().min(n);
-        q.events.drain(..n).collect()
+        let mut bytes = 0;
+        let mut count = 0;
+        for e in q.events.iter().take(n) {
+            bytes += serde_json::to_vec(e).map_or(0, |v| v.len());
+            if count > 0 && bytes > BATCH_BYTES {
+                break;
+            }
+            count += 1;
+        }
+        q.events.drain(..count).collect()
     }
 
     fn is_empty(&self) -> bool {
@@ -362,5 +375,30 @@ impl Agent {
         o.up.clear();
         o.paths.clear();
         o.leading = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_stays_under_the_api_body_limit_and_keeps_the_order() {
+        let sink = EventSink::new("n1".into());
+        for i in 0..200 {
+            sink.emit(Event::new(i + 1, "group.moved", Severity::Warning, "m".repeat(1000)));
+        }
+        let mut times = Vec::new();
+        loop {
+            let batch = sink.take(MAX_EVENT_BATCH);
+            if batch.is_empty() {
+                break;
+            }
+            let body = serde_json::to_vec(&tandem_http_api::EventBatch { events: batch.clone() }).unwrap();
+            assert!(body.len() < tandem_http_api::MAX_BODY_BYTES, "{} bytes", body.len());
+            times.extend(batch.iter().map(|e| e.time_ms));
+        }
+        assert_eq!(times, (1..=200).collect::<Vec<u64>>());
+        assert!(sink.is_empty());
     }
 }
