@@ -85,6 +85,8 @@ impl UserConfig {
 pub struct Client {
     endpoint: String,
     http: reqwest::Client,
+    /// Without the overall timeout: for the event stream.
+    stream_http: reqwest::Client,
     token: Option<String>,
 }
 
@@ -96,8 +98,10 @@ impl Client {
     pub fn with_access(endpoint: &str, access: &Access) -> Result<Client, CliError> {
         let unreachable = |reason: String| CliError::Unreachable { endpoint: endpoint.into(), reason };
         let mut b = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30));
+        let mut sb = reqwest::Client::builder().no_proxy().connect_timeout(Duration::from_secs(10));
         let endpoint = if let Some(sock) = &access.socket {
             b = b.unix_socket(sock.clone());
+            sb = sb.unix_socket(sock.clone());
             "http://localhost".to_string()
         } else {
             endpoint.trim_end_matches('/').to_string()
@@ -106,7 +110,8 @@ impl Client {
             let pem = std::fs::read(path).map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| CliError::Input(format!("{}: not a PEM certificate: {e}", path.display())))?;
-            b = b.tls_certs_only(certs);
+            b = b.tls_certs_only(certs.clone());
+            sb = sb.tls_certs_only(certs);
         }
         if let Some((cert, key)) = &access.cert {
             let read =
@@ -119,10 +124,11 @@ impl Client {
             b = b.identity(id);
         }
         let http = b.build().map_err(|e| unreachable(e.to_string()))?;
+        let stream_http = sb.build().map_err(|e| unreachable(e.to_string()))?;
         // The admin socket needs no token (and a token for another cluster
         // would only be refused there).
         let token = if access.socket.is_some() { None } else { access.token.clone() };
-        Ok(Client { endpoint, http, token })
+        Ok(Client { endpoint, http, stream_http, token })
     }
 
     /// Calls the API; returns the JSON answer (null for 204).
@@ -153,6 +159,199 @@ impl Client {
                 Err(CliError::BadAnswer { url, reason: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)) })
             }
         }
+    }
+}
+
+impl Client {
+    /// Opens the event stream after `last_id`; the answer's body is the stream.
+    pub async fn open_stream(&self, path: &str, last_id: Option<u64>) -> Result<reqwest::Response, CliError> {
+        let url = format!("{}{}", self.endpoint, path);
+        let mut req = self.stream_http.get(&url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(id) = last_id {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| CliError::Unreachable { endpoint: self.endpoint.clone(), reason: error_chain(&e) })?;
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(resp);
+        }
+        let bytes = resp.bytes().await.unwrap_or_default();
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => Err(CliError::Api { status, code: b.code, message: b.message, hint: b.hint }),
+            Err(_) => {
+                Err(CliError::BadAnswer { url, reason: format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)) })
+            }
+        }
+    }
+}
+
+/// One message of a Server-Sent Events stream.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SseMessage {
+    pub event: Option<String>,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// Splits Server-Sent Events text into messages as lines arrive: feed it
+/// bytes, take the complete messages (comments and partial lines wait).
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buf: String,
+    cur: SseMessage,
+    has_data: bool,
+}
+
+impl SseParser {
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<SseMessage> {
+        self.buf.push_str(&String::from_utf8_lossy(bytes));
+        let mut out = Vec::new();
+        while let Some(nl) = self.buf.find('\n') {
+            let line: String = self.buf.drain(..=nl).collect();
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                if self.has_data || self.cur.event.is_some() {
+                    out.push(std::mem::take(&mut self.cur));
+                }
+                self.cur = SseMessage::default();
+                self.has_data = false;
+                continue;
+            }
+            if line.starts_with(':') {
+                continue; // a keep-alive comment
+            }
+            let (field, value) =
+                line.split_once(':').map_or((line, ""), |(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)));
+            match field {
+                "event" => self.cur.event = Some(value.to_string()),
+                "id" => self.cur.id = Some(value.to_string()),
+                "data" => {
+                    if self.has_data {
+                        self.cur.data.push('\n');
+                    }
+                    self.cur.data.push_str(value);
+                    self.has_data = true;
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// `tandem events`: what to show.
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Keep following: print events as they happen (Ctrl-C stops);
+    /// reconnects after a disconnect, resuming after the last event shown.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only events after this id.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    /// Only these kinds, comma-separated (`group.` for every group event).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// At least this severity: info, warning, critical.
+    #[arg(long)]
+    pub severity: Option<String>,
+    /// Only events about this group.
+    #[arg(long)]
+    pub group: Option<String>,
+}
+
+fn event_query(a: &EventsArgs) -> String {
+    let enc = |s: &str| s.replace('%', "%25").replace('&', "%26").replace('+', "%2B").replace(' ', "%20");
+    let mut q = Vec::new();
+    if let Some(k) = &a.kind {
+        q.push(format!("kind={}", enc(k)));
+    }
+    if let Some(s) = &a.severity {
+        q.push(format!("severity={}", enc(s)));
+    }
+    if let Some(g) = &a.group {
+        q.push(format!("group={}", enc(g)));
+    }
+    q.join("&")
+}
+
+/// One event as a line: `ID TIME SEVERITY KIND message`.
+pub fn event_line(e: &tandem_raft::events::Event) -> String {
+    format!("{:>6}  {}  {:<8}  {:<20}  {}", e.id, utc(e.time_ms), e.severity.as_str(), e.kind, e.message)
+}
+
+/// `tandem events`: one page, or (`-f`) the stream, printed as it comes.
+pub async fn events_command(c: &Client, json_out: bool, a: EventsArgs) -> Result<String, CliError> {
+    use std::io::Write;
+    let query = event_query(&a);
+    if !a.follow {
+        let sep = if query.is_empty() { "" } else { "&" };
+        let v = c.call(Method::GET, &format!("/v1/events?since={}&limit=10000{sep}{query}", a.since), None).await?;
+        if json_out {
+            return Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
+        }
+        let list: tandem_http_api::EventList = parse(v)?;
+        let mut out = String::new();
+        if let Some(first) = list.reset {
+            out.push_str(&format!("-- events after {} are gone (retention); the oldest kept is {first} --\n", a.since));
+        }
+        for e in &list.events {
+            out.push_str(&event_line(e));
+            out.push('\n');
+        }
+        return Ok(out);
+    }
+    let path = if query.is_empty() { "/v1/events/stream".to_string() } else { format!("/v1/events/stream?{query}") };
+    let mut last = a.since;
+    loop {
+        let resp = match c.open_stream(&path, Some(last)).await {
+            Ok(r) => r,
+            Err(e @ CliError::Api { .. }) => return Err(e),
+            Err(e) => {
+                eprintln!("tandem: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut resp = resp;
+        let mut parser = SseParser::default();
+        while let Ok(Some(chunk)) = resp.chunk().await {
+            for m in parser.feed(&chunk) {
+                let mut out = std::io::stdout().lock();
+                if m.event.as_deref() == Some("reset") {
+                    if json_out {
+                        let _ = writeln!(out, "{{\"reset\": {}}}", m.data);
+                    } else {
+                        let _ = writeln!(out, "-- events after {last} are gone (retention): {} --", m.data);
+                    }
+                    continue;
+                }
+                if let Some(id) = m.id.as_deref().and_then(|i| i.parse().ok()) {
+                    last = id;
+                }
+                if json_out {
+                    let _ = writeln!(out, "{}", m.data);
+                } else {
+                    match serde_json::from_str::<tandem_raft::events::Event>(&m.data) {
+                        Ok(e) => {
+                            let _ = writeln!(out, "{}", event_line(&e));
+                        }
+                        Err(_) => {
+                            let _ = writeln!(out, "{}", m.data);
+                        }
+                    }
+                }
+                let _ = out.flush();
+            }
+        }
+        eprintln!("tandem: the event stream ended; reconnecting");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -565,6 +764,30 @@ pub fn audit_table(entries: &[tandem_raft::access::AuditEntry]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sse_messages_are_split_across_chunks_and_comments_skipped() {
+        let mut p = SseParser::default();
+        assert!(p.feed(b": keep-alive\n\nid: 7\nda").is_empty());
+        let got = p.feed(b"ta: {\"a\":1}\n\nevent: reset\ndata: {\"first_id\": 9}\r\n\r\n");
+        assert_eq!(
+            got,
+            vec![
+                SseMessage { event: None, id: Some("7".into()), data: "{\"a\":1}".into() },
+                SseMessage { event: Some("reset".into()), id: None, data: "{\"first_id\": 9}".into() },
+            ]
+        );
+        assert_eq!(
+            event_query(&EventsArgs {
+                follow: false,
+                since: 0,
+                kind: Some("group.,node.offline".into()),
+                severity: Some("warning".into()),
+                group: None
+            }),
+            "kind=group.,node.offline&severity=warning"
+        );
+    }
 
     #[test]
     fn table_aligns_columns() {

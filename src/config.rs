@@ -52,6 +52,8 @@ pub struct Config {
     #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
+    pub events: EventsConfig,
+    #[serde(default)]
     pub raft: RaftConfig,
     #[serde(default)]
     pub liveness: LivenessConfig,
@@ -140,6 +142,21 @@ impl TlsConfig {
             ExternalFault::Key(m) => ("tls.key_file", format!("{}: {m}", key.display())),
         })?;
         Ok(Some(files))
+    }
+}
+
+/// `[events]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Events the cluster keeps (the oldest go first). The leader's value
+    /// applies: it is carried in every command the leader proposes.
+    pub retention: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig { retention: tandem_raft::events::DEFAULT_EVENT_RETAIN }
     }
 }
 
@@ -365,6 +382,16 @@ impl Config {
                     "must be {} to {}",
                     tandem_raft::access::MIN_AUDIT_RETAIN,
                     tandem_raft::access::MAX_AUDIT_RETAIN
+                ),
+            ));
+        }
+        if tandem_raft::events::validate_retain(self.events.retention).is_err() {
+            return Err(bad(
+                "events.retention",
+                format!(
+                    "must be {} to {}",
+                    tandem_raft::events::MIN_EVENT_RETAIN,
+                    tandem_raft::events::MAX_EVENT_RETAIN
                 ),
             ));
         }

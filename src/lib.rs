@@ -22,5 +22,6 @@ pub mod rundir;
 pub mod scheduler;
 pub mod security;
 pub mod volume;
+pub mod volume_events;
 pub mod volume_views;
 pub mod watchdog;

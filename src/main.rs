@@ -121,6 +121,9 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         limit: u64,
     },
+    /// The cluster's events (node offline, group moved, fencing, ...);
+    /// `-f` follows them as they happen.
+    Events(cli::EventsArgs),
     /// Check a node's configuration file as the agent does at start, and
     /// exit (0: valid; 6: invalid, naming the offending key).
     CheckConfig {
@@ -667,6 +670,7 @@ async fn client_command(
             return Ok(if json_out { "null\n".into() } else { format!("{name} deleted\n") });
         }
         Cmd::Volume(v) => return cli::volume_command(&c, json_out, v).await,
+        Cmd::Events(a) => return cli::events_command(&c, json_out, a).await,
         Cmd::Agent { .. }
         | Cmd::Demo { .. }
         | Cmd::Watchdog { .. }

@@ -332,8 +332,10 @@ async fn every_answer_is_in_the_openapi_document() {
         let documented: Vec<String> =
             served["paths"][op.path][op.method]["responses"].as_object().unwrap().keys().cloned().collect();
         let method = Method::from_bytes(op.method.to_uppercase().as_bytes()).unwrap();
-        let mut tries: Vec<(String, Option<Vec<u8>>)> =
-            vec![(path.clone(), None), (format!("{path}?colour=red"), None)];
+        // The event stream's 200 never ends (tests/events.rs follows it):
+        // here it is asked what it refuses.
+        let plain = if op.path == "/v1/events/stream" { format!("{path}?since=x") } else { path.clone() };
+        let mut tries: Vec<(String, Option<Vec<u8>>)> = vec![(plain, None), (format!("{path}?colour=red"), None)];
         if op.layers.body {
             tries.extend([(path.clone(), Some(b"{".to_vec())), (path.clone(), Some(b"[1]".to_vec()))]);
             // The admin socket's routes refuse a TCP request before reading

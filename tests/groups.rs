@@ -51,6 +51,33 @@ async fn group_fails_over_when_its_node_dies() {
     assert!(g["reason"].as_str().unwrap().contains("n1 failed"), "{g}");
     let starts: Vec<Event> = events(&log).into_iter().filter(|e| e.kind == "start").collect();
     assert_eq!(starts.iter().map(|e| e.node.as_str()).collect::<Vec<_>>(), ["n1", "n2"], "{starts:?}");
+    // The event log tells the story, with the outage measured from n1's
+    // last heartbeat to the group running on n2.
+    let url = format!("{}/v1/events?group=web", c.nodes[1].url());
+    let mut story = Vec::new();
+    for _ in 0..100 {
+        story = get(&url).await.1["events"].as_array().cloned().unwrap_or_default();
+        if story.iter().filter(|e| e["kind"] == "group.running").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let told: Vec<(String, String)> = story
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap().to_string(), e["node"].as_str().unwrap_or("").to_string()))
+        .collect();
+    let want = [
+        ("group.defined", ""),
+        ("group.starting", "n1"),
+        ("group.running", "n1"),
+        ("group.moved", "n2"),
+        ("group.running", "n2"),
+    ];
+    let want: Vec<(String, String)> = want.iter().map(|(k, n)| (k.to_string(), n.to_string())).collect();
+    assert_eq!(told, want, "{story:#?}");
+    let outage = story[4]["details"]["outage_ms"].as_u64().expect("the failover's outage is measured");
+    assert!((500..30_000).contains(&outage), "{:#}", story[4]);
+    assert_eq!(story[4]["details"]["outage_from"], "n1 went silent");
 
     // n1 comes back: manual failback leaves the group where it is.
     c.node_mut("n1").start().await;
@@ -99,6 +126,33 @@ async fn crashed_resource_restarts_locally_then_fails_over_and_clear_forgets() {
     let url = format!("{}/v1/groups/db", c.nodes[0].url());
     wait_until(Duration::from_secs(15), "group failed", || async { get(&url).await.1["state"] == "failed" }).await;
     assert!(running(&log).is_empty());
+    // Each crash, the local restart and the threshold are events.
+    let url = format!("{}/v1/events?group=db&kind=resource.,group.restart_threshold,group.failed", c.nodes[2].url());
+    let mut told: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        let page = get(&url).await.1;
+        told = page["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| format!("{} {}", e["kind"].as_str().unwrap_or(""), e["node"].as_str().unwrap_or("")))
+            .collect();
+        if told.iter().filter(|k| k.starts_with("group.failed")).count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for want in [
+        "resource.failed n1",
+        "resource.restarted n1",
+        "group.restart_threshold n1",
+        "group.failed n1",
+        "resource.restarted n2",
+        "group.restart_threshold n2",
+        "group.failed n2",
+    ] {
+        assert!(told.iter().any(|k| k == want), "{want} not in {told:#?}");
+    }
 
     // Clear: failures forgotten, it runs again on its first node.
     let (st, v) = post(&format!("{}/v1/groups/db/clear", c.nodes[2].url()), json!({})).await;

@@ -133,6 +133,8 @@ pub fn access(method: &Method, route: &str) -> Access {
         (_, "/v1/cluster/init" | "/v1/cluster/join") => Local,
         (_, r) if r.starts_with("/internal/") => Node,
         ("GET", "/v1/tokens" | "/v1/audit" | "/v1/certificates") => Admin,
+        // Events say what changed, never a secret: every reader may follow them.
+        ("GET" | "HEAD", "/v1/events" | "/v1/events/stream") => Read,
         ("GET" | "HEAD", _) => Read,
         ("POST", "/v1/nodes") => Join,
         (
@@ -294,12 +296,24 @@ async fn authorize_and_run(b: SharedBackend, req: Request, next: Next) -> Respon
     };
     let digest = if bytes.is_empty() { String::new() } else { hex(&Sha256::digest(&bytes)) };
     let req = with_principal(Request::from_parts(parts, Body::from(bytes)), &described, &from);
-    let resp = next.run(req).await;
+    // The state machine's events of this change name who asked (see `asked_by`).
+    let resp = ASKED_BY.scope(described.clone(), next.run(req)).await;
     if resp.extensions().get::<Forwarded>().is_none() {
         let code = resp.headers().get("x-tandem-error-code").and_then(|v| v.to_str().ok()).map(str::to_string);
         audit_owned(&b, described, &from, &method, &path, &digest, resp.status().as_u16(), code);
     }
     resp
+}
+
+tokio::task_local! {
+    /// Who asked for the change being handled (an audited request).
+    static ASKED_BY: String;
+}
+
+/// Who asked for the change this task handles, when a client did: the
+/// proposer stamps it on the command, so the event of the change names it.
+pub fn asked_by() -> Option<String> {
+    ASKED_BY.try_with(|w| w.clone()).ok()
 }
 
 /// Tells the handler (and a forwarder) who asked.
@@ -413,6 +427,9 @@ mod tests {
         assert_eq!(access(&p, "/v1/certificates"), Access::Admin);
         assert_eq!(access(&Method::DELETE, "/v1/certificates/{name}"), Access::Admin);
         assert_eq!(access(&p, "/internal/node-certificate"), Access::Node);
+        assert_eq!(access(&g, "/v1/events"), Access::Read);
+        assert_eq!(access(&g, "/v1/events/stream"), Access::Read);
+        assert_eq!(access(&p, "/internal/events"), Access::Node);
         assert_eq!(access(&p, "/v1/groups/{name}/move"), Access::Operate);
         assert_eq!(access(&Method::PUT, "/v1/groups/{name}"), Access::Admin);
         assert_eq!(access(&Method::DELETE, "/v1/nodes/{name}"), Access::Admin);

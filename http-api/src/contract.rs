@@ -74,6 +74,10 @@ fn read_volume() -> Vec<ApiError> {
     vec![ApiError::QuorumUnavailable(s()), ApiError::VolumeNotFound(s())]
 }
 
+fn events() -> Vec<ApiError> {
+    vec![ApiError::NotMember]
+}
+
 fn init() -> Vec<ApiError> {
     vec![
         ApiError::AlreadyMember(s()),
@@ -259,6 +263,9 @@ pub const OPERATIONS: &[Operation] = &[
     },
     Operation { method: "post", path: "/v1/cluster/join-token", layers: layers(true, false, true), errors: join_token },
     Operation { method: "get", path: "/v1/audit", layers: layers(true, true, false), errors: read },
+    // Served from this node's applied state: never forwarded, no quorum needed.
+    Operation { method: "get", path: "/v1/events", layers: layers(false, true, false), errors: events },
+    Operation { method: "get", path: "/v1/events/stream", layers: layers(false, true, false), errors: events },
     Operation { method: "get", path: "/v1/cluster", layers: layers(true, true, false), errors: read },
     Operation { method: "get", path: "/v1/nodes", layers: layers(true, true, false), errors: read },
     Operation { method: "post", path: "/v1/nodes", layers: layers(true, false, true), errors: add_node },
@@ -704,7 +711,7 @@ pub fn document() -> Value {
         for p in o.get_mut("parameters").and_then(Value::as_array_mut).into_iter().flatten() {
             // `AuditParams` derives IntoParams without a location: they are
             // query parameters, both optional.
-            if op.path == "/v1/audit" {
+            if op.path == "/v1/audit" || (op.path.starts_with("/v1/events") && p["in"] != json!("header")) {
                 p["in"] = json!("query");
                 p["required"] = json!(false);
             }
@@ -716,6 +723,9 @@ pub fn document() -> Value {
                 // `GET /v1/audit` (`number_param`).
                 ("query", "since") => p["schema"] = json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}),
                 ("query", "limit") => p["schema"] = json!({"type": "integer", "minimum": 0, "maximum": 10_000}),
+                ("query", "severity") => {
+                    p["schema"] = json!({"type": "string", "enum": ["info", "warning", "critical"]})
+                }
                 // Flags: `?stale`, `?stale=true`, `?stale=1` ... (see `flag`).
                 ("query", "stale") | ("query", "force") => {
                     p["schema"] = json!({"type": "string", "enum": ["true", "false", "1", "0", ""]})

@@ -151,6 +151,20 @@ pub trait Backend: Send + Sync + 'static {
     async fn audit(&self, since: u64, limit: usize) -> Result<Vec<tandem_raft::access::AuditEntry>, ApiError>;
     /// On the leader: audit entries that another node recorded.
     async fn record_audit_batch(&self, entries: Vec<tandem_raft::access::AuditEntry>) -> Result<(), ApiError>;
+
+    // ---- events ----
+
+    /// Events after `since` from this node's applied state.
+    fn events(
+        &self,
+        since: u64,
+        filter: &tandem_raft::events::EventFilter,
+        limit: usize,
+    ) -> Result<tandem_raft::events::EventPage, ApiError>;
+    /// Changes whenever this node applies a log entry (the stream waits on it).
+    fn event_changes(&self) -> Result<tokio::sync::watch::Receiver<u64>, ApiError>;
+    /// On the leader: events that another node observed.
+    async fn record_event_batch(&self, events: Vec<tandem_raft::events::Event>) -> Result<(), ApiError>;
     fn cluster_ca(&self) -> Result<CaView, ApiError>;
     /// The recorded client certificate with this key pin: its name and
     /// role. Unknown, revoked or expired → `CertificateRejected`.
@@ -224,21 +238,32 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
 
 /// JSON body extractor whose every rejection is an [`ApiError`]. It ignores
 /// the Content-Type (so `curl -d` works) and treats an empty body as `{}`.
-/// `LIMIT` is the largest body taken (Raft RPCs carry log batches and
-/// snapshots, far larger than any request a person sends).
-pub struct ApiJson<T, const LIMIT: usize = MAX_BODY_BYTES>(pub T);
+pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S> for ApiJson<T, LIMIT> {
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
-        let bytes = read_body(req.into_body(), LIMIT).await?;
+        let bytes = read_body(req.into_body(), MAX_BODY_BYTES).await?;
         // serde reads a JSON array as a struct of the same fields in order:
         // every body here is an object, so an array is refused as such.
         if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
             return Err(ApiError::InvalidBody("the body must be a JSON object, not an array".into()));
         }
         parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// A Raft RPC's body: up to [`MAX_RAFT_BODY_BYTES`] (a snapshot, a batch of
+/// entries), never the API's small-request limit.
+pub struct RaftJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for RaftJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let bytes = read_body(req.into_body(), MAX_RAFT_BODY_BYTES).await?;
+        serde_json::from_slice(&bytes).map(RaftJson).map_err(|e| ApiError::InvalidBody(e.to_string()))
     }
 }
 
@@ -365,6 +390,7 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/internal/node-certificate", post(pin_node_certificate))
         .route("/v1/audit", get(get_audit))
         .route("/internal/audit", post(record_audit_batch))
+        .route("/internal/events", post(record_event_batch))
         .route("/internal/certificate", post(renew_certificate))
         .layer(middleware::from_fn_with_state(forwarder, route_to_leader))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
@@ -381,6 +407,10 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/internal/adopt", post(adopt))
         .route("/internal/release", post(release))
         .route("/internal/groups/{name}/local", get(local_group))
+        // Served by any node from its applied state (never forwarded): a
+        // stream follows one node, whichever the client reached.
+        .route("/v1/events", get(get_events))
+        .route("/v1/events/stream", get(event_stream))
         // Asked of every node by a load balancer: answered by this node
         // alone (HEAD comes with GET; HAProxy's httpchk sends OPTIONS).
         .route("/v1/groups/{name}/health", get(group_health).options(group_health))
@@ -800,6 +830,136 @@ async fn record_audit_batch(
     b.record_audit_batch(batch.entries).await.map(|()| StatusCode::NO_CONTENT)
 }
 
+/// `GET /v1/events` and `GET /v1/events/stream` query.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventParams {
+    /// Only events with a larger id (the stream: `Last-Event-ID` wins).
+    #[serde(default)]
+    #[param(value_type = Option<u64>)]
+    pub since: Option<serde_json::Value>,
+    /// Kinds, comma-separated; one ending in `.` is a prefix (`group.`).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// At least this severity: `info`, `warning` or `critical`.
+    #[serde(default)]
+    pub severity: Option<String>,
+    /// Only events about this group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Only events about this node.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// At most this many (default 1000, at most 10000; `GET /v1/events` only).
+    #[serde(default)]
+    #[param(value_type = Option<u64>)]
+    pub limit: Option<serde_json::Value>,
+}
+
+impl EventParams {
+    fn filter(&self) -> Result<tandem_raft::events::EventFilter, ApiError> {
+        use tandem_raft::events::{EventFilter, Severity};
+        let min_severity =
+            match self.severity.as_deref() {
+                None => None,
+                Some(s) => Some(Severity::parse(s).ok_or_else(|| {
+                    ApiError::InvalidQuery(format!("severity={s:?} must be info, warning or critical"))
+                })?),
+            };
+        let kinds = self
+            .kind
+            .as_deref()
+            .map(|k| k.split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_string).collect())
+            .unwrap_or_default();
+        Ok(EventFilter { kinds, min_severity, group: self.group.clone(), node: self.node.clone() })
+    }
+}
+
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventParams),
+    responses((status = 200, description = "Events after `since`, oldest first; `reset` says when some were lost to retention", body = EventList)))]
+async fn get_events(
+    State(b): State<SharedBackend>,
+    ApiQuery(q): ApiQuery<EventParams>,
+) -> Result<Json<EventList>, ApiError> {
+    let since = number_param("since", q.since.as_ref(), 0, u64::MAX)?;
+    let limit = number_param("limit", q.limit.as_ref(), 1000, 10_000)?;
+    let page = b.events(since, &q.filter()?, limit as usize)?;
+    Ok(Json(EventList { events: page.events, next: page.next, reset: page.reset }))
+}
+
+/// How often the stream sends a comment when nothing happens (proxies and
+/// clients see a live connection; a dead one is noticed).
+const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Most events read from the state in one go by a stream.
+const STREAM_PAGE: usize = 500;
+
+#[utoipa::path(get, path = "/v1/events/stream", tag = "events", params(EventParams,
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id (sent by SSE clients on reconnect)")),
+    responses((status = 200, description = "Server-Sent Events: each event's `id:` is its id and `data:` its JSON; `event: reset` (data `{\"first_id\": …}`) comes first when events after the asked id were lost to retention; comment lines keep the connection alive", content_type = "text/event-stream", body = String)))]
+async fn event_stream(
+    State(b): State<SharedBackend>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<EventParams>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim);
+    let since = match last {
+        Some(id) => id
+            .parse::<u64>()
+            .map_err(|_| ApiError::InvalidQuery(format!("Last-Event-ID {id:?} must be an event id")))?,
+        None => number_param("since", q.since.as_ref(), 0, u64::MAX)?,
+    };
+    if q.limit.is_some() {
+        return Err(ApiError::InvalidQuery("limit applies to GET /v1/events, not to the stream".into()));
+    }
+    let filter = q.filter()?;
+    let changes = b.event_changes()?;
+    struct Follow {
+        b: SharedBackend,
+        filter: tandem_raft::events::EventFilter,
+        at: u64,
+        changes: tokio::sync::watch::Receiver<u64>,
+        ready: std::collections::VecDeque<SseEvent>,
+    }
+    let start = Follow { b, filter, at: since, changes, ready: Default::default() };
+    let stream = futures_util::stream::unfold(start, |mut f| async move {
+        loop {
+            if let Some(e) = f.ready.pop_front() {
+                return Some((Ok::<_, std::convert::Infallible>(e), f));
+            }
+            // Mark the state seen before reading it: a change applied after
+            // the read wakes the wait below.
+            f.changes.borrow_and_update();
+            let page = match f.b.events(f.at, &f.filter, STREAM_PAGE) {
+                Ok(p) => p,
+                Err(_) => return None, // no longer a member: the client resumes elsewhere
+            };
+            if let Some(first) = page.reset {
+                let data = serde_json::json!({"first_id": first, "asked": f.at}).to_string();
+                f.ready.push_back(SseEvent::default().event("reset").data(data));
+            }
+            for e in &page.events {
+                let data = serde_json::to_string(e).unwrap_or_default();
+                f.ready.push_back(SseEvent::default().id(e.id.to_string()).data(data));
+            }
+            let moved = page.next != f.at;
+            f.at = page.next;
+            if f.ready.is_empty() && !moved && f.changes.changed().await.is_err() {
+                return None;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(STREAM_KEEP_ALIVE).text("keep-alive")).into_response())
+}
+
+async fn record_event_batch(
+    State(b): State<SharedBackend>,
+    ApiJson(batch): ApiJson<EventBatch>,
+) -> Result<StatusCode, ApiError> {
+    b.record_event_batch(batch.events).await.map(|()| StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(get, path = "/v1/cluster/ca", tag = "security",
     responses((status = 200, description = "The cluster CA's certificate and pin (public)", body = CaView),
               (status = 503, description = "Not a member of a cluster (TND-1200)", body = ErrorBody)))]
@@ -1163,7 +1323,7 @@ fn raft_target(b: &SharedBackend, headers: &HeaderMap) -> Result<Raft, ApiError>
 async fn raft_append(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
-    ApiJson(rpc): ApiJson<AppendEntriesRequest<TypeConfig>, MAX_RAFT_BODY_BYTES>,
+    RaftJson(rpc): RaftJson<AppendEntriesRequest<TypeConfig>>,
 ) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
     Ok(Json(raft.append_entries(rpc).await))
@@ -1172,7 +1332,7 @@ async fn raft_append(
 async fn raft_vote(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
-    ApiJson(rpc): ApiJson<VoteRequest<NodeId>, MAX_RAFT_BODY_BYTES>,
+    RaftJson(rpc): RaftJson<VoteRequest<NodeId>>,
 ) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
     // A removed node that comes back with its old identity must not disturb
@@ -1188,7 +1348,7 @@ async fn raft_vote(
 async fn raft_snapshot(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
-    ApiJson(rpc): ApiJson<InstallSnapshotRequest<TypeConfig>, MAX_RAFT_BODY_BYTES>,
+    RaftJson(rpc): RaftJson<InstallSnapshotRequest<TypeConfig>>,
 ) -> Result<Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
     Ok(Json(raft.install_snapshot(rpc).await))
@@ -1217,6 +1377,8 @@ async fn raft_snapshot(
         revoke_certificate,
         join_token,
         get_audit,
+        get_events,
+        event_stream,
         get_cluster_ca,
         get_cluster,
         list_nodes,
@@ -1257,6 +1419,9 @@ async fn raft_snapshot(
         ClientCertCreated,
         CaView,
         tandem_raft::access::AuditEntry,
+        tandem_raft::events::Event,
+        tandem_raft::events::Severity,
+        EventList,
         tandem_raft::access::Role,
         Health,
         LocalView,

@@ -606,6 +606,25 @@ pub struct CaKeyView {
     pub key_pem: String,
 }
 
+/// Internal: events a node observed, handed to the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventBatch {
+    pub events: Vec<tandem_raft::events::Event>,
+}
+
+/// `GET /v1/events`: a page of events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventList {
+    /// Matching events after `since`, oldest first.
+    pub events: Vec<tandem_raft::events::Event>,
+    /// Ask `?since=` this next time (filtered-out events are skipped too).
+    pub next: u64,
+    /// Set when events after `since` are gone (retention): the oldest id
+    /// still kept. The events between were lost to this reader.
+    pub reset: Option<u64>,
+}
+
 /// Internal: audit entries a node hands to the leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod error;
+pub mod events;
 pub mod group;
 pub mod network;
 pub mod state;
@@ -19,7 +20,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub use error::CommandError;
-pub use state::{Command, CommandResult, Reply, VersionedCommand};
+pub use state::{Command, CommandResult, Reply, Stamp, VersionedCommand};
 
 /// A node's id in the cluster: assigned once, never reused.
 pub type NodeId = u64;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::access::{AuditEntry, AuditLog, ClientCertRecord, ClientCerts, TokenRecord, Tokens};
+use crate::events::{validate_retain, Event, EventLog, Severity};
 use crate::group::{
     replica_nodes, validate_group, GroupRecord, GroupSpec, Phase, Placement, ResourceKind, ResourceSpec, MAX_GROUPS,
 };
@@ -262,6 +263,30 @@ pub enum Command {
         entries: Vec<AuditEntry>,
         retain: usize,
     },
+    /// Appends events that nodes observed (liveness, leases, fencing, …).
+    RecordEvents {
+        events: Vec<Event>,
+    },
+}
+
+/// What the proposer adds to a command: its clock (the time of the events
+/// the apply emits), the event retention it is configured with, and who
+/// asked for the change when a client did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stamp {
+    pub time_ms: u64,
+    pub events_retain: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// A command with its [`Stamp`] (log encoding version 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StampedCommand {
+    pub stamp: Stamp,
+    pub cmd: Command,
 }
 
 /// The log's encoding of a command: `{"v": "1", "cmd": {...}}`.
@@ -270,6 +295,9 @@ pub enum Command {
 pub enum VersionedCommand {
     #[serde(rename = "1")]
     V1(Command),
+    /// `{"v": "2", "cmd": {"stamp": {...}, "cmd": {...}}}`.
+    #[serde(rename = "2")]
+    V2(StampedCommand),
 }
 
 impl VersionedCommand {
@@ -277,10 +305,21 @@ impl VersionedCommand {
         VersionedCommand::V1(cmd)
     }
 
+    /// A command stamped by its proposer.
+    pub fn stamped(cmd: Command, stamp: Stamp) -> Self {
+        VersionedCommand::V2(StampedCommand { stamp, cmd })
+    }
+
     /// The command in today's shape, upgrading older encodings.
     pub fn into_current(self) -> Command {
+        self.into_parts().0
+    }
+
+    /// The command and its stamp (none before version 2).
+    pub fn into_parts(self) -> (Command, Option<Stamp>) {
         match self {
-            VersionedCommand::V1(cmd) => cmd,
+            VersionedCommand::V1(cmd) => (cmd, None),
+            VersionedCommand::V2(StampedCommand { stamp, cmd }) => (cmd, Some(stamp)),
         }
     }
 }
@@ -398,6 +437,19 @@ pub struct ClusterState {
     pub node_certs: BTreeMap<NodeId, String>,
     #[serde(default)]
     pub audit: AuditLog,
+    #[serde(default)]
+    pub events: EventLog,
+}
+
+/// What [`ClusterState::apply_stamped`] remembers of the state before a
+/// command, to tell which transition it made.
+enum Before {
+    Nothing,
+    Admin(Option<AdminState>),
+    Placement(Option<Placement>),
+    Exists(bool),
+    Disk(Option<DiskState>),
+    Enabled(Option<bool>),
 }
 
 /// Checks a node's self-description, field by field.
@@ -594,8 +646,194 @@ impl ClusterState {
         Ok(Reply::Done)
     }
 
-    /// Applies one command. On `Err` the state is unchanged.
+    /// Applies one command without a stamp (its events get the last time
+    /// the state knows). On `Err` the state is unchanged.
     pub fn apply(&mut self, cmd: &Command) -> Result<Reply, CommandError> {
+        self.apply_stamped(cmd, None)
+    }
+
+    /// Applies one command, and records the events of the transitions it
+    /// made at the stamp's time. On `Err` the state is unchanged.
+    pub fn apply_stamped(&mut self, cmd: &Command, stamp: Option<&Stamp>) -> Result<Reply, CommandError> {
+        if let Some(s) = stamp {
+            validate_retain(s.events_retain)?;
+        }
+        let before = self.facts_before(cmd);
+        let reply = self.apply_inner(cmd)?;
+        if let Some(s) = stamp {
+            self.events.tick(s.time_ms);
+            self.events.set_retain(s.events_retain);
+        }
+        let time = stamp.map_or(self.events.clock_ms, |s| s.time_ms);
+        let by = stamp.and_then(|s| s.by.as_deref());
+        for e in self.transition_events(cmd, before, time, by) {
+            self.events.push(e);
+        }
+        Ok(reply)
+    }
+
+    /// What the events of `cmd` need to know of the state before it.
+    fn facts_before(&self, cmd: &Command) -> Before {
+        match cmd {
+            Command::SetAdminState { name, .. } => Before::Admin(self.node_by_name(name).map(|n| n.admin_state)),
+            Command::SetPlacement { name, .. } => Before::Placement(self.groups.get(name).map(|g| g.placement.clone())),
+            Command::PutGroup { name, .. } => Before::Exists(self.groups.contains_key(name)),
+            Command::SetReplicaDisk { volume, node, .. } => Before::Disk(self.replica_disks(volume).get(node).copied()),
+            Command::SetGroupEnabled { name, .. } => Before::Enabled(self.groups.get(name).map(|g| g.enabled)),
+            _ => Before::Nothing,
+        }
+    }
+
+    fn node_name(&self, id: NodeId) -> String {
+        self.nodes.get(&id).map_or_else(|| format!("node id {id}"), |n| n.name.clone())
+    }
+
+    /// The events an accepted `cmd` emits: the same on every replica.
+    fn transition_events(&self, cmd: &Command, before: Before, time: u64, by: Option<&str>) -> Vec<Event> {
+        use serde_json::json;
+        let ev = |kind: &str, sev: Severity, msg: String| Event::new(time, kind, sev, msg);
+        let who = |e: Event| match by {
+            Some(b) => {
+                let mut d = match e.details {
+                    serde_json::Value::Object(m) => m,
+                    _ => serde_json::Map::new(),
+                };
+                d.insert("by".into(), json!(b));
+                Event { details: serde_json::Value::Object(d), ..e }
+            }
+            None => e,
+        };
+        let one = |e: Event| vec![who(e)];
+        match (cmd, before) {
+            (Command::Bootstrap { cluster_id, node, .. }, _) => one(ev(
+                "cluster.bootstrapped",
+                Severity::Info,
+                format!("cluster {cluster_id} bootstrapped on {}", node.name),
+            )
+            .node(&node.name)),
+            (Command::AddNode { node }, _) => {
+                let id = self.node_by_name(&node.name).map(|n| n.id);
+                let what = if node.witness { "witness" } else { "node" };
+                one(ev("node.added", Severity::Info, format!("{what} {} joined the cluster", node.name))
+                    .node(&node.name)
+                    .details(json!({"id": id, "witness": node.witness})))
+            }
+            (Command::RemoveNode { name }, _) => {
+                one(ev("node.removed", Severity::Warning, format!("node {name} was removed from the cluster"))
+                    .node(name))
+            }
+            (Command::SetAdminState { name, state }, Before::Admin(old)) if old != Some(*state) => {
+                let (kind, sev, msg) = match state {
+                    AdminState::Standby => ("node.standby", Severity::Info, format!("node {name} is in standby")),
+                    AdminState::Maintenance => {
+                        ("node.maintenance", Severity::Warning, format!("node {name} is in maintenance"))
+                    }
+                    AdminState::Online => {
+                        ("node.admin_online", Severity::Info, format!("node {name} may run groups again"))
+                    }
+                };
+                let from = old.map(AdminState::as_str);
+                one(ev(kind, sev, msg).node(name).details(json!({"from": from, "to": state.as_str()})))
+            }
+            (Command::PutGroup { name, .. }, Before::Exists(existed)) => {
+                let (kind, verb) = if existed { ("group.changed", "changed") } else { ("group.defined", "defined") };
+                one(ev(kind, Severity::Info, format!("group {name} {verb}")).group(name))
+            }
+            (Command::DeleteGroup { name }, _) => {
+                one(ev("group.deleted", Severity::Info, format!("group {name} deleted")).group(name))
+            }
+            (Command::SetGroupEnabled { name, enabled }, Before::Enabled(old)) if old != Some(*enabled) => {
+                let (kind, verb) = if *enabled { ("group.enabled", "enabled") } else { ("group.disabled", "disabled") };
+                one(ev(kind, Severity::Info, format!("group {name} {verb}")).group(name))
+            }
+            (Command::SetPlacement { name, node, phase, reason, .. }, Before::Placement(old)) => {
+                let on = node.map(|n| self.node_name(n));
+                let epoch = self.groups.get(name).map(|g| g.placement.epoch);
+                let old_node = old.as_ref().and_then(|p| (p.phase == Phase::Started).then_some(p.node).flatten());
+                let details = |from: Option<String>| json!({"reason": reason, "epoch": epoch, "from": from, "to": on});
+                let e = match (phase, on.as_deref()) {
+                    (Phase::Started, Some(to)) => match old_node {
+                        Some(m) if Some(m) != *node => {
+                            let from = self.node_name(m);
+                            ev(
+                                "group.moved",
+                                Severity::Warning,
+                                format!("group {name} moved from {from} to {to}: {reason}"),
+                            )
+                            .node(to)
+                            .details(details(Some(from)))
+                        }
+                        _ => ev("group.starting", Severity::Info, format!("group {name} starting on {to}: {reason}"))
+                            .node(to)
+                            .details(details(None)),
+                    },
+                    (Phase::Stopping, Some(at)) => {
+                        ev("group.stopping", Severity::Info, format!("group {name} stopping on {at}: {reason}"))
+                            .node(at)
+                            .details(details(None))
+                    }
+                    _ => {
+                        let from = old.and_then(|p| p.node).map(|n| self.node_name(n));
+                        let mut e = ev("group.stopped", Severity::Info, format!("group {name} stopped: {reason}"))
+                            .details(details(from.clone()));
+                        e.node = from;
+                        e
+                    }
+                };
+                one(e.group(name))
+            }
+            (Command::MarkGroupFailed { name, node, .. }, _) => {
+                let on = self.node_name(*node);
+                one(ev(
+                    "group.failed",
+                    Severity::Critical,
+                    format!("group {name} failed on {on} past its restart threshold"),
+                )
+                .group(name)
+                .node(on))
+            }
+            (Command::ClearGroupFailures { name }, _) => {
+                one(ev("group.failures_cleared", Severity::Info, format!("failures of group {name} cleared"))
+                    .group(name))
+            }
+            (Command::MoveGroup { name, to }, _) => {
+                let to = self.node_name(*to);
+                one(ev("group.move_requested", Severity::Info, format!("group {name} asked to move to {to}"))
+                    .group(name)
+                    .details(json!({"to": to})))
+            }
+            (Command::SetReplicaDisk { volume, node, disk, .. }, Before::Disk(old)) if old != Some(*disk) => {
+                let group = self.volume_owner(volume).map(|(g, _)| g.name.clone());
+                let sev = if *disk == DiskState::UpToDate { Severity::Info } else { Severity::Warning };
+                let mut e = ev("volume.disk", sev, format!("replica of volume {volume} on {node} is {disk}"))
+                    .volume(volume)
+                    .node(node)
+                    .details(json!({"from": old.map(|d| d.to_string()), "to": disk.to_string()}));
+                e.group = group;
+                one(e)
+            }
+            (Command::CreateToken { token }, _) => {
+                let who = if by.is_some() { None } else { Some(token.created_by.clone()) };
+                let mut e = ev(
+                    "token.created",
+                    Severity::Info,
+                    format!("token {} ({}) created", token.name, token.role.as_str()),
+                )
+                .details(json!({"token": token.name, "role": token.role.as_str()}));
+                if let Some(w) = who {
+                    e.details["by"] = json!(w);
+                }
+                one(e)
+            }
+            (Command::RevokeToken { name }, _) => {
+                one(ev("token.revoked", Severity::Info, format!("token {name} revoked"))
+                    .details(json!({"token": name})))
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn apply_inner(&mut self, cmd: &Command) -> Result<Reply, CommandError> {
         if let Command::Bootstrap { cluster_id, node_id, node, heartbeat_key } = cmd {
             if let Some(existing) = &self.cluster_id {
                 return Err(CommandError::AlreadyBootstrapped { cluster_id: existing.clone() });
@@ -795,6 +1033,7 @@ impl ClusterState {
                 Ok(Reply::Done)
             }
             Command::RecordAudit { entries, retain } => self.audit.record(entries, *retain).map(|()| Reply::Done),
+            Command::RecordEvents { events } => self.events.record(events).map(|()| Reply::Done),
             Command::ClearGroupFailures { name } => {
                 self.group_mut(name)?.failed_on.clear();
                 Ok(Reply::Done)
@@ -1131,6 +1370,105 @@ mod tests {
         ));
     }
 
+    fn stamp(time_ms: u64, by: Option<&str>) -> Stamp {
+        Stamp { time_ms, events_retain: 1000, by: by.map(str::to_string) }
+    }
+
+    fn kinds(s: &ClusterState) -> Vec<(u64, String, u64)> {
+        s.events.events.iter().map(|e| (e.id, e.kind.clone(), e.time_ms)).collect()
+    }
+
+    #[test]
+    fn transitions_emit_events_at_the_stamp_time_and_refusals_emit_none() {
+        let mut s = booted();
+        assert_eq!(kinds(&s), vec![(1, "cluster.bootstrapped".into(), 0)]);
+        s.events = EventLog::default();
+        s.apply_stamped(&Command::AddNode { node: spec("node2", "127.0.0.1", 7402) }, Some(&stamp(10, None))).unwrap();
+        s.apply_stamped(
+            &Command::PutGroup { name: "web".into(), spec: group_spec(&["node1", "node2"]) },
+            Some(&stamp(20, Some("token:ops"))),
+        )
+        .unwrap();
+        let place = |e, node: Option<NodeId>, phase, reason: &str| Command::SetPlacement {
+            name: "web".into(),
+            expected_epoch: e,
+            node,
+            phase,
+            reason: reason.into(),
+        };
+        s.apply_stamped(&place(0, Some(1), Phase::Started, "placed on node1"), Some(&stamp(30, None))).unwrap();
+        s.apply_stamped(&place(1, Some(2), Phase::Started, "node1 failed and was fenced"), Some(&stamp(40, None)))
+            .unwrap();
+        // Refused (stale epoch): no event, nothing changes, not even the clock.
+        let before = s.clone();
+        assert!(s.apply_stamped(&place(0, None, Phase::Stopped, "x"), Some(&stamp(50, None))).is_err());
+        assert!(s.apply_stamped(&Command::RemoveNode { name: "nobody".into() }, Some(&stamp(50, None))).is_err());
+        assert_eq!(s, before);
+        // Setting the same admin state twice is one event.
+        let standby = Command::SetAdminState { name: "node2".into(), state: AdminState::Standby };
+        s.apply_stamped(&standby, Some(&stamp(60, Some("token:ops")))).unwrap();
+        s.apply_stamped(&standby, Some(&stamp(61, None))).unwrap();
+        // An unstamped command (an older log) takes the last known time.
+        s.apply(&Command::MarkGroupFailed { name: "web".into(), node: 2, epoch: 2 }).unwrap();
+        assert_eq!(
+            kinds(&s),
+            vec![
+                (1, "node.added".into(), 10),
+                (2, "group.defined".into(), 20),
+                (3, "group.starting".into(), 30),
+                (4, "group.moved".into(), 40),
+                (5, "node.standby".into(), 60),
+                (6, "group.failed".into(), 61),
+            ]
+        );
+        let moved = &s.events.events[3];
+        assert_eq!((moved.group.as_deref(), moved.node.as_deref()), (Some("web"), Some("node2")));
+        assert_eq!(moved.details["from"], "node1");
+        assert!(moved.message.contains("node1 failed and was fenced"), "{}", moved.message);
+        assert_eq!(s.events.events[1].details["by"], "token:ops");
+        assert_eq!(s.events.events[4].details["by"], "token:ops");
+        assert_eq!(s.events.events[5].severity, Severity::Critical);
+        assert_eq!(s.events.events[0].time, "1970-01-01T00:00:00.010Z");
+        // A stamp with a retention out of bounds refuses the command.
+        let before = s.clone();
+        let bad = Stamp { time_ms: 70, events_retain: 1, by: None };
+        assert!(s.apply_stamped(&Command::ClearGroupFailures { name: "web".into() }, Some(&bad)).is_err());
+        assert_eq!(s, before);
+        // The proposer's retention applies.
+        s.apply_stamped(
+            &Command::ClearGroupFailures { name: "web".into() },
+            Some(&Stamp { time_ms: 80, events_retain: 10, by: None }),
+        )
+        .unwrap();
+        assert_eq!(s.events.retain, 10);
+    }
+
+    #[test]
+    fn a_stamped_command_round_trips_and_version_1_still_applies() {
+        let cmd = Command::SetAdminState { name: "node1".into(), state: AdminState::Maintenance };
+        let v = VersionedCommand::stamped(cmd.clone(), stamp(5, Some("token:a")));
+        let json = serde_json::to_string(&v).unwrap();
+        assert_eq!(
+            json,
+            r#"{"v":"2","cmd":{"stamp":{"time_ms":5,"events_retain":1000,"by":"token:a"},"cmd":{"set_admin_state":{"name":"node1","state":"maintenance"}}}}"#
+        );
+        let (back, st) = serde_json::from_str::<VersionedCommand>(&json).unwrap().into_parts();
+        assert_eq!((back, st), (cmd, Some(stamp(5, Some("token:a")))));
+    }
+
+    #[test]
+    fn recorded_events_are_numbered_after_the_apply_emitted_ones() {
+        let mut s = booted();
+        s.events = EventLog::default();
+        let e = Event::new(100, "node.offline", Severity::Critical, "node2 is offline").node("node2");
+        s.apply_stamped(&Command::RecordEvents { events: vec![e] }, Some(&stamp(100, None))).unwrap();
+        s.apply_stamped(&Command::AddNode { node: spec("node2", "127.0.0.1", 7402) }, Some(&stamp(110, None))).unwrap();
+        assert_eq!(kinds(&s), vec![(1, "node.offline".into(), 100), (2, "node.added".into(), 110)]);
+        let before = s.clone();
+        assert!(s.apply(&Command::RecordEvents { events: vec![Event::new(1, "", Severity::Info, "")] }).is_err());
+        assert_eq!(s, before);
+    }
+
     /// The log's encoding is a contract: this literal is what version 1
     /// wrote, and every later binary must still read it.
     #[test]
@@ -1418,10 +1756,11 @@ mod tests {
         fn invariants_hold_for_any_log(cmds in proptest::collection::vec(arb_command(), 0..40)) {
             let mut s = ClusterState::default();
             let mut replica = ClusterState::default();
-            for cmd in &cmds {
+            for (i, cmd) in cmds.iter().enumerate() {
                 let before = s.clone();
-                let r = s.apply(cmd);
-                prop_assert_eq!(replica.apply(cmd), r.clone());
+                let st = Stamp { time_ms: 1000 + i as u64, events_retain: 20, by: None };
+                let r = s.apply_stamped(cmd, Some(&st));
+                prop_assert_eq!(replica.apply_stamped(cmd, Some(&st)), r.clone());
                 if r.is_err() {
                     prop_assert_eq!(&s, &before);
                 }
@@ -1445,6 +1784,11 @@ mod tests {
                     };
                     prop_assert!(validate_spec(&spec).is_ok());
                 }
+                // Events: consecutive ids, within retention, times from the stamps.
+                let ev = &s.events;
+                prop_assert!(ev.events.len() <= 20);
+                prop_assert!(ev.events.iter().zip(ev.events.iter().skip(1)).all(|(a, b)| a.id + 1 == b.id));
+                prop_assert!(ev.events.iter().all(|e| e.time_ms >= 1000 && e.time_ms <= 1000 + i as u64));
             }
             prop_assert_eq!(s, replica);
         }

@@ -430,7 +430,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             next.last_applied = Some(entry.log_id);
             let reply = match entry.payload {
                 EntryPayload::Blank => Ok(Reply::None),
-                EntryPayload::Normal(cmd) => next.state.apply(&cmd.into_current()),
+                EntryPayload::Normal(cmd) => {
+                    let (cmd, stamp) = cmd.into_parts();
+                    next.state.apply_stamped(&cmd, stamp.as_ref())
+                }
                 EntryPayload::Membership(m) => {
                     next.last_membership = StoredMembership::new(Some(entry.log_id), m);
                     Ok(Reply::None)

@@ -420,6 +420,23 @@ impl Backend for Agent {
         self.do_record_audit_batch(entries).await
     }
 
+    fn events(
+        &self,
+        since: u64,
+        filter: &tandem_raft::events::EventFilter,
+        limit: usize,
+    ) -> Result<tandem_raft::events::EventPage, ApiError> {
+        self.do_events(since, filter, limit)
+    }
+
+    fn event_changes(&self) -> Result<tokio::sync::watch::Receiver<u64>, ApiError> {
+        self.do_event_changes()
+    }
+
+    async fn record_event_batch(&self, events: Vec<tandem_raft::events::Event>) -> Result<(), ApiError> {
+        self.do_record_events_batch(events).await
+    }
+
     fn cluster_ca(&self) -> Result<tandem_http_api::CaView, ApiError> {
         self.do_cluster_ca()
     }

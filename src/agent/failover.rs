@@ -9,21 +9,29 @@
 use super::*;
 
 use crate::failover::{Effect as FailoverEffect, Seen};
+use tandem_raft::events::{Event, Severity};
 
 impl Agent {
     /// One scheduler round on the leader: commit every placement change.
     pub(super) async fn scheduler_round(&self) {
         let Some(m) = self.member() else { return };
+        self.observe_leadership(&m);
         if m.metrics().current_leader != Some(m.node_id) {
             self.failover_core().not_leader();
             self.failure_clock.lock().unwrap_or_else(|e| e.into_inner()).reset();
+            self.forget_liveness();
             return;
         }
+        let now = Instant::now();
+        // Node and path events come from the leader's view, groups or not.
+        self.observe_liveness(&m, now);
+        // Recorded before the placements they cause (a node offline before
+        // its groups move): nothing is written when nothing was queued.
+        self.flush_events().await;
         if m.state.read(|d| d.state.groups.is_empty()) {
             return;
         }
         let state = m.state.state();
-        let now = Instant::now();
         // A node is offline only when no majority of voters can have heard
         // it: while one can, it may hold its lease and run its groups. A
         // voter whose reports stopped coming (two heartbeats missed) may
@@ -109,8 +117,19 @@ impl Agent {
         };
         let (program, args) = (program.clone(), args.to_vec());
         let timeout = Duration::from_millis(self.cfg.fencing.fence_timeout_ms);
+        let sink = self.event_sink.clone();
         tokio::spawn(async move {
             tracing::warn!(node = %name, "fencing: running {program} {args:?}");
+            let fence_event = |kind: &str, sev: Severity, msg: String, d: serde_json::Value| {
+                sink.emit(Event::new(0, kind, sev, msg).node(name.clone()).details(d));
+            };
+            fence_event(
+                "fence.started",
+                Severity::Warning,
+                format!("fencing {name}: running the fence command"),
+                serde_json::json!({"attempt": attempt, "command": program}),
+            );
+            let started = Instant::now();
             let run = tokio::process::Command::new(&program)
                 .args(&args)
                 .arg(&name)
@@ -125,9 +144,26 @@ impl Agent {
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!("timed out after {timeout:?}")),
             };
+            let secs = started.elapsed().as_secs_f64();
             match &r {
-                Ok(()) => tracing::warn!(node = %name, "fencing confirmed: the node is off"),
-                Err(e) => tracing::error!(node = %name, "fencing failed, its groups stay where they are: {e}"),
+                Ok(()) => {
+                    tracing::warn!(node = %name, "fencing confirmed: the node is off");
+                    fence_event(
+                        "fence.confirmed",
+                        Severity::Warning,
+                        format!("{name} fenced: the fence command confirmed it is off ({secs:.1}s)"),
+                        serde_json::json!({"attempt": attempt, "seconds": secs}),
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(node = %name, "fencing failed, its groups stay where they are: {e}");
+                    fence_event(
+                        "fence.failed",
+                        Severity::Critical,
+                        format!("fencing {name} failed, its groups stay where they are: {e}"),
+                        serde_json::json!({"attempt": attempt, "seconds": secs, "error": e}),
+                    );
+                }
             }
             done(r.is_ok());
         });

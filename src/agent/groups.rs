@@ -113,6 +113,15 @@ impl Agent {
                     (group, GroupReport { node: m.node_id, epoch, event: GroupEvent::Failed })
                 }
                 Report::StopFailed { group, epoch } => {
+                    self.emit(
+                        tandem_raft::events::Event::new(
+                            0,
+                            "group.stop_failed",
+                            tandem_raft::events::Severity::Critical,
+                            format!("group {group} could not be stopped on {}: it may still run there", self.cfg.name),
+                        )
+                        .group(&group),
+                    );
                     (group, GroupReport { node: m.node_id, epoch, event: GroupEvent::StopFailed })
                 }
             };

@@ -7,6 +7,7 @@
 use super::*;
 use crate::liveness::frame::KeyRing;
 use crate::liveness::Identity;
+use tandem_raft::events::{Event, Severity};
 use tandem_raft::state::HeartbeatSecret;
 
 /// How long the previous heartbeat key still counts after a rotation:
@@ -51,11 +52,27 @@ impl Agent {
         }
         for e in effects {
             match e {
-                crate::lease::Effect::StepOut { leader } => tracing::warn!(
-                    leader,
-                    "cannot hear the leader, which a majority of voters hears: stepping out (heartbeats stop, the lease lapses, groups move)"
-                ),
-                crate::lease::Effect::StepIn => tracing::info!("stepping back in: heartbeats resume"),
+                crate::lease::Effect::StepOut { leader } => {
+                    tracing::warn!(
+                        leader,
+                        "cannot hear the leader, which a majority of voters hears: stepping out (heartbeats stop, the lease lapses, groups move)"
+                    );
+                    self.emit(Event::new(
+                        0,
+                        "node.stepped_out",
+                        Severity::Warning,
+                        format!("{} cannot hear the leader a majority hears: stepping out", self.cfg.name),
+                    ));
+                }
+                crate::lease::Effect::StepIn => {
+                    tracing::info!("stepping back in: heartbeats resume");
+                    self.emit(Event::new(
+                        0,
+                        "node.stepped_in",
+                        Severity::Info,
+                        format!("{} hears the leader again: stepping back in", self.cfg.name),
+                    ));
+                }
                 crate::lease::Effect::SendHeartbeats => {
                     sockets.send_round(&nodes, &m.cluster_id, m.node_id, &self.liveness, key, false).await
                 }
@@ -158,6 +175,15 @@ impl Agent {
                     tracing::warn!(
                         killed,
                         "the lease lapsed (no majority heard, or this agent stalled): killing everything here"
+                    );
+                    self.emit(
+                        Event::new(
+                            0,
+                            "lease.lapsed",
+                            Severity::Critical,
+                            format!("the lease of {} lapsed: {killed} resource processes killed", self.cfg.name),
+                        )
+                        .details(serde_json::json!({"killed": killed})),
                     );
                 }
                 crate::lease::Effect::PersistLease { deadline_ms } => {

@@ -109,6 +109,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let agent = a.clone();
         async move { agent.flush_audit().await }
     });
+    tokio::spawn(agent.clone().event_loop());
     let a = agent.clone();
     every(super::security::CERT_CHECK, move || {
         let agent = a.clone();

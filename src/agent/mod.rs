@@ -111,6 +111,12 @@ pub struct Agent {
     external_tls: std::sync::Mutex<Option<crate::config::ExternalTls>>,
     /// Audit entries waiting to be replicated (bounded).
     audit_queue: std::sync::Mutex<AuditQueue>,
+    /// Events this node observed, waiting to be replicated (bounded).
+    event_sink: events::EventSink,
+    /// What this node last saw of leadership and liveness (events on change).
+    observed: std::sync::Mutex<events::Observed>,
+    /// What this node last saw of the volumes it is the primary of.
+    volume_seen: std::sync::Mutex<BTreeMap<String, crate::volume_events::Seen>>,
     membership_lock: tokio::sync::Mutex<()>,
     /// On the leader: the heartbeat key generation whose previous key is
     /// still accepted, and since when this node has seen it so.
@@ -216,8 +222,10 @@ impl Agent {
         });
         let counters =
             crate::metrics::Counters { log_append_seconds: db.stats().append_seconds.clone(), ..Default::default() };
+        let event_sink = events::EventSink::new(cfg.name.clone());
         Ok(Agent {
             counters,
+            event_sink,
             lease: std::sync::Mutex::new(lease),
             failover: Arc::new(std::sync::Mutex::new(failover)),
             failure_clock: Default::default(),
@@ -233,6 +241,8 @@ impl Agent {
             pending_join: Default::default(),
             external_tls: std::sync::Mutex::new(external),
             audit_queue: Default::default(),
+            observed: Default::default(),
+            volume_seen: Default::default(),
             membership_lock: tokio::sync::Mutex::new(()),
             previous_heartbeat_key: Default::default(),
             executor: tokio::sync::Mutex::new(None),
@@ -292,13 +302,15 @@ impl Agent {
             .await
             .context("starting raft")?;
         let m = Arc::new(Member { node_id: identity.node_id, cluster_id: identity.cluster_id.clone(), raft, state });
-        *self.executor.lock().await = Some(Executor::new(
+        let mut executor = Executor::new(
             identity.node_id,
             self.cfg.name.clone(),
             self.cfg.data_dir.clone(),
             self.guard.clone(),
             self.run.clone(),
-        ));
+        );
+        executor.set_events(self.executor_events(m.state.clone()));
+        *self.executor.lock().await = Some(executor);
         *self.member.write().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
         self.watch_for_metrics(&m);
         tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, "raft started");
@@ -333,6 +345,7 @@ impl Agent {
 }
 
 mod backend;
+mod events;
 mod failover;
 mod groups;
 mod health;

@@ -46,7 +46,8 @@ impl Agent {
     pub(super) async fn propose(&self, m: &Member, cmd: Command) -> Result<Reply, ApiError> {
         let late = || format!("not committed within {}s; the write may still be applied", COMMIT_TIMEOUT.as_secs());
         let started = Instant::now();
-        let resp = within(COMMIT_TIMEOUT, late, m.raft.client_write(VersionedCommand::new(cmd))).await;
+        let resp =
+            within(COMMIT_TIMEOUT, late, m.raft.client_write(VersionedCommand::stamped(cmd, self.stamp()))).await;
         self.counters.proposal_seconds.observe(started.elapsed().as_secs_f64());
         resp?.data.0.map_err(ApiError::from)
     }

@@ -250,11 +250,33 @@ impl crate::volume::engine::ControlPlane for VolumeControl {
 impl Agent {
     /// Opens the replicas this node should hold, closes the others.
     pub(super) async fn volume_round(&self) {
-        let desired = match self.member() {
-            Some(m) => crate::volume::desired::desired_volumes(&m.state.state(), &self.cfg.name),
+        let m = self.member();
+        let state = m.as_ref().map(|m| m.state.state());
+        let desired = match &state {
+            Some(s) => crate::volume::desired::desired_volumes(s, &self.cfg.name),
             None => Vec::new(),
         };
+        let names: Vec<String> = desired.iter().map(|d| d.config.name.clone()).collect();
         self.volumes.reconcile(desired).await;
+        self.observe_volumes(state.as_ref(), &names);
+    }
+
+    /// Events of the volumes this node is the primary of: links, resyncs,
+    /// split brains, verify results (see `crate::volume_events`).
+    fn observe_volumes(&self, state: Option<&ClusterState>, names: &[String]) {
+        let mut seen = self.volume_seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|n, _| names.contains(n));
+        let now = crate::security::now_ms();
+        for name in names {
+            let Ok(status) = self.volumes.status(name) else { continue };
+            let group = state.and_then(|s| s.volume_owner(name)).map(|(g, _)| g.name.clone());
+            let before = seen.get(name).cloned().unwrap_or_default();
+            let (next, events) = crate::volume_events::volume_events(&before, &status, group.as_deref(), now);
+            seen.insert(name.clone(), next);
+            for e in events {
+                self.emit(e);
+            }
+        }
     }
 }
 

@@ -161,7 +161,13 @@ pub struct Executor {
     run: RunDir,
     /// The records as last written, to write only changes.
     written: BTreeMap<String, RunRecord>,
+    /// Where what happens to the resources here is told (the event log).
+    events: Option<EventHook>,
 }
+
+/// Receives the events the executor observes (`resource.failed`,
+/// `group.running`, ...); the agent queues them for the event log.
+pub type EventHook = std::sync::Arc<dyn Fn(tandem_raft::events::Event) + Send + Sync>;
 
 impl Executor {
     /// Adopts what the records say still runs here (an agent restart).
@@ -195,6 +201,18 @@ impl Executor {
             vips_checked: None,
             run,
             written,
+            events: None,
+        }
+    }
+
+    /// Sends what happens to the resources here to `hook`.
+    pub fn set_events(&mut self, hook: EventHook) {
+        self.events = Some(hook);
+    }
+
+    fn emit(&self, e: tandem_raft::events::Event) {
+        if let Some(h) = &self.events {
+            h(e);
         }
     }
 
@@ -412,6 +430,8 @@ impl Executor {
             local.restarts.pop_front();
         }
         let mut failed = false;
+        let mut all_up = true;
+        let mut failures = Vec::new();
         for (i, r) in g.spec.resources.iter().enumerate() {
             let cx = Ctx { dir: &dir, node: &node_name, group: &g.name, epoch, guard: &self.guard };
             let mut outcome = step(&mut local.slots[i], r, cx, now).await;
@@ -430,12 +450,14 @@ impl Executor {
                 }
                 outcome = step(&mut local.slots[i], r, cx, now).await;
             }
+            all_up &= matches!(outcome, Step::Up);
             match outcome {
                 Step::Up => continue,
                 // Resources start in order: the next one waits for this one.
                 Step::Pending | Step::Spawned => break,
                 Step::Failed(why) => {
                     tracing::warn!(group = %g.name, resource = %r.name, "resource failed: {why}");
+                    failures.push((r.name.clone(), why.clone()));
                     local.errors[i] = Some(why);
                     // What runs above it depends on it (a database on a
                     // file system): it stops too, in reverse order, and
@@ -454,6 +476,66 @@ impl Executor {
                     break;
                 }
             }
+        }
+        use tandem_raft::events::{Event, Severity};
+        let (restarted, max) = (local.restarted, g.spec.max_restarts);
+        let mut events = Vec::new();
+        for (resource, why) in failures {
+            let what = if failed { "past its restart threshold" } else { "restarting it" };
+            events.push(
+                Event::new(
+                    0,
+                    "resource.failed",
+                    Severity::Warning,
+                    format!("resource {resource} of group {} failed on {node_name}: {why} ({what})", g.name),
+                )
+                .group(&g.name)
+                .resource(&resource)
+                .details(serde_json::json!({"error": why, "restarts": restarted, "max_restarts": max})),
+            );
+            local.recovering = true;
+        }
+        if all_up && !local.announced {
+            local.announced = true;
+            local.recovering = false;
+            let ms = local.since.elapsed().as_millis() as u64;
+            events.push(
+                Event::new(0, "group.running", Severity::Info, format!("group {} runs on {node_name}", g.name))
+                    .group(&g.name)
+                    .details(serde_json::json!({"epoch": epoch, "start_ms": ms})),
+            );
+        } else if all_up && local.recovering {
+            local.recovering = false;
+            events.push(
+                Event::new(
+                    0,
+                    "resource.restarted",
+                    Severity::Info,
+                    format!("group {} runs again on {node_name} after a local restart", g.name),
+                )
+                .group(&g.name)
+                .details(serde_json::json!({"restarts": restarted, "max_restarts": max})),
+            );
+        }
+        if failed {
+            events.push(
+                Event::new(
+                    0,
+                    "group.restart_threshold",
+                    Severity::Critical,
+                    format!(
+                        "group {} failed {} times within {}s on {node_name}: given up here",
+                        g.name,
+                        max + 1,
+                        g.spec.restart_window_ms / 1000
+                    ),
+                )
+                .group(&g.name)
+                .details(serde_json::json!({"max_restarts": max, "window_ms": g.spec.restart_window_ms})),
+            );
+        }
+        for e in events {
+            self.emit(e);
         }
         if !failed {
             return None;

@@ -77,6 +77,12 @@ pub(super) struct LocalGroup {
     /// Set after a failed stop: when to try the stop again (CLOCK_BOOTTIME
     /// ms).
     pub(super) stop_retry_at: Option<u64>,
+    /// Said it runs here (`group.running`); adopted groups already did.
+    pub(super) announced: bool,
+    /// A resource failed since: the next time all run is a restart.
+    pub(super) recovering: bool,
+    /// When this node began starting it (for `group.running`).
+    pub(super) since: Instant,
 }
 
 impl LocalGroup {
@@ -90,6 +96,9 @@ impl LocalGroup {
             errors: vec![None; n],
             restarted: 0,
             stop_retry_at: None,
+            announced: false,
+            recovering: false,
+            since: Instant::now(),
         }
     }
 
@@ -111,6 +120,7 @@ impl LocalGroup {
     /// still running are watched again, script resources monitored at once.
     pub(super) fn adopt(rec: RunRecord, guard: &LeaseGuard) -> LocalGroup {
         let mut g = LocalGroup::new(rec.epoch, rec.spec);
+        g.announced = true;
         let now = Instant::now();
         for (slot, was) in g.slots.iter_mut().zip(rec.resources) {
             *slot = match was {
