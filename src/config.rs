@@ -170,7 +170,7 @@ pub struct AuditConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { retention: 10_000 }
+        AuditConfig { retention: 1_000 }
     }
 }
 

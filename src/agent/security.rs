@@ -21,6 +21,10 @@ use tandem_http_api::{
 };
 use tandem_raft::access::{token_hash, AuditEntry, ClientCertRecord, Role, TokenRecord, MAX_AUDIT_BATCH};
 
+/// JSON an audit batch sent to the leader carries at most (the API
+/// refuses bodies over 64 KiB).
+const AUDIT_BATCH_BYTES: usize = 48 * 1024;
+
 /// Default and longest lifetime of a join token.
 const JOIN_TOKEN_TTL_S: u64 = 3600;
 const JOIN_TOKEN_MAX_TTL_S: u64 = 86_400;
@@ -489,7 +493,16 @@ impl Agent {
     pub(super) async fn flush_audit(&self) {
         let batch: Vec<AuditEntry> = {
             let mut q = self.audit_queue.lock().unwrap_or_else(|p| p.into_inner());
-            let n = q.entries.len().min(MAX_AUDIT_BATCH);
+            // Bounded in count and in bytes: the API takes at most 64 KiB
+            // (an entry is about 300 B, a path can make it longer).
+            let (mut n, mut bytes) = (0, 0);
+            for e in q.entries.iter().take(MAX_AUDIT_BATCH) {
+                bytes += serde_json::to_vec(e).map_or(0, |v| v.len() + 1);
+                if n > 0 && bytes > AUDIT_BATCH_BYTES {
+                    break;
+                }
+                n += 1;
+            }
             q.entries.drain(..n).collect()
         };
         if batch.is_empty() || self.member().is_none() {
