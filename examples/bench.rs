@@ -34,10 +34,8 @@ impl Agent {
     }
 }
 
-fn tandem_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/release/examples/bench -> target/release/tandem
-    exe.parent().and_then(Path::parent).map(|d| d.join("tandem")).expect("target dir")
+fn tandem_bin() -> std::path::PathBuf {
+    tandem_testkit::bench::sibling_tandem_bin()
 }
 
 fn spawn(dir: &Path, name: &str, port: u16) -> Agent {

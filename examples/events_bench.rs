@@ -39,21 +39,16 @@ impl Agent {
     }
 }
 
-fn tandem_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).map(|d| d.join("tandem")).expect("target dir")
+fn tandem_bin() -> std::path::PathBuf {
+    tandem_testkit::bench::sibling_tandem_bin()
 }
 
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tandem_testkit::bench::wait_for(what, timeout, Duration::from_millis(20), f).await
 }
 
 async fn start(tmp: &Path) -> (Vec<Agent>, Creds) {

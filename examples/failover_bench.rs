@@ -19,8 +19,7 @@ use serde_json::{json, Value};
 use tandem_testkit::{in_ns, in_ns_output, is_root, Net};
 
 fn tandem_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).map(|d| d.join("tandem")).expect("target dir")
+    tandem_testkit::bench::sibling_tandem_bin()
 }
 
 struct Proc(Child);

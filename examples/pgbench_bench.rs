@@ -394,9 +394,8 @@ impl Drop for Proc {
     }
 }
 
-fn tandem_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).map(|d| d.join("tandem")).expect("target dir")
+fn tandem_bin() -> std::path::PathBuf {
+    tandem_testkit::bench::sibling_tandem_bin()
 }
 
 fn with_net<T>(f: impl FnOnce(&mut Net) -> T) -> T {

@@ -10,7 +10,7 @@
 //! Prints a Markdown report (docs/benchmarks.md). Tokens are required in
 //! both modes; only the transport changes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -75,25 +75,20 @@ impl Drop for Agent {
     }
 }
 
-fn tandem_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).map(|d| d.join("tandem")).expect("target dir")
+fn tandem_bin() -> std::path::PathBuf {
+    tandem_testkit::bench::sibling_tandem_bin()
 }
 
 async fn call(method: Method, url: &str, body: Value) -> (u16, Value) {
     call_with(None, method, url, Some(serde_json::to_vec(&body).unwrap())).await
 }
 
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tandem_testkit::bench::wait_for(what, timeout, Duration::from_millis(10), f).await
 }
 
 struct Cluster {

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod bank;
+pub mod bench;
 pub mod postgres;
 pub mod sites;
 
