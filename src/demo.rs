@@ -483,9 +483,10 @@ fn unreachable_for(user: &nix::unistd::User, dir: &Path) -> Option<PathBuf> {
 /// The shell PostgreSQL's resource runs, as user postgres, once the file
 /// system is mounted (docs/guides/postgresql.md explains each step): the
 /// first start creates the cluster (scram-sha-256 over TCP with the
-/// password in `pwfile`), a `postmaster.pid` left by a killed postmaster is
-/// removed when none of its processes is left (on one machine, the dead
-/// node's pid may even still exist as a zombie), then the postmaster runs
+/// password in `pwfile`), the `postmaster.pid` and socket lock file left by
+/// a killed postmaster are removed once none of its processes is left
+/// (waited for up to 10 s: on one machine, the dead node's postmaster may
+/// still be exiting), then the postmaster runs
 /// on 127.0.0.1:`port` (the resource's `stop_signal` SIGINT is PostgreSQL's
 /// fast shutdown; its SIGTERM would wait for every client to leave).
 fn postgres_script(mountpoint: &Path, pwfile: &Path, port: u16) -> String {
@@ -498,9 +499,13 @@ fn postgres_script(mountpoint: &Path, pwfile: &Path, port: u16) -> String {
              --auth-host=scram-sha-256 --pwfile={pw} --no-instructions; \
            mv \"$D.init\" \"$D\"; sync {m}; \
          fi; \
-         stale=yes; \
-         for p in /proc/[0-9]*; do [ \"$(readlink \"$p/cwd\" 2>/dev/null)\" = \"$D\" ] && stale=no; done; \
-         [ \"$stale\" = no ] || rm -f \"$D/postmaster.pid\"; \
+         stale=no; \
+         for i in $(seq 100); do \
+           stale=yes; \
+           for p in /proc/[0-9]*; do [ \"$(readlink \"$p/cwd\" 2>/dev/null)\" = \"$D\" ] && stale=no; done; \
+           [ \"$stale\" = no ] || break; sleep 0.1; \
+         done; \
+         [ \"$stale\" = no ] || rm -f \"$D/postmaster.pid\" {m}/.s.PGSQL.{port}.lock; \
          exec {PG_BIN}/postgres -D \"$D\" -c listen_addresses=127.0.0.1 -p {port} \
            -c unix_socket_directories={m} -c cluster_name=\"$TANDEM_NODE\""
     )

@@ -231,7 +231,14 @@ fn power_off(ns: &str) {
         let out = Command::new("ip").args(["netns", "pids", ns]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
     };
-    let mut seen = std::collections::BTreeSet::new();
+    let mut seen: std::collections::BTreeSet<i32> = pids().into_iter().collect();
+    // The FUSE server first, the rest once it is gone (see
+    // `tandem_testkit::kill_netns`): killed together, the last process of
+    // the host's mount namespace may unmount the ext4 on nbdfuse's file
+    // while nbdfuse can no longer serve it, and wait forever — PostgreSQL's
+    // lock file then names a process that never goes, and no other host
+    // can start it.
+    tandem_testkit::kill_netns(ns);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let now: Vec<i32> = pids().into_iter().filter(|p| !is_zombie(*p)).collect();
