@@ -851,7 +851,8 @@ pub struct EventParams {
     /// Only events about this node.
     #[serde(default)]
     pub node: Option<String>,
-    /// At most this many (default 1000, at most 10000; `GET /v1/events` only).
+    /// `GET /v1/events`: at most this many (default 1000, at most 10000).
+    /// The stream: ends after this many events (default: never).
     #[serde(default)]
     #[param(value_type = Option<u64>)]
     pub limit: Option<serde_json::Value>,
@@ -893,26 +894,35 @@ async fn get_events(
 const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// Most events read from the state in one go by a stream.
 const STREAM_PAGE: usize = 500;
+/// Largest `limit` a stream takes.
+const STREAM_LIMIT_MAX: u64 = 1_000_000;
 
 #[utoipa::path(get, path = "/v1/events/stream", tag = "events", params(EventParams,
-        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id (sent by SSE clients on reconnect)")),
-    responses((status = 200, description = "Server-Sent Events: each event's `id:` is its id and `data:` its JSON; `event: reset` (data `{\"first_id\": …}`) comes first when events after the asked id were lost to retention; comment lines keep the connection alive", content_type = "text/event-stream", body = String)))]
+        ("Last-Event-ID" = Option<u64>, Header, nullable = false, description = "Resume after this event id (sent by SSE clients on reconnect)")),
+    responses((status = 200, description = "Server-Sent Events: each event's `id:` is its id and `data:` its JSON; `event: reset` (data `{\"first_id\": …}`) comes first when events after the asked id were lost to retention; comment lines keep the connection alive", content_type = "text/event-stream", body = StreamMessage)))]
 async fn event_stream(
     State(b): State<SharedBackend>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventParams>,
 ) -> Result<Response, ApiError> {
     use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::trim);
+    // `since` is checked even when the header wins: a bad request is
+    // refused whatever else it carries.
+    let asked = number_param("since", q.since.as_ref(), 0, u64::MAX)?;
+    let last = headers.get("last-event-id").map(|v| v.to_str().map(str::trim));
     let since = match last {
-        Some(id) => id
+        Some(Ok(id)) => id
             .parse::<u64>()
             .map_err(|_| ApiError::InvalidQuery(format!("Last-Event-ID {id:?} must be an event id")))?,
-        None => number_param("since", q.since.as_ref(), 0, u64::MAX)?,
+        Some(Err(_)) => return Err(ApiError::InvalidQuery("Last-Event-ID must be an event id".into())),
+        None => asked,
     };
-    if q.limit.is_some() {
-        return Err(ApiError::InvalidQuery("limit applies to GET /v1/events, not to the stream".into()));
-    }
+    // The stream ends after `limit` events (a script's `curl -N`); without
+    // it, never.
+    let left = match q.limit {
+        None => None,
+        Some(_) => Some(number_param("limit", q.limit.as_ref(), 0, STREAM_LIMIT_MAX)?),
+    };
     let filter = q.filter()?;
     let changes = b.event_changes()?;
     struct Follow {
@@ -920,12 +930,20 @@ async fn event_stream(
         filter: tandem_raft::events::EventFilter,
         at: u64,
         changes: tokio::sync::watch::Receiver<u64>,
-        ready: std::collections::VecDeque<SseEvent>,
+        /// Events to send, and whether each counts towards `left`.
+        ready: std::collections::VecDeque<(SseEvent, bool)>,
+        left: Option<u64>,
     }
-    let start = Follow { b, filter, at: since, changes, ready: Default::default() };
+    let start = Follow { b, filter, at: since, changes, ready: Default::default(), left };
     let stream = futures_util::stream::unfold(start, |mut f| async move {
         loop {
-            if let Some(e) = f.ready.pop_front() {
+            if f.left == Some(0) {
+                return None;
+            }
+            if let Some((e, counts)) = f.ready.pop_front() {
+                if counts {
+                    f.left = f.left.map(|n| n - 1);
+                }
                 return Some((Ok::<_, std::convert::Infallible>(e), f));
             }
             // Mark the state seen before reading it: a change applied after
@@ -937,11 +955,11 @@ async fn event_stream(
             };
             if let Some(first) = page.reset {
                 let data = serde_json::json!({"first_id": first, "asked": f.at}).to_string();
-                f.ready.push_back(SseEvent::default().event("reset").data(data));
+                f.ready.push_back((SseEvent::default().event("reset").data(data), false));
             }
             for e in &page.events {
                 let data = serde_json::to_string(e).unwrap_or_default();
-                f.ready.push_back(SseEvent::default().id(e.id.to_string()).data(data));
+                f.ready.push_back((SseEvent::default().id(e.id.to_string()).data(data), true));
             }
             let moved = page.next != f.at;
             f.at = page.next;
@@ -1422,6 +1440,7 @@ async fn raft_snapshot(
         tandem_raft::events::Event,
         tandem_raft::events::Severity,
         EventList,
+        StreamMessage,
         tandem_raft::access::Role,
         Health,
         LocalView,
@@ -1452,6 +1471,15 @@ pub struct ApiDoc;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_streams_last_event_id_is_an_optional_number_never_null() {
+        let doc = contract::document();
+        let params = doc["paths"]["/v1/events/stream"]["get"]["parameters"].as_array().cloned().unwrap_or_default();
+        let h = params.iter().find(|p| p["name"] == "Last-Event-ID").expect("documented");
+        assert_eq!(h["required"], false, "{h}");
+        assert!(!h["schema"].to_string().contains("null"), "{h}");
+    }
 
     #[tokio::test]
     async fn read_body_keeps_a_body_within_the_limit_and_refuses_a_longer_one() {

@@ -625,6 +625,19 @@ pub struct EventList {
     pub reset: Option<u64>,
 }
 
+/// One Server-Sent Event of `GET /v1/events/stream`, as an SSE client
+/// parses it (documentation only: the wire format is SSE's text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StreamMessage {
+    /// The event's id (absent on `reset`).
+    pub id: Option<String>,
+    /// `message` for an event, `reset` when events were lost to retention.
+    pub event: Option<String>,
+    /// The event as JSON (an `Event`), or `{"first_id", "asked"}` on `reset`.
+    pub data: String,
+    pub retry: Option<u64>,
+}
+
 /// Internal: audit entries a node hands to the leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -83,7 +83,7 @@ pub struct Event {
     pub volume: Option<String>,
     pub message: String,
     /// Kind-specific facts (the reason, the measured outage, bytes, …).
-    #[serde(default)]
+    #[serde(default = "no_details")]
     #[schema(value_type = Object)]
     pub details: serde_json::Value,
 }
@@ -102,7 +102,7 @@ impl Event {
             resource: None,
             volume: None,
             message: message.into(),
-            details: serde_json::Value::Null,
+            details: serde_json::Value::Object(Default::default()),
         }
     }
 
@@ -130,6 +130,10 @@ impl Event {
         self.details = d;
         self
     }
+}
+
+fn no_details() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
 }
 
 /// Which events a reader wants.
@@ -250,8 +254,14 @@ impl EventLog {
     /// Appends one event with the next id.
     pub fn push(&mut self, e: Event) {
         self.last_id += 1;
-        let details = match serde_json::to_vec(&e.details) {
-            Ok(b) if b.len() <= MAX_DETAILS_BYTES => e.details,
+        // Always an object (the documented shape), never null.
+        let details = match e.details {
+            serde_json::Value::Object(_) => e.details,
+            serde_json::Value::Null => serde_json::Value::Object(Default::default()),
+            other => serde_json::json!({ "value": other }),
+        };
+        let details = match serde_json::to_vec(&details) {
+            Ok(b) if b.len() <= MAX_DETAILS_BYTES => details,
             _ => serde_json::json!({"dropped": "details too large"}),
         };
         let c = |o: Option<String>| o.map(|s| clip(&s));
