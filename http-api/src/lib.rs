@@ -852,7 +852,7 @@ pub struct EventParams {
     #[serde(default)]
     pub node: Option<String>,
     /// `GET /v1/events`: at most this many (default 1000, at most 10000).
-    /// The stream: ends after this many events (default: never).
+    /// The stream: ends after this many events (default: never; at most 10000).
     #[serde(default)]
     #[param(value_type = Option<u64>)]
     pub limit: Option<serde_json::Value>,
@@ -894,8 +894,8 @@ async fn get_events(
 const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// Most events read from the state in one go by a stream.
 const STREAM_PAGE: usize = 500;
-/// Largest `limit` a stream takes.
-const STREAM_LIMIT_MAX: u64 = 1_000_000;
+/// Largest `limit` a stream takes (as `GET /v1/events`).
+const STREAM_LIMIT_MAX: u64 = 10_000;
 
 #[utoipa::path(get, path = "/v1/events/stream", tag = "events", params(EventParams,
         ("Last-Event-ID" = Option<u64>, Header, nullable = false, description = "Resume after this event id (sent by SSE clients on reconnect)")),
