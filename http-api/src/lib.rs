@@ -818,7 +818,7 @@ async fn get_audit(
     State(b): State<SharedBackend>,
     ApiQuery(q): ApiQuery<AuditParams>,
 ) -> Result<Json<Vec<tandem_raft::access::AuditEntry>>, ApiError> {
-    let since = number_param("since", q.since.as_ref(), 0, i64::MAX as u64)?;
+    let since = number_param("since", q.since.as_ref(), 0, u64::MAX)?;
     let limit = number_param("limit", q.limit.as_ref(), 1000, 10_000)?;
     b.audit(since, limit as usize).await.map(Json)
 }
@@ -883,7 +883,7 @@ async fn get_events(
     State(b): State<SharedBackend>,
     ApiQuery(q): ApiQuery<EventParams>,
 ) -> Result<Json<EventList>, ApiError> {
-    let since = number_param("since", q.since.as_ref(), 0, i64::MAX as u64)?;
+    let since = number_param("since", q.since.as_ref(), 0, u64::MAX)?;
     let limit = number_param("limit", q.limit.as_ref(), 1000, 10_000)?;
     let page = b.events(since, &q.filter()?, limit as usize)?;
     Ok(Json(EventList { events: page.events, next: page.next, reset: page.reset }))
@@ -908,7 +908,7 @@ async fn event_stream(
     use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
     // `since` is checked even when the header wins: a bad request is
     // refused whatever else it carries.
-    let asked = number_param("since", q.since.as_ref(), 0, i64::MAX as u64)?;
+    let asked = number_param("since", q.since.as_ref(), 0, u64::MAX)?;
     let last = headers.get("last-event-id").map(|v| v.to_str().map(str::trim));
     let since = match last {
         // An event id, at most what the document's int64 allows.
