@@ -3,7 +3,7 @@
 //! action goes through the API, so the CLI works from any machine.
 //!
 //! Exit codes (documented in README.md and docs/api.md):
-//! 0 success; 1 the request was refused (4xx); 2 bad command line or input file;
+//! 0 success; 1 the request was refused (4xx; 502: an alert's target failed its test); 2 bad command line or input file;
 //! 3 the endpoint could not be reached; 4 the cluster is unavailable (503:
 //! no leader, no quorum), retry later; 5 the agent failed (5xx); 6 the agent's
 //! configuration is invalid or it could not start.
@@ -39,6 +39,8 @@ impl CliError {
         match self {
             CliError::Unreachable { .. } => EXIT_UNREACHABLE,
             CliError::Api { status: 503, .. } => EXIT_UNAVAILABLE,
+            // An alert's target failed its test: the target's failure, not the agent's.
+            CliError::Api { status: 502, .. } => EXIT_REFUSED,
             CliError::Api { status, .. } if *status >= 500 => EXIT_SERVER,
             CliError::Api { .. } => EXIT_REFUSED,
             CliError::BadAnswer { .. } => EXIT_SERVER,
@@ -723,6 +725,40 @@ pub fn tokens_table(tokens: &[tandem_http_api::TokenView]) -> String {
     table(&["NAME", "ROLE", "CREATED (UTC)", "EXPIRES (UTC)", "BY"], &rows)
 }
 
+pub fn alerts_table(alerts: &[tandem_http_api::AlertView]) -> String {
+    let rows: Vec<Vec<String>> = alerts
+        .iter()
+        .map(|a| {
+            let target = match &a.spec {
+                tandem_raft::alerts::AlertSpec::Webhook { url, .. } => url.clone(),
+                tandem_raft::alerts::AlertSpec::Smtp { to, server, .. } => format!("{} via {server}", to.join(",")),
+                tandem_raft::alerts::AlertSpec::Exec { command, .. } => command.join(" "),
+            };
+            let kinds = a.spec.kinds();
+            let filter = format!(
+                "{}{}",
+                a.spec.min_severity().as_str(),
+                if kinds.is_empty() { String::new() } else { format!(" {}", kinds.join(",")) }
+            );
+            let delivery = match &a.delivery {
+                None => "-".into(),
+                Some(d) if d.failures == 0 => "ok".into(),
+                Some(d) => format!("retrying ({}): {}", d.failures, d.last_error.clone().unwrap_or_default()),
+            };
+            vec![
+                a.name.clone(),
+                a.spec.kind().into(),
+                target,
+                filter,
+                a.cursor.to_string(),
+                a.sent.to_string(),
+                delivery,
+            ]
+        })
+        .collect();
+    table(&["NAME", "KIND", "TARGET", "FILTER", "CURSOR", "SENT", "DELIVERY"], &rows)
+}
+
 pub fn certs_table(certs: &[tandem_http_api::ClientCertView]) -> String {
     let rows: Vec<Vec<String>> = certs
         .iter()
@@ -854,6 +890,7 @@ mod tests {
         assert_eq!(api(404).exit_code(), EXIT_REFUSED);
         assert_eq!(api(503).exit_code(), EXIT_UNAVAILABLE);
         assert_eq!(api(500).exit_code(), EXIT_SERVER);
+        assert_eq!(api(502).exit_code(), EXIT_REFUSED);
         assert_eq!(CliError::Unreachable { endpoint: "x".into(), reason: "y".into() }.exit_code(), EXIT_UNREACHABLE);
     }
 }

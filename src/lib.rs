@@ -6,6 +6,7 @@
 //! layer in `tandem-http-api`.
 
 pub mod agent;
+pub mod alerts;
 pub mod autopilot;
 pub mod cli;
 pub mod clidocs;

@@ -112,6 +112,9 @@ enum Cmd {
     /// create (the key is made here), register, list, revoke.
     #[command(subcommand)]
     Cert(CertCmd),
+    /// Alerts: where events go (webhook, mail, Pacemaker alert agents).
+    #[command(subcommand)]
+    Alert(AlertCmd),
     /// The audit log: who did what, from where, with what outcome.
     Audit {
         /// Only entries after this id.
@@ -264,6 +267,40 @@ enum TokenCmd {
     List,
     /// Revoke a token: refused from now on, on every node.
     Revoke { name: String },
+}
+
+/// A JSON document from a file, or stdin for `-`.
+fn json_file(file: &std::path::Path) -> Result<Value, CliError> {
+    let text =
+        if file.as_os_str() == "-" { std::io::read_to_string(std::io::stdin()) } else { std::fs::read_to_string(file) }
+            .map_err(|e| CliError::Input(format!("{}: {e}", file.display())))?;
+    serde_json::from_str(&text).map_err(|e| CliError::Input(format!("{}: {e}", file.display())))
+}
+
+#[derive(Subcommand)]
+enum AlertCmd {
+    /// List the alerts: target, filter, what each has sent, how delivery goes.
+    List {
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Show one alert (secrets are never shown).
+    Show {
+        name: String,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Create or replace an alert from a JSON file (`-` for stdin); see
+    /// docs/api.md, "Alerts".
+    Set {
+        name: String,
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Send a test alert (`alert.test`) to its target now.
+    Test { name: String },
+    /// Delete an alert: nothing more is sent.
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
@@ -643,15 +680,35 @@ async fn client_command(
             (c.call(Method::GET, &format!("/v1/groups/{}{}", enc(&name), q(stale)), None).await?, group)
         }
         Cmd::Group(GroupCmd::Create { name, file }) => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())
-            } else {
-                std::fs::read_to_string(&file)
-            }
-            .map_err(|e| CliError::Input(format!("{}: {e}", file.display())))?;
-            let body: Value =
-                serde_json::from_str(&text).map_err(|e| CliError::Input(format!("{}: {e}", file.display())))?;
+            let body = json_file(&file)?;
             (c.call(Method::PUT, &format!("/v1/groups/{}", enc(&name)), Some(body)).await?, group)
+        }
+        Cmd::Alert(AlertCmd::List { stale }) => {
+            (c.call(Method::GET, &format!("/v1/alerts{}", q(stale)), None).await?, |v| {
+                Ok(cli::alerts_table(&parse::<Vec<tandem_http_api::AlertView>>(v)?))
+            })
+        }
+        Cmd::Alert(AlertCmd::Show { name, stale }) => {
+            (c.call(Method::GET, &format!("/v1/alerts/{}{}", enc(&name), q(stale)), None).await?, |v| {
+                Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()))
+            })
+        }
+        Cmd::Alert(AlertCmd::Set { name, file }) => {
+            let body = json_file(&file)?;
+            (c.call(Method::PUT, &format!("/v1/alerts/{}", enc(&name)), Some(body)).await?, |v| {
+                let a: tandem_http_api::AlertView = parse(v)?;
+                Ok(format!("alert {} ({}) set: it sends events after id {}\n", a.name, a.spec.kind(), a.cursor))
+            })
+        }
+        Cmd::Alert(AlertCmd::Test { name }) => {
+            (c.call(Method::POST, &format!("/v1/alerts/{}/test", enc(&name)), None).await?, |v| {
+                let t: tandem_http_api::AlertTested = parse(v)?;
+                Ok(format!("alert {}: the target took the test alert in {} ms\n", t.name, t.ms))
+            })
+        }
+        Cmd::Alert(AlertCmd::Delete { name }) => {
+            c.call(Method::DELETE, &format!("/v1/alerts/{}", enc(&name)), None).await?;
+            return Ok(if json_out { "null\n".into() } else { format!("alert {name} deleted\n") });
         }
         Cmd::Group(GroupCmd::Move { name, to }) => {
             (c.call(Method::POST, &format!("/v1/groups/{}/move", enc(&name)), Some(json!({ "to": to }))).await?, group)

@@ -72,6 +72,9 @@ pub struct Counters {
     pub nbd_bytes: Family<Labels, Counter>,
     /// By `volume` and `at` (`local`, `replicated`): write latency.
     pub volume_write_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    /// By `alert`: messages this node's sender delivered, and failed attempts.
+    pub alerts_sent: Family<Labels, Counter>,
+    pub alert_failures: Family<Labels, Counter>,
 }
 
 impl Default for Counters {
@@ -86,6 +89,8 @@ impl Default for Counters {
             nbd_requests: Family::default(),
             nbd_bytes: Family::default(),
             volume_write_seconds: Family::new_with_constructor(latency_histogram),
+            alerts_sent: Family::default(),
+            alert_failures: Family::default(),
         }
     }
 }
@@ -105,6 +110,14 @@ impl Counters {
     /// `volume`'s write latency histogram `at` (`local` or `replicated`).
     pub fn write_histogram(&self, volume: &str, at: &str) -> Histogram {
         self.volume_write_seconds.get_or_create(&labels(&[("volume", volume), ("at", at)])).clone()
+    }
+
+    pub fn alert_sent(&self, alert: &str) {
+        self.alerts_sent.get_or_create(&labels(&[("alert", alert)])).inc();
+    }
+
+    pub fn alert_failed(&self, alert: &str) {
+        self.alert_failures.get_or_create(&labels(&[("alert", alert)])).inc();
     }
 
     /// Counts a failover of `group`; `outage_s` when the failed node was
@@ -347,6 +360,12 @@ pub fn render(s: &Snapshot, c: &Counters) -> String {
         "tandem_group_last_outage_seconds",
         "At the group's last failover: from when this node last heard the failed node to the new placement",
         c.last_outage_seconds.clone(),
+    );
+    reg.register("tandem_alerts_sent", "Alert messages this node delivered (as the leader)", c.alerts_sent.clone());
+    reg.register(
+        "tandem_alert_failures",
+        "Failed attempts to deliver an alert message from this node (each retried)",
+        c.alert_failures.clone(),
     );
     let res = |r: &ResourceSample| labels(&[("group", &r.group), ("resource", &r.resource), ("type", &r.kind)]);
     reg.register(

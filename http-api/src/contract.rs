@@ -130,6 +130,26 @@ fn join_token() -> Vec<ApiError> {
     vec![ApiError::Invalid { field: s(), reason: s() }, ApiError::BadCertificate(s()), ApiError::QuorumUnavailable(s())]
 }
 
+fn read_alert() -> Vec<ApiError> {
+    vec![ApiError::QuorumUnavailable(s()), ApiError::AlertNotFound(s())]
+}
+
+fn put_alert() -> Vec<ApiError> {
+    vec![ApiError::Invalid { field: s(), reason: s() }, ApiError::TooManyAlerts(0), ApiError::QuorumUnavailable(s())]
+}
+
+fn delete_alert() -> Vec<ApiError> {
+    vec![ApiError::AlertNotFound(s()), ApiError::QuorumUnavailable(s())]
+}
+
+fn test_alert() -> Vec<ApiError> {
+    vec![
+        ApiError::AlertNotFound(s()),
+        ApiError::AlertFailed { name: s(), reason: s() },
+        ApiError::QuorumUnavailable(s()),
+    ]
+}
+
 fn cluster_ca() -> Vec<ApiError> {
     vec![ApiError::NotMember, ApiError::BadCertificate(s())]
 }
@@ -249,6 +269,11 @@ pub const OPERATIONS: &[Operation] = &[
     Operation { method: "post", path: "/v1/tokens", layers: layers(true, false, true), errors: create_token },
     Operation { method: "delete", path: "/v1/tokens/{name}", layers: layers(true, true, false), errors: revoke_token },
     Operation { method: "get", path: "/v1/certificates", layers: layers(true, true, false), errors: read },
+    Operation { method: "get", path: "/v1/alerts", layers: layers(true, true, false), errors: read },
+    Operation { method: "get", path: "/v1/alerts/{name}", layers: layers(true, true, false), errors: read_alert },
+    Operation { method: "put", path: "/v1/alerts/{name}", layers: layers(true, false, true), errors: put_alert },
+    Operation { method: "delete", path: "/v1/alerts/{name}", layers: layers(true, true, false), errors: delete_alert },
+    Operation { method: "post", path: "/v1/alerts/{name}/test", layers: layers(true, true, false), errors: test_alert },
     Operation {
         method: "post",
         path: "/v1/certificates",
@@ -672,6 +697,97 @@ fn request_constraints() -> Vec<(&'static str, &'static str, Value)> {
     ]
 }
 
+/// An alert's definition, one object per kind, with the validation's
+/// rules (`tandem_raft::alerts::AlertSpec::validate`).
+fn alert_schema() -> Value {
+    use tandem_raft::alerts::*;
+    let text = |description: &str| {
+        json!({"type": "string", "minLength": 1, "maxLength": MAX_ALERT_TEXT, "pattern": "^[^\\u0000]+$",
+            "description": description})
+    };
+    let pem = json!({"type": "string", "maxLength": 65536, "pattern": "-----BEGIN CERTIFICATE-----",
+        "description": "PEM of the CA that signed the target's certificate (default: the system's trust store)."});
+    let mailbox = json!({"type": "string", "maxLength": 254,
+        "pattern": "^[^@\\s<>,;\"\\u0000-\\u001f\\u007f]+@[^@\\s<>,;\"\\u0000-\\u001f\\u007f]+$",
+        "description": "local@domain"});
+    let common = |props: &mut Map<String, Value>| {
+        props.insert(
+            "min_severity".into(),
+            json!({"type": "string", "enum": ["info", "warning", "critical"], "default": "info",
+                "description": "Only events at least this severe."}),
+        );
+        props.insert(
+            "kinds".into(),
+            json!({"type": "array", "maxItems": MAX_ALERT_KINDS,
+                "items": {"type": "string", "maxLength": 128, "pattern": "^[a-z0-9_][a-z0-9_.]*$"},
+                "description": "Only these event kinds (exact, or a prefix ending in `.`: `group.`); empty or absent: every kind."}),
+        );
+    };
+    let report = json!({"type": "integer", "minimum": MIN_REPORT_INTERVAL_S, "maximum": MAX_REPORT_INTERVAL_S,
+        "description": "Also send a status report of the whole cluster this often (seconds)."});
+    let object = |kind: &str, required: &[&str], mut props: Map<String, Value>, description: &str| {
+        props.insert("kind".into(), json!({"type": "string", "enum": [kind]}));
+        common(&mut props);
+        let mut req: Vec<&str> = vec!["kind"];
+        req.extend_from_slice(required);
+        json!({"type": "object", "title": kind, "description": description, "required": req,
+            "additionalProperties": false, "properties": props})
+    };
+    let mut webhook = Map::new();
+    webhook.insert(
+        "url".into(),
+        json!({"type": "string", "minLength": 8, "maxLength": MAX_ALERT_TEXT,
+            "pattern": "^https?://[^/\\s\\u0000-\\u001f\\u007f][^\\s\\u0000-\\u001f\\u007f]*$",
+            "description": "Where the JSON POST goes."}),
+    );
+    webhook.insert(
+        "secret".into(),
+        text("HMAC-SHA256 key of the X-Tandem-Signature header (write-only: shown as `(set)`)."),
+    );
+    webhook.insert("cacert".into(), pem.clone());
+    webhook.insert("report_interval_s".into(), report.clone());
+    let mut smtp = Map::new();
+    smtp.insert(
+        "server".into(),
+        json!({"type": "string", "minLength": 1, "maxLength": 253, "pattern": "^[A-Za-z0-9._:-]+$",
+            "description": "Host name or IP address of the mail server."}),
+    );
+    smtp.insert(
+        "port".into(),
+        json!({"type": "integer", "minimum": 1, "maximum": 65535,
+        "description": "Default 587 with STARTTLS, 25 without."}),
+    );
+    smtp.insert("starttls".into(), json!({"type": "boolean", "default": true, "description": "Require STARTTLS."}));
+    smtp.insert("username".into(), text("SMTP AUTH user (with `password`)."));
+    smtp.insert("password".into(), text("SMTP AUTH password (write-only: shown as `(set)`)."));
+    smtp.insert("from".into(), mailbox.clone());
+    smtp.insert(
+        "to".into(),
+        json!({"type": "array", "minItems": 1, "maxItems": MAX_ALERT_RECIPIENTS, "items": mailbox}),
+    );
+    smtp.insert("cacert".into(), pem);
+    smtp.insert("report_interval_s".into(), report);
+    let mut exec = Map::new();
+    exec.insert(
+        "command".into(),
+        json!({"type": "array", "minItems": 1, "maxItems": MAX_ALERT_ARGS,
+            "items": {"type": "string", "maxLength": MAX_ALERT_TEXT, "pattern": "^[^\\u0000]*$"},
+            "description": "The alert agent and its arguments; the first is an absolute path (`/…`, checked on definition)."}),
+    );
+    exec.insert("recipient".into(), text("CRM_alert_recipient."));
+    exec.insert("timestamp_format".into(), text("CRM_alert_timestamp's format (default `%H:%M:%S.%06N`, UTC)."));
+    exec.insert(
+        "timeout_ms".into(),
+        json!({"type": "integer", "minimum": MIN_EXEC_TIMEOUT_MS, "maximum": MAX_EXEC_TIMEOUT_MS,
+            "description": "Killed after this long (default 30000)."}),
+    );
+    json!({"oneOf": [
+        object("webhook", &["url"], webhook, "A signed JSON POST per event."),
+        object("smtp", &["server", "from", "to"], smtp, "A mail per event."),
+        object("exec", &["command"], exec, "A Pacemaker-style alert agent run with the CRM_alert_* environment."),
+    ], "description": "An alert: where events go (`kind`) and which (`min_severity`, `kinds`)."})
+}
+
 /// The OpenAPI document served at `GET /openapi.json`.
 pub fn document() -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
@@ -686,6 +802,7 @@ pub fn document() -> Value {
         merge(target, extra);
     }
     schemas["GroupView"]["properties"]["spec"] = json!({"$ref": "#/components/schemas/View_GroupSpec"});
+    schemas["AlertSpec"] = alert_schema();
     doc["components"]["securitySchemes"] = json!({
         "bearerAuth": {"type": "http", "scheme": "bearer",
             "description": "An API token (`tandem token create`): viewer for reads, operator for actions, admin for definitions and membership."}
@@ -803,8 +920,15 @@ mod tests {
                     assert_eq!(r["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/ErrorBody");
                 }
             }
-            // No operation answers 5xx but 503.
-            assert!(want.iter().all(|s| *s < 500 || *s == 503), "{} {}: {want:?}", op.method, op.path);
+            // No operation answers 5xx but 503, and 502 when an alert's
+            // target (not this API) failed a test.
+            let gateway = op.path == "/v1/alerts/{name}/test";
+            assert!(
+                want.iter().all(|s| *s < 500 || *s == 503 || (*s == 502 && gateway)),
+                "{} {}: {want:?}",
+                op.method,
+                op.path
+            );
         }
     }
 

@@ -133,6 +133,12 @@ pub enum ApiError {
     CertificateRejected(String),
     #[error("{0}")]
     CaExternal(String),
+    #[error("no alert named {0}")]
+    AlertNotFound(String),
+    #[error("the cluster already has the maximum of {0} alerts")]
+    TooManyAlerts(usize),
+    #[error("alert {name}: the target did not take it: {reason}")]
+    AlertFailed { name: String, reason: String },
     #[error("storage failure: {0}")]
     Storage(String),
     #[error("internal error: {0}")]
@@ -148,7 +154,7 @@ impl ApiError {
         "TND-1301", "TND-1302", "TND-1303", "TND-1400", "TND-1401", "TND-1402", "TND-1403", "TND-1404", "TND-1405",
         "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411", "TND-1500", "TND-1501", "TND-1502",
         "TND-1503", "TND-1504", "TND-1505", "TND-1506", "TND-1507", "TND-1508", "TND-1509", "TND-1510", "TND-1511",
-        "TND-1512", "TND-1900", "TND-1901",
+        "TND-1512", "TND-1600", "TND-1601", "TND-1602", "TND-1900", "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -210,6 +216,9 @@ impl ApiError {
             CertificateNotFound(_) => "TND-1510",
             CertificateRejected(_) => "TND-1511",
             CaExternal(_) => "TND-1512",
+            AlertNotFound(_) => "TND-1600",
+            TooManyAlerts(_) => "TND-1601",
+            AlertFailed { .. } => "TND-1602",
             Storage(_) => "TND-1900",
             Internal(_) => "TND-1901",
         }
@@ -229,7 +238,10 @@ impl ApiError {
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Unauthenticated(_) | TokenRejected(_) | CertificateRejected(_) => StatusCode::UNAUTHORIZED,
             Forbidden { .. } | LocalOnly(_) => StatusCode::FORBIDDEN,
-            TokenNotFound(_) | CertificateNotFound(_) => StatusCode::NOT_FOUND,
+            TokenNotFound(_) | CertificateNotFound(_) | AlertNotFound(_) => StatusCode::NOT_FOUND,
+            // The target (a webhook, a mail server, an alert agent) failed,
+            // not this API: a gateway's error.
+            AlertFailed { .. } => StatusCode::BAD_GATEWAY,
             TokenExists(_) | CaMismatch { .. } | CertificateExists(_) | CertificateKeyInUse(_) | CaExternal(_) => {
                 StatusCode::CONFLICT
             }
@@ -251,6 +263,7 @@ impl ApiError {
             | GroupInUse { .. }
             | GroupChanged(_)
             | TooManyGroups(_)
+            | TooManyAlerts(_)
             | WouldLoseQuorum(_)
             | NotPrimary(_)
             | NotSplitBrain(_)
@@ -388,6 +401,13 @@ impl ApiError {
                 "Pick another name, or revoke the old certificate first (`tandem cert revoke`).".into()
             }
             CertificateNotFound(_) => "List the client certificates with `tandem cert list` or GET /v1/certificates.".into(),
+            AlertNotFound(_) => "List the alerts with `tandem alert list` or GET /v1/alerts.".into(),
+            TooManyAlerts(_) => "Delete an alert you no longer need (`tandem alert delete`), or widen an existing one's filter.".into(),
+            AlertFailed { .. } => {
+                "Check the target named in the message (URL, mail server, agent's path and exit status) from the \
+                 leader; the agent's log on the leader has the whole answer."
+                    .into()
+            }
             CertificateKeyInUse(_) => {
                 "Each client certificate needs its own key: make a new one (`tandem cert create` does), or revoke the other certificate first.".into()
             }
@@ -455,6 +475,8 @@ impl From<CommandError> for ApiError {
             CommandError::CertificateExists { name } => ApiError::CertificateExists(name),
             CommandError::CertificateNotFound { name } => ApiError::CertificateNotFound(name),
             CommandError::CertificateKeyInUse { name } => ApiError::CertificateKeyInUse(name),
+            CommandError::AlertNotFound { name } => ApiError::AlertNotFound(name),
+            CommandError::TooManyAlerts { max } => ApiError::TooManyAlerts(max),
         }
     }
 }

@@ -166,6 +166,18 @@ pub trait Backend: Send + Sync + 'static {
     /// On the leader: events that another node observed.
     async fn record_event_batch(&self, events: Vec<tandem_raft::events::Event>) -> Result<(), ApiError>;
     fn cluster_ca(&self) -> Result<CaView, ApiError>;
+    /// Creates or replaces an alert; the bool says whether it was created.
+    async fn put_alert(
+        &self,
+        name: &str,
+        spec: tandem_raft::alerts::AlertSpec,
+        by: String,
+    ) -> Result<(AlertView, bool), ApiError>;
+    async fn alerts(&self, stale: bool) -> Result<Vec<AlertView>, ApiError>;
+    async fn alert(&self, name: &str, stale: bool) -> Result<AlertView, ApiError>;
+    async fn delete_alert(&self, name: &str) -> Result<(), ApiError>;
+    /// Sends a test alert to the target now (on the leader), once.
+    async fn test_alert(&self, name: &str) -> Result<AlertTested, ApiError>;
     /// The recorded client certificate with this key pin: its name and
     /// role. Unknown, revoked or expired → `CertificateRejected`.
     fn authenticate_cert(&self, spki: &str) -> Result<(String, tandem_raft::access::Role), ApiError>;
@@ -389,6 +401,9 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/certificates/{name}", axum::routing::delete(revoke_certificate))
         .route("/internal/node-certificate", post(pin_node_certificate))
         .route("/v1/audit", get(get_audit))
+        .route("/v1/alerts", get(list_alerts))
+        .route("/v1/alerts/{name}", get(get_alert).put(put_alert).delete(delete_alert))
+        .route("/v1/alerts/{name}/test", post(test_alert))
         .route("/internal/audit", post(record_audit_batch))
         .route("/internal/events", post(record_event_batch))
         .route("/internal/certificate", post(renew_certificate))
@@ -738,6 +753,75 @@ async fn revoke_token(
     ApiQuery(_): ApiQuery<NoParams>,
 ) -> Result<StatusCode, ApiError> {
     b.revoke_token(&name).await.map(|()| StatusCode::NO_CONTENT)
+}
+
+// ---- alerts ----
+
+#[utoipa::path(get, path = "/v1/alerts", tag = "alerts", params(("stale" = Option<bool>, Query, description = "Serve the local copy")),
+    responses((status = 200, description = "Every alert, secrets never shown", body = [AlertView])))]
+async fn list_alerts(
+    State(b): State<SharedBackend>,
+    ApiQuery(p): ApiQuery<ReadParams>,
+) -> Result<Json<Vec<AlertView>>, ApiError> {
+    b.alerts(p.stale).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/alerts/{name}", tag = "alerts", params(("name" = String, Path), ("stale" = Option<bool>, Query, description = "Serve the local copy")),
+    responses((status = 200, description = "The alert, secrets never shown", body = AlertView),
+              (status = 404, description = "No such alert (TND-1600)", body = ErrorBody)))]
+async fn get_alert(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(p): ApiQuery<ReadParams>,
+) -> Result<Json<AlertView>, ApiError> {
+    b.alert(&name, p.stale).await.map(Json)
+}
+
+#[utoipa::path(put, path = "/v1/alerts/{name}", tag = "alerts", params(("name" = String, Path)),
+    request_body = tandem_raft::alerts::AlertSpec,
+    responses((status = 201, description = "Created: it sends the events recorded from now on", body = AlertView),
+              (status = 200, description = "Replaced: it goes on from where it was", body = AlertView),
+              (status = 409, description = "The cluster has the maximum of alerts (TND-1601)", body = ErrorBody),
+              (status = 422, description = "Invalid definition; the code names the field (TND-1010)", body = ErrorBody)))]
+async fn put_alert(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    who: Option<axum::Extension<auth::Asker>>,
+    ApiJson(mut body): ApiJson<serde_json::Value>,
+) -> Result<(StatusCode, Json<AlertView>), ApiError> {
+    integral(&mut body);
+    let spec: tandem_raft::alerts::AlertSpec = serde_path_to_error::deserialize(body).map_err(|e| {
+        let field = e.path().to_string();
+        ApiError::Invalid {
+            field: if field == "." { "body".into() } else { field },
+            reason: e.into_inner().to_string(),
+        }
+    })?;
+    let (view, created) = b.put_alert(&name, spec, asker(who)).await?;
+    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(view)))
+}
+
+#[utoipa::path(delete, path = "/v1/alerts/{name}", tag = "alerts", params(("name" = String, Path)),
+    responses((status = 204, description = "Deleted: nothing more is sent"),
+              (status = 404, description = "No such alert (TND-1600)", body = ErrorBody)))]
+async fn delete_alert(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(_): ApiQuery<NoParams>,
+) -> Result<StatusCode, ApiError> {
+    b.delete_alert(&name).await.map(|()| StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/alerts/{name}/test", tag = "alerts", params(("name" = String, Path)),
+    responses((status = 200, description = "The target took a test alert (event kind `alert.test`, id 0)", body = AlertTested),
+              (status = 404, description = "No such alert (TND-1600)", body = ErrorBody),
+              (status = 502, description = "The target refused it or could not be reached (TND-1602); the message says how", body = ErrorBody)))]
+async fn test_alert(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(_): ApiQuery<NoParams>,
+) -> Result<Json<AlertTested>, ApiError> {
+    b.test_alert(&name).await.map(Json)
 }
 
 #[utoipa::path(post, path = "/v1/certificates", tag = "security", request_body = CertificateRequest,
@@ -1398,6 +1482,11 @@ async fn raft_snapshot(
         revoke_certificate,
         join_token,
         get_audit,
+        list_alerts,
+        get_alert,
+        put_alert,
+        delete_alert,
+        test_alert,
         get_events,
         event_stream,
         get_cluster_ca,
@@ -1439,6 +1528,10 @@ async fn raft_snapshot(
         ClientCertView,
         ClientCertCreated,
         CaView,
+        tandem_raft::alerts::AlertSpec,
+        AlertView,
+        AlertDelivery,
+        AlertTested,
         tandem_raft::access::AuditEntry,
         tandem_raft::events::Event,
         tandem_raft::events::Severity,

@@ -644,3 +644,54 @@ pub struct StreamMessage {
 pub struct AuditBatch {
     pub entries: Vec<tandem_raft::access::AuditEntry>,
 }
+
+/// An alert as any view shows it: its definition with secrets replaced by
+/// `(set)`, what its sender is done with, and (from the leader) how
+/// delivery goes now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AlertView {
+    pub name: String,
+    pub spec: tandem_raft::alerts::AlertSpec,
+    /// Unix ms.
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// Who defined it last.
+    pub by: String,
+    /// The last event id its sender is done with (sent, or filtered out).
+    pub cursor: u64,
+    /// Events sent (recorded through Raft; a leader change may re-send a
+    /// few, never fewer).
+    pub sent: u64,
+    /// When the last status report went out (Unix ms; its definition's time
+    /// before the first).
+    pub report_ms: u64,
+    /// The leader's sender now; absent when this answer did not come from
+    /// the leader (`?stale=true` on a follower).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<AlertDelivery>,
+}
+
+/// How the leader's sender of one alert is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AlertDelivery {
+    /// `ok` (nothing pending or sending), `retrying` (the target failed;
+    /// retried with backoff).
+    pub state: String,
+    /// Failed attempts in a row.
+    pub failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Unix ms of the first failure of this run, and of the last success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sent_ms: Option<u64>,
+}
+
+/// `POST /v1/alerts/{name}/test`'s answer: the target took the test alert.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AlertTested {
+    pub name: String,
+    /// How long the delivery took, ms.
+    pub ms: u64,
+}

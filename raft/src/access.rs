@@ -205,14 +205,7 @@ pub struct AuditLog {
 }
 
 fn clip(s: &str) -> String {
-    if s.len() <= MAX_AUDIT_TEXT {
-        return s.to_string();
-    }
-    let mut end = MAX_AUDIT_TEXT;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    crate::error::clip(s, MAX_AUDIT_TEXT)
 }
 
 impl AuditLog {

@@ -61,6 +61,10 @@ pub enum CommandError {
     CertificateNotFound { name: String },
     #[error("the client certificate {name} already has this key")]
     CertificateKeyInUse { name: String },
+    #[error("no alert named {name}")]
+    AlertNotFound { name: String },
+    #[error("the cluster already has {max} alerts")]
+    TooManyAlerts { max: usize },
 }
 
 fn resize_reason(from: u64, to: u64) -> String {
@@ -70,6 +74,18 @@ fn resize_reason(from: u64, to: u64) -> String {
     } else {
         format!("its size cannot grow from {a} to {b}: resizing a volume is not supported yet")
     }
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), with `…` when cut.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 pub fn invalid(field: &str, reason: impl Into<String>) -> CommandError {

@@ -198,14 +198,7 @@ impl Default for EventLog {
 }
 
 fn clip(s: &str) -> String {
-    if s.len() <= MAX_EVENT_TEXT {
-        return s.to_string();
-    }
-    let mut end = MAX_EVENT_TEXT;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    crate::error::clip(s, MAX_EVENT_TEXT)
 }
 
 /// Checks a retention bound.

@@ -6,6 +6,7 @@
 //! group runs): the daemon does that and proposes commands through Raft.
 
 pub mod access;
+pub mod alerts;
 pub mod error;
 pub mod events;
 pub mod group;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::access::{AuditEntry, AuditLog, ClientCertRecord, ClientCerts, TokenRecord, Tokens};
+use crate::alerts::{AlertSpec, Alerts};
 use crate::events::{validate_retain, Event, EventLog, Severity};
 use crate::group::{
     replica_nodes, validate_group, GroupRecord, GroupSpec, Phase, Placement, ResourceKind, ResourceSpec, MAX_GROUPS,
@@ -267,6 +268,28 @@ pub enum Command {
     RecordEvents {
         events: Vec<Event>,
     },
+    /// Defines or replaces an alert (a new one sends the events recorded
+    /// after this command; a replaced one keeps its cursor).
+    PutAlert {
+        name: String,
+        /// Boxed: the largest definition would make every command as big.
+        spec: Box<AlertSpec>,
+        time_ms: u64,
+        #[serde(default)]
+        by: String,
+    },
+    DeleteAlert {
+        name: String,
+    },
+    /// The leader's sender is done with the events up to `cursor` (`sent`
+    /// of them were sent) and, with `report_ms`, sent a status report then.
+    AdvanceAlert {
+        name: String,
+        cursor: u64,
+        sent: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        report_ms: Option<u64>,
+    },
 }
 
 /// What the proposer adds to a command: its clock (the time of the events
@@ -439,6 +462,12 @@ pub struct ClusterState {
     pub audit: AuditLog,
     #[serde(default)]
     pub events: EventLog,
+    #[serde(default, skip_serializing_if = "no_alerts")]
+    pub alerts: Alerts,
+}
+
+fn no_alerts(a: &Alerts) -> bool {
+    a.by_name.is_empty()
 }
 
 /// What [`ClusterState::apply_stamped`] remembers of the state before a
@@ -678,6 +707,7 @@ impl ClusterState {
             Command::SetAdminState { name, .. } => Before::Admin(self.node_by_name(name).map(|n| n.admin_state)),
             Command::SetPlacement { name, .. } => Before::Placement(self.groups.get(name).map(|g| g.placement.clone())),
             Command::PutGroup { name, .. } => Before::Exists(self.groups.contains_key(name)),
+            Command::PutAlert { name, .. } => Before::Exists(self.alerts.by_name.contains_key(name)),
             Command::SetReplicaDisk { volume, node, .. } => Before::Disk(self.replica_disks(volume).get(node).copied()),
             Command::SetGroupEnabled { name, .. } => Before::Enabled(self.groups.get(name).map(|g| g.enabled)),
             _ => Before::Nothing,
@@ -828,6 +858,15 @@ impl ClusterState {
             (Command::RevokeToken { name }, _) => {
                 one(ev("token.revoked", Severity::Info, format!("token {name} revoked"))
                     .details(json!({"token": name})))
+            }
+            (Command::PutAlert { name, spec, .. }, Before::Exists(existed)) => {
+                let (kind, verb) = if existed { ("alert.changed", "changed") } else { ("alert.defined", "defined") };
+                one(ev(kind, Severity::Info, format!("alert {name} ({}) {verb}", spec.kind()))
+                    .details(json!({"alert": name, "target": spec.kind()})))
+            }
+            (Command::DeleteAlert { name }, _) => {
+                one(ev("alert.deleted", Severity::Info, format!("alert {name} deleted"))
+                    .details(json!({"alert": name})))
             }
             _ => Vec::new(),
         }
@@ -1034,6 +1073,14 @@ impl ClusterState {
             }
             Command::RecordAudit { entries, retain } => self.audit.record(entries, *retain).map(|()| Reply::Done),
             Command::RecordEvents { events } => self.events.record(events).map(|()| Reply::Done),
+            Command::PutAlert { name, spec, time_ms, by } => {
+                let last = self.events.last_id;
+                self.alerts.put(name, spec, *time_ms, by, last).map(|_| Reply::Done)
+            }
+            Command::DeleteAlert { name } => self.alerts.delete(name).map(|()| Reply::Done),
+            Command::AdvanceAlert { name, cursor, sent, report_ms } => {
+                self.alerts.advance(name, *cursor, *sent, *report_ms).map(|()| Reply::Done)
+            }
             Command::ClearGroupFailures { name } => {
                 self.group_mut(name)?.failed_on.clear();
                 Ok(Reply::Done)
@@ -1376,6 +1423,43 @@ mod tests {
 
     fn kinds(s: &ClusterState) -> Vec<(u64, String, u64)> {
         s.events.events.iter().map(|e| (e.id, e.kind.clone(), e.time_ms)).collect()
+    }
+
+    #[test]
+    fn alerts_start_after_the_newest_event_and_refused_alert_commands_change_nothing() {
+        let mut s = booted();
+        let hook: AlertSpec = serde_json::from_value(serde_json::json!(
+            {"kind": "webhook", "url": "http://10.0.0.9/hook", "secret": "k"}
+        ))
+        .unwrap();
+        let put = |name: &str, spec: &AlertSpec| Command::PutAlert {
+            name: name.into(),
+            spec: Box::new(spec.clone()),
+            time_ms: 100,
+            by: "token:admin".into(),
+        };
+        let last = s.events.last_id;
+        s.apply_stamped(&put("ops", &hook), Some(&stamp(100, Some("token:admin")))).unwrap();
+        assert_eq!(s.alerts.by_name["ops"].cursor, last, "it sends what happens from its definition on");
+        assert_eq!(s.events.events.back().map(|e| e.kind.as_str()), Some("alert.defined"));
+        s.apply(&Command::AdvanceAlert { name: "ops".into(), cursor: last + 1, sent: 1, report_ms: None }).unwrap();
+        s.apply_stamped(&put("ops", &hook), Some(&stamp(110, None))).unwrap();
+        assert_eq!(s.events.events.back().map(|e| e.kind.as_str()), Some("alert.changed"));
+        assert_eq!(s.alerts.by_name["ops"].cursor, last + 1);
+        let before = s.clone();
+        let bad: AlertSpec = serde_json::from_value(serde_json::json!({"kind": "webhook", "url": "ftp://x"})).unwrap();
+        for cmd in [
+            put("other", &bad),
+            put("Bad Name", &hook),
+            Command::DeleteAlert { name: "nope".into() },
+            Command::AdvanceAlert { name: "nope".into(), cursor: 9, sent: 1, report_ms: None },
+        ] {
+            assert!(s.apply_stamped(&cmd, Some(&stamp(120, None))).is_err(), "{cmd:?}");
+            assert_eq!(s, before, "{cmd:?}");
+        }
+        s.apply_stamped(&Command::DeleteAlert { name: "ops".into() }, Some(&stamp(130, None))).unwrap();
+        assert!(s.alerts.by_name.is_empty());
+        assert_eq!(s.events.events.back().map(|e| e.kind.as_str()), Some("alert.deleted"));
     }
 
     #[test]

@@ -437,6 +437,31 @@ impl Backend for Agent {
         self.do_record_events_batch(events).await
     }
 
+    async fn put_alert(
+        &self,
+        name: &str,
+        spec: tandem_raft::alerts::AlertSpec,
+        by: String,
+    ) -> Result<(tandem_http_api::AlertView, bool), ApiError> {
+        self.do_put_alert(name, spec, by).await
+    }
+
+    async fn alerts(&self, stale: bool) -> Result<Vec<tandem_http_api::AlertView>, ApiError> {
+        self.do_alerts(stale).await
+    }
+
+    async fn alert(&self, name: &str, stale: bool) -> Result<tandem_http_api::AlertView, ApiError> {
+        self.do_alert(name, stale).await
+    }
+
+    async fn delete_alert(&self, name: &str) -> Result<(), ApiError> {
+        self.do_delete_alert(name).await
+    }
+
+    async fn test_alert(&self, name: &str) -> Result<tandem_http_api::AlertTested, ApiError> {
+        self.do_test_alert(name).await
+    }
+
     fn cluster_ca(&self) -> Result<tandem_http_api::CaView, ApiError> {
         self.do_cluster_ca()
     }

@@ -111,6 +111,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     tokio::spawn(agent.clone().event_loop());
     let a = agent.clone();
+    every(super::alerts::ALERT_TICK, move || {
+        let agent = a.clone();
+        async move { agent.alert_round().await }
+    });
+    let a = agent.clone();
     every(super::security::CERT_CHECK, move || {
         let agent = a.clone();
         async move { agent.security_round().await }

@@ -115,6 +115,8 @@ pub struct Agent {
     event_sink: events::EventSink,
     /// What this node last saw of leadership and liveness (events on change).
     observed: std::sync::Mutex<events::Observed>,
+    /// On the leader: one sender per alert.
+    alert_senders: std::sync::Mutex<alerts::AlertSenders>,
     /// What this node last saw of the volumes it is the primary of.
     volume_seen: std::sync::Mutex<BTreeMap<String, crate::volume_events::Seen>>,
     membership_lock: tokio::sync::Mutex<()>,
@@ -242,6 +244,7 @@ impl Agent {
             external_tls: std::sync::Mutex::new(external),
             audit_queue: Default::default(),
             observed: Default::default(),
+            alert_senders: Default::default(),
             volume_seen: Default::default(),
             membership_lock: tokio::sync::Mutex::new(()),
             previous_heartbeat_key: Default::default(),
@@ -344,6 +347,7 @@ impl Agent {
     }
 }
 
+mod alerts;
 mod backend;
 mod events;
 mod failover;

@@ -63,7 +63,7 @@ pub enum TlsError {
 /// cold build stays short. (ring has no post-quantum key exchange, hence
 /// rustls' deprecation note.)
 #[allow(deprecated)]
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

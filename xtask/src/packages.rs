@@ -71,6 +71,16 @@ pub const PACKAGES: &[Package] = &[
         jobs: &[Test],
     },
     Package {
+        name: "python3-aiosmtpd",
+        why: "a real SMTP server that receives the alert mails of tests/alerts.rs",
+        jobs: &[Test],
+    },
+    Package {
+        name: "pacemaker-common",
+        why: "Pacemaker's sample alert agents (alert_file.sh.sample), run unmodified by an exec alert in tests/alerts.rs",
+        jobs: &[Test],
+    },
+    Package {
         name: "iproute2",
         why: "`ip`: `vip` resources, and the network namespaces of the multi-host, chaos and install tests",
         jobs: &[Test],
