@@ -3,7 +3,11 @@
 //! node while another client puts a node in standby and back online through
 //! another node, N times. Each sample is the time from sending the request
 //! to the event arriving on the stream (and, apart, from the request's
-//! answer to the event). Then the agents' idle CPU over a quiet window.
+//! answer to the event). An alert sends the same events to a webhook
+//! receiver in this process (signed, `kinds: ["node."]`): each sample also
+//! times the request to the webhook's arrival, and the event's arrival on the
+//! stream to its arrival at the webhook. Then the agents' idle CPU over a
+//! quiet window.
 //!
 //!     cargo build --release --bins --examples
 //!     target/release/examples/events_bench 100    # samples
@@ -185,8 +189,37 @@ async fn main() {
             }
         }
     });
+    // The webhook receiver: arrival time and body of each POST.
+    let (hook_tx, mut hook_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Value)>();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let now = Instant::now();
+            let tx = hook_tx.clone();
+            async move {
+                if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                    let _ = tx.send((now, v));
+                }
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let spec = serde_json::json!({"kind": "webhook", "url": hook_url, "secret": "bench", "kinds": ["node."]});
+    let (st, v) = call_with(
+        None,
+        Method::PUT,
+        &format!("{}/v1/alerts/bench", writer.url()),
+        Some(serde_json::to_vec(&spec).unwrap()),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
     let mut total = Vec::new();
     let mut after_answer = Vec::new();
+    let mut to_hook = Vec::new();
+    let mut stream_to_hook = Vec::new();
     for i in 0..samples + 5 {
         let (action, kind) = if i % 2 == 0 { ("standby", "node.standby") } else { ("online", "node.admin_online") };
         let url = format!("{}/v1/nodes/{target}/{action}", writer.url());
@@ -201,14 +234,26 @@ async fn main() {
                 break at;
             }
         };
+        let hooked = loop {
+            let (at, b) = tokio::time::timeout(Duration::from_secs(10), hook_rx.recv())
+                .await
+                .expect("webhook")
+                .expect("receiver");
+            if b["event"]["kind"] == kind && b["event"]["node"] == target.as_str() {
+                break at;
+            }
+        };
         if i >= 5 {
             total.push((arrived - t0).as_secs_f64() * 1000.0);
             after_answer.push(arrived.saturating_duration_since(answered).as_secs_f64() * 1000.0);
+            to_hook.push((hooked - t0).as_secs_f64() * 1000.0);
+            stream_to_hook.push((hooked.saturating_duration_since(arrived)).as_secs_f64() * 1000.0);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    total.sort_by(f64::total_cmp);
-    after_answer.sort_by(f64::total_cmp);
+    for d in [&mut total, &mut after_answer, &mut to_hook, &mut stream_to_hook] {
+        d.sort_by(f64::total_cmp);
+    }
     // Idle: nothing happens for 20 s (groups: none; the stream stays open).
     let pids: Vec<u32> = agents.iter().map(|a| a.child.id()).collect();
     let before: Vec<f64> = pids.iter().map(|p| cpu_s(*p)).collect();
@@ -221,6 +266,8 @@ async fn main() {
     for (name, d) in [
         ("request sent → event at the SSE client", &total),
         ("answer received → event at the SSE client", &after_answer),
+        ("request sent → webhook delivered (alert)", &to_hook),
+        ("event at the SSE client → webhook delivered", &stream_to_hook),
     ] {
         println!("| {name} | {} | {:.2} | {:.2} | {:.2} |", d.len(), pct(d, 0.5), pct(d, 0.99), d[d.len() - 1]);
     }

@@ -708,7 +708,7 @@ fn alert_schema() -> Value {
     let pem = json!({"type": "string", "maxLength": 65536, "pattern": "-----BEGIN CERTIFICATE-----",
         "description": "PEM of the CA that signed the target's certificate (default: the system's trust store)."});
     let mailbox = json!({"type": "string", "maxLength": 254,
-        "pattern": "^[^@\\s<>,;\"\\u0000-\\u001f\\u007f]+@[^@\\s<>,;\"\\u0000-\\u001f\\u007f]+$",
+        "pattern": "^[^@\\s<>,;\"\\u0000-\\u001f\\u007f-\\u009f]+@[^@\\s<>,;\"\\u0000-\\u001f\\u007f-\\u009f]+$",
         "description": "local@domain"});
     let common = |props: &mut Map<String, Value>| {
         props.insert(
@@ -737,7 +737,7 @@ fn alert_schema() -> Value {
     webhook.insert(
         "url".into(),
         json!({"type": "string", "minLength": 8, "maxLength": MAX_ALERT_TEXT,
-            "pattern": "^https?://[^/\\s\\u0000-\\u001f\\u007f][^\\s\\u0000-\\u001f\\u007f]*$",
+            "pattern": "^https?://[^/\\s\\u0000-\\u001f\\u007f-\\u009f][^\\s\\u0000-\\u001f\\u007f-\\u009f]*$",
             "description": "Where the JSON POST goes."}),
     );
     webhook.insert(
@@ -781,6 +781,25 @@ fn alert_schema() -> Value {
         json!({"type": "integer", "minimum": MIN_EXEC_TIMEOUT_MS, "maximum": MAX_EXEC_TIMEOUT_MS,
             "description": "Killed after this long (default 30000)."}),
     );
+    // Optional fields are `Option`s: JSON null is accepted as absent.
+    for props in [&mut webhook, &mut smtp, &mut exec] {
+        for key in [
+            "secret",
+            "cacert",
+            "port",
+            "username",
+            "password",
+            "recipient",
+            "timestamp_format",
+            "timeout_ms",
+            "report_interval_s",
+        ] {
+            if let Some(p) = props.get_mut(key) {
+                let t = p["type"].clone();
+                p["type"] = json!([t, "null"]);
+            }
+        }
+    }
     json!({"oneOf": [
         object("webhook", &["url"], webhook, "A signed JSON POST per event."),
         object("smtp", &["server", "from", "to"], smtp, "A mail per event."),

@@ -25,6 +25,10 @@ const PAGE: usize = 64;
 /// Retry backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Sent events are recorded (one Raft write) at most this often: a burst
+/// of events costs a write per RECORD_GAP, not one per event, and a leader
+/// change re-sends at most what was sent in the last RECORD_GAP.
+const RECORD_GAP: Duration = Duration::from_millis(200);
 /// A cursor moved past events the filter did not want is recorded when
 /// this many ids or this much time have gone by (a leader change re-reads
 /// them, and sends none of them).
@@ -146,6 +150,8 @@ impl Agent {
         let mut changes = m.state.subscribe();
         let Some(start) = m.state.read(|d| d.state.alerts.by_name.get(&name).map(|r| r.cursor)) else { return };
         let (mut pos, mut recorded, mut recorded_at) = (start, start, Instant::now());
+        // Events sent since the cursor was last recorded.
+        let mut unrecorded = 0u64;
         // Built once (its HTTP connection pool or mail transport kept),
         // again after a failure.
         let mut target = None;
@@ -156,7 +162,7 @@ impl Agent {
             let Some(rec) = rec else { return };
             if rec.cursor > pos {
                 // Recorded further by an earlier term of this node's leadership.
-                (pos, recorded) = (rec.cursor, rec.cursor);
+                (pos, recorded, unrecorded) = (rec.cursor, rec.cursor, 0);
                 continue;
             }
             if let Some(first) = page.reset {
@@ -185,14 +191,16 @@ impl Agent {
                 let node_id = Self::node_id_of(&m, e.node.as_deref());
                 self.deliver(&m, &name, &spec, &mut target, node_id, Message::Event(e), &status).await;
                 pos = id;
-                if self.record_alert(&m, &name, pos, 1, None).await {
-                    (recorded, recorded_at) = (pos, Instant::now());
-                }
+                unrecorded += 1;
             }
             pos = pos.max(page.next);
-            let skipped_due = pos - recorded >= SKIPPED_IDS || recorded_at.elapsed() >= SKIPPED_AGE;
-            if pos > recorded && skipped_due && self.record_alert(&m, &name, pos, 0, None).await {
-                (recorded, recorded_at) = (pos, Instant::now());
+            let due = if unrecorded > 0 {
+                recorded_at.elapsed() >= RECORD_GAP
+            } else {
+                pos - recorded >= SKIPPED_IDS || recorded_at.elapsed() >= SKIPPED_AGE
+            };
+            if pos > recorded && due && self.record_alert(&m, &name, pos, unrecorded, None).await {
+                (recorded, recorded_at, unrecorded) = (pos, Instant::now(), 0);
             }
             if let Some(every_s) = spec.report_interval_s() {
                 let now = crate::security::now_ms();
@@ -200,17 +208,19 @@ impl Agent {
                     let report = self.status_report().await;
                     let report = Message::Report { time_ms: now, report };
                     self.deliver(&m, &name, &spec, &mut target, None, report, &status).await;
-                    if self.record_alert(&m, &name, pos.max(recorded), 0, Some(now)).await {
-                        (recorded, recorded_at) = (pos.max(recorded), Instant::now());
+                    if self.record_alert(&m, &name, pos.max(recorded), unrecorded, Some(now)).await {
+                        (recorded, recorded_at, unrecorded) = (pos.max(recorded), Instant::now(), 0);
                     }
                 }
             }
             if full {
                 continue;
             }
+            // Sent and not recorded yet: look again when it is due.
+            let wait = if unrecorded > 0 { RECORD_GAP.saturating_sub(recorded_at.elapsed()) } else { IDLE_LOOK };
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
-                () = tokio::time::sleep(IDLE_LOOK) => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
     }
