@@ -705,7 +705,7 @@ fn alert_schema() -> Value {
         json!({"type": "string", "minLength": 1, "maxLength": MAX_ALERT_TEXT, "pattern": "^[^\\u0000]+$",
             "description": description})
     };
-    let pem = json!({"type": "string", "maxLength": 65536, "pattern": "-----BEGIN CERTIFICATE-----",
+    let pem = json!({"type": "string", "maxLength": MAX_ALERT_PEM, "pattern": "-----BEGIN CERTIFICATE-----",
         "description": "PEM of the CA that signed the target's certificate (default: the system's trust store)."});
     let mailbox = json!({"type": "string", "maxLength": 254,
         "pattern": "^[^@\\s<>,;\"\\u0000-\\u001f\\u007f-\\u009f]+@[^@\\s<>,;\"\\u0000-\\u001f\\u007f-\\u009f]+$",

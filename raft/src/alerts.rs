@@ -34,6 +34,9 @@ pub const MAX_REPORT_INTERVAL_S: u64 = 30 * 86_400;
 /// Bounds of an exec alert's timeout (ms).
 pub const MIN_EXEC_TIMEOUT_MS: u64 = 100;
 pub const MAX_EXEC_TIMEOUT_MS: u64 = 600_000;
+/// Longest `cacert` (characters): a few certificates, well under the
+/// API's 64 KiB body limit.
+pub const MAX_ALERT_PEM: usize = 32 * 1024;
 /// What a redacted secret reads as.
 pub const REDACTED: &str = "(set)";
 
@@ -183,8 +186,8 @@ impl AlertSpec {
         let opt = |field: &str, s: &Option<String>| s.as_deref().map_or(Ok(()), |s| text(field, s));
         let pem = |field: &str, s: &Option<String>| -> Result<(), CommandError> {
             match s {
-                Some(p) if !p.contains("-----BEGIN CERTIFICATE-----") || p.len() > 64 * 1024 => {
-                    Err(invalid(field, "must be PEM certificates (at most 64 KiB)"))
+                Some(p) if !p.contains("-----BEGIN CERTIFICATE-----") || p.chars().count() > MAX_ALERT_PEM => {
+                    Err(invalid(field, format!("must be PEM certificates (at most {MAX_ALERT_PEM} characters)")))
                 }
                 _ => Ok(()),
             }

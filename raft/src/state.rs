@@ -1079,6 +1079,9 @@ impl ClusterState {
             }
             Command::DeleteAlert { name } => self.alerts.delete(name).map(|()| Reply::Done),
             Command::AdvanceAlert { name, cursor, sent, report_ms } => {
+                if *cursor > self.events.last_id {
+                    return Err(invalid("cursor", format!("past the newest event ({})", self.events.last_id)));
+                }
                 self.alerts.advance(name, *cursor, *sent, *report_ms).map(|()| Reply::Done)
             }
             Command::ClearGroupFailures { name } => {
@@ -1829,6 +1832,25 @@ mod tests {
             (arb_name(), prop_oneof![Just("k"), Just("K!")], "[a-z]{0,3}")
                 .prop_map(|(name, key, value)| Command::SetAttribute { name, key: key.into(), value }),
             (arb_name(), Just("k")).prop_map(|(name, key)| Command::DeleteAttribute { name, key: key.into() }),
+            (
+                prop_oneof![Just("ops"), Just("mail"), Just("Bad!")],
+                prop_oneof![
+                    Just(r#"{"kind":"webhook","url":"http://10.0.0.9/h","secret":"k"}"#),
+                    Just(r#"{"kind":"smtp","server":"mail","from":"a@b","to":["c@d"],"report_interval_s":60}"#),
+                    Just(r#"{"kind":"exec","command":["/bin/true"],"kinds":["node."]}"#),
+                    Just(r#"{"kind":"webhook","url":"ftp://x"}"#),
+                ]
+            )
+                .prop_map(|(name, spec)| Command::PutAlert {
+                    name: name.into(),
+                    spec: Box::new(serde_json::from_str(spec).expect("a well-formed alert")),
+                    time_ms: 5,
+                    by: "token:admin".into(),
+                }),
+            prop_oneof![Just("ops"), Just("nope")].prop_map(|name| Command::DeleteAlert { name: name.into() }),
+            (prop_oneof![Just("ops"), Just("mail")], 0u64..30, 0u64..3, proptest::option::of(0u64..100)).prop_map(
+                |(name, cursor, sent, report_ms)| Command::AdvanceAlert { name: name.into(), cursor, sent, report_ms }
+            ),
         ]
     }
 
@@ -1873,6 +1895,15 @@ mod tests {
                 prop_assert!(ev.events.len() <= 20);
                 prop_assert!(ev.events.iter().zip(ev.events.iter().skip(1)).all(|(a, b)| a.id + 1 == b.id));
                 prop_assert!(ev.events.iter().all(|e| e.time_ms >= 1000 && e.time_ms <= 1000 + i as u64));
+                // Alerts: valid definitions, cursors never past the log nor back.
+                prop_assert!(s.alerts.by_name.len() <= crate::alerts::MAX_ALERTS);
+                for (name, a) in &s.alerts.by_name {
+                    prop_assert!(a.spec.validate().is_ok());
+                    prop_assert!(a.cursor <= s.events.last_id);
+                    if let Some(old) = before.alerts.by_name.get(name) {
+                        prop_assert!(a.cursor >= old.cursor);
+                    }
+                }
             }
             prop_assert_eq!(s, replica);
         }
