@@ -5,8 +5,8 @@
 //! to the event arriving on the stream (and, apart, from the request's
 //! answer to the event). An alert sends the same events to a webhook
 //! receiver in this process (signed, `kinds: ["node."]`): each sample also
-//! times the request to the webhook's arrival, and the event's arrival on the
-//! stream to its arrival at the webhook. Then the agents' idle CPU over a
+//! times the request, and its answer (the change and its event committed),
+//! to the webhook's arrival. Then the agents' idle CPU over a
 //! quiet window.
 //!
 //!     cargo build --release --bins --examples
@@ -219,7 +219,7 @@ async fn main() {
     let mut total = Vec::new();
     let mut after_answer = Vec::new();
     let mut to_hook = Vec::new();
-    let mut stream_to_hook = Vec::new();
+    let mut answer_to_hook = Vec::new();
     for i in 0..samples + 5 {
         let (action, kind) = if i % 2 == 0 { ("standby", "node.standby") } else { ("online", "node.admin_online") };
         let url = format!("{}/v1/nodes/{target}/{action}", writer.url());
@@ -247,11 +247,11 @@ async fn main() {
             total.push((arrived - t0).as_secs_f64() * 1000.0);
             after_answer.push(arrived.saturating_duration_since(answered).as_secs_f64() * 1000.0);
             to_hook.push((hooked - t0).as_secs_f64() * 1000.0);
-            stream_to_hook.push((hooked.saturating_duration_since(arrived)).as_secs_f64() * 1000.0);
+            answer_to_hook.push(hooked.saturating_duration_since(answered).as_secs_f64() * 1000.0);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for d in [&mut total, &mut after_answer, &mut to_hook, &mut stream_to_hook] {
+    for d in [&mut total, &mut after_answer, &mut to_hook, &mut answer_to_hook] {
         d.sort_by(f64::total_cmp);
     }
     // Idle: nothing happens for 20 s (groups: none; the stream stays open).
@@ -267,7 +267,7 @@ async fn main() {
         ("request sent → event at the SSE client", &total),
         ("answer received → event at the SSE client", &after_answer),
         ("request sent → webhook delivered (alert)", &to_hook),
-        ("event at the SSE client → webhook delivered", &stream_to_hook),
+        ("answer received (event committed) → webhook delivered", &answer_to_hook),
     ] {
         println!("| {name} | {} | {:.2} | {:.2} | {:.2} |", d.len(), pct(d, 0.5), pct(d, 0.99), d[d.len() - 1]);
     }
