@@ -245,6 +245,21 @@ async fn webhook_and_pacemaker_agent_get_every_event_across_a_power_loss_and_an_
     assert_eq!(events_of(&u, "alert.deleted").await.len(), 1);
 }
 
+/// The CLI, as an operator runs it (token and CA from the environment the
+/// harness set).
+fn cli(endpoint: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .env("TANDEM_ENDPOINT", endpoint)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// aiosmtpd (Debian's python3-aiosmtpd) writing what it receives to a Maildir.
 struct MailServer {
     child: std::process::Child,
@@ -305,12 +320,24 @@ async fn a_real_smtp_server_gets_the_offline_mail_and_the_status_report() {
     let (st, e) = post(&format!("{u}/v1/alerts/mail/test"), json!({})).await;
     assert_eq!((st, e["code"].as_str()), (502, Some("TND-1602")), "{e}");
     assert!(!e.to_string().contains("mail-s3cret"), "{e}");
+    // The CLI says the same, and exits 1 (the target, not the agent, failed).
+    let (code, _, err) = cli(&u, &["alert", "test", "mail"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("TND-1602"), "{err}");
     let mut spec = spec;
     spec.as_object_mut().unwrap().remove("username");
     spec.as_object_mut().unwrap().remove("password");
     assert_eq!(put(&format!("{u}/v1/alerts/mail"), spec).await.0, 200);
     let (st, t) = post(&format!("{u}/v1/alerts/mail/test"), json!({})).await;
     assert_eq!(st, 200, "{t}");
+    let (code, out, err) = cli(&u, &["alert", "test", "mail"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("took the test alert"), "{out}");
+    let (code, out, err) = cli(&u, &["alert", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("mail") && out.contains("smtp") && out.contains("ops@example.org"), "{out}");
+    assert!(!out.contains("mail-s3cret"), "{out}");
+    assert!(mail.mails().iter().filter(|m| m.contains("alert.test")).count() >= 2);
 
     c.node_mut(&victim).kill();
     wait_until(Duration::from_secs(20), "the offline mail", || {
