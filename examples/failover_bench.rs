@@ -6,6 +6,14 @@
 //! instances doing VRRP, default advert_int 1 s). Needs root and Debian's
 //! keepalived, iproute2, curl and python3.
 //!
+//! The same tandem cluster is also measured through HAProxy (Debian's
+//! haproxy; skipped when it is not installed): HAProxy in the client's
+//! namespace checks every node's `GET /v1/groups/web/health` over HTTPS and
+//! sends the client to port 8080 of the node that answers 200. Rounds
+//! alternate VIP / HAProxy (N each), so a change of load falls on both.
+//! `FAILOVER_BENCH_HAPROXY_INTER` sets HAProxy's check interval (default
+//! `200ms`); `FAILOVER_BENCH_HAPROXY=0` measures the VIP alone.
+//!
 //!     cargo build --release --bins --examples
 //!     sudo target/release/examples/failover_bench [runs]
 //!
@@ -33,7 +41,9 @@ impl Drop for Proc {
 }
 
 fn spawn_in(ns: &str, program: &str, args: &[&str], log: &Path) -> Proc {
-    let out = std::fs::File::create(log).unwrap();
+    // Appended: a restarted node's log keeps the rounds before (when each
+    // resource started, for FAILOVER_BENCH_KEEP).
+    let out = std::fs::File::options().create(true).append(true).open(log).unwrap();
     let mut cmd = Command::new("ip");
     tandem_testkit::new_session(&mut cmd);
     let child = cmd
@@ -49,18 +59,41 @@ fn spawn_in(ns: &str, program: &str, args: &[&str], log: &Path) -> Proc {
 
 /// What the client gets from the VIP, or "" when nothing answers.
 fn ask(client: &str, vip: &str) -> String {
-    // A request to a VIP nobody holds hangs until the timeout: the timeout
-    // is the measurement's resolution (an answer on this LAN takes < 5 ms).
-    in_ns_output(client, &["curl", "-s", "--max-time", "0.1", &format!("http://{vip}:8080/")]).unwrap_or_default()
+    ask_url(client, &format!("http://{vip}:8080/"))
 }
 
-/// Polls the VIP until it answers from someone other than `old`.
-fn wait_new_server(client: &str, vip: &str, old: &str, start: Instant) -> Duration {
+/// What the client gets from `url`, or "" when nothing answers in time.
+fn ask_url(client: &str, url: &str) -> String {
+    // A request to a VIP nobody holds hangs until the timeout: the timeout
+    // is the measurement's resolution (an answer on this LAN takes < 5 ms).
+    in_ns_output(client, &["curl", "-s", "--max-time", "0.1", url]).unwrap_or_default()
+}
+
+/// Polls `url` until it answers from someone other than `old`.
+fn wait_new_server(client: &str, url: &str, old: &str, start: Instant) -> Duration {
+    wait_new_server_traced(client, url, old, start).0
+}
+
+/// Like `wait_new_server`, also what each poll got, with the time it was
+/// sent: `.` no answer within the 0.1 s timeout, `x` a failure sooner
+/// (refused, reset), `5` a 503 from HAProxy (no server up), `o` the old
+/// server, `?` anything else.
+fn wait_new_server_traced(client: &str, url: &str, old: &str, start: Instant) -> (Duration, Vec<(Duration, char)>) {
+    let mut trace = Vec::new();
     loop {
-        let a = ask(client, vip);
+        let sent = start.elapsed();
+        let a = ask_url(client, url);
         if a.contains("hello from") && !a.contains(old) {
-            return start.elapsed();
+            return (start.elapsed(), trace);
         }
+        let class = match () {
+            _ if a.is_empty() && start.elapsed() - sent >= Duration::from_millis(100) => '.',
+            _ if a.is_empty() => 'x',
+            _ if a.contains("503") => '5',
+            _ if a.contains(old) => 'o',
+            _ => '?',
+        };
+        trace.push((sent, class));
         assert!(start.elapsed() < Duration::from_secs(60), "no failover within 60 s");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -130,14 +163,89 @@ fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn tandem_runs(runs: usize, dir: &Path) -> Vec<Duration> {
+/// The HAProxy binary, when Debian's haproxy is installed.
+fn haproxy_bin() -> Option<&'static str> {
+    ["/usr/sbin/haproxy", "/usr/bin/haproxy"].into_iter().find(|p| Path::new(p).exists())
+}
+
+/// HAProxy's configuration: the one `tests/health.rs` runs and docs/api.md
+/// shows (check each node's health endpoint over HTTPS, verified against
+/// the cluster CA; traffic to port 8080 of the node that answers 200), plus
+/// a log target for the server state changes alone (`no log` in the
+/// frontend: no line per request).
+fn haproxy_cfg(bind: &str, log_to: &str, inter: &str, ca: &Path, hosts: &[(String, String)]) -> String {
+    let servers: String = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, (_, addr))| {
+            format!(
+                "    server n{} {addr}:8080 check port 7401 check-ssl verify required ca-file {}\n",
+                i + 1,
+                ca.display()
+            )
+        })
+        .collect();
+    format!(
+        "global\n    maxconn 100\n    log {log_to} local0\ndefaults\n    mode http\n    log global\n    \
+         timeout connect 500ms\n    timeout client 5s\n    timeout server 5s\n    timeout check 500ms\n\
+         frontend f\n    bind {bind}\n    no log\n    default_backend web\n\
+         backend web\n    option httpchk GET /v1/groups/web/health\n    http-check expect status 200\n    \
+         default-server inter {inter} fall 1 rise 1 on-marked-down shutdown-sessions\n{servers}"
+    )
+}
+
+/// HAProxy's log lines, stamped on arrival (its own time stamps are whole
+/// seconds): when it marked the lost server down and the new one up.
+#[derive(Clone, Default)]
+struct LbLog(std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>);
+
+impl LbLog {
+    /// Receives HAProxy's syslog datagrams on `sock` in a thread of its own
+    /// (it lives as long as the process).
+    fn listen(sock: std::net::UdpSocket) -> LbLog {
+        let log = LbLog::default();
+        let lines = log.0.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+                lines.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        log
+    }
+
+    /// When the first line after `start` that `what` accepts arrived, as time since `start`.
+    fn first(&self, start: Instant, what: impl Fn(&str) -> bool) -> Option<Duration> {
+        self.0.lock().unwrap().iter().find(|(t, l)| *t >= start && what(l)).map(|(t, _)| *t - start)
+    }
+}
+
+/// One HAProxy round: the client's outage, and when HAProxy's log said the
+/// lost server went down and another came up (time since the power loss).
+struct LbRound {
+    took: Duration,
+    down: Option<Duration>,
+    up: Option<Duration>,
+    /// The client's failed polls after HAProxy marked the new server up.
+    after_up: String,
+}
+
+struct TandemResult {
+    vip: Vec<Duration>,
+    lb: Vec<LbRound>,
+}
+
+fn tandem_runs(runs: usize, dir: &Path, with_lb: bool) -> TandemResult {
     let mut net = Net::new();
     let mut hosts = Vec::new();
     for i in 1..=3u8 {
         hosts.push(net.host(i));
     }
-    let (client, _) = net.host(9);
+    let (client, client_addr) = net.host(9);
     let vip = format!("{}.100", net.prefix);
+    let vip_url = format!("http://{vip}:8080/");
+    let lb_url = format!("http://{client_addr}/");
     let cfg = |i: usize| {
         let (_, addr) = &hosts[i];
         let path = dir.join(format!("n{}.toml", i + 1));
@@ -182,20 +290,75 @@ fn tandem_runs(runs: usize, dir: &Path) -> Vec<Duration> {
     });
     http_send("PUT", &format!("{}/v1/groups/web", url(0)), &group).expect("group");
     wait("service at the VIP", Duration::from_secs(30), || ask(&client, &vip).contains("hello from"));
-    let mut out = Vec::new();
-    for run in 0..runs {
-        let holder = server_of(&ask(&client, &vip));
+
+    // HAProxy in the client's namespace (it reaches the three hosts over
+    // the bridge); its log goes to the bench on the bridge's address.
+    let mut lb_log = LbLog::default();
+    let lb_proc = match (with_lb, haproxy_bin()) {
+        (true, Some(bin)) => {
+            let sock = std::net::UdpSocket::bind(format!("{}.254:0", net.prefix)).expect("bind the log socket");
+            let log_to = sock.local_addr().expect("log socket address").to_string();
+            lb_log = LbLog::listen(sock);
+            let inter = std::env::var("FAILOVER_BENCH_HAPROXY_INTER").unwrap_or_else(|_| "200ms".into());
+            let conf = haproxy_cfg(&format!("{client_addr}:80"), &log_to, &inter, &dir.join("ca.pem"), &hosts);
+            let path = dir.join("haproxy.cfg");
+            std::fs::write(&path, &conf).unwrap();
+            eprintln!("HAProxy configuration:\n{conf}");
+            let p = spawn_in(&client, bin, &["-db", "-f", path.to_str().unwrap()], &dir.join("haproxy.log"));
+            wait("service through HAProxy", Duration::from_secs(30), || {
+                ask_url(&client, &lb_url).contains("hello from")
+            });
+            Some(p)
+        }
+        (true, None) => {
+            eprintln!("haproxy is not installed (apt-get install haproxy): measuring the VIP only");
+            None
+        }
+        (false, _) => None,
+    };
+    let modes: &[&str] = if lb_proc.is_some() { &["vip", "haproxy"] } else { &["vip"] };
+
+    let mut out = TandemResult { vip: Vec::new(), lb: Vec::new() };
+    for round in 0..runs * modes.len() {
+        // Alternate the modes, so that a change of load falls on both, in
+        // the order A B B A: the group moves n1 -> n2 -> n1, so a plain
+        // A B would always take n1 from one mode and n2 from the other.
+        let k = round % (2 * modes.len());
+        let mode = modes[if k < modes.len() { k } else { 2 * modes.len() - 1 - k }];
+        let target = if mode == "vip" { &vip_url } else { &lb_url };
+        // Both paths lead to the same node before the power loss (HAProxy
+        // has seen the restarted node answer 503 by now).
+        let mut holder = String::new();
+        wait("VIP and HAProxy agree", Duration::from_secs(30), || {
+            holder = server_of(&ask_url(&client, &vip_url));
+            holder.starts_with('n') && (mode == "vip" || server_of(&ask_url(&client, &lb_url)) == holder)
+        });
         let i: usize = holder.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+        let leader = http_get(&format!("{}/v1/cluster", url(i))).is_some_and(|c| c["leader"] == holder.as_str());
         let start = Instant::now();
         let killed_at = std::time::SystemTime::now();
         agents[i] = None; // SIGKILL: the agent, its watchdog and its services
         net.set_link(i as u8 + 1, false);
-        let took = wait_new_server(&client, &vip, &holder, start);
+        let (took, trace) = wait_new_server_traced(&client, target, &holder, start);
+        let run = round / modes.len();
         eprintln!(
-            "tandem run {run}: {holder} lost at {:?} (unix), service back after {took:?}",
+            "tandem {mode} run {run}: {holder}{} lost at {:?} (unix), service back after {took:?}",
+            if leader { " (the Raft leader)" } else { "" },
             killed_at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
         );
-        out.push(took);
+        if mode == "vip" {
+            out.vip.push(took);
+        } else {
+            // Let a late log line arrive (the client may see the new server
+            // a hair before the bench reads the datagram).
+            std::thread::sleep(Duration::from_millis(50));
+            let down = lb_log.first(start, |l| l.contains(&format!("web/{holder} is DOWN")));
+            let up = lb_log.first(start, |l| l.contains(" is UP") && !l.contains(&format!("web/{holder} ")));
+            let after_up: String = trace.iter().filter(|(t, _)| up.is_some_and(|u| *t >= u)).map(|(_, c)| *c).collect();
+            let polls: String = trace.iter().map(|(_, c)| *c).collect();
+            eprintln!("  HAProxy: {holder} marked down after {down:?}, the new server up after {up:?}; polls {polls}");
+            out.lb.push(LbRound { took, down, up, after_up });
+        }
         net.set_link(i as u8 + 1, true);
         agents[i] = Some(start_agent(i));
         let other = url((i + 1) % 3);
@@ -272,7 +435,7 @@ fn keepalived_runs(runs: usize, dir: &Path) -> Vec<Duration> {
             drop(k);
         }
         net.set_link(i as u8 + 1, false);
-        let took = wait_new_server(&client, &vip, &holder, start);
+        let took = wait_new_server(&client, &format!("http://{vip}:8080/"), &holder, start);
         eprintln!("keepalived run {run}: {holder} lost, service back after {took:?}");
         out.push(took);
         // Back up: the dead host's address is gone after a real power loss.
@@ -374,18 +537,56 @@ fn main() {
     };
     let dir = path.as_path();
     if runs > 0 {
-        let t = tandem_runs(runs, dir);
+        // FAILOVER_BENCH_HAPROXY=0 measures the VIP alone, as before HAProxy.
+        let with_lb = std::env::var("FAILOVER_BENCH_HAPROXY").map_or(true, |v| v != "0");
+        let t = tandem_runs(runs, dir, with_lb);
         let k = keepalived_runs(runs, dir);
+        let inter = std::env::var("FAILOVER_BENCH_HAPROXY_INTER").unwrap_or_else(|_| "200ms".into());
         println!("Client outage after power loss of the serving node ({runs} runs each, ms):\n");
         println!("| peer | runs | min | p50 | p99 | max |");
         println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-        println!("{}", stats("tandem (3 nodes, defaults)", t.clone()));
+        println!("{}", stats("tandem (3 nodes, defaults), through the VIP", t.vip.clone()));
+        let lb: Vec<Duration> = t.lb.iter().map(|r| r.took).collect();
+        if !lb.is_empty() {
+            println!(
+                "{}",
+                stats(&format!("tandem, through HAProxy (checks every {inter}, fall 1, rise 1)"), lb.clone())
+            );
+        }
         println!("{}", stats("keepalived 2.2.7 (advert_int 1)", k.clone()));
         let med = |mut d: Vec<Duration>| {
             d.sort();
             d[d.len() / 2].as_secs_f64()
         };
-        println!("\nratio of medians tandem / keepalived: {:.2}", med(t) / med(k));
+        println!("\nratio of medians tandem (VIP) / keepalived: {:.2}", med(t.vip.clone()) / med(k));
+        if !lb.is_empty() {
+            let max = |d: &[Duration]| d.iter().max().copied().unwrap_or_default().as_secs_f64();
+            println!(
+                "ratio HAProxy / VIP: medians {:.2}, maxima {:.2}",
+                med(lb.clone()) / med(t.vip.clone()),
+                max(&lb) / max(&t.vip)
+            );
+            // What HAProxy's log says, per round (ms after the power loss).
+            let ms = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.0}", d.as_secs_f64() * 1000.0));
+            println!(
+                "\nHAProxy rounds (ms after the power loss): old server marked down / new server marked up / \
+                 client answered (failed polls sent after the new server was up: . no answer in 0.1 s, x refused or \
+                 reset, 5 HAProxy's 503)"
+            );
+            for r in &t.lb {
+                println!("- {} / {} / {} ({})", ms(r.down), ms(r.up), ms(Some(r.took)), r.after_up);
+            }
+            let downs: Vec<Duration> = t.lb.iter().filter_map(|r| r.down).collect();
+            let ups: Vec<Duration> = t.lb.iter().filter_map(|r| r.up).collect();
+            if !downs.is_empty() && !ups.is_empty() {
+                println!(
+                    "medians: marked down {:.0}, new server up {:.0}, client answered {:.0}",
+                    med(downs) * 1000.0,
+                    med(ups) * 1000.0,
+                    med(lb) * 1000.0
+                );
+            }
+        }
     }
     println!("\nIdle CPU of agents running 10 groups (20 s; agent and its watchdog process):\n");
     for (n, agent, watchdog) in idle_with_groups(dir) {
