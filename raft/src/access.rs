@@ -200,8 +200,9 @@ pub struct AuditLog {
     /// The id the next entry gets.
     #[serde(default)]
     pub next_id: u64,
+    /// Shared, copied on write (see `EventLog::events`).
     #[serde(default)]
-    pub entries: VecDeque<AuditEntry>,
+    pub entries: std::sync::Arc<VecDeque<AuditEntry>>,
 }
 
 fn clip(s: &str) -> String {
@@ -219,7 +220,7 @@ impl AuditLog {
         }
         for e in entries {
             self.next_id += 1;
-            self.entries.push_back(AuditEntry {
+            std::sync::Arc::make_mut(&mut self.entries).push_back(AuditEntry {
                 id: self.next_id,
                 who: clip(&e.who),
                 from: clip(&e.from),
@@ -229,8 +230,11 @@ impl AuditLog {
                 ..e.clone()
             });
         }
-        while self.entries.len() > retain {
-            self.entries.pop_front();
+        if self.entries.len() > retain {
+            let entries = std::sync::Arc::make_mut(&mut self.entries);
+            while entries.len() > retain {
+                entries.pop_front();
+            }
         }
         Ok(())
     }
@@ -427,7 +431,7 @@ mod tests {
                 let b: Vec<_> = (0..n).map(|_| entry("/v1/groups")).collect();
                 log.record(&b, retain).unwrap();
                 prop_assert!(log.entries.len() <= retain);
-                for e in &log.entries {
+                for e in log.entries.iter() {
                     prop_assert!(e.id > 0);
                 }
                 if let Some(e) = log.entries.back() {
