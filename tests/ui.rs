@@ -397,6 +397,32 @@ async fn the_dashboard_in_a_real_browser() {
     .await;
     shot(&b, &shots, "events").await;
 
+    // A move to the dead node: the dialog says beforehand it will not
+    // start, and cancelling sends nothing.
+    goto_view(&b, "groups").await;
+    let now_on = group_at(&c.live_urls(), "demo").await["node"].as_str().unwrap().to_string();
+    wait_js(
+        &b,
+        "demo moved",
+        &format!("return !!document.querySelector('[data-group=demo][data-node={now_on}]')"),
+        Duration::from_secs(10),
+    )
+    .await;
+    b.find(Locator::Id("move-to-demo")).await.unwrap().select_by_value(&target).await.unwrap();
+    click(&b, "#move-demo").await;
+    let policy = wait_js(
+        &b,
+        "the refusal foretold",
+        "const d = document.getElementById('confirm'); return d.open && document.getElementById('confirm-policy').textContent",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(policy.as_str().unwrap().starts_with("Will not start"), "{policy}");
+    click(&b, "#confirm-cancel").await;
+    wait_js(&b, "the dialog closed", "return !document.getElementById('confirm').open", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(group_at(&c.live_urls(), "demo").await["node"], now_on.as_str(), "a cancelled move sends nothing");
+
     // ---- volumes ----
     goto_view(&b, "volumes").await;
     wait_js(
@@ -418,6 +444,31 @@ async fn the_dashboard_in_a_real_browser() {
     )
     .await;
     shot(&b, &shots, "audit").await;
+
+    // Every control has a name a screen reader says, and is a real control.
+    for view in ["overview", "groups", "volumes", "events", "audit"] {
+        goto_view(&b, view).await;
+        let unnamed = js(
+            &b,
+            "return [...document.querySelectorAll('button, select, input, a')].filter(e => e.getClientRects().length) \
+               .filter(e => !((e.labels && e.labels.length) || e.getAttribute('aria-label') || e.textContent.trim())) \
+               .map(e => e.outerHTML)",
+        )
+        .await;
+        assert_eq!(unnamed, json!([]), "unlabelled controls on {view}");
+        let fake = js(
+            &b,
+            "return document.querySelectorAll('main [onclick], main div[data-action], main span[data-action]').length",
+        )
+        .await;
+        assert_eq!(fake, 0, "actions are buttons");
+    }
+    // Readable on a wall screen: the same page, larger.
+    goto_view(&b, "overview").await;
+    b.set_window_size(2560, 1440).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shot(&b, &shots, "overview-wall").await;
+    b.set_window_size(1600, 1200).await.unwrap();
 
     // ---- 简体中文: no English left on any screen ----
     b.find(Locator::Id("lang")).await.unwrap().select_by_value("zh").await.unwrap();
