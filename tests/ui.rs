@@ -141,6 +141,22 @@ async fn click(b: &Client, css: &str) {
     panic!("could not click {css}: {last}");
 }
 
+/// Chooses `value` in the select `css` (found again if a refresh replaced it).
+async fn choose(b: &Client, css: &str, value: &str) {
+    let mut last = String::new();
+    for _ in 0..50 {
+        match b.find(Locator::Css(css)).await {
+            Ok(e) => match e.select_by_value(value).await {
+                Ok(()) => return,
+                Err(err) => last = err.to_string(),
+            },
+            Err(err) => last = err.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("could not choose {value} in {css}: {last}");
+}
+
 async fn shot(b: &Client, dir: &Path, name: &str) {
     let png = b.screenshot().await.expect("a screenshot");
     std::fs::write(dir.join(format!("{name}.png")), png).expect("the screenshot is written");
@@ -148,7 +164,7 @@ async fn shot(b: &Client, dir: &Path, name: &str) {
 
 async fn goto_view(b: &Client, view: &str) {
     click(b, &format!("#nav a[data-view={view}]")).await;
-    wait_js(b, view, &format!("return !document.getElementById('view-{view}').hidden"), Duration::from_secs(5)).await;
+    wait_js(b, view, &format!("return !document.getElementById('view-{view}').hidden"), Duration::from_secs(10)).await;
 }
 
 /// The ASCII words in the page's visible text, outside what the cluster
@@ -274,15 +290,14 @@ async fn the_dashboard_in_a_real_browser() {
     )
     .await;
     let target = ["n1", "n2", "n3"].into_iter().find(|n| *n != first && *n != "n3").unwrap().to_string();
-    let select = b.find(Locator::Id("move-to-demo")).await.unwrap();
-    select.select_by_value(&target).await.expect("choosing the target");
+    choose(&b, "#move-to-demo", &target).await;
     click(&b, "#move-demo").await;
     // The dialog says beforehand whether the policy allows it.
     let policy = wait_js(
         &b,
         "the confirmation",
         "const d = document.getElementById('confirm'); return d.open && document.getElementById('confirm-policy').textContent",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
     )
     .await;
     assert!(policy.as_str().unwrap().starts_with("Allowed"), "{policy}");
@@ -341,16 +356,16 @@ async fn the_dashboard_in_a_real_browser() {
     let ids: Vec<u64> = ids.as_array().unwrap().iter().filter_map(Value::as_u64).collect();
     assert!(ids.windows(2).all(|w| w[0] > w[1]), "each event once, newest first: {ids:?}");
     // A filter narrows the timeline to warnings and worse.
-    b.find(Locator::Id("f-severity")).await.unwrap().select_by_value("warning").await.unwrap();
+    choose(&b, "#f-severity", "warning").await;
     wait_js(
         &b,
         "only warnings and worse",
         "const k = [...document.querySelectorAll('#timeline [data-kind]')]; \
          return k.length > 0 && k.every(e => !e.querySelector('.badge.ok'))",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
     )
     .await;
-    b.find(Locator::Id("f-severity")).await.unwrap().select_by_value("").await.unwrap();
+    choose(&b, "#f-severity", "").await;
 
     // ---- power loss of that node: seen without a reload ----
     goto_view(&b, "overview").await;
@@ -408,18 +423,18 @@ async fn the_dashboard_in_a_real_browser() {
         Duration::from_secs(10),
     )
     .await;
-    b.find(Locator::Id("move-to-demo")).await.unwrap().select_by_value(&target).await.unwrap();
+    choose(&b, "#move-to-demo", &target).await;
     click(&b, "#move-demo").await;
     let policy = wait_js(
         &b,
         "the refusal foretold",
         "const d = document.getElementById('confirm'); return d.open && document.getElementById('confirm-policy').textContent",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
     )
     .await;
     assert!(policy.as_str().unwrap().starts_with("Will not start"), "{policy}");
     click(&b, "#confirm-cancel").await;
-    wait_js(&b, "the dialog closed", "return !document.getElementById('confirm').open", Duration::from_secs(5)).await;
+    wait_js(&b, "the dialog closed", "return !document.getElementById('confirm').open", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(group_at(&c.live_urls(), "demo").await["node"], now_on.as_str(), "a cancelled move sends nothing");
 
@@ -471,16 +486,25 @@ async fn the_dashboard_in_a_real_browser() {
     b.set_window_size(1600, 1200).await.unwrap();
 
     // ---- 简体中文: no English left on any screen ----
-    b.find(Locator::Id("lang")).await.unwrap().select_by_value("zh").await.unwrap();
-    wait_js(&b, "Chinese", "return document.documentElement.lang === 'zh-CN'", Duration::from_secs(5)).await;
+    choose(&b, "#lang", "zh").await;
+    wait_js(&b, "Chinese", "return document.documentElement.lang === 'zh-CN'", Duration::from_secs(10)).await;
     let mut names: Vec<String> =
         ["n1", "n2", "n3", "demo", "store", "srv", "data", "test"].iter().map(|s| s.to_string()).collect();
     names.extend(ALLOWED_ASCII.iter().map(|s| s.to_string()));
-    for view in ["overview", "groups", "volumes", "events", "audit"] {
+    let screens = [
+        ("overview", "[data-node=n1]", "投票节点"),
+        ("groups", "[data-group=demo] [data-resource=srv]", "迁移到"),
+        ("volumes", "[data-volume=data] [data-replica]", "副本"),
+        ("events", "#timeline [data-kind]", "时间线"),
+        ("audit", "#audit [data-audit]", "操作者"),
+    ];
+    for (view, shown, word) in screens {
         goto_view(&b, view).await;
-        tokio::time::sleep(Duration::from_millis(1500)).await; // one poll at least
+        wait_js(&b, view, &format!("return !!document.querySelector('#view-{view} {shown}')"), Duration::from_secs(10))
+            .await;
+        tokio::time::sleep(Duration::from_millis(1200)).await; // a poll's refresh, in Chinese too
         let text = js(&b, "return document.body.innerText").await;
-        assert!(text.as_str().unwrap().contains("概览"), "{view}: {text}");
+        assert!(text.as_str().unwrap().contains(word), "{view}: no {word} in {text}");
         let words = js(&b, VISIBLE_WORDS).await;
         let english: Vec<&str> = words
             .as_array()
@@ -492,7 +516,7 @@ async fn the_dashboard_in_a_real_browser() {
         assert!(english.is_empty(), "English on the Chinese {view} screen: {english:?}\n{}", text.as_str().unwrap());
         shot(&b, &shots, &format!("zh-{view}")).await;
     }
-    b.find(Locator::Id("lang")).await.unwrap().select_by_value("en").await.unwrap();
+    choose(&b, "#lang", "en").await;
 
     // ---- a viewer: no action offered, and a forged one is refused ----
     let (st, v) = post(&format!("{url}/v1/tokens"), json!({"name": "wall", "role": "viewer"})).await;
@@ -513,14 +537,17 @@ async fn the_dashboard_in_a_real_browser() {
     )
     .await;
     assert_eq!(js(&b, "return document.getElementById('nav-audit').hidden").await, true, "no audit for a viewer");
-    for view in ["overview", "groups", "volumes"] {
+    for (view, shown) in
+        [("overview", "[data-node=n1]"), ("groups", "[data-group=demo]"), ("volumes", "[data-volume=data]")]
+    {
         goto_view(&b, view).await;
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        wait_js(&b, view, &format!("return !!document.querySelector('#view-{view} {shown}')"), Duration::from_secs(10))
+            .await;
         let buttons = js(&b, "return document.querySelectorAll('main [data-action]').length").await;
         assert_eq!(buttons, 0, "a viewer is offered actions on {view}");
         shot(&b, &shots, &format!("viewer-{view}")).await;
     }
-    wait_js(&b, "demo shown", "return !!document.querySelector('[data-group=demo]')", Duration::from_secs(5)).await;
+    wait_js(&b, "demo shown", "return !!document.querySelector('[data-group=demo]')", Duration::from_secs(10)).await;
     let forged = b
         .execute_async(
             "const done = arguments[arguments.length - 1]; \
