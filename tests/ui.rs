@@ -60,6 +60,9 @@ async fn driver() -> Driver {
     tandem_testkit::new_session(&mut cmd);
     let child = cmd
         .arg(format!("--port={port}"))
+        // The browser's time zone, which the page's times must follow (the
+        // machine's is UTC: this one differs from it).
+        .env("TZ", "Asia/Shanghai")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -321,6 +324,32 @@ async fn the_dashboard_in_a_real_browser() {
     .await;
     shot(&b, &shots, "groups").await;
 
+    // A verify from the page, while both replicas are connected.
+    goto_view(&b, "volumes").await;
+    wait_js(
+        &b,
+        "both replicas connected",
+        "return document.querySelectorAll('[data-volume=data] [data-replica] .badge.ok').length >= 4",
+        Duration::from_secs(20),
+    )
+    .await;
+    click(&b, "#verify-data").await;
+    wait_js(
+        &b,
+        "the verify's report",
+        "return !!document.querySelector('[data-volume=data] .verify')",
+        Duration::from_secs(15),
+    )
+    .await;
+    // It finishes: a 16 MiB volume is checked in well under that.
+    wait_js(
+        &b,
+        "the verify done",
+        "const v = document.querySelector('[data-volume=data] .verify'); return !!v && v.textContent.includes('done')",
+        Duration::from_secs(30),
+    )
+    .await;
+
     // ---- events: live, and resumed after the page's node restarts ----
     goto_view(&b, "events").await;
     wait_js(
@@ -488,6 +517,16 @@ async fn the_dashboard_in_a_real_browser() {
     // ---- 简体中文: no English left on any screen ----
     choose(&b, "#lang", "zh").await;
     wait_js(&b, "Chinese", "return document.documentElement.lang === 'zh-CN'", Duration::from_secs(10)).await;
+    // Times in the browser's zone (UTC+8 here), not the cluster's UTC.
+    goto_view(&b, "events").await;
+    let local = js(
+        &b,
+        "const t = document.querySelector('#timeline time'); const d = new Date(t.getAttribute('datetime')); \
+         const h = (d.getUTCHours() + 8) % 24; const m = String(d.getUTCMinutes()).padStart(2, '0'); \
+         return [t.textContent, [' ' + h + ':' + m, ' ' + String(h).padStart(2, '0') + ':' + m].some(x => t.textContent.includes(x))]",
+    )
+    .await;
+    assert_eq!(local[1], true, "the time is shown in the browser's zone: {local}");
     let mut names: Vec<String> =
         ["n1", "n2", "n3", "demo", "store", "srv", "data", "test"].iter().map(|s| s.to_string()).collect();
     names.extend(ALLOWED_ASCII.iter().map(|s| s.to_string()));

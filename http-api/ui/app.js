@@ -525,7 +525,8 @@ function volumeCard(v) {
       el('p', {}, badge('bad big', 'conn', 'SplitBrain'), ' ', t('vol.splitHelp')),
       choices.length ? el('div', { class: 'actions' }, choices) : el('p', {}, t('vol.adminResolves'))));
   }
-  const rep = S.verify[v.name] || v.verify;
+  // The primary's latest report; the answer to our own request until it has one.
+  const rep = v.verify || S.verify[v.name];
   if (rep) {
     const found = Object.entries(rep.found_blocks || {}).map(([n, b]) => t('vol.found', { node: n, n: b })).join(', ');
     parts.push(el('p', { class: 'verify' }, t('vol.verify'), ': ', tv('vstate', rep.state), ' · ',
