@@ -243,8 +243,10 @@ async fn the_dashboard_in_a_real_browser() {
     assert_eq!(script.headers()["content-type"], "text/javascript; charset=utf-8");
     assert_eq!(http.get(format!("{url}/ui/nothing.js")).send().await.unwrap().status(), 404);
 
-    let d = driver().await;
+    // The profile outlives the driver (dropped after it): the browser is
+    // gone before its directory is removed.
     let profile = tempfile::tempdir().unwrap();
+    let d = driver().await;
     let b = browser(&d, profile.path()).await;
     b.goto(&format!("{url}/ui/")).await.expect("the page loads");
 

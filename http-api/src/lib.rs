@@ -1,5 +1,6 @@
 //! tandem's REST layer: routes, request and response types, error mapping,
-//! leader forwarding and the OpenAPI document.
+//! leader forwarding, the OpenAPI document, and the web dashboard's static
+//! files (`ui`).
 //!
 //! Handlers parse, call the [`Backend`] (implemented by the daemon), and
 //! render. This crate must never hold cluster logic: it does not decide,
