@@ -331,7 +331,7 @@ fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path, service_port: u16, 
     }
     say!("  data: {}", dir.display());
     say!();
-    credentials_hint(dir);
+    credentials_hint(dir, u(0));
     say!("Try:");
     say!("  curl -s --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\" {}/v1/cluster", u(0));
     say!("  curl -s --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\" '{}/v1/nodes?stale=true'", u(1));
@@ -357,11 +357,13 @@ fn print_banner(c: &ClusterView, nodes: &[Node], dir: &Path, service_port: u16, 
 }
 
 /// How to use the demo's HTTPS API: its CA and admin token, as files.
-fn credentials_hint(dir: &Path) {
+fn credentials_hint(dir: &Path, url: &str) {
     let (ca, token) = (dir.join("ca.pem"), dir.join("admin.token"));
     say!("The API is HTTPS with a cluster CA and needs a token (both made by `cluster init`). In your shell:");
     say!("  export TANDEM_TOKEN=$(cat {}) TANDEM_CACERT={}", token.display(), ca.display());
     say!("(curl: --cacert $TANDEM_CACERT -H \"Authorization: Bearer $TANDEM_TOKEN\"; the CLI reads both variables.)");
+    say!("Dashboard: open {url}/ui/ in a browser (trust {} or accept its certificate)", dir.join("ca.pem").display());
+    say!("and paste the token in {}.", dir.join("admin.token").display());
     say!();
 }
 
@@ -578,7 +580,7 @@ fn print_postgres_banner(c: &ClusterView, nodes: &[Node], dir: &Path, port: u16)
     }
     say!("  data: {}", dir.display());
     say!();
-    credentials_hint(dir);
+    credentials_hint(dir, u(0));
     say!("PostgreSQL 15 runs on node1, in group `postgres`: volume `pgdata` (256 MiB, replicated synchronously");
     say!("to the other nodes) -> ext4 mounted on {} -> PostgreSQL as user postgres.", dir.join("pg").display());
     say!("Each node mounts in its own mount namespace. Connect (SHOW cluster_name names the node that answers):");

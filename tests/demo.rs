@@ -66,6 +66,8 @@ async fn demo_forms_a_cluster_and_stops_cleanly_on_ctrl_c() {
     for i in 0..3 {
         assert!(banner.contains(&format!("https://127.0.0.1:{}", base + 2 * i)), "{banner}");
     }
+    // The dashboard's address, to open in a browser with the token.
+    assert!(banner.contains(&format!("https://127.0.0.1:{base}/ui/")), "{banner}");
     // The printed credentials and curl line work as printed, in a shell.
     let export = banner.lines().map(str::trim).find(|l| l.starts_with("export TANDEM_TOKEN=")).expect("an export line");
     let curl = banner.lines().map(str::trim).find(|l| l.starts_with("curl -s --cacert")).expect("a curl line");

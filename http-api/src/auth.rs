@@ -84,7 +84,7 @@ impl Principal {
         }
     }
 
-    fn role_name(&self) -> &'static str {
+    pub fn role_name(&self) -> &'static str {
         match self {
             Principal::Token { role, .. } | Principal::Certificate { role, .. } => role.as_str(),
             Principal::Node { .. } => "node",
@@ -122,6 +122,9 @@ pub fn access(method: &Method, route: &str) -> Access {
     let m = method.as_str();
     match (m, route) {
         (_, "/healthz" | "/readyz" | "/openapi.json" | "/v1/cluster/ca") => Open,
+        // The dashboard's static files hold no data: each of its calls
+        // carries the user's token.
+        ("GET" | "HEAD", "/ui" | "/ui/" | "/ui/{asset}") => Open,
         // Prometheus scrapes with a viewer token (`authorization` in its
         // scrape_config): the series name groups, nodes and addresses.
         ("GET" | "HEAD", "/metrics") => Read,
@@ -283,7 +286,7 @@ async fn authorize_and_run(b: SharedBackend, req: Request, next: Next) -> Respon
         && (!matches!(who, Principal::Node { .. }) || on_behalf.is_some())
         && !route.starts_with("/internal/");
     if !audited {
-        return next.run(with_principal(req, &described, &from)).await;
+        return next.run(with_principal(req, &described, who.role_name(), &from)).await;
     }
     let (parts, body) = req.into_parts();
     let bytes = match read_body(body, MAX_BODY_BYTES).await {
@@ -295,7 +298,7 @@ async fn authorize_and_run(b: SharedBackend, req: Request, next: Next) -> Respon
         }
     };
     let digest = if bytes.is_empty() { String::new() } else { hex(&Sha256::digest(&bytes)) };
-    let req = with_principal(Request::from_parts(parts, Body::from(bytes)), &described, &from);
+    let req = with_principal(Request::from_parts(parts, Body::from(bytes)), &described, who.role_name(), &from);
     // The state machine's events of this change name who asked (see `asked_by`).
     let resp = ASKED_BY.scope(described.clone(), next.run(req)).await;
     if resp.extensions().get::<Forwarded>().is_none() {
@@ -317,8 +320,8 @@ pub fn asked_by() -> Option<String> {
 }
 
 /// Tells the handler (and a forwarder) who asked.
-fn with_principal(mut req: Request, who: &str, from: &str) -> Request {
-    req.extensions_mut().insert(Asker { who: who.to_string(), from: from.to_string() });
+fn with_principal(mut req: Request, who: &str, role: &str, from: &str) -> Request {
+    req.extensions_mut().insert(Asker { who: who.to_string(), role: role.to_string(), from: from.to_string() });
     req
 }
 
@@ -326,6 +329,8 @@ fn with_principal(mut req: Request, who: &str, from: &str) -> Request {
 #[derive(Debug, Clone)]
 pub struct Asker {
     pub who: String,
+    /// The principal's role (`viewer`, `operator`, `admin`, `node`, `local`).
+    pub role: String,
     pub from: String,
 }
 
@@ -417,6 +422,10 @@ mod tests {
         let g = Method::GET;
         let p = Method::POST;
         assert_eq!(access(&g, "/healthz"), Access::Open);
+        assert_eq!(access(&g, "/ui/"), Access::Open);
+        assert_eq!(access(&g, "/ui/{asset}"), Access::Open);
+        assert_eq!(access(&p, "/ui/{asset}"), Access::Admin);
+        assert_eq!(access(&g, "/v1/session"), Access::Read);
         assert_eq!(access(&g, "/v1/groups/{name}/health"), Access::Open);
         assert_eq!(access(&g, "/v1/groups"), Access::Read);
         assert_eq!(access(&g, "/metrics"), Access::Read);

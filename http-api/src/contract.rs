@@ -288,6 +288,8 @@ pub const OPERATIONS: &[Operation] = &[
     },
     Operation { method: "post", path: "/v1/cluster/join-token", layers: layers(true, false, true), errors: join_token },
     Operation { method: "get", path: "/v1/audit", layers: layers(true, true, false), errors: read },
+    // Answered by this node's middleware: who the caller is.
+    Operation { method: "get", path: "/v1/session", layers: layers(false, true, false), errors: none },
     // Served from this node's applied state: never forwarded, no quorum needed.
     Operation { method: "get", path: "/v1/events", layers: layers(false, true, false), errors: events },
     Operation { method: "get", path: "/v1/events/stream", layers: layers(false, true, false), errors: events },

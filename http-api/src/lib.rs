@@ -1,5 +1,6 @@
 //! tandem's REST layer: routes, request and response types, error mapping,
-//! leader forwarding and the OpenAPI document.
+//! leader forwarding, the OpenAPI document, and the web dashboard's static
+//! files (`ui`).
 //!
 //! Handlers parse, call the [`Backend`] (implemented by the daemon), and
 //! render. This crate must never hold cluster logic: it does not decide,
@@ -11,6 +12,7 @@ pub mod contract;
 pub mod error;
 pub mod listen;
 pub mod types;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -426,6 +428,12 @@ pub fn router(backend: SharedBackend) -> Router {
         // stream follows one node, whichever the client reached.
         .route("/v1/events", get(get_events))
         .route("/v1/events/stream", get(event_stream))
+        // Who the caller is, as this node's middleware found it.
+        .route("/v1/session", get(get_session))
+        // The dashboard's static files (no data: every view calls the API).
+        .route("/ui", get(ui::ui_root))
+        .route("/ui/", get(ui::ui_index))
+        .route("/ui/{asset}", get(ui::ui_asset))
         // Asked of every node by a load balancer: answered by this node
         // alone (HEAD comes with GET; HAProxy's httpchk sends OPTIONS).
         .route("/v1/groups/{name}/health", get(group_health).options(group_health))
@@ -716,6 +724,13 @@ async fn get_metrics(State(b): State<SharedBackend>, ApiQuery(_): ApiQuery<NoPar
 }
 
 // ---- security routes ----
+
+#[utoipa::path(get, path = "/v1/session", tag = "security",
+    responses((status = 200, description = "Who the credentials sent are, and their role (the dashboard hides what the role may not do)", body = SessionView)))]
+async fn get_session(who: Option<axum::Extension<auth::Asker>>, ApiQuery(_): ApiQuery<NoParams>) -> Json<SessionView> {
+    let (who, role) = who.map(|a| (a.0.who, a.0.role)).unwrap_or_else(|| ("local".into(), "local".into()));
+    Json(SessionView { who, role })
+}
 
 /// Who asked (set by the auth middleware); `local` when it did not run (tests).
 fn asker(req_ext: Option<axum::Extension<auth::Asker>>) -> String {
@@ -1482,6 +1497,7 @@ async fn raft_snapshot(
         revoke_certificate,
         join_token,
         get_audit,
+        get_session,
         list_alerts,
         get_alert,
         put_alert,
@@ -1528,6 +1544,7 @@ async fn raft_snapshot(
         ClientCertView,
         ClientCertCreated,
         CaView,
+        SessionView,
         tandem_raft::alerts::AlertSpec,
         AlertView,
         AlertDelivery,

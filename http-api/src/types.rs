@@ -478,6 +478,16 @@ pub struct InitView {
     pub ca_pem: String,
 }
 
+/// `GET /v1/session`: who the caller is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SessionView {
+    /// As the audit log names it: `token:<name>`, `cert:<name>`, `node:<name>`, `local:uid=<n>`.
+    pub who: String,
+    /// `viewer`, `operator` or `admin` (`node` for a node certificate,
+    /// `local` on the admin socket).
+    pub role: String,
+}
+
 /// `POST /v1/tokens`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -121,6 +121,21 @@ pub const PACKAGES: &[Package] = &[
         jobs: &[Test],
     },
     Package {
+        name: "chromium",
+        why: "a real browser: tests/ui.rs drives the web dashboard in headless Chromium",
+        jobs: &[Test],
+    },
+    Package {
+        name: "chromium-driver",
+        why: "chromedriver: the WebDriver server through which tests/ui.rs drives Chromium (no browser is downloaded)",
+        jobs: &[Test],
+    },
+    Package {
+        name: "fonts-wqy-microhei",
+        why: "a Chinese font, so that the dashboard's Chinese screenshots from tests/ui.rs are readable",
+        jobs: &[Test],
+    },
+    Package {
         name: "dpkg-dev",
         why: "dpkg-shlibdeps works out the .deb's library dependencies from the binary",
         jobs: &[Deb, Test],
