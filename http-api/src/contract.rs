@@ -760,8 +760,11 @@ fn alert_schema() -> Value {
         "description": "Default 587 with STARTTLS, 25 without."}),
     );
     smtp.insert("starttls".into(), json!({"type": "boolean", "default": true, "description": "Require STARTTLS."}));
-    smtp.insert("username".into(), text("SMTP AUTH user (with `password`)."));
-    smtp.insert("password".into(), text("SMTP AUTH password (write-only: shown as `(set)`)."));
+    smtp.insert("username".into(), text("SMTP AUTH user; `username` and `password` come together or not at all."));
+    smtp.insert(
+        "password".into(),
+        text("SMTP AUTH password (write-only: shown as `(set)`); with `username` or not at all."),
+    );
     smtp.insert("from".into(), mailbox.clone());
     smtp.insert(
         "to".into(),

@@ -26,7 +26,8 @@ cannot state, or where a generated value would act on this machine:
   filters are the same as `GET /v1/events`', tested there);
 - an alert's target is harmless: webhooks and mail go to a closed port
   on 127.0.0.1 (so `POST /v1/alerts/{name}/test` answers its documented
-  502), exec alerts run `/bin/true`; a `cacert` (any PEM-looking text the
+  502), exec alerts run `/bin/true`; a mail alert's `username` and
+  `password` come both or not at all; a `cacert` (any PEM-looking text the
   schema allows) is dropped, as no schema can say what a certificate is;
 - a client certificate request carries a real signing request (made once
   with `openssl`) and no operator-issued `certificate` (the demo's CA is
@@ -151,6 +152,10 @@ def _fix_alert(body):
     elif kind == "smtp":
         body["server"] = "127.0.0.1"
         body["port"] = 9
+        # A rule between fields: SMTP AUTH takes both or neither.
+        if (body.get("username") is None) != (body.get("password") is None):
+            body.pop("username", None)
+            body.pop("password", None)
     elif kind == "exec":
         body["command"] = ["/bin/true"]
         body.pop("timestamp_format", None)
