@@ -271,6 +271,10 @@ pub struct PeerStatus {
     pub version: Option<String>,
     /// For each declared address: time since its last heartbeat.
     pub paths: Vec<(String, Option<Duration>)>,
+    /// In a view by quorum: since a majority of voters last heard it (its
+    /// lease can last at most `lease_ms` past that). None otherwise, or
+    /// never heard so.
+    pub heard_by_quorum_ago: Option<Duration>,
 }
 
 impl Liveness {
@@ -633,6 +637,7 @@ impl Liveness {
         let since = now.saturating_duration_since(heard.unwrap_or(self.started));
         s.alive = heard.is_some() && since < self.timeout;
         s.down_for = if s.alive { Duration::ZERO } else { since };
+        s.heard_by_quorum_ago = heard.map(|h| now.saturating_duration_since(h));
         s
     }
 
@@ -655,6 +660,7 @@ impl Liveness {
             pid: peer.map(|p| p.pid),
             version: peer.map(|p| p.version.clone()),
             paths,
+            heard_by_quorum_ago: None,
         }
     }
 }

@@ -281,6 +281,14 @@ async fn the_dashboard_in_a_real_browser() {
     // Each status is a word as well as a colour.
     let status = js(&b, "return document.querySelector('#sites [data-node=n1] .badge.big').textContent").await;
     assert_eq!(status, "online");
+    // Every node's lease, held: time left.
+    wait_js(
+        &b,
+        "every node's lease shown as held",
+        "return [...document.querySelectorAll('#sites dd[data-lease]')].filter(d => / left$/.test(d.textContent)).length === 3",
+        Duration::from_secs(10),
+    )
+    .await;
     // A marker that a reload would wipe.
     js(&b, "window.__noReload = 'still here'; return true").await;
     shot(&b, &shots, "overview").await;
@@ -410,6 +418,13 @@ async fn the_dashboard_in_a_real_browser() {
     )
     .await;
     let offline_after = killed.elapsed();
+    wait_js(
+        &b,
+        "the killed node's lease shown as lapsed",
+        &format!("return document.querySelector('#sites dd[data-lease={target}]').textContent === 'lapsed'"),
+        Duration::from_secs(10),
+    )
+    .await;
     wait_js(
         &b,
         "demo on another node",

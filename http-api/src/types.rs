@@ -61,6 +61,12 @@ pub struct NodeView {
     pub leader: bool,
     pub paths: Vec<PathView>,
     pub attributes: BTreeMap<String, String>,
+    /// The node's lease as the answering node sees it, ms left (0: lapsed):
+    /// for the answering node, its own; for another, what a majority of
+    /// voters' hearing can still give it (`fencing.lease_ms` minus the time
+    /// since a majority last heard it). Null when no majority ever heard it.
+    #[serde(default)]
+    pub lease_ms_left: Option<u64>,
 }
 
 /// `GET /v1/cluster`.

@@ -111,6 +111,12 @@ function fmtBytes(n) {
   return (i === 0 ? String(v) : v.toFixed(1)) + ' ' + units[i];
 }
 
+// A node's lease as the answering node sees it: time left, or lapsed.
+function leaseText(ms) {
+  if (ms === null || ms === undefined) return '—';
+  return ms > 0 ? t('lease.left', { t: fmtMs(ms) }) : t('lease.lapsed');
+}
+
 function fmtMs(ms) {
   return ms >= 10000 ? t('unit.s', { n: (ms / 1000).toFixed(1) }) : t('unit.ms', { n: ms });
 }
@@ -427,6 +433,7 @@ function nodeCard(m) {
       el('dt', { text: t('node.admin') }), el('dd', {}, tv('admin', m.admin_state)),
       el('dt', { text: t('node.version') }), el('dd', {}, m.version || '—'),
       el('dt', { text: t('node.pid') }), el('dd', {}, m.pid === null ? '—' : String(m.pid)),
+      el('dt', { text: t('node.lease') }), el('dd', { 'data-lease': m.name }, leaseText(m.lease_ms_left)),
       el('dt', { text: t('node.paths') }), el('dd', {}, el('ul', { class: 'paths' }, paths)),
       el('dt', { text: t('node.runs') }),
       el('dd', { class: 'runs' }, runs.length ? runs.map((g) => el('span', { class: 'chip', 'data-runs': g.name }, g.name)) : '—')),
