@@ -242,15 +242,16 @@ impl Agent {
         let mut failures = 0u32;
         let mut first_failure_ms = 0;
         loop {
-            if target.is_none() {
-                match Target::new(spec) {
-                    Ok(t) => *target = Some(t),
-                    Err(e) => tracing::debug!(alert = %name, "alert target not built: {e}"),
-                }
-            }
             let sent = match target.as_ref() {
                 Some(t) => t.send(&cx, &msg).await,
-                None => Target::new(spec).map(|_| ()),
+                None => match Target::new(spec) {
+                    Ok(t) => {
+                        let sent = t.send(&cx, &msg).await;
+                        *target = Some(t);
+                        sent
+                    }
+                    Err(e) => Err(e),
+                },
             };
             if sent.is_err() {
                 *target = None;

@@ -30,15 +30,7 @@ impl Agent {
             ("unknown_key", d.unknown_key),
             ("misdirected", d.misdirected),
         ];
-        let now_ms = now_boot_ms();
-        s.lease_left_s = {
-            let lease = self.lease_core();
-            if lease.holds(now_ms) {
-                lease.deadline_ms().saturating_sub(now_ms) as f64 / 1000.0
-            } else {
-                0.0
-            }
-        };
+        s.lease_left_s = self.own_lease_left_ms() as f64 / 1000.0;
         s.replicas = self.replica_samples();
         let Some(m) = self.member() else { return s };
         let metrics = m.metrics();

@@ -260,6 +260,17 @@ impl Agent {
         self.lease.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Milliseconds left on this node's own lease (0: not held).
+    fn own_lease_left_ms(&self) -> u64 {
+        let now_ms = now_boot_ms();
+        let lease = self.lease_core();
+        if lease.holds(now_ms) {
+            lease.deadline_ms().saturating_sub(now_ms)
+        } else {
+            0
+        }
+    }
+
     /// The failover core (held only for a call, never across an await).
     fn failover_core(&self) -> std::sync::MutexGuard<'_, Failover> {
         self.failover.lock().unwrap_or_else(|e| e.into_inner())

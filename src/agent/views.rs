@@ -50,9 +50,7 @@ impl Agent {
             paths,
             attributes: rec.attributes.clone(),
             lease_ms_left: if me {
-                let now_ms = crate::clock::now_boot_ms();
-                let lease = self.lease_core();
-                Some(if lease.holds(now_ms) { lease.deadline_ms().saturating_sub(now_ms) } else { 0 })
+                Some(self.own_lease_left_ms())
             } else {
                 status.heard_by_quorum_ago.map(|ago| self.cfg.fencing.lease_ms.saturating_sub(ago.as_millis() as u64))
             },

@@ -151,21 +151,11 @@ async fn run_agent(command: &[String], env: &[(String, String)], timeout: Durati
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| SendError(format!("{program}: cannot run: {e}")))?;
-    let mut out = child.stdout.take();
-    let mut err = child.stderr.take();
-    let read = async {
-        let mut o = Vec::new();
-        let mut e = Vec::new();
-        if let Some(s) = out.as_mut() {
-            let _ = s.take(64 * 1024).read_to_end(&mut o).await;
-        }
-        if let Some(s) = err.as_mut() {
-            let _ = s.take(64 * 1024).read_to_end(&mut e).await;
-        }
-        (o, e)
-    };
+    // Both pipes at once: an agent that fills one while we wait on the
+    // other would otherwise block until its timeout.
+    let (out, err) = (child.stdout.take(), child.stderr.take());
     let run = async {
-        let (o, e) = read.await;
+        let (o, e) = tokio::join!(read_capped(out), read_capped(err));
         (child.wait().await, o, e)
     };
     match tokio::time::timeout(timeout, run).await {
@@ -177,6 +167,15 @@ async fn run_agent(command: &[String], env: &[(String, String)], timeout: Durati
             Err(SendError(format!("{program}: {status}: {}", clip(&said))))
         }
     }
+}
+
+/// What a pipe says, at most 64 KiB (nothing when there is no pipe).
+async fn read_capped(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
+    let mut buf = Vec::new();
+    if let Some(p) = pipe {
+        let _ = p.take(64 * 1024).read_to_end(&mut buf).await;
+    }
+    buf
 }
 
 /// The HTTP client of a webhook: rustls with the given CA, or the
