@@ -35,7 +35,7 @@ async fn bad_requests_get_their_code_and_change_nothing() {
     refused(&c, Method::POST, "/v1/nodes", Some(b"{\"name\": 5}"), 400, "TND-1002").await;
     refused(&c, Method::PUT, "/v1/nodes/n1/attributes/k", Some(b"{\"value\": \"v\", \"extra\": 1}"), 400, "TND-1002")
         .await;
-    let huge = format!("{{\"value\": \"{}\"}}", "x".repeat(200 * 1024));
+    let huge = format!("{{\"value\": \"{}\"}}", "x".repeat(300 * 1024));
     refused(&c, Method::PUT, "/v1/nodes/n1/attributes/k", Some(huge.as_bytes()), 413, "TND-1003").await;
     refused(&c, Method::GET, "/v1/cluster?colour=red", None, 400, "TND-1004").await;
     refused(&c, Method::GET, "/v1/nope", None, 404, "TND-1005").await;
@@ -325,7 +325,7 @@ async fn every_answer_is_in_the_openapi_document() {
     let (st, served) = call(Method::GET, &format!("{}/openapi.json", c.nodes[0].url()), None).await;
     assert_eq!(st, 200);
     assert_eq!(served, document());
-    let huge = format!("{{\"value\": \"{}\"}}", "x".repeat(100 * 1024)).into_bytes();
+    let huge = format!("{{\"value\": \"{}\"}}", "x".repeat(300 * 1024)).into_bytes();
     let mut seen = std::collections::BTreeSet::new();
     for op in OPERATIONS {
         let path = op.path.replace("{name}", "ghost").replace("{key}", "k");

@@ -40,8 +40,11 @@ use utoipa::OpenApi;
 pub use error::{ApiError, ErrorBody};
 pub use types::*;
 
-/// Largest request body accepted (Raft snapshot chunks excepted).
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest request body accepted (Raft snapshot chunks excepted). Room for
+/// the longest valid definition even when a client escapes every character
+/// as JSON `\uXXXX` (12 bytes for one outside the BMP), so a field one past
+/// its maximum is refused for what it says (400), not for its size (413).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
 /// Largest Raft RPC body: log batches and snapshot chunks.
 pub const MAX_RAFT_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// Header set on a request forwarded to the leader, naming the forwarder.
@@ -1584,6 +1587,42 @@ pub struct ApiDoc;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// JSON as a client that escapes every non-ASCII character writes it
+    /// (Python's `json.dumps`: a character outside the BMP is 12 bytes).
+    fn ascii_json(v: &serde_json::Value) -> String {
+        let mut out = String::new();
+        for c in v.to_string().chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn worst_alert_body_fits() {
+        use tandem_raft::alerts::{MAX_ALERT_KINDS, MAX_ALERT_PEM, MAX_ALERT_TEXT};
+        let long = |n: usize| "\u{1F600}".repeat(n);
+        // Every field at its maximum and one past it, in the costliest escaping.
+        let body = serde_json::json!({
+            "kind": "webhook",
+            "url": long(MAX_ALERT_TEXT + 1),
+            "secret": long(MAX_ALERT_TEXT + 1),
+            "cacert": long(MAX_ALERT_PEM + 1),
+            "min_severity": "critical",
+            "kinds": vec!["a".repeat(129); MAX_ALERT_KINDS + 1],
+            "report_interval_s": u64::MAX,
+        });
+        let wire = ascii_json(&body);
+        assert!(wire.len() > 150 * 1024, "the escaping is the costly one: {}", wire.len());
+        assert!(wire.len() < MAX_BODY_BYTES, "{} bytes", wire.len());
+    }
 
     #[test]
     fn the_streams_last_event_id_is_an_optional_number_never_null() {

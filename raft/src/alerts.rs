@@ -34,9 +34,9 @@ pub const MAX_REPORT_INTERVAL_S: u64 = 30 * 86_400;
 /// Bounds of an exec alert's timeout (ms).
 pub const MIN_EXEC_TIMEOUT_MS: u64 = 100;
 pub const MAX_EXEC_TIMEOUT_MS: u64 = 600_000;
-/// Longest `cacert` (characters): a few certificates; even in 4-byte
-/// characters, one past it stays under the API's 64 KiB body limit (a 413
-/// is not a refusal of bad data to a contract tester).
+/// Longest `cacert` (characters): a few certificates. The API's body limit
+/// leaves room for one past it in any escaping (http-api's
+/// `worst_alert_body_fits` test).
 pub const MAX_ALERT_PEM: usize = 12 * 1024;
 /// What a redacted secret reads as.
 pub const REDACTED: &str = "(set)";

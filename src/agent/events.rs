@@ -12,7 +12,7 @@ use tandem_raft::events::{Event, EventFilter, EventPage, Severity, MAX_EVENT_BAT
 /// Most events a node holds while it cannot send them (no leader).
 const EVENT_QUEUE_MAX: usize = 10_000;
 /// JSON a batch sent to the leader carries at most (the API refuses
-/// bodies over 64 KiB; one event is at most about 10 KiB).
+/// bodies over 256 KiB; an older agent, over 64 KiB; one event is at most about 10 KiB).
 const BATCH_BYTES: usize = 48 * 1024;
 /// Longest a queued event waits when the wake-up was missed.
 pub(super) const EVENT_FLUSH: Duration = Duration::from_millis(250);

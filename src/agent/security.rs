@@ -22,7 +22,7 @@ use tandem_http_api::{
 use tandem_raft::access::{token_hash, AuditEntry, ClientCertRecord, Role, TokenRecord, MAX_AUDIT_BATCH};
 
 /// JSON an audit batch sent to the leader carries at most (the API
-/// refuses bodies over 64 KiB).
+/// refuses bodies over 256 KiB; an older agent, over 64 KiB).
 const AUDIT_BATCH_BYTES: usize = 48 * 1024;
 
 /// Default and longest lifetime of a join token.
@@ -493,7 +493,7 @@ impl Agent {
     pub(super) async fn flush_audit(&self) {
         let batch: Vec<AuditEntry> = {
             let mut q = self.audit_queue.lock().unwrap_or_else(|p| p.into_inner());
-            // Bounded in count and in bytes: the API takes at most 64 KiB
+            // Bounded in count and in bytes: an older agent's API takes at most 64 KiB
             // (an entry is about 300 B, a path can make it longer).
             let (mut n, mut bytes) = (0, 0);
             for e in q.entries.iter().take(MAX_AUDIT_BATCH) {
