@@ -32,6 +32,10 @@ pub enum CliError {
     BadAnswer { url: String, reason: String },
     #[error("cannot use the input: {0}")]
     Input(String),
+    /// A report that says the operation did not finish (a switchover, a
+    /// drill): printed on stdout like a success, exit 1.
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 impl CliError {
@@ -45,6 +49,7 @@ impl CliError {
             CliError::Api { .. } => EXIT_REFUSED,
             CliError::BadAnswer { .. } => EXIT_SERVER,
             CliError::Input(_) => EXIT_USAGE,
+            CliError::Incomplete(_) => EXIT_REFUSED,
         }
     }
 }
@@ -416,6 +421,57 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
         })
         .collect();
     table(&["NAME", "ID", "ROLE", "STATE", "SITE", "ADDRESSES", "PID", "VERSION"], &rows)
+}
+
+pub fn sites_table(sites: &[tandem_http_api::SiteView]) -> String {
+    let rows: Vec<Vec<String>> = sites
+        .iter()
+        .map(|s| {
+            let nodes: Vec<String> =
+                s.nodes.iter().map(|n| format!("{}({}/{})", n.name, lower(&n.state), n.admin_state.as_str())).collect();
+            vec![s.name.clone(), nodes.join(" "), if s.groups.is_empty() { "-".into() } else { s.groups.join(",") }]
+        })
+        .collect();
+    table(&["SITE", "NODES", "GROUPS"], &rows)
+}
+
+pub fn site_text(s: &tandem_http_api::SiteView) -> String {
+    sites_table(std::slice::from_ref(s))
+}
+
+/// Seconds with two decimals, `-` for none.
+pub fn secs(ms: Option<u64>) -> String {
+    ms.map_or_else(|| "-".into(), |ms| format!("{:.2}s", ms as f64 / 1000.0))
+}
+
+/// One line per group that ran in a site a switchover emptied.
+pub fn switchover_table(groups: &[tandem_http_api::SiteGroupReport]) -> String {
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            vec![
+                g.group.clone(),
+                g.from.clone(),
+                g.to.clone().unwrap_or_else(|| "-".into()),
+                g.result.clone(),
+                secs(g.outage_ms),
+                g.rpo_bytes.map_or_else(|| "-".into(), |b| format!("{b}B")),
+                g.reason.clone(),
+            ]
+        })
+        .collect();
+    table(&["GROUP", "FROM", "TO", "RESULT", "OUTAGE", "RPO", "REASON"], &rows)
+}
+
+/// A switchover's report.
+pub fn switchover_text(r: &tandem_http_api::SwitchoverReport) -> String {
+    format!(
+        "switchover of site {}: {} in {:.1}s; its nodes are in standby\n{}",
+        r.site,
+        if r.complete { "complete" } else { "NOT complete" },
+        r.took_ms as f64 / 1000.0,
+        switchover_table(&r.groups)
+    )
 }
 
 pub fn cluster_text(c: &ClusterView) -> String {

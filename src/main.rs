@@ -96,6 +96,9 @@ enum Cmd {
     /// Inspect and administer nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Sites as a unit: standby, online, switchover, DR drill.
+    #[command(subcommand)]
+    Site(SiteCmd),
     /// Bootstrap or join a cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -214,6 +217,36 @@ enum NodeCmd {
     SetAttr { name: String, key: String, value: String },
     /// Delete a node attribute.
     UnsetAttr { name: String, key: String },
+}
+
+#[derive(Subcommand)]
+enum SiteCmd {
+    /// List the sites: their nodes and the groups running there.
+    List {
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Every node of the site runs nothing (its groups move as their
+    /// policies allow).
+    Standby { site: String },
+    /// Every node of the site may run groups again.
+    Online { site: String },
+    /// Put the site in standby and wait for its groups to run elsewhere;
+    /// prints each group's outage and RPO. Exit 1 when not complete.
+    Switchover {
+        site: String,
+        /// Longest wait, seconds (1 to 25).
+        #[arg(long, default_value_t = 20)]
+        timeout: u64,
+    },
+    /// DR drill: switch every group off the site and back, reporting each
+    /// group's outages and RPO (JSON with --json). Exit 1 when it failed.
+    Drill {
+        site: String,
+        /// Longest wait of each step, seconds (1 to 25).
+        #[arg(long, default_value_t = 20)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -443,6 +476,10 @@ fn main() -> ExitCode {
             Ok(out) => {
                 print!("{out}");
                 ExitCode::SUCCESS
+            }
+            Err(cli::CliError::Incomplete(report)) => {
+                print!("{report}");
+                ExitCode::from(cli::EXIT_REFUSED)
             }
             Err(e) => {
                 eprintln!("error: {e}");
@@ -727,6 +764,33 @@ async fn client_command(
             return Ok(if json_out { "null\n".into() } else { format!("{name} deleted\n") });
         }
         Cmd::Volume(v) => return cli::volume_command(&c, json_out, v).await,
+        Cmd::Site(SiteCmd::List { stale }) => {
+            (c.call(Method::GET, &format!("/v1/sites{}", q(stale)), None).await?, |v| {
+                Ok(cli::sites_table(&parse::<Vec<tandem_http_api::SiteView>>(v)?))
+            })
+        }
+        Cmd::Site(SiteCmd::Standby { site }) => {
+            (c.call(Method::POST, &format!("/v1/sites/{}/standby", enc(&site)), None).await?, site_view)
+        }
+        Cmd::Site(SiteCmd::Online { site }) => {
+            (c.call(Method::POST, &format!("/v1/sites/{}/online", enc(&site)), None).await?, site_view)
+        }
+        Cmd::Site(SiteCmd::Switchover { site, timeout }) => {
+            let body = serde_json::json!({"timeout_s": timeout});
+            let v = c.call(Method::POST, &format!("/v1/sites/{}/switchover", enc(&site)), Some(body)).await?;
+            let r = parse::<tandem_http_api::SwitchoverReport>(v.clone())?;
+            let text = if json_out { format!("{v:#}\n") } else { cli::switchover_text(&r) };
+            return if r.complete { Ok(text) } else { Err(CliError::Incomplete(text)) };
+        }
+        Cmd::Site(SiteCmd::Drill { site, timeout }) => {
+            let r = tandem::drill::run(&c, &site, timeout).await?;
+            let text = if json_out {
+                format!("{:#}\n", serde_json::to_value(&r).map_err(|e| CliError::Input(e.to_string()))?)
+            } else {
+                tandem::drill::summary(&r)
+            };
+            return if r.passed { Ok(text) } else { Err(CliError::Incomplete(text)) };
+        }
         Cmd::Events(a) => return cli::events_command(&c, json_out, a).await,
         Cmd::Agent { .. }
         | Cmd::Demo { .. }
@@ -740,6 +804,10 @@ async fn client_command(
         return Ok(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
     }
     render(v)
+}
+
+fn site_view(v: Value) -> Result<String, CliError> {
+    Ok(cli::site_text(&parse::<tandem_http_api::SiteView>(v)?))
 }
 
 fn node(v: Value) -> Result<String, CliError> {

@@ -228,6 +228,18 @@ fn move_group() -> Vec<ApiError> {
     ]
 }
 
+fn read_site() -> Vec<ApiError> {
+    vec![ApiError::QuorumUnavailable(s())]
+}
+
+fn site_action() -> Vec<ApiError> {
+    vec![ApiError::SiteNotFound(s()), ApiError::QuorumUnavailable(s())]
+}
+
+fn switchover() -> Vec<ApiError> {
+    vec![ApiError::SiteNotFound(s()), ApiError::Invalid { field: s(), reason: s() }, ApiError::QuorumUnavailable(s())]
+}
+
 fn verify() -> Vec<ApiError> {
     vec![
         ApiError::VolumeNotFound(s()),
@@ -327,6 +339,25 @@ pub const OPERATIONS: &[Operation] = &[
         path: "/v1/nodes/{name}/attributes/{key}",
         layers: layers(true, false, false),
         errors: delete_attribute,
+    },
+    Operation { method: "get", path: "/v1/sites", layers: layers(true, true, false), errors: read_site },
+    Operation {
+        method: "post",
+        path: "/v1/sites/{site}/standby",
+        layers: layers(true, false, false),
+        errors: site_action,
+    },
+    Operation {
+        method: "post",
+        path: "/v1/sites/{site}/online",
+        layers: layers(true, false, false),
+        errors: site_action,
+    },
+    Operation {
+        method: "post",
+        path: "/v1/sites/{site}/switchover",
+        layers: layers(true, false, true),
+        errors: switchover,
     },
     Operation { method: "get", path: "/v1/groups", layers: layers(true, true, false), errors: read },
     Operation { method: "get", path: "/v1/groups/{name}", layers: layers(true, true, false), errors: read_group },
@@ -687,6 +718,7 @@ fn request_constraints() -> Vec<(&'static str, &'static str, Value)> {
         ),
         ("AttributeValue", "value", json!({"maxLength": MAX_ATTRIBUTE_VALUE_LEN})),
         ("MoveRequest", "to", name_schema()),
+        ("SwitchoverRequest", "timeout_s", nullable(json!({"type": "integer", "minimum": 1, "maximum": 25}))),
         ("TokenRequest", "name", name_schema()),
         // Join tokens come from POST /v1/cluster/join-token.
         ("TokenRequest", "role", json!({"type": "string", "enum": ["viewer", "operator", "admin"]})),
@@ -859,7 +891,7 @@ pub fn document() -> Value {
             let (name, place) = (p["name"].as_str().unwrap_or_default(), p["in"].as_str().unwrap_or_default());
             match (place, name) {
                 // Names of nodes, groups and volumes, and attribute keys.
-                ("path", "name") | ("path", "key") => p["schema"] = name_schema(),
+                ("path", "name") | ("path", "key") | ("path", "site") => p["schema"] = name_schema(),
                 ("query", "lag") => p["schema"] = json!({"type": "string", "pattern": SIZE_PATTERN}),
                 // `GET /v1/audit` (`number_param`).
                 ("query", "since") => p["schema"] = json!({"type": "integer", "minimum": 0, "maximum": u64::MAX}),

@@ -37,6 +37,8 @@ pub enum ApiError {
     Invalid { field: String, reason: String },
     #[error("no node named {0}")]
     NodeNotFound(String),
+    #[error("no node is in site {0}")]
+    SiteNotFound(String),
     #[error("a node named {0} already exists")]
     NodeExists(String),
     #[error("address {address} is already used by node {name}")]
@@ -149,12 +151,12 @@ impl ApiError {
     /// Every variant with its code, so docs and tests can enumerate them.
     pub const CODES: &'static [&'static str] = &[
         "TND-1001", "TND-1002", "TND-1003", "TND-1004", "TND-1005", "TND-1006", "TND-1010", "TND-1100", "TND-1101",
-        "TND-1102", "TND-1103", "TND-1104", "TND-1105", "TND-1106", "TND-1107", "TND-1108", "TND-1200", "TND-1201",
-        "TND-1202", "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209", "TND-1300",
-        "TND-1301", "TND-1302", "TND-1303", "TND-1400", "TND-1401", "TND-1402", "TND-1403", "TND-1404", "TND-1405",
-        "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411", "TND-1500", "TND-1501", "TND-1502",
-        "TND-1503", "TND-1504", "TND-1505", "TND-1506", "TND-1507", "TND-1508", "TND-1509", "TND-1510", "TND-1511",
-        "TND-1512", "TND-1600", "TND-1601", "TND-1602", "TND-1900", "TND-1901",
+        "TND-1102", "TND-1103", "TND-1104", "TND-1105", "TND-1106", "TND-1107", "TND-1108", "TND-1109", "TND-1200",
+        "TND-1201", "TND-1202", "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209",
+        "TND-1300", "TND-1301", "TND-1302", "TND-1303", "TND-1400", "TND-1401", "TND-1402", "TND-1403", "TND-1404",
+        "TND-1405", "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411", "TND-1500", "TND-1501",
+        "TND-1502", "TND-1503", "TND-1504", "TND-1505", "TND-1506", "TND-1507", "TND-1508", "TND-1509", "TND-1510",
+        "TND-1511", "TND-1512", "TND-1600", "TND-1601", "TND-1602", "TND-1900", "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -176,6 +178,7 @@ impl ApiError {
             TooManyNodes(_) => "TND-1106",
             NameMismatch { .. } => "TND-1107",
             JoinTargetUnreachable { .. } => "TND-1108",
+            SiteNotFound(_) => "TND-1109",
             NotMember => "TND-1200",
             AlreadyMember(_) => "TND-1201",
             NoLeader => "TND-1202",
@@ -231,6 +234,7 @@ impl ApiError {
             BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RouteNotFound { .. }
             | NodeNotFound(_)
+            | SiteNotFound(_)
             | AttributeNotFound { .. }
             | GroupNotFound(_)
             | VolumeNotOnNode(_)
@@ -296,6 +300,7 @@ impl ApiError {
             MethodNotAllowed { .. } => "See GET /openapi.json or docs/api.md for the methods of this route.".into(),
             Invalid { field, .. } => format!("Correct `{field}` and send the request again."),
             NodeNotFound(_) => "List the nodes with `tandem node list` or GET /v1/nodes.".into(),
+            SiteNotFound(_) => "A site is the `site` of its nodes' configs: list them with `tandem site list` or GET /v1/sites.".into(),
             NodeExists(_) => "Pick another name, or remove the old node first (DELETE /v1/nodes/{name}).".into(),
             AddressInUse { .. } => "Each node needs its own address:port; fix the agent's config.".into(),
             NodeUnreachable { .. } => {
@@ -458,6 +463,7 @@ impl From<CommandError> for ApiError {
             CommandError::NodeExists { name } => ApiError::NodeExists(name),
             CommandError::AddressInUse { address, name } => ApiError::AddressInUse { address, name },
             CommandError::NodeNotFound { name } => ApiError::NodeNotFound(name),
+            CommandError::SiteNotFound { site } => ApiError::SiteNotFound(site),
             CommandError::AttributeNotFound { name, key } => ApiError::AttributeNotFound { name, key },
             CommandError::TooManyNodes { max } => ApiError::TooManyNodes(max),
             CommandError::Invalid { field, reason } => ApiError::Invalid { field, reason },

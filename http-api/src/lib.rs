@@ -90,6 +90,12 @@ pub trait Backend: Send + Sync + 'static {
     async fn remove_node(&self, name: &str, force: bool) -> Result<(), ApiError>;
     async fn set_admin_state(&self, name: &str, state: AdminState) -> Result<NodeView, ApiError>;
     async fn set_attribute(&self, name: &str, key: &str, value: String) -> Result<NodeView, ApiError>;
+    async fn sites(&self, stale: bool) -> Result<Vec<SiteView>, ApiError>;
+    /// Sets every node of the site at once (one command).
+    async fn set_site_admin_state(&self, site: &str, state: AdminState) -> Result<SiteView, ApiError>;
+    /// Puts the site in standby and waits (bounded) for its groups to run
+    /// elsewhere, reporting each one's outage and RPO.
+    async fn switchover_site(&self, site: &str, req: SwitchoverRequest) -> Result<SwitchoverReport, ApiError>;
     async fn delete_attribute(&self, name: &str, key: &str) -> Result<NodeView, ApiError>;
 
     async fn groups(&self, stale: bool) -> Result<Vec<GroupView>, ApiError>;
@@ -386,6 +392,10 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/nodes/{name}/online", post(set_online))
         .route("/v1/nodes/{name}/maintenance", post(set_maintenance))
         .route("/v1/nodes/{name}/attributes/{key}", put(set_attribute).delete(delete_attribute))
+        .route("/v1/sites", get(list_sites))
+        .route("/v1/sites/{site}/standby", post(set_site_standby))
+        .route("/v1/sites/{site}/online", post(set_site_online))
+        .route("/v1/sites/{site}/switchover", post(switchover_site))
         .route("/v1/groups", get(list_groups))
         .route("/v1/groups/{name}", get(get_group).put(put_group).delete(delete_group))
         .route("/v1/groups/{name}/start", post(start_group))
@@ -1209,6 +1219,45 @@ async fn set_maintenance(State(b): State<SharedBackend>, Path(name): Path<String
     admin(b, name, AdminState::Maintenance).await
 }
 
+#[utoipa::path(get, path = "/v1/sites", tag = "sites",
+    params(("stale" = Option<bool>, Query, description = "Serve the local copy instead of a linearizable read")),
+    responses((status = 200, description = "Every site named by a node, with its nodes and the groups running there", body = [SiteView])))]
+async fn list_sites(
+    State(b): State<SharedBackend>,
+    ApiQuery(p): ApiQuery<ReadParams>,
+) -> Result<Json<Vec<SiteView>>, ApiError> {
+    b.sites(p.stale).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/sites/{site}/standby", tag = "sites", params(("site" = String, Path)),
+    responses((status = 200, description = "Every node of the site is in standby: its groups move to other sites as their policies allow", body = SiteView),
+              (status = 404, description = "No node is in this site (TND-1109)", body = ErrorBody)))]
+async fn set_site_standby(
+    State(b): State<SharedBackend>,
+    Path(site): Path<String>,
+) -> Result<Json<SiteView>, ApiError> {
+    b.set_site_admin_state(&site, AdminState::Standby).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/sites/{site}/online", tag = "sites", params(("site" = String, Path)),
+    responses((status = 200, description = "Every node of the site may run groups again (failback follows each group's policy)", body = SiteView),
+              (status = 404, description = "No node is in this site (TND-1109)", body = ErrorBody)))]
+async fn set_site_online(State(b): State<SharedBackend>, Path(site): Path<String>) -> Result<Json<SiteView>, ApiError> {
+    b.set_site_admin_state(&site, AdminState::Online).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/sites/{site}/switchover", tag = "sites", params(("site" = String, Path)),
+    request_body = SwitchoverRequest,
+    responses((status = 200, description = "The site is in standby; each group that ran there, where it runs now, its outage and RPO", body = SwitchoverReport),
+              (status = 404, description = "No node is in this site (TND-1109)", body = ErrorBody)))]
+async fn switchover_site(
+    State(b): State<SharedBackend>,
+    Path(site): Path<String>,
+    ApiJson(req): ApiJson<SwitchoverRequest>,
+) -> Result<Json<SwitchoverReport>, ApiError> {
+    b.switchover_site(&site, req).await.map(Json)
+}
+
 #[utoipa::path(put, path = "/v1/nodes/{name}/attributes/{key}", tag = "nodes", request_body = AttributeValue,
     params(("name" = String, Path), ("key" = String, Path)),
     responses((status = 200, description = "Attribute set", body = NodeView),
@@ -1519,6 +1568,10 @@ async fn raft_snapshot(
         set_maintenance,
         set_attribute,
         delete_attribute,
+        list_sites,
+        set_site_standby,
+        set_site_online,
+        switchover_site,
         list_groups,
         get_group,
         put_group,
@@ -1573,6 +1626,10 @@ async fn raft_snapshot(
         AttributeValue,
         GroupView,
         MoveRequest,
+        SiteView,
+        SwitchoverRequest,
+        SwitchoverReport,
+        SiteGroupReport,
         VolumeView,
         ReplicaView,
         ConnectionState,

@@ -289,6 +289,63 @@ pub struct LocalGroupStatus {
     pub resources: Vec<ResourceView>,
 }
 
+/// `GET /v1/sites`: a site and its nodes (the nodes that name it in their
+/// `site`), and the groups running there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SiteView {
+    pub name: String,
+    pub nodes: Vec<NodeView>,
+    /// Groups placed on a node of the site now.
+    pub groups: Vec<String>,
+}
+
+/// `POST /v1/sites/{site}/switchover`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverRequest {
+    /// How long to wait for the groups to run elsewhere, seconds (1 to 25,
+    /// default 20); the report then says which are still moving.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// What a site switchover did to one group that ran in the site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SiteGroupReport {
+    pub group: String,
+    /// Where it ran before.
+    pub from: String,
+    /// Where it runs now (null: not running).
+    pub to: Option<String>,
+    /// `moved` (running outside the site), `moving` (not yet, at the
+    /// timeout), `stopped` (no node outside the site may run it) or
+    /// `failed`.
+    pub result: String,
+    /// The outage the node that started it measured (last stop to running).
+    pub outage_ms: Option<u64>,
+    /// The group's volume, if any.
+    pub volume: Option<String>,
+    /// For a volume: the bytes the new primary lacked before the move, as
+    /// the old primary's view said (0 for an up-to-date sync replica: no
+    /// acknowledged write lost). Null without a volume or when unknown.
+    pub rpo_bytes: Option<u64>,
+    /// The scheduler's last reason for the group's placement.
+    pub reason: String,
+}
+
+/// The outcome of `POST /v1/sites/{site}/switchover`: the site's nodes are
+/// left in standby.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SwitchoverReport {
+    pub site: String,
+    /// When it began (ms since the epoch) and how long it took.
+    pub started_ms: u64,
+    pub took_ms: u64,
+    /// Every group that could run elsewhere does.
+    pub complete: bool,
+    pub groups: Vec<SiteGroupReport>,
+}
+
 /// `POST /v1/groups/{name}/move`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

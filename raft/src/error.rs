@@ -25,6 +25,8 @@ pub enum CommandError {
     AddressInUse { address: String, name: String },
     #[error("no node named {name}")]
     NodeNotFound { name: String },
+    #[error("no node is in site {site}")]
+    SiteNotFound { site: String },
     #[error("node {name} has no attribute {key}")]
     AttributeNotFound { name: String, key: String },
     #[error("the cluster already has {max} nodes")]

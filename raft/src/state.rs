@@ -164,6 +164,12 @@ pub enum Command {
         name: String,
         state: AdminState,
     },
+    /// Sets every node of `site` (the witness included) at once, so that
+    /// no group moves within the site between two nodes' changes.
+    SetSiteAdminState {
+        site: String,
+        state: AdminState,
+    },
     SetAttribute {
         name: String,
         key: String,
@@ -475,10 +481,31 @@ fn no_alerts(a: &Alerts) -> bool {
 enum Before {
     Nothing,
     Admin(Option<AdminState>),
+    /// Each node of a site with its admin state, in id order.
+    SiteAdmin(Vec<(String, AdminState)>),
     Placement(Option<Placement>),
     Exists(bool),
     Disk(Option<DiskState>),
     Enabled(Option<bool>),
+}
+
+/// The event of a node's admin state change (`site` when the whole site
+/// was set at once).
+fn admin_event(time: u64, name: &str, old: Option<AdminState>, state: AdminState, site: Option<&str>) -> Event {
+    let (kind, sev, msg) = match state {
+        AdminState::Standby => ("node.standby", Severity::Info, format!("node {name} is in standby")),
+        AdminState::Maintenance => ("node.maintenance", Severity::Warning, format!("node {name} is in maintenance")),
+        AdminState::Online => ("node.admin_online", Severity::Info, format!("node {name} may run groups again")),
+    };
+    let msg = match site {
+        Some(site) => format!("{msg} (site {site})"),
+        None => msg,
+    };
+    let mut details = serde_json::json!({"from": old.map(AdminState::as_str), "to": state.as_str()});
+    if let Some(site) = site {
+        details["site"] = serde_json::json!(site);
+    }
+    Event::new(time, kind, sev, msg).node(name).details(details)
 }
 
 /// Checks a node's self-description, field by field.
@@ -705,6 +732,13 @@ impl ClusterState {
     fn facts_before(&self, cmd: &Command) -> Before {
         match cmd {
             Command::SetAdminState { name, .. } => Before::Admin(self.node_by_name(name).map(|n| n.admin_state)),
+            Command::SetSiteAdminState { site, .. } => Before::SiteAdmin(
+                self.nodes
+                    .values()
+                    .filter(|n| n.site.as_deref() == Some(site))
+                    .map(|n| (n.name.clone(), n.admin_state))
+                    .collect(),
+            ),
             Command::SetPlacement { name, .. } => Before::Placement(self.groups.get(name).map(|g| g.placement.clone())),
             Command::PutGroup { name, .. } => Before::Exists(self.groups.contains_key(name)),
             Command::PutAlert { name, .. } => Before::Exists(self.alerts.by_name.contains_key(name)),
@@ -753,18 +787,13 @@ impl ClusterState {
                     .node(name))
             }
             (Command::SetAdminState { name, state }, Before::Admin(old)) if old != Some(*state) => {
-                let (kind, sev, msg) = match state {
-                    AdminState::Standby => ("node.standby", Severity::Info, format!("node {name} is in standby")),
-                    AdminState::Maintenance => {
-                        ("node.maintenance", Severity::Warning, format!("node {name} is in maintenance"))
-                    }
-                    AdminState::Online => {
-                        ("node.admin_online", Severity::Info, format!("node {name} may run groups again"))
-                    }
-                };
-                let from = old.map(AdminState::as_str);
-                one(ev(kind, sev, msg).node(name).details(json!({"from": from, "to": state.as_str()})))
+                one(admin_event(time, name, old, *state, None))
             }
+            (Command::SetSiteAdminState { site, state }, Before::SiteAdmin(old)) => old
+                .into_iter()
+                .filter(|(_, was)| was != state)
+                .map(|(name, was)| who(admin_event(time, &name, Some(was), *state, Some(site))))
+                .collect(),
             (Command::PutGroup { name, .. }, Before::Exists(existed)) => {
                 let (kind, verb) = if existed { ("group.changed", "changed") } else { ("group.defined", "defined") };
                 one(ev(kind, Severity::Info, format!("group {name} {verb}")).group(name))
@@ -934,6 +963,19 @@ impl ClusterState {
                 let id = self.node_id_by_name(name)?;
                 if let Some(n) = self.nodes.get_mut(&id) {
                     n.admin_state = *state;
+                }
+                Ok(Reply::Done)
+            }
+            Command::SetSiteAdminState { site, state } => {
+                let in_site: Vec<NodeId> =
+                    self.nodes.values().filter(|n| n.site.as_deref() == Some(site)).map(|n| n.id).collect();
+                if in_site.is_empty() {
+                    return Err(CommandError::SiteNotFound { site: site.clone() });
+                }
+                for id in in_site {
+                    if let Some(n) = self.nodes.get_mut(&id) {
+                        n.admin_state = *state;
+                    }
                 }
                 Ok(Reply::Done)
             }
@@ -1429,6 +1471,43 @@ mod tests {
     }
 
     #[test]
+    fn a_site_is_set_at_once_and_an_unknown_site_changes_nothing() {
+        let mut s = booted();
+        let in_site = |name: &str, site: Option<&str>| NodeSpec {
+            site: site.map(str::to_string),
+            ..spec(name, "127.0.0.1", 7401)
+        };
+        for (i, (name, site)) in
+            [("a1", Some("dc1")), ("a2", Some("dc1")), ("b1", Some("dc2")), ("w", None)].iter().enumerate()
+        {
+            let node = NodeSpec { port: 7402 + i as u16, ..in_site(name, *site) };
+            s.apply(&Command::AddNode { node }).unwrap();
+        }
+        s.apply(&Command::SetAdminState { name: "a2".into(), state: AdminState::Maintenance }).unwrap();
+        s.events = EventLog::default();
+        let before = s.clone();
+        let unknown = Command::SetSiteAdminState { site: "dc9".into(), state: AdminState::Standby };
+        assert_eq!(s.apply(&unknown), Err(CommandError::SiteNotFound { site: "dc9".into() }));
+        assert_eq!(s, before);
+
+        let standby = Command::SetSiteAdminState { site: "dc1".into(), state: AdminState::Standby };
+        s.apply_stamped(&standby, Some(&stamp(70, Some("token:ops")))).unwrap();
+        let admin = |n: &str| s.node_by_name(n).map(|r| r.admin_state);
+        assert_eq!(admin("a1"), Some(AdminState::Standby));
+        assert_eq!(admin("a2"), Some(AdminState::Standby));
+        assert_eq!(admin("b1"), Some(AdminState::Online));
+        assert_eq!(admin("w"), Some(AdminState::Online));
+        let evs: Vec<_> = s.events.events.iter().map(|e| (e.kind.as_str(), e.node.as_deref().unwrap_or(""))).collect();
+        assert_eq!(evs, vec![("node.standby", "a1"), ("node.standby", "a2")]);
+        assert_eq!(s.events.events[1].details["from"], "maintenance");
+        assert_eq!(s.events.events[1].details["site"], "dc1");
+        assert_eq!(s.events.events[0].details["by"], "token:ops");
+        // Again: nothing changes, no event.
+        s.apply(&standby).unwrap();
+        assert_eq!(s.events.events.len(), 2);
+    }
+
+    #[test]
     fn alerts_start_after_the_newest_event_and_refused_alert_commands_change_nothing() {
         let mut s = booted();
         let hook: AlertSpec = serde_json::from_value(serde_json::json!(
@@ -1807,7 +1886,7 @@ mod tests {
                     name,
                     addresses: vec![a.to_string()],
                     port,
-                    site: None,
+                    site: (port % 2 == 0).then(|| "a".to_string()),
                     witness,
                 })
                 .boxed();
@@ -1828,7 +1907,9 @@ mod tests {
             (0u32..4).prop_map(|generation| Command::RetireHeartbeatKey { generation }),
             arb_spec.prop_map(|node| Command::AddNode { node }),
             arb_name().prop_map(|name| Command::RemoveNode { name }),
-            (arb_name(), arb_state).prop_map(|(name, state)| Command::SetAdminState { name, state }),
+            (arb_name(), arb_state.clone()).prop_map(|(name, state)| Command::SetAdminState { name, state }),
+            (prop_oneof![Just("a"), Just("b")], arb_state.clone())
+                .prop_map(|(site, state)| Command::SetSiteAdminState { site: site.into(), state }),
             (arb_name(), prop_oneof![Just("k"), Just("K!")], "[a-z]{0,3}")
                 .prop_map(|(name, key, value)| Command::SetAttribute { name, key: key.into(), value }),
             (arb_name(), Just("k")).prop_map(|(name, key)| Command::DeleteAttribute { name, key: key.into() }),

@@ -80,6 +80,25 @@ impl Backend for Agent {
         self.node_view(&m, name)
     }
 
+    async fn sites(&self, stale: bool) -> Result<Vec<tandem_http_api::SiteView>, ApiError> {
+        let m = self.read_member(stale).await?;
+        Ok(self.site_views(&m))
+    }
+
+    async fn set_site_admin_state(&self, site: &str, state: AdminState) -> Result<tandem_http_api::SiteView, ApiError> {
+        let m = self.require_member()?;
+        self.propose(&m, Command::SetSiteAdminState { site: site.into(), state }).await?;
+        self.site_view(&m, site)
+    }
+
+    async fn switchover_site(
+        &self,
+        site: &str,
+        req: tandem_http_api::SwitchoverRequest,
+    ) -> Result<tandem_http_api::SwitchoverReport, ApiError> {
+        self.do_switchover_site(site, req).await
+    }
+
     async fn set_attribute(&self, name: &str, key: &str, value: String) -> Result<NodeView, ApiError> {
         let m = self.require_member()?;
         self.propose(&m, Command::SetAttribute { name: name.into(), key: key.into(), value }).await?;

@@ -371,6 +371,7 @@ mod metrics;
 mod peers;
 mod raft_ops;
 mod security;
+mod sites;
 mod views;
 mod volumes;
 
