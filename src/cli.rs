@@ -439,6 +439,56 @@ pub fn site_text(s: &tandem_http_api::SiteView) -> String {
     sites_table(std::slice::from_ref(s))
 }
 
+/// A recovery's report, or its dry run's.
+pub fn recover_text(r: &tandem_http_api::RecoverReport) -> String {
+    let head = if r.dry_run {
+        format!("DRY RUN: nothing changed. To recover: tandem cluster recover --confirm {}\n\n", r.cluster_id)
+    } else {
+        format!(
+            "cluster {} recovered: {} is its single voter (incarnation {})\n\n",
+            r.cluster_id, r.node, r.incarnation
+        )
+    };
+    let rows: Vec<Vec<String>> = r
+        .groups
+        .iter()
+        .map(|g| {
+            vec![
+                g.group.clone(),
+                g.node.clone().unwrap_or_else(|| "-".into()),
+                g.would_run_on.clone().unwrap_or_else(|| "(nowhere)".into()),
+                g.reason.clone(),
+            ]
+        })
+        .collect();
+    let mut s = head;
+    s += &format!(
+        "log held on {}: index {} (term {}), known committed {}: {} entries {} committed by the recovery\n",
+        r.node,
+        r.log_index,
+        r.log_term,
+        r.committed_index,
+        r.entries_committed_by_recovery,
+        if r.dry_run { "would be" } else { "were" }
+    );
+    s += &format!(
+        "voters {}; answering {}; dropped (superseded until removed and joined again): {}\n",
+        r.voters.join(", "),
+        if r.reachable.is_empty() { "none".to_string() } else { r.reachable.join(", ") },
+        r.dropped.join(", ")
+    );
+    if !r.volumes_without_up_to_date_replica.is_empty() {
+        s += &format!(
+            "volumes with no up-to-date replica here (they wait): {}\n",
+            r.volumes_without_up_to_date_replica.join(", ")
+        );
+    }
+    for w in &r.warnings {
+        s += &format!("WARNING: {w}\n");
+    }
+    s + "\n" + &table(&["GROUP", "NOW", "THEN", "REASON"], &rows)
+}
+
 /// Seconds with two decimals, `-` for none.
 pub fn secs(ms: Option<u64>) -> String {
     ms.map_or_else(|| "-".into(), |ms| format!("{:.2}s", ms as f64 / 1000.0))

@@ -20,6 +20,7 @@ pub mod lease;
 pub mod liveness;
 pub mod metrics;
 pub mod reconcile;
+pub mod recovery;
 pub mod rundir;
 pub mod scheduler;
 pub mod security;

@@ -282,6 +282,14 @@ enum ClusterCmd {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+    /// After the majority of the voters is lost for good: make the node
+    /// at --endpoint the single voter of a new incarnation of the cluster.
+    /// Without --confirm, only reports what it would do (admin).
+    Recover {
+        /// The cluster's id: the recovery is done, not only reported.
+        #[arg(long)]
+        confirm: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -604,6 +612,20 @@ async fn client_command(
                 .await?,
             local,
         ),
+        Cmd::Cluster(ClusterCmd::Recover { confirm }) => {
+            let dry_run = confirm.is_none();
+            let v = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/cluster/recover?dry_run={dry_run}"),
+                    Some(json!({ "confirm": confirm })),
+                )
+                .await?;
+            if json_out {
+                return Ok(format!("{v:#}\n"));
+            }
+            return Ok(cli::recover_text(&parse::<tandem_http_api::RecoverReport>(v)?));
+        }
         Cmd::Cluster(ClusterCmd::JoinToken { ttl }) => {
             let v = c.call(Method::POST, "/v1/cluster/join-token", Some(json!({ "ttl_s": ttl }))).await?;
             if json_out {

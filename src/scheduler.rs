@@ -36,6 +36,22 @@ pub struct NodeInfo {
     pub capacity: Option<u32>,
 }
 
+impl NodeInfo {
+    /// A recorded node as seen now: `alive` and `fenced` come from liveness
+    /// and the failover policy; the rest from its record.
+    pub fn of(r: &tandem_raft::state::NodeRecord, alive: bool, fenced: bool) -> NodeInfo {
+        NodeInfo {
+            id: r.id,
+            name: r.name.clone(),
+            admin: r.admin_state,
+            witness: r.witness,
+            alive,
+            fenced,
+            capacity: r.attributes.get("capacity").and_then(|c| c.parse().ok()),
+        }
+    }
+}
+
 /// Why `g`'s volume keeps it off `n`: `n` holds no replica of it, or its
 /// replica is not recorded `UpToDate`.
 fn disk_unfit(g: &GroupRecord, n: &NodeInfo) -> Option<String> {

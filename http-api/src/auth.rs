@@ -249,6 +249,13 @@ async fn authorize_and_run(b: SharedBackend, req: Request, next: Next) -> Respon
         Access::OpenUntilMember => Access::Read,
         other => other,
     };
+    // A node a recovery of its cluster superseded has no tokens to check
+    // any more: every caller gets the reason and what to do.
+    if !matches!(need, Access::Open | Access::Local) && b.route() == crate::Route::NotMember {
+        if let e @ ApiError::Superseded { .. } = b.not_member() {
+            return e.into_response();
+        }
+    }
     // A node relaying a client's request says who the client is.
     let (on_behalf, client_addr) = if peer.node.is_some() {
         let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);

@@ -54,7 +54,7 @@ fn none() -> Vec<ApiError> {
 }
 
 fn not_ready() -> Vec<ApiError> {
-    vec![ApiError::NotMember, ApiError::NoLeader]
+    vec![ApiError::NotMember, ApiError::Superseded { node: s(), detail: s() }, ApiError::NoLeader]
 }
 
 /// Every linearizable read: it needs the leader's confirmation.
@@ -228,6 +228,17 @@ fn move_group() -> Vec<ApiError> {
     ]
 }
 
+fn recover() -> Vec<ApiError> {
+    vec![
+        ApiError::NotMember,
+        ApiError::Superseded { node: s(), detail: s() },
+        ApiError::QuorumReachable(s()),
+        ApiError::Invalid { field: s(), reason: s() },
+        ApiError::Storage(s()),
+        ApiError::Internal(s()),
+    ]
+}
+
 fn read_site() -> Vec<ApiError> {
     vec![ApiError::QuorumUnavailable(s())]
 }
@@ -340,6 +351,7 @@ pub const OPERATIONS: &[Operation] = &[
         layers: layers(true, false, false),
         errors: delete_attribute,
     },
+    Operation { method: "post", path: "/v1/cluster/recover", layers: layers(false, true, true), errors: recover },
     Operation { method: "get", path: "/v1/sites", layers: layers(true, true, false), errors: read_site },
     Operation {
         method: "post",
@@ -412,6 +424,7 @@ impl Operation {
         if self.layers.forwarded {
             all.extend([
                 ApiError::NotMember,
+                ApiError::Superseded { node: s(), detail: s() },
                 ApiError::NoLeader,
                 ApiError::ForwardFailed { url: s(), reason: s() },
                 ApiError::BodyTooLarge { limit: 0 },
@@ -718,6 +731,7 @@ fn request_constraints() -> Vec<(&'static str, &'static str, Value)> {
         ),
         ("AttributeValue", "value", json!({"maxLength": MAX_ATTRIBUTE_VALUE_LEN})),
         ("MoveRequest", "to", name_schema()),
+        ("RecoverRequest", "confirm", nullable(name_schema())),
         ("SwitchoverRequest", "timeout_s", nullable(json!({"type": "integer", "minimum": 1, "maximum": 25}))),
         ("TokenRequest", "name", name_schema()),
         // Join tokens come from POST /v1/cluster/join-token.
@@ -900,7 +914,7 @@ pub fn document() -> Value {
                     p["schema"] = json!({"type": "string", "enum": ["info", "warning", "critical"]})
                 }
                 // Flags: `?stale`, `?stale=true`, `?stale=1` ... (see `flag`).
-                ("query", "stale") | ("query", "force") => {
+                ("query", "stale") | ("query", "force") | ("query", "dry_run") => {
                     p["schema"] = json!({"type": "string", "enum": ["true", "false", "1", "0", ""]})
                 }
                 _ => {}

@@ -39,6 +39,10 @@ pub enum ApiError {
     NodeNotFound(String),
     #[error("no node is in site {0}")]
     SiteNotFound(String),
+    #[error("node {node} was superseded: {detail}")]
+    Superseded { node: String, detail: String },
+    #[error("cannot recover: {0}")]
+    QuorumReachable(String),
     #[error("a node named {0} already exists")]
     NodeExists(String),
     #[error("address {address} is already used by node {name}")]
@@ -153,10 +157,10 @@ impl ApiError {
         "TND-1001", "TND-1002", "TND-1003", "TND-1004", "TND-1005", "TND-1006", "TND-1010", "TND-1100", "TND-1101",
         "TND-1102", "TND-1103", "TND-1104", "TND-1105", "TND-1106", "TND-1107", "TND-1108", "TND-1109", "TND-1200",
         "TND-1201", "TND-1202", "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209",
-        "TND-1300", "TND-1301", "TND-1302", "TND-1303", "TND-1400", "TND-1401", "TND-1402", "TND-1403", "TND-1404",
-        "TND-1405", "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411", "TND-1500", "TND-1501",
-        "TND-1502", "TND-1503", "TND-1504", "TND-1505", "TND-1506", "TND-1507", "TND-1508", "TND-1509", "TND-1510",
-        "TND-1511", "TND-1512", "TND-1600", "TND-1601", "TND-1602", "TND-1900", "TND-1901",
+        "TND-1210", "TND-1211", "TND-1300", "TND-1301", "TND-1302", "TND-1303", "TND-1400", "TND-1401", "TND-1402",
+        "TND-1403", "TND-1404", "TND-1405", "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411",
+        "TND-1500", "TND-1501", "TND-1502", "TND-1503", "TND-1504", "TND-1505", "TND-1506", "TND-1507", "TND-1508",
+        "TND-1509", "TND-1510", "TND-1511", "TND-1512", "TND-1600", "TND-1601", "TND-1602", "TND-1900", "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -189,6 +193,8 @@ impl ApiError {
             WouldLoseQuorum(_) => "TND-1207",
             Refused { .. } => "TND-1208",
             UnknownPeer(_) => "TND-1209",
+            Superseded { .. } => "TND-1210",
+            QuorumReachable(_) => "TND-1211",
             GroupNotFound(_) => "TND-1300",
             GroupInUse { .. } => "TND-1301",
             GroupChanged(_) => "TND-1302",
@@ -255,6 +261,7 @@ impl ApiError {
             // holding no replica, too little free space) is a conflict, 409:
             // 422 is for what the OpenAPI schema or its stated rules refuse.
             Invalid { .. } | NameMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Superseded { .. } | QuorumReachable(_) => StatusCode::CONFLICT,
             NodeExists(_)
             | AddressInUse { .. }
             | NodeUnreachable { .. }
@@ -300,6 +307,11 @@ impl ApiError {
             MethodNotAllowed { .. } => "See GET /openapi.json or docs/api.md for the methods of this route.".into(),
             Invalid { field, .. } => format!("Correct `{field}` and send the request again."),
             NodeNotFound(_) => "List the nodes with `tandem node list` or GET /v1/nodes.".into(),
+            Superseded { .. } => "The cluster was recovered without this node after it lost its quorum; its Raft state is never \
+                merged. To rejoin: on the recovered cluster `tandem node remove <name> --force`, then here \
+                `tandem cluster join <url> --token … --ca-hash …` (its volumes' data are kept).".into(),
+            QuorumReachable(_) => "Recover only when a majority of the voters is gone for good: wait for the \
+                cluster to elect a leader, or for the unreachable voters to come back.".into(),
             SiteNotFound(_) => "A site is the `site` of its nodes' configs: list them with `tandem site list` or GET /v1/sites.".into(),
             NodeExists(_) => "Pick another name, or remove the old node first (DELETE /v1/nodes/{name}).".into(),
             AddressInUse { .. } => "Each node needs its own address:port; fix the agent's config.".into(),

@@ -79,6 +79,11 @@ pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> String;
     /// Where cluster-wide requests must go right now.
     fn route(&self) -> Route;
+    /// Why this node is not a member: `NotMember`, or `Superseded` when a
+    /// recovery of its cluster went on without it.
+    fn not_member(&self) -> ApiError {
+        ApiError::NotMember
+    }
     fn local(&self) -> LocalView;
     /// Member of a cluster that has a leader.
     fn ready(&self) -> Result<(), ApiError>;
@@ -90,6 +95,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn remove_node(&self, name: &str, force: bool) -> Result<(), ApiError>;
     async fn set_admin_state(&self, name: &str, state: AdminState) -> Result<NodeView, ApiError>;
     async fn set_attribute(&self, name: &str, key: &str, value: String) -> Result<NodeView, ApiError>;
+    /// Quorum-loss recovery on this node (never forwarded: there is no
+    /// leader to forward to).
+    async fn recover(&self, dry_run: bool, req: RecoverRequest) -> Result<RecoverReport, ApiError>;
+    /// The refusal of a Raft call from `node` when a recovery superseded it.
+    fn superseded(&self, node: NodeId) -> Option<ApiError>;
     async fn sites(&self, stale: bool) -> Result<Vec<SiteView>, ApiError>;
     /// Sets every node of the site at once (one command).
     async fn set_site_admin_state(&self, site: &str, state: AdminState) -> Result<SiteView, ApiError>;
@@ -433,6 +443,7 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/cluster/init", post(init_cluster))
         .route("/v1/cluster/join", post(join_cluster))
         .route("/v1/cluster/ca", get(get_cluster_ca))
+        .route("/v1/cluster/recover", post(recover_cluster))
         .route("/internal/ca-key", post(get_ca_key))
         .route("/internal/adopt", post(adopt))
         .route("/internal/release", post(release))
@@ -521,7 +532,7 @@ async fn route_to_leader(State(fw): State<Forwarder>, req: Request, next: Next) 
     }
     match fw.backend.route() {
         Route::Here => next.run(req).await,
-        Route::NotMember => ApiError::NotMember.into_response(),
+        Route::NotMember => fw.backend.not_member().into_response(),
         Route::NoLeader => ApiError::NoLeader.into_response(),
         Route::Leader(_) if req.headers().contains_key(HEADER_FORWARDED) => ApiError::NoLeader.into_response(),
         Route::Leader(urls) => {
@@ -1219,6 +1230,28 @@ async fn set_maintenance(State(b): State<SharedBackend>, Path(name): Path<String
     admin(b, name, AdminState::Maintenance).await
 }
 
+/// `POST /v1/cluster/recover?dry_run=`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverParams {
+    /// Report what a recovery would do, change nothing.
+    #[serde(default, deserialize_with = "flag")]
+    pub dry_run: bool,
+}
+
+#[utoipa::path(post, path = "/v1/cluster/recover", tag = "cluster",
+    params(("dry_run" = Option<bool>, Query, description = "Report what a recovery would do; change nothing")),
+    request_body = RecoverRequest,
+    responses((status = 200, description = "This node is the single voter of a new incarnation (or, with dry_run, what would happen)", body = RecoverReport),
+              (status = 409, description = "A majority of the voters answers, or a leader is heard (TND-1211)", body = ErrorBody)))]
+async fn recover_cluster(
+    State(b): State<SharedBackend>,
+    ApiQuery(p): ApiQuery<RecoverParams>,
+    ApiJson(req): ApiJson<RecoverRequest>,
+) -> Result<Json<RecoverReport>, ApiError> {
+    b.recover(p.dry_run, req).await.map(Json)
+}
+
 #[utoipa::path(get, path = "/v1/sites", tag = "sites",
     params(("stale" = Option<bool>, Query, description = "Serve the local copy instead of a linearizable read")),
     responses((status = 200, description = "Every site named by a node, with its nodes and the groups running there", body = [SiteView])))]
@@ -1498,6 +1531,9 @@ async fn raft_append(
     RaftJson(rpc): RaftJson<AppendEntriesRequest<TypeConfig>>,
 ) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
+    if let Some(e) = rpc.vote.leader_id().voted_for().and_then(|n| b.superseded(n)) {
+        return Err(e);
+    }
     Ok(Json(raft.append_entries(rpc).await))
 }
 
@@ -1507,6 +1543,9 @@ async fn raft_vote(
     RaftJson(rpc): RaftJson<VoteRequest<NodeId>>,
 ) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
+    if let Some(e) = rpc.vote.leader_id().voted_for().and_then(|n| b.superseded(n)) {
+        return Err(e);
+    }
     // A removed node that comes back with its old identity must not disturb
     // the cluster with elections: only members may ask for votes.
     if let Some(candidate) = rpc.vote.leader_id().voted_for() {
@@ -1523,6 +1562,9 @@ async fn raft_snapshot(
     RaftJson(rpc): RaftJson<InstallSnapshotRequest<TypeConfig>>,
 ) -> Result<Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>, ApiError> {
     let raft = raft_target(&b, &headers)?;
+    if let Some(e) = rpc.vote.leader_id().voted_for().and_then(|n| b.superseded(n)) {
+        return Err(e);
+    }
     Ok(Json(raft.install_snapshot(rpc).await))
 }
 
@@ -1568,6 +1610,7 @@ async fn raft_snapshot(
         set_maintenance,
         set_attribute,
         delete_attribute,
+        recover_cluster,
         list_sites,
         set_site_standby,
         set_site_online,
@@ -1626,6 +1669,9 @@ async fn raft_snapshot(
         AttributeValue,
         GroupView,
         MoveRequest,
+        RecoverRequest,
+        RecoverReport,
+        RecoverGroup,
         SiteView,
         SwitchoverRequest,
         SwitchoverReport,

@@ -289,6 +289,58 @@ pub struct LocalGroupStatus {
     pub resources: Vec<ResourceView>,
 }
 
+/// `POST /v1/cluster/recover`: `confirm` is the cluster's id (required
+/// unless `?dry_run=true`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    #[serde(default)]
+    pub confirm: Option<String>,
+}
+
+/// Where a group would run after a recovery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RecoverGroup {
+    pub group: String,
+    /// Where it is placed now (null: nowhere).
+    pub node: Option<String>,
+    /// Where the scheduler would run it with only the survivor up (null:
+    /// nowhere, `reason` says why).
+    pub would_run_on: Option<String>,
+    pub reason: String,
+}
+
+/// What a recovery did, or would do (`dry_run`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RecoverReport {
+    pub cluster_id: String,
+    /// The node recovering: the single voter of the new incarnation.
+    pub node: String,
+    pub dry_run: bool,
+    /// The incarnation the cluster becomes (recoveries so far, plus one).
+    pub incarnation: u64,
+    /// The last log entry this node holds, and the newest index it knew
+    /// committed: the entries between are committed by the recovery
+    /// (`entries_committed_by_recovery`), though no majority may have had
+    /// them.
+    pub log_index: u64,
+    pub log_term: u64,
+    pub committed_index: u64,
+    pub entries_committed_by_recovery: u64,
+    /// The voters before, those that answered the probe, and those dropped
+    /// (superseded: refused until removed and joined again).
+    pub voters: Vec<String>,
+    pub reachable: Vec<String>,
+    pub dropped: Vec<String>,
+    pub groups: Vec<RecoverGroup>,
+    /// Volumes whose only up-to-date replica was on a dropped node: they
+    /// cannot run until a forced promotion or that node's return.
+    pub volumes_without_up_to_date_replica: Vec<String>,
+    /// What the recovered cluster will lack (e.g. the CA's key, without
+    /// which no node can join or renew its certificate).
+    pub warnings: Vec<String>,
+}
+
 /// `GET /v1/sites`: a site and its nodes (the nodes that name it in their
 /// `site`), and the groups running there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -31,10 +31,18 @@ pub const HEADER_TARGET: &str = "x-tandem-target";
 pub const HEADER_CLUSTER: &str = "x-tandem-cluster";
 
 /// Creates one client per peer; all share one connection pool.
+/// Told when a peer answers that this node was superseded by a recovery of
+/// its cluster (409 `TND-1210`): the agent then stops taking part.
+pub type SupersededHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The error code of a superseded member's refused call.
+pub const SUPERSEDED_CODE: &str = "TND-1210";
+
 #[derive(Clone)]
 pub struct Network {
     http: reqwest::Client,
     cluster_id: String,
+    superseded: Option<SupersededHook>,
 }
 
 impl Network {
@@ -50,7 +58,12 @@ impl Network {
             .tcp_nodelay(true)
             .no_proxy()
             .build()?;
-        Ok(Network { http, cluster_id })
+        Ok(Network { http, cluster_id, superseded: None })
+    }
+
+    pub fn on_superseded(mut self, hook: SupersededHook) -> Self {
+        self.superseded = Some(hook);
+        self
     }
 }
 
@@ -64,6 +77,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             urls: node.urls.clone(),
             preferred: Arc::new(AtomicUsize::new(0)),
+            superseded: self.superseded.clone(),
         }
     }
 }
@@ -76,6 +90,7 @@ pub struct PeerClient {
     urls: Vec<String>,
     /// Index of the path that last worked: tried first next time.
     preferred: Arc<AtomicUsize>,
+    superseded: Option<SupersededHook>,
 }
 
 /// Why one RPC attempt failed.
@@ -163,6 +178,11 @@ impl PeerClient {
             // Not a Raft answer: the process there is not (yet) the node we
             // want, e.g. not initialized or another node's id. Back off.
             let text = String::from_utf8_lossy(&bytes);
+            if status == reqwest::StatusCode::CONFLICT && text.contains(SUPERSEDED_CODE) {
+                if let Some(hook) = &self.superseded {
+                    hook(&text);
+                }
+            }
             return Err(Failure::Unreachable(format!("{base}: HTTP {status}: {text}")));
         }
         serde_json::from_slice(&bytes).map_err(|e| Failure::Network(format!("{base}: bad reply: {e}")))

@@ -8,7 +8,7 @@
 //! Commands are stored in the Raft log inside [`VersionedCommand`], tagged with
 //! the encoding version, so that a newer binary can still read an older log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -296,6 +296,18 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         report_ms: Option<u64>,
     },
+    /// The first command of a recovered cluster, proposed by its single
+    /// voter `survivor`: the voters in `dropped` are superseded, and
+    /// `incarnation` counts the recoveries. `log_index`/`committed_index`
+    /// say what the survivor held: the entries between them, never known
+    /// committed before, were committed by the recovery.
+    Recover {
+        incarnation: u64,
+        survivor: NodeId,
+        dropped: Vec<NodeId>,
+        log_index: u64,
+        committed_index: u64,
+    },
 }
 
 /// What the proposer adds to a command: its clock (the time of the events
@@ -470,6 +482,18 @@ pub struct ClusterState {
     pub events: EventLog,
     #[serde(default, skip_serializing_if = "no_alerts")]
     pub alerts: Alerts,
+    /// How many times the cluster was recovered after losing its quorum
+    /// for good (`Recover`): 0 until then.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incarnation: u64,
+    /// Members dropped by a recovery: refused (their Raft calls answered
+    /// `superseded`) and never placed on, until removed and joined again.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub superseded: BTreeSet<NodeId>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn no_alerts(a: &Alerts) -> bool {
@@ -789,6 +813,23 @@ impl ClusterState {
             (Command::SetAdminState { name, state }, Before::Admin(old)) if old != Some(*state) => {
                 one(admin_event(time, name, old, *state, None))
             }
+            (Command::Recover { incarnation, survivor, dropped, log_index, committed_index }, _) => {
+                let names: Vec<String> = dropped.iter().map(|d| self.node_name(*d)).collect();
+                let on = self.node_name(*survivor);
+                let gained = log_index - committed_index;
+                one(ev(
+                    "cluster.recovered",
+                    Severity::Critical,
+                    format!(
+                        "cluster recovered on {on} after losing its quorum (incarnation {incarnation}): {} dropped; \
+                         {gained} entries it held but were not known committed are now committed",
+                        if names.is_empty() { "no member".to_string() } else { names.join(", ") }
+                    ),
+                )
+                .node(on)
+                .details(json!({"incarnation": incarnation, "dropped": names, "log_index": log_index,
+                    "committed_index": committed_index, "entries_committed_by_recovery": gained})))
+            }
             (Command::SetSiteAdminState { site, state }, Before::SiteAdmin(old)) => old
                 .into_iter()
                 .filter(|(_, was)| was != state)
@@ -948,6 +989,7 @@ impl ClusterState {
                 let id = self.node_id_by_name(name)?;
                 self.nodes.remove(&id);
                 self.node_certs.remove(&id);
+                self.superseded.remove(&id);
                 // A node that joins again under this name comes with an
                 // empty disk: its replicas hold nothing.
                 for g in self.groups.values_mut() {
@@ -964,6 +1006,26 @@ impl ClusterState {
                 if let Some(n) = self.nodes.get_mut(&id) {
                     n.admin_state = *state;
                 }
+                Ok(Reply::Done)
+            }
+            Command::Recover { incarnation, survivor, dropped, log_index, committed_index } => {
+                if *incarnation != self.incarnation + 1 {
+                    return Err(invalid(
+                        "incarnation",
+                        format!("the next incarnation is {}, not {incarnation}", self.incarnation + 1),
+                    ));
+                }
+                if !self.nodes.contains_key(survivor) {
+                    return Err(invalid("survivor", format!("no node with id {survivor}")));
+                }
+                if let Some(d) = dropped.iter().find(|d| !self.nodes.contains_key(d) || *d == survivor) {
+                    return Err(invalid("dropped", format!("{d} is not another member")));
+                }
+                if committed_index > log_index {
+                    return Err(invalid("committed_index", "past the log's end"));
+                }
+                self.incarnation = *incarnation;
+                self.superseded.extend(dropped.iter().copied());
                 Ok(Reply::Done)
             }
             Command::SetSiteAdminState { site, state } => {
@@ -1471,6 +1533,44 @@ mod tests {
     }
 
     #[test]
+    fn a_recovery_supersedes_the_dropped_voters_once_per_incarnation() {
+        let mut s = booted();
+        for (name, port) in [("node2", 7402), ("node3", 7403)] {
+            s.apply(&Command::AddNode { node: spec(name, "127.0.0.1", port) }).unwrap();
+        }
+        s.events = EventLog::default();
+        let before = s.clone();
+        let recover = |incarnation, survivor, dropped: Vec<NodeId>, committed_index| Command::Recover {
+            incarnation,
+            survivor,
+            dropped,
+            log_index: 40,
+            committed_index,
+        };
+        for bad in [
+            recover(2, 2, vec![1, 3], 37), // skips an incarnation
+            recover(1, 9, vec![1, 3], 37), // no such survivor
+            recover(1, 2, vec![2, 3], 37), // drops itself
+            recover(1, 2, vec![1, 7], 37), // drops a stranger
+            recover(1, 2, vec![1, 3], 41), // committed past the log
+        ] {
+            assert!(s.apply(&bad).is_err(), "{bad:?}");
+            assert_eq!(s, before, "{bad:?}");
+        }
+        s.apply(&recover(1, 2, vec![1, 3], 37)).unwrap();
+        assert_eq!((s.incarnation, s.superseded.iter().copied().collect::<Vec<_>>()), (1, vec![1, 3]));
+        let e = &s.events.events[0];
+        assert_eq!((e.kind.as_str(), e.severity), ("cluster.recovered", Severity::Critical));
+        assert_eq!(e.details["entries_committed_by_recovery"], 3);
+        assert_eq!(e.details["dropped"], serde_json::json!(["node1", "node3"]));
+        // The same recovery again is refused: the incarnation moved on.
+        assert!(s.apply(&recover(1, 2, vec![1, 3], 37)).is_err());
+        // Removing a superseded node forgets it (it may join again afresh).
+        s.apply(&Command::RemoveNode { name: "node1".into() }).unwrap();
+        assert_eq!(s.superseded.iter().copied().collect::<Vec<_>>(), vec![3]);
+    }
+
+    #[test]
     fn a_site_is_set_at_once_and_an_unknown_site_changes_nothing() {
         let mut s = booted();
         let in_site = |name: &str, site: Option<&str>| NodeSpec {
@@ -1910,6 +2010,15 @@ mod tests {
             (arb_name(), arb_state.clone()).prop_map(|(name, state)| Command::SetAdminState { name, state }),
             (prop_oneof![Just("a"), Just("b")], arb_state.clone())
                 .prop_map(|(site, state)| Command::SetSiteAdminState { site: site.into(), state }),
+            (0u64..3, 1u64..4, proptest::collection::vec(1u64..5, 0..3), 0u64..5).prop_map(
+                |(incarnation, survivor, dropped, committed_index)| Command::Recover {
+                    incarnation,
+                    survivor,
+                    dropped,
+                    log_index: 3,
+                    committed_index,
+                }
+            ),
             (arb_name(), prop_oneof![Just("k"), Just("K!")], "[a-z]{0,3}")
                 .prop_map(|(name, key, value)| Command::SetAttribute { name, key: key.into(), value }),
             (arb_name(), Just("k")).prop_map(|(name, key)| Command::DeleteAttribute { name, key: key.into() }),

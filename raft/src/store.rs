@@ -36,6 +36,7 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 const KEY_IDENTITY: &[u8] = b"identity";
+const KEY_SUPERSEDED: &[u8] = b"superseded";
 const KEY_STATE: &[u8] = b"state";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 
@@ -48,6 +49,16 @@ pub enum StoreError {
     Db(#[from] rocksdb::Error),
     #[error("corrupt {what} record: {source}")]
     Corrupt { what: &'static str, source: serde_json::Error },
+}
+
+/// What a node holds of the Raft log: its last entry, the newest index it
+/// knows committed, and the term of its vote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogHeld {
+    pub last_index: u64,
+    pub last_term: u64,
+    pub committed_index: u64,
+    pub vote_term: u64,
 }
 
 /// Who this node is in which cluster; written once when the node is
@@ -151,6 +162,64 @@ impl Db {
         let bytes = serde_json::to_vec(id).map_err(|source| StoreError::Corrupt { what: "identity", source })?;
         self.db.put_cf_opt(self.cf(CF_META), KEY_IDENTITY, bytes, &sync_opts())?;
         Ok(())
+    }
+
+    /// Why this node no longer takes part in its cluster (a recovery of the
+    /// cluster superseded it), if it was told so. Forgotten by `wipe`.
+    pub fn superseded(&self) -> Result<Option<String>, StoreError> {
+        self.get_json(CF_META, KEY_SUPERSEDED, "superseded")
+    }
+
+    pub fn set_superseded(&self, why: &str) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(why).map_err(|source| StoreError::Corrupt { what: "superseded", source })?;
+        self.db.put_cf_opt(self.cf(CF_META), KEY_SUPERSEDED, bytes, &sync_opts())?;
+        Ok(())
+    }
+
+    /// What this node holds of the Raft log (a recovery reports it).
+    pub fn log_held(&self) -> Result<LogHeld, StoreError> {
+        let last = match self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::End).next() {
+            None => self.get_json::<LogId>(CF_META, KEY_LAST_PURGED, "last purged")?,
+            Some(item) => {
+                let (_, v) = item?;
+                let entry: Entry<TypeConfig> =
+                    serde_json::from_slice(&v).map_err(|source| StoreError::Corrupt { what: "log entry", source })?;
+                Some(entry.log_id)
+            }
+        };
+        let committed: Option<LogId> = self.get_json(CF_META, KEY_COMMITTED, "committed")?;
+        let vote: Option<Vote<NodeId>> = self.get_json(CF_META, KEY_VOTE, "vote")?;
+        Ok(LogHeld {
+            last_index: last.map_or(0, |l| l.index),
+            last_term: last.map_or(0, |l| l.leader_id.term),
+            committed_index: committed.map_or(0, |l| l.index),
+            vote_term: vote.map_or(0, |v| v.leader_id().term),
+        })
+    }
+
+    /// Quorum-loss recovery, with Raft stopped on this node: appends a
+    /// membership of `node` alone after the last entry, under a term past
+    /// every one this node has seen, and votes for `node` in that term. Raft
+    /// then starts as the single voter, elects itself, and its first
+    /// commit commits every entry it holds. Returns what it held before.
+    pub fn force_single_voter(&self, node: NodeId, peer: Peer) -> Result<LogHeld, StoreError> {
+        let held = self.log_held()?;
+        let term = held.last_term.max(held.vote_term) + 1;
+        let membership = openraft::Membership::new(
+            vec![std::collections::BTreeSet::from([node])],
+            std::collections::BTreeMap::from([(node, peer)]),
+        );
+        let entry: Entry<TypeConfig> = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(term, node), held.last_index + 1),
+            payload: EntryPayload::Membership(membership),
+        };
+        let corrupt = |source| StoreError::Corrupt { what: "recovery", source };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_LOG), log_key(entry.log_id.index), serde_json::to_vec(&entry).map_err(corrupt)?);
+        let vote = serde_json::to_vec(&Vote::new(term, node)).map_err(corrupt)?;
+        batch.put_cf(self.cf(CF_META), KEY_VOTE, vote);
+        self.db.write_opt(batch, &sync_opts())?;
+        Ok(held)
     }
 
     /// Forgets everything: the node leaves its cluster and may join another
@@ -499,6 +568,39 @@ mod tests {
     #[test]
     fn openraft_storage_suite() -> Result<(), StorageError> {
         Suite::test_all(Builder)
+    }
+
+    #[tokio::test]
+    async fn a_recovery_appends_a_single_voter_membership_under_a_new_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let (mut log, _, _) = db.raft_storage().unwrap();
+        let vote = Vote::new(4, 2);
+        log.save_vote(&vote).await.unwrap();
+        log.save_committed(Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 6))).await.unwrap();
+        let blank = |index| Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(3, 1), index),
+            payload: EntryPayload::Blank,
+        };
+        for i in 1..=9 {
+            db.db.put_cf(db.cf(CF_LOG), log_key(i), serde_json::to_vec(&blank(i)).unwrap()).unwrap();
+        }
+
+        let peer = Peer { urls: vec!["https://10.0.0.2:7401".into()] };
+        let held = db.force_single_voter(2, peer.clone()).unwrap();
+        assert_eq!(held, LogHeld { last_index: 9, last_term: 3, committed_index: 6, vote_term: 4 });
+        let after = db.log_held().unwrap();
+        assert_eq!((after.last_index, after.last_term, after.vote_term), (10, 5, 5));
+        let entries = log.try_get_log_entries(10..11).await.unwrap();
+        match &entries[0].payload {
+            EntryPayload::Membership(m) => {
+                assert_eq!(m.voter_ids().collect::<Vec<_>>(), vec![2]);
+                assert_eq!(m.get_node(&2), Some(&peer));
+            }
+            other => panic!("not a membership: {other:?}"),
+        }
+        // The entries before are untouched.
+        assert_eq!(log.try_get_log_entries(1..10).await.unwrap().len(), 9);
     }
 
     #[test]

@@ -178,19 +178,7 @@ impl World {
             return Some(format!("the operator's {:?} is not committed", op.cmd));
         }
         let s = &self.committed;
-        let everyone: Vec<NodeInfo> = s
-            .nodes
-            .values()
-            .map(|r| NodeInfo {
-                id: r.id,
-                name: r.name.clone(),
-                admin: r.admin_state,
-                witness: r.witness,
-                alive: true,
-                fenced: false,
-                capacity: r.attributes.get("capacity").and_then(|c| c.parse().ok()),
-            })
-            .collect();
+        let everyone: Vec<NodeInfo> = s.nodes.values().map(|r| NodeInfo::of(r, true, false)).collect();
         let mut would: Option<Vec<String>> = None;
         for g in s.groups.values().filter(|g| g.enabled) {
             match (g.placement.phase, g.placement.node) {

@@ -9,6 +9,13 @@ impl Backend for Agent {
         self.cfg.name.clone()
     }
 
+    fn not_member(&self) -> ApiError {
+        match self.db.superseded().ok().flatten() {
+            Some(why) => ApiError::Superseded { node: self.cfg.name.clone(), detail: why },
+            None => ApiError::NotMember,
+        }
+    }
+
     fn route(&self) -> Route {
         let Some(m) = self.member() else {
             return Route::NotMember;
@@ -38,7 +45,7 @@ impl Backend for Agent {
 
     fn ready(&self) -> Result<(), ApiError> {
         match self.route() {
-            Route::NotMember => Err(ApiError::NotMember),
+            Route::NotMember => Err(self.not_member()),
             Route::NoLeader => Err(ApiError::NoLeader),
             Route::Here | Route::Leader(_) => Ok(()),
         }
@@ -78,6 +85,18 @@ impl Backend for Agent {
         let m = self.require_member()?;
         self.propose(&m, Command::SetAdminState { name: name.into(), state }).await?;
         self.node_view(&m, name)
+    }
+
+    async fn recover(
+        &self,
+        dry_run: bool,
+        req: tandem_http_api::RecoverRequest,
+    ) -> Result<tandem_http_api::RecoverReport, ApiError> {
+        self.do_recover(dry_run, req).await
+    }
+
+    fn superseded(&self, node: NodeId) -> Option<ApiError> {
+        self.superseded_refusal(node)
     }
 
     async fn sites(&self, stale: bool) -> Result<Vec<tandem_http_api::SiteView>, ApiError> {

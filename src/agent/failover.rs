@@ -60,14 +60,9 @@ impl Agent {
             .nodes
             .values()
             .zip(&seen)
-            .map(|(r, st)| NodeInfo {
-                id: r.id,
-                name: r.name.clone(),
-                admin: r.admin_state,
-                witness: r.witness,
-                alive: r.id == m.node_id || st.alive,
-                fenced: verdict.may_move(r.id),
-                capacity: r.attributes.get("capacity").and_then(|c| c.parse().ok()),
+            .map(|(r, st)| {
+                let alive = r.id == m.node_id || (st.alive && !state.superseded.contains(&r.id));
+                NodeInfo::of(r, alive, verdict.may_move(r.id))
             })
             .collect();
         let expired = self.failure_clock.lock().unwrap_or_else(|e| e.into_inner()).expired(&state.groups, now_ms);

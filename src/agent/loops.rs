@@ -55,7 +55,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cfg.data_dir.display()
             );
         }
-        agent.start_member(&identity).await?;
+        match agent.db.superseded()? {
+            // Never again with the old state: it would disturb the recovered
+            // cluster or, with other superseded members, make a second one.
+            Some(why) => tracing::error!(
+                "this node was superseded by a recovery of its cluster and takes no part: {why}. To rejoin: on the \
+                 recovered cluster `tandem node remove {} --force`, then here `tandem cluster join <url> --token … \
+                 --ca-hash …`",
+                cfg.name
+            ),
+            None => {
+                agent.start_member(&identity).await?;
+            }
+        }
     }
     let weak = Arc::downgrade(&agent);
     agent
@@ -114,6 +126,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     every(super::alerts::ALERT_TICK, move || {
         let agent = a.clone();
         async move { agent.alert_round().await }
+    });
+    let a = agent.clone();
+    every(super::recovery::SUPERSEDED_CHECK, move || {
+        let agent = a.clone();
+        async move { agent.superseded_round().await }
     });
     let a = agent.clone();
     every(super::security::CERT_CHECK, move || {

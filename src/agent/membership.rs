@@ -52,6 +52,14 @@ impl Agent {
         if let Some(m) = self.member() {
             return Err(ApiError::AlreadyMember(m.cluster_id.clone()));
         }
+        // A member a recovery superseded joins afresh: its old Raft state is
+        // dropped, never merged (its volumes' data stay), and its old
+        // certificate, no member's any more, is no longer presented.
+        if self.db.superseded().map_err(storage_err)?.is_some() {
+            tracing::warn!("joining again after a recovery superseded this node: its old Raft state is dropped");
+            self.db.wipe().map_err(storage_err)?;
+            self.release_tls();
+        }
         let via = req.via.trim_end_matches('/').to_string();
         let scheme = tandem_raft::state::url_scheme();
         if !via.starts_with(&format!("{scheme}://")) {
@@ -414,7 +422,9 @@ impl Agent {
         if !membership.voter_ids().any(|v| v == m.node_id) {
             return Ok(()); // this leader is leaving the voter set: hands off
         }
-        if let Some(missing) = state.nodes.values().find(|r| membership.get_node(&r.id).is_none()) {
+        // A member a recovery superseded stays out until removed and joined again.
+        let missing = |r: &&NodeRecord| membership.get_node(&r.id).is_none() && !state.superseded.contains(&r.id);
+        if let Some(missing) = state.nodes.values().find(missing) {
             tracing::info!(node = %missing.name, "re-adding a recorded node missing from raft membership");
             return self.add_learner(&m, missing.id, Peer { urls: missing.urls() }).await;
         }

@@ -141,6 +141,9 @@ pub struct Agent {
     pub(crate) volumes: Arc<crate::volume::manager::VolumeManager>,
     /// What `GET /metrics` counts as it happens (the rest is sampled).
     pub(crate) counters: crate::metrics::Counters,
+    /// Set by the Raft network when a peer answers that a recovery of the
+    /// cluster superseded this node; the agent then stops taking part.
+    superseded_notice: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> ApiError {
@@ -226,6 +229,7 @@ impl Agent {
             crate::metrics::Counters { log_append_seconds: db.stats().append_seconds.clone(), ..Default::default() };
         let event_sink = events::EventSink::new(cfg.name.clone());
         Ok(Agent {
+            superseded_notice: Default::default(),
             counters,
             event_sink,
             lease: std::sync::Mutex::new(lease),
@@ -281,7 +285,7 @@ impl Agent {
     }
 
     fn require_member(&self) -> Result<Arc<Member>, ApiError> {
-        self.member().ok_or(ApiError::NotMember)
+        self.member().ok_or_else(|| self.not_member())
     }
 
     fn my_urls(&self) -> Vec<String> {
@@ -306,8 +310,12 @@ impl Agent {
         .validate()
         .context("raft configuration")?;
         let builder = crate::security::tls::client_builder(&self.tls, self.tls.peer_client_config());
+        let notice = self.superseded_notice.clone();
         let network = Network::new(identity.cluster_id.clone(), builder, Duration::from_millis(500))
-            .context("raft network client")?;
+            .context("raft network client")?
+            .on_superseded(Arc::new(move |why: &str| {
+                *notice.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+            }));
         let (log, sm, state) = self.db.raft_storage().context("opening raft storage")?;
         // A root span: Raft's tasks outlive the API request that may start them.
         let span = tracing::info_span!(parent: None, "raft", node_id = identity.node_id);
@@ -370,6 +378,7 @@ mod membership;
 mod metrics;
 mod peers;
 mod raft_ops;
+mod recovery;
 mod security;
 mod sites;
 mod views;
