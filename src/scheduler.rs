@@ -439,6 +439,7 @@ mod tests {
             failed_on: Default::default(),
             move_to: None,
             replica_disks: Default::default(),
+            replica_replaced: Default::default(),
         }
     }
 

@@ -30,7 +30,14 @@ struct Recorder {
 
 #[async_trait::async_trait]
 impl ControlPlane for Recorder {
-    async fn record_disk(&self, _volume: &str, node: &str, disk: DiskState, epoch: u64) -> Result<(), String> {
+    async fn record_disk(
+        &self,
+        _volume: &str,
+        node: &str,
+        disk: DiskState,
+        epoch: u64,
+        _replaced: u64,
+    ) -> Result<(), String> {
         if *self.refuse.lock().unwrap() {
             return Err("no quorum".into());
         }
@@ -131,6 +138,7 @@ impl Cluster {
                 async_buffer: self.async_buffer,
                 async_failover: self.async_failover,
                 initial: if self.empty.contains(&self.nodes[me].name) { 0 } else { initial_generation("test/data") },
+                replaced: 0,
             },
             nbd_tcp: false,
         }

@@ -231,3 +231,111 @@ async fn a_failed_primary_disk_moves_the_group_to_an_up_to_date_replica() {
         "no full resync of n1"
     );
 }
+
+async fn events_of(url: &str, kind: &str) -> Vec<Value> {
+    let (st, page) = get(&format!("{url}/v1/events?since=0&limit=10000&kind={kind}")).await;
+    assert_eq!(st, 200, "{page}");
+    page["events"].as_array().cloned().unwrap_or_default()
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN).args(args).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_replica_is_never_promoted_before_its_full_resync_ends() {
+    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    // A slow resync (2 MiB at 256 KiB/s) leaves a window to fail over in.
+    let mut spec = volume_group("16MiB", 2);
+    spec["resources"][0]["rate"] = json!("256KiB");
+    let (st, v) = put(&format!("{}/v1/groups/db", c.nodes[1].url()), spec).await;
+    assert_eq!(st, 201, "{v}");
+    let uri = wait_exported(&c, "n1", 2).await;
+    let pattern = |i: u64| (i % 200) as u8 + 17;
+    let acked = write_blocks(&uri, 0, 32, pattern).await;
+    assert_eq!(acked.len(), 32);
+    let u = c.nodes[2].url();
+
+    // Refused, nothing changed: the serving primary (also through the
+    // CLI), a node without a replica, an unknown node or volume.
+    let before = volume(&c).await["recorded_disks"].clone();
+    let out = cli(&["volume", "replace", "data", "n1", "--endpoint", &u]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TND-1412"), "{}", String::from_utf8_lossy(&out.stderr));
+    for (path, status, code) in [
+        ("data/replicas/n3/replace", 409, "TND-1402"),
+        ("data/replicas/ghost/replace", 404, "TND-1100"),
+        ("nope/replicas/n2/replace", 404, "TND-1407"),
+    ] {
+        let (st, v) = post(&format!("{u}/v1/volumes/{path}"), json!({})).await;
+        assert_eq!((st, v["code"].as_str().unwrap_or("")), (status, code), "{path}: {v}");
+        assert!(!v["hint"].as_str().unwrap_or("").is_empty(), "{v}");
+    }
+    let (st, v) = post(&format!("{u}/v1/volumes/data/replicas/n2/replace"), json!({"force": true})).await;
+    assert_eq!(st, 400, "an unknown field is refused: {v}");
+    assert_eq!(volume(&c).await["recorded_disks"], before, "a refusal changed the records");
+
+    // Replaced through the CLI: recorded Inconsistent before the answer.
+    let out = cli(&["volume", "replace", "data", "n2", "--endpoint", &u]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Inconsistent"), "{text}");
+    assert_eq!(volume(&c).await["recorded_disks"]["n2"], "Inconsistent");
+    // The audit log has the request (before the leader that took it dies).
+    wait_until(Duration::from_secs(10), "the replace in the audit log", || async {
+        let (_, log) = get(&format!("{u}/v1/audit?limit=10000")).await;
+        log.as_array().cloned().unwrap_or_default().iter().any(|e| {
+            e["path"] == "/v1/volumes/data/replicas/n2/replace" && e["status"] == 200 && e["who"] == "token:admin"
+        })
+    })
+    .await;
+    // n2 then drops its old files and starts its full resync; the primary
+    // dies in the middle of it.
+    let n2_log = c.node("n2").log_path();
+    wait_until(Duration::from_secs(20), "n2 recreating its replica", || async {
+        strip_ansi(&std::fs::read_to_string(&n2_log).unwrap_or_default()).contains("replica replaced")
+    })
+    .await;
+    c.node_mut("n1").kill();
+    // The group never starts on the emptied replica: it waits for n1.
+    let urls = c.live_urls();
+    for _ in 0..40 {
+        let g = group_at(&urls, "db").await;
+        assert!(!(g["node"] == "n2" && g["state"] == "running"), "the group runs on the wiped replica: {g}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let g = group_at(&urls, "db").await;
+    assert_ne!(g["state"], "running", "{g}");
+    assert!(g["reason"].as_str().unwrap_or("").contains("up-to-date"), "{g}");
+    assert_eq!(volume(&c).await["recorded_disks"]["n2"], "Inconsistent");
+    let log = strip_ansi(&std::fs::read_to_string(&n2_log).unwrap_or_default());
+    assert!(!log.contains("promoted to primary"), "n2 was promoted while Inconsistent");
+    // Nor can the last UpToDate copy be replaced meanwhile.
+    let (st, v) = post(&format!("{u}/v1/volumes/data/replicas/n1/replace"), json!({})).await;
+    assert_eq!(st, 409, "{v}");
+    assert!(["TND-1412", "TND-1413"].contains(&v["code"].as_str().unwrap_or("")), "{v}");
+
+    // n1 returns; n2 is resynced in full and only then recorded UpToDate.
+    c.node_mut("n1").start().await;
+    wait_exported(&c, "n1", 2).await;
+    let v = volume(&c).await;
+    assert_eq!(v["recorded_disks"]["n2"], "UpToDate", "{v}");
+    let n1_log = strip_ansi(&std::fs::read_to_string(c.node("n1").log_path()).unwrap_or_default());
+    assert!(
+        n1_log.lines().any(|l| l.contains("peer connected") && l.contains("n2") && l.contains("Full")),
+        "no full resync of n2"
+    );
+    // The events say so, with who asked.
+    let replacing = events_of(&u, "volume.replica_replacing").await;
+    assert!(replacing.iter().any(|e| e["node"] == "n2" && e["details"]["by"] == "token:admin"), "{replacing:?}");
+    let replaced = events_of(&u, "volume.replica_replaced").await;
+    assert!(replaced.iter().any(|e| e["node"] == "n2" && e["volume"] == "data"), "{replaced:?}");
+
+    // What was written is read back from the replaced replica.
+    let (st, v) = post(&format!("{u}/v1/groups/db/move"), json!({"to": "n2"})).await;
+    assert_eq!(st, 200, "{v}");
+    let uri2 = wait_exported_primary(&c, "n2").await;
+    for off in acked {
+        assert!(read_ok(&uri2, off, pattern(off / 65536)).await, "block at {off} differs on the replaced replica");
+    }
+}

@@ -254,6 +254,17 @@ fn resolve() -> Vec<ApiError> {
     ]
 }
 
+fn replace_replica() -> Vec<ApiError> {
+    vec![
+        ApiError::VolumeNotFound(s()),
+        ApiError::NodeNotFound(s()),
+        ApiError::NoSuchReplica(s()),
+        ApiError::ReplicaIsPrimary { group: s(), message: s() },
+        ApiError::NoUpToDateReplicaLeft(s()),
+        ApiError::QuorumUnavailable(s()),
+    ]
+}
+
 /// Every operation of the document. A test checks this table against the
 /// document both ways.
 pub const OPERATIONS: &[Operation] = &[
@@ -359,6 +370,12 @@ pub const OPERATIONS: &[Operation] = &[
         path: "/v1/volumes/{name}/resolve",
         layers: layers(true, false, true),
         errors: resolve,
+    },
+    Operation {
+        method: "post",
+        path: "/v1/volumes/{name}/replicas/{node}/replace",
+        layers: layers(true, false, true),
+        errors: replace_replica,
     },
     // Load-balancer checks: open, answered by this node alone; their 503 is
     // a `ServingView`, documented by the handler.

@@ -366,6 +366,13 @@ pub struct GroupRecord {
     /// become primary.
     #[serde(default)]
     pub replica_disks: BTreeMap<String, BTreeMap<String, DiskState>>,
+    /// Per volume, per replica node: how many times an operator replaced
+    /// that replica's disk (absent: never). A node recreates its replica's
+    /// files when this grows; an `UpToDate` record must name the current
+    /// number, so a resync of the disk before its replacement cannot mark
+    /// the new, empty one `UpToDate`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replica_replaced: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 impl GroupRecord {
@@ -384,6 +391,11 @@ impl GroupRecord {
     /// The recorded disk of `node`'s replica of `volume`, if it holds one.
     pub fn disk(&self, volume: &str, node: &str) -> Option<DiskState> {
         self.replica_disks.get(volume).and_then(|d| d.get(node)).copied()
+    }
+
+    /// How many times `node`'s replica of `volume` was replaced (0: never).
+    pub fn replaced(&self, volume: &str, node: &str) -> u64 {
+        self.replica_replaced.get(volume).and_then(|d| d.get(node)).copied().unwrap_or(0)
     }
 }
 

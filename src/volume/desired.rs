@@ -63,6 +63,7 @@ pub fn desired_volumes(state: &ClusterState, me: &str) -> Vec<DesiredVolume> {
                 rate: v.rate_bytes(),
                 async_buffer: ASYNC_BUFFER,
                 async_failover: v.async_failover,
+                replaced: g.replaced(&r.name, me),
             },
             nbd_tcp: v.nbd_tcp,
         });
