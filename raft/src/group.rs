@@ -373,6 +373,11 @@ pub struct GroupRecord {
     /// the new, empty one `UpToDate`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub replica_replaced: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Volumes a primary has recorded a replica of: they hold data from
+    /// then on, so a replica created afterwards (its files lost) starts
+    /// empty rather than as a copy of a brand-new volume.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub volumes_in_service: BTreeSet<String>,
 }
 
 impl GroupRecord {

@@ -676,6 +676,7 @@ impl ClusterState {
                 if same(&g.spec) != same(spec) {
                     g.replica_disks = fresh(spec);
                     g.replica_replaced.clear();
+                    g.volumes_in_service.clear();
                 }
                 g.spec = spec.clone();
             }
@@ -689,6 +690,7 @@ impl ClusterState {
                     move_to: None,
                     replica_disks: fresh(spec),
                     replica_replaced: BTreeMap::new(),
+                    volumes_in_service: Default::default(),
                 };
                 self.groups.insert(name.to_string(), record);
             }
@@ -1107,6 +1109,7 @@ impl ClusterState {
                         "the record describes {node}'s replica as of replacement {replaced}, but it was replaced since (replacement {current})"
                     )));
                 }
+                g.volumes_in_service.insert(volume.clone());
                 let disks = g.replica_disks.entry(volume.clone()).or_default();
                 if *disk == DiskState::Outdated && disks.get(node) == Some(&DiskState::Inconsistent) {
                     // A replica being rebuilt that also missed a write is
@@ -1847,6 +1850,9 @@ mod tests {
             epoch: 1,
             replaced,
         };
+        // A brand-new volume: not yet in service (a replica created now may
+        // start as a copy of the empty volume).
+        assert!(s.groups["db"].volumes_in_service.is_empty());
         assert_eq!(s.apply(&replace("node2")), Ok(Reply::Done));
         assert_eq!(s.replica_disks("data")["node2"], DiskState::Inconsistent);
         assert_eq!(s.groups["db"].replaced("data", "node2"), 1);
@@ -1858,8 +1864,10 @@ mod tests {
             set("node2", DiskState::UpToDate, 0),
             |e| matches!(e, CommandError::NotVolumePrimary { reason, .. } if reason.contains("replaced since")),
         );
-        // A missed write leaves it Inconsistent, not merely Outdated.
+        // A missed write leaves it Inconsistent, not merely Outdated; the
+        // volume is in service from a primary's first record on.
         assert_eq!(s.apply(&set("node2", DiskState::Outdated, 1)), Ok(Reply::Done));
+        assert!(s.groups["db"].volumes_in_service.contains("data"));
         assert_eq!(s.replica_disks("data")["node2"], DiskState::Inconsistent);
         // The full resync of the new disk ends it.
         assert_eq!(s.apply(&set("node2", DiskState::UpToDate, 1)), Ok(Reply::Done));
@@ -2109,6 +2117,7 @@ mod tests {
                             replicas.sort();
                             prop_assert_eq!(recorded, replicas.iter().collect::<Vec<_>>());
                             prop_assert_eq!(g.replica_disks.len(), 1);
+                            prop_assert!(g.volumes_in_service.iter().all(|v| *v == r.name));
                         }
                         None => prop_assert!(g.replica_disks.is_empty()),
                     }

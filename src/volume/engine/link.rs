@@ -358,6 +358,9 @@ impl Volume {
             return Err(why.into());
         }
         let full_from_empty = reply.generation.current == 0;
+        if decision == Decision::Full {
+            self.record_inconsistent(link, epoch, reply.replaced).await?;
+        }
         match decision {
             Decision::Full => {
                 let mut r = self.replica();
@@ -488,6 +491,26 @@ impl Volume {
             r = reader => r,
             r = resync => r,
         }
+    }
+
+    /// A peer about to be resynced in full holds no usable copy (an empty,
+    /// wiped or only ancestral disk): before a block goes, the control plane
+    /// records it `Inconsistent`, so no failover picks it meanwhile — an
+    /// `UpToDate` record of it may be left from before its disk was lost.
+    /// Async peers that never fail over are recorded `Outdated` already.
+    async fn record_inconsistent(&self, link: &Link, epoch: u64, replaced: u64) -> Result<(), String> {
+        if link.cfg.mode == ReplicationMode::Async && !self.cfg.async_failover {
+            return Ok(());
+        }
+        let _record = link.record.lock().await;
+        self.control
+            .record_disk(&self.cfg.name, &link.cfg.node, DiskState::Inconsistent, epoch, replaced)
+            .await
+            .map_err(|e| format!("cannot record the peer Inconsistent before its full resync: {e}"))?;
+        let mut st = link.st.lock().unwrap_or_else(|p| p.into_inner());
+        st.recorded = Some(DiskState::Inconsistent);
+        st.peer_disk = DiskState::Inconsistent;
+        Ok(())
     }
 
     /// Throws away `discard`'s changes after a split brain. Only a
