@@ -274,6 +274,7 @@ mod tests {
             move_to: None,
             replica_disks: Default::default(),
             replica_replaced: Default::default(),
+            replicas_replacing: Default::default(),
             volumes_in_service: Default::default(),
         }
     }

@@ -373,6 +373,10 @@ pub struct GroupRecord {
     /// the new, empty one `UpToDate`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub replica_replaced: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Per volume: the replica nodes replaced whose full resync has not
+    /// ended yet (it ends with their first `UpToDate` record).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replicas_replacing: BTreeMap<String, BTreeSet<String>>,
     /// Volumes a primary has recorded a replica of: they hold data from
     /// then on, so a replica created afterwards (its files lost) starts
     /// empty rather than as a copy of a brand-new volume.
@@ -396,6 +400,12 @@ impl GroupRecord {
     /// The recorded disk of `node`'s replica of `volume`, if it holds one.
     pub fn disk(&self, volume: &str, node: &str) -> Option<DiskState> {
         self.replica_disks.get(volume).and_then(|d| d.get(node)).copied()
+    }
+
+    /// Whether `node`'s replica of `volume` was replaced and is not yet
+    /// resynced.
+    pub fn replacing(&self, volume: &str, node: &str) -> bool {
+        self.replicas_replacing.get(volume).is_some_and(|n| n.contains(node))
     }
 
     /// How many times `node`'s replica of `volume` was replaced (0: never).

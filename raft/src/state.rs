@@ -496,7 +496,8 @@ enum Before {
     Admin(Option<AdminState>),
     Placement(Option<Placement>),
     Exists(bool),
-    Disk(Option<DiskState>),
+    /// A replica's recorded disk, and whether its replacement was pending.
+    Replica(Option<DiskState>, bool),
     Enabled(Option<bool>),
 }
 
@@ -676,6 +677,7 @@ impl ClusterState {
                 if same(&g.spec) != same(spec) {
                     g.replica_disks = fresh(spec);
                     g.replica_replaced.clear();
+                    g.replicas_replacing.clear();
                     g.volumes_in_service.clear();
                 }
                 g.spec = spec.clone();
@@ -690,6 +692,7 @@ impl ClusterState {
                     move_to: None,
                     replica_disks: fresh(spec),
                     replica_replaced: BTreeMap::new(),
+                    replicas_replacing: BTreeMap::new(),
                     volumes_in_service: Default::default(),
                 };
                 self.groups.insert(name.to_string(), record);
@@ -732,7 +735,8 @@ impl ClusterState {
             Command::PutGroup { name, .. } => Before::Exists(self.groups.contains_key(name)),
             Command::PutAlert { name, .. } => Before::Exists(self.alerts.by_name.contains_key(name)),
             Command::SetReplicaDisk { volume, node, .. } | Command::ReplaceReplica { volume, node } => {
-                Before::Disk(self.replica_disks(volume).get(node).copied())
+                let replacing = self.volume_owner(volume).is_some_and(|(g, _)| g.replacing(volume, node));
+                Before::Replica(self.replica_disks(volume).get(node).copied(), replacing)
             }
             Command::SetGroupEnabled { name, .. } => Before::Enabled(self.groups.get(name).map(|g| g.enabled)),
             _ => Before::Nothing,
@@ -857,12 +861,11 @@ impl ClusterState {
                     .group(name)
                     .details(json!({"to": to})))
             }
-            (Command::SetReplicaDisk { volume, node, disk, replaced, .. }, Before::Disk(old))
+            (Command::SetReplicaDisk { volume, node, disk, replaced, .. }, Before::Replica(old, replacing))
                 if old != Some(*disk) && self.replica_disks(volume).get(node) == Some(disk) =>
             {
                 let group = self.volume_owner(volume).map(|(g, _)| g.name.clone());
-                if *disk == DiskState::UpToDate && *replaced > 0 && old == Some(DiskState::Inconsistent) {
-                    // Only a replacement records `Inconsistent`: this is its end.
+                if *disk == DiskState::UpToDate && replacing {
                     let mut e = ev(
                         "volume.replica_replaced",
                         Severity::Info,
@@ -884,7 +887,7 @@ impl ClusterState {
                 e.group = group;
                 one(e)
             }
-            (Command::ReplaceReplica { volume, node }, Before::Disk(old)) => {
+            (Command::ReplaceReplica { volume, node }, Before::Replica(old, _)) => {
                 let group = self.volume_owner(volume).map(|(g, _)| g.name.clone());
                 let replaced = self.volume_owner(volume).map(|(g, _)| g.replaced(volume, node));
                 let mut e = ev(
@@ -1110,6 +1113,14 @@ impl ClusterState {
                     )));
                 }
                 g.volumes_in_service.insert(volume.clone());
+                if *disk == DiskState::UpToDate {
+                    if let Some(nodes) = g.replicas_replacing.get_mut(volume) {
+                        nodes.remove(node);
+                        if nodes.is_empty() {
+                            g.replicas_replacing.remove(volume);
+                        }
+                    }
+                }
                 let disks = g.replica_disks.entry(volume.clone()).or_default();
                 if *disk == DiskState::Outdated && disks.get(node) == Some(&DiskState::Inconsistent) {
                     // A replica being rebuilt that also missed a write is
@@ -1142,6 +1153,7 @@ impl ClusterState {
                 }
                 let count = g.replica_replaced.entry(volume.clone()).or_default().entry(node.clone()).or_insert(0);
                 *count += 1;
+                g.replicas_replacing.entry(volume.clone()).or_default().insert(node.clone());
                 g.replica_disks.entry(volume.clone()).or_default().insert(node.clone(), DiskState::Inconsistent);
                 Ok(Reply::Done)
             }
@@ -1874,6 +1886,11 @@ mod tests {
         assert_eq!(s.replica_disks("data")["node2"], DiskState::UpToDate);
         let e = s.events.events.back().cloned().unwrap();
         assert_eq!((e.kind.as_str(), e.node.as_deref()), ("volume.replica_replaced", Some("node2")));
+        assert!(!s.groups["db"].replacing("data", "node2"));
+        // A later full resync of it is an ordinary disk change.
+        s.apply(&set("node2", DiskState::Inconsistent, 1)).unwrap();
+        s.apply(&set("node2", DiskState::UpToDate, 1)).unwrap();
+        assert_eq!(s.events.events.back().map(|e| e.kind.as_str()), Some("volume.disk"));
         // Refused, the state unchanged: the serving primary, an unknown
         // volume or node, a node without a replica.
         refused(
