@@ -30,7 +30,7 @@ struct NoControl;
 
 #[async_trait::async_trait]
 impl ControlPlane for NoControl {
-    async fn record_disk(&self, _: &str, _: &str, _: DiskState, _: u64) -> Result<(), String> {
+    async fn record_disk(&self, _: &str, _: &str, _: DiskState, _: u64, _: u64) -> Result<(), String> {
         Ok(())
     }
 }
@@ -183,6 +183,7 @@ impl Tandem {
             async_buffer: 64 * MIB,
             async_failover: false,
             initial: initial_generation(&format!("bench/{tag}")),
+            replaced: 0,
         }
     }
 

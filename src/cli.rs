@@ -651,6 +651,15 @@ pub enum VolumeCmd {
         #[arg(long)]
         discard: String,
     },
+    /// Replace NODE's replica (a new or wiped disk): it is recorded
+    /// Inconsistent at once, its node recreates the files empty, and the
+    /// primary resyncs it in full; it is UpToDate again only then.
+    Replace {
+        /// The volume.
+        name: String,
+        /// The node whose replica is replaced (not the serving primary).
+        node: String,
+    },
 }
 
 /// Turns an API answer into the text the CLI prints.
@@ -681,6 +690,10 @@ pub async fn volume_command(c: &Client, json_out: bool, cmd: VolumeCmd) -> Resul
                 Some(serde_json::json!({ "discard": discard })),
             )
             .await?,
+            |v| Ok(volume_text(&parse::<VolumeView>(v)?)),
+        ),
+        VolumeCmd::Replace { name, node } => (
+            c.call(Method::POST, &format!("/v1/volumes/{}/replicas/{}/replace", enc(&name), enc(&node)), None).await?,
             |v| Ok(volume_text(&parse::<VolumeView>(v)?)),
         ),
     };

@@ -104,7 +104,8 @@ mod tests {
         }
         // db's replica on n2 is outdated: n2 cannot take it.
         for (node, disk) in [("n1", DiskState::UpToDate), ("n2", DiskState::Outdated)] {
-            s.apply(&Command::SetReplicaDisk { volume: "data".into(), node: node.into(), disk, epoch: 1 }).unwrap();
+            s.apply(&Command::SetReplicaDisk { volume: "data".into(), node: node.into(), disk, epoch: 1, replaced: 0 })
+                .unwrap();
         }
         let (groups, stranded) = plan(&s, 2, 0);
         let by = |g: &str| groups.iter().find(|r| r.group == g).cloned().unwrap();

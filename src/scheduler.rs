@@ -455,6 +455,9 @@ mod tests {
             failed_on: Default::default(),
             move_to: None,
             replica_disks: Default::default(),
+            replica_replaced: Default::default(),
+            replicas_replacing: Default::default(),
+            volumes_in_service: Default::default(),
         }
     }
 

@@ -49,6 +49,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("PUT", "/v1/groups/{name}", "admin"),
     ("DELETE", "/v1/groups/{name}", "admin"),
     ("POST", "/v1/volumes/{name}/resolve", "admin"),
+    ("POST", "/v1/volumes/{name}/replicas/{node}/replace", "admin"),
     ("GET", "/v1/tokens", "admin"),
     ("POST", "/v1/tokens", "admin"),
     ("DELETE", "/v1/tokens/{name}", "admin"),

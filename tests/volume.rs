@@ -30,7 +30,14 @@ struct Recorder {
 
 #[async_trait::async_trait]
 impl ControlPlane for Recorder {
-    async fn record_disk(&self, _volume: &str, node: &str, disk: DiskState, epoch: u64) -> Result<(), String> {
+    async fn record_disk(
+        &self,
+        _volume: &str,
+        node: &str,
+        disk: DiskState,
+        epoch: u64,
+        _replaced: u64,
+    ) -> Result<(), String> {
         if *self.refuse.lock().unwrap() {
             return Err("no quorum".into());
         }
@@ -131,6 +138,7 @@ impl Cluster {
                 async_buffer: self.async_buffer,
                 async_failover: self.async_failover,
                 initial: if self.empty.contains(&self.nodes[me].name) { 0 } else { initial_generation("test/data") },
+                replaced: 0,
             },
             nbd_tcp: false,
         }
@@ -545,6 +553,20 @@ async fn an_empty_replica_gets_a_full_sync_of_allocated_space_only() {
     assert!(sent >= MIB + 64 * 1024, "{sent}");
     assert!(sent <= 8 * MIB, "a full sync of a sparse 256 MiB volume sent {sent} bytes");
     assert!(compare(&c.backing(0), &c.backing(1)));
+    // The control plane heard Inconsistent before the full resync began
+    // (an UpToDate left from the old disk can't be failed over to), and
+    // UpToDate only once it ended.
+    for _ in 0..50 {
+        if c.control.last("n2") == Some(DiskState::UpToDate) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n2: Vec<DiskState> =
+        c.control.log.lock().unwrap().iter().filter(|(n, _, _)| n == "n2").map(|(_, d, _)| *d).collect();
+    let inconsistent = n2.iter().position(|d| *d == DiskState::Inconsistent);
+    assert!(inconsistent.is_some(), "{n2:?}");
+    assert_eq!(n2[inconsistent.unwrap_or(0)..], [DiskState::Inconsistent, DiskState::UpToDate], "{n2:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,6 +58,28 @@ fn backing(c: &Cluster, node: &str) -> PathBuf {
     c.tmp.path().join(node).join("volumes").join("data.img")
 }
 
+/// Three nodes running group `db` with volume `spec`, exported by n1 with
+/// every replica in sync; its NBD URI.
+async fn running(spec: Value) -> (Cluster, String) {
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
+    let replicas = spec["resources"][0]["replicas"].as_u64().unwrap_or(2) as usize;
+    let (st, v) = put(&format!("{}/v1/groups/db", c.nodes[1].url()), spec).await;
+    assert_eq!(st, 201, "{v}");
+    let uri = wait_exported(&c, "n1", replicas).await;
+    (c, uri)
+}
+
+/// Both nodes' backing files hold the same bytes (`qemu-img compare`).
+fn assert_same_data(c: &Cluster, a: &str, b: &str) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "raw"])
+        .arg(backing(c, a))
+        .arg(backing(c, b))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "replicas differ after resync: {}", String::from_utf8_lossy(&out.stdout));
+}
+
 /// `qemu-io` with many writes, each its own command; returns the offsets
 /// whose write it reported done (acknowledged) before it ended.
 async fn write_blocks(uri: &str, first: u64, count: u64, pattern: impl Fn(u64) -> u8) -> Vec<u64> {
@@ -86,10 +108,7 @@ async fn read_ok(uri: &str, offset: u64, pattern: u8) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_power_loss_of_the_primary_keeps_every_acknowledged_write() {
-    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
-    let (st, v) = put(&format!("{}/v1/groups/db", c.nodes[1].url()), volume_group("64MiB", 2)).await;
-    assert_eq!(st, 201, "{v}");
-    let uri = wait_exported(&c, "n1", 2).await;
+    let (mut c, uri) = running(volume_group("64MiB", 2)).await;
 
     // A writer keeps writing 64 KiB blocks; n1 loses power in the middle.
     let u = uri.clone();
@@ -115,13 +134,7 @@ async fn a_power_loss_of_the_primary_keeps_every_acknowledged_write() {
     c.node_mut("n1").start().await;
     let uri3 = wait_exported(&c, "n2", 2).await;
     assert_eq!(uri3, uri2);
-    let out = std::process::Command::new("qemu-img")
-        .args(["compare", "-U", "-f", "raw", "-F", "raw"])
-        .arg(backing(&c, "n2"))
-        .arg(backing(&c, "n1"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "replicas differ after resync: {}", String::from_utf8_lossy(&out.stdout));
+    assert_same_data(&c, "n2", "n1");
     // n1 crashed as primary: only its activity-log extents (4 MiB each) and
     // what n2 wrote since came back, not the whole 64 MiB.
     let log = strip_ansi(&std::fs::read_to_string(c.node("n2").log_path()).unwrap_or_default());
@@ -179,10 +192,7 @@ async fn wait_exported_primary(c: &Cluster, node: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_never_fails_over_to_a_replica_missing_acknowledged_writes() {
-    let mut c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
-    let (st, v) = put(&format!("{}/v1/groups/db", c.nodes[1].url()), volume_group("16MiB", 2)).await;
-    assert_eq!(st, 201, "{v}");
-    let uri = wait_exported(&c, "n1", 2).await;
+    let (mut c, uri) = running(volume_group("16MiB", 2)).await;
     // n2 (the only other replica) goes down; n1 writes on alone.
     c.node_mut("n2").kill();
     let acked = write_blocks(&uri, 0, 8, |_| 0x5a).await;
@@ -206,10 +216,7 @@ async fn a_group_never_fails_over_to_a_replica_missing_acknowledged_writes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_primary_disk_moves_the_group_to_an_up_to_date_replica() {
-    let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
-    let (st, v) = put(&format!("{}/v1/groups/db", c.nodes[1].url()), volume_group("16MiB", 2)).await;
-    assert_eq!(st, 201, "{v}");
-    let uri = wait_exported(&c, "n1", 2).await;
+    let (c, uri) = running(volume_group("16MiB", 2)).await;
     let acked = write_blocks(&uri, 0, 4, |_| 0x3d).await;
     assert_eq!(acked.len(), 4);
     // n1's disk fails under it; the next read finds out (and is still served).
@@ -230,4 +237,145 @@ async fn a_failed_primary_disk_moves_the_group_to_an_up_to_date_replica() {
         log.lines().any(|l| l.contains("peer connected") && l.contains("n1") && l.contains("Full")),
         "no full resync of n1"
     );
+}
+
+async fn events_of(url: &str, kind: &str) -> Vec<Value> {
+    let (st, page) = get(&format!("{url}/v1/events?since=0&limit=10000&kind={kind}")).await;
+    assert_eq!(st, 200, "{page}");
+    page["events"].as_array().cloned().unwrap_or_default()
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN).args(args).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_replica_is_never_promoted_before_its_full_resync_ends() {
+    // A slow resync (2 MiB at 256 KiB/s) leaves a window to fail over in.
+    let mut spec = volume_group("16MiB", 2);
+    spec["resources"][0]["rate"] = json!("256KiB");
+    let (mut c, uri) = running(spec).await;
+    let pattern = |i: u64| (i % 200) as u8 + 17;
+    let acked = write_blocks(&uri, 0, 32, pattern).await;
+    assert_eq!(acked.len(), 32);
+    let u = c.nodes[2].url();
+
+    // Refused, nothing changed: the serving primary (also through the
+    // CLI), a node without a replica, an unknown node or volume.
+    let before = volume(&c).await["recorded_disks"].clone();
+    let out = cli(&["volume", "replace", "data", "n1", "--endpoint", &u]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TND-1412"), "{}", String::from_utf8_lossy(&out.stderr));
+    for (path, status, code) in [
+        ("data/replicas/n3/replace", 409, "TND-1402"),
+        ("data/replicas/ghost/replace", 404, "TND-1100"),
+        ("nope/replicas/n2/replace", 404, "TND-1407"),
+    ] {
+        let (st, v) = post(&format!("{u}/v1/volumes/{path}"), json!({})).await;
+        assert_eq!((st, v["code"].as_str().unwrap_or("")), (status, code), "{path}: {v}");
+        assert!(!v["hint"].as_str().unwrap_or("").is_empty(), "{v}");
+    }
+    let (st, v) = post(&format!("{u}/v1/volumes/data/replicas/n2/replace"), json!({"force": true})).await;
+    assert_eq!(st, 400, "an unknown field is refused: {v}");
+    assert_eq!(volume(&c).await["recorded_disks"], before, "a refusal changed the records");
+
+    // Replaced through the CLI: recorded Inconsistent before the answer.
+    let out = cli(&["volume", "replace", "data", "n2", "--endpoint", &u]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("Inconsistent"), "{text}");
+    assert_eq!(volume(&c).await["recorded_disks"]["n2"], "Inconsistent");
+    // The audit log has the request (before the leader that took it dies).
+    wait_until(Duration::from_secs(10), "the replace in the audit log", || async {
+        let (_, log) = get(&format!("{u}/v1/audit?limit=10000")).await;
+        log.as_array().cloned().unwrap_or_default().iter().any(|e| {
+            e["path"] == "/v1/volumes/data/replicas/n2/replace" && e["status"] == 200 && e["who"] == "token:admin"
+        })
+    })
+    .await;
+    // n2 then drops its old files and starts its full resync; the primary
+    // dies in the middle of it.
+    let n2_log = c.node("n2").log_path();
+    wait_until(Duration::from_secs(20), "n2 recreating its replica", || async {
+        strip_ansi(&std::fs::read_to_string(&n2_log).unwrap_or_default()).contains("replica replaced")
+    })
+    .await;
+    c.node_mut("n1").kill();
+    // The group never starts on the emptied replica: it waits for n1.
+    let urls = c.live_urls();
+    for _ in 0..40 {
+        let g = group_at(&urls, "db").await;
+        assert!(!(g["node"] == "n2" && g["state"] == "running"), "the group runs on the wiped replica: {g}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let g = group_at(&urls, "db").await;
+    assert_ne!(g["state"], "running", "{g}");
+    assert!(g["reason"].as_str().unwrap_or("").contains("up-to-date"), "{g}");
+    assert_eq!(volume(&c).await["recorded_disks"]["n2"], "Inconsistent");
+    let log = strip_ansi(&std::fs::read_to_string(&n2_log).unwrap_or_default());
+    assert!(!log.contains("promoted to primary"), "n2 was promoted while Inconsistent");
+    // Nor can the last UpToDate copy be replaced meanwhile.
+    let (st, v) = post(&format!("{u}/v1/volumes/data/replicas/n1/replace"), json!({})).await;
+    assert_eq!(st, 409, "{v}");
+    assert!(["TND-1412", "TND-1413"].contains(&v["code"].as_str().unwrap_or("")), "{v}");
+
+    // n1 returns; n2 is resynced in full and only then recorded UpToDate.
+    c.node_mut("n1").start().await;
+    wait_exported(&c, "n1", 2).await;
+    let v = volume(&c).await;
+    assert_eq!(v["recorded_disks"]["n2"], "UpToDate", "{v}");
+    let n1_log = strip_ansi(&std::fs::read_to_string(c.node("n1").log_path()).unwrap_or_default());
+    assert!(
+        n1_log.lines().any(|l| l.contains("peer connected") && l.contains("n2") && l.contains("Full")),
+        "no full resync of n2"
+    );
+    // The events say so, with who asked.
+    let replacing = events_of(&u, "volume.replica_replacing").await;
+    assert!(replacing.iter().any(|e| e["node"] == "n2" && e["details"]["by"] == "token:admin"), "{replacing:?}");
+    let replaced = events_of(&u, "volume.replica_replaced").await;
+    assert!(replaced.iter().any(|e| e["node"] == "n2" && e["volume"] == "data"), "{replaced:?}");
+
+    // What was written is read back from the replaced replica.
+    let (st, v) = post(&format!("{u}/v1/groups/db/move"), json!({"to": "n2"})).await;
+    assert_eq!(st, 200, "{v}");
+    let uri2 = wait_exported_primary(&c, "n2").await;
+    for off in acked {
+        assert!(read_ok(&uri2, off, pattern(off / 65536)).await, "block at {off} differs on the replaced replica");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_lost_its_files_is_never_promoted_and_is_resynced_in_full() {
+    let (mut c, uri) = running(volume_group("16MiB", 2)).await;
+    let acked = write_blocks(&uri, 0, 8, |i| i as u8 + 0x41).await;
+    assert_eq!(acked.len(), 8);
+    // n2 stops and its disk is lost (no write meanwhile: still recorded
+    // UpToDate); then n1 dies and n2 comes back alone with nothing.
+    c.node_mut("n2").kill();
+    let dir = backing(&c, "n2").parent().unwrap().to_path_buf();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    c.node_mut("n1").kill();
+    c.node_mut("n2").start().await;
+    // It must not serve its empty disk as the volume (the scheduler may
+    // place the group there, still recorded UpToDate: the promotion fails).
+    let n2 = c.node("n2").url();
+    for _ in 0..40 {
+        let (st, v) = get(&format!("{n2}/v1/volumes/data/primary")).await;
+        assert_ne!(st, 200, "n2 serves the volume from its empty disk: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = strip_ansi(&std::fs::read_to_string(c.node("n2").log_path()).unwrap_or_default());
+    assert!(!log.contains("promoted to primary"), "n2 was promoted with an empty disk");
+    // n1 returns: the group runs there, n2 is recorded Inconsistent during
+    // its full resync and matches n1 afterwards.
+    c.node_mut("n1").start().await;
+    let uri = wait_exported(&c, "n1", 2).await;
+    let disks = events_of(&c.nodes[2].url(), "volume.disk").await;
+    assert!(disks.iter().any(|e| e["node"] == "n2" && e["details"]["to"] == "Inconsistent"), "{disks:?}");
+    for off in acked {
+        assert!(read_ok(&uri, off, (off / 65536) as u8 + 0x41).await, "acknowledged write at {off} lost");
+    }
+    assert_same_data(&c, "n1", "n2");
 }

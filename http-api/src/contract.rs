@@ -234,8 +234,6 @@ fn recover() -> Vec<ApiError> {
         ApiError::Superseded { node: s(), detail: s() },
         ApiError::QuorumReachable(s()),
         ApiError::Invalid { field: s(), reason: s() },
-        ApiError::Storage(s()),
-        ApiError::Internal(s()),
     ]
 }
 
@@ -274,6 +272,17 @@ fn resolve() -> Vec<ApiError> {
         ApiError::VolumeIo(s()),
         ApiError::StalePrimary(s()),
         ApiError::ForwardFailed { url: s(), reason: s() },
+    ]
+}
+
+fn replace_replica() -> Vec<ApiError> {
+    vec![
+        ApiError::VolumeNotFound(s()),
+        ApiError::NodeNotFound(s()),
+        ApiError::NoSuchReplica(s()),
+        ApiError::ReplicaIsPrimary { group: s(), message: s() },
+        ApiError::NoUpToDateReplicaLeft(s()),
+        ApiError::QuorumUnavailable(s()),
     ]
 }
 
@@ -402,6 +411,12 @@ pub const OPERATIONS: &[Operation] = &[
         path: "/v1/volumes/{name}/resolve",
         layers: layers(true, false, true),
         errors: resolve,
+    },
+    Operation {
+        method: "post",
+        path: "/v1/volumes/{name}/replicas/{node}/replace",
+        layers: layers(true, false, true),
+        errors: replace_replica,
     },
     // Load-balancer checks: open, answered by this node alone; their 503 is
     // a `ServingView`, documented by the handler.

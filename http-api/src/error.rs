@@ -109,6 +109,10 @@ pub enum ApiError {
     VolumeTooLarge { field: String, name: String, size: String, path: String, free: String },
     #[error("{0}")]
     StalePrimary(String),
+    #[error("{message}")]
+    ReplicaIsPrimary { group: String, message: String },
+    #[error("{0}")]
+    NoUpToDateReplicaLeft(String),
     #[error("vote request from node {0}, which is not a member of this cluster")]
     UnknownPeer(u64),
     #[error("authentication required: {0}")]
@@ -159,8 +163,9 @@ impl ApiError {
         "TND-1201", "TND-1202", "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209",
         "TND-1210", "TND-1211", "TND-1300", "TND-1301", "TND-1302", "TND-1303", "TND-1400", "TND-1401", "TND-1402",
         "TND-1403", "TND-1404", "TND-1405", "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411",
-        "TND-1500", "TND-1501", "TND-1502", "TND-1503", "TND-1504", "TND-1505", "TND-1506", "TND-1507", "TND-1508",
-        "TND-1509", "TND-1510", "TND-1511", "TND-1512", "TND-1600", "TND-1601", "TND-1602", "TND-1900", "TND-1901",
+        "TND-1412", "TND-1413", "TND-1500", "TND-1501", "TND-1502", "TND-1503", "TND-1504", "TND-1505", "TND-1506",
+        "TND-1507", "TND-1508", "TND-1509", "TND-1510", "TND-1511", "TND-1512", "TND-1600", "TND-1601", "TND-1602",
+        "TND-1900", "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -211,6 +216,8 @@ impl ApiError {
             VolumeChange { .. } => "TND-1409",
             VolumeTooLarge { .. } => "TND-1410",
             StalePrimary(_) => "TND-1411",
+            ReplicaIsPrimary { .. } => "TND-1412",
+            NoUpToDateReplicaLeft(_) => "TND-1413",
             Unauthenticated(_) => "TND-1500",
             TokenRejected(_) => "TND-1501",
             Forbidden { .. } => "TND-1502",
@@ -284,7 +291,9 @@ impl ApiError {
             | VolumeChange { .. }
             | NoSuchReplica(_)
             | VolumeTooLarge { .. }
-            | StalePrimary(_) => StatusCode::CONFLICT,
+            | StalePrimary(_)
+            | ReplicaIsPrimary { .. }
+            | NoUpToDateReplicaLeft(_) => StatusCode::CONFLICT,
             NotMember
             | NoLeader
             | QuorumUnavailable(_)
@@ -368,6 +377,15 @@ impl ApiError {
                     .into()
             }
             VolumeNotFound(_) => "List the volumes with `tandem volume list` or GET /v1/volumes.".into(),
+            ReplicaIsPrimary { group, .. } => format!(
+                "Move the group first (`tandem group move {group} <node>`), then replace this replica; \
+                 a serving primary's disk is never wiped under its application."
+            ),
+            NoUpToDateReplicaLeft(_) => {
+                "Bring another replica UpToDate first (start its node, let its resync finish: \
+                 GET /v1/volumes/{name} shows the recorded disks); nothing was changed."
+                    .into()
+            }
             VolumeResize { field, .. } => format!(
                 "Keep `{field}` as it is. To change the size, create a new volume in a new group and copy the data."
             ),
@@ -488,6 +506,8 @@ impl From<CommandError> for ApiError {
             CommandError::VolumeResize { field, .. } => ApiError::VolumeResize { field, message },
             CommandError::VolumeChange { field, .. } => ApiError::VolumeChange { field, message },
             CommandError::NotVolumePrimary { .. } => ApiError::StalePrimary(message),
+            CommandError::ReplicaIsPrimary { group, .. } => ApiError::ReplicaIsPrimary { group, message },
+            CommandError::NoUpToDateReplicaLeft { .. } => ApiError::NoUpToDateReplicaLeft(message),
             CommandError::TokenExists { name } => ApiError::TokenExists(name),
             CommandError::TokenNotFound { name } => ApiError::TokenNotFound(name),
             CommandError::CertificateExists { name } => ApiError::CertificateExists(name),

@@ -137,6 +137,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Discards `discard`'s changes after a split brain (on the primary,
     /// over `/internal/volumes/{name}/resolve`).
     async fn resolve_volume(&self, name: &str, discard: &str) -> Result<VolumeView, ApiError>;
+    /// Replaces `node`'s replica of a volume (`ReplaceReplica` on the
+    /// leader): recorded `Inconsistent` at once; its node then recreates the
+    /// files and the primary resyncs it in full.
+    async fn replace_replica(&self, name: &str, node: &str) -> Result<VolumeView, ApiError>;
     /// What this node's data plane knows of a volume.
     async fn local_volume(&self, name: &str) -> Result<LocalVolumeStatus, ApiError>;
     async fn local_volume_verify(&self, name: &str) -> Result<VerifyReport, ApiError>;
@@ -418,6 +422,7 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/volumes/{name}", get(get_volume))
         .route("/v1/volumes/{name}/verify", post(verify_volume))
         .route("/v1/volumes/{name}/resolve", post(resolve_volume))
+        .route("/v1/volumes/{name}/replicas/{node}/replace", post(replace_replica))
         .route("/internal/volumes/{name}/disk", post(record_replica_disk))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
@@ -1474,6 +1479,19 @@ async fn resolve_volume(
     b.resolve_volume(&name, &req.discard).await.map(Json)
 }
 
+#[utoipa::path(post, path = "/v1/volumes/{name}/replicas/{node}/replace", tag = "volumes",
+    params(("name" = String, Path), ("node" = String, Path, description = "The node whose replica's disk is replaced")),
+    responses((status = 200, description = "The replica is recorded Inconsistent; its node recreates its files and the primary resyncs it in full (it is UpToDate again when `volume.replica_replaced` is recorded)", body = VolumeView),
+              (status = 404, description = "No such volume (TND-1407) or node (TND-1100)", body = ErrorBody),
+              (status = 409, description = "The node holds no replica (TND-1402), serves the volume as primary (TND-1412), or no other replica is UpToDate (TND-1413)", body = ErrorBody)))]
+async fn replace_replica(
+    State(b): State<SharedBackend>,
+    Path((name, node)): Path<(String, String)>,
+    ApiJson(_): ApiJson<NoBody>,
+) -> Result<Json<VolumeView>, ApiError> {
+    b.replace_replica(&name, &node).await.map(Json)
+}
+
 /// An empty body (`{}`, or nothing at all).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1627,6 +1645,7 @@ async fn raft_snapshot(
         get_volume,
         verify_volume,
         resolve_volume,
+        replace_replica,
         group_health,
         volume_primary,
         volume_replica
@@ -1837,6 +1856,7 @@ mod tests {
             "/v1/volumes/{name}",
             "/v1/volumes/{name}/verify",
             "/v1/volumes/{name}/resolve",
+            "/v1/volumes/{name}/replicas/{node}/replace",
             "/v1/groups/{name}/health",
             "/v1/volumes/{name}/primary",
             "/v1/volumes/{name}/replica",

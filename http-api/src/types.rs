@@ -576,6 +576,14 @@ pub struct ReplicaDiskReport {
     pub disk: tandem_raft::volume::DiskState,
     /// The group's placement epoch the primary holds.
     pub epoch: u64,
+    /// The replica's replacement number, as it told the primary (see
+    /// `POST /v1/volumes/{name}/replicas/{node}/replace`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub replaced: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 // ---- security ----

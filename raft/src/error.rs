@@ -53,6 +53,10 @@ pub enum CommandError {
     VolumeChange { name: String, field: String, reason: String },
     #[error("volume {volume}: {reason}")]
     NotVolumePrimary { volume: String, reason: String },
+    #[error("volume {volume}: {node} is the primary of group {group}: its replica is the one serving")]
+    ReplicaIsPrimary { volume: String, node: String, group: String },
+    #[error("volume {volume}: no replica but {node}'s is UpToDate: replacing it would leave no copy of the data")]
+    NoUpToDateReplicaLeft { volume: String, node: String },
     #[error("a token named {name} already exists")]
     TokenExists { name: String },
     #[error("no token named {name}")]

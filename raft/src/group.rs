@@ -366,6 +366,22 @@ pub struct GroupRecord {
     /// become primary.
     #[serde(default)]
     pub replica_disks: BTreeMap<String, BTreeMap<String, DiskState>>,
+    /// Per volume, per replica node: how many times an operator replaced
+    /// that replica's disk (absent: never). A node recreates its replica's
+    /// files when this grows; an `UpToDate` record must name the current
+    /// number, so a resync of the disk before its replacement cannot mark
+    /// the new, empty one `UpToDate`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replica_replaced: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Per volume: the replica nodes replaced whose full resync has not
+    /// ended yet (it ends with their first `UpToDate` record).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replicas_replacing: BTreeMap<String, BTreeSet<String>>,
+    /// Volumes a primary has recorded a replica of: they hold data from
+    /// then on, so a replica created afterwards (its files lost) starts
+    /// empty rather than as a copy of a brand-new volume.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub volumes_in_service: BTreeSet<String>,
 }
 
 impl GroupRecord {
@@ -384,6 +400,17 @@ impl GroupRecord {
     /// The recorded disk of `node`'s replica of `volume`, if it holds one.
     pub fn disk(&self, volume: &str, node: &str) -> Option<DiskState> {
         self.replica_disks.get(volume).and_then(|d| d.get(node)).copied()
+    }
+
+    /// Whether `node`'s replica of `volume` was replaced and is not yet
+    /// resynced.
+    pub fn replacing(&self, volume: &str, node: &str) -> bool {
+        self.replicas_replacing.get(volume).is_some_and(|n| n.contains(node))
+    }
+
+    /// How many times `node`'s replica of `volume` was replaced (0: never).
+    pub fn replaced(&self, volume: &str, node: &str) -> u64 {
+        self.replica_replaced.get(volume).and_then(|d| d.get(node)).copied().unwrap_or(0)
     }
 }
 

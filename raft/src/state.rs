@@ -239,6 +239,21 @@ pub enum Command {
         node: String,
         disk: DiskState,
         epoch: u64,
+        /// The replacement number of the replica this record describes (as
+        /// it told the primary when it connected). `UpToDate` is refused
+        /// unless it is the current one: that resync was of the disk before
+        /// its replacement.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        replaced: u64,
+    },
+    /// An operator replaces `node`'s replica of `volume` (a new or wiped
+    /// disk): the replica is recorded `Inconsistent` and its replacement
+    /// number grows, which makes its node recreate the files, empty; the
+    /// primary then resyncs it in full. Refused while `node` serves the
+    /// volume as primary, or when no other replica is `UpToDate`.
+    ReplaceReplica {
+        volume: String,
+        node: String,
     },
     /// Adds an API token (only its hash); refused when the name is taken.
     CreateToken {
@@ -509,7 +524,8 @@ enum Before {
     SiteAdmin(Vec<(String, AdminState)>),
     Placement(Option<Placement>),
     Exists(bool),
-    Disk(Option<DiskState>),
+    /// A replica's recorded disk, and whether its replacement was pending.
+    Replica(Option<DiskState>, bool),
     Enabled(Option<bool>),
 }
 
@@ -707,6 +723,9 @@ impl ClusterState {
                 let same = |s: &GroupSpec| s.volume().map(|(r, _)| r.name.clone());
                 if same(&g.spec) != same(spec) {
                     g.replica_disks = fresh(spec);
+                    g.replica_replaced.clear();
+                    g.replicas_replacing.clear();
+                    g.volumes_in_service.clear();
                 }
                 g.spec = spec.clone();
             }
@@ -719,6 +738,9 @@ impl ClusterState {
                     failed_on: Default::default(),
                     move_to: None,
                     replica_disks: fresh(spec),
+                    replica_replaced: BTreeMap::new(),
+                    replicas_replacing: BTreeMap::new(),
+                    volumes_in_service: Default::default(),
                 };
                 self.groups.insert(name.to_string(), record);
             }
@@ -766,7 +788,10 @@ impl ClusterState {
             Command::SetPlacement { name, .. } => Before::Placement(self.groups.get(name).map(|g| g.placement.clone())),
             Command::PutGroup { name, .. } => Before::Exists(self.groups.contains_key(name)),
             Command::PutAlert { name, .. } => Before::Exists(self.alerts.by_name.contains_key(name)),
-            Command::SetReplicaDisk { volume, node, .. } => Before::Disk(self.replica_disks(volume).get(node).copied()),
+            Command::SetReplicaDisk { volume, node, .. } | Command::ReplaceReplica { volume, node } => {
+                let replacing = self.volume_owner(volume).is_some_and(|(g, _)| g.replacing(volume, node));
+                Before::Replica(self.replica_disks(volume).get(node).copied(), replacing)
+            }
             Command::SetGroupEnabled { name, .. } => Before::Enabled(self.groups.get(name).map(|g| g.enabled)),
             _ => Before::Nothing,
         }
@@ -902,13 +927,43 @@ impl ClusterState {
                     .group(name)
                     .details(json!({"to": to})))
             }
-            (Command::SetReplicaDisk { volume, node, disk, .. }, Before::Disk(old)) if old != Some(*disk) => {
+            (Command::SetReplicaDisk { volume, node, disk, replaced, .. }, Before::Replica(old, replacing))
+                if old != Some(*disk) && self.replica_disks(volume).get(node) == Some(disk) =>
+            {
                 let group = self.volume_owner(volume).map(|(g, _)| g.name.clone());
+                if *disk == DiskState::UpToDate && replacing {
+                    let mut e = ev(
+                        "volume.replica_replaced",
+                        Severity::Info,
+                        format!(
+                            "replica of volume {volume} on {node} replaced: its full resync finished, it is UpToDate"
+                        ),
+                    )
+                    .volume(volume)
+                    .node(node)
+                    .details(json!({"replaced": replaced, "from": "Inconsistent", "to": "UpToDate"}));
+                    e.group = group;
+                    return one(e);
+                }
                 let sev = if *disk == DiskState::UpToDate { Severity::Info } else { Severity::Warning };
                 let mut e = ev("volume.disk", sev, format!("replica of volume {volume} on {node} is {disk}"))
                     .volume(volume)
                     .node(node)
                     .details(json!({"from": old.map(|d| d.to_string()), "to": disk.to_string()}));
+                e.group = group;
+                one(e)
+            }
+            (Command::ReplaceReplica { volume, node }, Before::Replica(old, _)) => {
+                let group = self.volume_owner(volume).map(|(g, _)| g.name.clone());
+                let replaced = self.volume_owner(volume).map(|(g, _)| g.replaced(volume, node));
+                let mut e = ev(
+                    "volume.replica_replacing",
+                    Severity::Warning,
+                    format!("replica of volume {volume} on {node} is being replaced: Inconsistent until its full resync ends"),
+                )
+                .volume(volume)
+                .node(node)
+                .details(json!({"replaced": replaced, "from": old.map(|d| d.to_string()), "to": "Inconsistent"}));
                 e.group = group;
                 one(e)
             }
@@ -1132,7 +1187,7 @@ impl ClusterState {
                 self.group_mut(name)?.move_to = Some(*to);
                 Ok(Reply::Done)
             }
-            Command::SetReplicaDisk { volume, node, disk, epoch } => {
+            Command::SetReplicaDisk { volume, node, disk, epoch, replaced } => {
                 let (group, replicas) = self
                     .volume_owner(volume)
                     .map(|(g, _)| (g.name.clone(), replica_nodes(&g.spec)))
@@ -1151,7 +1206,55 @@ impl ClusterState {
                 if g.placement.node.is_none() {
                     return Err(refuse(format!("group {group} is stopped: it has no primary to record disk states")));
                 }
-                g.replica_disks.entry(volume.clone()).or_default().insert(node.clone(), *disk);
+                let current = g.replaced(volume, node);
+                if *disk == DiskState::UpToDate && *replaced != current {
+                    return Err(refuse(format!(
+                        "the record describes {node}'s replica as of replacement {replaced}, but it was replaced since (replacement {current})"
+                    )));
+                }
+                g.volumes_in_service.insert(volume.clone());
+                if *disk == DiskState::UpToDate {
+                    if let Some(nodes) = g.replicas_replacing.get_mut(volume) {
+                        nodes.remove(node);
+                        if nodes.is_empty() {
+                            g.replicas_replacing.remove(volume);
+                        }
+                    }
+                }
+                let disks = g.replica_disks.entry(volume.clone()).or_default();
+                if *disk == DiskState::Outdated && disks.get(node) == Some(&DiskState::Inconsistent) {
+                    // A replica being rebuilt that also missed a write is
+                    // still not consistent: the stronger record stays.
+                    return Ok(Reply::Done);
+                }
+                disks.insert(node.clone(), *disk);
+                Ok(Reply::Done)
+            }
+            Command::ReplaceReplica { volume, node } => {
+                let (group, replicas) = self
+                    .volume_owner(volume)
+                    .map(|(g, _)| (g.name.clone(), replica_nodes(&g.spec)))
+                    .ok_or_else(|| CommandError::VolumeNotFound { name: volume.clone() })?;
+                let id = self.node_id_by_name(node)?;
+                if !replicas.contains(node) {
+                    return Err(CommandError::NoSuchReplica { volume: volume.clone(), node: node.clone() });
+                }
+                let g = self.group_mut(&group)?;
+                if g.placement.node == Some(id) && g.placement.phase != Phase::Stopped {
+                    return Err(CommandError::ReplicaIsPrimary {
+                        volume: volume.clone(),
+                        node: node.clone(),
+                        group: group.clone(),
+                    });
+                }
+                let up_to_date = |n: &&String| n.as_str() != node && g.disk(volume, n) == Some(DiskState::UpToDate);
+                if !replicas.iter().any(|n| up_to_date(&n)) {
+                    return Err(CommandError::NoUpToDateReplicaLeft { volume: volume.clone(), node: node.clone() });
+                }
+                let count = g.replica_replaced.entry(volume.clone()).or_default().entry(node.clone()).or_insert(0);
+                *count += 1;
+                g.replicas_replacing.entry(volume.clone()).or_default().insert(node.clone());
+                g.replica_disks.entry(volume.clone()).or_default().insert(node.clone(), DiskState::Inconsistent);
                 Ok(Reply::Done)
             }
             Command::CreateToken { token } => self.tokens.create(token).map(|()| Reply::Done),
@@ -1815,8 +1918,13 @@ mod tests {
     #[test]
     fn set_replica_disk_is_fenced_by_the_group_epoch() {
         let mut s = with_volume("");
-        let set =
-            |node: &str, disk, epoch| Command::SetReplicaDisk { volume: "data".into(), node: node.into(), disk, epoch };
+        let set = |node: &str, disk, epoch| Command::SetReplicaDisk {
+            volume: "data".into(),
+            node: node.into(),
+            disk,
+            epoch,
+            replaced: 0,
+        };
         // Stopped: nobody is primary, nobody records.
         refused(&mut s, set("node2", DiskState::Outdated, 0), |e| matches!(e, CommandError::NotVolumePrimary { .. }));
         place(&mut s, Some(1)); // epoch 1
@@ -1841,6 +1949,7 @@ mod tests {
                 node: "node1".into(),
                 disk: DiskState::UpToDate,
                 epoch: 1,
+                replaced: 0,
             },
             |e| matches!(e, CommandError::VolumeNotFound { name } if name == "ghost"),
         );
@@ -1881,6 +1990,7 @@ mod tests {
             node: "node2".into(),
             disk: DiskState::Outdated,
             epoch: 1,
+            replaced: 0,
         })
         .unwrap();
         let mut ok = vol_spec(r#", "granularity": 65536, "size": "1024MiB", "mode": "async", "rate": "10MiB/s""#);
@@ -1916,6 +2026,87 @@ mod tests {
     }
 
     #[test]
+    fn replacing_a_replica_records_it_inconsistent_until_a_resync_of_the_new_disk() {
+        let mut s = with_volume(r#", "replicas": 3"#);
+        place(&mut s, Some(1)); // epoch 1, node1 primary
+        let replace = |node: &str| Command::ReplaceReplica { volume: "data".into(), node: node.into() };
+        let set = |node: &str, disk, replaced| Command::SetReplicaDisk {
+            volume: "data".into(),
+            node: node.into(),
+            disk,
+            epoch: 1,
+            replaced,
+        };
+        // A brand-new volume: not yet in service (a replica created now may
+        // start as a copy of the empty volume).
+        assert!(s.groups["db"].volumes_in_service.is_empty());
+        assert_eq!(s.apply(&replace("node2")), Ok(Reply::Done));
+        assert_eq!(s.replica_disks("data")["node2"], DiskState::Inconsistent);
+        assert_eq!(s.groups["db"].replaced("data", "node2"), 1);
+        let e = s.events.events.back().cloned().unwrap();
+        assert_eq!((e.kind.as_str(), e.node.as_deref()), ("volume.replica_replacing", Some("node2")));
+        // A resync of the disk before its replacement cannot mark it UpToDate.
+        refused(
+            &mut s,
+            set("node2", DiskState::UpToDate, 0),
+            |e| matches!(e, CommandError::NotVolumePrimary { reason, .. } if reason.contains("replaced since")),
+        );
+        // A missed write leaves it Inconsistent, not merely Outdated; the
+        // volume is in service from a primary's first record on.
+        assert_eq!(s.apply(&set("node2", DiskState::Outdated, 1)), Ok(Reply::Done));
+        assert!(s.groups["db"].volumes_in_service.contains("data"));
+        assert_eq!(s.replica_disks("data")["node2"], DiskState::Inconsistent);
+        // The full resync of the new disk ends it.
+        assert_eq!(s.apply(&set("node2", DiskState::UpToDate, 1)), Ok(Reply::Done));
+        assert_eq!(s.replica_disks("data")["node2"], DiskState::UpToDate);
+        let e = s.events.events.back().cloned().unwrap();
+        assert_eq!((e.kind.as_str(), e.node.as_deref()), ("volume.replica_replaced", Some("node2")));
+        assert!(!s.groups["db"].replacing("data", "node2"));
+        // A later full resync of it is an ordinary disk change.
+        s.apply(&set("node2", DiskState::Inconsistent, 1)).unwrap();
+        s.apply(&set("node2", DiskState::UpToDate, 1)).unwrap();
+        assert_eq!(s.events.events.back().map(|e| e.kind.as_str()), Some("volume.disk"));
+        // Refused, the state unchanged: the serving primary, an unknown
+        // volume or node, a node without a replica.
+        refused(
+            &mut s,
+            replace("node1"),
+            |e| matches!(e, CommandError::ReplicaIsPrimary { node, group, .. } if node == "node1" && group == "db"),
+        );
+        refused(&mut s, Command::ReplaceReplica { volume: "ghost".into(), node: "node2".into() }, |e| {
+            matches!(e, CommandError::VolumeNotFound { .. })
+        });
+        refused(&mut s, replace("node9"), |e| matches!(e, CommandError::NodeNotFound { .. }));
+        let mut two = with_volume("");
+        place(&mut two, Some(1));
+        refused(&mut two, replace("node3"), |e| matches!(e, CommandError::NoSuchReplica { .. }));
+        // The last UpToDate copy is never replaced: with node1 Outdated and
+        // the group stopped, node2 is the only one.
+        let mut last = with_volume("");
+        place(&mut last, Some(2));
+        last.apply(&Command::SetReplicaDisk {
+            volume: "data".into(),
+            node: "node1".into(),
+            disk: DiskState::Outdated,
+            epoch: 1,
+            replaced: 0,
+        })
+        .unwrap();
+        place(&mut last, None);
+        refused(
+            &mut last,
+            replace("node2"),
+            |e| matches!(e, CommandError::NoUpToDateReplicaLeft { node, .. } if node == "node2"),
+        );
+        // node1 may be replaced: node2 holds the data.
+        assert_eq!(last.apply(&replace("node1")), Ok(Reply::Done));
+        assert_eq!(last.groups["db"].replaced("data", "node1"), 1);
+        // Twice in a row: node1 is Inconsistent, node2 still UpToDate.
+        assert_eq!(last.apply(&replace("node1")), Ok(Reply::Done));
+        assert_eq!(last.groups["db"].replaced("data", "node1"), 2);
+    }
+
+    #[test]
     fn set_replica_disk_log_encoding_is_stable() {
         let golden =
             r#"{"v":"1","cmd":{"set_replica_disk":{"volume":"data","node":"node2","disk":"Outdated","epoch":4}}}"#;
@@ -1924,6 +2115,7 @@ mod tests {
             node: "node2".into(),
             disk: DiskState::Outdated,
             epoch: 4,
+            replaced: 0,
         };
         assert_eq!(serde_json::to_string(&VersionedCommand::new(cmd.clone())).unwrap(), golden);
         assert_eq!(serde_json::from_str::<VersionedCommand>(golden).unwrap().into_current(), cmd);
@@ -1948,12 +2140,10 @@ mod tests {
         prop_oneof![
             (prop_oneof![Just("db"), Just("db2")], extra)
                 .prop_map(|(g, e)| Command::PutGroup { name: g.into(), spec: vol_spec(e) }),
-            (node.clone(), disk, 0u64..4).prop_map(|(node, disk, epoch)| Command::SetReplicaDisk {
-                volume: "data".into(),
-                node,
-                disk,
-                epoch
+            (node.clone(), disk, 0u64..4, 0u64..2).prop_map(|(node, disk, epoch, replaced)| {
+                Command::SetReplicaDisk { volume: "data".into(), node, disk, epoch, replaced }
             }),
+            node.clone().prop_map(|node| Command::ReplaceReplica { volume: "data".into(), node }),
             (0u64..4, prop_oneof![Just(None), Just(Some(1u64)), Just(Some(2u64))]).prop_map(|(e, n)| {
                 Command::SetPlacement {
                     name: "db".into(),
@@ -2116,6 +2306,11 @@ mod tests {
                 let before = s.clone();
                 if s.apply(cmd).is_err() {
                     prop_assert_eq!(&s, &before);
+                } else if let Command::ReplaceReplica { node, .. } = cmd {
+                    // Recorded Inconsistent at once, another copy UpToDate.
+                    let disks = s.replica_disks("data");
+                    prop_assert_eq!(disks.get(node), Some(&DiskState::Inconsistent));
+                    prop_assert!(disks.iter().any(|(n, d)| n != node && *d == DiskState::UpToDate));
                 }
                 for g in s.groups.values() {
                     match g.spec.volume() {
@@ -2125,6 +2320,7 @@ mod tests {
                             replicas.sort();
                             prop_assert_eq!(recorded, replicas.iter().collect::<Vec<_>>());
                             prop_assert_eq!(g.replica_disks.len(), 1);
+                            prop_assert!(g.volumes_in_service.iter().all(|v| *v == r.name));
                         }
                         None => prop_assert!(g.replica_disks.is_empty()),
                     }

@@ -340,6 +340,14 @@ impl Backend for Agent {
         self.volume(name, true).await
     }
 
+    async fn replace_replica(&self, name: &str, node: &str) -> Result<tandem_http_api::VolumeView, ApiError> {
+        let m = self.require_member()?;
+        // The state machine refuses (unchanged) an unknown volume or node, a
+        // node without a replica, the serving primary, the last UpToDate copy.
+        self.propose(&m, Command::ReplaceReplica { volume: name.into(), node: node.into() }).await?;
+        self.volume(name, true).await
+    }
+
     async fn group_health(&self, name: &str) -> tandem_http_api::ServingView {
         self.do_group_health(name).await
     }
@@ -362,7 +370,13 @@ impl Backend for Agent {
 
     async fn record_replica_disk(&self, name: &str, r: tandem_http_api::ReplicaDiskReport) -> Result<(), ApiError> {
         let m = self.require_member()?;
-        let cmd = Command::SetReplicaDisk { volume: name.into(), node: r.node, disk: r.disk, epoch: r.epoch };
+        let cmd = Command::SetReplicaDisk {
+            volume: name.into(),
+            node: r.node,
+            disk: r.disk,
+            epoch: r.epoch,
+            replaced: r.replaced,
+        };
         self.propose(&m, cmd).await.map(|_| ())
     }
 

@@ -34,8 +34,9 @@ impl Agent {
         node: &str,
         disk: tandem_raft::volume::DiskState,
         epoch: u64,
+        replaced: u64,
     ) -> Result<(), ApiError> {
-        let report = tandem_http_api::ReplicaDiskReport { node: node.to_string(), disk, epoch };
+        let report = tandem_http_api::ReplicaDiskReport { node: node.to_string(), disk, epoch, replaced };
         let path = format!("/internal/volumes/{volume}/disk");
         self.on_leader(&path, &report, self.record_replica_disk(volume, report.clone())).await
     }
@@ -241,9 +242,10 @@ impl crate::volume::engine::ControlPlane for VolumeControl {
         node: &str,
         disk: tandem_raft::volume::DiskState,
         epoch: u64,
+        replaced: u64,
     ) -> Result<(), String> {
         let agent = self.0.upgrade().ok_or("the agent is stopping")?;
-        agent.record_disk(volume, node, disk, epoch).await.map_err(|e| format!("{}: {e}", e.code()))
+        agent.record_disk(volume, node, disk, epoch, replaced).await.map_err(|e| format!("{}: {e}", e.code()))
     }
 }
 
@@ -339,6 +341,7 @@ mod volume_api_tests {
             node: "n2".into(),
             disk: tandem_raft::volume::DiskState::Outdated,
             epoch: 1,
+            replaced: 0,
         })
         .unwrap();
         s

@@ -53,7 +53,11 @@ pub fn desired_volumes(state: &ClusterState, me: &str) -> Vec<DesiredVolume> {
         out.push(DesiredVolume {
             config: VolumeConfig {
                 name: r.name.clone(),
-                initial: initial_generation(&volume_id),
+                // Once a primary recorded a replica, the volume holds data: a
+                // replica found without files (a lost or swapped disk) is
+                // created empty and fully synced, never as the shared first
+                // generation (which would make it UpToDate with nothing).
+                initial: if g.volumes_in_service.contains(&r.name) { 0 } else { initial_generation(&volume_id) },
                 volume_id,
                 node: me.to_string(),
                 size: v.size_bytes(),
@@ -63,6 +67,7 @@ pub fn desired_volumes(state: &ClusterState, me: &str) -> Vec<DesiredVolume> {
                 rate: v.rate_bytes(),
                 async_buffer: ASYNC_BUFFER,
                 async_failover: v.async_failover,
+                replaced: g.replaced(&r.name, me),
             },
             nbd_tcp: v.nbd_tcp,
         });

@@ -230,6 +230,7 @@ mod tests {
             changed_blocks: 0,
             crashed_extents: Vec::new(),
             epoch_seen: 6,
+            replaced: 0,
         }
     }
 

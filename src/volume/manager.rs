@@ -308,6 +308,7 @@ fn same_config(a: &VolumeConfig, b: &VolumeConfig, addrs: bool) -> bool {
         && a.rate == b.rate
         && a.async_buffer == b.async_buffer
         && a.async_failover == b.async_failover
+        && a.replaced == b.replaced
         && a.peers.len() == b.peers.len()
         && a.peers
             .iter()
@@ -376,6 +377,7 @@ async fn accept_loop(listener: TcpListener, routes: Arc<Mutex<BTreeMap<String, A
                     changed_blocks: 0,
                     crashed_extents: Vec::new(),
                     epoch_seen: 0,
+                    replaced: 0,
                 };
                 let _ = wire::write_frame(&mut wr, 0, &Message::HelloReply(reply)).await;
                 let _ = wr.flush().await;

@@ -54,6 +54,10 @@ pub struct Meta {
     /// primary must resync them.
     #[serde(default)]
     pub upstream: Option<(String, u64)>,
+    /// The replacement number these files were created for (see
+    /// [`Create::replaced`]).
+    #[serde(default)]
+    pub replaced: u64,
 }
 
 impl Meta {
@@ -394,6 +398,11 @@ pub struct Create {
     /// The generation all replicas of a new volume share (clean start), or
     /// 0 for a replica that must be fully synced.
     pub initial: GenId,
+    /// How many times the control plane says this replica was replaced.
+    /// Files created for a smaller number are of the old disk: they are
+    /// removed and the replica is created again, empty (a full sync), even
+    /// when `initial` names a generation.
+    pub replaced: u64,
 }
 
 impl Replica {
@@ -412,24 +421,29 @@ impl Replica {
     pub fn open(dir: &Path, name: &str, create: &Create, peers: &[String]) -> io::Result<Replica> {
         std::fs::create_dir_all(dir)?;
         let meta_path = Self::path(dir, name, "meta");
+        Self::remove_if_replaced(dir, name, create.replaced, peers)?;
         let meta = match std::fs::read(&meta_path) {
             Ok(raw) => serde_json::from_slice::<Meta>(&raw)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", meta_path.display())))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // A replaced disk never starts from the shared initial
+                // generation: it holds nothing of the volume's data.
+                let initial = if create.replaced > 0 { 0 } else { create.initial };
                 let meta = Meta {
                     volume_id: create.volume_id.clone(),
                     size: create.size,
                     granule: create.granule,
-                    current: create.initial,
+                    current: initial,
                     history: [0, 0],
                     bitmap_gens: Default::default(),
-                    disk: if create.initial != 0 { DiskState::UpToDate } else { DiskState::Inconsistent },
+                    disk: if initial != 0 { DiskState::UpToDate } else { DiskState::Inconsistent },
                     primary: false,
                     clean: true,
                     primary_since_ms: 0,
                     epoch_seen: 0,
                     crashed_extents: Vec::new(),
                     upstream: None,
+                    replaced: create.replaced,
                 };
                 let data = OpenOptions::new()
                     .read(true)
@@ -499,6 +513,34 @@ impl Replica {
         r.meta.clean = false;
         r.save_meta()?;
         Ok(r)
+    }
+
+    /// Removes the files of `name` when they were created before its
+    /// replacement number `replaced`. The metadata goes first, durably: a
+    /// crash halfway leaves no metadata, and the replica is created again.
+    fn remove_if_replaced(dir: &Path, name: &str, replaced: u64, peers: &[String]) -> io::Result<()> {
+        let meta_path = Self::path(dir, name, "meta");
+        let had = match std::fs::read(&meta_path) {
+            Ok(raw) => serde_json::from_slice::<Meta>(&raw).map(|m| m.replaced).unwrap_or(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if had >= replaced {
+            return Ok(());
+        }
+        std::fs::remove_file(&meta_path)?;
+        File::open(dir)?.sync_all()?;
+        // Named one by one: another volume's name may start with this one's.
+        let bitmaps = peers.iter().map(|p| format!("bitmap.{p}"));
+        for what in ["img", "al", "tmp"].into_iter().map(String::from).chain(bitmaps) {
+            match std::fs::remove_file(Self::path(dir, name, &what)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        File::open(dir)?.sync_all()?;
+        tracing::warn!(volume = %name, replaced, "replica replaced: its old files are removed, it is created empty");
+        Ok(())
     }
 
     /// Starts tracking a peer (a bitmap file is created on first persist).
@@ -620,7 +662,7 @@ mod tests {
     use super::*;
 
     fn create(size: u64) -> Create {
-        Create { volume_id: "v1".into(), size, granule: 4096, initial: 7 }
+        Create { volume_id: "v1".into(), size, granule: 4096, initial: 7, replaced: 0 }
     }
 
     #[test]
@@ -720,6 +762,31 @@ mod tests {
         // Extent 0 left the log, but its bit was made durable on the way out.
         assert!(r.bitmaps["b"].is_set(0));
         assert!(!r.meta.crashed_extents.contains(&0));
+    }
+
+    #[test]
+    fn a_replaced_replica_is_created_again_empty_and_inconsistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let peers = vec!["b".to_string()];
+        {
+            let r = Replica::open(dir.path(), "v", &create(8 << 20), &peers).unwrap();
+            assert_eq!((r.meta.disk, r.meta.current), (DiskState::UpToDate, 7));
+            r.data().write_all_at(b"old data", 4096).unwrap();
+        }
+        // Another volume whose name starts with this one's keeps its files.
+        Replica::open(dir.path(), "v.bitmap.b", &create(8 << 20), &[]).unwrap();
+        let replaced = Create { replaced: 1, ..create(8 << 20) };
+        let r = Replica::open(dir.path(), "v", &replaced, &peers).unwrap();
+        // The shared initial generation is not claimed: a full sync is due.
+        assert_eq!((r.meta.disk, r.meta.current, r.meta.replaced), (DiskState::Inconsistent, 0, 1));
+        let mut buf = [0u8; 8];
+        r.data().read_exact_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [0u8; 8], "the old disk's data is gone");
+        assert!(Replica::data_path(dir.path(), "v.bitmap.b").exists());
+        drop(r);
+        // Reopened at the same number, it is the same replica (not wiped again).
+        let r = Replica::open(dir.path(), "v", &replaced, &peers).unwrap();
+        assert_eq!((r.meta.disk, r.meta.replaced), (DiskState::Inconsistent, 1));
     }
 
     #[test]

@@ -269,6 +269,10 @@ pub struct HelloReply {
     pub crashed_extents: Vec<u64>,
     /// The largest epoch it has seen.
     pub epoch_seen: u64,
+    /// Its replacement number (its files were created for it): the primary
+    /// names it when it records this replica `UpToDate`.
+    #[serde(default)]
+    pub replaced: u64,
 }
 
 /// One frame's meaning. `data` is [`Bytes`]: decoding from a socket slices
@@ -834,6 +838,7 @@ mod tests {
             changed_blocks: 0,
             crashed_extents: vec![],
             epoch_seen: 5,
+            replaced: 0,
         }
     }
 
@@ -1312,6 +1317,7 @@ mod tests {
                     changed_blocks,
                     crashed_extents,
                     epoch_seen,
+                    replaced: 0,
                 },
             )
     }

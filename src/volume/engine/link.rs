@@ -91,6 +91,9 @@ pub(super) struct LinkState {
     pub(super) bytes_sent: u64,
     /// The last completed resync: bytes sent and how long it took.
     pub(super) last_resync: Option<(u64, Duration)>,
+    /// The peer's replacement number, as its last handshake said: what a
+    /// record of its disk names.
+    pub(super) peer_replaced: u64,
 }
 
 impl Link {
@@ -116,6 +119,7 @@ impl Link {
                 discard_peer: false,
                 bytes_sent: 0,
                 last_resync: None,
+                peer_replaced: 0,
             }),
             wake: Notify::new(),
             resolved: Notify::new(),
@@ -184,15 +188,15 @@ impl Volume {
         // Whatever an earlier epoch recorded, this one records afresh.
         link.st.lock().unwrap_or_else(|p| p.into_inner()).recorded = None;
         while self.epoch() == Some(epoch) {
-            let (want, have) = {
+            let (want, have, replaced) = {
                 let st = link.st.lock().unwrap_or_else(|p| p.into_inner());
                 let lagging = st.sent_at.values().next().is_some_and(|t| t.elapsed() > ASYNC_ACK_LAG);
                 let streaming = st.tx.is_some() && st.in_sync && !st.ahead && st.resync.is_none() && !lagging;
-                (if streaming { DiskState::UpToDate } else { DiskState::Outdated }, st.recorded)
+                (if streaming { DiskState::UpToDate } else { DiskState::Outdated }, st.recorded, st.peer_replaced)
             };
             if have != Some(want) {
                 let _record = link.record.lock().await;
-                match self.control.record_disk(&self.cfg.name, &node, want, epoch).await {
+                match self.control.record_disk(&self.cfg.name, &node, want, epoch, replaced).await {
                     Ok(()) => {
                         link.st.lock().unwrap_or_else(|p| p.into_inner()).recorded = Some(want);
                         tracing::info!(volume = %self.cfg.name, peer = %node, disk = ?want, "async peer recorded");
@@ -354,6 +358,9 @@ impl Volume {
             return Err(why.into());
         }
         let full_from_empty = reply.generation.current == 0;
+        if decision == Decision::Full {
+            self.record_inconsistent(link, epoch, reply.replaced).await?;
+        }
         match decision {
             Decision::Full => {
                 let mut r = self.replica();
@@ -413,6 +420,7 @@ impl Volume {
             st.in_sync = false;
             st.last_error = None;
             st.peer_disk = reply.disk;
+            st.peer_replaced = reply.replaced;
             st.conn = Connection::SyncSource;
             st.resync = Some(ResyncStatus {
                 remaining_bytes: total,
@@ -483,6 +491,26 @@ impl Volume {
             r = reader => r,
             r = resync => r,
         }
+    }
+
+    /// A peer about to be resynced in full holds no usable copy (an empty,
+    /// wiped or only ancestral disk): before a block goes, the control plane
+    /// records it `Inconsistent`, so no failover picks it meanwhile — an
+    /// `UpToDate` record of it may be left from before its disk was lost.
+    /// Async peers that never fail over are recorded `Outdated` already.
+    async fn record_inconsistent(&self, link: &Link, epoch: u64, replaced: u64) -> Result<(), String> {
+        if link.cfg.mode == ReplicationMode::Async && !self.cfg.async_failover {
+            return Ok(());
+        }
+        let _record = link.record.lock().await;
+        self.control
+            .record_disk(&self.cfg.name, &link.cfg.node, DiskState::Inconsistent, epoch, replaced)
+            .await
+            .map_err(|e| format!("cannot record the peer Inconsistent before its full resync: {e}"))?;
+        let mut st = link.st.lock().unwrap_or_else(|p| p.into_inner());
+        st.recorded = Some(DiskState::Inconsistent);
+        st.peer_disk = DiskState::Inconsistent;
+        Ok(())
     }
 
     /// Throws away `discard`'s changes after a split brain. Only a

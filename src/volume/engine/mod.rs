@@ -103,13 +103,25 @@ pub struct VolumeConfig {
     /// Whether this replica was created with the volume (clean start) or
     /// added later (needs a full sync).
     pub initial: GenId,
+    /// How many times the control plane says this replica was replaced:
+    /// files of an older number are removed and created again, empty.
+    pub replaced: u64,
 }
 
 /// Where the data plane records replica disk states: the control plane,
 /// under the group's epoch.
 #[async_trait::async_trait]
 pub trait ControlPlane: Send + Sync + 'static {
-    async fn record_disk(&self, volume: &str, node: &str, disk: DiskState, epoch: u64) -> Result<(), String>;
+    /// `replaced`: the replica's replacement number as it told this primary
+    /// (an `UpToDate` of an older one is refused).
+    async fn record_disk(
+        &self,
+        volume: &str,
+        node: &str,
+        disk: DiskState,
+        epoch: u64,
+        replaced: u64,
+    ) -> Result<(), String>;
 }
 
 fn now_ms() -> u64 {
@@ -182,8 +194,13 @@ impl Volume {
         lease: Lease,
     ) -> io::Result<Arc<Volume>> {
         let peers: Vec<String> = cfg.peers.iter().map(|p| p.node.clone()).collect();
-        let create =
-            Create { volume_id: cfg.volume_id.clone(), size: cfg.size, granule: cfg.granule, initial: cfg.initial };
+        let create = Create {
+            volume_id: cfg.volume_id.clone(),
+            size: cfg.size,
+            granule: cfg.granule,
+            initial: cfg.initial,
+            replaced: cfg.replaced,
+        };
         let mut replica = Replica::open(dir, &cfg.name, &create, &peers)?;
         replica.meta.primary = false;
         replica.save_meta()?;

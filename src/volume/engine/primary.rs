@@ -67,7 +67,7 @@ impl Volume {
         let (control, name, node) = (self.control.clone(), self.cfg.name.clone(), self.cfg.node.clone());
         tokio::spawn(async move {
             for _ in 0..50 {
-                match control.record_disk(&name, &node, DiskState::Diskless, epoch).await {
+                match control.record_disk(&name, &node, DiskState::Diskless, epoch, 0).await {
                     Ok(()) => return,
                     Err(e) => {
                         tracing::warn!(volume = %name, "cannot record the local disk Diskless: {e}");
@@ -235,7 +235,8 @@ impl Volume {
             // means the leader is out of reach: the call would run its
             // whole timeout).
             let mut role = self.role.subscribe();
-            let record = self.control.record_disk(&self.cfg.name, node, DiskState::Outdated, epoch);
+            let replaced = link.st.lock().unwrap_or_else(|p| p.into_inner()).peer_replaced;
+            let record = self.control.record_disk(&self.cfg.name, node, DiskState::Outdated, epoch, replaced);
             let outcome = tokio::select! {
                 r = record => r,
                 _ = role.wait_for(|r| !matches!(r, Role::Primary { epoch: e } if *e == epoch)) => {

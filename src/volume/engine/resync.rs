@@ -176,7 +176,8 @@ impl Volume {
                 if !link.st.lock().unwrap_or_else(|p| p.into_inner()).in_sync {
                     return Ok(()); // lost again meanwhile: it stays outdated
                 }
-                match self.control.record_disk(&self.cfg.name, peer, DiskState::UpToDate, epoch).await {
+                let replaced = link.st.lock().unwrap_or_else(|p| p.into_inner()).peer_replaced;
+                match self.control.record_disk(&self.cfg.name, peer, DiskState::UpToDate, epoch, replaced).await {
                     Ok(()) => break,
                     Err(e) if self.epoch() == Some(epoch) => {
                         tracing::warn!(volume = %self.cfg.name, peer = %peer, "cannot record peer up to date: {e}");

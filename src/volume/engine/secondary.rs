@@ -65,6 +65,7 @@ impl Volume {
                 changed_blocks: r.bitmaps.get(&hello.node).map(|b| b.count()).unwrap_or(0),
                 crashed_extents: r.extents_to_report(&hello.node, hello.epoch),
                 epoch_seen: r.meta.epoch_seen,
+                replaced: r.meta.replaced,
             };
             let end =
                 End::Secondary { primary_here: self.is_primary(), knows_primary: self.links.contains_key(&hello.node) };
