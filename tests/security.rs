@@ -58,6 +58,11 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/v1/certificates", "admin"),
     ("DELETE", "/v1/certificates/{name}", "admin"),
     ("GET", "/v1/audit", "admin"),
+    ("POST", "/v1/cluster/recover", "admin"),
+    ("GET", "/v1/sites", "viewer"),
+    ("POST", "/v1/sites/{site}/standby", "operator"),
+    ("POST", "/v1/sites/{site}/online", "operator"),
+    ("POST", "/v1/sites/{site}/switchover", "operator"),
     ("GET", "/v1/alerts", "viewer"),
     ("GET", "/v1/alerts/{name}", "viewer"),
     ("PUT", "/v1/alerts/{name}", "admin"),
@@ -135,7 +140,7 @@ async fn each_role_gets_exactly_its_routes_and_refusals_change_nothing() {
     // authorization) shows whether the role got in without waiting on it.
     let url = |path: &str| {
         let path = if path == "/v1/events/stream" { "/v1/events/stream?limit=1" } else { path };
-        format!("{u}{}", path.replace("{name}", "zz-none").replace("{key}", "k"))
+        format!("{u}{}", path.replace("{name}", "zz-none").replace("{key}", "k").replace("{site}", "zz-none"))
     };
     let before = replicated(&c.cluster().await);
     // Every refusal first, then check that none of them changed anything.
