@@ -91,19 +91,24 @@ async fn a_lone_survivor_recovers_the_cluster_and_a_dropped_member_is_refused_un
     let cluster = c.cluster().await;
     assert_eq!(cluster["leader"], "n2", "{cluster}");
     assert_eq!(voters(&cluster), vec!["n2".to_string()], "{cluster}");
-    let events = get(&format!("{n2}/v1/events?kind=cluster.recovered")).await.1;
-    let e = &events["events"][0];
+    let recovered = get(&format!("{n2}/v1/events?kind=cluster.recovered")).await.1;
+    let e = &recovered["events"][0];
     assert_eq!(
         (e["severity"].as_str(), e["details"]["dropped"].clone()),
         (Some("critical"), json!(["n1", "n3"])),
-        "{events}"
+        "{recovered}"
     );
 
-    // n1 comes back with its old state: refused, it runs nothing.
-    let n1 = c.node("n1").url();
+    // n1 and n3 come back together with their old state: a majority of
+    // the old voters between them, yet refused by n2 as soon as they call
+    // it; they run nothing.
+    let (n1, n3) = (c.node("n1").url(), c.node("n3").url());
+    let seen = events(&log).len();
     c.node_mut("n1").start().await;
-    wait_until(Duration::from_secs(20), "n1 told it was superseded", || async {
+    c.node_mut("n3").start().await;
+    wait_until(Duration::from_secs(20), "n1 and n3 told they were superseded", || async {
         get(&format!("{n1}/v1/cluster")).await.1["code"] == "TND-1210"
+            && get(&format!("{n3}/v1/cluster")).await.1["code"] == "TND-1210"
     })
     .await;
     let (st, v) = get(&format!("{n1}/v1/cluster")).await;
@@ -113,6 +118,8 @@ async fn a_lone_survivor_recovers_the_cluster_and_a_dropped_member_is_refused_un
     let live = running(&log);
     assert_eq!(live.len(), 1, "{live:?}");
     assert_eq!(live[0].node, "n2");
+    let since: Vec<_> = events(&log).into_iter().skip(seen).collect();
+    assert!(since.iter().all(|e| e.node == "n2"), "the returning nodes started web: {since:?}");
     // Restarted, it stays out.
     c.node_mut("n1").stop();
     c.node_mut("n1").start().await;

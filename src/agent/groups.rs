@@ -74,6 +74,9 @@ impl Agent {
     /// with each group is the reconciler's decision (in the executor).
     pub(super) async fn executor_round(&self) {
         let Some(m) = self.member() else { return };
+        if self.superseded_pending() {
+            return;
+        }
         if self.lease_core().lapsed() {
             let mut ex = self.executor.lock().await;
             if let Some(ex) = ex.as_mut() {

@@ -161,6 +161,9 @@ impl Agent {
     /// decides; this kills and writes.
     pub(super) async fn lease_round(&self) {
         let Some(m) = self.member() else { return };
+        if self.superseded_pending() {
+            return;
+        }
         let voters = self.voter_echoes(&m);
         let now_ms = now_boot_ms();
         // Looked at (a directory read) only once the lease has run out.

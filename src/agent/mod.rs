@@ -310,10 +310,15 @@ impl Agent {
         .validate()
         .context("raft configuration")?;
         let builder = crate::security::tls::client_builder(&self.tls, self.tls.peer_client_config());
-        let notice = self.superseded_notice.clone();
+        let (notice, guard) = (self.superseded_notice.clone(), self.guard.clone());
         let network = Network::new(identity.cluster_id.clone(), builder, Duration::from_millis(500))
             .context("raft network client")?
             .on_superseded(Arc::new(move |why: &str| {
+                // At once, before the agent's next round: nothing here may
+                // run beside what the recovered cluster runs (with another
+                // superseded voter this node may still hear a majority).
+                guard.set_deadline_ms(0);
+                guard.kill_everything();
                 *notice.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
             }));
         let (log, sm, state) = self.db.raft_storage().context("opening raft storage")?;

@@ -6,8 +6,9 @@
 use super::*;
 use tandem_http_api::{RecoverReport, RecoverRequest};
 
-/// How often the agent looks whether a peer said it was superseded.
-pub(super) const SUPERSEDED_CHECK: Duration = Duration::from_millis(200);
+/// How often the agent looks whether a peer said it was superseded (the
+/// network's hook already killed everything; this stops Raft).
+pub(super) const SUPERSEDED_CHECK: Duration = Duration::from_millis(50);
 /// How long a voter's probe waits for an answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the recovered node may take to elect itself.
@@ -146,12 +147,19 @@ impl Agent {
         })
     }
 
+    /// A peer said this node was superseded and it has not stopped yet: the
+    /// executor and the lease timer stand still meanwhile.
+    pub(super) fn superseded_pending(&self) -> bool {
+        self.superseded_notice.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
     /// Once a peer said this node was superseded: it stops everything it
     /// runs and its Raft, and remembers why across restarts.
     pub(super) async fn superseded_round(&self) {
-        let notice = self.superseded_notice.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let notice = self.superseded_notice.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(why) = notice else { return };
         if self.member().is_none() {
+            *self.superseded_notice.lock().unwrap_or_else(|e| e.into_inner()) = None;
             return;
         }
         tracing::error!(
@@ -167,5 +175,6 @@ impl Agent {
         if let Err(e) = self.stop_member(false).await {
             tracing::warn!("stopping after being superseded: {e}");
         }
+        *self.superseded_notice.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
