@@ -265,7 +265,13 @@ async fn authorize_and_run(b: SharedBackend, req: Request, next: Next) -> Respon
     };
     let from =
         client_addr.or_else(|| peer.addr.map(|a: SocketAddr| a.ip().to_string())).unwrap_or_else(|| "local".into());
-    let who = match principal(&b, &peer, &req, need) {
+    // A token or certificate made a moment ago through the leader may not
+    // be applied here yet: once caught up with the leader, asked again.
+    let mut found = principal(&b, &peer, &req, need);
+    if matches!(found, Err(ApiError::TokenRejected(_) | ApiError::CertificateRejected(_))) && b.catch_up().await {
+        found = principal(&b, &peer, &req, need);
+    }
+    let who = match found {
         Ok(p) => p,
         Err(e) => {
             let resp = e.clone().into_response();

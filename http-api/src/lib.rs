@@ -84,6 +84,13 @@ pub trait Backend: Send + Sync + 'static {
     fn not_member(&self) -> ApiError {
         ApiError::NotMember
     }
+    /// On a follower: waits until this node has applied everything the
+    /// leader committed (a read index); false when it could not or need not.
+    /// Bounded in rate: unknown credentials must not turn into a flood of
+    /// leader round trips.
+    async fn catch_up(&self) -> bool {
+        false
+    }
     fn local(&self) -> LocalView;
     /// Member of a cluster that has a leader.
     fn ready(&self) -> Result<(), ApiError>;

@@ -9,6 +9,10 @@ impl Backend for Agent {
         self.cfg.name.clone()
     }
 
+    async fn catch_up(&self) -> bool {
+        self.do_catch_up().await
+    }
+
     fn not_member(&self) -> ApiError {
         match self.db.superseded().ok().flatten() {
             Some(why) => ApiError::Superseded { node: self.cfg.name.clone(), detail: why },

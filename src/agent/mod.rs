@@ -144,7 +144,16 @@ pub struct Agent {
     /// Set by the Raft network when a peer answers that a recovery of the
     /// cluster superseded this node; the agent then stops taking part.
     superseded_notice: Arc<std::sync::Mutex<Option<String>>>,
+    /// Catch-ups with the leader for unknown credentials in the current
+    /// second: (its start, how many).
+    catch_ups: std::sync::Mutex<(Instant, u32)>,
 }
+
+/// At most this many read indexes a second for credentials a follower does
+/// not know (yet).
+const CATCH_UPS_PER_SECOND: u32 = 20;
+/// How long a catch-up may take (asking the leader, then applying).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
 
 fn storage_err(e: impl std::fmt::Display) -> ApiError {
     ApiError::Storage(e.to_string())
@@ -230,6 +239,7 @@ impl Agent {
         let event_sink = events::EventSink::new(cfg.name.clone());
         Ok(Agent {
             superseded_notice: Default::default(),
+            catch_ups: std::sync::Mutex::new((Instant::now(), 0)),
             counters,
             event_sink,
             lease: std::sync::Mutex::new(lease),

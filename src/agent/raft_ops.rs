@@ -67,6 +67,35 @@ impl Agent {
         within(COMMIT_TIMEOUT, late, m.raft.add_learner(id, peer, false)).await.map(|_| ())
     }
 
+    /// Before refusing an unknown token or certificate on a follower:
+    /// applies at least what the leader has applied (a credential made
+    /// through the leader was applied there before it answered), at most
+    /// `CATCH_UPS_PER_SECOND` times a second.
+    pub(super) async fn do_catch_up(&self) -> bool {
+        let Some(m) = self.member() else { return false };
+        // On the leader it is applied already; with no leader, nothing to ask.
+        let Route::Leader(urls) = self.route() else { return false };
+        {
+            let mut window = self.catch_ups.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if now.duration_since(window.0) >= Duration::from_secs(1) {
+                *window = (now, 0);
+            }
+            if window.1 >= CATCH_UPS_PER_SECOND {
+                return false;
+            }
+            window.1 += 1;
+        }
+        for url in urls {
+            let asked = self.http.get(format!("{url}/v1/cluster?stale=true")).timeout(CATCH_UP_WAIT).send().await;
+            let Ok(resp) = asked else { continue };
+            let Ok(view) = resp.json::<ClusterView>().await else { return false };
+            let Some(index) = view.applied_index else { return false };
+            return m.raft.wait(Some(CATCH_UP_WAIT)).applied_index_at_least(Some(index), "caught up").await.is_ok();
+        }
+        false
+    }
+
     /// Read-index through the leader: after this, local state is at least as
     /// new as anything committed before the call.
     pub(super) async fn linearize(&self, m: &Member) -> Result<(), ApiError> {
