@@ -245,6 +245,18 @@ impl Cluster {
         }
         let want = expected_voters(self.nodes.len(), self.opts.voters);
         self.wait_voters(want).await;
+        // Every node routes to a leader it hears (right after joining, a
+        // node may drop heartbeats sealed with a key it has not applied yet).
+        let urls = self.live_urls();
+        wait_until(Duration::from_secs(30), "every node ready", || async {
+            for u in &urls {
+                if get(&format!("{u}/readyz")).await.0 != 200 {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
         self
     }
 
