@@ -14,103 +14,13 @@
 //!
 //! Prints a Markdown report (docs/benchmarks.md).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::Value;
 use tandem::cli::SseParser;
-use tandem_testkit::api::{call_with, Creds};
-use tandem_testkit::{free_port, kill_session, new_session};
-
-struct Agent {
-    port: u16,
-    socket: PathBuf,
-    child: Child,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        kill_session(self.child.id() as i32);
-        let _ = self.child.wait();
-    }
-}
-
-impl Agent {
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
-    }
-}
-
-fn tandem_bin() -> std::path::PathBuf {
-    tandem_testkit::bench::sibling_tandem_bin()
-}
-
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    tandem_testkit::bench::wait_for(what, timeout, Duration::from_millis(20), f).await
-}
-
-async fn start(tmp: &Path) -> (Vec<Agent>, Creds) {
-    let mut agents = Vec::new();
-    for i in 1..=3 {
-        let name = format!("node{i}");
-        let port = loop {
-            let p = free_port();
-            if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-                break p;
-            }
-        };
-        let data = tmp.join(&name);
-        let cfg = tmp.join(format!("{name}.toml"));
-        let text =
-            format!("name = \"{name}\"\ndata_dir = \"{}\"\nport = {port}\n[log]\nlevel = \"warn\"\n", data.display());
-        std::fs::write(&cfg, text).unwrap();
-        let log = std::fs::File::create(tmp.join(format!("{name}.log"))).unwrap();
-        let mut cmd = Command::new(tandem_bin());
-        new_session(&mut cmd);
-        let child = cmd
-            .args(["agent", "--config"])
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn tandem (cargo build --release --bins first)");
-        let a = Agent { port, socket: data.join("admin.sock"), child };
-        let socket = a.socket.clone();
-        wait_for("agent up", Duration::from_secs(30), || {
-            let s = socket.clone();
-            async move { tandem_testkit::api::local_call(&s, Method::GET, "/healthz", Value::Null).await.0 == 200 }
-        })
-        .await;
-        agents.push(a);
-    }
-    let creds = tandem_testkit::api::init(&agents[0].socket, "bench").await.expect("init");
-    for a in &agents {
-        tandem_testkit::api::register(&a.url(), &creds);
-    }
-    for a in &agents[1..] {
-        let (st, v) = tandem_testkit::api::join(&a.socket, &agents[0].url(), &creds).await;
-        assert_eq!(st, 200, "join: {v}");
-    }
-    let u = agents[0].url();
-    wait_for("3 voters online", Duration::from_secs(60), || {
-        let u = u.clone();
-        async move {
-            let (_, c) = call_with(None, Method::GET, &format!("{u}/v1/cluster"), None).await;
-            c["members"]
-                .as_array()
-                .is_some_and(|m| m.len() == 3 && m.iter().all(|x| x["role"] == "voter" && x["state"] == "online"))
-        }
-    })
-    .await;
-    (agents, creds)
-}
+use tandem_testkit::api::call_with;
+use tandem_testkit::bench::start_three;
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -157,7 +67,7 @@ async fn main() {
     let samples: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(100);
     let tmp = tempfile::tempdir().unwrap();
     eprintln!("forming the cluster...");
-    let (agents, creds) = start(tmp.path()).await;
+    let (agents, creds) = start_three(tmp.path()).await;
     let (_, cluster) = call_with(None, Method::GET, &format!("{}/v1/cluster", agents[0].url()), None).await;
     let leader = cluster["leader"].as_str().unwrap_or("node1").to_string();
     eprintln!("leader {leader}");
@@ -255,7 +165,7 @@ async fn main() {
         d.sort_by(f64::total_cmp);
     }
     // Idle: nothing happens for 20 s (groups: none; the stream stays open).
-    let pids: Vec<u32> = agents.iter().map(|a| a.child.id()).collect();
+    let pids: Vec<u32> = agents.iter().map(|a| a.pid()).collect();
     let before: Vec<f64> = pids.iter().map(|p| cpu_s(*p)).collect();
     let window = Duration::from_secs(20);
     tokio::time::sleep(window).await;

@@ -1,68 +1,22 @@
 //! Quorum-loss recovery benchmark: three agents on loopback, a group
-//! serving HTTP (python3's http.server) on n1; n1 and n3 lose power for
+//! serving HTTP (python3's http.server) on node1; node1 and node3 lose power for
 //! good (their sessions killed). Measured per round, as a client sees it:
-//! how long until n2 may recover (it hears no leader and no majority
+//! how long until node2 may recover (it hears no leader and no majority
 //! answers: the dry run stops answering 409), how long the confirmed
 //! `POST /v1/cluster/recover` takes, and from the confirmation to the first
-//! HTTP answer of the service on n2. The operator's own reaction time is
+//! HTTP answer of the service on node2. The operator's own reaction time is
 //! not in it.
 //!
 //!     cargo build --release --bins --examples
 //!     target/release/examples/recovery_bench [rounds]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tandem_testkit::api;
+use tandem_testkit::bench::{start_three, Agent};
 use tandem_testkit::free_port;
-
-/// An agent in its own session: dropped, it loses power with everything
-/// it started.
-struct Agent {
-    port: u16,
-    socket: PathBuf,
-    child: Child,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        tandem_testkit::kill_session(self.child.id() as i32);
-        let _ = self.child.wait();
-    }
-}
-
-impl Agent {
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
-    }
-}
-
-fn spawn(dir: &Path, name: &str) -> Agent {
-    let port = free_port();
-    let cfg = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "name = \"{name}\"\ndata_dir = \"{}\"\nport = {port}\n[log]\nlevel = \"warn\"\n",
-            dir.join(name).display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let mut cmd = Command::new(tandem_testkit::bench::sibling_tandem_bin());
-    tandem_testkit::new_session(&mut cmd);
-    let child = cmd
-        .args(["agent", "--config"])
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("spawn tandem (cargo build --release --bins first)");
-    Agent { port, socket: dir.join(name).join("admin.sock"), child }
-}
 
 async fn wait_for<F, Fut>(what: &str, limit: Duration, f: F)
 where
@@ -84,14 +38,13 @@ async fn recover(url: &str, dry_run: bool) -> (u16, Value) {
 
 /// One round: (may recover after the loss, the recover call, confirm → service).
 async fn round(dir: &Path) -> (Duration, Duration, Duration) {
-    let mut agents: Vec<Option<Agent>> = ["n1", "n2", "n3"].iter().map(|n| Some(spawn(dir, n))).collect();
-    let live: Vec<&Agent> = agents.iter().flatten().collect();
-    form(&live).await;
-    let n2 = live[1].url();
+    let (started, _) = start_three(dir).await;
+    let n2 = started[1].url();
+    let mut agents: Vec<Option<Agent>> = started.into_iter().map(Some).collect();
     let web_port = free_port();
     let service = format!("http://127.0.0.1:{web_port}/");
     let group = json!({
-        "nodes": ["n1", "n2"],
+        "nodes": ["node1", "node2"],
         "resources": [{"name": "http", "type": "process",
             "command": ["python3", "-m", "http.server", web_port.to_string(), "--bind", "127.0.0.1", "--directory", "/"]}]
     });
@@ -99,18 +52,18 @@ async fn round(dir: &Path) -> (Duration, Duration, Duration) {
     let (st, v) = api::call_with(None, reqwest::Method::PUT, &format!("{n2}/v1/groups/web"), Some(body)).await;
     assert_eq!(st, 201, "{v}");
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    wait_for("web answering on n1", Duration::from_secs(30), || {
+    wait_for("web answering on node1", Duration::from_secs(30), || {
         let (http, service, n2) = (http.clone(), service.clone(), n2.clone());
         async move {
             let (_, g) = api::call_with(None, reqwest::Method::GET, &format!("{n2}/v1/groups/web"), None).await;
-            g["node"] == "n1" && answers(&http, &service).await
+            g["node"] == "node1" && answers(&http, &service).await
         }
     })
     .await;
     // The CA key reaches every voter within 10 s: a recovered cluster
     // without it could take no node back.
-    let key = dir.join("n2/tls/ca.key");
-    wait_for("n2 holds the CA key", Duration::from_secs(30), || {
+    let key = dir.join("node2/tls/ca.key");
+    wait_for("node2 holds the CA key", Duration::from_secs(30), || {
         let key = key.clone();
         async move { key.exists() }
     })
@@ -119,7 +72,7 @@ async fn round(dir: &Path) -> (Duration, Duration, Duration) {
     let lost = Instant::now();
     agents[0] = None;
     agents[2] = None;
-    wait_for("n2 may recover", Duration::from_secs(60), || {
+    wait_for("node2 may recover", Duration::from_secs(60), || {
         let n2 = n2.clone();
         async move { recover(&n2, true).await.0 == 200 }
     })
@@ -129,7 +82,7 @@ async fn round(dir: &Path) -> (Duration, Duration, Duration) {
     let (st, v) = recover(&n2, false).await;
     assert_eq!(st, 200, "{v}");
     let call = confirmed.elapsed();
-    wait_for("web answering on n2", Duration::from_secs(60), || {
+    wait_for("web answering on node2", Duration::from_secs(60), || {
         let (http, service) = (http.clone(), service.clone());
         async move { answers(&http, &service).await }
     })
@@ -137,35 +90,6 @@ async fn round(dir: &Path) -> (Duration, Duration, Duration) {
     let service_back = confirmed.elapsed();
     drop(agents);
     (may, call, service_back)
-}
-
-/// `tandem cluster init` on the first, `join` on the others; three voters.
-async fn form(agents: &[&Agent]) {
-    for a in agents {
-        let sock = a.socket.clone();
-        wait_for("agent healthy", Duration::from_secs(30), || {
-            let sock = sock.clone();
-            async move { api::local_call(&sock, reqwest::Method::GET, "/healthz", Value::Null).await.0 == 200 }
-        })
-        .await;
-    }
-    let creds = api::init(&agents[0].socket, "bench").await.expect("init");
-    for a in agents {
-        api::register(&a.url(), &creds);
-    }
-    for a in &agents[1..] {
-        let (st, v) = api::join(&a.socket, &agents[0].url(), &creds).await;
-        assert_eq!(st, 200, "join: {v}");
-    }
-    let url = agents[0].url();
-    wait_for("three voters", Duration::from_secs(60), || {
-        let url = url.clone();
-        async move {
-            let (_, c) = api::call_with(None, reqwest::Method::GET, &format!("{url}/v1/cluster"), None).await;
-            c["members"].as_array().is_some_and(|m| m.iter().filter(|x| x["role"] == "voter").count() == 3)
-        }
-    })
-    .await;
 }
 
 fn ms(d: Duration) -> f64 {
@@ -197,7 +121,7 @@ async fn main() {
         back.push(ms(c));
     }
     println!("| measured (ms) | rounds | p50 | p99 | max |\n|---|---|---|---|---|");
-    summary("power loss of 2 of 3 voters → n2 may recover (dry run answers 200)", may);
+    summary("power loss of 2 of 3 voters → node2 may recover (dry run answers 200)", may);
     summary("confirmed `POST /v1/cluster/recover` (answer)", call);
-    summary("confirmation → service answers on n2", back);
+    summary("confirmation → service answers on node2", back);
 }

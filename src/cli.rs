@@ -374,6 +374,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// A name as one segment of an API path.
+pub fn enc(s: &str) -> String {
+    s.replace('/', "%2F")
+}
+
 pub fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, CliError> {
     serde_json::from_value(v).map_err(|e| CliError::BadAnswer { url: "response".into(), reason: e.to_string() })
 }
@@ -667,7 +672,6 @@ type Render = fn(Value) -> Result<String, CliError>;
 
 /// Runs a `tandem volume` subcommand; returns what to print.
 pub async fn volume_command(c: &Client, json_out: bool, cmd: VolumeCmd) -> Result<String, CliError> {
-    let enc = |s: &str| s.replace('/', "%2F");
     let stale = |s: bool| if s { "?stale=true" } else { "" };
     let (v, render): (Value, Render) = match cmd {
         VolumeCmd::List { stale: s } => (c.call(Method::GET, &format!("/v1/volumes{}", stale(s)), None).await?, |v| {

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 use tandem_http_api::{EventList, GroupView, SiteGroupReport, SiteView, SwitchoverReport, VolumeView};
 
-use crate::cli::{CliError, Client};
+use crate::cli::{enc, parse, CliError, Client};
 
 /// How often the way back looks at a group.
 const POLL: Duration = Duration::from_millis(100);
@@ -39,14 +39,6 @@ pub struct DrillReport {
     pub passed: bool,
     pub out: SwitchoverReport,
     pub back: Vec<BackReport>,
-}
-
-fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, CliError> {
-    serde_json::from_value(v).map_err(|e| CliError::Input(format!("unexpected answer: {e}")))
-}
-
-fn enc(s: &str) -> String {
-    s.replace('/', "%2F")
 }
 
 /// The newest `group.running` event of `group` (its id and event), and the

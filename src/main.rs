@@ -552,7 +552,7 @@ async fn client_command(
         }
     }
     let c = Client::with_access(&endpoint, &access)?;
-    let enc = |s: &str| s.replace('/', "%2F");
+    let enc = cli::enc;
     let (v, render): (Value, Render) = match cmd {
         Cmd::Status { stale } => (c.call(Method::GET, &format!("/v1/cluster{}", q(stale)), None).await?, |v| {
             Ok(cli::cluster_text(&parse::<ClusterView>(v)?))

@@ -221,6 +221,18 @@ fn principal(b: &SharedBackend, peer: &PeerInfo, req: &Request, need: Access) ->
     Ok(Principal::Anonymous)
 }
 
+/// A refusal as the caller sees it. A node a recovery of its cluster
+/// superseded has no tokens to check any more: whatever was refused, it
+/// says why and what to do (looked at on refusals only, off the hot path).
+fn refusal(b: &SharedBackend, e: ApiError) -> ApiError {
+    if b.route() == crate::Route::NotMember {
+        if let s @ ApiError::Superseded { .. } = b.not_member() {
+            return s;
+        }
+    }
+    e
+}
+
 fn is_mutating(m: &Method) -> bool {
     !matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS)
 }
@@ -249,13 +261,6 @@ async fn authorize_and_run(b: SharedBackend, req: Request, next: Next) -> Respon
         Access::OpenUntilMember => Access::Read,
         other => other,
     };
-    // A node a recovery of its cluster superseded has no tokens to check
-    // any more: every caller gets the reason and what to do.
-    if !matches!(need, Access::Open | Access::Local) && b.route() == crate::Route::NotMember {
-        if let e @ ApiError::Superseded { .. } = b.not_member() {
-            return e.into_response();
-        }
-    }
     // A node relaying a client's request says who the client is.
     let (on_behalf, client_addr) = if peer.node.is_some() {
         let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -274,6 +279,7 @@ async fn authorize_and_run(b: SharedBackend, req: Request, next: Next) -> Respon
     let who = match found {
         Ok(p) => p,
         Err(e) => {
+            let e = refusal(&b, e);
             let resp = e.clone().into_response();
             audit(&b, "anonymous".into(), &from, &method, &path, "", &resp, Some(e.code()));
             return resp;
@@ -281,17 +287,20 @@ async fn authorize_and_run(b: SharedBackend, req: Request, next: Next) -> Respon
     };
     let described = on_behalf.clone().unwrap_or_else(|| who.describe());
     if !who.allows(need) {
-        let e = match (&who, need) {
-            (Principal::Anonymous, _) => {
-                ApiError::Unauthenticated(format!("{} needs a token", action(&method, &route)))
-            }
-            (_, Access::Local) => ApiError::LocalOnly(action(&method, &route)),
-            _ => ApiError::Forbidden {
-                who: described.clone(),
-                role: who.role_name().into(),
-                action: action(&method, &route),
+        let e = refusal(
+            &b,
+            match (&who, need) {
+                (Principal::Anonymous, _) => {
+                    ApiError::Unauthenticated(format!("{} needs a token", action(&method, &route)))
+                }
+                (_, Access::Local) => ApiError::LocalOnly(action(&method, &route)),
+                _ => ApiError::Forbidden {
+                    who: described.clone(),
+                    role: who.role_name().into(),
+                    action: action(&method, &route),
+                },
             },
-        };
+        );
         let resp = e.clone().into_response();
         audit(&b, described, &from, &method, &path, "", &resp, Some(e.code()));
         return resp;

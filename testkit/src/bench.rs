@@ -1,6 +1,6 @@
 //! What the benchmark programs in `examples/` share: where the agent binary
-//! they start is, and waiting for a condition with a deadline. No I/O of
-//! its own beyond the condition the caller polls.
+//! they start is, waiting for a condition with a deadline, and a
+//! three-agent cluster on loopback (started as child processes).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -24,4 +24,92 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(every).await;
     }
+}
+
+/// An agent a benchmark started, in its own process session: dropped, it
+/// loses power with everything it started (its watchdog, its resources).
+pub struct Agent {
+    pub port: u16,
+    /// Its admin socket (`init`, `join`).
+    pub socket: PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        crate::kill_session(self.child.id() as i32);
+        let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Three agents on loopback (`node1`..`node3`, data under `tmp`, default
+/// settings, logs at warn), formed into a cluster of three online voters.
+pub async fn start_three(tmp: &Path) -> (Vec<Agent>, crate::api::Creds) {
+    use reqwest::Method;
+    use serde_json::Value;
+    let poll = Duration::from_millis(20);
+    let mut agents = Vec::new();
+    for i in 1..=3 {
+        let name = format!("node{i}");
+        let port = loop {
+            let p = crate::free_port();
+            if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                break p;
+            }
+        };
+        let data = tmp.join(&name);
+        let cfg = tmp.join(format!("{name}.toml"));
+        let text =
+            format!("name = \"{name}\"\ndata_dir = \"{}\"\nport = {port}\n[log]\nlevel = \"warn\"\n", data.display());
+        std::fs::write(&cfg, text).unwrap();
+        let log = std::fs::File::create(tmp.join(format!("{name}.log"))).unwrap();
+        let mut cmd = std::process::Command::new(sibling_tandem_bin());
+        crate::new_session(&mut cmd);
+        let child = cmd
+            .args(["agent", "--config"])
+            .arg(&cfg)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tandem (cargo build --release --bins first)");
+        let a = Agent { port, socket: data.join("admin.sock"), child };
+        let socket = a.socket.clone();
+        wait_for("agent up", Duration::from_secs(30), poll, || {
+            let s = socket.clone();
+            async move { crate::api::local_call(&s, Method::GET, "/healthz", Value::Null).await.0 == 200 }
+        })
+        .await;
+        agents.push(a);
+    }
+    let creds = crate::api::init(&agents[0].socket, "bench").await.expect("init");
+    for a in &agents {
+        crate::api::register(&a.url(), &creds);
+    }
+    for a in &agents[1..] {
+        let (st, v) = crate::api::join(&a.socket, &agents[0].url(), &creds).await;
+        assert_eq!(st, 200, "join: {v}");
+    }
+    let u = agents[0].url();
+    wait_for("3 voters online", Duration::from_secs(60), poll, || {
+        let u = u.clone();
+        async move {
+            let (_, c) = crate::api::call_with(None, Method::GET, &format!("{u}/v1/cluster"), None).await;
+            c["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 3 && m.iter().all(|x| x["role"] == "voter" && x["state"] == "online"))
+        }
+    })
+    .await;
+    (agents, creds)
 }
