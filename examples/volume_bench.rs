@@ -184,6 +184,7 @@ impl Tandem {
             async_failover: false,
             initial: initial_generation(&format!("bench/{tag}")),
             replaced: 0,
+            forced_epoch: 0,
         }
     }
 

@@ -494,6 +494,46 @@ pub fn recover_text(r: &tandem_http_api::RecoverReport) -> String {
     s + "\n" + &table(&["GROUP", "NOW", "THEN", "REASON"], &rows)
 }
 
+/// A forced promotion's report, or its dry run's.
+pub fn promote_text(r: &tandem_http_api::PromoteReport) -> String {
+    let mut s = match (&r.node, r.dry_run) {
+        (Some(n), false) => format!(
+            "volume {} promoted by force on {n}: group {} starts there; the writes it lacked are given up\n\n",
+            r.volume, r.group
+        ),
+        (Some(n), true) => format!(
+            "DRY RUN: nothing changed. To promote: tandem volume promote {} --node {n} --confirm {}\n\n",
+            r.volume, r.volume
+        ),
+        (None, _) => format!(
+            "DRY RUN: nothing changed. To promote: tandem volume promote {} --node <node> --confirm {}\n\n",
+            r.volume, r.volume
+        ),
+    };
+    let rows: Vec<Vec<String>> = r
+        .candidates
+        .iter()
+        .map(|c| {
+            vec![
+                c.node.clone(),
+                c.disk.clone(),
+                if c.online { "online" } else { "offline" }.into(),
+                bytes_text(c.out_of_sync_bytes),
+                c.newest_write_age_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{} ago", duration_text(ms as f64 / 1000.0))),
+                c.generation.clone().unwrap_or_else(|| "-".into()),
+                c.refused.clone().unwrap_or_else(|| "may be promoted".into()),
+            ]
+        })
+        .collect();
+    s += &table(&["REPLICA", "DISK", "NODE", "OUT OF SYNC", "NEWEST WRITE", "GENERATION", "PROMOTION"], &rows);
+    s += "\nOUT OF SYNC: what the last primary recorded the replica lacks; writes after its record are not counted.\n";
+    if !r.outdated.is_empty() {
+        s += &format!("Recorded UpToDate now, Outdated after: {}\n", r.outdated.join(", "));
+    }
+    s + &r.newer_data + "\n"
+}
+
 /// Seconds with two decimals, `-` for none.
 pub fn secs(ms: Option<u64>) -> String {
     ms.map_or_else(|| "-".into(), |ms| format!("{:.2}s", ms as f64 / 1000.0))
@@ -665,6 +705,19 @@ pub enum VolumeCmd {
         /// The node whose replica is replaced (not the serving primary).
         node: String,
     },
+    /// Forced promotion, when no UpToDate replica is online: shows each
+    /// candidate replica and what taking it gives up (bytes known out of
+    /// sync, age of its newest write); changes nothing without --confirm.
+    Promote {
+        /// The volume.
+        name: String,
+        /// The node whose Outdated replica becomes the volume's data.
+        #[arg(long)]
+        node: Option<String>,
+        /// The volume's name again: promote for real, accepting the loss.
+        #[arg(long)]
+        confirm: Option<String>,
+    },
 }
 
 /// Turns an API answer into the text the CLI prints.
@@ -696,6 +749,13 @@ pub async fn volume_command(c: &Client, json_out: bool, cmd: VolumeCmd) -> Resul
             .await?,
             |v| Ok(volume_text(&parse::<VolumeView>(v)?)),
         ),
+        VolumeCmd::Promote { name, node, confirm } => {
+            let dry = if confirm.is_none() { "?dry_run=true" } else { "" };
+            let body = serde_json::json!({ "node": node, "confirm": confirm });
+            (c.call(Method::POST, &format!("/v1/volumes/{}/promote{dry}", enc(&name)), Some(body)).await?, |v| {
+                Ok(promote_text(&parse::<tandem_http_api::PromoteReport>(v)?))
+            })
+        }
         VolumeCmd::Replace { name, node } => (
             c.call(Method::POST, &format!("/v1/volumes/{}/replicas/{}/replace", enc(&name), enc(&node)), None).await?,
             |v| Ok(volume_text(&parse::<VolumeView>(v)?)),

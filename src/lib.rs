@@ -19,6 +19,7 @@ pub mod failover;
 pub mod lease;
 pub mod liveness;
 pub mod metrics;
+pub mod promotion;
 pub mod reconcile;
 pub mod recovery;
 pub mod rundir;

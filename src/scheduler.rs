@@ -457,6 +457,8 @@ mod tests {
             replica_disks: Default::default(),
             replica_replaced: Default::default(),
             replicas_replacing: Default::default(),
+            replica_out_of_sync: Default::default(),
+            forced_promotions: Default::default(),
             volumes_in_service: Default::default(),
         }
     }

@@ -188,6 +188,7 @@ mod tests {
             nbd: None,
             replicas: vec![replica("n1", ReplicaRole::Primary, Connection::Connected), peer],
             generation: Default::default(),
+            newest_write_ms: None,
             verify: verify.map(|state| VerifyOutcome {
                 state,
                 checked_bytes: 1 << 20,

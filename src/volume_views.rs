@@ -97,6 +97,7 @@ impl From<VolumeStatus> for LocalVolumeStatus {
             replicas: s.replicas.into_iter().map(Into::into).collect(),
             generation: format!("{:016x}", s.generation),
             verify: s.verify.map(Into::into),
+            newest_write_ms: s.newest_write_ms,
         }
     }
 }
@@ -152,6 +153,7 @@ mod tests {
                 },
             ],
             generation: 0xab,
+            newest_write_ms: Some(42),
             verify: Some(VerifyOutcome {
                 state: VerifyState::Failed("demoted during verify".into()),
                 checked_bytes: 4096,
@@ -214,6 +216,7 @@ mod tests {
                 repaired_blocks: BTreeMap::from([("n2".to_string(), 1)]),
                 error: Some("demoted during verify".into()),
             }),
+            newest_write_ms: Some(42),
         };
         assert_eq!(view, want);
     }
@@ -228,9 +231,11 @@ mod tests {
             replicas: vec![replica("n2", ReplicaRole::Secondary, DiskState::Diskless, Connection::SyncTarget)],
             generation: u64::MAX,
             verify: None,
+            newest_write_ms: Some(1_700_000_000_000),
         };
         let view = LocalVolumeStatus::from(status);
         assert_eq!((view.role.as_str(), view.generation.as_str()), ("secondary", "ffffffffffffffff"));
+        assert_eq!(view.newest_write_ms, Some(1_700_000_000_000));
         assert_eq!(
             (view.replicas[0].disk.as_str(), view.replicas[0].connection),
             ("Diskless", ConnectionState::SyncTarget)

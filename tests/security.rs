@@ -50,6 +50,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("DELETE", "/v1/groups/{name}", "admin"),
     ("POST", "/v1/volumes/{name}/resolve", "admin"),
     ("POST", "/v1/volumes/{name}/replicas/{node}/replace", "admin"),
+    ("POST", "/v1/volumes/{name}/promote", "admin"),
     ("GET", "/v1/tokens", "admin"),
     ("POST", "/v1/tokens", "admin"),
     ("DELETE", "/v1/tokens/{name}", "admin"),

@@ -139,6 +139,7 @@ impl Cluster {
                 async_failover: self.async_failover,
                 initial: if self.empty.contains(&self.nodes[me].name) { 0 } else { initial_generation("test/data") },
                 replaced: 0,
+                forced_epoch: 0,
             },
             nbd_tcp: false,
         }

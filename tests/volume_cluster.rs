@@ -379,3 +379,127 @@ async fn a_replica_that_lost_its_files_is_never_promoted_and_is_resynced_in_full
     }
     assert_same_data(&c, "n1", "n2");
 }
+
+/// The forced-promotion report of volume `data` (dry run), from `url`.
+/// Retries while no leader answers (503: one was just lost).
+async fn promote_dry_run(url: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let (st, r) = post(&format!("{url}/v1/volumes/data/promote?dry_run=true"), json!({})).await;
+        if st == 503 {
+            last = r;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(r["dry_run"], true, "{r}");
+        return r;
+    }
+    panic!("no leader answered the dry run: {last}");
+}
+
+fn candidate<'a>(report: &'a Value, node: &str) -> &'a Value {
+    report["candidates"].as_array().and_then(|c| c.iter().find(|c| c["node"] == node)).unwrap_or(&Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forced_promotion_reports_what_it_gives_up_and_keeps_the_old_primarys_data() {
+    let (mut c, uri) = running(volume_group("16MiB", 2)).await;
+    // Written on both replicas.
+    assert_eq!(write_blocks(&uri, 0, 4, |_| 0x11).await.len(), 4);
+    // n2 is cut off; n1 goes on alone: 8 blocks of 64 KiB that n2 never got.
+    c.node_mut("n2").kill();
+    let acked = write_blocks(&uri, 8, 8, |_| 0x5a).await;
+    assert_eq!(acked.len(), 8);
+    let n3 = c.node("n3").url();
+    // The primary records what n2 lacks, exactly: the report knows it
+    // while n1 still serves (and refuses: a serving primary stays).
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = promote_dry_run(&n3).await;
+        if candidate(&last, "n2")["out_of_sync_bytes"] == 8 * 65536 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n2 = candidate(&last, "n2");
+    assert_eq!(n2["out_of_sync_bytes"], 8 * 65536, "{last}");
+    assert!(n2["out_of_sync_recorded_ms"].as_u64().is_some(), "{last}");
+    assert!(n2["refused"].as_str().unwrap_or("").contains("running on n1"), "{last}");
+
+    // n1 loses power; n2 returns: no up-to-date replica online, the group waits.
+    c.node_mut("n1").kill();
+    c.node_mut("n2").start().await;
+    let mut report = Value::Null;
+    for _ in 0..300 {
+        report = promote_dry_run(&n3).await;
+        if candidate(&report, "n2")["refused"].is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n2 = candidate(&report, "n2").clone();
+    assert!(n2["refused"].is_null(), "n2 never became promotable: {report}");
+    assert_eq!((n2["disk"].as_str(), n2["online"].as_bool()), (Some("Outdated"), Some(true)), "{report}");
+    assert_eq!(n2["out_of_sync_bytes"], 8 * 65536, "the record outlives the primary: {report}");
+    assert!(n2["generation"].as_str().is_some_and(|g| g.len() == 16), "{report}");
+    assert!(n2["newest_write_age_ms"].as_u64().is_some(), "{report}");
+    assert_eq!(report["outdated"], json!(["n1"]), "{report}");
+    assert_eq!(report["split_brain_policy"], "disconnect");
+    assert!(report["newer_data"].as_str().unwrap_or("").contains("nothing is overwritten"), "{report}");
+    let g = group_at(&c.live_urls(), "db").await;
+    assert_ne!(g["state"], "running", "{g}");
+
+    // Refused without the confirmation, or for a node without a replica: nothing changes.
+    let url = format!("{n3}/v1/volumes/data/promote");
+    let (st, e) = post(&url, json!({"node": "n2"})).await;
+    assert_eq!((st, e["code"].as_str()), (422, Some("TND-1010")), "{e}");
+    let (st, e) = post(&url, json!({"node": "n3", "confirm": "data"})).await;
+    assert_eq!((st, e["code"].as_str()), (409, Some("TND-1402")), "{e}");
+    let v = volume(&c).await;
+    assert_eq!(
+        (v["recorded_disks"]["n1"].as_str(), v["recorded_disks"]["n2"].as_str()),
+        (Some("UpToDate"), Some("Outdated"))
+    );
+
+    // Confirmed: n2 is the data now, the group starts there.
+    let (st, r) = post(&url, json!({"node": "n2", "confirm": "data"})).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!((r["dry_run"].as_bool(), r["node"].as_str()), (Some(false), Some("n2")), "{r}");
+    let uri2 = wait_exported_primary(&c, "n2").await;
+    for i in 0..4 {
+        assert!(read_ok(&uri2, i * 65536, 0x11).await, "block {i} written before the cut is missing");
+    }
+    for off in &acked {
+        assert!(read_ok(&uri2, *off, 0).await, "block at {off} was given up, yet n2 holds it?");
+    }
+    let ev = events_of(&n3, "volume.promoted").await;
+    let e = ev.last().unwrap_or_else(|| panic!("no volume.promoted event"));
+    assert_eq!((e["severity"].as_str(), e["node"].as_str()), (Some("critical"), Some("n2")), "{e}");
+    assert_eq!(e["details"]["out_of_sync_bytes"], 8 * 65536, "{e}");
+    assert!(e["details"]["by"].as_str().is_some(), "who asked is recorded: {e}");
+    let (st, audit) = get(&format!("{n3}/v1/audit?limit=1000")).await;
+    assert_eq!(st, 200, "{audit}");
+    assert!(audit.to_string().contains("/v1/volumes/data/promote"), "no audit entry: {audit}");
+
+    // n2 writes on; n1 returns: both changed since they parted. Under the
+    // default policy nothing is overwritten: n1 keeps its writes, disconnected.
+    assert_eq!(write_blocks(&uri2, 40, 2, |_| 0x77).await.len(), 2);
+    c.node_mut("n1").start().await;
+    let mut v = Value::Null;
+    for _ in 0..300 {
+        v = volume(&c).await;
+        let n1 = v["replicas"].as_array().and_then(|r| r.iter().find(|r| r["node"] == "n1")).cloned();
+        if n1.is_some_and(|r| r["connection"] == "SplitBrain") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(v.to_string().contains("SplitBrain"), "no split brain reported for n1: {v}");
+    let data = std::fs::read(backing(&c, "n1")).unwrap();
+    for off in &acked {
+        let block = &data[*off as usize..*off as usize + 65536];
+        assert!(block.iter().all(|b| *b == 0x5a), "n1's newer write at {off} was overwritten");
+    }
+    assert_eq!(v["primary"], "n2", "{v}");
+}

@@ -286,6 +286,16 @@ fn replace_replica() -> Vec<ApiError> {
     ]
 }
 
+fn promote() -> Vec<ApiError> {
+    vec![
+        ApiError::VolumeNotFound(s()),
+        ApiError::NoSuchReplica(s()),
+        ApiError::PromotionRefused(s()),
+        ApiError::Invalid { field: s(), reason: s() },
+        ApiError::QuorumUnavailable(s()),
+    ]
+}
+
 /// Every operation of the document. A test checks this table against the
 /// document both ways.
 pub const OPERATIONS: &[Operation] = &[
@@ -417,6 +427,12 @@ pub const OPERATIONS: &[Operation] = &[
         path: "/v1/volumes/{name}/replicas/{node}/replace",
         layers: layers(true, false, true),
         errors: replace_replica,
+    },
+    Operation {
+        method: "post",
+        path: "/v1/volumes/{name}/promote",
+        layers: layers(true, false, true),
+        errors: promote,
     },
     // Load-balancer checks: open, answered by this node alone; their 503 is
     // a `ServingView`, documented by the handler.

@@ -113,6 +113,8 @@ pub enum ApiError {
     ReplicaIsPrimary { group: String, message: String },
     #[error("{0}")]
     NoUpToDateReplicaLeft(String),
+    #[error("{0}")]
+    PromotionRefused(String),
     #[error("vote request from node {0}, which is not a member of this cluster")]
     UnknownPeer(u64),
     #[error("authentication required: {0}")]
@@ -163,9 +165,9 @@ impl ApiError {
         "TND-1201", "TND-1202", "TND-1203", "TND-1204", "TND-1205", "TND-1206", "TND-1207", "TND-1208", "TND-1209",
         "TND-1210", "TND-1211", "TND-1300", "TND-1301", "TND-1302", "TND-1303", "TND-1400", "TND-1401", "TND-1402",
         "TND-1403", "TND-1404", "TND-1405", "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411",
-        "TND-1412", "TND-1413", "TND-1500", "TND-1501", "TND-1502", "TND-1503", "TND-1504", "TND-1505", "TND-1506",
-        "TND-1507", "TND-1508", "TND-1509", "TND-1510", "TND-1511", "TND-1512", "TND-1600", "TND-1601", "TND-1602",
-        "TND-1900", "TND-1901",
+        "TND-1412", "TND-1413", "TND-1414", "TND-1500", "TND-1501", "TND-1502", "TND-1503", "TND-1504", "TND-1505",
+        "TND-1506", "TND-1507", "TND-1508", "TND-1509", "TND-1510", "TND-1511", "TND-1512", "TND-1600", "TND-1601",
+        "TND-1602", "TND-1900", "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -218,6 +220,7 @@ impl ApiError {
             StalePrimary(_) => "TND-1411",
             ReplicaIsPrimary { .. } => "TND-1412",
             NoUpToDateReplicaLeft(_) => "TND-1413",
+            PromotionRefused(_) => "TND-1414",
             Unauthenticated(_) => "TND-1500",
             TokenRejected(_) => "TND-1501",
             Forbidden { .. } => "TND-1502",
@@ -293,7 +296,8 @@ impl ApiError {
             | VolumeTooLarge { .. }
             | StalePrimary(_)
             | ReplicaIsPrimary { .. }
-            | NoUpToDateReplicaLeft(_) => StatusCode::CONFLICT,
+            | NoUpToDateReplicaLeft(_)
+            | PromotionRefused(_) => StatusCode::CONFLICT,
             NotMember
             | NoLeader
             | QuorumUnavailable(_)
@@ -384,6 +388,11 @@ impl ApiError {
             NoUpToDateReplicaLeft(_) => {
                 "Bring another replica UpToDate first (start its node, let its resync finish: \
                  GET /v1/volumes/{name} shows the recorded disks); nothing was changed."
+                    .into()
+            }
+            PromotionRefused(_) => {
+                "A forced promotion is for a volume whose group cannot start because no UpToDate replica is online: \
+                 run it with ?dry_run=true to see each candidate and why (docs/errors.md#tnd-1414); nothing was changed."
                     .into()
             }
             VolumeResize { field, .. } => format!(
@@ -508,6 +517,7 @@ impl From<CommandError> for ApiError {
             CommandError::NotVolumePrimary { .. } => ApiError::StalePrimary(message),
             CommandError::ReplicaIsPrimary { group, .. } => ApiError::ReplicaIsPrimary { group, message },
             CommandError::NoUpToDateReplicaLeft { .. } => ApiError::NoUpToDateReplicaLeft(message),
+            CommandError::PromotionRefused { .. } => ApiError::PromotionRefused(message),
             CommandError::TokenExists { name } => ApiError::TokenExists(name),
             CommandError::TokenNotFound { name } => ApiError::TokenNotFound(name),
             CommandError::CertificateExists { name } => ApiError::CertificateExists(name),

@@ -148,6 +148,10 @@ pub trait Backend: Send + Sync + 'static {
     /// leader): recorded `Inconsistent` at once; its node then recreates the
     /// files and the primary resyncs it in full.
     async fn replace_replica(&self, name: &str, node: &str) -> Result<VolumeView, ApiError>;
+    /// Forced promotion of an `Outdated` replica when no `UpToDate` one is
+    /// online (`PromoteReplica` on the leader), or with `dry_run` only what
+    /// each candidate would give up.
+    async fn promote_volume(&self, name: &str, dry_run: bool, req: PromoteRequest) -> Result<PromoteReport, ApiError>;
     /// What this node's data plane knows of a volume.
     async fn local_volume(&self, name: &str) -> Result<LocalVolumeStatus, ApiError>;
     async fn local_volume_verify(&self, name: &str) -> Result<VerifyReport, ApiError>;
@@ -155,6 +159,9 @@ pub trait Backend: Send + Sync + 'static {
     /// On the leader: records a replica's disk state for the volume's
     /// primary (`SetReplicaDisk`, refused unless `report.epoch` is current).
     async fn record_replica_disk(&self, name: &str, report: ReplicaDiskReport) -> Result<(), ApiError>;
+    /// On the leader: records the out-of-sync bytes a volume's primary
+    /// tracks (`RecordOutOfSync`, refused unless `report.epoch` is current).
+    async fn record_out_of_sync(&self, name: &str, report: OutOfSyncReport) -> Result<(), ApiError>;
 
     async fn init(&self, req: InitRequest) -> Result<InitView, ApiError>;
     async fn join_via(&self, req: JoinViaRequest) -> Result<LocalView, ApiError>;
@@ -430,7 +437,9 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/v1/volumes/{name}/verify", post(verify_volume))
         .route("/v1/volumes/{name}/resolve", post(resolve_volume))
         .route("/v1/volumes/{name}/replicas/{node}/replace", post(replace_replica))
+        .route("/v1/volumes/{name}/promote", post(promote_volume))
         .route("/internal/volumes/{name}/disk", post(record_replica_disk))
+        .route("/internal/volumes/{name}/out-of-sync", post(record_out_of_sync))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/v1/cluster/join-token", post(join_token))
@@ -1504,6 +1513,39 @@ async fn replace_replica(
 #[serde(deny_unknown_fields)]
 struct NoBody {}
 
+/// `POST /v1/volumes/{name}/promote?dry_run=`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteParams {
+    /// Report each candidate and what it would give up; change nothing.
+    #[serde(default, deserialize_with = "flag")]
+    pub dry_run: bool,
+}
+
+#[utoipa::path(post, path = "/v1/volumes/{name}/promote", tag = "volumes",
+    params(("name" = String, Path), ("dry_run" = Option<bool>, Query, description = "Report each candidate replica and what promoting it would give up; change nothing")),
+    request_body = PromoteRequest,
+    responses((status = 200, description = "The replica is recorded UpToDate (the group starts on it), or with dry_run what each candidate would give up", body = PromoteReport),
+              (status = 422, description = "`confirm` is not the volume's name, or `node` is missing (TND-1010)", body = ErrorBody),
+              (status = 404, description = "No such volume (TND-1407)", body = ErrorBody),
+              (status = 409, description = "The node holds no replica (TND-1402), or the promotion is refused: the group runs, the replica is not Outdated, or an UpToDate replica is online (TND-1414)", body = ErrorBody)))]
+async fn promote_volume(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiQuery(p): ApiQuery<PromoteParams>,
+    ApiJson(req): ApiJson<PromoteRequest>,
+) -> Result<Json<PromoteReport>, ApiError> {
+    b.promote_volume(&name, p.dry_run, req).await.map(Json)
+}
+
+async fn record_out_of_sync(
+    State(b): State<SharedBackend>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<OutOfSyncReport>,
+) -> Result<StatusCode, ApiError> {
+    b.record_out_of_sync(&name, req).await.map(|_| StatusCode::NO_CONTENT)
+}
+
 async fn record_replica_disk(
     State(b): State<SharedBackend>,
     Path(name): Path<String>,
@@ -1653,6 +1695,7 @@ async fn raft_snapshot(
         verify_volume,
         resolve_volume,
         replace_replica,
+        promote_volume,
         group_health,
         volume_primary,
         volume_replica
@@ -1697,6 +1740,9 @@ async fn raft_snapshot(
         MoveRequest,
         RecoverRequest,
         RecoverReport,
+        PromoteRequest,
+        PromoteReport,
+        PromoteCandidate,
         RecoverGroup,
         SiteView,
         SwitchoverRequest,
@@ -1864,6 +1910,7 @@ mod tests {
             "/v1/volumes/{name}/verify",
             "/v1/volumes/{name}/resolve",
             "/v1/volumes/{name}/replicas/{node}/replace",
+            "/v1/volumes/{name}/promote",
             "/v1/groups/{name}/health",
             "/v1/volumes/{name}/primary",
             "/v1/volumes/{name}/replica",

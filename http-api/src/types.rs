@@ -510,6 +510,11 @@ pub struct LocalVolumeStatus {
     pub generation: String,
     /// Last online verify on this primary, if any.
     pub verify: Option<VerifyReport>,
+    /// When this replica's data last changed (its backing file's
+    /// modification time, ms since the Unix epoch): on a secondary cut off
+    /// from its primary, the newest write it received.
+    #[serde(default)]
+    pub newest_write_ms: Option<u64>,
 }
 
 /// Outcome of an online verify.
@@ -563,6 +568,73 @@ pub struct VolumeView {
     /// Each replica's disk state as the replicated state records it, by node:
     /// the group only ever starts on a replica recorded `UpToDate`.
     pub recorded_disks: BTreeMap<String, String>,
+}
+
+/// `POST /v1/volumes/{name}/promote`: the replica to promote by force and,
+/// unless `?dry_run=true`, `confirm` set to the volume's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    /// The node whose replica becomes the volume's data (optional in a dry
+    /// run: every candidate is reported).
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub confirm: Option<String>,
+}
+
+/// One replica a forced promotion could take, and what taking it gives up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PromoteCandidate {
+    pub node: String,
+    /// Its recorded disk: only an `Outdated` one can be promoted by force.
+    pub disk: String,
+    /// Its node is online (heard by a majority).
+    pub online: bool,
+    /// Bytes the last primary recorded it lacks (its bitmap for this
+    /// replica), as of `out_of_sync_recorded_ms`. Writes acknowledged after
+    /// that moment and before the primary was lost are not counted.
+    pub out_of_sync_bytes: u64,
+    /// When the primary recorded `out_of_sync_bytes` (ms since the Unix
+    /// epoch); null when it recorded none.
+    pub out_of_sync_recorded_ms: Option<u64>,
+    /// When this replica last received a write (ms since the Unix epoch),
+    /// and how long ago that was; null when its node did not answer.
+    pub newest_write_ms: Option<u64>,
+    pub newest_write_age_ms: Option<u64>,
+    /// Its data generation (hex), as its node reports it.
+    pub generation: Option<String>,
+    /// Why it cannot be promoted now (null: it can).
+    pub refused: Option<String>,
+}
+
+/// What a forced promotion did, or would do (`dry_run`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PromoteReport {
+    pub volume: String,
+    pub group: String,
+    pub dry_run: bool,
+    /// The replica promoted (null in a dry run without `node`).
+    pub node: Option<String>,
+    pub candidates: Vec<PromoteCandidate>,
+    /// Replicas recorded `UpToDate` now (on offline nodes, or the group
+    /// would not need forcing): they become `Outdated`.
+    pub outdated: Vec<String>,
+    /// What happens to their newer data when they come back: the volume's
+    /// split-brain policy, in words.
+    pub newer_data: String,
+    pub split_brain_policy: String,
+}
+
+/// Internal: a volume's primary records each tracked replica's
+/// out-of-sync bytes (`POST /internal/volumes/{name}/out-of-sync`,
+/// forwarded to the leader, which proposes `RecordOutOfSync`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutOfSyncReport {
+    pub epoch: u64,
+    pub bytes: BTreeMap<String, u64>,
+    pub at_ms: u64,
 }
 
 /// Internal: a volume's primary records what a replica's disk holds

@@ -57,6 +57,8 @@ pub enum CommandError {
     ReplicaIsPrimary { volume: String, node: String, group: String },
     #[error("volume {volume}: no replica but {node}'s is UpToDate: replacing it would leave no copy of the data")]
     NoUpToDateReplicaLeft { volume: String, node: String },
+    #[error("volume {volume}: {reason}")]
+    PromotionRefused { volume: String, reason: String },
     #[error("a token named {name} already exists")]
     TokenExists { name: String },
     #[error("no token named {name}")]

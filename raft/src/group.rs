@@ -377,6 +377,18 @@ pub struct GroupRecord {
     /// ended yet (it ends with their first `UpToDate` record).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub replicas_replacing: BTreeMap<String, BTreeSet<String>>,
+    /// Per volume, per replica node the primary tracks as missing writes:
+    /// its out-of-sync bytes as last recorded (see `RecordOutOfSync`).
+    /// Cleared when the replica is recorded `UpToDate`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replica_out_of_sync: BTreeMap<String, BTreeMap<String, crate::volume::OutOfSync>>,
+    /// Per volume: the group's epoch when a replica was last promoted by
+    /// force (`PromoteReplica`). A replica that has not followed a primary
+    /// since may hold acknowledged writes the new lineage lacks: its
+    /// divergence goes to the split-brain policy, never overwritten for
+    /// being behind in epoch.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub forced_promotions: BTreeMap<String, u64>,
     /// Volumes a primary has recorded a replica of: they hold data from
     /// then on, so a replica created afterwards (its files lost) starts
     /// empty rather than as a copy of a brand-new volume.

@@ -19,7 +19,7 @@ use crate::events::{validate_retain, Event, EventLog, Severity};
 use crate::group::{
     replica_nodes, validate_group, GroupRecord, GroupSpec, Phase, Placement, ResourceKind, ResourceSpec, MAX_GROUPS,
 };
-use crate::volume::{format_bytes, DiskState};
+use crate::volume::{format_bytes, DiskState, OutOfSync, PromotionRpo};
 
 pub use crate::error::{invalid, validate_name, CommandError, MAX_NAME_LEN};
 pub use crate::NodeId;
@@ -254,6 +254,31 @@ pub enum Command {
     ReplaceReplica {
         volume: String,
         node: String,
+    },
+    /// The primary of `volume` records how many bytes each replica it
+    /// tracks as missing writes lacks (by node; 0 clears the record), at
+    /// `at_ms` on its clock. Applies only while the owning group is placed
+    /// at `epoch`, like `SetReplicaDisk`. Sent about once a second while the
+    /// figures change, so a forced promotion can tell what it gives up.
+    RecordOutOfSync {
+        volume: String,
+        epoch: u64,
+        bytes: BTreeMap<String, u64>,
+        at_ms: u64,
+    },
+    /// Forced promotion: an operator accepts the loss of the writes
+    /// `node`'s `Outdated` replica of `volume` missed, so the group can run
+    /// again when no `UpToDate` replica is left to start on. The replica is
+    /// recorded `UpToDate`, every other `UpToDate` one `Outdated` (the old
+    /// primary's newer data then meets the new primary as a split brain,
+    /// handled by the volume's policy: never overwritten silently).
+    /// Refused while the group is placed on a node (a serving primary is
+    /// never replaced), or unless the replica is `Outdated`. The agent
+    /// checks before proposing that no `UpToDate` replica is online.
+    PromoteReplica {
+        volume: String,
+        node: String,
+        rpo: PromotionRpo,
     },
     /// Adds an API token (only its hash); refused when the name is taken.
     CreateToken {
@@ -507,6 +532,16 @@ pub struct ClusterState {
     pub superseded: BTreeSet<NodeId>,
 }
 
+/// Drops the out-of-sync record of `node`'s replica of `volume`.
+fn forget_out_of_sync(g: &mut GroupRecord, volume: &str, node: &str) {
+    if let Some(m) = g.replica_out_of_sync.get_mut(volume) {
+        m.remove(node);
+        if m.is_empty() {
+            g.replica_out_of_sync.remove(volume);
+        }
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
@@ -527,6 +562,8 @@ enum Before {
     /// A replica's recorded disk, and whether its replacement was pending.
     Replica(Option<DiskState>, bool),
     Enabled(Option<bool>),
+    /// A volume's recorded disks, by node.
+    Disks(BTreeMap<String, DiskState>),
 }
 
 /// The event of a node's admin state change (`site` when the whole site
@@ -638,6 +675,13 @@ impl ClusterState {
 
     /// What each replica of `volume` holds, by node name, as recorded (empty
     /// for an unknown volume).
+    /// The group owning `volume`, and its replica nodes.
+    fn volume_replicas(&self, volume: &str) -> Result<(String, Vec<String>), CommandError> {
+        self.volume_owner(volume)
+            .map(|(g, _)| (g.name.clone(), replica_nodes(&g.spec)))
+            .ok_or_else(|| CommandError::VolumeNotFound { name: volume.to_string() })
+    }
+
     pub fn replica_disks(&self, volume: &str) -> BTreeMap<String, DiskState> {
         self.volume_owner(volume).and_then(|(g, _)| g.replica_disks.get(volume).cloned()).unwrap_or_default()
     }
@@ -725,6 +769,8 @@ impl ClusterState {
                     g.replica_disks = fresh(spec);
                     g.replica_replaced.clear();
                     g.replicas_replacing.clear();
+                    g.replica_out_of_sync.clear();
+                    g.forced_promotions.clear();
                     g.volumes_in_service.clear();
                 }
                 g.spec = spec.clone();
@@ -740,6 +786,8 @@ impl ClusterState {
                     replica_disks: fresh(spec),
                     replica_replaced: BTreeMap::new(),
                     replicas_replacing: BTreeMap::new(),
+                    replica_out_of_sync: BTreeMap::new(),
+                    forced_promotions: BTreeMap::new(),
                     volumes_in_service: Default::default(),
                 };
                 self.groups.insert(name.to_string(), record);
@@ -792,6 +840,7 @@ impl ClusterState {
                 let replacing = self.volume_owner(volume).is_some_and(|(g, _)| g.replacing(volume, node));
                 Before::Replica(self.replica_disks(volume).get(node).copied(), replacing)
             }
+            Command::PromoteReplica { volume, .. } => Before::Disks(self.replica_disks(volume)),
             Command::SetGroupEnabled { name, .. } => Before::Enabled(self.groups.get(name).map(|g| g.enabled)),
             _ => Before::Nothing,
         }
@@ -964,6 +1013,30 @@ impl ClusterState {
                 .volume(volume)
                 .node(node)
                 .details(json!({"replaced": replaced, "from": old.map(|d| d.to_string()), "to": "Inconsistent"}));
+                e.group = group;
+                one(e)
+            }
+            (Command::PromoteReplica { volume, node, rpo }, Before::Disks(old)) => {
+                let group = self.volume_owner(volume).map(|(g, _)| g.name.clone());
+                let demoted: Vec<&String> =
+                    old.iter().filter(|(n, d)| *n != node && **d == DiskState::UpToDate).map(|(n, _)| n).collect();
+                let mut e = ev(
+                    "volume.promoted",
+                    Severity::Critical,
+                    format!(
+                        "replica of volume {volume} on {node} promoted by force: the writes it missed are given up ({} known out of sync)",
+                        format_bytes(rpo.out_of_sync_bytes)
+                    ),
+                )
+                .volume(volume)
+                .node(node)
+                .details(json!({
+                    "out_of_sync_bytes": rpo.out_of_sync_bytes,
+                    "recorded_ms": rpo.recorded_ms,
+                    "newest_write_ms": rpo.newest_write_ms,
+                    "generation": rpo.generation,
+                    "outdated": demoted,
+                }));
                 e.group = group;
                 one(e)
             }
@@ -1188,10 +1261,7 @@ impl ClusterState {
                 Ok(Reply::Done)
             }
             Command::SetReplicaDisk { volume, node, disk, epoch, replaced } => {
-                let (group, replicas) = self
-                    .volume_owner(volume)
-                    .map(|(g, _)| (g.name.clone(), replica_nodes(&g.spec)))
-                    .ok_or_else(|| CommandError::VolumeNotFound { name: volume.clone() })?;
+                let (group, replicas) = self.volume_replicas(volume)?;
                 if !replicas.contains(node) {
                     return Err(CommandError::NoSuchReplica { volume: volume.clone(), node: node.clone() });
                 }
@@ -1214,6 +1284,7 @@ impl ClusterState {
                 }
                 g.volumes_in_service.insert(volume.clone());
                 if *disk == DiskState::UpToDate {
+                    forget_out_of_sync(g, volume, node);
                     if let Some(nodes) = g.replicas_replacing.get_mut(volume) {
                         nodes.remove(node);
                         if nodes.is_empty() {
@@ -1231,10 +1302,7 @@ impl ClusterState {
                 Ok(Reply::Done)
             }
             Command::ReplaceReplica { volume, node } => {
-                let (group, replicas) = self
-                    .volume_owner(volume)
-                    .map(|(g, _)| (g.name.clone(), replica_nodes(&g.spec)))
-                    .ok_or_else(|| CommandError::VolumeNotFound { name: volume.clone() })?;
+                let (group, replicas) = self.volume_replicas(volume)?;
                 let id = self.node_id_by_name(node)?;
                 if !replicas.contains(node) {
                     return Err(CommandError::NoSuchReplica { volume: volume.clone(), node: node.clone() });
@@ -1255,6 +1323,81 @@ impl ClusterState {
                 *count += 1;
                 g.replicas_replacing.entry(volume.clone()).or_default().insert(node.clone());
                 g.replica_disks.entry(volume.clone()).or_default().insert(node.clone(), DiskState::Inconsistent);
+                Ok(Reply::Done)
+            }
+            Command::RecordOutOfSync { volume, epoch, bytes, at_ms } => {
+                let (group, replicas) = self.volume_replicas(volume)?;
+                if let Some(node) = bytes.keys().find(|n| !replicas.contains(n)) {
+                    return Err(CommandError::NoSuchReplica { volume: volume.clone(), node: node.clone() });
+                }
+                let g = self.group_mut(&group)?;
+                if g.placement.epoch != *epoch || g.placement.node.is_none() {
+                    return Err(CommandError::NotVolumePrimary {
+                        volume: volume.clone(),
+                        reason: format!(
+                            "a primary at epoch {epoch} is stale: group {group} is at epoch {}",
+                            g.placement.epoch
+                        ),
+                    });
+                }
+                for (node, b) in bytes {
+                    if *b == 0 {
+                        forget_out_of_sync(g, volume, node);
+                    } else {
+                        g.replica_out_of_sync
+                            .entry(volume.clone())
+                            .or_default()
+                            .insert(node.clone(), OutOfSync { bytes: *b, at_ms: *at_ms });
+                    }
+                }
+                Ok(Reply::Done)
+            }
+            Command::PromoteReplica { volume, node, .. } => {
+                let (group, replicas) = self.volume_replicas(volume)?;
+                if !replicas.contains(node) {
+                    return Err(CommandError::NoSuchReplica { volume: volume.clone(), node: node.clone() });
+                }
+                let placed = self
+                    .groups
+                    .get(&group)
+                    .and_then(|g| (g.placement.phase != Phase::Stopped).then(|| (g.state_name(), g.placement.node)));
+                if let Some((state, on)) = placed {
+                    let on = on.map(|id| self.node_name(id)).unwrap_or_else(|| "a node".into());
+                    return Err(CommandError::PromotionRefused {
+                        volume: volume.clone(),
+                        reason: format!(
+                            "group {group} is {state} on {on}: a serving primary is never replaced by force; stop the group or move it"
+                        ),
+                    });
+                }
+                let g = self.group_mut(&group)?;
+                match g.disk(volume, node) {
+                    Some(DiskState::Outdated) => {}
+                    Some(DiskState::UpToDate) => {
+                        return Err(CommandError::PromotionRefused {
+                            volume: volume.clone(),
+                            reason: format!("{node}'s replica is already UpToDate: the group starts there when it is online, nothing to force"),
+                        })
+                    }
+                    other => {
+                        let d = other.unwrap_or(DiskState::Diskless);
+                        return Err(CommandError::PromotionRefused {
+                            volume: volume.clone(),
+                            reason: format!("{node}'s replica is {d}: it holds no consistent copy of the data to promote"),
+                        });
+                    }
+                }
+                let disks = g.replica_disks.entry(volume.clone()).or_default();
+                for d in disks.values_mut() {
+                    if *d == DiskState::UpToDate {
+                        *d = DiskState::Outdated;
+                    }
+                }
+                disks.insert(node.clone(), DiskState::UpToDate);
+                // The bitmaps these counted were the old primary's.
+                g.replica_out_of_sync.remove(volume);
+                g.forced_promotions.insert(volume.clone(), g.placement.epoch);
+                g.volumes_in_service.insert(volume.clone());
                 Ok(Reply::Done)
             }
             Command::CreateToken { token } => self.tokens.create(token).map(|()| Reply::Done),
@@ -1965,6 +2108,109 @@ mod tests {
     }
 
     #[test]
+    fn the_primary_records_out_of_sync_bytes_until_the_replica_is_up_to_date() {
+        let mut s = with_volume("");
+        place(&mut s, Some(1));
+        let record = |epoch, node: &str, bytes| Command::RecordOutOfSync {
+            volume: "data".into(),
+            epoch,
+            bytes: BTreeMap::from([(node.to_string(), bytes)]),
+            at_ms: 5_000,
+        };
+        s.apply(&record(1, "node2", 8192)).unwrap();
+        assert_eq!(s.groups["db"].replica_out_of_sync["data"]["node2"], OutOfSync { bytes: 8192, at_ms: 5_000 });
+        // A stale primary, a node without a replica, a stopped group: refused, nothing changes.
+        refused(&mut s, record(0, "node2", 1), |e| matches!(e, CommandError::NotVolumePrimary { .. }));
+        refused(&mut s, record(1, "node3", 1), |e| matches!(e, CommandError::NoSuchReplica { .. }));
+        // Recorded UpToDate (its resync finished): the record goes.
+        s.apply(&Command::SetReplicaDisk {
+            volume: "data".into(),
+            node: "node2".into(),
+            disk: DiskState::UpToDate,
+            epoch: 1,
+            replaced: 0,
+        })
+        .unwrap();
+        assert!(s.groups["db"].replica_out_of_sync.is_empty());
+        // Zero clears too.
+        s.apply(&record(1, "node2", 4096)).unwrap();
+        s.apply(&record(1, "node2", 0)).unwrap();
+        assert!(s.groups["db"].replica_out_of_sync.is_empty());
+        place(&mut s, None);
+        refused(&mut s, record(2, "node2", 1), |e| matches!(e, CommandError::NotVolumePrimary { .. }));
+    }
+
+    #[test]
+    fn a_forced_promotion_takes_an_outdated_replica_only_while_the_group_is_placed_nowhere() {
+        let mut s = with_volume("");
+        place(&mut s, Some(1));
+        let set = |node: &str, disk| Command::SetReplicaDisk {
+            volume: "data".into(),
+            node: node.into(),
+            disk,
+            epoch: 1,
+            replaced: 0,
+        };
+        s.apply(&set("node2", DiskState::Outdated)).unwrap();
+        s.apply(&Command::RecordOutOfSync {
+            volume: "data".into(),
+            epoch: 1,
+            bytes: BTreeMap::from([("node2".to_string(), 65536)]),
+            at_ms: 9,
+        })
+        .unwrap();
+        let promote = |node: &str| Command::PromoteReplica {
+            volume: "data".into(),
+            node: node.into(),
+            rpo: PromotionRpo { out_of_sync_bytes: 65536, ..Default::default() },
+        };
+        let refusal = |s: &mut ClusterState, node: &str, says: &'static str| {
+            refused(s, promote(node), |e| {
+                matches!(e, CommandError::PromotionRefused { .. }) && e.to_string().contains(says)
+            })
+        };
+        // While the group runs on node1, never.
+        refusal(&mut s, "node2", "a serving primary is never replaced");
+        place(&mut s, None);
+        refusal(&mut s, "node1", "already UpToDate");
+        refused(&mut s, promote("node3"), |e| matches!(e, CommandError::NoSuchReplica { .. }));
+        refused(
+            &mut s,
+            Command::PromoteReplica { volume: "ghost".into(), node: "node2".into(), rpo: Default::default() },
+            |e| matches!(e, CommandError::VolumeNotFound { .. }),
+        );
+        let mut inconsistent = s.clone();
+        inconsistent
+            .groups
+            .get_mut("db")
+            .unwrap()
+            .replica_disks
+            .get_mut("data")
+            .unwrap()
+            .insert("node2".into(), DiskState::Inconsistent);
+        refusal(&mut inconsistent, "node2", "no consistent copy");
+
+        let cursor = s.events.last_id;
+        s.apply_stamped(&promote("node2"), Some(&Stamp { time_ms: 77, events_retain: 100, by: Some("ops".into()) }))
+            .unwrap();
+        let disks = s.replica_disks("data");
+        assert_eq!((disks["node1"], disks["node2"]), (DiskState::Outdated, DiskState::UpToDate));
+        assert!(s.groups["db"].replica_out_of_sync.is_empty());
+        assert_eq!(s.groups["db"].forced_promotions["data"], s.groups["db"].placement.epoch);
+        let page = s.events.since(cursor, &Default::default(), 10);
+        let e = page.events.iter().find(|e| e.kind == "volume.promoted").expect("a volume.promoted event");
+        assert_eq!(
+            (e.severity, e.node.as_deref(), e.group.as_deref()),
+            (Severity::Critical, Some("node2"), Some("db"))
+        );
+        assert_eq!(e.details["out_of_sync_bytes"], 65536);
+        assert_eq!(e.details["outdated"], serde_json::json!(["node1"]));
+        assert_eq!(e.details["by"], "ops");
+        // Done once: the replica is UpToDate now.
+        refusal(&mut s, "node2", "already UpToDate");
+    }
+
+    #[test]
     fn a_volume_cannot_be_resized_nor_moved_by_replacing_its_group() {
         let mut s = with_volume(r#", "granularity": "64KiB""#);
         place(&mut s, Some(1));
@@ -2143,6 +2389,17 @@ mod tests {
             (node.clone(), disk, 0u64..4, 0u64..2).prop_map(|(node, disk, epoch, replaced)| {
                 Command::SetReplicaDisk { volume: "data".into(), node, disk, epoch, replaced }
             }),
+            node.clone().prop_map(|node| Command::PromoteReplica {
+                volume: "data".into(),
+                node,
+                rpo: Default::default()
+            }),
+            (node.clone(), 0u64..4, 0u64..3).prop_map(|(node, epoch, b)| Command::RecordOutOfSync {
+                volume: "data".into(),
+                epoch,
+                bytes: BTreeMap::from([(node, b * 4096)]),
+                at_ms: 1,
+            }),
             node.clone().prop_map(|node| Command::ReplaceReplica { volume: "data".into(), node }),
             (0u64..4, prop_oneof![Just(None), Just(Some(1u64)), Just(Some(2u64))]).prop_map(|(e, n)| {
                 Command::SetPlacement {
@@ -2306,6 +2563,12 @@ mod tests {
                 let before = s.clone();
                 if s.apply(cmd).is_err() {
                     prop_assert_eq!(&s, &before);
+                } else if let Command::PromoteReplica { node, .. } = cmd {
+                    // Exactly one UpToDate replica after a forced promotion: it.
+                    let disks = s.replica_disks("data");
+                    let up: Vec<&String> = disks.iter().filter(|(_, d)| **d == DiskState::UpToDate).map(|(n, _)| n).collect();
+                    prop_assert_eq!(up, vec![node]);
+                    prop_assert_eq!(before.groups["db"].placement.phase, Phase::Stopped);
                 } else if let Command::ReplaceReplica { node, .. } = cmd {
                     // Recorded Inconsistent at once, another copy UpToDate.
                     let disks = s.replica_disks("data");
@@ -2320,6 +2583,11 @@ mod tests {
                             replicas.sort();
                             prop_assert_eq!(recorded, replicas.iter().collect::<Vec<_>>());
                             prop_assert_eq!(g.replica_disks.len(), 1);
+                            // Out-of-sync records only for replicas not recorded UpToDate.
+                            for (n, _) in g.replica_out_of_sync.get(&r.name).into_iter().flatten() {
+                                prop_assert!(replicas.contains(n));
+                            }
+                            prop_assert!(g.replica_out_of_sync.keys().all(|v| *v == r.name));
                             prop_assert!(g.volumes_in_service.iter().all(|v| *v == r.name));
                         }
                         None => prop_assert!(g.replica_disks.is_empty()),

@@ -88,6 +88,35 @@ impl SplitBrainPolicy {
     ];
 }
 
+/// What a volume's primary last recorded of a replica's out-of-sync bytes
+/// (its bitmap for that replica), and when: what a forced promotion of that
+/// replica gives up is thereby known even once the primary is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutOfSync {
+    pub bytes: u64,
+    /// The primary's clock, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// What a forced promotion gave up, as the operator was shown it in the
+/// dry run: carried by the command so its event says it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PromotionRpo {
+    /// Bytes the old primary last recorded out of sync for this replica.
+    pub out_of_sync_bytes: u64,
+    /// When it recorded them (writes after that are not counted).
+    #[serde(default)]
+    pub recorded_ms: Option<u64>,
+    /// When the replica last received a write (its data file's mtime).
+    #[serde(default)]
+    pub newest_write_ms: Option<u64>,
+    /// The replica's data generation (hex).
+    #[serde(default)]
+    pub generation: Option<String>,
+}
+
 /// Smallest unit of a volume: its size is a multiple of it.
 pub const BLOCK_BYTES: u64 = 4096;
 /// Largest volume accepted (16 TiB).

@@ -352,6 +352,19 @@ impl Backend for Agent {
         self.volume(name, true).await
     }
 
+    async fn promote_volume(
+        &self,
+        name: &str,
+        dry_run: bool,
+        req: tandem_http_api::PromoteRequest,
+    ) -> Result<tandem_http_api::PromoteReport, ApiError> {
+        self.do_promote_volume(name, dry_run, req).await
+    }
+
+    async fn record_out_of_sync(&self, name: &str, r: tandem_http_api::OutOfSyncReport) -> Result<(), ApiError> {
+        self.propose_out_of_sync(name, r).await
+    }
+
     async fn group_health(&self, name: &str) -> tandem_http_api::ServingView {
         self.do_group_health(name).await
     }

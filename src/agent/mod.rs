@@ -119,6 +119,9 @@ pub struct Agent {
     alert_senders: std::sync::Mutex<alerts::AlertSenders>,
     /// What this node last saw of the volumes it is the primary of.
     volume_seen: std::sync::Mutex<BTreeMap<String, crate::volume_events::Seen>>,
+    /// Per volume this node is primary of: when its out-of-sync bytes were
+    /// last sent to be recorded (at most one record a second).
+    out_of_sync_sent: std::sync::Mutex<BTreeMap<String, Instant>>,
     membership_lock: tokio::sync::Mutex<()>,
     /// On the leader: the heartbeat key generation whose previous key is
     /// still accepted, and since when this node has seen it so.
@@ -260,6 +263,7 @@ impl Agent {
             observed: Default::default(),
             alert_senders: Default::default(),
             volume_seen: Default::default(),
+            out_of_sync_sent: Default::default(),
             membership_lock: tokio::sync::Mutex::new(()),
             previous_heartbeat_key: Default::default(),
             executor: tokio::sync::Mutex::new(None),
@@ -392,6 +396,7 @@ mod loops;
 mod membership;
 mod metrics;
 mod peers;
+mod promote;
 mod raft_ops;
 mod recovery;
 mod security;

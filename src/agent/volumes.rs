@@ -99,15 +99,20 @@ pub(super) async fn fetch_volume_status(
     node: &str,
     url: &str,
 ) -> Result<tandem_http_api::LocalVolumeStatus, String> {
-    let resp = http
-        .get(url)
-        .timeout(STATUS_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| format!("primary {node} did not answer: {e}"))?;
+    fetch_local_volume(http, &format!("primary {node}"), url).await
+}
+
+/// What `who`'s data plane knows of a volume (`url`: its
+/// `/internal/volumes/{name}/local`), or why it did not say.
+pub(super) async fn fetch_local_volume(
+    http: &reqwest::Client,
+    who: &str,
+    url: &str,
+) -> Result<tandem_http_api::LocalVolumeStatus, String> {
+    let resp = http.get(url).timeout(STATUS_TIMEOUT).send().await.map_err(|e| format!("{who} did not answer: {e}"))?;
     decode(url, resp).await.map_err(|e| match e {
-        ApiError::Refused { code, message, .. } => format!("primary {node}: {code}: {message}"),
-        other => format!("primary {node}: {other}"),
+        ApiError::Refused { code, message, .. } => format!("{who}: {code}: {message}"),
+        other => format!("{who}: {other}"),
     })
 }
 
@@ -251,7 +256,7 @@ impl crate::volume::engine::ControlPlane for VolumeControl {
 
 impl Agent {
     /// Opens the replicas this node should hold, closes the others.
-    pub(super) async fn volume_round(&self) {
+    pub(super) async fn volume_round(self: &Arc<Self>) {
         let m = self.member();
         let state = m.as_ref().map(|m| m.state.state());
         let desired = match &state {
@@ -261,6 +266,9 @@ impl Agent {
         let names: Vec<String> = desired.iter().map(|d| d.config.name.clone()).collect();
         self.volumes.reconcile(desired).await;
         self.observe_volumes(state.as_ref(), &names);
+        if let Some(state) = &state {
+            self.record_out_of_sync_round(state, &names);
+        }
     }
 
     /// Events of the volumes this node is the primary of: links, resyncs,
@@ -392,6 +400,7 @@ mod volume_api_tests {
             }],
             generation: "00ff".into(),
             verify: None,
+            newest_write_ms: None,
         };
         let v = view(&s, Ok(live));
         assert_eq!(v.replicas[0].connection, ConnectionState::Connected);

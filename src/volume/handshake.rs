@@ -143,7 +143,11 @@ pub fn stop_reason(decision: Decision) -> Option<(&'static str, bool)> {
 /// disaster-recovery copy promoted by hand) go to the split-brain policy.
 fn decide(hello: &Hello, reply: &HelloReply) -> Decision {
     let d = decide_by_generations(hello, reply);
-    if hello.epoch > reply.epoch_seen {
+    // After a forced promotion the new primary lacks acknowledged writes
+    // by the operator's choice: a replica that followed no primary since
+    // (the old primary, typically) keeps its say through the policy.
+    let since_forced = hello.forced_epoch == 0 || reply.epoch_seen > hello.forced_epoch;
+    if hello.epoch > reply.epoch_seen && since_forced {
         match d {
             Decision::SplitBrain { .. } => return Decision::SplitBrain { loser: Some(Side::Secondary) },
             Decision::Unrelated if hello.generation.current != 0 => return Decision::Full,
@@ -212,6 +216,7 @@ mod tests {
             mode: ReplicationMode::Sync,
             split_brain: SplitBrainPolicy::Disconnect,
             discard_secondary: false,
+            forced_epoch: 0,
         }
     }
 
@@ -347,6 +352,27 @@ mod tests {
         assert_eq!(check(End::Primary, &Hello { epoch: 7, ..h.clone() }, &r), Ok(Decision::Full));
         assert_eq!(check(End::Primary, &h, &r), Ok(Decision::Unrelated));
         assert!(!follows(Decision::Unrelated));
+    }
+
+    #[test]
+    fn after_a_forced_promotion_the_old_lineage_keeps_its_say_through_the_policy() {
+        // The primary was promoted by force at epoch 6 (Outdated, by the
+        // operator's choice); the old primary ran at 5 and has acknowledged
+        // writes the new one lacks: a newer epoch settles nothing.
+        let h = Hello { epoch: 7, generation: gens(X, Y, [Y, 0]), forced_epoch: 6, ..hello() };
+        let old = HelloReply { generation: gens(Z, Y, [Y, 0]), epoch_seen: 5, ..reply() };
+        let stuck = Decision::SplitBrain { loser: None };
+        assert_eq!(both(&h, &old), (Ok(stuck), Ok(stuck)));
+        let lost = HelloReply { generation: gens(Z, 0, [0x99, 0]), ..old.clone() };
+        assert_eq!(check(End::Primary, &h, &lost), Ok(Decision::Unrelated));
+        // The policy still applies as the operator set it.
+        let h2 = Hello { split_brain: SplitBrainPolicy::DiscardRemote, ..h.clone() };
+        let secondary_loses = Decision::SplitBrain { loser: Some(Side::Secondary) };
+        assert_eq!(both(&h2, &old), (Ok(secondary_loses), Ok(secondary_loses)));
+        // A replica that followed a primary since the promotion (epoch 7
+        // seen) is back under the epoch rule.
+        let since = HelloReply { epoch_seen: 7, ..old };
+        assert_eq!(both(&Hello { epoch: 8, ..h }, &since), (Ok(secondary_loses), Ok(secondary_loses)));
     }
 
     #[test]

@@ -139,7 +139,9 @@ impl VolumeManager {
             }
         }
         for (name, d) in wanted {
-            if held.contains_key(&name) {
+            if let Some(h) = held.get_mut(&name) {
+                h.volume.set_forced_epoch(d.config.forced_epoch);
+                h.config.forced_epoch = d.config.forced_epoch;
                 continue;
             }
             let lease =

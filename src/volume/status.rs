@@ -82,6 +82,8 @@ pub struct VolumeStatus {
     pub generation: GenId,
     /// Last online verify on this primary, if any.
     pub verify: Option<VerifyOutcome>,
+    /// When the local data last changed (ms since the Unix epoch).
+    pub newest_write_ms: Option<u64>,
 }
 
 /// Where an online verify is.

@@ -410,6 +410,13 @@ impl Replica {
         dir.join(format!("{name}.{what}"))
     }
 
+    /// When the backing file was last written (its mtime, ms since the
+    /// Unix epoch): on a secondary, the newest write it received.
+    pub fn data_modified_ms(&self) -> Option<u64> {
+        let t = self.data.metadata().ok()?.modified().ok()?;
+        t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64)
+    }
+
     /// The backing file's path.
     pub fn data_path(dir: &Path, name: &str) -> PathBuf {
         Self::path(dir, name, "img")

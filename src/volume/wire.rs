@@ -245,6 +245,11 @@ pub struct Hello {
     /// unrelated data is overwritten by a full sync.
     #[serde(default)]
     pub discard_secondary: bool,
+    /// The group's epoch at the last forced promotion of this volume (0:
+    /// none): a secondary that has seen no newer epoch may hold
+    /// acknowledged writes this primary lacks.
+    #[serde(default)]
+    pub forced_epoch: u64,
 }
 
 /// The secondary's answer to [`Hello`].
@@ -821,6 +826,7 @@ mod tests {
             mode: ReplicationMode::Async,
             split_brain: SplitBrainPolicy::DiscardZeroChanges,
             discard_secondary: true,
+            forced_epoch: 5,
         }
     }
 
@@ -1283,6 +1289,7 @@ mod tests {
                     crashed_extents,
                     mode: if is_async { ReplicationMode::Async } else { ReplicationMode::Sync },
                     discard_secondary: is_async && split_brain == SplitBrainPolicy::Disconnect,
+                    forced_epoch: epoch / 2,
                     split_brain,
                 },
             )

@@ -336,6 +336,7 @@ impl Volume {
                 mode: link.cfg.mode,
                 split_brain: self.cfg.split_brain,
                 discard_secondary: link.st.lock().unwrap_or_else(|p| p.into_inner()).discard_peer,
+                forced_epoch: self.forced_epoch.load(std::sync::atomic::Ordering::Relaxed),
             }
         };
         wire::write_frame(&mut wr, 0, &Message::Hello(hello.clone())).await.map_err(|e| e.to_string())?;

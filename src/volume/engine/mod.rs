@@ -106,6 +106,10 @@ pub struct VolumeConfig {
     /// How many times the control plane says this replica was replaced:
     /// files of an older number are removed and created again, empty.
     pub replaced: u64,
+    /// The group's epoch when a replica of this volume was last promoted by
+    /// force (0: never); see [`super::handshake`]. It may change while the
+    /// volume is open ([`Volume::set_forced_epoch`]).
+    pub forced_epoch: u64,
 }
 
 /// Where the data plane records replica disk states: the control plane,
@@ -170,6 +174,8 @@ pub struct Volume {
     last_app_write: Mutex<Instant>,
     /// The local disk failed: reads and writes go through the peers only.
     detached: AtomicBool,
+    /// [`VolumeConfig::forced_epoch`] as the control plane says now.
+    forced_epoch: AtomicU64,
     /// Whether this node holds its lease: a primary serves nothing without
     /// it (an agent waking from a stall must not answer queued requests).
     lease: Lease,
@@ -208,6 +214,7 @@ impl Volume {
         let links = cfg.peers.iter().map(|p| (p.node.clone(), Arc::new(Link::new(p)))).collect();
         let (role, _) = watch::channel(Role::Secondary);
         Ok(Arc::new(Volume {
+            forced_epoch: AtomicU64::new(cfg.forced_epoch),
             cfg,
             data,
             replica: Mutex::new(replica),
@@ -222,6 +229,12 @@ impl Volume {
             lease,
             local_write_seconds: Default::default(),
         }))
+    }
+
+    /// A forced promotion was recorded at `epoch`: used from the next
+    /// connection to a peer on.
+    pub fn set_forced_epoch(&self, epoch: u64) {
+        self.forced_epoch.store(epoch, Ordering::Relaxed);
     }
 
     /// New endpoints for a peer, used from its next connection on.

@@ -20,10 +20,10 @@ impl Volume {
     pub fn status(&self, nbd: Option<String>) -> VolumeStatus {
         // Lock order: a link's state, then the replica — never the other way
         // round (a deadlock found by tandem-chaos): copy what is needed here.
-        let (disk, current, oos_by_peer) = {
+        let (disk, current, oos_by_peer, newest_write_ms) = {
             let r = self.replica();
             let oos: BTreeMap<String, u64> = r.bitmaps.iter().map(|(p, b)| (p.clone(), b.bytes())).collect();
-            (r.meta.disk, r.meta.current, oos)
+            (r.meta.disk, r.meta.current, oos, r.data_modified_ms())
         };
         let primary = self.is_primary();
         let role = if primary { ReplicaRole::Primary } else { ReplicaRole::Secondary };
@@ -83,6 +83,7 @@ impl Volume {
             replicas,
             generation: current,
             verify: self.verify_report(),
+            newest_write_ms,
         }
     }
 
