@@ -23,7 +23,8 @@ use crate::security::tls::ReplicationStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{
-    fresh_generation, kind_of, PeerConfig, Volume, ASYNC_ACK_LAG, ASYNC_RECORD_TICK, HANDSHAKE_TIMEOUT, RECONNECT,
+    fresh_generation, kind_of, PeerConfig, Volume, ASYNC_ACK_LAG, ASYNC_RECORD_TICK, HANDSHAKE_TIMEOUT, PEER_SILENCE,
+    RECONNECT, SILENCE_CHECK,
 };
 use crate::volume::generation::{Decision, Side};
 use crate::volume::handshake::{self, End};
@@ -74,6 +75,8 @@ pub(super) struct LinkState {
     /// unacknowledged too long is no failover target (a cut link keeps its
     /// TCP connection open for a long while).
     pub(super) sent_at: BTreeMap<u64, Instant>,
+    /// When the peer last sent anything on this connection.
+    pub(super) last_heard: Instant,
     pub(super) inflight_bytes: u64,
     pub(super) resync_inflight: u64,
     /// Async peer that fell out of its buffer: writes go to the bitmap.
@@ -107,6 +110,7 @@ impl Link {
                 next_seq: 1,
                 inflight: BTreeMap::new(),
                 sent_at: BTreeMap::new(),
+                last_heard: Instant::now(),
                 inflight_bytes: 0,
                 resync_inflight: 0,
                 ahead: false,
@@ -417,6 +421,7 @@ impl Volume {
             let total = self.replica().bitmaps.get(&peer).map(|b| b.bytes()).unwrap_or(0);
             let mut st = link.st.lock().unwrap_or_else(|p| p.into_inner());
             st.tx = Some(tx);
+            st.last_heard = Instant::now();
             st.ahead = false;
             st.in_sync = false;
             st.last_error = None;
@@ -459,6 +464,7 @@ impl Volume {
                     };
                     let failed = reply.is_err();
                     let mut st = link.st.lock().unwrap_or_else(|p| p.into_inner());
+                    st.last_heard = Instant::now();
                     st.sent_at.remove(&seq);
                     if let Some(f) = st.inflight.remove(&seq) {
                         st.inflight_bytes -= f.bytes;
@@ -487,10 +493,38 @@ impl Volume {
             }
         };
         let resync = self.clone().resync_loop(link.clone(), epoch);
+        // A cut link (no reset: a dead switch, a pulled cable) keeps its TCP
+        // connection open for many minutes: a sync write would wait that
+        // long. A peer that owes an answer and has said nothing for
+        // PEER_SILENCE is taken as gone (what it lacks goes to its bitmap,
+        // and it is recorded `Outdated` before any write is acknowledged).
+        // With a bandwidth limit (a WAN link), the bytes in flight may take
+        // longer than that to cross it: they are allowed their time.
+        let rate = self.cfg.rate.filter(|r| *r > 0);
+        let silence = {
+            let link = link.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(SILENCE_CHECK).await;
+                    let st = link.st.lock().unwrap_or_else(|p| p.into_inner());
+                    let crossing =
+                        rate.map_or(Duration::ZERO, |r| Duration::from_secs_f64(st.inflight_bytes as f64 / r as f64));
+                    let allowed = PEER_SILENCE.max(crossing);
+                    let owed = st.sent_at.values().next().is_some_and(|t| t.elapsed() > allowed);
+                    if owed && st.last_heard.elapsed() > allowed {
+                        return Err::<(), String>(format!(
+                            "no answer from the peer for {:.1}s with writes in flight: the link is cut",
+                            st.last_heard.elapsed().as_secs_f64()
+                        ));
+                    }
+                }
+            }
+        };
         tokio::select! {
             r = writer => r.map_err(|e| format!("send: {e}")),
             r = reader => r,
             r = resync => r,
+            r = silence => r,
         }
     }
 

@@ -71,6 +71,12 @@ const RECORD_RETRY: Duration = Duration::from_millis(200);
 const ASYNC_RECORD_TICK: Duration = Duration::from_millis(100);
 /// An async peer with a write unacknowledged this long is recorded outdated.
 const ASYNC_ACK_LAG: Duration = Duration::from_secs(1);
+/// A peer that owes an answer and has sent nothing this long is taken as cut
+/// off: its link breaks (DRBD's `timeout`, 6 s by default). Well above a
+/// loaded disk's stall, well below TCP's own give-up (minutes).
+const PEER_SILENCE: Duration = Duration::from_secs(3);
+/// How often a link looks for that silence.
+const SILENCE_CHECK: Duration = Duration::from_millis(200);
 
 /// One peer of a volume, as configured.
 #[derive(Debug, Clone)]
