@@ -162,6 +162,9 @@ pub trait Backend: Send + Sync + 'static {
     /// On the leader: records the out-of-sync bytes a volume's primary
     /// tracks (`RecordOutOfSync`, refused unless `report.epoch` is current).
     async fn record_out_of_sync(&self, name: &str, report: OutOfSyncReport) -> Result<(), ApiError>;
+    /// A recovered cluster's leader says this node was superseded (taken
+    /// only while this node hears no leader).
+    async fn superseded_notice(&self, notice: SupersededNotice) -> Result<(), ApiError>;
 
     async fn init(&self, req: InitRequest) -> Result<InitView, ApiError>;
     async fn join_via(&self, req: JoinViaRequest) -> Result<LocalView, ApiError>;
@@ -468,6 +471,8 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/internal/ca-key", post(get_ca_key))
         .route("/internal/adopt", post(adopt))
         .route("/internal/release", post(release))
+        // To a member that hears no leader: never forwarded.
+        .route("/internal/superseded", post(superseded_notice))
         .route("/internal/groups/{name}/local", get(local_group))
         // Served by any node from its applied state (never forwarded): a
         // stream follows one node, whichever the client reached.
@@ -1536,6 +1541,13 @@ async fn promote_volume(
     ApiJson(req): ApiJson<PromoteRequest>,
 ) -> Result<Json<PromoteReport>, ApiError> {
     b.promote_volume(&name, p.dry_run, req).await.map(Json)
+}
+
+async fn superseded_notice(
+    State(b): State<SharedBackend>,
+    ApiJson(req): ApiJson<SupersededNotice>,
+) -> Result<StatusCode, ApiError> {
+    b.superseded_notice(req).await.map(|_| StatusCode::NO_CONTENT)
 }
 
 async fn record_out_of_sync(

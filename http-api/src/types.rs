@@ -626,6 +626,16 @@ pub struct PromoteReport {
     pub split_brain_policy: String,
 }
 
+/// Internal: a recovered cluster's leader tells a member it superseded
+/// (`POST /internal/superseded`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupersededNotice {
+    /// The leader telling.
+    pub by: String,
+    pub incarnation: u64,
+}
+
 /// Internal: a volume's primary records each tracked replica's
 /// out-of-sync bytes (`POST /internal/volumes/{name}/out-of-sync`,
 /// forwarded to the leader, which proposes `RecordOutOfSync`).

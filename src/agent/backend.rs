@@ -361,6 +361,10 @@ impl Backend for Agent {
         self.do_promote_volume(name, dry_run, req).await
     }
 
+    async fn superseded_notice(&self, n: tandem_http_api::SupersededNotice) -> Result<(), ApiError> {
+        self.take_superseded_notice(n)
+    }
+
     async fn record_out_of_sync(&self, name: &str, r: tandem_http_api::OutOfSyncReport) -> Result<(), ApiError> {
         self.propose_out_of_sync(name, r).await
     }

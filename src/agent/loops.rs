@@ -133,6 +133,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         async move { agent.superseded_round().await }
     });
     let a = agent.clone();
+    every(super::recovery::SUPERSEDED_TELL, move || {
+        let agent = a.clone();
+        async move { agent.tell_superseded_round().await }
+    });
+    let a = agent.clone();
     every(super::security::CERT_CHECK, move || {
         let agent = a.clone();
         async move { agent.security_round().await }

@@ -147,6 +147,8 @@ pub struct Agent {
     /// Set by the Raft network when a peer answers that a recovery of the
     /// cluster superseded this node; the agent then stops taking part.
     superseded_notice: Arc<std::sync::Mutex<Option<String>>>,
+    /// On the leader: superseded members that acknowledged being told.
+    superseded_told: std::sync::Mutex<BTreeSet<NodeId>>,
     /// Catch-ups with the leader for unknown credentials in the current
     /// second: (its start, how many).
     catch_ups: std::sync::Mutex<(Instant, u32)>,
@@ -242,6 +244,7 @@ impl Agent {
         let event_sink = events::EventSink::new(cfg.name.clone());
         Ok(Agent {
             superseded_notice: Default::default(),
+            superseded_told: Default::default(),
             catch_ups: std::sync::Mutex::new((Instant::now(), 0)),
             counters,
             event_sink,

@@ -13,6 +13,8 @@ pub(super) const SUPERSEDED_CHECK: Duration = Duration::from_millis(50);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the recovered node may take to elect itself.
 const RECOVERED_LEADER_WAIT: Duration = Duration::from_secs(10);
+/// How often the leader tells superseded members that they are.
+pub(super) const SUPERSEDED_TELL: Duration = Duration::from_secs(2);
 
 impl Agent {
     /// Whether `id` answers at one of its addresses as itself, a member of
@@ -67,7 +69,11 @@ impl Agent {
         }
         let held = self.db.log_held().map_err(storage_err)?;
         let (groups, stranded) = crate::recovery::plan(&state, m.node_id, local_minute_of_day());
-        let dropped: Vec<NodeId> = voters.iter().copied().filter(|v| *v != m.node_id).collect();
+        // Every other member, learners too: one may have applied an entry
+        // committed without this node, which the new incarnation lacks and
+        // Raft could never take back from it. Each rejoins afresh.
+        let dropped: Vec<NodeId> =
+            metrics.membership_config.membership().nodes().map(|(id, _)| *id).filter(|id| *id != m.node_id).collect();
         let mut warnings = Vec::new();
         if self.tls.enabled && !self.tls.external && !matches!(self.tls_files.ca_key(), Ok(Some(_))) {
             warnings.push(format!(
@@ -151,6 +157,49 @@ impl Agent {
     /// executor and the lease timer stand still meanwhile.
     pub(super) fn superseded_pending(&self) -> bool {
         self.superseded_notice.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// On the leader: tells every superseded member that answers (a learner
+    /// sends no Raft call that could be refused: it would wait for a leader
+    /// forever). Each is told until it acknowledges.
+    pub(super) async fn tell_superseded_round(&self) {
+        let Some(m) = self.member() else { return };
+        if !matches!(self.route(), Route::Here) {
+            return;
+        }
+        let (targets, incarnation) = m.state.read(|d| {
+            let s = &d.state;
+            let t: Vec<(NodeId, Vec<String>)> =
+                s.superseded.iter().filter_map(|id| s.nodes.get(id).map(|n| (*id, n.urls()))).collect();
+            (t, s.incarnation)
+        });
+        let told: BTreeSet<NodeId> = self.superseded_told.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let notice = tandem_http_api::SupersededNotice { by: self.cfg.name.clone(), incarnation };
+        for (id, urls) in targets.into_iter().filter(|(id, _)| !told.contains(id)) {
+            let r =
+                self.post_first::<_, serde_json::Value>(&urls, "/internal/superseded", &notice, PROBE_TIMEOUT).await;
+            if matches!(r, Ok(Ok(_))) {
+                self.superseded_told.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+            }
+        }
+    }
+
+    /// A recovered cluster's leader says this node was superseded. Taken
+    /// only while this node hears no leader of its own (a member of a
+    /// working cluster is never stopped by such a word).
+    pub(super) fn take_superseded_notice(&self, n: tandem_http_api::SupersededNotice) -> Result<(), ApiError> {
+        self.require_member()?;
+        if !matches!(self.route(), Route::NoLeader) {
+            return Err(ApiError::QuorumReachable(format!(
+                "{} hears a leader of its own: it is not superseded",
+                self.cfg.name
+            )));
+        }
+        let why = format!("{} leads incarnation {} of this cluster, recovered without this node", n.by, n.incarnation);
+        self.guard.set_deadline_ms(0);
+        self.guard.kill_everything();
+        *self.superseded_notice.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        Ok(())
     }
 
     /// Once a peer said this node was superseded: it stops everything it
