@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
@@ -16,46 +15,6 @@ fn volume_group(size: &str, replicas: usize) -> Value {
         "resources": [{"name": "data", "type": "volume", "size": size, "mode": "sync", "replicas": replicas}],
         "nodes": ["n1", "n2", "n3"],
     })
-}
-
-async fn volume(c: &Cluster) -> Value {
-    for _ in 0..100 {
-        for u in c.live_urls() {
-            let (st, v) = get(&format!("{u}/v1/volumes/data")).await;
-            if st == 200 {
-                return v;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no node answered for volume data");
-}
-
-/// Waits until the volume is exported by `node` with every other replica
-/// connected and up to date; returns its NBD URI.
-async fn wait_exported(c: &Cluster, node: &str, replicas: usize) -> String {
-    let mut last = Value::Null;
-    for _ in 0..300 {
-        last = volume(c).await;
-        let ok = last["primary"] == node
-            && last["replicas"].as_array().map(|r| r.len()) == Some(replicas)
-            && last["replicas"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|r| r["disk"] == "UpToDate" && r["connection"] == "Connected");
-        if ok {
-            if let Some(uri) = last["nbd"].as_str() {
-                return uri.split_whitespace().next().unwrap().to_string();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("volume never exported by {node} with all replicas in sync: {last}");
-}
-
-fn backing(c: &Cluster, node: &str) -> PathBuf {
-    c.tmp.path().join(node).join("volumes").join("data.img")
 }
 
 /// Three nodes running group `db` with volume `spec`, exported by n1 with
@@ -78,32 +37,6 @@ fn assert_same_data(c: &Cluster, a: &str, b: &str) {
         .output()
         .unwrap();
     assert!(out.status.success(), "replicas differ after resync: {}", String::from_utf8_lossy(&out.stdout));
-}
-
-/// `qemu-io` with many writes, each its own command; returns the offsets
-/// whose write it reported done (acknowledged) before it ended.
-async fn write_blocks(uri: &str, first: u64, count: u64, pattern: impl Fn(u64) -> u8) -> Vec<u64> {
-    let mut cmd = tokio::process::Command::new("qemu-io");
-    cmd.args(["-f", "raw", uri]);
-    for i in first..first + count {
-        cmd.args(["-c", &format!("write -P {} {} 64k", pattern(i), i * 65536)]);
-    }
-    let out = cmd.output().await.expect("qemu-io (apt-get install qemu-utils)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix("wrote 65536/65536 bytes at offset "))
-        .filter_map(|o| o.trim().parse().ok())
-        .collect()
-}
-
-async fn read_ok(uri: &str, offset: u64, pattern: u8) -> bool {
-    let out = tokio::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-r", uri, "-c", &format!("read -P {pattern} {offset} 64k")])
-        .output()
-        .await
-        .unwrap();
-    let s = String::from_utf8_lossy(&out.stdout);
-    out.status.success() && s.contains("read 65536/65536") && !s.contains("fail")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -174,20 +107,6 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
-}
-
-async fn wait_exported_primary(c: &Cluster, node: &str) -> String {
-    let mut last = Value::Null;
-    for _ in 0..300 {
-        last = volume(c).await;
-        if last["primary"] == node {
-            if let Some(uri) = last["nbd"].as_str() {
-                return uri.split_whitespace().next().unwrap().to_string();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("volume never exported by {node}: {last}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -378,28 +297,6 @@ async fn a_replica_that_lost_its_files_is_never_promoted_and_is_resynced_in_full
         assert!(read_ok(&uri, off, (off / 65536) as u8 + 0x41).await, "acknowledged write at {off} lost");
     }
     assert_same_data(&c, "n1", "n2");
-}
-
-/// The forced-promotion report of volume `data` (dry run), from `url`.
-/// Retries while no leader answers (503: one was just lost).
-async fn promote_dry_run(url: &str) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..100 {
-        let (st, r) = post(&format!("{url}/v1/volumes/data/promote?dry_run=true"), json!({})).await;
-        if st == 503 {
-            last = r;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
-        assert_eq!(st, 200, "{r}");
-        assert_eq!(r["dry_run"], true, "{r}");
-        return r;
-    }
-    panic!("no leader answered the dry run: {last}");
-}
-
-fn candidate<'a>(report: &'a Value, node: &str) -> &'a Value {
-    report["candidates"].as_array().and_then(|c| c.iter().find(|c| c["node"] == node)).unwrap_or(&Value::Null)
 }
 
 #[tokio::test(flavor = "multi_thread")]

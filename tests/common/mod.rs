@@ -557,3 +557,112 @@ pub async fn group_at(urls: &[String], name: &str) -> Value {
     }
     panic!("no node answered for group {name}");
 }
+
+// ---- volumes: the export over NBD (qemu-io), views and reports ----
+
+/// Volume `data` as the first live node that answers sees it (10 s).
+pub async fn volume(c: &Cluster) -> Value {
+    for _ in 0..100 {
+        for u in c.live_urls() {
+            let (st, v) = get(&format!("{u}/v1/volumes/data")).await;
+            if st == 200 {
+                return v;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no node answered for volume data");
+}
+
+/// `node`'s backing file of volume `data`.
+pub fn backing(c: &Cluster, node: &str) -> PathBuf {
+    c.tmp.path().join(node).join("volumes").join("data.img")
+}
+
+/// `qemu-io` with many writes, each its own command; returns the offsets
+/// whose write it reported done (acknowledged) before it ended.
+pub async fn write_blocks(uri: &str, first: u64, count: u64, pattern: impl Fn(u64) -> u8) -> Vec<u64> {
+    let mut cmd = tokio::process::Command::new("qemu-io");
+    cmd.args(["-f", "raw", uri]);
+    for i in first..first + count {
+        cmd.args(["-c", &format!("write -P {} {} 64k", pattern(i), i * 65536)]);
+    }
+    let out = cmd.output().await.expect("qemu-io (apt-get install qemu-utils)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("wrote 65536/65536 bytes at offset "))
+        .filter_map(|o| o.trim().parse().ok())
+        .collect()
+}
+
+/// Whether 64 KiB at `offset` read back as `pattern` through the export.
+pub async fn read_ok(uri: &str, offset: u64, pattern: u8) -> bool {
+    let out = tokio::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-r", uri, "-c", &format!("read -P {pattern} {offset} 64k")])
+        .output()
+        .await
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && s.contains("read 65536/65536") && !s.contains("fail")
+}
+
+/// Waits until the volume is exported by `node` with every other replica
+/// connected and up to date; returns its NBD URI.
+pub async fn wait_exported(c: &Cluster, node: &str, replicas: usize) -> String {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        last = volume(c).await;
+        let ok = last["primary"] == node
+            && last["replicas"].as_array().map(|r| r.len()) == Some(replicas)
+            && last["replicas"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["disk"] == "UpToDate" && r["connection"] == "Connected");
+        if ok {
+            if let Some(uri) = last["nbd"].as_str() {
+                return uri.split_whitespace().next().unwrap().to_string();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("volume never exported by {node} with all replicas in sync: {last}");
+}
+
+/// Waits (30 s) until `node` exports volume `data`; its NBD URI.
+pub async fn wait_exported_primary(c: &Cluster, node: &str) -> String {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        last = volume(c).await;
+        if last["primary"] == node {
+            if let Some(uri) = last["nbd"].as_str() {
+                return uri.split_whitespace().next().unwrap().to_string();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("volume never exported by {node}: {last}");
+}
+
+/// The forced-promotion report of volume `data` (dry run), from `url`.
+/// Retries while no leader answers (503: one was just lost).
+pub async fn promote_dry_run(url: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let (st, r) = post(&format!("{url}/v1/volumes/data/promote?dry_run=true"), json!({})).await;
+        if st == 503 {
+            last = r;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(r["dry_run"], true, "{r}");
+        return r;
+    }
+    panic!("no leader answered the dry run: {last}");
+}
+
+/// One replica's entry of a promotion report (null: none).
+pub fn candidate<'a>(report: &'a Value, node: &str) -> &'a Value {
+    report["candidates"].as_array().and_then(|c| c.iter().find(|c| c["node"] == node)).unwrap_or(&Value::Null)
+}
