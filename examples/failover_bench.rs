@@ -14,6 +14,12 @@
 //! `FAILOVER_BENCH_HAPROXY_INTER` sets HAProxy's check interval (default
 //! `200ms`); `FAILOVER_BENCH_HAPROXY=0` measures the VIP alone.
 //!
+//! `FAILOVER_BENCH_FENCE=1` also measures, in the same run, a second tandem
+//! cluster (VIP only) with a fence command: it kills the lost node's
+//! session (what is left of it: the power is already off) and confirms, so
+//! that its group moves on the confirmation instead of after the lease
+//! wait (`fencing.lease_ms + margin_ms`).
+//!
 //!     cargo build --release --bins --examples
 //!     sudo target/release/examples/failover_bench [runs]
 //!
@@ -236,7 +242,22 @@ struct TandemResult {
     lb: Vec<LbRound>,
 }
 
-fn tandem_runs(runs: usize, dir: &Path, with_lb: bool) -> TandemResult {
+/// The fence command of the fenced cluster: "powers off" the node named by
+/// its argument by killing its agent's session (its services and watchdog
+/// too), then confirms. Each agent's session id is in `sid.<node>`.
+fn fence_script(dir: &Path) -> PathBuf {
+    let path = dir.join("fence.sh");
+    let d = dir.display();
+    std::fs::write(&path, format!("#!/bin/sh\npkill -9 -s \"$(cat {d}/sid.$1)\"\nexit 0\n")).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
+fn tandem_runs(runs: usize, dir: &Path, with_lb: bool, fence: bool) -> TandemResult {
+    let fencing = match fence {
+        true => format!("[fencing]\nfence_command = [\"{}\"]\n", fence_script(dir).display()),
+        false => String::new(),
+    };
     let mut net = Net::new();
     let mut hosts = Vec::new();
     for i in 1..=3u8 {
@@ -252,7 +273,7 @@ fn tandem_runs(runs: usize, dir: &Path, with_lb: bool) -> TandemResult {
         std::fs::write(
             &path,
             format!(
-                "name = \"n{}\"\ndata_dir = \"{}\"\naddresses = [\"{addr}\"]\n",
+                "name = \"n{}\"\ndata_dir = \"{}\"\naddresses = [\"{addr}\"]\n{fencing}",
                 i + 1,
                 dir.join(format!("n{}", i + 1)).display()
             ),
@@ -262,12 +283,15 @@ fn tandem_runs(runs: usize, dir: &Path, with_lb: bool) -> TandemResult {
     };
     let start_agent = |i: usize| {
         let path = cfg(i);
-        spawn_in(
+        let p = spawn_in(
             &hosts[i].0,
             tandem_bin().to_str().unwrap(),
             &["agent", "--config", path.to_str().unwrap()],
             &dir.join(format!("n{}.log", i + 1)),
-        )
+        );
+        // For the fence command: the session to kill.
+        std::fs::write(dir.join(format!("sid.n{}", i + 1)), p.0.id().to_string()).unwrap();
+        p
     };
     let url = |i: usize| format!("https://{}:7401", hosts[i].1);
     let mut agents: Vec<Option<Proc>> = (0..3).map(|i| Some(start_agent(i))).collect();
@@ -539,13 +563,25 @@ fn main() {
     if runs > 0 {
         // FAILOVER_BENCH_HAPROXY=0 measures the VIP alone, as before HAProxy.
         let with_lb = std::env::var("FAILOVER_BENCH_HAPROXY").map_or(true, |v| v != "0");
-        let t = tandem_runs(runs, dir, with_lb);
+        let t = tandem_runs(runs, dir, with_lb, false);
+        // FAILOVER_BENCH_FENCE=1: the same with a fence command that confirms.
+        let fenced = match std::env::var("FAILOVER_BENCH_FENCE").is_ok_and(|v| v == "1") {
+            true => {
+                let d = dir.join("fenced");
+                std::fs::create_dir_all(&d).unwrap();
+                Some(tandem_runs(runs, &d, false, true).vip)
+            }
+            false => None,
+        };
         let k = keepalived_runs(runs, dir);
         let inter = std::env::var("FAILOVER_BENCH_HAPROXY_INTER").unwrap_or_else(|_| "200ms".into());
         println!("Client outage after power loss of the serving node ({runs} runs each, ms):\n");
         println!("| peer | runs | min | p50 | p99 | max |");
         println!("| --- | ---: | ---: | ---: | ---: | ---: |");
         println!("{}", stats("tandem (3 nodes, defaults), through the VIP", t.vip.clone()));
+        if let Some(f) = &fenced {
+            println!("{}", stats("tandem, a fence command that confirms, through the VIP", f.clone()));
+        }
         let lb: Vec<Duration> = t.lb.iter().map(|r| r.took).collect();
         if !lb.is_empty() {
             println!(
@@ -559,6 +595,9 @@ fn main() {
             d[d.len() / 2].as_secs_f64()
         };
         println!("\nratio of medians tandem (VIP) / keepalived: {:.2}", med(t.vip.clone()) / med(k));
+        if let Some(f) = fenced {
+            println!("ratio of medians tandem fenced / tandem default (VIP): {:.2}", med(f) / med(t.vip.clone()));
+        }
         if !lb.is_empty() {
             let max = |d: &[Duration]| d.iter().max().copied().unwrap_or_default().as_secs_f64();
             println!(

@@ -2,14 +2,27 @@
 //! scheduler's `NodeInfo::fenced`), and when to run the fence command
 //! (STONITH) against a node.
 //!
-//! A silent node may still run its groups until its lease has lapsed: its
-//! groups move only once no majority of voters has heard it for
-//! `fenced_after` (the lease plus a margin). With a fence command
-//! configured, they also wait for the command to confirm the node is off;
-//! the command starts as soon as the node is silent, so that it runs while
-//! the lease runs out, and a failed one is retried after [`FENCE_RETRY`].
+//! A silent node may still run its groups until its lease has lapsed.
+//! Without a fence command, its groups move only once no majority of
+//! voters has heard it for `fenced_after` (the lease plus a margin): by
+//! then it has stopped them itself. With a fence command, the command
+//! starts as soon as the node is silent and a failed one is retried after
+//! [`FENCE_RETRY`]; the groups move once it has *confirmed* the node off,
+//! at once, without waiting out the lease: a node that is off runs
+//! nothing, so the lease has nothing left to protect (Pacemaker treats a
+//! successful STONITH the same way). Without a confirmation they never
+//! move, however long the silence.
+//!
+//! A confirmation counts only if it came after the node was last heard (by
+//! a majority): the node is off since then. One from before (the node came
+//! back, perhaps between two rounds, and went silent again) belongs to an
+//! earlier silence: the node is fenced anew. Outcomes of attempts that are
+//! no longer current, and everything of an earlier leadership, are
+//! forgotten.
+//!
 //! A node where a stop failed is *escalated*: it is fenced even while
-//! alive, and its groups move once it is silent, as from any dead node.
+//! alive, and its groups move once it is silent (a confirmation from after
+//! its last hearing lets them move at once, as above).
 //!
 //! Pure: liveness, fence outcomes and the current time (ms, any monotonic
 //! clock) in; verdicts and effects out. It never does I/O, never reads a
@@ -47,10 +60,12 @@ pub enum Effect {
 /// The configuration the verdicts depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
-    /// A fence command is configured: groups move only after it confirmed.
+    /// A fence command is configured: groups move only after it confirmed
+    /// (and then at once).
     pub fence_command: bool,
-    /// How long a node must be silent before its groups may move: its
-    /// lease plus a margin (at least the node timeout).
+    /// Without a fence command, how long a node must be silent before its
+    /// groups may move: its lease plus a margin (at least the node timeout).
+    /// Also how long a claim shows a node holds its lease.
     pub fenced_after: Duration,
 }
 
@@ -84,8 +99,21 @@ impl Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     Running,
-    Confirmed,
+    /// Confirmed off at this time (ms).
+    Confirmed(u64),
     Failed,
+}
+
+/// What the fence command has established about a node this round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fence {
+    /// No fence command: the lease alone decides.
+    NotConfigured,
+    /// Not confirmed off since it was last heard (running, failed, or about
+    /// to start).
+    Unconfirmed,
+    /// Confirmed off after it was last heard.
+    Confirmed,
 }
 
 /// One run of the fence command against a silent (or escalated) node.
@@ -161,12 +189,13 @@ impl Failover {
         Escalation::First(vec![Effect::RunFenceCommand { node, attempt: id }])
     }
 
-    /// The fence command's outcome for `attempt` on `node`. An outcome of
-    /// an attempt that is no longer current (the node came back since, or
-    /// a later attempt started) changes nothing.
-    pub fn fence_done(&mut self, node: NodeId, attempt: u64, confirmed: bool) {
+    /// The fence command's outcome for `attempt` on `node`, known at
+    /// `now_ms` (a confirmation: the node is off since then at the latest).
+    /// An outcome of an attempt that is no longer current (the node came
+    /// back since, or a later attempt started) changes nothing.
+    pub fn fence_done(&mut self, node: NodeId, attempt: u64, confirmed: bool, now_ms: u64) {
         if let Some(a) = self.attempts.get_mut(&node).filter(|a| a.id == attempt && a.outcome == Outcome::Running) {
-            a.outcome = if confirmed { Outcome::Confirmed } else { Outcome::Failed };
+            a.outcome = if confirmed { Outcome::Confirmed(now_ms) } else { Outcome::Failed };
         }
     }
 
@@ -209,46 +238,60 @@ impl Failover {
         let fenced_after_ms = self.policy.fenced_after.as_millis() as u64;
         self.claimed_ms.retain(|_, t| now_ms.saturating_sub(*t) < fenced_after_ms);
         for n in nodes {
-            let is_me = n.id == me;
+            if n.id == me {
+                continue; // this leader never fences itself for its own silence, nor moves its groups for it
+            }
             let n = &Seen { alive: n.alive || self.claimed_ms.contains_key(&n.id), ..*n };
-            if !is_me && !n.alive {
+            if !n.alive {
                 self.escalated.remove(&n.id); // it went silent: the escalation took effect
             }
-            // An escalated node is fenced while it is still heard.
-            let fence_alive = n.alive && !self.escalated.contains(&n.id);
-            let confirmed = !is_me && self.fence_confirmed(n.id, fence_alive, now_ms, &mut v.effects);
-            if confirmed && !n.alive && n.down_for >= self.policy.fenced_after {
+            let may = match self.fence(n, now_ms, &mut v.effects) {
+                Fence::NotConfigured => n.down_for >= self.policy.fenced_after,
+                Fence::Unconfirmed => false,
+                // Off since it was last heard: nothing of it runs any more,
+                // the lease has nothing left to protect.
+                Fence::Confirmed => true,
+            };
+            if may && !n.alive {
                 v.may_move.insert(n.id);
             }
         }
         v
     }
 
-    /// Whether the fence command (if any) has confirmed `node` off since it
-    /// went silent; asks to start it, or to retry a failed one, as needed.
-    fn fence_confirmed(&mut self, node: NodeId, alive: bool, now_ms: u64, effects: &mut Vec<Effect>) -> bool {
+    /// What the fence command (if any) has established about `node`; asks
+    /// to start it, or to retry a failed one, as needed.
+    fn fence(&mut self, n: &Seen, now_ms: u64, effects: &mut Vec<Effect>) -> Fence {
         if !self.policy.fence_command {
-            return true;
+            return Fence::NotConfigured;
         }
-        if alive {
-            self.attempts.remove(&node); // back: a new silence needs a new fence
-            return false;
+        // An escalated node is fenced while it is still heard.
+        if n.alive && !self.escalated.contains(&n.id) {
+            self.attempts.remove(&n.id); // back: a new silence needs a new fence
+            return Fence::Unconfirmed;
         }
-        if let Some(a) = self.attempts.get(&node) {
+        // When a majority last heard it (none while it is heard: escalated).
+        let last_heard_ms = (!n.alive).then(|| now_ms.saturating_sub(n.down_for.as_millis() as u64));
+        if let Some(a) = self.attempts.get(&n.id) {
             match a.outcome {
-                Outcome::Confirmed => return true,
-                Outcome::Running => return false,
-                _ if !self.lease_held => return false,
+                Outcome::Confirmed(at) if last_heard_ms.is_none_or(|heard| heard <= at) => return Fence::Confirmed,
+                // Heard after it was confirmed off: it came back (between
+                // two rounds) and this is a new silence.
+                Outcome::Confirmed(_) => {
+                    self.attempts.remove(&n.id);
+                }
+                Outcome::Running => return Fence::Unconfirmed,
+                _ if !self.lease_held => return Fence::Unconfirmed,
                 Outcome::Failed if now_ms.saturating_sub(a.started_ms) < FENCE_RETRY.as_millis() as u64 => {
-                    return false
+                    return Fence::Unconfirmed
                 }
                 Outcome::Failed => {} // retry below
             }
         }
         if self.lease_held {
-            effects.push(self.attempt(node, now_ms));
+            effects.push(self.attempt(n.id, now_ms));
         }
-        false
+        Fence::Unconfirmed
     }
 }
 
@@ -288,23 +331,65 @@ mod tests {
     }
 
     #[test]
-    fn with_a_fence_command_groups_move_after_the_confirmation_and_the_lease() {
+    fn with_a_fence_command_groups_move_once_it_confirmed_without_waiting_out_the_lease() {
         let mut f = with_fence();
         // Silent: the command starts at once, while the lease runs out.
         let v = f.round(ME, &[alive(1), silent(2, 100)], 1000);
         assert_eq!(v.effects, [run(2, 1)]);
         assert!(v.may_move.is_empty());
-        // Running: no second start.
+        // Running: no second start, and past the lease nothing moves either.
         assert_eq!(f.round(ME, &[alive(1), silent(2, 900)], 1800), Verdict::default());
-        f.fence_done(2, 1, true);
-        // Confirmed and past the lease.
-        let v = f.round(ME, &[alive(1), silent(2, 900)], 1900);
+        f.fence_done(2, 1, true, 1850);
+        let v = f.round(ME, &[alive(1), silent(2, 1000)], 1900);
         assert!(v.may_move(2) && v.effects.is_empty());
-        // Confirmed but not yet past the lease: wait.
+        // Confirmed off before the lease ran out: it moves at once, the lease
+        // protects nothing on a node that is off.
         let mut g = with_fence();
-        g.round(ME, &[silent(2, 10)], 0);
-        g.fence_done(2, 1, true);
-        assert!(!g.round(ME, &[silent(2, 799)], 0).may_move(2));
+        assert_eq!(g.round(ME, &[silent(2, 500)], 1000).effects, [run(2, 1)]);
+        g.fence_done(2, 1, true, 1100);
+        let v = g.round(ME, &[silent(2, 600)], 1100);
+        assert!(v.may_move(2) && v.effects.is_empty(), "{v:?}");
+        // Without a fence command only the lease counts, never earlier.
+        let mut plain = Failover::new(Policy { fence_command: false, fenced_after: AFTER });
+        assert!(!plain.round(ME, &[silent(2, 600)], 1100).may_move(2));
+    }
+
+    #[test]
+    fn a_confirmation_from_before_the_node_was_last_heard_never_counts() {
+        let mut f = with_fence();
+        assert_eq!(f.round(ME, &[silent(2, 500)], 1000).effects, [run(2, 1)]);
+        f.fence_done(2, 1, true, 1200);
+        assert!(f.round(ME, &[silent(2, 700)], 1200).may_move(2));
+        // Between two rounds it came back (heard at 1500) and went silent
+        // again: that confirmation was of the earlier silence. Fenced anew,
+        // and nothing moves on the old one, not even past the lease.
+        let v = f.round(ME, &[silent(2, 500)], 2000);
+        assert_eq!(v.effects, [run(2, 2)]);
+        assert!(!v.may_move(2));
+        assert!(!f.round(ME, &[silent(2, 900)], 2400).may_move(2), "past the lease, still unconfirmed");
+        // A late confirmation of the old attempt does not count either.
+        f.fence_done(2, 1, true, 2450);
+        assert!(!f.round(ME, &[silent(2, 1000)], 2500).may_move(2));
+        f.fence_done(2, 2, true, 2550);
+        assert!(f.round(ME, &[silent(2, 1100)], 2600).may_move(2));
+        // A confirmation known before the last hearing (a lying or slow
+        // report) does not count: the node may have come back since.
+        let mut g = with_fence();
+        g.round(ME, &[silent(2, 500)], 1000);
+        g.fence_done(2, 1, true, 1000);
+        let v = g.round(ME, &[silent(2, 500)], 1600);
+        assert!(!v.may_move(2));
+        assert_eq!(v.effects, [run(2, 2)]);
+        // Without its lease the leader starts no new attempt, and keeps no
+        // stale verdict either.
+        let mut h = with_fence();
+        h.round(ME, &[silent(2, 500)], 1000);
+        h.fence_done(2, 1, true, 1100);
+        h.lease(false);
+        assert_eq!(h.round(ME, &[silent(2, 500)], 2000), Verdict::default());
+        assert_eq!(h.round(ME, &[silent(2, 2000)], 3500), Verdict::default());
+        h.lease(true);
+        assert_eq!(h.round(ME, &[silent(2, 2100)], 3600).effects, [run(2, 2)]);
     }
 
     #[test]
@@ -341,7 +426,7 @@ mod tests {
         let mut f = with_fence();
         let v = f.round(ME, &[silent(2, 100)], 1_000);
         let Effect::RunFenceCommand { attempt, .. } = v.effects[0];
-        f.fence_done(2, attempt, true);
+        f.fence_done(2, attempt, true, 1_100);
         assert!(f.round(ME, &[silent(2, 900)], 1_800).may_move(2));
         f.not_leader();
         // Leading again: the node is still silent, but that confirmation
@@ -355,15 +440,15 @@ mod tests {
     fn a_failed_fence_is_retried_after_fence_retry_and_a_return_needs_a_new_one() {
         let mut f = with_fence();
         assert_eq!(f.round(ME, &[silent(2, 100)], 1000).effects, [run(2, 1)]);
-        f.fence_done(2, 1, false);
+        f.fence_done(2, 1, false, 1100);
         assert!(f.round(ME, &[silent(2, 2000)], 2999).effects.is_empty());
         let v = f.round(ME, &[silent(2, 2100)], 3000);
         assert_eq!(v.effects, [run(2, 2)]);
-        assert!(!v.may_move(2), "never on a failed fence");
+        assert!(!v.may_move(2), "never on a failed fence, however long the silence");
         // A late outcome of the first attempt is not this one's.
-        f.fence_done(2, 1, true);
+        f.fence_done(2, 1, true, 3050);
         assert!(!f.round(ME, &[silent(2, 2200)], 3100).may_move(2));
-        f.fence_done(2, 2, true);
+        f.fence_done(2, 2, true, 3150);
         assert!(f.round(ME, &[silent(2, 2300)], 3200).may_move(2));
         // Back, then silent again: a new silence, a new fence.
         assert_eq!(f.round(ME, &[alive(2)], 3300), Verdict::default());
@@ -380,12 +465,22 @@ mod tests {
         let v = f.round(ME, &[alive(1), alive(2)], 0);
         assert_eq!(v.effects, [run(2, 1)]);
         assert!(!v.may_move(2), "alive: never");
-        f.fence_done(2, 1, true);
-        assert!(f.round(ME, &[alive(2)], 10).effects.is_empty(), "not fenced twice");
-        // Powered off: silent, the escalation took effect.
-        let v = f.round(ME, &[silent(2, 900)], 20);
+        f.fence_done(2, 1, true, 10);
+        let v = f.round(ME, &[alive(2)], 10);
+        assert!(v.effects.is_empty() && !v.may_move(2), "not fenced twice, and heard: not moved");
+        // Powered off: silent since before the confirmation, the escalation
+        // took effect; it moves at once (no lease wait for a node that is off).
+        let v = f.round(ME, &[silent(2, 500)], 505);
         assert!(v.may_move(2) && v.effects.is_empty());
         assert!(!f.is_escalated(2));
+        // Heard after the confirmation (it did not go off then): fenced anew.
+        let mut g = with_fence();
+        g.escalate(2, ME);
+        g.round(ME, &[alive(2)], 0);
+        g.fence_done(2, 1, true, 10);
+        let v = g.round(ME, &[silent(2, 500)], 1000);
+        assert_eq!(v.effects, [run(2, 2)]);
+        assert!(!v.may_move(2));
         // The leader's own failed stop: it fences itself at once.
         assert_eq!(f.escalate(ME, ME), Escalation::First(vec![run(ME, 2)]));
         assert!(f.round(ME, &[alive(1)], 30).effects.is_empty());
@@ -419,11 +514,16 @@ mod tests {
     }
 
     proptest! {
-        /// A node a majority hears never may move; with a fence command, a
-        /// node may move only after a confirmed fence of its current
-        /// silence and `fenced_after` of silence; a fence command is never
-        /// asked twice for one silence unless the previous one failed and
-        /// FENCE_RETRY passed since it started.
+        /// A node a majority hears never may move. Without a fence command,
+        /// a silent node may move once silent for `fenced_after`. With one,
+        /// it may move exactly when the current attempt confirmed it off
+        /// after it was last heard, however short the silence: never before
+        /// `fenced_after` without such a confirmation, never on one of an
+        /// earlier silence (an older attempt, or from before it was heard
+        /// again). A silent node always has an attempt running or
+        /// confirmed, or a failed one waiting for its retry; a fence command
+        /// is never asked twice for one silence unless the previous one
+        /// failed and FENCE_RETRY passed since it started.
         #[test]
         fn groups_move_only_off_fenced_silent_nodes(
             fence_command in any::<bool>(),
@@ -432,8 +532,9 @@ mod tests {
             let mut f = Failover::new(Policy { fence_command, fenced_after: AFTER });
             let mut now = 0u64;
             // Per node, the model: attempts of its current silence as
-            // (id, started, outcome: None running, Some(ok)).
-            let mut silence: BTreeMap<NodeId, Vec<(u64, u64, Option<bool>)>> = BTreeMap::new();
+            // (id, started, outcome: None running, Some((ok, known at))).
+            type Try = (u64, u64, Option<(bool, u64)>);
+            let mut silence: BTreeMap<NodeId, Vec<Try>> = BTreeMap::new();
             let mut escalated: BTreeSet<NodeId> = BTreeSet::new();
             for op in ops {
                 match op {
@@ -444,6 +545,7 @@ mod tests {
                             alive: *alive,
                             down_for: Duration::from_millis(u64::from(*ms)),
                         }).collect();
+                        let last_heard = |s: &Seen| now.saturating_sub(s.down_for.as_millis() as u64);
                         let mut again = f.clone();
                         let v = f.round(ME, &seen, now);
                         prop_assert_eq!(&v, &again.round(ME, &seen, now), "same input, same answer");
@@ -454,6 +556,11 @@ mod tests {
                             if s.alive && !escalated.contains(&s.id) {
                                 silence.remove(&s.id);
                             }
+                            // Confirmed off, then heard again: a new silence.
+                            let stale = |t: &Try| matches!(t.2, Some((true, at)) if at < last_heard(s));
+                            if s.id != ME && !s.alive && silence.get(&s.id).and_then(|t| t.last()).is_some_and(stale) {
+                                silence.remove(&s.id);
+                            }
                         }
                         for e in &v.effects {
                             let Effect::RunFenceCommand { node, attempt } = *e;
@@ -462,7 +569,7 @@ mod tests {
                             prop_assert!(!s.alive || escalated.contains(&node), "fencing a live node");
                             let tries = silence.entry(node).or_default();
                             if let Some((_, started, outcome)) = tries.last() {
-                                prop_assert_eq!(*outcome, Some(false), "asked twice for one silence");
+                                prop_assert!(matches!(outcome, Some((false, _))), "asked twice for one silence");
                                 prop_assert!(now - started >= FENCE_RETRY.as_millis() as u64, "retried too soon");
                             }
                             tries.push((attempt, now, None));
@@ -474,16 +581,23 @@ mod tests {
                                 continue;
                             }
                             let past = s.down_for >= AFTER;
-                            let fenced = silence.get(&s.id).and_then(|t| t.last()).is_some_and(|t| t.2 == Some(true));
-                            prop_assert_eq!(may, past && (!fence_command || fenced), "node {}", s.id);
+                            let current = silence.get(&s.id).and_then(|t| t.last()).copied();
+                            if fence_command {
+                                prop_assert!(current.is_some(), "node {} silent, no fence attempt", s.id);
+                            }
+                            let fenced = current.is_some_and(|t| matches!(t.2, Some((true, at)) if at >= last_heard(s)));
+                            prop_assert_eq!(may, if fence_command { fenced } else { past }, "node {}", s.id);
+                            if may && !past {
+                                prop_assert!(fence_command && fenced, "node {} moved within its lease unfenced", s.id);
+                            }
                         }
                     }
                     Op::Done { node, current, ok } => {
                         let Some(tries) = silence.get_mut(&node) else { continue };
                         let i = if current { tries.len() - 1 } else if tries.len() >= 2 { tries.len() - 2 } else { continue };
-                        f.fence_done(node, tries[i].0, ok);
+                        f.fence_done(node, tries[i].0, ok, now);
                         if current && tries[i].2.is_none() {
-                            tries[i].2 = Some(ok);
+                            tries[i].2 = Some((ok, now));
                         }
                     }
                     Op::Escalate(node) => {

@@ -29,8 +29,9 @@ pub struct NodeInfo {
     pub witness: bool,
     /// Heard from within the node timeout.
     pub alive: bool,
-    /// Dead and known not to run anything any more: its lease ran out (it
-    /// fenced itself) or its fence command was confirmed.
+    /// Dead and known not to run anything any more: without a fence
+    /// command, its lease ran out (it fenced itself); with one, the command
+    /// confirmed it off after it was last heard (lease wait or not).
     pub fenced: bool,
     /// Capacity units; `None` is unlimited.
     pub capacity: Option<u32>,

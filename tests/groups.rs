@@ -29,6 +29,13 @@ async fn wait_running_on(c: &Cluster, name: &str, node: &str, log: &Path) -> Val
     panic!("{name} never ran on {node}: {last}\n{:?}", events(log));
 }
 
+/// The leader of a three-node cluster and the two others.
+async fn leader_and_two_others(c: &Cluster) -> (String, String, String) {
+    let leader = c.leader().await;
+    let others: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).filter(|n| *n != leader).collect();
+    (leader, others[0].clone(), others[1].clone())
+}
+
 async fn put_group(c: &Cluster, name: &str, body: Value) -> (u16, Value) {
     put(&format!("{}/v1/groups/{name}", c.nodes[1].url()), body).await
 }
@@ -630,6 +637,86 @@ async fn fence_command_must_confirm_before_a_dead_nodes_group_moves() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_confirmed_fence_moves_a_hung_nodes_group_without_waiting_out_the_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().display().to_string();
+    // "Power off": kill every process of the node's session, as its BMC
+    // would, and confirm; until `allow` exists the BMC does not answer.
+    let fence = tmp.path().join("fence.sh");
+    write_script(
+        &fence,
+        &format!(
+            "#!/bin/sh\necho \"$1\" >> {d}/calls\n[ -e {d}/allow ] || {{ echo 'BMC unreachable' >&2; exit 1; }}\n\
+             pkill -9 -s \"$(cat {d}/sid.$1)\"\nexit 0\n"
+        ),
+    );
+    // A lease wait of 15.5 s: a group that moves sooner moved on the
+    // confirmation alone.
+    let extra = format!("[fencing]\nmargin_ms = 15000\nfence_command = [\"{}\"]\n", fence.display());
+    let c = Cluster::start(&["n1", "n2", "n3"], Opts { extra, ..Opts::default() }).await;
+    let (leader, victim, target) = leader_and_two_others(&c).await;
+    let sid = c.node(&victim).sessions[0];
+    std::fs::write(tmp.path().join(format!("sid.{victim}")), sid.to_string()).unwrap();
+    let log = c.tmp.path().join("events");
+    let body = json!({"resources": [logged(&log)], "nodes": [victim, target]});
+    assert_eq!(put_group(&c, "web", body).await.0, 201);
+    wait_running_on(&c, "web", &victim, &log).await;
+    // Its claim showed the leader it held its lease: for the lease wait
+    // after it, the node is taken as alive whatever the reports say (and
+    // not fenced). Past that, only its heartbeats count.
+    tokio::time::sleep(Duration::from_millis(15_500)).await;
+    let watcher = OverlapWatcher::start(&log);
+
+    // The node hangs (agent, watchdog and the group's process frozen): it
+    // is silent, and its copy of the group would run on if it woke up.
+    assert!(std::process::Command::new("pkill").args(["-STOP", "-s", &sid.to_string()]).status().unwrap().success());
+    let calls = tmp.path().join("calls");
+    wait_until(Duration::from_secs(15), "a failed fence attempt and its retry", || async {
+        std::fs::read_to_string(&calls).is_ok_and(|s| s.lines().count() >= 2)
+    })
+    .await;
+    // Unconfirmed: nothing moves, not even early.
+    let g = group(&c, "web").await;
+    assert_eq!(g["node"], victim.as_str(), "not moved without a confirmed fence: {g}");
+    assert!(running(&log).iter().all(|e| e.node == victim), "{:?}", running(&log));
+
+    // The BMC answers: the next attempt powers the node off and confirms,
+    // and the group starts on the target long before the lease wait is over.
+    std::fs::write(tmp.path().join("allow"), "").unwrap();
+    let g = wait_running_on(&c, "web", &target, &log).await;
+    assert!(g["reason"].as_str().unwrap().contains(victim.as_str()), "{g}");
+    let overlaps = watcher.finish();
+    assert!(overlaps.is_empty(), "the group ran on two nodes at once: {overlaps:?}");
+
+    // The log's order: failed attempts, the confirmation, then the move and
+    // the start elsewhere; the outage (from the node's silence) is shorter
+    // than the lease wait.
+    let u = c.node(&leader).url();
+    let id_of = |evs: &[Value], kind: &str, node: &str| {
+        evs.iter().find(|e| e["kind"] == kind && e["node"] == node).and_then(|e| e["id"].as_u64())
+    };
+    let mut evs: Vec<Value> = Vec::new();
+    for _ in 0..100 {
+        evs = get(&format!("{u}/v1/events?since=0&limit=10000")).await.1["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if id_of(&evs, "group.running", &target).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed = id_of(&evs, "fence.failed", &victim).expect("a failed attempt");
+    let confirmed = id_of(&evs, "fence.confirmed", &victim).expect("a confirmation");
+    let moved = evs.iter().find(|e| e["kind"] == "group.moved").and_then(|e| e["id"].as_u64()).expect("the move");
+    let started = id_of(&evs, "group.running", &target).expect("the start on the target");
+    assert!(failed < confirmed && confirmed < moved && moved < started, "{failed} {confirmed} {moved} {started}");
+    let running_ev = evs.iter().find(|e| e["id"] == started).unwrap();
+    let outage = running_ev["details"]["outage_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(outage < 15_000, "moved before the lease wait was over: {running_ev}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_failed_stop_blocks_the_move_until_the_stop_succeeds() {
     let c = Cluster::start(&["n1", "n2", "n3"], Opts::default()).await;
     let dir = c.tmp.path().to_path_buf();
@@ -707,9 +794,7 @@ async fn a_failed_stop_escalates_to_fencing_when_a_fence_command_is_set() {
     let extra = format!("[fencing]\nfence_command = [\"{}\"]\n", fence.display());
     let c = Cluster::start(&["n1", "n2", "n3"], Opts { extra, ..Opts::default() }).await;
     // The group's home is a node that does not lead: the leader fences it.
-    let leader = c.leader().await;
-    let others: Vec<String> = ["n1", "n2", "n3"].iter().filter(|n| **n != leader).map(|n| n.to_string()).collect();
-    let (victim, target) = (others[0].clone(), others[1].clone());
+    let (leader, victim, target) = leader_and_two_others(&c).await;
     std::fs::write(tmp.path().join(format!("sid.{victim}")), c.node(&victim).sessions[0].to_string()).unwrap();
     std::fs::write(tmp.path().join(format!("stuck.{victim}")), "").unwrap();
     let body = json!({"resources": [{"name": "s", "type": "exec", "path": script.display().to_string()}],

@@ -95,6 +95,51 @@ async fn one_node_at_a_time_answers_for_a_group_and_its_volume() {
     assert!(body["reason"].as_str().is_some_and(|r| r.contains("lease")), "{body}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resource_is_not_served_before_its_first_monitor_passes() {
+    let c = Cluster::start(&["n1"], Opts { voters: 1, ..Opts::default() }).await;
+    // Its start returns at once; its monitor fails until the service
+    // "answers" (a server still loading its data).
+    let dir = c.tmp.path().to_path_buf();
+    let script = dir.join("svc.sh");
+    write_script(
+        &script,
+        &format!(
+            "#!/bin/sh\ncase \"$1\" in\nstart|stop) exit 0 ;;\nmonitor) [ -e {} ] || exit 7 ;;\nesac\nexit 0\n",
+            dir.join("answers").display()
+        ),
+    );
+    let def = json!({
+        "resources": [{"name": "svc", "type": "exec", "path": script.display().to_string(),
+                       "monitor": {"interval_ms": 200, "timeout_ms": 5000}}],
+        "nodes": ["n1"], "max_restarts": 1000,
+    });
+    let n1 = c.nodes[0].url();
+    let (st, v) = put(&format!("{n1}/v1/groups/g"), def).await;
+    assert_eq!(st, 201, "{v}");
+    // Started over and over (each start succeeds, each first monitor
+    // fails): never served meanwhile.
+    wait_until(Duration::from_secs(15), "a start", || async {
+        std::fs::read_to_string(dir.join("n1").join("groups").join("g").join("svc.log")).is_ok()
+            || get(&format!("{n1}/v1/groups/g")).await.1["resources"][0]["last_error"].is_string()
+    })
+    .await;
+    for _ in 0..40 {
+        let (st, body) = get(&format!("{n1}/v1/groups/g/health")).await;
+        assert_eq!(st, 503, "served before its monitor passed: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let g = get(&format!("{n1}/v1/groups/g")).await.1;
+    assert_ne!(g["resources"][0]["state"], "running", "{g}");
+    // It answers: served once its monitor passed.
+    std::fs::write(dir.join("answers"), "").unwrap();
+    wait_until(Duration::from_secs(15), "served", || async {
+        status(Method::GET, &format!("{n1}/v1/groups/g/health")).await == 200
+    })
+    .await;
+    assert_eq!(get(&format!("{n1}/v1/groups/g")).await.1["resources"][0]["state"], "running");
+}
+
 /// A web service that answers with the name of the node it runs on.
 const WHO: &str = r#"
 import http.server, os

@@ -108,15 +108,23 @@ impl World {
     }
 
     /// The fence command's outcome: a confirmed one powered the node off
-    /// (until the heal); the leader that ran it hears of it.
+    /// (until the heal; after it, the node is power-cycled, so that the
+    /// cluster can settle); the leader that ran it hears of it. A
+    /// confirmation is never a lie: the leader moves the node's groups at
+    /// once on it.
     pub(crate) fn fence_done(&mut self, leader: NodeId, pid: u32, node: NodeId, attempt: u64, ok: bool) {
         self.log_line(format!("fence command against n{node}: {}", if ok { "confirmed off" } else { "failed" }));
-        if ok && !self.healed {
+        if ok {
             self.node_mut(node).fenced_off = true;
             self.reconcile_node(node);
+            if self.healed {
+                self.node_mut(node).fenced_off = false;
+                self.reconcile_node(node);
+            }
         }
+        let now_ms = self.local_ms(leader);
         if let Some(a) = self.agent_mut(leader).filter(|a| a.pid == pid) {
-            a.failover.fence_done(node, attempt, ok);
+            a.failover.fence_done(node, attempt, ok, now_ms);
         }
     }
 

@@ -120,9 +120,11 @@ impl World {
         }
         for FailoverEffect::RunFenceCommand { node, attempt } in verdict.effects {
             self.check_fence(id, node);
-            // A BMC's power-off: a few hundred ms to seconds; one in ten fails.
+            // A BMC's power-off takes a few hundred ms to seconds, a
+            // hypervisor's a few ms: often within the lease wait, which a
+            // confirmation cuts short. One in ten fails.
             let ok = self.rng.u8(0..10) != 0;
-            let at = self.now + self.rng.u64(200_000..=2_000_000);
+            let at = self.now + self.rng.u64(10_000..=2_000_000);
             self.log_line(format!("n{id}: runs the fence command against n{node}"));
             self.schedule(at, Ev::FenceDone { leader: id, pid, node, attempt, ok });
         }

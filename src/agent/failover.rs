@@ -1,8 +1,9 @@
 //! The leader's failover input and the scheduler round that commits
 //! placements. Which silent nodes may have their groups moved, and when to
 //! run the fence command, is the failover core's decision
-//! (`crate::failover`: offline by quorum, fenced when a fence command is
-//! set, past the lease and its margin); this file feeds it liveness, runs
+//! (`crate::failover`: offline by quorum; then past the lease and its
+//! margin, or, when a fence command is set, as soon as it confirmed the
+//! node off after it was last heard); this file feeds it liveness, runs
 //! the fence command it asks for and reports the outcome back. Fencing here
 //! means STONITH: running the fence command against a node.
 
@@ -53,8 +54,8 @@ impl Agent {
             core.lease(lease_held);
             core.round(m.node_id, &seen, now_ms)
         };
-        // The fence command starts as soon as the node is offline, so that
-        // it runs while the lease runs out.
+        // The fence command starts as soon as the node is offline; once it
+        // confirms, the node's groups move without waiting out its lease.
         self.run_fence_effects(&state, verdict.effects.clone());
         let nodes: Vec<NodeInfo> = state
             .nodes
@@ -104,8 +105,11 @@ impl Agent {
     fn start_fence(&self, node: &NodeRecord, attempt: u64) {
         let core = self.failover.clone();
         let (id, name, addresses) = (node.id, node.name.clone(), node.addresses.join(","));
-        let done =
-            move |confirmed: bool| core.lock().unwrap_or_else(|e| e.into_inner()).fence_done(id, attempt, confirmed);
+        // Read when the command has returned: a confirmation says the node
+        // is off from then on at the latest.
+        let done = move |confirmed: bool| {
+            core.lock().unwrap_or_else(|e| e.into_inner()).fence_done(id, attempt, confirmed, now_boot_ms())
+        };
         let Some((program, args)) = self.cfg.fencing.fence_command.split_first() else {
             done(false);
             return;

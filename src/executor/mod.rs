@@ -450,7 +450,10 @@ impl Executor {
                 }
                 outcome = step(&mut local.slots[i], r, cx, now).await;
             }
-            all_up &= matches!(outcome, Step::Up);
+            // Up, and ready: the group runs (`group.running`) once every
+            // resource passed its first monitor; the next one starts on
+            // this one's start alone, as under Pacemaker.
+            all_up &= matches!(outcome, Step::Up) && local.slots[i].ready();
             match outcome {
                 Step::Up => continue,
                 // Resources start in order: the next one waits for this one.

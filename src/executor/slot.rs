@@ -51,14 +51,18 @@ pub(super) enum Slot {
     Process(Running),
     /// A script agent's action in flight.
     Starting(tokio::task::JoinHandle<ActionResult>),
+    /// Started (its start action succeeded); `ready` once a monitor has
+    /// passed since: a start may return before the service answers.
     Up {
         next_monitor: Instant,
         next_deep: Option<Instant>,
+        ready: bool,
     },
     Monitoring {
         task: tokio::task::JoinHandle<ActionResult>,
         deep: bool,
         next_deep: Option<Instant>,
+        ready: bool,
     },
     /// Stopping after a failed monitor, before it is started again.
     Recovering(tokio::task::JoinHandle<ActionResult>),
@@ -131,7 +135,8 @@ impl LocalGroup {
                     guard.register(pid);
                     Slot::Process(Running { child: None, pid, start_time })
                 }
-                RunSlot::Script => Slot::Up { next_monitor: now, next_deep: None },
+                // Unknown until its monitor (at once) says it answers.
+                RunSlot::Script => Slot::Up { next_monitor: now, next_deep: None, ready: false },
             };
         }
         g
@@ -150,7 +155,9 @@ impl LocalGroup {
                     Slot::Starting(_) => ("starting", None),
                     // Left up by a failed stop: it may still run.
                     Slot::Up { .. } if self.stop_retry_at.is_some() && err.is_some() => ("stop_failed", None),
-                    Slot::Up { .. } | Slot::Monitoring { .. } => ("running", None),
+                    Slot::Up { ready: true, .. } | Slot::Monitoring { ready: true, .. } => ("running", None),
+                    // Started, its first monitor not passed yet.
+                    Slot::Up { .. } | Slot::Monitoring { .. } => ("starting", None),
                     Slot::Recovering(_) => ("recovering", None),
                 };
                 // Worth knowing but no reason to move: the same data is
@@ -169,6 +176,19 @@ impl LocalGroup {
                 }
             })
             .collect()
+    }
+}
+
+impl Slot {
+    /// Whether the resource answers as far as this node knows: a process
+    /// while it runs (it has no check of its own), a script resource once
+    /// a monitor passed after its start.
+    pub(super) fn ready(&self) -> bool {
+        match self {
+            Slot::Process(_) => true,
+            Slot::Up { ready, .. } | Slot::Monitoring { ready, .. } => *ready,
+            Slot::Idle | Slot::Starting(_) | Slot::Recovering(_) => false,
+        }
     }
 }
 
@@ -210,9 +230,12 @@ impl Ctx<'_> {
 pub(super) async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: Instant) -> Step {
     let Ctx { dir, node, group, epoch, guard } = cx;
     let monitor_every = Duration::from_millis(r.monitor.interval_ms);
+    // Just started: the first monitor runs at once (as Pacemaker's does),
+    // and the resource is ready once it passed.
     let up = |now: Instant| Slot::Up {
-        next_monitor: now + monitor_every,
+        next_monitor: now,
         next_deep: r.deep_monitor.as_ref().map(|d| now + Duration::from_millis(d.interval_ms)),
+        ready: false,
     };
     let spawn_action = |verb: &'static str, deep: bool| tokio::spawn(cx.action(r, verb, deep).run());
     match std::mem::replace(slot, Slot::Idle) {
@@ -268,27 +291,27 @@ pub(super) async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: In
                 }
             },
         },
-        Slot::Up { next_monitor, next_deep } => {
+        Slot::Up { next_monitor, next_deep, ready } => {
             if next_deep.is_some_and(|t| now >= t) {
-                *slot = Slot::Monitoring { task: spawn_action("monitor", true), deep: true, next_deep };
+                *slot = Slot::Monitoring { task: spawn_action("monitor", true), deep: true, next_deep, ready };
             } else if now >= next_monitor {
-                *slot = Slot::Monitoring { task: spawn_action("monitor", false), deep: false, next_deep };
+                *slot = Slot::Monitoring { task: spawn_action("monitor", false), deep: false, next_deep, ready };
             } else {
-                *slot = Slot::Up { next_monitor, next_deep };
+                *slot = Slot::Up { next_monitor, next_deep, ready };
             }
             Step::Up
         }
-        Slot::Monitoring { task, deep, next_deep } if !task.is_finished() => {
-            *slot = Slot::Monitoring { task, deep, next_deep };
+        Slot::Monitoring { task, deep, next_deep, ready } if !task.is_finished() => {
+            *slot = Slot::Monitoring { task, deep, next_deep, ready };
             Step::Up
         }
-        Slot::Monitoring { task, deep, next_deep } => match task.await.unwrap_or_else(|e| Err(e.to_string())) {
+        Slot::Monitoring { task, deep, next_deep, .. } => match task.await.unwrap_or_else(|e| Err(e.to_string())) {
             Ok(0) => {
                 let next_deep = match (deep, &r.deep_monitor) {
                     (true, Some(d)) => Some(now + Duration::from_millis(d.interval_ms)),
                     _ => next_deep,
                 };
-                *slot = Slot::Up { next_monitor: now + monitor_every, next_deep };
+                *slot = Slot::Up { next_monitor: now + monitor_every, next_deep, ready: true };
                 Step::Up
             }
             other => {
@@ -387,7 +410,8 @@ pub(super) async fn stop_slots(
             Slot::Up { .. } => script_stop(cx, r).await,
         };
         if let Some(e) = failed {
-            left[i] = Slot::Up { next_monitor: Instant::now() + Duration::from_secs(3600), next_deep: None };
+            left[i] =
+                Slot::Up { next_monitor: Instant::now() + Duration::from_secs(3600), next_deep: None, ready: false };
             errors.push((i, e));
         }
     }
@@ -411,5 +435,73 @@ pub(super) async fn script_stop(cx: Ctx<'_>, r: &ResourceSpec) -> Option<String>
             tracing::error!(group = cx.group, resource = %r.name, "stop failed: {why}");
             Some(why)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An exec resource whose start succeeds at once and whose monitor
+    /// passes only once `answers` exists (a server still loading).
+    fn exec_resource(dir: &std::path::Path) -> ResourceSpec {
+        let script = dir.join("svc.sh");
+        let answers = dir.join("answers");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\ncase \"$1\" in\nstart|stop) exit 0 ;;\nmonitor) [ -e {} ] || exit 7 ;;\nesac\nexit 0\n",
+                answers.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        serde_json::from_value(serde_json::json!({"name": "svc", "type": "exec", "path": script.display().to_string()}))
+            .unwrap()
+    }
+
+    /// Steps the slot until `until` holds (each step at most 100 ms of
+    /// waiting for a script), at most 50 times.
+    async fn step_until(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, until: impl Fn(&Slot, &Step) -> bool) -> Step {
+        for _ in 0..50 {
+            let s = step(slot, r, cx, Instant::now()).await;
+            if until(slot, &s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the slot never got there");
+    }
+
+    #[tokio::test]
+    async fn a_started_script_resource_is_ready_only_after_its_first_monitor_passed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = exec_resource(tmp.path());
+        let guard = LeaseGuard::new(now_boot_ms() + 600_000);
+        let cx = Ctx { dir: tmp.path(), node: "n1", group: "g", epoch: 1, guard: &guard };
+        let spec: GroupSpec =
+            serde_json::from_value(serde_json::json!({"resources": [r.clone()], "nodes": ["n1"]})).unwrap();
+        let mut g = LocalGroup::new(1, spec);
+
+        // Started: up (the next resource may start) but not ready, and
+        // shown as starting, not running.
+        step_until(&mut g.slots[0], &r, cx, |s, _| matches!(s, Slot::Up { .. })).await;
+        assert!(!g.slots[0].ready());
+        assert_eq!(g.status()[0].state, "starting");
+        // Its first monitor runs at once and fails: never ready, recovered.
+        let s = step_until(&mut g.slots[0], &r, cx, |_, s| matches!(s, Step::Failed(_))).await;
+        assert!(matches!(s, Step::Failed(ref why) if why.contains("monitor")));
+        assert!(!g.slots[0].ready());
+
+        // Started again, and now the service answers: ready once the
+        // monitor passed, shown running.
+        std::fs::write(tmp.path().join("answers"), "").unwrap();
+        g.slots[0] = Slot::Idle;
+        step_until(&mut g.slots[0], &r, cx, |s, _| s.ready()).await;
+        assert_eq!(g.status()[0].state, "running");
+        // A process has no check of its own: ready while it runs.
+        let p = Running { child: None, pid: std::process::id() as i32, start_time: 0 };
+        assert!(Slot::Process(p).ready());
+        assert!(!Slot::Idle.ready());
     }
 }

@@ -142,7 +142,11 @@ impl Drop for Node {
             let tail: Vec<&str> = log
                 .lines()
                 .rev()
-                .filter(|l| !l.contains("openraft::replication") && !l.contains("heartbeat error"))
+                .filter(|l| {
+                    !l.contains("openraft::replication")
+                        && !l.contains("replication_handler")
+                        && !l.contains("heartbeat error")
+                })
                 .take(40)
                 .collect();
             eprintln!("---- last log lines of {} ----", self.name);
@@ -457,6 +461,12 @@ pub fn replicated(cluster: &Value) -> Value {
         })
         .collect();
     json!({"cluster_id": cluster["cluster_id"], "members": members})
+}
+
+/// Writes an executable script (a fence command, an exec agent).
+pub fn write_script(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
 // ---- resources that log their lives: start and stop lines (node, epoch, pid) ----
