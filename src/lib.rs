@@ -26,6 +26,7 @@ pub mod rundir;
 pub mod scheduler;
 pub mod security;
 pub mod sites;
+pub mod ticket;
 pub mod volume;
 pub mod volume_events;
 pub mod volume_views;
