@@ -78,7 +78,7 @@ impl Volume {
         VolumeStatus {
             name: self.cfg.name.clone(),
             role,
-            size_bytes: self.cfg.size,
+            size_bytes: if primary { self.exported_size() } else { self.size() },
             nbd: if primary { nbd } else { None },
             replicas,
             generation: current,
