@@ -184,7 +184,7 @@ window.TANDEM_I18N = {
     'kind.volume.disk': '副本磁盘状态变化', 'kind.volume.connected': '复制链路已连接', 'kind.volume.disconnected': '复制链路已断开',
     'kind.volume.resync_started': '开始重新同步', 'kind.volume.resync_finished': '重新同步完成', 'kind.volume.resync_stopped': '重新同步中止',
     'kind.volume.split_brain': '脑裂', 'kind.volume.split_brain_resolved': '脑裂已解决',
-    'kind.volume.verify_done': '校验完成', 'kind.volume.verify_failed': '校验失败',
+    'kind.volume.verify_done': '校验完成', 'kind.volume.verify_failed': '校验失败', 'kind.volume.grown': '卷已扩容',
     'kind.token.created': '令牌已创建', 'kind.token.revoked': '令牌已吊销',
     'kind.alert.defined': '告警已定义', 'kind.alert.changed': '告警已修改', 'kind.alert.deleted': '告警已删除',
     'kind.alert.failed': '告警发送失败', 'kind.alert.recovered': '告警发送恢复', 'kind.alert.events_lost': '告警事件丢失',
