@@ -559,6 +559,8 @@ enum Before {
     SiteAdmin(Vec<(String, AdminState)>),
     Placement(Option<Placement>),
     Exists(bool),
+    /// A group existed, and its volume's size then.
+    Group(bool, Option<u64>),
     /// A replica's recorded disk, and whether its replacement was pending.
     Replica(Option<DiskState>, bool),
     Enabled(Option<bool>),
@@ -836,7 +838,10 @@ impl ClusterState {
                     .collect(),
             ),
             Command::SetPlacement { name, .. } => Before::Placement(self.groups.get(name).map(|g| g.placement.clone())),
-            Command::PutGroup { name, .. } => Before::Exists(self.groups.contains_key(name)),
+            Command::PutGroup { name, .. } => Before::Group(
+                self.groups.contains_key(name),
+                self.groups.get(name).and_then(|g| g.spec.volume()).map(|(_, v)| v.size_bytes()),
+            ),
             Command::PutAlert { name, .. } => Before::Exists(self.alerts.by_name.contains_key(name)),
             Command::SetReplicaDisk { volume, node, .. } | Command::ReplaceReplica { volume, node } => {
                 let replacing = self.volume_owner(volume).is_some_and(|(g, _)| g.replacing(volume, node));
@@ -911,9 +916,19 @@ impl ClusterState {
                 .filter(|(_, was)| was != state)
                 .map(|(name, was)| who(admin_event(time, &name, Some(was), *state, Some(site))))
                 .collect(),
-            (Command::PutGroup { name, .. }, Before::Exists(existed)) => {
+            (Command::PutGroup { name, spec }, Before::Group(existed, size)) => {
                 let (kind, verb) = if existed { ("group.changed", "changed") } else { ("group.defined", "defined") };
-                one(ev(kind, Severity::Info, format!("group {name} {verb}")).group(name))
+                let e = ev(kind, Severity::Info, format!("group {name} {verb}")).group(name);
+                // A volume grown in the definition (the data plane grows it
+                // online, and its primary tells `volume.grown` when done).
+                match (size, spec.volume()) {
+                    (Some(from), Some((r, v))) if v.size_bytes() > from => {
+                        one(Event { message: format!("group {name} changed: volume {} grows", r.name), ..e }
+                            .volume(&r.name)
+                            .details(json!({"volume_grows": {"from": from, "to": v.size_bytes()}})))
+                    }
+                    _ => one(e),
+                }
             }
             (Command::DeleteGroup { name }, _) => {
                 one(ev("group.deleted", Severity::Info, format!("group {name} deleted")).group(name))
@@ -2266,7 +2281,16 @@ mod tests {
         .unwrap();
         let put = |extra: &str| Command::PutGroup { name: "db".into(), spec: vol_spec(extra) };
         let epoch = s.groups["db"].placement.epoch;
-        assert_eq!(s.apply(&put(r#", "replicas": 3, "size": "3GiB""#)), Ok(Reply::Done));
+        let cursor = s.events.last_id;
+        let stamp = Stamp { time_ms: 9, events_retain: 100, by: Some("ops".into()) };
+        assert_eq!(s.apply_stamped(&put(r#", "replicas": 3, "size": "3GiB""#), Some(&stamp)), Ok(Reply::Done));
+        // The definition's change says what grows (its primary tells
+        // `volume.grown` once the export has).
+        let page = s.events.since(cursor, &Default::default(), 10);
+        let e = page.events.iter().find(|e| e.kind == "group.changed").expect("a group.changed event");
+        assert_eq!((e.volume.as_deref(), e.group.as_deref()), (Some("data"), Some("db")));
+        assert_eq!(e.details["volume_grows"], serde_json::json!({"from": 1u64 << 30, "to": 3u64 << 30}));
+        assert_eq!(e.details["by"], "ops");
         let (_, v) = s.groups["db"].spec.volume().unwrap();
         assert_eq!(v.size_bytes(), 3 << 30);
         // The group keeps running, its records stay (nothing is resynced).
