@@ -46,7 +46,8 @@ impl Volume {
             out_of_sync_bytes: 0,
             resync: None,
             lag_bytes: None,
-            last_error: None,
+            // This replica's own trouble: a grow it could not make.
+            last_error: self.grow_error(),
         }];
         if primary {
             for (node, link) in &self.links {
