@@ -796,3 +796,39 @@ async fn a_secondary_grown_before_its_primary_waits_for_it() {
         n.mgr.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_grown_while_its_group_is_stopped_is_exported_whole_from_its_next_start() {
+    let mut c = Cluster::new(2, 16 * MIB).await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    qemu_io(uri_of(&uri), &["write -P 0x61 15M 1M"]).await;
+    c.nodes[0].mgr.demote("data").await.unwrap();
+    // Both replicas grow on their own, no primary around.
+    c.size = 24 * MIB;
+    c.reconcile().await;
+    for i in 0..2 {
+        let v = c.nodes[i].mgr.volume("data").await.unwrap();
+        for _ in 0..100 {
+            if v.size() == 24 * MIB {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!((v.size(), file_len(&c.backing(i))), (24 * MIB, 24 * MIB), "n{}", i + 1);
+    }
+    // The next start (here on n2) exports it whole.
+    let uri = c.promote(1, 2).await;
+    assert_eq!(c.nodes[1].mgr.status("data").unwrap().size_bytes, 24 * MIB);
+    c.wait_in_sync(1, 0).await;
+    qemu_io(uri_of(&uri), &["read -P 0x61 15M 1M", "write -P 0x62 23M 1M", "flush"]).await;
+    // As after any failover, the new primary resyncs the extent of the
+    // last write it received (its activity log, 12–16 MiB); nothing of the
+    // new space.
+    let v = c.nodes[1].mgr.volume("data").await.unwrap();
+    assert_eq!(v.resync_bytes_sent("n1"), 4 * MIB);
+    assert!(compare(&c.backing(0), &c.backing(1)));
+    for n in &c.nodes {
+        n.mgr.shutdown().await;
+    }
+}
