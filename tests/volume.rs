@@ -682,6 +682,17 @@ async fn wait_exported(c: &Cluster, i: usize, size: u64) {
     }
 }
 
+/// Waits until node `i`'s replica has grown to `size` (in the background of
+/// a reconcile).
+async fn wait_grown(c: &Cluster, i: usize, size: u64) {
+    let v = c.nodes[i].mgr.volume("data").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while v.size() != size {
+        assert!(Instant::now() < deadline, "n{} never grew to {size}: {:?}", i + 1, v.grow_error());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }
@@ -697,14 +708,7 @@ async fn a_volume_grows_online_on_every_replica_without_a_resync() {
     // grows next and tells n3 (which has not looked yet) in order.
     c.size = 48 * MIB;
     c.nodes[1].mgr.reconcile(vec![c.desired(1)]).await;
-    let n2 = c.nodes[1].mgr.volume("data").await.unwrap();
-    for _ in 0..100 {
-        if n2.size() == 48 * MIB {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(n2.size(), 48 * MIB);
+    wait_grown(&c, 1, 48 * MIB).await;
     c.nodes[0].mgr.reconcile(vec![c.desired(0)]).await;
     wait_exported(&c, 0, 48 * MIB).await;
     for i in 0..3 {
@@ -808,14 +812,8 @@ async fn a_volume_grown_while_its_group_is_stopped_is_exported_whole_from_its_ne
     c.size = 24 * MIB;
     c.reconcile().await;
     for i in 0..2 {
-        let v = c.nodes[i].mgr.volume("data").await.unwrap();
-        for _ in 0..100 {
-            if v.size() == 24 * MIB {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!((v.size(), file_len(&c.backing(i))), (24 * MIB, 24 * MIB), "n{}", i + 1);
+        wait_grown(&c, i, 24 * MIB).await;
+        assert_eq!(file_len(&c.backing(i)), 24 * MIB, "n{}", i + 1);
     }
     // The next start (here on n2) exports it whole.
     let uri = c.promote(1, 2).await;
