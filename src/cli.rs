@@ -813,7 +813,18 @@ pub fn volume_text(v: &VolumeView) -> String {
     let mut rows = vec![
         vec!["name".into(), v.name.clone()],
         vec!["group".into(), v.group.clone()],
-        vec!["size".into(), format!("{} ({} bytes)", bytes_text(v.size_bytes), v.size_bytes)],
+        vec![
+            "size".into(),
+            match v.growing_to_bytes {
+                Some(to) => format!(
+                    "{} ({} bytes), growing to {} (new connections see it once every connected replica has grown)",
+                    bytes_text(v.size_bytes),
+                    v.size_bytes,
+                    bytes_text(to)
+                ),
+                None => format!("{} ({} bytes)", bytes_text(v.size_bytes), v.size_bytes),
+            },
+        ],
         vec!["mode".into(), v.mode.clone()],
         vec!["primary".into(), v.primary.clone().unwrap_or_else(|| "- (group not running)".into())],
         vec!["nbd".into(), v.nbd.clone().unwrap_or_else(|| "-".into())],
@@ -1041,6 +1052,7 @@ mod tests {
             name: "data".into(),
             group: "db".into(),
             size_bytes: 2 << 30,
+            growing_to_bytes: Some(3 << 30),
             mode: "sync".into(),
             primary: Some("n1".into()),
             nbd: Some("nbd+unix:///data?socket=/x".into()),
@@ -1058,6 +1070,7 @@ mod tests {
             "1.5GiB",
             "25.0% at 100.0MiB/s, ETA 15s",
             "n2=Outdated",
+            "growing to 3.0GiB",
         ] {
             assert!(t.contains(want), "{want} missing from:\n{t}");
         }

@@ -1,7 +1,8 @@
 //! What changed in a volume between two looks of its primary: the events
 //! of its replication links (connected, disconnected, split brain
 //! detected/resolved), its resyncs (started, finished with bytes and
-//! seconds) and its online verify (the result).
+//! seconds), its online verify (the result) and its export growing (an
+//! online grow reached every connected replica).
 //!
 //! Pure: the caller passes the status and the time; nothing here touches the
 //! data plane, a clock or the event queue.
@@ -19,6 +20,8 @@ pub struct Seen {
     pub links: BTreeMap<String, (Connection, Option<(u64, u64)>)>,
     /// The verify's state last seen (`running`, `done`, `failed`).
     pub verify: Option<String>,
+    /// The exported size last seen.
+    pub size: Option<u64>,
 }
 
 fn link_name(c: Connection) -> &'static str {
@@ -50,6 +53,19 @@ pub fn volume_events(before: &Seen, now: &VolumeStatus, group: Option<&str>, now
         }
     };
     let first = before.links.is_empty() && before.verify.is_none();
+    seen.size = Some(now.size_bytes);
+    if let Some(from) = before.size.filter(|from| *from < now.size_bytes) {
+        let to = now.size_bytes;
+        let mut e = ev(
+            "volume.grown",
+            Severity::Info,
+            "",
+            format!("volume {v} grew from {from} to {to} bytes: new connections see the new size"),
+            serde_json::json!({"from": from, "to": to}),
+        );
+        e.node = None;
+        out.push(e);
+    }
     for r in now.replicas.iter().filter(|r| r.role != ReplicaRole::Primary) {
         let peer = r.node.as_str();
         let (was, resync) = before.links.get(peer).cloned().map_or((None, None), |(c, s)| (Some(c), s));
@@ -234,5 +250,22 @@ mod tests {
         // A first look at a split brain reports it.
         let (_, e) = volume_events(&Seen::default(), &status(Connection::SplitBrain, None, None), None, 0);
         assert_eq!(kinds(&e), ["volume.split_brain"]);
+    }
+
+    #[test]
+    fn an_export_that_grew_is_one_event_with_from_and_to() {
+        let healthy = status(Connection::Connected, None, None);
+        let (s, e) = volume_events(&Seen::default(), &healthy, Some("db"), 0);
+        assert!(e.is_empty(), "a first look tells no grow: {e:?}");
+        let grown = VolumeStatus { size_bytes: 4 << 20, ..healthy.clone() };
+        let (s, e) = volume_events(&s, &grown, Some("db"), 10);
+        assert_eq!(kinds(&e), ["volume.grown"]);
+        assert_eq!((e[0].details["from"].as_u64(), e[0].details["to"].as_u64()), (Some(1 << 20), Some(4 << 20)));
+        assert_eq!(
+            (e[0].volume.as_deref(), e[0].group.as_deref(), e[0].node.as_deref()),
+            (Some("data"), Some("db"), None)
+        );
+        let (_, e) = volume_events(&s, &grown, Some("db"), 20);
+        assert!(e.is_empty(), "told once: {e:?}");
     }
 }

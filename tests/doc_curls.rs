@@ -15,7 +15,8 @@
 //! What the test changes in a command, and only that: the docs' addresses
 //! (`127.0.0.1:7401/7403/7405`, `10.0.0.1-3:7401`) become the test nodes'
 //! URLs; `/var/lib/tandem/admin.sock` becomes node1's admin socket; a
-//! volume's `20GiB` becomes `64MiB` (the test's disk); a `vip` on `eth0`
+//! volume's `20GiB` becomes `64MiB` (the test's disk), `40GiB` (its
+//! online grow) `128MiB`; a `vip` on `eth0`
 //! gets an interface that does not exist, so that no address is ever added
 //! to this machine's network. `-d @file.json` reads the ```json block that
 //! precedes the command in the document ("the files shown").
@@ -126,6 +127,7 @@ impl Rewrite {
             out = out.replace(&format!("\u{0}{i}\u{0}"), ours);
         }
         out.replace("\"size\": \"20GiB\"", "\"size\": \"64MiB\"")
+            .replace("\"size\": \"40GiB\"", "\"size\": \"128MiB\"")
             .replace("\"interface\": \"eth0\"", "\"interface\": \"tnd-doc-none\"")
     }
 

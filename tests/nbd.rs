@@ -31,7 +31,8 @@ const MIB: u64 = 1 << 20;
 /// (hence multi_conn).
 struct FileExport {
     file: Arc<File>,
-    size: u64,
+    /// Grows like a volume's export (read at each connection's handshake).
+    size: AtomicU64,
     read_only: bool,
     /// Delay before each read, to keep requests in flight.
     read_delay: Duration,
@@ -60,7 +61,7 @@ fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u32) -> std::io::
 #[async_trait::async_trait]
 impl Export for FileExport {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::SeqCst)
     }
     fn block_sizes(&self) -> (u32, u32, u32) {
         (MIN_BLOCK, 4096, MAX_PAYLOAD)
@@ -181,7 +182,7 @@ async fn start(name: &str, o: Opts) -> Fixture {
     }
     let export = Arc::new(FileExport {
         file: Arc::new(file),
-        size: o.size,
+        size: AtomicU64::new(o.size),
         read_only: o.read_only,
         read_delay: o.read_delay,
         inline: o.inline,
@@ -605,6 +606,30 @@ async fn bad_requests_get_their_errno_and_the_connection_survives() {
     // A soft disconnect: no reply, the server closes.
     c.send(CMD_DISC, 0, 9, 0, 0, &[]).await;
     assert!(c.closed().await);
+    f.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_export_is_seen_whole_by_new_connections_only() {
+    let f = start("vol0", Opts::default()).await;
+    let size = 16 * MIB;
+    let mut before = Raw::connect(&f.socket).await;
+    before.write(size - 4096, &[0x42; 4096]).await.expect("the old last block");
+    // The volume grows (as the engine does: the file first, then the size).
+    f.export.file.set_len(2 * size).expect("grow the image");
+    f.export.size.store(2 * size, Ordering::SeqCst);
+    let mut after = Raw::connect(&f.socket).await;
+    assert_eq!(after.read(size - 4096, 4096).await, Ok(vec![0x42; 4096]), "the old data");
+    assert_eq!(after.read(size, 4096).await, Ok(vec![0; 4096]), "the new space reads as zeroes");
+    after.write(2 * size - 4096, &[0x43; 4096]).await.expect("a write past the old end");
+    // A connection made before keeps the size it negotiated (NBD cannot
+    // tell it otherwise) until it reconnects.
+    assert_eq!(before.read(size, 4096).await, Err(NBD_EINVAL), "an old connection past its size");
+    assert_eq!(before.write(size, &[1; 4096]).await, Err(NBD_ENOSPC));
+    assert_eq!(before.read(size - 4096, 4096).await, Ok(vec![0x42; 4096]), "it still works below");
+    let out = run("nbdinfo", "libnbd-bin", &["--size", &f.server.uri()]).await;
+    assert_ok("nbdinfo --size", &out);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (2 * size).to_string());
     f.server.shutdown().await;
 }
 

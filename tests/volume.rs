@@ -670,3 +670,163 @@ async fn the_export_counts_nbd_requests_bytes_and_write_latency_for_the_metrics(
     assert_eq!(s("tandem_volume_write_seconds_count", "at=\"replicated\""), writes, "{text}");
     assert!(s("tandem_volume_write_seconds_sum", "at=\"replicated\"") > 0.0, "{text}");
 }
+
+/// Waits until the primary `i` exports `size` bytes (its grow runs in the
+/// background of a reconcile).
+async fn wait_exported(c: &Cluster, i: usize, size: u64) {
+    let v = c.nodes[i].mgr.volume("data").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while v.exported_size() != size {
+        assert!(Instant::now() < deadline, "never exported {size}: {:?} {:?}", v.status(None), v.grow_error());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until node `i`'s replica has grown to `size` (in the background of
+/// a reconcile).
+async fn wait_grown(c: &Cluster, i: usize, size: u64) {
+    let v = c.nodes[i].mgr.volume("data").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while v.size() != size {
+        assert!(Instant::now() < deadline, "n{} never grew to {size}: {:?}", i + 1, v.grow_error());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_grows_online_on_every_replica_without_a_resync() {
+    let mut c = Cluster::new(3, 16 * MIB).await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    c.wait_in_sync(0, 2).await;
+    qemu_io(uri_of(&uri), &["write -P 0xab 0 1M", "write -P 0x5c 15M 1M"]).await;
+    // The definition grows. n2 sees it first and grows alone; the primary
+    // grows next and tells n3 (which has not looked yet) in order.
+    c.size = 48 * MIB;
+    c.nodes[1].mgr.reconcile(vec![c.desired(1)]).await;
+    wait_grown(&c, 1, 48 * MIB).await;
+    c.nodes[0].mgr.reconcile(vec![c.desired(0)]).await;
+    wait_exported(&c, 0, 48 * MIB).await;
+    for i in 0..3 {
+        assert_eq!(file_len(&c.backing(i)), 48 * MIB, "n{}", i + 1);
+    }
+    let v = c.nodes[0].mgr.volume("data").await.unwrap();
+    // No reconnect, no resync: the peers stayed in sync all along.
+    for peer in ["n2", "n3"] {
+        assert!(v.peer_in_sync(peer), "{peer}: {:?}", v.status(None));
+        assert_eq!((v.resync_bytes_sent(peer), v.out_of_sync(peer)), (0, 0), "{peer}");
+    }
+    assert_eq!(c.nodes[0].mgr.status("data").unwrap().size_bytes, 48 * MIB);
+    // A new NBD connection sees the new size: the old data, then a write
+    // past the old end, replicated.
+    qemu_io(uri_of(&uri), &["read -P 0xab 0 1M", "read -P 0x5c 15M 1M", "read -P 0 16M 32M"]).await;
+    qemu_io(uri_of(&uri), &["write -P 0xcd 40M 1M", "write -P 0xef 47M 1M", "flush"]).await;
+    assert!(compare(&c.backing(0), &c.backing(1)));
+    assert!(compare(&c.backing(0), &c.backing(2)));
+    assert_eq!((v.resync_bytes_sent("n2"), v.resync_bytes_sent("n3")), (0, 0));
+    assert!(c.control.log.lock().unwrap().iter().all(|(_, d, _)| *d == DiskState::UpToDate));
+    // The same size again is nothing to do.
+    c.reconcile().await;
+    assert_eq!(v.exported_size(), 48 * MIB);
+    for n in &c.nodes {
+        n.mgr.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_away_during_a_grow_grows_at_its_handshake_and_gets_only_what_it_missed() {
+    let mut c = Cluster::new(2, 16 * MIB).await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    qemu_io(uri_of(&uri), &["write -P 0x11 0 1M"]).await;
+    c.nodes[1].mgr.shutdown().await;
+    // The primary grows alone (no peer streams: exported at once) and
+    // writes past the old end: n2 is recorded outdated, the bytes marked.
+    c.size = 32 * MIB;
+    c.nodes[0].mgr.reconcile(vec![c.desired(0)]).await;
+    wait_exported(&c, 0, 32 * MIB).await;
+    qemu_io(uri_of(&uri), &["write -P 0x22 20M 64k", "write -P 0x33 4M 4k"]).await;
+    let v = c.nodes[0].mgr.volume("data").await.unwrap();
+    assert_eq!(v.out_of_sync("n2"), 64 * 1024 + 4096);
+    assert_eq!(c.control.last("n2"), Some(DiskState::Outdated));
+    // n2 comes back still at the old size (its node has not seen the new
+    // definition): it grows before it replies, then gets just those bytes.
+    c.size = 16 * MIB;
+    c.nodes[1].mgr.start(&c.nodes[1].dir, &[c.nodes[1].addr], c.control.clone()).await.unwrap();
+    c.nodes[1].mgr.reconcile(vec![c.desired(1)]).await;
+    c.wait_in_sync(0, 1).await;
+    assert_eq!(v.resync_bytes_sent("n2"), 64 * 1024 + 4096);
+    assert_eq!(file_len(&c.backing(1)), 32 * MIB);
+    assert!(compare(&c.backing(0), &c.backing(1)));
+    for n in &c.nodes {
+        n.mgr.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_grown_before_its_primary_waits_for_it() {
+    let mut c = Cluster::new(2, 16 * MIB).await;
+    c.nodes[1].mgr.shutdown().await;
+    c.size = 32 * MIB;
+    // n2 reopens at the new size; the primary has not grown yet.
+    c.nodes[1].mgr.start(&c.nodes[1].dir, &[c.nodes[1].addr], c.control.clone()).await.unwrap();
+    c.nodes[1].mgr.reconcile(vec![c.desired(1)]).await;
+    assert_eq!(file_len(&c.backing(1)), 32 * MIB);
+    c.size = 16 * MIB;
+    c.promote(0, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = c.nodes[0].mgr.status("data").unwrap();
+        let n2 = st.replicas.iter().find(|r| r.node == "n2").unwrap();
+        if n2.last_error.as_deref().is_some_and(|e| e.contains("has grown to 33554432 bytes, the primary has 16777216"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n1 never heard why: {st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Once the primary grows too, they connect, with nothing to resync.
+    c.size = 32 * MIB;
+    c.nodes[0].mgr.reconcile(vec![c.desired(0)]).await;
+    wait_exported(&c, 0, 32 * MIB).await;
+    c.wait_in_sync(0, 1).await;
+    let v = c.nodes[0].mgr.volume("data").await.unwrap();
+    assert_eq!(v.resync_bytes_sent("n2"), 0);
+    for n in &c.nodes {
+        n.mgr.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_grown_while_its_group_is_stopped_is_exported_whole_from_its_next_start() {
+    let mut c = Cluster::new(2, 16 * MIB).await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    qemu_io(uri_of(&uri), &["write -P 0x61 15M 1M"]).await;
+    c.nodes[0].mgr.demote("data").await.unwrap();
+    // Both replicas grow on their own, no primary around.
+    c.size = 24 * MIB;
+    c.reconcile().await;
+    for i in 0..2 {
+        wait_grown(&c, i, 24 * MIB).await;
+        assert_eq!(file_len(&c.backing(i)), 24 * MIB, "n{}", i + 1);
+    }
+    // The next start (here on n2) exports it whole.
+    let uri = c.promote(1, 2).await;
+    assert_eq!(c.nodes[1].mgr.status("data").unwrap().size_bytes, 24 * MIB);
+    c.wait_in_sync(1, 0).await;
+    qemu_io(uri_of(&uri), &["read -P 0x61 15M 1M", "write -P 0x62 23M 1M", "flush"]).await;
+    // As after any failover, the new primary resyncs the extent of the
+    // last write it received (its activity log, 12–16 MiB); nothing of the
+    // new space.
+    let v = c.nodes[1].mgr.volume("data").await.unwrap();
+    assert_eq!(v.resync_bytes_sent("n1"), 4 * MIB);
+    assert!(compare(&c.backing(0), &c.backing(1)));
+    for n in &c.nodes {
+        n.mgr.shutdown().await;
+    }
+}

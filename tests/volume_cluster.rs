@@ -400,3 +400,71 @@ async fn a_forced_promotion_reports_what_it_gives_up_and_keeps_the_old_primarys_
     }
     assert_eq!(v["primary"], "n2", "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_grows_online_on_every_replica_and_fails_over_grown() {
+    let (mut c, uri) = running(volume_group("16MiB", 3)).await;
+    let pattern = |i: u64| (i % 200) as u8 + 0x21;
+    let old = write_blocks(&uri, 0, 8, pattern).await;
+    assert_eq!(old.len(), 8);
+    // The old last block.
+    assert_eq!(write_blocks(&uri, 255, 1, |_| 0x99).await.len(), 1);
+    let u = c.nodes[1].url();
+    let url = format!("{u}/v1/groups/db");
+
+    // Grown through the API while the group runs; a shrink stays refused.
+    let (st, v) = put(&url, volume_group("48MiB", 3)).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, e) = put(&url, volume_group("32MiB", 3)).await;
+    assert_eq!((st, e["code"].as_str()), (409, Some("TND-1408")), "{e}");
+    assert!(e["message"].as_str().unwrap_or("").contains("cannot shrink from 48MiB to 32MiB"), "{e}");
+    wait_until(Duration::from_secs(30), "the export at 48MiB", || async {
+        let v = volume(&c).await;
+        v["size_bytes"] == 48u64 << 20 && v["growing_to_bytes"].is_null() && v["primary"] == "n1"
+    })
+    .await;
+    for n in ["n1", "n2", "n3"] {
+        assert_eq!(std::fs::metadata(backing(&c, n)).unwrap().len(), 48 << 20, "{n}'s backing file");
+    }
+    // A new connection sees the old data and the new space (zeroes)...
+    for off in &old {
+        assert!(read_ok(&uri, *off, pattern(off / 65536)).await, "block at {off} lost in the grow");
+    }
+    assert!(read_ok(&uri, 255 * 65536, 0x99).await);
+    assert!(read_ok(&uri, 256 * 65536, 0).await, "the new space is not zeroes");
+    // ...and writes past the old end, replicated to every replica.
+    let new = write_blocks(&uri, 500, 4, |_| 0x7e).await;
+    assert_eq!(new.len(), 4, "writes past the old end failed");
+    assert_eq!(write_blocks(&uri, 767, 1, |_| 0x7f).await.len(), 1, "the new last block");
+    assert_same_data(&c, "n1", "n2");
+    assert_same_data(&c, "n1", "n3");
+    // Nothing was resynced: every resync n1 logged sent nothing.
+    let log = strip_ansi(&std::fs::read_to_string(c.node("n1").log_path()).unwrap_or_default());
+    let sent: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("resync done"))
+        .filter_map(|l| l.split("sent=").nth(1)?.split_whitespace().next()?.trim_matches('"').parse().ok())
+        .collect();
+    assert!(sent.iter().all(|s| *s == 0), "a resync during the grow: {sent:?}");
+    assert!(log.contains("export grown"), "no grow in n1's log");
+    // Online: the primary was never stopped under its application.
+    assert!(!log.contains("demoted to secondary"), "the volume was restarted for its grow");
+    // Told once, with the sizes.
+    wait_until(Duration::from_secs(10), "a volume.grown event", || async {
+        events_of(&u, "volume.grown")
+            .await
+            .iter()
+            .any(|e| e["volume"] == "data" && e["details"]["from"] == 16u64 << 20 && e["details"]["to"] == 48u64 << 20)
+    })
+    .await;
+
+    // n1 loses power: the group moves to n2, grown, with all the data.
+    c.node_mut("n1").kill();
+    let uri2 = wait_exported_primary(&c, "n2").await;
+    for off in old.iter().chain(&new) {
+        let want = if *off >= 500 * 65536 { 0x7e } else { pattern(off / 65536) };
+        assert!(read_ok(&uri2, *off, want).await, "block at {off} lost after the failover");
+    }
+    assert!(read_ok(&uri2, 767 * 65536, 0x7f).await, "the new last block lost after the failover");
+    assert_eq!(volume(&c).await["size_bytes"], 48u64 << 20);
+}

@@ -396,7 +396,8 @@ impl ApiError {
                     .into()
             }
             VolumeResize { field, .. } => format!(
-                "Keep `{field}` as it is. To change the size, create a new volume in a new group and copy the data."
+                "A volume only grows: set `{field}` to at least its current size. To make it smaller, create a new \
+                 volume in a new group and copy the data."
             ),
             VolumeChange { field, .. } => format!(
                 "Keep `{field}` as it is, or define a new volume (another name) and copy the data."

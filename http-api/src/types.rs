@@ -547,7 +547,15 @@ pub struct VolumeView {
     pub name: String,
     /// The group the volume belongs to.
     pub group: String,
+    /// The size clients get: the primary's export (a new NBD connection
+    /// sees it; one made before an online grow keeps the size it
+    /// negotiated until it reconnects). Without a primary: the defined size.
     pub size_bytes: u64,
+    /// While an online grow is under way: the defined size, which the
+    /// export reaches once every connected replica has grown to it (a
+    /// disconnected one grows when it reconnects). Null otherwise.
+    #[serde(default)]
+    pub growing_to_bytes: Option<u64>,
     /// How secondaries receive writes unless overridden per node: `sync`
     /// or `async` (each replica shows its own `mode`).
     pub mode: String,

@@ -549,7 +549,9 @@ function volumeCard(v) {
     el('h2', {}, v.name),
     el('dl', { class: 'facts' },
       el('dt', { text: t('vol.group') }), el('dd', {}, v.group),
-      el('dt', { text: t('vol.size') }), el('dd', {}, fmtBytes(v.size_bytes)),
+      el('dt', { text: t('vol.size') }), el('dd', {}, v.growing_to_bytes
+        ? t('vol.growingTo', { size: fmtBytes(v.size_bytes), to: fmtBytes(v.growing_to_bytes) })
+        : fmtBytes(v.size_bytes)),
       el('dt', { text: t('vol.mode') }), el('dd', {}, tv('mode', v.mode)),
       el('dt', { text: t('vol.primary') }), el('dd', {}, v.primary || '—')),
     parts,

@@ -47,6 +47,7 @@ pub enum CommandError {
     VolumeNotFound { name: String },
     #[error("volume {volume} has no replica on node {node}")]
     NoSuchReplica { volume: String, node: String },
+    /// A volume's size lowered: only growing is allowed.
     #[error("volume {name}: {}", resize_reason(*.from, *.to))]
     VolumeResize { name: String, field: String, from: u64, to: u64 },
     #[error("volume {name}: {reason}")]
@@ -75,13 +76,10 @@ pub enum CommandError {
     TooManyAlerts { max: usize },
 }
 
+/// Only a shrink is refused (a volume grows online).
 fn resize_reason(from: u64, to: u64) -> String {
     let (a, b) = (format_bytes(from), format_bytes(to));
-    if to < from {
-        format!("its size cannot shrink from {a} to {b}: the blocks past {b} hold data")
-    } else {
-        format!("its size cannot grow from {a} to {b}: resizing a volume is not supported yet")
-    }
+    format!("its size cannot shrink from {a} to {b}: the blocks past {b} hold data")
 }
 
 /// `s` cut to at most `max` bytes (on a character boundary), with `…` when cut.

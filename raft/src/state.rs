@@ -559,6 +559,8 @@ enum Before {
     SiteAdmin(Vec<(String, AdminState)>),
     Placement(Option<Placement>),
     Exists(bool),
+    /// A group existed, and its volume's size then.
+    Group(bool, Option<u64>),
     /// A replica's recorded disk, and whether its replacement was pending.
     Replica(Option<DiskState>, bool),
     Enabled(Option<bool>),
@@ -715,8 +717,10 @@ impl ClusterState {
             return Ok(());
         };
         let at = |f: &str| format!("resources[{i}].{f}");
+        // Growing is done online by every replica (validated as for a new
+        // volume); shrinking would cut off blocks that hold data.
         let (from, to) = (old_v.size_bytes(), new_v.size_bytes());
-        if from != to {
+        if to < from {
             return Err(CommandError::VolumeResize { name: old_r.name.clone(), field: at("size"), from, to });
         }
         let (g_old, g_new) = (old_v.granularity_bytes(), new_v.granularity_bytes());
@@ -834,7 +838,10 @@ impl ClusterState {
                     .collect(),
             ),
             Command::SetPlacement { name, .. } => Before::Placement(self.groups.get(name).map(|g| g.placement.clone())),
-            Command::PutGroup { name, .. } => Before::Exists(self.groups.contains_key(name)),
+            Command::PutGroup { name, .. } => Before::Group(
+                self.groups.contains_key(name),
+                self.groups.get(name).and_then(|g| g.spec.volume()).map(|(_, v)| v.size_bytes()),
+            ),
             Command::PutAlert { name, .. } => Before::Exists(self.alerts.by_name.contains_key(name)),
             Command::SetReplicaDisk { volume, node, .. } | Command::ReplaceReplica { volume, node } => {
                 let replacing = self.volume_owner(volume).is_some_and(|(g, _)| g.replacing(volume, node));
@@ -909,9 +916,19 @@ impl ClusterState {
                 .filter(|(_, was)| was != state)
                 .map(|(name, was)| who(admin_event(time, &name, Some(was), *state, Some(site))))
                 .collect(),
-            (Command::PutGroup { name, .. }, Before::Exists(existed)) => {
+            (Command::PutGroup { name, spec }, Before::Group(existed, size)) => {
                 let (kind, verb) = if existed { ("group.changed", "changed") } else { ("group.defined", "defined") };
-                one(ev(kind, Severity::Info, format!("group {name} {verb}")).group(name))
+                let e = ev(kind, Severity::Info, format!("group {name} {verb}")).group(name);
+                // A volume grown in the definition (the data plane grows it
+                // online, and its primary tells `volume.grown` when done).
+                match (size, spec.volume()) {
+                    (Some(from), Some((r, v))) if v.size_bytes() > from => {
+                        one(Event { message: format!("group {name} changed: volume {} grows", r.name), ..e }
+                            .volume(&r.name)
+                            .details(json!({"volume_grows": {"from": from, "to": v.size_bytes()}})))
+                    }
+                    _ => one(e),
+                }
             }
             (Command::DeleteGroup { name }, _) => {
                 one(ev("group.deleted", Severity::Info, format!("group {name} deleted")).group(name))
@@ -2211,14 +2228,13 @@ mod tests {
     }
 
     #[test]
-    fn a_volume_cannot_be_resized_nor_moved_by_replacing_its_group() {
+    fn a_volume_cannot_be_shrunk_nor_moved_by_replacing_its_group() {
         let mut s = with_volume(r#", "granularity": "64KiB""#);
         place(&mut s, Some(1));
         let put = |extra: &str| Command::PutGroup { name: "db".into(), spec: vol_spec(extra) };
         let resize = |field: &'static str| move |e: &CommandError| matches!(e, CommandError::VolumeResize { field: f, .. } if f == field);
         let change = |field: &'static str| move |e: &CommandError| matches!(e, CommandError::VolumeChange { field: f, .. } if f == field);
         refused(&mut s, put(r#", "granularity": "64KiB", "size": "512MiB""#), resize("resources[0].size"));
-        refused(&mut s, put(r#", "granularity": "64KiB", "size": "2GiB""#), resize("resources[0].size"));
         refused(&mut s, put(""), change("resources[0].granularity"));
         refused(&mut s, put(r#", "granularity": "64KiB", "replicas": 3"#), change("resources[0].replicas"));
         let mut swapped = vol_spec(r#", "granularity": "64KiB""#);
@@ -2227,8 +2243,6 @@ mod tests {
         // The messages say why.
         let shrink = s.apply(&put(r#", "granularity": "64KiB", "size": "512MiB""#)).unwrap_err().to_string();
         assert!(shrink.contains("cannot shrink from 1GiB to 512MiB"), "{shrink}");
-        let grow = s.apply(&put(r#", "granularity": "64KiB", "size": "2GiB""#)).unwrap_err().to_string();
-        assert!(grow.contains("not supported yet"), "{grow}");
         // The same size written otherwise, another mode, the replicas in
         // another order: all fine, and the records stay.
         s.apply(&Command::SetReplicaDisk {
@@ -2251,6 +2265,61 @@ mod tests {
         place(&mut s, None);
         assert_eq!(s.apply(&Command::PutGroup { name: "db".into(), spec: without }), Ok(Reply::Done));
         assert!(s.groups["db"].replica_disks.is_empty());
+    }
+
+    #[test]
+    fn a_volume_grows_by_replacing_its_group_and_never_shrinks_back() {
+        let mut s = with_volume(r#", "replicas": 3"#);
+        place(&mut s, Some(1)); // running: a grow is online
+        s.apply(&Command::SetReplicaDisk {
+            volume: "data".into(),
+            node: "node3".into(),
+            disk: DiskState::Outdated,
+            epoch: 1,
+            replaced: 0,
+        })
+        .unwrap();
+        let put = |extra: &str| Command::PutGroup { name: "db".into(), spec: vol_spec(extra) };
+        let epoch = s.groups["db"].placement.epoch;
+        let cursor = s.events.last_id;
+        let stamp = Stamp { time_ms: 9, events_retain: 100, by: Some("ops".into()) };
+        assert_eq!(s.apply_stamped(&put(r#", "replicas": 3, "size": "3GiB""#), Some(&stamp)), Ok(Reply::Done));
+        // The definition's change says what grows (its primary tells
+        // `volume.grown` once the export has).
+        let page = s.events.since(cursor, &Default::default(), 10);
+        let e = page.events.iter().find(|e| e.kind == "group.changed").expect("a group.changed event");
+        assert_eq!((e.volume.as_deref(), e.group.as_deref()), (Some("data"), Some("db")));
+        assert_eq!(e.details["volume_grows"], serde_json::json!({"from": 1u64 << 30, "to": 3u64 << 30}));
+        assert_eq!(e.details["by"], "ops");
+        let (_, v) = s.groups["db"].spec.volume().unwrap();
+        assert_eq!(v.size_bytes(), 3 << 30);
+        // The group keeps running, its records stay (nothing is resynced).
+        assert_eq!(s.groups["db"].placement.epoch, epoch);
+        assert_eq!(s.replica_disks("data")["node3"], DiskState::Outdated);
+        assert_eq!(s.replica_disks("data")["node2"], DiskState::UpToDate);
+        // Validated as a new volume: a multiple of 4KiB, at most 16TiB.
+        refused(
+            &mut s,
+            put(r#", "replicas": 3, "size": "3221225984""#),
+            |e| matches!(e, CommandError::Invalid { field, .. } if field == "resources[0].size"),
+        );
+        refused(
+            &mut s,
+            put(r#", "replicas": 3, "size": "17TiB""#),
+            |e| matches!(e, CommandError::Invalid { field, .. } if field == "resources[0].size"),
+        );
+        // Back to the old size: a shrink, refused with its sizes.
+        let shrink = s.apply(&put(r#", "replicas": 3"#)).unwrap_err();
+        assert_eq!(
+            shrink,
+            CommandError::VolumeResize {
+                name: "data".into(),
+                field: "resources[0].size".into(),
+                from: 3 << 30,
+                to: 1 << 30
+            }
+        );
+        assert!(shrink.to_string().contains("cannot shrink from 3GiB to 1GiB"), "{shrink}");
     }
 
     #[test]
@@ -2378,6 +2447,7 @@ mod tests {
         let extra = prop_oneof![
             Just(""),
             Just(r#", "size": "2GiB""#),
+            Just(r#", "size": "512MiB""#),
             Just(r#", "replicas": 3"#),
             Just(r#", "granularity": "8KiB""#),
             Just(r#", "mode": "async""#),
@@ -2561,6 +2631,20 @@ mod tests {
             let mut s = with_volume("");
             for cmd in &cmds {
                 let before = s.clone();
+                let size = |s: &ClusterState, g: &str| s.groups.get(g).and_then(|g| g.spec.volume()).map(|(_, v)| v.size_bytes());
+                if let Command::PutGroup { name, spec } = cmd {
+                    // A volume's size never goes down; a shrink is refused as such.
+                    let (old, new) = (size(&s, name), spec.volume().map(|(_, v)| v.size_bytes()));
+                    let r = s.clone().apply(cmd);
+                    if let (Some(o), Some(n)) = (old, new) {
+                        if n < o {
+                            prop_assert!(r.is_err());
+                        }
+                    }
+                    if matches!(r, Err(CommandError::VolumeResize { .. })) {
+                        prop_assert!(new < old);
+                    }
+                }
                 if s.apply(cmd).is_err() {
                     prop_assert_eq!(&s, &before);
                 } else if let Command::PromoteReplica { node, .. } = cmd {

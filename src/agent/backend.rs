@@ -197,11 +197,16 @@ impl Backend for Agent {
             }
         }
         // What the log would refuse is refused first, each with its code;
-        // then a new volume must fit in this node's free space.
+        // then a new volume, or what a volume grows by, must fit in this
+        // node's free space.
         m.state.read(|d| d.state.check_put_group(name, &spec))?;
-        let new_volume = spec.volume().filter(|(r, _)| m.state.read(|d| d.state.volume_owner(&r.name).is_none()));
-        if let Some((r, v)) = new_volume {
-            check_free_space(&self.cfg.data_dir, &spec, r, v)?;
+        if let Some((r, v)) = spec.volume() {
+            let now = m.state.read(|d| {
+                d.state.volume_owner(&r.name).and_then(|(g, _)| g.spec.volume()).map(|(_, old)| old.size_bytes())
+            });
+            if now.is_none_or(|n| v.size_bytes() > n) {
+                check_free_space(&self.cfg.data_dir, &spec, r, v, now)?;
+            }
         }
         let created = m.state.read(|d| !d.state.groups.contains_key(name));
         self.propose(&m, Command::PutGroup { name: name.into(), spec }).await?;

@@ -168,9 +168,12 @@ pub(super) fn volume_view(
         })
         .collect();
     let live = live.ok();
+    // The primary's export lags the definition while a grow is under way.
+    let size_bytes = live.as_ref().map_or(spec.size_bytes(), |l| l.size_bytes);
     VolumeView {
         group: g.name.clone(),
-        size_bytes: spec.size_bytes(),
+        size_bytes,
+        growing_to_bytes: (size_bytes < spec.size_bytes()).then_some(spec.size_bytes()),
         mode: replication_mode_name(spec.mode),
         primary,
         nbd: live.as_ref().and_then(|l| l.nbd.clone()),
@@ -208,24 +211,31 @@ pub(super) fn human_bytes(n: u64) -> String {
 }
 
 /// Refuses a new volume larger than the free space of the file system that
-/// holds `data_dir` (where this agent keeps its replicas).
+/// holds `data_dir` (where this agent keeps its replicas), or a volume
+/// growing from `now` bytes by more than that (replicas are allocated in
+/// full).
 pub(super) fn check_free_space(
     data_dir: &std::path::Path,
     spec: &GroupSpec,
     r: &tandem_raft::group::ResourceSpec,
     v: &tandem_raft::volume::VolumeSpec,
+    now: Option<u64>,
 ) -> Result<(), ApiError> {
     let st = nix::sys::statvfs::statvfs(data_dir)
         .map_err(|e| ApiError::Storage(format!("statvfs {}: {e}", data_dir.display())))?;
     let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
-    if v.size_bytes() <= free {
+    let needed = v.size_bytes().saturating_sub(now.unwrap_or(0));
+    if needed <= free {
         return Ok(());
     }
     let i = spec.resources.iter().position(|x| x.name == r.name).unwrap_or(0);
     Err(ApiError::VolumeTooLarge {
         field: format!("resources[{i}].size"),
         name: r.name.clone(),
-        size: v.size.clone(),
+        size: match now {
+            None => v.size.clone(),
+            Some(_) => format!("{} more", human_bytes(needed)),
+        },
         path: data_dir.display().to_string(),
         free: human_bytes(free),
     })
@@ -402,7 +412,8 @@ mod volume_api_tests {
             verify: None,
             newest_write_ms: None,
         };
-        let v = view(&s, Ok(live));
+        let v = view(&s, Ok(live.clone()));
+        assert_eq!((v.size_bytes, v.growing_to_bytes), (1 << 30, None));
         assert_eq!(v.replicas[0].connection, ConnectionState::Connected);
         assert_eq!(v.generation.as_deref(), Some("00ff"));
         assert!(v.nbd.is_some());
@@ -410,6 +421,12 @@ mod volume_api_tests {
         assert_eq!(v.replicas[1].node, "n2");
         assert_eq!(v.replicas[1].connection, ConnectionState::Disconnected);
         assert!(v.replicas[1].last_error.as_deref().is_some_and(|e| e.contains("does not report")));
+        // Grown in the definition, not yet exported: the view says both.
+        let v = view(&s, Ok(LocalVolumeStatus { size_bytes: 512 << 20, ..live }));
+        assert_eq!((v.size_bytes, v.growing_to_bytes), (512 << 20, Some(1 << 30)));
+        // Without a primary, the definition is all there is.
+        let v = view(&s, Err("down".into()));
+        assert_eq!((v.size_bytes, v.growing_to_bytes), (1 << 30, None));
     }
 
     #[test]
@@ -422,13 +439,19 @@ mod volume_api_tests {
         }))
         .unwrap();
         let (r, v) = spec.volume().unwrap();
-        match check_free_space(dir.path(), &spec, r, v) {
+        match check_free_space(dir.path(), &spec, r, v, None) {
             Err(e @ ApiError::VolumeTooLarge { .. }) => {
                 assert_eq!((e.code(), e.status().as_u16()), ("TND-1410", 409));
                 assert!(e.to_string().contains("resources[1].size"), "{e}");
             }
             other => panic!("a 16TiB volume fits in a temp dir? {other:?}"),
         }
+        // A grow needs only what it adds.
+        match check_free_space(dir.path(), &spec, r, v, Some(8 << 40)) {
+            Err(e) => assert!(e.to_string().contains("needs 8.0TiB more"), "{e}"),
+            Ok(()) => panic!("8TiB more fits in a temp dir?"),
+        }
+        assert!(check_free_space(dir.path(), &spec, r, v, Some((16 << 40) - 4096)).is_ok());
         assert_eq!(human_bytes(3 << 29), "1.5GiB");
     }
 }

@@ -412,7 +412,7 @@ impl Executor {
             // A new definition: resources up to the first changed one keep
             // running; from there on they stop (in reverse) and start anew,
             // since later resources may depend on earlier ones.
-            let keep = local.spec.resources.iter().zip(&g.spec.resources).take_while(|(a, b)| a == b).count();
+            let keep = local.spec.resources.iter().zip(&g.spec.resources).take_while(|(a, b)| carries_on(a, b)).count();
             let old: Vec<ResourceSpec> = local.spec.resources[keep..].to_vec();
             let slots: Vec<Slot> = local.slots.drain(keep..).collect();
             tracing::info!(group = %g.name, kept = keep, restarted = old.len(), "definition changed");
@@ -574,3 +574,52 @@ pub use action::run_as;
 pub(crate) use action::stop_action;
 use action::*;
 use slot::*;
+
+/// Whether a running resource carries on under its new definition `b`: the
+/// same, or a volume whose only change is a larger size (the data plane
+/// grows it online, under its application: see `crate::volume::engine`).
+fn carries_on(a: &ResourceSpec, b: &ResourceSpec) -> bool {
+    if a == b {
+        return true;
+    }
+    let (ResourceKind::Volume(x), ResourceKind::Volume(y)) = (&a.kind, &b.kind) else { return false };
+    if y.size_bytes() < x.size_bytes() {
+        return false;
+    }
+    let mut grown = a.clone();
+    if let ResourceKind::Volume(v) = &mut grown.kind {
+        v.size = y.size.clone();
+    }
+    grown == *b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volume(extra: &str) -> ResourceSpec {
+        serde_json::from_str(&format!(r#"{{"name": "data", "type": "volume", "size": "1GiB"{extra}}}"#)).unwrap()
+    }
+
+    #[test]
+    fn a_grown_volume_carries_on_and_any_other_change_restarts() {
+        let v = volume("");
+        assert!(carries_on(&v, &v));
+        // Only the size, larger (however written): kept running.
+        let mut grown = volume("");
+        if let ResourceKind::Volume(s) = &mut grown.kind {
+            s.size = "2048MiB".into();
+        }
+        assert!(carries_on(&v, &grown));
+        // Smaller, or anything else changed too: restarted.
+        assert!(!carries_on(&grown, &v));
+        let mut other = grown.clone();
+        if let ResourceKind::Volume(s) = &mut other.kind {
+            s.rate = Some("10MiB".into());
+        }
+        assert!(!carries_on(&v, &other));
+        let process: ResourceSpec =
+            serde_json::from_str(r#"{"name": "data", "type": "process", "command": ["x"]}"#).unwrap();
+        assert!(!carries_on(&v, &process));
+    }
+}

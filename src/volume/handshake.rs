@@ -8,6 +8,13 @@
 //! another size or granule, a stale epoch) and reach the same [`Decision`]
 //! on which way data flows.
 //!
+//! Sizes: a volume grows online (see `engine`), so the two may differ for a
+//! moment. A secondary smaller than the primary grows to the primary's size
+//! before it replies ([`grow_first`]): the primary's size comes from the
+//! replicated definition, which only ever grows. A secondary larger than
+//! the primary is refused ([`Refusal::PrimaryNotGrown`]) until the primary
+//! has grown too: nothing past the primary's end could be resynced.
+//!
 //! Pure: no I/O, no clock, no locks. It must never touch a replica: the
 //! engine acts on what it answers.
 
@@ -56,6 +63,9 @@ pub enum Refusal {
     /// The primary's epoch is older than one the secondary has seen.
     #[error("stale epoch {offered} < {seen} already seen")]
     StaleEpoch { offered: u64, seen: u64 },
+    /// The secondary has grown and the primary not yet.
+    #[error("the secondary has grown to {secondary} bytes, the primary has {primary}: they connect once the primary has grown too")]
+    PrimaryNotGrown { primary: u64, secondary: u64 },
     /// The Hello comes from a node that holds no replica of this volume.
     #[error("{node} is not a replica of {volume}")]
     NotAReplica { node: String, volume: String },
@@ -90,6 +100,10 @@ pub fn check(end: End, hello: &Hello, reply: &HelloReply) -> Result<Decision, Re
         }
         _ => {}
     }
+    if primary.volume_id == secondary.volume_id && primary.granule == secondary.granule && primary.size < secondary.size
+    {
+        return Err(Refusal::PrimaryNotGrown { primary: primary.size, secondary: secondary.size });
+    }
     if primary != secondary {
         let seen_from = match end {
             End::Primary => Side::Primary,
@@ -104,6 +118,18 @@ pub fn check(end: End, hello: &Hello, reply: &HelloReply) -> Result<Decision, Re
         return Err(Refusal::NotAReplica { node: hello.node.clone(), volume: hello.volume.clone() });
     }
     Ok(decide(hello, reply))
+}
+
+/// The size a secondary grows to before it replies (at its end of the
+/// handshake): the primary's, when the secondary is smaller and otherwise
+/// passes the check. Growing is always safe (the new space reads as zeroes
+/// on every replica), even if the decision then stops the data.
+pub fn grow_first(end: End, hello: &Hello, reply: &HelloReply) -> Option<u64> {
+    if hello.size <= reply.size {
+        return None;
+    }
+    let grown = HelloReply { size: hello.size, ..reply.clone() };
+    check(end, hello, &grown).is_ok().then_some(hello.size)
 }
 
 /// Whether the secondary follows the primary under `decision` (data flows,
@@ -261,11 +287,37 @@ mod tests {
     }
 
     #[test]
-    fn another_size_is_refused_by_both_ends() {
-        let r = HelloReply { size: 2 << 20, ..reply() };
+    fn a_smaller_secondary_that_did_not_grow_is_refused_by_both_ends() {
+        // (It grows first, [`grow_first`]; this is when it could not.)
+        let r = HelloReply { size: 512 << 10, ..reply() };
         let (p, s) = both(&hello(), &r);
-        assert_eq!(p.unwrap_err(), "peer holds volume vid (2097152 bytes), expected vid (1048576 bytes)");
-        assert_eq!(s.unwrap_err(), "volume mismatch: vid (2097152 bytes) here, vid (1048576 bytes) offered");
+        assert_eq!(p.unwrap_err(), "peer holds volume vid (524288 bytes), expected vid (1048576 bytes)");
+        assert_eq!(s.unwrap_err(), "volume mismatch: vid (524288 bytes) here, vid (1048576 bytes) offered");
+    }
+
+    #[test]
+    fn a_smaller_secondary_grows_first_and_a_larger_one_waits_for_the_primary() {
+        // The primary grew to 2 MiB, the secondary has 1 MiB: it grows first.
+        let h = Hello { size: 2 << 20, ..hello() };
+        assert_eq!(grow_first(SECONDARY, &h, &reply()), Some(2 << 20));
+        let grown = HelloReply { size: 2 << 20, ..reply() };
+        assert_eq!(both(&h, &grown), (Ok(Decision::InSync), Ok(Decision::InSync)));
+        // Not for a primary it would refuse anyway, nor when not smaller.
+        assert_eq!(grow_first(SECONDARY, &Hello { epoch: 5, ..h.clone() }, &reply()), None);
+        assert_eq!(grow_first(SECONDARY, &Hello { volume_id: "other".into(), ..h.clone() }, &reply()), None);
+        let primary_here = End::Secondary { primary_here: true, knows_primary: true };
+        assert_eq!(grow_first(primary_here, &h, &reply()), None);
+        assert_eq!(grow_first(SECONDARY, &hello(), &reply()), None);
+        assert_eq!(grow_first(SECONDARY, &hello(), &grown), None);
+        // The secondary grew first (its node saw the new size): both ends
+        // wait for the primary to grow.
+        let (p, s) = both(&hello(), &grown);
+        let why = "the secondary has grown to 2097152 bytes, the primary has 1048576: \
+                   they connect once the primary has grown too";
+        assert_eq!((p.unwrap_err(), s.unwrap_err()), (why.to_string(), why.to_string()));
+        // Another volume that happens to be larger is still a mismatch.
+        let other = HelloReply { volume_id: "other".into(), ..grown };
+        assert!(matches!(check(End::Primary, &hello(), &other), Err(Refusal::VolumeMismatch { .. })));
     }
 
     #[test]

@@ -4,6 +4,10 @@
 //! every volume this node is primary for. The executor promotes and
 //! demotes; the API reads status and starts verify and resolve here.
 //!
+//! A larger defined size is not a new configuration: the replica grows in
+//! place, online, primary included ([`Volume::grow`], whose module doc has
+//! the ordering rule).
+//!
 //! It never decides where a volume is primary: that is the scheduler's
 //! placement of the owning group, carried here with its epoch.
 
@@ -142,6 +146,14 @@ impl VolumeManager {
             if let Some(h) = held.get_mut(&name) {
                 h.volume.set_forced_epoch(d.config.forced_epoch);
                 h.config.forced_epoch = d.config.forced_epoch;
+                h.config.size = d.config.size;
+                if d.config.size > h.volume.exported_size() {
+                    // In the background: a primary waits for its peers.
+                    let volume = h.volume.clone();
+                    tokio::spawn(async move {
+                        let _ = volume.grow(d.config.size).await;
+                    });
+                }
                 continue;
             }
             let lease =
@@ -168,6 +180,11 @@ impl VolumeManager {
         }
         let mut held = self.held.lock().await;
         let h = held.get_mut(name).ok_or_else(|| not_found(name))?;
+        // Serve the defined size from the start if the grow can be done now
+        // (a secondary grows alone); if not, the size it has (alerted).
+        if h.config.size > h.volume.size() {
+            let _ = h.volume.grow(h.config.size).await;
+        }
         h.volume
             .promote(epoch)
             .await
@@ -301,10 +318,9 @@ impl VolumeManager {
 }
 
 /// Whether two configurations are the same (`addrs`: counting the peers'
-/// addresses).
+/// addresses). The size is not compared: a replica grows without a reopen.
 fn same_config(a: &VolumeConfig, b: &VolumeConfig, addrs: bool) -> bool {
     a.volume_id == b.volume_id
-        && a.size == b.size
         && a.granule == b.granule
         && a.split_brain == b.split_brain
         && a.rate == b.rate
@@ -444,7 +460,7 @@ impl ExportMetrics {
 #[async_trait::async_trait]
 impl nbd::Export for VolumeExport {
     fn size(&self) -> u64 {
-        self.volume.config().size
+        self.volume.exported_size()
     }
 
     fn block_sizes(&self) -> (u32, u32, u32) {

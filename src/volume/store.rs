@@ -106,6 +106,20 @@ impl Bitmap {
         self.granule
     }
 
+    /// Covers a volume grown to `size` bytes: the new blocks are clear (the
+    /// new space reads as zeroes on every replica, so no peer lacks it).
+    /// Bits past the old end were never set, so the old last word needs no
+    /// cleaning; nothing is dirty (a shorter file loads its missing words as
+    /// zeroes).
+    pub fn grow(&mut self, size: u64) {
+        let bits = size.div_ceil(self.granule);
+        if bits <= self.bits {
+            return;
+        }
+        self.bits = bits;
+        self.words.resize(bits.div_ceil(64) as usize, 0);
+    }
+
     pub fn bits(&self) -> u64 {
         self.bits
     }
@@ -465,7 +479,9 @@ impl Replica {
             }
             Err(e) => return Err(e),
         };
-        if meta.volume_id != create.volume_id || meta.size != create.size || meta.granule != create.granule {
+        // A smaller replica is grown below (a grow it missed while closed);
+        // a larger one is another volume's (sizes never shrink).
+        if meta.volume_id != create.volume_id || meta.size > create.size || meta.granule != create.granule {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
@@ -519,7 +535,42 @@ impl Replica {
         }
         r.meta.clean = false;
         r.save_meta()?;
+        r.grow(create.size)?;
         Ok(r)
+    }
+
+    /// Grows the replica to `size` bytes in place, if it is smaller: the
+    /// backing file is extended (the new space reads as zeroes, allocated as
+    /// at open), every bitmap covers it with its new bits clear, and only
+    /// then the metadata says the new size (the commit point: a crash before
+    /// it leaves a longer file under the old size, grown again at the next
+    /// open). The activity log is untouched: extents are numbered from 0.
+    /// Returns whether it grew.
+    pub fn grow(&mut self, size: u64) -> io::Result<bool> {
+        if size <= self.meta.size {
+            return Ok(false);
+        }
+        self.data.set_len(size)?;
+        reserve(&self.data, size)?;
+        self.data.sync_all()?;
+        for (peer, bm) in self.bitmaps.iter_mut() {
+            bm.grow(size);
+            if let Some(f) = self.bitmap_files.get(peer) {
+                reserve(f, bm.words.len() as u64 * 8)?;
+            }
+        }
+        let old = self.meta.size;
+        self.meta.size = size;
+        if let Err(e) = self.save_meta() {
+            self.meta.size = old;
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// The replica's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.meta.size
     }
 
     /// Removes the files of `name` when they were created before its
@@ -794,6 +845,88 @@ mod tests {
         // Reopened at the same number, it is the same replica (not wiped again).
         let r = Replica::open(dir.path(), "v", &replaced, &peers).unwrap();
         assert_eq!((r.meta.disk, r.meta.replaced), (DiskState::Inconsistent, 1));
+    }
+
+    #[test]
+    fn a_replica_grows_in_place_with_its_data_bitmaps_and_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let peers = vec!["b".to_string(), "c".to_string()];
+        let mut r = Replica::open(dir.path(), "v", &create(8 << 20), &peers).unwrap();
+        r.data().write_all_at(b"old data", (8 << 20) - 8).unwrap();
+        r.mark("b", (8 << 20) - 4096, 1);
+        r.mark("c", 0, 1);
+        r.activate(4096, 1).unwrap();
+        let logged = r.al.extents();
+        // Not smaller: nothing happens.
+        assert!(!r.grow(8 << 20).unwrap());
+        assert!(!r.grow(4 << 20).unwrap());
+        assert!(r.grow(24 << 20).unwrap());
+        assert_eq!(r.size(), 24 << 20);
+        assert_eq!(std::fs::metadata(Replica::data_path(dir.path(), "v")).unwrap().len(), 24 << 20);
+        // The old bytes stay, the new space reads as zeroes.
+        let mut buf = [0u8; 8];
+        r.data().read_exact_at(&mut buf, (8 << 20) - 8).unwrap();
+        assert_eq!(&buf, b"old data");
+        let mut tail = vec![1u8; 16 << 20];
+        r.data().read_exact_at(&mut tail, 8 << 20).unwrap();
+        assert!(tail.iter().all(|b| *b == 0));
+        // Bitmaps cover the new size, their old bits kept, the new ones clear.
+        for (peer, set) in [("b", (8 << 20) / 4096 - 1), ("c", 0)] {
+            let bm = &r.bitmaps[peer];
+            assert_eq!((bm.bits(), bm.count(), bm.next_set(0)), ((24 << 20) / 4096, 1, Some(set)), "{peer}");
+            assert!(!bm.is_set((8 << 20) / 4096));
+        }
+        r.mark("b", (24 << 20) - 4096, 4096);
+        assert!(r.bitmaps["b"].is_set((24 << 20) / 4096 - 1));
+        assert_eq!(r.al.extents(), logged, "the activity log is untouched");
+        r.close_clean().unwrap();
+        drop(r);
+        // The metadata says the new size: reopened at it, all is there.
+        let r = Replica::open(dir.path(), "v", &create(24 << 20), &peers).unwrap();
+        assert_eq!(r.meta.size, 24 << 20);
+        assert_eq!((r.bitmaps["b"].count(), r.bitmaps["c"].count()), (2, 1));
+        assert!(r.bitmaps["b"].is_set((24 << 20) / 4096 - 1));
+        // The old size is no longer this volume's (a volume never shrinks).
+        drop(r);
+        let e = Replica::open(dir.path(), "v", &create(8 << 20), &peers).unwrap_err();
+        assert!(e.to_string().contains("25165824 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_replica_closed_during_a_grow_grows_when_it_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let peers = vec!["b".to_string()];
+        {
+            let mut r = Replica::open(dir.path(), "v", &create(8 << 20), &peers).unwrap();
+            r.mark("b", 4096, 1);
+            r.close_clean().unwrap();
+        }
+        // A crash after the file grew but before the metadata did: the same.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(Replica::data_path(dir.path(), "v"))
+            .unwrap()
+            .set_len(12 << 20)
+            .unwrap();
+        let r = Replica::open(dir.path(), "v", &create(16 << 20), &peers).unwrap();
+        assert_eq!(r.size(), 16 << 20);
+        assert_eq!(std::fs::metadata(Replica::data_path(dir.path(), "v")).unwrap().len(), 16 << 20);
+        let bm = &r.bitmaps["b"];
+        assert_eq!((bm.bits(), bm.count()), ((16 << 20) / 4096, 1));
+        assert!(r.meta.crashed_extents.is_empty(), "a grow is no crash: nothing to resync");
+    }
+
+    #[test]
+    fn a_bitmap_grows_with_its_last_partial_word() {
+        let mut bm = Bitmap::new(100 * 4096, 4096);
+        bm.set(99);
+        bm.grow(50 * 4096); // never shrinks
+        assert_eq!(bm.bits(), 100);
+        bm.grow(200 * 4096);
+        assert_eq!((bm.bits(), bm.count(), bm.words().len()), (200, 1, 4));
+        assert_eq!(bm.next_set(100), None);
+        bm.set(199);
+        assert_eq!(bm.next_set(100), Some(199));
     }
 
     #[test]

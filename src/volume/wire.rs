@@ -49,6 +49,7 @@
 //! | ReadRequest | 16 | offset u64, len u32 (answered with a ResyncData) |
 //! | Digests | 14 | offset u64, granule u32, digests u64… |
 //! | Goodbye | 15 | reason (UTF-8, the whole payload) |
+//! | Grow | 17 | size u64 (the volume grew: the secondary grows to it before any later frame) |
 //!
 //! Decoding is strict and syntactic: every malformation is a distinct
 //! [`WireError`], but values (a zero generation, an offset past the end) are
@@ -111,10 +112,11 @@ pub enum Kind {
     Digests = 14,
     Goodbye = 15,
     ReadRequest = 16,
+    Grow = 17,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Hello,
         Kind::HelloReply,
         Kind::Write,
@@ -131,6 +133,7 @@ impl Kind {
         Kind::Digests,
         Kind::Goodbye,
         Kind::ReadRequest,
+        Kind::Grow,
     ];
 
     /// The kind with this code, if any.
@@ -157,6 +160,7 @@ impl Kind {
             Kind::Digests => "Digests",
             Kind::Goodbye => "Goodbye",
             Kind::ReadRequest => "ReadRequest",
+            Kind::Grow => "Grow",
         }
     }
 
@@ -349,6 +353,12 @@ pub enum Message {
     Goodbye {
         reason: String,
     },
+    /// The volume grew to `size` bytes: the secondary grows its replica
+    /// (answering Ack, or Nack if it cannot) before it applies any later
+    /// frame, so nothing past its old end reaches it first.
+    Grow {
+        size: u64,
+    },
 }
 
 impl Message {
@@ -371,6 +381,7 @@ impl Message {
             Message::ReadRequest { .. } => Kind::ReadRequest,
             Message::Digests { .. } => Kind::Digests,
             Message::Goodbye { .. } => Kind::Goodbye,
+            Message::Grow { .. } => Kind::Grow,
         }
     }
 
@@ -391,7 +402,7 @@ impl Message {
             Message::Flush | Message::Ack => 0,
             Message::Nack { message, .. } => 4 + message.len(),
             Message::ResyncDone { .. } => 32,
-            Message::NewGeneration { .. } => 8,
+            Message::NewGeneration { .. } | Message::Grow { .. } => 8,
             Message::BitmapChunk { words, .. } => 8 + 8 * words.len(),
             Message::DigestRequest { .. } => 16,
             Message::Digests { digests, .. } => 12 + 8 * digests.len(),
@@ -456,6 +467,7 @@ impl fmt::Debug for Message {
                 .field("digests", &Len(digests.len(), "digests"))
                 .finish(),
             Message::Goodbye { reason } => f.debug_struct("Goodbye").field("reason", reason).finish(),
+            Message::Grow { size } => f.debug_struct("Grow").field("size", size).finish(),
         }
     }
 }
@@ -657,6 +669,7 @@ fn parse(header: &Header, payload: &[u8], data: impl FnOnce(Range<usize>) -> Byt
         }
         Kind::Goodbye => Message::Goodbye { reason: p.rest_str("reason")? },
         Kind::ReadRequest => Message::ReadRequest { offset: p.u64("offset")?, len: p.u32("len")? },
+        Kind::Grow => Message::Grow { size: p.u64("size")? },
     };
     p.finish()?;
     Ok(msg)
@@ -701,8 +714,8 @@ pub fn encode(seq: u64, msg: &Message, out: &mut Vec<u8>) -> Result<(), WireErro
             }
             Ok(())
         }
-        Message::NewGeneration { current } => {
-            out.extend_from_slice(&current.to_be_bytes());
+        Message::NewGeneration { current: v } | Message::Grow { size: v } => {
+            out.extend_from_slice(&v.to_be_bytes());
             Ok(())
         }
         Message::BitmapChunk { first_bit, words, .. } => {
@@ -871,6 +884,7 @@ mod tests {
             Message::ReadRequest { offset: 1 << 20, len: 4096 },
             Message::Digests { offset: 0, granule: 4096, digests: vec![digest(b"a"), digest(b"b")] },
             Message::Goodbye { reason: "superseded by a newer primary".into() },
+            Message::Grow { size: 2 << 30 },
         ]
     }
 
@@ -912,7 +926,7 @@ mod tests {
             assert_eq!(k.to_string(), k.name());
         }
         assert_eq!(Kind::from_u8(0), None);
-        assert_eq!(Kind::from_u8(17), None);
+        assert_eq!(Kind::from_u8(18), None);
         assert_eq!(Kind::from_u8(255), None);
     }
 
@@ -1073,6 +1087,7 @@ mod tests {
             (DigestRequest, 16),
             (Digests, 12),
             (ReadRequest, 12),
+            (Grow, 8),
         ] {
             for len in 0..need {
                 let e = malformed(kind, 0, &vec![0; len]);
@@ -1080,9 +1095,16 @@ mod tests {
             }
         }
         // Bytes after a fixed layout.
-        for (kind, len) in
-            [(Trim, 12), (Zeroes, 12), (Flush, 0), (Ack, 0), (ResyncDone, 32), (NewGeneration, 8), (DigestRequest, 16)]
-        {
+        for (kind, len) in [
+            (Trim, 12),
+            (Zeroes, 12),
+            (Flush, 0),
+            (Ack, 0),
+            (ResyncDone, 32),
+            (NewGeneration, 8),
+            (DigestRequest, 16),
+            (Grow, 8),
+        ] {
             assert!(t(malformed(kind, 0, &vec![0; len + 3]), kind, 3), "{kind}");
         }
         // Lists that are not whole u64s.
@@ -1360,6 +1382,7 @@ mod tests {
             }),
             any::<String>().prop_map(|reason| Message::Goodbye { reason }),
             any::<(u64, u32)>().prop_map(|(offset, len)| Message::ReadRequest { offset, len }),
+            any::<u64>().prop_map(|size| Message::Grow { size }),
         ]
     }
 

@@ -329,7 +329,7 @@ impl Volume {
                 protocol: wire::PROTOCOL,
                 volume: self.cfg.name.clone(),
                 volume_id: self.cfg.volume_id.clone(),
-                size: self.cfg.size,
+                size: r.size(),
                 granule: self.cfg.granule,
                 node: self.cfg.node.clone(),
                 epoch,
@@ -370,9 +370,10 @@ impl Volume {
             Decision::Full => {
                 let mut r = self.replica();
                 let data = r.data();
+                let size = r.size();
                 if let Some(bm) = r.bitmaps.get_mut(&peer) {
                     if full_from_empty {
-                        mark_allocated(&data, bm, self.cfg.size);
+                        mark_allocated(&data, bm, size);
                     } else {
                         bm.set_all();
                     }
@@ -417,6 +418,11 @@ impl Volume {
             let _order = self.order.lock().await;
             if self.epoch() != Some(epoch) {
                 return Err("demoted".into());
+            }
+            // A grow since the Hello sent no Grow frame to this link (it was
+            // not streaming): the peer may be smaller; start again.
+            if self.size() != hello.size {
+                return Err("the volume grew during the handshake: reconnecting".into());
             }
             let total = self.replica().bitmaps.get(&peer).map(|b| b.bytes()).unwrap_or(0);
             let mut st = link.st.lock().unwrap_or_else(|p| p.into_inner());

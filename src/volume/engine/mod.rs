@@ -27,6 +27,23 @@
 //! write-order lock (async), a link's state, the replica. (An inversion
 //! between the last two hung an agent under tandem-chaos.)
 //!
+//! Online grow ([`Volume::grow`], called by the manager whenever the defined
+//! size is larger than the replica): the rule is that **nothing past a
+//! replica's end ever reaches it, and a client sees the new size only once
+//! every connected replica has grown**:
+//! - every replica grows its own files as soon as its node sees the new size
+//!   (a secondary at once; files grown in place, nothing resynced: the new
+//!   space reads as zeroes everywhere);
+//! - a primary grows its files and, under the write-order lock, sends a
+//!   `Grow` frame to every streaming peer, ahead of any frame past the old
+//!   end; it raises its export's size (what a new NBD connection sees) only
+//!   when each of them acknowledged it (or its link broke: what it misses is
+//!   in its bitmap, as for any write);
+//! - a peer that was not streaming grows at its next handshake, before it
+//!   replies, to the primary's size (see [`super::handshake::grow_first`]);
+//!   a secondary larger than its primary is refused until the primary has
+//!   grown too (its data past the primary's end could not be accounted for).
+//!
 //! It never chooses a primary: [`Volume::promote`] and [`Volume::demote`] are
 //! called by the manager on the executor's decisions.
 
@@ -95,6 +112,8 @@ pub struct VolumeConfig {
     pub volume_id: String,
     /// This node.
     pub node: String,
+    /// The defined size. A running replica's is [`Volume::size`] (it grows
+    /// online).
     pub size: u64,
     pub granule: u32,
     pub peers: Vec<PeerConfig>,
@@ -182,6 +201,15 @@ pub struct Volume {
     detached: AtomicBool,
     /// [`VolumeConfig::forced_epoch`] as the control plane says now.
     forced_epoch: AtomicU64,
+    /// The replica's size (its metadata's): what peers may address here.
+    size: AtomicU64,
+    /// What the primary's clients may address: its size once every
+    /// streaming peer has grown to it (see the module doc). A secondary's
+    /// is its size.
+    exported: AtomicU64,
+    /// One grow at a time; the last one's failure, if it failed.
+    grow_lock: tokio::sync::Mutex<()>,
+    grow_error: Mutex<Option<String>>,
     /// Whether this node holds its lease: a primary serves nothing without
     /// it (an agent waking from a stall must not answer queued requests).
     lease: Lease,
@@ -216,11 +244,16 @@ impl Volume {
         let mut replica = Replica::open(dir, &cfg.name, &create, &peers)?;
         replica.meta.primary = false;
         replica.save_meta()?;
+        let size = replica.size();
         let data = replica.data();
         let links = cfg.peers.iter().map(|p| (p.node.clone(), Arc::new(Link::new(p)))).collect();
         let (role, _) = watch::channel(Role::Secondary);
         Ok(Arc::new(Volume {
             forced_epoch: AtomicU64::new(cfg.forced_epoch),
+            size: AtomicU64::new(size),
+            exported: AtomicU64::new(size),
+            grow_lock: tokio::sync::Mutex::new(()),
+            grow_error: Mutex::new(None),
             cfg,
             data,
             replica: Mutex::new(replica),
@@ -256,6 +289,93 @@ impl Volume {
 
     pub fn config(&self) -> &VolumeConfig {
         &self.cfg
+    }
+
+    /// The replica's size in bytes (it may grow while open).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+
+    /// The size a new NBD connection sees: on a primary, what every
+    /// streaming peer has grown to.
+    pub fn exported_size(&self) -> u64 {
+        self.exported.load(Ordering::SeqCst)
+    }
+
+    /// Why the last grow failed, if it did.
+    pub fn grow_error(&self) -> Option<String> {
+        self.grow_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Grows the replica's files to `size` (under the replica lock): the
+    /// local part of a grow, on any replica.
+    fn grow_files(&self, size: u64) -> io::Result<bool> {
+        let mut r = self.replica();
+        let grew = r.grow(size)?;
+        self.size.store(r.size(), Ordering::SeqCst);
+        if grew {
+            tracing::info!(volume = %self.cfg.name, size, "replica grown");
+        }
+        Ok(grew)
+    }
+
+    /// Grows the volume online to `size` bytes (nothing if it is that large
+    /// already): this replica's files, then, on a primary, every streaming
+    /// peer in order with the writes; the export's size is raised once they
+    /// all acknowledged (see the module doc). Returns the exported size.
+    pub async fn grow(&self, size: u64) -> io::Result<u64> {
+        let _one = self.grow_lock.lock().await;
+        let res = self.grow_inner(size).await;
+        let mut err = self.grow_error.lock().unwrap_or_else(|p| p.into_inner());
+        match &res {
+            Ok(_) => *err = None,
+            Err(e) => {
+                let e = format!("cannot grow to {size} bytes: {e}");
+                if err.as_deref() != Some(e.as_str()) {
+                    tracing::error!(volume = %self.cfg.name, "ALERT {e}");
+                }
+                *err = Some(e);
+            }
+        }
+        res
+    }
+
+    async fn grow_inner(&self, size: u64) -> io::Result<u64> {
+        if size <= self.exported_size() {
+            return Ok(self.exported_size());
+        }
+        let (epoch, waits) = {
+            // Under the order lock: no write, resync block or verify request
+            // can go to a peer between the local grow and its Grow frame.
+            let _order = self.order.lock().await;
+            self.grow_files(size)?;
+            let Some(epoch) = self.epoch() else {
+                self.exported.store(self.size(), Ordering::SeqCst);
+                return Ok(self.size());
+            };
+            let mut waits = Vec::new();
+            for (node, link) in &self.links {
+                let mut st = link.st.lock().unwrap_or_else(|p| p.into_inner());
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let inflight = link::Inflight { range: None, bytes: 0, resync: false, done: Some(tx) };
+                if link.send(&mut st, &Message::Grow { size }, inflight).is_some() {
+                    waits.push((node.clone(), rx));
+                }
+            }
+            (epoch, waits)
+        };
+        for (node, rx) in waits {
+            // A peer that refuses or drops the frame loses its link (what it
+            // misses goes to its bitmap); it grows at its next handshake.
+            if !matches!(rx.await, Ok(Ok(_))) {
+                tracing::warn!(volume = %self.cfg.name, peer = %node, size, "peer did not grow: it grows when it reconnects");
+            }
+        }
+        if self.epoch() == Some(epoch) {
+            self.exported.fetch_max(size, Ordering::SeqCst);
+            tracing::info!(volume = %self.cfg.name, size, "export grown: new connections see the new size");
+        }
+        Ok(self.exported_size())
     }
 
     fn replica(&self) -> std::sync::MutexGuard<'_, Replica> {
@@ -326,6 +446,8 @@ impl Volume {
             st.recorded = None;
             st.last_error = None;
         }
+        // Every peer connects afresh, growing to this size first.
+        self.exported.store(self.size(), Ordering::SeqCst);
         self.role.send_replace(Role::Primary { epoch });
         for link in self.links.values() {
             let (vol, link) = (self.clone(), link.clone());
@@ -378,17 +500,27 @@ impl Volume {
         self.replica().close_clean()
     }
 
+    /// A range a peer may address: within the replica.
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        if offset.checked_add(len).is_none_or(|end| end > self.cfg.size) {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        Ok(())
+        within(offset, len, self.size())
+    }
+
+    /// A range a client may address: within the export.
+    fn check_client_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        within(offset, len, self.exported_size())
     }
 
     async fn sync(&self) -> io::Result<()> {
         let data = self.data.clone();
         tokio::task::spawn_blocking(move || data.sync_data()).await.map_err(io::Error::other)?
     }
+}
+
+fn within(offset: u64, len: u64, size: u64) -> io::Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(())
 }
 
 fn kind_of(m: &Message) -> &'static str {

@@ -34,7 +34,7 @@ impl Volume {
     /// before), from an in-sync peer, transparently.
     pub async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         let epoch = self.primary_epoch()?;
-        self.check_range(offset, u64::from(len))?;
+        self.check_client_range(offset, u64::from(len))?;
         if !self.detached() {
             let mut buf = vec![0u8; len as usize];
             match self.data.read_exact_at(&mut buf, offset) {
@@ -108,12 +108,12 @@ impl Volume {
     /// sync peer (or records it outdated).
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
         let len = data.len() as u64;
-        self.check_range(offset, len)?;
+        self.check_client_range(offset, len)?;
         self.apply(offset, len, Op::Write { data, fua }).await
     }
 
     pub async fn trim(&self, offset: u64, len: u32, zero: bool, fua: bool) -> io::Result<()> {
-        self.check_range(offset, u64::from(len))?;
+        self.check_client_range(offset, u64::from(len))?;
         self.apply(offset, u64::from(len), if zero { Op::Zeroes { fua } } else { Op::Trim }).await
     }
 

@@ -88,7 +88,7 @@ impl Volume {
                             last += 1;
                         }
                         let offset = first * g;
-                        let len = ((last + 1) * g).min(self.cfg.size) - offset;
+                        let len = ((last + 1) * g).min(self.size()) - offset;
                         let mut buf = vec![0u8; len as usize];
                         data.read_exact_at(&mut buf, offset).map_err(|e| format!("local read: {e}"))?;
                         for b in first..=last {

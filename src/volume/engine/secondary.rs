@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use super::{io_err, kind_of, punch_hole, Volume};
 use crate::volume::generation::{Decision, Generations};
 use crate::volume::handshake::{self, End};
-use crate::volume::store::Meta;
+use crate::volume::store::{Meta, Replica};
 use crate::volume::wire::{self, Hello, HelloReply, Message};
 
 impl Volume {
@@ -50,29 +50,26 @@ impl Volume {
         R: AsyncRead + Unpin + Send,
         W: AsyncWrite + Unpin + Send,
     {
+        let end =
+            || End::Secondary { primary_here: self.is_primary(), knows_primary: self.links.contains_key(&hello.node) };
+        // A primary that grew before this replica did: grow first, so that
+        // nothing it sends can fall past this replica's end.
+        let grow = handshake::grow_first(end(), &hello, &self.hello_reply(&self.replica(), &hello));
+        let grown = match grow {
+            Some(size) => self.grow_files(size).map(|_| self.exported.fetch_max(size, Ordering::SeqCst)),
+            None => Ok(0),
+        };
         let accepted = {
             let mut r = self.replica();
-            let mut reply = HelloReply {
-                accepted: true,
-                reason: None,
-                node: self.cfg.node.clone(),
-                volume_id: self.cfg.volume_id.clone(),
-                size: self.cfg.size,
-                granule: self.cfg.granule,
-                disk: r.meta.disk,
-                primary_since_ms: r.meta.primary_since_ms,
-                generation: r.meta.generations_for(&hello.node),
-                changed_blocks: r.bitmaps.get(&hello.node).map(|b| b.count()).unwrap_or(0),
-                crashed_extents: r.extents_to_report(&hello.node, hello.epoch),
-                epoch_seen: r.meta.epoch_seen,
-                replaced: r.meta.replaced,
+            let mut reply = self.hello_reply(&r, &hello);
+            let checked = match grown {
+                Err(e) => Err(format!("cannot grow to the primary's {} bytes: {e}", hello.size)),
+                Ok(_) => handshake::check(end(), &hello, &reply).map_err(|refusal| refusal.to_string()),
             };
-            let end =
-                End::Secondary { primary_here: self.is_primary(), knows_primary: self.links.contains_key(&hello.node) };
-            match handshake::check(end, &hello, &reply) {
+            match checked {
                 Err(refusal) => {
                     reply.accepted = false;
-                    reply.reason = Some(refusal.to_string());
+                    reply.reason = Some(refusal);
                     Err(reply)
                 }
                 Ok(decision) => {
@@ -178,8 +175,34 @@ impl Volume {
         }
     }
 
+    /// This replica's answer to `hello`, before the check fills in whether
+    /// it is accepted.
+    fn hello_reply(&self, r: &Replica, hello: &Hello) -> HelloReply {
+        HelloReply {
+            accepted: true,
+            reason: None,
+            node: self.cfg.node.clone(),
+            volume_id: self.cfg.volume_id.clone(),
+            size: r.size(),
+            granule: self.cfg.granule,
+            disk: r.meta.disk,
+            primary_since_ms: r.meta.primary_since_ms,
+            generation: r.meta.generations_for(&hello.node),
+            changed_blocks: r.bitmaps.get(&hello.node).map(|b| b.count()).unwrap_or(0),
+            crashed_extents: r.extents_to_report(&hello.node, hello.epoch),
+            epoch_seen: r.meta.epoch_seen,
+            replaced: r.meta.replaced,
+        }
+    }
+
     async fn apply_from_primary(&self, primary: &str, msg: Message) -> io::Result<Option<Message>> {
         match msg {
+            Message::Grow { size } => {
+                // Before any later frame (this stream is applied in order).
+                self.grow_files(size)?;
+                self.exported.fetch_max(size, Ordering::SeqCst);
+                Ok(Some(Message::Ack))
+            }
             Message::Write { offset, data, fua } => {
                 self.check_range(offset, data.len() as u64)?;
                 self.replica().activate(offset, data.len() as u64)?;

@@ -46,7 +46,8 @@ impl Volume {
             out_of_sync_bytes: 0,
             resync: None,
             lag_bytes: None,
-            last_error: None,
+            // This replica's own trouble: a grow it could not make.
+            last_error: self.grow_error(),
         }];
         if primary {
             for (node, link) in &self.links {
@@ -78,7 +79,7 @@ impl Volume {
         VolumeStatus {
             name: self.cfg.name.clone(),
             role,
-            size_bytes: self.cfg.size,
+            size_bytes: if primary { self.exported_size() } else { self.size() },
             nbd: if primary { nbd } else { None },
             replicas,
             generation: current,

@@ -54,11 +54,13 @@ impl Volume {
         let started = Instant::now();
         let mut offset = 0u64;
         let mut found: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        while offset < self.cfg.size {
+        // What every in-sync peer has grown to.
+        let size = self.exported_size();
+        while offset < size {
             if self.epoch() != Some(epoch) {
                 return Err("demoted during verify".into());
             }
-            let len = CHUNK.min(self.cfg.size - offset);
+            let len = CHUNK.min(size - offset);
             let mut waits = Vec::new();
             let local = {
                 let _order = self.order.lock().await;

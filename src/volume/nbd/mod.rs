@@ -33,6 +33,7 @@ pub use server::{unix_uri, Server, SHUTDOWN_GRACE};
 /// are called concurrently from many requests and connections.
 #[async_trait::async_trait]
 pub trait Export: Send + Sync + 'static {
+    /// Its size now, read at each connection's handshake (a volume may grow).
     fn size(&self) -> u64;
     /// Advertised NBD_INFO_BLOCK_SIZE: (minimum, preferred, maximum payload).
     fn block_sizes(&self) -> (u32, u32, u32);

@@ -239,8 +239,13 @@ async fn drain(mut conns: JoinSet<()>, deadline: Instant) {
 }
 
 async fn serve_connection<C: Connection>(mut stream: C, shared: Arc<Shared>, mut shutdown: ShutdownRx) {
+    // The size is the export's now: a volume grown online is seen whole by
+    // every connection made since; an older one keeps the size it
+    // negotiated (NBD has no way to tell a connected client) until it
+    // reconnects.
+    let info = ExportInfo { size: shared.export.size(), ..shared.info };
     let negotiated = tokio::select! {
-        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut stream, &shared.name, &shared.info)) => res,
+        res = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut stream, &shared.name, &info)) => res,
         _ = shutdown_deadline(&mut shutdown) => return,
     };
     match negotiated {
@@ -256,7 +261,7 @@ async fn serve_connection<C: Connection>(mut stream: C, shared: Arc<Shared>, mut
         }
     }
     let (r, w) = stream.into_halves();
-    transmission::serve(r, w, shared.export.clone(), shared.info, shutdown).await;
+    transmission::serve(r, w, shared.export.clone(), info, shutdown).await;
 }
 
 /// Removes a leftover socket file at `path`; refuses to touch anything else.
