@@ -1529,7 +1529,7 @@ pub struct PromoteParams {
 
 #[utoipa::path(post, path = "/v1/volumes/{name}/promote", tag = "volumes",
     params(("name" = String, Path), ("dry_run" = Option<bool>, Query, description = "Report each candidate replica and what promoting it would give up; change nothing")),
-    request_body = PromoteRequest,
+    request_body = Option<PromoteRequest>,
     responses((status = 200, description = "The replica is recorded UpToDate (the group starts on it), or with dry_run what each candidate would give up", body = PromoteReport),
               (status = 422, description = "`confirm` is not the volume's name, or `node` is missing (TND-1010)", body = ErrorBody),
               (status = 404, description = "No such volume (TND-1407)", body = ErrorBody),
