@@ -92,7 +92,11 @@ fn main() {
         let seen: Vec<Seen> = s
             .nodes
             .keys()
-            .map(|id| Seen { id: *id, alive: *id != 2, down_for: Duration::from_millis(if *id == 2 { 900 } else { 0 }) })
+            .map(|id| Seen {
+                id: *id,
+                alive: *id != 2,
+                down_for: Duration::from_millis(if *id == 2 { 900 } else { 0 }),
+            })
             .collect();
         let policy = Policy { fence_command: false, fenced_after: Duration::from_millis(800) };
         let mut core = Failover::new(policy);
