@@ -126,8 +126,13 @@ impl Action {
         }
         let mut child = self.command().and_then(|mut c| c.spawn()).map_err(|e| format!("{verb}: {e}"))?;
         let pgid = child.id().map(|p| p as i32);
+        // Dropped unfinished (a stop cancels a monitor in flight): its whole
+        // process group goes too, never left running beside the stop.
+        let mut cancel = KillGroupOnDrop(pgid);
         let systemd_monitor = matches!(self.r.kind, ResourceKind::Systemd { .. }) && verb == "monitor";
-        match tokio::time::timeout(timeout, child.wait()).await {
+        let waited = tokio::time::timeout(timeout, child.wait()).await;
+        cancel.0 = None;
+        match waited {
             // `systemctl is-active` answers 0 or "not active" (3, or 4 for
             // an unknown unit): OCF's "not running".
             Ok(Ok(status)) if systemd_monitor && status.code() != Some(0) => Ok(OCF_NOT_RUNNING),
@@ -140,6 +145,18 @@ impl Action {
                 let _ = child.wait().await;
                 Err(format!("{verb} timed out after {timeout:?}"))
             }
+        }
+    }
+}
+
+/// SIGKILLs a script action's process group when its future is dropped
+/// before the action ended.
+struct KillGroupOnDrop(Option<i32>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(pg) = self.0 {
+            let _ = killpg(Pid::from_raw(pg), Signal::SIGKILL);
         }
     }
 }

@@ -403,7 +403,16 @@ pub(super) async fn stop_slots(
                 cx.guard.unregister(p.pid);
                 None
             }
-            Slot::Starting(t) | Slot::Monitoring { task: t, .. } | Slot::Recovering(t) => {
+            // A monitor in flight is cancelled (its process group killed):
+            // a stop never waits out a monitor's timeout.
+            Slot::Monitoring { task, .. } => {
+                task.abort();
+                let _ = task.await;
+                script_stop(cx, r).await
+            }
+            // A start or a recovery's stop in flight ends first: the stop
+            // must come after whatever they did.
+            Slot::Starting(t) | Slot::Recovering(t) => {
                 let _ = t.await;
                 script_stop(cx, r).await
             }
@@ -471,6 +480,53 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("the slot never got there");
+    }
+
+    #[tokio::test]
+    async fn a_stop_cancels_a_monitor_in_flight_and_kills_its_process() {
+        let tmp = tempfile::tempdir().unwrap();
+        let script = tmp.path().join("slow.sh");
+        let pidfile = tmp.path().join("monitor.pid");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\ncase \"$1\" in\nmonitor) echo $$ > {}; sleep 60 ;;\nesac\nexit 0\n", pidfile.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let r: ResourceSpec = serde_json::from_value(serde_json::json!({
+            "name": "slow", "type": "exec", "path": script.display().to_string(),
+            "monitor": {"interval_ms": 1000, "timeout_ms": 120000}
+        }))
+        .unwrap();
+        let guard = LeaseGuard::new(now_boot_ms() + 600_000);
+        let cx = Ctx { dir: tmp.path(), node: "n1", group: "g", epoch: 1, guard: &guard };
+        let mut slot = Slot::Idle;
+        step_until(&mut slot, &r, cx, |s, _| matches!(s, Slot::Monitoring { .. })).await;
+        for _ in 0..100 {
+            if pidfile.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let started = Instant::now();
+        let (left, errors) = stop_slots(std::slice::from_ref(&r), vec![slot], cx).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the stop waited for the monitor: {:?}",
+            started.elapsed()
+        );
+        assert!(errors.is_empty() && matches!(left[0], Slot::Idle), "{errors:?}");
+        // The monitor's process is gone (killed, then reaped).
+        let gone = (0..100).any(|_| {
+            let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.split_whitespace().nth(2) != Some("Z"));
+            if alive {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            !alive
+        });
+        assert!(gone, "the monitor's process {pid} still runs");
     }
 
     #[tokio::test]
