@@ -168,7 +168,7 @@ async fn a_replica_cut_off_by_the_network_is_promoted_by_force_with_exactly_what
     let acked = write_blocks(&uri, 8, 12, |_| 0x5a).await;
     assert_eq!(acked.len(), 12);
     let mut last = Value::Null;
-    for _ in 0..100 {
+    for _ in 0..200 {
         last = promote_dry_run(&n3).await;
         if candidate(&last, "n2")["out_of_sync_bytes"] == 12 * 65536 {
             break;

@@ -312,7 +312,7 @@ async fn a_forced_promotion_reports_what_it_gives_up_and_keeps_the_old_primarys_
     // The primary records what n2 lacks, exactly: the report knows it
     // while n1 still serves (and refuses: a serving primary stays).
     let mut last = Value::Null;
-    for _ in 0..100 {
+    for _ in 0..200 {
         last = promote_dry_run(&n3).await;
         if candidate(&last, "n2")["out_of_sync_bytes"] == 8 * 65536 {
             break;

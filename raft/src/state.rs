@@ -258,8 +258,8 @@ pub enum Command {
     /// The primary of `volume` records how many bytes each replica it
     /// tracks as missing writes lacks (by node; 0 clears the record), at
     /// `at_ms` on its clock. Applies only while the owning group is placed
-    /// at `epoch`, like `SetReplicaDisk`. Sent about once a second while the
-    /// figures change, so a forced promotion can tell what it gives up.
+    /// at `epoch`, like `SetReplicaDisk`. Sent when the figures grow (at most
+    /// every 5 s), so a forced promotion can tell what it gives up.
     RecordOutOfSync {
         volume: String,
         epoch: u64,

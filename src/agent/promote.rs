@@ -9,14 +9,19 @@ use super::*;
 use crate::promotion::{self, NoReport, ReplicaFacts};
 use tandem_http_api::{NodeState, OutOfSyncReport, PromoteReport, PromoteRequest};
 
-/// At most one out-of-sync record per volume this often.
-const OUT_OF_SYNC_EVERY: Duration = Duration::from_secs(1);
+/// At most one out-of-sync record per volume this often: every applied
+/// write costs the whole state's persistence (a record a second filled a
+/// small data disk under tandem-chaos).
+const OUT_OF_SYNC_EVERY: Duration = Duration::from_secs(5);
 
 impl Agent {
     /// For the volumes this node is primary of: records, through Raft, the
-    /// out-of-sync bytes of each replica recorded `Outdated` whenever they
-    /// differ from the record (at most once a second per volume, in the
-    /// background: a slow leader never holds up the volume round).
+    /// out-of-sync bytes of each replica recorded `Outdated` when they grew
+    /// past the record, or fell to zero (at most once every 5 s per volume,
+    /// in the background: a slow leader never holds up the volume round).
+    /// A resync only lowers them: the record stays the higher figure until
+    /// the replica is `UpToDate` (which clears it) — what a forced
+    /// promotion would give up is never under-counted.
     pub(super) fn record_out_of_sync_round(self: &Arc<Self>, state: &ClusterState, names: &[String]) {
         let mut sent = self.out_of_sync_sent.lock().unwrap_or_else(|p| p.into_inner());
         sent.retain(|n, _| names.contains(n));
@@ -39,7 +44,10 @@ impl Agent {
                     g.disk(name, &r.node) == Some(tandem_raft::volume::DiskState::Outdated)
                         || recorded.is_some_and(|m| m.contains_key(&r.node))
                 })
-                .filter(|r| recorded.and_then(|m| m.get(&r.node)).map(|o| o.bytes).unwrap_or(0) != r.out_of_sync_bytes)
+                .filter(|r| {
+                    let had = recorded.and_then(|m| m.get(&r.node)).map(|o| o.bytes).unwrap_or(0);
+                    r.out_of_sync_bytes > had || (r.out_of_sync_bytes == 0 && had > 0)
+                })
                 .map(|r| (r.node.clone(), r.out_of_sync_bytes))
                 .collect();
             if bytes.is_empty() {
