@@ -167,28 +167,14 @@ async fn a_replica_cut_off_by_the_network_is_promoted_by_force_with_exactly_what
     topo.set_link(2, None, false).unwrap();
     let acked = write_blocks(&uri, 8, 12, |_| 0x5a).await;
     assert_eq!(acked.len(), 12);
-    let mut last = Value::Null;
-    for _ in 0..200 {
-        last = promote_dry_run(&n3).await;
-        if candidate(&last, "n2")["out_of_sync_bytes"] == 12 * 65536 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = promote_dry_run_until(&n3, |r| candidate(r, "n2")["out_of_sync_bytes"] == 12 * 65536).await;
     assert_eq!(candidate(&last, "n2")["out_of_sync_bytes"], 12 * 65536, "{last}");
 
     // n1 loses power; n2's link comes back: the group waits for an
     // up-to-date replica that will not come.
     c.node_mut("n1").kill();
     topo.set_link(2, None, true).unwrap();
-    let mut report = Value::Null;
-    for _ in 0..300 {
-        report = promote_dry_run(&n3).await;
-        if candidate(&report, "n2")["refused"].is_null() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let report = promote_dry_run_until(&n3, |r| candidate(r, "n2")["refused"].is_null()).await;
     let n2 = candidate(&report, "n2").clone();
     assert!(n2["refused"].is_null(), "n2 never became promotable: {report}");
     assert_eq!(n2["out_of_sync_bytes"], 12 * 65536, "{report}");

@@ -311,14 +311,7 @@ async fn a_forced_promotion_reports_what_it_gives_up_and_keeps_the_old_primarys_
     let n3 = c.node("n3").url();
     // The primary records what n2 lacks, exactly: the report knows it
     // while n1 still serves (and refuses: a serving primary stays).
-    let mut last = Value::Null;
-    for _ in 0..200 {
-        last = promote_dry_run(&n3).await;
-        if candidate(&last, "n2")["out_of_sync_bytes"] == 8 * 65536 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let last = promote_dry_run_until(&n3, |r| candidate(r, "n2")["out_of_sync_bytes"] == 8 * 65536).await;
     let n2 = candidate(&last, "n2");
     assert_eq!(n2["out_of_sync_bytes"], 8 * 65536, "{last}");
     assert!(n2["out_of_sync_recorded_ms"].as_u64().is_some(), "{last}");
@@ -327,14 +320,7 @@ async fn a_forced_promotion_reports_what_it_gives_up_and_keeps_the_old_primarys_
     // n1 loses power; n2 returns: no up-to-date replica online, the group waits.
     c.node_mut("n1").kill();
     c.node_mut("n2").start().await;
-    let mut report = Value::Null;
-    for _ in 0..300 {
-        report = promote_dry_run(&n3).await;
-        if candidate(&report, "n2")["refused"].is_null() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let report = promote_dry_run_until(&n3, |r| candidate(r, "n2")["refused"].is_null()).await;
     let n2 = candidate(&report, "n2").clone();
     assert!(n2["refused"].is_null(), "n2 never became promotable: {report}");
     assert_eq!((n2["disk"].as_str(), n2["online"].as_bool()), (Some("Outdated"), Some(true)), "{report}");

@@ -672,6 +672,20 @@ pub async fn promote_dry_run(url: &str) -> Value {
     panic!("no leader answered the dry run: {last}");
 }
 
+/// Dry runs from `url` until `done` holds for the report (30 s at most);
+/// the last report.
+pub async fn promote_dry_run_until(url: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        last = promote_dry_run(url).await;
+        if done(&last) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
 /// One replica's entry of a promotion report (null: none).
 pub fn candidate<'a>(report: &'a Value, node: &str) -> &'a Value {
     report["candidates"].as_array().and_then(|c| c.iter().find(|c| c["node"] == node)).unwrap_or(&Value::Null)
