@@ -21,24 +21,19 @@ pub struct ReplicaFacts {
     pub newest_write_ms: Option<u64>,
 }
 
-/// Why a volume cannot be looked at at all.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NoReport {
-    VolumeNotFound,
-}
-
 /// Each candidate replica of `volume` with what promoting it gives up, and
 /// why it may not be promoted now. `online`: the nodes a majority hears;
 /// `facts`: what each online replica's node answered (or why it did not).
+/// `None` when no group has that volume.
 pub fn report(
     state: &ClusterState,
     volume: &str,
     online: &BTreeSet<String>,
     facts: &BTreeMap<String, Result<ReplicaFacts, String>>,
     now_ms: u64,
-) -> Result<PromoteReport, NoReport> {
-    let (g, _) = state.volume_owner(volume).ok_or(NoReport::VolumeNotFound)?;
-    let spec = g.spec.volume().map(|(_, v)| v.clone()).ok_or(NoReport::VolumeNotFound)?;
+) -> Option<PromoteReport> {
+    let (g, _) = state.volume_owner(volume)?;
+    let spec = g.spec.volume().map(|(_, v)| v.clone())?;
     let replicas = replica_nodes(&g.spec);
     let disk = |n: &str| g.disk(volume, n).unwrap_or(DiskState::Diskless);
     let up_online = replicas.iter().find(|n| disk(n) == DiskState::UpToDate && online.contains(*n));
@@ -82,7 +77,7 @@ pub fn report(
             }
         })
         .collect();
-    Ok(PromoteReport {
+    Some(PromoteReport {
         volume: volume.to_string(),
         group: g.name.clone(),
         dry_run: true,
@@ -260,7 +255,7 @@ mod tests {
             .unwrap()
             .insert("n2".into(), DiskState::Inconsistent);
         assert!(refusal(&inc, &["n2"], facts(1)).contains("Inconsistent"));
-        assert_eq!(report(&s, "ghost", &online(&[]), &BTreeMap::new(), 0), Err(NoReport::VolumeNotFound));
+        assert_eq!(report(&s, "ghost", &online(&[]), &BTreeMap::new(), 0), None);
     }
 
     #[test]

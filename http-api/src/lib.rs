@@ -1256,11 +1256,12 @@ async fn set_maintenance(State(b): State<SharedBackend>, Path(name): Path<String
     admin(b, name, AdminState::Maintenance).await
 }
 
-/// `POST /v1/cluster/recover?dry_run=`.
+/// `?dry_run=` of the routes that can say first what they would do
+/// (`POST /v1/cluster/recover`, `POST /v1/volumes/{name}/promote`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RecoverParams {
-    /// Report what a recovery would do, change nothing.
+pub struct DryRunParams {
+    /// Report what the request would do, change nothing.
     #[serde(default, deserialize_with = "flag")]
     pub dry_run: bool,
 }
@@ -1272,7 +1273,7 @@ pub struct RecoverParams {
               (status = 409, description = "A majority of the voters answers, or a leader is heard (TND-1211)", body = ErrorBody)))]
 async fn recover_cluster(
     State(b): State<SharedBackend>,
-    ApiQuery(p): ApiQuery<RecoverParams>,
+    ApiQuery(p): ApiQuery<DryRunParams>,
     ApiJson(req): ApiJson<RecoverRequest>,
 ) -> Result<Json<RecoverReport>, ApiError> {
     b.recover(p.dry_run, req).await.map(Json)
@@ -1518,15 +1519,6 @@ async fn replace_replica(
 #[serde(deny_unknown_fields)]
 struct NoBody {}
 
-/// `POST /v1/volumes/{name}/promote?dry_run=`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PromoteParams {
-    /// Report each candidate and what it would give up; change nothing.
-    #[serde(default, deserialize_with = "flag")]
-    pub dry_run: bool,
-}
-
 #[utoipa::path(post, path = "/v1/volumes/{name}/promote", tag = "volumes",
     params(("name" = String, Path), ("dry_run" = Option<bool>, Query, description = "Report each candidate replica and what promoting it would give up; change nothing")),
     request_body = Option<PromoteRequest>,
@@ -1537,7 +1529,7 @@ pub struct PromoteParams {
 async fn promote_volume(
     State(b): State<SharedBackend>,
     Path(name): Path<String>,
-    ApiQuery(p): ApiQuery<PromoteParams>,
+    ApiQuery(p): ApiQuery<DryRunParams>,
     ApiJson(req): ApiJson<PromoteRequest>,
 ) -> Result<Json<PromoteReport>, ApiError> {
     b.promote_volume(&name, p.dry_run, req).await.map(Json)

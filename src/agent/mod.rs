@@ -330,14 +330,7 @@ impl Agent {
         let (notice, guard) = (self.superseded_notice.clone(), self.guard.clone());
         let network = Network::new(identity.cluster_id.clone(), builder, Duration::from_millis(500))
             .context("raft network client")?
-            .on_superseded(Arc::new(move |why: &str| {
-                // At once, before the agent's next round: nothing here may
-                // run beside what the recovered cluster runs (with another
-                // superseded voter this node may still hear a majority).
-                guard.set_deadline_ms(0);
-                guard.kill_everything();
-                *notice.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
-            }));
+            .on_superseded(Arc::new(move |why: &str| recovery::stand_down(&guard, &notice, why.to_string())));
         let (log, sm, state) = self.db.raft_storage().context("opening raft storage")?;
         // A root span: Raft's tasks outlive the API request that may start them.
         let span = tracing::info_span!(parent: None, "raft", node_id = identity.node_id);

@@ -6,7 +6,7 @@
 //! starts the group on the promoted replica like on any `UpToDate` one.
 
 use super::*;
-use crate::promotion::{self, NoReport, ReplicaFacts};
+use crate::promotion::{self, ReplicaFacts};
 use tandem_http_api::{NodeState, OutOfSyncReport, PromoteReport, PromoteRequest};
 
 /// At most one out-of-sync record per volume this often: every applied
@@ -22,19 +22,24 @@ impl Agent {
     /// A resync only lowers them: the record stays the higher figure until
     /// the replica is `UpToDate` (which clears it) — what a forced
     /// promotion would give up is never under-counted.
-    pub(super) fn record_out_of_sync_round(self: &Arc<Self>, state: &ClusterState, names: &[String]) {
+    pub(super) fn record_out_of_sync_round(
+        self: &Arc<Self>,
+        state: &ClusterState,
+        names: &[String],
+        statuses: &[crate::volume::status::VolumeStatus],
+    ) {
         let mut sent = self.out_of_sync_sent.lock().unwrap_or_else(|p| p.into_inner());
         sent.retain(|n, _| names.contains(n));
-        for name in names {
+        for status in statuses {
+            let name = &status.name;
             let Some((g, _)) = state.volume_owner(name) else { continue };
-            let me = state.nodes.get(&g.placement.node.unwrap_or(0)).map(|n| n.name.as_str());
-            if g.placement.phase != Phase::Started || me != Some(self.cfg.name.as_str()) {
+            let here = g.placement.node.and_then(|id| state.nodes.get(&id)).is_some_and(|n| n.name == self.cfg.name);
+            if g.placement.phase != Phase::Started || !here {
                 continue;
             }
             if sent.get(name).is_some_and(|t| t.elapsed() < OUT_OF_SYNC_EVERY) {
                 continue;
             }
-            let Ok(status) = self.volumes.status(name) else { continue };
             let recorded = g.replica_out_of_sync.get(name);
             let bytes: BTreeMap<String, u64> = status
                 .replicas
@@ -114,10 +119,8 @@ impl Agent {
         let online: BTreeSet<String> =
             views.iter().filter(|v| v.state != NodeState::Offline).map(|v| v.name.clone()).collect();
         let facts = self.replica_facts(&state, name, &replicas, &online).await;
-        let mut report =
-            promotion::report(&state, name, &online, &facts, crate::security::now_ms()).map_err(|e| match e {
-                NoReport::VolumeNotFound => ApiError::VolumeNotFound(name.to_string()),
-            })?;
+        let mut report = promotion::report(&state, name, &online, &facts, crate::security::now_ms())
+            .ok_or_else(|| ApiError::VolumeNotFound(name.to_string()))?;
         report.node = req.node.clone();
         let Some(node) = req.node.filter(|_| !dry_run) else { return Ok(report) };
         let candidate = report
@@ -155,7 +158,7 @@ impl Agent {
                 out.insert(node.clone(), local.map(facts));
                 continue;
             }
-            let url = state.nodes.values().find(|n| &n.name == node).and_then(|n| n.urls().into_iter().next());
+            let url = state.node_by_name(node).and_then(|n| n.urls().into_iter().next());
             let Some(url) = url else {
                 out.insert(node.clone(), Err(format!("{node} has no address")));
                 continue;

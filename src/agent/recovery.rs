@@ -16,6 +16,16 @@ const RECOVERED_LEADER_WAIT: Duration = Duration::from_secs(10);
 /// How often the leader tells superseded members that they are.
 pub(super) const SUPERSEDED_TELL: Duration = Duration::from_secs(2);
 
+/// Told it was superseded (a refused Raft call, or the recovered leader's
+/// word): at once, before the agent's next round, nothing here may run
+/// beside what the recovered cluster runs — with another superseded voter
+/// this node may still hear a majority. `superseded_round` then stops Raft.
+pub(super) fn stand_down(guard: &LeaseGuard, notice: &std::sync::Mutex<Option<String>>, why: String) {
+    guard.set_deadline_ms(0);
+    guard.kill_everything();
+    *notice.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+}
+
 impl Agent {
     /// Whether `id` answers at one of its addresses as itself, a member of
     /// this cluster.
@@ -196,9 +206,7 @@ impl Agent {
             )));
         }
         let why = format!("{} leads incarnation {} of this cluster, recovered without this node", n.by, n.incarnation);
-        self.guard.set_deadline_ms(0);
-        self.guard.kill_everything();
-        *self.superseded_notice.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        stand_down(&self.guard, &self.superseded_notice, why);
         Ok(())
     }
 

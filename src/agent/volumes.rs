@@ -275,23 +275,31 @@ impl Agent {
         };
         let names: Vec<String> = desired.iter().map(|d| d.config.name.clone()).collect();
         self.volumes.reconcile(desired).await;
-        self.observe_volumes(state.as_ref(), &names);
+        // Each replica's status once per round, for both uses below.
+        let statuses: Vec<crate::volume::status::VolumeStatus> =
+            names.iter().filter_map(|n| self.volumes.status(n).ok()).collect();
+        self.observe_volumes(state.as_ref(), &names, &statuses);
         if let Some(state) = &state {
-            self.record_out_of_sync_round(state, &names);
+            self.record_out_of_sync_round(state, &names, &statuses);
         }
     }
 
     /// Events of the volumes this node is the primary of: links, resyncs,
     /// split brains, verify results (see `crate::volume_events`).
-    fn observe_volumes(&self, state: Option<&ClusterState>, names: &[String]) {
+    fn observe_volumes(
+        &self,
+        state: Option<&ClusterState>,
+        names: &[String],
+        statuses: &[crate::volume::status::VolumeStatus],
+    ) {
         let mut seen = self.volume_seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.retain(|n, _| names.contains(n));
         let now = crate::security::now_ms();
-        for name in names {
-            let Ok(status) = self.volumes.status(name) else { continue };
+        for status in statuses {
+            let name = &status.name;
             let group = state.and_then(|s| s.volume_owner(name)).map(|(g, _)| g.name.clone());
             let before = seen.get(name).cloned().unwrap_or_default();
-            let (next, events) = crate::volume_events::volume_events(&before, &status, group.as_deref(), now);
+            let (next, events) = crate::volume_events::volume_events(&before, status, group.as_deref(), now);
             seen.insert(name.clone(), next);
             for e in events {
                 self.emit(e);
