@@ -185,6 +185,7 @@ impl Tandem {
             initial: initial_generation(&format!("bench/{tag}")),
             replaced: 0,
             forced_epoch: 0,
+            read_balancing: tandem_raft::volume::ReadBalancing::PreferLocal,
         }
     }
 

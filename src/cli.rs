@@ -832,6 +832,12 @@ pub fn volume_text(v: &VolumeView) -> String {
     ];
     let recorded: Vec<String> = v.recorded_disks.iter().map(|(n, d)| format!("{n}={d}")).collect();
     rows.push(vec!["recorded disks".into(), recorded.join(", ")]);
+    let mut reads = v.read_balancing.clone();
+    if let (Some(e), Some(r)) = (v.read_errors, v.repaired_blocks) {
+        let per: Vec<String> = v.replicas.iter().map(|x| format!("{}={}", x.node, x.reads)).collect();
+        reads = format!("{reads}; {e} read errors, {r} blocks repaired; reads served: {}", per.join(", "));
+    }
+    rows.push(vec!["reads".into(), reads]);
     if let Some(r) = &v.verify {
         rows.push(vec!["last verify".into(), verify_summary(r)]);
     }
@@ -1038,6 +1044,7 @@ mod tests {
             resync: None,
             lag_bytes: None,
             last_error: None,
+            reads: 0,
         };
         let mut target = replica("n2", "secondary", "Inconsistent", ConnectionState::SyncTarget);
         target.out_of_sync_bytes = 3 << 29;
@@ -1060,6 +1067,9 @@ mod tests {
             generation: Some("ab12".into()),
             verify: None,
             recorded_disks: [("n1".to_string(), "UpToDate".to_string()), ("n2".to_string(), "Outdated".into())].into(),
+            read_balancing: "least-pending".into(),
+            read_errors: Some(2),
+            repaired_blocks: Some(1),
         };
         let t = volume_text(&v);
         for want in [
@@ -1071,6 +1081,8 @@ mod tests {
             "25.0% at 100.0MiB/s, ETA 15s",
             "n2=Outdated",
             "growing to 3.0GiB",
+            "least-pending",
+            "2 read errors, 1 blocks repaired",
         ] {
             assert!(t.contains(want), "{want} missing from:\n{t}");
         }

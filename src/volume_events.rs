@@ -1,8 +1,9 @@
 //! What changed in a volume between two looks of its primary: the events
 //! of its replication links (connected, disconnected, split brain
 //! detected/resolved), its resyncs (started, finished with bytes and
-//! seconds), its online verify (the result) and its export growing (an
-//! online grow reached every connected replica).
+//! seconds), its online verify (the result), its export growing (an
+//! online grow reached every connected replica) and the primary's local
+//! read errors (blocks repaired from a peer, or errors left unrepaired).
 //!
 //! Pure: the caller passes the status and the time; nothing here touches the
 //! data plane, a clock or the event queue.
@@ -22,6 +23,9 @@ pub struct Seen {
     pub verify: Option<String>,
     /// The exported size last seen.
     pub size: Option<u64>,
+    /// The primary's read errors and repaired blocks last seen.
+    pub read_errors: u64,
+    pub repaired_blocks: u64,
 }
 
 fn link_name(c: Connection) -> &'static str {
@@ -65,6 +69,32 @@ pub fn volume_events(before: &Seen, now: &VolumeStatus, group: Option<&str>, now
         );
         e.node = None;
         out.push(e);
+    }
+    seen.read_errors = now.read_errors;
+    seen.repaired_blocks = now.repaired_blocks;
+    // Counters restart with the primary: a drop is a new start, not news.
+    let errors = now.read_errors.saturating_sub(before.read_errors);
+    let repaired = now.repaired_blocks.saturating_sub(before.repaired_blocks);
+    let me = now.replicas.first().map(|r| r.node.as_str()).unwrap_or_default();
+    let d = serde_json::json!({"blocks": repaired, "errors": errors, "read_errors": now.read_errors, "repaired_blocks": now.repaired_blocks});
+    if repaired > 0 {
+        out.push(ev(
+            "volume.block_repaired",
+            Severity::Warning,
+            me,
+            format!("volume {v}: {repaired} blocks unreadable on {me} rewritten from a peer's copy"),
+            d,
+        ));
+    } else if errors > 0 {
+        out.push(ev(
+            "volume.read_error",
+            Severity::Warning,
+            me,
+            format!(
+                "volume {v}: {errors} reads failed on {me}'s disk, nothing to repair (served from a peer, or failed)"
+            ),
+            d,
+        ));
     }
     for r in now.replicas.iter().filter(|r| r.role != ReplicaRole::Primary) {
         let peer = r.node.as_str();
@@ -188,6 +218,7 @@ mod tests {
             resync: None,
             lag_bytes: None,
             last_error: None,
+            reads: 0,
         };
         let mut peer = replica("n2", ReplicaRole::Secondary, conn);
         peer.resync = resync.map(|total| ResyncStatus {
@@ -205,6 +236,9 @@ mod tests {
             replicas: vec![replica("n1", ReplicaRole::Primary, Connection::Connected), peer],
             generation: Default::default(),
             newest_write_ms: None,
+            read_balancing: Default::default(),
+            read_errors: 0,
+            repaired_blocks: 0,
             verify: verify.map(|state| VerifyOutcome {
                 state,
                 checked_bytes: 1 << 20,
@@ -267,5 +301,26 @@ mod tests {
         );
         let (_, e) = volume_events(&s, &grown, Some("db"), 20);
         assert!(e.is_empty(), "told once: {e:?}");
+    }
+
+    #[test]
+    fn repaired_blocks_and_unrepaired_read_errors_are_warnings_told_once() {
+        let healthy = status(Connection::Connected, None, None);
+        let (s, e) = volume_events(&Seen::default(), &healthy, Some("db"), 0);
+        assert!(e.is_empty(), "{e:?}");
+        let repaired = VolumeStatus { read_errors: 2, repaired_blocks: 3, ..healthy.clone() };
+        let (s, e) = volume_events(&s, &repaired, Some("db"), 10);
+        assert_eq!(kinds(&e), ["volume.block_repaired"]);
+        assert_eq!(e[0].severity, Severity::Warning);
+        assert_eq!((e[0].details["blocks"].as_u64(), e[0].details["errors"].as_u64()), (Some(3), Some(2)));
+        assert_eq!((e[0].node.as_deref(), e[0].volume.as_deref()), (Some("n1"), Some("data")));
+        let (s, e) = volume_events(&s, &repaired, Some("db"), 20);
+        assert!(e.is_empty(), "told once: {e:?}");
+        let unrepaired = VolumeStatus { read_errors: 3, ..repaired };
+        let (s, e) = volume_events(&s, &unrepaired, Some("db"), 30);
+        assert_eq!(kinds(&e), ["volume.read_error"]);
+        // A new primary starts counting again: no event.
+        let (_, e) = volume_events(&s, &healthy, Some("db"), 40);
+        assert!(e.is_empty(), "{e:?}");
     }
 }

@@ -66,6 +66,7 @@ impl From<ReplicaStatus> for ReplicaView {
             resync: r.resync.map(Into::into),
             lag_bytes: r.lag_bytes,
             last_error: r.last_error,
+            reads: r.reads,
         }
     }
 }
@@ -98,6 +99,9 @@ impl From<VolumeStatus> for LocalVolumeStatus {
             generation: format!("{:016x}", s.generation),
             verify: s.verify.map(Into::into),
             newest_write_ms: s.newest_write_ms,
+            read_balancing: serde_json::to_value(s.read_balancing).ok().and_then(|v| v.as_str().map(str::to_string)),
+            read_errors: s.read_errors,
+            repaired_blocks: s.repaired_blocks,
         }
     }
 }
@@ -121,6 +125,7 @@ mod tests {
             resync: None,
             lag_bytes: None,
             last_error: None,
+            reads: 0,
         }
     }
 
@@ -136,6 +141,7 @@ mod tests {
                 ReplicaStatus {
                     mode: Some(ReplicationMode::Sync),
                     out_of_sync_bytes: 8192,
+                    reads: 17,
                     resync: Some(ResyncStatus {
                         remaining_bytes: 8192,
                         sent_bytes: 4096,
@@ -154,6 +160,9 @@ mod tests {
             ],
             generation: 0xab,
             newest_write_ms: Some(42),
+            read_balancing: tandem_raft::volume::ReadBalancing::LeastPending,
+            read_errors: 4,
+            repaired_blocks: 3,
             verify: Some(VerifyOutcome {
                 state: VerifyState::Failed("demoted during verify".into()),
                 checked_bytes: 4096,
@@ -178,6 +187,7 @@ mod tests {
                     resync: None,
                     lag_bytes: None,
                     last_error: None,
+                    reads: 0,
                 },
                 ReplicaView {
                     node: "n2".into(),
@@ -195,6 +205,7 @@ mod tests {
                     }),
                     lag_bytes: None,
                     last_error: None,
+                    reads: 17,
                 },
                 ReplicaView {
                     node: "n3".into(),
@@ -206,6 +217,7 @@ mod tests {
                     resync: None,
                     lag_bytes: Some(65536),
                     last_error: Some("stale epoch 5 < 6 already seen".into()),
+                    reads: 0,
                 },
             ],
             generation: "00000000000000ab".into(),
@@ -217,6 +229,9 @@ mod tests {
                 error: Some("demoted during verify".into()),
             }),
             newest_write_ms: Some(42),
+            read_balancing: Some("least-pending".into()),
+            read_errors: 4,
+            repaired_blocks: 3,
         };
         assert_eq!(view, want);
     }
@@ -232,6 +247,9 @@ mod tests {
             generation: u64::MAX,
             verify: None,
             newest_write_ms: Some(1_700_000_000_000),
+            read_balancing: Default::default(),
+            read_errors: 0,
+            repaired_blocks: 0,
         };
         let view = LocalVolumeStatus::from(status);
         assert_eq!((view.role.as_str(), view.generation.as_str()), ("secondary", "ffffffffffffffff"));

@@ -15,8 +15,8 @@ use tandem::volume::engine::{ControlPlane, PeerConfig, VolumeConfig};
 use tandem::volume::generation::initial_generation;
 use tandem::volume::manager::{DesiredVolume, VolumeManager};
 use tandem::volume::status::{ReplicaRole, VerifyState};
-use tandem_raft::volume::{DiskState, ReplicationMode, SplitBrainPolicy};
-use tandem_testkit::free_port;
+use tandem_raft::volume::{DiskState, ReadBalancing, ReplicationMode, SplitBrainPolicy};
+use tandem_testkit::{free_port, is_root};
 
 const MIB: u64 = 1 << 20;
 
@@ -76,6 +76,7 @@ struct Cluster {
     rate: Option<u64>,
     async_buffer: u64,
     async_failover: bool,
+    read_balancing: ReadBalancing,
     /// Replicas created empty (added after the volume): need a full sync.
     empty: Vec<String>,
 }
@@ -107,6 +108,7 @@ impl Cluster {
             rate: None,
             async_buffer: 64 * MIB,
             async_failover: false,
+            read_balancing: ReadBalancing::PreferLocal,
             empty: Vec::new(),
         };
         c.reconcile().await;
@@ -140,6 +142,7 @@ impl Cluster {
                 initial: if self.empty.contains(&self.nodes[me].name) { 0 } else { initial_generation("test/data") },
                 replaced: 0,
                 forced_epoch: 0,
+                read_balancing: self.read_balancing,
             },
             nbd_tcp: false,
         }
@@ -829,4 +832,253 @@ async fn a_volume_grown_while_its_group_is_stopped_is_exported_whole_from_its_ne
     for n in &c.nodes {
         n.mgr.shutdown().await;
     }
+}
+
+// ---- the primary's read path on a real slow or bad disk ----
+//
+// The primary's backing file becomes a FUSE file (nbdfuse) over an nbdkit
+// server: the delay filter makes a slow disk, an nbdkit `eval` disk answers
+// EIO on listed ranges (healed by a write, unless `sticky` exists) like a
+// disk with pending bad sectors. The kernel returns those errors to the
+// product's own preads; nothing in the product is replaced.
+
+/// An nbdkit server exposed as a file through nbdfuse; unmounted and
+/// stopped on drop.
+struct FuseDisk {
+    mnt: PathBuf,
+    nbdkit: std::process::Child,
+    fuse: std::process::Child,
+}
+
+impl FuseDisk {
+    /// `None` (and why) when this machine cannot make one.
+    fn can() -> bool {
+        if !is_root() {
+            eprintln!("skipped: nbdfuse mounts need root (CI runs as root)");
+            return false;
+        }
+        for bin in ["nbdkit", "nbdfuse"] {
+            let ok = Command::new("sh").arg("-c").arg(format!("command -v {bin}")).status().is_ok_and(|s| s.success());
+            if !ok || !Path::new("/dev/fuse").exists() {
+                eprintln!("skipped: {bin} or /dev/fuse missing (apt-get install nbdkit libnbd-bin)");
+                return false;
+            }
+        }
+        true
+    }
+
+    fn start(dir: &Path, nbdkit_args: &[String]) -> FuseDisk {
+        let sock = dir.join("disk.sock");
+        let mnt = dir.join("disk");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let nbdkit = Command::new("nbdkit").args(["-f", "-U"]).arg(&sock).args(nbdkit_args).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "nbdkit {nbdkit_args:?} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let fuse = Command::new("nbdfuse").arg(&mnt).arg("--unix").arg(&sock).spawn().unwrap();
+        while !mnt.join("nbd").exists() {
+            assert!(Instant::now() < deadline, "nbdfuse did not mount");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        FuseDisk { mnt, nbdkit, fuse }
+    }
+
+    fn file(&self) -> PathBuf {
+        self.mnt.join("nbd")
+    }
+
+    /// Evicts the file's pages (the promotion's resync of the logged
+    /// extents read them): the next reads go to the disk.
+    fn drop_cache(&self) {
+        let st = Command::new("dd")
+            .arg(format!("if={}", self.file().display()))
+            .args(["iflag=nocache", "count=0"])
+            .stderr(std::process::Stdio::null())
+            .status();
+        assert!(st.unwrap().success());
+    }
+}
+
+impl Drop for FuseDisk {
+    fn drop(&mut self) {
+        // Lazily: a test that failed may still hold the file open.
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        for c in [&mut self.fuse, &mut self.nbdkit] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Cluster {
+    /// Puts node `i`'s backing file on a FUSE disk served by `nbdkit_args`
+    /// (where `{img}` is the file that held its data): its manager stops,
+    /// the file moves, and it opens again (as a secondary).
+    async fn swap_backing(&self, i: usize, nbdkit_args: &[&str]) -> FuseDisk {
+        self.nodes[i].mgr.shutdown().await;
+        let img = self.nodes[i].dir.join("real.img");
+        std::fs::rename(self.backing(i), &img).unwrap();
+        let args: Vec<String> = nbdkit_args.iter().map(|a| a.replace("{img}", &img.display().to_string())).collect();
+        let disk = FuseDisk::start(&self.nodes[i].dir, &args);
+        std::os::unix::fs::symlink(disk.file(), self.backing(i)).unwrap();
+        self.nodes[i].mgr.start(&self.nodes[i].dir, &[self.nodes[i].addr], self.control.clone()).await.unwrap();
+        self.nodes[i].mgr.reconcile(vec![self.desired(i)]).await;
+        disk
+    }
+}
+
+/// `count` concurrent 4 KiB reads (qemu-io `aio_read`, up to 16 in flight
+/// on its NBD connection), `stride` apart from `first`, each checked
+/// against `pattern`; returns how long they took.
+async fn aio_reads(uri: &str, first: u64, stride: u64, count: u64, pattern: u8) -> Duration {
+    let cmds: Vec<String> = (0..count)
+        .map(|k| format!("aio_read -P {pattern:#x} {} 4k", first + k * stride))
+        .chain(["aio_flush".into()])
+        .collect();
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    let t = Instant::now();
+    let out = qemu_io(uri, &refs).await;
+    assert_eq!(out.matches("read 4096/4096").count() as u64, count, "{out}");
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_move_to_the_peer_when_the_local_disk_is_slow() {
+    if !FuseDisk::can() {
+        return;
+    }
+    let c = Cluster::new(2, 64 * MIB).await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    qemu_io(uri_of(&uri), &["write -P 0x5a 0 64M", "flush"]).await;
+    // Every read of n1's disk now takes 20 ms more.
+    let _disk = c.swap_backing(0, &["--filter=delay", "file", "{img}", "rdelay=20ms"]).await;
+    let uri = c.promote(0, 2).await;
+    let uri = uri_of(&uri);
+    c.wait_in_sync(0, 1).await;
+    _disk.drop_cache();
+    let v = c.nodes[0].mgr.volume("data").await.unwrap();
+    // Each batch reads blocks never read before (256 KiB apart: no page
+    // cache, no readahead helps): 64 reads per policy.
+    let mut region = 0;
+    let mut batch = |policy: ReadBalancing| {
+        v.set_read_balancing(policy);
+        region += 16 * MIB;
+        region - 16 * MIB
+    };
+    let counts = |v: &tandem::volume::engine::Volume| (v.read_counters().0, v.peer_reads("n2"));
+    let mut seen = Vec::new();
+    for policy in [ReadBalancing::PreferLocal, ReadBalancing::LeastPending, ReadBalancing::WhenCongestedRemote] {
+        let first = batch(policy);
+        let (l0, p0) = counts(&v);
+        let took = aio_reads(uri, first, 256 << 10, 64, 0x5a).await;
+        let (l1, p1) = counts(&v);
+        eprintln!("{policy:?}: {} local, {} from n2, {took:?}", l1 - l0, p1 - p0);
+        seen.push((policy, l1 - l0, p1 - p0));
+    }
+    let [(_, local, peer), (_, l_lp, p_lp), (_, l_wc, p_wc)] = seen[..] else { unreachable!() };
+    assert_eq!((local, peer), (64, 0), "prefer-local reads the local disk only");
+    assert!(p_lp >= 48 && l_lp + p_lp >= 64, "least-pending: {l_lp} local, {p_lp} from the peer");
+    assert!(p_wc >= 32 && l_wc + p_wc >= 64, "when-congested-remote: {l_wc} local, {p_wc} from the peer");
+    // A read sent to the peer right after a write sees that write.
+    v.set_read_balancing(ReadBalancing::RoundRobin);
+    qemu_io(uri, &["write -P 0x99 48M 256k"]).await;
+    let p0 = v.peer_reads("n2");
+    aio_reads(uri, 48 * MIB, 4096, 64, 0x99).await;
+    assert!(v.peer_reads("n2") - p0 >= 16, "round-robin sent {} of 64 to the peer", v.peer_reads("n2") - p0);
+    let st = c.nodes[0].mgr.status("data").unwrap();
+    assert_eq!((st.replicas[0].disk, st.read_errors), (DiskState::UpToDate, 0), "{st:?}");
+    assert!(st.replicas[1].reads >= p_lp + p_wc, "{st:?}");
+    c.nodes[0].mgr.shutdown().await;
+}
+
+/// An nbdkit `eval` disk over `{img}`: reads of a range listed in `bad`
+/// (`start end` per line, bytes) fail with EIO; a write over it heals it
+/// (the disk remaps the sector) unless the file `sticky` exists.
+fn bad_disk(dir: &Path) -> Vec<String> {
+    let bad = dir.join("bad");
+    let sticky = dir.join("sticky");
+    std::fs::write(&bad, "").unwrap();
+    let (bad, sticky) = (bad.display().to_string(), sticky.display().to_string());
+    let hit = format!("awk -v o=$4 -v n=$3 '$1 < o+n && o < $2 {{f=1}} END {{exit !f}}' {bad}");
+    vec![
+        "eval".into(),
+        "get_size=stat -Lc %s {img}".into(),
+        format!("pread=if {hit}; then echo 'EIO bad block' >&2; exit 1; fi; dd if={{img}} skip=$4 count=$3 iflag=count_bytes,skip_bytes status=none"),
+        format!("pwrite=dd of={{img}} seek=$4 conv=notrunc oflag=seek_bytes status=none || exit 1; [ -e {sticky} ] && exit 0; awk -v o=$4 -v n=$3 '!($1 < o+n && o < $2)' {bad} > {bad}.new && mv {bad}.new {bad}"),
+        "flush=exit 0".into(),
+    ]
+}
+
+async fn bad_volume() -> Option<(Cluster, FuseDisk, String)> {
+    if !FuseDisk::can() {
+        return None;
+    }
+    let c = Cluster::new(2, 16 * MIB).await;
+    let uri = c.promote(0, 1).await;
+    c.wait_in_sync(0, 1).await;
+    qemu_io(uri_of(&uri), &["write -P 0x3c 0 16M", "flush"]).await;
+    let args = bad_disk(&c.nodes[0].dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let disk = c.swap_backing(0, &args).await;
+    let uri = uri_of(&c.promote(0, 2).await).to_string();
+    c.wait_in_sync(0, 1).await;
+    disk.drop_cache();
+    Some((c, disk, uri))
+}
+
+fn mark_bad(c: &Cluster, ranges: &[(u64, u64)]) {
+    let text: String = ranges.iter().map(|(o, n)| format!("{o} {}\n", o + n)).collect();
+    std::fs::write(c.nodes[0].dir.join("bad"), text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_block_is_served_from_the_peer_and_rewritten_without_a_detach() {
+    let Some((c, _disk, uri)) = bad_volume().await else { return };
+    let v = c.nodes[0].mgr.volume("data").await.unwrap();
+    mark_bad(&c, &[(MIB, 4096), (5 * MIB + 8192, 4096)]);
+    // Both reads return the data written before; the second one (64 KiB)
+    // holds one bad block among good ones.
+    qemu_io(&uri, &["read -P 0x3c 1M 4k", "read -P 0x3c 5M 64k"]).await;
+    let st = c.nodes[0].mgr.status("data").unwrap();
+    assert_eq!((st.read_errors, st.repaired_blocks), (2, 2), "{st:?}");
+    assert_eq!(st.replicas[0].disk, DiskState::UpToDate, "not detached: {st:?}");
+    assert_eq!(std::fs::read_to_string(c.nodes[0].dir.join("bad")).unwrap(), "", "both blocks were rewritten");
+    // Healed: read again, locally, without an error.
+    let (local, ..) = v.read_counters();
+    qemu_io(&uri, &["read -P 0x3c 1M 4k", "read -P 0x3c 5M 64k"]).await;
+    assert_eq!(v.read_counters(), (local + 2, 2, 2));
+    assert_ne!(c.control.last("n1"), Some(DiskState::Diskless));
+    // Errors past the threshold (8 within 60 s) detach the disk as before.
+    mark_bad(&c, &(0..8).map(|k| (8 * MIB + k * MIB / 4, 4096)).collect::<Vec<_>>());
+    for k in 0..8 {
+        qemu_io(&uri, &[&format!("read -P 0x3c {} 4k", 8 * MIB + k * MIB / 4)]).await;
+    }
+    let st = c.nodes[0].mgr.status("data").unwrap();
+    assert_eq!((st.read_errors, st.repaired_blocks), (9, 8), "{st:?}");
+    assert_eq!(st.replicas[0].disk, DiskState::Diskless, "the 9th error within 60 s detaches: {st:?}");
+    // Still served, from n2.
+    qemu_io(&uri, &["read -P 0x3c 0 1M"]).await;
+    c.nodes[0].mgr.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_still_bad_after_its_rewrite_detaches_the_disk() {
+    let Some((c, _disk, uri)) = bad_volume().await else { return };
+    std::fs::write(c.nodes[0].dir.join("sticky"), "").unwrap();
+    mark_bad(&c, &[(3 * MIB, 4096)]);
+    // The client still gets the right data (n2's copy).
+    qemu_io(&uri, &["read -P 0x3c 3M 4k"]).await;
+    let st = c.nodes[0].mgr.status("data").unwrap();
+    assert_eq!((st.read_errors, st.repaired_blocks), (1, 0), "{st:?}");
+    assert_eq!(st.replicas[0].disk, DiskState::Diskless, "{st:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.control.last("n1") != Some(DiskState::Diskless) {
+        assert!(Instant::now() < deadline, "{:?}", c.control.log.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    qemu_io(&uri, &["read -P 0x3c 0 4M"]).await;
+    c.nodes[0].mgr.shutdown().await;
 }

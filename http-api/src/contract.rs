@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use tandem_raft::error::MAX_NAME_LEN;
 use tandem_raft::group::{FSTYPES, MAX_RESOURCES, STOP_SIGNALS};
 use tandem_raft::state::{MAX_ADDRESSES, MAX_ATTRIBUTE_VALUE_LEN};
-use tandem_raft::volume::{SplitBrainPolicy, MAX_REPLICAS, MAX_VOLUME_BYTES};
+use tandem_raft::volume::{ReadBalancing, SplitBrainPolicy, MAX_REPLICAS, MAX_VOLUME_BYTES};
 use utoipa::OpenApi;
 
 use crate::{ApiDoc, ApiError};
@@ -635,6 +635,8 @@ pub fn group_schema() -> Value {
                 ], "description": "Bytes per bit of the out-of-sync bitmap: a power of two from 4KiB to 1MiB (null: 4KiB)."},
             "nbd_tcp": {"type": "boolean", "default": false},
             "async_failover": {"type": "boolean", "default": false},
+            "read_balancing": {"type": "string", "enum": read_balancing_names(), "default": "prefer-local",
+                "description": "Which replica serves reads on the primary: the local disk, or an in-sync sync peer (striping: 1MiB stripes). May change while the volume runs."},
         }),
     );
     let filesystem = resource(
@@ -718,6 +720,10 @@ pub fn group_view_schema() -> Value {
 
 fn split_brain_names() -> Vec<Value> {
     SplitBrainPolicy::ALL.iter().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)).collect()
+}
+
+fn read_balancing_names() -> Vec<Value> {
+    ReadBalancing::ALL.iter().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)).collect()
 }
 
 /// `address/prefix`: a dotted IPv4 address with a prefix of 0-32, or an
@@ -1081,6 +1087,9 @@ mod tests {
         let names = split_brain_names();
         assert_eq!(names.len(), SplitBrainPolicy::ALL.len());
         assert!(names.iter().all(Value::is_string));
+        let reads = read_balancing_names();
+        assert_eq!(reads.len(), ReadBalancing::ALL.len());
+        assert!(reads.iter().all(Value::is_string));
         assert_eq!(g["GroupSpec"]["required"], json!(["resources", "nodes"]));
     }
 
@@ -1098,7 +1107,7 @@ mod tests {
             json!({"name": "s", "type": "systemd", "unit": "nginx.service"}),
             json!({"name": "v", "type": "vip", "address": "10.0.0.100/32", "interface": "eth0:1", "backup_interfaces": ["~!"]}),
             json!({"name": "v6", "type": "vip", "address": "fd00::10/128", "interface": "eth1"}),
-            json!({"name": "d", "type": "volume", "size": "16TiB", "rate": "1MiB/s", "granularity": "1MiB", "split_brain": "discard-least-changes"}),
+            json!({"name": "d", "type": "volume", "size": "16TiB", "rate": "1MiB/s", "granularity": "1MiB", "split_brain": "discard-least-changes", "read_balancing": "when-congested-remote"}),
             json!({"name": "f", "type": "filesystem", "volume": "d", "mountpoint": "/srv/x.y", "fstype": "xfs", "options": "noatime,data=ordered", "owner": "a:b"}),
         ];
         let spec: tandem_raft::group::GroupSpec =

@@ -492,6 +492,11 @@ pub struct ReplicaView {
     pub lag_bytes: Option<u64>,
     /// Why it is disconnected or refused, when it is.
     pub last_error: Option<String>,
+    /// Client reads it was given since its primary started: on the
+    /// primary's own row those its disk served, on a peer's those sent to it
+    /// (read balancing, bad-block repair, a `Diskless` primary).
+    #[serde(default)]
+    pub reads: u64,
 }
 
 /// What one node's data plane knows about a volume
@@ -515,6 +520,15 @@ pub struct LocalVolumeStatus {
     /// from its primary, the newest write it received.
     #[serde(default)]
     pub newest_write_ms: Option<u64>,
+    /// The primary's read balancing policy.
+    #[serde(default)]
+    pub read_balancing: Option<String>,
+    /// Local read errors on the primary since it started.
+    #[serde(default)]
+    pub read_errors: u64,
+    /// Blocks the primary rewrote from a peer's copy after a read error.
+    #[serde(default)]
+    pub repaired_blocks: u64,
 }
 
 /// Outcome of an online verify.
@@ -576,6 +590,19 @@ pub struct VolumeView {
     /// Each replica's disk state as the replicated state records it, by node:
     /// the group only ever starts on a replica recorded `UpToDate`.
     pub recorded_disks: BTreeMap<String, String>,
+    /// Which replica serves reads on the primary (the definition's
+    /// `read_balancing`).
+    #[serde(default)]
+    pub read_balancing: String,
+    /// Local read errors on the primary since it started (null without a
+    /// live primary). Each is repaired from an in-sync peer when it can be;
+    /// the disk is detached past 8 within 60 s or when a repair fails.
+    #[serde(default)]
+    pub read_errors: Option<u64>,
+    /// Blocks the primary rewrote from a peer's copy after a read error and
+    /// read back fine (null without a live primary).
+    #[serde(default)]
+    pub repaired_blocks: Option<u64>,
 }
 
 /// `POST /v1/volumes/{name}/promote`: the replica to promote by force and,

@@ -854,13 +854,14 @@ mod tests {
         assert_eq!(v.replicas, 2);
         assert_eq!(v.split_brain, crate::volume::SplitBrainPolicy::Disconnect);
         assert_eq!((v.rate_bytes(), v.granularity_bytes(), v.nbd_tcp, v.async_failover), (None, 4096, false, false));
+        assert_eq!(v.read_balancing, crate::volume::ReadBalancing::PreferLocal);
         assert_eq!(replica_nodes(&s), vec!["node1".to_string(), "node2".to_string()]);
         assert!(validate_group("g", &s, &nodes(), &BTreeMap::new()).is_ok());
         // Every field, and a size given as a JSON number of bytes.
         let full = spec(&vol(
             r#", "size": 1073741824, "mode": "async", "modes": {"node2": "sync"}, "replicas": 3,
                "split_brain": "discard-younger-primary", "rate": "100MiB/s", "granularity": "64KiB", "nbd_tcp": true,
-               "async_failover": true"#,
+               "async_failover": true, "read_balancing": "least-pending""#,
             r#""node3", "node2", "node1""#,
         ));
         assert!(validate_group("g", &full, &nodes(), &BTreeMap::new()).is_ok());
@@ -870,6 +871,7 @@ mod tests {
         assert_eq!(v.mode_for("node2"), crate::volume::ReplicationMode::Sync);
         assert_eq!(v.mode_for("node1"), crate::volume::ReplicationMode::Async);
         assert!(v.async_failover);
+        assert_eq!(v.read_balancing, crate::volume::ReadBalancing::LeastPending);
         assert_eq!(replica_nodes(&full), vec!["node3", "node2", "node1"]);
         assert!(replica_nodes(&spec(MINIMAL)).is_empty());
         // The definition reads back as written.
@@ -883,6 +885,8 @@ mod tests {
             vol(r#", "size": "1GiB", "colour": "red""#, r#""node1""#),
             vol(r#", "size": "1GiB", "mode": "semi""#, r#""node1""#),
             vol(r#", "size": "1GiB", "split_brain": "coin-toss""#, r#""node1""#),
+            vol(r#", "size": "1GiB", "read_balancing": "prefer-remote""#, r#""node1""#),
+            vol(r#", "size": "1GiB", "read_balancing": 1"#, r#""node1""#),
             vol(r#", "size": "1GiB", "replicas": -1"#, r#""node1""#),
             vol(r#", "size": true"#, r#""node1""#),
             vol("", r#""node1""#),

@@ -88,6 +88,49 @@ impl SplitBrainPolicy {
     ];
 }
 
+/// Which replica serves a client read on the primary (DRBD's
+/// `read-balancing`). Only the primary's own disk and peers that are sync,
+/// in sync and streaming (so `UpToDate`) are candidates; with none of those,
+/// reads are local. A read sent to a peer goes on its link after every write
+/// enqueued before it, so it never returns data older than an acknowledged
+/// write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadBalancing {
+    /// The local disk, always (peers only once it is detached).
+    #[default]
+    PreferLocal,
+    /// The local disk and each eligible peer in turn.
+    RoundRobin,
+    /// Whichever has the fewest requests in flight: the local disk's reads
+    /// against a peer's frames on its link (a tie stays local).
+    LeastPending,
+    /// The local disk until it has `READ_CONGESTED` reads in flight, then
+    /// the least busy peer.
+    WhenCongestedRemote,
+    /// By extent: `offset / READ_STRIPE_BYTES` picks the local disk or a
+    /// peer, round the candidates (each serves its own stripes).
+    Striping,
+}
+
+impl ReadBalancing {
+    pub const ALL: [ReadBalancing; 5] = [
+        ReadBalancing::PreferLocal,
+        ReadBalancing::RoundRobin,
+        ReadBalancing::LeastPending,
+        ReadBalancing::WhenCongestedRemote,
+        ReadBalancing::Striping,
+    ];
+}
+
+/// The stripe of `striping` read balancing: 1 MiB (a multiple of every
+/// bitmap granularity, large enough that sequential reads stay on one
+/// replica for a while).
+pub const READ_STRIPE_BYTES: u64 = 1 << 20;
+/// Local reads in flight from which `when-congested-remote` reads from a
+/// peer.
+pub const READ_CONGESTED: u64 = 8;
+
 /// What a volume's primary last recorded of a replica's out-of-sync bytes
 /// (its bitmap for that replica), and when: what a forced promotion of that
 /// replica gives up is thereby known even once the primary is gone.
@@ -230,6 +273,10 @@ pub struct VolumeSpec {
     /// the group waits for the primary's node).
     #[serde(default)]
     pub async_failover: bool,
+    /// Which replica serves reads on the primary (see [`ReadBalancing`]);
+    /// may change while the volume runs.
+    #[serde(default)]
+    pub read_balancing: ReadBalancing,
 }
 
 fn default_replicas() -> u8 {

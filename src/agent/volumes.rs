@@ -163,6 +163,7 @@ pub(super) fn volume_view(
                 resync: None,
                 lag_bytes: None,
                 last_error: Some(why),
+                reads: 0,
                 node,
             }
         })
@@ -179,8 +180,14 @@ pub(super) fn volume_view(
         nbd: live.as_ref().and_then(|l| l.nbd.clone()),
         replicas,
         generation: live.as_ref().map(|l| l.generation.clone()),
+        read_errors: live.as_ref().map(|l| l.read_errors),
+        repaired_blocks: live.as_ref().map(|l| l.repaired_blocks),
         verify: live.and_then(|l| l.verify),
         recorded_disks: recorded.iter().map(|(n, d)| (n.clone(), d.to_string())).collect(),
+        read_balancing: serde_json::to_value(spec.read_balancing)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
         name,
     }
 }
@@ -415,15 +422,21 @@ mod volume_api_tests {
                 resync: None,
                 lag_bytes: None,
                 last_error: None,
+                reads: 0,
             }],
             generation: "00ff".into(),
             verify: None,
             newest_write_ms: None,
+            read_balancing: None,
+            read_errors: 1,
+            repaired_blocks: 1,
         };
         let v = view(&s, Ok(live.clone()));
         assert_eq!((v.size_bytes, v.growing_to_bytes), (1 << 30, None));
         assert_eq!(v.replicas[0].connection, ConnectionState::Connected);
         assert_eq!(v.generation.as_deref(), Some("00ff"));
+        assert_eq!((v.read_errors, v.repaired_blocks), (Some(1), Some(1)));
+        assert_eq!(v.read_balancing, "prefer-local");
         assert!(v.nbd.is_some());
         // A replica the primary leaves out still shows, with why.
         assert_eq!(v.replicas[1].node, "n2");

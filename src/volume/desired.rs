@@ -69,6 +69,7 @@ pub fn desired_volumes(state: &ClusterState, me: &str) -> Vec<DesiredVolume> {
                 async_failover: v.async_failover,
                 replaced: g.replaced(&r.name, me),
                 forced_epoch: g.forced_promotions.get(&r.name).copied().unwrap_or(0),
+                read_balancing: v.read_balancing,
             },
             nbd_tcp: v.nbd_tcp,
         });

@@ -146,6 +146,9 @@ impl VolumeManager {
             if let Some(h) = held.get_mut(&name) {
                 h.volume.set_forced_epoch(d.config.forced_epoch);
                 h.config.forced_epoch = d.config.forced_epoch;
+                // Read balancing changes live, even on a serving primary.
+                h.volume.set_read_balancing(d.config.read_balancing);
+                h.config.read_balancing = d.config.read_balancing;
                 h.config.size = d.config.size;
                 if d.config.size > h.volume.exported_size() {
                     // In the background: a primary waits for its peers.

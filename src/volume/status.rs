@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use tandem_raft::volume::{DiskState, ReplicationMode};
+use tandem_raft::volume::{DiskState, ReadBalancing, ReplicationMode};
 
 use super::generation::GenId;
 
@@ -66,6 +66,9 @@ pub struct ReplicaStatus {
     pub lag_bytes: Option<u64>,
     /// Why it is disconnected or refused, when it is.
     pub last_error: Option<String>,
+    /// Client reads it was given since this primary started: the primary's
+    /// own row counts those its disk served, a peer's those sent to it.
+    pub reads: u64,
 }
 
 /// What this node's data plane knows about a volume: from the primary every
@@ -84,6 +87,12 @@ pub struct VolumeStatus {
     pub verify: Option<VerifyOutcome>,
     /// When the local data last changed (ms since the Unix epoch).
     pub newest_write_ms: Option<u64>,
+    /// The primary's read balancing policy.
+    pub read_balancing: ReadBalancing,
+    /// Local read errors on the primary since it started.
+    pub read_errors: u64,
+    /// Blocks the primary rewrote from a peer's copy after a read error.
+    pub repaired_blocks: u64,
 }
 
 /// Where an online verify is.

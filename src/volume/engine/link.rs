@@ -97,6 +97,9 @@ pub(super) struct LinkState {
     /// The peer's replacement number, as its last handshake said: what a
     /// record of its disk names.
     pub(super) peer_replaced: u64,
+    /// Client reads sent to this peer (read balancing, repairs, a diskless
+    /// primary) since this primary started.
+    pub(super) reads_served: u64,
 }
 
 impl Link {
@@ -124,6 +127,7 @@ impl Link {
                 bytes_sent: 0,
                 last_resync: None,
                 peer_replaced: 0,
+                reads_served: 0,
             }),
             wake: Notify::new(),
             resolved: Notify::new(),

@@ -1,8 +1,10 @@
 //! One replica of one volume, as a running thing. This file owns the
 //! [`Volume`] itself (its configuration, role, lease and replica) and the
 //! role changes: open, promote, demote, halt, close. The rest is split by role:
-//! - `primary`: the primary's I/O path (read, write, trim, flush, the disk
+//! - `primary`: the primary's write path (write, trim, flush, the disk
 //!   detach, recording a peer that missed a write);
+//! - `reads`: the primary's read path (read balancing between the local
+//!   disk and in-sync peers, bad-block repair from a peer);
 //! - `link`: the primary's link to each peer (dial, handshake, live stream,
 //!   the async-peer recording, split-brain parking and resolve);
 //! - `resync`: sending a peer what its bitmap says it lacks;
@@ -49,6 +51,7 @@
 
 mod link;
 mod primary;
+mod reads;
 mod resync;
 mod secondary;
 mod status;
@@ -64,7 +67,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_raft::volume::{DiskState, ReplicationMode, SplitBrainPolicy};
+use tandem_raft::volume::{DiskState, ReadBalancing, ReplicationMode, SplitBrainPolicy};
 use tokio::sync::watch;
 
 use self::link::Link;
@@ -135,6 +138,9 @@ pub struct VolumeConfig {
     /// force (0: never); see [`super::handshake`]. It may change while the
     /// volume is open ([`Volume::set_forced_epoch`]).
     pub forced_epoch: u64,
+    /// Which replica serves the primary's reads; it may change while the
+    /// volume is open ([`Volume::set_read_balancing`]).
+    pub read_balancing: ReadBalancing,
 }
 
 /// Where the data plane records replica disk states: the control plane,
@@ -216,6 +222,8 @@ pub struct Volume {
     /// Seconds each client write took on the local disk (for `GET
     /// /metrics`; set when the agent exports the volume).
     pub(crate) local_write_seconds: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    /// The read path's policy and counters (see `reads`).
+    reads: reads::ReadState,
 }
 
 /// Whether the node's lease holds right now.
@@ -248,6 +256,7 @@ impl Volume {
         let data = replica.data();
         let links = cfg.peers.iter().map(|p| (p.node.clone(), Arc::new(Link::new(p)))).collect();
         let (role, _) = watch::channel(Role::Secondary);
+        let cfg_read_balancing = cfg.read_balancing;
         Ok(Arc::new(Volume {
             forced_epoch: AtomicU64::new(cfg.forced_epoch),
             size: AtomicU64::new(size),
@@ -267,6 +276,7 @@ impl Volume {
             detached: AtomicBool::new(false),
             lease,
             local_write_seconds: Default::default(),
+            reads: reads::ReadState::new(cfg_read_balancing),
         }))
     }
 
@@ -274,6 +284,11 @@ impl Volume {
     /// connection to a peer on.
     pub fn set_forced_epoch(&self, epoch: u64) {
         self.forced_epoch.store(epoch, Ordering::Relaxed);
+    }
+
+    /// The read balancing policy, used from the next read on.
+    pub fn set_read_balancing(&self, policy: ReadBalancing) {
+        *self.reads.policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
     }
 
     /// New endpoints for a peer, used from its next connection on.

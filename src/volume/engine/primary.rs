@@ -1,5 +1,5 @@
-//! The primary's I/O path, as the NBD export calls it: read, write, trim,
-//! write-zeroes, flush. A request is applied locally and enqueued to every
+//! The primary's write path, as the NBD export calls it: write, trim,
+//! write-zeroes, flush (reads: `reads`). A request is applied locally and enqueued to every
 //! streaming peer under the write-order lock, then waits for every sync
 //! peer, or for that peer to be recorded `Outdated`. A failing local disk is
 //! detached here (the primary then serves through its peers).
@@ -22,27 +22,12 @@ use crate::volume::status::Connection;
 use crate::volume::wire::Message;
 
 impl Volume {
-    fn primary_epoch(&self) -> io::Result<u64> {
+    pub(super) fn primary_epoch(&self) -> io::Result<u64> {
         let epoch = self.epoch().ok_or_else(|| io::Error::from_raw_os_error(libc::EROFS))?;
         if !(self.lease)() {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         Ok(epoch)
-    }
-
-    /// A client read: from the local disk; if that fails (or was detached
-    /// before), from an in-sync peer, transparently.
-    pub async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-        let epoch = self.primary_epoch()?;
-        self.check_client_range(offset, u64::from(len))?;
-        if !self.detached() {
-            let mut buf = vec![0u8; len as usize];
-            match self.data.read_exact_at(&mut buf, offset) {
-                Ok(()) => return Ok(buf),
-                Err(e) => self.detach(&format!("read at {offset}: {e}"), epoch),
-            }
-        }
-        self.read_from_peer(offset, len).await
     }
 
     pub(super) fn detached(&self) -> bool {
@@ -52,7 +37,7 @@ impl Volume {
     /// The local disk failed: stop using it (the primary goes `Diskless`,
     /// serving through its peers), raise an alert, and tell the control
     /// plane, which then moves the group to an up-to-date replica.
-    fn detach(&self, why: &str, epoch: u64) {
+    pub(super) fn detach(&self, why: &str, epoch: u64) {
         if self.detached.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -76,32 +61,6 @@ impl Volume {
                 }
             }
         });
-    }
-
-    /// Reads through the first in-sync peer (in order with the writes).
-    async fn read_from_peer(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-        let rx = {
-            let _order = self.order.lock().await;
-            let mut found = None;
-            for link in self.links.values() {
-                let mut st = link.st.lock().unwrap_or_else(|p| p.into_inner());
-                if !st.in_sync {
-                    continue;
-                }
-                let (tx, rx) = oneshot::channel();
-                let msg = Message::ReadRequest { offset, len };
-                if link.send(&mut st, &msg, Inflight { range: None, bytes: 0, resync: false, done: Some(tx) }).is_some()
-                {
-                    found = Some(rx);
-                    break;
-                }
-            }
-            found.ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?
-        };
-        match rx.await {
-            Ok(Ok(Reply::Data(d))) if d.len() == len as usize => Ok(d.to_vec()),
-            _ => Err(io::Error::from_raw_os_error(libc::EIO)),
-        }
     }
 
     /// A client write: local, then every streaming peer; waits for every

@@ -26,6 +26,7 @@ impl Volume {
             (r.meta.disk, r.meta.current, oos, r.data_modified_ms())
         };
         let primary = self.is_primary();
+        let (local_reads, read_errors, repaired_blocks) = self.read_counters();
         let role = if primary { ReplicaRole::Primary } else { ReplicaRole::Secondary };
         let mut replicas = vec![ReplicaStatus {
             node: self.cfg.node.clone(),
@@ -48,6 +49,7 @@ impl Volume {
             lag_bytes: None,
             // This replica's own trouble: a grow it could not make.
             last_error: self.grow_error(),
+            reads: local_reads,
         }];
         if primary {
             for (node, link) in &self.links {
@@ -73,6 +75,7 @@ impl Volume {
                     }),
                     lag_bytes: (link.cfg.mode == ReplicationMode::Async).then_some(st.inflight_bytes + oos),
                     last_error: st.last_error.clone(),
+                    reads: st.reads_served,
                 });
             }
         }
@@ -85,6 +88,9 @@ impl Volume {
             generation: current,
             verify: self.verify_report(),
             newest_write_ms,
+            read_balancing: *self.reads.policy.lock().unwrap_or_else(|p| p.into_inner()),
+            read_errors,
+            repaired_blocks,
         }
     }
 
