@@ -103,7 +103,8 @@ fn fio(uri: &str, seconds: u64) -> Fio {
         .expect("fio (apt-get install fio)");
     let text = String::from_utf8_lossy(&out.stdout);
     let start = text.find('{').unwrap_or(0);
-    let v: serde_json::Value = serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("fio output: {e}: {text}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("fio output: {e}: {text}"));
     let j = &v["jobs"][0]["read"];
     let pct = |p: &str| j["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
     Fio { iops: j["iops"].as_f64().unwrap_or(0.0), p50_us: pct("50.000000"), p99_us: pct("99.000000") }

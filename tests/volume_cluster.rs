@@ -454,3 +454,46 @@ async fn a_volume_grows_online_on_every_replica_and_fails_over_grown() {
     assert!(read_ok(&uri2, 767 * 65536, 0x7f).await, "the new last block lost after the failover");
     assert_eq!(volume(&c).await["size_bytes"], 48u64 << 20);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_balancing_changes_live_and_the_volume_view_counts_reads_per_replica() {
+    let spec = |policy: &str| {
+        json!({
+            "resources": [{"name": "data", "type": "volume", "size": "16MiB", "replicas": 2, "read_balancing": policy}],
+            "nodes": ["n1", "n2", "n3"],
+        })
+    };
+    let (c, uri) = running(spec("prefer-local")).await;
+    let pattern = |i: u64| (i % 200) as u8 + 0x21;
+    assert_eq!(write_blocks(&uri, 0, 8, pattern).await.len(), 8);
+    for i in 0..8 {
+        assert!(read_ok(&uri, i * 65536, pattern(i)).await);
+    }
+    let v = volume(&c).await;
+    assert_eq!(v["read_balancing"], "prefer-local", "{v}");
+    assert_eq!((v["read_errors"].as_u64(), v["repaired_blocks"].as_u64()), (Some(0), Some(0)), "{v}");
+    assert!(v["replicas"][0]["reads"].as_u64() >= Some(8), "{v}");
+    assert_eq!(v["replicas"][1]["reads"], 0, "{v}");
+    // A policy that is not one is refused, naming the ones that are.
+    let url = format!("{}/v1/groups/db", c.nodes[1].url());
+    let (st, e) = put(&url, spec("fastest")).await;
+    assert!((400..500).contains(&st) && e.to_string().contains("round-robin"), "{st} {e}");
+    // Changed while the group runs: the primary is not restarted, and
+    // round-robin sends every other read to n2, which has every write.
+    let (st, v) = put(&url, spec("round-robin")).await;
+    assert_eq!(st, 200, "{v}");
+    wait_until(Duration::from_secs(10), "round-robin in the view", || async {
+        volume(&c).await["read_balancing"] == "round-robin"
+    })
+    .await;
+    assert_eq!(write_blocks(&uri, 8, 8, pattern).await.len(), 8);
+    // Applied to the primary within its next volume round (1 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 0..16 {
+        assert!(read_ok(&uri, i * 65536, pattern(i)).await, "block {i}");
+    }
+    let v = volume(&c).await;
+    assert!(v["replicas"][1]["reads"].as_u64() >= Some(4), "{v}");
+    let log = strip_ansi(&std::fs::read_to_string(c.node("n1").log_path()).unwrap_or_default());
+    assert!(!log.contains("demoted to secondary"), "the volume was restarted for a read policy");
+}

@@ -576,8 +576,9 @@ use action::*;
 use slot::*;
 
 /// Whether a running resource carries on under its new definition `b`: the
-/// same, or a volume whose only change is a larger size (the data plane
-/// grows it online, under its application: see `crate::volume::engine`).
+/// same, or a volume whose only changes are a larger size (the data plane
+/// grows it online, under its application: see `crate::volume::engine`)
+/// and its read balancing (applied live by the volume manager).
 fn carries_on(a: &ResourceSpec, b: &ResourceSpec) -> bool {
     if a == b {
         return true;
@@ -589,6 +590,7 @@ fn carries_on(a: &ResourceSpec, b: &ResourceSpec) -> bool {
     let mut grown = a.clone();
     if let ResourceKind::Volume(v) = &mut grown.kind {
         v.size = y.size.clone();
+        v.read_balancing = y.read_balancing;
     }
     grown == *b
 }
@@ -611,6 +613,12 @@ mod tests {
             s.size = "2048MiB".into();
         }
         assert!(carries_on(&v, &grown));
+        // The read balancing too (with the size or not).
+        let mut reads = grown.clone();
+        if let ResourceKind::Volume(s) = &mut reads.kind {
+            s.read_balancing = tandem_raft::volume::ReadBalancing::Striping;
+        }
+        assert!(carries_on(&v, &reads) && carries_on(&grown, &reads));
         // Smaller, or anything else changed too: restarted.
         assert!(!carries_on(&grown, &v));
         let mut other = grown.clone();
