@@ -14,6 +14,10 @@
 //! `FAILOVER_BENCH_HAPROXY_INTER` sets HAProxy's check interval (default
 //! `200ms`); `FAILOVER_BENCH_HAPROXY=0` measures the VIP alone.
 //!
+//! `FAILOVER_BENCH_FAST=1` also measures, in the same run, tandem with the
+//! fast profile of docs/config.md (without and with a fence command) and
+//! keepalived at `advert_int 0.1`.
+//!
 //! `FAILOVER_BENCH_FENCE=1` also measures, in the same run, a second tandem
 //! cluster (VIP only) with a fence command: it kills the lost node's
 //! session (what is left of it: the power is already off) and confirms, so
@@ -253,10 +257,17 @@ fn fence_script(dir: &Path) -> PathBuf {
     path
 }
 
-fn tandem_runs(runs: usize, dir: &Path, with_lb: bool, fence: bool) -> TandemResult {
+/// The fast profile of docs/config.md (its `[fencing]` section last, for a
+/// fence command to be added to it).
+const FAST_PROFILE: &str = "[raft]\nheartbeat_interval_ms = 50\nelection_timeout_min_ms = 250\n\
+election_timeout_max_ms = 350\n[liveness]\nheartbeat_interval_ms = 50\nnode_timeout_ms = 250\n\
+[fencing]\nlease_ms = 300\nmargin_ms = 250\n";
+
+fn tandem_runs(runs: usize, dir: &Path, with_lb: bool, fence: bool, fast: bool) -> TandemResult {
+    let profile = if fast { FAST_PROFILE } else { "[fencing]\n" };
     let fencing = match fence {
-        true => format!("[fencing]\nfence_command = [\"{}\"]\n", fence_script(dir).display()),
-        false => String::new(),
+        true => format!("{profile}fence_command = [\"{}\"]\n", fence_script(dir).display()),
+        false => profile.to_string(),
     };
     let mut net = Net::new();
     let mut hosts = Vec::new();
@@ -395,7 +406,7 @@ fn tandem_runs(runs: usize, dir: &Path, with_lb: bool, fence: bool) -> TandemRes
     out
 }
 
-fn keepalived_runs(runs: usize, dir: &Path) -> Vec<Duration> {
+fn keepalived_runs(runs: usize, dir: &Path, advert_int: &str) -> Vec<Duration> {
     let mut net = Net::new();
     let hosts: Vec<(String, String)> = (1..=2u8).map(|i| net.host(i)).collect();
     let (client, _) = net.host(9);
@@ -406,7 +417,7 @@ fn keepalived_runs(runs: usize, dir: &Path) -> Vec<Duration> {
         std::fs::write(
             &path,
             format!(
-                "global_defs {{\n  router_id k{n}\n  enable_script_security\n}}\nvrrp_instance VI_1 {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {prio}\n  advert_int 1\n  virtual_ipaddress {{\n    {vip}/24\n  }}\n}}\n",
+                "global_defs {{\n  router_id k{n}\n  enable_script_security\n}}\nvrrp_instance VI_1 {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {prio}\n  advert_int {advert_int}\n  virtual_ipaddress {{\n    {vip}/24\n  }}\n}}\n",
                 n = i + 1
             ),
         )
@@ -563,17 +574,31 @@ fn main() {
     if runs > 0 {
         // FAILOVER_BENCH_HAPROXY=0 measures the VIP alone, as before HAProxy.
         let with_lb = std::env::var("FAILOVER_BENCH_HAPROXY").map_or(true, |v| v != "0");
-        let t = tandem_runs(runs, dir, with_lb, false);
+        let t = tandem_runs(runs, dir, with_lb, false, false);
         // FAILOVER_BENCH_FENCE=1: the same with a fence command that confirms.
         let fenced = match std::env::var("FAILOVER_BENCH_FENCE").is_ok_and(|v| v == "1") {
             true => {
                 let d = dir.join("fenced");
                 std::fs::create_dir_all(&d).unwrap();
-                Some(tandem_runs(runs, &d, false, true).vip)
+                Some(tandem_runs(runs, &d, false, true, false).vip)
             }
             false => None,
         };
-        let k = keepalived_runs(runs, dir);
+        // FAILOVER_BENCH_FAST=1: the fast profile, alone and with a fence
+        // command, and keepalived at its fastest usual setting.
+        let fast = match std::env::var("FAILOVER_BENCH_FAST").is_ok_and(|v| v == "1") {
+            true => {
+                let (d, e, k) = (dir.join("fast"), dir.join("fast-fenced"), dir.join("k-fast"));
+                for d in [&d, &e, &k] {
+                    std::fs::create_dir_all(d).unwrap();
+                }
+                let alone = tandem_runs(runs, &d, false, false, true).vip;
+                let fenced = tandem_runs(runs, &e, false, true, true).vip;
+                Some((alone, fenced, keepalived_runs(runs, &k, "0.1")))
+            }
+            false => None,
+        };
+        let k = keepalived_runs(runs, dir, "1");
         let inter = std::env::var("FAILOVER_BENCH_HAPROXY_INTER").unwrap_or_else(|_| "200ms".into());
         println!("Client outage after power loss of the serving node ({runs} runs each, ms):\n");
         println!("| peer | runs | min | p50 | p99 | max |");
@@ -590,6 +615,14 @@ fn main() {
             );
         }
         println!("{}", stats("keepalived 2.2.7 (advert_int 1)", k.clone()));
+        if let Some((alone, fenced, k_fast)) = &fast {
+            println!("{}", stats("tandem, fast profile, through the VIP", alone.clone()));
+            println!(
+                "{}",
+                stats("tandem, fast profile + a fence command that confirms, through the VIP", fenced.clone())
+            );
+            println!("{}", stats("keepalived 2.2.7 (advert_int 0.1)", k_fast.clone()));
+        }
         let med = |mut d: Vec<Duration>| {
             d.sort();
             d[d.len() / 2].as_secs_f64()
@@ -597,6 +630,13 @@ fn main() {
         println!("\nratio of medians tandem (VIP) / keepalived: {:.2}", med(t.vip.clone()) / med(k));
         if let Some(f) = fenced {
             println!("ratio of medians tandem fenced / tandem default (VIP): {:.2}", med(f) / med(t.vip.clone()));
+        }
+        if let Some((alone, fenced, k_fast)) = fast {
+            println!(
+                "ratio of medians to keepalived advert_int 0.1: fast profile {:.2}, fast profile fenced {:.2}",
+                med(alone) / med(k_fast.clone()),
+                med(fenced) / med(k_fast)
+            );
         }
         if !lb.is_empty() {
             let max = |d: &[Duration]| d.iter().max().copied().unwrap_or_default().as_secs_f64();

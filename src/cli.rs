@@ -21,6 +21,9 @@ pub const EXIT_UNREACHABLE: u8 = 3;
 pub const EXIT_UNAVAILABLE: u8 = 4;
 pub const EXIT_SERVER: u8 = 5;
 pub const EXIT_CONFIG: u8 = 6;
+/// The agent stopped on a failure of its storage (a full data disk): its
+/// supervisor restarts it.
+pub const EXIT_STORAGE: u8 = 7;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {

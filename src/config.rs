@@ -65,6 +65,89 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub filesystem: FilesystemConfig,
+    /// The ticket between this cluster's site and another cluster's, with
+    /// an arbitrator (docs/dr.md). Not set: no ticket.
+    #[serde(default)]
+    pub ticket: Option<TicketConfig>,
+}
+
+/// `[ticket]`: this cluster's part in the ticket between two sites.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketConfig {
+    /// This cluster's site in the ticket.
+    pub site: String,
+    /// The key the three participants share (at least 32 bytes).
+    pub key_file: PathBuf,
+    /// The other site's cluster: its name and its nodes' API URLs.
+    pub other_site: TicketPeer,
+    /// The arbitrator: its name and URL(s).
+    pub arbitrator: TicketPeer,
+    /// Ask for the ticket from the start (and take it when the other site
+    /// lets it lapse). `false`: only once told (`POST /v1/ticket/acquire`).
+    #[serde(default = "default_true")]
+    pub acquire: bool,
+    /// The ticket's timing (`TicketTiming`), the same on all three.
+    #[serde(default = "default_ticket_lease")]
+    pub lease_ms: u64,
+    #[serde(default = "default_ticket_margin")]
+    pub margin_ms: u64,
+    #[serde(default = "default_ticket_renew")]
+    pub renew_ms: u64,
+}
+
+impl TicketConfig {
+    pub fn timing(&self) -> crate::ticket::Timing {
+        crate::ticket::Timing { lease_ms: self.lease_ms, margin_ms: self.margin_ms, renew_ms: self.renew_ms }
+    }
+}
+
+fn default_ticket_lease() -> u64 {
+    crate::ticket::Timing::DEFAULT.lease_ms
+}
+
+fn default_ticket_margin() -> u64 {
+    crate::ticket::Timing::DEFAULT.margin_ms
+}
+
+fn default_ticket_renew() -> u64 {
+    crate::ticket::Timing::DEFAULT.renew_ms
+}
+
+/// Another participant of the ticket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketPeer {
+    pub name: String,
+    /// Tried in order until one answers (a site's leader answers).
+    pub urls: Vec<String>,
+}
+
+/// The ticket's timing: the same on the three participants (a request
+/// with another lease or margin is refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TicketTiming {
+    pub lease_ms: u64,
+    pub margin_ms: u64,
+    pub renew_ms: u64,
+}
+
+impl Default for TicketTiming {
+    fn default() -> Self {
+        let t = crate::ticket::Timing::DEFAULT;
+        TicketTiming { lease_ms: t.lease_ms, margin_ms: t.margin_ms, renew_ms: t.renew_ms }
+    }
+}
+
+impl TicketTiming {
+    pub fn timing(&self) -> crate::ticket::Timing {
+        crate::ticket::Timing { lease_ms: self.lease_ms, margin_ms: self.margin_ms, renew_ms: self.renew_ms }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `[tls]`: TLS on every TCP connection (see docs/security.md).
@@ -460,6 +543,27 @@ impl Config {
         if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             return Err(bad("log.level", format!("{:?} is not a tracing filter", self.log.level)));
         }
+        if let Some(t) = &self.ticket {
+            validate_name("ticket.site", &t.site).map_err(|e| bad("ticket.site", reason(e)))?;
+            for (key, peer) in [("ticket.other_site", &t.other_site), ("ticket.arbitrator", &t.arbitrator)] {
+                validate_name(key, &peer.name).map_err(|e| bad(&format!("{key}.name"), reason(e)))?;
+                if peer.urls.is_empty() {
+                    return Err(bad(&format!("{key}.urls"), "must name at least one URL".into()));
+                }
+                for (i, url) in peer.urls.iter().enumerate() {
+                    let ok = reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+                    if !ok {
+                        return Err(bad(&format!("{key}.urls[{i}]"), format!("{url:?} is not an http(s) URL")));
+                    }
+                }
+            }
+            let names = [&t.site, &t.other_site.name, &t.arbitrator.name];
+            if names[0] == names[1] || names[0] == names[2] || names[1] == names[2] {
+                return Err(bad("ticket", "site, other_site.name and arbitrator.name must differ".into()));
+            }
+            t.timing().validate().map_err(|e| bad("ticket.lease_ms", e))?;
+            crate::ticket_link::SealKey::load(&t.key_file).map_err(|e| bad("ticket.key_file", e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -529,6 +633,32 @@ mod tests {
         assert_eq!(key_of(&format!("{BASE}[liveness]\nnode_timeout_ms = 150")), "liveness.node_timeout_ms");
         assert_eq!(key_of(&format!("{BASE}[autopilot]\nvoters = 4")), "autopilot.voters");
         assert_eq!(key_of(&format!("{BASE}[log]\nlevel = \"[[[\"")), "log.level");
+    }
+
+    #[test]
+    fn a_bad_ticket_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("ticket.key");
+        std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let ticket = |site: &str, other: &str, url: &str, extra: &str| {
+            format!(
+                "{BASE}[ticket]\nsite = \"{site}\"\nkey_file = \"{}\"\n\
+                 other_site = {{ name = \"{other}\", urls = [\"{url}\"] }}\n\
+                 arbitrator = {{ name = \"arb\", urls = [\"http://10.0.3.1:7409\"] }}\n{extra}",
+                key.display()
+            )
+        };
+        let good = ticket("a", "b", "https://10.0.2.1:7401", "");
+        let cfg = Config::parse(&good, "t.toml").unwrap();
+        assert_eq!(cfg.ticket.map(|t| t.timing()), Some(crate::ticket::Timing::DEFAULT));
+        assert_eq!(key_of(&ticket("A", "b", "https://10.0.2.1:7401", "")), "ticket.site");
+        assert_eq!(key_of(&ticket("a", "a", "https://10.0.2.1:7401", "")), "ticket");
+        assert_eq!(key_of(&ticket("a", "b", "10.0.2.1:7401", "")), "ticket.other_site.urls[0]");
+        assert_eq!(key_of(&ticket("a", "b", "https://10.0.2.1:7401", "margin_ms = 20000\n")), "ticket.lease_ms");
+        let missing = good.replace(&key.display().to_string(), "/nonexistent/key");
+        assert_eq!(key_of(&missing), "ticket.key_file");
+        let m = key_of(&format!("{good}acquired = true\n"));
+        assert!(m.contains("acquired"), "{m}");
     }
 
     #[test]

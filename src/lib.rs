@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod alerts;
+pub mod arbitrator;
 pub mod autopilot;
 pub mod cli;
 pub mod clidocs;
@@ -27,6 +28,7 @@ pub mod scheduler;
 pub mod security;
 pub mod sites;
 pub mod ticket;
+pub mod ticket_link;
 pub mod volume;
 pub mod volume_events;
 pub mod volume_views;

@@ -137,6 +137,13 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run the ticket's arbitrator: the third grantor between two sites'
+    /// clusters (docs/dr.md).
+    Arbitrator {
+        /// Its configuration (TOML; see docs/dr.md).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// The node's watchdog (started by the agent): stops this node's
     /// resources when no agent renews the lease.
     #[command(hide = true)]
@@ -455,6 +462,26 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    match e.is::<tandem::agent::StorageFailed>() {
+                        true => ExitCode::from(cli::EXIT_STORAGE),
+                        false => ExitCode::from(cli::EXIT_CONFIG),
+                    }
+                }
+            }
+        }
+        Cmd::Arbitrator { config } => {
+            let arbitrator = match tandem::arbitrator::Arbitrator::load(&config) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(cli::EXIT_CONFIG);
+                }
+            };
+            init_logging("info", false);
+            match rt.block_on(arbitrator.run()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::from(cli::EXIT_CONFIG)
                 }
@@ -817,6 +844,7 @@ async fn client_command(
         Cmd::Agent { .. }
         | Cmd::Demo { .. }
         | Cmd::Watchdog { .. }
+        | Cmd::Arbitrator { .. }
         | Cmd::CheckConfig { .. }
         | Cmd::Generate { .. } => {
             unreachable!("handled in main")

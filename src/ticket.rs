@@ -110,6 +110,10 @@ impl Grantor {
     }
 }
 
+/// A grantor's last answer as a holder's shell keeps it: when it came (the
+/// holder's clock), whether it lent to the holder, and to whom otherwise.
+pub type LastAnswer<'a> = (u64, bool, Option<&'a str>);
+
 /// A request a holder sends to every grantor (itself included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
@@ -195,6 +199,36 @@ impl Holder {
         }
     }
 
+    /// When the round in flight was sent, if one is.
+    pub fn round_sent_ms(&self) -> Option<u64> {
+        self.sent_ms
+    }
+
+    /// Whether this site should hand back the loans of the round in
+    /// flight: it does not hold the ticket, yet some grantor lent to it
+    /// while another refused it for another site. Keeping those loans
+    /// while another site holds the ticket takes grantors away from the
+    /// holder: the holder then lives on fewer links, and a cut of one of
+    /// them moves the ticket for nothing. `heard`: each grantor's last
+    /// answer, when it came (this clock), and whom it lends to (`granted`:
+    /// this site). After handing them back, call [`Holder::forget_round`].
+    pub fn should_yield(&self, heard: &[LastAnswer<'_>], now_ms: u64) -> bool {
+        let Some(sent) = self.sent_ms else { return false };
+        let recent = heard.iter().filter(|(at, _, _)| *at >= sent);
+        let lent_here = recent.clone().any(|(_, granted, _)| *granted);
+        let held_elsewhere =
+            recent.clone().any(|(_, granted, holder)| !granted && holder.is_some_and(|h| h != self.site));
+        !self.holds(now_ms) && lent_here && held_elsewhere
+    }
+
+    /// Forgets the round in flight: its answers, even late ones, count for
+    /// nothing (its own grantor's grant in it was handed back); the next
+    /// round goes out when due.
+    pub fn forget_round(&mut self) {
+        self.granted.clear();
+        self.round += 1;
+    }
+
     /// Gives the ticket back: holds nothing from now on, asks no more; the
     /// grantors are to be told ([`Grantor::release`]).
     pub fn release(&mut self) {
@@ -210,6 +244,37 @@ impl Holder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_site_yields_its_grants_and_late_answers_count_for_nothing() {
+        let t = Timing { lease_ms: 2_000, margin_ms: 400, renew_ms: 400 };
+        let mut h = Holder::new("b", t, 3);
+        h.set_wanted(true);
+        let r = h.tick(1_000).unwrap();
+        h.answer("b", r.round, &Answer::Granted);
+        // Lent here, refused for a, both since the round was sent: yield.
+        assert!(h.should_yield(&[(1_000, true, None), (1_010, false, Some("a"))], 1_020));
+        // Not when the refusal is older than the round, names this site or
+        // nobody (a quiet grantor), or nothing was lent here.
+        assert!(!h.should_yield(&[(1_000, true, None), (999, false, Some("a"))], 1_020));
+        assert!(!h.should_yield(&[(1_000, true, None), (1_010, false, Some("b"))], 1_020));
+        assert!(!h.should_yield(&[(1_000, true, None), (1_010, false, None)], 1_020));
+        assert!(!h.should_yield(&[(1_010, false, Some("a")), (1_010, false, Some("a"))], 1_020));
+        h.forget_round();
+        // The arbitrator's grant to the forgotten round arrives late: with
+        // the own grant of that round it would have made a majority.
+        h.answer("arbitrator", r.round, &Answer::Granted);
+        assert!(!h.holds(1_030));
+        // The next round waits for its time, and counts afresh.
+        assert_eq!(h.tick(1_100), None);
+        let r2 = h.tick(1_400).unwrap();
+        assert!(r2.round > r.round);
+        h.answer("b", r2.round, &Answer::Granted);
+        h.answer("arbitrator", r2.round, &Answer::Granted);
+        assert!(h.holds(1_410));
+        // Holding: never yield.
+        assert!(!h.should_yield(&[(1_405, true, None), (1_405, false, Some("a"))], 1_410));
+    }
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -302,6 +367,9 @@ mod tests {
         cut: BTreeSet<(usize, usize)>,
         /// (deliver at real ms, from, to, message), in sending order.
         flight: Vec<(u64, usize, usize, Msg)>,
+        /// Per site, each grantor's last answer: when (site's clock), lent
+        /// to it, and to whom otherwise (what the shell keeps to yield).
+        heard: [BTreeMap<usize, LastAnswer<'static>>; 2],
         rng: u64,
     }
 
@@ -315,6 +383,7 @@ mod tests {
                 holders: [Holder::new("a", T, 3), Holder::new("b", T, 3)],
                 cut: BTreeSet::new(),
                 flight: Vec::new(),
+                heard: [BTreeMap::new(), BTreeMap::new()],
                 rng: seed | 1,
             };
             for i in 0..3 {
@@ -349,6 +418,19 @@ mod tests {
         fn step(&mut self, t: u64) {
             for s in 0..2 {
                 let now = self.local(s, t);
+                // The shell's rule: refused for another site, hand back
+                // what this round got.
+                let heard: Vec<_> = self.heard[s].values().copied().collect();
+                if self.holders[s].should_yield(&heard, now) {
+                    let since = self.holders[s].round_sent_ms().unwrap_or(now);
+                    let lent: Vec<usize> =
+                        self.heard[s].iter().filter(|(_, h)| h.0 >= since && h.1).map(|(g, _)| *g).collect();
+                    self.holders[s].forget_round();
+                    for g in lent {
+                        self.heard[s].remove(&g);
+                        self.send(t, s, g, Msg::Release);
+                    }
+                }
                 if let Some(r) = self.holders[s].tick(now) {
                     for to in 0..3 {
                         self.send(t, s, to, Msg::Req { round: r.round });
@@ -367,7 +449,16 @@ mod tests {
                         let answer = self.grantors[to].request(NODES[from], now);
                         self.send(t, to, from, Msg::Ans { round, answer });
                     }
-                    Msg::Ans { round, answer } => self.holders[to].answer(NODES[from], round, &answer),
+                    Msg::Ans { round, answer } => {
+                        let lent_elsewhere = match &answer {
+                            Answer::Refused { holder: Some(h), .. } => {
+                                NODES.iter().find(|n| **n == h.as_str()).copied()
+                            }
+                            _ => None,
+                        };
+                        self.heard[to].insert(from, (now, answer == Answer::Granted, lent_elsewhere));
+                        self.holders[to].answer(NODES[from], round, &answer);
+                    }
                     Msg::Release => self.grantors[to].release(NODES[from]),
                 }
             }

@@ -64,6 +64,9 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/v1/sites/{site}/standby", "operator"),
     ("POST", "/v1/sites/{site}/online", "operator"),
     ("POST", "/v1/sites/{site}/switchover", "operator"),
+    ("GET", "/v1/ticket", "viewer"),
+    ("POST", "/v1/ticket/acquire", "admin"),
+    ("POST", "/v1/ticket/release", "admin"),
     ("GET", "/v1/alerts", "viewer"),
     ("GET", "/v1/alerts/{name}", "viewer"),
     ("PUT", "/v1/alerts/{name}", "admin"),
@@ -89,6 +92,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/internal/certificate", "node"),
     ("POST", "/internal/node-certificate", "node"),
     ("POST", "/internal/ca-key", "node"),
+    ("POST", "/internal/ticket", "open"),
 ];
 
 fn allowed(role: &str, need: &str) -> bool {

@@ -95,6 +95,7 @@ pub async fn run(
     println!("bank: {} accounts of {} at {}, {} clients", cfg.accounts, cfg.initial_balance, cfg.target, cfg.clients);
 
     let t0 = Instant::now();
+    run.t0 = t0;
     let shared = Shared::new(t0);
     let kinds = chosen_kinds(args, kinds(args.sites))?;
     let mut rng = Rng(seed.max(1));
@@ -198,6 +199,7 @@ pub async fn run(
         down_before = unavailable;
     }
 
+    violations.extend(run.exit_violations());
     let history = shared.history();
     let counts = last_state.as_ref().map(|s| check::counts(&history, s)).unwrap_or_default();
     let figures = |pick: &dyn Fn(&Seen) -> Option<u64>, only_moved: bool| {

@@ -71,7 +71,32 @@ struct Args {
     /// What runs on the cluster while the faults come.
     #[arg(long, value_enum, default_value_t = Workload::Standard)]
     workload: Workload,
+    /// No faults at all (needs --duration): the workload runs and every
+    /// change of a group's node or epoch is a violation, a false failover.
+    /// With --lossy-path and a loaded machine: the false-failover rate of a
+    /// timing profile.
+    #[arg(long)]
+    quiet: bool,
+    /// The agents' timing: `default`, or `fast` (docs/config.md, "A fast
+    /// profile").
+    #[arg(long, value_enum, default_value_t = Profile::Default)]
+    profile: Profile,
+    /// Drop this percentage of the packets, at random, on every host's
+    /// second path (eth1), both ways, for the whole run.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100), default_value_t = 0)]
+    lossy_path: u8,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Profile {
+    Default,
+    Fast,
+}
+
+/// The fast profile's settings, as docs/config.md gives them.
+const FAST_PROFILE: &str = "[raft]\nheartbeat_interval_ms = 50\nelection_timeout_min_ms = 250\n\
+election_timeout_max_ms = 350\n[liveness]\nheartbeat_interval_ms = 50\nnode_timeout_ms = 250\n\
+[fencing]\nlease_ms = 300\nmargin_ms = 250\n";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Workload {
@@ -197,6 +222,9 @@ struct Host {
     /// Every session an agent of this host led (what it left running stays
     /// in the first one).
     sessions: Vec<i32>,
+    /// Its agent has run on a full data disk: RocksDB may hold the failed
+    /// write and stop the agent on its next one, seconds later.
+    saw_full_disk: bool,
 }
 
 impl Host {
@@ -225,6 +253,7 @@ impl Host {
             .context("spawning an agent")?;
         self.sessions.push(child.id() as i32);
         self.child = Some(child);
+        self.saw_full_disk = false;
         Ok(())
     }
 
@@ -369,6 +398,15 @@ struct Run {
     path_down: Option<usize>,
     client: reqwest::Client,
     tandem: PathBuf,
+    /// Agents that exited on their own and were started again, as the
+    /// documented deployment's supervisor (systemd, `Restart=always`) does.
+    /// An agent whose data disk is full stops (its own fail-stop, exit 7,
+    /// or Debian's RocksDB aborting on the failed write); any other end is
+    /// a violation.
+    exits: Vec<Exit>,
+    /// The node whose data disk a `DiskFull` holds full.
+    disk_full: Option<String>,
+    t0: Instant,
     /// Dropped after the hosts: the agents die before their network.
     topo: Topology,
 }
@@ -468,9 +506,10 @@ impl Run {
         }
     }
 
-    async fn wait_healthy(&self, limit: Duration) -> bool {
+    async fn wait_healthy(&mut self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
+            self.restart_exited();
             if self.healthy().await {
                 return true;
             }
@@ -478,6 +517,55 @@ impl Run {
         }
         false
     }
+
+    /// Sleeps `hold`, supervising the agents meanwhile.
+    async fn hold(&mut self, hold: Duration) {
+        let end = Instant::now() + hold;
+        while Instant::now() < end {
+            self.restart_exited();
+            tokio::time::sleep((end - Instant::now()).min(Duration::from_millis(100))).await;
+        }
+    }
+
+    /// Starts again every agent that exited on its own (not one a fault
+    /// stopped: that one has no child), as systemd's `Restart=always` would.
+    fn restart_exited(&mut self) {
+        for h in &mut self.hosts {
+            let Some(status) = h.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) else { continue };
+            let t = self.t0.elapsed().as_millis() as u64;
+            let full_now = self.disk_full.as_ref() == Some(&h.name);
+            println!("[{t:>7} ms]   {}'s agent exited ({status}): started again, as its supervisor would", h.name);
+            self.exits.push(Exit { t_ms: t, node: h.name.clone(), status, disk_full: h.saw_full_disk });
+            h.child = None;
+            if let Err(e) = h.start(&self.tandem) {
+                println!("           cannot start {}'s agent again: {e:#}", h.name);
+            }
+            h.saw_full_disk = full_now;
+        }
+    }
+}
+
+impl Run {
+    /// Every agent's end on its own but after running on a full disk.
+    fn exit_violations(&self) -> Vec<Violation> {
+        let unexpected = self.exits.iter().filter(|e| !e.disk_full);
+        unexpected
+            .map(|e| Violation {
+                kind: "agent exited".into(),
+                t_ms: e.t_ms,
+                detail: format!("{}'s agent ended on its own ({}); see its agent.log", e.node, e.status),
+            })
+            .collect()
+    }
+}
+
+/// An agent's end on its own.
+struct Exit {
+    t_ms: u64,
+    node: String,
+    status: std::process::ExitStatus,
+    /// It had run on a full data disk.
+    disk_full: bool,
 }
 
 #[tokio::main]
@@ -497,6 +585,12 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> anyhow::Result<usize> {
     if !is_root() {
         bail!("needs root (network namespaces, one per node)");
+    }
+    if args.quiet && args.duration.is_none() {
+        bail!("--quiet needs --duration (a quiet run has no rounds)");
+    }
+    if args.quiet && args.workload != Workload::Standard {
+        bail!("--quiet runs the standard workload only");
     }
     let tandem = match args.tandem.clone() {
         Some(t) => t,
@@ -537,10 +631,23 @@ async fn run(args: Args) -> anyhow::Result<usize> {
             quoted.join(", "),
             site.name(),
             site == Site::Witness,
-        );
+        ) + match args.profile {
+            Profile::Default => "",
+            Profile::Fast => FAST_PROFILE,
+        };
         std::fs::write(dir.join("node.toml"), cfg)?;
         let addr = addrs[0].clone();
-        hosts.push(Host { name: format!("n{i}"), ns, addr, addrs, site, dir, child: None, sessions: Vec::new() });
+        hosts.push(Host {
+            name: format!("n{i}"),
+            ns,
+            addr,
+            addrs,
+            site,
+            dir,
+            child: None,
+            sessions: Vec::new(),
+            saw_full_disk: false,
+        });
     }
     topo.route_sites()?;
     // Replaced by an HTTPS client with the admin token once the cluster forms.
@@ -553,7 +660,19 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         Workload::Standard => None,
         Workload::Postgres => Some(0),
     };
-    let mut run = Run { hosts, groups, volumes, client_path, path_down: None, client, tandem, topo };
+    let mut run = Run {
+        hosts,
+        groups,
+        volumes,
+        client_path,
+        path_down: None,
+        client,
+        tandem,
+        exits: Vec::new(),
+        disk_full: None,
+        t0: Instant::now(),
+        topo,
+    };
     for h in &mut run.hosts {
         h.start(&run.tandem)?;
     }
@@ -617,8 +736,19 @@ async fn run(args: Args) -> anyhow::Result<usize> {
         );
     }
 
+    if args.lossy_path > 0 {
+        let pct = args.lossy_path;
+        println!("           {pct} % of the packets on every host's eth1 dropped at random, both ways");
+        let rules = format!(
+            "table inet chaoslossy {{\n chain input {{ type filter hook input priority 0; policy accept; iifname \"eth1\" numgen random mod 100 < {pct} drop; }}\n chain output {{ type filter hook output priority 0; policy accept; oifname \"eth1\" numgen random mod 100 < {pct} drop; }}\n}}\n"
+        );
+        for h in &run.hosts {
+            nft(&h.ns, Some(&rules), &["-f", "-"])?;
+        }
+    }
     // The sampler runs on its own thread for the whole run.
     let t0 = Instant::now();
+    run.t0 = t0;
     let samples: Arc<Mutex<Vec<Sample>>> = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -720,7 +850,10 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     let mut extra = Vec::new();
     let mut round = 0u32;
     let deadline = args.duration.map(|d| t0 + Duration::from_secs(d));
-    while !interrupted.load(Ordering::SeqCst) {
+    if let (true, Some(until)) = (args.quiet, deadline) {
+        extra.extend(quiet_run(&mut run, until, &interrupted).await);
+    }
+    while !args.quiet && !interrupted.load(Ordering::SeqCst) {
         match deadline {
             Some(d) if Instant::now() >= d => break,
             None if round >= args.rounds => break,
@@ -752,6 +885,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
     let mut verdict = checker::check(&samples, &starts);
     verdict.violations.extend(extra);
+    verdict.violations.extend(run.exit_violations());
     let mut ops = std::mem::take(&mut *history.lock().unwrap_or_else(|e| e.into_inner()));
     ops.sort_by_key(|o| o.invoke_ms);
     let register_outcome = register::check(&ops);
@@ -824,13 +958,18 @@ async fn run(args: Args) -> anyhow::Result<usize> {
             },
         },
         "failovers": failovers,
+        "agent_exits": run.exits.iter().map(|e| json!({"t_ms": e.t_ms, "node": e.node, "status": e.status.to_string(), "disk_full": e.disk_full})).collect::<Vec<_>>(),
         "downtime_ms": {"count": downtimes.len(), "p50": pct(50), "p99": pct(99), "max": downtimes.iter().max(), "all": downtimes, "by_fault": per_fault},
         "violations": verdict.violations,
     });
     std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", args.report.display()))?;
 
-    println!("\nseed {seed}: {round} fault rounds, {} resource starts, {failovers} failovers", starts.len());
+    println!(
+        "\nseed {seed}: {round} fault rounds, {} resource starts, {failovers} failovers, {} agent restarts by the supervisor",
+        starts.len(),
+        run.exits.len()
+    );
     println!("register: {} operations ({unknown} with unknown outcome): {register_outcome}", ops.len());
     println!(
         "data: {data_writes} block writes ({data_acked} acknowledged), {data_reads} reads through the volume's NBD export, {} primary changes",
@@ -959,7 +1098,15 @@ async fn fault_round(
     }
     if let (Some(what), true, false) = (fault.moves_nothing(), healthy, clients_cut) {
         for (group, before) in run.groups.iter().zip(&before) {
-            let after = run.any(&format!("/v1/groups/{group}")).await;
+            // No answer is no view, not a move: ask again for a while.
+            let mut after = run.any(&format!("/v1/groups/{group}")).await;
+            for _ in 0..10 {
+                if after.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                after = run.any(&format!("/v1/groups/{group}")).await;
+            }
             let at = |g: &Option<Value>| g.as_ref().map(|g| (g["node"].clone(), g["epoch"].clone()));
             if at(before) != at(&after) {
                 found.push(Violation {
@@ -979,6 +1126,37 @@ async fn fault_round(
     }
     Ok((entry, found))
 }
+
+/// `--quiet`: nothing injected until `until`; every change of a group's
+/// node or epoch (looked at every second) is a false failover.
+async fn quiet_run(run: &mut Run, until: Instant, interrupted: &AtomicBool) -> Vec<Violation> {
+    let placed = |g: &Value| (g["node"].clone(), g["epoch"].clone());
+    let mut found = Vec::new();
+    let mut last: Vec<Option<(Value, Value)>> = Vec::new();
+    for group in run.groups.clone() {
+        last.push(run.any(&format!("/v1/groups/{group}")).await.as_ref().map(placed));
+    }
+    while Instant::now() < until && !interrupted.load(Ordering::SeqCst) {
+        run.hold(QUIET_LOOK.min(until - Instant::now())).await;
+        for (k, group) in run.groups.clone().into_iter().enumerate() {
+            let Some(now) = run.any(&format!("/v1/groups/{group}")).await.as_ref().map(placed) else { continue };
+            if let Some(before) = last[k].as_ref().filter(|b| **b != now) {
+                let t = run.t0.elapsed().as_millis() as u64;
+                println!("[{t:>7} ms] false failover: {group} {before:?} → {now:?}");
+                found.push(Violation {
+                    kind: "false failover".into(),
+                    t_ms: t,
+                    detail: format!("group {group} moved with no fault: {before:?} → {now:?}"),
+                });
+            }
+            last[k] = Some(now);
+        }
+    }
+    found
+}
+
+/// How often a quiet run looks at the groups.
+const QUIET_LOOK: Duration = Duration::from_secs(1);
 
 /// The node the first group ran on, from the views taken before a fault.
 fn holder_of_first(before: &[Option<Value>]) -> Option<&str> {
@@ -1301,8 +1479,11 @@ async fn inject(
             let fill = run.hosts[i].dir.join("data").join("chaos-fill");
             let filled = fill_up(&fill);
             println!("           {} MiB written to fill {}'s data directory", filled >> 20, run.hosts[i].name);
-            tokio::time::sleep(hold).await;
+            run.disk_full = Some(run.hosts[i].name.clone());
+            run.hosts[i].saw_full_disk = true;
+            run.hold(hold).await;
             std::fs::remove_file(&fill).with_context(|| format!("removing {}", fill.display()))?;
+            run.disk_full = None;
         }
     }
     Ok(None)

@@ -132,6 +132,9 @@ pub fn access(method: &Method, route: &str) -> Access {
         (_, "/v1/groups/{name}/health" | "/v1/volumes/{name}/primary" | "/v1/volumes/{name}/replica") => Open,
         // The joining agent checks the adoption itself against the CA it pinned.
         ("POST", "/internal/adopt") => Open,
+        // From another cluster's leader or the arbitrator: the shared key's
+        // seal on the body is checked by the handler.
+        ("POST", "/internal/ticket") => Open,
         ("GET" | "HEAD", "/v1/local") => OpenUntilMember,
         (_, "/v1/cluster/init" | "/v1/cluster/join") => Local,
         (_, r) if r.starts_with("/internal/") => Node,

@@ -249,6 +249,10 @@ fn switchover() -> Vec<ApiError> {
     vec![ApiError::SiteNotFound(s()), ApiError::Invalid { field: s(), reason: s() }, ApiError::QuorumUnavailable(s())]
 }
 
+fn ticket() -> Vec<ApiError> {
+    vec![ApiError::TicketNotConfigured]
+}
+
 fn verify() -> Vec<ApiError> {
     vec![
         ApiError::VolumeNotFound(s()),
@@ -390,6 +394,9 @@ pub const OPERATIONS: &[Operation] = &[
         layers: layers(true, false, true),
         errors: switchover,
     },
+    Operation { method: "get", path: "/v1/ticket", layers: layers(true, false, false), errors: ticket },
+    Operation { method: "post", path: "/v1/ticket/acquire", layers: layers(true, false, false), errors: ticket },
+    Operation { method: "post", path: "/v1/ticket/release", layers: layers(true, false, false), errors: ticket },
     Operation { method: "get", path: "/v1/groups", layers: layers(true, true, false), errors: read },
     Operation { method: "get", path: "/v1/groups/{name}", layers: layers(true, true, false), errors: read_group },
     Operation { method: "put", path: "/v1/groups/{name}", layers: layers(true, false, true), errors: put_group },

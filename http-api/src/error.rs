@@ -151,6 +151,18 @@ pub enum ApiError {
     TooManyAlerts(usize),
     #[error("alert {name}: the target did not take it: {reason}")]
     AlertFailed { name: String, reason: String },
+    #[error("the ticket message's seal does not match the shared key")]
+    TicketSeal,
+    #[error("the ticket message is malformed: {0}")]
+    TicketMalformed(String),
+    #[error("{0}")]
+    TicketUnknownSite(String),
+    #[error("{0}")]
+    TicketReplayed(String),
+    #[error("{0}")]
+    TicketTiming(String),
+    #[error("this cluster takes no part in a ticket (no [ticket] in its nodes' configs)")]
+    TicketNotConfigured,
     #[error("storage failure: {0}")]
     Storage(String),
     #[error("internal error: {0}")]
@@ -167,7 +179,7 @@ impl ApiError {
         "TND-1403", "TND-1404", "TND-1405", "TND-1406", "TND-1407", "TND-1408", "TND-1409", "TND-1410", "TND-1411",
         "TND-1412", "TND-1413", "TND-1414", "TND-1500", "TND-1501", "TND-1502", "TND-1503", "TND-1504", "TND-1505",
         "TND-1506", "TND-1507", "TND-1508", "TND-1509", "TND-1510", "TND-1511", "TND-1512", "TND-1600", "TND-1601",
-        "TND-1602", "TND-1900", "TND-1901",
+        "TND-1602", "TND-1700", "TND-1701", "TND-1702", "TND-1703", "TND-1704", "TND-1706", "TND-1900", "TND-1901",
     ];
 
     pub fn code(&self) -> &'static str {
@@ -238,6 +250,12 @@ impl ApiError {
             AlertNotFound(_) => "TND-1600",
             TooManyAlerts(_) => "TND-1601",
             AlertFailed { .. } => "TND-1602",
+            TicketSeal => "TND-1700",
+            TicketMalformed(_) => "TND-1701",
+            TicketUnknownSite(_) => "TND-1702",
+            TicketReplayed(_) => "TND-1703",
+            TicketTiming(_) => "TND-1704",
+            TicketNotConfigured => "TND-1706",
             Storage(_) => "TND-1900",
             Internal(_) => "TND-1901",
         }
@@ -305,6 +323,11 @@ impl ApiError {
             | MembershipChangeInProgress
             | VolumeIo(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refused { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
+            TicketSeal => StatusCode::UNAUTHORIZED,
+            TicketMalformed(_) => StatusCode::BAD_REQUEST,
+            TicketUnknownSite(_) => StatusCode::FORBIDDEN,
+            TicketReplayed(_) | TicketTiming(_) => StatusCode::CONFLICT,
+            TicketNotConfigured => StatusCode::NOT_FOUND,
             Storage(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -452,6 +475,14 @@ impl ApiError {
                 "Check the target named in the message (URL, mail server, agent's path and exit status) from the \
                  leader; the agent's log on the leader has the whole answer."
                     .into()
+            }
+            TicketSeal | TicketMalformed(_) | TicketUnknownSite(_) | TicketReplayed(_) | TicketTiming(_) => {
+                "The ticket's three participants must share one key file, name the same two sites, use the same \
+                 lease_ms and margin_ms, and keep their clocks within 30 s (NTP); see docs/dr.md."
+                    .into()
+            }
+            TicketNotConfigured => {
+                "Give every node of this cluster a [ticket] section (docs/dr.md) to take part in a ticket.".into()
             }
             CertificateKeyInUse(_) => {
                 "Each client certificate needs its own key: make a new one (`tandem cert create` does), or revoke the other certificate first.".into()

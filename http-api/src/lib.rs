@@ -165,6 +165,14 @@ pub trait Backend: Send + Sync + 'static {
     /// A recovered cluster's leader says this node was superseded (taken
     /// only while this node hears no leader).
     async fn superseded_notice(&self, notice: SupersededNotice) -> Result<(), ApiError>;
+    /// On the leader: the ticket between sites as this cluster sees it.
+    async fn ticket(&self) -> Result<TicketView, ApiError>;
+    /// On the leader: ask for the ticket (`true`) or give it back and stop
+    /// asking (`false`).
+    async fn ticket_want(&self, wanted: bool) -> Result<TicketView, ApiError>;
+    /// On the leader: a sealed ticket request from another participant,
+    /// answered sealed (body, seal).
+    fn ticket_request(&self, body: &[u8], seal: &str) -> Result<(Vec<u8>, String), ApiError>;
 
     async fn init(&self, req: InitRequest) -> Result<InitView, ApiError>;
     async fn join_via(&self, req: JoinViaRequest) -> Result<LocalView, ApiError>;
@@ -456,6 +464,9 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/internal/audit", post(record_audit_batch))
         .route("/internal/events", post(record_event_batch))
         .route("/internal/certificate", post(renew_certificate))
+        .route("/v1/ticket", get(get_ticket))
+        .route("/v1/ticket/acquire", post(acquire_ticket))
+        .route("/v1/ticket/release", post(release_ticket))
         .layer(middleware::from_fn_with_state(forwarder, route_to_leader))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES));
     let local_routes = Router::new()
@@ -473,6 +484,10 @@ pub fn router(backend: SharedBackend) -> Router {
         .route("/internal/release", post(release))
         // To a member that hears no leader: never forwarded.
         .route("/internal/superseded", post(superseded_notice))
+        // From another site's leader or the arbitrator, tried at each of
+        // this cluster's nodes in turn: only the leader answers (sealed
+        // bodies are not forwarded).
+        .route("/internal/ticket", post(ticket_request))
         .route("/internal/groups/{name}/local", get(local_group))
         // Served by any node from its applied state (never forwarded): a
         // stream follows one node, whichever the client reached.
@@ -1542,6 +1557,44 @@ async fn superseded_notice(
     b.superseded_notice(req).await.map(|_| StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/v1/ticket", tag = "sites",
+    responses((status = 200, description = "The ticket between sites as this cluster's leader sees it", body = TicketView),
+              (status = 404, description = "This cluster has no [ticket] (TND-1706)", body = ErrorBody)))]
+async fn get_ticket(State(b): State<SharedBackend>) -> Result<Json<TicketView>, ApiError> {
+    b.ticket().await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/ticket/acquire", tag = "sites",
+    responses((status = 200, description = "This site asks for the ticket (held once a majority of the grantors lends it)", body = TicketView),
+              (status = 404, description = "This cluster has no [ticket] (TND-1706)", body = ErrorBody)))]
+async fn acquire_ticket(State(b): State<SharedBackend>) -> Result<Json<TicketView>, ApiError> {
+    b.ticket_want(true).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/ticket/release", tag = "sites",
+    responses((status = 200, description = "This site gave the ticket back and stops asking for it", body = TicketView),
+              (status = 404, description = "This cluster has no [ticket] (TND-1706)", body = ErrorBody)))]
+async fn release_ticket(State(b): State<SharedBackend>) -> Result<Json<TicketView>, ApiError> {
+    b.ticket_want(false).await.map(Json)
+}
+
+/// `POST /internal/ticket`: raw bytes in and out, because the seal covers
+/// the exact body.
+async fn ticket_request(
+    State(b): State<SharedBackend>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let seal = headers.get(TICKET_SEAL_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    match b.ticket_request(&body, seal) {
+        Ok((answer, seal)) => ([(TICKET_SEAL_HEADER, seal)], answer).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The header of a ticket message's seal (HMAC-SHA256, hex).
+pub const TICKET_SEAL_HEADER: &str = "x-tandem-ticket-seal";
+
 async fn record_out_of_sync(
     State(b): State<SharedBackend>,
     Path(name): Path<String>,
@@ -1700,6 +1753,9 @@ async fn raft_snapshot(
         resolve_volume,
         replace_replica,
         promote_volume,
+        get_ticket,
+        acquire_ticket,
+        release_ticket,
         group_health,
         volume_primary,
         volume_replica
@@ -1749,6 +1805,8 @@ async fn raft_snapshot(
         PromoteCandidate,
         RecoverGroup,
         SiteView,
+        TicketView,
+        TicketGrantorView,
         SwitchoverRequest,
         SwitchoverReport,
         SiteGroupReport,

@@ -945,3 +945,39 @@ pub struct AlertTested {
     /// How long the delivery took, ms.
     pub ms: u64,
 }
+
+/// `GET /v1/ticket`: this cluster's part in the ticket between two sites,
+/// as its leader sees it (docs/dr.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TicketView {
+    /// This cluster's site in the ticket.
+    pub site: String,
+    /// Whether this site holds the ticket now: a majority of the three
+    /// grantors lent it for a lease that has not run out (less the margin).
+    pub holds: bool,
+    /// How long it still holds it without a renewal, ms.
+    pub left_ms: u64,
+    /// Whether this site asks for the ticket (`[ticket] acquire`, then
+    /// `POST /v1/ticket/acquire|release` on this leader).
+    pub wanted: bool,
+    /// The site this cluster's own grantor lends the ticket to now.
+    pub lent_to: Option<String>,
+    /// The three grantors' last answers to this leader.
+    pub grantors: Vec<TicketGrantorView>,
+}
+
+/// One grantor's last answer to this site's leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TicketGrantorView {
+    pub name: String,
+    /// It lent the ticket to this site in its last answer.
+    pub granted: bool,
+    /// The site it lends to instead, when it refused.
+    pub holder: Option<String>,
+    /// Why its last answer did not arrive (unreachable, refused…).
+    pub error: Option<String>,
+    /// When its last answer (or failure) came, ms ago.
+    pub answered_ms_ago: Option<u64>,
+}

@@ -122,9 +122,19 @@ impl Db {
         opts.create_missing_column_families(true);
         // A control-plane log is small: keep RocksDB's footprint small too.
         opts.set_max_background_jobs(2);
-        opts.set_write_buffer_size(4 << 20);
         opts.set_keep_log_file_num(3);
-        let cfs = [CF_LOG, CF_META, CF_SM].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        // Every applied command rewrites the whole state (`sm`): with
+        // RocksDB's default 64 MiB memtables per family, the write-ahead log
+        // grew past 100 MiB before a flush and filled a small data disk.
+        // Small memtables, and a bound on the log that forces their flush.
+        opts.set_max_total_wal_size(16 << 20);
+        let family = || {
+            let mut o = Options::default();
+            o.set_write_buffer_size(4 << 20);
+            o.set_max_write_buffer_number(2);
+            o
+        };
+        let cfs = [CF_LOG, CF_META, CF_SM].map(|n| ColumnFamilyDescriptor::new(n, family()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)
             .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         Ok(Db { db: Arc::new(db), stats: LogStats::default() })

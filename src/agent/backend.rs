@@ -370,6 +370,18 @@ impl Backend for Agent {
         self.take_superseded_notice(n)
     }
 
+    async fn ticket(&self) -> Result<tandem_http_api::TicketView, ApiError> {
+        self.do_ticket_view()
+    }
+
+    async fn ticket_want(&self, wanted: bool) -> Result<tandem_http_api::TicketView, ApiError> {
+        self.do_ticket_want(wanted).await
+    }
+
+    fn ticket_request(&self, body: &[u8], seal: &str) -> Result<(Vec<u8>, String), ApiError> {
+        self.do_ticket_request(body, seal)
+    }
+
     async fn record_out_of_sync(&self, name: &str, r: tandem_http_api::OutOfSyncReport) -> Result<(), ApiError> {
         self.propose_out_of_sync(name, r).await
     }

@@ -137,6 +137,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let agent = a.clone();
         async move { agent.tell_superseded_round().await }
     });
+    if agent.ticket.is_some() {
+        let a = agent.clone();
+        every(super::ticket::TICKET_TICK, move || {
+            let agent = a.clone();
+            async move { agent.ticket_round().await }
+        });
+    }
     let a = agent.clone();
     every(super::security::CERT_CHECK, move || {
         let agent = a.clone();
@@ -200,7 +207,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
-    wait_for_signal().await;
+    let failed = tokio::select! {
+        _ = wait_for_signal() => None,
+        e = raft_failure(agent.clone()) => Some(e),
+    };
+    if let Some(e) = failed {
+        // Fail-stop, as etcd does on a storage error: openraft has stopped
+        // for good and the database may refuse writes until reopened. The
+        // supervisor (systemd's Restart=always) starts a new agent, which
+        // reopens the store and adopts the running resources; until it is
+        // back, the watchdog and the lease protect the groups as for a crash.
+        tracing::error!(
+            "the control plane's storage failed ({e}): exiting so that the agent is restarted (a full data \
+             disk: free space on {})",
+            cfg.data_dir.display()
+        );
+        // Like a crash, not a stop: the lease is kept and the resources run
+        // on, for the restarted agent to adopt.
+        return Err(StorageFailed(e).into());
+    }
     tracing::info!("stopping");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
@@ -209,6 +234,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
     }
     Ok(())
+}
+
+/// The agent stopped because its Raft log's storage failed (`main` exits
+/// with `EXIT_STORAGE` for it).
+#[derive(Debug, thiserror::Error)]
+#[error("the control plane's storage failed: {0}")]
+pub struct StorageFailed(pub String);
+
+/// How often the agent looks whether Raft stopped on its own.
+const RAFT_CHECK: Duration = Duration::from_millis(200);
+
+/// Resolves when this node's Raft stopped on a storage error or a panic
+/// (not when a leave or a recovery stopped it): the agent cannot go on
+/// without its log.
+async fn raft_failure(agent: Arc<Agent>) -> String {
+    loop {
+        tokio::time::sleep(RAFT_CHECK).await;
+        let Some(m) = agent.member() else { continue };
+        let state = m.raft.metrics().borrow().running_state.clone();
+        match state {
+            Err(openraft::error::Fatal::StorageError(e)) => return e.to_string(),
+            Err(openraft::error::Fatal::Panicked) => return "Raft panicked".into(),
+            Ok(()) | Err(openraft::error::Fatal::Stopped) => {}
+        }
+    }
 }
 
 /// Runs `round` every `period`, forever, on its own task; a round that runs

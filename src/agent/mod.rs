@@ -152,6 +152,8 @@ pub struct Agent {
     /// Catch-ups with the leader for unknown credentials in the current
     /// second: (its start, how many).
     catch_ups: std::sync::Mutex<(Instant, u32)>,
+    /// This cluster's part in the ticket between sites (`[ticket]`).
+    ticket: Option<Arc<ticket::TicketSite>>,
 }
 
 /// At most this many read indexes a second for credentials a follower does
@@ -227,6 +229,13 @@ impl Agent {
         }
         let http = tls::http_client(&tls, tls.peer_client_config(), Duration::from_secs(2));
         let unverified_http = tls::http_client(&tls, tls.unverified_client_config(), Duration::from_secs(2));
+        let ticket = match &cfg.ticket {
+            Some(t) => {
+                let http = tls::http_client(&tls, tls.sealed_client_config(), Duration::from_secs(2));
+                Some(Arc::new(ticket::TicketSite::new(t.clone(), http).map_err(|e| anyhow::anyhow!("[ticket]: {e}"))?))
+            }
+            None => None,
+        };
         // A restarted agent holds the lease its predecessor held (and adopts
         // what it ran): never longer, never renewed but from a majority heard.
         let run = RunDir::new(&cfg.data_dir, cfg.fencing.watchdog_device.clone());
@@ -245,6 +254,7 @@ impl Agent {
         Ok(Agent {
             superseded_notice: Default::default(),
             superseded_told: Default::default(),
+            ticket,
             catch_ups: std::sync::Mutex::new((Instant::now(), 0)),
             counters,
             event_sink,
@@ -397,10 +407,11 @@ mod raft_ops;
 mod recovery;
 mod security;
 mod sites;
+mod ticket;
 mod views;
 mod volumes;
 
-pub use loops::run;
+pub use loops::{run, StorageFailed};
 
 // The modules' helpers, for one another (each keeps them `pub(super)`).
 use membership::*;

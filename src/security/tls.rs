@@ -213,6 +213,21 @@ impl Tls {
         self.client_config(Arc::new(AnyServer(self.provider.clone())))
     }
 
+    /// For the ticket's participants outside this cluster (the other
+    /// site's, with its own CA, and the arbitrator): any server, none of
+    /// this node's certificates — the shared key's seal on every message is
+    /// what is trusted.
+    pub fn sealed_client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(self.provider.clone())))
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg
+    }
+
     fn client_config(self: &Arc<Self>, verifier: Arc<dyn ServerCertVerifier>) -> ClientConfig {
         let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()

@@ -1,0 +1,289 @@
+//! The ticket on this cluster's leader (`[ticket]`, docs/dr.md): its site's
+//! grantor (a `Desk`, new — and so quiet for a lease — on every
+//! leadership, because the previous leader's loans are not known here) and
+//! holder, the rounds it sends to the other site's leader and to the
+//! arbitrator, and what `GET /v1/ticket` shows. Followers take no part.
+//!
+//! The peers' certificates are not checked: the other site's cluster has
+//! its own CA and the arbitrator none; the shared key's seal on every
+//! answer is what makes a grant count.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tandem_http_api::types::{TicketGrantorView, TicketView};
+
+use super::*;
+use crate::arbitrator::now_unix_ms;
+use crate::clock::now_boot_ms;
+use crate::config::{TicketConfig, TicketPeer};
+use crate::ticket::{Answer, Holder};
+use crate::ticket_link::{Desk, SealKey, TicketAnswer, TicketError, TicketRequest, PATH, SEAL_HEADER};
+
+/// How often the leader's holder looks whether a round is due.
+pub(super) const TICKET_TICK: Duration = Duration::from_millis(100);
+
+/// This cluster's part in the ticket.
+pub(crate) struct TicketSite {
+    cfg: TicketConfig,
+    key: SealKey,
+    /// Calls to the other site and the arbitrator (no certificate check).
+    http: reqwest::Client,
+    /// Whether this site asks for the ticket: `[ticket] acquire` at start,
+    /// then what `POST /v1/ticket/acquire|release` said (on this node).
+    wanted: AtomicBool,
+    leading: std::sync::Mutex<Option<Leading>>,
+}
+
+/// The ticket's state while this node leads (term `term`).
+struct Leading {
+    term: u64,
+    desk: Desk,
+    holder: Holder,
+    /// The last answer (or failure) from each grantor.
+    heard: BTreeMap<String, Heard>,
+}
+
+#[derive(Clone)]
+struct Heard {
+    at_ms: u64,
+    answer: Result<Answer, String>,
+}
+
+impl TicketSite {
+    pub(crate) fn new(cfg: TicketConfig, http: reqwest::Client) -> Result<TicketSite, TicketError> {
+        let key = SealKey::load(&cfg.key_file)?;
+        let wanted = AtomicBool::new(cfg.acquire);
+        Ok(TicketSite { cfg, key, http, wanted, leading: std::sync::Mutex::new(None) })
+    }
+
+    fn sites(&self) -> Vec<String> {
+        vec![self.cfg.site.clone(), self.cfg.other_site.name.clone()]
+    }
+
+    /// The state for leadership term `term`, made afresh on a new one.
+    fn leading_for<'a>(&self, slot: &'a mut Option<Leading>, term: u64, now_ms: u64) -> &'a mut Leading {
+        if slot.as_ref().is_none_or(|l| l.term != term) {
+            let timing = self.cfg.timing();
+            let mut holder = Holder::new(&self.cfg.site, timing, 3);
+            holder.set_wanted(self.wanted.load(Ordering::SeqCst));
+            *slot = Some(Leading {
+                term,
+                desk: Desk::new(&self.cfg.site, &self.sites(), timing, now_ms),
+                holder,
+                heard: BTreeMap::new(),
+            });
+        }
+        slot.as_mut().expect("just set")
+    }
+
+    fn request(&self, round: u64, release: bool) -> TicketRequest {
+        let t = self.cfg.timing();
+        TicketRequest {
+            site: self.cfg.site.clone(),
+            round,
+            sent_unix_ms: now_unix_ms(),
+            lease_ms: t.lease_ms,
+            margin_ms: t.margin_ms,
+            release,
+        }
+    }
+}
+
+impl Agent {
+    /// The leader's leadership term, if this node leads.
+    fn leading_term(&self) -> Option<u64> {
+        let m = self.member()?;
+        let metrics = m.metrics();
+        (metrics.current_leader == Some(m.node_id)).then_some(metrics.current_term)
+    }
+
+    /// One tick: on the leader, a round to the three grantors when due.
+    pub(super) async fn ticket_round(self: &Arc<Self>) {
+        let Some(site) = self.ticket.clone() else { return };
+        let Some(term) = self.leading_term() else {
+            *site.leading.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            return;
+        };
+        let now = now_boot_ms();
+        let round = {
+            let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
+            let l = site.leading_for(&mut slot, term, now);
+            l.holder.set_wanted(site.wanted.load(Ordering::SeqCst));
+            let heard: Vec<crate::ticket::LastAnswer<'_>> = l
+                .heard
+                .values()
+                .filter_map(|h| match &h.answer {
+                    Ok(Answer::Granted) => Some((h.at_ms, true, None)),
+                    Ok(Answer::Refused { holder, .. }) => Some((h.at_ms, false, holder.as_deref())),
+                    Err(_) => None,
+                })
+                .collect();
+            if l.holder.should_yield(&heard, now) {
+                // Every grantor that lent to this round gets its loan back.
+                let since = l.holder.round_sent_ms().unwrap_or(now);
+                let lent: Vec<String> = l
+                    .heard
+                    .iter()
+                    .filter(|(_, h)| h.at_ms >= since && matches!(h.answer, Ok(Answer::Granted)))
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                l.holder.forget_round();
+                tracing::info!(grantors = ?lent, "ticket: another site holds it; handing back what was lent here");
+                for name in lent {
+                    l.heard.remove(&name);
+                    if name == site.cfg.site {
+                        l.desk.release_local(&name);
+                        continue;
+                    }
+                    let peer =
+                        [&site.cfg.other_site, &site.cfg.arbitrator].into_iter().find(|p| p.name == name).cloned();
+                    if let Some(peer) = peer {
+                        let site = site.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = site.ask(&peer, site.request(0, true)).await {
+                                tracing::debug!(peer = %peer.name, "the ticket's hand-back was not heard: {e}");
+                            }
+                        });
+                    }
+                }
+            }
+            let Some(req) = l.holder.tick(now) else { return };
+            // This site's own grantor, at once.
+            let answer = l.desk.request_local(&site.cfg.site, now);
+            l.holder.answer(&site.cfg.site, req.round, &answer);
+            l.heard.insert(site.cfg.site.clone(), Heard { at_ms: now, answer: Ok(answer) });
+            req.round
+        };
+        for peer in [site.cfg.other_site.clone(), site.cfg.arbitrator.clone()] {
+            let (agent, site) = (self.clone(), site.clone());
+            tokio::spawn(async move {
+                let answer = site.ask(&peer, site.request(round, false)).await;
+                let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
+                // Leadership changed meanwhile: the answer is for nobody.
+                let Some(l) = slot.as_mut().filter(|l| Some(l.term) == agent.leading_term()) else { return };
+                if let Ok(a) = &answer {
+                    l.holder.answer(&peer.name, round, a);
+                }
+                l.heard.insert(peer.name.clone(), Heard { at_ms: now_boot_ms(), answer });
+            });
+        }
+    }
+
+    /// `POST /internal/ticket`: a sealed request from another participant,
+    /// answered by this site's grantor (the leader's).
+    pub(super) fn do_ticket_request(&self, body: &[u8], seal: &str) -> Result<(Vec<u8>, String), ApiError> {
+        let site = self.ticket.as_ref().ok_or(ApiError::TicketNotConfigured)?;
+        let term = self.leading_term().ok_or(ApiError::NoLeader)?;
+        let now = now_boot_ms();
+        let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
+        let l = site.leading_for(&mut slot, term, now);
+        l.desk.handle(&site.key, body, seal, now, now_unix_ms()).map_err(ApiError::from)
+    }
+
+    /// `GET /v1/ticket` (on the leader).
+    pub(super) fn do_ticket_view(&self) -> Result<TicketView, ApiError> {
+        let site = self.ticket.as_ref().ok_or(ApiError::TicketNotConfigured)?;
+        let term = self.leading_term().ok_or(ApiError::NoLeader)?;
+        let now = now_boot_ms();
+        let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
+        let l = site.leading_for(&mut slot, term, now);
+        let names = [&site.cfg.site, &site.cfg.other_site.name, &site.cfg.arbitrator.name];
+        let grantors = names
+            .iter()
+            .map(|name| {
+                let heard = l.heard.get(*name);
+                let (granted, holder, error) = match heard.map(|h| &h.answer) {
+                    Some(Ok(Answer::Granted)) => (true, None, None),
+                    Some(Ok(Answer::Refused { holder, .. })) => (false, holder.clone(), None),
+                    Some(Err(e)) => (false, None, Some(e.clone())),
+                    None => (false, None, None),
+                };
+                TicketGrantorView {
+                    name: name.to_string(),
+                    granted,
+                    holder,
+                    error,
+                    answered_ms_ago: heard.map(|h| now.saturating_sub(h.at_ms)),
+                }
+            })
+            .collect();
+        Ok(TicketView {
+            site: site.cfg.site.clone(),
+            holds: l.holder.holds(now),
+            left_ms: l.holder.left_ms(now),
+            wanted: site.wanted.load(Ordering::SeqCst),
+            lent_to: l.desk.lent_to(now),
+            grantors,
+        })
+    }
+
+    /// `POST /v1/ticket/acquire` (`true`) or `/release` (`false`).
+    pub(super) async fn do_ticket_want(&self, wanted: bool) -> Result<TicketView, ApiError> {
+        let site = self.ticket.clone().ok_or(ApiError::TicketNotConfigured)?;
+        let term = self.leading_term().ok_or(ApiError::NoLeader)?;
+        site.wanted.store(wanted, Ordering::SeqCst);
+        if !wanted {
+            let now = now_boot_ms();
+            {
+                let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
+                let l = site.leading_for(&mut slot, term, now);
+                l.holder.release();
+                l.desk.release_local(&site.cfg.site);
+            }
+            // Told, so that the other site need not wait out the lease; a
+            // grantor not told lends again once its lease has run out.
+            for peer in [site.cfg.other_site.clone(), site.cfg.arbitrator.clone()] {
+                if let Err(e) = site.ask(&peer, site.request(0, true)).await {
+                    tracing::warn!(peer = %peer.name, "the ticket's release was not heard: {e}");
+                }
+            }
+        }
+        self.do_ticket_view()
+    }
+}
+
+impl TicketSite {
+    /// Sends `req` to `peer` (its URLs in order, until one answers) and
+    /// returns its checked answer.
+    async fn ask(&self, peer: &TicketPeer, req: TicketRequest) -> Result<Answer, String> {
+        let (body, seal) = self.key.sealed(&req);
+        let timeout = Duration::from_millis((self.cfg.renew_ms / 2).max(100));
+        let mut last = String::from("no URL");
+        for url in &peer.urls {
+            let target = format!("{}{PATH}", url.trim_end_matches('/'));
+            let sent = self
+                .http
+                .post(&target)
+                .header(SEAL_HEADER, &seal)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
+                .timeout(timeout)
+                .send()
+                .await;
+            let resp = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    last = format!("{target}: {e}");
+                    continue;
+                }
+            };
+            let status = resp.status();
+            let their_seal = resp.headers().get(SEAL_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let bytes = resp.bytes().await.map_err(|e| format!("{target}: {e}"))?;
+            let Some(their_seal) = their_seal.filter(|_| status.is_success()) else {
+                // A follower (503) or a refusal: try the next URL.
+                last = format!(
+                    "{target}: {status} {}",
+                    String::from_utf8_lossy(&bytes).chars().take(200).collect::<String>()
+                );
+                continue;
+            };
+            let a: TicketAnswer = self.key.open(&bytes, &their_seal).map_err(|e| format!("{target}: {e}"))?;
+            if a.from != peer.name || a.site != req.site || a.round != req.round {
+                return Err(format!("{target}: an answer for {} round {} from {}", a.site, a.round, a.from));
+            }
+            return Ok(a.answer());
+        }
+        Err(last)
+    }
+}

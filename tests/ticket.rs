@@ -1,0 +1,233 @@
+//! The ticket between two sites, with hosts as network namespaces: site a
+//! and site b each a cluster of their own (one node each here), and
+//! `tandem arbitrator` on a third host. Every pair is cut in turn, then
+//! site a from both others, the arbitrator is restarted, and the ticket is
+//! given back: sampled every 50 ms on both sites, never do both hold it;
+//! a site cut off from both others stops holding it and the other one
+//! takes it.
+//!
+//! Needs root; CI runs as root.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::Method;
+use serde_json::Value;
+use tandem_testkit::{in_ns, is_root, Net};
+
+/// Short, so that a run takes seconds: a 2 s lease believed 1.6 s,
+/// renewed every 0.4 s (the clocks here are one clock).
+const TIMING: &str = "lease_ms = 2000\nmargin_ms = 400\nrenew_ms = 400\n";
+
+/// Cuts (or heals) everything between the hosts of namespaces `x` and `y`.
+fn cut(x: (&str, &str), y: (&str, &str), on: bool) {
+    for ((ns, _), (_, other)) in [(x, y), (y, x)] {
+        let table = format!("cut{}", other.replace('.', "_"));
+        if on {
+            let rules = format!(
+                "add table inet {table}\nadd chain inet {table} in {{ type filter hook input priority 0; }}\n\
+                 add rule inet {table} in ip saddr {other} drop\n\
+                 add chain inet {table} out {{ type filter hook output priority 0; }}\n\
+                 add rule inet {table} out ip daddr {other} drop\n"
+            );
+            let path = std::env::temp_dir().join(format!("{table}-{ns}.nft"));
+            std::fs::write(&path, rules).unwrap();
+            in_ns(ns, &["nft", "-f", path.to_str().unwrap()]);
+        } else {
+            in_ns(ns, &["nft", "delete", "table", "inet", &table]);
+        }
+    }
+}
+
+async fn ticket(url: &str) -> Option<Value> {
+    let (st, v) = get(&format!("{url}/v1/ticket")).await;
+    (st == 200).then_some(v)
+}
+
+async fn holds(url: &str) -> bool {
+    ticket(url).await.is_some_and(|t| t["holds"] == true)
+}
+
+/// A one-node cluster at `addr` in `ns` taking part in the ticket as `site`.
+async fn site(net_ns: String, addr: &str, site: &str, other: (&str, &str), arbitrator: &str, key: &str) -> Cluster {
+    let mut c = Cluster::configure(&[], Opts { voters: 1, extra: String::new() });
+    let extra = format!(
+        "[ticket]\nsite = \"{site}\"\nkey_file = \"{key}\"\n\
+         other_site = {{ name = \"{}\", urls = [\"https://{}:7401\"] }}\n\
+         arbitrator = {{ name = \"arbitrator\", urls = [\"http://{arbitrator}:7409\"] }}\n{TIMING}",
+        other.0, other.1
+    );
+    c.add_host(&format!("{site}1"), &extra, addr, Some(net_ns));
+    c.form().await
+}
+
+struct Arbitrator {
+    ns: String,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Arbitrator {
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = std::process::Command::new("ip");
+        tandem_testkit::new_session(&mut cmd);
+        let child = cmd
+            .args(["netns", "exec", &self.ns, BIN, "arbitrator", "--config"])
+            .arg(&self.config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            tandem_testkit::kill_session(child.id() as i32);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Arbitrator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ticket_is_never_held_by_both_sites_under_cuts_of_every_pair() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let mut net = Net::new();
+    let (ns_a, addr_a) = net.host(1);
+    let (ns_b, addr_b) = net.host(2);
+    let (ns_x, addr_x) = net.host(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("ticket.key");
+    std::fs::write(&key, "a key the two sites and the arbitrator share, 32+ bytes\n").unwrap();
+    let key = key.display().to_string();
+    let config = tmp.path().join("arbitrator.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"{addr_x}:7409\"\nkey_file = \"{key}\"\nsites = [\"a\", \"b\"]\n[ticket]\n{TIMING}"),
+    )
+    .unwrap();
+    let mut arb = Arbitrator { ns: ns_x.clone(), config, log: tmp.path().join("arbitrator.log"), child: None };
+    arb.start();
+
+    // Site a first: it takes the ticket once the grantors' quiet lease
+    // after their start is over.
+    let a = site(ns_a.clone(), &addr_a, "a", ("b", &addr_b), &addr_x, &key).await;
+    let url_a = a.nodes[0].url();
+    wait_until(Duration::from_secs(15), "site a holds the ticket", || holds(&url_a)).await;
+    let b = site(ns_b.clone(), &addr_b, "b", ("a", &addr_a), &addr_x, &key).await;
+    let url_b = b.nodes[0].url();
+    wait_until(Duration::from_secs(15), "site b's leader hears the grantors", || async {
+        ticket(&url_b)
+            .await
+            .is_some_and(|t| t["grantors"].as_array().is_some_and(|g| g.iter().all(|g| g["answered_ms_ago"].is_u64())))
+    })
+    .await;
+    let t = ticket(&url_b).await.unwrap();
+    assert_eq!(t["holds"], false, "{t}");
+    assert!(t["grantors"].as_array().unwrap().iter().any(|g| g["holder"] == "a"), "b is refused for a: {t}");
+
+    // Sample both sites every 50 ms for the whole run.
+    let samples: Arc<Mutex<Vec<(u64, bool, bool)>>> = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let sampler = {
+        let (samples, stop, url_a, url_b) = (samples.clone(), stop.clone(), url_a.clone(), url_b.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let (ha, hb) = tokio::join!(holds(&url_a), holds(&url_b));
+                samples.lock().unwrap().push((t0.elapsed().as_millis() as u64, ha, hb));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let (sa, sb, sx) =
+        ((ns_a.as_str(), addr_a.as_str()), (ns_b.as_str(), addr_b.as_str()), (ns_x.as_str(), addr_x.as_str()));
+
+    // Each pair cut for two and a half leases: site a keeps the ticket
+    // through the two grantors it still reaches.
+    for (x, y, what) in [(sa, sb, "a–b"), (sa, sx, "a–arbitrator"), (sb, sx, "b–arbitrator")] {
+        cut(x, y, true);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(holds(&url_a).await, "site a lost the ticket with only {what} cut: {:?}", ticket(&url_a).await);
+        assert!(!holds(&url_b).await, "site b took the ticket with only {what} cut");
+        cut(x, y, false);
+        // Healed: site b hands its own grantor's loan back once refused
+        // for a, so that a holds through all three again.
+        let all_lend = || async {
+            ticket(&url_a)
+                .await
+                .is_some_and(|t| t["grantors"].as_array().is_some_and(|g| g.iter().all(|g| g["granted"] == true)))
+        };
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while !all_lend().await {
+            assert!(
+                Instant::now() < deadline,
+                "after the {what} cut, not every grantor lends to a again: a {:?}\nb {:?}",
+                ticket(&url_a).await,
+                ticket(&url_b).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // The arbitrator restarts: quiet for a lease, site a holds on through
+    // the two sites' grantors.
+    arb.kill();
+    arb.start();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(holds(&url_a).await, "site a lost the ticket over the arbitrator's restart");
+
+    // Site a cut off from both others: it stops holding within its belief
+    // (1.6 s after its last granted round); site b takes the ticket once
+    // the grants to a have run out.
+    cut(sa, sb, true);
+    cut(sa, sx, true);
+    let cut_at = Instant::now();
+    wait_until(Duration::from_secs(4), "site a stops holding the ticket", || async { !holds(&url_a).await }).await;
+    let a_stopped = cut_at.elapsed();
+    wait_until(Duration::from_secs(10), "site b takes the ticket", || holds(&url_b)).await;
+    let b_took = cut_at.elapsed();
+    eprintln!("site a cut off: it stopped holding after {a_stopped:?}, site b held from {b_took:?}");
+
+    // Healed: site b renews, site a is refused.
+    cut(sa, sb, false);
+    cut(sa, sx, false);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(holds(&url_b).await && !holds(&url_a).await, "the ticket stays with b after the heal");
+
+    // Failback: site b gives the ticket back; site a takes it.
+    let (st, v) = call(Method::POST, &format!("{url_b}/v1/ticket/release"), None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!((v["holds"].clone(), v["wanted"].clone()), (Value::Bool(false), Value::Bool(false)), "{v}");
+    wait_until(Duration::from_secs(10), "site a takes the ticket back", || holds(&url_a)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!holds(&url_b).await, "b asks no more after its release");
+
+    stop.store(true, Ordering::SeqCst);
+    sampler.await.unwrap();
+    let samples = samples.lock().unwrap().clone();
+    let both: Vec<_> = samples.iter().filter(|(_, a, b)| *a && *b).collect();
+    assert!(both.is_empty(), "both sites held the ticket at {both:?}");
+    let (held_a, held_b) = (samples.iter().filter(|s| s.1).count(), samples.iter().filter(|s| s.2).count());
+    assert!(samples.len() > 200 && held_a > 0 && held_b > 0, "{} samples, a {held_a}, b {held_b}", samples.len());
+
+    // A request under another key is refused, and changes nothing.
+    let (st, v) = call(Method::POST, &format!("{url_a}/internal/ticket"), Some(b"{}".to_vec())).await;
+    assert_eq!((st, v["code"].as_str()), (401, Some("TND-1700")), "{v}");
+    assert!(holds(&url_a).await);
+}
