@@ -417,8 +417,11 @@ fn keepalived_runs(runs: usize, dir: &Path, advert_int: &str) -> Vec<Duration> {
         std::fs::write(
             &path,
             format!(
-                "global_defs {{\n  router_id k{n}\n  enable_script_security\n}}\nvrrp_instance VI_1 {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {prio}\n  advert_int {advert_int}\n  virtual_ipaddress {{\n    {vip}/24\n  }}\n}}\n",
-                n = i + 1
+                "global_defs {{\n  router_id k{n}\n  enable_script_security\n{version}}}\nvrrp_instance VI_1 {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {prio}\n  advert_int {advert_int}\n  virtual_ipaddress {{\n    {vip}/24\n  }}\n}}\n",
+                n = i + 1,
+                // VRRPv2 advertises in whole seconds (0.1 is read as 1 s):
+                // sub-second intervals need VRRPv3.
+                version = if advert_int.starts_with("0.") { "  vrrp_version 3\n" } else { "" },
             ),
         )
         .unwrap();
