@@ -140,6 +140,9 @@ pub struct Agent {
     failover: Arc<std::sync::Mutex<Failover>>,
     /// On the leader: since when each group failure was seen, to expire it.
     failure_clock: std::sync::Mutex<crate::scheduler::FailureClock>,
+    /// On the leader: the inputs of the last scheduler round that decided
+    /// nothing (see `scheduler_round`).
+    scheduler_idle: std::sync::Mutex<Option<failover::SchedulerInputs>>,
     /// The volume replicas on this node.
     pub(crate) volumes: Arc<crate::volume::manager::VolumeManager>,
     /// What `GET /metrics` counts as it happens (the rest is sampled).
@@ -261,6 +264,7 @@ impl Agent {
             lease: std::sync::Mutex::new(lease),
             failover: Arc::new(std::sync::Mutex::new(failover)),
             failure_clock: Default::default(),
+            scheduler_idle: Default::default(),
             cfg,
             db,
             liveness,

@@ -220,14 +220,15 @@ impl Executor {
     /// here, and makes sure a watchdog guards them.
     fn sync_records(&mut self) {
         for (name, g) in &self.groups {
-            let rec = g.record(name, &self.node_name);
-            if self.written.get(name) != Some(&rec) {
-                if let Err(e) = self.run.write_record(&rec) {
-                    tracing::error!(group = %name, "cannot record what runs here: {e}");
-                    continue;
-                }
-                self.written.insert(name.clone(), rec);
+            if self.written.get(name).is_some_and(|w| g.is_recorded_as(w, name, &self.node_name)) {
+                continue;
             }
+            let rec = g.record(name, &self.node_name);
+            if let Err(e) = self.run.write_record(&rec) {
+                tracing::error!(group = %name, "cannot record what runs here: {e}");
+                continue;
+            }
+            self.written.insert(name.clone(), rec);
         }
         let gone: Vec<String> = self.written.keys().filter(|n| !self.groups.contains_key(*n)).cloned().collect();
         for name in gone {

@@ -120,6 +120,24 @@ impl LocalGroup {
         RunRecord { group: group.into(), epoch: self.epoch, node: node.into(), spec: self.spec.clone(), resources }
     }
 
+    /// Whether `rec` is what `record(group, node)` would build, without
+    /// building it: the executor asks for every group on every round (10 a
+    /// second), and the copy of the spec cost more than the comparison.
+    pub(super) fn is_recorded_as(&self, rec: &RunRecord, group: &str, node: &str) -> bool {
+        let slot_is = |s: &Slot, r: &RunSlot| match (s, r) {
+            (Slot::Idle, RunSlot::Idle) => true,
+            (Slot::Process(p), RunSlot::Process { pid, start_time }) => p.pid == *pid && p.start_time == *start_time,
+            (Slot::Idle | Slot::Process(_), _) => false,
+            (_, r) => *r == RunSlot::Script,
+        };
+        rec.group == group
+            && rec.epoch == self.epoch
+            && rec.node == node
+            && rec.spec == self.spec
+            && rec.resources.len() == self.slots.len()
+            && self.slots.iter().zip(&rec.resources).all(|(s, r)| slot_is(s, r))
+    }
+
     /// Rebuilds a group from its record (the agent restarted): processes
     /// still running are watched again, script resources monitored at once.
     pub(super) fn adopt(rec: RunRecord, guard: &LeaseGuard) -> LocalGroup {
@@ -450,6 +468,37 @@ pub(super) async fn script_stop(cx: Ctx<'_>, r: &ResourceSpec) -> Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_recorded_as_says_what_comparing_a_fresh_record_says() {
+        let spec: GroupSpec = serde_json::from_value(serde_json::json!({
+            "resources": [{"name": "a", "type": "process", "command": ["x"]},
+                          {"name": "b", "type": "process", "command": ["y"]}],
+            "nodes": ["n1"]
+        }))
+        .unwrap();
+        let mut g = LocalGroup::new(3, spec.clone());
+        let mut other_spec = spec.clone();
+        other_spec.resources.pop();
+        let variants = |g: &LocalGroup| {
+            vec![
+                g.record("g", "n1"),
+                g.record("h", "n1"),
+                g.record("g", "n2"),
+                LocalGroup::new(4, spec.clone()).record("g", "n1"),
+                LocalGroup::new(3, other_spec.clone()).record("g", "n1"),
+            ]
+        };
+        let mut seen = variants(&g);
+        g.slots[0] = Slot::Process(Running { child: None, pid: 42, start_time: 7 });
+        seen.extend(variants(&g));
+        g.slots[1] = Slot::Process(Running { child: None, pid: 43, start_time: 8 });
+        seen.extend(variants(&g));
+        for rec in &seen {
+            assert_eq!(g.is_recorded_as(rec, "g", "n1"), *rec == g.record("g", "n1"), "{rec:?}");
+        }
+        assert!(seen.iter().filter(|r| g.is_recorded_as(r, "g", "n1")).count() == 1);
+    }
 
     /// An exec resource whose start succeeds at once and whose monitor
     /// passes only once `answers` exists (a server still loading).

@@ -52,45 +52,68 @@ impl Agent {
     }
 }
 
+/// Starts the agent `name` on 127.0.0.1:`port` in a new session (default
+/// settings, data under `tmp/name`, log at warn to `tmp/name.log`); the same
+/// name and port start it again on its old data.
+pub fn spawn_agent(tmp: &Path, name: &str, port: u16) -> Agent {
+    let data = tmp.join(name);
+    let cfg = tmp.join(format!("{name}.toml"));
+    let text =
+        format!("name = \"{name}\"\ndata_dir = \"{}\"\nport = {port}\n[log]\nlevel = \"warn\"\n", data.display());
+    std::fs::write(&cfg, text).unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(tmp.join(format!("{name}.log"))).unwrap();
+    let mut cmd = std::process::Command::new(sibling_tandem_bin());
+    crate::new_session(&mut cmd);
+    let child = cmd
+        .args(["agent", "--config"])
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn tandem (cargo build --release --bins first)");
+    Agent { port, socket: data.join("admin.sock"), child }
+}
+
+/// A port for an agent: its API port and the next one (volume
+/// replication) free.
+pub fn agent_port() -> u16 {
+    loop {
+        let p = crate::free_port();
+        if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// Waits until the agent answers on its admin socket.
+pub async fn wait_up(a: &Agent) {
+    let socket = a.socket.clone();
+    wait_for("agent up", Duration::from_secs(30), Duration::from_millis(20), || {
+        let s = socket.clone();
+        async move {
+            crate::api::local_call(&s, reqwest::Method::GET, "/healthz", serde_json::Value::Null).await.0 == 200
+        }
+    })
+    .await;
+}
+
 /// Three agents on loopback (`node1`..`node3`, data under `tmp`, default
 /// settings, logs at warn), formed into a cluster of three online voters.
 pub async fn start_three(tmp: &Path) -> (Vec<Agent>, crate::api::Creds) {
+    start_cluster(tmp, 3).await
+}
+
+/// `n` agents on loopback (`node1`..`node<n>`, data under `tmp`, default
+/// settings, logs at warn): `init` on node1, `join` through it on the
+/// others, until all `n` are online members and min(n, 3) of them voters
+/// (autopilot's default; the rest are learners).
+pub async fn start_cluster(tmp: &Path, n: usize) -> (Vec<Agent>, crate::api::Creds) {
     use reqwest::Method;
-    use serde_json::Value;
     let poll = Duration::from_millis(20);
-    let mut agents = Vec::new();
-    for i in 1..=3 {
-        let name = format!("node{i}");
-        let port = loop {
-            let p = crate::free_port();
-            if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-                break p;
-            }
-        };
-        let data = tmp.join(&name);
-        let cfg = tmp.join(format!("{name}.toml"));
-        let text =
-            format!("name = \"{name}\"\ndata_dir = \"{}\"\nport = {port}\n[log]\nlevel = \"warn\"\n", data.display());
-        std::fs::write(&cfg, text).unwrap();
-        let log = std::fs::File::create(tmp.join(format!("{name}.log"))).unwrap();
-        let mut cmd = std::process::Command::new(sibling_tandem_bin());
-        crate::new_session(&mut cmd);
-        let child = cmd
-            .args(["agent", "--config"])
-            .arg(&cfg)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn tandem (cargo build --release --bins first)");
-        let a = Agent { port, socket: data.join("admin.sock"), child };
-        let socket = a.socket.clone();
-        wait_for("agent up", Duration::from_secs(30), poll, || {
-            let s = socket.clone();
-            async move { crate::api::local_call(&s, Method::GET, "/healthz", Value::Null).await.0 == 200 }
-        })
-        .await;
-        agents.push(a);
+    let agents: Vec<Agent> = (1..=n).map(|i| spawn_agent(tmp, &format!("node{i}"), agent_port())).collect();
+    for a in &agents {
+        wait_up(a).await;
     }
     let creds = crate::api::init(&agents[0].socket, "bench").await.expect("init");
     for a in &agents {
@@ -101,13 +124,16 @@ pub async fn start_three(tmp: &Path) -> (Vec<Agent>, crate::api::Creds) {
         assert_eq!(st, 200, "join: {v}");
     }
     let u = agents[0].url();
-    wait_for("3 voters online", Duration::from_secs(60), poll, || {
+    let voters = n.min(3);
+    wait_for("every member online, the voters chosen", Duration::from_secs(120), poll, || {
         let u = u.clone();
         async move {
             let (_, c) = crate::api::call_with(None, Method::GET, &format!("{u}/v1/cluster"), None).await;
-            c["members"]
-                .as_array()
-                .is_some_and(|m| m.len() == 3 && m.iter().all(|x| x["role"] == "voter" && x["state"] == "online"))
+            c["members"].as_array().is_some_and(|m| {
+                m.len() == n
+                    && m.iter().all(|x| x["state"] == "online")
+                    && m.iter().filter(|x| x["role"] == "voter").count() == voters
+            })
         }
     })
     .await;
