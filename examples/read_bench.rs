@@ -85,29 +85,8 @@ struct Fio {
 }
 
 fn fio(uri: &str, seconds: u64) -> Fio {
-    let out = Command::new("fio")
-        .args([
-            "--name=reads",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randread",
-            "--bs=4k",
-            "--iodepth=32",
-            &format!("--size={SIZE}"),
-            &format!("--runtime={seconds}"),
-            "--time_based",
-            "--ramp_time=1",
-            "--output-format=json",
-        ])
-        .output()
-        .expect("fio (apt-get install fio)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find('{').unwrap_or(0);
-    let v: serde_json::Value =
-        serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("fio output: {e}: {text}"));
-    let j = &v["jobs"][0]["read"];
-    let pct = |p: &str| j["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
-    Fio { iops: j["iops"].as_f64().unwrap_or(0.0), p50_us: pct("50.000000"), p99_us: pct("99.000000") }
+    let r = tandem_testkit::bench::fio_nbd("reads", uri, "randread", "4k", 32, SIZE, seconds);
+    Fio { iops: r.iops, p50_us: r.p50_us, p99_us: r.p99_us }
 }
 
 /// nbdkit + nbdfuse: the FUSE file `<dir>/disk/nbd`.

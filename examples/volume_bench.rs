@@ -61,35 +61,8 @@ struct Result_ {
 fn fio(uri: &str, job: Job, seconds: u64) -> Result_ {
     // Every job starts with no dirty pages left by the one before.
     let _ = Command::new("sync").status();
-    let out = Command::new("fio")
-        .args([
-            "--name=bench",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            &format!("--rw={}", job.rw),
-            &format!("--bs={}", job.bs),
-            &format!("--iodepth={}", job.depth),
-            &format!("--size={SIZE}"),
-            &format!("--runtime={seconds}"),
-            "--time_based",
-            "--ramp_time=1",
-            "--output-format=json",
-        ])
-        .output()
-        .expect("fio (apt-get install fio)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find('{').unwrap_or(0);
-    let v: serde_json::Value = serde_json::from_str(&text[start..])
-        .unwrap_or_else(|e| panic!("fio output: {e}: {text} {}", String::from_utf8_lossy(&out.stderr)));
-    let side = if job.rw.contains("read") { "read" } else { "write" };
-    let j = &v["jobs"][0][side];
-    let pct = |p: &str| j["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
-    Result_ {
-        iops: j["iops"].as_f64().unwrap_or(0.0),
-        mib_s: j["bw_bytes"].as_f64().unwrap_or(0.0) / MIB as f64,
-        p50_us: pct("50.000000"),
-        p99_us: pct("99.000000"),
-    }
+    let r = tandem_testkit::bench::fio_nbd("bench", uri, job.rw, job.bs, job.depth, SIZE, seconds);
+    Result_ { iops: r.iops, mib_s: r.bytes_per_s / MIB as f64, p50_us: r.p50_us, p99_us: r.p99_us }
 }
 
 fn wait_socket(path: &Path) {

@@ -139,3 +139,48 @@ pub async fn start_cluster(tmp: &Path, n: usize) -> (Vec<Agent>, crate::api::Cre
     .await;
     (agents, creds)
 }
+
+/// What one fio job measured: IOPS, bandwidth, completion latency.
+#[derive(Debug, Clone, Copy)]
+pub struct FioResult {
+    pub iops: f64,
+    pub bytes_per_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// One fio job through its nbd engine against `uri`: `rw` (e.g.
+/// `randread`), block size `bs`, queue depth `depth`, over the first
+/// `size` bytes, `seconds` after a 1 s ramp. Panics with fio's output when
+/// it does not run (apt-get install fio).
+pub fn fio_nbd(name: &str, uri: &str, rw: &str, bs: &str, depth: u32, size: u64, seconds: u64) -> FioResult {
+    let out = std::process::Command::new("fio")
+        .args([
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--iodepth={depth}"),
+            &format!("--size={size}"),
+            &format!("--runtime={seconds}"),
+            "--time_based",
+            "--ramp_time=1",
+            "--output-format=json",
+        ])
+        .output()
+        .expect("fio (apt-get install fio)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find('{').unwrap_or(0);
+    let v: serde_json::Value = serde_json::from_str(&text[start..])
+        .unwrap_or_else(|e| panic!("fio output: {e}: {text} {}", String::from_utf8_lossy(&out.stderr)));
+    let side = if rw.contains("read") { "read" } else { "write" };
+    let j = &v["jobs"][0][side];
+    let pct = |p: &str| j["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    FioResult {
+        iops: j["iops"].as_f64().unwrap_or(0.0),
+        bytes_per_s: j["bw_bytes"].as_f64().unwrap_or(0.0),
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+    }
+}
