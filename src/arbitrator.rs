@@ -80,7 +80,7 @@ impl Arbitrator {
         let listener = tokio::net::TcpListener::bind(self.listen).await?;
         let desk = Desk::new(&self.cfg.name, &self.cfg.sites, self.cfg.ticket.timing(), now_boot_ms());
         tracing::info!(name = %self.cfg.name, listen = %self.listen, sites = ?self.cfg.sites, "arbitrator up: lending nothing for a lease");
-        let shared = Arc::new(Shared { key: self.key, desk: Mutex::new(desk), name: self.cfg.name.clone() });
+        let shared = Arc::new(Shared { key: self.key, desk: Mutex::new(desk) });
         let app = axum::Router::new()
             .route(PATH, post(request))
             .route("/v1/ticket", get(status))
@@ -95,7 +95,6 @@ impl Arbitrator {
 struct Shared {
     key: SealKey,
     desk: Mutex<Desk>,
-    name: String,
 }
 
 /// The Unix time in ms (the freshness check's clock).
@@ -128,8 +127,8 @@ pub struct ArbitratorView {
 }
 
 async fn status(State(s): State<Arc<Shared>>) -> axum::Json<ArbitratorView> {
-    let lent_to = s.desk.lock().unwrap_or_else(|e| e.into_inner()).lent_to(now_boot_ms());
-    axum::Json(ArbitratorView { name: s.name.clone(), lent_to })
+    let desk = s.desk.lock().unwrap_or_else(|e| e.into_inner());
+    axum::Json(ArbitratorView { name: desk.name().to_string(), lent_to: desk.lent_to(now_boot_ms()) })
 }
 
 #[cfg(test)]

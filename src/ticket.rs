@@ -110,9 +110,17 @@ impl Grantor {
     }
 }
 
-/// A grantor's last answer as a holder's shell keeps it: when it came (the
-/// holder's clock), whether it lent to the holder, and to whom otherwise.
-pub type LastAnswer<'a> = (u64, bool, Option<&'a str>);
+/// A grantor's last answer as a holder's shell keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastAnswer<'a> {
+    pub grantor: &'a str,
+    /// When it came (the holder's clock).
+    pub at_ms: u64,
+    /// It lent the ticket to the holder.
+    pub granted: bool,
+    /// Whom it lends to instead, if it refused.
+    pub lent_to: Option<&'a str>,
+}
 
 /// A request a holder sends to every grantor (itself included).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,26 +207,21 @@ impl Holder {
         }
     }
 
-    /// When the round in flight was sent, if one is.
-    pub fn round_sent_ms(&self) -> Option<u64> {
-        self.sent_ms
-    }
-
-    /// Whether this site should hand back the loans of the round in
-    /// flight: it does not hold the ticket, yet some grantor lent to it
-    /// while another refused it for another site. Keeping those loans
-    /// while another site holds the ticket takes grantors away from the
-    /// holder: the holder then lives on fewer links, and a cut of one of
-    /// them moves the ticket for nothing. `heard`: each grantor's last
-    /// answer, when it came (this clock), and whom it lends to (`granted`:
-    /// this site). After handing them back, call [`Holder::forget_round`].
-    pub fn should_yield(&self, heard: &[LastAnswer<'_>], now_ms: u64) -> bool {
-        let Some(sent) = self.sent_ms else { return false };
-        let recent = heard.iter().filter(|(at, _, _)| *at >= sent);
-        let lent_here = recent.clone().any(|(_, granted, _)| *granted);
-        let held_elsewhere =
-            recent.clone().any(|(_, granted, holder)| !granted && holder.is_some_and(|h| h != self.site));
-        !self.holds(now_ms) && lent_here && held_elsewhere
+    /// The grantors whose loans of the round in flight this site should
+    /// hand back: none while it holds the ticket; else, once a grantor
+    /// refused it for another site, every one that lent to it. Keeping
+    /// those loans while another site holds the ticket takes grantors away
+    /// from the holder: the holder then lives on fewer links, and a cut of
+    /// one of them moves the ticket for nothing. `heard`: each grantor's
+    /// last answer. After handing them back, call [`Holder::forget_round`].
+    pub fn to_hand_back<'a>(&self, heard: &[LastAnswer<'a>], now_ms: u64) -> Vec<&'a str> {
+        let Some(sent) = self.sent_ms else { return Vec::new() };
+        let recent = || heard.iter().filter(move |h| h.at_ms >= sent);
+        let held_elsewhere = recent().any(|h| !h.granted && h.lent_to.is_some_and(|s| s != self.site));
+        if self.holds(now_ms) || !held_elsewhere {
+            return Vec::new();
+        }
+        recent().filter(|h| h.granted).map(|h| h.grantor).collect()
     }
 
     /// Forgets the round in flight: its answers, even late ones, count for
@@ -252,14 +255,21 @@ mod tests {
         h.set_wanted(true);
         let r = h.tick(1_000).unwrap();
         h.answer("b", r.round, &Answer::Granted);
+        let heard = |at_refused: u64, lent_to: Option<&'static str>| {
+            [
+                LastAnswer { grantor: "b", at_ms: 1_000, granted: true, lent_to: None },
+                LastAnswer { grantor: "arbitrator", at_ms: at_refused, granted: false, lent_to },
+            ]
+        };
         // Lent here, refused for a, both since the round was sent: yield.
-        assert!(h.should_yield(&[(1_000, true, None), (1_010, false, Some("a"))], 1_020));
+        assert_eq!(h.to_hand_back(&heard(1_010, Some("a")), 1_020), vec!["b"]);
         // Not when the refusal is older than the round, names this site or
         // nobody (a quiet grantor), or nothing was lent here.
-        assert!(!h.should_yield(&[(1_000, true, None), (999, false, Some("a"))], 1_020));
-        assert!(!h.should_yield(&[(1_000, true, None), (1_010, false, Some("b"))], 1_020));
-        assert!(!h.should_yield(&[(1_000, true, None), (1_010, false, None)], 1_020));
-        assert!(!h.should_yield(&[(1_010, false, Some("a")), (1_010, false, Some("a"))], 1_020));
+        assert!(h.to_hand_back(&heard(999, Some("a")), 1_020).is_empty());
+        assert!(h.to_hand_back(&heard(1_010, Some("b")), 1_020).is_empty());
+        assert!(h.to_hand_back(&heard(1_010, None), 1_020).is_empty());
+        let refused = LastAnswer { grantor: "a", at_ms: 1_010, granted: false, lent_to: Some("a") };
+        assert!(h.to_hand_back(&[refused, LastAnswer { grantor: "arbitrator", ..refused }], 1_020).is_empty());
         h.forget_round();
         // The arbitrator's grant to the forgotten round arrives late: with
         // the own grant of that round it would have made a majority.
@@ -273,7 +283,9 @@ mod tests {
         h.answer("arbitrator", r2.round, &Answer::Granted);
         assert!(h.holds(1_410));
         // Holding: never yield.
-        assert!(!h.should_yield(&[(1_405, true, None), (1_405, false, Some("a"))], 1_410));
+        let lent = LastAnswer { grantor: "b", at_ms: 1_405, granted: true, lent_to: None };
+        let refused = LastAnswer { grantor: "a", at_ms: 1_405, granted: false, lent_to: Some("a") };
+        assert!(h.to_hand_back(&[lent, refused], 1_410).is_empty());
     }
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -421,15 +433,13 @@ mod tests {
                 // The shell's rule: refused for another site, hand back
                 // what this round got.
                 let heard: Vec<_> = self.heard[s].values().copied().collect();
-                if self.holders[s].should_yield(&heard, now) {
-                    let since = self.holders[s].round_sent_ms().unwrap_or(now);
-                    let lent: Vec<usize> =
-                        self.heard[s].iter().filter(|(_, h)| h.0 >= since && h.1).map(|(g, _)| *g).collect();
+                let lent = self.holders[s].to_hand_back(&heard, now);
+                if !lent.is_empty() {
                     self.holders[s].forget_round();
-                    for g in lent {
-                        self.heard[s].remove(&g);
-                        self.send(t, s, g, Msg::Release);
-                    }
+                }
+                for g in lent.iter().filter_map(|name| NODES.iter().position(|n| n == name)) {
+                    self.heard[s].remove(&g);
+                    self.send(t, s, g, Msg::Release);
                 }
                 if let Some(r) = self.holders[s].tick(now) {
                     for to in 0..3 {
@@ -456,7 +466,9 @@ mod tests {
                             }
                             _ => None,
                         };
-                        self.heard[to].insert(from, (now, answer == Answer::Granted, lent_elsewhere));
+                        let granted = answer == Answer::Granted;
+                        let last = LastAnswer { grantor: NODES[from], at_ms: now, granted, lent_to: lent_elsewhere };
+                        self.heard[to].insert(from, last);
                         self.holders[to].answer(NODES[from], round, &answer);
                     }
                     Msg::Release => self.grantors[to].release(NODES[from]),

@@ -16,7 +16,7 @@ use super::*;
 use crate::arbitrator::now_unix_ms;
 use crate::clock::now_boot_ms;
 use crate::config::{TicketConfig, TicketPeer};
-use crate::ticket::{Answer, Holder};
+use crate::ticket::{Answer, Holder, LastAnswer};
 use crate::ticket_link::{Desk, SealKey, TicketAnswer, TicketError, TicketRequest, PATH, SEAL_HEADER};
 
 /// How often the leader's holder looks whether a round is due.
@@ -109,43 +109,23 @@ impl Agent {
             let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
             let l = site.leading_for(&mut slot, term, now);
             l.holder.set_wanted(site.wanted.load(Ordering::SeqCst));
-            let heard: Vec<crate::ticket::LastAnswer<'_>> = l
+            let heard: Vec<LastAnswer<'_>> = l
                 .heard
-                .values()
-                .filter_map(|h| match &h.answer {
-                    Ok(Answer::Granted) => Some((h.at_ms, true, None)),
-                    Ok(Answer::Refused { holder, .. }) => Some((h.at_ms, false, holder.as_deref())),
-                    Err(_) => None,
+                .iter()
+                .filter_map(|(grantor, h)| {
+                    let (granted, lent_to) = match &h.answer {
+                        Ok(Answer::Granted) => (true, None),
+                        Ok(Answer::Refused { holder, .. }) => (false, holder.as_deref()),
+                        Err(_) => return None,
+                    };
+                    Some(LastAnswer { grantor, at_ms: h.at_ms, granted, lent_to })
                 })
                 .collect();
-            if l.holder.should_yield(&heard, now) {
-                // Every grantor that lent to this round gets its loan back.
-                let since = l.holder.round_sent_ms().unwrap_or(now);
-                let lent: Vec<String> = l
-                    .heard
-                    .iter()
-                    .filter(|(_, h)| h.at_ms >= since && matches!(h.answer, Ok(Answer::Granted)))
-                    .map(|(name, _)| name.clone())
-                    .collect();
+            let lent: Vec<String> = l.holder.to_hand_back(&heard, now).into_iter().map(str::to_string).collect();
+            if !lent.is_empty() {
                 l.holder.forget_round();
                 tracing::info!(grantors = ?lent, "ticket: another site holds it; handing back what was lent here");
-                for name in lent {
-                    l.heard.remove(&name);
-                    if name == site.cfg.site {
-                        l.desk.release_local(&name);
-                        continue;
-                    }
-                    let peer =
-                        [&site.cfg.other_site, &site.cfg.arbitrator].into_iter().find(|p| p.name == name).cloned();
-                    if let Some(peer) = peer {
-                        let site = site.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = site.ask(&peer, site.request(0, true)).await {
-                                tracing::debug!(peer = %peer.name, "the ticket's hand-back was not heard: {e}");
-                            }
-                        });
-                    }
-                }
+                site.hand_back(l, lent);
             }
             let Some(req) = l.holder.tick(now) else { return };
             // This site's own grantor, at once.
@@ -243,6 +223,26 @@ impl Agent {
 }
 
 impl TicketSite {
+    /// Gives the loans of `grantors` back: this site's own at once, the
+    /// others' by a release message each.
+    fn hand_back(self: &Arc<Self>, l: &mut Leading, grantors: Vec<String>) {
+        for name in grantors {
+            l.heard.remove(&name);
+            if name == self.cfg.site {
+                l.desk.release_local(&name);
+                continue;
+            }
+            let peer = [&self.cfg.other_site, &self.cfg.arbitrator].into_iter().find(|p| p.name == name).cloned();
+            let Some(peer) = peer else { continue };
+            let site = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = site.ask(&peer, site.request(0, true)).await {
+                    tracing::debug!(peer = %peer.name, "the ticket's hand-back was not heard: {e}");
+                }
+            });
+        }
+    }
+
     /// Sends `req` to `peer` (its URLs in order, until one answers) and
     /// returns its checked answer.
     async fn ask(&self, peer: &TicketPeer, req: TicketRequest) -> Result<Answer, String> {
