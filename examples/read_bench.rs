@@ -62,6 +62,7 @@ fn config(nodes: &[Node], me: usize) -> DesiredVolume {
             replaced: 0,
             forced_epoch: 0,
             read_balancing: ReadBalancing::PreferLocal,
+            resync: Default::default(),
         },
         nbd_tcp: false,
     }

@@ -149,6 +149,9 @@ impl VolumeManager {
                 // Read balancing changes live, even on a serving primary.
                 h.volume.set_read_balancing(d.config.read_balancing);
                 h.config.read_balancing = d.config.read_balancing;
+                // So does the resync policy (from its next step on).
+                h.volume.set_resync(d.config.resync);
+                h.config.resync = d.config.resync;
                 h.config.size = d.config.size;
                 if d.config.size > h.volume.exported_size() {
                     // In the background: a primary waits for its peers.

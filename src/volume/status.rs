@@ -48,6 +48,9 @@ pub struct ResyncStatus {
     pub rate_bytes_per_s: u64,
     /// Seconds to completion at the recent rate; none before a rate is known.
     pub eta_s: Option<f64>,
+    /// The rate the resync aims at now: the adaptive controller's, or a
+    /// fixed resync's `rate`; none: a fixed resync without one.
+    pub target_rate_bytes_per_s: Option<u64>,
 }
 
 /// One replica of a volume, as this node sees it.

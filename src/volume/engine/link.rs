@@ -444,6 +444,7 @@ impl Volume {
                 total_bytes: total,
                 rate_bytes_per_s: 0,
                 eta_s: None,
+                target_rate_bytes_per_s: None,
             });
             st.resync_started = Some(Instant::now());
         }
