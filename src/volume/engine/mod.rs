@@ -166,25 +166,28 @@ impl Default for ResyncPolicy {
     }
 }
 
-/// The application's completed writes, as running totals (each resync loop
-/// keeps its own last reading and takes differences: several peers may
+/// The application's completed writes: how many took how long, as running
+/// totals per latency bucket ([`resync_control::Latencies`]); each resync
+/// loop keeps its own last reading and takes differences (several peers may
 /// resync at once).
-#[derive(Debug, Default)]
 struct AppWrites {
-    count: AtomicU64,
-    /// Client request to acknowledgement, summed, in nanoseconds.
-    latency_ns: AtomicU64,
+    buckets: [AtomicU64; resync_control::LATENCY_BUCKETS],
+}
+
+impl Default for AppWrites {
+    fn default() -> Self {
+        AppWrites { buckets: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
 }
 
 impl AppWrites {
+    /// One write, client request to acknowledgement.
     fn record(&self, took: Duration) {
-        self.latency_ns.fetch_add(took.as_nanos().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.buckets[resync_control::latency_bucket(took)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (writes, total latency) so far.
-    fn read(&self) -> (u64, Duration) {
-        (self.count.load(Ordering::Relaxed), Duration::from_nanos(self.latency_ns.load(Ordering::Relaxed)))
+    fn read(&self) -> resync_control::Latencies {
+        resync_control::Latencies(std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)))
     }
 }
 

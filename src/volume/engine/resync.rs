@@ -21,7 +21,7 @@ use tandem_raft::volume::{DiskState, ReplicationMode};
 use tokio::sync::oneshot;
 
 use super::link::{Inflight, Link, Reply};
-use super::resync_control::{Controller, Plan, Sample, Settings};
+use super::resync_control::{Controller, Latencies, Plan, Sample, Settings};
 use super::{ResyncPolicy, Volume, CHUNK, RECORD_RETRY, RESYNC_WINDOW};
 use crate::volume::generation::Generations;
 use crate::volume::status::Connection;
@@ -230,8 +230,8 @@ struct Adaptive {
     step_ends: Instant,
     /// The link's acknowledged resync bytes at the step's start.
     acked: u64,
-    /// The application's (writes, latency) totals at the step's start.
-    app: (u64, Duration),
+    /// The application's write latencies at the step's start.
+    app: Latencies,
 }
 
 impl Pace {
@@ -261,15 +261,16 @@ impl Pace {
                     step: STEP,
                 });
                 let plan = ctl.first();
-                slot.insert(Adaptive { ctl, plan, left: plan.budget, step_ends: now + STEP, acked, app })
+                slot.insert(Adaptive { ctl, plan, left: plan.budget, step_ends: now + STEP, acked, app: app.clone() })
             }
         };
         if now >= a.step_ends {
+            let writes = app.since(&a.app);
             let sample = Sample {
                 acked: acked.saturating_sub(a.acked),
                 in_flight,
-                app_writes: app.0.saturating_sub(a.app.0),
-                app_latency: app.1.saturating_sub(a.app.1),
+                app_writes: writes.count(),
+                app_latency: writes.quantile(0.99),
             };
             a.plan = a.ctl.step(sample);
             a.left = a.plan.budget;
