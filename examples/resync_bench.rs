@@ -1,11 +1,12 @@
 //! The resync's cost to the application, and its time, per resync policy:
 //! a volume with one sync secondary on loopback; the secondary's agent
-//! stops, DIRTY MiB are written sequentially, it comes back, and while it
+//! stops, DIRTY MiB are written sequentially (on a 2 GiB volume), it comes back, and while it
 //! resyncs fio's nbd engine keeps a steady random-write load on the
 //! primary (4 KiB, QD4, at IOPS a second). Per policy, the application's
 //! write p50/p99 with no resync (in sync, the same load), during the
 //! resync (the first SECONDS of it), and the resync's time from the
-//! secondary's restart to in sync, under that load all along.
+//! secondary's restart to in sync, under that load all along; then the
+//! same resync with no application writes.
 //!
 //!     cargo run --release --example resync_bench [-- DIRTY_MIB [SECONDS [IOPS]]]
 //!
@@ -28,7 +29,7 @@ use tandem_testkit::bench::{fio_nbd_with, FioResult};
 use tandem_testkit::free_port;
 
 const MIB: u64 = 1 << 20;
-const SIZE: u64 = 4 << 30;
+const SIZE: u64 = 2 << 30;
 /// Where the application's load writes: far from the resynced range's
 /// start, so both touch the disk as they would on a real volume.
 const LOAD_SPAN: u64 = 1 << 30;
@@ -111,6 +112,8 @@ struct Measured {
     /// Whether the resync outlasted the measured window (else `during`
     /// includes time without one).
     covered: bool,
+    /// The same resync with no application writes.
+    alone: Duration,
 }
 
 async fn run_one(dir: &Path, run: &Run, dirty_bytes: u64, seconds: u64, iops: u64) -> Measured {
@@ -126,7 +129,10 @@ async fn run_one(dir: &Path, run: &Run, dirty_bytes: u64, seconds: u64, iops: u6
     for i in 0..2 {
         nodes[i].mgr.reconcile(vec![desired(&nodes, i, &tag, run)]).await;
     }
-    let uri = nodes[0].mgr.promote("bench", 1, false, &nodes[0].dir.join("nbd.sock")).await.unwrap();
+    let uri = match nodes[0].mgr.promote("bench", 1, false, &nodes[0].dir.join("nbd.sock")).await {
+        Ok(uri) => uri,
+        Err(e) => panic!("promote: {e:?} (is there room for two {} GiB replicas in /var/tmp?)", SIZE >> 30),
+    };
     let uri = uri.split_whitespace().next().unwrap().to_string();
     let v = nodes[0].mgr.volume("bench").await.unwrap();
     let in_sync = || v.peer_in_sync("n2") && v.out_of_sync("n2") == 0;
@@ -166,7 +172,7 @@ async fn run_one(dir: &Path, run: &Run, dirty_bytes: u64, seconds: u64, iops: u6
     while !in_sync() {
         tokio::time::sleep(Duration::from_millis(10)).await;
         samples += 1;
-        if samples % 100 == 0 {
+        if samples.is_multiple_of(100) {
             if let Some(p) = v.status(None).replicas.iter().find_map(|r| r.resync.clone()) {
                 eprintln!(
                     "  {:<22} {:>5.1} s: {:>6.0} MiB left, {:>4.0} MiB/s, target {}",
@@ -184,10 +190,25 @@ async fn run_one(dir: &Path, run: &Run, dirty_bytes: u64, seconds: u64, iops: u6
     let during = loader.await.unwrap();
     // The first job ran its 1 s ramp and `seconds` from the restart on.
     let covered = resync.as_secs_f64() >= (seconds + 1) as f64;
+
+    // Again with no application writes: the resync alone.
+    nodes[1].mgr.shutdown().await;
+    let u = uri.clone();
+    tokio::task::spawn_blocking(move || dirty(&u, dirty_bytes)).await.unwrap();
+    let _ = Command::new("sync").status();
+    let started = Instant::now();
+    nodes[1].mgr.start(&d, &[addr], Arc::new(Recorder)).await.unwrap();
+    nodes[1].mgr.reconcile(vec![desired(&nodes, 1, &tag, run)]).await;
+    while !in_sync() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let alone = started.elapsed();
     for n in &nodes {
         n.mgr.shutdown().await;
+        // The next run needs the space (the disk is shared).
+        let _ = std::fs::remove_dir_all(&n.dir);
     }
-    Measured { idle, during, resync, covered }
+    Measured { idle, during, resync, covered, alone }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +230,7 @@ async fn main() {
     for run in runs.iter().filter(|r| only.as_deref().is_none_or(|o| r.label.contains(o))) {
         let m = run_one(tmp.path(), run, dirty_mib * MIB, seconds, iops).await;
         eprintln!(
-            "{:<18} idle p50 {:>6.0} p99 {:>6.0} µs | resync p50 {:>6.0} p99 {:>6.0} µs ({:.0} IOPS) | resync {:.2} s{}",
+            "{:<18} idle p50 {:>6.0} p99 {:>6.0} µs | resync p50 {:>6.0} p99 {:>6.0} µs ({:.0} IOPS) | resync {:.2} s{}, alone {:.2} s",
             run.label,
             m.idle.p50_us,
             m.idle.p99_us,
@@ -217,18 +238,19 @@ async fn main() {
             m.during.p99_us,
             m.during.iops,
             m.resync.as_secs_f64(),
-            if m.covered { "" } else { " (shorter than the window)" }
+            if m.covered { "" } else { " (shorter than the window)" },
+            m.alone.as_secs_f64()
         );
         rows.push((run, m));
     }
     println!(
         "\n## Resync under load ({dirty_mib} MiB resynced, fio randwrite 4 KiB QD4 at {iops} IOPS, {seconds} s after 1 s ramp)\n"
     );
-    println!("| policy | no resync p50 / p99 µs | during resync p50 / p99 µs | p99 ratio | IOPS during | resync time | resync rate |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| policy | no resync p50 / p99 µs | during resync p50 / p99 µs | p99 ratio | IOPS during | resync time | resync rate | resync time, no application |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (run, m) in &rows {
         println!(
-            "| {} | {:.0} / {:.0} | {:.0} / {:.0}{} | {:.1}× | {:.0} | {:.2} s | {:.0} MiB/s |",
+            "| {} | {:.0} / {:.0} | {:.0} / {:.0}{} | {:.1}× | {:.0} | {:.2} s | {:.0} MiB/s | {:.2} s |",
             run.label,
             m.idle.p50_us,
             m.idle.p99_us,
@@ -238,7 +260,8 @@ async fn main() {
             m.during.p99_us / m.idle.p99_us.max(1.0),
             m.during.iops,
             m.resync.as_secs_f64(),
-            dirty_mib as f64 / m.resync.as_secs_f64()
+            dirty_mib as f64 / m.resync.as_secs_f64(),
+            m.alone.as_secs_f64()
         );
     }
 }

@@ -284,7 +284,7 @@ async fn a_resync_under_application_writes_ends_identical_with_either_policy() {
         // The application writes while the resync runs: over the resynced
         // range and beyond it.
         let writes: Vec<String> = (0..64u64)
-            .map(|i| format!("write -P 0x{:x} {} 4k", 0x40 + i, (i * 1_572_869) % (100 * MIB) & !4095))
+            .map(|i| format!("write -P 0x{:x} {} 4k", 0x40 + i, ((i * 1_572_869) % (100 * MIB)) & !4095))
             .collect();
         let cmds: Vec<&str> = writes.iter().map(String::as_str).collect();
         let app = qemu_io(uri_of(&uri), &cmds);
