@@ -15,16 +15,16 @@
 //! (apt-get install fio).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem::volume::engine::{ControlPlane, PeerConfig, ResyncPolicy, VolumeConfig};
+use tandem::volume::engine::{PeerConfig, ResyncPolicy, VolumeConfig};
 use tandem::volume::generation::initial_generation;
 use tandem::volume::manager::{DesiredVolume, VolumeManager};
-use tandem_raft::volume::{DiskState, ReadBalancing, ReplicationMode, SplitBrainPolicy, DEFAULT_RESYNC_MIN_RATE};
+use tandem_raft::volume::{ReadBalancing, ReplicationMode, SplitBrainPolicy, DEFAULT_RESYNC_MIN_RATE};
 use tandem_testkit::bench::{fio_nbd_with, FioResult};
 use tandem_testkit::free_port;
 
@@ -34,22 +34,9 @@ const SIZE: u64 = 2 << 30;
 /// start, so both touch the disk as they would on a real volume.
 const LOAD_SPAN: u64 = 1 << 30;
 
-struct Recorder;
-
-#[async_trait::async_trait]
-impl ControlPlane for Recorder {
-    async fn record_disk(&self, _: &str, _: &str, _: DiskState, _: u64, _: u64) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-/// One replica's node: its manager, data directory and replication address.
-struct Node {
-    name: String,
-    dir: PathBuf,
-    addr: SocketAddr,
-    mgr: VolumeManager,
-}
+#[path = "common/replicas.rs"]
+mod replicas;
+use replicas::{NoControl, Node};
 
 struct Run {
     label: String,
@@ -123,7 +110,7 @@ async fn run_one(dir: &Path, run: &Run, dirty_bytes: u64, seconds: u64, iops: u6
         let d = dir.join(format!("{tag}-{name}"));
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mgr = VolumeManager::default();
-        mgr.start(&d, &[addr], Arc::new(Recorder)).await.unwrap();
+        mgr.start(&d, &[addr], Arc::new(NoControl)).await.unwrap();
         nodes.push(Node { name: name.into(), dir: d, addr, mgr });
     }
     for i in 0..2 {
@@ -155,7 +142,7 @@ async fn run_one(dir: &Path, run: &Run, dirty_bytes: u64, seconds: u64, iops: u6
     // load on until the resync ends.
     let started = Instant::now();
     let (d, addr) = (nodes[1].dir.clone(), nodes[1].addr);
-    nodes[1].mgr.start(&d, &[addr], Arc::new(Recorder)).await.unwrap();
+    nodes[1].mgr.start(&d, &[addr], Arc::new(NoControl)).await.unwrap();
     nodes[1].mgr.reconcile(vec![desired(&nodes, 1, &tag, run)]).await;
     let done = Arc::new(AtomicBool::new(false));
     let loader = {
@@ -197,7 +184,7 @@ async fn run_one(dir: &Path, run: &Run, dirty_bytes: u64, seconds: u64, iops: u6
     tokio::task::spawn_blocking(move || dirty(&u, dirty_bytes)).await.unwrap();
     let _ = Command::new("sync").status();
     let started = Instant::now();
-    nodes[1].mgr.start(&d, &[addr], Arc::new(Recorder)).await.unwrap();
+    nodes[1].mgr.start(&d, &[addr], Arc::new(NoControl)).await.unwrap();
     nodes[1].mgr.reconcile(vec![desired(&nodes, 1, &tag, run)]).await;
     while !in_sync() {
         tokio::time::sleep(Duration::from_millis(10)).await;
