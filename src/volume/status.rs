@@ -44,7 +44,7 @@ pub struct ResyncStatus {
     pub sent_bytes: u64,
     /// Bytes the resync started with.
     pub total_bytes: u64,
-    /// Recent rate, bytes per second.
+    /// Rate over the last 2 s, bytes per second.
     pub rate_bytes_per_s: u64,
     /// Seconds to completion at the recent rate; none before a rate is known.
     pub eta_s: Option<f64>,
