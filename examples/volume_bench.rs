@@ -68,7 +68,13 @@ fn fio(uri: &str, job: Job, seconds: u64) -> Result_ {
     // Every job starts with no dirty pages left by the one before.
     let _ = Command::new("sync").status();
     let r = tandem_testkit::bench::fio_nbd("bench", uri, job.rw, job.bs, job.depth, SIZE, seconds);
-    Result_ { iops: r.iops, mib_s: r.bytes_per_s / MIB as f64, p50_us: r.p50_us, p99_us: r.p99_us, cpu_s_per_gib: Vec::new() }
+    Result_ {
+        iops: r.iops,
+        mib_s: r.bytes_per_s / MIB as f64,
+        p50_us: r.p50_us,
+        p99_us: r.p99_us,
+        cpu_s_per_gib: Vec::new(),
+    }
 }
 
 fn wait_socket(path: &Path) {
@@ -237,7 +243,8 @@ impl Tandem {
     async fn primary(&self) -> String {
         let sock = self.nodes[0].1.join("nbd.sock");
         let m = self.nodes[0].3.clone();
-        let uri = self.runtimes[0].spawn(async move { m.promote("bench", 1, false, &sock).await }).await.unwrap().unwrap();
+        let uri =
+            self.runtimes[0].spawn(async move { m.promote("bench", 1, false, &sock).await }).await.unwrap().unwrap();
         let v = self.nodes[0].3.volume("bench").await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         for n in &self.nodes[1..] {
@@ -378,7 +385,9 @@ async fn main() {
             rows[..2].iter().max_by(|a, b| a.1.iops.total_cmp(&b.1.iops)).map(|r| r.1.clone()).unwrap_or_default();
         let ours = rows[2].1.clone();
         println!("### {}\n", job.name);
-        println!("| target | IOPS | MiB/s | p50 µs | p99 µs | ratio | CPU s/GiB server or primary | CPU s/GiB secondary |");
+        println!(
+            "| target | IOPS | MiB/s | p50 µs | p99 µs | ratio | CPU s/GiB server or primary | CPU s/GiB secondary |"
+        );
         println!("|---|---|---|---|---|---|---|---|");
         for (i, (name, r)) in rows.iter().enumerate() {
             // Peers and (b) against the faster peer; (c), (d) against (b).
