@@ -1253,6 +1253,8 @@ mod tests {
         let hello = Message::Hello(Hello { volume: "x".repeat(MAX_PAYLOAD), ..hello() });
         assert!(matches!(encode(1, &hello, &mut out), Err(WireError::Oversize { .. })));
         assert_eq!(out, b"kept");
+        assert!(matches!(encode_frame(1, &too_big), Err(WireError::Oversize { len }) if len == MAX_PAYLOAD as u64 + 1));
+        assert_eq!(encode_frame(1, &max).unwrap().len(), HEADER_LEN + MAX_PAYLOAD);
     }
 
     #[test]
@@ -1264,6 +1266,28 @@ mod tests {
     }
 
     // ---- async helpers ----
+
+    #[tokio::test]
+    async fn a_payload_is_read_whole_and_never_past_its_end() {
+        // Small buffer, large payloads: parts come from the buffer, parts
+        // straight from the source; the bytes after each payload stay.
+        let mut stream = Vec::new();
+        for (i, len) in [5usize, 3000, 100_000, 1].into_iter().enumerate() {
+            stream.extend((0..len).map(|j| (i * 31 + j) as u8));
+            stream.push(0xEE); // a marker after each payload
+        }
+        let mut r = tokio::io::BufReader::with_capacity(1024, &stream[..]);
+        for (i, len) in [5usize, 3000, 100_000, 1].into_iter().enumerate() {
+            let got = read_payload(&mut r, len).await.unwrap();
+            assert_eq!(got.len(), len);
+            assert!(got.iter().enumerate().all(|(j, b)| *b == (i * 31 + j) as u8), "payload {i}");
+            assert_eq!(r.read_u8().await.unwrap(), 0xEE, "after payload {i}");
+        }
+        // A clean EOF first: a short buffer, not an error.
+        let mut r = tokio::io::BufReader::new(&b"abc"[..]);
+        assert_eq!(read_payload(&mut r, 10).await.unwrap(), b"abc");
+        assert!(read_payload(&mut r, 0).await.unwrap().is_empty());
+    }
 
     #[tokio::test]
     async fn frames_stream_over_a_socket() {
