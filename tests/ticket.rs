@@ -2,9 +2,10 @@
 //! and site b each a cluster of their own (one node each here), and
 //! `tandem arbitrator` on a third host. Every pair is cut in turn, then
 //! site a from both others, the arbitrator is restarted, and the ticket is
-//! given back: sampled every 50 ms on both sites, never do both hold it;
-//! a site cut off from both others stops holding it and the other one
-//! takes it.
+//! given back: sampled every 50 ms on both sites, never do both hold it,
+//! and never do both run their group bound to it; a site cut off from
+//! both others stops holding it (and its group is stopped) and the other
+//! one takes it (and starts its group).
 //!
 //! Needs root; CI runs as root.
 
@@ -19,9 +20,9 @@ use reqwest::Method;
 use serde_json::Value;
 use tandem_testkit::{in_ns, is_root, Net};
 
-/// Short, so that a run takes seconds: a 2 s lease believed 1.6 s,
+/// Short, so that a run takes seconds: a 2 s lease believed 1.4 s,
 /// renewed every 0.4 s (the clocks here are one clock).
-const TIMING: &str = "lease_ms = 2000\nmargin_ms = 400\nrenew_ms = 400\n";
+const TIMING: &str = "lease_ms = 2000\nmargin_ms = 600\nrenew_ms = 400\n";
 
 /// Cuts (or heals) everything between the hosts of namespaces `x` and `y`.
 fn cut(x: (&str, &str), y: (&str, &str), on: bool) {
@@ -50,6 +51,29 @@ async fn ticket(url: &str) -> Option<Value> {
 
 async fn holds(url: &str) -> bool {
     ticket(url).await.is_some_and(|t| t["holds"] == true)
+}
+
+/// Whether site `site`'s ticket group runs: its process, looked up on the
+/// host (the namespaces share one process table).
+fn runs(site: &str) -> bool {
+    let marker = if site == "a" { "7771" } else { "7772" };
+    std::process::Command::new("pgrep")
+        .args(["-x", "-f", &format!("sleep {marker}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Defines on site `site` (node `<site>1`) a group bound to the ticket.
+async fn ticket_group(url: &str, site: &str) {
+    let marker = if site == "a" { "7771" } else { "7772" };
+    let spec = serde_json::json!({
+        "resources": [{"name": "svc", "type": "process", "command": ["sleep", marker]}],
+        "nodes": [format!("{site}1")],
+        "ticket": true
+    });
+    let (st, v) = call(Method::PUT, &format!("{url}/v1/groups/svc"), Some(spec.to_string().into_bytes())).await;
+    assert!(st == 200 || st == 201, "{v}");
 }
 
 /// A one-node cluster at `addr` in `ns` taking part in the ticket as `site`.
@@ -141,16 +165,29 @@ async fn the_ticket_is_never_held_by_both_sites_under_cuts_of_every_pair() {
     assert_eq!(t["holds"], false, "{t}");
     assert!(t["grantors"].as_array().unwrap().iter().any(|g| g["holder"] == "a"), "b is refused for a: {t}");
 
+    // Each site has a group bound to the ticket: it runs on a only.
+    ticket_group(&url_a, "a").await;
+    ticket_group(&url_b, "b").await;
+    wait_until(Duration::from_secs(10), "site a runs its ticket group", || async { runs("a") }).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (st, g) = get(&format!("{url_b}/v1/groups/svc")).await;
+    assert_eq!(st, 200);
+    assert!(!runs("b") && g["node"].is_null(), "site b runs its ticket group without the ticket: {g}");
+
     // Sample both sites every 50 ms for the whole run.
     let samples: Arc<Mutex<Vec<(u64, bool, bool)>>> = Default::default();
+    // And which site's ticket group runs.
+    let running: Arc<Mutex<Vec<(u64, bool, bool)>>> = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
     let sampler = {
         let (samples, stop, url_a, url_b) = (samples.clone(), stop.clone(), url_a.clone(), url_b.clone());
+        let running = running.clone();
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let (ha, hb) = tokio::join!(holds(&url_a), holds(&url_b));
                 samples.lock().unwrap().push((t0.elapsed().as_millis() as u64, ha, hb));
+                running.lock().unwrap().push((t0.elapsed().as_millis() as u64, runs("a"), runs("b")));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -202,7 +239,12 @@ async fn the_ticket_is_never_held_by_both_sites_under_cuts_of_every_pair() {
     let a_stopped = cut_at.elapsed();
     wait_until(Duration::from_secs(10), "site b takes the ticket", || holds(&url_b)).await;
     let b_took = cut_at.elapsed();
-    eprintln!("site a cut off: it stopped holding after {a_stopped:?}, site b held from {b_took:?}");
+    wait_until(Duration::from_secs(10), "site b runs its ticket group", || async { runs("b") }).await;
+    let b_runs = cut_at.elapsed();
+    assert!(!runs("a"), "site a still runs its ticket group");
+    eprintln!(
+        "site a cut off: it stopped holding after {a_stopped:?}, site b held from {b_took:?}, ran its group from {b_runs:?}"
+    );
 
     // Healed: site b renews, site a is refused.
     cut(sa, sb, false);
@@ -215,8 +257,10 @@ async fn the_ticket_is_never_held_by_both_sites_under_cuts_of_every_pair() {
     assert_eq!(st, 200, "{v}");
     assert_eq!((v["holds"].clone(), v["wanted"].clone()), (Value::Bool(false), Value::Bool(false)), "{v}");
     wait_until(Duration::from_secs(10), "site a takes the ticket back", || holds(&url_a)).await;
+    wait_until(Duration::from_secs(10), "site a runs its ticket group again", || async { runs("a") }).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!holds(&url_b).await, "b asks no more after its release");
+    assert!(!runs("b"), "b stopped its ticket group on release");
 
     stop.store(true, Ordering::SeqCst);
     sampler.await.unwrap();
@@ -225,6 +269,11 @@ async fn the_ticket_is_never_held_by_both_sites_under_cuts_of_every_pair() {
     assert!(both.is_empty(), "both sites held the ticket at {both:?}");
     let (held_a, held_b) = (samples.iter().filter(|s| s.1).count(), samples.iter().filter(|s| s.2).count());
     assert!(samples.len() > 200 && held_a > 0 && held_b > 0, "{} samples, a {held_a}, b {held_b}", samples.len());
+    let running = running.lock().unwrap().clone();
+    let both: Vec<_> = running.iter().filter(|(_, a, b)| *a && *b).collect();
+    assert!(both.is_empty(), "both sites ran their ticket group at {both:?}");
+    let (ran_a, ran_b) = (running.iter().filter(|s| s.1).count(), running.iter().filter(|s| s.2).count());
+    assert!(ran_a > 0 && ran_b > 0, "a ran it in {ran_a} samples, b in {ran_b}");
 
     // A request under another key is refused, and changes nothing.
     let (st, v) = call(Method::POST, &format!("{url_a}/internal/ticket"), Some(b"{}".to_vec())).await;

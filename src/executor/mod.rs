@@ -90,6 +90,14 @@ impl LeaseGuard {
         now_boot_ms() < self.deadline_ms()
     }
 
+    /// Halts the volume `name` if this node is its primary: its export
+    /// fails every request until the executor demotes it.
+    pub fn halt_volume(&self, name: &str) {
+        if let Some(v) = self.volumes.get() {
+            v.halt(name);
+        }
+    }
+
     /// Whether any resource process is registered.
     pub fn has_processes(&self) -> bool {
         !self.pgids.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
@@ -263,27 +271,37 @@ impl Executor {
         if !self.groups.is_empty() {
             tracing::warn!(groups = self.groups.len(), "the lease lapsed: killing and stopping every local resource");
         }
-        let (dir, node) = (self.dir.clone(), self.node_name.clone());
         for (name, g) in std::mem::take(&mut self.groups) {
-            for (r, slot) in g.spec.resources.iter().zip(g.slots).rev() {
-                match slot {
-                    Slot::Process(p) => {
-                        crate::rundir::kill_tree(p.pid);
-                    }
-                    Slot::Idle => {}
-                    // A script agent's resource lives outside our processes:
-                    // its stop action is all we can do (a fence command is
-                    // what makes this safe; see docs/config.md).
-                    _ => {
-                        let cx = Ctx { dir: &dir, node: &node, group: &name, epoch: g.epoch, guard: &self.guard };
-                        self.lapse_stops.push(tokio::spawn(cx.action(r, "stop", false).run()));
-                    }
-                }
-            }
+            self.kill_group(&name, g);
         }
         self.guard.kill_everything();
         self.lapsed = true;
         self.sync_records();
+    }
+
+    /// Kills `g`'s processes at once and runs its script agents' stop
+    /// actions in the background (nothing starts here before they end).
+    fn kill_group(&mut self, name: &str, g: LocalGroup) {
+        let (dir, node) = (self.dir.clone(), self.node_name.clone());
+        for (r, slot) in g.spec.resources.iter().zip(g.slots).rev() {
+            match slot {
+                Slot::Process(p) => {
+                    crate::rundir::kill_tree(p.pid);
+                    self.guard.unregister(p.pid);
+                }
+                Slot::Idle => {}
+                // A script agent's resource lives outside our processes:
+                // its stop action is all we can do (a fence command is
+                // what makes this safe; see docs/config.md).
+                _ => {
+                    if matches!(r.kind, ResourceKind::Volume(_)) {
+                        self.guard.halt_volume(&r.name);
+                    }
+                    let cx = Ctx { dir: &dir, node: &node, group: name, epoch: g.epoch, guard: &self.guard };
+                    self.lapse_stops.push(tokio::spawn(cx.action(r, "stop", false).run()));
+                }
+            }
+        }
     }
 
     /// What runs here, as the reconciler sees it.
@@ -298,10 +316,10 @@ impl Executor {
     /// yet, to be claimed. A start must be confirmed against the leader
     /// first: this node's copy of the state may be stale (it was cut off,
     /// it just came back).
-    pub fn wanted_starts(&self, state: &ClusterState, lease: LeaseView) -> Vec<(String, u64)> {
+    pub fn wanted_starts(&self, state: &ClusterState, lease: LeaseView, ticket_open: bool) -> Vec<(String, u64)> {
         let local = self.local();
         let none = BTreeSet::new();
-        self.reconciler.claims(&self.input(state, &local, &none, lease, now_boot_ms()))
+        self.reconciler.claims(&self.input(state, &local, &none, lease, ticket_open, now_boot_ms()))
     }
 
     fn input<'a>(
@@ -310,6 +328,7 @@ impl Executor {
         local: &'a BTreeMap<String, Local>,
         confirmed: &'a BTreeSet<(String, u64)>,
         lease: LeaseView,
+        ticket_open: bool,
         now_ms: u64,
     ) -> reconcile::Input<'a> {
         let me = self.node_id;
@@ -320,6 +339,7 @@ impl Executor {
             confirmed,
             lease,
             maintenance: state.nodes.get(&me).is_some_and(|n| n.admin_state == AdminState::Maintenance),
+            ticket_open,
             now_ms,
         }
     }
@@ -330,10 +350,11 @@ impl Executor {
         &mut self,
         state: &ClusterState,
         lease: LeaseView,
+        ticket_open: bool,
         confirmed: &BTreeSet<(String, u64)>,
     ) -> Vec<Report> {
         let local = self.local();
-        let plan = self.reconciler.plan(&self.input(state, &local, confirmed, lease, now_boot_ms()));
+        let plan = self.reconciler.plan(&self.input(state, &local, confirmed, lease, ticket_open, now_boot_ms()));
         if plan.contains(&reconcile::Command::KillEverything) {
             self.lapse();
             return Vec::new();
@@ -363,6 +384,24 @@ impl Executor {
         for command in plan {
             match command {
                 reconcile::Command::KillEverything => {} // handled above
+                reconcile::Command::KillGroup { group } => {
+                    let Some(g) = self.groups.remove(&group) else { continue };
+                    tracing::warn!(group = %group, epoch = g.epoch, "the site's ticket is not seen held here any more: killing the group");
+                    self.kill_group(&group, g);
+                    self.emit(
+                        tandem_raft::events::Event::new(
+                            0,
+                            "group.ticket_lost",
+                            tandem_raft::events::Severity::Warning,
+                            format!(
+                                "group {group} was killed on {}: this node no longer sees its site hold the ticket",
+                                self.node_name
+                            ),
+                        )
+                        .group(&group),
+                    );
+                    self.sync_records();
+                }
                 reconcile::Command::Stop { group } => {
                     let Some(g) = self.groups.remove(&group) else { continue };
                     tracing::info!(group = %group, epoch = g.epoch, "stopping");
