@@ -124,6 +124,7 @@ impl Agent {
     pub(super) async fn ticket_round(self: &Arc<Self>) {
         let Some(site) = self.ticket.clone() else { return };
         self.keep_ticket_gate(&site);
+        self.kill_ticket_groups_if_closed();
         let Some(term) = self.leading_term() else {
             self.liveness.set_ticket_held_until(0, now_boot_ms());
             *site.leading.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -195,6 +196,32 @@ impl Agent {
                 Ok(()) => site.gate_written_ms.store(until, Ordering::SeqCst),
                 Err(e) => tracing::warn!("cannot write the ticket gate: {e}"),
             }
+        }
+    }
+
+    /// When this node's gate is closed, kills the processes of the groups
+    /// bound to the ticket and halts their volumes at once: the executor
+    /// does it too (`KillGroup`, with script agents' stop actions), but at
+    /// its next round, which may be waiting on a slow stop of another group.
+    fn kill_ticket_groups_if_closed(&self) {
+        if self.liveness.ticket_gate().open(now_boot_ms()) {
+            return;
+        }
+        let Some(m) = self.member() else { return };
+        let (groups, volumes) = m.state.read(|d| {
+            let bound: Vec<&GroupRecord> = d.state.groups.values().filter(|g| g.spec.ticket).collect();
+            let volumes = bound.iter().filter_map(|g| g.spec.volume().map(|(r, _)| r.name.clone())).collect::<Vec<_>>();
+            (bound.into_iter().map(|g| g.name.clone()).collect::<BTreeSet<String>>(), volumes)
+        });
+        if groups.is_empty() {
+            return;
+        }
+        let killed = self.guard.kill_groups(&groups, &volumes);
+        if killed > 0 {
+            tracing::warn!(
+                killed,
+                "the site's ticket is not seen held here any more: killed the processes of its groups"
+            );
         }
     }
 

@@ -56,7 +56,8 @@ pub fn supported(kind: &ResourceKind) -> bool {
 /// process on this node.
 #[derive(Debug, Default)]
 pub struct LeaseGuard {
-    pgids: std::sync::Mutex<BTreeSet<i32>>,
+    /// Each resource process group, with the group it belongs to.
+    pgids: std::sync::Mutex<BTreeMap<i32, String>>,
     /// The lease's end, CLOCK_BOOTTIME milliseconds (0: not held): a copy
     /// of `crate::lease::LeaseCore::deadline_ms`.
     deadline_ms: std::sync::atomic::AtomicU64,
@@ -103,8 +104,8 @@ impl LeaseGuard {
         !self.pgids.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 
-    fn register(&self, pgid: i32) {
-        self.pgids.lock().unwrap_or_else(|e| e.into_inner()).insert(pgid);
+    fn register(&self, pgid: i32, group: &str) {
+        self.pgids.lock().unwrap_or_else(|e| e.into_inner()).insert(pgid, group.to_string());
     }
 
     fn unregister(&self, pgid: i32) {
@@ -118,8 +119,26 @@ impl LeaseGuard {
             v.halt_all();
         }
         let all = std::mem::take(&mut *self.pgids.lock().unwrap_or_else(|e| e.into_inner()));
-        crate::rundir::kill_trees(&all.iter().copied().collect::<Vec<_>>());
+        crate::rundir::kill_trees(&all.keys().copied().collect::<Vec<_>>());
         all.len()
+    }
+
+    /// SIGKILLs the process groups of `groups` and halts their volumes
+    /// (`volumes`) at once, without waiting for the executor (which may be
+    /// busy stopping something else); the executor tidies up after.
+    /// Returns how many process groups.
+    pub fn kill_groups(&self, groups: &BTreeSet<String>, volumes: &[String]) -> usize {
+        for v in volumes {
+            self.halt_volume(v);
+        }
+        let mut pgids = self.pgids.lock().unwrap_or_else(|e| e.into_inner());
+        let doomed: Vec<i32> = pgids.iter().filter(|(_, g)| groups.contains(*g)).map(|(p, _)| *p).collect();
+        for p in &doomed {
+            pgids.remove(p);
+        }
+        drop(pgids);
+        crate::rundir::kill_trees(&doomed);
+        doomed.len()
     }
 }
 
@@ -638,6 +657,25 @@ fn carries_on(a: &ResourceSpec, b: &ResourceSpec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn killing_groups_kills_their_processes_only() {
+        use std::os::unix::process::CommandExt;
+        let guard = LeaseGuard::new(0);
+        let spawn = || std::process::Command::new("sleep").arg("600").process_group(0).spawn().unwrap();
+        let (mut bound, mut other) = (spawn(), spawn());
+        guard.register(bound.id() as i32, "bound");
+        guard.register(other.id() as i32, "other");
+        assert_eq!(guard.kill_groups(&BTreeSet::from(["bound".to_string()]), &[]), 1);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(bound.wait().unwrap().signal(), Some(9), "killed");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(other.try_wait().unwrap().is_none(), "the other group's process runs on");
+        assert!(guard.has_processes());
+        assert_eq!(guard.kill_everything(), 1);
+        assert_eq!(other.wait().unwrap().signal(), Some(9));
+        assert!(!guard.has_processes());
+    }
 
     fn volume(extra: &str) -> ResourceSpec {
         serde_json::from_str(&format!(r#"{{"name": "data", "type": "volume", "size": "1GiB"{extra}}}"#)).unwrap()
