@@ -53,10 +53,14 @@ async fn holds(url: &str) -> bool {
     ticket(url).await.is_some_and(|t| t["holds"] == true)
 }
 
-/// Whether site `site`'s ticket group runs: its process, looked up on the
-/// host (the namespaces share one process table).
+/// Whether site `site`'s ticket group runs (see `running`).
 fn runs(site: &str) -> bool {
-    let marker = if site == "a" { "7771" } else { "7772" };
+    running(if site == "a" { "7771" } else { "7772" })
+}
+
+/// Whether a ticket group's process `sleep <marker>` runs, looked up on
+/// the host (the namespaces share one process table).
+fn running(marker: &str) -> bool {
     std::process::Command::new("pgrep")
         .args(["-x", "-f", &format!("sleep {marker}")])
         .stdout(std::process::Stdio::null())
@@ -78,15 +82,49 @@ async fn ticket_group(url: &str, site: &str) {
 
 /// A one-node cluster at `addr` in `ns` taking part in the ticket as `site`.
 async fn site(net_ns: String, addr: &str, site: &str, other: (&str, &str), arbitrator: &str, key: &str) -> Cluster {
-    let mut c = Cluster::configure(&[], Opts { voters: 1, extra: String::new() });
+    site_of(&[(net_ns, addr.to_string())], site, other.0, &[other.1], arbitrator, key).await
+}
+
+/// A cluster of one node per host (`<site>1`, `<site>2`, ...) taking part
+/// in the ticket as `site`; the other site's nodes at `other_addrs`.
+async fn site_of(
+    hosts: &[(String, String)],
+    site: &str,
+    other: &str,
+    other_addrs: &[&str],
+    arbitrator: &str,
+    key: &str,
+) -> Cluster {
+    let mut c = Cluster::configure(&[], Opts { voters: hosts.len(), extra: String::new() });
+    let urls: Vec<String> = other_addrs.iter().map(|a| format!("\"https://{a}:7401\"")).collect();
     let extra = format!(
         "[ticket]\nsite = \"{site}\"\nkey_file = \"{key}\"\n\
-         other_site = {{ name = \"{}\", urls = [\"https://{}:7401\"] }}\n\
+         other_site = {{ name = \"{other}\", urls = [{}] }}\n\
          arbitrator = {{ name = \"arbitrator\", urls = [\"http://{arbitrator}:7409\"] }}\n{TIMING}",
-        other.0, other.1
+        urls.join(", ")
     );
-    c.add_host(&format!("{site}1"), &extra, addr, Some(net_ns));
+    for (i, (ns, addr)) in hosts.iter().enumerate() {
+        c.add_host(&format!("{site}{}", i + 1), &extra, addr, Some(ns.clone()));
+    }
     c.form().await
+}
+
+/// The arbitrator's config, written into `dir`.
+fn arbitrator_config(dir: &std::path::Path, addr: &str, key: &str) -> std::path::PathBuf {
+    let config = dir.join("arbitrator.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"{addr}:7409\"\nkey_file = \"{key}\"\nsites = [\"a\", \"b\"]\n[ticket]\n{TIMING}"),
+    )
+    .unwrap();
+    config
+}
+
+/// The key the two sites and the arbitrator share, written into `dir`.
+fn shared_key(dir: &std::path::Path) -> String {
+    let key = dir.join("ticket.key");
+    std::fs::write(&key, "a key the two sites and the arbitrator share, 32+ bytes\n").unwrap();
+    key.display().to_string()
 }
 
 struct Arbitrator {
@@ -136,15 +174,8 @@ async fn the_ticket_is_never_held_by_both_sites_under_cuts_of_every_pair() {
     let (ns_b, addr_b) = net.host(2);
     let (ns_x, addr_x) = net.host(3);
     let tmp = tempfile::tempdir().unwrap();
-    let key = tmp.path().join("ticket.key");
-    std::fs::write(&key, "a key the two sites and the arbitrator share, 32+ bytes\n").unwrap();
-    let key = key.display().to_string();
-    let config = tmp.path().join("arbitrator.toml");
-    std::fs::write(
-        &config,
-        format!("listen = \"{addr_x}:7409\"\nkey_file = \"{key}\"\nsites = [\"a\", \"b\"]\n[ticket]\n{TIMING}"),
-    )
-    .unwrap();
+    let key = shared_key(tmp.path());
+    let config = arbitrator_config(tmp.path(), &addr_x, &key);
     let mut arb = Arbitrator { ns: ns_x.clone(), config, log: tmp.path().join("arbitrator.log"), child: None };
     arb.start();
 
@@ -279,4 +310,84 @@ async fn the_ticket_is_never_held_by_both_sites_under_cuts_of_every_pair() {
     let (st, v) = call(Method::POST, &format!("{url_a}/internal/ticket"), Some(b"{}".to_vec())).await;
     assert_eq!((st, v["code"].as_str()), (401, Some("TND-1700")), "{v}");
     assert!(holds(&url_a).await);
+}
+
+/// Site a (three nodes) holds the ticket, its group bound to it running on
+/// a follower; site a is cut off from site b and the arbitrator and, at the
+/// same moment, its leader loses power. The new leader cannot know what the
+/// old one held and, in its first lease, leaves the group be: what stops it
+/// in time is the follower's own gate, opened by the old leader's
+/// heartbeats and closing when that leader's belief ends — before site b
+/// can take the ticket and start its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_kills_its_ticket_group_when_its_gate_closes_with_the_leader_gone() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root (CI runs as root)");
+        return;
+    }
+    let mut net = Net::new();
+    let a_hosts: Vec<(String, String)> = (1..=3).map(|i| net.host(i)).collect();
+    let (ns_b, addr_b) = net.host(4);
+    let (ns_x, addr_x) = net.host(5);
+    let tmp = tempfile::tempdir().unwrap();
+    let key = shared_key(tmp.path());
+    let config = arbitrator_config(tmp.path(), &addr_x, &key);
+    let mut arb = Arbitrator { ns: ns_x.clone(), config, log: tmp.path().join("arbitrator.log"), child: None };
+    arb.start();
+    let a_addrs: Vec<&str> = a_hosts.iter().map(|(_, a)| a.as_str()).collect();
+    let mut a = site_of(&a_hosts, "a", "b", &[&addr_b], &addr_x, &key).await;
+    let url_a1 = a.nodes[0].url();
+    wait_until(Duration::from_secs(15), "site a holds the ticket", || holds(&url_a1)).await;
+    let b = site_of(&[(ns_b.clone(), addr_b.clone())], "b", "a", &a_addrs, &addr_x, &key).await;
+    let url_b = b.nodes[0].url();
+
+    // Site a's group runs on a2, a follower (a1 formed the cluster and leads).
+    assert_eq!(a.leader().await, "a1");
+    let spec = |node: &str, marker: &str| {
+        serde_json::json!({
+            "resources": [{"name": "svc", "type": "process", "command": ["sleep", marker]}],
+            "nodes": [node], "ticket": true
+        })
+    };
+    let (st, v) = put(&format!("{url_a1}/v1/groups/svc"), spec("a2", "7781")).await;
+    assert!(st == 200 || st == 201, "{v}");
+    let (st, v) = put(&format!("{url_b}/v1/groups/svc"), spec("b1", "7782")).await;
+    assert!(st == 200 || st == 201, "{v}");
+    wait_until(Duration::from_secs(10), "a2 runs site a's ticket group", || async { running("7781") }).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!running("7782"));
+
+    // Cut site a off from b and the arbitrator, and power a1 off.
+    for (ns, addr) in &a_hosts {
+        cut((ns, addr), (&ns_b, &addr_b), true);
+        cut((ns, addr), (&ns_x, &addr_x), true);
+    }
+    let cut_at = Instant::now();
+    a.nodes[0].kill();
+    let (mut a_gone, mut b_up) = (None, None);
+    while b_up.is_none() || a_gone.is_none() {
+        let (ra, rb) = (running("7781"), running("7782"));
+        assert!(!(ra && rb), "both sites run their ticket group {:?} after the cut", cut_at.elapsed());
+        if !ra && a_gone.is_none() {
+            a_gone = Some(cut_at.elapsed());
+        }
+        if rb && b_up.is_none() {
+            b_up = Some(cut_at.elapsed());
+        }
+        assert!(cut_at.elapsed() < Duration::from_secs(15), "a gone {a_gone:?}, b up {b_up:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (a_gone, b_up) = (a_gone.unwrap(), b_up.unwrap());
+    eprintln!("site a cut off with its leader gone: a2's group killed after {a_gone:?}, b's started after {b_up:?}");
+    // The gate closes with the old leader's belief: at most lease − margin
+    // (1.4 s) after its last granted round, well before the new leader's
+    // first lease (2 s from its election) would have stopped it.
+    assert!(a_gone < Duration::from_millis(1_400 + 400), "a2 kept the group {a_gone:?}");
+    assert!(a_gone < b_up);
+    let a2_log = std::fs::read_to_string(a.nodes[1].log_path()).unwrap_or_default();
+    assert!(a2_log.contains("ticket is not seen held here any more"), "a2 did not kill it by its gate");
+    for (ns, addr) in &a_hosts {
+        cut((ns, addr), (&ns_b, &addr_b), false);
+        cut((ns, addr), (&ns_x, &addr_x), false);
+    }
 }

@@ -242,6 +242,13 @@ impl Agent {
     pub(super) fn do_ticket_request(&self, body: &[u8], seal: &str) -> Result<(Vec<u8>, String), ApiError> {
         let site = self.ticket.as_ref().ok_or(ApiError::TicketNotConfigured)?;
         let term = self.leading_term().ok_or(ApiError::NoLeader)?;
+        // A leader cut off from its voters may not know yet that another
+        // leads (with a desk of its own, quiet for a lease): it stops lending
+        // before that one can be elected, so the site never lends twice.
+        let acked = self.member().and_then(|m| m.metrics().millis_since_quorum_ack);
+        if acked.is_none_or(|ms| ms >= self.cfg.raft.election_timeout_min_ms) {
+            return Err(ApiError::NoLeader);
+        }
         let now = now_boot_ms();
         let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
         let l = site.leading_for(&mut slot, term, now);
