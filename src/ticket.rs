@@ -128,6 +128,11 @@ pub struct Request {
     pub round: u64,
 }
 
+/// The soonest a refused round is asked again: a grantor about to lend
+/// answers with a few milliseconds left, and the next round should not
+/// follow on its heels.
+const MIN_RETRY_MS: u64 = 20;
+
 /// One site's asking side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
@@ -141,6 +146,9 @@ pub struct Holder {
     /// Held until then (its clock), from a round a majority granted.
     held_until_ms: Option<u64>,
     wants: bool,
+    /// Ask again then, before the renewal is due: a grantor refused the
+    /// round saying when its loan to another site (or its quiet lease) ends.
+    retry_at_ms: Option<u64>,
 }
 
 impl Holder {
@@ -156,6 +164,7 @@ impl Holder {
             granted: BTreeSet::new(),
             held_until_ms: None,
             wants: false,
+            retry_at_ms: None,
         }
     }
 
@@ -183,12 +192,14 @@ impl Holder {
         if !self.wants {
             return None;
         }
-        let due = self.sent_ms.is_none_or(|t| now_ms.saturating_sub(t) >= self.timing.renew_ms);
+        let due = self.sent_ms.is_none_or(|t| now_ms.saturating_sub(t) >= self.timing.renew_ms)
+            || self.retry_at_ms.is_some_and(|t| now_ms >= t);
         if !due {
             return None;
         }
         self.round += 1;
         self.sent_ms = Some(now_ms);
+        self.retry_at_ms = None;
         self.granted.clear();
         Some(Request { round: self.round })
     }
@@ -197,7 +208,11 @@ impl Holder {
     /// nothing: the belief always starts from the round's own sending.
     pub fn answer(&mut self, from: &str, round: u64, answer: &Answer) {
         let Some(sent) = self.sent_ms.filter(|_| round == self.round) else { return };
-        if *answer != Answer::Granted {
+        if let Answer::Refused { left_ms, .. } = answer {
+            // Counted from the sending (the grantor looked later): early
+            // rather than late, and then refused once more, briefly.
+            let at = sent.saturating_add((*left_ms).max(MIN_RETRY_MS));
+            self.retry_at_ms = Some(self.retry_at_ms.map_or(at, |t| t.min(at)));
             return;
         }
         self.granted.insert(from.to_string());
@@ -699,5 +714,27 @@ mod tests {
             }
             prop_assert_eq!(g.open_until_ms(), latest);
         }
+    }
+
+    #[test]
+    fn a_refused_site_asks_again_when_the_loan_ends_not_at_its_next_renewal() {
+        let t = Timing::DEFAULT;
+        let mut h = Holder::new("b", t, 3);
+        h.set_wanted(true);
+        let r = h.tick(1_000).unwrap();
+        h.answer("a", r.round, &Answer::Refused { holder: Some("a".into()), left_ms: 700 });
+        h.answer("arbitrator", r.round, &Answer::Refused { holder: Some("a".into()), left_ms: 500 });
+        assert_eq!(h.tick(1_499), None);
+        let r2 = h.tick(1_500).expect("asked again when the first loan ends");
+        assert_eq!(h.tick(1_510), None, "a fresh round waits again");
+        h.answer("arbitrator", r2.round, &Answer::Refused { holder: Some("a".into()), left_ms: 3 });
+        assert_eq!(h.tick(1_519), None, "not on the heels of the last round");
+        let r3 = h.tick(1_520).unwrap();
+        h.answer("arbitrator", r3.round, &Answer::Granted);
+        h.answer("b", r3.round, &Answer::Granted);
+        assert!(h.holds(1_521));
+        // Held: renewed every renew_ms.
+        assert_eq!(h.tick(1_520 + t.renew_ms - 1), None);
+        assert!(h.tick(1_520 + t.renew_ms).is_some());
     }
 }
