@@ -71,7 +71,10 @@ async fn run(dir: &Path, timing: (&str, u64, u64, u64), rounds: usize) -> Vec<f6
     let t = format!("lease_ms = {lease}\nmargin_ms = {margin}\nrenew_ms = {renew}\n");
     std::fs::write(
         &arb_cfg,
-        format!("listen = \"127.0.0.1:{arb_port}\"\nkey_file = \"{}\"\nsites = [\"a\", \"b\"]\n[ticket]\n{t}", key.display()),
+        format!(
+            "listen = \"127.0.0.1:{arb_port}\"\nkey_file = \"{}\"\nsites = [\"a\", \"b\"]\n[ticket]\n{t}",
+            key.display()
+        ),
     )
     .unwrap();
     let arb_log = std::fs::File::create(dir.join("arbitrator.log")).unwrap();
@@ -114,16 +117,22 @@ async fn run(dir: &Path, timing: (&str, u64, u64, u64), rounds: usize) -> Vec<f6
                 "command": ["python3", "-m", "http.server", s.web_port.to_string(), "--bind", "127.0.0.1", "--directory", "/"]}]
         });
         let body = serde_json::to_vec(&group).unwrap();
-        let (st, v) = api::call_with(None, reqwest::Method::PUT, &format!("{}/v1/groups/web", s.url()), Some(body)).await;
+        let (st, v) =
+            api::call_with(None, reqwest::Method::PUT, &format!("{}/v1/groups/web", s.url()), Some(body)).await;
         assert_eq!(st, 201, "{v}");
     }
     let wait = Duration::from_millis(lease * 6 + 30_000);
     let mut holder = 0usize;
     let (url, service) = (sites[0].url(), sites[0].service());
-    wait_for("site a holds the ticket, every grantor lending, its service answering", wait, Duration::from_millis(50), || {
-        let (url, service, http) = (url.clone(), service.clone(), http.clone());
-        async move { all_lend(&url).await && answers(&http, &service).await }
-    })
+    wait_for(
+        "site a holds the ticket, every grantor lending, its service answering",
+        wait,
+        Duration::from_millis(50),
+        || {
+            let (url, service, http) = (url.clone(), service.clone(), http.clone());
+            async move { all_lend(&url).await && answers(&http, &service).await }
+        },
+    )
     .await;
     let mut outages = Vec::new();
     for i in 0..rounds {
