@@ -140,7 +140,7 @@ impl Agent {
             .into_iter()
             .filter_map(|name| {
                 let v: tandem_http_api::LocalVolumeStatus = self.volumes.status(&name).ok()?.into();
-                (v.role == "primary").then(|| VolumeSample {
+                (v.role == "primary").then_some(VolumeSample {
                     volume: v.name,
                     read_errors: v.read_errors,
                     repaired_blocks: v.repaired_blocks,
