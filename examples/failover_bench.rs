@@ -431,6 +431,11 @@ fn keepalived_runs(runs: usize, dir: &Path, advert_int: &str) -> Vec<Duration> {
         let path = conf(i);
         let pid = dir.join(format!("k{}.pid", i + 1));
         let vpid = dir.join(format!("k{}-vrrp.pid", i + 1));
+        // A killed instance's pid files name processes that may linger as
+        // zombies here (nobody reaps them): keepalived would then refuse
+        // to start ("daemon is already running").
+        let _ = std::fs::remove_file(&pid);
+        let _ = std::fs::remove_file(&vpid);
         spawn_in(
             &hosts[i].0,
             "keepalived",
@@ -526,7 +531,8 @@ fn idle_with_groups(dir: &Path) -> Vec<(String, f64, f64)> {
     let data_dirs: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("idle{i}"))).collect();
     form(dir, &data_dirs, &(0..3).map(url).collect::<Vec<_>>());
     for g in 0..10 {
-        let nodes: Vec<String> = (0..3).map(|k| format!("i{}", (g + k) % 3)).collect();
+        // One node each, so that every agent runs groups (and a watchdog).
+        let nodes = [format!("i{}", g % 3)];
         let body =
             json!({"resources": [{"name": "p", "type": "process", "command": ["sleep", "100000"]}], "nodes": nodes});
         wait("group accepted", Duration::from_secs(20), || {
@@ -574,6 +580,12 @@ fn main() {
         Some(tmp)
     };
     let dir = path.as_path();
+    // FAILOVER_BENCH_KEEPALIVED_ONLY=<advert_int>: keepalived alone.
+    if let Ok(advert) = std::env::var("FAILOVER_BENCH_KEEPALIVED_ONLY") {
+        let k = keepalived_runs(runs, dir, &advert);
+        println!("{}", stats(&format!("keepalived (advert_int {advert})"), k));
+        return;
+    }
     if runs > 0 {
         // FAILOVER_BENCH_HAPROXY=0 measures the VIP alone, as before HAProxy.
         let with_lb = std::env::var("FAILOVER_BENCH_HAPROXY").map_or(true, |v| v != "0");

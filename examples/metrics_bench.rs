@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tandem::metrics::{
-    render, Counters, GroupSample, PeerSample, RaftSample, ReplicaSample, ResourceSample, Snapshot, GROUP_STATES,
+    render, Counters, GroupSample, PeerSample, RaftSample, ReplicaSample, ResourceSample, Snapshot, VolumeSample,
+    GROUP_STATES,
 };
 
 fn tandem_bin() -> PathBuf {
@@ -88,10 +89,12 @@ fn synthetic(nodes: usize, groups: usize) -> (Snapshot, Counters) {
                     role: if r == 0 { "primary" } else { "secondary" }.into(),
                     disk: "UpToDate".into(),
                     connection: "Connected".into(),
+                    reads: Some(1_000),
                     ..Default::default()
                 })
             })
             .collect(),
+        volumes: (0..10).map(|v| VolumeSample { volume: format!("vol{v}"), ..Default::default() }).collect(),
         heartbeats_dropped: vec![("forged", 0), ("replayed", 0), ("stale", 0)],
     };
     let c = Counters::default();

@@ -562,6 +562,16 @@ impl Config {
                 return Err(bad("ticket", "site, other_site.name and arbitrator.name must differ".into()));
             }
             t.timing().validate().map_err(|e| bad("ticket.lease_ms", e))?;
+            if t.margin_ms <= self.fencing.lease_ms {
+                // An agent that dies with its ticket groups running leaves
+                // them to the watchdog, which kills them when the node's
+                // lease runs out: that must come before the other site may
+                // take the ticket.
+                return Err(bad(
+                    "ticket.margin_ms",
+                    format!("must be above fencing.lease_ms ({}): a dead agent's ticket groups are killed only when its lease runs out", self.fencing.lease_ms),
+                ));
+            }
             crate::ticket_link::SealKey::load(&t.key_file).map_err(|e| bad("ticket.key_file", e.to_string()))?;
         }
         Ok(())

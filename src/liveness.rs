@@ -102,6 +102,15 @@ pub struct Heartbeat {
     /// gives a cluster without one a key only when every node does.
     #[serde(default)]
     pub authenticates: bool,
+    /// How long the sender (its site's leader) still holds the ticket
+    /// between two sites, ms, counted from when it looked — after it had
+    /// heard `ack_ms` (0: it does not hold it). See `crate::ticket::Gate`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ticket_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// This agent process's incarnation (see [`Heartbeat::incarnation`]).
@@ -152,6 +161,18 @@ pub struct Liveness {
     /// Replays, freshness, and the peers' nonces we echo.
     freshness: Mutex<Freshness>,
     drops: DropCounters,
+    /// The site's ticket as heartbeats carry it.
+    ticket: Mutex<TicketBeacon>,
+}
+
+/// What this node's heartbeats say about the ticket, and what the
+/// leader's told it.
+#[derive(Debug, Default)]
+struct TicketBeacon {
+    /// Held here (this node leads its site and holds it) until then,
+    /// CLOCK_BOOTTIME ms; 0: not.
+    held_until_ms: u64,
+    gate: crate::ticket::Gate,
 }
 
 /// Why a received datagram was dropped, counted per reason.
@@ -295,6 +316,7 @@ impl Liveness {
             // datagram delayed (or held back and replayed) longer is stale.
             freshness: Mutex::new(Freshness::new(incarnation, timeout)),
             drops: DropCounters::default(),
+            ticket: Mutex::default(),
         })
     }
 
@@ -315,6 +337,9 @@ impl Liveness {
         match verdict {
             Verdict::Heard => {
                 let (ack, from) = (hb.ack_ms, hb.from);
+                if hb.ticket_ms > 0 && ack <= max_sent {
+                    self.ticket().gate.heard(ack, hb.ticket_ms);
+                }
                 self.hear(hb, path, ack, now);
                 self.note_round_trip(from, ack, now_ms);
             }
@@ -323,6 +348,31 @@ impl Liveness {
             Verdict::Handshake => {}
         }
         (verdict, reply)
+    }
+
+    fn ticket(&self) -> std::sync::MutexGuard<'_, TicketBeacon> {
+        self.ticket.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This node leads its site and holds the ticket until `until_ms`
+    /// (CLOCK_BOOTTIME; 0: it does not): its heartbeats say so, and its own
+    /// gate opens as far.
+    pub fn set_ticket_held_until(&self, until_ms: u64, now_ms: u64) {
+        let mut t = self.ticket();
+        t.held_until_ms = until_ms;
+        if until_ms > now_ms {
+            t.gate.held_here(now_ms, until_ms - now_ms);
+        }
+    }
+
+    /// The ticket gate as heartbeats (and the holder here) opened it.
+    pub fn ticket_gate(&self) -> crate::ticket::Gate {
+        self.ticket().gate
+    }
+
+    /// Reopens the gate as far as an agent before this one had it open.
+    pub fn restore_ticket_gate(&self, open_until_ms: u64) {
+        self.ticket().gate = crate::ticket::Gate::new(open_until_ms);
     }
 
     /// Takes `now_ms` as the `sent_ms` of heartbeats about to be sent, if
@@ -509,6 +559,9 @@ impl Liveness {
     ) -> Heartbeat {
         self.sent_ms.fetch_max(sent_ms, std::sync::atomic::Ordering::SeqCst);
         let (echo_incarnation, echo_ms, ack_ms) = self.freshness().echo_for(to);
+        // Read after the echo: the receiver counts it from `ack_ms`.
+        let held_until = self.ticket().held_until_ms;
+        let ticket_ms = if held_until > 0 { held_until.saturating_sub(crate::clock::now_boot_ms()) } else { 0 };
         Heartbeat {
             cluster_id: cluster_id.to_string(),
             from: me,
@@ -525,6 +578,7 @@ impl Liveness {
             to_addr: None,
             probe: false,
             authenticates: true,
+            ticket_ms,
         }
     }
 
@@ -1005,6 +1059,7 @@ mod tests {
             to_addr: None,
             probe: false,
             authenticates: true,
+            ticket_ms: 0,
         }
     }
 

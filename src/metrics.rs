@@ -198,6 +198,18 @@ pub struct ReplicaSample {
     pub resync_bytes_per_s: Option<u64>,
     pub resync_remaining_bytes: Option<u64>,
     pub lag_bytes: Option<u64>,
+    /// Client reads given to it since its primary started, as the primary
+    /// reports them (on its own row: those its disk served); None on a
+    /// secondary, which does not count them.
+    pub reads: Option<u64>,
+}
+
+/// A volume this node is primary for: its read errors and repairs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VolumeSample {
+    pub volume: String,
+    pub read_errors: u64,
+    pub repaired_blocks: u64,
 }
 
 /// What one scrape shows, gathered by the agent.
@@ -212,6 +224,8 @@ pub struct Snapshot {
     pub groups: Vec<GroupSample>,
     pub resources: Vec<ResourceSample>,
     pub replicas: Vec<ReplicaSample>,
+    /// The volumes this node is primary for.
+    pub volumes: Vec<VolumeSample>,
     /// Heartbeat datagrams dropped so far, by reason.
     pub heartbeats_dropped: Vec<(&'static str, u64)>,
 }
@@ -414,6 +428,22 @@ pub fn render(s: &Snapshot, c: &Counters) -> String {
         family(s.replicas.iter().filter_map(|r| r.lag_bytes.map(|v| (rep(r), v as f64)))),
     );
     reg.register(
+        "tandem_volume_reads",
+        "Client reads given to a replica since its primary started (on the primary's own row: its disk)",
+        totals(s.replicas.iter().filter_map(|r| r.reads.map(|n| (rep(r), n)))),
+    );
+    let vol = |v: &VolumeSample| labels(&[("volume", &v.volume)]);
+    reg.register(
+        "tandem_volume_read_errors",
+        "Local read errors on the primary since it started (each repaired from an in-sync peer when it can be)",
+        totals(s.volumes.iter().map(|v| (vol(v), v.read_errors))),
+    );
+    reg.register(
+        "tandem_volume_repaired_blocks",
+        "Blocks the primary rewrote from a peer's copy after a read error, and read back fine",
+        totals(s.volumes.iter().map(|v| (vol(v), v.repaired_blocks))),
+    );
+    reg.register(
         "tandem_nbd_requests",
         "NBD requests served by this node's exports, by operation",
         c.nbd_requests.clone(),
@@ -543,7 +573,9 @@ mod tests {
                 resync_bytes_per_s: Some(1000),
                 resync_remaining_bytes: Some(4096),
                 lag_bytes: None,
+                reads: Some(12),
             }],
+            volumes: vec![VolumeSample { volume: "data".into(), read_errors: 2, repaired_blocks: 1 }],
             heartbeats_dropped: vec![("forged", 3)],
         }
     }
@@ -594,6 +626,9 @@ mod tests {
             (r#"tandem_volume_disk_state{volume="data",replica="n2",role="secondary",state="Inconsistent"}"#, 1.0),
             (r#"tandem_volume_connection_state{volume="data",replica="n2",role="secondary",state="SyncTarget"}"#, 1.0),
             (r#"tandem_volume_out_of_sync_bytes{volume="data",replica="n2",role="secondary"}"#, 4096.0),
+            (r#"tandem_volume_reads_total{volume="data",replica="n2",role="secondary"}"#, 12.0),
+            (r#"tandem_volume_read_errors_total{volume="data"}"#, 2.0),
+            (r#"tandem_volume_repaired_blocks_total{volume="data"}"#, 1.0),
             (r#"tandem_volume_resync_bytes_per_second{volume="data",replica="n2",role="secondary"}"#, 1000.0),
             (r#"tandem_nbd_requests_total{volume="data",op="write"}"#, 5.0),
             (r#"tandem_volume_write_seconds_count{volume="data",at="local"}"#, 1.0),

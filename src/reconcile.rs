@@ -3,7 +3,7 @@
 //!
 //! Each round it compares the placed groups (node, phase, epoch, failed_on)
 //! with what runs here and says, in order: kill everything (the lease is not
-//! held), stop what must not run here (unless a failed stop is waiting for
+//! held), kill the groups bound to a ticket this node no longer sees held, stop what must not run here (unless a failed stop is waiting for
 //! its retry), claim what is placed here but does not run yet, run (start,
 //! or keep monitoring) what is placed here, and what to report to the
 //! leader. A group starts only under a claim the leader confirmed at its
@@ -51,6 +51,10 @@ pub enum Command {
     /// The lease is not held (or lapsed): kill and stop every local
     /// resource at once. Always alone.
     KillEverything,
+    /// The group is bound to the ticket and this node's gate closed: kill
+    /// its resources at once (no stop actions waited for), as a lapse does
+    /// for everything. Reported as any group no longer running here.
+    KillGroup { group: String },
     /// Stop the group's resources (in reverse order), then call
     /// [`Reconciler::stopped`] or [`Reconciler::stop_failed`].
     Stop { group: String },
@@ -98,6 +102,9 @@ pub struct Input<'a> {
     pub lease: LeaseView,
     /// This node is in maintenance: nothing is started or monitored.
     pub maintenance: bool,
+    /// The site's ticket is open on this node (`crate::ticket::Gate`):
+    /// groups bound to it may run here.
+    pub ticket_open: bool,
     /// CLOCK_BOOTTIME, ms.
     pub now_ms: u64,
 }
@@ -155,6 +162,7 @@ impl Reconciler {
     /// never in maintenance, where nothing starts (a claim grows the epoch).
     fn may_claim(&self, g: &GroupRecord, input: &Input<'_>) -> bool {
         !input.maintenance
+            && (!g.spec.ticket || input.ticket_open)
             && placed_here(g, input.me)
             && g.placement.phase == Phase::Started
             && !input.local.contains_key(&g.name)
@@ -171,9 +179,21 @@ impl Reconciler {
         }
         let mut out = Vec::new();
 
+        // Bound to a ticket this node no longer sees held: killed before the
+        // other site may start them (see `crate::ticket::Gate`).
+        let mut killed = BTreeSet::new();
+        if !input.ticket_open {
+            for name in input.local.keys() {
+                if input.groups.get(name).is_some_and(|g| g.spec.ticket) {
+                    out.push(Command::KillGroup { group: name.clone() });
+                    killed.insert(name.as_str());
+                }
+            }
+        }
+
         // Stop what must not run here any more (not while a failed stop
         // waits for its retry).
-        for (name, local) in input.local {
+        for (name, local) in input.local.iter().filter(|(n, _)| !killed.contains(n.as_str())) {
             let g = input.groups.get(name);
             let keep = g.is_some_and(|g| placed_here(g, me) && g.placement.phase == Phase::Started);
             let blocked = local.stop_blocked_until_ms.is_some_and(|t| input.now_ms < t);
@@ -198,6 +218,9 @@ impl Reconciler {
 
         for g in input.groups.values().filter(|g| placed_here(g, me)) {
             let (name, epoch) = (&g.name, g.placement.epoch);
+            if killed.contains(name.as_str()) {
+                continue; // reported next round, once it no longer runs here
+            }
             let runs_here = input.local.contains_key(name);
             match g.placement.phase {
                 // Reported once its stop ends (see `stopped`), not while a
@@ -214,7 +237,9 @@ impl Reconciler {
                         out.push(Command::Run { group: name.clone(), epoch, start: false });
                     }
                 }
-                Phase::Started if input.confirmed.contains(&(name.clone(), epoch)) => {
+                Phase::Started
+                    if input.confirmed.contains(&(name.clone(), epoch)) && (!g.spec.ticket || input.ticket_open) =>
+                {
                     if !input.maintenance {
                         out.push(Command::Run { group: name.clone(), epoch, start: true });
                     }
@@ -294,7 +319,7 @@ mod tests {
         local: &'a BTreeMap<String, Local>,
         confirmed: &'a BTreeSet<(String, u64)>,
     ) -> Input<'a> {
-        Input { me: ME, groups, local, confirmed, lease: HELD, maintenance: false, now_ms: 10_000 }
+        Input { me: ME, groups, local, confirmed, lease: HELD, maintenance: false, ticket_open: true, now_ms: 10_000 }
     }
 
     fn claim(g: &str, e: u64) -> Command {
@@ -303,6 +328,33 @@ mod tests {
 
     fn run(g: &str, e: u64, start: bool) -> Command {
         Command::Run { group: g.into(), epoch: e, start }
+    }
+
+    #[test]
+    fn a_ticket_group_is_killed_when_the_gate_closes_and_not_claimed_while_closed() {
+        let mut web = group("web", Some(ME), Phase::Started, 4);
+        web.spec.ticket = true;
+        let gs = groups(vec![web, group("db", Some(ME), Phase::Started, 2)]);
+        let (none, mut r) = (BTreeSet::new(), Reconciler::new());
+        fn closed(i: Input<'_>) -> Input<'_> {
+            Input { ticket_open: false, ..i }
+        }
+        // Not running: only the plain group is claimed while the gate is closed.
+        let l = local(&[]);
+        assert_eq!(r.claims(&closed(input(&gs, &l, &none))), [("db".to_string(), 2)]);
+        assert_eq!(r.claims(&input(&gs, &l, &none)).len(), 2, "open: both");
+        let confirmed = BTreeSet::from([("web".to_string(), 4)]);
+        assert!(!r.plan(&closed(input(&gs, &l, &confirmed))).contains(&run("web", 4, true)), "closed since the claim");
+        // Running: killed at once, the plain group runs on.
+        let l = local(&[("web", 4), ("db", 2)]);
+        let plan = r.plan(&closed(input(&gs, &l, &none)));
+        assert_eq!(plan, [Command::KillGroup { group: "web".into() }, run("db", 2, false)]);
+        // Gone, and asked to stop by the leader: reported stopped.
+        let mut stopping = gs.clone();
+        stopping.get_mut("web").unwrap().placement.phase = Phase::Stopping;
+        let l = local(&[("db", 2)]);
+        let plan = r.plan(&closed(input(&stopping, &l, &none)));
+        assert!(plan.contains(&Command::Report(Report::Stopped { group: "web".into(), epoch: 4 })), "{plan:?}");
     }
 
     #[test]
@@ -474,17 +526,23 @@ mod tests {
         /// its epoch is neither claimed nor started.
         #[test]
         fn plans_are_safe(
-            (groups, local, confirmed, failed) in arb_world(),
+            (mut groups, local, confirmed, failed) in arb_world(),
             held in any::<bool>(),
             lapsed in any::<bool>(),
             maintenance in any::<bool>(),
+            ticket_open in any::<bool>(),
+            bound in any::<u16>(),
         ) {
+            // Some groups bound to the ticket.
+            for (i, g) in groups.values_mut().enumerate() {
+                g.spec.ticket = bound & (1 << (i % 16)) != 0;
+            }
             let mut r = Reconciler::new();
             for (g, e) in &failed {
                 r.failed(g, *e);
             }
             let lease = LeaseView { held, lapsed };
-            let i = Input { me: ME, groups: &groups, local: &local, confirmed: &confirmed, lease, maintenance, now_ms: 10_000 };
+            let i = Input { me: ME, groups: &groups, local: &local, confirmed: &confirmed, lease, maintenance, ticket_open, now_ms: 10_000 };
             let claims = r.claims(&i);
             let before = r.clone();
             let plan = r.plan(&i);
@@ -500,9 +558,22 @@ mod tests {
             let mut stopped = BTreeSet::new();
             let mut touched = BTreeSet::new();
             let mut past_stops = false;
+            let mut past_kills = false;
+            let bound_here = |g: &str| groups.get(g).is_some_and(|g| g.spec.ticket);
+            for (g, _) in &claims {
+                prop_assert!(ticket_open || !bound_here(g), "{g} claimed with the ticket gate closed");
+            }
             for c in &plan {
+                if !matches!(c, Command::KillGroup { .. }) {
+                    past_kills = true;
+                }
                 match c {
                     Command::KillEverything => prop_assert!(false, "KillEverything with the lease held"),
+                    Command::KillGroup { group } => {
+                        prop_assert!(!past_kills, "a kill after other commands: {plan:?}");
+                        prop_assert!(!ticket_open && bound_here(group) && local.contains_key(group));
+                        prop_assert!(touched.insert(group.clone()), "killed twice");
+                    }
                     Command::Stop { group } => {
                         prop_assert!(!past_stops, "a stop after a start or a report: {plan:?}");
                         let l = &local[group];
@@ -519,6 +590,7 @@ mod tests {
                         prop_assert_eq!((g.placement.node, g.placement.phase, g.placement.epoch), (Some(ME), Phase::Started, *epoch));
                         prop_assert!(!maintenance);
                         prop_assert!(!r.has_failed(group, *epoch));
+                        prop_assert!(ticket_open || !bound_here(group), "{group} runs with the ticket gate closed");
                         prop_assert_eq!(*start, !local.contains_key(group));
                         if *start {
                             prop_assert!(confirmed.contains(&(group.clone(), *epoch)), "start without a confirmed claim");
@@ -585,7 +657,7 @@ mod tests {
                     g.failed_on.insert(ME);
                 }
                 let gs = groups(vec![g]);
-                let i = Input { me: ME, groups: &gs, local: &local, confirmed: &confirmed, lease: HELD, maintenance: false, now_ms: 0 };
+                let i = Input { me: ME, groups: &gs, local: &local, confirmed: &confirmed, lease: HELD, maintenance: false, ticket_open: true, now_ms: 0 };
                 let plan = r.plan(&i);
                 let mut next_confirmed = BTreeSet::new();
                 for c in plan {

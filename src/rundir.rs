@@ -221,6 +221,27 @@ impl RunDir {
         }
     }
 
+    /// Writes until when this node saw its site hold the ticket
+    /// (`crate::ticket::Gate`), with the boot it belongs to, atomically: a
+    /// restarted agent keeps its ticket groups only that long unless the
+    /// leader tells it more.
+    pub fn write_ticket_gate(&self, open_until_ms: u64) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.path)?;
+        let tmp = self.path.join("ticket-gate.tmp");
+        std::fs::write(&tmp, format!("{} {open_until_ms}\n", crate::clock::boot_id()))?;
+        std::fs::rename(tmp, self.path.join("ticket-gate"))
+    }
+
+    /// The ticket gate as last written in this boot (0: closed, also when
+    /// missing, unreadable or from another boot).
+    pub fn read_ticket_gate(&self) -> u64 {
+        let s = std::fs::read_to_string(self.path.join("ticket-gate")).unwrap_or_default();
+        match s.split_whitespace().collect::<Vec<_>>()[..] {
+            [boot, until] if boot == crate::clock::boot_id() => until.parse().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     /// Writes a group's record atomically (write aside, rename).
     pub fn write_record(&self, rec: &RunRecord) -> std::io::Result<()> {
         let dir = self.groups_dir();

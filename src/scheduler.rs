@@ -12,6 +12,9 @@
 //! A group with a volume runs only on a replica node whose disk the
 //! replicated state records `UpToDate`: a failover never lands on a copy
 //! that misses acknowledged writes. With no such node eligible it waits.
+//!
+//! A group bound to the ticket between two sites (`ticket: true`) starts
+//! only while this site holds it, and is stopped once it does not.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,6 +22,8 @@ use tandem_raft::group::{replica_nodes, Failback, GroupRecord, Phase, Window};
 use tandem_raft::state::AdminState;
 use tandem_raft::volume::DiskState;
 use tandem_raft::NodeId;
+
+use crate::ticket::Standing;
 
 /// One node as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +71,9 @@ fn disk_unfit(g: &GroupRecord, n: &NodeInfo) -> Option<String> {
         None => Some(format!("{} has no recorded replica of volume {}", n.name, r.name)),
     }
 }
+
+/// Why a group bound to the ticket does not run on this site.
+pub const TICKET_NOT_HELD: &str = "this site does not hold the ticket";
 
 /// A placement change to commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,16 +154,27 @@ pub struct Scheduler<'a> {
     by_id: BTreeMap<NodeId, &'a NodeInfo>,
     groups: &'a BTreeMap<String, GroupRecord>,
     minute_of_day: u16,
+    /// The site's ticket, for the groups bound to it (`ticket: true`).
+    ticket: Standing,
 }
 
 impl<'a> Scheduler<'a> {
+    /// A scheduler for a site that does not hold the ticket (the groups
+    /// bound to it stay stopped) unless [`Scheduler::ticket`] says so.
     pub fn new(nodes: &'a [NodeInfo], groups: &'a BTreeMap<String, GroupRecord>, minute_of_day: u16) -> Self {
         Scheduler {
             nodes: nodes.iter().map(|n| (n.name.as_str(), n)).collect(),
             by_id: nodes.iter().map(|n| (n.id, n)).collect(),
             groups,
             minute_of_day,
+            ticket: Standing::NotHeld,
         }
+    }
+
+    /// The site's standing with the ticket.
+    pub fn ticket(mut self, standing: Standing) -> Self {
+        self.ticket = standing;
+        self
     }
 
     /// Why `g` may not run on `n` (given what else is there), or `None`.
@@ -206,6 +225,9 @@ impl<'a> Scheduler<'a> {
 
     /// The first node of the group's list it may start on now.
     fn best(&self, g: &GroupRecord, occ: &Occupancy) -> Result<NodeId, String> {
+        if g.spec.ticket && self.ticket != Standing::Held {
+            return Err(TICKET_NOT_HELD.into());
+        }
         let mut why = Vec::new();
         let target = g.move_to.and_then(|id| self.by_id.get(&id)).map(|n| &n.name);
         for name in target.into_iter().chain(&g.spec.nodes) {
@@ -292,6 +314,17 @@ impl<'a> Scheduler<'a> {
                     }
                     if n.admin == AdminState::Maintenance {
                         continue; // left alone, by definition of maintenance
+                    }
+                    if g.spec.ticket && n.alive {
+                        match self.ticket {
+                            Standing::Held => {}
+                            // A new leader finding its feet: left as it is.
+                            Standing::Acquiring => continue,
+                            Standing::NotHeld => {
+                                out.push(decide(Some(id), Phase::Stopping, TICKET_NOT_HELD.into()));
+                                continue;
+                            }
+                        }
                     }
                     if !n.alive {
                         if n.fenced {
@@ -483,6 +516,37 @@ mod tests {
         let d = run(&nodes, &groups(vec![group("web", &[2, 1])]));
         assert_eq!(d.len(), 1);
         assert_eq!((d[0].node, d[0].phase, d[0].expected_epoch), (Some(2), Phase::Started, 0));
+    }
+
+    #[test]
+    fn a_ticket_group_runs_only_while_the_site_holds_the_ticket() {
+        let nodes = [node(1), node(2)];
+        let mut web = group("web", &[1, 2]);
+        web.spec.ticket = true;
+        let stopped = groups(vec![web.clone()]);
+        let with =
+            |gs: &BTreeMap<String, GroupRecord>, t: Standing| Scheduler::new(&nodes, gs, 12 * 60).ticket(t).decide();
+        assert!(with(&stopped, Standing::NotHeld).is_empty(), "not held: it does not start");
+        assert!(with(&stopped, Standing::Acquiring).is_empty(), "acquiring: it does not start");
+        assert!(run(&nodes, &stopped).is_empty(), "no ticket here at all: it does not start");
+        let d = with(&stopped, Standing::Held);
+        assert_eq!((d[0].node, d[0].phase), (Some(1), Phase::Started));
+        // Running: a new leader still acquiring leaves it; lost, it stops.
+        let running = groups(vec![placed(web, 1, 2)]);
+        assert!(with(&running, Standing::Held).is_empty());
+        assert!(with(&running, Standing::Acquiring).is_empty());
+        let d = with(&running, Standing::NotHeld);
+        assert_eq!((d[0].node, d[0].phase, d[0].reason.as_str()), (Some(1), Phase::Stopping, TICKET_NOT_HELD));
+        // Its node died and was fenced while the site holds no ticket: recorded
+        // stopped, started nowhere.
+        let mut dead = nodes.clone();
+        dead[0].alive = false;
+        dead[0].fenced = true;
+        let d = Scheduler::new(&dead, &running, 12 * 60).ticket(Standing::NotHeld).decide();
+        assert_eq!((d[0].node, d[0].phase), (None, Phase::Stopped));
+        // A group not bound to the ticket ignores it.
+        let plain = groups(vec![group("db", &[1, 2])]);
+        assert_eq!(with(&plain, Standing::NotHeld).len(), 1);
     }
 
     #[test]

@@ -128,6 +128,11 @@ pub struct Request {
     pub round: u64,
 }
 
+/// The soonest a refused round is asked again: a grantor about to lend
+/// answers with a few milliseconds left, and the next round should not
+/// follow on its heels.
+const MIN_RETRY_MS: u64 = 20;
+
 /// One site's asking side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
@@ -141,6 +146,9 @@ pub struct Holder {
     /// Held until then (its clock), from a round a majority granted.
     held_until_ms: Option<u64>,
     wants: bool,
+    /// Ask again then, before the renewal is due: a grantor refused the
+    /// round saying when its loan to another site (or its quiet lease) ends.
+    retry_at_ms: Option<u64>,
 }
 
 impl Holder {
@@ -156,6 +164,7 @@ impl Holder {
             granted: BTreeSet::new(),
             held_until_ms: None,
             wants: false,
+            retry_at_ms: None,
         }
     }
 
@@ -183,12 +192,14 @@ impl Holder {
         if !self.wants {
             return None;
         }
-        let due = self.sent_ms.is_none_or(|t| now_ms.saturating_sub(t) >= self.timing.renew_ms);
+        let due = self.sent_ms.is_none_or(|t| now_ms.saturating_sub(t) >= self.timing.renew_ms)
+            || self.retry_at_ms.is_some_and(|t| now_ms >= t);
         if !due {
             return None;
         }
         self.round += 1;
         self.sent_ms = Some(now_ms);
+        self.retry_at_ms = None;
         self.granted.clear();
         Some(Request { round: self.round })
     }
@@ -197,7 +208,11 @@ impl Holder {
     /// nothing: the belief always starts from the round's own sending.
     pub fn answer(&mut self, from: &str, round: u64, answer: &Answer) {
         let Some(sent) = self.sent_ms.filter(|_| round == self.round) else { return };
-        if *answer != Answer::Granted {
+        if let Answer::Refused { left_ms, .. } = answer {
+            // Counted from the sending (the grantor looked later): early
+            // rather than late, and then refused once more, briefly.
+            let at = sent.saturating_add((*left_ms).max(MIN_RETRY_MS));
+            self.retry_at_ms = Some(self.retry_at_ms.map_or(at, |t| t.min(at)));
             return;
         }
         self.granted.insert(from.to_string());
@@ -241,6 +256,78 @@ impl Holder {
         self.granted.clear();
         // A late grant of the last round must not revive the belief.
         self.round += 1;
+    }
+}
+
+/// What the groups bound to the ticket (`ticket: true`) may do on the
+/// site's cluster, as its leader's scheduler sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Standing {
+    /// The site holds the ticket: they run as any group does.
+    Held,
+    /// A new leader has not held it yet in its first lease: nothing starts,
+    /// nothing is stopped. The nodes' gates, opened by the last leader's
+    /// belief, still bound how long they keep running.
+    Acquiring,
+    /// Not held (lost, given back, never taken, or no ticket here): they are
+    /// stopped and none starts.
+    #[default]
+    NotHeld,
+}
+
+/// The standing of a site whose leader holds the ticket or not (`holds`),
+/// asks for it or not (`wants`), and has led since `leading_since_ms`.
+pub fn standing(holds: bool, wants: bool, leading_since_ms: u64, now_ms: u64, timing: Timing) -> Standing {
+    if holds {
+        Standing::Held
+    } else if wants && now_ms.saturating_sub(leading_since_ms) < timing.lease_ms {
+        Standing::Acquiring
+    } else {
+        Standing::NotHeld
+    }
+}
+
+/// The ticket as a node that runs ticket groups knows it: open until a
+/// deadline (its own clock) that no holder's belief told to it outlasts.
+///
+/// The leader (the holder) puts how long it still holds the ticket into
+/// its heartbeats; a node counts that from when it sent the heartbeat the
+/// leader had last heard from it (the echo), which is before the leader
+/// looked: never later than the belief itself, which ends `margin_ms`
+/// before any grantor lends to the other site. So when the gate closes the
+/// node kills its ticket groups, and they are gone before the other site
+/// can start them — also when the leader died or the node cannot hear it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Gate {
+    open_until_ms: u64,
+}
+
+impl Gate {
+    /// A gate open until `open_until_ms` (0: closed), as persisted by the
+    /// agent that ran before this one (same boot).
+    pub fn new(open_until_ms: u64) -> Gate {
+        Gate { open_until_ms }
+    }
+
+    /// The leader says it holds the ticket for `left_ms` more, in answer to
+    /// this node's heartbeat sent at `echo_ms` (this node's clock).
+    pub fn heard(&mut self, echo_ms: u64, left_ms: u64) {
+        if echo_ms > 0 && left_ms > 0 {
+            self.open_until_ms = self.open_until_ms.max(echo_ms.saturating_add(left_ms));
+        }
+    }
+
+    /// On the holder itself: it holds the ticket for `left_ms` from `now_ms`.
+    pub fn held_here(&mut self, now_ms: u64, left_ms: u64) {
+        self.heard(now_ms, left_ms);
+    }
+
+    pub fn open(&self, now_ms: u64) -> bool {
+        now_ms < self.open_until_ms
+    }
+
+    pub fn open_until_ms(&self) -> u64 {
+        self.open_until_ms
     }
 }
 
@@ -584,5 +671,70 @@ mod tests {
             assert_eq!(sim.holding(t), [1]);
             t += 10;
         }
+    }
+
+    #[test]
+    fn a_new_leader_acquires_for_one_lease_then_stands_without() {
+        let t = Timing::DEFAULT;
+        assert_eq!(standing(true, false, 0, 50_000, t), Standing::Held);
+        assert_eq!(standing(false, true, 1_000, 1_000 + t.lease_ms - 1, t), Standing::Acquiring);
+        assert_eq!(standing(false, true, 1_000, 1_000 + t.lease_ms, t), Standing::NotHeld);
+        assert_eq!(standing(false, false, 1_000, 1_001, t), Standing::NotHeld, "not asking: nothing to wait for");
+    }
+
+    #[test]
+    fn the_gate_counts_from_the_echo_and_never_shrinks() {
+        let mut g = Gate::default();
+        assert!(!g.open(0));
+        g.heard(0, 5_000);
+        assert!(!g.open(1), "an echo of nothing proves nothing");
+        g.heard(1_000, 0);
+        assert!(!g.open(1_000), "not held");
+        g.heard(1_000, 5_000);
+        assert!(g.open(5_999) && !g.open(6_000));
+        g.heard(900, 4_000);
+        assert_eq!(g.open_until_ms(), 6_000, "an older belief does not shorten a newer one");
+        g.held_here(7_000, 2_000);
+        assert!(g.open(8_999) && !g.open(9_000));
+    }
+
+    proptest! {
+        /// Whatever the leader says, in any order, the gate never stays open
+        /// past the newest belief it was told: each told deadline is counted
+        /// from an echo no later than when the leader looked.
+        #[test]
+        fn the_gate_never_outlasts_what_it_was_told(told in proptest::collection::vec((1u64..100_000, 0u64..20_000), 0..30)) {
+            let mut g = Gate::default();
+            let mut latest = 0u64;
+            for (echo, left) in told {
+                g.heard(echo, left);
+                if left > 0 {
+                    latest = latest.max(echo + left);
+                }
+            }
+            prop_assert_eq!(g.open_until_ms(), latest);
+        }
+    }
+
+    #[test]
+    fn a_refused_site_asks_again_when_the_loan_ends_not_at_its_next_renewal() {
+        let t = Timing::DEFAULT;
+        let mut h = Holder::new("b", t, 3);
+        h.set_wanted(true);
+        let r = h.tick(1_000).unwrap();
+        h.answer("a", r.round, &Answer::Refused { holder: Some("a".into()), left_ms: 700 });
+        h.answer("arbitrator", r.round, &Answer::Refused { holder: Some("a".into()), left_ms: 500 });
+        assert_eq!(h.tick(1_499), None);
+        let r2 = h.tick(1_500).expect("asked again when the first loan ends");
+        assert_eq!(h.tick(1_510), None, "a fresh round waits again");
+        h.answer("arbitrator", r2.round, &Answer::Refused { holder: Some("a".into()), left_ms: 3 });
+        assert_eq!(h.tick(1_519), None, "not on the heels of the last round");
+        let r3 = h.tick(1_520).unwrap();
+        h.answer("arbitrator", r3.round, &Answer::Granted);
+        h.answer("b", r3.round, &Answer::Granted);
+        assert!(h.holds(1_521));
+        // Held: renewed every renew_ms.
+        assert_eq!(h.tick(1_520 + t.renew_ms - 1), None);
+        assert!(h.tick(1_520 + t.renew_ms).is_some());
     }
 }

@@ -494,6 +494,17 @@ async fn read_balancing_changes_live_and_the_volume_view_counts_reads_per_replic
     }
     let v = volume(&c).await;
     assert!(v["replicas"][1]["reads"].as_u64() >= Some(4), "{v}");
+    // The primary's metrics count them too.
+    let n1 = c.node("n1").url();
+    let token = tandem_testkit::api::token_for(&n1).unwrap_or_default();
+    let resp = tandem_testkit::api::client().get(format!("{n1}/metrics")).bearer_auth(token).send().await.unwrap();
+    let text = resp.text().await.unwrap();
+    let peer_reads = text
+        .lines()
+        .find(|l| l.starts_with("tandem_volume_reads_total{") && l.contains(r#"replica="n2""#))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(peer_reads >= Some(4.0), "tandem_volume_reads_total for n2: {peer_reads:?}");
+    assert!(text.lines().any(|l| l.starts_with("tandem_volume_read_errors_total{") && l.ends_with(" 0")), "{text}");
     let log = strip_ansi(&std::fs::read_to_string(c.node("n1").log_path()).unwrap_or_default());
     assert!(!log.contains("demoted to secondary"), "the volume was restarted for a read policy");
 }

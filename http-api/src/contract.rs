@@ -714,7 +714,9 @@ pub fn group_schema() -> Value {
                 "weight": {"type": "integer", "minimum": 1, "maximum": u32::MAX, "default": 1},
                 "max_restarts": {"type": "integer", "minimum": 0, "maximum": u32::MAX, "default": 3},
                 "restart_window_ms": {"type": "integer", "minimum": 1, "maximum": u64::MAX, "default": 60000},
-                "failure_timeout_ms": {"anyOf": [{"type": "integer", "enum": [0]}, {"type": "integer", "minimum": 1000, "maximum": u64::MAX}], "default": 0}
+                "failure_timeout_ms": {"anyOf": [{"type": "integer", "enum": [0]}, {"type": "integer", "minimum": 1000, "maximum": u64::MAX}], "default": 0},
+                "ticket": {"type": "boolean", "default": false,
+                    "description": "Runs only while this cluster's site holds the ticket between two sites; refused (422) on a cluster without `[ticket]`."}
             }
         }),
     );

@@ -290,6 +290,10 @@ pub struct GroupSpec {
     /// `/clear` (Pacemaker's `failure-timeout`).
     #[serde(default)]
     pub failure_timeout_ms: u64,
+    /// Bound to the ticket between two sites (`[ticket]`): the group runs
+    /// only while this cluster's site holds it (docs/dr.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ticket: bool,
 }
 
 impl GroupSpec {

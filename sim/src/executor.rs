@@ -73,11 +73,22 @@ impl World {
             a.groups.iter().map(|(n, l)| (n.clone(), Local { epoch: l.epoch, stop_blocked_until_ms: None })).collect();
         let maintenance = a.state.nodes.get(&id).is_some_and(|n| n.admin_state == AdminState::Maintenance);
         let lease = LeaseView { held: a.lease.holds(now_ms), lapsed: a.lease.lapsed() };
-        let input = Input { me: id, groups: &a.state.groups, local: &local, confirmed, lease, maintenance, now_ms };
+        // The simulated clusters have no `[ticket]`: no group is bound to it.
+        let input = Input {
+            me: id,
+            groups: &a.state.groups,
+            local: &local,
+            confirmed,
+            lease,
+            maintenance,
+            ticket_open: false,
+            now_ms,
+        };
         let plan = a.reconciler.plan(&input);
         for step in plan {
             match step {
                 Plan::KillEverything => self.kill_everything(id),
+                Plan::KillGroup { group } => unreachable!("no group is bound to a ticket here: {group}"),
                 Plan::Stop { group } => self.begin_stop(id, &group),
                 Plan::Claim { group, epoch } if self.sc.mutant == Some(Mutant::NoClaim) => {
                     // The mutant: start on the local state, unconfirmed.

@@ -178,6 +178,12 @@ impl Backend for Agent {
                 });
             }
         }
+        if spec.ticket && self.ticket.is_none() {
+            return Err(ApiError::Invalid {
+                field: "ticket".into(),
+                reason: "this cluster has no [ticket] (docs/dr.md): a group bound to it would never start".into(),
+            });
+        }
         // Users are a node's: checked against this node's user database
         // (every node should have the same; one that lacks it fails the
         // start with the reason).

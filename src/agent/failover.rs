@@ -24,6 +24,7 @@ pub(super) struct SchedulerInputs {
     version: u64,
     nodes: Vec<NodeInfo>,
     minute_of_day: u16,
+    ticket: crate::ticket::Standing,
 }
 
 impl Agent {
@@ -90,13 +91,15 @@ impl Agent {
                 tracing::debug!(group = %group, "failure expiry not committed: {e}");
             }
         }
-        let inputs = SchedulerInputs { version, nodes, minute_of_day: local_minute_of_day() };
+        let inputs =
+            SchedulerInputs { version, nodes, minute_of_day: local_minute_of_day(), ticket: self.ticket_standing() };
         let decisions = {
             let mut idle = self.scheduler_idle.lock().unwrap_or_else(|e| e.into_inner());
             if idle.as_ref() == Some(&inputs) {
                 return;
             }
-            let decisions = Scheduler::new(&inputs.nodes, &state.groups, inputs.minute_of_day).decide();
+            let decisions =
+                Scheduler::new(&inputs.nodes, &state.groups, inputs.minute_of_day).ticket(inputs.ticket).decide();
             // A decision not committed leaves no memo: the next round retries.
             *idle = decisions.is_empty().then_some(inputs);
             decisions

@@ -91,8 +91,9 @@ impl Agent {
         }
         let state = m.state.state();
         let lease = self.lease_view();
+        let ticket_open = self.liveness.ticket_gate().open(now_boot_ms());
         let wanted = match self.executor.lock().await.as_ref() {
-            Some(ex) => ex.wanted_starts(&state, lease),
+            Some(ex) => ex.wanted_starts(&state, lease, ticket_open),
             None => return,
         };
         let mut confirmed = BTreeSet::new();
@@ -104,7 +105,7 @@ impl Agent {
         // The claims moved the epochs: act on the state that holds them.
         let state = if wanted.is_empty() { state } else { m.state.state() };
         let reports = match self.executor.lock().await.as_mut() {
-            Some(ex) => ex.tick(&state, lease, &confirmed).await,
+            Some(ex) => ex.tick(&state, lease, self.liveness.ticket_gate().open(now_boot_ms()), &confirmed).await,
             None => return,
         };
         for r in reports {

@@ -6,7 +6,7 @@
 
 use super::*;
 
-use crate::metrics::{GroupSample, PeerSample, RaftSample, ReplicaSample, ResourceSample, Snapshot};
+use crate::metrics::{GroupSample, PeerSample, RaftSample, ReplicaSample, ResourceSample, Snapshot, VolumeSample};
 
 /// How long a scrape waits for the executor (busy starting a resource) before
 /// it shows no resources this time.
@@ -32,6 +32,7 @@ impl Agent {
         ];
         s.lease_left_s = self.own_lease_left_ms() as f64 / 1000.0;
         s.replicas = self.replica_samples();
+        s.volumes = self.volume_samples();
         let Some(m) = self.member() else { return s };
         let metrics = m.metrics();
         let membership = metrics.membership_config.membership();
@@ -125,10 +126,27 @@ impl Agent {
                     resync_bytes_per_s: r.resync.as_ref().map(|p| p.rate_bytes_per_s),
                     resync_remaining_bytes: r.resync.as_ref().map(|p| p.remaining_bytes),
                     lag_bytes: r.lag_bytes,
+                    reads: (v.role == "primary").then_some(r.reads),
                 });
             }
         }
         out
+    }
+
+    /// Every volume this node's data plane is primary for.
+    fn volume_samples(&self) -> Vec<VolumeSample> {
+        self.volumes
+            .names()
+            .into_iter()
+            .filter_map(|name| {
+                let v: tandem_http_api::LocalVolumeStatus = self.volumes.status(&name).ok()?.into();
+                (v.role == "primary").then_some(VolumeSample {
+                    volume: v.name,
+                    read_errors: v.read_errors,
+                    repaired_blocks: v.repaired_blocks,
+                })
+            })
+            .collect()
     }
 
     /// Watches this member's Raft for leader changes and its applied state

@@ -247,6 +247,11 @@ impl Agent {
             Lease::Released | Lease::Missing => 0,
         };
         let lease = LeaseCore::new(cfg.fencing.lease_ms, inherited);
+        if ticket.is_some() {
+            // Its ticket groups run on (adopted) as long as this node had
+            // seen its site hold the ticket, unless the leader says more.
+            liveness.restore_ticket_gate(run.read_ticket_gate());
+        }
         let failover = Failover::new(Policy {
             fence_command: !cfg.fencing.fence_command.is_empty(),
             fenced_after: cfg.fenced_after(),

@@ -16,7 +16,7 @@ use super::*;
 use crate::arbitrator::now_unix_ms;
 use crate::clock::now_boot_ms;
 use crate::config::{TicketConfig, TicketPeer};
-use crate::ticket::{Answer, Holder, LastAnswer};
+use crate::ticket::{Answer, Holder, LastAnswer, Standing};
 use crate::ticket_link::{Desk, SealKey, TicketAnswer, TicketError, TicketRequest, PATH, SEAL_HEADER};
 
 /// How often the leader's holder looks whether a round is due.
@@ -32,11 +32,23 @@ pub(crate) struct TicketSite {
     /// then what `POST /v1/ticket/acquire|release` said (on this node).
     wanted: AtomicBool,
     leading: std::sync::Mutex<Option<Leading>>,
+    /// The gate's deadline last written to `<data_dir>/run` (this node).
+    gate_written_ms: std::sync::atomic::AtomicU64,
 }
+
+/// The gate is written again once it reaches this much past what was
+/// written: a restarted agent may then know it a little shorter than it
+/// was (it closes earlier, never later), at one small write a second.
+const GATE_WRITE_STEP_MS: u64 = 1_000;
 
 /// The ticket's state while this node leads (term `term`).
 struct Leading {
     term: u64,
+    /// When this term's ticket state was made (its clock): a new leader
+    /// acquires for a lease before its ticket groups count as not held.
+    since_ms: u64,
+    /// Told to release: the grantors are told once no ticket group runs.
+    releasing: bool,
     desk: Desk,
     holder: Holder,
     /// The last answer (or failure) from each grantor.
@@ -53,7 +65,14 @@ impl TicketSite {
     pub(crate) fn new(cfg: TicketConfig, http: reqwest::Client) -> Result<TicketSite, TicketError> {
         let key = SealKey::load(&cfg.key_file)?;
         let wanted = AtomicBool::new(cfg.acquire);
-        Ok(TicketSite { cfg, key, http, wanted, leading: std::sync::Mutex::new(None) })
+        Ok(TicketSite {
+            cfg,
+            key,
+            http,
+            wanted,
+            leading: std::sync::Mutex::new(None),
+            gate_written_ms: Default::default(),
+        })
     }
 
     fn sites(&self) -> Vec<String> {
@@ -68,6 +87,8 @@ impl TicketSite {
             holder.set_wanted(self.wanted.load(Ordering::SeqCst));
             *slot = Some(Leading {
                 term,
+                since_ms: now_ms,
+                releasing: false,
                 desk: Desk::new(&self.cfg.site, &self.sites(), timing, now_ms),
                 holder,
                 heard: BTreeMap::new(),
@@ -97,17 +118,33 @@ impl Agent {
         (metrics.current_leader == Some(m.node_id)).then_some(metrics.current_term)
     }
 
-    /// One tick: on the leader, a round to the three grantors when due.
+    /// One tick: on every node, the gate kept on disk; on the leader, what
+    /// its heartbeats say about the ticket, a release carried out once no
+    /// ticket group runs, and a round to the three grantors when due.
     pub(super) async fn ticket_round(self: &Arc<Self>) {
         let Some(site) = self.ticket.clone() else { return };
+        self.keep_ticket_gate(&site);
+        self.kill_ticket_groups_if_closed();
         let Some(term) = self.leading_term() else {
+            self.liveness.set_ticket_held_until(0, now_boot_ms());
             *site.leading.lock().unwrap_or_else(|e| e.into_inner()) = None;
             return;
         };
         let now = now_boot_ms();
+        let none_running = self.member().is_some_and(|m| {
+            m.state.read(|d| d.state.groups.values().all(|g| !g.spec.ticket || g.placement.node.is_none()))
+        });
         let round = {
             let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
             let l = site.leading_for(&mut slot, term, now);
+            let held_until = if l.holder.holds(now) { now + l.holder.left_ms(now) } else { 0 };
+            self.liveness.set_ticket_held_until(held_until, now);
+            if l.releasing && none_running {
+                l.releasing = false;
+                tracing::info!("ticket: no ticket group runs here any more; giving the ticket back");
+                let all = site.sites().into_iter().chain([site.cfg.arbitrator.name.clone()]).collect();
+                site.hand_back(l, all);
+            }
             l.holder.set_wanted(site.wanted.load(Ordering::SeqCst));
             let heard: Vec<LastAnswer<'_>> = l
                 .heard
@@ -149,11 +186,69 @@ impl Agent {
         }
     }
 
+    /// Writes this node's ticket gate to `<data_dir>/run` when it opened
+    /// further (see `GATE_WRITE_STEP_MS`).
+    fn keep_ticket_gate(&self, site: &TicketSite) {
+        let until = self.liveness.ticket_gate().open_until_ms();
+        let written = site.gate_written_ms.load(Ordering::SeqCst);
+        if until >= written + GATE_WRITE_STEP_MS {
+            match self.run.write_ticket_gate(until) {
+                Ok(()) => site.gate_written_ms.store(until, Ordering::SeqCst),
+                Err(e) => tracing::warn!("cannot write the ticket gate: {e}"),
+            }
+        }
+    }
+
+    /// When this node's gate is closed, kills the processes of the groups
+    /// bound to the ticket and halts their volumes at once: the executor
+    /// does it too (`KillGroup`, with script agents' stop actions), but at
+    /// its next round, which may be waiting on a slow stop of another group.
+    fn kill_ticket_groups_if_closed(&self) {
+        if self.liveness.ticket_gate().open(now_boot_ms()) {
+            return;
+        }
+        let Some(m) = self.member() else { return };
+        let (groups, volumes) = m.state.read(|d| {
+            let bound: Vec<&GroupRecord> = d.state.groups.values().filter(|g| g.spec.ticket).collect();
+            let volumes = bound.iter().filter_map(|g| g.spec.volume().map(|(r, _)| r.name.clone())).collect::<Vec<_>>();
+            (bound.into_iter().map(|g| g.name.clone()).collect::<BTreeSet<String>>(), volumes)
+        });
+        if groups.is_empty() {
+            return;
+        }
+        let killed = self.guard.kill_groups(&groups, &volumes);
+        if killed > 0 {
+            tracing::warn!(
+                killed,
+                "the site's ticket is not seen held here any more: killed the processes of its groups"
+            );
+        }
+    }
+
+    /// The site's standing with the ticket, for the scheduler (on the
+    /// leader; `NotHeld` without `[ticket]`).
+    pub(super) fn ticket_standing(&self) -> Standing {
+        let Some(site) = self.ticket.as_ref() else { return Standing::NotHeld };
+        let Some(term) = self.leading_term() else { return Standing::NotHeld };
+        let now = now_boot_ms();
+        let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
+        let l = site.leading_for(&mut slot, term, now);
+        let wants = site.wanted.load(Ordering::SeqCst) && !l.releasing;
+        crate::ticket::standing(l.holder.holds(now), wants, l.since_ms, now, site.cfg.timing())
+    }
+
     /// `POST /internal/ticket`: a sealed request from another participant,
     /// answered by this site's grantor (the leader's).
     pub(super) fn do_ticket_request(&self, body: &[u8], seal: &str) -> Result<(Vec<u8>, String), ApiError> {
         let site = self.ticket.as_ref().ok_or(ApiError::TicketNotConfigured)?;
         let term = self.leading_term().ok_or(ApiError::NoLeader)?;
+        // A leader cut off from its voters may not know yet that another
+        // leads (with a desk of its own, quiet for a lease): it stops lending
+        // before that one can be elected, so the site never lends twice.
+        let acked = self.member().and_then(|m| m.metrics().millis_since_quorum_ack);
+        if acked.is_none_or(|ms| ms >= self.cfg.raft.election_timeout_min_ms) {
+            return Err(ApiError::NoLeader);
+        }
         let now = now_boot_ms();
         let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
         let l = site.leading_for(&mut slot, term, now);
@@ -202,22 +297,22 @@ impl Agent {
         let site = self.ticket.clone().ok_or(ApiError::TicketNotConfigured)?;
         let term = self.leading_term().ok_or(ApiError::NoLeader)?;
         site.wanted.store(wanted, Ordering::SeqCst);
-        if !wanted {
-            let now = now_boot_ms();
-            {
-                let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
-                let l = site.leading_for(&mut slot, term, now);
-                l.holder.release();
-                l.desk.release_local(&site.cfg.site);
-            }
-            // Told, so that the other site need not wait out the lease; a
-            // grantor not told lends again once its lease has run out.
-            for peer in [site.cfg.other_site.clone(), site.cfg.arbitrator.clone()] {
-                if let Err(e) = site.ask(&peer, site.request(0, true)).await {
-                    tracing::warn!(peer = %peer.name, "the ticket's release was not heard: {e}");
-                }
-            }
+        let now = now_boot_ms();
+        let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
+        let l = site.leading_for(&mut slot, term, now);
+        if wanted {
+            l.releasing = false;
+        } else {
+            // Held no more from now on: the scheduler stops the ticket
+            // groups. The grantors are told (so that the other site need
+            // not wait out the lease) only once none runs here: the gates
+            // of the nodes running them stay open until the belief's end.
+            // A grantor not told lends again once its lease has run out.
+            l.holder.release();
+            l.releasing = true;
+            self.liveness.set_ticket_held_until(0, now);
         }
+        drop(slot);
         self.do_ticket_view()
     }
 }

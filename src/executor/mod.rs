@@ -56,7 +56,8 @@ pub fn supported(kind: &ResourceKind) -> bool {
 /// process on this node.
 #[derive(Debug, Default)]
 pub struct LeaseGuard {
-    pgids: std::sync::Mutex<BTreeSet<i32>>,
+    /// Each resource process group, with the group it belongs to.
+    pgids: std::sync::Mutex<BTreeMap<i32, String>>,
     /// The lease's end, CLOCK_BOOTTIME milliseconds (0: not held): a copy
     /// of `crate::lease::LeaseCore::deadline_ms`.
     deadline_ms: std::sync::atomic::AtomicU64,
@@ -90,13 +91,21 @@ impl LeaseGuard {
         now_boot_ms() < self.deadline_ms()
     }
 
+    /// Halts the volume `name` if this node is its primary: its export
+    /// fails every request until the executor demotes it.
+    pub fn halt_volume(&self, name: &str) {
+        if let Some(v) = self.volumes.get() {
+            v.halt(name);
+        }
+    }
+
     /// Whether any resource process is registered.
     pub fn has_processes(&self) -> bool {
         !self.pgids.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 
-    fn register(&self, pgid: i32) {
-        self.pgids.lock().unwrap_or_else(|e| e.into_inner()).insert(pgid);
+    fn register(&self, pgid: i32, group: &str) {
+        self.pgids.lock().unwrap_or_else(|e| e.into_inner()).insert(pgid, group.to_string());
     }
 
     fn unregister(&self, pgid: i32) {
@@ -110,8 +119,26 @@ impl LeaseGuard {
             v.halt_all();
         }
         let all = std::mem::take(&mut *self.pgids.lock().unwrap_or_else(|e| e.into_inner()));
-        crate::rundir::kill_trees(&all.iter().copied().collect::<Vec<_>>());
+        crate::rundir::kill_trees(&all.keys().copied().collect::<Vec<_>>());
         all.len()
+    }
+
+    /// SIGKILLs the process groups of `groups` and halts their volumes
+    /// (`volumes`) at once, without waiting for the executor (which may be
+    /// busy stopping something else); the executor tidies up after.
+    /// Returns how many process groups.
+    pub fn kill_groups(&self, groups: &BTreeSet<String>, volumes: &[String]) -> usize {
+        for v in volumes {
+            self.halt_volume(v);
+        }
+        let mut pgids = self.pgids.lock().unwrap_or_else(|e| e.into_inner());
+        let doomed: Vec<i32> = pgids.iter().filter(|(_, g)| groups.contains(*g)).map(|(p, _)| *p).collect();
+        for p in &doomed {
+            pgids.remove(p);
+        }
+        drop(pgids);
+        crate::rundir::kill_trees(&doomed);
+        doomed.len()
     }
 }
 
@@ -263,27 +290,37 @@ impl Executor {
         if !self.groups.is_empty() {
             tracing::warn!(groups = self.groups.len(), "the lease lapsed: killing and stopping every local resource");
         }
-        let (dir, node) = (self.dir.clone(), self.node_name.clone());
         for (name, g) in std::mem::take(&mut self.groups) {
-            for (r, slot) in g.spec.resources.iter().zip(g.slots).rev() {
-                match slot {
-                    Slot::Process(p) => {
-                        crate::rundir::kill_tree(p.pid);
-                    }
-                    Slot::Idle => {}
-                    // A script agent's resource lives outside our processes:
-                    // its stop action is all we can do (a fence command is
-                    // what makes this safe; see docs/config.md).
-                    _ => {
-                        let cx = Ctx { dir: &dir, node: &node, group: &name, epoch: g.epoch, guard: &self.guard };
-                        self.lapse_stops.push(tokio::spawn(cx.action(r, "stop", false).run()));
-                    }
-                }
-            }
+            self.kill_group(&name, g);
         }
         self.guard.kill_everything();
         self.lapsed = true;
         self.sync_records();
+    }
+
+    /// Kills `g`'s processes at once and runs its script agents' stop
+    /// actions in the background (nothing starts here before they end).
+    fn kill_group(&mut self, name: &str, g: LocalGroup) {
+        let (dir, node) = (self.dir.clone(), self.node_name.clone());
+        for (r, slot) in g.spec.resources.iter().zip(g.slots).rev() {
+            match slot {
+                Slot::Process(p) => {
+                    crate::rundir::kill_tree(p.pid);
+                    self.guard.unregister(p.pid);
+                }
+                Slot::Idle => {}
+                // A script agent's resource lives outside our processes:
+                // its stop action is all we can do (a fence command is
+                // what makes this safe; see docs/config.md).
+                _ => {
+                    if matches!(r.kind, ResourceKind::Volume(_)) {
+                        self.guard.halt_volume(&r.name);
+                    }
+                    let cx = Ctx { dir: &dir, node: &node, group: name, epoch: g.epoch, guard: &self.guard };
+                    self.lapse_stops.push(tokio::spawn(cx.action(r, "stop", false).run()));
+                }
+            }
+        }
     }
 
     /// What runs here, as the reconciler sees it.
@@ -298,10 +335,10 @@ impl Executor {
     /// yet, to be claimed. A start must be confirmed against the leader
     /// first: this node's copy of the state may be stale (it was cut off,
     /// it just came back).
-    pub fn wanted_starts(&self, state: &ClusterState, lease: LeaseView) -> Vec<(String, u64)> {
+    pub fn wanted_starts(&self, state: &ClusterState, lease: LeaseView, ticket_open: bool) -> Vec<(String, u64)> {
         let local = self.local();
         let none = BTreeSet::new();
-        self.reconciler.claims(&self.input(state, &local, &none, lease, now_boot_ms()))
+        self.reconciler.claims(&self.input(state, &local, &none, lease, ticket_open, now_boot_ms()))
     }
 
     fn input<'a>(
@@ -310,6 +347,7 @@ impl Executor {
         local: &'a BTreeMap<String, Local>,
         confirmed: &'a BTreeSet<(String, u64)>,
         lease: LeaseView,
+        ticket_open: bool,
         now_ms: u64,
     ) -> reconcile::Input<'a> {
         let me = self.node_id;
@@ -320,6 +358,7 @@ impl Executor {
             confirmed,
             lease,
             maintenance: state.nodes.get(&me).is_some_and(|n| n.admin_state == AdminState::Maintenance),
+            ticket_open,
             now_ms,
         }
     }
@@ -330,10 +369,11 @@ impl Executor {
         &mut self,
         state: &ClusterState,
         lease: LeaseView,
+        ticket_open: bool,
         confirmed: &BTreeSet<(String, u64)>,
     ) -> Vec<Report> {
         let local = self.local();
-        let plan = self.reconciler.plan(&self.input(state, &local, confirmed, lease, now_boot_ms()));
+        let plan = self.reconciler.plan(&self.input(state, &local, confirmed, lease, ticket_open, now_boot_ms()));
         if plan.contains(&reconcile::Command::KillEverything) {
             self.lapse();
             return Vec::new();
@@ -363,6 +403,24 @@ impl Executor {
         for command in plan {
             match command {
                 reconcile::Command::KillEverything => {} // handled above
+                reconcile::Command::KillGroup { group } => {
+                    let Some(g) = self.groups.remove(&group) else { continue };
+                    tracing::warn!(group = %group, epoch = g.epoch, "the site's ticket is not seen held here any more: killing the group");
+                    self.kill_group(&group, g);
+                    self.emit(
+                        tandem_raft::events::Event::new(
+                            0,
+                            "group.ticket_lost",
+                            tandem_raft::events::Severity::Warning,
+                            format!(
+                                "group {group} was killed on {}: this node no longer sees its site hold the ticket",
+                                self.node_name
+                            ),
+                        )
+                        .group(&group),
+                    );
+                    self.sync_records();
+                }
                 reconcile::Command::Stop { group } => {
                     let Some(g) = self.groups.remove(&group) else { continue };
                     tracing::info!(group = %group, epoch = g.epoch, "stopping");
@@ -599,6 +657,25 @@ fn carries_on(a: &ResourceSpec, b: &ResourceSpec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn killing_groups_kills_their_processes_only() {
+        use std::os::unix::process::CommandExt;
+        let guard = LeaseGuard::new(0);
+        let spawn = || std::process::Command::new("sleep").arg("600").process_group(0).spawn().unwrap();
+        let (mut bound, mut other) = (spawn(), spawn());
+        guard.register(bound.id() as i32, "bound");
+        guard.register(other.id() as i32, "other");
+        assert_eq!(guard.kill_groups(&BTreeSet::from(["bound".to_string()]), &[]), 1);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(bound.wait().unwrap().signal(), Some(9), "killed");
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(other.try_wait().unwrap().is_none(), "the other group's process runs on");
+        assert!(guard.has_processes());
+        assert_eq!(guard.kill_everything(), 1);
+        assert_eq!(other.wait().unwrap().signal(), Some(9));
+        assert!(!guard.has_processes());
+    }
 
     fn volume(extra: &str) -> ResourceSpec {
         serde_json::from_str(&format!(r#"{{"name": "data", "type": "volume", "size": "1GiB"{extra}}}"#)).unwrap()

@@ -150,7 +150,7 @@ impl LocalGroup {
                 RunSlot::Process { pid, start_time } => {
                     // Gone while no agent watched: the next tick sees it
                     // ended and counts a failure.
-                    guard.register(pid);
+                    guard.register(pid, &rec.group);
                     Slot::Process(Running { child: None, pid, start_time })
                 }
                 // Unknown until its monitor (at once) says it answers.
@@ -263,7 +263,7 @@ pub(super) async fn step(slot: &mut Slot, r: &ResourceSpec, cx: Ctx<'_>, now: In
         Slot::Idle => match &r.kind {
             ResourceKind::Process { .. } => match spawn_process(dir, node, group, epoch, r) {
                 Ok(p) => {
-                    guard.register(p.pid);
+                    guard.register(p.pid, group);
                     *slot = Slot::Process(p);
                     Step::Up
                 }

@@ -167,6 +167,7 @@ mod tests {
             to_addr: Some("10.0.0.1".parse().unwrap()),
             probe: false,
             authenticates: true,
+            ticket_ms: 0,
         }
     }
 

@@ -196,6 +196,7 @@ mod tests {
             to_addr: None,
             probe: false,
             authenticates: true,
+            ticket_ms: 0,
         }
     }
 

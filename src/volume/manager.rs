@@ -242,6 +242,13 @@ impl VolumeManager {
         }
     }
 
+    /// Halts `name` if held here (see [`VolumeManager::halt_all`]).
+    pub fn halt(&self, name: &str) {
+        if let Some(v) = self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+            v.halt();
+        }
+    }
+
     /// Whether this node serves `name` as primary.
     pub async fn is_primary(&self, name: &str) -> bool {
         self.held.lock().await.get(name).is_some_and(|h| h.volume.is_primary() && h.export.is_some())

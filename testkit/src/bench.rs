@@ -56,10 +56,18 @@ impl Agent {
 /// settings, data under `tmp/name`, log at warn to `tmp/name.log`); the same
 /// name and port start it again on its old data.
 pub fn spawn_agent(tmp: &Path, name: &str, port: u16) -> Agent {
+    spawn_agent_with(tmp, name, port, "")
+}
+
+/// [`spawn_agent`] with `extra` appended to its config (sections after
+/// `[log]`, e.g. `[ticket]`).
+pub fn spawn_agent_with(tmp: &Path, name: &str, port: u16, extra: &str) -> Agent {
     let data = tmp.join(name);
     let cfg = tmp.join(format!("{name}.toml"));
-    let text =
-        format!("name = \"{name}\"\ndata_dir = \"{}\"\nport = {port}\n[log]\nlevel = \"warn\"\n", data.display());
+    let text = format!(
+        "name = \"{name}\"\ndata_dir = \"{}\"\nport = {port}\n[log]\nlevel = \"warn\"\n{extra}",
+        data.display()
+    );
     std::fs::write(&cfg, text).unwrap();
     let log = std::fs::OpenOptions::new().create(true).append(true).open(tmp.join(format!("{name}.log"))).unwrap();
     let mut cmd = std::process::Command::new(sibling_tandem_bin());
