@@ -313,8 +313,12 @@ impl VolumeManager {
 
     /// Closes every replica cleanly (the agent stops).
     pub async fn shutdown(&self) {
-        for h in self.listeners.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        let listeners: Vec<_> = self.listeners.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        for h in listeners {
             h.abort();
+            // Awaited: the listening socket is closed only once the task is
+            // gone, and a start right after must be able to bind it again.
+            let _ = h.await;
         }
         let mut held = self.held.lock().await;
         for (name, h) in std::mem::take(&mut *held) {
