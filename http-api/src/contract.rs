@@ -644,10 +644,10 @@ pub fn group_schema() -> Value {
             "async_failover": {"type": "boolean", "default": false},
             "read_balancing": {"type": "string", "enum": read_balancing_names(), "default": "prefer-local",
                 "description": "Which replica serves reads on the primary: the local disk, or an in-sync sync peer (striping: 1MiB stripes). May change while the volume runs."},
-            "resync": {"type": "object", "additionalProperties": false, "default": {"mode": "adaptive"},
+            "resync": {"type": "object", "additionalProperties": false, "default": {"mode": "fixed"},
                 "description": "How a resync shares the link with the application. May change while the volume runs.",
                 "properties": {
-                    "mode": {"type": "string", "enum": resync_mode_names(), "default": "adaptive",
+                    "mode": {"type": "string", "enum": resync_mode_names(), "default": "fixed",
                         "description": "adaptive: the resync takes what the application leaves, between min_rate and rate; fixed: a fixed window at up to rate."},
                     "min_rate": {"oneOf": [
                             {"type": "null"},
@@ -1146,7 +1146,7 @@ mod tests {
         assert!(serde_json::from_value::<tandem_raft::group::GroupSpec>(json!({})).is_err());
         // Sizes as JSON numbers, as the schema allows them too.
         let numbers: tandem_raft::group::GroupSpec = serde_json::from_value(json!({"nodes": ["n1"], "resources": [
-            {"name": "d", "type": "volume", "size": 8192, "replicas": 1, "rate": 65536, "granularity": 1048576, "resync": {"min_rate": 65536}}]}))
+            {"name": "d", "type": "volume", "size": 8192, "replicas": 1, "rate": 65536, "granularity": 1048576, "resync": {"mode": "adaptive", "min_rate": 65536}}]}))
         .unwrap();
         tandem_raft::group::validate_group("g", &numbers, &nodes, &BTreeMap::new()).unwrap();
         // ... which read back as strings: the view's schema says so.

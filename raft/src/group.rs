@@ -859,7 +859,7 @@ mod tests {
         assert_eq!(v.split_brain, crate::volume::SplitBrainPolicy::Disconnect);
         assert_eq!((v.rate_bytes(), v.granularity_bytes(), v.nbd_tcp, v.async_failover), (None, 4096, false, false));
         assert_eq!(v.read_balancing, crate::volume::ReadBalancing::PreferLocal);
-        assert_eq!((v.resync.mode, v.resync_min_rate()), (crate::volume::ResyncMode::Adaptive, 4 << 20));
+        assert_eq!((v.resync.mode, v.resync_min_rate()), (crate::volume::ResyncMode::Fixed, 4 << 20));
         assert_eq!(replica_nodes(&s), vec!["node1".to_string(), "node2".to_string()]);
         assert!(validate_group("g", &s, &nodes(), &BTreeMap::new()).is_ok());
         // Every field, and a size given as a JSON number of bytes.

@@ -130,10 +130,11 @@ impl ReadBalancing {
 pub enum ResyncMode {
     /// DRBD's dynamic resync controller: the resync takes what the
     /// application leaves, between `resync.min_rate` and `rate`.
-    #[default]
     Adaptive,
     /// A fixed window (smaller while the application writes), at up to
-    /// `rate`: what every volume did before the adaptive mode.
+    /// `rate`. The default: a resync is time without a second up-to-date
+    /// copy, and the adaptive one is 2–5× longer under load.
+    #[default]
     Fixed,
 }
 

@@ -161,8 +161,9 @@ pub enum ResyncPolicy {
 }
 
 impl Default for ResyncPolicy {
+    /// Fixed, as `tandem_raft::volume::ResyncMode`'s default says why.
     fn default() -> Self {
-        ResyncPolicy::Adaptive { min_rate: tandem_raft::volume::DEFAULT_RESYNC_MIN_RATE }
+        ResyncPolicy::Fixed
     }
 }
 
