@@ -576,10 +576,12 @@ pub async fn run(args: &Args, tandem: PathBuf, seed: u64) -> anyhow::Result<usiz
     for site in &world.sites {
         define_group(site).await?;
     }
-    let first = world.settle(Duration::from_secs(120), false).await?;
-    let Ok(first) = first else {
-        let kept = tmp.keep();
-        bail!("the two clusters did not settle: {} (logs: {}/*/agent.log)", first.unwrap_err(), kept.display());
+    let first = match world.settle(Duration::from_secs(120), false).await? {
+        Ok(site) => site,
+        Err(seen) => {
+            let kept = tmp.keep();
+            bail!("the two clusters did not settle: {seen} (logs: {}/*/agent.log)", kept.display());
+        }
     };
     println!("           site {} holds the ticket and runs its group", SITE_NAMES[first]);
 
