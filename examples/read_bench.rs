@@ -15,29 +15,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem::volume::engine::{ControlPlane, PeerConfig, VolumeConfig};
+use tandem::volume::engine::{PeerConfig, VolumeConfig};
 use tandem::volume::generation::initial_generation;
 use tandem::volume::manager::{DesiredVolume, VolumeManager};
-use tandem_raft::volume::{DiskState, ReadBalancing, ReplicationMode, SplitBrainPolicy};
+use tandem_raft::volume::{ReadBalancing, ReplicationMode, SplitBrainPolicy};
 use tandem_testkit::free_port;
 
 const SIZE: u64 = 1 << 30;
 
-struct NoControl;
-
-#[async_trait::async_trait]
-impl ControlPlane for NoControl {
-    async fn record_disk(&self, _: &str, _: &str, _: DiskState, _: u64, _: u64) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-struct Node {
-    name: String,
-    dir: PathBuf,
-    addr: SocketAddr,
-    mgr: VolumeManager,
-}
+#[path = "common/replicas.rs"]
+mod replicas;
+use replicas::{NoControl, Node};
 
 fn config(nodes: &[Node], me: usize) -> DesiredVolume {
     let peers = nodes
@@ -62,6 +50,7 @@ fn config(nodes: &[Node], me: usize) -> DesiredVolume {
             replaced: 0,
             forced_epoch: 0,
             read_balancing: ReadBalancing::PreferLocal,
+            resync: Default::default(),
         },
         nbd_tcp: false,
     }

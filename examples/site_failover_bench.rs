@@ -141,11 +141,20 @@ async fn run(dir: &Path, timing: (&str, u64, u64, u64), rounds: usize) -> Vec<f6
         assert!(!answers(&http, &service).await, "site {} serves without the ticket", sites[other].name);
         let lost = Instant::now();
         sites[holder].agent = None; // power loss of the whole site
-        wait_for("the other site serves", wait, Duration::from_millis(10), || {
-            let (http, service) = (http.clone(), service.clone());
-            async move { answers(&http, &service).await }
-        })
-        .await;
+        while !answers(&http, &service).await {
+            if lost.elapsed() > wait {
+                let url = sites[other].url();
+                let group = api::call_with(None, reqwest::Method::GET, &format!("{url}/v1/groups/web"), None).await.1;
+                panic!(
+                    "site {} does not serve {wait:?} after site {} was lost\nticket: {}\ngroup: {group}\n(logs in {})",
+                    sites[other].name,
+                    sites[holder].name,
+                    ticket(&url).await,
+                    dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let outage = lost.elapsed();
         eprintln!(
             "{} round {i}: site {} lost, site {} served after {:.0} ms",
@@ -186,7 +195,9 @@ async fn main() {
     let mut rows = Vec::new();
     for timing in TIMINGS {
         let tmp = tempfile::tempdir().unwrap();
-        let v = run(tmp.path(), timing, rounds).await;
+        // SITE_BENCH_KEEP=1 keeps the agents' logs for a look afterwards.
+        let tmp = if std::env::var_os("SITE_BENCH_KEEP").is_some() { tmp.keep() } else { tmp.path().to_path_buf() };
+        let v = run(&tmp, timing, rounds).await;
         rows.push((format!("{} (lease {} / margin {} / renew {} ms)", timing.0, timing.1, timing.2, timing.3), v));
     }
     println!("| ticket timing | rounds | min | p50 | p99 | max |\n|---|---|---|---|---|---|");

@@ -1057,6 +1057,7 @@ mod tests {
             total_bytes: 1 << 31,
             rate_bytes_per_s: 100 << 20,
             eta_s: Some(15.4),
+            target_rate_bytes_per_s: None,
         });
         let v = VolumeView {
             name: "data".into(),

@@ -149,12 +149,16 @@ pub struct Holder {
     /// Ask again then, before the renewal is due: a grantor refused the
     /// round saying when its loan to another site (or its quiet lease) ends.
     retry_at_ms: Option<u64>,
+    /// When this holder was made (its clock): a site's holder is made anew
+    /// with every leader, and for a lease it may not give back what the
+    /// site was lent (see [`Holder::to_hand_back`]).
+    started_ms: u64,
 }
 
 impl Holder {
     /// `site`'s holder among `grantors` (three: both sites and the
-    /// arbitrator).
-    pub fn new(site: &str, timing: Timing, grantors: usize) -> Holder {
+    /// arbitrator), made at `now_ms`.
+    pub fn new(site: &str, timing: Timing, grantors: usize, now_ms: u64) -> Holder {
         Holder {
             site: site.to_string(),
             timing,
@@ -165,6 +169,7 @@ impl Holder {
             held_until_ms: None,
             wants: false,
             retry_at_ms: None,
+            started_ms: now_ms,
         }
     }
 
@@ -229,8 +234,18 @@ impl Holder {
     /// from the holder: the holder then lives on fewer links, and a cut of
     /// one of them moves the ticket for nothing. `heard`: each grantor's
     /// last answer. After handing them back, call [`Holder::forget_round`].
+    ///
+    /// Never in this holder's first lease: a grantor lends to a *site*, and
+    /// the loan this holder would give back may be the one the previous
+    /// holder of its site (the last leader) still believes in — its nodes'
+    /// gates open on that belief, its groups running. Given back, the other
+    /// site could take the ticket before that belief ends. A lease after
+    /// this holder was made, every belief of its predecessors has ended.
     pub fn to_hand_back<'a>(&self, heard: &[LastAnswer<'a>], now_ms: u64) -> Vec<&'a str> {
         let Some(sent) = self.sent_ms else { return Vec::new() };
+        if !self.may_give_back(now_ms) {
+            return Vec::new();
+        }
         let recent = || heard.iter().filter(move |h| h.at_ms >= sent);
         let held_elsewhere = recent().any(|h| !h.granted && h.lent_to.is_some_and(|s| s != self.site));
         if self.holds(now_ms) || !held_elsewhere {
@@ -239,12 +254,25 @@ impl Holder {
         recent().filter(|h| h.granted).map(|h| h.grantor).collect()
     }
 
-    /// Forgets the round in flight: its answers, even late ones, count for
-    /// nothing (its own grantor's grant in it was handed back); the next
-    /// round goes out when due.
-    pub fn forget_round(&mut self) {
+    /// Whether this site's loans may be given back at `now_ms` (a hand-back,
+    /// a release): only once this holder is a lease old, when no belief of
+    /// a previous holder of its site (an earlier leader) can rely on them.
+    pub fn may_give_back(&self, now_ms: u64) -> bool {
+        now_ms >= self.started_ms.saturating_add(self.timing.lease_ms)
+    }
+
+    /// Forgets the round in flight at `now_ms`: its answers, even late
+    /// ones, count for nothing (its own grantor's grant in it was handed
+    /// back), and the next round goes out a whole renewal later, not at a
+    /// refusal's hint: the hand-back's messages must reach the grantors
+    /// first (a grantor takes nothing from a site older than the newest it
+    /// took), or one arriving after the next round's request would undo the
+    /// loan that request got.
+    pub fn forget_round(&mut self, now_ms: u64) {
         self.granted.clear();
         self.round += 1;
+        self.retry_at_ms = None;
+        self.sent_ms = Some(now_ms);
     }
 
     /// Gives the ticket back: holds nothing from now on, asks no more; the
@@ -338,41 +366,56 @@ mod tests {
     #[test]
     fn a_refused_site_yields_its_grants_and_late_answers_count_for_nothing() {
         let t = Timing { lease_ms: 2_000, margin_ms: 400, renew_ms: 400 };
-        let mut h = Holder::new("b", t, 3);
+        let mut h = Holder::new("b", t, 3, 0);
         h.set_wanted(true);
-        let r = h.tick(1_000).unwrap();
+        let r = h.tick(11_000).unwrap();
         h.answer("b", r.round, &Answer::Granted);
         let heard = |at_refused: u64, lent_to: Option<&'static str>| {
             [
-                LastAnswer { grantor: "b", at_ms: 1_000, granted: true, lent_to: None },
+                LastAnswer { grantor: "b", at_ms: 11_000, granted: true, lent_to: None },
                 LastAnswer { grantor: "arbitrator", at_ms: at_refused, granted: false, lent_to },
             ]
         };
+        // Not in the holder's first lease: its predecessor may still
+        // believe in what its site was lent.
+        let mut young = Holder::new("b", t, 3, 10_000);
+        young.set_wanted(true);
+        let ry = young.tick(11_000).unwrap();
+        young.answer("b", ry.round, &Answer::Granted);
+        assert!(young.to_hand_back(&heard(11_010, Some("a")), 11_020).is_empty(), "first lease");
+        let ry = young.tick(12_050).unwrap();
+        young.answer("b", ry.round, &Answer::Granted);
+        let later = [
+            LastAnswer { grantor: "b", at_ms: 12_050, granted: true, lent_to: None },
+            LastAnswer { grantor: "arbitrator", at_ms: 12_060, granted: false, lent_to: Some("a") },
+        ];
+        assert_eq!(young.to_hand_back(&later, 12_100), vec!["b"], "a lease on");
         // Lent here, refused for a, both since the round was sent: yield.
-        assert_eq!(h.to_hand_back(&heard(1_010, Some("a")), 1_020), vec!["b"]);
+        assert_eq!(h.to_hand_back(&heard(11_010, Some("a")), 11_020), vec!["b"]);
         // Not when the refusal is older than the round, names this site or
         // nobody (a quiet grantor), or nothing was lent here.
-        assert!(h.to_hand_back(&heard(999, Some("a")), 1_020).is_empty());
-        assert!(h.to_hand_back(&heard(1_010, Some("b")), 1_020).is_empty());
-        assert!(h.to_hand_back(&heard(1_010, None), 1_020).is_empty());
-        let refused = LastAnswer { grantor: "a", at_ms: 1_010, granted: false, lent_to: Some("a") };
-        assert!(h.to_hand_back(&[refused, LastAnswer { grantor: "arbitrator", ..refused }], 1_020).is_empty());
-        h.forget_round();
+        assert!(h.to_hand_back(&heard(999, Some("a")), 11_020).is_empty());
+        assert!(h.to_hand_back(&heard(11_010, Some("b")), 11_020).is_empty());
+        assert!(h.to_hand_back(&heard(11_010, None), 11_020).is_empty());
+        let refused = LastAnswer { grantor: "a", at_ms: 11_010, granted: false, lent_to: Some("a") };
+        assert!(h.to_hand_back(&[refused, LastAnswer { grantor: "arbitrator", ..refused }], 11_020).is_empty());
+        h.forget_round(11_020);
         // The arbitrator's grant to the forgotten round arrives late: with
         // the own grant of that round it would have made a majority.
         h.answer("arbitrator", r.round, &Answer::Granted);
-        assert!(!h.holds(1_030));
+        assert!(!h.holds(11_030));
         // The next round waits for its time, and counts afresh.
-        assert_eq!(h.tick(1_100), None);
-        let r2 = h.tick(1_400).unwrap();
+        assert_eq!(h.tick(11_100), None);
+        assert_eq!(h.tick(11_400), None, "a whole renewal after the hand-back");
+        let r2 = h.tick(11_420).unwrap();
         assert!(r2.round > r.round);
         h.answer("b", r2.round, &Answer::Granted);
         h.answer("arbitrator", r2.round, &Answer::Granted);
-        assert!(h.holds(1_410));
+        assert!(h.holds(11_430));
         // Holding: never yield.
-        let lent = LastAnswer { grantor: "b", at_ms: 1_405, granted: true, lent_to: None };
-        let refused = LastAnswer { grantor: "a", at_ms: 1_405, granted: false, lent_to: Some("a") };
-        assert!(h.to_hand_back(&[lent, refused], 1_410).is_empty());
+        let lent = LastAnswer { grantor: "b", at_ms: 11_425, granted: true, lent_to: None };
+        let refused = LastAnswer { grantor: "a", at_ms: 11_425, granted: false, lent_to: Some("a") };
+        assert!(h.to_hand_back(&[lent, refused], 11_430).is_empty());
     }
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -409,7 +452,7 @@ mod tests {
 
     #[test]
     fn a_holder_holds_from_its_request_on_a_majority_and_renews() {
-        let mut h = Holder::new("a", T, 3);
+        let mut h = Holder::new("a", T, 3, 0);
         assert_eq!(h.tick(0), None, "it does not want the ticket yet");
         h.set_wanted(true);
         let r = h.tick(100).unwrap();
@@ -442,8 +485,8 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Msg {
-        Req { round: u64 },
-        Ans { round: u64, answer: Answer },
+        Req { round: u64, generation: u64 },
+        Ans { round: u64, generation: u64, answer: Answer },
         Release,
     }
 
@@ -455,6 +498,10 @@ mod tests {
         Restart(usize),
         /// A site gives the ticket back, or wants it again.
         Want(usize, bool),
+        /// A site's leader changes: its holder and its grantor are made
+        /// anew; the old holder asks no more, but what it believes still
+        /// counts as the site holding the ticket (its nodes' gates).
+        NewLeader(usize),
     }
 
     struct Sim {
@@ -463,9 +510,24 @@ mod tests {
         offset_ms: [u64; 3],
         grantors: [Grantor; 3],
         holders: [Holder; 2],
+        /// Per site, the holders of earlier leaders (silent, believing).
+        retired: [Vec<Holder>; 2],
+        /// Per site, its holder's generation: answers to an earlier one
+        /// count for nothing (the shell drops those of an earlier term).
+        generation: [u64; 2],
+        /// Per site, a release decided and not yet sent (the shell sends it
+        /// once its holder may give back).
+        releasing: [bool; 2],
         cut: BTreeSet<(usize, usize)>,
-        /// (deliver at real ms, from, to, message), in sending order.
-        flight: Vec<(u64, usize, usize, Msg)>,
+        /// (deliver at real ms, sent at real ms, from, to, message), in
+        /// sending order.
+        flight: Vec<(u64, u64, usize, usize, Msg)>,
+        /// Per (site, grantor): when the newest request or release it took
+        /// from that site was sent. An older one arriving later is refused,
+        /// as the desk refuses a request not newer than the last from that
+        /// site (its wall-clock stamp): a hand-back overtaken by the next
+        /// round's request must not undo the loan that request got.
+        newest: BTreeMap<(usize, usize), u64>,
         /// Per site, each grantor's last answer: when (site's clock), lent
         /// to it, and to whom otherwise (what the shell keeps to yield).
         heard: [BTreeMap<usize, LastAnswer<'static>>; 2],
@@ -479,9 +541,13 @@ mod tests {
                 rate_ppt,
                 offset_ms,
                 grantors: [Grantor::new(T, 0), Grantor::new(T, 0), Grantor::new(T, 0)],
-                holders: [Holder::new("a", T, 3), Holder::new("b", T, 3)],
+                holders: [Holder::new("a", T, 3, 0), Holder::new("b", T, 3, 0)],
+                retired: [Vec::new(), Vec::new()],
+                generation: [0, 0],
+                releasing: [false, false],
                 cut: BTreeSet::new(),
                 flight: Vec::new(),
+                newest: BTreeMap::new(),
                 heard: [BTreeMap::new(), BTreeMap::new()],
                 rng: seed | 1,
             };
@@ -511,7 +577,7 @@ mod tests {
                 return; // cut, or lost
             }
             let delay = if from == to { 0 } else { 1 + self.rand(300) };
-            self.flight.push((t + delay, from, to, msg));
+            self.flight.push((t + delay, t, from, to, msg));
         }
 
         fn step(&mut self, t: u64) {
@@ -522,15 +588,21 @@ mod tests {
                 let heard: Vec<_> = self.heard[s].values().copied().collect();
                 let lent = self.holders[s].to_hand_back(&heard, now);
                 if !lent.is_empty() {
-                    self.holders[s].forget_round();
+                    self.holders[s].forget_round(now);
                 }
                 for g in lent.iter().filter_map(|name| NODES.iter().position(|n| n == name)) {
                     self.heard[s].remove(&g);
                     self.send(t, s, g, Msg::Release);
                 }
+                if self.releasing[s] && self.holders[s].may_give_back(now) {
+                    self.releasing[s] = false;
+                    for to in 0..3 {
+                        self.send(t, s, to, Msg::Release);
+                    }
+                }
                 if let Some(r) = self.holders[s].tick(now) {
                     for to in 0..3 {
-                        self.send(t, s, to, Msg::Req { round: r.round });
+                        self.send(t, s, to, Msg::Req { round: r.round, generation: self.generation[s] });
                     }
                 }
             }
@@ -539,14 +611,22 @@ mod tests {
                 self.flight = later;
                 due
             };
-            for (_, from, to, msg) in due {
+            for (_, sent, from, to, msg) in due {
                 let now = self.local(to, t);
-                match msg {
-                    Msg::Req { round } => {
-                        let answer = self.grantors[to].request(NODES[from], now);
-                        self.send(t, to, from, Msg::Ans { round, answer });
+                if matches!(msg, Msg::Req { .. } | Msg::Release) && from != to {
+                    let newest = self.newest.entry((from, to)).or_insert(0);
+                    if sent <= *newest && *newest > 0 {
+                        continue; // refused: not newer than the last from that site
                     }
-                    Msg::Ans { round, answer } => {
+                    *newest = sent;
+                }
+                match msg {
+                    Msg::Req { round, generation } => {
+                        let answer = self.grantors[to].request(NODES[from], now);
+                        self.send(t, to, from, Msg::Ans { round, generation, answer });
+                    }
+                    Msg::Ans { generation, .. } if generation != self.generation[to] => {}
+                    Msg::Ans { round, answer, .. } => {
                         let lent_elsewhere = match &answer {
                             Answer::Refused { holder: Some(h), .. } => {
                                 NODES.iter().find(|n| **n == h.as_str()).copied()
@@ -574,18 +654,35 @@ mod tests {
                     }
                 }
                 Fault::Restart(i) => self.grantors[i] = Grantor::new(T, self.local(i, t)),
-                Fault::Want(s, true) => self.holders[s].set_wanted(true),
+                Fault::Want(s, true) => {
+                    self.holders[s].set_wanted(true);
+                    self.releasing[s] = false;
+                }
                 Fault::Want(s, false) => {
                     self.holders[s].release();
-                    for to in 0..3 {
-                        self.send(t, s, to, Msg::Release);
-                    }
+                    self.releasing[s] = true;
+                }
+                Fault::NewLeader(s) => {
+                    let now = self.local(s, t);
+                    let mut fresh = Holder::new(NODES[s], T, 3, now);
+                    fresh.set_wanted(self.holders[s].wants);
+                    let old = std::mem::replace(&mut self.holders[s], fresh);
+                    self.retired[s].push(old);
+                    self.generation[s] += 1;
+                    self.releasing[s] = false;
+                    self.heard[s].clear();
+                    self.grantors[s] = Grantor::new(T, now);
                 }
             }
         }
 
         fn holding(&self, t: u64) -> Vec<usize> {
-            (0..2).filter(|s| self.holders[*s].holds(self.local(*s, t))).collect()
+            (0..2)
+                .filter(|s| {
+                    let now = self.local(*s, t);
+                    self.holders[*s].holds(now) || self.retired[*s].iter().any(|h| h.holds(now))
+                })
+                .collect()
         }
     }
 
@@ -595,6 +692,7 @@ mod tests {
             4 => (pair, any::<bool>()).prop_map(|((x, y), up)| Fault::Link(x, y, up)),
             1 => (0usize..3).prop_map(Fault::Restart),
             1 => (0usize..2, any::<bool>()).prop_map(|(s, w)| Fault::Want(s, w)),
+            1 => (0usize..2).prop_map(Fault::NewLeader),
         ]
     }
 
@@ -719,7 +817,7 @@ mod tests {
     #[test]
     fn a_refused_site_asks_again_when_the_loan_ends_not_at_its_next_renewal() {
         let t = Timing::DEFAULT;
-        let mut h = Holder::new("b", t, 3);
+        let mut h = Holder::new("b", t, 3, 0);
         h.set_wanted(true);
         let r = h.tick(1_000).unwrap();
         h.answer("a", r.round, &Answer::Refused { holder: Some("a".into()), left_ms: 700 });

@@ -227,6 +227,7 @@ mod tests {
             total_bytes: total,
             rate_bytes_per_s: 0,
             eta_s: None,
+            target_rate_bytes_per_s: None,
         });
         VolumeStatus {
             name: "data".into(),

@@ -50,6 +50,7 @@ impl From<ResyncStatus> for ResyncProgress {
             total_bytes: r.total_bytes,
             rate_bytes_per_s: r.rate_bytes_per_s,
             eta_s: r.eta_s,
+            target_rate_bytes_per_s: r.target_rate_bytes_per_s,
         }
     }
 }
@@ -148,6 +149,7 @@ mod tests {
                         total_bytes: 12288,
                         rate_bytes_per_s: 4096,
                         eta_s: Some(2.0),
+                        target_rate_bytes_per_s: Some(8192),
                     }),
                     ..replica("n2", ReplicaRole::Secondary, DiskState::Inconsistent, Connection::SyncSource)
                 },
@@ -202,6 +204,7 @@ mod tests {
                         total_bytes: 12288,
                         rate_bytes_per_s: 4096,
                         eta_s: Some(2.0),
+                        target_rate_bytes_per_s: Some(8192),
                     }),
                     lag_bytes: None,
                     last_error: None,

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem::volume::engine::{ControlPlane, PeerConfig, VolumeConfig};
+use tandem::volume::engine::{ControlPlane, PeerConfig, ResyncPolicy, VolumeConfig};
 use tandem::volume::generation::initial_generation;
 use tandem::volume::manager::{DesiredVolume, VolumeManager};
 use tandem::volume::status::{ReplicaRole, VerifyState};
@@ -77,6 +77,7 @@ struct Cluster {
     async_buffer: u64,
     async_failover: bool,
     read_balancing: ReadBalancing,
+    resync: ResyncPolicy,
     /// Replicas created empty (added after the volume): need a full sync.
     empty: Vec<String>,
 }
@@ -109,6 +110,7 @@ impl Cluster {
             async_buffer: 64 * MIB,
             async_failover: false,
             read_balancing: ReadBalancing::PreferLocal,
+            resync: ResyncPolicy::default(),
             empty: Vec::new(),
         };
         c.reconcile().await;
@@ -143,6 +145,7 @@ impl Cluster {
                 replaced: 0,
                 forced_epoch: 0,
                 read_balancing: self.read_balancing,
+                resync: self.resync,
             },
             nbd_tcp: false,
         }
@@ -261,6 +264,51 @@ async fn a_reconnecting_secondary_receives_only_what_it_missed() {
     assert_eq!(c.control.last("n2"), Some(DiskState::UpToDate));
     qemu_io(uri_of(&uri), &["flush"]).await;
     assert!(compare(&c.backing(0), &c.backing(1)));
+}
+
+/// Both resync policies, with the application writing all along: the
+/// replicas end identical, and an adaptive resync shows a target rate no
+/// lower than its minimum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_under_application_writes_ends_identical_with_either_policy() {
+    for policy in [ResyncPolicy::Adaptive { min_rate: MIB }, ResyncPolicy::Fixed] {
+        let mut c = Cluster::new(2, 128 * MIB).await;
+        c.resync = policy;
+        c.reconcile().await;
+        let uri = c.promote(0, 1).await;
+        c.wait_in_sync(0, 1).await;
+        c.nodes[1].mgr.shutdown().await;
+        qemu_io(uri_of(&uri), &["write -P 0x21 0 48M"]).await;
+        c.nodes[1].mgr.start(&c.nodes[1].dir, &[c.nodes[1].addr], c.control.clone()).await.unwrap();
+        c.nodes[1].mgr.reconcile(vec![c.desired(1)]).await;
+        // The application writes while the resync runs: over the resynced
+        // range and beyond it.
+        let writes: Vec<String> = (0..64u64)
+            .map(|i| format!("write -P 0x{:x} {} 4k", 0x40 + i, ((i * 1_572_869) % (100 * MIB)) & !4095))
+            .collect();
+        let cmds: Vec<&str> = writes.iter().map(String::as_str).collect();
+        let app = qemu_io(uri_of(&uri), &cmds);
+        let v = c.nodes[0].mgr.volume("data").await.unwrap();
+        let watch = async {
+            let mut targets = Vec::new();
+            for _ in 0..200 {
+                let st = v.status(None);
+                targets.extend(st.replicas.iter().filter_map(|r| r.resync.as_ref()?.target_rate_bytes_per_s));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            targets
+        };
+        let (_, targets) = tokio::join!(app, watch);
+        c.wait_in_sync(0, 1).await;
+        if let ResyncPolicy::Adaptive { min_rate } = policy {
+            assert!(targets.iter().all(|t| *t >= min_rate), "{policy:?}: {targets:?}");
+        }
+        qemu_io(uri_of(&uri), &["flush"]).await;
+        assert!(compare(&c.backing(0), &c.backing(1)), "{policy:?}");
+        for n in &c.nodes {
+            n.mgr.shutdown().await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use tandem_raft::error::MAX_NAME_LEN;
 use tandem_raft::group::{FSTYPES, MAX_RESOURCES, STOP_SIGNALS};
 use tandem_raft::state::{MAX_ADDRESSES, MAX_ATTRIBUTE_VALUE_LEN};
-use tandem_raft::volume::{ReadBalancing, SplitBrainPolicy, MAX_REPLICAS, MAX_VOLUME_BYTES};
+use tandem_raft::volume::{ReadBalancing, ResyncMode, SplitBrainPolicy, MAX_REPLICAS, MAX_VOLUME_BYTES};
 use utoipa::OpenApi;
 
 use crate::{ApiDoc, ApiError};
@@ -644,6 +644,17 @@ pub fn group_schema() -> Value {
             "async_failover": {"type": "boolean", "default": false},
             "read_balancing": {"type": "string", "enum": read_balancing_names(), "default": "prefer-local",
                 "description": "Which replica serves reads on the primary: the local disk, or an in-sync sync peer (striping: 1MiB stripes). May change while the volume runs."},
+            "resync": {"type": "object", "additionalProperties": false, "default": {"mode": "adaptive"},
+                "description": "How a resync shares the link with the application. May change while the volume runs.",
+                "properties": {
+                    "mode": {"type": "string", "enum": resync_mode_names(), "default": "adaptive",
+                        "description": "adaptive: the resync takes what the application leaves, between min_rate and rate; fixed: a fixed window at up to rate."},
+                    "min_rate": {"oneOf": [
+                            {"type": "null"},
+                            {"type": "integer", "minimum": 65536, "maximum": u64::MAX},
+                            {"type": "string", "pattern": RATE_PATTERN}
+                        ], "description": "Adaptive only: the rate the resync keeps however busy the application is, at least 64KiB/s and at most rate; null: 4MiB/s (or rate if lower)."}
+                }},
         }),
     );
     let filesystem = resource(
@@ -722,6 +733,8 @@ pub fn group_view_schema() -> Value {
     props["size"] = json!({"type": "string", "description": "As written: a size such as \"1GiB\", or bytes"});
     props["rate"] = json!({"type": ["string", "null"], "description": "As written; null: unlimited"});
     props["granularity"] = json!({"type": ["string", "null"], "description": "As written; null: 4KiB"});
+    props["resync"]["properties"]["min_rate"] =
+        json!({"type": ["string", "null"], "description": "As written; null: 4MiB/s (or rate if lower)"});
     let out: Map<String, Value> =
         v.as_object().into_iter().flatten().map(|(k, x)| (format!("View_{k}"), x.clone())).collect();
     Value::Object(out)
@@ -729,6 +742,10 @@ pub fn group_view_schema() -> Value {
 
 fn split_brain_names() -> Vec<Value> {
     SplitBrainPolicy::ALL.iter().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)).collect()
+}
+
+fn resync_mode_names() -> Vec<Value> {
+    ResyncMode::ALL.iter().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)).collect()
 }
 
 fn read_balancing_names() -> Vec<Value> {
@@ -1099,6 +1116,9 @@ mod tests {
         let reads = read_balancing_names();
         assert_eq!(reads.len(), ReadBalancing::ALL.len());
         assert!(reads.iter().all(Value::is_string));
+        let resync = resync_mode_names();
+        assert_eq!(resync.len(), ResyncMode::ALL.len());
+        assert!(resync.iter().all(Value::is_string));
         assert_eq!(g["GroupSpec"]["required"], json!(["resources", "nodes"]));
     }
 
@@ -1116,7 +1136,7 @@ mod tests {
             json!({"name": "s", "type": "systemd", "unit": "nginx.service"}),
             json!({"name": "v", "type": "vip", "address": "10.0.0.100/32", "interface": "eth0:1", "backup_interfaces": ["~!"]}),
             json!({"name": "v6", "type": "vip", "address": "fd00::10/128", "interface": "eth1"}),
-            json!({"name": "d", "type": "volume", "size": "16TiB", "rate": "1MiB/s", "granularity": "1MiB", "split_brain": "discard-least-changes", "read_balancing": "when-congested-remote"}),
+            json!({"name": "d", "type": "volume", "size": "16TiB", "rate": "1MiB/s", "granularity": "1MiB", "split_brain": "discard-least-changes", "read_balancing": "when-congested-remote", "resync": {"mode": "adaptive", "min_rate": "1MiB/s"}}),
             json!({"name": "f", "type": "filesystem", "volume": "d", "mountpoint": "/srv/x.y", "fstype": "xfs", "options": "noatime,data=ordered", "owner": "a:b"}),
         ];
         let spec: tandem_raft::group::GroupSpec =
@@ -1126,7 +1146,7 @@ mod tests {
         assert!(serde_json::from_value::<tandem_raft::group::GroupSpec>(json!({})).is_err());
         // Sizes as JSON numbers, as the schema allows them too.
         let numbers: tandem_raft::group::GroupSpec = serde_json::from_value(json!({"nodes": ["n1"], "resources": [
-            {"name": "d", "type": "volume", "size": 8192, "replicas": 1, "rate": 65536, "granularity": 1048576}]}))
+            {"name": "d", "type": "volume", "size": 8192, "replicas": 1, "rate": 65536, "granularity": 1048576, "resync": {"min_rate": 65536}}]}))
         .unwrap();
         tandem_raft::group::validate_group("g", &numbers, &nodes, &BTreeMap::new()).unwrap();
         // ... which read back as strings: the view's schema says so.

@@ -468,10 +468,15 @@ pub struct ResyncProgress {
     pub sent_bytes: u64,
     /// Bytes the resync started with.
     pub total_bytes: u64,
-    /// Recent rate, bytes per second.
+    /// Rate over the last 2 s, bytes per second.
     pub rate_bytes_per_s: u64,
     /// Seconds to completion at the recent rate; null before a rate is known.
     pub eta_s: Option<f64>,
+    /// The rate the resync aims at now: the adaptive controller's (it
+    /// changes with the application's load), or a fixed resync's `rate`;
+    /// null: a fixed resync without one. Older agents leave it out.
+    #[serde(default)]
+    pub target_rate_bytes_per_s: Option<u64>,
 }
 
 /// One replica of a volume.

@@ -859,13 +859,15 @@ mod tests {
         assert_eq!(v.split_brain, crate::volume::SplitBrainPolicy::Disconnect);
         assert_eq!((v.rate_bytes(), v.granularity_bytes(), v.nbd_tcp, v.async_failover), (None, 4096, false, false));
         assert_eq!(v.read_balancing, crate::volume::ReadBalancing::PreferLocal);
+        assert_eq!((v.resync.mode, v.resync_min_rate()), (crate::volume::ResyncMode::Adaptive, 4 << 20));
         assert_eq!(replica_nodes(&s), vec!["node1".to_string(), "node2".to_string()]);
         assert!(validate_group("g", &s, &nodes(), &BTreeMap::new()).is_ok());
         // Every field, and a size given as a JSON number of bytes.
         let full = spec(&vol(
             r#", "size": 1073741824, "mode": "async", "modes": {"node2": "sync"}, "replicas": 3,
                "split_brain": "discard-younger-primary", "rate": "100MiB/s", "granularity": "64KiB", "nbd_tcp": true,
-               "async_failover": true, "read_balancing": "least-pending""#,
+               "async_failover": true, "read_balancing": "least-pending",
+               "resync": {"mode": "adaptive", "min_rate": "16MiB/s"}"#,
             r#""node3", "node2", "node1""#,
         ));
         assert!(validate_group("g", &full, &nodes(), &BTreeMap::new()).is_ok());
@@ -876,6 +878,7 @@ mod tests {
         assert_eq!(v.mode_for("node1"), crate::volume::ReplicationMode::Async);
         assert!(v.async_failover);
         assert_eq!(v.read_balancing, crate::volume::ReadBalancing::LeastPending);
+        assert_eq!(v.resync_min_rate(), 16 << 20);
         assert_eq!(replica_nodes(&full), vec!["node3", "node2", "node1"]);
         assert!(replica_nodes(&spec(MINIMAL)).is_empty());
         // The definition reads back as written.
@@ -891,6 +894,8 @@ mod tests {
             vol(r#", "size": "1GiB", "split_brain": "coin-toss""#, r#""node1""#),
             vol(r#", "size": "1GiB", "read_balancing": "prefer-remote""#, r#""node1""#),
             vol(r#", "size": "1GiB", "read_balancing": 1"#, r#""node1""#),
+            vol(r#", "size": "1GiB", "resync": {"mode": "dynamic"}"#, r#""node1""#),
+            vol(r#", "size": "1GiB", "resync": {"max_rate": "1GiB"}"#, r#""node1""#),
             vol(r#", "size": "1GiB", "replicas": -1"#, r#""node1""#),
             vol(r#", "size": true"#, r#""node1""#),
             vol("", r#""node1""#),
@@ -929,6 +934,15 @@ mod tests {
         );
         assert_eq!(v(r#", "size": "1GiB", "rate": "fast""#, two), "resources[0].rate");
         assert_eq!(v(r#", "size": "1GiB", "rate": "1KiB/s""#, two), "resources[0].rate");
+        for resync in [
+            r#"{"min_rate": "slow"}"#,
+            r#"{"min_rate": "1KiB/s"}"#,
+            r#"{"min_rate": "8MiB/s"}"#,
+            r#"{"mode": "fixed", "min_rate": "1MiB/s"}"#,
+        ] {
+            let f = format!(r#", "size": "1GiB", "rate": "4MiB/s", "resync": {resync}"#);
+            assert_eq!(v(&f, two), "resources[0].resync.min_rate", "{resync}");
+        }
         assert_eq!(v(r#", "size": "1GiB", "granularity": "3KiB""#, two), "resources[0].granularity");
         assert_eq!(v(r#", "size": "1GiB", "granularity": "2MiB""#, two), "resources[0].granularity");
         assert_eq!(v(r#", "size": "1GiB", "granularity": "2KiB""#, two), "resources[0].granularity");

@@ -123,6 +123,42 @@ impl ReadBalancing {
     ];
 }
 
+/// How a resync shares the replication link with the application's writes
+/// (a volume's `resync.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResyncMode {
+    /// DRBD's dynamic resync controller: the resync takes what the
+    /// application leaves, between `resync.min_rate` and `rate`.
+    #[default]
+    Adaptive,
+    /// A fixed window (smaller while the application writes), at up to
+    /// `rate`: what every volume did before the adaptive mode.
+    Fixed,
+}
+
+impl ResyncMode {
+    pub const ALL: [ResyncMode; 2] = [ResyncMode::Adaptive, ResyncMode::Fixed];
+}
+
+/// A volume's resync settings: `{"mode": "adaptive", "min_rate": "4MiB"}`.
+/// The ceiling is the volume's `rate` in both modes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncSpec {
+    #[serde(default)]
+    pub mode: ResyncMode,
+    /// Adaptive: bytes per second the resync keeps however busy the
+    /// application is (DRBD's `c-min-rate`); none: 4MiB/s, or `rate` if
+    /// lower. Kept as written.
+    #[serde(default, deserialize_with = "de::opt_size")]
+    pub min_rate: Option<String>,
+}
+
+/// The adaptive resync's minimum rate unless set: 4 MiB/s (a 1 GiB resync
+/// under a saturating application still ends within about four minutes).
+pub const DEFAULT_RESYNC_MIN_RATE: u64 = 4 << 20;
+
 /// The stripe of `striping` read balancing: 1 MiB (a multiple of every
 /// bitmap granularity, large enough that sequential reads stay on one
 /// replica for a while).
@@ -277,6 +313,10 @@ pub struct VolumeSpec {
     /// may change while the volume runs.
     #[serde(default)]
     pub read_balancing: ReadBalancing,
+    /// How a resync shares the link with the application (see
+    /// [`ResyncSpec`]); may change while the volume runs.
+    #[serde(default)]
+    pub resync: ResyncSpec,
 }
 
 fn default_replicas() -> u8 {
@@ -292,6 +332,14 @@ impl VolumeSpec {
     /// The bandwidth limit in bytes per second; `None` is unlimited.
     pub fn rate_bytes(&self) -> Option<u64> {
         self.rate.as_deref().and_then(|r| parse_rate(r).ok())
+    }
+
+    /// The adaptive resync's minimum rate in bytes per second: as set, else
+    /// [`DEFAULT_RESYNC_MIN_RATE`]; never above `rate`.
+    pub fn resync_min_rate(&self) -> u64 {
+        let set = self.resync.min_rate.as_deref().and_then(|r| parse_rate(r).ok());
+        let min = set.unwrap_or(DEFAULT_RESYNC_MIN_RATE);
+        self.rate_bytes().map_or(min, |r| min.min(r))
     }
 
     /// Bytes per bitmap bit (4096 unless set).
@@ -347,6 +395,28 @@ impl VolumeSpec {
             let rate = parse_rate(r).map_err(|e| ("rate".to_string(), e))?;
             if rate < MIN_RATE {
                 return Err(("rate".into(), format!("at least {} per second", format_bytes(MIN_RATE))));
+            }
+        }
+        if let Some(m) = &self.resync.min_rate {
+            let min = parse_rate(m).map_err(|e| ("resync.min_rate".to_string(), e))?;
+            if min < MIN_RATE {
+                return Err(("resync.min_rate".into(), format!("at least {} per second", format_bytes(MIN_RATE))));
+            }
+            if let Some(rate) = self.rate_bytes().filter(|r| min > *r) {
+                return Err((
+                    "resync.min_rate".into(),
+                    format!(
+                        "{m:?} is above the volume's rate of {} per second: lower it, or raise `rate`",
+                        format_bytes(rate)
+                    ),
+                ));
+            }
+            if self.resync.mode == ResyncMode::Fixed {
+                return Err((
+                    "resync.min_rate".into(),
+                    "only an adaptive resync has a minimum rate: remove it, or set `resync.mode` to \"adaptive\""
+                        .into(),
+                ));
             }
         }
         if let Some(g) = &self.granularity {

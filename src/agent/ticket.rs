@@ -83,7 +83,7 @@ impl TicketSite {
     fn leading_for<'a>(&self, slot: &'a mut Option<Leading>, term: u64, now_ms: u64) -> &'a mut Leading {
         if slot.as_ref().is_none_or(|l| l.term != term) {
             let timing = self.cfg.timing();
-            let mut holder = Holder::new(&self.cfg.site, timing, 3);
+            let mut holder = Holder::new(&self.cfg.site, timing, 3, now_ms);
             holder.set_wanted(self.wanted.load(Ordering::SeqCst));
             *slot = Some(Leading {
                 term,
@@ -118,6 +118,17 @@ impl Agent {
         (metrics.current_leader == Some(m.node_id)).then_some(metrics.current_term)
     }
 
+    /// Whether this leader heard a quorum of voters within the election
+    /// timeout. A leader cut off from its voters may not know yet that
+    /// another leads (with a desk and a holder of its own): it stops lending
+    /// and asking before that one can be elected, so the site never lends
+    /// twice, and no loan the new leader may give back a lease into its
+    /// term is one this one renewed.
+    fn quorum_fresh(&self) -> bool {
+        let acked = self.member().and_then(|m| m.metrics().millis_since_quorum_ack);
+        acked.is_some_and(|ms| ms < self.cfg.raft.election_timeout_min_ms)
+    }
+
     /// One tick: on every node, the gate kept on disk; on the leader, what
     /// its heartbeats say about the ticket, a release carried out once no
     /// ticket group runs, and a round to the three grantors when due.
@@ -139,7 +150,10 @@ impl Agent {
             let l = site.leading_for(&mut slot, term, now);
             let held_until = if l.holder.holds(now) { now + l.holder.left_ms(now) } else { 0 };
             self.liveness.set_ticket_held_until(held_until, now);
-            if l.releasing && none_running {
+            if !self.quorum_fresh() {
+                return; // neither asks nor gives back (see `quorum_fresh`)
+            }
+            if l.releasing && none_running && l.holder.may_give_back(now) {
                 l.releasing = false;
                 tracing::info!("ticket: no ticket group runs here any more; giving the ticket back");
                 let all = site.sites().into_iter().chain([site.cfg.arbitrator.name.clone()]).collect();
@@ -160,7 +174,7 @@ impl Agent {
                 .collect();
             let lent: Vec<String> = l.holder.to_hand_back(&heard, now).into_iter().map(str::to_string).collect();
             if !lent.is_empty() {
-                l.holder.forget_round();
+                l.holder.forget_round(now);
                 tracing::info!(grantors = ?lent, "ticket: another site holds it; handing back what was lent here");
                 site.hand_back(l, lent);
             }
@@ -172,12 +186,12 @@ impl Agent {
             req.round
         };
         for peer in [site.cfg.other_site.clone(), site.cfg.arbitrator.clone()] {
-            let (agent, site) = (self.clone(), site.clone());
+            let site = site.clone();
             tokio::spawn(async move {
                 let answer = site.ask(&peer, site.request(round, false)).await;
                 let mut slot = site.leading.lock().unwrap_or_else(|e| e.into_inner());
                 // Leadership changed meanwhile: the answer is for nobody.
-                let Some(l) = slot.as_mut().filter(|l| Some(l.term) == agent.leading_term()) else { return };
+                let Some(l) = slot.as_mut().filter(|l| l.term == term) else { return };
                 if let Ok(a) = &answer {
                     l.holder.answer(&peer.name, round, a);
                 }
@@ -242,11 +256,7 @@ impl Agent {
     pub(super) fn do_ticket_request(&self, body: &[u8], seal: &str) -> Result<(Vec<u8>, String), ApiError> {
         let site = self.ticket.as_ref().ok_or(ApiError::TicketNotConfigured)?;
         let term = self.leading_term().ok_or(ApiError::NoLeader)?;
-        // A leader cut off from its voters may not know yet that another
-        // leads (with a desk of its own, quiet for a lease): it stops lending
-        // before that one can be elected, so the site never lends twice.
-        let acked = self.member().and_then(|m| m.metrics().millis_since_quorum_ack);
-        if acked.is_none_or(|ms| ms >= self.cfg.raft.election_timeout_min_ms) {
+        if !self.quorum_fresh() {
             return Err(ApiError::NoLeader);
         }
         let now = now_boot_ms();
@@ -330,8 +340,12 @@ impl TicketSite {
             let peer = [&self.cfg.other_site, &self.cfg.arbitrator].into_iter().find(|p| p.name == name).cloned();
             let Some(peer) = peer else { continue };
             let site = self.clone();
+            // Stamped now, before the next round's request: a grantor takes
+            // nothing older than the newest it took from this site, so this
+            // can never undo a loan that a later request got.
+            let release = site.request(0, true);
             tokio::spawn(async move {
-                if let Err(e) = site.ask(&peer, site.request(0, true)).await {
+                if let Err(e) = site.ask(&peer, release).await {
                     tracing::debug!(peer = %peer.name, "the ticket's hand-back was not heard: {e}");
                 }
             });

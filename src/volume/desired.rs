@@ -7,8 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use tandem_raft::group::replica_nodes;
 use tandem_raft::state::ClusterState;
+use tandem_raft::volume::ResyncMode;
 
-use super::engine::{PeerConfig, VolumeConfig};
+use super::engine::{PeerConfig, ResyncPolicy, VolumeConfig};
 use super::generation::initial_generation;
 use super::manager::DesiredVolume;
 
@@ -70,6 +71,10 @@ pub fn desired_volumes(state: &ClusterState, me: &str) -> Vec<DesiredVolume> {
                 replaced: g.replaced(&r.name, me),
                 forced_epoch: g.forced_promotions.get(&r.name).copied().unwrap_or(0),
                 read_balancing: v.read_balancing,
+                resync: match v.resync.mode {
+                    ResyncMode::Fixed => ResyncPolicy::Fixed,
+                    ResyncMode::Adaptive => ResyncPolicy::Adaptive { min_rate: v.resync_min_rate() },
+                },
             },
             nbd_tcp: v.nbd_tcp,
         });

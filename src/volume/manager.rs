@@ -149,6 +149,9 @@ impl VolumeManager {
                 // Read balancing changes live, even on a serving primary.
                 h.volume.set_read_balancing(d.config.read_balancing);
                 h.config.read_balancing = d.config.read_balancing;
+                // So does the resync policy (from its next step on).
+                h.volume.set_resync(d.config.resync);
+                h.config.resync = d.config.resync;
                 h.config.size = d.config.size;
                 if d.config.size > h.volume.exported_size() {
                     // In the background: a primary waits for its peers.
@@ -310,8 +313,12 @@ impl VolumeManager {
 
     /// Closes every replica cleanly (the agent stops).
     pub async fn shutdown(&self) {
-        for h in self.listeners.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        let listeners: Vec<_> = self.listeners.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        for h in listeners {
             h.abort();
+            // Awaited: the listening socket is closed only once the task is
+            // gone, and a start right after must be able to bind it again.
+            let _ = h.await;
         }
         let mut held = self.held.lock().await;
         for (name, h) in std::mem::take(&mut *held) {

@@ -44,10 +44,13 @@ pub struct ResyncStatus {
     pub sent_bytes: u64,
     /// Bytes the resync started with.
     pub total_bytes: u64,
-    /// Recent rate, bytes per second.
+    /// Rate over the last 2 s, bytes per second.
     pub rate_bytes_per_s: u64,
     /// Seconds to completion at the recent rate; none before a rate is known.
     pub eta_s: Option<f64>,
+    /// The rate the resync aims at now: the adaptive controller's, or a
+    /// fixed resync's `rate`; none: a fixed resync without one.
+    pub target_rate_bytes_per_s: Option<u64>,
 }
 
 /// One replica of a volume, as this node sees it.

@@ -754,17 +754,88 @@ pub fn encode(seq: u64, msg: &Message, out: &mut Vec<u8>) -> Result<(), WireErro
         out.truncate(start);
         return Err(WireError::Oversize { len: len as u64 });
     }
-    let h = &mut out[start..start + HEADER_LEN];
+    let (head, payload) = out[start..].split_at_mut(HEADER_LEN);
+    fill_header(head, msg, len, seq, &[payload]);
+    Ok(())
+}
+
+/// Writes the header of a frame for `msg` into `h` (its first
+/// [`HEADER_LEN`] bytes), its crc over `payload` (the payload's parts, in
+/// order).
+fn fill_header(h: &mut [u8], msg: &Message, len: usize, seq: u64, payload: &[&[u8]]) {
     h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
     h[4] = VERSION;
-    h[5] = kind as u8;
+    h[5] = msg.kind() as u8;
     h[6..8].copy_from_slice(&msg.flags().to_be_bytes());
     h[8..12].copy_from_slice(&(len as u32).to_be_bytes());
     h[12..20].copy_from_slice(&seq.to_be_bytes());
     // 20..28 stay zero (reserved).
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..CRC_COVERED]), &out[start + HEADER_LEN..]);
-    out[start + CRC_COVERED..start + HEADER_LEN].copy_from_slice(&crc.to_be_bytes());
-    Ok(())
+    let crc = payload.iter().fold(crc32c::crc32c(&h[..CRC_COVERED]), |crc, part| crc32c::crc32c_append(crc, part));
+    h[CRC_COVERED..HEADER_LEN].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// One encoded frame whose bulk data is shared, not copied: `head` (the
+/// header and the fields before the data), then `data` (a `Write`'s or a
+/// `ResyncData`'s bytes, the very buffer the message holds; empty for the
+/// other kinds, whose whole frame is in `head`). Sent as the two parts in
+/// order, it is byte for byte the frame [`encode`] makes: the data path so
+/// copies a client's write once less on its way to a peer.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub head: Vec<u8>,
+    pub data: Bytes,
+}
+
+impl Frame {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Encodes `msg` as a [`Frame`], refusing what [`encode`] refuses.
+pub fn encode_frame(seq: u64, msg: &Message) -> Result<Frame, WireError> {
+    match msg {
+        Message::Write { offset, data, .. } | Message::ResyncData { offset, data } => {
+            let len = 8 + data.len();
+            if len > MAX_PAYLOAD {
+                return Err(WireError::Oversize { len: len as u64 });
+            }
+            let mut head = vec![0u8; HEADER_LEN + 8];
+            head[HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
+            let (h, fields) = head.split_at_mut(HEADER_LEN);
+            fill_header(h, msg, len, seq, &[fields, data]);
+            Ok(Frame { head, data: data.clone() })
+        }
+        _ => {
+            let mut head = Vec::new();
+            encode(seq, msg, &mut head)?;
+            Ok(Frame { head, data: Bytes::new() })
+        }
+    }
+}
+
+/// Reads exactly `len` bytes from `r` into a new buffer, without first
+/// zeroing it (a payload is written over at once) and without reading past
+/// them: returns the buffer, shorter than `len` if a clean EOF came first.
+/// A buffered reader whose buffer is empty hands a large read straight to
+/// the socket, so a large payload is copied once, from the kernel.
+pub async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let want = (len - buf.len()) as u64;
+        // `take` bounds the read by what is left, whatever the capacity.
+        match (&mut *r).take(want).read_buf(&mut buf).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
 }
 
 /// Fills `buf` from `r`; returns how many bytes it got before a clean EOF.
@@ -794,10 +865,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u64, Message
     }
     let header = decode_header(&hb)?;
     let len = header.payload_len as usize;
-    let mut payload = vec![0u8; len];
-    let got = read_full(r, &mut payload).await?;
-    if got < len {
-        return Err(WireError::Truncated { got: HEADER_LEN + got, want: HEADER_LEN + len });
+    let payload = read_payload(r, len).await?;
+    if payload.len() < len {
+        return Err(WireError::Truncated { got: HEADER_LEN + payload.len(), want: HEADER_LEN + len });
     }
     check_frame(&header, &hb, &payload)?;
     let payload = Bytes::from(payload);
@@ -808,9 +878,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u64, Message
 /// Encodes and writes one frame. Does not flush: a bare `TcpStream` needs
 /// none; a caller that buffers flushes when it wants the frames to leave.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, seq: u64, msg: &Message) -> Result<(), WireError> {
-    let mut buf = Vec::new();
-    encode(seq, msg, &mut buf)?;
-    w.write_all(&buf).await?;
+    send_frame(w, &encode_frame(seq, msg)?).await?;
+    Ok(())
+}
+
+/// Writes an encoded frame, its two parts in order. Behind a `BufWriter`,
+/// data at least as large as its buffer goes to the socket without being
+/// copied into it.
+pub async fn send_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
+    w.write_all(&frame.head).await?;
+    if !frame.data.is_empty() {
+        w.write_all(&frame.data).await?;
+    }
     Ok(())
 }
 
@@ -937,6 +1016,13 @@ mod tests {
             let f = frame(seq, &msg);
             let (got_seq, got, used) = decode_frame(&f).unwrap();
             assert_eq!((got_seq, &got, used), (seq, &msg, f.len()), "{msg:?}");
+            // A shared-data frame is the same bytes, its data not copied.
+            let split = encode_frame(seq, &msg).unwrap();
+            assert_eq!([&split.head[..], &split.data[..]].concat(), f, "{msg:?}");
+            assert_eq!(split.len(), f.len());
+            if let Message::Write { data, .. } | Message::ResyncData { data, .. } = &msg {
+                assert_eq!(split.data.as_ptr(), data.as_ptr(), "{msg:?}: data copied");
+            }
             // Appending keeps what was there.
             let mut out = b"prefix".to_vec();
             encode(seq, &msg, &mut out).unwrap();
@@ -1167,6 +1253,8 @@ mod tests {
         let hello = Message::Hello(Hello { volume: "x".repeat(MAX_PAYLOAD), ..hello() });
         assert!(matches!(encode(1, &hello, &mut out), Err(WireError::Oversize { .. })));
         assert_eq!(out, b"kept");
+        assert!(matches!(encode_frame(1, &too_big), Err(WireError::Oversize { len }) if len == MAX_PAYLOAD as u64 + 1));
+        assert_eq!(encode_frame(1, &max).unwrap().len(), HEADER_LEN + MAX_PAYLOAD);
     }
 
     #[test]
@@ -1178,6 +1266,28 @@ mod tests {
     }
 
     // ---- async helpers ----
+
+    #[tokio::test]
+    async fn a_payload_is_read_whole_and_never_past_its_end() {
+        // Small buffer, large payloads: parts come from the buffer, parts
+        // straight from the source; the bytes after each payload stay.
+        let mut stream = Vec::new();
+        for (i, len) in [5usize, 3000, 100_000, 1].into_iter().enumerate() {
+            stream.extend((0..len).map(|j| (i * 31 + j) as u8));
+            stream.push(0xEE); // a marker after each payload
+        }
+        let mut r = tokio::io::BufReader::with_capacity(1024, &stream[..]);
+        for (i, len) in [5usize, 3000, 100_000, 1].into_iter().enumerate() {
+            let got = read_payload(&mut r, len).await.unwrap();
+            assert_eq!(got.len(), len);
+            assert!(got.iter().enumerate().all(|(j, b)| *b == (i * 31 + j) as u8), "payload {i}");
+            assert_eq!(r.read_u8().await.unwrap(), 0xEE, "after payload {i}");
+        }
+        // A clean EOF first: a short buffer, not an error.
+        let mut r = tokio::io::BufReader::new(&b"abc"[..]);
+        assert_eq!(read_payload(&mut r, 10).await.unwrap(), b"abc");
+        assert!(read_payload(&mut r, 0).await.unwrap().is_empty());
+    }
 
     #[tokio::test]
     async fn frames_stream_over_a_socket() {

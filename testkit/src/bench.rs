@@ -162,7 +162,24 @@ pub struct FioResult {
 /// `size` bytes, `seconds` after a 1 s ramp. Panics with fio's output when
 /// it does not run (apt-get install fio).
 pub fn fio_nbd(name: &str, uri: &str, rw: &str, bs: &str, depth: u32, size: u64, seconds: u64) -> FioResult {
+    fio_nbd_with(name, uri, rw, bs, depth, size, seconds, &[])
+}
+
+/// [`fio_nbd`] with more fio options, e.g. `--rate_iops=1000` for a steady
+/// load rather than as fast as it goes.
+#[allow(clippy::too_many_arguments)]
+pub fn fio_nbd_with(
+    name: &str,
+    uri: &str,
+    rw: &str,
+    bs: &str,
+    depth: u32,
+    size: u64,
+    seconds: u64,
+    extra: &[&str],
+) -> FioResult {
     let out = std::process::Command::new("fio")
+        .args(extra)
         .args([
             &format!("--name={name}"),
             "--ioengine=nbd",

@@ -67,8 +67,9 @@ pub(super) struct Link {
 /// What a link knows about its peer now.
 pub(super) struct LinkState {
     pub(super) conn: Connection,
-    /// Frames to the peer; present while the link streams.
-    pub(super) tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// Frames to the peer; present while the link streams. A frame shares
+    /// its data with the client's request (no copy on the way).
+    pub(super) tx: Option<mpsc::UnboundedSender<wire::Frame>>,
     pub(super) next_seq: u64,
     pub(super) inflight: BTreeMap<u64, Inflight>,
     /// When each frame in flight was sent: an async peer that leaves one
@@ -140,11 +141,13 @@ impl Link {
         let tx = st.tx.as_ref()?;
         let seq = st.next_seq;
         st.next_seq += 1;
-        let mut frame = Vec::new();
-        if let Err(e) = wire::encode(seq, msg, &mut frame) {
-            tracing::error!("cannot encode a frame: {e}");
-            return None;
-        }
+        let frame = match wire::encode_frame(seq, msg) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::error!("cannot encode a frame: {e}");
+                return None;
+            }
+        };
         if tx.send(frame).is_err() {
             return None;
         }
@@ -417,7 +420,7 @@ impl Volume {
         }
         // Go live under the order lock: every later write streams, every
         // earlier one is in the bitmap.
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<wire::Frame>();
         {
             let _order = self.order.lock().await;
             if self.epoch() != Some(epoch) {
@@ -444,15 +447,16 @@ impl Volume {
                 total_bytes: total,
                 rate_bytes_per_s: 0,
                 eta_s: None,
+                target_rate_bytes_per_s: None,
             });
             st.resync_started = Some(Instant::now());
         }
         tracing::info!(volume = %self.cfg.name, peer = %peer, ?decision, "peer connected");
         let writer = async move {
             while let Some(frame) = rx.recv().await {
-                wr.write_all(&frame).await?;
+                wire::send_frame(&mut wr, &frame).await?;
                 while let Ok(more) = rx.try_recv() {
-                    wr.write_all(&more).await?;
+                    wire::send_frame(&mut wr, &more).await?;
                 }
                 wr.flush().await?;
             }

@@ -8,6 +8,7 @@
 //! - `link`: the primary's link to each peer (dial, handshake, live stream,
 //!   the async-peer recording, split-brain parking and resolve);
 //! - `resync`: sending a peer what its bitmap says it lacks;
+//! - `resync_control`: the adaptive resync's controller (pure arithmetic);
 //! - `secondary`: following a primary;
 //! - `verify`: the online verify;
 //! - `status`: what the replica reports.
@@ -53,6 +54,7 @@ mod link;
 mod primary;
 mod reads;
 mod resync;
+pub mod resync_control;
 mod secondary;
 mod status;
 mod verify;
@@ -141,6 +143,52 @@ pub struct VolumeConfig {
     /// Which replica serves the primary's reads; it may change while the
     /// volume is open ([`Volume::set_read_balancing`]).
     pub read_balancing: ReadBalancing,
+    /// How a resync shares the link with the application; it may change
+    /// while the volume is open ([`Volume::set_resync`]).
+    pub resync: ResyncPolicy,
+}
+
+/// How a resync shares a link with the application's writes (the volume
+/// definition's `resync`). Its ceiling is [`VolumeConfig::rate`] in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncPolicy {
+    /// [`RESYNC_WINDOW`] in flight, one [`CHUNK`] while the application
+    /// writes, paced to `rate`.
+    Fixed,
+    /// The adaptive controller ([`resync_control`]), never below `min_rate`
+    /// bytes per second while there is work.
+    Adaptive { min_rate: u64 },
+}
+
+impl Default for ResyncPolicy {
+    fn default() -> Self {
+        ResyncPolicy::Adaptive { min_rate: tandem_raft::volume::DEFAULT_RESYNC_MIN_RATE }
+    }
+}
+
+/// The application's completed writes: how many took how long, as running
+/// totals per latency bucket ([`resync_control::Latencies`]); each resync
+/// loop keeps its own last reading and takes differences (several peers may
+/// resync at once).
+struct AppWrites {
+    buckets: [AtomicU64; resync_control::LATENCY_BUCKETS],
+}
+
+impl Default for AppWrites {
+    fn default() -> Self {
+        AppWrites { buckets: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+}
+
+impl AppWrites {
+    /// One write, client request to acknowledgement.
+    fn record(&self, took: Duration) {
+        self.buckets[resync_control::latency_bucket(took)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> resync_control::Latencies {
+        resync_control::Latencies(std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)))
+    }
 }
 
 /// Where the data plane records replica disk states: the control plane,
@@ -203,6 +251,10 @@ pub struct Volume {
     upstream: Mutex<Option<(u64, watch::Sender<bool>)>>,
     verify: Mutex<Option<VerifyOutcome>>,
     last_app_write: Mutex<Instant>,
+    /// The application's writes, for the adaptive resync.
+    app_writes: AppWrites,
+    /// [`VolumeConfig::resync`] as the definition says now.
+    resync_policy: Mutex<ResyncPolicy>,
     /// The local disk failed: reads and writes go through the peers only.
     detached: AtomicBool,
     /// [`VolumeConfig::forced_epoch`] as the control plane says now.
@@ -257,6 +309,7 @@ impl Volume {
         let links = cfg.peers.iter().map(|p| (p.node.clone(), Arc::new(Link::new(p)))).collect();
         let (role, _) = watch::channel(Role::Secondary);
         let cfg_read_balancing = cfg.read_balancing;
+        let cfg_resync = cfg.resync;
         Ok(Arc::new(Volume {
             forced_epoch: AtomicU64::new(cfg.forced_epoch),
             size: AtomicU64::new(size),
@@ -273,6 +326,8 @@ impl Volume {
             upstream: Mutex::new(None),
             verify: Mutex::new(None),
             last_app_write: Mutex::new(Instant::now()),
+            app_writes: AppWrites::default(),
+            resync_policy: Mutex::new(cfg_resync),
             detached: AtomicBool::new(false),
             lease,
             local_write_seconds: Default::default(),
@@ -289,6 +344,15 @@ impl Volume {
     /// The read balancing policy, used from the next read on.
     pub fn set_read_balancing(&self, policy: ReadBalancing) {
         *self.reads.policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    /// The resync policy, used from the next resync step on.
+    pub fn set_resync(&self, policy: ResyncPolicy) {
+        *self.resync_policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    fn resync_policy(&self) -> ResyncPolicy {
+        *self.resync_policy.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// New endpoints for a peer, used from its next connection on.

@@ -77,6 +77,14 @@ impl Volume {
     }
 
     async fn apply(&self, offset: u64, len: u64, op: Op) -> io::Result<()> {
+        let started = Instant::now();
+        let done = self.apply_inner(offset, len, op).await;
+        // What the application waited, for the adaptive resync.
+        self.app_writes.record(started.elapsed());
+        done
+    }
+
+    async fn apply_inner(&self, offset: u64, len: u64, op: Op) -> io::Result<()> {
         let epoch = self.primary_epoch()?;
         let mut waits = Vec::new();
         let fua = matches!(op, Op::Write { fua: true, .. } | Op::Zeroes { fua: true });

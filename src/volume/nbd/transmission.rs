@@ -155,11 +155,15 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         let permits = Permits { _slot: slot, _bytes: bytes };
         let payload = match action {
             Action::Write { len, .. } => {
-                // check_request bounded len by the maximum payload.
-                let mut buf = vec![0u8; len as usize];
+                // check_request bounded len by the maximum payload. Read
+                // without zeroing first; a large payload bypasses the
+                // reader's buffer (one copy, from the kernel).
+                let buf = crate::volume::wire::read_payload(&mut self.rd, len as usize).await?;
                 // If the client goes away now, this fails and the write is
                 // never dispatched: a torn WRITE is never applied.
-                self.rd.read_exact(&mut buf).await?;
+                if buf.len() < len as usize {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
                 buf
             }
             Action::Disconnect => return Ok(Incoming::Disconnect),
