@@ -10,6 +10,7 @@
 mod bank;
 mod blocks;
 mod checker;
+mod clusters;
 mod register;
 mod retry;
 mod slow;
@@ -65,6 +66,12 @@ struct Args {
     /// network does, and `PathDown` is left out (it would be `Isolate`).
     #[arg(long, default_value_t = topology::PATHS as u8, value_parser = clap::value_parser!(u8).range(1..=topology::PATHS as i64))]
     paths: u8,
+    /// Two clusters and the ticket between them (docs/dr.md): site a and
+    /// site b each a cluster of --nodes voters, `tandem arbitrator` on a
+    /// third host reaching both, a group bound to the ticket on each site;
+    /// the faults cut the WAN, the arbitrator, a whole site (see `clusters`).
+    #[arg(long, conflicts_with_all = ["sites", "quiet", "lossy_path"])]
+    clusters: bool,
     /// Keep the agents' logs also when nothing was violated.
     #[arg(long)]
     keep: bool,
@@ -238,23 +245,23 @@ impl Host {
     }
 
     fn start(&mut self, tandem: &Path) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log"))?;
-        let mut cmd = Command::new("ip");
-        new_session(&mut cmd);
-        let child = cmd
-            .args(["netns", "exec", &self.ns])
-            .arg(tandem)
-            .args(["agent", "--config"])
-            .arg(self.dir.join("node.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning an agent")?;
+        let child = spawn_in_ns(&self.ns, tandem, "agent", &self.dir.join("node.toml"), &self.dir.join("agent.log"))?;
         self.sessions.push(child.id() as i32);
         self.child = Some(child);
         self.saw_full_disk = false;
         Ok(())
+    }
+
+    /// Starts its agent again if it exited on its own (not one a fault
+    /// stopped: that one has no child), as systemd's `Restart=always`
+    /// would; returns how it ended.
+    fn restart_if_exited(&mut self, tandem: &Path) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())?;
+        self.child = None;
+        if let Err(e) = self.start(tandem) {
+            println!("           cannot start {}'s agent again: {e:#}", self.name);
+        }
+        Some(status)
     }
 
     fn signal(&self, sig: Signal) {
@@ -287,6 +294,35 @@ impl Drop for Host {
         self.signal(Signal::SIGCONT);
         self.power_off();
     }
+}
+
+/// Starts `tandem <command> --config <config>` in namespace `ns`, leading
+/// a session of its own (so that killing the session is a power loss),
+/// its output appended to `log`.
+fn spawn_in_ns(ns: &str, tandem: &Path, command: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut cmd = Command::new("ip");
+    new_session(&mut cmd);
+    cmd.args(["netns", "exec", ns])
+        .arg(tandem)
+        .args([command, "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("spawning tandem {command} in {ns}"))
+}
+
+/// A view (GET `path`) from the first of `hosts` running an agent that
+/// answers.
+async fn any_view(client: &reqwest::Client, hosts: &[Host], path: &str) -> Option<Value> {
+    for h in hosts.iter().filter(|h| h.child.is_some()) {
+        if let Some(v) = get(client, &format!("{}{path}", h.url())).await {
+            return Some(v);
+        }
+    }
+    None
 }
 
 /// Sends one request; returns what came back (for `retry::classify`) and
@@ -413,12 +449,7 @@ struct Run {
 
 impl Run {
     async fn any(&self, path: &str) -> Option<Value> {
-        for h in self.hosts.iter().filter(|h| h.child.is_some()) {
-            if let Some(v) = get(&self.client, &format!("{}{path}", h.url())).await {
-                return Some(v);
-            }
-        }
-        None
+        any_view(&self.client, &self.hosts, path).await
     }
 
     /// Every node online on every path, three voters, every group running,
@@ -432,7 +463,6 @@ impl Run {
                 _ => return false,
             }
         }
-        let members = c["members"].as_array().cloned().unwrap_or_default();
         let mut in_sync = true;
         for volume in &self.volumes {
             in_sync &= match self.any(&format!("/v1/volumes/{volume}")).await {
@@ -442,15 +472,7 @@ impl Run {
                 None => false,
             };
         }
-        // Every path of every node heard too: a fault on one path must not
-        // meet the other one still down.
-        let all_paths =
-            members.iter().all(|m| m["paths"].as_array().is_some_and(|p| p.iter().all(|p| p["up"] == true)));
-        members.len() == self.hosts.len()
-            && members.iter().all(|m| m["state"] == "online")
-            && all_paths
-            && members.iter().filter(|m| m["role"] == "voter" || m["role"] == "witness").count() >= 3
-            && in_sync
+        members_healthy(&c, self.hosts.len()) && in_sync
     }
 
     /// POSTs `body` to `path` like a careful client: retried (see
@@ -531,16 +553,12 @@ impl Run {
     /// stopped: that one has no child), as systemd's `Restart=always` would.
     fn restart_exited(&mut self) {
         for h in &mut self.hosts {
-            let Some(status) = h.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) else { continue };
+            let saw_full_disk = h.saw_full_disk;
+            let Some(status) = h.restart_if_exited(&self.tandem) else { continue };
             let t = self.t0.elapsed().as_millis() as u64;
-            let full_now = self.disk_full.as_ref() == Some(&h.name);
             println!("[{t:>7} ms]   {}'s agent exited ({status}): started again, as its supervisor would", h.name);
-            self.exits.push(Exit { t_ms: t, node: h.name.clone(), status, disk_full: h.saw_full_disk });
-            h.child = None;
-            if let Err(e) = h.start(&self.tandem) {
-                println!("           cannot start {}'s agent again: {e:#}", h.name);
-            }
-            h.saw_full_disk = full_now;
+            self.exits.push(Exit { t_ms: t, node: h.name.clone(), status, disk_full: saw_full_disk });
+            h.saw_full_disk = self.disk_full.as_ref() == Some(&h.name);
         }
     }
 }
@@ -557,6 +575,18 @@ impl Run {
             })
             .collect()
     }
+}
+
+/// Whether a cluster view (`GET /v1/cluster`) shows all `hosts` members
+/// online, heard on every path (a fault on one path must not meet the
+/// other one still down), at least three of them voting.
+fn members_healthy(c: &Value, hosts: usize) -> bool {
+    let members = c["members"].as_array().cloned().unwrap_or_default();
+    let all_paths = members.iter().all(|m| m["paths"].as_array().is_some_and(|p| p.iter().all(|p| p["up"] == true)));
+    members.len() == hosts
+        && members.iter().all(|m| m["state"] == "online")
+        && all_paths
+        && members.iter().filter(|m| m["role"] == "voter" || m["role"] == "witness").count() >= 3
 }
 
 /// An agent's end on its own.
@@ -602,6 +632,12 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
     });
+    if args.clusters {
+        if args.workload != Workload::Standard || args.profile != Profile::Default {
+            bail!("--clusters runs its own workload (a group bound to the ticket per site) with the default profile");
+        }
+        return clusters::run(&args, tandem, seed).await;
+    }
     let layout = if args.sites { "two sites and a witness" } else { "one site" };
     println!("tandem-chaos: seed {seed}, {} nodes, {layout}, {} heartbeat paths", args.nodes, args.paths);
     let tmp = tempfile::tempdir()?;
@@ -676,19 +712,7 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     for h in &mut run.hosts {
         h.start(&run.tandem)?;
     }
-    // Stop cleanly on Ctrl-C or SIGTERM: the loop ends, Drop removes everything.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            flag.store(true, Ordering::SeqCst);
-        });
-    }
+    let interrupted = interrupt_flag()?;
     form(&mut run).await?;
     if args.workload == Workload::Postgres {
         return bank::run(&args, run, tmp, seed, interrupted).await;
@@ -1008,16 +1032,24 @@ async fn run(args: Args) -> anyhow::Result<usize> {
     Ok(verdict.violations.len())
 }
 
+/// Set on Ctrl-C or SIGTERM: the loop ends, Drop removes everything.
+fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        flag.store(true, Ordering::SeqCst);
+    });
+    Ok(interrupted)
+}
+
 /// The fault kinds of this run: `base` narrowed by --faults and --paths.
 fn chosen_kinds(args: &Args, base: Vec<Fault>) -> anyhow::Result<Vec<Fault>> {
-    let mut kinds = base;
-    if !args.faults.is_empty() {
-        let known: Vec<String> = kinds.iter().map(|k| format!("{k:?}")).collect();
-        if let Some(bad) = args.faults.iter().find(|f| !known.contains(f)) {
-            bail!("--faults: no fault kind {bad:?} here; known: {}", known.join(","));
-        }
-        kinds.retain(|k| args.faults.contains(&format!("{k:?}")));
-    }
+    let mut kinds = narrow(&args.faults, base)?;
     if args.paths < 2 {
         if kinds == [Fault::PathDown] {
             bail!("--faults PathDown needs two paths (--paths 2)");
@@ -1027,9 +1059,22 @@ fn chosen_kinds(args: &Args, base: Vec<Fault>) -> anyhow::Result<Vec<Fault>> {
     Ok(kinds)
 }
 
+/// `kinds` narrowed to those `--faults` names (by their Debug names); all
+/// of them when it names none.
+fn narrow<K: std::fmt::Debug>(wanted: &[String], mut kinds: Vec<K>) -> anyhow::Result<Vec<K>> {
+    if !wanted.is_empty() {
+        let known: Vec<String> = kinds.iter().map(|k| format!("{k:?}")).collect();
+        if let Some(bad) = wanted.iter().find(|f| !known.contains(f)) {
+            bail!("--faults: no fault kind {bad:?} here; known: {}", known.join(","));
+        }
+        kinds.retain(|k| wanted.contains(&format!("{k:?}")));
+    }
+    Ok(kinds)
+}
+
 /// Round `round`'s fault: a fixed-seed short run covers every kind first,
 /// then draws.
-fn pick_fault(kinds: &[Fault], round: u32, rng: &mut Rng) -> Fault {
+fn pick_fault<K: std::marker::Copy>(kinds: &[K], round: u32, rng: &mut Rng) -> K {
     if (round as usize) < kinds.len() {
         kinds[round as usize]
     } else {
@@ -1330,8 +1375,16 @@ async fn read_all(
 /// then on the run's client speaks HTTPS to the cluster CA with the admin
 /// token.
 async fn form(run: &mut Run) -> anyhow::Result<()> {
+    run.client = form_cluster(&run.hosts, "chaos").await?;
+    Ok(())
+}
+
+/// Bootstraps a cluster named `cluster_id` on the first of `hosts` and
+/// joins the others through it; returns an HTTPS client trusting that
+/// cluster's CA, with its admin token.
+async fn form_cluster(hosts: &[Host], cluster_id: &str) -> anyhow::Result<reqwest::Client> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    for h in &run.hosts {
+    for h in hosts {
         while tandem_testkit::api::local_call(&h.socket(), reqwest::Method::GET, "/healthz", Value::Null).await.0 != 200
         {
             if Instant::now() > deadline {
@@ -1340,28 +1393,29 @@ async fn form(run: &mut Run) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let first = run.hosts[0].url();
+    let first = hosts.first().context("a cluster of no host")?;
+    let first_url = first.url();
     // Once each, no retry: a fresh cluster on a quiet network takes them,
     // and a second init or join would be refused for the first's sake.
-    let creds = tandem_testkit::api::init(&run.hosts[0].socket(), "chaos").await.map_err(|e| anyhow::anyhow!(e))?;
+    let creds = tandem_testkit::api::init(&first.socket(), cluster_id).await.map_err(|e| anyhow::anyhow!(e))?;
     tandem_testkit::api::install_crypto();
     let mut auth = reqwest::header::HeaderMap::new();
     auth.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", creds.token).parse()?);
-    run.client = reqwest::Client::builder()
+    let client = reqwest::Client::builder()
         .no_proxy()
         .default_headers(auth)
         .tls_certs_only(reqwest::Certificate::from_pem_bundle(creds.ca_pem.as_bytes())?)
         .build()?;
-    for h in &run.hosts {
+    for h in hosts {
         tandem_testkit::api::register(&h.url(), &creds);
     }
-    for h in &run.hosts[1..] {
-        let (st, v) = tandem_testkit::api::join(&h.socket(), &first, &creds).await;
+    for h in &hosts[1..] {
+        let (st, v) = tandem_testkit::api::join(&h.socket(), &first_url, &creds).await;
         if st != 200 {
             bail!("{} joining: {st} {v}", h.name);
         }
     }
-    Ok(())
+    Ok(client)
 }
 
 /// Injects one fault and heals it; returns a violation the fault itself
@@ -1402,17 +1456,12 @@ async fn inject(
             let minority: Vec<usize> = if n >= 5 { vec![i, (i + 1) % n] } else { vec![i] };
             let majority: Vec<String> =
                 (0..n).filter(|j| !minority.contains(j)).flat_map(|j| run.hosts[j].addrs.clone()).collect();
-            let set = majority.join(", ");
-            let rules = format!(
-                "table inet chaos {{\n chain input {{ type filter hook input priority 0; policy accept; ip saddr {{ {set} }} drop; }}\n \
-                 chain output {{ type filter hook output priority 0; policy accept; ip daddr {{ {set} }} drop; }}\n}}\n"
-            );
             for j in &minority {
-                nft(&run.hosts[*j].ns, Some(&rules), &["-f", "-"])?;
+                cut_off(&run.hosts[*j].ns, &majority)?;
             }
             tokio::time::sleep(hold).await;
             for j in &minority {
-                nft(&run.hosts[*j].ns, None, &["delete", "table", "inet", "chaos"])?;
+                heal_cut(&run.hosts[*j].ns)?;
             }
         }
         Fault::PowerLoss => {
@@ -1567,6 +1616,22 @@ fn fill_up(path: &Path) -> u64 {
         written += n as u64;
     }
     written
+}
+
+/// Drops, by nftables rules in host namespace `ns` (table `inet chaos`; its
+/// links stay up), everything it sends to or hears from `addrs`.
+fn cut_off(ns: &str, addrs: &[String]) -> anyhow::Result<()> {
+    let set = addrs.join(", ");
+    let rules = format!(
+        "table inet chaos {{\n chain input {{ type filter hook input priority 0; policy accept; ip saddr {{ {set} }} drop; }}\n \
+         chain output {{ type filter hook output priority 0; policy accept; ip daddr {{ {set} }} drop; }}\n}}\n"
+    );
+    nft(ns, Some(&rules), &["-f", "-"])
+}
+
+/// Undoes `cut_off` in `ns`.
+fn heal_cut(ns: &str) -> anyhow::Result<()> {
+    nft(ns, None, &["delete", "table", "inet", "chaos"])
 }
 
 /// Runs `nft` in a host's namespace (stdin: `input`).

@@ -4,7 +4,7 @@
 //!
 //! - `cargo xtask demo [ARGS]`: the local 3-node demo (`tandem demo ARGS`, release build);
 //! - `cargo xtask test`: what CI runs (`.ci/run`): fmt, clippy, the test suite, the simulator,
-//!   three chaos runs and the contract run;
+//!   four chaos runs and the contract run;
 //! - `cargo xtask deb`: the Debian package (`deb.rs`), printing its path;
 //! - `cargo xtask contract`: the API checked against its OpenAPI document by a
 //!   property-based contract tester (`contract.rs`).
@@ -28,7 +28,7 @@ pub struct Fail(pub String);
 
 const USAGE: &str = "usage: cargo xtask <command>
   demo [ARGS]   install what the demo needs, then run the local 3-node cluster (tandem demo ARGS)
-  test          install what the tests need, then run fmt, clippy, the test suite, the simulator, three chaos runs and the contract run (as CI does)
+  test          install what the tests need, then run fmt, clippy, the test suite, the simulator, four chaos runs and the contract run (as CI does)
   deb           build the Debian package (target/debian/tandem_<version>_<arch>.deb)
 ";
 
@@ -198,7 +198,8 @@ fn test() -> Result<(), Fail> {
     run(c)?;
 
     // Short fixed-seed chaos runs (every fault kind at least once; one
-    // site, then two sites and a witness), with the debug agents just built.
+    // site, then two sites and a witness, then two clusters), with the
+    // debug agents just built.
     let mut c = cargo();
     c.args(["build", "--locked", "-p", "tandem-chaos", "--bin", "tandem-chaos"]);
     run(c)?;
@@ -212,6 +213,10 @@ fn test() -> Result<(), Fail> {
     run(packages::as_root(&[&chaos, "--seed", "1", "--rounds", "13", "--report", &one_site])?)?;
     let sites = report("chaos-sites-report.json");
     run(packages::as_root(&[&chaos, "--seed", "1", "--rounds", "3", "--sites", "--report", &sites])?)?;
+    // Two clusters and the ticket between them: every kind of its faults
+    // once (about a minute and a half).
+    let clusters = report("chaos-clusters-report.json");
+    run(packages::as_root(&[&chaos, "--clusters", "--seed", "1", "--rounds", "7", "--report", &clusters])?)?;
     // PostgreSQL on a replicated volume with the bank workload (about 6 s
     // a round).
     let bank = report("chaos-postgres-report.json");
