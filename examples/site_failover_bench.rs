@@ -80,13 +80,15 @@ async fn run(dir: &Path, timing: (&str, u64, u64, u64), rounds: usize) -> Vec<f6
     let arb_log = std::fs::File::create(dir.join("arbitrator.log")).unwrap();
     let mut cmd = std::process::Command::new(tandem_testkit::bench::sibling_tandem_bin());
     tandem_testkit::new_session(&mut cmd);
-    let mut arbitrator = cmd
-        .args(["arbitrator", "--config"])
-        .arg(&arb_cfg)
-        .stdout(arb_log.try_clone().unwrap())
-        .stderr(arb_log)
-        .spawn()
-        .expect("tandem arbitrator");
+    // Killed on drop, also when a round panics.
+    let _arbitrator = Session(
+        cmd.args(["arbitrator", "--config"])
+            .arg(&arb_cfg)
+            .stdout(arb_log.try_clone().unwrap())
+            .stderr(arb_log)
+            .spawn()
+            .expect("tandem arbitrator"),
+    );
     let (pa, pb) = (agent_port(), agent_port());
     let mut sites: Vec<Site> = [("a", "b", pa, pb), ("b", "a", pb, pa)]
         .into_iter()
@@ -177,9 +179,17 @@ async fn run(dir: &Path, timing: (&str, u64, u64, u64), rounds: usize) -> Vec<f6
         holder = other;
     }
     drop(sites);
-    tandem_testkit::kill_session(arbitrator.id() as i32);
-    let _ = arbitrator.wait();
     outages
+}
+
+/// A process in a session of its own, killed with its session on drop.
+struct Session(std::process::Child);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        tandem_testkit::kill_session(self.0.id() as i32);
+        let _ = self.0.wait();
+    }
 }
 
 fn summary(name: &str, mut v: Vec<f64>) {
