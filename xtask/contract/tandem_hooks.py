@@ -5,13 +5,16 @@ depends on the cluster's state or ties fields together, which JSON Schema
 cannot state, or where a generated value would act on this machine:
 
 - a group's `nodes` become members of the cluster under test (a name the
-  schema allows but the cluster lacks is refused with 422, by design);
+  schema allows but the cluster lacks is refused with 422, by design); a
+  group is not bound to the ticket (`ticket`: the cluster under test has
+  no `[ticket]`, where that is refused with 422, by design);
   `anti_affinity` / `colocate_with` are dropped (they name existing groups);
   `move`'s `to` is one of the group's nodes and `resolve`'s `discard` one of
   the volume's replicas;
 - cross-field rules: one volume per group, named after the group (volume
   names are unique cluster-wide), `replicas` at most the nodes listed,
-  `modes` only for replicas, a file system on the volume listed before it,
+  `modes` only for replicas, a resync's `min_rate` only with its `adaptive`
+  mode and without a `rate` (it may not exceed it), a file system on the volume listed before it,
   unique resource names, mountpoints that do not overlap;
 - safety: commands are `sleep`, scripts `/bin/true`, OCF agents
   `heartbeat:Dummy`, systemd units and interfaces do not exist, mountpoints
@@ -97,6 +100,7 @@ def _fix_group(name, body):
     body["nodes"] = mapped
     body.pop("anti_affinity", None)
     body.pop("colocate_with", None)
+    body.pop("ticket", None)
     volume = None
     mounted = False
     kept = []
@@ -129,6 +133,12 @@ def _fix_group(name, body):
                 r["size"] = "64MiB"
             r["replicas"] = min(int(r.get("replicas", 2)), len(mapped))
             r.pop("modes", None)
+            resync = r.get("resync")
+            if isinstance(resync, dict) and resync.get("min_rate") is not None:
+                if r.get("rate") is not None:
+                    resync.pop("min_rate")  # it may not exceed `rate`
+                else:
+                    resync["mode"] = "adaptive"
         elif t == "filesystem":
             if volume is None or mounted:
                 continue
