@@ -210,6 +210,10 @@ pub(super) async fn action(
     }
 }
 
+/// How often a mount through a fresh loop device is tried (see
+/// `format_and_mount`).
+const MOUNT_TRIES: u32 = 3;
+
 async fn start(f: &FilesystemSpec, dir: &Path, group: &str, resource: &str) -> Result<(), String> {
     if let Some(m) = mount_at(&f.mountpoint) {
         if is_our_mount(&m, dir, group, resource) {
@@ -441,28 +445,45 @@ async fn format_and_mount(f: &FilesystemSpec, device: &str) -> Result<(), String
     // loop`: libmount's overlap check reads every loop device's backing
     // file, and one left on a dead FUSE connection (a node killed on a
     // shared machine) would hang it.
-    let loop_dev = match device.starts_with("/dev/") {
-        true => None,
-        false => Some(run("losetup", &["--find", "--show", device]).await?.trim().to_string()),
-    };
-    let block = loop_dev.as_deref().unwrap_or(device);
     let opts: Vec<&str> = f.options.split(',').filter(|o| !o.is_empty()).collect();
     let opts = opts.join(",");
-    let mut args = vec!["-t", f.fstype.as_str()];
-    if !opts.is_empty() {
-        args.extend(["-o", opts.as_str()]);
-    }
-    args.extend([block, f.mountpoint.as_str()]);
-    let mounted = run("mount", &args).await;
-    if let Some(l) = &loop_dev {
-        // Detaching a loop device the mount holds only marks it to detach
-        // itself when the mount goes (autoclear), whatever ends the mount;
-        // after a failed mount it detaches it now.
-        if let Err(e) = run("losetup", &["-d", l]).await {
-            tracing::warn!(device = %l, "losetup -d: {e}");
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let loop_dev = match device.starts_with("/dev/") {
+            true => None,
+            false => Some(run("losetup", &["--find", "--show", device]).await?.trim().to_string()),
+        };
+        let block = loop_dev.as_deref().unwrap_or(device);
+        let mut args = vec!["-t", f.fstype.as_str()];
+        if !opts.is_empty() {
+            args.extend(["-o", opts.as_str()]);
+        }
+        args.extend([block, f.mountpoint.as_str()]);
+        let mounted = run("mount", &args).await;
+        if let Some(l) = &loop_dev {
+            // Detaching a loop device the mount holds only marks it to detach
+            // itself when the mount goes (autoclear), whatever ends the mount;
+            // after a failed mount it detaches it now.
+            if let Err(e) = run("losetup", &["-d", l]).await {
+                tracing::warn!(device = %l, "losetup -d: {e}");
+            }
+        }
+        match mounted {
+            // A loop device just freed by another mount's end is detached
+            // by the kernel in the background (autoclear) and may take the
+            // one `losetup` just set up with it: the mount then reads no
+            // superblock. Once more on a fresh device, at most twice.
+            Err(e) if loop_dev.is_some() && attempt < MOUNT_TRIES && e.contains("superblock") => {
+                tracing::warn!(attempt, "mount: {e}; trying again on another loop device");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => {
+                other?;
+                break;
+            }
         }
     }
-    mounted?;
     if let Some(owner) = f.owner.clone() {
         let mp = f.mountpoint.clone();
         blocking(move || {
